@@ -1,0 +1,110 @@
+//! Bodies and paths of the admin REST API (`/api/v1/...`) and the device
+//! download endpoints. The CLI, the web page and tests all speak this.
+
+use crate::channel::{AgentState, Progress};
+use crate::error::WireError;
+use crate::names::{ChunkHash, DeviceId, DeviceType, HardwareId, Version};
+use serde::{Deserialize, Serialize};
+
+pub const DEVICES_PATH: &str = "/api/v1/devices";
+pub const RELEASES_PATH: &str = "/api/v1/releases";
+pub const ROLLOUTS_PATH: &str = "/api/v1/rollouts";
+pub const STATS_PATH: &str = "/api/v1/stats";
+pub const MISSING_CHUNKS_PATH: &str = "/api/v1/chunks/missing";
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// Admin upload of one compressed chunk.
+pub fn admin_chunk_path(hash: &ChunkHash) -> String {
+    format!("/api/v1/chunks/{hash}")
+}
+
+/// Device download of one compressed chunk (range-capable GET).
+pub fn device_chunk_path(hash: &ChunkHash) -> String {
+    format!("/v1/device/chunks/{hash}")
+}
+
+/// Device download of a release's signed manifest.
+pub fn device_manifest_path(version: &Version) -> String {
+    format!("/v1/device/releases/{version}/manifest")
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub id: DeviceId,
+    pub device_type: DeviceType,
+    pub hardware_id: HardwareId,
+    pub online: bool,
+    pub running_version: Option<Version>,
+    pub state: Option<AgentState>,
+    pub target_version: Option<Version>,
+    pub rollout_id: Option<i64>,
+    pub progress: Option<Progress>,
+    pub last_error: Option<WireError>,
+    /// RFC 3339.
+    pub enrolled_at: String,
+    pub last_seen: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseView {
+    pub version: Version,
+    pub device_type: DeviceType,
+    pub image_size: u64,
+    pub image_sha256: String,
+    pub chunks: u64,
+    /// Sum of the compressed chunk sizes a device downloads at most.
+    pub stored_bytes: u64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingChunksRequest {
+    pub chunks: Vec<ChunkHash>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingChunksResponse {
+    pub missing: Vec<ChunkHash>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutCreate {
+    pub release: Version,
+    /// Devices to target; `None` means every device of the release's type.
+    pub devices: Option<Vec<DeviceId>>,
+    #[serde(default)]
+    pub allow_downgrade: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RolloutCounts {
+    /// Offered, not started (or offline).
+    pub pending: u64,
+    pub in_progress: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub id: i64,
+    pub release: Version,
+    pub device_type: DeviceType,
+    pub allow_downgrade: bool,
+    pub created_at: String,
+    pub devices_total: u64,
+    pub counts: RolloutCounts,
+    /// `running` while any device is pending or in progress, else `finished`.
+    pub status: String,
+    /// Targeted devices the server redirected to a newer rollout.
+    pub superseded: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ServerStats {
+    pub devices_total: u64,
+    pub devices_online: u64,
+    /// Chunk and manifest bytes sent to devices since the server started.
+    pub bytes_sent: u64,
+    pub chunks_sent: u64,
+}

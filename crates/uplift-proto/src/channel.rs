@@ -1,0 +1,256 @@
+//! The device channel: one long-lived WebSocket (over TLS) per device,
+//! carrying JSON text frames that hold only that device's traffic.
+//!
+//! Every frame is an object with the protocol version `v` and a `type`.
+//! Frames larger than [`MAX_FRAME_BYTES`] are refused before parsing.
+//!
+//! ```text
+//! server -> agent  challenge {nonce}
+//! agent  -> server enroll {device_type, hardware_id, token, public_key, signature}
+//!                | authenticate {device_id, signature}
+//! server -> agent  welcome {device_id, session_token}  | error {kind, message}
+//! agent  -> server report {...}          (at once, then on every change)
+//! server -> agent  offer {...} | no_update (at once, then whenever the target changes)
+//! ```
+
+use crate::error::{ErrorKind, WireError};
+use crate::names::{DeviceId, DeviceType, HardwareId, SlotName, Version};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// The one protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Upper bound for one frame in either direction.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+/// HTTP path of the device channel (WebSocket upgrade).
+pub const CHANNEL_PATH: &str = "/v1/device/channel";
+/// Domain separator for the device's proof of key possession.
+const AUTH_CONTEXT: &[u8] = b"uplift device auth v1\0";
+
+/// The bytes a device signs to prove it holds its key: a context string, the
+/// server's fresh nonce, and what it claims to be (its public key when
+/// enrolling, its device ID afterwards), so a signature cannot be replayed on
+/// another connection or for another identity.
+pub fn auth_message(nonce: &[u8], claimed_identity: &str) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(AUTH_CONTEXT.len() + nonce.len() + claimed_identity.len() + 1);
+    msg.extend_from_slice(AUTH_CONTEXT);
+    msg.extend_from_slice(nonce);
+    msg.push(0);
+    msg.extend_from_slice(claimed_identity.as_bytes());
+    msg
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// First frame on every connection: a fresh nonce (hex) to sign.
+    Challenge { nonce: String },
+    /// Authentication succeeded. `session_token` authorizes this device's
+    /// HTTPS downloads for as long as the channel is open.
+    Welcome {
+        device_id: DeviceId,
+        session_token: String,
+        enrolled: bool,
+    },
+    /// The version this device should run.
+    Offer(Offer),
+    /// No rollout targets this device (any earlier offer is withdrawn).
+    NoUpdate,
+    /// The server refuses something; on authentication errors it then closes.
+    Error(WireError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub rollout_id: i64,
+    pub version: Version,
+    /// Path on the server of the signed manifest, fetched over HTTPS.
+    pub manifest_path: String,
+    /// The operator explicitly allowed installing an older version.
+    pub allow_downgrade: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMsg {
+    Enroll {
+        device_type: DeviceType,
+        hardware_id: HardwareId,
+        token: String,
+        /// ed25519 public key, base64.
+        public_key: String,
+        /// Signature (base64) over [`auth_message`]`(nonce, public_key)`.
+        signature: String,
+    },
+    Authenticate {
+        device_id: DeviceId,
+        /// Signature (base64) over [`auth_message`]`(nonce, device_id)`.
+        signature: String,
+    },
+    Report(Report),
+}
+
+/// What the agent is doing; the server keeps the latest one per device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Running its version, nothing to do.
+    Idle,
+    Downloading,
+    Verifying,
+    /// New version written to the inactive slot and set to be tried on the
+    /// next boot.
+    RebootPending,
+    /// Booted the trial slot; running the health check before committing.
+    Testing,
+    /// The last attempt failed; see `error`. The device runs `running_version`.
+    Failed,
+    /// The trial slot failed and the device is back on its previous slot.
+    RolledBack,
+}
+
+impl AgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Idle => "idle",
+            AgentState::Downloading => "downloading",
+            AgentState::Verifying => "verifying",
+            AgentState::RebootPending => "reboot_pending",
+            AgentState::Testing => "testing",
+            AgentState::Failed => "failed",
+            AgentState::RolledBack => "rolled_back",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub state: AgentState,
+    pub running_version: Version,
+    pub booted_slot: SlotName,
+    /// The version the agent is working towards, if any.
+    pub target_version: Option<Version>,
+    pub progress: Option<Progress>,
+    pub error: Option<WireError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Bytes actually fetched from the server in this attempt (the rest were
+    /// already on the device).
+    pub fetched_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {size} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes")]
+    TooLarge { size: usize },
+    #[error("frame is not a JSON object with a protocol version 'v': {0}")]
+    Malformed(String),
+    #[error("frame speaks protocol version {got}, this build speaks {PROTOCOL_VERSION}; upgrade the older side")]
+    UnsupportedVersion { got: u64 },
+    #[error("frame's message is not understood: {0}")]
+    UnknownMessage(String),
+}
+
+impl FrameError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FrameError::TooLarge { .. } => ErrorKind::FrameTooLarge,
+            FrameError::Malformed(_) => ErrorKind::MalformedFrame,
+            FrameError::UnsupportedVersion { .. } => ErrorKind::UnsupportedProtocol,
+            FrameError::UnknownMessage(_) => ErrorKind::MalformedFrame,
+        }
+    }
+
+    pub fn to_wire(&self) -> WireError {
+        WireError::new(self.kind(), self.to_string())
+    }
+}
+
+/// Encodes a message as one text frame.
+pub fn encode<T: Serialize>(msg: &T) -> String {
+    let mut value = serde_json::to_value(msg).expect("channel messages always serialize");
+    if let serde_json::Value::Object(map) = &mut value {
+        map.insert("v".to_owned(), PROTOCOL_VERSION.into());
+    }
+    value.to_string()
+}
+
+/// Decodes one text frame, checking size and protocol version first.
+pub fn decode<T: DeserializeOwned>(frame: &str) -> Result<T, FrameError> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge { size: frame.len() });
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_str(frame).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let map = value
+        .as_object_mut()
+        .ok_or_else(|| FrameError::Malformed("not a JSON object".to_owned()))?;
+    match map.remove("v").and_then(|v| v.as_u64()) {
+        Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
+        Some(got) => return Err(FrameError::UnsupportedVersion { got }),
+        None => {
+            return Err(FrameError::Malformed(
+                "missing protocol version 'v'".to_owned(),
+            ))
+        }
+    }
+    serde_json::from_value(value).map_err(|e| FrameError::UnknownMessage(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_with_version() {
+        let msg = ServerMsg::Offer(Offer {
+            rollout_id: 7,
+            version: "1.1".parse().unwrap(),
+            manifest_path: "/v1/device/releases/1.1/manifest".into(),
+            allow_downgrade: false,
+        });
+        let frame = encode(&msg);
+        assert!(frame.contains("\"v\":1"), "{frame}");
+        assert_eq!(decode::<ServerMsg>(&frame).unwrap(), msg);
+    }
+
+    #[test]
+    fn a_frame_from_a_future_protocol_is_refused_with_its_version() {
+        let err = decode::<AgentMsg>(r#"{"v":99,"type":"report"}"#).unwrap_err();
+        assert_eq!(err, FrameError::UnsupportedVersion { got: 99 });
+        assert_eq!(err.kind(), ErrorKind::UnsupportedProtocol);
+    }
+
+    #[test]
+    fn oversized_truncated_and_unknown_frames_are_refused() {
+        let big = format!(
+            r#"{{"v":1,"type":"report","pad":"{}"}}"#,
+            "x".repeat(MAX_FRAME_BYTES)
+        );
+        assert!(matches!(
+            decode::<AgentMsg>(&big),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode::<AgentMsg>(r#"{"v":1,"type":"rep"#),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<AgentMsg>(r#"{"v":1,"type":"launch_missiles"}"#),
+            Err(FrameError::UnknownMessage(_))
+        ));
+        assert!(matches!(
+            decode::<AgentMsg>("[1,2]"),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_signature_is_bound_to_nonce_and_identity() {
+        assert_ne!(auth_message(b"n1", "dev-1"), auth_message(b"n2", "dev-1"));
+        assert_ne!(auth_message(b"n1", "dev-1"), auth_message(b"n1", "dev-2"));
+    }
+}

@@ -1,0 +1,139 @@
+//! Stable error kinds: the machine-readable half of every error that crosses
+//! a process boundary (device channel, REST API, agent reports).
+//!
+//! Kinds are part of the wire protocol: add new ones, never rename.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// What went wrong, as a stable snake_case string on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    // --- requests and frames
+    BadRequest,
+    MalformedFrame,
+    FrameTooLarge,
+    UnsupportedProtocol,
+    UnexpectedMessage,
+    PayloadTooLarge,
+    NotFound,
+    Conflict,
+    // --- authentication
+    Unauthorized,
+    EnrollmentRefused,
+    UnknownDevice,
+    BadDeviceSignature,
+    // --- releases and downloads (reported by agents)
+    ManifestSignature,
+    ManifestInvalid,
+    ManifestExpired,
+    WrongDeviceType,
+    VersionMismatch,
+    DowngradeRefused,
+    ChunkHashMismatch,
+    ImageHashMismatch,
+    DownloadFailed,
+    SlotTooSmall,
+    SlotIo,
+    BootEnv,
+    HealthCheckFailed,
+    RolledBack,
+    // --- server side
+    Storage,
+    Internal,
+    /// A kind this build does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::MalformedFrame => "malformed_frame",
+            ErrorKind::FrameTooLarge => "frame_too_large",
+            ErrorKind::UnsupportedProtocol => "unsupported_protocol",
+            ErrorKind::UnexpectedMessage => "unexpected_message",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::EnrollmentRefused => "enrollment_refused",
+            ErrorKind::UnknownDevice => "unknown_device",
+            ErrorKind::BadDeviceSignature => "bad_device_signature",
+            ErrorKind::ManifestSignature => "manifest_signature",
+            ErrorKind::ManifestInvalid => "manifest_invalid",
+            ErrorKind::ManifestExpired => "manifest_expired",
+            ErrorKind::WrongDeviceType => "wrong_device_type",
+            ErrorKind::VersionMismatch => "version_mismatch",
+            ErrorKind::DowngradeRefused => "downgrade_refused",
+            ErrorKind::ChunkHashMismatch => "chunk_hash_mismatch",
+            ErrorKind::ImageHashMismatch => "image_hash_mismatch",
+            ErrorKind::DownloadFailed => "download_failed",
+            ErrorKind::SlotTooSmall => "slot_too_small",
+            ErrorKind::SlotIo => "slot_io",
+            ErrorKind::BootEnv => "boot_env",
+            ErrorKind::HealthCheckFailed => "health_check_failed",
+            ErrorKind::RolledBack => "rolled_back",
+            ErrorKind::Storage => "storage",
+            ErrorKind::Internal => "internal",
+            ErrorKind::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error as it travels: a stable kind plus a sentence for a person that
+/// says what failed, on what, and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_as_their_wire_names() {
+        for kind in [
+            ErrorKind::ChunkHashMismatch,
+            ErrorKind::WrongDeviceType,
+            ErrorKind::EnrollmentRefused,
+        ] {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{}\"", kind.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorKind>(&json).unwrap(), kind);
+        }
+    }
+
+    #[test]
+    fn a_kind_from_a_newer_peer_decodes_as_unknown() {
+        let kind: ErrorKind = serde_json::from_str("\"quantum_flux\"").unwrap();
+        assert_eq!(kind, ErrorKind::Unknown);
+    }
+}

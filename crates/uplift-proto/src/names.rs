@@ -1,0 +1,342 @@
+//! Validated names. Everything that arrives from the network or a file and is
+//! later used as a path component, a database key or a comparison operand is
+//! parsed into one of these first, so the rest of the code never handles an
+//! unchecked string (the approach of awslabs/tough).
+
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {value:?}: {reason}")]
+pub struct NameError {
+    pub what: &'static str,
+    pub value: String,
+    pub reason: &'static str,
+}
+
+fn check(
+    what: &'static str,
+    value: &str,
+    max_len: usize,
+    allowed: impl Fn(char) -> bool,
+    allowed_text: &'static str,
+) -> Result<(), NameError> {
+    let err = |reason| NameError {
+        what,
+        value: value.chars().take(80).collect(),
+        reason,
+    };
+    if value.is_empty() {
+        return Err(err("must not be empty"));
+    }
+    if value.len() > max_len {
+        return Err(err("is too long"));
+    }
+    if !value.chars().all(allowed) {
+        return Err(err(allowed_text));
+    }
+    if value.starts_with('.') || value.starts_with('-') {
+        return Err(err("must not start with '.' or '-'"));
+    }
+    Ok(())
+}
+
+macro_rules! validated_name {
+    ($(#[$meta:meta])* $name:ident, $what:literal, $max:expr, $allowed:expr, $allowed_text:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, NameError> {
+                check($what, s, $max, $allowed, $allowed_text)?;
+                Ok(Self(s.to_owned()))
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = NameError;
+            fn try_from(s: String) -> Result<Self, NameError> {
+                check($what, &s, $max, $allowed, $allowed_text)?;
+                Ok(Self(s))
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+validated_name!(
+    /// A device ID, assigned by the server at enrollment (`dev-` + 16 hex digits).
+    DeviceId, "device id", 64, is_name_char, "may hold only ASCII letters, digits, '-', '_' and '.'"
+);
+validated_name!(
+    /// A kind of hardware (e.g. `gateway-x86`); a release is for exactly one.
+    DeviceType, "device type", 64, is_name_char, "may hold only ASCII letters, digits, '-', '_' and '.'"
+);
+validated_name!(
+    /// A stable identity of the physical device (serial number, MAC, machine-id).
+    HardwareId, "hardware id", 128, |c: char| is_name_char(c) || c == ':', "may hold only ASCII letters, digits, '-', '_', '.' and ':'"
+);
+
+/// An OS version such as `1.0`, `1.10.2` or `2024.05-rc1`.
+///
+/// Ordering compares dot-separated parts: numeric parts numerically, others
+/// as text, a missing part sorts first (so `1.0 < 1.0.1 < 1.1 < 1.10`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Version(String);
+
+fn is_version_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+' | '~')
+}
+
+impl Version {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Version {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        check(
+            "version",
+            s,
+            64,
+            is_version_char,
+            "may hold only ASCII letters, digits and '.-_+~'",
+        )?;
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for Version {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        s.parse()
+    }
+}
+
+impl From<Version> for String {
+    fn from(v: Version) -> String {
+        v.0
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Ord for Version {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let mut a = self.0.split('.');
+        let mut b = other.0.split('.');
+        loop {
+            match (a.next(), b.next()) {
+                (None, None) => return self.0.cmp(&other.0),
+                (None, Some(_)) => return Ordering::Less,
+                (Some(_), None) => return Ordering::Greater,
+                (Some(x), Some(y)) => {
+                    let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
+                        (Ok(x), Ok(y)) => x.cmp(&y),
+                        _ => x.cmp(y),
+                    };
+                    if ord != Ordering::Equal {
+                        return ord;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl PartialOrd for Version {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// SHA-256 of a chunk's uncompressed bytes, as 64 lowercase hex digits.
+/// Chunks are stored and fetched under this name, so it is a path component
+/// on both server and device and must never be anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkHash([u8; 32]);
+
+impl ChunkHash {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+impl FromStr for ChunkHash {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let err = |reason| NameError {
+            what: "sha256 digest",
+            value: s.chars().take(80).collect(),
+            reason,
+        };
+        if s.len() != 64 {
+            return Err(err("must be exactly 64 hex digits"));
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in s.as_bytes().chunks(2).enumerate() {
+            let digit = |c: u8| match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            };
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(h), Some(l)) => out[i] = h << 4 | l,
+                _ => return Err(err("must be lowercase hex digits")),
+            }
+        }
+        Ok(Self(out))
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for ChunkHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One of the two A/B slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotName {
+    A,
+    B,
+}
+
+impl SlotName {
+    pub fn other(self) -> SlotName {
+        match self {
+            SlotName::A => SlotName::B,
+            SlotName::B => SlotName::A,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotName::A => "a",
+            SlotName::B => "b",
+        }
+    }
+}
+
+impl FromStr for SlotName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        match s {
+            "a" | "A" => Ok(SlotName::A),
+            "b" | "B" => Ok(SlotName::B),
+            _ => Err(NameError {
+                what: "slot",
+                value: s.chars().take(80).collect(),
+                reason: "must be 'a' or 'b'",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for SlotName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Version {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn versions_order_numerically_part_by_part() {
+        assert!(v("1.0") < v("1.1"));
+        assert!(v("1.9") < v("1.10"));
+        assert!(v("1.0") < v("1.0.1"));
+        assert!(v("2") > v("1.99.99"));
+        assert_eq!(v("1.1").cmp(&v("1.1")), Ordering::Equal);
+    }
+
+    #[test]
+    fn path_traversal_in_names_is_rejected() {
+        assert!("../../etc/passwd".parse::<DeviceId>().is_err());
+        assert!("a/b".parse::<DeviceType>().is_err());
+        assert!("..".parse::<Version>().is_err());
+        assert!("".parse::<Version>().is_err());
+        assert!("1.0/../x".parse::<Version>().is_err());
+    }
+
+    #[test]
+    fn names_are_checked_when_deserialized() {
+        assert!(serde_json::from_str::<DeviceId>("\"dev-0123\"").is_ok());
+        let err = serde_json::from_str::<DeviceId>("\"dev/0123\"").unwrap_err();
+        assert!(err.to_string().contains("device id"), "{err}");
+    }
+
+    #[test]
+    fn chunk_hash_accepts_only_64_lowercase_hex() {
+        let good = "ab".repeat(32);
+        let h: ChunkHash = good.parse().unwrap();
+        assert_eq!(h.to_hex(), good);
+        assert!("AB".repeat(32).parse::<ChunkHash>().is_err());
+        assert!("ab".repeat(31).parse::<ChunkHash>().is_err());
+        assert!(format!("{}/x", "a".repeat(62))
+            .parse::<ChunkHash>()
+            .is_err());
+    }
+}
