@@ -1,1 +1,63 @@
-fn main() {}
+//! `uplift-agent`: runs the device agent with a TOML config.
+
+use clap::Parser;
+use std::path::PathBuf;
+use uplift_agent::run::Exit;
+
+#[derive(Debug, Parser)]
+#[command(name = "uplift-agent", version, about = "Uplift device agent")]
+struct Args {
+    /// Agent configuration file.
+    #[arg(long, short, default_value = "/etc/uplift/agent.toml")]
+    config: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "uplift_agent=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("uplift-agent: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let config = uplift_agent::config::AgentConfig::load(&args.config)?;
+        uplift_agent::run::run(config, shutdown_signal()).await
+    });
+    match result {
+        Ok(Exit::Stopped) => std::process::ExitCode::SUCCESS,
+        Ok(Exit::RebootRequested) => {
+            std::process::ExitCode::from(uplift_bootenv::REBOOT_REQUEST_EXIT_CODE as u8)
+        }
+        Err(e) => {
+            eprintln!("uplift-agent: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

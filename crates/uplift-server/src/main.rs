@@ -1,1 +1,86 @@
-fn main() {}
+//! `uplift-server`: parses arguments and runs [`uplift_server::Server`].
+
+use anyhow::Context;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use uplift_server::config::ServerConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "uplift-server", version, about = "Uplift fleet upgrade server")]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Data directory (database, chunks, TLS material, tokens); overrides the config.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8443 (port 0 picks a free one); overrides the config.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Write the endpoint (URL, CA file, token files) as JSON here once listening.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "uplift_server=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = match (&args.config, &args.data_dir) {
+        (Some(path), _) => ServerConfig::load(path)?,
+        (None, Some(dir)) => ServerConfig::with_data_dir(dir.clone()),
+        (None, None) => anyhow::bail!("give --config FILE or --data-dir DIR"),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    let server = uplift_server::Server::open(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; is another server running there?",
+                config.listen
+            )
+        })?;
+    let endpoint = server.endpoint(&listener)?;
+    println!("uplift-server listening on {}", endpoint.url);
+    println!(
+        "  CA certificate: {} (SHA-256 {})",
+        endpoint.ca_file.display(),
+        endpoint.ca_fingerprint
+    );
+    if let Some(path) = &endpoint.admin_token_file {
+        println!("  admin token:      {}", path.display());
+    }
+    if let Some(path) = &endpoint.enrollment_token_file {
+        println!("  enrollment token: {}", path.display());
+    }
+    if let Some(path) = &args.ready_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&endpoint)?)?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("writing ready file {}", path.display()))?;
+    }
+    server.run(listener, shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

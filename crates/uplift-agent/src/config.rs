@@ -1,0 +1,132 @@
+//! The agent's TOML configuration: where the server is, what to trust, which
+//! slots and boot environment to use, and how to check health and reboot.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use uplift_proto::{DeviceType, HardwareId, SlotName, Version};
+use uplift_release::keys::ReleasePublicKey;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// `https://host:port` of the upgrade server.
+    pub server_url: String,
+    /// PEM CA certificate the server's certificate must chain to.
+    pub server_ca: PathBuf,
+    /// Fleet enrollment token, used only for the first connection.
+    pub enrollment_token: String,
+    pub device_type: DeviceType,
+    /// Stable hardware identity; defaults to the contents of /etc/machine-id.
+    pub hardware_id: Option<HardwareId>,
+    /// Device key, device ID and install journal live here.
+    pub state_dir: PathBuf,
+    /// Release signing keys (`ed25519:<base64>`); a manifest must be signed by one.
+    pub trusted_release_keys: Vec<ReleasePublicKey>,
+    /// Version the device was imaged with, used until the agent has installed
+    /// something itself.
+    pub factory_version: Version,
+    pub slots: Slots,
+    pub boot: Boot,
+    /// Command whose exit status 0 means the new OS is healthy.
+    #[serde(default = "default_health_check")]
+    pub health_check: Vec<String>,
+    #[serde(default = "default_health_timeout")]
+    pub health_check_timeout_secs: u64,
+    /// Boots a new slot gets before the bootloader falls back.
+    #[serde(default = "default_attempts")]
+    pub trial_boot_attempts: u32,
+    #[serde(default)]
+    pub reboot: Reboot,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slots {
+    /// Partition or file holding slot A.
+    pub a: PathBuf,
+    pub b: PathBuf,
+}
+
+impl Slots {
+    pub fn path(&self, slot: SlotName) -> &Path {
+        match slot {
+            SlotName::A => &self.a,
+            SlotName::B => &self.b,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Boot {
+    /// GRUB environment block (e.g. /boot/grub/grubenv).
+    pub env_file: PathBuf,
+    /// Kernel command line holding `uplift.slot=a|b`.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reboot {
+    /// Run a command (default `systemctl reboot`).
+    Command { command: Vec<String> },
+    /// Exit with `uplift_bootenv::REBOOT_REQUEST_EXIT_CODE` so a supervisor
+    /// (the boot simulator) performs the reboot.
+    Exit,
+}
+
+impl Default for Reboot {
+    fn default() -> Self {
+        Reboot::Command {
+            command: vec!["systemctl".into(), "reboot".into()],
+        }
+    }
+}
+
+fn default_health_check() -> Vec<String> {
+    vec!["true".into()]
+}
+fn default_health_timeout() -> u64 {
+    120
+}
+fn default_attempts() -> u32 {
+    1
+}
+fn default_cmdline() -> PathBuf {
+    PathBuf::from("/proc/cmdline")
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read agent config {}: {e}", path.display()))?;
+        let config: Self = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid agent config {}: {e}", path.display()))?;
+        if config.trusted_release_keys.is_empty() {
+            anyhow::bail!(
+                "{}: trusted_release_keys is empty; add the public key printed by `uplift keygen`",
+                path.display()
+            );
+        }
+        if config.health_check.is_empty() {
+            anyhow::bail!("{}: health_check must name a command", path.display());
+        }
+        if config.trial_boot_attempts == 0 {
+            anyhow::bail!("{}: trial_boot_attempts must be at least 1", path.display());
+        }
+        Ok(config)
+    }
+
+    pub fn hardware_id(&self) -> anyhow::Result<HardwareId> {
+        if let Some(id) = &self.hardware_id {
+            return Ok(id.clone());
+        }
+        let text = std::fs::read_to_string("/etc/machine-id").map_err(|e| {
+            anyhow::anyhow!("hardware_id not configured and /etc/machine-id unreadable: {e}")
+        })?;
+        text.trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("/etc/machine-id: {e}"))
+    }
+}

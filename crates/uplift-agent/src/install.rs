@@ -1,0 +1,490 @@
+//! Installing a release into the inactive slot: fetch and verify the signed
+//! manifest, stream every chunk with a size limit and a digest check into the
+//! slot, verify the whole image, and only then switch the boot environment to
+//! try the new slot once. The running slot is never written.
+
+use crate::config::AgentConfig;
+use crate::local::{LocalState, PendingInstall, SlotContent};
+use crate::machine::Event;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use uplift_bootenv::file::BootEnvFile;
+use uplift_proto::api::device_chunk_path;
+use uplift_proto::channel::{Offer, Progress};
+use uplift_proto::{ChunkHash, ErrorKind, SlotName, Version, WireError};
+use uplift_release::manifest::{Manifest, SignedManifest, MAX_MANIFEST_BYTES};
+
+const CHUNK_ATTEMPTS: u32 = 4;
+const PROGRESS_EVERY: Duration = Duration::from_millis(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Release(#[from] uplift_release::ReleaseError),
+    #[error("manifest is for device type {got}, this device is {expected}; roll out a release built for {expected}")]
+    WrongDeviceType { got: String, expected: String },
+    #[error("server offered version {offered} but its manifest says {manifest}; the release on the server is inconsistent")]
+    VersionMismatch { offered: Version, manifest: Version },
+    #[error("refusing to downgrade from {running} to {target}; start the rollout with --allow-downgrade if intended")]
+    Downgrade { running: Version, target: Version },
+    #[error("downloading {what} failed: {detail}")]
+    Download { what: String, detail: String },
+    #[error("{what} sent more than the {limit} bytes declared; refusing endless data")]
+    TooLong { what: String, limit: u64 },
+    #[error("slot {slot} ({path}) holds {capacity} bytes but the image needs {needed}; repartition or use a smaller image")]
+    SlotTooSmall {
+        slot: SlotName,
+        path: PathBuf,
+        capacity: u64,
+        needed: u64,
+    },
+    #[error("writing slot {slot} ({path}) failed: {source}")]
+    SlotIo {
+        slot: SlotName,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image written to slot {slot} has SHA-256 {actual}, the manifest says {expected}; not switching to it")]
+    ImageHash {
+        slot: SlotName,
+        expected: String,
+        actual: String,
+    },
+    #[error("boot environment: {0}")]
+    BootEnv(String),
+    #[error("agent state: {0}")]
+    State(String),
+}
+
+impl InstallError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            InstallError::Release(e) => e.kind(),
+            InstallError::WrongDeviceType { .. } => ErrorKind::WrongDeviceType,
+            InstallError::VersionMismatch { .. } => ErrorKind::VersionMismatch,
+            InstallError::Downgrade { .. } => ErrorKind::DowngradeRefused,
+            InstallError::Download { .. } | InstallError::TooLong { .. } => {
+                ErrorKind::DownloadFailed
+            }
+            InstallError::SlotTooSmall { .. } => ErrorKind::SlotTooSmall,
+            InstallError::SlotIo { .. } | InstallError::State(_) => ErrorKind::SlotIo,
+            InstallError::ImageHash { .. } => ErrorKind::ImageHashMismatch,
+            InstallError::BootEnv(_) => ErrorKind::BootEnv,
+        }
+    }
+
+    pub fn to_wire(&self) -> WireError {
+        WireError::new(self.kind(), self.to_string())
+    }
+}
+
+/// What an install needs from the running agent.
+#[derive(Debug, Clone)]
+pub struct Installer {
+    pub config: Arc<AgentConfig>,
+    pub http: reqwest::Client,
+    pub server_url: reqwest::Url,
+    pub local: LocalState,
+    /// Download token of the current channel session (`None` while offline).
+    pub token: watch::Receiver<Option<String>>,
+}
+
+/// Checks a verified manifest against the offer and this device.
+pub fn check_manifest(
+    manifest: &Manifest,
+    offer: &Offer,
+    device_type: &uplift_proto::DeviceType,
+    running: &Version,
+) -> Result<(), InstallError> {
+    if manifest.device_type != *device_type {
+        return Err(InstallError::WrongDeviceType {
+            got: manifest.device_type.to_string(),
+            expected: device_type.to_string(),
+        });
+    }
+    if manifest.version != offer.version {
+        return Err(InstallError::VersionMismatch {
+            offered: offer.version.clone(),
+            manifest: manifest.version.clone(),
+        });
+    }
+    if manifest.version < *running && !offer.allow_downgrade {
+        return Err(InstallError::Downgrade {
+            running: running.clone(),
+            target: manifest.version.clone(),
+        });
+    }
+    Ok(())
+}
+
+impl Installer {
+    /// Runs one install to the end and reports the outcome as an event.
+    pub async fn run(
+        self,
+        offer: Offer,
+        booted: SlotName,
+        running: Version,
+        events: mpsc::Sender<Event>,
+    ) {
+        let outcome = self.install(&offer, booted, &running, &events).await;
+        let event = match outcome {
+            Ok(()) => Event::InstallDone,
+            Err(e) => {
+                tracing::warn!(version = %offer.version, "install failed: {e}");
+                Event::InstallFailed(e.to_wire())
+            }
+        };
+        let _ = events.send(event).await;
+    }
+
+    async fn current_token(&self) -> Result<String, InstallError> {
+        let mut token = self.token.clone();
+        let found = tokio::time::timeout(Duration::from_secs(120), async {
+            token
+                .wait_for(|t| t.is_some())
+                .await
+                .ok()
+                .and_then(|t| t.clone())
+        })
+        .await;
+        match found {
+            Ok(Some(t)) => Ok(t),
+            _ => Err(InstallError::Download {
+                what: "release".into(),
+                detail: "no connection to the server for two minutes".into(),
+            }),
+        }
+    }
+
+    /// GETs `path` with the session token, refusing bodies over `limit`.
+    async fn fetch(&self, path: &str, what: &str, limit: u64) -> Result<Vec<u8>, InstallError> {
+        let mut last_error = String::new();
+        for attempt in 0..CHUNK_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+            }
+            let token = self.current_token().await?;
+            let url = self
+                .server_url
+                .join(path)
+                .map_err(|e| InstallError::Download {
+                    what: what.to_owned(),
+                    detail: format!("bad path {path:?}: {e}"),
+                })?;
+            let response = match self.http.get(url).bearer_auth(&token).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = format!("{e}");
+                    continue;
+                }
+            };
+            let status = response.status();
+            if status == reqwest::StatusCode::UNAUTHORIZED || status.is_server_error() {
+                // A stale token after a reconnect, or a passing server fault.
+                last_error = format!("server answered {status}");
+                continue;
+            }
+            if !status.is_success() {
+                let body = response.text().await.unwrap_or_default();
+                return Err(InstallError::Download {
+                    what: what.to_owned(),
+                    detail: format!("server answered {status}: {body}"),
+                });
+            }
+            if response.content_length().is_some_and(|len| len > limit) {
+                return Err(InstallError::TooLong {
+                    what: what.to_owned(),
+                    limit,
+                });
+            }
+            let mut body = Vec::with_capacity(limit.min(4 << 20) as usize);
+            let mut stream = response.bytes_stream();
+            let mut broken = None;
+            while let Some(piece) = stream.next().await {
+                match piece {
+                    Ok(bytes) => {
+                        if body.len() as u64 + bytes.len() as u64 > limit {
+                            return Err(InstallError::TooLong {
+                                what: what.to_owned(),
+                                limit,
+                            });
+                        }
+                        body.extend_from_slice(&bytes);
+                    }
+                    Err(e) => {
+                        broken = Some(format!("{e}"));
+                        break;
+                    }
+                }
+            }
+            match broken {
+                None => return Ok(body),
+                Some(e) => last_error = e,
+            }
+        }
+        Err(InstallError::Download {
+            what: what.to_owned(),
+            detail: format!("gave up after {CHUNK_ATTEMPTS} attempts: {last_error}"),
+        })
+    }
+
+    async fn install(
+        &self,
+        offer: &Offer,
+        booted: SlotName,
+        running: &Version,
+        events: &mpsc::Sender<Event>,
+    ) -> Result<(), InstallError> {
+        let json = self
+            .fetch(&offer.manifest_path, "manifest", MAX_MANIFEST_BYTES as u64)
+            .await?;
+        let signed = SignedManifest::from_json(&json)?;
+        let manifest = signed.verify(
+            &self.config.trusted_release_keys,
+            time::OffsetDateTime::now_utc(),
+        )?;
+        check_manifest(&manifest, offer, &self.config.device_type, running)?;
+
+        let target = booted.other();
+        let path = self.config.slots.path(target).to_owned();
+        let bootenv = BootEnvFile::new(self.config.boot.env_file.clone());
+        prepare_slot_for_writing(&bootenv, &self.local, booted, target).await?;
+
+        let slot = SlotWriter::open(target, &path, manifest.image.size)?;
+        let total = manifest.image.size;
+        let mut done = 0u64;
+        let mut fetched = 0u64;
+        let mut last_progress = Instant::now();
+        for (offset, entry) in manifest.chunk_offsets() {
+            let what = format!("chunk {} at offset {offset}", entry.hash);
+            let stored = self
+                .fetch(
+                    &device_chunk_path(&entry.hash),
+                    &what,
+                    u64::from(entry.stored_size),
+                )
+                .await?;
+            fetched += stored.len() as u64;
+            let entry = entry.clone();
+            let writer = slot.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
+                let data = uplift_release::chunk::decode_chunk(&entry, &stored)?;
+                writer.write_at(&data, offset)
+            })
+            .await
+            .map_err(|e| InstallError::State(format!("chunk task failed: {e}")))??;
+            done += u64::from(entry.size);
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                last_progress = Instant::now();
+                let _ = events
+                    .send(Event::Progress(Progress {
+                        done_bytes: done,
+                        total_bytes: total,
+                        fetched_bytes: fetched,
+                    }))
+                    .await;
+            }
+        }
+        let _ = events
+            .send(Event::Progress(Progress {
+                done_bytes: done,
+                total_bytes: total,
+                fetched_bytes: fetched,
+            }))
+            .await;
+        let _ = events.send(Event::Verifying).await;
+
+        let expected = manifest.image.sha256;
+        let writer = slot.clone();
+        tokio::task::spawn_blocking(move || writer.finish_and_verify(&expected))
+            .await
+            .map_err(|e| InstallError::State(format!("verify task failed: {e}")))??;
+
+        switch_to_trial(
+            &self.config,
+            &bootenv,
+            &self.local,
+            target,
+            &manifest,
+            offer.rollout_id,
+        )
+        .await
+    }
+}
+
+/// Before the first byte goes into `target`: it must not be the slot the
+/// bootloader would boot, and any stale record or trial of it is withdrawn.
+async fn prepare_slot_for_writing(
+    bootenv: &BootEnvFile,
+    local: &LocalState,
+    booted: SlotName,
+    target: SlotName,
+) -> Result<(), InstallError> {
+    let bootenv = bootenv.clone();
+    let local = local.clone();
+    tokio::task::spawn_blocking(move || {
+        let (env, state) = bootenv.load_state().map_err(|e| InstallError::BootEnv(e.to_string()))?;
+        if state.default_slot == target {
+            return Err(InstallError::BootEnv(format!(
+                "slot {target} is the committed default but slot {booted} is running; refusing to overwrite the \
+                 default slot. Commit or repair the boot environment first"
+            )));
+        }
+        let mut slots = local.slots().map_err(|e| InstallError::State(format!("{e:#}")))?;
+        slots.set(target, None);
+        local.save_slots(&slots).map_err(|e| InstallError::State(format!("{e:#}")))?;
+        if state.trial.as_ref().is_some_and(|t| t.slot == target) {
+            let mut journal = local.journal().map_err(|e| InstallError::State(format!("{e:#}")))?;
+            journal.pending = None;
+            local.save_journal(&journal).map_err(|e| InstallError::State(format!("{e:#}")))?;
+            let mut cleared = state.clone();
+            cleared.trial = None;
+            bootenv.store_state(env, &cleared).map_err(|e| InstallError::BootEnv(e.to_string()))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| InstallError::State(format!("task failed: {e}")))?
+}
+
+/// The commit point of an install, in crash-safe order: record what the slot
+/// holds and what is pending first, then switch the boot environment in one
+/// atomic write. A crash before the switch leaves the old slot booting.
+async fn switch_to_trial(
+    config: &AgentConfig,
+    bootenv: &BootEnvFile,
+    local: &LocalState,
+    target: SlotName,
+    manifest: &Manifest,
+    rollout_id: i64,
+) -> Result<(), InstallError> {
+    let bootenv = bootenv.clone();
+    let local = local.clone();
+    let attempts = config.trial_boot_attempts;
+    let content = SlotContent {
+        version: manifest.version.clone(),
+        image_sha256: manifest.image.sha256.to_hex(),
+    };
+    let pending = PendingInstall {
+        slot: target,
+        version: manifest.version.clone(),
+        rollout_id,
+    };
+    tokio::task::spawn_blocking(move || {
+        let state_err = |e: anyhow::Error| InstallError::State(format!("{e:#}"));
+        let mut slots = local.slots().map_err(state_err)?;
+        slots.set(target, Some(content));
+        local.save_slots(&slots).map_err(state_err)?;
+        let mut journal = local.journal().map_err(state_err)?;
+        journal.pending = Some(pending);
+        local.save_journal(&journal).map_err(state_err)?;
+        let (env, state) = bootenv
+            .load_state()
+            .map_err(|e| InstallError::BootEnv(e.to_string()))?;
+        let next = state
+            .start_trial(target, attempts)
+            .map_err(|e| InstallError::BootEnv(e.to_string()))?;
+        bootenv
+            .store_state(env, &next)
+            .map_err(|e| InstallError::BootEnv(e.to_string()))
+    })
+    .await
+    .map_err(|e| InstallError::State(format!("task failed: {e}")))?
+}
+
+/// Positional writes into a slot (a partition or a file).
+#[derive(Debug, Clone)]
+struct SlotWriter {
+    slot: SlotName,
+    path: PathBuf,
+    file: Arc<File>,
+    image_size: u64,
+}
+
+impl SlotWriter {
+    fn io(&self) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+        |source| InstallError::SlotIo {
+            slot: self.slot,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn open(slot: SlotName, path: &Path, image_size: u64) -> Result<Self, InstallError> {
+        let io = |source| InstallError::SlotIo {
+            slot,
+            path: path.to_owned(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if meta.file_type().is_block_device() {
+            let mut f = &file;
+            let capacity = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(io)?;
+            if capacity < image_size {
+                return Err(InstallError::SlotTooSmall {
+                    slot,
+                    path: path.to_owned(),
+                    capacity,
+                    needed: image_size,
+                });
+            }
+        } else {
+            // A file slot holds exactly the image: no stale tail from an older one.
+            file.set_len(image_size).map_err(io)?;
+        }
+        Ok(Self {
+            slot,
+            path: path.to_owned(),
+            file: Arc::new(file),
+            image_size,
+        })
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), InstallError> {
+        self.file.write_all_at(data, offset).map_err(self.io())
+    }
+
+    /// Flushes the slot and hashes what is really on it, not what we meant to write.
+    fn finish_and_verify(&self, expected: &ChunkHash) -> Result<(), InstallError> {
+        self.file.sync_all().map_err(self.io())?;
+        let mut hasher = Sha256::new();
+        let mut f = File::open(&self.path).map_err(self.io())?;
+        let mut remaining = self.image_size;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut offset = 0u64;
+        while remaining > 0 {
+            let want = remaining.min(buf.len() as u64) as usize;
+            let n = f.read(&mut buf[..want]).map_err(self.io())?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            remaining -= n as u64;
+            offset += n as u64;
+        }
+        let actual = ChunkHash::from_bytes(hasher.finalize().into());
+        if offset != self.image_size || actual != *expected {
+            return Err(InstallError::ImageHash {
+                slot: self.slot,
+                expected: expected.to_hex(),
+                actual: actual.to_hex(),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,614 @@
+//! The agent's decisions as an explicit state machine with no I/O: it takes
+//! the facts read at boot and the events that happen after, and answers with
+//! the actions the runtime must perform. Every transition is unit-tested here
+//! (the approach of coreos/zincati).
+
+use crate::local::{Failure, Journal, SlotTable};
+use uplift_bootenv::state::BootState;
+use uplift_proto::channel::{AgentState, Offer, Progress, Report};
+use uplift_proto::{ErrorKind, SlotName, Version, WireError};
+
+/// Everything the agent reads from disk when it starts.
+#[derive(Debug, Clone)]
+pub struct BootFacts {
+    pub booted: SlotName,
+    /// The boot environment as the bootloader left it for this boot.
+    pub boot: BootState,
+    pub slots: SlotTable,
+    pub journal: Journal,
+    pub factory_version: Version,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    Idle,
+    /// Booted a slot on trial; waiting for the health check.
+    Testing,
+    Installing {
+        offer: Offer,
+        verifying: bool,
+    },
+    RebootPending {
+        version: Version,
+    },
+    Failed {
+        target: Version,
+        error: WireError,
+    },
+    RolledBack {
+        version: Version,
+        error: WireError,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    HealthCheck(Result<(), String>),
+    Offer(Offer),
+    NoUpdate,
+    Progress(Progress),
+    Verifying,
+    InstallDone,
+    InstallFailed(WireError),
+    CommitFailed(WireError),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    RunHealthCheck,
+    /// Make the booted trial slot the default and record it as running.
+    CommitTrial,
+    /// Drop the trial (the old slot stays default) and remember the failure.
+    AbandonTrial(Failure),
+    /// Clear the bootloader's fallback mark and remember the failure.
+    AcknowledgeFallback(Failure),
+    StartInstall(Offer),
+    CancelInstall,
+    Reboot,
+    Report,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Machine {
+    running: Version,
+    booted: SlotName,
+    phase: Phase,
+    progress: Option<Progress>,
+    /// A release that was installed here and rolled back: not retried.
+    refused: Option<Version>,
+}
+
+impl Machine {
+    /// Decides what this boot is: a trial to test, a fallback to report, an
+    /// install still waiting for its reboot, or a normal start.
+    pub fn start(facts: BootFacts) -> (Machine, Vec<Action>) {
+        let BootFacts {
+            booted,
+            boot,
+            slots,
+            journal,
+            factory_version,
+        } = facts;
+        let version_in = |slot: SlotName| {
+            slots.get(slot).map(|c| c.version.clone()).or_else(|| {
+                journal
+                    .pending
+                    .as_ref()
+                    .filter(|p| p.slot == slot)
+                    .map(|p| p.version.clone())
+            })
+        };
+        let running = version_in(booted).unwrap_or_else(|| factory_version.clone());
+        let refused = journal
+            .last_failure
+            .as_ref()
+            .filter(|f| f.rolled_back)
+            .map(|f| f.version.clone());
+        let mut machine = Machine {
+            running: running.clone(),
+            booted,
+            phase: Phase::Idle,
+            progress: None,
+            refused,
+        };
+
+        if boot.trial.as_ref().is_some_and(|t| t.slot == booted) {
+            machine.phase = Phase::Testing;
+            return (machine, vec![Action::Report, Action::RunHealthCheck]);
+        }
+        if let Some(from) = boot.fallback_from {
+            let version = version_in(from).unwrap_or(factory_version);
+            let error = match &journal.last_failure {
+                Some(f) if f.version == version && f.rolled_back => f.error.clone(),
+                _ => WireError::new(
+                    ErrorKind::RolledBack,
+                    format!(
+                        "version {version} in slot {from} never reached a healthy state before its boot attempts ran \
+                         out; the bootloader fell back to slot {booted} (version {running})"
+                    ),
+                ),
+            };
+            let failure = Failure {
+                version: version.clone(),
+                error: error.clone(),
+                rolled_back: true,
+            };
+            machine.refused = Some(version.clone());
+            machine.phase = Phase::RolledBack { version, error };
+            return (
+                machine,
+                vec![Action::AcknowledgeFallback(failure), Action::Report],
+            );
+        }
+        if let Some(pending) = &journal.pending {
+            if pending.slot != booted && boot.trial.as_ref().is_some_and(|t| t.slot == pending.slot)
+            {
+                // Installed and switched, but the reboot never happened.
+                machine.phase = Phase::RebootPending {
+                    version: pending.version.clone(),
+                };
+                return (machine, vec![Action::Report, Action::Reboot]);
+            }
+        }
+        if let Some(f) = journal
+            .last_failure
+            .filter(|f| f.rolled_back && f.version != running)
+        {
+            machine.phase = Phase::RolledBack {
+                version: f.version,
+                error: f.error,
+            };
+        }
+        (machine, vec![Action::Report])
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    pub fn running(&self) -> &Version {
+        &self.running
+    }
+
+    pub fn handle(&mut self, event: Event) -> Vec<Action> {
+        match (&self.phase, event) {
+            (Phase::Testing, Event::HealthCheck(Ok(()))) => {
+                self.phase = Phase::Idle;
+                self.refused = None;
+                vec![Action::CommitTrial, Action::Report]
+            }
+            (Phase::Testing, Event::HealthCheck(Err(reason))) => {
+                let version = self.running.clone();
+                let error = WireError::new(
+                    ErrorKind::HealthCheckFailed,
+                    format!("version {version} failed its health check after the trial boot: {reason}; rolling back"),
+                );
+                let failure = Failure {
+                    version: version.clone(),
+                    error: error.clone(),
+                    rolled_back: true,
+                };
+                self.refused = Some(version.clone());
+                self.phase = Phase::RolledBack { version, error };
+                vec![
+                    Action::AbandonTrial(failure),
+                    Action::Report,
+                    Action::Reboot,
+                ]
+            }
+            // A trial under test or a pending reboot finishes first; the
+            // server repeats its offer when the device reconnects.
+            (Phase::Testing | Phase::RebootPending { .. }, Event::Offer(_) | Event::NoUpdate) => {
+                vec![]
+            }
+            (Phase::Installing { offer: current, .. }, Event::Offer(offer)) => {
+                if *current == offer {
+                    vec![]
+                } else {
+                    let mut actions = vec![Action::CancelInstall];
+                    actions.extend(self.consider(offer));
+                    actions
+                }
+            }
+            (_, Event::Offer(offer)) => self.consider(offer),
+            (Phase::Installing { .. }, Event::NoUpdate) => {
+                self.phase = Phase::Idle;
+                self.progress = None;
+                vec![Action::CancelInstall, Action::Report]
+            }
+            (Phase::Failed { .. }, Event::NoUpdate) => {
+                self.phase = Phase::Idle;
+                vec![Action::Report]
+            }
+            (_, Event::NoUpdate) => vec![],
+            (Phase::Installing { .. }, Event::Progress(p)) => {
+                self.progress = Some(p);
+                vec![Action::Report]
+            }
+            (Phase::Installing { offer, .. }, Event::Verifying) => {
+                self.phase = Phase::Installing {
+                    offer: offer.clone(),
+                    verifying: true,
+                };
+                vec![Action::Report]
+            }
+            (Phase::Installing { offer, .. }, Event::InstallDone) => {
+                self.phase = Phase::RebootPending {
+                    version: offer.version.clone(),
+                };
+                vec![Action::Report, Action::Reboot]
+            }
+            (Phase::Installing { offer, .. }, Event::InstallFailed(error)) => {
+                self.phase = Phase::Failed {
+                    target: offer.version.clone(),
+                    error,
+                };
+                vec![Action::Report]
+            }
+            (_, Event::CommitFailed(error)) => {
+                self.phase = Phase::Failed {
+                    target: self.running.clone(),
+                    error,
+                };
+                vec![Action::Report]
+            }
+            // Late events from a cancelled install, or a health result with no trial.
+            (
+                _,
+                Event::Progress(_)
+                | Event::Verifying
+                | Event::InstallDone
+                | Event::InstallFailed(_),
+            ) => vec![],
+            (_, Event::HealthCheck(_)) => vec![],
+        }
+    }
+
+    /// The patent's comparison: same version, nothing to do; different, fetch it.
+    fn consider(&mut self, offer: Offer) -> Vec<Action> {
+        self.progress = None;
+        if offer.version == self.running {
+            self.phase = Phase::Idle;
+            return vec![Action::Report];
+        }
+        if self.refused.as_ref() == Some(&offer.version) {
+            let error = match &self.phase {
+                Phase::RolledBack { version, error } if *version == offer.version => error.clone(),
+                _ => WireError::new(
+                    ErrorKind::RolledBack,
+                    format!(
+                        "version {} was rolled back on this device before",
+                        offer.version
+                    ),
+                ),
+            };
+            let error = WireError::new(
+                error.kind,
+                format!(
+                    "{} (not installing it again automatically; roll out a newer release)",
+                    error.message.trim_end_matches(|c| c == ';' || c == ' ')
+                ),
+            );
+            self.phase = Phase::RolledBack {
+                version: offer.version,
+                error,
+            };
+            return vec![Action::Report];
+        }
+        if offer.version < self.running && !offer.allow_downgrade {
+            self.phase = Phase::Failed {
+                target: offer.version.clone(),
+                error: WireError::new(
+                    ErrorKind::DowngradeRefused,
+                    format!(
+                        "refusing to downgrade from {} to {}; start the rollout with --allow-downgrade if intended",
+                        self.running, offer.version
+                    ),
+                ),
+            };
+            return vec![Action::Report];
+        }
+        self.phase = Phase::Installing {
+            offer: offer.clone(),
+            verifying: false,
+        };
+        vec![Action::StartInstall(offer), Action::Report]
+    }
+
+    pub fn report(&self) -> Report {
+        let (state, target_version, error) = match &self.phase {
+            Phase::Idle => (AgentState::Idle, None, None),
+            Phase::Testing => (AgentState::Testing, Some(self.running.clone()), None),
+            Phase::Installing { offer, verifying } => (
+                if *verifying {
+                    AgentState::Verifying
+                } else {
+                    AgentState::Downloading
+                },
+                Some(offer.version.clone()),
+                None,
+            ),
+            Phase::RebootPending { version } => {
+                (AgentState::RebootPending, Some(version.clone()), None)
+            }
+            Phase::Failed { target, error } => (
+                AgentState::Failed,
+                Some(target.clone()),
+                Some(error.clone()),
+            ),
+            Phase::RolledBack { version, error } => (
+                AgentState::RolledBack,
+                Some(version.clone()),
+                Some(error.clone()),
+            ),
+        };
+        let progress = match &self.phase {
+            Phase::Installing { .. } => self.progress,
+            _ => None,
+        };
+        Report {
+            state,
+            running_version: self.running.clone(),
+            booted_slot: self.booted,
+            target_version,
+            progress,
+            error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::{PendingInstall, SlotContent};
+    use uplift_bootenv::state::Trial;
+
+    fn v(s: &str) -> Version {
+        s.parse().unwrap()
+    }
+
+    fn offer(version: &str) -> Offer {
+        Offer {
+            rollout_id: 1,
+            version: v(version),
+            manifest_path: format!("/m/{version}"),
+            allow_downgrade: false,
+        }
+    }
+
+    fn content(version: &str) -> Option<SlotContent> {
+        Some(SlotContent {
+            version: v(version),
+            image_sha256: "00".into(),
+        })
+    }
+
+    /// A device on slot A running 1.0 from the factory, nothing pending.
+    fn factory_facts() -> BootFacts {
+        BootFacts {
+            booted: SlotName::A,
+            boot: BootState::new(SlotName::A),
+            slots: SlotTable::default(),
+            journal: Journal::default(),
+            factory_version: v("1.0"),
+        }
+    }
+
+    /// Booted slot B on trial holding 1.1, after installing it from 1.0 on A.
+    fn trial_boot_facts() -> BootFacts {
+        let mut boot = BootState::new(SlotName::A);
+        boot.trial = Some(Trial {
+            slot: SlotName::B,
+            tries_left: 0,
+        });
+        BootFacts {
+            booted: SlotName::B,
+            boot,
+            slots: SlotTable {
+                a: content("1.0"),
+                b: content("1.1"),
+            },
+            journal: Journal {
+                pending: Some(PendingInstall {
+                    slot: SlotName::B,
+                    version: v("1.1"),
+                    rollout_id: 1,
+                }),
+                last_failure: None,
+            },
+            factory_version: v("1.0"),
+        }
+    }
+
+    #[test]
+    fn the_same_version_offered_does_nothing() {
+        let (mut m, _) = Machine::start(factory_facts());
+        assert_eq!(m.handle(Event::Offer(offer("1.0"))), vec![Action::Report]);
+        assert_eq!(m.report().state, AgentState::Idle);
+    }
+
+    #[test]
+    fn a_different_version_is_requested_and_installed_then_reboots() {
+        let (mut m, actions) = Machine::start(factory_facts());
+        assert_eq!(actions, vec![Action::Report]);
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::StartInstall(offer("1.1")), Action::Report]
+        );
+        assert_eq!(m.report().state, AgentState::Downloading);
+        assert_eq!(m.report().target_version, Some(v("1.1")));
+        m.handle(Event::Progress(Progress {
+            done_bytes: 5,
+            total_bytes: 10,
+            fetched_bytes: 5,
+        }));
+        assert_eq!(m.report().progress.unwrap().done_bytes, 5);
+        m.handle(Event::Verifying);
+        assert_eq!(m.report().state, AgentState::Verifying);
+        assert_eq!(
+            m.handle(Event::InstallDone),
+            vec![Action::Report, Action::Reboot]
+        );
+        assert_eq!(m.report().state, AgentState::RebootPending);
+        assert_eq!(
+            m.running(),
+            &v("1.0"),
+            "still running the old version until the reboot"
+        );
+    }
+
+    #[test]
+    fn a_failed_install_is_reported_with_its_error_and_keeps_the_running_version() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        let err = WireError::new(ErrorKind::ChunkHashMismatch, "chunk x");
+        assert_eq!(
+            m.handle(Event::InstallFailed(err.clone())),
+            vec![Action::Report]
+        );
+        let report = m.report();
+        assert_eq!(report.state, AgentState::Failed);
+        assert_eq!(report.error, Some(err));
+        assert_eq!(report.running_version, v("1.0"));
+    }
+
+    #[test]
+    fn a_downgrade_is_refused_unless_the_rollout_allows_it() {
+        let (mut m, _) = Machine::start(factory_facts());
+        assert_eq!(m.handle(Event::Offer(offer("0.9"))), vec![Action::Report]);
+        assert_eq!(m.report().error.unwrap().kind, ErrorKind::DowngradeRefused);
+        let allowed = Offer {
+            allow_downgrade: true,
+            ..offer("0.9")
+        };
+        assert_eq!(
+            m.handle(Event::Offer(allowed.clone())),
+            vec![Action::StartInstall(allowed), Action::Report]
+        );
+    }
+
+    #[test]
+    fn a_new_offer_during_an_install_cancels_it_and_a_repeat_is_ignored() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        assert_eq!(m.handle(Event::Offer(offer("1.1"))), vec![]);
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.2"))),
+            vec![
+                Action::CancelInstall,
+                Action::StartInstall(offer("1.2")),
+                Action::Report
+            ]
+        );
+        assert_eq!(
+            m.handle(Event::NoUpdate),
+            vec![Action::CancelInstall, Action::Report]
+        );
+        assert_eq!(m.report().state, AgentState::Idle);
+    }
+
+    #[test]
+    fn booting_the_trial_slot_runs_the_health_check_and_commits_on_success() {
+        let (mut m, actions) = Machine::start(trial_boot_facts());
+        assert_eq!(actions, vec![Action::Report, Action::RunHealthCheck]);
+        assert_eq!(m.report().state, AgentState::Testing);
+        assert_eq!(m.running(), &v("1.1"));
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![],
+            "no decisions while testing"
+        );
+        assert_eq!(
+            m.handle(Event::HealthCheck(Ok(()))),
+            vec![Action::CommitTrial, Action::Report]
+        );
+        assert_eq!(m.report().state, AgentState::Idle);
+        assert_eq!(m.report().running_version, v("1.1"));
+    }
+
+    #[test]
+    fn a_failed_health_check_abandons_the_trial_and_reboots_into_the_old_slot() {
+        let (mut m, _) = Machine::start(trial_boot_facts());
+        let actions = m.handle(Event::HealthCheck(Err("exit status 3".into())));
+        let [Action::AbandonTrial(failure), Action::Report, Action::Reboot] = actions.as_slice()
+        else {
+            panic!("unexpected actions {actions:?}")
+        };
+        assert_eq!(failure.version, v("1.1"));
+        assert_eq!(failure.error.kind, ErrorKind::HealthCheckFailed);
+        assert!(failure.error.message.contains("exit status 3"));
+        assert_eq!(m.report().state, AgentState::RolledBack);
+    }
+
+    #[test]
+    fn after_a_fallback_the_rollback_is_reported_and_the_release_is_not_retried() {
+        let mut facts = trial_boot_facts();
+        facts.booted = SlotName::A;
+        facts.boot = BootState {
+            default_slot: SlotName::A,
+            trial: None,
+            fallback_from: Some(SlotName::B),
+        };
+        let (mut m, actions) = Machine::start(facts);
+        let [Action::AcknowledgeFallback(failure), Action::Report] = actions.as_slice() else {
+            panic!("unexpected actions {actions:?}")
+        };
+        assert_eq!(failure.version, v("1.1"));
+        assert!(
+            failure.error.message.contains("fell back to slot a"),
+            "{}",
+            failure.error.message
+        );
+        let report = m.report();
+        assert_eq!(
+            (report.state, report.running_version.clone()),
+            (AgentState::RolledBack, v("1.0"))
+        );
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::Report],
+            "not installed again"
+        );
+        assert_eq!(m.report().state, AgentState::RolledBack);
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.2"))),
+            vec![Action::StartInstall(offer("1.2")), Action::Report]
+        );
+    }
+
+    #[test]
+    fn a_health_check_failure_reason_survives_the_reboot() {
+        let mut facts = trial_boot_facts();
+        facts.booted = SlotName::A;
+        facts.boot = BootState {
+            default_slot: SlotName::A,
+            trial: None,
+            fallback_from: Some(SlotName::B),
+        };
+        let reason = WireError::new(
+            ErrorKind::HealthCheckFailed,
+            "version 1.1 failed its health check: exit 3",
+        );
+        facts.journal.last_failure = Some(Failure {
+            version: v("1.1"),
+            error: reason.clone(),
+            rolled_back: true,
+        });
+        let (m, _) = Machine::start(facts);
+        assert_eq!(m.report().error, Some(reason));
+    }
+
+    #[test]
+    fn an_install_switched_but_not_rebooted_reboots_again_after_a_restart() {
+        let mut facts = trial_boot_facts();
+        facts.booted = SlotName::A;
+        facts.boot.trial = Some(Trial {
+            slot: SlotName::B,
+            tries_left: 1,
+        });
+        let (m, actions) = Machine::start(facts);
+        assert_eq!(actions, vec![Action::Report, Action::Reboot]);
+        assert_eq!(m.report().state, AgentState::RebootPending);
+        assert_eq!(m.report().running_version, v("1.0"));
+    }
+}

@@ -1,0 +1,100 @@
+//! Network plumbing for the agent: TLS trusting only the configured CA, the
+//! HTTPS client for downloads, and the WebSocket device channel connection.
+
+use anyhow::Context;
+use rustls::pki_types::ServerName;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::WebSocketStream;
+use uplift_proto::channel::{CHANNEL_PATH, MAX_FRAME_BYTES};
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type Channel = WebSocketStream<TlsStream<TcpStream>>;
+
+/// Root store holding only the server's CA: the agent trusts nothing else.
+pub fn tls_config(ca_file: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let pem = std::fs::read(ca_file)
+        .with_context(|| format!("reading server CA {}", ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.with_context(|| format!("parsing server CA {}", ca_file.display()))?;
+        roots.add(cert).with_context(|| {
+            format!(
+                "server CA {} is not a usable certificate",
+                ca_file.display()
+            )
+        })?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("server CA {} holds no certificate", ca_file.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("building TLS configuration")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+pub fn http_client(ca_file: &Path) -> anyhow::Result<reqwest::Client> {
+    let pem = std::fs::read(ca_file)
+        .with_context(|| format!("reading server CA {}", ca_file.display()))?;
+    let ca = reqwest::Certificate::from_pem(&pem)
+        .with_context(|| format!("parsing {}", ca_file.display()))?;
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .context("building HTTPS client")
+}
+
+/// Opens the device channel: TCP, TLS (checking the server name), WebSocket.
+pub async fn connect_channel(
+    server_url: &reqwest::Url,
+    tls: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<Channel> {
+    let host = server_url.host_str().context("server_url has no host")?;
+    let port = server_url
+        .port_or_known_default()
+        .context("server_url has no port")?;
+    let host_for_tls = host.trim_start_matches('[').trim_end_matches(']');
+    let server_name = ServerName::try_from(host_for_tls.to_owned())
+        .context("server_url host is not a valid name")?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host_for_tls, port)))
+        .await
+        .context("connecting timed out")?
+        .with_context(|| format!("connecting to {host}:{port}"))?;
+    let _ = tcp.set_nodelay(true);
+    let tls_stream = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(tls).connect(server_name, tcp),
+    )
+    .await
+    .context("TLS handshake timed out")?
+    .context("TLS handshake failed (is server_ca the server's CA?)")?;
+    let mut url = server_url.clone();
+    url.set_scheme("wss")
+        .map_err(|()| anyhow::anyhow!("cannot form a wss:// URL from {server_url}"))?;
+    url.set_path(CHANNEL_PATH);
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES));
+    let (ws, _) = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_tungstenite::client_async_with_config(url.as_str(), tls_stream, Some(config)),
+    )
+    .await
+    .context("WebSocket handshake timed out")?
+    .context("WebSocket handshake failed")?;
+    Ok(ws)
+}

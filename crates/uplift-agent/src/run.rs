@@ -1,0 +1,483 @@
+//! The agent's runtime: reads the boot facts, drives the state machine, and
+//! performs its actions (health check, boot-env commits, installs, reboot)
+//! while a separate task keeps the device channel open with backoff.
+
+use crate::config::{AgentConfig, Reboot};
+use crate::install::Installer;
+use crate::local::LocalState;
+use crate::machine::{Action, BootFacts, Event, Machine};
+use crate::net;
+use anyhow::Context;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ed25519_dalek::{Signer, SigningKey};
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use uplift_bootenv::file::BootEnvFile;
+use uplift_proto::channel::{self, AgentMsg, Report, ServerMsg};
+use uplift_proto::{ErrorKind, SlotName};
+
+/// Kernel command line parameter naming the booted slot.
+pub const CMDLINE_KEY: &str = "uplift.slot=";
+
+/// How the agent process should end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped by a signal.
+    Stopped,
+    /// Asked its supervisor to reboot the device.
+    RebootRequested,
+}
+
+pub fn read_booted_slot(cmdline: &Path) -> anyhow::Result<SlotName> {
+    let text = std::fs::read_to_string(cmdline)
+        .with_context(|| format!("reading {}", cmdline.display()))?;
+    let value = text
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix(CMDLINE_KEY))
+        .with_context(|| {
+            format!(
+                "cannot tell which slot booted: no {CMDLINE_KEY}a|b in {}; add it to the kernel command line in grub.cfg",
+                cmdline.display()
+            )
+        })?;
+    value
+        .parse()
+        .with_context(|| format!("{}: bad {CMDLINE_KEY}{value}", cmdline.display()))
+}
+
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Exit> {
+    let config = Arc::new(config);
+    let local = LocalState::open(&config.state_dir)?;
+    let key = local.device_key()?;
+    let bootenv = BootEnvFile::new(config.boot.env_file.clone());
+    let booted = read_booted_slot(&config.boot.cmdline)?;
+    let (_, boot) = bootenv
+        .load_state()
+        .with_context(|| format!("boot environment {}", config.boot.env_file.display()))?;
+    let facts = BootFacts {
+        booted,
+        boot,
+        slots: local.slots()?,
+        journal: local.journal()?,
+        factory_version: config.factory_version.clone(),
+    };
+    let (mut machine, first_actions) = Machine::start(facts);
+    tracing::info!(slot = %booted, version = %machine.running(), "agent started");
+
+    let server_url: reqwest::Url = config
+        .server_url
+        .parse()
+        .context("server_url is not a URL")?;
+    let tls = net::tls_config(&config.server_ca)?;
+    let http = net::http_client(&config.server_ca)?;
+    let (outbox, outbox_rx) = watch::channel((0u64, machine.report()));
+    let (sent_tx, sent_rx) = watch::channel(0u64);
+    let (token_tx, token_rx) = watch::channel(None::<String>);
+    let (inbound_tx, mut inbound) = mpsc::channel::<ServerMsg>(16);
+    let (event_tx, mut events) = mpsc::channel::<Event>(64);
+
+    let connection = Connection {
+        config: config.clone(),
+        local: local.clone(),
+        key,
+        server_url: server_url.clone(),
+        tls,
+        reports: outbox_rx,
+        sent: sent_tx,
+        token: token_tx,
+        inbound: inbound_tx,
+    };
+    let mut connection_task = tokio::spawn(connection.run());
+    let installer = Installer {
+        config: config.clone(),
+        http,
+        server_url,
+        local: local.clone(),
+        token: token_rx,
+    };
+    let mut install: Option<JoinHandle<()>> = None;
+    let mut actions: VecDeque<Action> = first_actions.into();
+    tokio::pin!(shutdown);
+
+    loop {
+        while let Some(action) = actions.pop_front() {
+            match action {
+                Action::Report => {
+                    outbox.send_modify(|(n, report)| {
+                        *n += 1;
+                        *report = machine.report();
+                    });
+                }
+                Action::RunHealthCheck => {
+                    let command = config.health_check.clone();
+                    let limit = Duration::from_secs(config.health_check_timeout_secs);
+                    let tx = event_tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tx
+                            .send(Event::HealthCheck(
+                                crate::health::run(&command, limit).await,
+                            ))
+                            .await;
+                    });
+                }
+                Action::CommitTrial => {
+                    if let Err(e) = commit_trial(&bootenv, &local, booted) {
+                        tracing::error!("cannot commit slot {booted}: {e:#}");
+                        let error =
+                            uplift_proto::WireError::new(ErrorKind::BootEnv, format!("{e:#}"));
+                        actions.extend(machine.handle(Event::CommitFailed(error)));
+                    } else {
+                        tracing::info!(slot = %booted, version = %machine.running(), "committed");
+                    }
+                }
+                Action::AbandonTrial(failure) => {
+                    tracing::warn!("{}", failure.error.message);
+                    if let Err(e) = record_failure_then(&local, failure, || {
+                        let (env, state) = bootenv.load_state()?;
+                        bootenv.store_state(env, &state.abandon_trial())?;
+                        Ok(())
+                    }) {
+                        tracing::error!("cannot abandon the trial slot: {e:#}; the bootloader falls back when its tries run out");
+                    }
+                }
+                Action::AcknowledgeFallback(failure) => {
+                    tracing::warn!("{}", failure.error.message);
+                    if let Err(e) = record_failure_then(&local, failure, || {
+                        let (env, state) = bootenv.load_state()?;
+                        bootenv.store_state(env, &state.acknowledge_fallback())?;
+                        Ok(())
+                    }) {
+                        tracing::error!("cannot record the rollback: {e:#}");
+                    }
+                }
+                Action::StartInstall(offer) => {
+                    tracing::info!(version = %offer.version, "installing");
+                    if let Some(old) = install.take() {
+                        old.abort();
+                    }
+                    let job = installer.clone().run(
+                        offer,
+                        booted,
+                        machine.running().clone(),
+                        event_tx.clone(),
+                    );
+                    install = Some(tokio::spawn(job));
+                }
+                Action::CancelInstall => {
+                    if let Some(old) = install.take() {
+                        old.abort();
+                    }
+                }
+                Action::Reboot => {
+                    let wanted = outbox.borrow().0;
+                    let mut sent = sent_rx.clone();
+                    // Give the channel a moment to deliver the last report: the
+                    // operator should see "reboot pending" before the device goes.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        sent.wait_for(|n| *n >= wanted),
+                    )
+                    .await;
+                    connection_task.abort();
+                    return reboot(&config).await;
+                }
+            }
+        }
+        tokio::select! {
+            Some(msg) = inbound.recv() => match msg {
+                ServerMsg::Offer(offer) => actions.extend(machine.handle(Event::Offer(offer))),
+                ServerMsg::NoUpdate => actions.extend(machine.handle(Event::NoUpdate)),
+                other => tracing::debug!("ignoring {other:?}"),
+            },
+            Some(event) = events.recv() => actions.extend(machine.handle(event)),
+            ended = &mut connection_task => {
+                return match ended {
+                    Ok(fatal) => Err(fatal),
+                    Err(e) => Err(anyhow::anyhow!("connection task failed: {e}")),
+                };
+            }
+            () = &mut shutdown => {
+                connection_task.abort();
+                return Ok(Exit::Stopped);
+            }
+        }
+    }
+}
+
+/// Trial passed: the booted slot becomes the default in one boot-env write;
+/// the journal is cleaned up after (a crash in between is harmless).
+fn commit_trial(bootenv: &BootEnvFile, local: &LocalState, booted: SlotName) -> anyhow::Result<()> {
+    let (env, state) = bootenv.load_state()?;
+    bootenv.store_state(env, &state.commit(booted)?)?;
+    let mut journal = local.journal()?;
+    journal.pending = None;
+    journal.last_failure = None;
+    local.save_journal(&journal)
+}
+
+/// Saves the failure (so its reason survives the reboot) before changing the boot env.
+fn record_failure_then(
+    local: &LocalState,
+    failure: crate::local::Failure,
+    change: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut journal = local.journal()?;
+    journal.pending = None;
+    journal.last_failure = Some(failure);
+    local.save_journal(&journal)?;
+    change()
+}
+
+async fn reboot(config: &AgentConfig) -> anyhow::Result<Exit> {
+    match &config.reboot {
+        Reboot::Exit => {
+            tracing::info!("asking the supervisor to reboot");
+            Ok(Exit::RebootRequested)
+        }
+        Reboot::Command { command } => {
+            let (program, args) = command.split_first().context("reboot command is empty")?;
+            tracing::info!("rebooting with {command:?}");
+            let status = tokio::process::Command::new(program)
+                .args(args)
+                .status()
+                .await;
+            match status {
+                Ok(s) if s.success() => {
+                    // The system is going down; wait to be stopped.
+                    std::future::pending::<()>().await;
+                    Ok(Exit::Stopped)
+                }
+                Ok(s) => anyhow::bail!(
+                    "reboot command {command:?} exited with {s}; reboot the device by hand"
+                ),
+                Err(e) => anyhow::bail!("cannot run reboot command {command:?}: {e}"),
+            }
+        }
+    }
+}
+
+/// Keeps the device channel open: connect, authenticate, forward offers in,
+/// reports out; on any loss, reconnect with exponential backoff and jitter.
+struct Connection {
+    config: Arc<AgentConfig>,
+    local: LocalState,
+    key: SigningKey,
+    server_url: reqwest::Url,
+    tls: Arc<rustls::ClientConfig>,
+    reports: watch::Receiver<(u64, Report)>,
+    sent: watch::Sender<u64>,
+    token: watch::Sender<Option<String>>,
+    inbound: mpsc::Sender<ServerMsg>,
+}
+
+enum SessionEnd {
+    /// Worth retrying (network, server restart).
+    Retry(anyhow::Error),
+    /// Retrying cannot help: the server refuses this device's credentials.
+    Fatal(anyhow::Error),
+}
+
+pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Next wait: doubles up to the cap, then takes a random 50–100% of it so a
+/// fleet that lost the server together does not come back together.
+pub fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
+    let base = BACKOFF_MIN
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    let half = base / 2;
+    half + Duration::from_millis(rng.gen_range(0..=half.as_millis() as u64))
+}
+
+impl Connection {
+    async fn run(mut self) -> anyhow::Error {
+        let mut attempt = 0u32;
+        loop {
+            let end = self.session(&mut attempt).await;
+            self.token.send_replace(None);
+            match end {
+                SessionEnd::Fatal(e) => return e,
+                SessionEnd::Retry(e) => {
+                    let wait = backoff(attempt, &mut rand::thread_rng());
+                    tracing::warn!(
+                        "device channel down: {e:#}; reconnecting in {:.1}s",
+                        wait.as_secs_f32()
+                    );
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self, attempt: &mut u32) -> SessionEnd {
+        let retry = SessionEnd::Retry;
+        let mut ws = match net::connect_channel(&self.server_url, self.tls.clone()).await {
+            Ok(ws) => ws,
+            Err(e) => return retry(e),
+        };
+        let nonce = match recv(&mut ws, Duration::from_secs(15)).await {
+            Ok(ServerMsg::Challenge { nonce }) => match hex::decode(nonce) {
+                Ok(n) => n,
+                Err(_) => return retry(anyhow::anyhow!("server sent a malformed nonce")),
+            },
+            Ok(other) => return retry(anyhow::anyhow!("expected a challenge, got {other:?}")),
+            Err(e) => return retry(e),
+        };
+        let known_id = match self.local.device_id() {
+            Ok(id) => id,
+            Err(e) => return SessionEnd::Fatal(e),
+        };
+        let hello = match &known_id {
+            Some(id) => AgentMsg::Authenticate {
+                device_id: id.clone(),
+                signature: B64.encode(
+                    self.key
+                        .sign(&channel::auth_message(&nonce, id.as_str()))
+                        .to_bytes(),
+                ),
+            },
+            None => {
+                let public_key = B64.encode(self.key.verifying_key().to_bytes());
+                let hardware_id = match self.config.hardware_id() {
+                    Ok(h) => h,
+                    Err(e) => return SessionEnd::Fatal(e),
+                };
+                AgentMsg::Enroll {
+                    device_type: self.config.device_type.clone(),
+                    hardware_id,
+                    token: self.config.enrollment_token.clone(),
+                    signature: B64.encode(
+                        self.key
+                            .sign(&channel::auth_message(&nonce, &public_key))
+                            .to_bytes(),
+                    ),
+                    public_key,
+                }
+            }
+        };
+        if let Err(e) = ws.send(Message::Text(channel::encode(&hello).into())).await {
+            return retry(e.into());
+        }
+        let token = match recv(&mut ws, Duration::from_secs(15)).await {
+            Ok(ServerMsg::Welcome {
+                device_id,
+                session_token,
+                enrolled,
+            }) => {
+                if known_id.as_ref() != Some(&device_id) {
+                    if let Err(e) = self.local.save_device_id(&device_id) {
+                        return SessionEnd::Fatal(e);
+                    }
+                }
+                if enrolled {
+                    tracing::info!(device = %device_id, "enrolled");
+                } else {
+                    tracing::info!(device = %device_id, "connected");
+                }
+                session_token
+            }
+            Ok(ServerMsg::Error(err)) => {
+                let e = anyhow::anyhow!("server refused this device: {err}");
+                return match err.kind {
+                    ErrorKind::EnrollmentRefused
+                    | ErrorKind::UnknownDevice
+                    | ErrorKind::BadDeviceSignature => SessionEnd::Fatal(e),
+                    _ => retry(e),
+                };
+            }
+            Ok(other) => return retry(anyhow::anyhow!("expected welcome, got {other:?}")),
+            Err(e) => return retry(e),
+        };
+        *attempt = 0;
+        self.token.send_replace(Some(token));
+        self.reports.mark_changed();
+        loop {
+            tokio::select! {
+                changed = self.reports.changed() => {
+                    if changed.is_err() {
+                        return retry(anyhow::anyhow!("agent is stopping"));
+                    }
+                    let (n, report) = self.reports.borrow_and_update().clone();
+                    if let Err(e) = ws.send(Message::Text(channel::encode(&AgentMsg::Report(report)).into())).await {
+                        return retry(e.into());
+                    }
+                    self.sent.send_replace(n);
+                }
+                // The server pings every 20 s; silence for much longer means a dead link.
+                msg = recv(&mut ws, Duration::from_secs(75)) => match msg {
+                    Ok(ServerMsg::Error(err)) => return retry(anyhow::anyhow!("server error: {err}")),
+                    Ok(msg) => {
+                        if self.inbound.send(msg).await.is_err() {
+                            return retry(anyhow::anyhow!("agent is stopping"));
+                        }
+                    }
+                    Err(e) => return retry(e),
+                },
+            }
+        }
+    }
+}
+
+/// Next protocol message, skipping pings (answered by the library).
+async fn recv(ws: &mut net::Channel, limit: Duration) -> anyhow::Result<ServerMsg> {
+    loop {
+        let frame = tokio::time::timeout(limit, ws.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("no message from the server for {}s", limit.as_secs()))?;
+        match frame {
+            None => anyhow::bail!("server closed the channel"),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(Message::Text(text))) => {
+                return channel::decode(text.as_str())
+                    .map_err(|e| anyhow::anyhow!("bad frame from server: {e}"))
+            }
+            Some(Ok(Message::Close(_))) => anyhow::bail!("server closed the channel"),
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_grows_to_a_cap_with_jitter() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let first = backoff(0, &mut rng);
+        assert!(
+            first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN,
+            "{first:?}"
+        );
+        for attempt in [10, 20, 1000] {
+            let d = backoff(attempt, &mut rng);
+            assert!(d >= BACKOFF_MAX / 2 && d <= BACKOFF_MAX, "{d:?}");
+        }
+        let spread: std::collections::HashSet<_> = (0..20).map(|_| backoff(5, &mut rng)).collect();
+        assert!(spread.len() > 10, "jitter spreads reconnects");
+    }
+
+    #[test]
+    fn the_booted_slot_comes_from_the_kernel_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cmdline");
+        std::fs::write(&path, "root=/dev/sda2 quiet uplift.slot=b\n").unwrap();
+        assert_eq!(read_booted_slot(&path).unwrap(), SlotName::B);
+        std::fs::write(&path, "root=/dev/sda2 quiet\n").unwrap();
+        assert!(format!("{:#}", read_booted_slot(&path).unwrap_err()).contains("uplift.slot="));
+    }
+}

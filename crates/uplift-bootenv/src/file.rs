@@ -1,0 +1,325 @@
+//! Crash-safe storage of the env file.
+//!
+//! The agent rewrites the file at the moments that matter most (starting a
+//! trial, committing), which are exactly when a power cut is likely to hurt.
+//! So a write never modifies the file in place: the new block goes to a
+//! temporary file in the same directory, is flushed to disk, and is renamed
+//! over the old one; rename is atomic within a directory, so after a crash
+//! the path holds either the old or the new complete block.
+//!
+//! The guarantee is that of the file system: it holds on the journaling
+//! Linux file systems the simulator and tests use. On a real device the file
+//! often sits on the FAT EFI system partition, which has no journal; making
+//! that safe is the job of the device's partition layout, not of this code.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use uplift_proto::names::SlotName;
+
+use crate::error::BootEnvError;
+use crate::grubenv::{GrubEnv, GRUBENV_SIZE};
+use crate::state::BootState;
+
+/// The boot environment file of one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootEnvFile {
+    path: PathBuf,
+}
+
+impl BootEnvFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn read(&self) -> Result<GrubEnv, BootEnvError> {
+        let io_err = |source| BootEnvError::Io {
+            action: "read the boot environment file",
+            path: self.path.clone(),
+            source,
+        };
+        let mut file = File::open(&self.path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                BootEnvError::NotFound {
+                    path: self.path.clone(),
+                }
+            } else {
+                io_err(e)
+            }
+        })?;
+        // Read one byte more than a block, so a huge file (or a device node
+        // pointed at by mistake) is detected without being read whole.
+        let mut bytes = Vec::with_capacity(GRUBENV_SIZE + 1);
+        (&mut file)
+            .take(GRUBENV_SIZE as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io_err)?;
+        if bytes.len() > GRUBENV_SIZE {
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let len = len.max(bytes.len() as u64);
+            return Err(self.in_file(BootEnvError::WrongSize { len }));
+        }
+        GrubEnv::parse(&bytes).map_err(|e| self.in_file(e))
+    }
+
+    /// Replaces the file with `env`, atomically and durably.
+    pub fn write(&self, env: &GrubEnv) -> Result<(), BootEnvError> {
+        let bytes = env.to_bytes().map_err(|e| self.in_file(e))?;
+        write_file_atomically(&self.path, &bytes)
+    }
+
+    /// Reads the file and the Uplift state in it. The [`GrubEnv`] is
+    /// returned too, so that [`store_state`](Self::store_state) can write it
+    /// back with the keys of others untouched.
+    pub fn load_state(&self) -> Result<(GrubEnv, BootState), BootEnvError> {
+        let env = self.read()?;
+        let state = BootState::from_env(&env).map_err(|e| self.in_file(e))?;
+        Ok((env, state))
+    }
+
+    /// Applies `state` to `env` and stores the result in one atomic write.
+    pub fn store_state(&self, mut env: GrubEnv, state: &BootState) -> Result<(), BootEnvError> {
+        state.apply_to(&mut env);
+        self.write(&env)
+    }
+
+    /// Creates the env file of a new device, with `default_slot` committed.
+    ///
+    /// Refuses to overwrite an existing file: that one may record a trial in
+    /// progress, and resetting it could leave the device booting an
+    /// unproven slot as if it were committed.
+    pub fn provision(path: impl Into<PathBuf>, default_slot: SlotName) -> Result<(), BootEnvError> {
+        let path = path.into();
+        let mut env = GrubEnv::new();
+        BootState::new(default_slot).apply_to(&mut env);
+        let bytes = env.to_bytes()?;
+
+        let tmp = write_temp(&path, &bytes)?;
+        // A hard link fails if the target exists, which a rename would not:
+        // it is the atomic "create if absent" for a complete file.
+        let linked = fs::hard_link(&tmp, &path);
+        let result = match linked {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                Err(BootEnvError::AlreadyExists { path: path.clone() })
+            }
+            // File systems without hard links (FAT): provisioning is a
+            // one-time step nobody races, so check-then-rename will do.
+            Err(_) => match path.try_exists() {
+                Ok(true) => Err(BootEnvError::AlreadyExists { path: path.clone() }),
+                Ok(false) => fs::rename(&tmp, &path).map_err(|source| BootEnvError::Io {
+                    action: "create the boot environment file",
+                    path: path.clone(),
+                    source,
+                }),
+                Err(source) => Err(BootEnvError::Io {
+                    action: "check for an existing boot environment file",
+                    path: path.clone(),
+                    source,
+                }),
+            },
+        };
+        let _ = fs::remove_file(&tmp);
+        result?;
+        sync_dir(&path)
+    }
+
+    fn in_file(&self, source: BootEnvError) -> BootEnvError {
+        BootEnvError::InFile {
+            path: self.path.clone(),
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the
+/// new content, never a mix: temporary file in the same directory, fsync,
+/// rename over the target, fsync the directory.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), BootEnvError> {
+    let tmp = write_temp(path, bytes)?;
+    if let Err(source) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(BootEnvError::Io {
+            action: "replace",
+            path: path.to_owned(),
+            source,
+        });
+    }
+    // Without this the rename itself may be lost on power failure, and the
+    // old content would come back after the new one was acted upon.
+    sync_dir(path)
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Writes and fsyncs a uniquely named sibling of `path`; returns its path.
+fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf, BootEnvError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let io_err = |action, source| BootEnvError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    };
+    let Some(name) = path.file_name() else {
+        return Err(io_err(
+            "write",
+            io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
+        ));
+    };
+    // Unique per process and per call, so concurrent writers never share a
+    // temporary file; the leading dot keeps it out of casual listings.
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = parent_dir(path).join(tmp_name);
+
+    let written = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    match written {
+        Ok(()) => Ok(tmp),
+        Err(source) => {
+            let _ = fs::remove_file(&tmp);
+            Err(io_err("write a temporary file next to", source))
+        }
+    }
+}
+
+fn sync_dir(path: &Path) -> Result<(), BootEnvError> {
+    let dir = parent_dir(path);
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| BootEnvError::Io {
+            action: "sync the directory",
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SlotName::{A, B};
+
+    #[test]
+    fn write_then_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = BootEnvFile::new(dir.path().join("grubenv"));
+        let mut env = GrubEnv::new();
+        env.set("saved_entry", "x\\y\nz").unwrap();
+        env.set("uplift_default", "b").unwrap();
+        file.write(&env).unwrap();
+        assert_eq!(
+            fs::metadata(file.path()).unwrap().len(),
+            GRUBENV_SIZE as u64
+        );
+        assert_eq!(file.read().unwrap(), env);
+
+        env.remove("saved_entry");
+        file.write(&env).unwrap();
+        assert_eq!(file.read().unwrap(), env);
+        // No temporary files are left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn garbage_and_wrong_size_name_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grubenv");
+        let file = BootEnvFile::new(&path);
+
+        for (content, want) in [
+            (b"hello".to_vec(), "is 5 bytes"),
+            (vec![b'x'; 5000], "is 5000 bytes"),
+            (vec![b'x'; GRUBENV_SIZE], "not a grubenv file"),
+        ] {
+            fs::write(&path, &content).unwrap();
+            let err = file.read().unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            assert!(msg.contains(want), "{msg}");
+            assert!(matches!(err, BootEnvError::InFile { .. }));
+        }
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grubenv");
+        let err = BootEnvFile::new(&path).read().unwrap_err();
+        assert!(matches!(&err, BootEnvError::NotFound { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn provision_then_store_and_load_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grubenv");
+        BootEnvFile::provision(&path, A).unwrap();
+        let file = BootEnvFile::new(&path);
+        let (mut env, state) = file.load_state().unwrap();
+        assert_eq!(state, BootState::new(A));
+
+        env.set("operator_note", "keep me").unwrap();
+        let trial = state.start_trial(B, 3).unwrap();
+        file.store_state(env, &trial).unwrap();
+        let (env, state) = file.load_state().unwrap();
+        assert_eq!(state, trial);
+        assert_eq!(env.get("operator_note"), Some("keep me"));
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn provision_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grubenv");
+        BootEnvFile::provision(&path, A).unwrap();
+        let before = fs::read(&path).unwrap();
+        let err = BootEnvFile::provision(&path, B).unwrap_err();
+        assert!(matches!(err, BootEnvError::AlreadyExists { .. }), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), before);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn unprovisioned_file_error_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = BootEnvFile::new(dir.path().join("grubenv"));
+        file.write(&GrubEnv::new()).unwrap();
+        let err = file.load_state().unwrap_err();
+        assert!(matches!(err.root(), BootEnvError::NotProvisioned));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("grubenv") && msg.contains("never provisioned"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn write_into_missing_directory_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = BootEnvFile::new(dir.path().join("nope/grubenv"));
+        let err = file.write(&GrubEnv::new()).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+}

@@ -1,0 +1,570 @@
+//! The release manifest (what an image is made of) and its signed envelope.
+//!
+//! The signature covers the manifest's JSON text exactly as stored in
+//! [`SignedManifest::signed`], so verifiers never re-serialize and there is
+//! no canonical-JSON ambiguity.
+
+use crate::chunk::max_stored_size;
+use crate::error::ReleaseError;
+use crate::keys::{ReleasePublicKey, ReleaseSigningKey};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer as _};
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use uplift_proto::{ChunkHash, DeviceType, Version};
+
+pub const MANIFEST_FORMAT: u32 = 1;
+pub const MAX_MANIFEST_BYTES: usize = 8 * 1024 * 1024;
+/// Largest uncompressed chunk, the bound every decoder allocates against.
+pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024;
+/// More signatures than any key rotation needs; the bound keeps a hostile
+/// manifest from making a device run thousands of verifications.
+pub const MAX_SIGNATURES: usize = 16;
+
+/// Domain separation: a manifest signature can never be mistaken for a
+/// signature over anything else made with the same key.
+const SIGNATURE_CONTEXT: &[u8] = b"uplift manifest v1\0";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub version: Version,
+    pub device_type: DeviceType,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339; devices refuse the manifest from then on.
+    pub expires_at: String,
+    pub image: ImageInfo,
+    pub compression: Compression,
+    /// In image order.
+    pub chunks: Vec<ChunkEntry>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInfo {
+    pub size: u64,
+    pub sha256: ChunkHash,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Zstd,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkEntry {
+    /// sha256 of the uncompressed bytes; also the chunk's storage name.
+    pub hash: ChunkHash,
+    /// Uncompressed size.
+    pub size: u32,
+    /// Compressed size, as stored and downloaded.
+    pub stored_size: u32,
+}
+
+impl Manifest {
+    pub fn validate(&self) -> Result<(), ReleaseError> {
+        let invalid = |reason: String| ReleaseError::ManifestInvalid {
+            version: self.version.to_string(),
+            reason,
+        };
+        if self.format != MANIFEST_FORMAT {
+            return Err(invalid(format!(
+                "it has format {}, this build reads format {MANIFEST_FORMAT}; upgrade this software to install it",
+                self.format
+            )));
+        }
+        if self.chunks.is_empty() {
+            return Err(invalid(
+                "it lists no chunks; rebuild the release from a non-empty image".to_owned(),
+            ));
+        }
+        let mut total: u64 = 0;
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            if chunk.size == 0 || chunk.size > MAX_CHUNK_SIZE {
+                return Err(invalid(format!(
+                    "chunk {i} ({}) has size {}, must be 1..={MAX_CHUNK_SIZE}; rebuild the release",
+                    chunk.hash, chunk.size
+                )));
+            }
+            let bound = max_stored_size(chunk.size);
+            if chunk.stored_size == 0 || u64::from(chunk.stored_size) > bound {
+                return Err(invalid(format!(
+                    "chunk {i} ({}) has stored size {}, must be 1..={bound} for {} bytes; rebuild the release",
+                    chunk.hash, chunk.stored_size, chunk.size
+                )));
+            }
+            total += u64::from(chunk.size);
+        }
+        if total != self.image.size {
+            return Err(invalid(format!(
+                "its chunk sizes add up to {total} bytes but the image is {} bytes; rebuild the release",
+                self.image.size
+            )));
+        }
+        let created = parse_time(&self.created_at).map_err(|e| {
+            invalid(format!(
+                "created_at {:?} is not RFC 3339: {e}",
+                self.created_at
+            ))
+        })?;
+        let expires = parse_time(&self.expires_at).map_err(|e| {
+            invalid(format!(
+                "expires_at {:?} is not RFC 3339: {e}",
+                self.expires_at
+            ))
+        })?;
+        if expires <= created {
+            return Err(invalid(format!(
+                "it expires ({}) before it was created ({}); rebuild it with a positive validity",
+                self.expires_at, self.created_at
+            )));
+        }
+        Ok(())
+    }
+
+    /// Each chunk with its byte offset in the image.
+    pub fn chunk_offsets(&self) -> impl Iterator<Item = (u64, &ChunkEntry)> + '_ {
+        self.chunks.iter().scan(0u64, |offset, chunk| {
+            let at = *offset;
+            *offset += u64::from(chunk.size);
+            Some((at, chunk))
+        })
+    }
+
+    /// Bytes a device downloads if it has none of the chunks.
+    pub fn stored_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| u64::from(c.stored_size)).sum()
+    }
+}
+
+fn parse_time(text: &str) -> Result<OffsetDateTime, time::error::Parse> {
+    OffsetDateTime::parse(text, &Rfc3339)
+}
+
+fn format_time(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SignedManifest {
+    /// The manifest's JSON text: exactly the bytes that were signed.
+    pub signed: String,
+    pub signatures: Vec<ManifestSignature>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestSignature {
+    /// [`ReleasePublicKey::key_id`] of the signer.
+    pub key_id: String,
+    /// ed25519 signature, standard base64.
+    pub signature: String,
+}
+
+fn signing_message(signed: &str) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(SIGNATURE_CONTEXT.len() + signed.len());
+    msg.extend_from_slice(SIGNATURE_CONTEXT);
+    msg.extend_from_slice(signed.as_bytes());
+    msg
+}
+
+fn signature_by(key: &ReleaseSigningKey, signed: &str) -> ManifestSignature {
+    let signature = key.signing_key().sign(&signing_message(signed));
+    ManifestSignature {
+        key_id: key.public_key().key_id(),
+        signature: B64.encode(signature.to_bytes()),
+    }
+}
+
+/// Signs a manifest; refuses one that devices would reject anyway.
+pub fn sign_manifest(
+    manifest: &Manifest,
+    key: &ReleaseSigningKey,
+) -> Result<SignedManifest, ReleaseError> {
+    manifest.validate()?;
+    let signed = serde_json::to_string(manifest).map_err(|e| ReleaseError::ManifestParse {
+        reason: format!("cannot serialize manifest: {e}"),
+    })?;
+    let signatures = vec![signature_by(key, &signed)];
+    Ok(SignedManifest { signed, signatures })
+}
+
+impl SignedManifest {
+    pub fn from_json(bytes: &[u8]) -> Result<SignedManifest, ReleaseError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ReleaseError::ManifestTooLarge {
+                size: bytes.len() as u64,
+                limit: MAX_MANIFEST_BYTES,
+            });
+        }
+        serde_json::from_slice(bytes).map_err(|e| ReleaseError::ManifestFile {
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec_pretty(self).expect("strings and lists always serialize");
+        out.push(b'\n');
+        out
+    }
+
+    /// Adds another signature over the same text, e.g. while rotating keys
+    /// so devices trusting either key accept the release.
+    pub fn add_signature(&mut self, key: &ReleaseSigningKey) {
+        let sig = signature_by(key, &self.signed);
+        self.signatures.retain(|s| s.key_id != sig.key_id);
+        self.signatures.push(sig);
+    }
+
+    /// Everything a device checks before using a manifest: a trusted
+    /// signature, a well-formed manifest, and not expired at `now`.
+    pub fn verify(
+        &self,
+        trusted: &[ReleasePublicKey],
+        now: OffsetDateTime,
+    ) -> Result<Manifest, ReleaseError> {
+        self.verify_signature(trusted)?;
+        let manifest = self.parse_unverified()?;
+        let expires =
+            parse_time(&manifest.expires_at).map_err(|e| ReleaseError::ManifestInvalid {
+                version: manifest.version.to_string(),
+                reason: format!("expires_at is not RFC 3339: {e}"),
+            })?;
+        if now >= expires {
+            return Err(ReleaseError::ManifestExpired {
+                version: manifest.version.to_string(),
+                expires_at: manifest.expires_at.clone(),
+                now: format_time(now),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Parses and validates without checking signatures or expiry: for the
+    /// server, which stores and serves releases but never holds their keys.
+    pub fn parse_unverified(&self) -> Result<Manifest, ReleaseError> {
+        if self.signed.len() > MAX_MANIFEST_BYTES {
+            return Err(ReleaseError::ManifestTooLarge {
+                size: self.signed.len() as u64,
+                limit: MAX_MANIFEST_BYTES,
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_str(&self.signed).map_err(|e| ReleaseError::ManifestParse {
+                reason: e.to_string(),
+            })?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    fn verify_signature(&self, trusted: &[ReleasePublicKey]) -> Result<(), ReleaseError> {
+        if self.signed.len() > MAX_MANIFEST_BYTES {
+            return Err(ReleaseError::ManifestTooLarge {
+                size: self.signed.len() as u64,
+                limit: MAX_MANIFEST_BYTES,
+            });
+        }
+        if self.signatures.len() > MAX_SIGNATURES {
+            return Err(ReleaseError::ManifestFile {
+                reason: format!(
+                    "it carries {} signatures, at most {MAX_SIGNATURES} are accepted",
+                    self.signatures.len()
+                ),
+            });
+        }
+        let trusted_ids: Vec<String> = trusted.iter().map(ReleasePublicKey::key_id).collect();
+        let message = signing_message(&self.signed);
+        let mut failed_key = None;
+        for sig in &self.signatures {
+            for (key, _) in trusted
+                .iter()
+                .zip(&trusted_ids)
+                .filter(|(_, id)| **id == sig.key_id)
+            {
+                let verified = B64
+                    .decode(&sig.signature)
+                    .ok()
+                    .and_then(|bytes| Signature::from_slice(&bytes).ok())
+                    .is_some_and(|signature| {
+                        key.verifying_key()
+                            .verify_strict(&message, &signature)
+                            .is_ok()
+                    });
+                if verified {
+                    return Ok(());
+                }
+                failed_key = Some(sig.key_id.clone());
+            }
+        }
+        match failed_key {
+            Some(key_id) => Err(ReleaseError::BadManifestSignature { key_id }),
+            None => Err(ReleaseError::UntrustedManifest {
+                // Key ids come from the (untrusted) file: keep them short so
+                // they cannot flood logs and reports.
+                seen: self
+                    .signatures
+                    .iter()
+                    .map(|s| s.key_id.chars().take(64).collect())
+                    .collect(),
+                trusted: trusted_ids,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::chunk::{encode_chunk, sha256};
+    use time::macros::datetime;
+    use uplift_proto::ErrorKind;
+
+    pub(crate) fn release_key() -> ReleaseSigningKey {
+        ReleaseSigningKey::from_seed([42; 32])
+    }
+
+    /// A small valid manifest of two chunks, valid during 2025.
+    pub(crate) fn two_chunk_manifest() -> Manifest {
+        let a = vec![1u8; 1000];
+        let b = vec![2u8; 500];
+        let entry = |data: &[u8]| ChunkEntry {
+            hash: sha256(data),
+            size: data.len() as u32,
+            stored_size: encode_chunk(data).unwrap().len() as u32,
+        };
+        let image: Vec<u8> = a.iter().chain(&b).copied().collect();
+        Manifest {
+            format: MANIFEST_FORMAT,
+            version: "1.2.3".parse().unwrap(),
+            device_type: "gateway-x86".parse().unwrap(),
+            created_at: "2025-01-01T00:00:00Z".to_owned(),
+            expires_at: "2026-01-01T00:00:00Z".to_owned(),
+            image: ImageInfo {
+                size: image.len() as u64,
+                sha256: sha256(&image),
+            },
+            compression: Compression::Zstd,
+            chunks: vec![entry(&a), entry(&b)],
+        }
+    }
+
+    const MID_2025: OffsetDateTime = datetime!(2025-06-01 00:00 UTC);
+
+    #[test]
+    fn signed_manifest_round_trips_through_json_and_verifies() {
+        let key = release_key();
+        let manifest = two_chunk_manifest();
+        let signed = sign_manifest(&manifest, &key).unwrap();
+        let back = SignedManifest::from_json(&signed.to_json()).unwrap();
+        assert_eq!(back, signed);
+        assert_eq!(
+            back.verify(&[key.public_key()], MID_2025).unwrap(),
+            manifest
+        );
+        assert_eq!(back.parse_unverified().unwrap(), manifest);
+    }
+
+    #[test]
+    fn manifest_signed_by_unknown_key_is_rejected_naming_its_key_id() {
+        let attacker = ReleaseSigningKey::from_seed([66; 32]);
+        let signed = sign_manifest(&two_chunk_manifest(), &attacker).unwrap();
+        let err = signed
+            .verify(&[release_key().public_key()], MID_2025)
+            .unwrap_err();
+        assert!(
+            matches!(err, ReleaseError::UntrustedManifest { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), ErrorKind::ManifestSignature);
+        let msg = err.to_string();
+        assert!(msg.contains(&attacker.public_key().key_id()), "{msg}");
+        assert!(msg.contains(&release_key().public_key().key_id()), "{msg}");
+        assert!(msg.contains("trusted_release_keys"), "{msg}");
+    }
+
+    #[test]
+    fn manifest_with_forged_key_id_of_a_trusted_key_is_rejected() {
+        let attacker = ReleaseSigningKey::from_seed([66; 32]);
+        let mut signed = sign_manifest(&two_chunk_manifest(), &attacker).unwrap();
+        signed.signatures[0].key_id = release_key().public_key().key_id();
+        let err = signed
+            .verify(&[release_key().public_key()], MID_2025)
+            .unwrap_err();
+        assert!(
+            matches!(err, ReleaseError::BadManifestSignature { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn tampered_version_in_signed_text_is_rejected() {
+        let key = release_key();
+        let mut signed = sign_manifest(&two_chunk_manifest(), &key).unwrap();
+        assert!(signed.signed.contains("\"1.2.3\""));
+        signed.signed = signed.signed.replace("\"1.2.3\"", "\"9.9.9\"");
+        // Still a perfectly valid manifest, only the signature betrays it.
+        assert_eq!(signed.parse_unverified().unwrap().version.as_str(), "9.9.9");
+        let err = signed.verify(&[key.public_key()], MID_2025).unwrap_err();
+        assert!(
+            matches!(err, ReleaseError::BadManifestSignature { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), ErrorKind::ManifestSignature);
+    }
+
+    #[test]
+    fn signature_without_the_manifest_context_is_rejected() {
+        // A signature made by the right key over the bare text (as some
+        // other tool using the same key might produce) must not count.
+        let key = release_key();
+        let mut signed = sign_manifest(&two_chunk_manifest(), &key).unwrap();
+        let bare = key.signing_key().sign(signed.signed.as_bytes());
+        signed.signatures[0].signature = B64.encode(bare.to_bytes());
+        let err = signed.verify(&[key.public_key()], MID_2025).unwrap_err();
+        assert!(
+            matches!(err, ReleaseError::BadManifestSignature { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn manifest_with_no_signatures_is_rejected() {
+        let mut signed = sign_manifest(&two_chunk_manifest(), &release_key()).unwrap();
+        signed.signatures.clear();
+        let err = signed
+            .verify(&[release_key().public_key()], MID_2025)
+            .unwrap_err();
+        assert!(
+            matches!(err, ReleaseError::UntrustedManifest { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn any_one_trusted_signature_suffices() {
+        let old = ReleaseSigningKey::from_seed([1; 32]);
+        let new = release_key();
+        let mut signed = sign_manifest(&two_chunk_manifest(), &old).unwrap();
+        signed.add_signature(&new);
+        assert_eq!(signed.signatures.len(), 2);
+        signed.verify(&[new.public_key()], MID_2025).unwrap();
+        signed.verify(&[old.public_key()], MID_2025).unwrap();
+    }
+
+    #[test]
+    fn expired_manifest_is_rejected() {
+        let key = release_key();
+        let signed = sign_manifest(&two_chunk_manifest(), &key).unwrap();
+        for now in [
+            datetime!(2026-01-01 00:00 UTC),
+            datetime!(2030-01-01 00:00 UTC),
+        ] {
+            let err = signed.verify(&[key.public_key()], now).unwrap_err();
+            assert!(
+                matches!(err, ReleaseError::ManifestExpired { .. }),
+                "{err:?}"
+            );
+            assert_eq!(err.kind(), ErrorKind::ManifestExpired);
+            assert!(err.to_string().contains("2026-01-01T00:00:00Z"), "{err}");
+        }
+        signed
+            .verify(&[key.public_key()], datetime!(2025-12-31 23:59:59 UTC))
+            .unwrap();
+    }
+
+    #[test]
+    fn chunks_not_adding_up_to_the_image_size_fail_validation() {
+        let mut manifest = two_chunk_manifest();
+        manifest.image.size += 1;
+        let err = manifest.validate().unwrap_err();
+        assert!(
+            matches!(err, ReleaseError::ManifestInvalid { .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("1500") && msg.contains("1501"), "{msg}");
+        // And such a manifest cannot be signed either.
+        assert!(sign_manifest(&manifest, &release_key()).is_err());
+    }
+
+    #[test]
+    fn malformed_manifests_fail_validation() {
+        type Fault = fn(&mut Manifest);
+        let faults: [(&str, Fault); 8] = [
+            ("future format", |m| m.format = 2),
+            ("no chunks", |m| {
+                m.chunks.clear();
+                m.image.size = 0;
+            }),
+            ("empty chunk", |m| {
+                m.image.size -= u64::from(m.chunks[1].size);
+                m.chunks[1].size = 0;
+            }),
+            ("oversized chunk", |m| {
+                m.image.size += u64::from(MAX_CHUNK_SIZE);
+                m.chunks[1].size += MAX_CHUNK_SIZE;
+            }),
+            ("zero stored size", |m| m.chunks[0].stored_size = 0),
+            ("stored size over the zstd bound", |m| {
+                m.chunks[0].stored_size = 1_000_000
+            }),
+            ("expires before created", |m| {
+                m.expires_at = "2024-01-01T00:00:00Z".to_owned()
+            }),
+            ("unparsable time", |m| m.created_at = "yesterday".to_owned()),
+        ];
+        for (name, fault) in faults {
+            let mut manifest = two_chunk_manifest();
+            manifest.validate().unwrap();
+            fault(&mut manifest);
+            let err = manifest.validate().expect_err(name);
+            assert_eq!(err.kind(), ErrorKind::ManifestInvalid, "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let signed = sign_manifest(&two_chunk_manifest(), &release_key()).unwrap();
+        let mut value: serde_json::Value = serde_json::from_slice(&signed.to_json()).unwrap();
+        value["note"] = "hi".into();
+        assert!(SignedManifest::from_json(value.to_string().as_bytes()).is_err());
+
+        let mut inner: serde_json::Value = serde_json::from_str(&signed.signed).unwrap();
+        inner["install_script"] = "rm -rf /".into();
+        let smuggled = SignedManifest {
+            signed: inner.to_string(),
+            signatures: vec![],
+        };
+        let err = smuggled.parse_unverified().unwrap_err();
+        assert!(matches!(err, ReleaseError::ManifestParse { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn oversized_manifest_file_is_refused_before_parsing() {
+        let huge = vec![b' '; MAX_MANIFEST_BYTES + 1];
+        let err = SignedManifest::from_json(&huge).unwrap_err();
+        assert!(
+            matches!(err, ReleaseError::ManifestTooLarge { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    }
+
+    #[test]
+    fn chunk_offsets_and_stored_bytes_follow_the_chunk_list() {
+        let manifest = two_chunk_manifest();
+        let offsets: Vec<u64> = manifest.chunk_offsets().map(|(o, _)| o).collect();
+        assert_eq!(offsets, vec![0, 1000]);
+        assert_eq!(
+            manifest.stored_bytes(),
+            u64::from(manifest.chunks[0].stored_size) + u64::from(manifest.chunks[1].stored_size)
+        );
+    }
+}

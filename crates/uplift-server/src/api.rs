@@ -1,0 +1,494 @@
+//! HTTP routes: the admin REST API (bearer admin token), the device download
+//! endpoints (bearer session token from the device channel), and health.
+
+use crate::channel;
+use crate::error::ApiError;
+use crate::state::{now_rfc3339, AppState};
+use crate::store::{DeviceRecord, ReleaseRecord, RolloutRecord};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio_util::io::ReaderStream;
+use uplift_proto::api::*;
+use uplift_proto::channel::{AgentState, Offer, ServerMsg, CHANNEL_PATH};
+use uplift_proto::{ChunkHash, DeviceId, ErrorKind, Version};
+use uplift_release::manifest::{SignedManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
+
+/// Largest compressed chunk accepted: incompressible data grows a little.
+const MAX_STORED_CHUNK: usize = MAX_CHUNK_SIZE as usize + MAX_CHUNK_SIZE as usize / 8 + 1024;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let admin = Router::new()
+        .route(DEVICES_PATH, get(list_devices))
+        .route(RELEASES_PATH, get(list_releases).post(upload_release))
+        .route(MISSING_CHUNKS_PATH, post(missing_chunks))
+        .route("/api/v1/chunks/{hash}", put(upload_chunk))
+        .route(ROLLOUTS_PATH, get(list_rollouts).post(start_rollout))
+        .route("/api/v1/rollouts/{id}", get(show_rollout))
+        .route(STATS_PATH, get(stats))
+        .layer(DefaultBodyLimit::max(
+            MAX_MANIFEST_BYTES.max(MAX_STORED_CHUNK),
+        ))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    let device = Router::new()
+        .route(
+            "/v1/device/releases/{version}/manifest",
+            get(device_manifest),
+        )
+        .route("/v1/device/chunks/{hash}", get(device_chunk));
+    Router::new()
+        .merge(admin)
+        .merge(device)
+        .route(CHANNEL_PATH, get(channel::upgrade))
+        .route(HEALTH_PATH, get(|| async { "ok" }))
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint; see ARCHITECTURE.md for the API")
+        })
+        .with_state(state)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+async fn require_admin(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match bearer(request.headers()) {
+        Some(token) if state.secrets.is_admin(token) => next.run(request).await,
+        _ => ApiError::unauthorized(
+            "admin token missing or wrong; pass --token or set UPLIFT_TOKEN to the server's admin token",
+        )
+        .into_response(),
+    }
+}
+
+fn device_of(state: &AppState, headers: &HeaderMap) -> Result<DeviceId, ApiError> {
+    bearer(headers).and_then(|t| state.hub.device_for_token(t)).ok_or_else(|| {
+        ApiError::unauthorized("download token missing or expired; it is valid only while the device channel is open")
+    })
+}
+
+fn parse_name<T: std::str::FromStr<Err = uplift_proto::NameError>>(s: &str) -> Result<T, ApiError> {
+    s.parse()
+        .map_err(|e: uplift_proto::NameError| ApiError::bad_request(e.to_string()))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("request body is not valid: {e}")))
+}
+
+// ----- devices
+
+async fn list_devices(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Vec<DeviceView>>, ApiError> {
+    let devices = state.store.list_devices().await?;
+    let releases: HashMap<i64, Version> = state
+        .store
+        .list_rollouts()
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r.release))
+        .collect();
+    Ok(Json(
+        devices
+            .into_iter()
+            .map(|d| device_view(&state, &releases, d))
+            .collect(),
+    ))
+}
+
+fn device_view(
+    state: &AppState,
+    rollout_releases: &HashMap<i64, Version>,
+    d: DeviceRecord,
+) -> DeviceView {
+    DeviceView {
+        online: state.hub.is_online(&d.id),
+        target_version: d
+            .target_rollout
+            .and_then(|r| rollout_releases.get(&r).cloned()),
+        rollout_id: d.target_rollout,
+        id: d.id,
+        device_type: d.device_type,
+        hardware_id: d.hardware_id,
+        running_version: d.running_version,
+        state: d.state,
+        progress: d.progress,
+        last_error: d.last_error,
+        enrolled_at: d.enrolled_at,
+        last_seen: d.last_seen,
+    }
+}
+
+// ----- releases and chunks
+
+fn release_view(r: &ReleaseRecord) -> ReleaseView {
+    ReleaseView {
+        version: r.version.clone(),
+        device_type: r.device_type.clone(),
+        image_size: r.image_size,
+        image_sha256: r.image_sha256.clone(),
+        chunks: r.chunks,
+        stored_bytes: r.stored_bytes,
+        created_at: r.created_at.clone(),
+    }
+}
+
+async fn list_releases(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Vec<ReleaseView>>, ApiError> {
+    Ok(Json(
+        state
+            .store
+            .list_releases()
+            .await?
+            .iter()
+            .map(release_view)
+            .collect(),
+    ))
+}
+
+async fn missing_chunks(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<MissingChunksResponse>, ApiError> {
+    let request: MissingChunksRequest = parse_json(&body)?;
+    let mut missing = Vec::new();
+    for hash in request.chunks {
+        if state.artifacts.stored_len(&hash).await?.is_none() {
+            missing.push(hash);
+        }
+    }
+    Ok(Json(MissingChunksResponse { missing }))
+}
+
+async fn upload_chunk(
+    State(state): State<Arc<AppState>>,
+    Path(hash): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let hash: ChunkHash = parse_name(&hash)?;
+    if state.artifacts.stored_len(&hash).await?.is_some() {
+        return Ok(StatusCode::OK);
+    }
+    // The server never stores a chunk that does not match its name: otherwise
+    // one bad upload would make every device fail verification.
+    let check = body.clone();
+    tokio::task::spawn_blocking(move || {
+        uplift_release::chunk::decode_named_chunk(&hash, &check, MAX_CHUNK_SIZE)
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorKind::Internal, format!("chunk check panicked: {e}")))??;
+    state.artifacts.put(&hash, body).await?;
+    Ok(StatusCode::CREATED)
+}
+
+async fn upload_release(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ReleaseView>), ApiError> {
+    let signed = SignedManifest::from_json(&body)?;
+    // The server holds no release keys; agents verify signatures. It checks
+    // the manifest is well-formed and complete so it never offers a broken one.
+    let manifest = signed.parse_unverified()?;
+    let mut missing = 0usize;
+    for entry in &manifest.chunks {
+        match state.artifacts.stored_len(&entry.hash).await? {
+            Some(len) if len == u64::from(entry.stored_size) => {}
+            _ => missing += 1,
+        }
+    }
+    if missing > 0 {
+        return Err(ApiError::conflict(format!(
+            "release {} references {missing} chunks the server does not have; upload them first \
+             (`uplift release upload` does both)",
+            manifest.version
+        )));
+    }
+    let record = ReleaseRecord {
+        version: manifest.version.clone(),
+        device_type: manifest.device_type.clone(),
+        manifest_json: body.to_vec(),
+        image_size: manifest.image.size,
+        image_sha256: manifest.image.sha256.to_hex(),
+        chunks: manifest.chunks.len() as u64,
+        stored_bytes: manifest.stored_bytes(),
+        created_at: now_rfc3339(),
+    };
+    state.store.insert_release(&record).await?;
+    tracing::info!(version = %record.version, device_type = %record.device_type, "release uploaded");
+    Ok((StatusCode::CREATED, Json(release_view(&record))))
+}
+
+// ----- rollouts
+
+async fn start_rollout(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
+    let request: RolloutCreate = parse_json(&body)?;
+    let release = state
+        .store
+        .release(&request.release)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "release {} is not on the server; upload it with `uplift release upload`",
+                request.release
+            ))
+        })?;
+    let devices = match request.devices {
+        Some(devices) => devices,
+        None => state.store.devices_of_type(&release.device_type).await?,
+    };
+    if devices.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "no devices to roll out to: none of type {} is enrolled",
+            release.device_type
+        )));
+    }
+    let rollout = state
+        .store
+        .create_rollout(&release, &devices, request.allow_downgrade, &now_rfc3339())
+        .await?;
+    let offer = ServerMsg::Offer(Offer {
+        rollout_id: rollout.id,
+        version: rollout.release.clone(),
+        manifest_path: device_manifest_path(&rollout.release),
+        allow_downgrade: rollout.allow_downgrade,
+    });
+    let pushed = devices
+        .iter()
+        .filter(|d| state.hub.push(d, offer.clone()))
+        .count();
+    tracing::info!(rollout = rollout.id, release = %rollout.release, devices = devices.len(), pushed, "rollout started");
+    Ok((
+        StatusCode::CREATED,
+        Json(rollout_view(&state, rollout).await?),
+    ))
+}
+
+/// Where one targeted device stands in a rollout.
+fn classify(release: &Version, rollout_id: i64, d: &DeviceRecord) -> Option<Outcome> {
+    if d.target_rollout != Some(rollout_id) {
+        return None;
+    }
+    let working_on_it = d.reported_target.as_ref() == Some(release);
+    Some(match d.state {
+        Some(AgentState::Idle) if d.running_version.as_ref() == Some(release) => Outcome::Succeeded,
+        Some(AgentState::Failed | AgentState::RolledBack) if working_on_it => Outcome::Failed,
+        Some(
+            AgentState::Downloading
+            | AgentState::Verifying
+            | AgentState::RebootPending
+            | AgentState::Testing,
+        ) if working_on_it => Outcome::InProgress,
+        _ => Outcome::Pending,
+    })
+}
+
+enum Outcome {
+    Pending,
+    InProgress,
+    Succeeded,
+    Failed,
+}
+
+async fn rollout_view(state: &AppState, rollout: RolloutRecord) -> Result<RolloutView, ApiError> {
+    let devices = state.store.rollout_devices(rollout.id).await?;
+    let mut counts = RolloutCounts::default();
+    let mut superseded = 0;
+    for d in &devices {
+        match classify(&rollout.release, rollout.id, d) {
+            None => superseded += 1,
+            Some(Outcome::Pending) => counts.pending += 1,
+            Some(Outcome::InProgress) => counts.in_progress += 1,
+            Some(Outcome::Succeeded) => counts.succeeded += 1,
+            Some(Outcome::Failed) => counts.failed += 1,
+        }
+    }
+    let status = if counts.pending + counts.in_progress > 0 {
+        "running"
+    } else {
+        "finished"
+    };
+    Ok(RolloutView {
+        id: rollout.id,
+        release: rollout.release,
+        device_type: rollout.device_type,
+        allow_downgrade: rollout.allow_downgrade,
+        created_at: rollout.created_at,
+        devices_total: devices.len() as u64,
+        counts,
+        status: status.to_owned(),
+        superseded,
+    })
+}
+
+async fn list_rollouts(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Vec<RolloutView>>, ApiError> {
+    let mut views = Vec::new();
+    for rollout in state.store.list_rollouts().await? {
+        views.push(rollout_view(&state, rollout).await?);
+    }
+    Ok(Json(views))
+}
+
+async fn show_rollout(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("rollout id {id:?} is not a number")))?;
+    let rollout = state.store.rollout(id).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "rollout {id} does not exist; see `uplift rollout list`"
+        ))
+    })?;
+    Ok(Json(rollout_view(&state, rollout).await?))
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<ServerStats>, ApiError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    Ok(Json(ServerStats {
+        devices_total: state.store.list_devices().await?.len() as u64,
+        devices_online: state.hub.online_count() as u64,
+        bytes_sent: state.stats.bytes_sent.load(Relaxed),
+        chunks_sent: state.stats.chunks_sent.load(Relaxed),
+    }))
+}
+
+// ----- device downloads
+
+async fn device_manifest(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(version): Path<String>,
+) -> Result<Response, ApiError> {
+    device_of(&state, &headers)?;
+    let version: Version = parse_name(&version)?;
+    let release =
+        state.store.release(&version).await?.ok_or_else(|| {
+            ApiError::not_found(format!("release {version} is not on the server"))
+        })?;
+    state.stats.add_sent(release.manifest_json.len() as u64);
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        release.manifest_json,
+    )
+        .into_response())
+}
+
+/// Parses a single `bytes=start-[end]` range; multi-range is not needed by agents.
+fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = value.strip_prefix("bytes=")?;
+    let (start, end) = spec.split_once('-')?;
+    let start: u64 = start.parse().ok()?;
+    let end: u64 = if end.is_empty() {
+        len.checked_sub(1)?
+    } else {
+        end.parse::<u64>().ok()?.min(len.checked_sub(1)?)
+    };
+    (start <= end).then_some((start, end))
+}
+
+async fn device_chunk(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
+    device_of(&state, &headers)?;
+    let hash: ChunkHash = parse_name(&hash)?;
+    let not_found = || ApiError::not_found(format!("chunk {hash} is not on the server"));
+    let len = state
+        .artifacts
+        .stored_len(&hash)
+        .await?
+        .ok_or_else(not_found)?;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, len.saturating_sub(1)),
+        Some(r) => match parse_range(r, len) {
+            Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
+            None => {
+                return Ok((
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+                )
+                    .into_response())
+            }
+        },
+    };
+    let count = if len == 0 { 0 } else { end - start + 1 };
+    let reader = state
+        .artifacts
+        .read(&hash, start, count)
+        .await?
+        .ok_or_else(not_found)?;
+    state
+        .stats
+        .chunks_sent
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let counting = state.clone();
+    let body = ReaderStream::new(reader).map(move |piece| {
+        if let Ok(bytes) = &piece {
+            counting.stats.add_sent(bytes.len() as u64);
+        }
+        piece
+    });
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    // Immutable and named by content: any cache may keep it forever.
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=31536000, immutable"),
+    );
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/zstd"),
+    );
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"))
+                .expect("digits are a valid header"),
+        );
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_are_parsed_and_clamped() {
+        assert_eq!(parse_range("bytes=0-99", 1000), Some((0, 99)));
+        assert_eq!(parse_range("bytes=500-", 1000), Some((500, 999)));
+        assert_eq!(parse_range("bytes=900-5000", 1000), Some((900, 999)));
+        assert_eq!(parse_range("bytes=1000-", 1000), None);
+        assert_eq!(parse_range("bytes=5-2", 1000), None);
+        assert_eq!(parse_range("items=0-1", 1000), None);
+    }
+}

@@ -1,0 +1,335 @@
+//! One device's private channel: a WebSocket over TLS that first proves who
+//! the device is (enrollment or signature over a fresh nonce), then carries
+//! pushes from the server and reports from the device until either side goes.
+
+use crate::state::{now_rfc3339, AppState};
+use crate::store::NewDevice;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ed25519_dalek::{Signature, VerifyingKey};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+use uplift_proto::api::device_manifest_path;
+use uplift_proto::channel::{self, AgentMsg, Offer, ServerMsg, MAX_FRAME_BYTES};
+use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, WireError};
+
+const AUTH_TIMEOUT: Duration = Duration::from_secs(15);
+const PING_EVERY: Duration = Duration::from_secs(20);
+
+pub async fn upgrade(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| async move {
+            if let Err(e) = session(state, socket).await {
+                tracing::debug!("device channel ended: {e}");
+            }
+        })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("peer refused: {0}")]
+    Refused(WireError),
+    #[error("socket: {0}")]
+    Socket(#[from] axum::Error),
+    #[error("peer closed or timed out")]
+    Gone,
+}
+
+async fn send(socket: &mut WebSocket, msg: &ServerMsg) -> Result<(), SessionError> {
+    let frame = channel::encode(msg);
+    timeout(
+        Duration::from_secs(10),
+        socket.send(Message::Text(frame.into())),
+    )
+    .await
+    .map_err(|_| SessionError::Gone)??;
+    Ok(())
+}
+
+/// Sends an error frame and ends the session with it.
+async fn refuse(socket: &mut WebSocket, err: WireError) -> SessionError {
+    tracing::info!(kind = %err.kind, "refusing device: {}", err.message);
+    let _ = send(socket, &ServerMsg::Error(err.clone())).await;
+    let _ = socket.send(Message::Close(None)).await;
+    SessionError::Refused(err)
+}
+
+async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), SessionError> {
+    let nonce: [u8; 32] = rand::random();
+    send(
+        &mut socket,
+        &ServerMsg::Challenge {
+            nonce: hex::encode(nonce),
+        },
+    )
+    .await?;
+    let first = match timeout(AUTH_TIMEOUT, next_text(&mut socket)).await {
+        Ok(Ok(Some(text))) => text,
+        Ok(Err(err)) => return Err(refuse(&mut socket, err).await),
+        Ok(Ok(None)) | Err(_) => return Err(SessionError::Gone),
+    };
+    let hello = match channel::decode::<AgentMsg>(&first) {
+        Ok(msg) => msg,
+        Err(e) => return Err(refuse(&mut socket, e.to_wire()).await),
+    };
+    let (device_id, enrolled) = match authenticate(&state, &nonce, hello).await {
+        Ok(ok) => ok,
+        Err(err) => return Err(refuse(&mut socket, err).await),
+    };
+
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let (tx, mut pushes) = mpsc::channel(crate::hub::PUSH_QUEUE);
+    let serial = state.hub.register(device_id.clone(), token.clone(), tx);
+    let result = async {
+        send(
+            &mut socket,
+            &ServerMsg::Welcome {
+                device_id: device_id.clone(),
+                session_token: token,
+                enrolled,
+            },
+        )
+        .await?;
+        send(&mut socket, &current_target(&state, &device_id).await).await?;
+        serve_device(&state, &device_id, &mut socket, &mut pushes).await
+    }
+    .await;
+    state.hub.unregister(&device_id, serial);
+    result
+}
+
+/// Reads the next text frame; pings and pongs are handled by the socket.
+async fn next_text(socket: &mut WebSocket) -> Result<Option<String>, WireError> {
+    loop {
+        match socket.recv().await {
+            None | Some(Ok(Message::Close(_))) => return Ok(None),
+            Some(Ok(Message::Text(text))) => return Ok(Some(text.as_str().to_owned())),
+            Some(Ok(Message::Binary(_))) => {
+                return Err(WireError::new(
+                    ErrorKind::MalformedFrame,
+                    "binary frames are not part of the protocol",
+                ))
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Err(e)) => {
+                return Err(WireError::new(
+                    ErrorKind::MalformedFrame,
+                    format!("unreadable frame: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+async fn authenticate(
+    state: &AppState,
+    nonce: &[u8],
+    hello: AgentMsg,
+) -> Result<(DeviceId, bool), WireError> {
+    match hello {
+        AgentMsg::Enroll {
+            device_type,
+            hardware_id,
+            token,
+            public_key,
+            signature,
+        } => {
+            if !state.secrets.is_enrollment_token(&token) {
+                return Err(WireError::new(
+                    ErrorKind::EnrollmentRefused,
+                    "enrollment token not accepted; set enrollment_token in the agent config to one of the server's \
+                     enrollment tokens",
+                ));
+            }
+            let key = parse_public_key(&public_key)?;
+            verify(&key, &channel::auth_message(nonce, &public_key), &signature)?;
+            enroll(state, device_type, hardware_id, public_key).await
+        }
+        AgentMsg::Authenticate {
+            device_id,
+            signature,
+        } => {
+            let device = state
+                .store
+                .device(&device_id)
+                .await
+                .map_err(|e| WireError::new(e.kind(), e.to_string()))?
+                .ok_or_else(|| {
+                    WireError::new(
+                        ErrorKind::UnknownDevice,
+                        format!(
+                            "device {device_id} is not enrolled on this server; remove the agent's state to enroll again"
+                        ),
+                    )
+                })?;
+            let key = parse_public_key(&device.public_key)?;
+            verify(
+                &key,
+                &channel::auth_message(nonce, device_id.as_str()),
+                &signature,
+            )
+            .map_err(|_| {
+                WireError::new(
+                    ErrorKind::BadDeviceSignature,
+                    format!("signature does not match the key enrolled for device {device_id}"),
+                )
+            })?;
+            Ok((device_id, false))
+        }
+        AgentMsg::Report(_) => Err(WireError::new(
+            ErrorKind::UnexpectedMessage,
+            "a device must enroll or authenticate before reporting",
+        )),
+    }
+}
+
+async fn enroll(
+    state: &AppState,
+    device_type: DeviceType,
+    hardware_id: HardwareId,
+    public_key: String,
+) -> Result<(DeviceId, bool), WireError> {
+    let storage = |e: crate::store::StoreError| WireError::new(e.kind(), e.to_string());
+    // The device proved it holds this key: if the key is already enrolled the
+    // device lost its ID (crash before saving it) and gets the same ID back.
+    if let Some(existing) = state
+        .store
+        .device_by_public_key(&public_key)
+        .await
+        .map_err(storage)?
+    {
+        return Ok((existing.id, true));
+    }
+    let id: DeviceId = format!("dev-{}", hex::encode(rand::random::<[u8; 8]>()))
+        .parse()
+        .expect("generated device ids are valid");
+    state
+        .store
+        .insert_device(&NewDevice {
+            id: id.clone(),
+            device_type: device_type.clone(),
+            hardware_id: hardware_id.clone(),
+            public_key,
+            enrolled_at: now_rfc3339(),
+        })
+        .await
+        .map_err(storage)?;
+    tracing::info!(device = %id, %device_type, %hardware_id, "device enrolled");
+    Ok((id, true))
+}
+
+fn parse_public_key(text: &str) -> Result<VerifyingKey, WireError> {
+    let bad = || {
+        WireError::new(
+            ErrorKind::BadRequest,
+            "public_key must be a base64 ed25519 public key (32 bytes)",
+        )
+    };
+    let bytes: [u8; 32] = B64
+        .decode(text)
+        .map_err(|_| bad())?
+        .try_into()
+        .map_err(|_| bad())?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| bad())
+}
+
+fn verify(key: &VerifyingKey, message: &[u8], signature_b64: &str) -> Result<(), WireError> {
+    let bad = || {
+        WireError::new(
+            ErrorKind::BadDeviceSignature,
+            "device signature over the server's nonce is invalid",
+        )
+    };
+    let bytes: [u8; 64] = B64
+        .decode(signature_b64)
+        .map_err(|_| bad())?
+        .try_into()
+        .map_err(|_| bad())?;
+    key.verify_strict(message, &Signature::from_bytes(&bytes))
+        .map_err(|_| bad())
+}
+
+pub async fn current_target(state: &AppState, device: &DeviceId) -> ServerMsg {
+    match state.store.device_target(device).await {
+        Ok(Some(target)) => ServerMsg::Offer(Offer {
+            rollout_id: target.rollout_id,
+            manifest_path: device_manifest_path(&target.version),
+            version: target.version,
+            allow_downgrade: target.allow_downgrade,
+        }),
+        Ok(None) => ServerMsg::NoUpdate,
+        Err(e) => {
+            // Saying "no update" is safe: the device keeps running what it has.
+            tracing::error!(device = %device, "cannot look up target: {e}");
+            ServerMsg::NoUpdate
+        }
+    }
+}
+
+async fn serve_device(
+    state: &AppState,
+    device: &DeviceId,
+    socket: &mut WebSocket,
+    pushes: &mut mpsc::Receiver<ServerMsg>,
+) -> Result<(), SessionError> {
+    let idle_limit = state.limits.channel_idle_timeout();
+    let mut shutdown = state.shutdown.clone();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    let mut last_heard = Instant::now();
+    let _ = state.store.touch_device(device, &now_rfc3339()).await;
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                last_heard = Instant::now();
+                let text = match incoming {
+                    None | Some(Ok(Message::Close(_))) => return Err(SessionError::Gone),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Binary(_))) => {
+                        return Err(refuse(socket, WireError::new(ErrorKind::MalformedFrame, "binary frames are not part of the protocol")).await)
+                    }
+                    Some(Err(e)) => {
+                        return Err(refuse(socket, WireError::new(ErrorKind::MalformedFrame, format!("unreadable frame: {e}"))).await)
+                    }
+                };
+                match channel::decode::<AgentMsg>(text.as_str()) {
+                    Ok(AgentMsg::Report(report)) => {
+                        tracing::debug!(device = %device, state = report.state.as_str(), "report");
+                        if let Err(e) = state.store.record_report(device, &report, &now_rfc3339()).await {
+                            tracing::error!(device = %device, "cannot record report: {e}");
+                        }
+                    }
+                    Ok(AgentMsg::Enroll { .. } | AgentMsg::Authenticate { .. }) => {
+                        return Err(refuse(socket, WireError::new(ErrorKind::UnexpectedMessage, "already authenticated on this channel")).await)
+                    }
+                    Err(e) => return Err(refuse(socket, e.to_wire()).await),
+                }
+            }
+            push = pushes.recv() => match push {
+                Some(msg) => send(socket, &msg).await?,
+                // The device opened a newer channel, which replaced this one.
+                None => return Err(SessionError::Gone),
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > idle_limit {
+                    tracing::info!(device = %device, "closing silent device channel");
+                    return Err(SessionError::Gone);
+                }
+                timeout(Duration::from_secs(10), socket.send(Message::Ping(Default::default())))
+                    .await
+                    .map_err(|_| SessionError::Gone)??;
+            }
+            _ = shutdown.changed() => {
+                let _ = socket.send(Message::Close(None)).await;
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Server configuration: a TOML file, overridable from the command line.
+//! Everything has a default so `uplift-server --data-dir DIR` just works.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Holds the database, chunk store, generated TLS material and tokens.
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Fleet enrollment tokens accepted from new devices. When empty, one is
+    /// generated into `<data_dir>/enrollment-token` on first start.
+    #[serde(default)]
+    pub enrollment_tokens: Vec<String>,
+    /// Bearer token for the admin API. When unset, one is generated into
+    /// `<data_dir>/admin-token` on first start.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; with `key_file`, replaces the generated one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Names and addresses the generated certificate is valid for.
+    #[serde(default = "default_hostnames")]
+    pub hostnames: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Concurrent TCP connections (device channels + HTTP requests).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client has to finish the TLS handshake / send headers.
+    #[serde(default = "default_handshake_secs")]
+    pub handshake_timeout_secs: u64,
+    /// Seconds a device channel may stay silent before it is closed.
+    #[serde(default = "default_idle_secs")]
+    pub channel_idle_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            handshake_timeout_secs: default_handshake_secs(),
+            channel_idle_timeout_secs: default_idle_secs(),
+        }
+    }
+}
+
+impl Limits {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    pub fn channel_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.channel_idle_timeout_secs)
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+fn default_hostnames() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+}
+fn default_max_connections() -> usize {
+    20_000
+}
+fn default_handshake_secs() -> u64 {
+    10
+}
+fn default_idle_secs() -> u64 {
+    90
+}
+
+impl ServerConfig {
+    pub fn with_data_dir(data_dir: PathBuf) -> Self {
+        Self {
+            listen: default_listen(),
+            data_dir,
+            tls: TlsConfig {
+                hostnames: default_hostnames(),
+                ..TlsConfig::default()
+            },
+            enrollment_tokens: Vec::new(),
+            admin_token: None,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read server config {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid server config {}: {e}", path.display()))
+    }
+}

@@ -1,0 +1,471 @@
+//! SQLite implementation of [`Store`]: embedded, zero set-up, WAL mode.
+
+use super::*;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS releases (
+    version       TEXT PRIMARY KEY,
+    device_type   TEXT NOT NULL,
+    manifest      BLOB NOT NULL,
+    image_size    INTEGER NOT NULL,
+    image_sha256  TEXT NOT NULL,
+    chunks        INTEGER NOT NULL,
+    stored_bytes  INTEGER NOT NULL,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    release         TEXT NOT NULL REFERENCES releases(version),
+    allow_downgrade INTEGER NOT NULL,
+    created_at      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id               TEXT PRIMARY KEY,
+    device_type      TEXT NOT NULL,
+    hardware_id      TEXT NOT NULL,
+    public_key       TEXT NOT NULL UNIQUE,
+    enrolled_at      TEXT NOT NULL,
+    last_seen        TEXT,
+    running_version  TEXT,
+    state            TEXT,
+    booted_slot      TEXT,
+    reported_target  TEXT,
+    progress_done    INTEGER,
+    progress_total   INTEGER,
+    progress_fetched INTEGER,
+    error_kind       TEXT,
+    error_message    TEXT,
+    target_rollout   INTEGER REFERENCES rollouts(id)
+);
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
+    device_id  TEXT NOT NULL REFERENCES devices(id),
+    PRIMARY KEY (rollout_id, device_id)
+);
+"#;
+
+fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Database { action, source }
+}
+
+fn corrupt(what: &'static str) -> impl FnOnce(String) -> StoreError {
+    move |detail| StoreError::Corrupt { what, detail }
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL in WAL mode is durable across process crashes; only an OS
+            // crash can lose the last transactions, never corrupt the file.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(db("opening the database"))?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(db("creating the schema"))?;
+        Ok(Self { pool })
+    }
+}
+
+const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
+     d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
+     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout";
+
+fn parse<T: FromStr>(what: &'static str, s: String) -> StoreResult<T>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse::<T>().map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn parse_opt<T: FromStr>(what: &'static str, s: Option<String>) -> StoreResult<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    s.map(|s| parse(what, s)).transpose()
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    s: Option<String>,
+) -> StoreResult<Option<T>> {
+    s.map(|s| {
+        serde_json::from_value(serde_json::Value::String(s))
+            .map_err(|e| corrupt(what)(e.to_string()))
+    })
+    .transpose()
+}
+
+fn device_from_row(row: SqliteRow) -> StoreResult<DeviceRecord> {
+    let get_opt_i64 = |i: usize| {
+        row.try_get::<Option<i64>, _>(i)
+            .map_err(db("reading a device"))
+    };
+    let progress = match (get_opt_i64(10)?, get_opt_i64(11)?, get_opt_i64(12)?) {
+        (Some(done), Some(total), Some(fetched)) => Some(Progress {
+            done_bytes: done as u64,
+            total_bytes: total as u64,
+            fetched_bytes: fetched as u64,
+        }),
+        _ => None,
+    };
+    let error_kind: Option<String> = row.try_get(13).map_err(db("reading a device"))?;
+    let error_message: Option<String> = row.try_get(14).map_err(db("reading a device"))?;
+    let last_error = match (
+        parse_json::<ErrorKind>("error kind", error_kind)?,
+        error_message,
+    ) {
+        (Some(kind), Some(message)) => Some(WireError { kind, message }),
+        _ => None,
+    };
+    let text = |i: usize| row.try_get::<String, _>(i).map_err(db("reading a device"));
+    let opt_text = |i: usize| {
+        row.try_get::<Option<String>, _>(i)
+            .map_err(db("reading a device"))
+    };
+    Ok(DeviceRecord {
+        id: parse("device id", text(0)?)?,
+        device_type: parse("device type", text(1)?)?,
+        hardware_id: parse("hardware id", text(2)?)?,
+        public_key: text(3)?,
+        enrolled_at: text(4)?,
+        last_seen: opt_text(5)?,
+        running_version: parse_opt("version", opt_text(6)?)?,
+        state: parse_json("agent state", opt_text(7)?)?,
+        booted_slot: parse_opt("slot", opt_text(8)?)?,
+        reported_target: parse_opt("version", opt_text(9)?)?,
+        progress,
+        last_error,
+        target_rollout: get_opt_i64(15)?,
+    })
+}
+
+fn release_from_row(row: SqliteRow) -> StoreResult<ReleaseRecord> {
+    let r = |e| StoreError::Database {
+        action: "reading a release",
+        source: e,
+    };
+    Ok(ReleaseRecord {
+        version: parse("version", row.try_get(0).map_err(r)?)?,
+        device_type: parse("device type", row.try_get(1).map_err(r)?)?,
+        manifest_json: row.try_get(2).map_err(r)?,
+        image_size: row.try_get::<i64, _>(3).map_err(r)? as u64,
+        image_sha256: row.try_get(4).map_err(r)?,
+        chunks: row.try_get::<i64, _>(5).map_err(r)? as u64,
+        stored_bytes: row.try_get::<i64, _>(6).map_err(r)? as u64,
+        created_at: row.try_get(7).map_err(r)?,
+    })
+}
+
+fn rollout_from_row(row: SqliteRow) -> StoreResult<RolloutRecord> {
+    let r = |e| StoreError::Database {
+        action: "reading a rollout",
+        source: e,
+    };
+    Ok(RolloutRecord {
+        id: row.try_get(0).map_err(r)?,
+        release: parse("version", row.try_get(1).map_err(r)?)?,
+        allow_downgrade: row.try_get::<i64, _>(2).map_err(r)? != 0,
+        created_at: row.try_get(3).map_err(r)?,
+        device_type: parse("device type", row.try_get(4).map_err(r)?)?,
+    })
+}
+
+const RELEASE_COLUMNS: &str =
+    "version, device_type, manifest, image_size, image_sha256, chunks, stored_bytes, created_at";
+const ROLLOUT_SELECT: &str =
+    "SELECT r.id, r.release, r.allow_downgrade, r.created_at, rel.device_type \
+     FROM rollouts r JOIN releases rel ON rel.version = r.release";
+
+fn enum_text<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => unreachable!("unit enums serialize as strings, got {other:?}"),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_device(&self, d: &NewDevice) -> StoreResult<()> {
+        let result = sqlx::query(
+            "INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(d.id.as_str())
+        .bind(d.device_type.as_str())
+        .bind(d.hardware_id.as_str())
+        .bind(&d.public_key)
+        .bind(&d.enrolled_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!(
+                    "a device with this public key or ID ({}) is already enrolled",
+                    d.id
+                )))
+            }
+            Err(e) => Err(db("enrolling a device")(e)),
+        }
+    }
+
+    async fn device(&self, id: &DeviceId) -> StoreResult<Option<DeviceRecord>> {
+        sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id = ?"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up a device"))?
+        .map(device_from_row)
+        .transpose()
+    }
+
+    async fn device_by_public_key(&self, public_key: &str) -> StoreResult<Option<DeviceRecord>> {
+        sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.public_key = ?"
+        ))
+        .bind(public_key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up a device by key"))?
+        .map(device_from_row)
+        .transpose()
+    }
+
+    async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>> {
+        sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices d ORDER BY d.enrolled_at, d.id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing devices"))?
+        .into_iter()
+        .map(device_from_row)
+        .collect()
+    }
+
+    async fn devices_of_type(&self, device_type: &DeviceType) -> StoreResult<Vec<DeviceId>> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM devices WHERE device_type = ? ORDER BY id")
+                .bind(device_type.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("listing devices of a type"))?;
+        rows.into_iter().map(|s| parse("device id", s)).collect()
+    }
+
+    async fn record_report(&self, id: &DeviceId, report: &Report, now: &str) -> StoreResult<()> {
+        let (done, total, fetched) = match report.progress {
+            Some(p) => (
+                Some(p.done_bytes as i64),
+                Some(p.total_bytes as i64),
+                Some(p.fetched_bytes as i64),
+            ),
+            None => (None, None, None),
+        };
+        sqlx::query(
+            "UPDATE devices SET last_seen = ?, running_version = ?, state = ?, booted_slot = ?, reported_target = ?, \
+             progress_done = ?, progress_total = ?, progress_fetched = ?, error_kind = ?, error_message = ? WHERE id = ?",
+        )
+        .bind(now)
+        .bind(report.running_version.as_str())
+        .bind(enum_text(&report.state))
+        .bind(report.booted_slot.as_str())
+        .bind(report.target_version.as_ref().map(|v| v.as_str()))
+        .bind(done)
+        .bind(total)
+        .bind(fetched)
+        .bind(report.error.as_ref().map(|e| enum_text(&e.kind)))
+        .bind(report.error.as_ref().map(|e| e.message.as_str()))
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording a device report"))?;
+        Ok(())
+    }
+
+    async fn touch_device(&self, id: &DeviceId, now: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE devices SET last_seen = ? WHERE id = ?")
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(db("updating last seen"))?;
+        Ok(())
+    }
+
+    async fn device_target(&self, id: &DeviceId) -> StoreResult<Option<DeviceTarget>> {
+        let row = sqlx::query(
+            "SELECT r.id, r.release, r.allow_downgrade FROM devices d JOIN rollouts r ON r.id = d.target_rollout \
+             WHERE d.id = ?",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up a device's target"))?;
+        let Some(row) = row else { return Ok(None) };
+        let r = |e| StoreError::Database {
+            action: "reading a device's target",
+            source: e,
+        };
+        Ok(Some(DeviceTarget {
+            rollout_id: row.try_get(0).map_err(r)?,
+            version: parse("version", row.try_get(1).map_err(r)?)?,
+            allow_downgrade: row.try_get::<i64, _>(2).map_err(r)? != 0,
+        }))
+    }
+
+    async fn insert_release(&self, rel: &ReleaseRecord) -> StoreResult<()> {
+        let result = sqlx::query(&format!(
+            "INSERT INTO releases ({RELEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(rel.version.as_str())
+        .bind(rel.device_type.as_str())
+        .bind(&rel.manifest_json)
+        .bind(rel.image_size as i64)
+        .bind(&rel.image_sha256)
+        .bind(rel.chunks as i64)
+        .bind(rel.stored_bytes as i64)
+        .bind(&rel.created_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!(
+                "release {} already exists; releases are immutable, publish a new version instead",
+                rel.version
+            )))
+            }
+            Err(e) => Err(db("storing a release")(e)),
+        }
+    }
+
+    async fn release(&self, version: &Version) -> StoreResult<Option<ReleaseRecord>> {
+        sqlx::query(&format!(
+            "SELECT {RELEASE_COLUMNS} FROM releases WHERE version = ?"
+        ))
+        .bind(version.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up a release"))?
+        .map(release_from_row)
+        .transpose()
+    }
+
+    async fn list_releases(&self) -> StoreResult<Vec<ReleaseRecord>> {
+        sqlx::query(&format!(
+            "SELECT {RELEASE_COLUMNS} FROM releases ORDER BY created_at, version"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing releases"))?
+        .into_iter()
+        .map(release_from_row)
+        .collect()
+    }
+
+    async fn create_rollout(
+        &self,
+        release: &ReleaseRecord,
+        devices: &[DeviceId],
+        allow_downgrade: bool,
+        now: &str,
+    ) -> StoreResult<RolloutRecord> {
+        let mut tx = self.pool.begin().await.map_err(db("starting a rollout"))?;
+        let id: i64 =
+            sqlx::query_scalar("INSERT INTO rollouts (release, allow_downgrade, created_at) VALUES (?, ?, ?) RETURNING id")
+                .bind(release.version.as_str())
+                .bind(allow_downgrade as i64)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db("starting a rollout"))?;
+        for device in devices {
+            let updated = sqlx::query("UPDATE devices SET target_rollout = ? WHERE id = ?")
+                .bind(id)
+                .bind(device.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db("targeting a device"))?;
+            if updated.rows_affected() == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "device {device} is not enrolled; check `uplift devices list`"
+                )));
+            }
+            sqlx::query("INSERT INTO rollout_devices (rollout_id, device_id) VALUES (?, ?)")
+                .bind(id)
+                .bind(device.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db("targeting a device"))?;
+        }
+        tx.commit().await.map_err(db("committing a rollout"))?;
+        Ok(RolloutRecord {
+            id,
+            release: release.version.clone(),
+            device_type: release.device_type.clone(),
+            allow_downgrade,
+            created_at: now.to_owned(),
+        })
+    }
+
+    async fn rollout(&self, id: i64) -> StoreResult<Option<RolloutRecord>> {
+        sqlx::query(&format!("{ROLLOUT_SELECT} WHERE r.id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("looking up a rollout"))?
+            .map(rollout_from_row)
+            .transpose()
+    }
+
+    async fn list_rollouts(&self) -> StoreResult<Vec<RolloutRecord>> {
+        sqlx::query(&format!("{ROLLOUT_SELECT} ORDER BY r.id"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing rollouts"))?
+            .into_iter()
+            .map(rollout_from_row)
+            .collect()
+    }
+
+    async fn rollout_devices(&self, id: i64) -> StoreResult<Vec<DeviceRecord>> {
+        sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             WHERE rd.rollout_id = ? ORDER BY d.id"
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing a rollout's devices"))?
+        .into_iter()
+        .map(device_from_row)
+        .collect()
+    }
+}

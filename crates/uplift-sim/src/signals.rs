@@ -1,0 +1,29 @@
+//! Stop signals for the simulator: SIGTERM and SIGINT set a flag (so the
+//! simulator can pass the signal on to the agent and wait for it), and the
+//! agent gets a SIGTERM rather than a SIGKILL so it can shut down cleanly.
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::io;
+use std::process::Child;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+
+static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// Makes SIGTERM and SIGINT set the returned flag instead of killing the simulator.
+pub fn install_stop_handler() -> io::Result<&'static AtomicBool> {
+    let flag = STOP.get_or_init(|| Arc::new(AtomicBool::new(false)));
+    for signo in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signo, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+/// Sends SIGTERM to a child that has not been waited for yet (so its pid
+/// cannot have been reused).
+pub fn terminate(child: &Child) -> io::Result<()> {
+    let pid = i32::try_from(child.id())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(io::Error::from)
+}
