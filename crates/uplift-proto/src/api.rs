@@ -108,3 +108,16 @@ pub struct ServerStats {
     pub bytes_sent: u64,
     pub chunks_sent: u64,
 }
+
+/// What a started server tells its operator, written by
+/// `uplift-server --ready-file` once it listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerEndpoint {
+    pub url: String,
+    pub ca_file: std::path::PathBuf,
+    /// SHA-256 of the CA certificate, colon-separated hex.
+    pub ca_fingerprint: String,
+    /// Set when the token was generated into the data directory.
+    pub admin_token_file: Option<std::path::PathBuf>,
+    pub enrollment_token_file: Option<std::path::PathBuf>,
+}

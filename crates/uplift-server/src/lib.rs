@@ -22,16 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use store::SqliteStore;
 use tokio::net::TcpListener;
+use uplift_proto::api::ServerEndpoint as Endpoint;
 
-/// What a started server tells the operator (and the demo, via `--ready-file`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Endpoint {
-    pub url: String,
-    pub ca_file: PathBuf,
-    pub ca_fingerprint: String,
-    pub admin_token_file: Option<PathBuf>,
-    pub enrollment_token_file: Option<PathBuf>,
-}
 
 /// Reads a secret from `path`, or creates it with fresh randomness.
 fn load_or_create_token(path: &Path) -> anyhow::Result<String> {

@@ -1,0 +1,376 @@
+//! Command-line definitions and their implementations.
+
+use crate::client::AdminClient;
+use crate::demo::{self, DemoOptions};
+use crate::output::{mib, table};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+use uplift_proto::api::{DeviceView, RolloutCreate, RolloutView};
+use uplift_proto::{DeviceId, DeviceType, Version};
+use uplift_release::build::{create_release, ReleaseOptions};
+use uplift_release::keys::{write_public_key_file, ReleaseSigningKey};
+
+#[derive(Debug, Parser)]
+#[command(name = "uplift", version, about = "Uplift: upgrade the operating system of a whole fleet, safely")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Server URL.
+    #[arg(long, env = "UPLIFT_SERVER", default_value = "https://127.0.0.1:8443")]
+    pub server: String,
+    /// CA certificate the server's certificate chains to (printed by uplift-server at start).
+    #[arg(long, env = "UPLIFT_CA")]
+    pub ca: PathBuf,
+    /// Admin token (or use --token-file).
+    #[arg(long, env = "UPLIFT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the admin token, e.g. <data_dir>/admin-token.
+    #[arg(long, env = "UPLIFT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn client(&self) -> anyhow::Result<AdminClient> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(path)) => {
+                std::fs::read_to_string(path).with_context(|| format!("reading admin token {}", path.display()))?
+            }
+            (None, None) => anyhow::bail!("give the admin token with --token, --token-file or UPLIFT_TOKEN"),
+        };
+        AdminClient::new(&self.server, &self.ca, &token)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a release signing key pair (keep the private key off the server).
+    Keygen {
+        /// Private key file to create (PKCS#8 PEM, mode 0600); the public key goes beside it as .pub.
+        #[arg(long, default_value = "release.key")]
+        out: PathBuf,
+    },
+    /// Build, upload and list releases.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// List devices.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Start and follow rollouts.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Run a whole fleet upgrade on this machine: a real server and N real agents.
+    Demo {
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        /// Size of the generated OS image in MiB.
+        #[arg(long, default_value_t = 8)]
+        image_mib: u64,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Keep the demo's files (server data, device slots, logs) in this directory.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCommand {
+    /// Cut an image into content-defined chunks, compress them, and write a signed manifest.
+    Create {
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        version: Version,
+        #[arg(long)]
+        device_type: DeviceType,
+        /// Release signing key from `uplift keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Output directory (manifest.json + chunks/).
+        #[arg(long)]
+        out: PathBuf,
+        /// Days the manifest stays valid; agents refuse an expired one.
+        #[arg(long, default_value_t = 365)]
+        valid_days: i64,
+    },
+    /// Upload a release directory to the server.
+    Upload {
+        dir: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List releases on the server.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Every enrolled device with its version, state, progress and last error.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Offer a release to devices (all devices of its type unless --devices is given).
+    Start {
+        #[arg(long)]
+        release: Version,
+        /// Comma-separated device IDs.
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<DeviceId>>,
+        /// Allow devices to install a version older than the one they run.
+        #[arg(long)]
+        allow_downgrade: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show a rollout's progress (the newest if no ID is given); --follow keeps it live.
+    Status {
+        id: Option<i64>,
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List rollouts.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Runs a command; the returned code is the process exit status.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Keygen { out } => keygen(out),
+        Command::Release(cmd) => release(cmd).await,
+        Command::Devices(DevicesCommand::List { json, server }) => {
+            let devices = server.client()?.devices().await?;
+            if json {
+                print_json(&devices)?;
+            } else {
+                println!("{}", devices_table(&devices));
+            }
+            Ok(0)
+        }
+        Command::Rollout(cmd) => rollout(cmd).await,
+        Command::Demo { devices, image_mib, json, workdir, timeout } => {
+            let summary = demo::run(DemoOptions {
+                devices,
+                image_size: image_mib * 1024 * 1024,
+                json,
+                workdir,
+                timeout: Duration::from_secs(timeout),
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                for failure in &summary.failures {
+                    eprintln!("  failed: {failure}");
+                }
+                println!("{}", summary.line());
+            }
+            Ok(if summary.failed == 0 { 0 } else { 1 })
+        }
+    }
+}
+
+fn keygen(out: PathBuf) -> anyhow::Result<i32> {
+    let key = ReleaseSigningKey::generate();
+    key.write_to_file(&out)?;
+    let public = out.with_extension("pub");
+    write_public_key_file(&public, &key.public_key())?;
+    println!("private key: {} (keep it secret, off the server)", out.display());
+    println!("public key:  {}", public.display());
+    println!("add to each agent's config:\n  trusted_release_keys = [\"{}\"]", key.public_key());
+    Ok(0)
+}
+
+async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
+    match cmd {
+        ReleaseCommand::Create { image, version, device_type, key, out, valid_days } => {
+            let key = ReleaseSigningKey::read_from_file(&key)?;
+            let mut options = ReleaseOptions::new(version, device_type);
+            options.valid_for = time::Duration::days(valid_days);
+            let summary = tokio::task::spawn_blocking(move || create_release(&image, &out, &options, &key)).await??;
+            println!(
+                "release {} for {}: {} image, {} chunks ({} unique), {} compressed\nmanifest: {}",
+                summary.manifest.version,
+                summary.manifest.device_type,
+                mib(summary.image_size),
+                summary.chunk_count,
+                summary.unique_chunks,
+                mib(summary.stored_bytes),
+                summary.manifest_path.display()
+            );
+            Ok(0)
+        }
+        ReleaseCommand::Upload { dir, server } => {
+            let client = server.client()?;
+            let bar = if std::io::stderr().is_terminal() { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+            bar.set_style(ProgressStyle::with_template("{spinner} uploading {bytes} ({bytes_per_sec})").expect("valid"));
+            let (view, uploaded) = client.upload_release(&dir, |n| bar.inc(n)).await?;
+            bar.finish_and_clear();
+            println!(
+                "uploaded release {} for {}: {} chunks ({uploaded} new), {} image",
+                view.version,
+                view.device_type,
+                view.chunks,
+                mib(view.image_size)
+            );
+            Ok(0)
+        }
+        ReleaseCommand::List { json, server } => {
+            let releases = server.client()?.releases().await?;
+            if json {
+                print_json(&releases)?;
+            } else {
+                let rows = releases
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.version.to_string(),
+                            r.device_type.to_string(),
+                            mib(r.image_size),
+                            r.chunks.to_string(),
+                            mib(r.stored_bytes),
+                            r.created_at.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                println!("{}", table(&["VERSION", "DEVICE TYPE", "IMAGE", "CHUNKS", "STORED", "CREATED"], &rows));
+            }
+            Ok(0)
+        }
+    }
+}
+
+pub fn devices_table(devices: &[DeviceView]) -> String {
+    let dash = || "-".to_owned();
+    let rows = devices
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.to_string(),
+                d.device_type.to_string(),
+                if d.online { "yes" } else { "no" }.to_owned(),
+                d.running_version.as_ref().map(ToString::to_string).unwrap_or_else(dash),
+                d.state.map(|s| s.as_str().to_owned()).unwrap_or_else(dash),
+                d.target_version.as_ref().map(ToString::to_string).unwrap_or_else(dash),
+                d.progress
+                    .filter(|p| p.total_bytes > 0)
+                    .map(|p| format!("{}%", p.done_bytes * 100 / p.total_bytes))
+                    .unwrap_or_else(dash),
+                d.last_error.as_ref().map(ToString::to_string).unwrap_or_default(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["ID", "TYPE", "ONLINE", "VERSION", "STATE", "TARGET", "PROGRESS", "ERROR"], &rows)
+}
+
+fn rollout_line(r: &RolloutView) -> String {
+    format!(
+        "rollout {} of {} ({}): {} — {} succeeded, {} in progress, {} pending, {} failed of {} devices",
+        r.id,
+        r.release,
+        r.device_type,
+        r.status,
+        r.counts.succeeded,
+        r.counts.in_progress,
+        r.counts.pending,
+        r.counts.failed,
+        r.devices_total
+    )
+}
+
+async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
+    match cmd {
+        RolloutCommand::Start { release, devices, allow_downgrade, json, server } => {
+            let view = server.client()?.start_rollout(&RolloutCreate { release, devices, allow_downgrade }).await?;
+            if json {
+                print_json(&view)?;
+            } else {
+                println!("{}", rollout_line(&view));
+                println!("follow it with: uplift rollout status {} --follow", view.id);
+            }
+            Ok(0)
+        }
+        RolloutCommand::Status { id, follow, json, server } => {
+            let client = server.client()?;
+            let id = match id {
+                Some(id) => id,
+                None => client.rollouts().await?.last().map(|r| r.id).context("no rollout has been started yet")?,
+            };
+            let mut view = client.rollout(id).await?;
+            if follow && !json {
+                let bar = ProgressBar::new(view.devices_total);
+                bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} succeeded {msg}").expect("valid"));
+                while view.status == "running" {
+                    bar.set_position(view.counts.succeeded);
+                    bar.set_message(format!(
+                        "({} in progress, {} pending, {} failed)",
+                        view.counts.in_progress, view.counts.pending, view.counts.failed
+                    ));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    view = client.rollout(id).await?;
+                }
+                bar.finish_and_clear();
+            }
+            if json {
+                print_json(&view)?;
+            } else {
+                println!("{}", rollout_line(&view));
+                if view.counts.failed > 0 {
+                    println!("see why with: uplift devices list");
+                }
+            }
+            Ok(if view.counts.failed > 0 && view.status == "finished" { 1 } else { 0 })
+        }
+        RolloutCommand::List { json, server } => {
+            let views = server.client()?.rollouts().await?;
+            if json {
+                print_json(&views)?;
+            } else {
+                for view in &views {
+                    println!("{}", rollout_line(view));
+                }
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Client for the server's admin REST API, used by every CLI command, the
+//! demo and the end-to-end tests, so all of them see what an operator sees.
+
+use anyhow::Context;
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use std::path::Path;
+use std::time::Duration;
+use uplift_proto::api::*;
+use uplift_proto::{ChunkHash, WireError};
+use uplift_release::build::ReleaseDir;
+
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    token: String,
+}
+
+/// Chunks uploaded at once: enough to hide latency, few enough to be polite.
+const UPLOAD_CONCURRENCY: usize = 4;
+
+impl AdminClient {
+    pub fn new(server_url: &str, ca_file: &Path, token: &str) -> anyhow::Result<Self> {
+        let base: reqwest::Url = server_url.parse().with_context(|| format!("server URL {server_url:?} is not a URL"))?;
+        let pem = std::fs::read(ca_file).with_context(|| format!("reading server CA {}", ca_file.display()))?;
+        let ca = reqwest::Certificate::from_pem(&pem).with_context(|| format!("parsing server CA {}", ca_file.display()))?;
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .context("building HTTPS client")?;
+        Ok(Self { http, base, token: token.trim().to_owned() })
+    }
+
+    fn url(&self, path: &str) -> anyhow::Result<reqwest::Url> {
+        self.base.join(path).with_context(|| format!("bad API path {path}"))
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
+            anyhow::anyhow!("cannot reach the server at {}: {e}; is uplift-server running there?", self.base)
+        })?;
+        let status = response.status();
+        let body = response.bytes().await.context("reading the server's answer")?;
+        if status.is_success() {
+            return serde_json::from_slice(&body).with_context(|| format!("unexpected answer from the server ({status})"));
+        }
+        match serde_json::from_slice::<WireError>(&body) {
+            Ok(err) => Err(anyhow::Error::new(err).context(format!("server refused ({status})"))),
+            Err(_) => anyhow::bail!("server answered {status}: {}", String::from_utf8_lossy(&body)),
+        }
+    }
+
+    pub async fn devices(&self) -> anyhow::Result<Vec<DeviceView>> {
+        self.send(self.http.get(self.url(DEVICES_PATH)?)).await
+    }
+
+    pub async fn releases(&self) -> anyhow::Result<Vec<ReleaseView>> {
+        self.send(self.http.get(self.url(RELEASES_PATH)?)).await
+    }
+
+    pub async fn rollouts(&self) -> anyhow::Result<Vec<RolloutView>> {
+        self.send(self.http.get(self.url(ROLLOUTS_PATH)?)).await
+    }
+
+    pub async fn rollout(&self, id: i64) -> anyhow::Result<RolloutView> {
+        self.send(self.http.get(self.url(&format!("{ROLLOUTS_PATH}/{id}"))?)).await
+    }
+
+    pub async fn start_rollout(&self, request: &RolloutCreate) -> anyhow::Result<RolloutView> {
+        self.send(self.http.post(self.url(ROLLOUTS_PATH)?).json(request)).await
+    }
+
+    pub async fn stats(&self) -> anyhow::Result<ServerStats> {
+        self.send(self.http.get(self.url(STATS_PATH)?)).await
+    }
+
+    /// Uploads a release directory: the chunks the server lacks, then the
+    /// manifest (which the server accepts only once every chunk is there).
+    /// `on_chunk` is called after each uploaded chunk with its stored size.
+    pub async fn upload_release(
+        &self,
+        dir: &Path,
+        on_chunk: impl Fn(u64) + Send + Sync,
+    ) -> anyhow::Result<(ReleaseView, usize)> {
+        let release = ReleaseDir::open(dir)?;
+        let signed = release.read_manifest()?;
+        let manifest = signed.parse_unverified()?;
+        let mut wanted: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
+        wanted.sort();
+        wanted.dedup();
+        let missing: MissingChunksResponse = self
+            .send(self.http.post(self.url(MISSING_CHUNKS_PATH)?).json(&MissingChunksRequest { chunks: wanted }))
+            .await?;
+        let uploaded = missing.missing.len();
+        stream::iter(missing.missing)
+            .map(|hash| {
+                let release = &release;
+                let on_chunk = &on_chunk;
+                async move {
+                    let bytes = release.read_chunk(&hash)?;
+                    let len = bytes.len() as u64;
+                    let response = self
+                        .http
+                        .put(self.url(&admin_chunk_path(&hash))?)
+                        .bearer_auth(&self.token)
+                        .body(bytes)
+                        .send()
+                        .await
+                        .with_context(|| format!("uploading chunk {hash}"))?;
+                    if !response.status().is_success() {
+                        let status = response.status();
+                        let text = response.text().await.unwrap_or_default();
+                        anyhow::bail!("server refused chunk {hash} ({status}): {text}");
+                    }
+                    on_chunk(len);
+                    Ok(())
+                }
+            })
+            .buffer_unordered(UPLOAD_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
+        let view = self.send(self.http.post(self.url(RELEASES_PATH)?).body(signed.to_json())).await?;
+        Ok((view, uploaded))
+    }
+}

@@ -1,0 +1,348 @@
+//! A fleet on one machine: the real `uplift-server` and, per device, the real
+//! `uplift-agent` under `uplift-boot-sim`, each a separate process with its
+//! own slot files, boot environment and state directory in a temp dir. The
+//! demo and the end-to-end tests both use it; dropping a handle kills its
+//! process, so nothing outlives a test.
+
+use crate::client::AdminClient;
+use anyhow::Context;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rand::{RngCore, SeedableRng};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use uplift_bootenv::file::BootEnvFile;
+use uplift_bootenv::state::BootState;
+use uplift_proto::api::ServerEndpoint;
+use uplift_proto::SlotName;
+
+/// The three programs a fleet runs, found beside the running executable
+/// (`target/<profile>/`) or in `$UPLIFT_BIN_DIR`.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub server: PathBuf,
+    pub agent: PathBuf,
+    pub boot_sim: PathBuf,
+}
+
+impl Binaries {
+    pub fn locate() -> anyhow::Result<Self> {
+        let mut dirs = Vec::new();
+        if let Some(dir) = std::env::var_os("UPLIFT_BIN_DIR") {
+            dirs.push(PathBuf::from(dir));
+        }
+        let exe = std::env::current_exe().context("locating the running executable")?;
+        for dir in exe.ancestors().skip(1).take(2) {
+            dirs.push(dir.to_owned());
+        }
+        for dir in &dirs {
+            let bins = Self {
+                server: dir.join("uplift-server"),
+                agent: dir.join("uplift-agent"),
+                boot_sim: dir.join("uplift-boot-sim"),
+            };
+            if bins.server.is_file() && bins.agent.is_file() && bins.boot_sim.is_file() {
+                return Ok(bins);
+            }
+        }
+        anyhow::bail!(
+            "uplift-server, uplift-agent and uplift-boot-sim were not found in {dirs:?}; build them first with \
+             `cargo build --bins` (add --release for a release build) or set UPLIFT_BIN_DIR"
+        )
+    }
+}
+
+fn log_file(path: &Path) -> anyhow::Result<(File, File)> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening log {}", path.display()))?;
+    Ok((out.try_clone()?, out))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn signal(child: &Child, sig: Signal) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = kill(Pid::from_raw(pid), sig);
+    }
+}
+
+/// SIGTERM, then SIGKILL if the process has not gone within `grace`.
+fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    signal(child, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// A running `uplift-server` with its generated tokens and CA.
+#[derive(Debug)]
+pub struct ServerProcess {
+    child: Child,
+    pub dir: PathBuf,
+    pub endpoint: ServerEndpoint,
+    pub admin_token: String,
+    pub enrollment_token: String,
+    pub log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts a server on a free loopback port with its data in `dir`.
+    pub fn start(bins: &Binaries, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_on(bins, dir, "127.0.0.1:0")
+    }
+
+    pub fn start_on(bins: &Binaries, dir: &Path, listen: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = dir.join("server.log");
+        let (out, err) = log_file(&log)?;
+        let mut child = Command::new(&bins.server)
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg(listen)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {}", bins.server.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let endpoint: ServerEndpoint = loop {
+            if let Ok(bytes) = std::fs::read(&ready) {
+                break serde_json::from_slice(&bytes).context("reading the server's ready file")?;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                anyhow::bail!("uplift-server exited with {status} before listening:\n{}", tail(&log, 20));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                anyhow::bail!("uplift-server did not start within 30 s:\n{}", tail(&log, 20));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let read_token = |path: &Option<PathBuf>| -> anyhow::Result<String> {
+            let path = path.as_ref().context("the server did not generate this token")?;
+            Ok(std::fs::read_to_string(path)?.trim().to_owned())
+        };
+        let admin_token = read_token(&endpoint.admin_token_file)?;
+        let enrollment_token = read_token(&endpoint.enrollment_token_file)?;
+        Ok(Self { child, dir: dir.to_owned(), endpoint, admin_token, enrollment_token, log })
+    }
+
+    pub fn client(&self) -> anyhow::Result<AdminClient> {
+        AdminClient::new(&self.endpoint.url, &self.endpoint.ca_file, &self.admin_token)
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        stop_child(&mut self.child, Duration::from_secs(10))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How to set up one simulated device.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    pub device_type: String,
+    pub hardware_id: String,
+    pub factory_version: String,
+    pub enrollment_token: String,
+    /// `ed25519:<base64>` release keys the agent trusts.
+    pub trusted_keys: Vec<String>,
+    pub health_check: Vec<String>,
+}
+
+/// One simulated device: its files, and its boot simulator + agent process.
+#[derive(Debug)]
+pub struct Device {
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn toml_path(p: &Path) -> String {
+    toml_str(&p.to_string_lossy())
+}
+
+impl Device {
+    /// Lays out a factory-fresh device: `factory_image` in slot A (booted and
+    /// committed), an empty slot B, a GRUB environment and an agent config.
+    pub fn provision(dir: &Path, spec: &DeviceSpec, server: &ServerEndpoint, factory_image: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir.join("state"))?;
+        let device = Self { dir: dir.to_owned(), child: None };
+        std::fs::copy(factory_image, device.slot_path(SlotName::A))
+            .with_context(|| format!("copying the factory image into {}", dir.display()))?;
+        File::create(device.slot_path(SlotName::B))?;
+        BootEnvFile::provision(device.bootenv_path(), SlotName::A)?;
+        let keys: Vec<String> = spec.trusted_keys.iter().map(|k| toml_str(k)).collect();
+        let health: Vec<String> = spec.health_check.iter().map(|c| toml_str(c)).collect();
+        let config = format!(
+            "server_url = {url}\nserver_ca = {ca}\nenrollment_token = {token}\ndevice_type = {dtype}\n\
+             hardware_id = {hw}\nstate_dir = {state}\ntrusted_release_keys = [{keys}]\nfactory_version = {factory}\n\
+             health_check = [{health}]\ntrial_boot_attempts = 1\n\n[slots]\na = {a}\nb = {b}\n\n\
+             [boot]\nenv_file = {env}\ncmdline = {cmdline}\n\n[reboot]\nmode = \"exit\"\n",
+            url = toml_str(&server.url),
+            ca = toml_path(&server.ca_file),
+            token = toml_str(&spec.enrollment_token),
+            dtype = toml_str(&spec.device_type),
+            hw = toml_str(&spec.hardware_id),
+            state = toml_path(&dir.join("state")),
+            keys = keys.join(", "),
+            factory = toml_str(&spec.factory_version),
+            health = health.join(", "),
+            a = toml_path(&device.slot_path(SlotName::A)),
+            b = toml_path(&device.slot_path(SlotName::B)),
+            env = toml_path(&device.bootenv_path()),
+            cmdline = toml_path(&device.cmdline_path()),
+        );
+        std::fs::write(device.config_path(), config)?;
+        Ok(device)
+    }
+
+    pub fn slot_path(&self, slot: SlotName) -> PathBuf {
+        self.dir.join(format!("slot-{slot}.img"))
+    }
+    pub fn bootenv_path(&self) -> PathBuf {
+        self.dir.join("grubenv")
+    }
+    pub fn cmdline_path(&self) -> PathBuf {
+        self.dir.join("cmdline")
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("device.log")
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The ID the server assigned, once the agent has enrolled.
+    pub fn device_id(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("state/device-id")).ok().map(|s| s.trim().to_owned())
+    }
+
+    pub fn boot_state(&self) -> anyhow::Result<BootState> {
+        Ok(BootEnvFile::new(self.bootenv_path()).load_state()?.1)
+    }
+
+    /// Powers the device on: the boot simulator picks a slot and starts the agent.
+    pub fn start(&mut self, bins: &Binaries) -> anyhow::Result<()> {
+        let (out, err) = log_file(&self.log_path())?;
+        let child = Command::new(&bins.boot_sim)
+            .arg("--bootenv")
+            .arg(self.bootenv_path())
+            .arg("--cmdline")
+            .arg(self.cmdline_path())
+            .arg("--")
+            .arg(&bins.agent)
+            .arg("--config")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {}", bins.boot_sim.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The exit status if the device's processes have ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits for the device's processes to end by themselves.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.child.take().and_then(|mut c| stop_child(&mut c, Duration::from_secs(10)))
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, Duration::from_secs(2));
+        }
+    }
+}
+
+/// Writes a pseudo-random "OS image" of `size` bytes: random blocks with runs
+/// of zeros between them, so it compresses somewhat, like a real root fs.
+pub fn write_image(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = std::io::BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    let mut block = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    while written < size {
+        let n = block.len().min((size - written) as usize);
+        if rng.next_u32() % 4 == 0 {
+            block[..n].fill(0);
+        } else {
+            rng.fill_bytes(&mut block[..n]);
+        }
+        out.write_all(&block[..n])?;
+        written += n as u64;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Writes a new version of `base`: the same size, with `changes` small
+/// regions rewritten at random places (what an OS update mostly looks like).
+pub fn write_changed_image(base: &Path, path: &Path, changes: usize, seed: u64) -> anyhow::Result<()> {
+    let mut data = std::fs::read(base).with_context(|| format!("reading {}", base.display()))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for _ in 0..changes {
+        let len = 4096.min(data.len());
+        let at = (rng.next_u64() % (data.len() - len + 1) as u64) as usize;
+        rng.fill_bytes(&mut data[at..at + len]);
+    }
+    std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
