@@ -15,7 +15,11 @@ use uplift_release::build::{create_release, ReleaseOptions};
 use uplift_release::keys::{write_public_key_file, ReleaseSigningKey};
 
 #[derive(Debug, Parser)]
-#[command(name = "uplift", version, about = "Uplift: upgrade the operating system of a whole fleet, safely")]
+#[command(
+    name = "uplift",
+    version,
+    about = "Uplift: upgrade the operating system of a whole fleet, safely"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -41,10 +45,11 @@ impl ServerArgs {
     fn client(&self) -> anyhow::Result<AdminClient> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => t.clone(),
-            (None, Some(path)) => {
-                std::fs::read_to_string(path).with_context(|| format!("reading admin token {}", path.display()))?
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading admin token {}", path.display()))?,
+            (None, None) => {
+                anyhow::bail!("give the admin token with --token, --token-file or UPLIFT_TOKEN")
             }
-            (None, None) => anyhow::bail!("give the admin token with --token, --token-file or UPLIFT_TOKEN"),
         };
         AdminClient::new(&self.server, &self.ca, &token)
     }
@@ -188,7 +193,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Rollout(cmd) => rollout(cmd).await,
-        Command::Demo { devices, image_mib, json, workdir, timeout } => {
+        Command::Demo {
+            devices,
+            image_mib,
+            json,
+            workdir,
+            timeout,
+        } => {
             let summary = demo::run(DemoOptions {
                 devices,
                 image_size: image_mib * 1024 * 1024,
@@ -215,19 +226,34 @@ fn keygen(out: PathBuf) -> anyhow::Result<i32> {
     key.write_to_file(&out)?;
     let public = out.with_extension("pub");
     write_public_key_file(&public, &key.public_key())?;
-    println!("private key: {} (keep it secret, off the server)", out.display());
+    println!(
+        "private key: {} (keep it secret, off the server)",
+        out.display()
+    );
     println!("public key:  {}", public.display());
-    println!("add to each agent's config:\n  trusted_release_keys = [\"{}\"]", key.public_key());
+    println!(
+        "add to each agent's config:\n  trusted_release_keys = [\"{}\"]",
+        key.public_key()
+    );
     Ok(0)
 }
 
 async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
     match cmd {
-        ReleaseCommand::Create { image, version, device_type, key, out, valid_days } => {
+        ReleaseCommand::Create {
+            image,
+            version,
+            device_type,
+            key,
+            out,
+            valid_days,
+        } => {
             let key = ReleaseSigningKey::read_from_file(&key)?;
             let mut options = ReleaseOptions::new(version, device_type);
             options.valid_for = time::Duration::days(valid_days);
-            let summary = tokio::task::spawn_blocking(move || create_release(&image, &out, &options, &key)).await??;
+            let summary =
+                tokio::task::spawn_blocking(move || create_release(&image, &out, &options, &key))
+                    .await??;
             println!(
                 "release {} for {}: {} image, {} chunks ({} unique), {} compressed\nmanifest: {}",
                 summary.manifest.version,
@@ -242,8 +268,15 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
         }
         ReleaseCommand::Upload { dir, server } => {
             let client = server.client()?;
-            let bar = if std::io::stderr().is_terminal() { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
-            bar.set_style(ProgressStyle::with_template("{spinner} uploading {bytes} ({bytes_per_sec})").expect("valid"));
+            let bar = if std::io::stderr().is_terminal() {
+                ProgressBar::new_spinner()
+            } else {
+                ProgressBar::hidden()
+            };
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} uploading {bytes} ({bytes_per_sec})")
+                    .expect("valid"),
+            );
             let (view, uploaded) = client.upload_release(&dir, |n| bar.inc(n)).await?;
             bar.finish_and_clear();
             println!(
@@ -273,7 +306,20 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
                         ]
                     })
                     .collect::<Vec<_>>();
-                println!("{}", table(&["VERSION", "DEVICE TYPE", "IMAGE", "CHUNKS", "STORED", "CREATED"], &rows));
+                println!(
+                    "{}",
+                    table(
+                        &[
+                            "VERSION",
+                            "DEVICE TYPE",
+                            "IMAGE",
+                            "CHUNKS",
+                            "STORED",
+                            "CREATED"
+                        ],
+                        &rows
+                    )
+                );
             }
             Ok(0)
         }
@@ -289,18 +335,32 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
                 d.id.to_string(),
                 d.device_type.to_string(),
                 if d.online { "yes" } else { "no" }.to_owned(),
-                d.running_version.as_ref().map(ToString::to_string).unwrap_or_else(dash),
+                d.running_version
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_else(dash),
                 d.state.map(|s| s.as_str().to_owned()).unwrap_or_else(dash),
-                d.target_version.as_ref().map(ToString::to_string).unwrap_or_else(dash),
+                d.target_version
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_else(dash),
                 d.progress
                     .filter(|p| p.total_bytes > 0)
                     .map(|p| format!("{}%", p.done_bytes * 100 / p.total_bytes))
                     .unwrap_or_else(dash),
-                d.last_error.as_ref().map(ToString::to_string).unwrap_or_default(),
+                d.last_error
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
             ]
         })
         .collect::<Vec<_>>();
-    table(&["ID", "TYPE", "ONLINE", "VERSION", "STATE", "TARGET", "PROGRESS", "ERROR"], &rows)
+    table(
+        &[
+            "ID", "TYPE", "ONLINE", "VERSION", "STATE", "TARGET", "PROGRESS", "ERROR",
+        ],
+        &rows,
+    )
 }
 
 fn rollout_line(r: &RolloutView) -> String {
@@ -320,8 +380,21 @@ fn rollout_line(r: &RolloutView) -> String {
 
 async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
     match cmd {
-        RolloutCommand::Start { release, devices, allow_downgrade, json, server } => {
-            let view = server.client()?.start_rollout(&RolloutCreate { release, devices, allow_downgrade }).await?;
+        RolloutCommand::Start {
+            release,
+            devices,
+            allow_downgrade,
+            json,
+            server,
+        } => {
+            let view = server
+                .client()?
+                .start_rollout(&RolloutCreate {
+                    release,
+                    devices,
+                    allow_downgrade,
+                })
+                .await?;
             if json {
                 print_json(&view)?;
             } else {
@@ -330,16 +403,29 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        RolloutCommand::Status { id, follow, json, server } => {
+        RolloutCommand::Status {
+            id,
+            follow,
+            json,
+            server,
+        } => {
             let client = server.client()?;
             let id = match id {
                 Some(id) => id,
-                None => client.rollouts().await?.last().map(|r| r.id).context("no rollout has been started yet")?,
+                None => client
+                    .rollouts()
+                    .await?
+                    .last()
+                    .map(|r| r.id)
+                    .context("no rollout has been started yet")?,
             };
             let mut view = client.rollout(id).await?;
             if follow && !json {
                 let bar = ProgressBar::new(view.devices_total);
-                bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} succeeded {msg}").expect("valid"));
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:40} {pos}/{len} succeeded {msg}")
+                        .expect("valid"),
+                );
                 while view.status == "running" {
                     bar.set_position(view.counts.succeeded);
                     bar.set_message(format!(
@@ -359,7 +445,11 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                     println!("see why with: uplift devices list");
                 }
             }
-            Ok(if view.counts.failed > 0 && view.status == "finished" { 1 } else { 0 })
+            Ok(if view.counts.failed > 0 && view.status == "finished" {
+                1
+            } else {
+                0
+            })
         }
         RolloutCommand::List { json, server } => {
             let views = server.client()?.rollouts().await?;

@@ -21,9 +21,13 @@ const UPLOAD_CONCURRENCY: usize = 4;
 
 impl AdminClient {
     pub fn new(server_url: &str, ca_file: &Path, token: &str) -> anyhow::Result<Self> {
-        let base: reqwest::Url = server_url.parse().with_context(|| format!("server URL {server_url:?} is not a URL"))?;
-        let pem = std::fs::read(ca_file).with_context(|| format!("reading server CA {}", ca_file.display()))?;
-        let ca = reqwest::Certificate::from_pem(&pem).with_context(|| format!("parsing server CA {}", ca_file.display()))?;
+        let base: reqwest::Url = server_url
+            .parse()
+            .with_context(|| format!("server URL {server_url:?} is not a URL"))?;
+        let pem = std::fs::read(ca_file)
+            .with_context(|| format!("reading server CA {}", ca_file.display()))?;
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("parsing server CA {}", ca_file.display()))?;
         let http = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
@@ -32,25 +36,44 @@ impl AdminClient {
             .timeout(Duration::from_secs(120))
             .build()
             .context("building HTTPS client")?;
-        Ok(Self { http, base, token: token.trim().to_owned() })
+        Ok(Self {
+            http,
+            base,
+            token: token.trim().to_owned(),
+        })
     }
 
     fn url(&self, path: &str) -> anyhow::Result<reqwest::Url> {
-        self.base.join(path).with_context(|| format!("bad API path {path}"))
+        self.base
+            .join(path)
+            .with_context(|| format!("bad API path {path}"))
     }
 
-    async fn send<T: serde::de::DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> anyhow::Result<T> {
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
         let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
-            anyhow::anyhow!("cannot reach the server at {}: {e}; is uplift-server running there?", self.base)
+            anyhow::anyhow!(
+                "cannot reach the server at {}: {e}; is uplift-server running there?",
+                self.base
+            )
         })?;
         let status = response.status();
-        let body = response.bytes().await.context("reading the server's answer")?;
+        let body = response
+            .bytes()
+            .await
+            .context("reading the server's answer")?;
         if status.is_success() {
-            return serde_json::from_slice(&body).with_context(|| format!("unexpected answer from the server ({status})"));
+            return serde_json::from_slice(&body)
+                .with_context(|| format!("unexpected answer from the server ({status})"));
         }
         match serde_json::from_slice::<WireError>(&body) {
             Ok(err) => Err(anyhow::Error::new(err).context(format!("server refused ({status})"))),
-            Err(_) => anyhow::bail!("server answered {status}: {}", String::from_utf8_lossy(&body)),
+            Err(_) => anyhow::bail!(
+                "server answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ),
         }
     }
 
@@ -67,11 +90,13 @@ impl AdminClient {
     }
 
     pub async fn rollout(&self, id: i64) -> anyhow::Result<RolloutView> {
-        self.send(self.http.get(self.url(&format!("{ROLLOUTS_PATH}/{id}"))?)).await
+        self.send(self.http.get(self.url(&format!("{ROLLOUTS_PATH}/{id}"))?))
+            .await
     }
 
     pub async fn start_rollout(&self, request: &RolloutCreate) -> anyhow::Result<RolloutView> {
-        self.send(self.http.post(self.url(ROLLOUTS_PATH)?).json(request)).await
+        self.send(self.http.post(self.url(ROLLOUTS_PATH)?).json(request))
+            .await
     }
 
     pub async fn stats(&self) -> anyhow::Result<ServerStats> {
@@ -93,7 +118,11 @@ impl AdminClient {
         wanted.sort();
         wanted.dedup();
         let missing: MissingChunksResponse = self
-            .send(self.http.post(self.url(MISSING_CHUNKS_PATH)?).json(&MissingChunksRequest { chunks: wanted }))
+            .send(
+                self.http
+                    .post(self.url(MISSING_CHUNKS_PATH)?)
+                    .json(&MissingChunksRequest { chunks: wanted }),
+            )
             .await?;
         let uploaded = missing.missing.len();
         stream::iter(missing.missing)
@@ -123,7 +152,13 @@ impl AdminClient {
             .buffer_unordered(UPLOAD_CONCURRENCY)
             .try_collect::<()>()
             .await?;
-        let view = self.send(self.http.post(self.url(RELEASES_PATH)?).body(signed.to_json())).await?;
+        let view = self
+            .send(
+                self.http
+                    .post(self.url(RELEASES_PATH)?)
+                    .body(signed.to_json()),
+            )
+            .await?;
         Ok((view, uploaded))
     }
 }

@@ -67,12 +67,28 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
     let from: Version = "1.0".parse().expect("valid");
     let to: Version = "1.1".parse().expect("valid");
 
-    say(opts.json, &format!("uplift demo: {} devices, working in {}", opts.devices, work.display()));
+    say(
+        opts.json,
+        &format!(
+            "uplift demo: {} devices, working in {}",
+            opts.devices,
+            work.display()
+        ),
+    );
     let server_dir = work.join("server");
     let server_bins = bins.clone();
-    let server = tokio::task::spawn_blocking(move || ServerProcess::start(&server_bins, &server_dir)).await??;
+    let server =
+        tokio::task::spawn_blocking(move || ServerProcess::start(&server_bins, &server_dir))
+            .await??;
     let client = server.client()?;
-    say(opts.json, &format!("  server listening on {} (TLS, CA {})", server.endpoint.url, server.endpoint.ca_file.display()));
+    say(
+        opts.json,
+        &format!(
+            "  server listening on {} (TLS, CA {})",
+            server.endpoint.url,
+            server.endpoint.ca_file.display()
+        ),
+    );
 
     let key = ReleaseSigningKey::generate();
     let images = work.join("images");
@@ -92,16 +108,31 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
     };
     let mut devices = Vec::with_capacity(opts.devices);
     for i in 0..opts.devices {
-        let mut device =
-            Device::provision(&work.join(format!("devices/{i:05}")), &spec(i), &server.endpoint, &image_from)?;
+        let mut device = Device::provision(
+            &work.join(format!("devices/{i:05}")),
+            &spec(i),
+            &server.endpoint,
+            &image_from,
+        )?;
         device.start(&bins)?;
         devices.push(device);
     }
     wait_for_enrollment(&client, opts.devices, &from, &mut devices, opts.timeout).await?;
-    say(opts.json, &format!("  {} devices enrolled, each running {from} from slot a", opts.devices));
+    say(
+        opts.json,
+        &format!(
+            "  {} devices enrolled, each running {from} from slot a",
+            opts.devices
+        ),
+    );
 
     let release_dir = work.join("releases/1.1");
-    let summary = create_release(&image_to, &release_dir, &ReleaseOptions::new(to.clone(), DEVICE_TYPE.parse()?), &key)?;
+    let summary = create_release(
+        &image_to,
+        &release_dir,
+        &ReleaseOptions::new(to.clone(), DEVICE_TYPE.parse()?),
+        &key,
+    )?;
     let (view, uploaded) = client.upload_release(&release_dir, |_| {}).await?;
     say(
         opts.json,
@@ -115,15 +146,28 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
     );
 
     let started = Instant::now();
-    let rollout = client.start_rollout(&RolloutCreate { release: to.clone(), devices: None, allow_downgrade: false }).await?;
-    say(opts.json, &format!("  rollout {} started: {} devices", rollout.id, rollout.devices_total));
+    let rollout = client
+        .start_rollout(&RolloutCreate {
+            release: to.clone(),
+            devices: None,
+            allow_downgrade: false,
+        })
+        .await?;
+    say(
+        opts.json,
+        &format!(
+            "  rollout {} started: {} devices",
+            rollout.id, rollout.devices_total
+        ),
+    );
     let bar = if opts.json || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(opts.devices as u64)
     };
     bar.set_style(
-        ProgressStyle::with_template("  {bar:40} {pos}/{len} upgraded {msg}").expect("valid template"),
+        ProgressStyle::with_template("  {bar:40} {pos}/{len} upgraded {msg}")
+            .expect("valid template"),
     );
     let deadline = Instant::now() + opts.timeout;
     let status = loop {
@@ -141,7 +185,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     if status.status != "finished" {
-        say(opts.json, &format!("  rollout did not finish within {}s", opts.timeout.as_secs()));
+        say(
+            opts.json,
+            &format!(
+                "  rollout did not finish within {}s",
+                opts.timeout.as_secs()
+            ),
+        );
     }
 
     // Trust but verify: each device's own boot environment must say slot b.
@@ -152,8 +202,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
         let id = device.device_id().unwrap_or_default();
         let view = views.iter().find(|v| v.id.as_str() == id);
         let env = device.boot_state();
-        let on_new = view.is_some_and(|v| v.running_version.as_ref() == Some(&to) && v.state == Some(AgentState::Idle));
-        let committed = env.as_ref().is_ok_and(|s| s.default_slot == SlotName::B && s.trial.is_none());
+        let on_new = view.is_some_and(|v| {
+            v.running_version.as_ref() == Some(&to) && v.state == Some(AgentState::Idle)
+        });
+        let committed = env
+            .as_ref()
+            .is_ok_and(|s| s.default_slot == SlotName::B && s.trial.is_none());
         if on_new && committed {
             upgraded += 1;
         } else {
@@ -199,18 +253,29 @@ async fn wait_for_enrollment(
         let views = client.devices().await?;
         let ready = views
             .iter()
-            .filter(|v| v.online && v.running_version.as_ref() == Some(version) && v.state == Some(AgentState::Idle))
+            .filter(|v| {
+                v.online
+                    && v.running_version.as_ref() == Some(version)
+                    && v.state == Some(AgentState::Idle)
+            })
             .count();
         if ready == count {
             return Ok(());
         }
         for device in devices.iter_mut() {
             if let Some(status) = device.exited() {
-                anyhow::bail!("device in {} stopped ({status}):\n{}", device.dir.display(), device.log());
+                anyhow::bail!(
+                    "device in {} stopped ({status}):\n{}",
+                    device.dir.display(),
+                    device.log()
+                );
             }
         }
         if Instant::now() > deadline {
-            anyhow::bail!("only {ready} of {count} devices enrolled within {}s", limit.as_secs());
+            anyhow::bail!(
+                "only {ready} of {count} devices enrolled within {}s",
+                limit.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -134,25 +134,44 @@ impl ServerProcess {
                 break serde_json::from_slice(&bytes).context("reading the server's ready file")?;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                anyhow::bail!("uplift-server exited with {status} before listening:\n{}", tail(&log, 20));
+                anyhow::bail!(
+                    "uplift-server exited with {status} before listening:\n{}",
+                    tail(&log, 20)
+                );
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                anyhow::bail!("uplift-server did not start within 30 s:\n{}", tail(&log, 20));
+                anyhow::bail!(
+                    "uplift-server did not start within 30 s:\n{}",
+                    tail(&log, 20)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         let read_token = |path: &Option<PathBuf>| -> anyhow::Result<String> {
-            let path = path.as_ref().context("the server did not generate this token")?;
+            let path = path
+                .as_ref()
+                .context("the server did not generate this token")?;
             Ok(std::fs::read_to_string(path)?.trim().to_owned())
         };
         let admin_token = read_token(&endpoint.admin_token_file)?;
         let enrollment_token = read_token(&endpoint.enrollment_token_file)?;
-        Ok(Self { child, dir: dir.to_owned(), endpoint, admin_token, enrollment_token, log })
+        Ok(Self {
+            child,
+            dir: dir.to_owned(),
+            endpoint,
+            admin_token,
+            enrollment_token,
+            log,
+        })
     }
 
     pub fn client(&self) -> anyhow::Result<AdminClient> {
-        AdminClient::new(&self.endpoint.url, &self.endpoint.ca_file, &self.admin_token)
+        AdminClient::new(
+            &self.endpoint.url,
+            &self.endpoint.ca_file,
+            &self.admin_token,
+        )
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
@@ -201,9 +220,17 @@ fn toml_path(p: &Path) -> String {
 impl Device {
     /// Lays out a factory-fresh device: `factory_image` in slot A (booted and
     /// committed), an empty slot B, a GRUB environment and an agent config.
-    pub fn provision(dir: &Path, spec: &DeviceSpec, server: &ServerEndpoint, factory_image: &Path) -> anyhow::Result<Self> {
+    pub fn provision(
+        dir: &Path,
+        spec: &DeviceSpec,
+        server: &ServerEndpoint,
+        factory_image: &Path,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("state"))?;
-        let device = Self { dir: dir.to_owned(), child: None };
+        let device = Self {
+            dir: dir.to_owned(),
+            child: None,
+        };
         std::fs::copy(factory_image, device.slot_path(SlotName::A))
             .with_context(|| format!("copying the factory image into {}", dir.display()))?;
         File::create(device.slot_path(SlotName::B))?;
@@ -254,7 +281,9 @@ impl Device {
 
     /// The ID the server assigned, once the agent has enrolled.
     pub fn device_id(&self) -> Option<String> {
-        std::fs::read_to_string(self.dir.join("state/device-id")).ok().map(|s| s.trim().to_owned())
+        std::fs::read_to_string(self.dir.join("state/device-id"))
+            .ok()
+            .map(|s| s.trim().to_owned())
     }
 
     pub fn boot_state(&self) -> anyhow::Result<BootState> {
@@ -284,7 +313,9 @@ impl Device {
 
     /// The exit status if the device's processes have ended.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits for the device's processes to end by themselves.
@@ -300,7 +331,9 @@ impl Device {
     }
 
     pub fn stop(&mut self) -> Option<ExitStatus> {
-        self.child.take().and_then(|mut c| stop_child(&mut c, Duration::from_secs(10)))
+        self.child
+            .take()
+            .and_then(|mut c| stop_child(&mut c, Duration::from_secs(10)))
     }
 }
 
@@ -316,7 +349,9 @@ impl Drop for Device {
 /// of zeros between them, so it compresses somewhat, like a real root fs.
 pub fn write_image(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = std::io::BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    let mut out = std::io::BufWriter::new(
+        File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
     let mut block = vec![0u8; 64 * 1024];
     let mut written = 0u64;
     while written < size {
@@ -335,7 +370,12 @@ pub fn write_image(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
 
 /// Writes a new version of `base`: the same size, with `changes` small
 /// regions rewritten at random places (what an OS update mostly looks like).
-pub fn write_changed_image(base: &Path, path: &Path, changes: usize, seed: u64) -> anyhow::Result<()> {
+pub fn write_changed_image(
+    base: &Path,
+    path: &Path,
+    changes: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
     let mut data = std::fs::read(base).with_context(|| format!("reading {}", base.display()))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for _ in 0..changes {

@@ -37,7 +37,13 @@ mod tests {
 
     #[test]
     fn columns_line_up_and_the_last_is_not_padded() {
-        let t = table(&["ID", "STATE"], &[vec!["dev-1".into(), "idle".into()], vec!["d".into(), "failed".into()]]);
+        let t = table(
+            &["ID", "STATE"],
+            &[
+                vec!["dev-1".into(), "idle".into()],
+                vec!["d".into(), "failed".into()],
+            ],
+        );
         assert_eq!(t, "ID     STATE\ndev-1  idle\nd      failed");
     }
 }

@@ -117,13 +117,27 @@ async fn next_text(socket: &mut WebSocket) -> Result<Option<String>, WireError> 
                 ))
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Err(e)) => {
-                return Err(WireError::new(
-                    ErrorKind::MalformedFrame,
-                    format!("unreadable frame: {e}"),
-                ));
-            }
+            Some(Err(e)) => return classify_socket_error(&e).map_or(Ok(None), Err),
         }
+    }
+}
+
+/// A socket error is the peer's fault only when it broke the protocol (an
+/// oversized or malformed frame); a dropped connection is just a device gone.
+fn classify_socket_error(e: &axum::Error) -> Option<WireError> {
+    let text = e.to_string();
+    if text.contains("Space limit exceeded") || text.contains("too long") {
+        Some(WireError::new(
+            ErrorKind::FrameTooLarge,
+            format!("frame exceeds the limit of {MAX_FRAME_BYTES} bytes: {text}"),
+        ))
+    } else if text.contains("Protocol error") || text.contains("UTF-8") {
+        Some(WireError::new(
+            ErrorKind::MalformedFrame,
+            format!("unreadable frame: {text}"),
+        ))
+    } else {
+        None
     }
 }
 
@@ -295,9 +309,10 @@ async fn serve_device(
                     Some(Ok(Message::Binary(_))) => {
                         return Err(refuse(socket, WireError::new(ErrorKind::MalformedFrame, "binary frames are not part of the protocol")).await)
                     }
-                    Some(Err(e)) => {
-                        return Err(refuse(socket, WireError::new(ErrorKind::MalformedFrame, format!("unreadable frame: {e}"))).await)
-                    }
+                    Some(Err(e)) => match classify_socket_error(&e) {
+                        Some(err) => return Err(refuse(socket, err).await),
+                        None => return Err(SessionError::Gone),
+                    },
                 };
                 match channel::decode::<AgentMsg>(text.as_str()) {
                     Ok(AgentMsg::Report(report)) => {

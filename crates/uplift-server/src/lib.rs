@@ -24,7 +24,6 @@ use store::SqliteStore;
 use tokio::net::TcpListener;
 use uplift_proto::api::ServerEndpoint as Endpoint;
 
-
 /// Reads a secret from `path`, or creates it with fresh randomness.
 fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
     match std::fs::read_to_string(path) {
