@@ -196,7 +196,12 @@ pub async fn run(
         }
         tokio::select! {
             Some(msg) = inbound.recv() => match msg {
-                ServerMsg::Offer(offer) => actions.extend(machine.handle(Event::Offer(offer))),
+                ServerMsg::Offer(offer) => {
+                    if offer.version == *machine.running() {
+                        tracing::info!(version = %offer.version, "offered {}: already running {}; nothing to download", offer.version, machine.running());
+                    }
+                    actions.extend(machine.handle(Event::Offer(offer)));
+                }
                 ServerMsg::NoUpdate => actions.extend(machine.handle(Event::NoUpdate)),
                 other => tracing::debug!("ignoring {other:?}"),
             },

@@ -1,0 +1,186 @@
+//! Shared set-up for the end-to-end tests: a real server in a temp dir,
+//! release images, a release key, and helpers to provision devices and wait
+//! (with a bound) for what an operator would see.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use uplift_cli::client::AdminClient;
+use uplift_cli::fleet::{
+    write_changed_image, write_image, Binaries, Device, DeviceSpec, ServerProcess,
+};
+use uplift_proto::api::{DeviceView, RolloutCreate};
+use uplift_proto::{DeviceId, Version};
+use uplift_release::build::{create_release, ReleaseOptions};
+use uplift_release::keys::ReleaseSigningKey;
+
+pub const DEVICE_TYPE: &str = "test-gateway";
+pub const IMAGE_SIZE: u64 = 2 * 1024 * 1024;
+/// Upper bound for anything the tests wait for; a healthy run needs a fraction.
+pub const WAIT: Duration = Duration::from_secs(90);
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub bins: Binaries,
+    pub server: ServerProcess,
+    pub client: AdminClient,
+    pub key: ReleaseSigningKey,
+    /// The factory image every device starts with (version 1.0).
+    pub image_v1_0: PathBuf,
+    /// A changed image for version 1.1.
+    pub image_v1_1: PathBuf,
+}
+
+pub fn v(s: &str) -> Version {
+    s.parse().expect("valid version")
+}
+
+impl Fixture {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("uplift-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let bins = Binaries::locate().expect("binaries (run `cargo build --bins` first)");
+        let server =
+            ServerProcess::start(&bins, &dir.path().join("server")).expect("server starts");
+        let client = server.client().expect("admin client");
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let image_v1_0 = images.join("os-1.0.img");
+        let image_v1_1 = images.join("os-1.1.img");
+        write_image(&image_v1_0, IMAGE_SIZE, 10).unwrap();
+        write_changed_image(&image_v1_0, &image_v1_1, 8, 11).unwrap();
+        Self {
+            dir,
+            bins,
+            server,
+            client,
+            key: ReleaseSigningKey::from_seed([7; 32]),
+            image_v1_0,
+            image_v1_1,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn spec(&self, hardware_id: &str) -> DeviceSpec {
+        DeviceSpec {
+            device_type: DEVICE_TYPE.into(),
+            hardware_id: hardware_id.into(),
+            factory_version: "1.0".into(),
+            enrollment_token: self.server.enrollment_token.clone(),
+            trusted_keys: vec![self.key.public_key().to_string()],
+            health_check: vec!["true".into()],
+        }
+    }
+
+    /// Provisions and powers on a device.
+    pub fn device(&self, name: &str, spec: DeviceSpec) -> Device {
+        let mut device = Device::provision(
+            &self.path(&format!("devices/{name}")),
+            &spec,
+            &self.server.endpoint,
+            &self.image_v1_0,
+        )
+        .expect("provision device");
+        device.start(&self.bins).expect("start device");
+        device
+    }
+
+    /// Builds a release from `image`, signed by `key`, and uploads it.
+    pub async fn release(
+        &self,
+        version: &str,
+        device_type: &str,
+        image: &Path,
+        key: &ReleaseSigningKey,
+    ) -> PathBuf {
+        let out = self.path(&format!(
+            "releases/{version}-{device_type}-{}",
+            key.public_key().key_id()
+        ));
+        let options = ReleaseOptions::new(v(version), device_type.parse().unwrap());
+        create_release(image, &out, &options, key).expect("create release");
+        self.client
+            .upload_release(&out, |_| {})
+            .await
+            .expect("upload release");
+        out
+    }
+
+    pub async fn rollout(&self, version: &str, devices: Option<Vec<DeviceId>>) -> i64 {
+        self.client
+            .start_rollout(&RolloutCreate {
+                release: v(version),
+                devices,
+                allow_downgrade: false,
+            })
+            .await
+            .expect("start rollout")
+            .id
+    }
+
+    /// Waits until the server's device list satisfies `done`, or fails with
+    /// the list and every device log.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        devices: &[&Device],
+        done: impl Fn(&[DeviceView]) -> bool,
+    ) -> Vec<DeviceView> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let views = self.client.devices().await.expect("list devices");
+            if done(&views) {
+                return views;
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = devices
+                    .iter()
+                    .map(|d| format!("--- {}\n{}", d.dir.display(), d.log()))
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}\ndevices: {views:#?}\nserver log:\n{}\n{}",
+                    self.server.log_tail(30),
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `device` has enrolled and reports `state` on `version`.
+    pub async fn wait_device(
+        &self,
+        device: &Device,
+        what: &str,
+        done: impl Fn(&DeviceView) -> bool,
+    ) -> DeviceView {
+        let views = self
+            .wait_for(what, &[device], |views| {
+                device
+                    .device_id()
+                    .is_some_and(|id| views.iter().any(|d| d.id.as_str() == id && done(d)))
+            })
+            .await;
+        let id = device.device_id().unwrap();
+        views.into_iter().find(|d| d.id.as_str() == id).unwrap()
+    }
+}
+
+pub fn id_of(device: &Device) -> DeviceId {
+    device
+        .device_id()
+        .expect("device enrolled")
+        .parse()
+        .unwrap()
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}

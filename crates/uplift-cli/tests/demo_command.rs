@@ -1,0 +1,47 @@
+//! The README's demo command, run as a user would run it.
+
+use std::process::Command;
+
+#[test]
+fn uplift_demo_upgrades_every_device_and_reports_json() {
+    let work = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_uplift"))
+        .args([
+            "demo",
+            "--devices",
+            "4",
+            "--image-mib",
+            "1",
+            "--json",
+            "--timeout",
+            "90",
+            "--workdir",
+        ])
+        .arg(work.path())
+        .output()
+        .expect("run uplift demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(summary["devices"], 4);
+    assert_eq!(summary["upgraded"], 4);
+    assert_eq!(summary["failed"], 0);
+    assert!(summary["seconds"].as_f64().unwrap() > 0.0);
+    let sent = summary["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent > 0 && sent < 4 * 1024 * 1024 + 64 * 1024,
+        "each device fetched at most one image: {sent}"
+    );
+    let envs = std::fs::read_dir(work.path().join("devices"))
+        .unwrap()
+        .count();
+    assert_eq!(envs, 4, "one directory of slots per device");
+    for entry in std::fs::read_dir(work.path().join("devices")).unwrap() {
+        let env = std::fs::read_to_string(entry.unwrap().path().join("grubenv")).unwrap();
+        assert!(env.contains("uplift_default=b\n"), "{env}");
+    }
+}

@@ -1,0 +1,93 @@
+//! Identity: a device enrolls only with the fleet token, gets an ID from the
+//! server, and must prove on every connection that it holds the key it
+//! enrolled with. Refusals store nothing and tell the device why.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use uplift_proto::channel::AgentState;
+
+const AUTH_ERROR_EXIT: i32 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_enrollment_token_is_refused_and_nothing_is_stored() {
+    let fx = Fixture::start();
+    let mut spec = fx.spec("hw-intruder");
+    spec.enrollment_token = "not-the-fleet-token".into();
+    let mut device = fx.device("intruder", spec);
+    let status = device
+        .wait_exit(WAIT)
+        .expect("the agent gives up on a refused enrollment");
+    assert_eq!(status.code(), Some(AUTH_ERROR_EXIT), "{}", device.log());
+    assert!(
+        device.log().contains("enrollment_refused"),
+        "{}",
+        device.log()
+    );
+    assert!(device.device_id().is_none(), "no ID was assigned");
+    assert!(
+        fx.client.devices().await.unwrap().is_empty(),
+        "the server stored no device"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_id_with_the_wrong_key_is_refused() {
+    let fx = Fixture::start();
+    let mut device = fx.device("victim", fx.spec("hw-victim"));
+    let before = fx
+        .wait_device(&device, "enrollment", |d| {
+            d.online && d.state == Some(AgentState::Idle)
+        })
+        .await;
+    device.stop();
+    // Same ID, different key: what a cloned or stolen identity looks like.
+    std::fs::write(device.dir.join("state/device.key"), hex::encode([9u8; 32])).unwrap();
+    device.start(&fx.bins).unwrap();
+    let status = device.wait_exit(WAIT).expect("the agent gives up");
+    assert_eq!(status.code(), Some(AUTH_ERROR_EXIT), "{}", device.log());
+    assert!(
+        device.log().contains("bad_device_signature"),
+        "{}",
+        device.log()
+    );
+    let devices = fx.client.devices().await.unwrap();
+    assert_eq!(devices.len(), 1, "nothing new stored");
+    assert_eq!(devices[0].id, before.id);
+    assert!(!devices[0].online);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_claiming_another_devices_id_is_refused_and_the_other_is_unaffected() {
+    let fx = Fixture::start();
+    let honest = fx.device("honest", fx.spec("hw-honest"));
+    fx.wait_device(&honest, "enrollment", |d| d.online).await;
+    let honest_id = honest.device_id().unwrap();
+
+    let spec = fx.spec("hw-impostor");
+    let mut impostor = uplift_cli::fleet::Device::provision(
+        &fx.path("devices/impostor"),
+        &spec,
+        &fx.server.endpoint,
+        &fx.image_v1_0,
+    )
+    .unwrap();
+    std::fs::write(impostor.dir.join("state/device-id"), &honest_id).unwrap();
+    impostor.start(&fx.bins).unwrap();
+    let status = impostor.wait_exit(WAIT).expect("the impostor is refused");
+    assert_eq!(status.code(), Some(AUTH_ERROR_EXIT), "{}", impostor.log());
+    assert!(
+        impostor.log().contains("bad_device_signature"),
+        "{}",
+        impostor.log()
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let devices = fx.client.devices().await.unwrap();
+    assert_eq!(devices.len(), 1);
+    assert!(
+        devices[0].online,
+        "the honest device's channel was not displaced"
+    );
+}

@@ -1,0 +1,190 @@
+//! Releases an agent must refuse. Each is rejected with a clear error kind
+//! the operator sees in `uplift devices list`, the new slot is never marked
+//! bootable, and the boot environment is left exactly as it was.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use uplift_cli::fleet::Device;
+use uplift_proto::channel::AgentState;
+use uplift_proto::{ErrorKind, SlotName};
+use uplift_release::keys::ReleaseSigningKey;
+
+/// Waits for the device to fail, then checks nothing bootable changed.
+async fn assert_rejected(
+    fx: &Fixture,
+    device: &Device,
+    env_before: &[u8],
+    kind: ErrorKind,
+) -> String {
+    let view = fx
+        .wait_device(device, "the device to report the failure", |d| {
+            d.state == Some(AgentState::Failed)
+        })
+        .await;
+    let error = view.last_error.expect("the failure carries an error");
+    assert_eq!(error.kind, kind, "{error}");
+    assert_eq!(
+        view.running_version,
+        Some(v("1.0")),
+        "still running the old version"
+    );
+    assert_eq!(
+        std::fs::read(device.bootenv_path()).unwrap(),
+        env_before,
+        "boot environment untouched"
+    );
+    let boot = device.boot_state().unwrap();
+    assert_eq!((boot.default_slot, boot.trial), (SlotName::A, None));
+    error.message
+}
+
+async fn enrolled_device(fx: &Fixture, name: &str) -> (Device, Vec<u8>) {
+    let device = fx.device(name, fx.spec(&format!("hw-{name}")));
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let env = std::fs::read(device.bootenv_path()).unwrap();
+    (device, env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_signed_by_an_unknown_key_is_rejected() {
+    let fx = Fixture::start();
+    let (device, env) = enrolled_device(&fx, "untrusted").await;
+    let attacker = ReleaseSigningKey::from_seed([66; 32]);
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &attacker)
+        .await;
+    fx.rollout("1.1", Some(vec![id_of(&device)])).await;
+    let message = assert_rejected(&fx, &device, &env, ErrorKind::ManifestSignature).await;
+    assert!(
+        message.contains(&attacker.public_key().key_id()),
+        "names the unknown key: {message}"
+    );
+    assert_eq!(
+        std::fs::metadata(device.slot_path(SlotName::B))
+            .unwrap()
+            .len(),
+        0,
+        "no chunk written"
+    );
+
+    // The operator sees it in the CLI's device list.
+    let out = Command::new(env!("CARGO_BIN_EXE_uplift"))
+        .args([
+            "devices",
+            "list",
+            "--server",
+            &fx.server.endpoint.url,
+            "--token",
+            &fx.server.admin_token,
+            "--ca",
+        ])
+        .arg(&fx.server.endpoint.ca_file)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("failed") && table.contains("manifest_signature"),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_for_another_device_type_is_rejected() {
+    let fx = Fixture::start();
+    let (device, env) = enrolled_device(&fx, "wrongtype").await;
+    fx.release("1.1", "other-hardware", &fx.image_v1_1, &fx.key)
+        .await;
+    fx.rollout("1.1", Some(vec![id_of(&device)])).await;
+    let message = assert_rejected(&fx, &device, &env, ErrorKind::WrongDeviceType).await;
+    assert!(
+        message.contains("other-hardware") && message.contains(DEVICE_TYPE),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::metadata(device.slot_path(SlotName::B))
+            .unwrap()
+            .len(),
+        0,
+        "no chunk written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_corrupted_on_the_server_disk_is_rejected() {
+    let fx = Fixture::start();
+    let (device, env) = enrolled_device(&fx, "corrupt").await;
+    let release = fx
+        .release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    // Flip bytes in the middle of one stored chunk, keeping its length.
+    let manifest = uplift_release::build::ReleaseDir::open(&release)
+        .unwrap()
+        .read_manifest()
+        .unwrap();
+    let chunk = manifest.parse_unverified().unwrap().chunks[3].hash.to_hex();
+    let stored = fx
+        .server
+        .dir
+        .join("chunks")
+        .join(&chunk[..2])
+        .join(format!("{chunk}.zst"));
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 8] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&stored, bytes).unwrap();
+
+    fx.rollout("1.1", None).await;
+    let message = assert_rejected(&fx, &device, &env, ErrorKind::ChunkHashMismatch).await;
+    assert!(message.contains(&chunk), "names the bad chunk: {message}");
+    let status = fx.client.rollouts().await.unwrap().pop().unwrap();
+    assert_eq!(status.counts.failed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_version_offered_downloads_and_writes_nothing() {
+    let fx = Fixture::start();
+    let (device, env) = enrolled_device(&fx, "same").await;
+    fx.release("1.0", DEVICE_TYPE, &fx.image_v1_0, &fx.key)
+        .await;
+    let rollout = fx.rollout("1.0", None).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !device.log().contains("already running 1.0") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent never considered the offer:\n{}",
+            device.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let status = fx.client.rollout(rollout).await.unwrap();
+    assert_eq!(status.counts.succeeded, 1, "{status:?}");
+    let stats = fx.client.stats().await.unwrap();
+    assert_eq!(
+        (stats.bytes_sent, stats.chunks_sent),
+        (0, 0),
+        "nothing downloaded, not even the manifest"
+    );
+    assert_eq!(
+        std::fs::metadata(device.slot_path(SlotName::B))
+            .unwrap()
+            .len(),
+        0,
+        "inactive slot not written"
+    );
+    assert_eq!(
+        std::fs::read(device.bootenv_path()).unwrap(),
+        env,
+        "boot environment untouched"
+    );
+}

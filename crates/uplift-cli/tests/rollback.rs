@@ -1,0 +1,71 @@
+//! After the trial boot the agent runs its health check; a failure puts the
+//! device back on its old slot and version, and the operator sees why.
+
+mod common;
+
+use common::*;
+use uplift_proto::channel::AgentState;
+use uplift_proto::{ErrorKind, SlotName};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_health_check_rolls_back_to_the_old_slot_and_is_not_retried() {
+    let fx = Fixture::start();
+    let mut spec = fx.spec("hw-fragile");
+    // Healthy on slot a only: the new OS "breaks" the device's service.
+    let cmdline = fx.path("devices/fragile/cmdline");
+    spec.health_check = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "grep -q uplift.slot=a {} || {{ echo 'service fails on the new OS' >&2; exit 3; }}",
+            cmdline.display()
+        ),
+    ];
+    let mut device = fx.device("fragile", spec);
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    let rollout = fx.rollout("1.1", None).await;
+
+    let view = fx
+        .wait_device(&device, "the rollback to be reported", |d| {
+            d.state == Some(AgentState::RolledBack)
+                && d.running_version == Some(v("1.0"))
+                && d.online
+        })
+        .await;
+    let error = view.last_error.expect("reason reported");
+    assert_eq!(error.kind, ErrorKind::HealthCheckFailed);
+    assert!(
+        error.message.contains("service fails on the new OS"),
+        "{error}"
+    );
+    let boot = device.boot_state().unwrap();
+    assert_eq!(
+        (boot.default_slot, boot.trial, boot.fallback_from),
+        (SlotName::A, None, None),
+        "back on slot a"
+    );
+    assert!(device.log().contains("boot #3: slot a"), "{}", device.log());
+    let status = fx.client.rollout(rollout).await.unwrap();
+    assert_eq!((status.counts.failed, status.counts.succeeded), (1, 0));
+
+    // Power-cycle: the rolled-back release is offered again but not reinstalled.
+    let sent = fx.client.stats().await.unwrap().chunks_sent;
+    device.stop();
+    device.start(&fx.bins).unwrap();
+    fx.wait_device(&device, "reconnect", |d| {
+        d.online && d.state == Some(AgentState::RolledBack)
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        fx.client.stats().await.unwrap().chunks_sent,
+        sent,
+        "not downloaded again"
+    );
+    assert_eq!(device.boot_state().unwrap().default_slot, SlotName::A);
+}
