@@ -273,7 +273,7 @@ impl Installer {
                 )
                 .await?;
             fetched += stored.len() as u64;
-            let entry = entry.clone();
+            let entry = *entry;
             let writer = slot.clone();
             tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
                 let data = uplift_release::chunk::decode_chunk(&entry, &stored)?;
@@ -345,7 +345,7 @@ async fn prepare_slot_for_writing(
             let mut journal = local.journal().map_err(|e| InstallError::State(format!("{e:#}")))?;
             journal.pending = None;
             local.save_journal(&journal).map_err(|e| InstallError::State(format!("{e:#}")))?;
-            let mut cleared = state.clone();
+            let mut cleared = state;
             cleared.trial = None;
             bootenv.store_state(env, &cleared).map_err(|e| InstallError::BootEnv(e.to_string()))?;
         }

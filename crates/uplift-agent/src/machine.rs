@@ -286,7 +286,7 @@ impl Machine {
                 error.kind,
                 format!(
                     "{} (not installing it again automatically; roll out a newer release)",
-                    error.message.trim_end_matches(|c| c == ';' || c == ' ')
+                    error.message.trim_end_matches([';', ' '])
                 ),
             );
             self.phase = Phase::RolledBack {

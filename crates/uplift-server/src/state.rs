@@ -57,7 +57,7 @@ impl Secrets {
     }
     pub fn is_enrollment_token(&self, token: &str) -> bool {
         let d = digest(token);
-        self.enrollment_tokens.iter().any(|t| *t == d)
+        self.enrollment_tokens.contains(&d)
     }
 }
 
