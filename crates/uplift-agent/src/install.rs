@@ -4,10 +4,11 @@
 //! try the new slot once. The running slot is never written.
 
 use crate::config::AgentConfig;
-use crate::local::{LocalState, PendingInstall, SlotContent};
+use crate::local::{InstallProgress, LocalState, PendingInstall, SlotContent};
 use crate::machine::Event;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -19,9 +20,14 @@ use uplift_bootenv::file::BootEnvFile;
 use uplift_proto::api::device_chunk_path;
 use uplift_proto::channel::{Offer, Progress};
 use uplift_proto::{ChunkHash, ErrorKind, SlotName, Version, WireError};
-use uplift_release::manifest::{Manifest, SignedManifest, MAX_MANIFEST_BYTES};
+use uplift_release::manifest::{ChunkEntry, Manifest, SignedManifest, MAX_MANIFEST_BYTES};
+use uplift_release::seed::SeedChunk;
 
 const CHUNK_ATTEMPTS: u32 = 4;
+/// How often the resume journal is brought up to date (each time costs an fsync).
+const JOURNAL_EVERY: Duration = Duration::from_millis(500);
+/// Most of the running slot read when indexing it for reusable chunks.
+const SEED_LIMIT: u64 = 64 << 30;
 const PROGRESS_EVERY: Duration = Duration::from_millis(300);
 
 #[derive(Debug, thiserror::Error)]
@@ -259,47 +265,97 @@ impl Installer {
         prepare_slot_for_writing(&bootenv, &self.local, booted, target).await?;
 
         let slot = SlotWriter::open(target, &path, manifest.image.size)?;
+        let image_id = manifest.image.sha256.to_hex();
+        let journal = self.local.install_progress().map_err(state_err)?;
+        let trusted = match journal {
+            Some(p) if p.slot == target && p.image_sha256 == image_id => p.verified_chunks,
+            _ => 0,
+        };
+        let seed = Seed::index(self.config.slots.path(booted)).await;
         let total = manifest.image.size;
+        let mut tally = Tally::default();
         let mut done = 0u64;
-        let mut fetched = 0u64;
         let mut last_progress = Instant::now();
-        for (offset, entry) in manifest.chunk_offsets() {
-            let what = format!("chunk {} at offset {offset}", entry.hash);
-            let stored = self
-                .fetch(
-                    &device_chunk_path(&entry.hash),
-                    &what,
-                    u64::from(entry.stored_size),
-                )
-                .await?;
-            fetched += stored.len() as u64;
+        let mut last_journal = Instant::now();
+        let chunk_count = manifest.chunks.len();
+        for (index, (offset, entry)) in manifest.chunk_offsets().enumerate() {
             let entry = *entry;
-            let writer = slot.clone();
-            tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
-                let data = uplift_release::chunk::decode_chunk(&entry, &stored)?;
-                writer.write_at(&data, offset)
-            })
-            .await
-            .map_err(|e| InstallError::State(format!("chunk task failed: {e}")))??;
+            let source = if index < trusted {
+                Source::Journaled
+            } else {
+                let (slot, seed) = (slot.clone(), seed.clone());
+                tokio::task::spawn_blocking(move || -> Result<Source, InstallError> {
+                    if slot.holds(&entry, offset)? {
+                        return Ok(Source::AlreadyInSlot);
+                    }
+                    if let Some(data) = seed.copy_of(&entry) {
+                        slot.write_at(&data, offset)?;
+                        return Ok(Source::Seed);
+                    }
+                    Ok(Source::Fetch)
+                })
+                .await
+                .map_err(|e| InstallError::State(format!("chunk task failed: {e}")))??
+            };
+            if source == Source::Fetch {
+                let what = format!("chunk {} at offset {offset}", entry.hash);
+                let stored = self
+                    .fetch(
+                        &device_chunk_path(&entry.hash),
+                        &what,
+                        u64::from(entry.stored_size),
+                    )
+                    .await?;
+                tally.fetched_bytes += stored.len() as u64;
+                let writer = slot.clone();
+                tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
+                    let data = uplift_release::chunk::decode_chunk(&entry, &stored)?;
+                    writer.write_at(&data, offset)
+                })
+                .await
+                .map_err(|e| InstallError::State(format!("chunk task failed: {e}")))??;
+            }
+            tally.count(source);
             done += u64::from(entry.size);
-            if last_progress.elapsed() >= PROGRESS_EVERY {
+            let last = index + 1 == chunk_count;
+            if index >= trusted && (last || last_journal.elapsed() >= JOURNAL_EVERY) {
+                // Journal only what is durably in the slot: fsync first.
+                last_journal = Instant::now();
+                let (writer, local, image_id) =
+                    (slot.clone(), self.local.clone(), image_id.clone());
+                tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
+                    writer.sync()?;
+                    let progress = InstallProgress {
+                        slot: target,
+                        image_sha256: image_id,
+                        verified_chunks: index + 1,
+                    };
+                    local
+                        .save_install_progress(Some(&progress))
+                        .map_err(state_err)
+                })
+                .await
+                .map_err(|e| InstallError::State(format!("journal task failed: {e}")))??;
+            }
+            if last || last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
-                let _ = events
-                    .send(Event::Progress(Progress {
-                        done_bytes: done,
-                        total_bytes: total,
-                        fetched_bytes: fetched,
-                    }))
-                    .await;
+                let progress = Progress {
+                    done_bytes: done,
+                    total_bytes: total,
+                    fetched_bytes: tally.fetched_bytes,
+                };
+                let _ = events.send(Event::Progress(progress)).await;
             }
         }
-        let _ = events
-            .send(Event::Progress(Progress {
-                done_bytes: done,
-                total_bytes: total,
-                fetched_bytes: fetched,
-            }))
-            .await;
+        tracing::info!(
+            version = %manifest.version,
+            chunks = chunk_count,
+            fetched = tally.fetched,
+            fetched_bytes = tally.fetched_bytes,
+            reused_from_running_slot = tally.seed,
+            already_in_slot = tally.in_slot + tally.journaled,
+            "all chunks in slot {target}"
+        );
         let _ = events.send(Event::Verifying).await;
 
         let expected = manifest.image.sha256;
@@ -317,6 +373,91 @@ impl Installer {
             offer.rollout_id,
         )
         .await
+    }
+}
+
+fn state_err(e: anyhow::Error) -> InstallError {
+    InstallError::State(format!("{e:#}"))
+}
+
+/// Where a chunk's bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Inside the journaled, fsynced prefix of an interrupted install.
+    Journaled,
+    /// The inactive slot already held the right bytes (checked by hash).
+    AlreadyInSlot,
+    /// Copied from the running slot (checked by hash).
+    Seed,
+    Fetch,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    journaled: usize,
+    in_slot: usize,
+    seed: usize,
+    fetched: usize,
+    fetched_bytes: u64,
+}
+
+impl Tally {
+    fn count(&mut self, source: Source) {
+        match source {
+            Source::Journaled => self.journaled += 1,
+            Source::AlreadyInSlot => self.in_slot += 1,
+            Source::Seed => self.seed += 1,
+            Source::Fetch => self.fetched += 1,
+        }
+    }
+}
+
+/// The running slot, indexed by chunk hash: a source of chunks that need
+/// not cross the network. Read only; the running slot is never written.
+#[derive(Debug, Clone, Default)]
+struct Seed {
+    file: Option<Arc<File>>,
+    index: Arc<HashMap<ChunkHash, SeedChunk>>,
+}
+
+impl Seed {
+    async fn index(path: &Path) -> Seed {
+        let path = path.to_owned();
+        let built = tokio::task::spawn_blocking(move || -> std::io::Result<Seed> {
+            let file = File::open(&path)?;
+            let index = uplift_release::seed::index_chunks(&file, SEED_LIMIT)?;
+            Ok(Seed {
+                file: Some(Arc::new(file)),
+                index: Arc::new(index),
+            })
+        })
+        .await;
+        match built {
+            Ok(Ok(seed)) => seed,
+            // Without a seed everything is downloaded: slower, still correct.
+            Ok(Err(e)) => {
+                tracing::warn!("cannot index the running slot for reuse: {e}");
+                Seed::default()
+            }
+            Err(e) => {
+                tracing::warn!("cannot index the running slot for reuse: {e}");
+                Seed::default()
+            }
+        }
+    }
+
+    /// The chunk's bytes if the running slot has them, re-checked by hash.
+    fn copy_of(&self, entry: &ChunkEntry) -> Option<Vec<u8>> {
+        let at = self
+            .index
+            .get(&entry.hash)
+            .filter(|c| c.size == entry.size)?;
+        let mut data = vec![0u8; entry.size as usize];
+        self.file
+            .as_ref()?
+            .read_exact_at(&mut data, at.offset)
+            .ok()?;
+        (uplift_release::chunk::sha256(&data) == entry.hash).then_some(data)
     }
 }
 
@@ -457,6 +598,20 @@ impl SlotWriter {
 
     fn write_at(&self, data: &[u8], offset: u64) -> Result<(), InstallError> {
         self.file.write_all_at(data, offset).map_err(self.io())
+    }
+
+    fn sync(&self) -> Result<(), InstallError> {
+        self.file.sync_data().map_err(self.io())
+    }
+
+    /// True if the slot already holds this chunk's bytes at `offset`.
+    fn holds(&self, entry: &ChunkEntry, offset: u64) -> Result<bool, InstallError> {
+        let mut data = vec![0u8; entry.size as usize];
+        match self.file.read_exact_at(&mut data, offset) {
+            Ok(()) => Ok(uplift_release::chunk::sha256(&data) == entry.hash),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(self.io()(e)),
+        }
     }
 
     /// Flushes the slot and hashes what is really on it, not what we meant to write.

@@ -4,7 +4,9 @@
 //! - `device-id`: the ID the server assigned;
 //! - `slots.json`: which version each slot holds (none while being written);
 //! - `journal.json`: the install waiting for its trial boot, and the last
-//!   release that failed here (never retried automatically).
+//!   release that failed here (never retried automatically);
+//! - `install-progress.json`: how many leading chunks of the release being
+//!   written are durably in the inactive slot, so a restart resumes there.
 
 use anyhow::Context;
 use ed25519_dalek::SigningKey;
@@ -52,6 +54,10 @@ pub struct Journal {
     pub pending: Option<PendingInstall>,
     /// The last release that failed on this device and why.
     pub last_failure: Option<Failure>,
+    /// Every release rolled back on this device: none is installed again
+    /// automatically.
+    #[serde(default)]
+    pub rolled_back: Vec<Version>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +74,15 @@ pub struct Failure {
     /// True when the release was installed and then rolled back: it is not
     /// installed again unless the operator starts a rollout of another version.
     pub rolled_back: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallProgress {
+    pub slot: SlotName,
+    /// Identifies the release being written (its whole-image digest).
+    pub image_sha256: String,
+    /// Leading chunks written, verified and fsynced into the slot.
+    pub verified_chunks: usize,
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new
@@ -164,6 +179,12 @@ impl LocalState {
     }
     pub fn save_slots(&self, slots: &SlotTable) -> anyhow::Result<()> {
         self.write_json("slots.json", slots)
+    }
+    pub fn install_progress(&self) -> anyhow::Result<Option<InstallProgress>> {
+        self.read_json("install-progress.json")
+    }
+    pub fn save_install_progress(&self, progress: Option<&InstallProgress>) -> anyhow::Result<()> {
+        self.write_json("install-progress.json", &progress)
     }
     pub fn journal(&self) -> anyhow::Result<Journal> {
         self.read_json("journal.json")

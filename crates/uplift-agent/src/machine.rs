@@ -4,6 +4,7 @@
 //! (the approach of coreos/zincati).
 
 use crate::local::{Failure, Journal, SlotTable};
+use std::collections::BTreeSet;
 use uplift_bootenv::state::BootState;
 use uplift_proto::channel::{AgentState, Offer, Progress, Report};
 use uplift_proto::{ErrorKind, SlotName, Version, WireError};
@@ -74,8 +75,11 @@ pub struct Machine {
     booted: SlotName,
     phase: Phase,
     progress: Option<Progress>,
-    /// A release that was installed here and rolled back: not retried.
-    refused: Option<Version>,
+    /// Releases installed here and rolled back: not retried.
+    refused: BTreeSet<Version>,
+    /// The newest offer that arrived while a trial was being tested; it is
+    /// considered once the trial is committed.
+    deferred: Option<Offer>,
 }
 
 impl Machine {
@@ -99,17 +103,21 @@ impl Machine {
             })
         };
         let running = version_in(booted).unwrap_or_else(|| factory_version.clone());
-        let refused = journal
-            .last_failure
-            .as_ref()
-            .filter(|f| f.rolled_back)
-            .map(|f| f.version.clone());
+        let mut refused: BTreeSet<Version> = journal.rolled_back.iter().cloned().collect();
+        refused.extend(
+            journal
+                .last_failure
+                .iter()
+                .filter(|f| f.rolled_back)
+                .map(|f| f.version.clone()),
+        );
         let mut machine = Machine {
             running: running.clone(),
             booted,
             phase: Phase::Idle,
             progress: None,
             refused,
+            deferred: None,
         };
 
         if boot.trial.as_ref().is_some_and(|t| t.slot == booted) {
@@ -133,7 +141,7 @@ impl Machine {
                 error: error.clone(),
                 rolled_back: true,
             };
-            machine.refused = Some(version.clone());
+            machine.refused.insert(version.clone());
             machine.phase = Phase::RolledBack { version, error };
             return (
                 machine,
@@ -174,8 +182,13 @@ impl Machine {
         match (&self.phase, event) {
             (Phase::Testing, Event::HealthCheck(Ok(()))) => {
                 self.phase = Phase::Idle;
-                self.refused = None;
-                vec![Action::CommitTrial, Action::Report]
+                let mut actions = vec![Action::CommitTrial];
+                match self.deferred.take() {
+                    // `consider` ends with a report of its own.
+                    Some(offer) => actions.extend(self.consider(offer)),
+                    None => actions.push(Action::Report),
+                }
+                actions
             }
             (Phase::Testing, Event::HealthCheck(Err(reason))) => {
                 let version = self.running.clone();
@@ -188,7 +201,8 @@ impl Machine {
                     error: error.clone(),
                     rolled_back: true,
                 };
-                self.refused = Some(version.clone());
+                self.refused.insert(version.clone());
+                self.deferred = None;
                 self.phase = Phase::RolledBack { version, error };
                 vec![
                     Action::AbandonTrial(failure),
@@ -196,11 +210,17 @@ impl Machine {
                     Action::Reboot,
                 ]
             }
-            // A trial under test or a pending reboot finishes first; the
-            // server repeats its offer when the device reconnects.
-            (Phase::Testing | Phase::RebootPending { .. }, Event::Offer(_) | Event::NoUpdate) => {
+            // A trial is committed (or rolled back) before anything else.
+            (Phase::Testing, Event::Offer(offer)) => {
+                self.deferred = Some(offer);
                 vec![]
             }
+            (Phase::Testing, Event::NoUpdate) => {
+                self.deferred = None;
+                vec![]
+            }
+            // The reboot is imminent; the server repeats its offer on reconnect.
+            (Phase::RebootPending { .. }, Event::Offer(_) | Event::NoUpdate) => vec![],
             (Phase::Installing { offer: current, .. }, Event::Offer(offer)) => {
                 if *current == offer {
                     vec![]
@@ -271,7 +291,7 @@ impl Machine {
             self.phase = Phase::Idle;
             return vec![Action::Report];
         }
-        if self.refused.as_ref() == Some(&offer.version) {
+        if self.refused.contains(&offer.version) {
             let error = match &self.phase {
                 Phase::RolledBack { version, error } if *version == offer.version => error.clone(),
                 _ => WireError::new(
@@ -415,6 +435,7 @@ mod tests {
                     rollout_id: 1,
                 }),
                 last_failure: None,
+                rolled_back: vec![],
             },
             factory_version: v("1.0"),
         }
@@ -524,6 +545,35 @@ mod tests {
         );
         assert_eq!(m.report().state, AgentState::Idle);
         assert_eq!(m.report().running_version, v("1.1"));
+    }
+
+    #[test]
+    fn an_offer_that_arrives_during_the_trial_is_acted_on_after_the_commit() {
+        let (mut m, _) = Machine::start(trial_boot_facts());
+        assert_eq!(m.handle(Event::Offer(offer("1.2"))), vec![]);
+        assert_eq!(
+            m.handle(Event::HealthCheck(Ok(()))),
+            vec![
+                Action::CommitTrial,
+                Action::StartInstall(offer("1.2")),
+                Action::Report
+            ]
+        );
+    }
+
+    #[test]
+    fn every_rolled_back_release_is_remembered_not_just_the_last() {
+        let mut facts = factory_facts();
+        facts.journal.rolled_back = vec![v("1.1"), v("1.2")];
+        let (mut m, _) = Machine::start(facts);
+        for refused in ["1.1", "1.2"] {
+            assert_eq!(m.handle(Event::Offer(offer(refused))), vec![Action::Report]);
+            assert_eq!(m.report().state, AgentState::RolledBack);
+        }
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.3"))),
+            vec![Action::StartInstall(offer("1.3")), Action::Report]
+        );
     }
 
     #[test]

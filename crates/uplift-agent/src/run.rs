@@ -239,6 +239,9 @@ fn record_failure_then(
 ) -> anyhow::Result<()> {
     let mut journal = local.journal()?;
     journal.pending = None;
+    if failure.rolled_back && !journal.rolled_back.contains(&failure.version) {
+        journal.rolled_back.push(failure.version.clone());
+    }
     journal.last_failure = Some(failure);
     local.save_journal(&journal)?;
     change()

@@ -12,6 +12,7 @@ pub mod chunk;
 pub mod error;
 pub mod keys;
 pub mod manifest;
+pub mod seed;
 
 pub use build::{create_release, ReleaseDir, ReleaseOptions, ReleaseSummary};
 pub use chunk::{decode_chunk, decode_named_chunk, encode_chunk, sha256, ImageHasher};
