@@ -19,6 +19,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "uplift_agent=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -105,6 +105,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
         enrollment_token: server.enrollment_token.clone(),
         trusted_keys: vec![key.public_key().to_string()],
         health_check: vec!["true".into()],
+        trial_boot_attempts: 1,
+        extra_config: String::new(),
     };
     let mut devices = Vec::with_capacity(opts.devices);
     for i in 0..opts.devices {

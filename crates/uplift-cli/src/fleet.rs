@@ -181,6 +181,12 @@ impl ServerProcess {
     pub fn stop(&mut self) -> Option<ExitStatus> {
         stop_child(&mut self.child, Duration::from_secs(10))
     }
+
+    /// SIGKILL: the server gets no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for ServerProcess {
@@ -200,6 +206,9 @@ pub struct DeviceSpec {
     /// `ed25519:<base64>` release keys the agent trusts.
     pub trusted_keys: Vec<String>,
     pub health_check: Vec<String>,
+    pub trial_boot_attempts: u32,
+    /// Extra TOML appended to the agent config (e.g. a `[hooks]` table).
+    pub extra_config: String,
 }
 
 /// One simulated device: its files, and its boot simulator + agent process.
@@ -240,8 +249,8 @@ impl Device {
         let config = format!(
             "server_url = {url}\nserver_ca = {ca}\nenrollment_token = {token}\ndevice_type = {dtype}\n\
              hardware_id = {hw}\nstate_dir = {state}\ntrusted_release_keys = [{keys}]\nfactory_version = {factory}\n\
-             health_check = [{health}]\ntrial_boot_attempts = 1\n\n[slots]\na = {a}\nb = {b}\n\n\
-             [boot]\nenv_file = {env}\ncmdline = {cmdline}\n\n[reboot]\nmode = \"exit\"\n",
+             health_check = [{health}]\ntrial_boot_attempts = {attempts}\n\n[slots]\na = {a}\nb = {b}\n\n\
+             [boot]\nenv_file = {env}\ncmdline = {cmdline}\n\n[reboot]\nmode = \"exit\"\n{extra}\n",
             url = toml_str(&server.url),
             ca = toml_path(&server.ca_file),
             token = toml_str(&spec.enrollment_token),
@@ -251,6 +260,8 @@ impl Device {
             keys = keys.join(", "),
             factory = toml_str(&spec.factory_version),
             health = health.join(", "),
+            attempts = spec.trial_boot_attempts,
+            extra = spec.extra_config,
             a = toml_path(&device.slot_path(SlotName::A)),
             b = toml_path(&device.slot_path(SlotName::B)),
             env = toml_path(&device.bootenv_path()),
@@ -298,6 +309,10 @@ impl Device {
             .arg(self.bootenv_path())
             .arg("--cmdline")
             .arg(self.cmdline_path())
+            .arg("--slot-a")
+            .arg(self.slot_path(SlotName::A))
+            .arg("--slot-b")
+            .arg(self.slot_path(SlotName::B))
             .arg("--")
             .arg(&bins.agent)
             .arg("--config")
@@ -335,6 +350,29 @@ impl Device {
             .take()
             .and_then(|mut c| stop_child(&mut c, Duration::from_secs(10)))
     }
+
+    /// SIGKILLs the agent process itself (a crash, or power lost while it
+    /// worked); the boot simulator then powers the device off. Returns false
+    /// if no agent was running at that moment.
+    pub fn kill_agent(&mut self) -> bool {
+        let Some(sim) = self.child.as_mut() else {
+            return false;
+        };
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", sim.id()))
+            .unwrap_or_default();
+        let mut killed = false;
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            killed |= kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok();
+        }
+        if killed {
+            let _ = sim.wait();
+            self.child = None;
+        }
+        killed
+    }
 }
 
 impl Drop for Device {
@@ -368,6 +406,15 @@ pub fn write_image(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes an image the simulated kernel cannot boot (see
+/// `uplift_sim::KERNEL_PANIC_MARKER`): a release that never reaches user space.
+pub fn write_unbootable_image(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
+    write_image(path, size, seed)?;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all(uplift_sim::KERNEL_PANIC_MARKER)?;
+    Ok(())
+}
+
 /// Writes a new version of `base`: the same size, with `changes` small
 /// regions rewritten at random places (what an OS update mostly looks like).
 pub fn write_changed_image(
@@ -385,4 +432,101 @@ pub fn write_changed_image(
     }
     std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// A TCP proxy on loopback between devices and the server, for injecting
+/// network faults for real: throttle the download direction, or cut every
+/// open connection at once. TLS passes through untouched.
+#[derive(Debug)]
+pub struct Proxy {
+    addr: std::net::SocketAddr,
+    control: std::sync::Arc<ProxyControl>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct ProxyControl {
+    /// Bytes per second per connection towards the device; 0 = unlimited.
+    rate: std::sync::atomic::AtomicU64,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let control = std::sync::Arc::new(ProxyControl {
+            rate: std::sync::atomic::AtomicU64::new(0),
+            cut: tokio::sync::watch::channel(0).0,
+        });
+        let shared = control.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let control = shared.clone();
+                tokio::spawn(async move {
+                    let mut cut = control.cut.subscribe();
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::select! {
+                        _ = pipe(client_read, server_write, None) => {}
+                        _ = pipe(server_read, client_write, Some(&control.rate)) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            control,
+            task,
+        })
+    }
+
+    /// `https://` URL of the proxy, to give devices as their server.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn set_rate(&self, bytes_per_second: u64) {
+        self.control
+            .rate
+            .store(bytes_per_second, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Drops every open connection (new ones are still accepted).
+    pub fn cut_all(&self) {
+        self.control.cut.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut_all();
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    rate: Option<&std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        let limit = rate.map_or(0, |r| r.load(std::sync::atomic::Ordering::Relaxed));
+        if limit > 0 {
+            tokio::time::sleep(Duration::from_secs_f64(n as f64 / limit as f64)).await;
+        }
+    }
 }

@@ -120,6 +120,24 @@ pub struct SimConfig {
     pub max_boots: u32,
     pub program: OsString,
     pub args: Vec<OsString>,
+    /// Slot images, when known: an image that starts with
+    /// [`KERNEL_PANIC_MARKER`] "panics" at boot instead of starting the agent.
+    pub slots: Option<[PathBuf; 2]>,
+}
+
+/// First bytes of an image that the simulated kernel cannot boot: the way a
+/// test (or the chaos demo) ships a release that never reaches user space,
+/// so the bootloader's try counting and fallback are exercised for real.
+pub const KERNEL_PANIC_MARKER: &[u8] = b"UPLIFT-SIM-KERNEL-PANIC";
+
+/// True if the slot's image carries [`KERNEL_PANIC_MARKER`].
+pub fn image_panics(image: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; KERNEL_PANIC_MARKER.len()];
+    std::fs::File::open(image)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && head == KERNEL_PANIC_MARKER
 }
 
 /// How the simulation ended, when it ended without an error.
@@ -156,6 +174,16 @@ pub fn run(config: &SimConfig, stop: &AtomicBool) -> Result<SimOutcome, SimError
         }
         let record = power_on(&config.bootenv, &config.cmdline)?;
         eprintln!("boot-sim: boot #{boot}: {record}");
+        if let Some(slots) = &config.slots {
+            let image = match record.slot {
+                SlotName::A => &slots[0],
+                SlotName::B => &slots[1],
+            };
+            if image_panics(image) {
+                eprintln!("boot-sim: kernel panic on slot {} (the image cannot boot); the watchdog resets the device", record.slot);
+                continue;
+            }
+        }
 
         let child = Command::new(&config.program)
             .args(&config.args)
@@ -321,5 +349,27 @@ mod tests {
     fn cmdline_names_the_slot() {
         assert_eq!(cmdline_for(A), "uplift.slot=a\n");
         assert_eq!(cmdline_for(B), "uplift.slot=b\n");
+    }
+}
+
+#[cfg(test)]
+mod panic_marker_tests {
+    use super::*;
+
+    #[test]
+    fn only_an_image_that_starts_with_the_marker_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.img");
+        let good = dir.path().join("good.img");
+        let mut bytes = KERNEL_PANIC_MARKER.to_vec();
+        bytes.extend_from_slice(&[0u8; 100]);
+        std::fs::write(&bad, &bytes).unwrap();
+        std::fs::write(&good, &bytes[1..]).unwrap();
+        assert!(image_panics(&bad));
+        assert!(!image_panics(&good));
+        assert!(
+            !image_panics(&dir.path().join("missing.img")),
+            "an absent image is not this check's business"
+        );
     }
 }

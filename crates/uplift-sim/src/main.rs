@@ -31,6 +31,15 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     max_boots: u32,
 
+    /// Slot A image; with --slot-b, lets the simulated kernel refuse an
+    /// image marked unbootable (see `uplift_sim::KERNEL_PANIC_MARKER`).
+    #[arg(long, value_name = "PATH", requires = "slot_b")]
+    slot_a: Option<PathBuf>,
+
+    /// Slot B image.
+    #[arg(long, value_name = "PATH", requires = "slot_a")]
+    slot_b: Option<PathBuf>,
+
     /// The agent command, after `--`.
     #[arg(
         last = true,
@@ -63,6 +72,7 @@ fn try_main(args: Args) -> anyhow::Result<ExitCode> {
         max_boots: args.max_boots,
         program: agent.next().context("no agent command given after `--`")?,
         args: agent.collect(),
+        slots: args.slot_a.zip(args.slot_b).map(|(a, b)| [a, b]),
     };
     let outcome = run(&config, stop)?;
     // Exit codes are 0..=255 on Unix and 128+signal stays below 256.

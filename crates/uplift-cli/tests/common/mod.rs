@@ -75,15 +75,27 @@ impl Fixture {
             enrollment_token: self.server.enrollment_token.clone(),
             trusted_keys: vec![self.key.public_key().to_string()],
             health_check: vec!["true".into()],
+            trial_boot_attempts: 1,
+            extra_config: String::new(),
         }
     }
 
     /// Provisions and powers on a device.
     pub fn device(&self, name: &str, spec: DeviceSpec) -> Device {
+        self.device_via(name, spec, &self.server.endpoint.url)
+    }
+
+    /// Provisions and powers on a device that reaches the server at `url`
+    /// (e.g. through a fault-injecting proxy).
+    pub fn device_via(&self, name: &str, spec: DeviceSpec, url: &str) -> Device {
+        let endpoint = uplift_proto::api::ServerEndpoint {
+            url: url.to_owned(),
+            ..self.server.endpoint.clone()
+        };
         let mut device = Device::provision(
             &self.path(&format!("devices/{name}")),
             &spec,
-            &self.server.endpoint,
+            &endpoint,
             &self.image_v1_0,
         )
         .expect("provision device");

@@ -1,0 +1,273 @@
+//! Faults injected for real: SIGKILL of the agent mid-download and at random
+//! moments, dropped TCP connections, SIGKILL of the server mid-rollout, and a
+//! release whose kernel never boots. After each, every device boots a good
+//! slot, finishes on the expected version, and fetched no chunk twice.
+
+mod common;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use std::time::{Duration, Instant};
+use uplift_cli::fleet::{write_image, write_unbootable_image, Device, Proxy, ServerProcess};
+use uplift_proto::channel::AgentState;
+use uplift_proto::{ErrorKind, SlotName};
+
+/// Bytes per second a throttled link carries, so a 2 MiB download takes
+/// long enough to be interrupted in the middle.
+const SLOW_LINK: u64 = 768 * 1024;
+
+/// A release that shares nothing with the factory image: every chunk must
+/// cross the network, so progress is visible and interruptible.
+async fn fresh_release(fx: &Fixture, version: &str) -> usize {
+    let image = fx.path(&format!("images/fresh-{version}.img"));
+    write_image(&image, IMAGE_SIZE, 1000 + version.len() as u64).unwrap();
+    let dir = fx.release(version, DEVICE_TYPE, &image, &fx.key).await;
+    let manifest = uplift_release::build::ReleaseDir::open(&dir)
+        .unwrap()
+        .read_manifest()
+        .unwrap();
+    manifest.parse_unverified().unwrap().chunks.len()
+}
+
+async fn proxy_to(server: &ServerProcess) -> Proxy {
+    let addr = server
+        .endpoint
+        .url
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    Proxy::start(addr).await.unwrap()
+}
+
+fn assert_boots_a_complete_image(device: &Device, images: &[String]) {
+    let boot = device
+        .boot_state()
+        .expect("the boot environment is always readable");
+    let default = sha256_file(&device.slot_path(boot.default_slot));
+    assert!(
+        images.contains(&default),
+        "default slot {} holds an image we shipped",
+        boot.default_slot
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_resumes_after_the_agent_is_killed_and_fetches_no_chunk_twice() {
+    let fx = Fixture::start();
+    let proxy = proxy_to(&fx.server).await;
+    let mut device = fx.device_via("killed", fx.spec("hw-killed"), &proxy.url());
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let chunks = fresh_release(&fx, "2.0").await;
+    proxy.set_rate(SLOW_LINK);
+    fx.rollout("2.0", None).await;
+
+    fx.wait_device(&device, "a third of the download", |d| {
+        d.progress.is_some_and(|p| p.done_bytes * 3 > p.total_bytes)
+    })
+    .await;
+    assert!(device.kill_agent(), "the agent was running");
+    let before = fx.client.stats().await.unwrap().chunks_sent;
+    assert!(
+        before > 0 && (before as usize) < chunks,
+        "killed mid-download: {before} of {chunks}"
+    );
+    assert_eq!(device.boot_state().unwrap().default_slot, SlotName::A);
+
+    proxy.set_rate(0);
+    device.start(&fx.bins).unwrap();
+    fx.wait_device(&device, "the upgrade to finish", |d| {
+        d.running_version == Some(v("2.0")) && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let total = fx.client.stats().await.unwrap().chunks_sent as usize;
+    assert!(
+        total <= chunks + 1,
+        "{total} chunk downloads for {chunks} chunks: at most the one in flight is repeated"
+    );
+    assert_eq!(device.boot_state().unwrap().default_slot, SlotName::B);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_mid_download_resume_without_refetching() {
+    let fx = Fixture::start();
+    let proxy = proxy_to(&fx.server).await;
+    let device = fx.device_via("flaky", fx.spec("hw-flaky"), &proxy.url());
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let chunks = fresh_release(&fx, "2.0").await;
+    proxy.set_rate(SLOW_LINK);
+    fx.rollout("2.0", None).await;
+
+    let mut cuts = 0;
+    for third in 1..=2u64 {
+        fx.wait_device(&device, "download progress", |d| {
+            d.progress
+                .is_some_and(|p| p.done_bytes * 3 > p.total_bytes * third)
+        })
+        .await;
+        proxy.cut_all();
+        cuts += 1;
+    }
+    fx.wait_device(&device, "the upgrade to finish", |d| {
+        d.running_version == Some(v("2.0")) && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let total = fx.client.stats().await.unwrap().chunks_sent as usize;
+    assert!(
+        total <= chunks + cuts,
+        "{total} chunk downloads for {chunks} chunks after {cuts} cuts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_killed_mid_rollout_restarts_and_every_device_finishes_once() {
+    const DEVICES: usize = 8;
+    let mut fx = Fixture::start();
+    let proxy = proxy_to(&fx.server).await;
+    let devices: Vec<Device> = (0..DEVICES)
+        .map(|i| fx.device_via(&format!("d{i}"), fx.spec(&format!("hw-{i}")), &proxy.url()))
+        .collect();
+    let all: Vec<&Device> = devices.iter().collect();
+    fx.wait_for("enrollment", &all, |views| {
+        views.len() == DEVICES && views.iter().all(|d| d.online)
+    })
+    .await;
+    fresh_release(&fx, "2.0").await;
+    proxy.set_rate(SLOW_LINK / 2);
+    let rollout = fx.rollout("2.0", None).await;
+    fx.wait_for("devices downloading", &all, |views| {
+        views
+            .iter()
+            .filter(|d| d.state == Some(AgentState::Downloading))
+            .count()
+            >= DEVICES / 2
+    })
+    .await;
+
+    // SIGKILL, not a clean stop: no chance to flush anything.
+    let listen = fx
+        .server
+        .endpoint
+        .url
+        .trim_start_matches("https://")
+        .to_owned();
+    fx.server.kill();
+    fx.server = ServerProcess::start_on(&fx.bins, &fx.path("server"), &listen)
+        .expect("restart on the same address");
+    fx.client = fx.server.client().unwrap();
+    proxy.set_rate(0);
+
+    let views = fx
+        .wait_for("every device on 2.0", &all, |views| {
+            views
+                .iter()
+                .all(|d| d.running_version == Some(v("2.0")) && d.state == Some(AgentState::Idle))
+        })
+        .await;
+    assert_eq!(views.len(), DEVICES, "no device forgotten or duplicated");
+    let status = fx.client.rollout(rollout).await.unwrap();
+    assert_eq!(
+        (status.counts.succeeded, status.status.as_str()),
+        (DEVICES as u64, "finished")
+    );
+    for device in &devices {
+        let boot = device.boot_state().unwrap();
+        assert_eq!((boot.default_slot, boot.trial), (SlotName::B, None));
+        assert_eq!(
+            device.log().matches("committed slot=").count(),
+            1,
+            "upgraded exactly once:\n{}",
+            device.log()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_kernel_never_boots_falls_back_after_its_tries() {
+    let fx = Fixture::start();
+    let mut spec = fx.spec("hw-bricked");
+    spec.trial_boot_attempts = 2;
+    let device = fx.device("bricked", spec);
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let image = fx.path("images/unbootable.img");
+    write_unbootable_image(&image, IMAGE_SIZE, 77).unwrap();
+    fx.release("2.0", DEVICE_TYPE, &image, &fx.key).await;
+    fx.rollout("2.0", None).await;
+
+    let view = fx
+        .wait_device(&device, "the rollback", |d| {
+            d.state == Some(AgentState::RolledBack) && d.online
+        })
+        .await;
+    assert_eq!(view.running_version, Some(v("1.0")));
+    let error = view.last_error.unwrap();
+    assert_eq!(error.kind, ErrorKind::RolledBack);
+    assert!(error.message.contains("fell back to slot a"), "{error}");
+    let log = device.log();
+    for line in [
+        "slot b (trial, 1 try left)",
+        "slot b (trial, 0 tries left)",
+        "slot a (fallback from b)",
+    ] {
+        assert!(log.contains(line), "missing {line:?} in:\n{log}");
+    }
+    assert_eq!(log.matches("kernel panic").count(), 2, "each try was spent");
+    let boot = device.boot_state().unwrap();
+    assert_eq!(
+        (boot.default_slot, boot.trial, boot.fallback_from),
+        (SlotName::A, None, None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_killed_at_random_moments_never_leaves_an_unbootable_device() {
+    let fx = Fixture::start();
+    let proxy = proxy_to(&fx.server).await;
+    let mut device = fx.device_via("chaos", fx.spec("hw-chaos"), &proxy.url());
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let new_image = fx.path("images/fresh-2.0.img");
+    write_image(&new_image, IMAGE_SIZE, 4242).unwrap();
+    fx.release("2.0", DEVICE_TYPE, &new_image, &fx.key).await;
+    let shipped = [sha256_file(&fx.image_v1_0), sha256_file(&new_image)];
+    proxy.set_rate(SLOW_LINK * 2);
+    fx.rollout("2.0", None).await;
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
+    let mut kills = 0;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(50..600))).await;
+        if device.kill_agent() {
+            kills += 1;
+        }
+        assert_boots_a_complete_image(&device, &shipped);
+        device.start(&fx.bins).unwrap();
+    }
+    assert!(kills >= 4, "the agent was killed {kills} times");
+    proxy.set_rate(0);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let views = fx.client.devices().await.unwrap();
+        if views[0].running_version == Some(v("2.0")) && views[0].state == Some(AgentState::Idle) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never finished after {kills} kills:\n{}",
+            device.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_boots_a_complete_image(&device, &shipped);
+    assert_eq!(device.boot_state().unwrap().default_slot, SlotName::B);
+}
