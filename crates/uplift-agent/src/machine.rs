@@ -52,6 +52,24 @@ pub enum Event {
     InstallDone,
     InstallFailed(WireError),
     CommitFailed(WireError),
+    /// The wait scheduled by [`Action::ScheduleRetry`] is over.
+    RetryDue,
+}
+
+/// Install attempts per rollout and version before the agent gives up.
+pub const MAX_INSTALL_ATTEMPTS: u32 = 3;
+
+/// Failures a new attempt can cure: the network, a chunk damaged in
+/// transit or storage, a write error. A bad signature, another device type
+/// or a downgrade fail the same way every time and are not retried.
+fn retryable(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::DownloadFailed
+            | ErrorKind::ChunkHashMismatch
+            | ErrorKind::ImageHashMismatch
+            | ErrorKind::SlotIo
+    )
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +85,10 @@ pub enum Action {
     CancelInstall,
     Reboot,
     Report,
+    /// Deliver [`Event::RetryDue`] after a backoff for this attempt number.
+    ScheduleRetry {
+        attempt: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +102,11 @@ pub struct Machine {
     /// The newest offer that arrived while a trial was being tested; it is
     /// considered once the trial is committed.
     deferred: Option<Offer>,
+    /// Failed attempts at the current offer, keyed by rollout and version
+    /// (a new rollout of the same version starts a fresh budget).
+    attempts: Option<(i64, Version, u32)>,
+    /// The offer to retry when a scheduled retry is due.
+    last_offer: Option<Offer>,
 }
 
 impl Machine {
@@ -118,6 +145,8 @@ impl Machine {
             progress: None,
             refused,
             deferred: None,
+            attempts: None,
+            last_offer: None,
         };
 
         if boot.trial.as_ref().is_some_and(|t| t.slot == booted) {
@@ -259,12 +288,39 @@ impl Machine {
                 vec![Action::Report, Action::Reboot]
             }
             (Phase::Installing { offer, .. }, Event::InstallFailed(error)) => {
+                let offer = offer.clone();
+                let attempt = self.failed_attempts(&offer) + 1;
+                self.attempts = Some((offer.rollout_id, offer.version.clone(), attempt));
+                let retry = retryable(error.kind) && attempt < MAX_INSTALL_ATTEMPTS;
+                let error = if retry {
+                    WireError::new(
+                        error.kind,
+                        format!(
+                            "{} (attempt {attempt} of {MAX_INSTALL_ATTEMPTS}; retrying)",
+                            error.message
+                        ),
+                    )
+                } else if retryable(error.kind) {
+                    Self::gave_up(&offer, attempt, &error)
+                } else {
+                    error
+                };
                 self.phase = Phase::Failed {
                     target: offer.version.clone(),
                     error,
                 };
-                vec![Action::Report]
+                self.last_offer = Some(offer);
+                if retry {
+                    vec![Action::Report, Action::ScheduleRetry { attempt }]
+                } else {
+                    vec![Action::Report]
+                }
             }
+            (Phase::Failed { .. }, Event::RetryDue) => match self.last_offer.clone() {
+                Some(offer) => self.consider(offer),
+                None => vec![],
+            },
+            (_, Event::RetryDue) => vec![],
             (_, Event::CommitFailed(error)) => {
                 self.phase = Phase::Failed {
                     target: self.running.clone(),
@@ -285,10 +341,47 @@ impl Machine {
     }
 
     /// The patent's comparison: same version, nothing to do; different, fetch it.
+    fn failed_attempts(&self, offer: &Offer) -> u32 {
+        match &self.attempts {
+            Some((rollout, version, n))
+                if *rollout == offer.rollout_id && *version == offer.version =>
+            {
+                *n
+            }
+            _ => 0,
+        }
+    }
+
+    fn gave_up(offer: &Offer, attempts: u32, last: &WireError) -> WireError {
+        WireError::new(
+            last.kind,
+            format!(
+                "gave up on {} after {attempts} failed attempts; last: {}. Fix the cause, then start a new rollout",
+                offer.version,
+                last.message
+            ),
+        )
+    }
+
     fn consider(&mut self, offer: Offer) -> Vec<Action> {
         self.progress = None;
         if offer.version == self.running {
             self.phase = Phase::Idle;
+            return vec![Action::Report];
+        }
+        if self.failed_attempts(&offer) >= MAX_INSTALL_ATTEMPTS {
+            // A repeated offer (e.g. on every reconnect) must not restart a
+            // download that already failed its whole budget.
+            if !matches!(&self.phase, Phase::Failed { target, .. } if *target == offer.version) {
+                let error = WireError::new(
+                    ErrorKind::DownloadFailed,
+                    format!("gave up on {} after {MAX_INSTALL_ATTEMPTS} failed attempts; start a new rollout to try again", offer.version),
+                );
+                self.phase = Phase::Failed {
+                    target: offer.version.clone(),
+                    error,
+                };
+            }
             return vec![Action::Report];
         }
         if self.refused.contains(&offer.version) {
@@ -485,12 +578,74 @@ mod tests {
         let err = WireError::new(ErrorKind::ChunkHashMismatch, "chunk x");
         assert_eq!(
             m.handle(Event::InstallFailed(err.clone())),
-            vec![Action::Report]
+            vec![Action::Report, Action::ScheduleRetry { attempt: 1 }]
         );
         let report = m.report();
         assert_eq!(report.state, AgentState::Failed);
-        assert_eq!(report.error, Some(err));
+        let reported = report.error.unwrap();
+        assert_eq!(reported.kind, ErrorKind::ChunkHashMismatch);
+        assert!(
+            reported.message.starts_with("chunk x"),
+            "{}",
+            reported.message
+        );
         assert_eq!(report.running_version, v("1.0"));
+    }
+
+    #[test]
+    fn a_download_failure_is_retried_with_backoff_then_given_up_after_the_budget() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        let failure = WireError::new(ErrorKind::DownloadFailed, "server unreachable");
+        for attempt in 1..MAX_INSTALL_ATTEMPTS {
+            assert_eq!(
+                m.handle(Event::InstallFailed(failure.clone())),
+                vec![Action::Report, Action::ScheduleRetry { attempt }]
+            );
+            assert!(m.report().error.unwrap().message.contains("retrying"));
+            assert_eq!(
+                m.handle(Event::RetryDue),
+                vec![Action::StartInstall(offer("1.1")), Action::Report]
+            );
+        }
+        assert_eq!(
+            m.handle(Event::InstallFailed(failure)),
+            vec![Action::Report],
+            "budget spent: no more retries"
+        );
+        let report = m.report();
+        assert_eq!(report.state, AgentState::Failed);
+        assert!(report
+            .error
+            .unwrap()
+            .message
+            .contains("gave up on 1.1 after 3 failed attempts"));
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::Report],
+            "a repeated offer does not restart it"
+        );
+        let next_rollout = Offer {
+            rollout_id: 2,
+            ..offer("1.1")
+        };
+        assert_eq!(
+            m.handle(Event::Offer(next_rollout.clone())),
+            vec![Action::StartInstall(next_rollout), Action::Report],
+            "a new rollout gets a fresh budget"
+        );
+    }
+
+    #[test]
+    fn a_failure_that_cannot_heal_is_not_retried() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        let failure = WireError::new(ErrorKind::ManifestSignature, "unknown key");
+        assert_eq!(
+            m.handle(Event::InstallFailed(failure.clone())),
+            vec![Action::Report]
+        );
+        assert_eq!(m.report().error, Some(failure));
     }
 
     #[test]

@@ -174,6 +174,19 @@ pub async fn run(
                     );
                     install = Some(tokio::spawn(job));
                 }
+                Action::ScheduleRetry { attempt } => {
+                    let wait = retry_delay(attempt, &mut rand::thread_rng());
+                    tracing::info!(
+                        "retrying the install in {:.0}s (attempt {} failed)",
+                        wait.as_secs_f32(),
+                        attempt
+                    );
+                    let tx = event_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        let _ = tx.send(Event::RetryDue).await;
+                    });
+                }
                 Action::CancelInstall => {
                     if let Some(old) = install.take() {
                         old.abort();
@@ -273,6 +286,13 @@ async fn reboot(config: &AgentConfig) -> anyhow::Result<Exit> {
             }
         }
     }
+}
+
+/// Wait before install attempt `attempt + 1`: seconds, not minutes, since
+/// the budget is small; jittered so a fleet does not retry in step.
+pub fn retry_delay(attempt: u32, rng: &mut impl Rng) -> Duration {
+    let base = Duration::from_secs(2u64 << attempt.min(6));
+    base / 2 + Duration::from_millis(rng.gen_range(0..=base.as_millis() as u64 / 2))
 }
 
 /// Keeps the device channel open: connect, authenticate, forward offers in,

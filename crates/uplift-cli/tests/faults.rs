@@ -271,3 +271,66 @@ async fn the_agent_killed_at_random_moments_never_leaves_an_unbootable_device() 
     assert_boots_a_complete_image(&device, &shipped);
     assert_eq!(device.boot_state().unwrap().default_slot, SlotName::B);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_missing_on_the_server_fails_visibly_after_a_bounded_number_of_attempts() {
+    let fx = Fixture::start();
+    let device = fx.device("starved", fx.spec("hw-starved"));
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let image = fx.path("images/fresh-2.0.img");
+    write_image(&image, IMAGE_SIZE, 515).unwrap();
+    let dir = fx.release("2.0", DEVICE_TYPE, &image, &fx.key).await;
+    let manifest = uplift_release::build::ReleaseDir::open(&dir)
+        .unwrap()
+        .read_manifest()
+        .unwrap();
+    let lost = manifest.parse_unverified().unwrap().chunks[5].hash.to_hex();
+    std::fs::remove_file(
+        fx.server
+            .dir
+            .join("chunks")
+            .join(&lost[..2])
+            .join(format!("{lost}.zst")),
+    )
+    .unwrap();
+    let env_before = std::fs::read(device.bootenv_path()).unwrap();
+    fx.rollout("2.0", None).await;
+
+    let view = fx
+        .wait_device(&device, "the agent to give up", |d| {
+            d.last_error
+                .as_ref()
+                .is_some_and(|e| e.message.contains("gave up"))
+        })
+        .await;
+    let error = view.last_error.unwrap();
+    assert_eq!(
+        (view.state, error.kind),
+        (Some(AgentState::Failed), ErrorKind::DownloadFailed)
+    );
+    assert!(
+        error.message.contains(&lost) && error.message.contains("404"),
+        "{error}"
+    );
+    assert_eq!(
+        device.log().matches("retrying the install").count(),
+        2,
+        "{}",
+        device.log()
+    );
+    assert_eq!(
+        std::fs::read(device.bootenv_path()).unwrap(),
+        env_before,
+        "boot choice untouched"
+    );
+    let sent = fx.client.stats().await.unwrap().chunks_sent;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fx.client.stats().await.unwrap().chunks_sent,
+        sent,
+        "no more downloads once it gave up"
+    );
+}

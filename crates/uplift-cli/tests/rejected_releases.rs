@@ -188,3 +188,53 @@ async fn the_same_version_offered_downloads_and_writes_nothing() {
         "boot environment untouched"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_is_refused_unless_the_rollout_explicitly_allows_it() {
+    let fx = Fixture::start();
+    let (device, env) = enrolled_device(&fx, "downgrade").await;
+    fx.release("0.9", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    fx.rollout("0.9", None).await;
+    let message = assert_rejected(&fx, &device, &env, ErrorKind::DowngradeRefused).await;
+    assert!(
+        message.contains("--allow-downgrade"),
+        "says what to do: {message}"
+    );
+    assert_eq!(
+        fx.client.stats().await.unwrap().bytes_sent,
+        0,
+        "nothing downloaded"
+    );
+
+    fx.client
+        .start_rollout(&uplift_proto::api::RolloutCreate {
+            release: v("0.9"),
+            devices: None,
+            allow_downgrade: true,
+        })
+        .await
+        .unwrap();
+    fx.wait_device(&device, "the allowed downgrade", |d| {
+        d.running_version == Some(v("0.9")) && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    assert_eq!(device.boot_state().unwrap().default_slot, SlotName::B);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_manifest_is_rejected() {
+    let fx = Fixture::start();
+    let (device, env) = enrolled_device(&fx, "frozen").await;
+    // Signed two years ago, valid for a month: a replayed, stale release.
+    let mut options =
+        uplift_release::build::ReleaseOptions::new(v("1.1"), DEVICE_TYPE.parse().unwrap());
+    options.now -= time::Duration::days(730);
+    options.valid_for = time::Duration::days(30);
+    let dir = fx.path("releases/expired");
+    uplift_release::build::create_release(&fx.image_v1_1, &dir, &options, &fx.key).unwrap();
+    fx.client.upload_release(&dir, |_| {}).await.unwrap();
+    fx.rollout("1.1", None).await;
+    let message = assert_rejected(&fx, &device, &env, ErrorKind::ManifestExpired).await;
+    assert!(message.contains("expired"), "{message}");
+}

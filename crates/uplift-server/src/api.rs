@@ -6,6 +6,7 @@ use crate::error::ApiError;
 use crate::state::{now_rfc3339, AppState};
 use crate::store::{DeviceRecord, ReleaseRecord, RolloutRecord};
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -166,9 +167,9 @@ async fn list_releases(
 
 async fn missing_chunks(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<MissingChunksResponse>, ApiError> {
-    let request: MissingChunksRequest = parse_json(&body)?;
+    let request: MissingChunksRequest = parse_json(&body?)?;
     let mut missing = Vec::new();
     for hash in request.chunks {
         if state.artifacts.stored_len(&hash).await?.is_none() {
@@ -180,10 +181,12 @@ async fn missing_chunks(
 
 async fn upload_chunk(
     State(state): State<Arc<AppState>>,
-    Path(hash): Path<String>,
-    body: Bytes,
+    hash: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let Path(hash) = hash?;
     let hash: ChunkHash = parse_name(&hash)?;
+    let body = body?;
     if state.artifacts.stored_len(&hash).await?.is_some() {
         return Ok(StatusCode::OK);
     }
@@ -201,8 +204,9 @@ async fn upload_chunk(
 
 async fn upload_release(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<ReleaseView>), ApiError> {
+    let body = body?;
     let signed = SignedManifest::from_json(&body)?;
     // The server holds no release keys; agents verify signatures. It checks
     // the manifest is well-formed and complete so it never offers a broken one.
@@ -240,9 +244,9 @@ async fn upload_release(
 
 async fn start_rollout(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
-    let request: RolloutCreate = parse_json(&body)?;
+    let request: RolloutCreate = parse_json(&body?)?;
     let release = state
         .store
         .release(&request.release)
@@ -353,8 +357,9 @@ async fn list_rollouts(
 
 async fn show_rollout(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RolloutView>, ApiError> {
+    let Path(id) = id?;
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("rollout id {id:?} is not a number")))?;
@@ -381,9 +386,10 @@ async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<ServerStats>, 
 async fn device_manifest(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(version): Path<String>,
+    version: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     device_of(&state, &headers)?;
+    let Path(version) = version?;
     let version: Version = parse_name(&version)?;
     let release =
         state.store.release(&version).await?.ok_or_else(|| {
@@ -413,9 +419,10 @@ fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
 async fn device_chunk(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(hash): Path<String>,
+    hash: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     device_of(&state, &headers)?;
+    let Path(hash) = hash?;
     let hash: ChunkHash = parse_name(&hash)?;
     let not_found = || ApiError::not_found(format!("chunk {hash} is not on the server"));
     let len = state
@@ -429,11 +436,20 @@ async fn device_chunk(
         Some(r) => match parse_range(r, len) {
             Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
             None => {
-                return Ok((
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    [(header::CONTENT_RANGE, format!("bytes */{len}"))],
-                )
-                    .into_response())
+                // HTTP requires 416 here; the body is our usual JSON error.
+                let shown: String = r.chars().take(80).collect();
+                let mut response = ApiError::bad_request(format!(
+                    "range {shown:?} is not satisfiable for chunk {hash} of {len} stored bytes; \
+                     ask for bytes=START-[END] with START <= END and START below {len}"
+                ))
+                .into_response();
+                *response.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                response.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{len}"))
+                        .expect("digits are a valid header"),
+                );
+                return Ok(response);
             }
         },
     };

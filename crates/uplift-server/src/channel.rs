@@ -2,11 +2,13 @@
 //! the device is (enrollment or signature over a fresh nonce), then carries
 //! pushes from the server and reports from the device until either side goes.
 
+use crate::error::ApiError;
 use crate::state::{now_rfc3339, AppState};
 use crate::store::NewDevice;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ed25519_dalek::{Signature, VerifyingKey};
@@ -15,13 +17,19 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use uplift_proto::api::device_manifest_path;
-use uplift_proto::channel::{self, AgentMsg, Offer, ServerMsg, MAX_FRAME_BYTES};
+use uplift_proto::channel::{self, AgentMsg, FrameError, Offer, ServerMsg, MAX_FRAME_BYTES};
 use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, WireError};
 
-const AUTH_TIMEOUT: Duration = Duration::from_secs(15);
 const PING_EVERY: Duration = Duration::from_secs(20);
 
-pub async fn upgrade(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+pub async fn upgrade(
+    State(state): State<Arc<AppState>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return ApiError::from(rejection).into_response(),
+    };
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
@@ -69,14 +77,26 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
         },
     )
     .await?;
-    let first = match timeout(AUTH_TIMEOUT, next_text(&mut socket)).await {
+    let auth_timeout = state.limits.auth_timeout();
+    let first = match timeout(auth_timeout, next_text(&mut socket)).await {
         Ok(Ok(Some(text))) => text,
         Ok(Err(err)) => return Err(refuse(&mut socket, err).await),
-        Ok(Ok(None)) | Err(_) => return Err(SessionError::Gone),
+        Ok(Ok(None)) => return Err(SessionError::Gone),
+        Err(_) => {
+            let err = WireError::new(
+                ErrorKind::Unauthorized,
+                format!(
+                    "no enroll or authenticate frame within {} s of the challenge; closing the channel, \
+                     connect again and answer the challenge at once",
+                    auth_timeout.as_secs()
+                ),
+            );
+            return Err(refuse(&mut socket, err).await);
+        }
     };
-    let hello = match channel::decode::<AgentMsg>(&first) {
+    let hello = match decode_agent_msg(&first) {
         Ok(msg) => msg,
-        Err(e) => return Err(refuse(&mut socket, e.to_wire()).await),
+        Err(err) => return Err(refuse(&mut socket, err).await),
     };
     let (device_id, enrolled) = match authenticate(&state, &nonce, hello).await {
         Ok(ok) => ok,
@@ -122,16 +142,38 @@ async fn next_text(socket: &mut WebSocket) -> Result<Option<String>, WireError> 
     }
 }
 
+/// Decodes a device's frame. A frame of a type the server knows whose fields
+/// are invalid (a name holding '/', a missing field) is a bad request naming
+/// the field; a frame of no known type is malformed.
+fn decode_agent_msg(frame: &str) -> Result<AgentMsg, WireError> {
+    let value: serde_json::Value = channel::decode(frame).map_err(|e| e.to_wire())?;
+    // The `type`s that `AgentMsg` has.
+    let known = match value.get("type").and_then(|t| t.as_str()) {
+        Some(t @ ("enroll" | "authenticate" | "report")) => Some(t.to_owned()),
+        _ => None,
+    };
+    serde_json::from_value(value).map_err(|e| match known {
+        Some(t) => WireError::new(ErrorKind::BadRequest, format!("{t} frame refused: {e}")),
+        None => FrameError::UnknownMessage(e.to_string()).to_wire(),
+    })
+}
+
 /// A socket error is the peer's fault only when it broke the protocol (an
 /// oversized or malformed frame); a dropped connection is just a device gone.
+/// axum hides tungstenite's error type, so its message is all there is.
 fn classify_socket_error(e: &axum::Error) -> Option<WireError> {
     let text = e.to_string();
-    if text.contains("Space limit exceeded") || text.contains("too long") {
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("space limit exceeded") || lower.contains("too long") {
         Some(WireError::new(
             ErrorKind::FrameTooLarge,
             format!("frame exceeds the limit of {MAX_FRAME_BYTES} bytes: {text}"),
         ))
-    } else if text.contains("Protocol error") || text.contains("UTF-8") {
+    } else if lower.contains("without closing handshake") {
+        // "WebSocket protocol error: Connection reset without closing
+        // handshake": the device went away, it broke nothing.
+        None
+    } else if lower.contains("protocol error") || lower.contains("utf-8") {
         Some(WireError::new(
             ErrorKind::MalformedFrame,
             format!("unreadable frame: {text}"),
@@ -314,7 +356,7 @@ async fn serve_device(
                         None => return Err(SessionError::Gone),
                     },
                 };
-                match channel::decode::<AgentMsg>(text.as_str()) {
+                match decode_agent_msg(text.as_str()) {
                     Ok(AgentMsg::Report(report)) => {
                         tracing::debug!(device = %device, state = report.state.as_str(), "report");
                         if let Err(e) = state.store.record_report(device, &report, &now_rfc3339()).await {
@@ -324,7 +366,7 @@ async fn serve_device(
                     Ok(AgentMsg::Enroll { .. } | AgentMsg::Authenticate { .. }) => {
                         return Err(refuse(socket, WireError::new(ErrorKind::UnexpectedMessage, "already authenticated on this channel")).await)
                     }
-                    Err(e) => return Err(refuse(socket, e.to_wire()).await),
+                    Err(err) => return Err(refuse(socket, err).await),
                 }
             }
             push = pushes.recv() => match push {

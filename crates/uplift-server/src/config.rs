@@ -28,7 +28,7 @@ pub struct ServerConfig {
     pub limits: Limits,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain; with `key_file`, replaces the generated one.
@@ -37,6 +37,18 @@ pub struct TlsConfig {
     /// Names and addresses the generated certificate is valid for.
     #[serde(default = "default_hostnames")]
     pub hostnames: Vec<String>,
+}
+
+// Not derived: a config file without a `[tls]` table must still get a
+// certificate valid for the default names, not one valid for no name at all.
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            hostnames: default_hostnames(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +63,9 @@ pub struct Limits {
     /// Seconds a device channel may stay silent before it is closed.
     #[serde(default = "default_idle_secs")]
     pub channel_idle_timeout_secs: u64,
+    /// Seconds a new device channel has to enroll or authenticate.
+    #[serde(default = "default_auth_secs")]
+    pub auth_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -59,6 +74,7 @@ impl Default for Limits {
             max_connections: default_max_connections(),
             handshake_timeout_secs: default_handshake_secs(),
             channel_idle_timeout_secs: default_idle_secs(),
+            auth_timeout_secs: default_auth_secs(),
         }
     }
 }
@@ -69,6 +85,9 @@ impl Limits {
     }
     pub fn channel_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.channel_idle_timeout_secs)
+    }
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_secs(self.auth_timeout_secs)
     }
 }
 
@@ -87,16 +106,16 @@ fn default_handshake_secs() -> u64 {
 fn default_idle_secs() -> u64 {
     90
 }
+fn default_auth_secs() -> u64 {
+    15
+}
 
 impl ServerConfig {
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
         Self {
             listen: default_listen(),
             data_dir,
-            tls: TlsConfig {
-                hostnames: default_hostnames(),
-                ..TlsConfig::default()
-            },
+            tls: TlsConfig::default(),
             enrollment_tokens: Vec::new(),
             admin_token: None,
             limits: Limits::default(),
@@ -108,5 +127,21 @@ impl ServerConfig {
             .map_err(|e| anyhow::anyhow!("cannot read server config {}: {e}", path.display()))?;
         toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("invalid server config {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_without_optional_tables_gets_the_defaults() {
+        let config: ServerConfig = toml::from_str("data_dir = \"/var/lib/uplift\"\n").unwrap();
+        assert_eq!(config.tls.hostnames, default_hostnames());
+        assert_eq!(config.limits.auth_timeout(), Duration::from_secs(15));
+        let config: ServerConfig =
+            toml::from_str("data_dir = \"/x\"\n[limits]\nauth_timeout_secs = 2\n").unwrap();
+        assert_eq!(config.limits.auth_timeout(), Duration::from_secs(2));
+        assert_eq!(config.limits.handshake_timeout(), Duration::from_secs(10));
     }
 }

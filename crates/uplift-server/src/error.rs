@@ -1,6 +1,8 @@
 //! The server's error type for HTTP handlers, and the one place that maps a
 //! stable error kind to an HTTP status.
 
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -49,6 +51,62 @@ impl From<uplift_release::ReleaseError> for ApiError {
 impl From<crate::artifacts::ArtifactError> for ApiError {
     fn from(e: crate::artifacts::ArtifactError) -> Self {
         ApiError::new(e.kind(), e.to_string())
+    }
+}
+
+impl ApiError {
+    /// One of axum's own extractor rejections, in our JSON shape. Its status
+    /// says whose fault it is; the kind follows from that.
+    fn rejected(status: StatusCode, message: String) -> Self {
+        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ErrorKind::PayloadTooLarge
+        } else if status == StatusCode::UPGRADE_REQUIRED {
+            ErrorKind::UnsupportedProtocol
+        } else if status.is_server_error() {
+            ErrorKind::Internal
+        } else {
+            ErrorKind::BadRequest
+        };
+        ApiError::new(kind, message)
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::rejected(
+            r.status(),
+            format!(
+                "URL path refused: {}; names in paths are ASCII (hex chunk digests, versions, numbers)",
+                r.body_text()
+            ),
+        )
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        let status = r.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "request body refused: {}; it is larger than any chunk or manifest the server accepts",
+                r.body_text()
+            )
+        } else {
+            format!("request body refused: {}", r.body_text())
+        };
+        ApiError::rejected(status, message)
+    }
+}
+
+impl From<WebSocketUpgradeRejection> for ApiError {
+    fn from(r: WebSocketUpgradeRejection) -> Self {
+        ApiError::rejected(
+            r.status(),
+            format!(
+                "the device channel is a WebSocket and this request is not a WebSocket upgrade: {}",
+                r.body_text()
+            ),
+        )
     }
 }
 

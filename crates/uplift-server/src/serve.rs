@@ -3,7 +3,7 @@
 //! when the shutdown future resolves (the structure of tokio-rs/mini-redis).
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::sync::Arc;
@@ -70,14 +70,19 @@ pub async fn serve(
                     return;
                 }
             };
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // HTTP/1.1 only, the one protocol TLS offers via ALPN. (hyper-util's
+            // auto builder first waits for the client's opening bytes to
+            // guess the version, with no deadline: a client that finished TLS
+            // and then said nothing held its connection slot forever.) Here
+            // the header deadline runs from the first read.
+            let mut builder = hyper::server::conn::http1::Builder::new();
             builder
-                .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(handshake_timeout)
                 .keep_alive(true);
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(app));
+                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 result = conn.as_mut() => {

@@ -1,0 +1,1691 @@
+//! Hostile input against the real `uplift-server` binary, over real TLS.
+//!
+//! Every test starts its own server process (own data directory, a free
+//! loopback port, killed on drop), attacks it, and checks three things: the
+//! attacker gets a clear error (an `error` frame with the right stable kind on
+//! the device channel, or the right HTTP status with a `{kind, message}` JSON
+//! body on the API), the connection or request is refused, and nothing else
+//! is affected: a well-behaved device still enrolls, authenticates and gets
+//! its Welcome, and the admin device list holds exactly the devices that
+//! legitimately enrolled. Every wait is bounded.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ed25519_dalek::{Signer as _, SigningKey};
+use futures_util::{SinkExt as _, StreamExt as _};
+use rustls::pki_types::ServerName;
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use uplift_proto::api::{
+    admin_chunk_path, device_chunk_path, DeviceView, MissingChunksResponse, ReleaseView,
+    RolloutView, ServerEndpoint, DEVICES_PATH, HEALTH_PATH, MISSING_CHUNKS_PATH, RELEASES_PATH,
+    ROLLOUTS_PATH, STATS_PATH,
+};
+use uplift_proto::channel::{self, ServerMsg, CHANNEL_PATH, MAX_FRAME_BYTES};
+use uplift_proto::{ChunkHash, DeviceId, ErrorKind, WireError};
+use uplift_release::{
+    encode_chunk, sha256, sign_manifest, ChunkEntry, Compression, ImageInfo, Manifest,
+    ReleaseSigningKey, SignedManifest, MANIFEST_FORMAT, MAX_MANIFEST_BYTES,
+};
+
+/// Upper bound for any single thing we wait for.
+const WAIT: Duration = Duration::from_secs(20);
+/// Written next to (outside of) the data directory: no response may ever contain it.
+const SECRET: &str = "secret-outside-the-data-dir-7f3a";
+const DEVICE_TYPE: &str = "gateway-x86";
+
+type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+// ---------------------------------------------------------------- server
+
+/// A running `uplift-server` process; killed when dropped.
+struct Server {
+    child: Child,
+    _tmp: tempfile::TempDir,
+    /// Holds the data directory, the secret files, the ready file and the log.
+    root: PathBuf,
+    addr: SocketAddr,
+    url: String,
+    admin_token: String,
+    enrollment_token: String,
+    tls: Arc<rustls::ClientConfig>,
+    http: reqwest::Client,
+    log: PathBuf,
+    /// Devices that enrolled legitimately: the admin list must hold exactly these.
+    legit: Mutex<BTreeSet<String>>,
+    next_hw: AtomicU32,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log_tail(100000));
+        }
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn client_tls(ca_file: &Path) -> Arc<rustls::ClientConfig> {
+    let pem = std::fs::read(ca_file).expect("reading the server's CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.expect("CA parses")).expect("CA is usable");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+impl Server {
+    async fn start() -> Server {
+        Self::start_with_limits(None).await
+    }
+
+    /// Starts a server; `limits` is the body of a `[limits]` TOML table.
+    async fn start_with_limits(limits: Option<&str>) -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let root = tmp.path().to_owned();
+        let data = root.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(root.join("secret"), SECRET).unwrap();
+        std::fs::write(root.join("passwd"), SECRET).unwrap();
+        let ready = root.join("ready.json");
+        let log = root.join("server.log");
+        let log_file = File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uplift-server"));
+        if let Some(limits) = limits {
+            let config = root.join("server.toml");
+            let data_str = serde_json::to_string(data.to_str().unwrap()).unwrap();
+            std::fs::write(
+                &config,
+                format!("data_dir = {data_str}\n\n[limits]\n{limits}\n"),
+            )
+            .unwrap();
+            cmd.arg("--config").arg(&config);
+        }
+        cmd.arg("--data-dir")
+            .arg(&data)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "uplift_server=debug")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file);
+        let mut child = cmd.spawn().expect("starting uplift-server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let endpoint: ServerEndpoint = loop {
+            if let Ok(bytes) = std::fs::read(&ready) {
+                break serde_json::from_slice(&bytes).expect("ready file is an endpoint");
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "uplift-server exited with {status} before listening:\n{}",
+                    tail(&log, 30)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("uplift-server did not start in 30 s:\n{}", tail(&log, 30));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let read_token = |path: &Option<PathBuf>| {
+            std::fs::read_to_string(path.as_ref().expect("token generated"))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let admin_token = read_token(&endpoint.admin_token_file);
+        let enrollment_token = read_token(&endpoint.enrollment_token_file);
+        let addr: SocketAddr = endpoint
+            .url
+            .strip_prefix("https://")
+            .expect("https URL")
+            .parse()
+            .expect("URL holds a socket address");
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&endpoint.ca_file).unwrap())
+            .expect("CA parses");
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .timeout(WAIT)
+            .build()
+            .unwrap();
+        Server {
+            child,
+            _tmp: tmp,
+            root,
+            addr,
+            url: endpoint.url.clone(),
+            admin_token,
+            enrollment_token,
+            tls: client_tls(&endpoint.ca_file),
+            http,
+            log,
+            legit: Mutex::new(BTreeSet::new()),
+            next_hw: AtomicU32::new(0),
+        }
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("the server died ({status}):\n{}", tail(&self.log, 40));
+        }
+    }
+
+    async fn tls(&self) -> TlsStream<TcpStream> {
+        let tcp = timeout(WAIT, TcpStream::connect(self.addr))
+            .await
+            .expect("TCP connect within bound")
+            .expect("TCP connect");
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        timeout(
+            WAIT,
+            tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp),
+        )
+        .await
+        .expect("TLS handshake within bound")
+        .expect("TLS handshake")
+    }
+
+    /// Opens the device channel and reads the server's challenge.
+    async fn channel(&self) -> (Ws, Vec<u8>) {
+        let tls = self.tls().await;
+        let url = format!("wss://{}{CHANNEL_PATH}", self.addr);
+        let (mut ws, _) = timeout(WAIT, tokio_tungstenite::client_async(url, tls))
+            .await
+            .expect("WebSocket handshake within bound")
+            .expect("WebSocket handshake");
+        let nonce = match recv(&mut ws).await {
+            ServerMsg::Challenge { nonce } => hex::decode(nonce).expect("hex nonce"),
+            other => panic!("expected a challenge first, got {other:?}"),
+        };
+        (ws, nonce)
+    }
+
+    fn hardware_id(&self) -> String {
+        format!("hw-{}", self.next_hw.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A well-behaved device enrolls: fresh key, the fleet token, a Welcome.
+    async fn enroll(&self) -> Enrolled {
+        let identity = Identity::new();
+        let (mut ws, nonce) = self.channel().await;
+        let hw = self.hardware_id();
+        send_text(
+            &mut ws,
+            identity.enroll_frame(&nonce, &self.enrollment_token, DEVICE_TYPE, &hw),
+        )
+        .await;
+        let (device_id, session_token) = match recv(&mut ws).await {
+            ServerMsg::Welcome {
+                device_id,
+                session_token,
+                enrolled: true,
+            } => (device_id, session_token),
+            other => panic!(
+                "a well-behaved device must get a Welcome on enrollment, got {other:?}\n{}",
+                self.log_tail(20)
+            ),
+        };
+        assert_eq!(recv(&mut ws).await, ServerMsg::NoUpdate);
+        self.legit
+            .lock()
+            .unwrap()
+            .insert(device_id.as_str().to_owned());
+        Enrolled {
+            ws,
+            identity,
+            device_id,
+            session_token,
+        }
+    }
+
+    /// A known device reconnects with a signature over a fresh nonce.
+    async fn authenticate(&self, identity: &Identity, device_id: &DeviceId) -> (Ws, String) {
+        let (mut ws, nonce) = self.channel().await;
+        send_text(
+            &mut ws,
+            identity.authenticate_frame(&nonce, device_id.as_str()),
+        )
+        .await;
+        match recv(&mut ws).await {
+            ServerMsg::Welcome {
+                device_id: got,
+                session_token,
+                enrolled: false,
+            } if got == *device_id => {
+                assert_eq!(recv(&mut ws).await, ServerMsg::NoUpdate);
+                (ws, session_token)
+            }
+            other => panic!("device {device_id} must be welcomed back, got {other:?}"),
+        }
+    }
+
+    /// Nothing else was affected: a fresh device enrolls and reconnects, and
+    /// the admin list holds exactly the legitimately enrolled devices.
+    async fn assert_unaffected(&mut self) {
+        self.assert_running();
+        let mut dev = self.enroll().await;
+        let _ = dev.ws.close(None).await;
+        let (mut ws, _) = self.authenticate(&dev.identity, &dev.device_id).await;
+        let _ = ws.close(None).await;
+        let ids: BTreeSet<String> = self
+            .devices()
+            .await
+            .into_iter()
+            .map(|d| d.id.as_str().to_owned())
+            .collect();
+        assert_eq!(
+            ids,
+            *self.legit.lock().unwrap(),
+            "the device list holds exactly the devices that enrolled legitimately"
+        );
+        self.assert_running();
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.url))
+    }
+
+    fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.request(method, path).bearer_auth(&self.admin_token)
+    }
+
+    async fn devices(&self) -> Vec<DeviceView> {
+        let resp = self
+            .admin(reqwest::Method::GET, DEVICES_PATH)
+            .send()
+            .await
+            .expect("device list");
+        assert_eq!(resp.status(), 200);
+        resp.json().await.expect("device list JSON")
+    }
+
+    async fn releases(&self) -> Vec<ReleaseView> {
+        let resp = self
+            .admin(reqwest::Method::GET, RELEASES_PATH)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    async fn missing(&self, hashes: &[ChunkHash]) -> Vec<ChunkHash> {
+        let resp = self
+            .admin(reqwest::Method::POST, MISSING_CHUNKS_PATH)
+            .json(&json!({ "chunks": hashes }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json::<MissingChunksResponse>().await.unwrap().missing
+    }
+
+    async fn put_chunk(&self, name: &str, body: Vec<u8>) -> reqwest::Response {
+        self.admin(reqwest::Method::PUT, &format!("/api/v1/chunks/{name}"))
+            .body(body)
+            .send()
+            .await
+            .expect("chunk upload gets an answer")
+    }
+
+    /// One HTTP/1.1 request over a fresh TLS connection, byte for byte as
+    /// given (no URL normalization by a client library).
+    async fn raw_http(&self, head: &str, body: &[u8]) -> RawResponse {
+        let mut tls = self.tls().await;
+        let request = format!(
+            "{head}\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        // The server may answer (and close) before it has read a body it
+        // refuses; its answer is what counts, not whether our write finished.
+        let _ = timeout(WAIT, async {
+            tls.write_all(request.as_bytes()).await?;
+            tls.write_all(body).await?;
+            tls.flush().await
+        })
+        .await;
+        let mut raw = Vec::new();
+        let read = timeout(WAIT, async {
+            let mut buf = [0u8; 8192];
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => raw.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the server answers {head:?} within {WAIT:?}");
+        RawResponse::parse(&raw)
+    }
+}
+
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn parse(raw: &[u8]) -> RawResponse {
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(raw)));
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let mut body = raw[split + 4..].to_vec();
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        if chunked {
+            body = dechunk(&body);
+        }
+        RawResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json_error(&self, status: u16, kind: ErrorKind) -> WireError {
+        let text = String::from_utf8_lossy(&self.body);
+        assert!(!text.contains(SECRET), "a file outside the data dir leaked");
+        assert_eq!(self.status, status, "body: {text}");
+        check_error_body(self.header("content-type"), &self.body, kind)
+    }
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&body[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
+            .expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&body[eol + 2..eol + 2 + size]);
+        body = &body[eol + 2 + size + 2..];
+    }
+    out
+}
+
+fn check_error_body(content_type: Option<&str>, body: &[u8], kind: ErrorKind) -> WireError {
+    let text = String::from_utf8_lossy(body);
+    assert!(
+        content_type.is_some_and(|c| c.starts_with("application/json")),
+        "error responses are JSON, got content-type {content_type:?}: {text}"
+    );
+    let err: WireError = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("error body is not {{kind, message}}: {e}: {text}"));
+    assert_eq!(err.kind, kind, "{err}");
+    assert!(
+        err.message.len() > 10,
+        "the message says what failed: {err}"
+    );
+    err
+}
+
+/// Checks status and the `{kind, message}` JSON body of an API error.
+async fn json_error(resp: reqwest::Response, status: u16, kind: ErrorKind) -> WireError {
+    let got = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = resp.bytes().await.expect("error body");
+    let text = String::from_utf8_lossy(&body);
+    assert!(!text.contains(SECRET), "a file outside the data dir leaked");
+    assert_eq!(got, status, "body: {text}");
+    check_error_body(content_type.as_deref(), &body, kind)
+}
+
+// ---------------------------------------------------------------- devices
+
+struct Identity {
+    key: SigningKey,
+    public_key: String,
+}
+
+impl Identity {
+    fn new() -> Identity {
+        let key = SigningKey::from_bytes(&rand::random());
+        let public_key = B64.encode(key.verifying_key().to_bytes());
+        Identity { key, public_key }
+    }
+
+    fn sign(&self, nonce: &[u8], claimed: &str) -> String {
+        B64.encode(
+            self.key
+                .sign(&channel::auth_message(nonce, claimed))
+                .to_bytes(),
+        )
+    }
+
+    /// Built as raw JSON so tests can send values the typed messages refuse.
+    fn enroll_frame(&self, nonce: &[u8], token: &str, device_type: &str, hw: &str) -> String {
+        json!({
+            "v": 1,
+            "type": "enroll",
+            "device_type": device_type,
+            "hardware_id": hw,
+            "token": token,
+            "public_key": self.public_key,
+            "signature": self.sign(nonce, &self.public_key),
+        })
+        .to_string()
+    }
+
+    fn authenticate_frame(&self, nonce: &[u8], device_id: &str) -> String {
+        json!({
+            "v": 1,
+            "type": "authenticate",
+            "device_id": device_id,
+            "signature": self.sign(nonce, device_id),
+        })
+        .to_string()
+    }
+}
+
+struct Enrolled {
+    ws: Ws,
+    identity: Identity,
+    device_id: DeviceId,
+    session_token: String,
+}
+
+fn report_frame() -> String {
+    json!({
+        "v": 1,
+        "type": "report",
+        "state": "idle",
+        "running_version": "1.0",
+        "booted_slot": "a",
+        "target_version": null,
+        "progress": null,
+        "error": null,
+    })
+    .to_string()
+}
+
+async fn send_text(ws: &mut Ws, text: String) {
+    timeout(WAIT, ws.send(Message::text(text)))
+        .await
+        .expect("send within bound")
+        .expect("send");
+}
+
+/// Next server message; pings are skipped.
+async fn recv(ws: &mut Ws) -> ServerMsg {
+    loop {
+        let msg = timeout(WAIT, ws.next())
+            .await
+            .expect("the server answers within bound")
+            .expect("the channel is still open")
+            .expect("the channel is readable");
+        match msg {
+            Message::Text(text) => {
+                return channel::decode(text.as_str())
+                    .unwrap_or_else(|e| panic!("server frame {text:?} does not decode: {e}"))
+            }
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame from the server, got {other:?}"),
+        }
+    }
+}
+
+/// Waits until the server has closed the channel; it must send nothing more.
+async fn expect_closed(ws: &mut Ws) {
+    let closed = timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(Message::Close(_) | Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => panic!("the server sent {other:?} after refusing"),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server closes a refused channel");
+}
+
+/// The server answers with an error frame of `kind`, then closes.
+async fn expect_refusal(ws: &mut Ws, kind: ErrorKind) -> WireError {
+    match recv(ws).await {
+        ServerMsg::Error(err) => {
+            assert_eq!(err.kind, kind, "{err}");
+            assert!(err.message.len() > 10, "the message explains: {err}");
+            expect_closed(ws).await;
+            err
+        }
+        other => panic!("expected an error frame of kind {kind}, got {other:?}"),
+    }
+}
+
+/// One masked client frame, written as raw bytes; `declared` overrides the
+/// length in the header (to lie about it).
+fn raw_frame(fin: bool, opcode: u8, payload: &[u8], declared: Option<u64>) -> Vec<u8> {
+    let len = declared.unwrap_or(payload.len() as u64);
+    let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+    if len < 126 {
+        frame.push(0x80 | len as u8);
+    } else if len <= 0xffff {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        frame.push(0x80 | 127);
+        frame.extend_from_slice(&len.to_be_bytes());
+    }
+    // An all-zero mask key leaves the payload as it is.
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+async fn send_raw(ws: &mut Ws, bytes: &[u8]) {
+    let stream = ws.get_mut();
+    // The server may refuse before reading everything; that is fine.
+    let _ = timeout(WAIT, async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- channel
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_frames_are_refused() {
+    let mut srv = Server::start().await;
+    for bad in [
+        "this is not json",
+        "{\"v\":1,\"type\":",
+        "[1,2,3]",
+        "null",
+        "{\"type\":\"report\"}",
+        "",
+    ] {
+        let (mut ws, _) = srv.channel().await;
+        send_text(&mut ws, bad.to_owned()).await;
+        let err = expect_refusal(&mut ws, ErrorKind::MalformedFrame).await;
+        assert!(!err.message.is_empty(), "{bad:?}: {err}");
+    }
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_frame_is_refused() {
+    let mut srv = Server::start().await;
+    // Truncated JSON inside a complete WebSocket frame.
+    let (mut ws, nonce) = srv.channel().await;
+    let full = Identity::new().enroll_frame(&nonce, &srv.enrollment_token, DEVICE_TYPE, "hw-t");
+    send_text(&mut ws, full[..full.len() / 2].to_owned()).await;
+    expect_refusal(&mut ws, ErrorKind::MalformedFrame).await;
+
+    // A WebSocket frame cut off on the wire: the header announces 1000 bytes,
+    // 10 arrive, then the client stops sending. The server must not hang on
+    // it, and must not treat it as a message.
+    let (mut ws, _) = srv.channel().await;
+    send_raw(&mut ws, &raw_frame(true, 0x1, b"{\"v\":1,\"ty", Some(1000))).await;
+    let _ = timeout(WAIT, ws.get_mut().shutdown()).await;
+    let closed = timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(Message::Text(text))) => {
+                    let msg: ServerMsg = channel::decode(text.as_str()).unwrap();
+                    assert!(
+                        matches!(&msg, ServerMsg::Error(e) if e.kind == ErrorKind::MalformedFrame),
+                        "only an error may answer a truncated frame, got {msg:?}"
+                    );
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server closes a truncated channel");
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_frames_are_refused_before_and_after_authentication() {
+    let mut srv = Server::start().await;
+    let (mut ws, _) = srv.channel().await;
+    timeout(WAIT, ws.send(Message::binary(report_frame().into_bytes())))
+        .await
+        .unwrap()
+        .unwrap();
+    expect_refusal(&mut ws, ErrorKind::MalformedFrame).await;
+
+    let mut dev = srv.enroll().await;
+    timeout(WAIT, dev.ws.send(Message::binary(vec![0u8, 1, 2, 3])))
+        .await
+        .unwrap()
+        .unwrap();
+    expect_refusal(&mut dev.ws, ErrorKind::MalformedFrame).await;
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frames_are_refused() {
+    let mut srv = Server::start().await;
+    let pad = "x".repeat(MAX_FRAME_BYTES + 1024);
+    let big = format!(r#"{{"v":1,"type":"report","pad":"{pad}"}}"#);
+
+    // One frame over the limit, before authentication.
+    let (mut ws, _) = srv.channel().await;
+    let _ = timeout(WAIT, ws.send(Message::text(big.clone()))).await;
+    expect_refusal(&mut ws, ErrorKind::FrameTooLarge).await;
+
+    // A header announcing a terabyte: refused at once, nothing allocated.
+    let (mut ws, _) = srv.channel().await;
+    send_raw(&mut ws, &raw_frame(true, 0x1, b"{}", Some(1 << 40))).await;
+    expect_refusal(&mut ws, ErrorKind::FrameTooLarge).await;
+
+    // Fragments each under the limit that add up to more than it.
+    let (mut ws, _) = srv.channel().await;
+    let half = vec![b'x'; MAX_FRAME_BYTES / 2 + 1024];
+    let mut bytes = raw_frame(false, 0x1, &half, None);
+    bytes.extend(raw_frame(true, 0x0, &half, None));
+    send_raw(&mut ws, &bytes).await;
+    expect_refusal(&mut ws, ErrorKind::FrameTooLarge).await;
+
+    // After authentication.
+    let mut dev = srv.enroll().await;
+    let _ = timeout(WAIT, dev.ws.send(Message::text(big))).await;
+    expect_refusal(&mut dev.ws, ErrorKind::FrameTooLarge).await;
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_that_break_the_websocket_protocol_are_refused() {
+    let mut srv = Server::start().await;
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("reserved opcode", raw_frame(true, 0x3, b"{}", None)),
+        (
+            "text that is not UTF-8",
+            raw_frame(true, 0x1, &[0xff, 0xfe, 0xfd], None),
+        ),
+        (
+            "continuation without a start",
+            raw_frame(true, 0x0, b"{}", None),
+        ),
+        ("fragmented ping", raw_frame(false, 0x9, b"", None)),
+    ];
+    for (what, bytes) in cases {
+        let (mut ws, _) = srv.channel().await;
+        send_raw(&mut ws, &bytes).await;
+        match recv(&mut ws).await {
+            ServerMsg::Error(err) => {
+                assert_eq!(err.kind, ErrorKind::MalformedFrame, "{what}: {err}")
+            }
+            other => panic!("{what}: expected a malformed_frame error, got {other:?}"),
+        }
+        expect_closed(&mut ws).await;
+    }
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_message_types_are_refused() {
+    let mut srv = Server::start().await;
+    for bad in [
+        r#"{"v":1,"type":"launch_missiles"}"#,
+        r#"{"v":1,"type":"welcome","device_id":"dev-1","session_token":"x","enrolled":true}"#,
+        r#"{"v":1}"#,
+    ] {
+        let (mut ws, _) = srv.channel().await;
+        send_text(&mut ws, bad.to_owned()).await;
+        expect_refusal(&mut ws, ErrorKind::MalformedFrame).await;
+    }
+    let mut dev = srv.enroll().await;
+    send_text(
+        &mut dev.ws,
+        r#"{"v":1,"type":"launch_missiles"}"#.to_owned(),
+    )
+    .await;
+    expect_refusal(&mut dev.ws, ErrorKind::MalformedFrame).await;
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_from_a_future_protocol_is_refused() {
+    let mut srv = Server::start().await;
+    let (mut ws, nonce) = srv.channel().await;
+    let frame = Identity::new()
+        .enroll_frame(&nonce, &srv.enrollment_token, DEVICE_TYPE, "hw-future")
+        .replacen("\"v\":1", "\"v\":99", 1);
+    assert!(frame.contains("\"v\":99"), "{frame}");
+    send_text(&mut ws, frame).await;
+    let err = expect_refusal(&mut ws, ErrorKind::UnsupportedProtocol).await;
+    assert!(err.message.contains("99"), "names the version: {err}");
+
+    let mut dev = srv.enroll().await;
+    send_text(
+        &mut dev.ws,
+        report_frame().replacen("\"v\":1", "\"v\":99", 1),
+    )
+    .await;
+    expect_refusal(&mut dev.ws, ErrorKind::UnsupportedProtocol).await;
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_before_authentication_is_refused_and_not_recorded() {
+    let mut srv = Server::start().await;
+    let (mut ws, _) = srv.channel().await;
+    send_text(&mut ws, report_frame()).await;
+    expect_refusal(&mut ws, ErrorKind::UnexpectedMessage).await;
+    srv.assert_unaffected().await;
+    assert!(
+        srv.devices().await.iter().all(|d| d.state.is_none()),
+        "no report was recorded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_enroll_or_authenticate_after_welcome_is_refused() {
+    let mut srv = Server::start().await;
+    let mut dev = srv.enroll().await;
+    let again = dev
+        .identity
+        .enroll_frame(&[0; 32], &srv.enrollment_token, DEVICE_TYPE, "hw-again");
+    send_text(&mut dev.ws, again).await;
+    expect_refusal(&mut dev.ws, ErrorKind::UnexpectedMessage).await;
+
+    let mut dev = srv.enroll().await;
+    let again = dev
+        .identity
+        .authenticate_frame(&[0; 32], dev.device_id.as_str());
+    send_text(&mut dev.ws, again).await;
+    expect_refusal(&mut dev.ws, ErrorKind::UnexpectedMessage).await;
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_closed_after_the_auth_timeout() {
+    let mut srv = Server::start_with_limits(Some("auth_timeout_secs = 1")).await;
+    let started = Instant::now();
+    let (mut ws, _) = srv.channel().await;
+    let err = expect_refusal(&mut ws, ErrorKind::Unauthorized).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "closed after {took:?}, the auth timeout is 1 s"
+    );
+    assert!(
+        err.message.contains("1 s"),
+        "says how long it waited: {err}"
+    );
+
+    // Pings do not count as authenticating.
+    let started = Instant::now();
+    let (mut ws, _) = srv.channel().await;
+    let pinging = async {
+        loop {
+            if ws.send(Message::Ping(Vec::new().into())).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let _ = timeout(Duration::from_secs(3), pinging).await;
+    let closed = timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a pinging but silent client is closed too");
+    assert!(started.elapsed() < WAIT);
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_with_a_bad_signature_is_refused_and_nothing_is_stored() {
+    let mut srv = Server::start().await;
+    let token = srv.enrollment_token.clone();
+    let id = Identity::new();
+    let other = Identity::new();
+    type Forge = fn(&Identity, &Identity, &[u8]) -> String;
+    let forgeries: [(&str, Forge); 5] = [
+        ("signed over another nonce", |id, _, _| {
+            id.sign(&[7; 32], &id.public_key)
+        }),
+        ("signed by another key", |id, other, nonce| {
+            other.sign(nonce, &id.public_key)
+        }),
+        ("signed for another identity", |id, _, nonce| {
+            id.sign(nonce, "dev-0000000000000000")
+        }),
+        ("not base64", |_, _, _| "!!not base64!!".to_owned()),
+        ("too short", |_, _, _| B64.encode([1u8; 10])),
+    ];
+    for (what, forge) in forgeries {
+        let (mut ws, nonce) = srv.channel().await;
+        let mut frame: serde_json::Value =
+            serde_json::from_str(&id.enroll_frame(&nonce, &token, DEVICE_TYPE, "hw-forged"))
+                .unwrap();
+        frame["signature"] = forge(&id, &other, &nonce).into();
+        send_text(&mut ws, frame.to_string()).await;
+        match recv(&mut ws).await {
+            ServerMsg::Error(err) => {
+                assert_eq!(err.kind, ErrorKind::BadDeviceSignature, "{what}: {err}")
+            }
+            other => panic!("{what}: expected bad_device_signature, got {other:?}"),
+        }
+        expect_closed(&mut ws).await;
+    }
+    // A public key that is not one.
+    let (mut ws, nonce) = srv.channel().await;
+    let mut frame: serde_json::Value =
+        serde_json::from_str(&id.enroll_frame(&nonce, &token, DEVICE_TYPE, "hw-forged")).unwrap();
+    frame["public_key"] = B64.encode([1u8; 7]).into();
+    send_text(&mut ws, frame.to_string()).await;
+    expect_refusal(&mut ws, ErrorKind::BadRequest).await;
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_with_the_wrong_token_is_refused_and_nothing_is_stored() {
+    let mut srv = Server::start().await;
+    let admin_token = srv.admin_token.clone();
+    let wrong_tokens = [
+        "not-the-fleet-token".to_owned(),
+        String::new(),
+        admin_token,
+        format!("{} ", srv.enrollment_token),
+    ];
+    for token in wrong_tokens {
+        let (mut ws, nonce) = srv.channel().await;
+        send_text(
+            &mut ws,
+            Identity::new().enroll_frame(&nonce, &token, DEVICE_TYPE, "hw-intruder"),
+        )
+        .await;
+        let err = expect_refusal(&mut ws, ErrorKind::EnrollmentRefused).await;
+        assert!(
+            !err.message.contains(&srv.enrollment_token),
+            "the refusal does not leak the token: {err}"
+        );
+    }
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticate_with_an_unknown_device_id_is_refused() {
+    let mut srv = Server::start().await;
+    let (mut ws, nonce) = srv.channel().await;
+    let id = Identity::new();
+    send_text(
+        &mut ws,
+        id.authenticate_frame(&nonce, "dev-00000000deadbeef"),
+    )
+    .await;
+    let err = expect_refusal(&mut ws, ErrorKind::UnknownDevice).await;
+    assert!(err.message.contains("dev-00000000deadbeef"), "{err}");
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticate_as_another_device_is_refused_and_the_device_is_unaffected() {
+    let mut srv = Server::start().await;
+    let mut victim = srv.enroll().await;
+    let victim_id = victim.device_id.as_str().to_owned();
+
+    // Another key signing for the victim's ID.
+    let (mut ws, nonce) = srv.channel().await;
+    send_text(
+        &mut ws,
+        Identity::new().authenticate_frame(&nonce, &victim_id),
+    )
+    .await;
+    expect_refusal(&mut ws, ErrorKind::BadDeviceSignature).await;
+
+    // The victim's own signature, replayed from an earlier connection.
+    let (ws, nonce) = srv.channel().await;
+    let replay = victim.identity.authenticate_frame(&nonce, &victim_id);
+    drop(ws);
+    let (mut ws, _) = srv.channel().await;
+    send_text(&mut ws, replay).await;
+    expect_refusal(&mut ws, ErrorKind::BadDeviceSignature).await;
+
+    // The victim's session is untouched: still online, its token still works.
+    let me = srv
+        .devices()
+        .await
+        .into_iter()
+        .find(|d| d.id.as_str() == victim_id)
+        .expect("victim listed");
+    assert!(me.online, "the victim is still connected");
+    let resp = srv
+        .request(
+            reqwest::Method::GET,
+            &device_chunk_path(&sha256(b"nothing")),
+        )
+        .bearer_auth(&victim.session_token)
+        .send()
+        .await
+        .unwrap();
+    json_error(resp, 404, ErrorKind::NotFound).await;
+    send_text(&mut victim.ws, report_frame()).await;
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_traversal_in_enrollment_is_a_bad_request_and_nothing_is_stored() {
+    let mut srv = Server::start().await;
+    let token = srv.enrollment_token.clone();
+    let cases = [
+        ("../../etc", "hw-1"),
+        (DEVICE_TYPE, "../../etc/passwd"),
+        ("gateway/../../x", "hw-2"),
+        ("..", "hw-3"),
+        (DEVICE_TYPE, "/etc/passwd"),
+        (DEVICE_TYPE, "hw\u{0}nul"),
+        ("", "hw-4"),
+    ];
+    let long_type = "a".repeat(65);
+    let all = cases.iter().copied().chain([(long_type.as_str(), "hw-5")]);
+    for (device_type, hw) in all {
+        let (mut ws, nonce) = srv.channel().await;
+        send_text(
+            &mut ws,
+            Identity::new().enroll_frame(&nonce, &token, device_type, hw),
+        )
+        .await;
+        let err = expect_refusal(&mut ws, ErrorKind::BadRequest).await;
+        assert!(
+            err.message.contains("device type") || err.message.contains("hardware id"),
+            "says which field is wrong: {err}"
+        );
+    }
+    // The same for a device ID.
+    let (mut ws, nonce) = srv.channel().await;
+    send_text(
+        &mut ws,
+        Identity::new().authenticate_frame(&nonce, "../../etc/passwd"),
+    )
+    .await;
+    expect_refusal(&mut ws, ErrorKind::BadRequest).await;
+
+    srv.assert_unaffected().await;
+    assert!(!srv.root.join("etc").exists() && !srv.root.join("data/etc").exists());
+    assert_eq!(
+        std::fs::read_to_string(srv.root.join("passwd")).unwrap(),
+        SECRET
+    );
+}
+
+// ---------------------------------------------------------------- HTTP
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_refuse_missing_and_wrong_tokens() {
+    let mut srv = Server::start().await;
+    use reqwest::Method;
+    let chunk = admin_chunk_path(&sha256(b"x"));
+    let endpoints: [(Method, &str, &str); 9] = [
+        (Method::GET, DEVICES_PATH, ""),
+        (Method::GET, RELEASES_PATH, ""),
+        (Method::POST, RELEASES_PATH, "{}"),
+        (Method::POST, MISSING_CHUNKS_PATH, r#"{"chunks":[]}"#),
+        (Method::PUT, &chunk, "x"),
+        (Method::GET, ROLLOUTS_PATH, ""),
+        (
+            Method::POST,
+            ROLLOUTS_PATH,
+            r#"{"release":"1.0","devices":null}"#,
+        ),
+        (Method::GET, "/api/v1/rollouts/1", ""),
+        (Method::GET, STATS_PATH, ""),
+    ];
+    let wrong: [Option<String>; 6] = [
+        None,
+        Some("Bearer wrong-token".into()),
+        Some(format!("Bearer {}", srv.enrollment_token)),
+        Some(format!("Basic {}", srv.admin_token)),
+        Some(format!("Bearer {}x", srv.admin_token)),
+        Some("Bearer ".into()),
+    ];
+    for (method, path, body) in &endpoints {
+        for auth in &wrong {
+            let mut req = srv.request(method.clone(), path).body(body.to_string());
+            if let Some(auth) = auth {
+                req = req.header(reqwest::header::AUTHORIZATION, auth);
+            }
+            let resp = req.send().await.unwrap();
+            let err = json_error(resp, 401, ErrorKind::Unauthorized).await;
+            assert!(!err.message.contains(&srv.admin_token), "{err}");
+        }
+    }
+    // The right token works, and nothing was created by the refused requests.
+    assert!(srv.releases().await.is_empty());
+    let resp = srv.admin(Method::GET, ROLLOUTS_PATH).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.json::<Vec<RolloutView>>().await.unwrap().is_empty());
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_downloads_need_a_live_session_token() {
+    let mut srv = Server::start().await;
+    let (hash, stored) = srv.store_chunk(&[5u8; 3000]).await;
+    let chunk = device_chunk_path(&hash);
+    let manifest = "/v1/device/releases/1.0/manifest";
+    let live = srv.enroll().await;
+    let mut ended = srv.enroll().await;
+    let ended_token = ended.session_token.clone();
+    let _ = ended.ws.close(None).await;
+    drop(ended);
+    // Once the server has noticed the closed channel, the token is revoked.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let resp = srv
+            .request(reqwest::Method::GET, &chunk)
+            .bearer_auth(&ended_token)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 401 {
+            json_error(resp, 401, ErrorKind::Unauthorized).await;
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session token outlives its channel"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let wrong = [
+        None,
+        Some("Bearer not-a-session".to_owned()),
+        Some(format!("Bearer {}", srv.admin_token)),
+        Some(format!("Bearer {}", srv.enrollment_token)),
+        Some(format!("Bearer {ended_token}")),
+        Some(live.session_token.clone()),
+    ];
+    for path in [
+        chunk.as_str(),
+        manifest,
+        "/v1/device/chunks/..%2F..%2Fsecret",
+    ] {
+        for auth in &wrong {
+            let mut req = srv.request(reqwest::Method::GET, path);
+            if let Some(auth) = auth {
+                req = req.header(reqwest::header::AUTHORIZATION, auth);
+            }
+            json_error(req.send().await.unwrap(), 401, ErrorKind::Unauthorized).await;
+        }
+    }
+    // The live token does work.
+    let resp = srv
+        .request(reqwest::Method::GET, &chunk)
+        .bearer_auth(&live.session_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), stored.as_slice());
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_traversal_in_urls_never_reaches_outside_the_data_dir() {
+    let mut srv = Server::start().await;
+    let dev = srv.enroll().await;
+    let auth = format!("Authorization: Bearer {}", dev.session_token);
+    let admin = format!("Authorization: Bearer {}", srv.admin_token);
+    let bad_request = [
+        "/v1/device/chunks/..%2F..%2Fetc%2Fpasswd",
+        "/v1/device/chunks/..%2F..%2Fsecret",
+        "/v1/device/chunks/..%2F..%2F..%2Fsecret",
+        "/v1/device/chunks/%2e%2e",
+        "/v1/device/chunks/%2Fetc%2Fpasswd",
+        "/v1/device/chunks/ZZZ",
+        "/v1/device/chunks/%00",
+        "/v1/device/releases/..%2F..%2Fsecret/manifest",
+        "/v1/device/releases/%2e%2e/manifest",
+    ];
+    for target in bad_request {
+        srv.raw_http(&format!("GET {target} HTTP/1.1\r\n{auth}"), b"")
+            .await
+            .json_error(400, ErrorKind::BadRequest);
+    }
+    let upper = format!("/v1/device/chunks/{}", sha256(b"x").to_hex().to_uppercase());
+    srv.raw_http(&format!("GET {upper} HTTP/1.1\r\n{auth}"), b"")
+        .await
+        .json_error(400, ErrorKind::BadRequest);
+    // Not normalized by anyone: such paths match no route.
+    for target in [
+        "/v1/device/chunks/../../secret",
+        "/v1/device/chunks/../../../secret",
+        "/v1/device/releases/../../../secret/manifest",
+        "/v1/device/chunks/ab/../../../secret",
+        "/../../secret",
+    ] {
+        srv.raw_http(&format!("GET {target} HTTP/1.1\r\n{auth}"), b"")
+            .await
+            .json_error(404, ErrorKind::NotFound);
+    }
+    // A path that is not UTF-8 once decoded.
+    srv.raw_http(
+        &format!("GET /v1/device/chunks/%FF%FE HTTP/1.1\r\n{auth}"),
+        b"",
+    )
+    .await
+    .json_error(400, ErrorKind::BadRequest);
+    srv.raw_http(
+        &format!("PUT /api/v1/chunks/%FF%FE HTTP/1.1\r\n{admin}"),
+        b"x",
+    )
+    .await
+    .json_error(400, ErrorKind::BadRequest);
+    // Uploads under hostile names are refused and write nothing.
+    for target in [
+        "/api/v1/chunks/ZZZ",
+        "/api/v1/chunks/..%2F..%2Fsecret",
+        "/api/v1/chunks/..%2F..%2F..%2Fpwned",
+    ] {
+        srv.raw_http(&format!("PUT {target} HTTP/1.1\r\n{admin}"), b"pwned")
+            .await
+            .json_error(400, ErrorKind::BadRequest);
+    }
+    srv.raw_http(
+        &format!("GET /api/v1/rollouts/..%2F1 HTTP/1.1\r\n{admin}"),
+        b"",
+    )
+    .await
+    .json_error(400, ErrorKind::BadRequest);
+    assert_eq!(
+        std::fs::read_to_string(srv.root.join("secret")).unwrap(),
+        SECRET
+    );
+    let mut entries: Vec<String> = std::fs::read_dir(&srv.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        ["data", "passwd", "ready.json", "secret", "server.log"],
+        "nothing was written outside the data dir"
+    );
+    srv.assert_unaffected().await;
+}
+
+impl Server {
+    /// Uploads a valid chunk of `data`; returns its name and stored bytes.
+    async fn store_chunk(&self, data: &[u8]) -> (ChunkHash, Vec<u8>) {
+        let hash = sha256(data);
+        let stored = encode_chunk(data).unwrap();
+        let resp = self.put_chunk(&hash.to_hex(), stored.clone()).await;
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+        (hash, stored)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_does_not_match_its_name_is_not_stored() {
+    let mut srv = Server::start().await;
+    let dev = srv.enroll().await;
+    let claimed = sha256(b"the bytes the name promises");
+    let name = claimed.to_hex();
+    let bodies: [(&str, Vec<u8>); 3] = [
+        (
+            "other data",
+            encode_chunk(b"some other bytes entirely").unwrap(),
+        ),
+        ("not zstd", b"definitely not a zstd frame".to_vec()),
+        ("empty", Vec::new()),
+    ];
+    for (what, body) in bodies {
+        let err = json_error(
+            srv.put_chunk(&name, body).await,
+            422,
+            ErrorKind::ChunkHashMismatch,
+        )
+        .await;
+        assert!(
+            err.message.contains(&name),
+            "{what}: names the chunk: {err}"
+        );
+    }
+    assert_eq!(
+        srv.missing(&[claimed]).await,
+        vec![claimed],
+        "still missing"
+    );
+    let resp = srv
+        .request(reqwest::Method::GET, &device_chunk_path(&claimed))
+        .bearer_auth(&dev.session_token)
+        .send()
+        .await
+        .unwrap();
+    json_error(resp, 404, ErrorKind::NotFound).await;
+    // The right bytes are accepted, and only once stored.
+    let (hash, _) = srv.store_chunk(b"the bytes the name promises").await;
+    assert_eq!(hash, claimed);
+    assert!(srv.missing(&[claimed]).await.is_empty());
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_body_over_the_limit_is_refused() {
+    let mut srv = Server::start().await;
+    // Over the largest stored size a chunk can have (but under the body limit).
+    let name = sha256(b"big").to_hex();
+    let big: Vec<u8> = (0..2 * 1024 * 1024u32)
+        .map(|i| (i * 7 + i / 13) as u8)
+        .collect();
+    json_error(
+        srv.put_chunk(&name, big).await,
+        413,
+        ErrorKind::PayloadTooLarge,
+    )
+    .await;
+    // A small body that decompresses to more than any chunk may hold.
+    let zeros = vec![0u8; 2 * 1024 * 1024];
+    let bomb = encode_chunk(&zeros).unwrap();
+    assert!(bomb.len() < 64 * 1024);
+    json_error(
+        srv.put_chunk(&sha256(&zeros).to_hex(), bomb).await,
+        413,
+        ErrorKind::PayloadTooLarge,
+    )
+    .await;
+    // Over the request body limit itself.
+    let huge = vec![1u8; MAX_MANIFEST_BYTES + 1024 * 1024];
+    let head = format!(
+        "PUT /api/v1/chunks/{name} HTTP/1.1\r\nAuthorization: Bearer {}",
+        srv.admin_token
+    );
+    srv.raw_http(&head, &huge)
+        .await
+        .json_error(413, ErrorKind::PayloadTooLarge);
+    let hashes = [sha256(b"big"), sha256(&zeros)];
+    assert_eq!(
+        srv.missing(&hashes).await,
+        hashes.to_vec(),
+        "nothing stored"
+    );
+    srv.assert_unaffected().await;
+}
+
+fn manifest_for(version: &str, chunks: &[&[u8]]) -> Manifest {
+    let image: Vec<u8> = chunks.concat();
+    Manifest {
+        format: MANIFEST_FORMAT,
+        version: version.parse().unwrap(),
+        device_type: DEVICE_TYPE.parse().unwrap(),
+        created_at: "2025-01-01T00:00:00Z".to_owned(),
+        expires_at: "2100-01-01T00:00:00Z".to_owned(),
+        image: ImageInfo {
+            size: image.len() as u64,
+            sha256: sha256(&image),
+        },
+        compression: Compression::Zstd,
+        chunks: chunks
+            .iter()
+            .map(|data| ChunkEntry {
+                hash: sha256(data),
+                size: data.len() as u32,
+                stored_size: encode_chunk(data).unwrap().len() as u32,
+            })
+            .collect(),
+    }
+}
+
+/// A manifest the server must judge on its own (it holds no release keys).
+fn unsigned(manifest: &Manifest) -> Vec<u8> {
+    SignedManifest {
+        signed: serde_json::to_string(manifest).unwrap(),
+        signatures: Vec::new(),
+    }
+    .to_json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_or_incomplete_releases_are_refused() {
+    let mut srv = Server::start().await;
+    let a = vec![1u8; 4000];
+    let b = vec![2u8; 3000];
+    srv.store_chunk(&a).await;
+    srv.store_chunk(&b).await;
+    let post = |body: Vec<u8>| {
+        srv.admin(reqwest::Method::POST, RELEASES_PATH)
+            .body(body)
+            .send()
+    };
+
+    let mut wrong_size = manifest_for("1.0", &[&a, &b]);
+    wrong_size.image.size += 1;
+    let err = json_error(
+        post(unsigned(&wrong_size)).await.unwrap(),
+        400,
+        ErrorKind::ManifestInvalid,
+    )
+    .await;
+    assert!(
+        err.message.contains("7000") && err.message.contains("7001"),
+        "{err}"
+    );
+
+    let lacking = manifest_for("1.0", &[&a, b"a chunk never uploaded"]);
+    let err = json_error(
+        post(unsigned(&lacking)).await.unwrap(),
+        409,
+        ErrorKind::Conflict,
+    )
+    .await;
+    assert!(err.message.contains("1 chunks"), "{err}");
+
+    let mut wrong_stored = manifest_for("1.0", &[&a, &b]);
+    wrong_stored.chunks[1].stored_size += 1;
+    json_error(
+        post(unsigned(&wrong_stored)).await.unwrap(),
+        409,
+        ErrorKind::Conflict,
+    )
+    .await;
+
+    let traversal = serde_json::to_string(&manifest_for("1.0", &[&a]))
+        .unwrap()
+        .replace("\"1.0\"", "\"../../etc\"");
+    let body = serde_json::to_vec(&json!({ "signed": traversal, "signatures": [] })).unwrap();
+    json_error(post(body).await.unwrap(), 400, ErrorKind::ManifestInvalid).await;
+
+    for garbage in [
+        &b"{not json"[..],
+        b"",
+        b"[]",
+        b"{\"signed\": 5}",
+        &[0xff, 0xfe],
+    ] {
+        json_error(
+            post(garbage.to_vec()).await.unwrap(),
+            400,
+            ErrorKind::ManifestInvalid,
+        )
+        .await;
+    }
+    assert!(srv.releases().await.is_empty(), "no release stored");
+
+    // The complete, valid release is accepted (so the refusals above are not
+    // just a broken endpoint), and a second upload of it conflicts.
+    let key = ReleaseSigningKey::generate();
+    let good = sign_manifest(&manifest_for("1.0", &[&a, &b]), &key).unwrap();
+    let resp = post(good.to_json()).await.unwrap();
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    json_error(
+        post(good.to_json()).await.unwrap(),
+        409,
+        ErrorKind::Conflict,
+    )
+    .await;
+    assert_eq!(srv.releases().await.len(), 1);
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_json_bodies_are_bad_requests() {
+    let mut srv = Server::start().await;
+    let garbage: [&[u8]; 7] = [
+        b"{not json",
+        b"",
+        b"[1,2",
+        b"null",
+        b"{\"chunks\": \"nope\"}",
+        &[0xff, 0xfe, 0x00],
+        b"{\"chunks\": [\"../../etc/passwd\"]}",
+    ];
+    for body in garbage {
+        let resp = srv
+            .admin(reqwest::Method::POST, MISSING_CHUNKS_PATH)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        json_error(resp, 400, ErrorKind::BadRequest).await;
+    }
+    let rollouts: [&[u8]; 5] = [
+        b"{not json",
+        b"",
+        b"{\"release\": \"../../etc\"}",
+        b"{\"release\": \"1.0\", \"devices\": [\"../x\"]}",
+        b"{\"release\": 5}",
+    ];
+    for body in rollouts {
+        let resp = srv
+            .admin(reqwest::Method::POST, ROLLOUTS_PATH)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        json_error(resp, 400, ErrorKind::BadRequest).await;
+    }
+    let resp = srv
+        .admin(reqwest::Method::GET, "/api/v1/rollouts/not-a-number")
+        .send()
+        .await
+        .unwrap();
+    json_error(resp, 400, ErrorKind::BadRequest).await;
+    // A WebSocket endpoint hit without the upgrade.
+    let resp = srv
+        .request(reqwest::Method::GET, CHANNEL_PATH)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    assert!(status == 400 || status == 426, "got {status}");
+    json_error(
+        resp,
+        status,
+        if status == 426 {
+            ErrorKind::UnsupportedProtocol
+        } else {
+            ErrorKind::BadRequest
+        },
+    )
+    .await;
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_beyond_the_chunk_is_not_satisfiable() {
+    let mut srv = Server::start().await;
+    let (hash, stored) = srv.store_chunk(&[9u8; 5000]).await;
+    let len = stored.len();
+    let dev = srv.enroll().await;
+    let get = |range: String| {
+        srv.request(reqwest::Method::GET, &device_chunk_path(&hash))
+            .bearer_auth(&dev.session_token)
+            .header(reqwest::header::RANGE, range)
+            .send()
+    };
+    for range in [
+        format!("bytes={len}-"),
+        format!("bytes={}-{}", len + 100, len + 200),
+        "bytes=99999999999-".to_owned(),
+        "bytes=5-2".to_owned(),
+        "bytes=18446744073709551615-".to_owned(),
+    ] {
+        let resp = get(range.clone()).await.unwrap();
+        let content_range = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            content_range.as_deref(),
+            Some(format!("bytes */{len}").as_str()),
+            "{range}"
+        );
+        json_error(resp, 416, ErrorKind::BadRequest).await;
+    }
+    // A satisfiable range still works.
+    let resp = get("bytes=2-5".to_owned()).await.unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &stored[2..6]);
+    srv.assert_unaffected().await;
+}
+
+// ---------------------------------------------------------------- connections
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_starve_real_devices() {
+    let mut srv = Server::start().await;
+    let mut idle_tls = Vec::new();
+    for _ in 0..200 {
+        idle_tls.push(srv.tls().await);
+    }
+    let mut idle_tcp = Vec::new();
+    for _ in 0..50 {
+        idle_tcp.push(TcpStream::connect(srv.addr).await.unwrap());
+    }
+    for _ in 0..50 {
+        let mut tls = srv.tls().await;
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        tls.flush().await.unwrap();
+        idle_tls.push(tls);
+    }
+    let started = Instant::now();
+    srv.assert_unaffected().await;
+    let resp = srv
+        .request(reqwest::Method::GET, HEALTH_PATH)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a device was served in {:?} beside 300 idle connections",
+        started.elapsed()
+    );
+    drop(idle_tls);
+    drop(idle_tcp);
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_dropped_so_a_full_server_recovers() {
+    // Few connection slots and a short handshake deadline: idle clients must
+    // be cut off, or they would hold every slot forever.
+    let mut srv =
+        Server::start_with_limits(Some("max_connections = 20\nhandshake_timeout_secs = 1")).await;
+    let tls = srv.tls.clone();
+    let addr = srv.addr;
+    let mut idle = Vec::new();
+    for i in 0..100 {
+        let tls = tls.clone();
+        idle.push(tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            let mut stream = match timeout(
+                WAIT * 2,
+                tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                // Cut off during the TLS handshake: that is the server
+                // enforcing its deadline.
+                Ok(Err(_)) => return true,
+                Err(_) => return false,
+            };
+            if i % 2 == 0 {
+                let _ = stream
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                    .await;
+                let _ = stream.flush().await;
+            }
+            // Now stay silent; the server must close the connection.
+            let mut buf = [0u8; 1024];
+            let closed = timeout(WAIT * 2, async {
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => continue,
+                    }
+                }
+            })
+            .await;
+            closed.is_ok()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    timeout(Duration::from_secs(40), srv.assert_unaffected())
+        .await
+        .expect("a real device is served once idle connections time out");
+    let took = started.elapsed();
+    for task in idle {
+        assert!(
+            timeout(Duration::from_secs(60), task)
+                .await
+                .unwrap()
+                .unwrap(),
+            "the server closes a connection that stays silent"
+        );
+    }
+    eprintln!("device served after {took:?} behind 100 idle connections");
+    srv.assert_unaffected().await;
+}
