@@ -535,7 +535,10 @@ async fn switch_to_trial(
             .map_err(|e| InstallError::BootEnv(e.to_string()))?;
         bootenv
             .store_state(env, &next)
-            .map_err(|e| InstallError::BootEnv(e.to_string()))
+            .map_err(|e| InstallError::BootEnv(e.to_string()))?;
+        // After the switch: a crash before this line only leaves a stale
+        // resume point, which the whole-image check would catch anyway.
+        local.save_install_progress(None).map_err(state_err)
     })
     .await
     .map_err(|e| InstallError::State(format!("task failed: {e}")))?

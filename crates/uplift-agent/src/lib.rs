@@ -13,3 +13,4 @@ pub mod local;
 pub mod machine;
 pub mod net;
 pub mod run;
+pub mod status;

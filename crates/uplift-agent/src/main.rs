@@ -8,8 +8,22 @@ use uplift_agent::run::Exit;
 #[command(name = "uplift-agent", version, about = "Uplift device agent")]
 struct Args {
     /// Agent configuration file.
-    #[arg(long, short, default_value = "/etc/uplift/agent.toml")]
+    #[arg(long, short, default_value = "/etc/uplift/agent.toml", global = true)]
     config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Print what this device knows about its slots, boot environment and
+    /// installs, from its own files (no network).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -22,6 +36,27 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if let Some(Command::Status { json }) = args.command {
+        return match uplift_agent::config::AgentConfig::load(&args.config)
+            .and_then(|c| uplift_agent::status::gather(&c))
+        {
+            Ok(status) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).expect("status serializes")
+                );
+                std::process::ExitCode::SUCCESS
+            }
+            Ok(status) => {
+                print!("{}", status.render());
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("uplift-agent: error: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -76,6 +76,12 @@ async fn a_download_resumes_after_the_agent_is_killed_and_fetches_no_chunk_twice
     );
     assert_eq!(device.boot_state().unwrap().default_slot, SlotName::A);
 
+    let status = agent_status(&device);
+    assert!(
+        status.contains("interrupted:      download into slot b resumes after chunk"),
+        "{status}"
+    );
+
     proxy.set_rate(0);
     device.start(&fx.bins).unwrap();
     fx.wait_device(&device, "the upgrade to finish", |d| {
@@ -88,6 +94,28 @@ async fn a_download_resumes_after_the_agent_is_killed_and_fetches_no_chunk_twice
         "{total} chunk downloads for {chunks} chunks: at most the one in flight is repeated"
     );
     assert_eq!(device.boot_state().unwrap().default_slot, SlotName::B);
+    let status = agent_status(&device);
+    assert!(
+        status.contains("running version:  2.0") && !status.contains("interrupted"),
+        "{status}"
+    );
+}
+
+/// What `uplift-agent status` prints on the device.
+fn agent_status(device: &Device) -> String {
+    let bins = uplift_cli::fleet::Binaries::locate().unwrap();
+    let out = std::process::Command::new(bins.agent)
+        .arg("--config")
+        .arg(device.config_path())
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,5 +360,86 @@ async fn a_chunk_missing_on_the_server_fails_visibly_after_a_bounded_number_of_a
         fx.client.stats().await.unwrap().chunks_sent,
         sent,
         "no more downloads once it gave up"
+    );
+}
+
+/// A tmpfs of a fixed size, unmounted on drop.
+struct TinyFs(std::path::PathBuf);
+
+impl TinyFs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<TinyFs> {
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(TinyFs(at.to_owned())),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_the_device_fails_the_install_cleanly() {
+    let fx = Fixture::start();
+    let Some(_tiny) = TinyFs::mount(&fx.path("tiny"), "512k") else {
+        println!("NOTICE: cannot mount a tmpfs here (needs root); full-disk test skipped");
+        return;
+    };
+    let spec = fx.spec("hw-full");
+    let mut device = uplift_cli::fleet::Device::provision(
+        &fx.path("devices/full"),
+        &spec,
+        &fx.server.endpoint,
+        &fx.image_v1_0,
+    )
+    .unwrap();
+    // Slot B lives on a filesystem far smaller than the image.
+    let slot_b = device.slot_path(SlotName::B);
+    std::fs::remove_file(&slot_b).unwrap();
+    std::os::unix::fs::symlink(fx.path("tiny/slot-b.img"), &slot_b).unwrap();
+    device.start(&fx.bins).unwrap();
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let env_before = std::fs::read(device.bootenv_path()).unwrap();
+    let image = fx.path("images/fresh-2.0.img");
+    write_image(&image, IMAGE_SIZE, 616).unwrap();
+    fx.release("2.0", DEVICE_TYPE, &image, &fx.key).await;
+    fx.rollout("2.0", None).await;
+
+    let view = fx
+        .wait_device(&device, "the failure", |d| {
+            d.state == Some(AgentState::Failed)
+        })
+        .await;
+    let error = view.last_error.unwrap();
+    assert_eq!(error.kind, ErrorKind::SlotIo);
+    assert!(
+        error.message.contains("No space left on device") && error.message.contains("slot b"),
+        "{error}"
+    );
+    assert_eq!(view.running_version, Some(v("1.0")));
+    assert!(view.online, "the agent keeps running and reporting");
+    assert_eq!(
+        std::fs::read(device.bootenv_path()).unwrap(),
+        env_before,
+        "boot choice untouched"
+    );
+    assert_eq!(
+        sha256_file(&device.slot_path(SlotName::A)),
+        sha256_file(&fx.image_v1_0),
+        "running slot intact"
     );
 }

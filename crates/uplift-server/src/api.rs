@@ -49,6 +49,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(device)
         .route(CHANNEL_PATH, get(channel::upgrade))
         .route(HEALTH_PATH, get(|| async { "ok" }))
+        .method_not_allowed_fallback(|| async {
+            // HTTP requires 405 here; the body is our usual JSON error.
+            let mut response = ApiError::bad_request(
+                "this endpoint does not take this HTTP method; see ARCHITECTURE.md for the API",
+            )
+            .into_response();
+            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            response
+        })
         .fallback(|| async {
             ApiError::not_found("no such endpoint; see ARCHITECTURE.md for the API")
         })

@@ -74,7 +74,7 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- server log ---\n{}", self.log_tail(100000));
+            eprintln!("--- server log ---\n{}", self.log_tail(60));
         }
     }
 }
@@ -1527,6 +1527,17 @@ async fn garbage_json_bodies_are_bad_requests() {
         .await
         .unwrap();
     json_error(resp, 400, ErrorKind::BadRequest).await;
+    // A method an endpoint does not take.
+    for (method, path) in [
+        (reqwest::Method::DELETE, DEVICES_PATH),
+        (reqwest::Method::PUT, ROLLOUTS_PATH),
+        (reqwest::Method::POST, HEALTH_PATH),
+    ] {
+        let resp = srv.admin(method.clone(), path).send().await.unwrap();
+        let allow = resp.headers().get(reqwest::header::ALLOW).cloned();
+        json_error(resp, 405, ErrorKind::BadRequest).await;
+        assert!(allow.is_some(), "{method} {path}: 405 says what is allowed");
+    }
     // A WebSocket endpoint hit without the upgrade.
     let resp = srv
         .request(reqwest::Method::GET, CHANNEL_PATH)
