@@ -88,6 +88,10 @@ pub enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Inject faults at random during the rollout: agents killed with
+        /// SIGKILL, every connection cut, the server killed and restarted.
+        #[arg(long)]
+        chaos: bool,
     },
 }
 
@@ -199,6 +203,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             workdir,
             timeout,
+            chaos,
         } => {
             let summary = demo::run(DemoOptions {
                 devices,
@@ -206,6 +211,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 json,
                 workdir,
                 timeout: Duration::from_secs(timeout),
+                chaos,
             })
             .await?;
             if json {

@@ -5,13 +5,17 @@
 //! its health check and commits. The summary is checked against the devices'
 //! own boot environments, not just against what the server believes.
 
-use crate::fleet::{write_changed_image, write_image, Binaries, Device, DeviceSpec, ServerProcess};
+use crate::fleet::{
+    write_changed_image, write_image, Binaries, Device, DeviceSpec, Proxy, ServerProcess,
+};
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use uplift_proto::api::RolloutCreate;
+use uplift_proto::api::ServerEndpoint;
 use uplift_proto::channel::AgentState;
 use uplift_proto::{SlotName, Version};
 use uplift_release::build::{create_release, ReleaseOptions};
@@ -25,6 +29,8 @@ pub struct DemoOptions {
     /// Keep everything here instead of a temp dir that is removed afterwards.
     pub workdir: Option<PathBuf>,
     pub timeout: Duration,
+    /// Inject faults at random during the rollout (see [`Chaos`]).
+    pub chaos: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -40,9 +46,102 @@ pub struct DemoSummary {
     pub bytes_sent: u64,
     pub image_size: u64,
     pub failures: Vec<String>,
+    /// Faults injected with `--chaos`, all survived if `failed` is 0.
+    pub faults: Option<FaultCounts>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct FaultCounts {
+    /// Agents killed with SIGKILL (then powered on again).
+    pub agent_kills: u32,
+    /// Times every device connection was dropped at once.
+    pub connection_cuts: u32,
+    /// Times the server was killed with SIGKILL and restarted.
+    pub server_restarts: u32,
+}
+
+impl FaultCounts {
+    pub fn total(&self) -> u32 {
+        self.agent_kills + self.connection_cuts + self.server_restarts
+    }
+}
+
+/// Random faults during a rollout, within a fixed budget so the demo always
+/// ends: SIGKILL of agents (powered on again shortly after), every TCP
+/// connection cut at the proxy, and SIGKILL + restart of the server.
+struct Chaos {
+    rng: rand::rngs::StdRng,
+    proxy: Proxy,
+    listen: String,
+    counts: FaultCounts,
+    /// Devices killed and when to power them on again.
+    down: Vec<(usize, Instant)>,
+    max_kills: u32,
+    /// Bytes the server had sent before each restart (its counters restart too).
+    bytes_before_restarts: u64,
+}
+
+impl Chaos {
+    /// One tick: maybe inject one fault; power on devices whose time came.
+    async fn tick(
+        &mut self,
+        devices: &mut [Device],
+        server: &mut ServerProcess,
+        bins: &Binaries,
+        client: &crate::client::AdminClient,
+        done_fraction: f64,
+    ) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.down.len() {
+            if self.down[i].1 <= now {
+                let (index, _) = self.down.swap_remove(i);
+                devices[index].start(bins)?;
+            } else {
+                i += 1;
+            }
+        }
+        // Every kind of fault happens at least once, mid-rollout; agent
+        // kills and further cuts come at random.
+        if self.counts.connection_cuts == 0 && done_fraction >= 0.15 {
+            self.proxy.cut_all();
+            self.counts.connection_cuts += 1;
+        } else if self.counts.server_restarts == 0 && done_fraction >= 0.3 {
+            self.bytes_before_restarts += client.stats().await.map(|s| s.bytes_sent).unwrap_or(0);
+            server.kill();
+            *server = ServerProcess::start_on(bins, &server.dir.clone(), &self.listen)?;
+            self.counts.server_restarts += 1;
+        } else {
+            match self.rng.gen_range(0..100) {
+                0..=14 if self.counts.agent_kills < self.max_kills => {
+                    let index = self.rng.gen_range(0..devices.len());
+                    if !self.down.iter().any(|(d, _)| *d == index) && devices[index].kill_agent() {
+                        self.counts.agent_kills += 1;
+                        let delay = Duration::from_millis(self.rng.gen_range(100..800));
+                        self.down.push((index, now + delay));
+                    }
+                }
+                15..=16 if self.counts.connection_cuts < 4 => {
+                    self.proxy.cut_all();
+                    self.counts.connection_cuts += 1;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Powers on every device still down.
+    fn revive_all(&mut self, devices: &mut [Device], bins: &Binaries) -> anyhow::Result<()> {
+        for (index, _) in self.down.drain(..) {
+            devices[index].start(bins)?;
+        }
+        Ok(())
+    }
 }
 
 const DEVICE_TYPE: &str = "demo-gateway";
+const CHAOS_LINK_BYTES_PER_SECOND: u64 = 1024 * 1024;
 
 fn say(json: bool, line: &str) {
     if !json {
@@ -77,7 +176,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
     );
     let server_dir = work.join("server");
     let server_bins = bins.clone();
-    let server =
+    let mut server =
         tokio::task::spawn_blocking(move || ServerProcess::start(&server_bins, &server_dir))
             .await??;
     let client = server.client()?;
@@ -108,12 +207,40 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
         trial_boot_attempts: 1,
         extra_config: String::new(),
     };
+    let mut chaos = if opts.chaos {
+        let listen = server
+            .endpoint
+            .url
+            .trim_start_matches("https://")
+            .to_owned();
+        let proxy = Proxy::start(listen.parse()?).await?;
+        // Slow links keep downloads in flight long enough to be interrupted.
+        proxy.set_rate(CHAOS_LINK_BYTES_PER_SECOND);
+        Some(Chaos {
+            rng: rand::rngs::StdRng::from_entropy(),
+            proxy,
+            listen,
+            counts: FaultCounts::default(),
+            down: Vec::new(),
+            max_kills: (opts.devices as u32 / 3).max(3),
+            bytes_before_restarts: 0,
+        })
+    } else {
+        None
+    };
+    let device_endpoint = match &chaos {
+        Some(c) => ServerEndpoint {
+            url: c.proxy.url(),
+            ..server.endpoint.clone()
+        },
+        None => server.endpoint.clone(),
+    };
     let mut devices = Vec::with_capacity(opts.devices);
     for i in 0..opts.devices {
         let mut device = Device::provision(
             &work.join(format!("devices/{i:05}")),
             &spec(i),
-            &server.endpoint,
+            &device_endpoint,
             &image_from,
         )?;
         device.start(&bins)?;
@@ -172,8 +299,29 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
             .expect("valid template"),
     );
     let deadline = Instant::now() + opts.timeout;
+    let mut last_done = 0u64;
     let status = loop {
-        let status = client.rollout(rollout.id).await?;
+        if let Some(chaos) = chaos.as_mut() {
+            chaos
+                .tick(
+                    &mut devices,
+                    &mut server,
+                    &bins,
+                    &client,
+                    last_done as f64 / opts.devices as f64,
+                )
+                .await?;
+        }
+        let status = match client.rollout(rollout.id).await {
+            Ok(status) => status,
+            // The server may be down for a moment while chaos restarts it.
+            Err(_) if chaos.is_some() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        last_done = status.counts.succeeded;
         bar.set_position(status.counts.succeeded);
         bar.set_message(format!(
             "({} in progress, {} pending, {} failed)",
@@ -184,6 +332,23 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    if let Some(chaos) = chaos.as_mut() {
+        // Devices still powered off come back and must end up upgraded too.
+        chaos.revive_all(&mut devices, &bins)?;
+        let settle = Instant::now() + opts.timeout;
+        while Instant::now() < settle {
+            let views = client.devices().await.unwrap_or_default();
+            let done = views.iter().filter(|v| {
+                v.online
+                    && v.running_version.as_ref() == Some(&to)
+                    && v.state == Some(AgentState::Idle)
+            });
+            if done.count() == opts.devices {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     if status.status != "finished" {
@@ -237,9 +402,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
         from_version: from.to_string(),
         to_version: to.to_string(),
         seconds,
-        bytes_sent: stats.bytes_sent,
+        bytes_sent: stats.bytes_sent + chaos.as_ref().map_or(0, |c| c.bytes_before_restarts),
         image_size: opts.image_size,
         failures,
+        faults: chaos.map(|c| c.counts),
     })
 }
 
@@ -294,6 +460,15 @@ impl DemoSummary {
             self.seconds,
             self.bytes_sent as f64 / 1048576.0,
             (self.image_size * self.devices as u64) as f64 / 1048576.0,
-        )
+        ) + &match self.faults {
+            Some(f) => format!(
+                "; survived {} injected faults ({} agent SIGKILLs, {} connection cuts, {} server SIGKILL+restarts)",
+                f.total(),
+                f.agent_kills,
+                f.connection_cuts,
+                f.server_restarts
+            ),
+            None => String::new(),
+        }
     }
 }

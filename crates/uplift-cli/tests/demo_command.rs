@@ -45,3 +45,42 @@ fn uplift_demo_upgrades_every_device_and_reports_json() {
         assert!(env.contains("uplift_default=b\n"), "{env}");
     }
 }
+
+#[test]
+fn uplift_demo_with_chaos_survives_every_kind_of_fault() {
+    let work = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_uplift"))
+        .args([
+            "demo",
+            "--devices",
+            "6",
+            "--image-mib",
+            "2",
+            "--chaos",
+            "--json",
+            "--timeout",
+            "120",
+            "--workdir",
+        ])
+        .arg(work.path())
+        .output()
+        .expect("run uplift demo --chaos");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(
+        (summary["upgraded"].as_u64(), summary["failed"].as_u64()),
+        (Some(6), Some(0)),
+        "{summary}"
+    );
+    let faults = &summary["faults"];
+    assert_eq!(faults["server_restarts"], 1, "{summary}");
+    assert!(
+        faults["connection_cuts"].as_u64().unwrap() >= 1,
+        "{summary}"
+    );
+}
