@@ -37,6 +37,36 @@ pub struct AgentConfig {
     pub trial_boot_attempts: u32,
     #[serde(default)]
     pub reboot: Reboot,
+    #[serde(default)]
+    pub hooks: Hooks,
+}
+
+/// Commands run around an install, with `UPLIFT_VERSION`, `UPLIFT_SLOT` and
+/// `UPLIFT_SLOT_PATH` in their environment. A hook that fails (non-zero exit
+/// or timeout) aborts the install before the boot choice changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    /// Before the first byte is written to the inactive slot.
+    pub pre_install: Option<Vec<String>>,
+    /// After the image in the inactive slot is verified, before the switch.
+    pub post_install: Option<Vec<String>>,
+    #[serde(default = "default_hook_timeout")]
+    pub timeout_secs: u64,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Self {
+            pre_install: None,
+            post_install: None,
+            timeout_secs: default_hook_timeout(),
+        }
+    }
+}
+
+fn default_hook_timeout() -> u64 {
+    300
 }
 
 #[derive(Debug, Clone, Deserialize)]

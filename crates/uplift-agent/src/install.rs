@@ -66,6 +66,8 @@ pub enum InstallError {
     },
     #[error("boot environment: {0}")]
     BootEnv(String),
+    #[error("{0}; the boot choice is unchanged")]
+    Hook(String),
     #[error("agent state: {0}")]
     State(String),
 }
@@ -84,6 +86,7 @@ impl InstallError {
             InstallError::SlotIo { .. } | InstallError::State(_) => ErrorKind::SlotIo,
             InstallError::ImageHash { .. } => ErrorKind::ImageHashMismatch,
             InstallError::BootEnv(_) => ErrorKind::BootEnv,
+            InstallError::Hook(_) => ErrorKind::HookFailed,
         }
     }
 
@@ -149,6 +152,21 @@ impl Installer {
             }
         };
         let _ = events.send(event).await;
+    }
+
+    async fn hook(
+        &self,
+        label: &str,
+        command: Option<&[String]>,
+        env: &[(&str, String)],
+    ) -> Result<(), InstallError> {
+        let Some(command) = command else {
+            return Ok(());
+        };
+        let limit = Duration::from_secs(self.config.hooks.timeout_secs);
+        crate::health::run_command(label, command, env, limit)
+            .await
+            .map_err(InstallError::Hook)
     }
 
     async fn current_token(&self) -> Result<String, InstallError> {
@@ -262,6 +280,17 @@ impl Installer {
         let target = booted.other();
         let path = self.config.slots.path(target).to_owned();
         let bootenv = BootEnvFile::new(self.config.boot.env_file.clone());
+        let hook_env = [
+            ("UPLIFT_VERSION", manifest.version.to_string()),
+            ("UPLIFT_SLOT", target.to_string()),
+            ("UPLIFT_SLOT_PATH", path.display().to_string()),
+        ];
+        self.hook(
+            "pre-install hook",
+            self.config.hooks.pre_install.as_deref(),
+            &hook_env,
+        )
+        .await?;
         prepare_slot_for_writing(&bootenv, &self.local, booted, target).await?;
 
         let slot = SlotWriter::open(target, &path, manifest.image.size)?;
@@ -363,6 +392,12 @@ impl Installer {
         tokio::task::spawn_blocking(move || writer.finish_and_verify(&expected))
             .await
             .map_err(|e| InstallError::State(format!("verify task failed: {e}")))??;
+        self.hook(
+            "post-install hook",
+            self.config.hooks.post_install.as_deref(),
+            &hook_env,
+        )
+        .await?;
 
         switch_to_trial(
             &self.config,

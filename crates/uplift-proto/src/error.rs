@@ -39,6 +39,8 @@ pub enum ErrorKind {
     BootEnv,
     HealthCheckFailed,
     RolledBack,
+    /// A pre- or post-install hook on the device failed.
+    HookFailed,
     // --- server side
     Storage,
     Internal,
@@ -76,6 +78,7 @@ impl ErrorKind {
             ErrorKind::BootEnv => "boot_env",
             ErrorKind::HealthCheckFailed => "health_check_failed",
             ErrorKind::RolledBack => "rolled_back",
+            ErrorKind::HookFailed => "hook_failed",
             ErrorKind::Storage => "storage",
             ErrorKind::Internal => "internal",
             ErrorKind::Unknown => "unknown",

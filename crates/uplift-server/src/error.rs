@@ -134,6 +134,7 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         | ErrorKind::BootEnv
         | ErrorKind::HealthCheckFailed
         | ErrorKind::RolledBack
+        | ErrorKind::HookFailed
         | ErrorKind::SlotIo
         | ErrorKind::Storage
         | ErrorKind::Internal
