@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tokio_util::io::ReaderStream;
 use uplift_proto::api::*;
-use uplift_proto::channel::{AgentState, Offer, ServerMsg, CHANNEL_PATH};
+use uplift_proto::channel::{AgentState, CHANNEL_PATH};
 use uplift_proto::{ChunkHash, DeviceId, ErrorKind, Version};
 use uplift_release::manifest::{SignedManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
 
@@ -280,15 +280,9 @@ async fn start_rollout(
         .store
         .create_rollout(&release, &devices, request.allow_downgrade, &now_rfc3339())
         .await?;
-    let offer = ServerMsg::Offer(Offer {
-        rollout_id: rollout.id,
-        version: rollout.release.clone(),
-        manifest_path: device_manifest_path(&rollout.release),
-        allow_downgrade: rollout.allow_downgrade,
-    });
     let pushed = devices
         .iter()
-        .filter(|d| state.hub.push(d, offer.clone()))
+        .filter(|d| state.hub.notify_target_changed(d))
         .count();
     tracing::info!(rollout = rollout.id, release = %rollout.release, devices = devices.len(), pushed, "rollout started");
     Ok((

@@ -14,7 +14,7 @@ use base64::Engine;
 use ed25519_dalek::{Signature, VerifyingKey};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use uplift_proto::api::device_manifest_path;
 use uplift_proto::channel::{self, AgentMsg, FrameError, Offer, ServerMsg, MAX_FRAME_BYTES};
@@ -104,7 +104,7 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
     };
 
     let token = hex::encode(rand::random::<[u8; 32]>());
-    let (tx, mut pushes) = mpsc::channel(crate::hub::PUSH_QUEUE);
+    let (tx, mut target_changed) = watch::channel(0u64);
     let serial = state.hub.register(device_id.clone(), token.clone(), tx);
     let result = async {
         send(
@@ -117,7 +117,7 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
         )
         .await?;
         send(&mut socket, &current_target(&state, &device_id).await).await?;
-        serve_device(&state, &device_id, &mut socket, &mut pushes).await
+        serve_device(&state, &device_id, &mut socket, &mut target_changed).await
     }
     .await;
     state.hub.unregister(&device_id, serial);
@@ -332,7 +332,7 @@ async fn serve_device(
     state: &AppState,
     device: &DeviceId,
     socket: &mut WebSocket,
-    pushes: &mut mpsc::Receiver<ServerMsg>,
+    target_changed: &mut watch::Receiver<u64>,
 ) -> Result<(), SessionError> {
     let idle_limit = state.limits.channel_idle_timeout();
     let mut shutdown = state.shutdown.clone();
@@ -369,10 +369,12 @@ async fn serve_device(
                     Err(err) => return Err(refuse(socket, err).await),
                 }
             }
-            push = pushes.recv() => match push {
-                Some(msg) => send(socket, &msg).await?,
+            changed = target_changed.changed() => match changed {
+                // Always the newest target, read afresh: pushes coalesce and
+                // none is lost however many rollouts start at once.
+                Ok(()) => send(socket, &current_target(state, device).await).await?,
                 // The device opened a newer channel, which replaced this one.
-                None => return Err(SessionError::Gone),
+                Err(_) => return Err(SessionError::Gone),
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() > idle_limit {

@@ -1,15 +1,11 @@
-//! The live device sessions: who is connected, how to push to them, and which
-//! download token belongs to which device. In memory only: a device that is
+//! The live device sessions: who is connected, how to tell them their target
+//! changed, and which download token belongs to which device. In memory only: a device that is
 //! not connected simply gets its target when it next connects.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use tokio::sync::mpsc;
-use uplift_proto::channel::ServerMsg;
+use tokio::sync::watch;
 use uplift_proto::DeviceId;
-
-/// Pushes queued per device before the session is considered stuck.
-pub const PUSH_QUEUE: usize = 16;
 
 #[derive(Debug, Default)]
 pub struct Hub {
@@ -27,7 +23,8 @@ struct Inner {
 struct Session {
     serial: u64,
     token: String,
-    tx: mpsc::Sender<ServerMsg>,
+    /// Bumped when the device's target changes; dropped to end the session.
+    target_changed: watch::Sender<u64>,
 }
 
 /// Identifies one session so a stale session's cleanup cannot remove its
@@ -49,13 +46,20 @@ impl Hub {
         &self,
         device: DeviceId,
         token: String,
-        tx: mpsc::Sender<ServerMsg>,
+        target_changed: watch::Sender<u64>,
     ) -> SessionSerial {
         let mut inner = self.lock();
         inner.next_serial += 1;
         let serial = inner.next_serial;
         inner.tokens.insert(token.clone(), device.clone());
-        if let Some(old) = inner.sessions.insert(device, Session { serial, token, tx }) {
+        if let Some(old) = inner.sessions.insert(
+            device,
+            Session {
+                serial,
+                token,
+                target_changed,
+            },
+        ) {
             inner.tokens.remove(&old.token);
         }
         SessionSerial(serial)
@@ -86,12 +90,16 @@ impl Hub {
         self.lock().sessions.len()
     }
 
-    /// Queues a message for a connected device. Returns false if the device is
-    /// offline or its queue is full (it gets the current target on reconnect).
-    pub fn push(&self, device: &DeviceId, msg: ServerMsg) -> bool {
-        let tx = self.lock().sessions.get(device).map(|s| s.tx.clone());
-        match tx {
-            Some(tx) => tx.try_send(msg).is_ok(),
+    /// Tells a connected device's session that its target changed; the
+    /// session then sends the current target. Never blocks and never loses a
+    /// change. Returns false if the device is offline (it gets its target
+    /// when it connects).
+    pub fn notify_target_changed(&self, device: &DeviceId) -> bool {
+        match self.lock().sessions.get(device) {
+            Some(session) => {
+                session.target_changed.send_modify(|n| *n += 1);
+                true
+            }
             None => false,
         }
     }
@@ -105,10 +113,14 @@ mod tests {
     fn a_stale_session_cannot_unregister_its_replacement() {
         let hub = Hub::default();
         let dev: DeviceId = "dev-1".parse().unwrap();
-        let (tx1, _rx1) = mpsc::channel(1);
-        let (tx2, mut rx2) = mpsc::channel(1);
+        let (tx1, rx1) = watch::channel(0);
+        let (tx2, mut rx2) = watch::channel(0);
         let old = hub.register(dev.clone(), "t1".into(), tx1);
         let _new = hub.register(dev.clone(), "t2".into(), tx2);
+        assert!(
+            rx1.has_changed().is_err(),
+            "the replaced session learns it was replaced"
+        );
         hub.unregister(&dev, old);
         assert!(hub.is_online(&dev));
         assert_eq!(
@@ -117,7 +129,22 @@ mod tests {
             "the old session's token is revoked"
         );
         assert_eq!(hub.device_for_token("t2"), Some(dev.clone()));
-        assert!(hub.push(&dev, ServerMsg::NoUpdate));
-        assert_eq!(rx2.try_recv().unwrap(), ServerMsg::NoUpdate);
+        assert!(hub.notify_target_changed(&dev));
+        assert!(rx2.has_changed().unwrap());
+        rx2.mark_unchanged();
+    }
+
+    #[test]
+    fn target_changes_coalesce_and_none_is_lost() {
+        let hub = Hub::default();
+        let dev: DeviceId = "dev-1".parse().unwrap();
+        let (tx, mut rx) = watch::channel(0);
+        hub.register(dev.clone(), "t".into(), tx);
+        for _ in 0..1000 {
+            assert!(hub.notify_target_changed(&dev));
+        }
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 1000);
+        assert!(!hub.notify_target_changed(&"dev-offline".parse().unwrap()));
     }
 }

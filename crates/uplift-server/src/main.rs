@@ -31,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "uplift_server=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let mut config = match (&args.config, &args.data_dir) {
