@@ -84,3 +84,45 @@ fn uplift_demo_with_chaos_survives_every_kind_of_fault() {
         "{summary}"
     );
 }
+
+/// The soak: the chaos demo over many devices, bounded by its timeout. Not
+/// part of the normal run; start it on demand with
+/// `UPLIFT_SOAK_DEVICES=200 cargo test -p uplift-cli --test demo_command -- --ignored`.
+#[test]
+#[ignore = "soak test, run on demand"]
+fn soak_chaos_over_many_devices() {
+    let devices: usize = std::env::var("UPLIFT_SOAK_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let work = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_uplift"))
+        .args([
+            "demo",
+            "--chaos",
+            "--json",
+            "--image-mib",
+            "4",
+            "--timeout",
+            "600",
+            "--devices",
+        ])
+        .arg(devices.to_string())
+        .arg("--workdir")
+        .arg(work.path())
+        .output()
+        .expect("run uplift demo --chaos");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "soak failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    println!("{summary}");
+    assert_eq!(
+        summary["upgraded"].as_u64(),
+        Some(devices as u64),
+        "{summary}"
+    );
+}

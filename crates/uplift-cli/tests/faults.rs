@@ -443,3 +443,47 @@ async fn a_full_disk_on_the_device_fails_the_install_cleanly() {
         "running slot intact"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_the_server_refuses_the_upload_clearly_and_keeps_serving() {
+    let fx = Fixture::start();
+    let device = fx.device("bystander", fx.spec("hw-bystander"));
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let Some(tiny) = TinyFs::mount(&fx.server.dir.join("chunks"), "256k") else {
+        println!("NOTICE: cannot mount a tmpfs here (needs root); server full-disk test skipped");
+        return;
+    };
+    let image = fx.path("images/big.img");
+    write_image(&image, IMAGE_SIZE, 717).unwrap();
+    let dir = fx.path("releases/big");
+    let options =
+        uplift_release::build::ReleaseOptions::new(v("2.0"), DEVICE_TYPE.parse().unwrap());
+    uplift_release::build::create_release(&image, &dir, &options, &fx.key).unwrap();
+    let err = match fx.client.upload_release(&dir, |_| {}).await {
+        Ok(_) => panic!("upload succeeded on a full disk"),
+        Err(e) => e,
+    };
+    let text = format!("{err:#}");
+    assert!(text.contains("No space left on device"), "{text}");
+    assert!(
+        fx.client.releases().await.unwrap().is_empty(),
+        "no half-uploaded release is offered"
+    );
+    let views = fx.client.devices().await.unwrap();
+    assert!(views[0].online, "devices stay connected");
+    assert!(
+        fx.server.log_tail(50).contains("No space left"),
+        "the operator sees why in the log"
+    );
+
+    // Space freed: the same upload now succeeds; nothing damaged was left behind.
+    drop(tiny);
+    fx.client
+        .upload_release(&dir, |_| {})
+        .await
+        .expect("upload after freeing space");
+    assert_eq!(fx.client.releases().await.unwrap().len(), 1);
+}

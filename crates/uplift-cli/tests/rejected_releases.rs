@@ -238,3 +238,63 @@ async fn an_expired_manifest_is_rejected() {
     let message = assert_rejected(&fx, &device, &env, ErrorKind::ManifestExpired).await;
     assert!(message.contains("expired"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_with_endless_data_is_refused() {
+    let fx = Fixture::start();
+    let (device, env) = enrolled_device(&fx, "endless").await;
+    let release = fx
+        .release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    // The server's copy of one chunk grows far past its declared size.
+    let manifest = uplift_release::build::ReleaseDir::open(&release)
+        .unwrap()
+        .read_manifest()
+        .unwrap();
+    let entry = manifest.parse_unverified().unwrap().chunks[2];
+    let hex = entry.hash.to_hex();
+    let stored = fx
+        .server
+        .dir
+        .join("chunks")
+        .join(&hex[..2])
+        .join(format!("{hex}.zst"));
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes.extend(std::iter::repeat_n(0x5a, 4 << 20));
+    std::fs::write(&stored, bytes).unwrap();
+
+    fx.rollout("1.1", None).await;
+    let message = assert_rejected(&fx, &device, &env, ErrorKind::DownloadFailed).await;
+    assert!(
+        message.contains("endless data") && message.contains(&hex),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_release_key_is_accepted_once_the_agent_trusts_it() {
+    let fx = Fixture::start();
+    let new_key = ReleaseSigningKey::from_seed([21; 32]);
+    // The device trusts only the new key; the release carries both signatures.
+    let mut spec = fx.spec("hw-rotated");
+    spec.trusted_keys = vec![new_key.public_key().to_string()];
+    let device = fx.device("rotated", spec);
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let dir = fx.path("releases/rotated");
+    let options =
+        uplift_release::build::ReleaseOptions::new(v("1.1"), DEVICE_TYPE.parse().unwrap());
+    uplift_release::build::create_release(&fx.image_v1_1, &dir, &options, &fx.key).unwrap();
+    let release = uplift_release::build::ReleaseDir::open(&dir).unwrap();
+    let mut signed = release.read_manifest().unwrap();
+    signed.add_signature(&new_key);
+    std::fs::write(release.manifest_path(), signed.to_json()).unwrap();
+    fx.client.upload_release(&dir, |_| {}).await.unwrap();
+    fx.rollout("1.1", None).await;
+    fx.wait_device(&device, "the upgrade", |d| {
+        d.running_version == Some(v("1.1")) && d.state == Some(AgentState::Idle)
+    })
+    .await;
+}

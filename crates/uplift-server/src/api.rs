@@ -196,7 +196,9 @@ async fn upload_chunk(
     let Path(hash) = hash?;
     let hash: ChunkHash = parse_name(&hash)?;
     let body = body?;
-    if state.artifacts.stored_len(&hash).await?.is_some() {
+    // Already stored, whole: nothing to do. A stored copy of another size is
+    // damaged (e.g. cut short by a full disk) and is replaced below.
+    if state.artifacts.stored_len(&hash).await? == Some(body.len() as u64) {
         return Ok(StatusCode::OK);
     }
     // The server never stores a chunk that does not match its name: otherwise

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
 use uplift_proto::{ChunkHash, ErrorKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -81,21 +81,17 @@ impl ArtifactStore for LocalArtifacts {
 
     async fn put(&self, hash: &ChunkHash, stored: Bytes) -> Result<(), ArtifactError> {
         let path = self.path_of(hash);
-        let dir = path.parent().expect("chunk paths have a parent").to_owned();
-        tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
-        // Unique temp name: two concurrent uploads of one chunk must not interleave.
-        let tmp = dir.join(format!(".{}.{}.tmp", hash.to_hex(), rand::random::<u64>()));
-        let result = async {
-            let mut f = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
-            f.write_all(&stored).await.map_err(io(&tmp))?;
-            f.sync_all().await.map_err(io(&tmp))?;
-            tokio::fs::rename(&tmp, &path).await.map_err(io(&path))
-        }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result
+        // Blocking std I/O on purpose: tokio's File hands writes to a
+        // background task and `sync_all` does not report a failed write
+        // (e.g. a full disk), which once let truncated chunks be renamed
+        // into place under their content name.
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || write_chunk_atomically(&target, &stored))
+            .await
+            .map_err(|e| ArtifactError::Io {
+                path,
+                source: std::io::Error::other(e),
+            })?
     }
 
     async fn read(
@@ -115,6 +111,29 @@ impl ArtifactStore for LocalArtifacts {
             .map_err(io(&path))?;
         Ok(Some(Box::pin(f.take(len))))
     }
+}
+
+/// Temp file, full write, fsync, rename: a reader sees the whole chunk or none.
+fn write_chunk_atomically(path: &Path, stored: &[u8]) -> Result<(), ArtifactError> {
+    use std::io::Write;
+    let dir = path.parent().expect("chunk paths have a parent");
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Unique temp name: two concurrent uploads of one chunk must not interleave.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", rand::random::<u64>()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(stored).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io(path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 #[cfg(test)]
