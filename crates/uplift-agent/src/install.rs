@@ -42,6 +42,8 @@ pub enum InstallError {
     Downgrade { running: Version, target: Version },
     #[error("downloading {what} failed: {detail}")]
     Download { what: String, detail: String },
+    #[error("cannot reach the server to download {what}: {detail}; the download resumes when the server is back")]
+    Unreachable { what: String, detail: String },
     #[error("{what} sent more than the {limit} bytes declared; refusing endless data")]
     TooLong { what: String, limit: u64 },
     #[error("slot {slot} ({path}) holds {capacity} bytes but the image needs {needed}; repartition or use a smaller image")]
@@ -79,6 +81,7 @@ impl InstallError {
             InstallError::WrongDeviceType { .. } => ErrorKind::WrongDeviceType,
             InstallError::VersionMismatch { .. } => ErrorKind::VersionMismatch,
             InstallError::Downgrade { .. } => ErrorKind::DowngradeRefused,
+            InstallError::Unreachable { .. } => ErrorKind::ServerUnreachable,
             InstallError::Download { .. } | InstallError::TooLong { .. } => {
                 ErrorKind::DownloadFailed
             }
@@ -181,8 +184,8 @@ impl Installer {
         .await;
         match found {
             Ok(Some(t)) => Ok(t),
-            _ => Err(InstallError::Download {
-                what: "release".into(),
+            _ => Err(InstallError::Unreachable {
+                what: "the release".into(),
                 detail: "no connection to the server for two minutes".into(),
             }),
         }
@@ -191,6 +194,9 @@ impl Installer {
     /// GETs `path` with the session token, refusing bodies over `limit`.
     async fn fetch(&self, path: &str, what: &str, limit: u64) -> Result<Vec<u8>, InstallError> {
         let mut last_error = String::new();
+        // Whether the last attempt failed for want of a connection (rather
+        // than the server answering with an error).
+        let mut unreachable = false;
         for attempt in 0..CHUNK_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
@@ -207,6 +213,7 @@ impl Installer {
                 Ok(r) => r,
                 Err(e) => {
                     last_error = format!("{e}");
+                    unreachable = true;
                     continue;
                 }
             };
@@ -214,6 +221,7 @@ impl Installer {
             if status == reqwest::StatusCode::UNAUTHORIZED || status.is_server_error() {
                 // A stale token after a reconnect, or a passing server fault.
                 last_error = format!("server answered {status}");
+                unreachable = false;
                 continue;
             }
             if !status.is_success() {
@@ -251,13 +259,24 @@ impl Installer {
             }
             match broken {
                 None => return Ok(body),
-                Some(e) => last_error = e,
+                Some(e) => {
+                    last_error = e;
+                    unreachable = true;
+                }
             }
         }
-        Err(InstallError::Download {
-            what: what.to_owned(),
-            detail: format!("gave up after {CHUNK_ATTEMPTS} attempts: {last_error}"),
-        })
+        let detail = format!("gave up after {CHUNK_ATTEMPTS} attempts: {last_error}");
+        if unreachable {
+            Err(InstallError::Unreachable {
+                what: what.to_owned(),
+                detail,
+            })
+        } else {
+            Err(InstallError::Download {
+                what: what.to_owned(),
+                detail,
+            })
+        }
     }
 
     async fn install(

@@ -66,6 +66,7 @@ fn retryable(kind: ErrorKind) -> bool {
     matches!(
         kind,
         ErrorKind::DownloadFailed
+            | ErrorKind::ServerUnreachable
             | ErrorKind::ChunkHashMismatch
             | ErrorKind::ImageHashMismatch
             | ErrorKind::SlotIo
@@ -259,7 +260,16 @@ impl Machine {
                     actions
                 }
             }
-            (_, Event::Offer(offer)) => self.consider(offer),
+            (_, Event::Offer(offer)) => {
+                // Offers arrive only over a live channel: the server is
+                // reachable again, so an outage of any length does not keep
+                // the device from carrying on.
+                if matches!(&self.phase, Phase::Failed { error, .. } if error.kind == ErrorKind::ServerUnreachable)
+                {
+                    self.attempts = None;
+                }
+                self.consider(offer)
+            }
             (Phase::Installing { .. }, Event::NoUpdate) => {
                 self.phase = Phase::Idle;
                 self.progress = None;
@@ -633,6 +643,45 @@ mod tests {
             m.handle(Event::Offer(next_rollout.clone())),
             vec![Action::StartInstall(next_rollout), Action::Report],
             "a new rollout gets a fresh budget"
+        );
+    }
+
+    #[test]
+    fn after_an_outage_that_spent_the_budget_the_next_offer_carries_on() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        let outage = WireError::new(ErrorKind::ServerUnreachable, "no connection");
+        for _ in 1..MAX_INSTALL_ATTEMPTS {
+            m.handle(Event::InstallFailed(outage.clone()));
+            m.handle(Event::RetryDue);
+        }
+        assert_eq!(m.handle(Event::InstallFailed(outage)), vec![Action::Report]);
+        assert_eq!(
+            m.handle(Event::RetryDue),
+            vec![Action::Report],
+            "no retry loop while offline"
+        );
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::StartInstall(offer("1.1")), Action::Report],
+            "the server is back: the upgrade carries on"
+        );
+    }
+
+    #[test]
+    fn a_server_that_answers_but_cannot_serve_does_not_renew_the_budget() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        let missing = WireError::new(ErrorKind::DownloadFailed, "404");
+        for _ in 1..MAX_INSTALL_ATTEMPTS {
+            m.handle(Event::InstallFailed(missing.clone()));
+            m.handle(Event::RetryDue);
+        }
+        m.handle(Event::InstallFailed(missing));
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::Report],
+            "still given up"
         );
     }
 

@@ -449,6 +449,8 @@ struct ProxyControl {
     /// Bytes per second per connection towards the device; 0 = unlimited.
     rate: std::sync::atomic::AtomicU64,
     cut: tokio::sync::watch::Sender<u64>,
+    /// While set, the network is down: new connections are dropped at once.
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl Proxy {
@@ -458,11 +460,16 @@ impl Proxy {
         let control = std::sync::Arc::new(ProxyControl {
             rate: std::sync::atomic::AtomicU64::new(0),
             cut: tokio::sync::watch::channel(0).0,
+            down: std::sync::atomic::AtomicBool::new(false),
         });
         let shared = control.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let control = shared.clone();
+                if control.down.load(std::sync::atomic::Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
                 tokio::spawn(async move {
                     let mut cut = control.cut.subscribe();
                     let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
@@ -499,6 +506,17 @@ impl Proxy {
     /// Drops every open connection (new ones are still accepted).
     pub fn cut_all(&self) {
         self.control.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Takes the network down (every connection cut, new ones refused) or
+    /// brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.control
+            .down
+            .store(down, std::sync::atomic::Ordering::Relaxed);
+        if down {
+            self.cut_all();
+        }
     }
 }
 

@@ -487,3 +487,44 @@ async fn a_full_disk_on_the_server_refuses_the_upload_clearly_and_keeps_serving(
         .expect("upload after freeing space");
     assert_eq!(fx.client.releases().await.unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_network_outage_mid_download_the_agent_carries_on_by_itself() {
+    let fx = Fixture::start();
+    let proxy = proxy_to(&fx.server).await;
+    let device = fx.device_via("outage", fx.spec("hw-outage"), &proxy.url());
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let chunks = fresh_release(&fx, "2.0").await;
+    proxy.set_rate(SLOW_LINK);
+    fx.rollout("2.0", None).await;
+    fx.wait_device(&device, "a third of the download", |d| {
+        d.progress.is_some_and(|p| p.done_bytes * 3 > p.total_bytes)
+    })
+    .await;
+
+    proxy.set_down(true);
+    fx.wait_device(&device, "the server to see the device go", |d| !d.online)
+        .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    proxy.set_rate(0);
+    proxy.set_down(false);
+
+    fx.wait_device(&device, "the upgrade to finish", |d| {
+        d.running_version == Some(v("2.0")) && d.state == Some(AgentState::Idle) && d.online
+    })
+    .await;
+    let total = fx.client.stats().await.unwrap().chunks_sent as usize;
+    assert!(
+        total <= chunks + 2,
+        "{total} chunk downloads for {chunks} chunks"
+    );
+    assert_eq!(
+        device.log().matches("agent started").count(),
+        2,
+        "no restart but the upgrade's reboot:\n{}",
+        device.log()
+    );
+}

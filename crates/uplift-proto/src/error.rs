@@ -34,6 +34,8 @@ pub enum ErrorKind {
     ChunkHashMismatch,
     ImageHashMismatch,
     DownloadFailed,
+    /// The device could not reach the server at all (no connection).
+    ServerUnreachable,
     SlotTooSmall,
     SlotIo,
     BootEnv,
@@ -73,6 +75,7 @@ impl ErrorKind {
             ErrorKind::ChunkHashMismatch => "chunk_hash_mismatch",
             ErrorKind::ImageHashMismatch => "image_hash_mismatch",
             ErrorKind::DownloadFailed => "download_failed",
+            ErrorKind::ServerUnreachable => "server_unreachable",
             ErrorKind::SlotTooSmall => "slot_too_small",
             ErrorKind::SlotIo => "slot_io",
             ErrorKind::BootEnv => "boot_env",

@@ -130,6 +130,7 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         ErrorKind::Unauthorized | ErrorKind::BadDeviceSignature => StatusCode::UNAUTHORIZED,
         ErrorKind::EnrollmentRefused => StatusCode::FORBIDDEN,
         ErrorKind::DownloadFailed
+        | ErrorKind::ServerUnreachable
         | ErrorKind::SlotTooSmall
         | ErrorKind::BootEnv
         | ErrorKind::HealthCheckFailed
