@@ -89,7 +89,7 @@ impl Chaos {
         server: &mut ServerProcess,
         bins: &Binaries,
         client: &crate::client::AdminClient,
-        done_fraction: f64,
+        in_progress: u64,
     ) -> anyhow::Result<()> {
         let now = Instant::now();
         let mut i = 0;
@@ -103,10 +103,10 @@ impl Chaos {
         }
         // Every kind of fault happens at least once, mid-rollout; agent
         // kills and further cuts come at random.
-        if self.counts.connection_cuts == 0 && done_fraction >= 0.15 {
+        if self.counts.connection_cuts == 0 && in_progress > 0 {
             self.proxy.cut_all();
             self.counts.connection_cuts += 1;
-        } else if self.counts.server_restarts == 0 && done_fraction >= 0.3 {
+        } else if self.counts.server_restarts == 0 && in_progress > 0 {
             self.bytes_before_restarts += client.stats().await.map(|s| s.bytes_sent).unwrap_or(0);
             server.kill();
             *server = ServerProcess::start_on(bins, &server.dir.clone(), &self.listen)?;
@@ -299,17 +299,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
             .expect("valid template"),
     );
     let deadline = Instant::now() + opts.timeout;
-    let mut last_done = 0u64;
+    let mut in_progress = 0u64;
     let status = loop {
         if let Some(chaos) = chaos.as_mut() {
             chaos
-                .tick(
-                    &mut devices,
-                    &mut server,
-                    &bins,
-                    &client,
-                    last_done as f64 / opts.devices as f64,
-                )
+                .tick(&mut devices, &mut server, &bins, &client, in_progress)
                 .await?;
         }
         let status = match client.rollout(rollout.id).await {
@@ -321,7 +315,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
             }
             Err(e) => return Err(e),
         };
-        last_done = status.counts.succeeded;
+        in_progress = status.counts.in_progress;
         bar.set_position(status.counts.succeeded);
         bar.set_message(format!(
             "({} in progress, {} pending, {} failed)",
