@@ -120,8 +120,10 @@ fn default_health_check() -> Vec<String> {
 fn default_health_timeout() -> u64 {
     120
 }
+/// Three tries, so a power cut during the new OS's first boot does not by
+/// itself roll the update back (RAUC's default is the same).
 fn default_attempts() -> u32 {
-    1
+    3
 }
 fn default_cmdline() -> PathBuf {
     PathBuf::from("/proc/cmdline")
@@ -142,8 +144,12 @@ impl AgentConfig {
         if config.health_check.is_empty() {
             anyhow::bail!("{}: health_check must name a command", path.display());
         }
-        if config.trial_boot_attempts == 0 {
-            anyhow::bail!("{}: trial_boot_attempts must be at least 1", path.display());
+        let max = uplift_bootenv::state::MAX_TRIAL_TRIES;
+        if !(1..=max).contains(&config.trial_boot_attempts) {
+            anyhow::bail!(
+                "{}: trial_boot_attempts must be 1 to {max} (what the GRUB script counts)",
+                path.display()
+            );
         }
         Ok(config)
     }

@@ -5,6 +5,9 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
+/// How much of a command's stderr is kept for the error message.
+const TAIL_BYTES: usize = 4096;
+
 /// `Ok` when the health check exits 0 within the time limit; otherwise a
 /// reason that names the command, its status and the end of what it printed.
 pub async fn run(command: &[String], limit: Duration) -> Result<(), String> {
@@ -30,13 +33,28 @@ pub async fn run_command(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {label} {program:?}: {e}"))?;
+    // Drain stderr while waiting, keeping only its tail: a chatty command
+    // must not block on a full pipe, and a background child that keeps the
+    // pipe open must not hold up the result once the command has exited.
     let mut stderr = child.stderr.take().expect("stderr is piped");
-    let waited = tokio::time::timeout(limit, async {
-        let mut out = Vec::new();
-        let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut out).await;
-        (child.wait().await, out)
-    })
-    .await;
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = tail.clone();
+    let drain = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let mut kept = sink.lock().unwrap_or_else(|p| p.into_inner());
+            kept.extend_from_slice(&buf[..n]);
+            let excess = kept.len().saturating_sub(TAIL_BYTES);
+            kept.drain(..excess);
+        }
+    });
+    let waited = tokio::time::timeout(limit, child.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), drain).await;
+    let out = tail.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let waited = waited.map(|status| (status, out));
     match waited {
         Err(_) => Err(format!(
             "{label} {program:?} did not finish within {}s",
@@ -93,6 +111,32 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("did not finish"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_chatty_check_neither_hangs_nor_floods_the_message() {
+        let script = "head -c 1000000 /dev/zero | tr '\\0' x >&2; echo 'the end' >&2; exit 4";
+        let err = run(&sh(script), Duration::from_secs(20)).await.unwrap_err();
+        assert!(
+            err.contains("exit status: 4") && err.contains("the end"),
+            "{}",
+            &err[err.len().saturating_sub(200)..]
+        );
+        assert!(
+            err.len() < 1000,
+            "only the tail is kept: {} bytes",
+            err.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_background_child_holding_stderr_does_not_hold_up_the_result() {
+        let started = std::time::Instant::now();
+        assert_eq!(
+            run(&sh("sleep 5 & exit 0"), Duration::from_secs(20)).await,
+            Ok(())
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! Installing a release into the inactive slot: fetch and verify the signed
 //! manifest, stream every chunk with a size limit and a digest check into the
 //! slot, verify the whole image, and only then switch the boot environment to
-//! try the new slot once. The running slot is never written.
+//! try the new slot for a limited number of boots. The running slot is never
+//! written.
 
 use crate::config::AgentConfig;
 use crate::local::{InstallProgress, LocalState, PendingInstall, SlotContent};
@@ -13,6 +14,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -70,6 +72,8 @@ pub enum InstallError {
     BootEnv(String),
     #[error("{0}; the boot choice is unchanged")]
     Hook(String),
+    #[error("install cancelled (a newer offer or a withdrawn rollout replaced it)")]
+    Cancelled,
     #[error("agent state: {0}")]
     State(String),
 }
@@ -90,6 +94,7 @@ impl InstallError {
             InstallError::ImageHash { .. } => ErrorKind::ImageHashMismatch,
             InstallError::BootEnv(_) => ErrorKind::BootEnv,
             InstallError::Hook(_) => ErrorKind::HookFailed,
+            InstallError::Cancelled => ErrorKind::Internal,
         }
     }
 
@@ -107,6 +112,49 @@ pub struct Installer {
     pub local: LocalState,
     /// Download token of the current channel session (`None` while offline).
     pub token: watch::Receiver<Option<String>>,
+    pub guard: InstallGuard,
+}
+
+/// Serializes every slot and boot-environment change across install
+/// attempts, and stops a cancelled attempt at its next step. Aborting an
+/// async task cannot stop a blocking section already running, so each such
+/// section holds the lock until it is done and checks the flag first: an
+/// old attempt can never switch the boot environment under a newer one.
+#[derive(Debug, Clone)]
+pub struct InstallGuard {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl InstallGuard {
+    /// A guard for a new attempt, sharing `lock` with every other attempt.
+    pub fn new(lock: Arc<tokio::sync::Mutex<()>>) -> Self {
+        Self {
+            lock,
+            cancelled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        step: impl FnOnce() -> Result<T, InstallError> + Send + 'static,
+    ) -> Result<T, InstallError> {
+        let held = self.lock.clone().lock_owned().await;
+        let cancelled = self.cancelled.clone();
+        tokio::task::spawn_blocking(move || {
+            let _held = held;
+            if cancelled.load(Ordering::SeqCst) {
+                return Err(InstallError::Cancelled);
+            }
+            step()
+        })
+        .await
+        .map_err(|e| InstallError::State(format!("install step failed: {e}")))?
+    }
 }
 
 /// Checks a verified manifest against the offer and this device.
@@ -141,17 +189,24 @@ impl Installer {
     /// Runs one install to the end and reports the outcome as an event.
     pub async fn run(
         self,
+        install: u64,
         offer: Offer,
         booted: SlotName,
         running: Version,
         events: mpsc::Sender<Event>,
     ) {
-        let outcome = self.install(&offer, booted, &running, &events).await;
+        let outcome = self
+            .install(install, &offer, booted, &running, &events)
+            .await;
         let event = match outcome {
-            Ok(()) => Event::InstallDone,
+            Ok(()) => Event::InstallDone { install },
+            Err(InstallError::Cancelled) => return,
             Err(e) => {
                 tracing::warn!(version = %offer.version, "install failed: {e}");
-                Event::InstallFailed(e.to_wire())
+                Event::InstallFailed {
+                    install,
+                    error: e.to_wire(),
+                }
             }
         };
         let _ = events.send(event).await;
@@ -225,7 +280,10 @@ impl Installer {
                 continue;
             }
             if !status.is_success() {
-                let body = response.text().await.unwrap_or_default();
+                // Only the start of an error body: a hostile server must not
+                // make the device buffer without bound.
+                let body = response.bytes().await.unwrap_or_default();
+                let body = String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned();
                 return Err(InstallError::Download {
                     what: what.to_owned(),
                     detail: format!("server answered {status}: {body}"),
@@ -281,6 +339,7 @@ impl Installer {
 
     async fn install(
         &self,
+        install: u64,
         offer: &Offer,
         booted: SlotName,
         running: &Version,
@@ -310,15 +369,21 @@ impl Installer {
             &hook_env,
         )
         .await?;
-        prepare_slot_for_writing(&bootenv, &self.local, booted, target).await?;
+        prepare_slot_for_writing(&self.guard, &bootenv, &self.local, booted, target).await?;
 
-        let slot = SlotWriter::open(target, &path, manifest.image.size)?;
         let image_id = manifest.image.sha256.to_hex();
-        let journal = self.local.install_progress().map_err(state_err)?;
-        let trusted = match journal {
-            Some(p) if p.slot == target && p.image_sha256 == image_id => p.verified_chunks,
-            _ => 0,
-        };
+        let (size, local, id) = (manifest.image.size, self.local.clone(), image_id.clone());
+        let (slot, trusted) = self
+            .guard
+            .blocking(move || {
+                let slot = SlotWriter::open(target, &path, size)?;
+                let trusted = match local.install_progress().map_err(state_err)? {
+                    Some(p) if p.slot == target && p.image_sha256 == id => p.verified_bytes,
+                    _ => 0,
+                };
+                Ok((slot, trusted))
+            })
+            .await?;
         let seed = Seed::index(self.config.slots.path(booted)).await;
         let total = manifest.image.size;
         let mut tally = Tally::default();
@@ -328,22 +393,23 @@ impl Installer {
         let chunk_count = manifest.chunks.len();
         for (index, (offset, entry)) in manifest.chunk_offsets().enumerate() {
             let entry = *entry;
-            let source = if index < trusted {
+            let end = offset + u64::from(entry.size);
+            let source = if end <= trusted {
                 Source::Journaled
             } else {
                 let (slot, seed) = (slot.clone(), seed.clone());
-                tokio::task::spawn_blocking(move || -> Result<Source, InstallError> {
-                    if slot.holds(&entry, offset)? {
-                        return Ok(Source::AlreadyInSlot);
-                    }
-                    if let Some(data) = seed.copy_of(&entry) {
-                        slot.write_at(&data, offset)?;
-                        return Ok(Source::Seed);
-                    }
-                    Ok(Source::Fetch)
-                })
-                .await
-                .map_err(|e| InstallError::State(format!("chunk task failed: {e}")))??
+                self.guard
+                    .blocking(move || {
+                        if slot.holds(&entry, offset)? {
+                            return Ok(Source::AlreadyInSlot);
+                        }
+                        if let Some(data) = seed.copy_of(&entry) {
+                            slot.write_at(&data, offset)?;
+                            return Ok(Source::Seed);
+                        }
+                        Ok(Source::Fetch)
+                    })
+                    .await?
             };
             if source == Source::Fetch {
                 let what = format!("chunk {} at offset {offset}", entry.hash);
@@ -356,34 +422,34 @@ impl Installer {
                     .await?;
                 tally.fetched_bytes += stored.len() as u64;
                 let writer = slot.clone();
-                tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
-                    let data = uplift_release::chunk::decode_chunk(&entry, &stored)?;
-                    writer.write_at(&data, offset)
-                })
-                .await
-                .map_err(|e| InstallError::State(format!("chunk task failed: {e}")))??;
+                self.guard
+                    .blocking(move || {
+                        let data = uplift_release::chunk::decode_chunk(&entry, &stored)?;
+                        writer.write_at(&data, offset)
+                    })
+                    .await?;
             }
             tally.count(source);
             done += u64::from(entry.size);
             let last = index + 1 == chunk_count;
-            if index >= trusted && (last || last_journal.elapsed() >= JOURNAL_EVERY) {
+            if end > trusted && (last || last_journal.elapsed() >= JOURNAL_EVERY) {
                 // Journal only what is durably in the slot: fsync first.
                 last_journal = Instant::now();
                 let (writer, local, image_id) =
                     (slot.clone(), self.local.clone(), image_id.clone());
-                tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
-                    writer.sync()?;
-                    let progress = InstallProgress {
-                        slot: target,
-                        image_sha256: image_id,
-                        verified_chunks: index + 1,
-                    };
-                    local
-                        .save_install_progress(Some(&progress))
-                        .map_err(state_err)
-                })
-                .await
-                .map_err(|e| InstallError::State(format!("journal task failed: {e}")))??;
+                self.guard
+                    .blocking(move || {
+                        writer.sync()?;
+                        let progress = InstallProgress {
+                            slot: target,
+                            image_sha256: image_id,
+                            verified_bytes: end,
+                        };
+                        local
+                            .save_install_progress(Some(&progress))
+                            .map_err(state_err)
+                    })
+                    .await?;
             }
             if last || last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
@@ -392,7 +458,7 @@ impl Installer {
                     total_bytes: total,
                     fetched_bytes: tally.fetched_bytes,
                 };
-                let _ = events.send(Event::Progress(progress)).await;
+                let _ = events.send(Event::Progress { install, progress }).await;
             }
         }
         tracing::info!(
@@ -404,13 +470,21 @@ impl Installer {
             already_in_slot = tally.in_slot + tally.journaled,
             "all chunks in slot {target}"
         );
-        let _ = events.send(Event::Verifying).await;
+        let _ = events.send(Event::Verifying { install }).await;
 
         let expected = manifest.image.sha256;
-        let writer = slot.clone();
-        tokio::task::spawn_blocking(move || writer.finish_and_verify(&expected))
-            .await
-            .map_err(|e| InstallError::State(format!("verify task failed: {e}")))??;
+        let (writer, local) = (slot.clone(), self.local.clone());
+        self.guard
+            .blocking(move || {
+                let verified = writer.finish_and_verify(&expected);
+                if verified.is_err() {
+                    // The journal vouched for bytes that are wrong: forget it,
+                    // so the next attempt checks every chunk again.
+                    let _ = local.save_install_progress(None);
+                }
+                verified
+            })
+            .await?;
         self.hook(
             "post-install hook",
             self.config.hooks.post_install.as_deref(),
@@ -419,6 +493,7 @@ impl Installer {
         .await?;
 
         switch_to_trial(
+            &self.guard,
             &self.config,
             &bootenv,
             &self.local,
@@ -518,6 +593,7 @@ impl Seed {
 /// Before the first byte goes into `target`: it must not be the slot the
 /// bootloader would boot, and any stale record or trial of it is withdrawn.
 async fn prepare_slot_for_writing(
+    guard: &InstallGuard,
     bootenv: &BootEnvFile,
     local: &LocalState,
     booted: SlotName,
@@ -525,7 +601,7 @@ async fn prepare_slot_for_writing(
 ) -> Result<(), InstallError> {
     let bootenv = bootenv.clone();
     let local = local.clone();
-    tokio::task::spawn_blocking(move || {
+    guard.blocking(move || {
         let (env, state) = bootenv.load_state().map_err(|e| InstallError::BootEnv(e.to_string()))?;
         if state.default_slot == target {
             return Err(InstallError::BootEnv(format!(
@@ -533,27 +609,27 @@ async fn prepare_slot_for_writing(
                  default slot. Commit or repair the boot environment first"
             )));
         }
-        let mut slots = local.slots().map_err(|e| InstallError::State(format!("{e:#}")))?;
-        slots.set(target, None);
-        local.save_slots(&slots).map_err(|e| InstallError::State(format!("{e:#}")))?;
+        // Boot environment first: once no trial points at the slot, a crash
+        // at any later point leaves nothing that could boot it.
         if state.trial.as_ref().is_some_and(|t| t.slot == target) {
-            let mut journal = local.journal().map_err(|e| InstallError::State(format!("{e:#}")))?;
+            bootenv.store_state(env, &state.withdraw_trial()).map_err(|e| InstallError::BootEnv(e.to_string()))?;
+            let mut journal = local.journal().map_err(state_err)?;
             journal.pending = None;
-            local.save_journal(&journal).map_err(|e| InstallError::State(format!("{e:#}")))?;
-            let mut cleared = state;
-            cleared.trial = None;
-            bootenv.store_state(env, &cleared).map_err(|e| InstallError::BootEnv(e.to_string()))?;
+            local.save_journal(&journal).map_err(state_err)?;
         }
+        let mut slots = local.slots().map_err(state_err)?;
+        slots.set(target, None);
+        local.save_slots(&slots).map_err(state_err)?;
         Ok(())
     })
     .await
-    .map_err(|e| InstallError::State(format!("task failed: {e}")))?
 }
 
 /// The commit point of an install, in crash-safe order: record what the slot
 /// holds and what is pending first, then switch the boot environment in one
 /// atomic write. A crash before the switch leaves the old slot booting.
 async fn switch_to_trial(
+    guard: &InstallGuard,
     config: &AgentConfig,
     bootenv: &BootEnvFile,
     local: &LocalState,
@@ -573,29 +649,33 @@ async fn switch_to_trial(
         version: manifest.version.clone(),
         rollout_id,
     };
-    tokio::task::spawn_blocking(move || {
-        let state_err = |e: anyhow::Error| InstallError::State(format!("{e:#}"));
-        let mut slots = local.slots().map_err(state_err)?;
-        slots.set(target, Some(content));
-        local.save_slots(&slots).map_err(state_err)?;
-        let mut journal = local.journal().map_err(state_err)?;
-        journal.pending = Some(pending);
-        local.save_journal(&journal).map_err(state_err)?;
-        let (env, state) = bootenv
-            .load_state()
-            .map_err(|e| InstallError::BootEnv(e.to_string()))?;
-        let next = state
-            .start_trial(target, attempts)
-            .map_err(|e| InstallError::BootEnv(e.to_string()))?;
-        bootenv
-            .store_state(env, &next)
-            .map_err(|e| InstallError::BootEnv(e.to_string()))?;
-        // After the switch: a crash before this line only leaves a stale
-        // resume point, which the whole-image check would catch anyway.
-        local.save_install_progress(None).map_err(state_err)
-    })
-    .await
-    .map_err(|e| InstallError::State(format!("task failed: {e}")))?
+    guard
+        .blocking(move || {
+            let state_err = |e: anyhow::Error| InstallError::State(format!("{e:#}"));
+            let mut slots = local.slots().map_err(state_err)?;
+            slots.set(target, Some(content));
+            local.save_slots(&slots).map_err(state_err)?;
+            let mut journal = local.journal().map_err(state_err)?;
+            journal.pending = Some(pending);
+            local.save_journal(&journal).map_err(state_err)?;
+            let (env, state) = bootenv
+                .load_state()
+                .map_err(|e| InstallError::BootEnv(e.to_string()))?;
+            let next = state
+                .start_trial(target, attempts)
+                .map_err(|e| InstallError::BootEnv(e.to_string()))?;
+            bootenv
+                .store_state(env, &next)
+                .map_err(|e| InstallError::BootEnv(e.to_string()))?;
+            // After the switch the install has succeeded; a stale resume point
+            // (a crash or write error here) is harmless: the next install checks
+            // every chunk it would skip against the whole-image digest anyway.
+            if let Err(e) = local.save_install_progress(None) {
+                tracing::warn!("cannot clear the resume point: {e:#}");
+            }
+            Ok(())
+        })
+        .await
 }
 
 /// Positional writes into a slot (a partition or a file).
@@ -671,7 +751,8 @@ impl SlotWriter {
         }
     }
 
-    /// Flushes the slot and hashes what is really on it, not what we meant to write.
+    /// Flushes the slot, then hashes it as read back (through the page cache)
+    /// rather than trusting the bytes we meant to write.
     fn finish_and_verify(&self, expected: &ChunkHash) -> Result<(), InstallError> {
         self.file.sync_all().map_err(self.io())?;
         let mut hasher = Sha256::new();

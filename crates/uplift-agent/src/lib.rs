@@ -1,7 +1,7 @@
 //! The Uplift device agent. It keeps one private channel to the upgrade
 //! server, compares each offered version with its own, installs a different
 //! one into the inactive A/B slot with every byte verified, switches the boot
-//! environment to try it once, and after the reboot commits or rolls back.
+//! environment to try it for a few boots, and after the reboot commits or rolls back.
 //!
 //! Decisions live in [`machine`] (pure, unit-tested); I/O lives in [`run`],
 //! [`install`], [`net`] and [`local`].

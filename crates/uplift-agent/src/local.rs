@@ -81,8 +81,8 @@ pub struct InstallProgress {
     pub slot: SlotName,
     /// Identifies the release being written (its whole-image digest).
     pub image_sha256: String,
-    /// Leading chunks written, verified and fsynced into the slot.
-    pub verified_chunks: usize,
+    /// Leading bytes of the image written, verified and fsynced into the slot.
+    pub verified_bytes: u64,
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new

@@ -45,13 +45,27 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     HealthCheck(Result<(), String>),
+    /// The trial slot is now the default (after [`Action::CommitTrial`]).
+    Committed,
+    CommitFailed(WireError),
     Offer(Offer),
     NoUpdate,
-    Progress(Progress),
-    Verifying,
-    InstallDone,
-    InstallFailed(WireError),
-    CommitFailed(WireError),
+    // Install events name their attempt ([`Machine::install_id`]): one from
+    // an attempt that was cancelled or superseded is ignored.
+    Progress {
+        install: u64,
+        progress: Progress,
+    },
+    Verifying {
+        install: u64,
+    },
+    InstallDone {
+        install: u64,
+    },
+    InstallFailed {
+        install: u64,
+        error: WireError,
+    },
     /// The wait scheduled by [`Action::ScheduleRetry`] is over.
     RetryDue,
 }
@@ -106,8 +120,14 @@ pub struct Machine {
     /// Failed attempts at the current offer, keyed by rollout and version
     /// (a new rollout of the same version starts a fresh budget).
     attempts: Option<(i64, Version, u32)>,
+    /// The error reported when that budget ran out, repeated on re-offers.
+    gave_up_with: Option<WireError>,
     /// The offer to retry when a scheduled retry is due.
     last_offer: Option<Offer>,
+    /// A retry is scheduled and nothing has happened since that replaces it.
+    retry_pending: bool,
+    /// Numbers install attempts, so late events of an old one are ignored.
+    install_id: u64,
 }
 
 impl Machine {
@@ -147,6 +167,9 @@ impl Machine {
             refused,
             deferred: None,
             attempts: None,
+            gave_up_with: None,
+            retry_pending: false,
+            install_id: 0,
             last_offer: None,
         };
 
@@ -208,18 +231,23 @@ impl Machine {
         &self.running
     }
 
+    /// The attempt number of the install in progress (or the last one).
+    pub fn install_id(&self) -> u64 {
+        self.install_id
+    }
+
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
         match (&self.phase, event) {
-            (Phase::Testing, Event::HealthCheck(Ok(()))) => {
+            // Healthy: commit first; anything else waits for the outcome.
+            (Phase::Testing, Event::HealthCheck(Ok(()))) => vec![Action::CommitTrial],
+            (Phase::Testing, Event::Committed) => {
                 self.phase = Phase::Idle;
-                let mut actions = vec![Action::CommitTrial];
                 match self.deferred.take() {
-                    // `consider` ends with a report of its own.
-                    Some(offer) => actions.extend(self.consider(offer)),
-                    None => actions.push(Action::Report),
+                    Some(offer) => self.consider(offer),
+                    None => vec![Action::Report],
                 }
-                actions
             }
+            (_, Event::Committed) => vec![],
             (Phase::Testing, Event::HealthCheck(Err(reason))) => {
                 let version = self.running.clone();
                 let error = WireError::new(
@@ -280,28 +308,43 @@ impl Machine {
                 vec![Action::Report]
             }
             (_, Event::NoUpdate) => vec![],
-            (Phase::Installing { .. }, Event::Progress(p)) => {
-                self.progress = Some(p);
+            (Phase::Installing { .. }, Event::Progress { install, progress })
+                if install == self.install_id =>
+            {
+                self.progress = Some(progress);
                 vec![Action::Report]
             }
-            (Phase::Installing { offer, .. }, Event::Verifying) => {
+            (Phase::Installing { offer, .. }, Event::Verifying { install })
+                if install == self.install_id =>
+            {
                 self.phase = Phase::Installing {
                     offer: offer.clone(),
                     verifying: true,
                 };
                 vec![Action::Report]
             }
-            (Phase::Installing { offer, .. }, Event::InstallDone) => {
+            (Phase::Installing { offer, .. }, Event::InstallDone { install })
+                if install == self.install_id =>
+            {
                 self.phase = Phase::RebootPending {
                     version: offer.version.clone(),
                 };
                 vec![Action::Report, Action::Reboot]
             }
-            (Phase::Installing { offer, .. }, Event::InstallFailed(error)) => {
+            (Phase::Installing { offer, .. }, Event::InstallFailed { install, error })
+                if install == self.install_id =>
+            {
                 let offer = offer.clone();
-                let attempt = self.failed_attempts(&offer) + 1;
+                let healable = retryable(error.kind);
+                // A failure that cannot heal spends the whole budget at once,
+                // so a repeated offer neither refetches nor reruns hooks.
+                let attempt = if healable {
+                    self.failed_attempts(&offer) + 1
+                } else {
+                    MAX_INSTALL_ATTEMPTS
+                };
                 self.attempts = Some((offer.rollout_id, offer.version.clone(), attempt));
-                let retry = retryable(error.kind) && attempt < MAX_INSTALL_ATTEMPTS;
+                let retry = healable && attempt < MAX_INSTALL_ATTEMPTS;
                 let error = if retry {
                     WireError::new(
                         error.kind,
@@ -315,21 +358,27 @@ impl Machine {
                 } else {
                     error
                 };
+                if !retry {
+                    self.gave_up_with = Some(error.clone());
+                }
                 self.phase = Phase::Failed {
                     target: offer.version.clone(),
                     error,
                 };
                 self.last_offer = Some(offer);
+                self.retry_pending = retry;
                 if retry {
                     vec![Action::Report, Action::ScheduleRetry { attempt }]
                 } else {
                     vec![Action::Report]
                 }
             }
-            (Phase::Failed { .. }, Event::RetryDue) => match self.last_offer.clone() {
-                Some(offer) => self.consider(offer),
-                None => vec![],
-            },
+            (Phase::Failed { .. }, Event::RetryDue) if self.retry_pending => {
+                match self.last_offer.clone() {
+                    Some(offer) => self.consider(offer),
+                    None => vec![],
+                }
+            }
             (_, Event::RetryDue) => vec![],
             (_, Event::CommitFailed(error)) => {
                 self.phase = Phase::Failed {
@@ -341,16 +390,15 @@ impl Machine {
             // Late events from a cancelled install, or a health result with no trial.
             (
                 _,
-                Event::Progress(_)
-                | Event::Verifying
-                | Event::InstallDone
-                | Event::InstallFailed(_),
+                Event::Progress { .. }
+                | Event::Verifying { .. }
+                | Event::InstallDone { .. }
+                | Event::InstallFailed { .. },
             ) => vec![],
             (_, Event::HealthCheck(_)) => vec![],
         }
     }
 
-    /// The patent's comparison: same version, nothing to do; different, fetch it.
     fn failed_attempts(&self, offer: &Offer) -> u32 {
         match &self.attempts {
             Some((rollout, version, n))
@@ -373,8 +421,12 @@ impl Machine {
         )
     }
 
+    /// The patent's comparison: same version, nothing to do; different,
+    /// fetch it (unless refused, a downgrade, or out of attempts).
     fn consider(&mut self, offer: Offer) -> Vec<Action> {
         self.progress = None;
+        // Whatever is decided now supersedes a scheduled retry.
+        self.retry_pending = false;
         if offer.version == self.running {
             self.phase = Phase::Idle;
             return vec![Action::Report];
@@ -383,10 +435,15 @@ impl Machine {
             // A repeated offer (e.g. on every reconnect) must not restart a
             // download that already failed its whole budget.
             if !matches!(&self.phase, Phase::Failed { target, .. } if *target == offer.version) {
-                let error = WireError::new(
-                    ErrorKind::DownloadFailed,
-                    format!("gave up on {} after {MAX_INSTALL_ATTEMPTS} failed attempts; start a new rollout to try again", offer.version),
-                );
+                let error = self.gave_up_with.clone().unwrap_or_else(|| {
+                    WireError::new(
+                        ErrorKind::DownloadFailed,
+                        format!(
+                            "gave up on {}; start a new rollout to try again",
+                            offer.version
+                        ),
+                    )
+                });
                 self.phase = Phase::Failed {
                     target: offer.version.clone(),
                     error,
@@ -435,6 +492,7 @@ impl Machine {
             offer: offer.clone(),
             verifying: false,
         };
+        self.install_id += 1;
         vec![Action::StartInstall(offer), Action::Report]
     }
 
@@ -561,16 +619,23 @@ mod tests {
         );
         assert_eq!(m.report().state, AgentState::Downloading);
         assert_eq!(m.report().target_version, Some(v("1.1")));
-        m.handle(Event::Progress(Progress {
-            done_bytes: 5,
-            total_bytes: 10,
-            fetched_bytes: 5,
-        }));
+        m.handle(Event::Progress {
+            install: m.install_id(),
+            progress: Progress {
+                done_bytes: 5,
+                total_bytes: 10,
+                fetched_bytes: 5,
+            },
+        });
         assert_eq!(m.report().progress.unwrap().done_bytes, 5);
-        m.handle(Event::Verifying);
+        m.handle(Event::Verifying {
+            install: m.install_id(),
+        });
         assert_eq!(m.report().state, AgentState::Verifying);
         assert_eq!(
-            m.handle(Event::InstallDone),
+            m.handle(Event::InstallDone {
+                install: m.install_id()
+            }),
             vec![Action::Report, Action::Reboot]
         );
         assert_eq!(m.report().state, AgentState::RebootPending);
@@ -587,7 +652,10 @@ mod tests {
         m.handle(Event::Offer(offer("1.1")));
         let err = WireError::new(ErrorKind::ChunkHashMismatch, "chunk x");
         assert_eq!(
-            m.handle(Event::InstallFailed(err.clone())),
+            m.handle(Event::InstallFailed {
+                install: m.install_id(),
+                error: err.clone()
+            }),
             vec![Action::Report, Action::ScheduleRetry { attempt: 1 }]
         );
         let report = m.report();
@@ -609,7 +677,10 @@ mod tests {
         let failure = WireError::new(ErrorKind::DownloadFailed, "server unreachable");
         for attempt in 1..MAX_INSTALL_ATTEMPTS {
             assert_eq!(
-                m.handle(Event::InstallFailed(failure.clone())),
+                m.handle(Event::InstallFailed {
+                    install: m.install_id(),
+                    error: failure.clone()
+                }),
                 vec![Action::Report, Action::ScheduleRetry { attempt }]
             );
             assert!(m.report().error.unwrap().message.contains("retrying"));
@@ -619,7 +690,10 @@ mod tests {
             );
         }
         assert_eq!(
-            m.handle(Event::InstallFailed(failure)),
+            m.handle(Event::InstallFailed {
+                install: m.install_id(),
+                error: failure
+            }),
             vec![Action::Report],
             "budget spent: no more retries"
         );
@@ -647,18 +721,50 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_that_cannot_heal_is_not_tried_again_on_a_repeated_offer() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        let bad = WireError::new(ErrorKind::ManifestSignature, "unknown key");
+        m.handle(Event::InstallFailed {
+            install: m.install_id(),
+            error: bad.clone(),
+        });
+        m.handle(Event::NoUpdate);
+        assert_eq!(m.report().state, AgentState::Idle);
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::Report],
+            "no refetch, no hooks rerun"
+        );
+        assert_eq!(
+            m.report().error,
+            Some(bad),
+            "the real reason is reported again"
+        );
+    }
+
+    #[test]
     fn after_an_outage_that_spent_the_budget_the_next_offer_carries_on() {
         let (mut m, _) = Machine::start(factory_facts());
         m.handle(Event::Offer(offer("1.1")));
         let outage = WireError::new(ErrorKind::ServerUnreachable, "no connection");
         for _ in 1..MAX_INSTALL_ATTEMPTS {
-            m.handle(Event::InstallFailed(outage.clone()));
+            m.handle(Event::InstallFailed {
+                install: m.install_id(),
+                error: outage.clone(),
+            });
             m.handle(Event::RetryDue);
         }
-        assert_eq!(m.handle(Event::InstallFailed(outage)), vec![Action::Report]);
+        assert_eq!(
+            m.handle(Event::InstallFailed {
+                install: m.install_id(),
+                error: outage
+            }),
+            vec![Action::Report]
+        );
         assert_eq!(
             m.handle(Event::RetryDue),
-            vec![Action::Report],
+            vec![],
             "no retry loop while offline"
         );
         assert_eq!(
@@ -674,10 +780,16 @@ mod tests {
         m.handle(Event::Offer(offer("1.1")));
         let missing = WireError::new(ErrorKind::DownloadFailed, "404");
         for _ in 1..MAX_INSTALL_ATTEMPTS {
-            m.handle(Event::InstallFailed(missing.clone()));
+            m.handle(Event::InstallFailed {
+                install: m.install_id(),
+                error: missing.clone(),
+            });
             m.handle(Event::RetryDue);
         }
-        m.handle(Event::InstallFailed(missing));
+        m.handle(Event::InstallFailed {
+            install: m.install_id(),
+            error: missing,
+        });
         assert_eq!(
             m.handle(Event::Offer(offer("1.1"))),
             vec![Action::Report],
@@ -691,7 +803,10 @@ mod tests {
         m.handle(Event::Offer(offer("1.1")));
         let failure = WireError::new(ErrorKind::ManifestSignature, "unknown key");
         assert_eq!(
-            m.handle(Event::InstallFailed(failure.clone())),
+            m.handle(Event::InstallFailed {
+                install: m.install_id(),
+                error: failure.clone()
+            }),
             vec![Action::Report]
         );
         assert_eq!(m.report().error, Some(failure));
@@ -745,8 +860,14 @@ mod tests {
         );
         assert_eq!(
             m.handle(Event::HealthCheck(Ok(()))),
-            vec![Action::CommitTrial, Action::Report]
+            vec![Action::CommitTrial]
         );
+        assert_eq!(
+            m.report().state,
+            AgentState::Testing,
+            "not idle before the commit is written"
+        );
+        assert_eq!(m.handle(Event::Committed), vec![Action::Report]);
         assert_eq!(m.report().state, AgentState::Idle);
         assert_eq!(m.report().running_version, v("1.1"));
     }
@@ -757,12 +878,48 @@ mod tests {
         assert_eq!(m.handle(Event::Offer(offer("1.2"))), vec![]);
         assert_eq!(
             m.handle(Event::HealthCheck(Ok(()))),
-            vec![
-                Action::CommitTrial,
-                Action::StartInstall(offer("1.2")),
-                Action::Report
-            ]
+            vec![Action::CommitTrial],
+            "the commit comes first"
         );
+        assert_eq!(
+            m.handle(Event::Committed),
+            vec![Action::StartInstall(offer("1.2")), Action::Report]
+        );
+    }
+
+    #[test]
+    fn a_failed_commit_does_not_start_the_deferred_install() {
+        let (mut m, _) = Machine::start(trial_boot_facts());
+        m.handle(Event::Offer(offer("1.2")));
+        m.handle(Event::HealthCheck(Ok(())));
+        let error = WireError::new(ErrorKind::BootEnv, "read-only /boot");
+        assert_eq!(m.handle(Event::CommitFailed(error)), vec![Action::Report]);
+        assert_eq!(m.report().state, AgentState::Failed);
+    }
+
+    #[test]
+    fn late_events_of_a_cancelled_install_are_ignored() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        let old = m.install_id();
+        m.handle(Event::Offer(offer("1.2")));
+        assert_ne!(m.install_id(), old);
+        assert_eq!(
+            m.handle(Event::InstallDone { install: old }),
+            vec![],
+            "no reboot for a version not on disk"
+        );
+        let error = WireError::new(ErrorKind::DownloadFailed, "cancelled");
+        assert_eq!(
+            m.handle(Event::InstallFailed {
+                install: old,
+                error
+            }),
+            vec![],
+            "no budget spent"
+        );
+        assert_eq!(m.report().state, AgentState::Downloading);
+        assert_eq!(m.report().target_version, Some(v("1.2")));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! while a separate task keeps the device channel open with backoff.
 
 use crate::config::{AgentConfig, Reboot};
-use crate::install::Installer;
+use crate::install::{InstallGuard, Installer};
 use crate::local::LocalState;
 use crate::machine::{Action, BootFacts, Event, Machine};
 use crate::net;
@@ -99,12 +99,14 @@ pub async fn run(
         inbound: inbound_tx,
     };
     let mut connection_task = tokio::spawn(connection.run());
-    let installer = Installer {
+    let slot_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let mut installer = Installer {
         config: config.clone(),
         http,
         server_url,
         local: local.clone(),
         token: token_rx,
+        guard: InstallGuard::new(slot_lock.clone()),
     };
     let mut install: Option<JoinHandle<()>> = None;
     let mut actions: VecDeque<Action> = first_actions.into();
@@ -132,41 +134,35 @@ pub async fn run(
                     });
                 }
                 Action::CommitTrial => {
-                    if let Err(e) = commit_trial(&bootenv, &local, booted) {
-                        tracing::error!("cannot commit slot {booted}: {e:#}");
-                        let error =
-                            uplift_proto::WireError::new(ErrorKind::BootEnv, format!("{e:#}"));
-                        actions.extend(machine.handle(Event::CommitFailed(error)));
-                    } else {
-                        tracing::info!(slot = %booted, version = %machine.running(), "committed");
+                    let (bootenv, local) = (bootenv.clone(), local.clone());
+                    match blocking(move || commit_trial(&bootenv, &local, booted)).await {
+                        Ok(()) => {
+                            tracing::info!(slot = %booted, version = %machine.running(), "committed");
+                            actions.extend(machine.handle(Event::Committed));
+                        }
+                        Err(e) => {
+                            tracing::error!("cannot commit slot {booted}: {e:#}");
+                            let error =
+                                uplift_proto::WireError::new(ErrorKind::BootEnv, format!("{e:#}"));
+                            actions.extend(machine.handle(Event::CommitFailed(error)));
+                        }
                     }
                 }
                 Action::AbandonTrial(failure) => {
-                    tracing::warn!("{}", failure.error.message);
-                    if let Err(e) = record_failure_then(&local, failure, || {
-                        let (env, state) = bootenv.load_state()?;
-                        bootenv.store_state(env, &state.abandon_trial())?;
-                        Ok(())
-                    }) {
-                        tracing::error!("cannot abandon the trial slot: {e:#}; the bootloader falls back when its tries run out");
-                    }
+                    record_trial_failure(&bootenv, &local, failure, TrialEnd::Abandon).await;
                 }
                 Action::AcknowledgeFallback(failure) => {
-                    tracing::warn!("{}", failure.error.message);
-                    if let Err(e) = record_failure_then(&local, failure, || {
-                        let (env, state) = bootenv.load_state()?;
-                        bootenv.store_state(env, &state.acknowledge_fallback())?;
-                        Ok(())
-                    }) {
-                        tracing::error!("cannot record the rollback: {e:#}");
-                    }
+                    record_trial_failure(&bootenv, &local, failure, TrialEnd::FellBack).await;
                 }
                 Action::StartInstall(offer) => {
                     tracing::info!(version = %offer.version, "installing");
                     if let Some(old) = install.take() {
+                        installer.guard.cancel();
                         old.abort();
                     }
+                    installer.guard = InstallGuard::new(slot_lock.clone());
                     let job = installer.clone().run(
+                        machine.install_id(),
                         offer,
                         booted,
                         machine.running().clone(),
@@ -189,6 +185,7 @@ pub async fn run(
                 }
                 Action::CancelInstall => {
                     if let Some(old) = install.take() {
+                        installer.guard.cancel();
                         old.abort();
                     }
                 }
@@ -231,6 +228,50 @@ pub async fn run(
             }
         }
     }
+}
+
+/// How a trial ended without a commit.
+#[derive(Debug, Clone, Copy)]
+enum TrialEnd {
+    /// The agent gives it up (health check failed); the next boot is the default.
+    Abandon,
+    /// The bootloader already fell back; clear its mark.
+    FellBack,
+}
+
+/// Records why the trial failed, then updates the boot environment.
+async fn record_trial_failure(
+    bootenv: &BootEnvFile,
+    local: &LocalState,
+    failure: crate::local::Failure,
+    end: TrialEnd,
+) {
+    tracing::warn!("{}", failure.error.message);
+    let (bootenv, local) = (bootenv.clone(), local.clone());
+    let recorded = blocking(move || {
+        record_failure_then(&local, failure, || {
+            let (env, state) = bootenv.load_state()?;
+            let next = match end {
+                TrialEnd::Abandon => state.abandon_trial(),
+                TrialEnd::FellBack => state.acknowledge_fallback(),
+            };
+            bootenv.store_state(env, &next)?;
+            Ok(())
+        })
+    })
+    .await;
+    if let Err(e) = recorded {
+        tracing::error!("cannot record the failed trial: {e:#}; the bootloader falls back when its tries run out");
+    }
+}
+
+/// Runs blocking file work (fsyncs on slow flash) off the runtime thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| anyhow::anyhow!("blocking task failed: {e}"))?
 }
 
 /// Trial passed: the booted slot becomes the default in one boot-env write;
@@ -396,8 +437,15 @@ impl Connection {
                 }
             }
         };
-        if let Err(e) = ws.send(Message::Text(channel::encode(&hello).into())).await {
-            return retry(e.into());
+        match tokio::time::timeout(
+            SEND_TIMEOUT,
+            ws.send(Message::Text(channel::encode(&hello).into())),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return retry(e.into()),
+            Err(_) => return retry(anyhow::anyhow!("the server did not take the hello")),
         }
         let token = match recv(&mut ws, Duration::from_secs(15)).await {
             Ok(ServerMsg::Welcome {
@@ -432,6 +480,9 @@ impl Connection {
         *attempt = 0;
         self.token.send_replace(Some(token));
         self.reports.mark_changed();
+        // Anything from the server, pings included, proves the link alive;
+        // it pings every 20 s, so this long a silence means a dead link.
+        let mut last_heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 changed = self.reports.changed() => {
@@ -439,25 +490,44 @@ impl Connection {
                         return retry(anyhow::anyhow!("agent is stopping"));
                     }
                     let (n, report) = self.reports.borrow_and_update().clone();
-                    if let Err(e) = ws.send(Message::Text(channel::encode(&AgentMsg::Report(report)).into())).await {
-                        return retry(e.into());
+                    let frame = Message::Text(channel::encode(&AgentMsg::Report(report)).into());
+                    match tokio::time::timeout(SEND_TIMEOUT, ws.send(frame)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return retry(e.into()),
+                        Err(_) => return retry(anyhow::anyhow!("the server stopped taking reports")),
                     }
                     self.sent.send_replace(n);
                 }
-                // The server pings every 20 s; silence for much longer means a dead link.
-                msg = recv(&mut ws, Duration::from_secs(75)) => match msg {
-                    Ok(ServerMsg::Error(err)) => return retry(anyhow::anyhow!("server error: {err}")),
-                    Ok(msg) => {
-                        if self.inbound.send(msg).await.is_err() {
-                            return retry(anyhow::anyhow!("agent is stopping"));
-                        }
+                frame = ws.next() => {
+                    last_heard = tokio::time::Instant::now();
+                    match frame {
+                        None | Some(Ok(Message::Close(_))) => return retry(anyhow::anyhow!("server closed the channel")),
+                        Some(Err(e)) => return retry(e.into()),
+                        Some(Ok(Message::Text(text))) => match channel::decode::<ServerMsg>(text.as_str()) {
+                            Ok(ServerMsg::Error(err)) => return retry(anyhow::anyhow!("server error: {err}")),
+                            Ok(msg) => {
+                                if self.inbound.send(msg).await.is_err() {
+                                    return retry(anyhow::anyhow!("agent is stopping"));
+                                }
+                            }
+                            Err(e) => return retry(anyhow::anyhow!("bad frame from server: {e}")),
+                        },
+                        // Pings are answered by the library.
+                        Some(Ok(_)) => {}
                     }
-                    Err(e) => return retry(e),
-                },
+                }
+                () = tokio::time::sleep_until(last_heard + SILENCE_LIMIT) => {
+                    return retry(anyhow::anyhow!("no word from the server for {}s", SILENCE_LIMIT.as_secs()));
+                }
             }
         }
     }
 }
+
+/// How long the server may stay silent (it pings every 20 s).
+const SILENCE_LIMIT: Duration = Duration::from_secs(75);
+/// How long one frame may take to send before the link counts as dead.
+const SEND_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Next protocol message, skipping pings (answered by the library).
 async fn recv(ws: &mut net::Channel, limit: Duration) -> anyhow::Result<ServerMsg> {

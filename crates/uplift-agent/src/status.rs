@@ -14,7 +14,9 @@ pub struct Status {
     pub device_id: Option<String>,
     pub booted_slot: Option<String>,
     pub running_version: Option<String>,
-    pub boot_environment: Result<String, String>,
+    /// The boot environment in words, or why it cannot be read.
+    pub boot_environment: Option<String>,
+    pub boot_environment_error: Option<String>,
     pub slots: SlotTable,
     pub journal: Journal,
     pub install_progress: Option<InstallProgress>,
@@ -23,24 +25,36 @@ pub struct Status {
 pub fn gather(config: &AgentConfig) -> anyhow::Result<Status> {
     let local = LocalState::open(&config.state_dir)?;
     let slots = local.slots()?;
+    let journal = local.journal()?;
     let booted = read_booted_slot(&config.boot.cmdline).ok();
+    // The same rule as the state machine: what the slot records, else the
+    // install pending for it, else the factory version.
     let running_version = booted.map(|slot| {
         slots
             .get(slot)
             .map(|c| c.version.to_string())
+            .or_else(|| {
+                journal
+                    .pending
+                    .as_ref()
+                    .filter(|p| p.slot == slot)
+                    .map(|p| p.version.to_string())
+            })
             .unwrap_or_else(|| config.factory_version.to_string())
     });
-    let boot_environment = BootEnvFile::new(config.boot.env_file.clone())
-        .load_state()
-        .map(|(_, state)| state.to_string())
-        .map_err(|e| e.to_string());
+    let (boot_environment, boot_environment_error) =
+        match BootEnvFile::new(config.boot.env_file.clone()).load_state() {
+            Ok((_, state)) => (Some(state.to_string()), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
     Ok(Status {
         device_id: local.device_id()?.map(|id| id.to_string()),
         booted_slot: booted.map(|s| s.to_string()),
         running_version,
         boot_environment,
+        boot_environment_error,
         slots,
-        journal: local.journal()?,
+        journal,
         install_progress: local.install_progress()?,
     })
 }
@@ -58,9 +72,10 @@ impl Status {
             or_dash(&self.device_id),
             or_dash(&self.booted_slot),
             or_dash(&self.running_version),
-            match &self.boot_environment {
-                Ok(s) => s.clone(),
-                Err(e) => format!("UNREADABLE: {e}"),
+            match (&self.boot_environment, &self.boot_environment_error) {
+                (Some(s), _) => s.clone(),
+                (None, Some(e)) => format!("UNREADABLE: {e}"),
+                (None, None) => "-".to_owned(),
             },
             slot(&self.slots.a),
             slot(&self.slots.b),
@@ -73,8 +88,9 @@ impl Status {
         }
         if let Some(p) = &self.install_progress {
             out += &format!(
-                "interrupted:      download into slot {} resumes after chunk {}\n",
-                p.slot, p.verified_chunks
+                "interrupted:      download into slot {} resumes after {:.1} MiB\n",
+                p.slot,
+                p.verified_bytes as f64 / 1048576.0
             );
         }
         if let Some(f) = &self.journal.last_failure {

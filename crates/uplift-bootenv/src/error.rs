@@ -49,6 +49,9 @@ pub enum BootEnvError {
     #[error("cannot start a trial with 0 boot attempts: the slot would never be booted; give it at least 1")]
     ZeroTries,
 
+    #[error("cannot start a trial with {tries} boot attempts: the GRUB script counts at most {}; use 1 to {}", crate::state::MAX_TRIAL_TRIES, crate::state::MAX_TRIAL_TRIES)]
+    TooManyTries { tries: u32 },
+
     #[error("cannot commit slot {booted}: {}", match trial {
         Some(t) => format!("the slot on trial is {t}; only a booted trial slot can be committed"),
         None => "no slot is on trial (it may have fallen back); report the failed update instead".to_owned(),

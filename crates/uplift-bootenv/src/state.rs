@@ -31,6 +31,10 @@ pub const KEY_TRIAL: &str = "uplift_trial";
 pub const KEY_TRIAL_TRIES: &str = "uplift_trial_tries";
 pub const KEY_FALLBACK: &str = "uplift_fallback";
 
+/// Most boot attempts a trial may get: the GRUB script (deploy/grub.cfg.snippet)
+/// counts down by string comparison and knows the values 3, 2 and 1 only.
+pub const MAX_TRIAL_TRIES: u32 = 3;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootState {
     /// The committed slot: booted whenever no trial is running, and the one
@@ -156,13 +160,17 @@ impl BootState {
         }
     }
 
-    /// Puts a freshly written slot on trial for `tries` boots.
+    /// Puts a freshly written slot on trial for `tries` boots (1 to
+    /// [`MAX_TRIAL_TRIES`]).
     pub fn start_trial(&self, slot: SlotName, tries: u32) -> Result<BootState, BootEnvError> {
         if slot == self.default_slot {
             return Err(BootEnvError::TrialOfDefaultSlot { slot });
         }
         if tries == 0 {
             return Err(BootEnvError::ZeroTries);
+        }
+        if tries > MAX_TRIAL_TRIES {
+            return Err(BootEnvError::TooManyTries { tries });
         }
         Ok(BootState {
             trial: Some(Trial {
@@ -196,6 +204,15 @@ impl BootState {
                 ..*self
             },
             None => *self,
+        }
+    }
+
+    /// A trial is withdrawn before it was ever booted, because its slot is
+    /// about to be overwritten: no failure to record.
+    pub fn withdraw_trial(&self) -> BootState {
+        BootState {
+            trial: None,
+            ..*self
         }
     }
 
@@ -319,9 +336,19 @@ mod tests {
             trial: trial(B, 1),
             fallback_from: Some(B),
         };
-        let s = s.start_trial(B, 5).unwrap();
-        assert_eq!(s.trial, trial(B, 5));
+        let s = s.start_trial(B, 3).unwrap();
+        assert_eq!(s.trial, trial(B, 3));
         assert_eq!(s.fallback_from, Some(B));
+    }
+
+    #[test]
+    fn more_tries_than_the_grub_script_counts_are_refused() {
+        let s = BootState::new(A);
+        assert!(s.start_trial(B, MAX_TRIAL_TRIES).is_ok());
+        assert!(matches!(
+            s.start_trial(B, MAX_TRIAL_TRIES + 1),
+            Err(BootEnvError::TooManyTries { tries: 4 })
+        ));
     }
 
     #[test]

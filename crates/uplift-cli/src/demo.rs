@@ -204,7 +204,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
         enrollment_token: server.enrollment_token.clone(),
         trusted_keys: vec![key.public_key().to_string()],
         health_check: vec!["true".into()],
-        trial_boot_attempts: 1,
+        trial_boot_attempts: 3,
         extra_config: String::new(),
     };
     let mut chaos = if opts.chaos {

@@ -1,7 +1,7 @@
 //! The `uplift` command: release keys, building and uploading signed
 //! releases, listing devices, starting and following rollouts, and the fleet
 //! demo. Every server operation goes through the admin REST API
-//! ([`client::AdminClient`]), exactly as the web page does.
+//! ([`client::AdminClient`]), the same API a web page would use.
 
 pub mod cli;
 pub mod client;

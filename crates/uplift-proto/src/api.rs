@@ -1,5 +1,5 @@
 //! Bodies and paths of the admin REST API (`/api/v1/...`) and the device
-//! download endpoints. The CLI, the web page and tests all speak this.
+//! download endpoints. The CLI, the demo and the tests all speak this.
 
 use crate::channel::{AgentState, Progress};
 use crate::error::WireError;

@@ -156,25 +156,92 @@ impl fmt::Display for Version {
 
 impl Ord for Version {
     fn cmp(&self, other: &Self) -> Ordering {
-        let mut a = self.0.split('.');
-        let mut b = other.0.split('.');
-        loop {
-            match (a.next(), b.next()) {
-                (None, None) => return self.0.cmp(&other.0),
-                (None, Some(_)) => return Ordering::Less,
-                (Some(_), None) => return Ordering::Greater,
-                (Some(x), Some(y)) => {
-                    let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
-                        (Ok(x), Ok(y)) => x.cmp(&y),
-                        _ => x.cmp(y),
-                    };
-                    if ord != Ordering::Equal {
-                        return ord;
-                    }
+        let (a_release, a_pre) = split_version(&self.0);
+        let (b_release, b_pre) = split_version(&other.0);
+        compare_dotted(a_release, b_release)
+            .then_with(|| match (a_pre, b_pre) {
+                // A pre-release comes before its release: 1.0-rc1 < 1.0.
+                (None, None) => Ordering::Equal,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(_), None) => Ordering::Less,
+                (Some(a), Some(b)) => compare_dotted(a, b),
+            })
+            // Only build metadata differs: any fixed order, consistent with Eq.
+            .then_with(|| self.0.cmp(&other.0))
+    }
+}
+
+/// Splits `1.2-rc1+b7` into the release `1.2` and the pre-release `rc1`
+/// (`~` works like `-`, as in Debian); `+` build metadata is ignored.
+fn split_version(v: &str) -> (&str, Option<&str>) {
+    let v = v.split('+').next().unwrap_or(v);
+    match v.find(['-', '~']) {
+        Some(at) => (&v[..at], Some(&v[at + 1..])),
+        None => (v, None),
+    }
+}
+
+/// Dot-separated parts left to right; a missing part sorts first.
+fn compare_dotted(a: &str, b: &str) -> Ordering {
+    let mut a = a.split('.');
+    let mut b = b.split('.');
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) => {
+                let ord = compare_part(x, y);
+                if ord != Ordering::Equal {
+                    return ord;
                 }
             }
         }
     }
+}
+
+/// Natural order within a part: runs of digits compare as numbers, other
+/// runs as text, a number before text (so `rc2 < rc10` and `2a < 10`).
+fn compare_part(a: &str, b: &str) -> Ordering {
+    let (mut x, mut y) = (runs(a), runs(b));
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return a.cmp(b),
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(p), Some(q)) => {
+                let p_num = p.starts_with(|c: char| c.is_ascii_digit());
+                let q_num = q.starts_with(|c: char| c.is_ascii_digit());
+                let ord = match (p_num, q_num) {
+                    (true, true) => {
+                        let (p, q) = (p.trim_start_matches('0'), q.trim_start_matches('0'));
+                        p.len().cmp(&q.len()).then_with(|| p.cmp(q))
+                    }
+                    (true, false) => Ordering::Less,
+                    (false, true) => Ordering::Greater,
+                    (false, false) => p.cmp(q),
+                };
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+            }
+        }
+    }
+}
+
+/// Splits `rc10b` into `rc`, `10`, `b`.
+fn runs(s: &str) -> impl Iterator<Item = &str> {
+    let mut rest = s;
+    std::iter::from_fn(move || {
+        let first = rest.chars().next()?;
+        let digit = first.is_ascii_digit();
+        let end = rest
+            .find(|c: char| c.is_ascii_digit() != digit)
+            .unwrap_or(rest.len());
+        let (run, tail) = rest.split_at(end);
+        rest = tail;
+        Some(run)
+    })
 }
 
 impl PartialOrd for Version {
@@ -310,6 +377,30 @@ mod tests {
         assert!(v("1.0") < v("1.0.1"));
         assert!(v("2") > v("1.99.99"));
         assert_eq!(v("1.1").cmp(&v("1.1")), Ordering::Equal);
+    }
+
+    #[test]
+    fn pre_releases_sort_before_their_release_and_suffixes_do_not_break_numbers() {
+        assert!(v("1.0-rc1") < v("1.0"), "rc -> final is an upgrade");
+        assert!(v("1.0-rc1") < v("1.0-rc2"));
+        assert!(v("1.0-rc2") < v("1.0-rc10"));
+        assert!(
+            v("1.9") < v("1.10-hotfix"),
+            "1.10-anything is newer than 1.9"
+        );
+        assert!(v("2024.05~beta") < v("2024.05"));
+        assert!(v("1.0") > v("0.99.1-rc1"));
+        assert!(v("1.2a") < v("1.10"), "leading digits compare as numbers");
+        assert_ne!(
+            v("1.0+b1").cmp(&v("1.0+b2")),
+            Ordering::Equal,
+            "consistent with Eq"
+        );
+        assert!(v("1.0+b1") > v("1.0-rc1"));
+        assert!(
+            v("1.00") != v("1.0") && v("1.00") > v("1.0"),
+            "equal numbers fall back to text"
+        );
     }
 
     #[test]

@@ -128,7 +128,12 @@ fn write_chunk_atomically(path: &Path, stored: &[u8]) -> Result<(), ArtifactErro
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(stored).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))
+        std::fs::rename(&tmp, path).map_err(io(path))?;
+        // The release row that will reference this chunk is durable in the
+        // database; the chunk's name must be too.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -24,6 +24,7 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
+    permit: Option<axum::Extension<crate::serve::ConnectionPermit>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
@@ -33,6 +34,8 @@ pub async fn upgrade(
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
+            // The channel counts against the connection limit while it lives.
+            let _permit = permit;
             if let Err(e) = session(state, socket).await {
                 tracing::debug!("device channel ended: {e}");
             }
@@ -116,7 +119,9 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
             },
         )
         .await?;
-        send(&mut socket, &current_target(&state, &device_id).await).await?;
+        if let Some(target) = current_target(&state, &device_id).await {
+            send(&mut socket, &target).await?;
+        }
         serve_device(&state, &device_id, &mut socket, &mut target_changed).await
     }
     .await;
@@ -311,19 +316,20 @@ fn verify(key: &VerifyingKey, message: &[u8], signature_b64: &str) -> Result<(),
         .map_err(|_| bad())
 }
 
-pub async fn current_target(state: &AppState, device: &DeviceId) -> ServerMsg {
+/// What the device should run, or `None` if the database cannot say right
+/// now: then nothing is sent, since "no update" would cancel installs.
+pub async fn current_target(state: &AppState, device: &DeviceId) -> Option<ServerMsg> {
     match state.store.device_target(device).await {
-        Ok(Some(target)) => ServerMsg::Offer(Offer {
+        Ok(Some(target)) => Some(ServerMsg::Offer(Offer {
             rollout_id: target.rollout_id,
             manifest_path: device_manifest_path(&target.version),
             version: target.version,
             allow_downgrade: target.allow_downgrade,
-        }),
-        Ok(None) => ServerMsg::NoUpdate,
+        })),
+        Ok(None) => Some(ServerMsg::NoUpdate),
         Err(e) => {
-            // Saying "no update" is safe: the device keeps running what it has.
-            tracing::error!(device = %device, "cannot look up target: {e}");
-            ServerMsg::NoUpdate
+            tracing::error!(device = %device, "cannot look up target: {e}; the device gets it on its next change or reconnect");
+            None
         }
     }
 }
@@ -372,7 +378,11 @@ async fn serve_device(
             changed = target_changed.changed() => match changed {
                 // Always the newest target, read afresh: pushes coalesce and
                 // none is lost however many rollouts start at once.
-                Ok(()) => send(socket, &current_target(state, device).await).await?,
+                Ok(()) => {
+                    if let Some(target) = current_target(state, device).await {
+                        send(socket, &target).await?;
+                    }
+                }
                 // The device opened a newer channel, which replaced this one.
                 Err(_) => return Err(SessionError::Gone),
             },

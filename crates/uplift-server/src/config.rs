@@ -125,8 +125,26 @@ impl ServerConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read server config {}: {e}", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid server config {}: {e}", path.display()))
+        let config: Self = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid server config {}: {e}", path.display()))?;
+        config
+            .check_secrets()
+            .map_err(|e| anyhow::anyhow!("server config {}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// An empty or short secret would let anyone enroll or administer.
+    pub fn check_secrets(&self) -> Result<(), String> {
+        const MIN: usize = 16;
+        if let Some(token) = &self.admin_token {
+            if token.trim().len() < MIN {
+                return Err(format!("admin_token must be at least {MIN} characters; or omit it to have one generated"));
+            }
+        }
+        if self.enrollment_tokens.iter().any(|t| t.trim().len() < MIN) {
+            return Err(format!("every enrollment token must be at least {MIN} characters; or omit them to have one generated"));
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,6 @@
 //! The Uplift upgrade server: always listening, one private TLS channel per
 //! device, releases and chunks in its own storage, rollouts pushed to devices
-//! the moment they start, and an admin REST API for the CLI and web page.
+//! the moment they start, and an admin REST API for the CLI (and a web page to come).
 
 pub mod api;
 pub mod artifacts;

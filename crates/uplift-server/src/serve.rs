@@ -11,6 +11,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+/// One of the `max_connections` slots, held by a TCP connection and by any
+/// device channel upgraded from it.
+#[derive(Debug, Clone)]
+pub struct ConnectionPermit {
+    _slot: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
 
 /// How long open connections get to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,7 +66,11 @@ pub async fn serve(
         let handshake_timeout = options.handshake_timeout;
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            // Shared with the request: a device channel that outlives this
+            // HTTP connection (after the WebSocket upgrade) keeps its slot.
+            let permit = ConnectionPermit {
+                _slot: Arc::new(permit),
+            };
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -81,7 +93,15 @@ pub async fn serve(
                 .header_read_timeout(handshake_timeout)
                 .keep_alive(true);
             let conn = builder
-                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
+                .serve_connection(
+                    TokioIo::new(tls),
+                    TowerToHyperService::new(app.map_request(
+                        move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                            request.extensions_mut().insert(permit.clone());
+                            request
+                        },
+                    )),
+                )
                 .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {

@@ -33,8 +33,9 @@ impl Stats {
     }
 }
 
-/// Tokens are kept and compared only as digests: comparing two SHA-256
-/// digests leaks nothing useful about the secret through timing.
+/// The admin and enrollment tokens are kept and compared only as digests:
+/// comparing two SHA-256 digests leaks nothing useful through timing.
+/// (Device session tokens live in the hub's map, looked up by value.)
 #[derive(Debug)]
 pub struct Secrets {
     admin_token: [u8; 32],

@@ -104,18 +104,25 @@ fn generate_if_missing(dir: &Path, hostnames: &[String]) -> anyhow::Result<()> {
 }
 
 /// Writes a secret readable by the owner only.
+/// Atomically (temp file, fsync, rename): a crash never leaves an empty
+/// token or key file that would stop the server from starting.
 pub(crate) fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }
 

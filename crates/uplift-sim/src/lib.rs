@@ -126,7 +126,7 @@ pub struct SimConfig {
 }
 
 /// First bytes of an image that the simulated kernel cannot boot: the way a
-/// test (or the chaos demo) ships a release that never reaches user space,
+/// test ships a release that never reaches user space,
 /// so the bootloader's try counting and fallback are exercised for real.
 pub const KERNEL_PANIC_MARKER: &[u8] = b"UPLIFT-SIM-KERNEL-PANIC";
 

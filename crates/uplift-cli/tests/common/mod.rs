@@ -75,7 +75,7 @@ impl Fixture {
             enrollment_token: self.server.enrollment_token.clone(),
             trusted_keys: vec![self.key.public_key().to_string()],
             health_check: vec!["true".into()],
-            trial_boot_attempts: 1,
+            trial_boot_attempts: 3,
             extra_config: String::new(),
         }
     }
