@@ -658,14 +658,8 @@ async fn switch_to_trial(
             let mut journal = local.journal().map_err(state_err)?;
             journal.pending = Some(pending);
             local.save_journal(&journal).map_err(state_err)?;
-            let (env, state) = bootenv
-                .load_state()
-                .map_err(|e| InstallError::BootEnv(e.to_string()))?;
-            let next = state
-                .start_trial(target, attempts)
-                .map_err(|e| InstallError::BootEnv(e.to_string()))?;
             bootenv
-                .store_state(env, &next)
+                .update(|state| state.start_trial(target, attempts))
                 .map_err(|e| InstallError::BootEnv(e.to_string()))?;
             // After the switch the install has succeeded; a stale resume point
             // (a crash or write error here) is harmless: the next install checks

@@ -250,12 +250,12 @@ async fn record_trial_failure(
     let (bootenv, local) = (bootenv.clone(), local.clone());
     let recorded = blocking(move || {
         record_failure_then(&local, failure, || {
-            let (env, state) = bootenv.load_state()?;
-            let next = match end {
-                TrialEnd::Abandon => state.abandon_trial(),
-                TrialEnd::FellBack => state.acknowledge_fallback(),
-            };
-            bootenv.store_state(env, &next)?;
+            bootenv.update(|state| {
+                Ok(match end {
+                    TrialEnd::Abandon => state.abandon_trial(),
+                    TrialEnd::FellBack => state.acknowledge_fallback(),
+                })
+            })?;
             Ok(())
         })
     })
@@ -277,8 +277,7 @@ async fn blocking<T: Send + 'static>(
 /// Trial passed: the booted slot becomes the default in one boot-env write;
 /// the journal is cleaned up after (a crash in between is harmless).
 fn commit_trial(bootenv: &BootEnvFile, local: &LocalState, booted: SlotName) -> anyhow::Result<()> {
-    let (env, state) = bootenv.load_state()?;
-    bootenv.store_state(env, &state.commit(booted)?)?;
+    bootenv.update(|state| state.commit(booted))?;
     let mut journal = local.journal()?;
     journal.pending = None;
     journal.last_failure = None;

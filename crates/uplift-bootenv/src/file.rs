@@ -83,6 +83,19 @@ impl BootEnvFile {
         Ok((env, state))
     }
 
+    /// Reads the boot state, computes the next one in memory with `change`
+    /// (one of `BootState`'s transitions), and commits it with one atomic
+    /// write. Nothing is written if `change` refuses.
+    pub fn update(
+        &self,
+        change: impl FnOnce(&BootState) -> Result<BootState, BootEnvError>,
+    ) -> Result<BootState, BootEnvError> {
+        let (env, state) = self.load_state()?;
+        let next = change(&state)?;
+        self.store_state(env, &next)?;
+        Ok(next)
+    }
+
     /// Applies `state` to `env` and stores the result in one atomic write.
     pub fn store_state(&self, mut env: GrubEnv, state: &BootState) -> Result<(), BootEnvError> {
         state.apply_to(&mut env);
@@ -217,6 +230,22 @@ fn sync_dir(path: &Path) -> Result<(), BootEnvError> {
 mod tests {
     use super::*;
     use SlotName::{A, B};
+
+    #[test]
+    fn update_commits_a_transition_and_a_refused_one_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grubenv");
+        BootEnvFile::provision(&path, A).unwrap();
+        let file = BootEnvFile::new(&path);
+        let next = file.update(|s| s.start_trial(B, 2)).unwrap();
+        assert_eq!(file.load_state().unwrap().1, next);
+        let before = std::fs::read(&path).unwrap();
+        assert!(
+            file.update(|s| s.start_trial(A, 1)).is_err(),
+            "trial of the default slot is refused"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+    }
 
     #[test]
     fn write_then_read_back() {
