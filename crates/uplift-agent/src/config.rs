@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use uplift_proto::{DeviceType, HardwareId, SlotName, Version};
 use uplift_release::keys::ReleasePublicKey;
 
@@ -39,6 +40,53 @@ pub struct AgentConfig {
     pub reboot: Reboot,
     #[serde(default)]
     pub hooks: Hooks,
+    #[serde(default)]
+    pub download: Download,
+}
+
+/// Bounds on how slowly the server may send. A read timeout alone lets a
+/// hostile or broken server keep a device waiting for ever by trickling a
+/// byte now and then (TUF's slow-retrieval attack), so every download also
+/// has a deadline that grows with its size.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Download {
+    /// Longest wait for the response headers, or between two reads.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_secs: u64,
+    /// Slowest average rate accepted: a download of N bytes must end within
+    /// `stall_timeout_secs + N / min_bytes_per_sec` seconds.
+    #[serde(default = "default_min_rate")]
+    pub min_bytes_per_sec: u64,
+}
+
+impl Default for Download {
+    fn default() -> Self {
+        Self {
+            stall_timeout_secs: default_stall_timeout(),
+            min_bytes_per_sec: default_min_rate(),
+        }
+    }
+}
+
+impl Download {
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_secs(self.stall_timeout_secs)
+    }
+
+    /// How long a download of `bytes` may take in all.
+    pub fn deadline_for(&self, bytes: u64) -> Duration {
+        self.stall_timeout() + Duration::from_secs_f64(bytes as f64 / self.min_bytes_per_sec as f64)
+    }
+}
+
+fn default_stall_timeout() -> u64 {
+    30
+}
+/// 4 KiB/s: far below any link a fleet is upgraded over, so only a stalled
+/// or hostile sender trips it; a 256 KiB chunk may then take 94 s.
+fn default_min_rate() -> u64 {
+    4096
 }
 
 /// Commands run around an install, with `UPLIFT_VERSION`, `UPLIFT_SLOT` and
@@ -144,6 +192,12 @@ impl AgentConfig {
         if config.health_check.is_empty() {
             anyhow::bail!("{}: health_check must name a command", path.display());
         }
+        if config.download.min_bytes_per_sec == 0 || config.download.stall_timeout_secs == 0 {
+            anyhow::bail!(
+                "{}: [download] min_bytes_per_sec and stall_timeout_secs must be at least 1",
+                path.display()
+            );
+        }
         let max = uplift_bootenv::state::MAX_TRIAL_TRIES;
         if !(1..=max).contains(&config.trial_boot_attempts) {
             anyhow::bail!(
@@ -164,5 +218,56 @@ impl AgentConfig {
         text.trim()
             .parse()
             .map_err(|e| anyhow::anyhow!("/etc/machine-id: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_download_may_take_the_stall_timeout_plus_its_size_at_the_minimum_rate() {
+        let download = Download::default();
+        assert_eq!(download.deadline_for(0), Duration::from_secs(30));
+        assert_eq!(download.deadline_for(256 * 1024), Duration::from_secs(94));
+        let tight = Download {
+            stall_timeout_secs: 2,
+            min_bytes_per_sec: 1 << 20,
+        };
+        assert_eq!(tight.deadline_for(512 * 1024), Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn a_zero_minimum_rate_is_refused_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let config = r#"
+server_url = "https://127.0.0.1:8443"
+server_ca = "/etc/uplift/ca.pem"
+enrollment_token = "t"
+device_type = "gw"
+state_dir = "/var/lib/uplift-agent"
+trusted_release_keys = ["ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="]
+factory_version = "1.0"
+[slots]
+a = "/dev/a"
+b = "/dev/b"
+[boot]
+env_file = "/boot/grub/grubenv"
+"#;
+        std::fs::write(&path, config).unwrap();
+        let loaded = AgentConfig::load(&path).unwrap();
+        assert_eq!(loaded.download.min_bytes_per_sec, 4096);
+
+        std::fs::write(
+            &path,
+            format!("{config}[download]\nmin_bytes_per_sec = 0\n"),
+        )
+        .unwrap();
+        let err = AgentConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("agent.toml") && err.contains("min_bytes_per_sec"),
+            "{err}"
+        );
     }
 }

@@ -48,6 +48,14 @@ pub enum InstallError {
     Unreachable { what: String, detail: String },
     #[error("{what} sent more than the {limit} bytes declared; refusing endless data")]
     TooLong { what: String, limit: u64 },
+    #[error("{what}: only {received} of {expected} bytes arrived in {seconds} s, slower than the {min_rate} bytes/s the agent accepts ([download] min_bytes_per_sec); check the link to the server")]
+    TooSlow {
+        what: String,
+        received: u64,
+        expected: u64,
+        seconds: u64,
+        min_rate: u64,
+    },
     #[error("slot {slot} ({path}) holds {capacity} bytes but the image needs {needed}; repartition or use a smaller image")]
     SlotTooSmall {
         slot: SlotName,
@@ -86,9 +94,9 @@ impl InstallError {
             InstallError::VersionMismatch { .. } => ErrorKind::VersionMismatch,
             InstallError::Downgrade { .. } => ErrorKind::DowngradeRefused,
             InstallError::Unreachable { .. } => ErrorKind::ServerUnreachable,
-            InstallError::Download { .. } | InstallError::TooLong { .. } => {
-                ErrorKind::DownloadFailed
-            }
+            InstallError::Download { .. }
+            | InstallError::TooLong { .. }
+            | InstallError::TooSlow { .. } => ErrorKind::DownloadFailed,
             InstallError::SlotTooSmall { .. } => ErrorKind::SlotTooSmall,
             InstallError::SlotIo { .. } | InstallError::State(_) => ErrorKind::SlotIo,
             InstallError::ImageHash { .. } => ErrorKind::ImageHashMismatch,
@@ -264,14 +272,25 @@ impl Installer {
                     what: what.to_owned(),
                     detail: format!("bad path {path:?}: {e}"),
                 })?;
-            let response = match self.http.get(url).bearer_auth(&token).send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    last_error = format!("{e}");
-                    unreachable = true;
-                    continue;
-                }
-            };
+            let started = Instant::now();
+            let request = self.http.get(url).bearer_auth(&token).send();
+            let response =
+                match tokio::time::timeout(self.config.download.stall_timeout(), request).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
+                        last_error = format!("{e}");
+                        unreachable = true;
+                        continue;
+                    }
+                    Err(_) => {
+                        last_error = format!(
+                            "no answer within {} s",
+                            self.config.download.stall_timeout_secs
+                        );
+                        unreachable = true;
+                        continue;
+                    }
+                };
             let status = response.status();
             if status == reqwest::StatusCode::UNAUTHORIZED || status.is_server_error() {
                 // A stale token after a reconnect, or a passing server fault.
@@ -295,10 +314,29 @@ impl Installer {
                     limit,
                 });
             }
+            let expected = response.content_length().unwrap_or(limit);
+            let allowed = self.config.download.deadline_for(expected);
+            let deadline = tokio::time::Instant::from_std(started) + allowed;
             let mut body = Vec::with_capacity(limit.min(4 << 20) as usize);
             let mut stream = response.bytes_stream();
             let mut broken = None;
-            while let Some(piece) = stream.next().await {
+            loop {
+                let piece = match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(piece)) => piece,
+                    Ok(None) => break,
+                    Err(_) => {
+                        // Slow retrieval: the server answers, but too slowly
+                        // to ever finish. Not a lost connection, so it does
+                        // not renew the retry budget the way an outage does.
+                        return Err(InstallError::TooSlow {
+                            what: what.to_owned(),
+                            received: body.len() as u64,
+                            expected,
+                            seconds: allowed.as_secs(),
+                            min_rate: self.config.download.min_bytes_per_sec,
+                        });
+                    }
+                };
                 match piece {
                     Ok(bytes) => {
                         if body.len() as u64 + bytes.len() as u64 > limit {

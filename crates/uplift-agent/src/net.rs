@@ -42,7 +42,7 @@ pub fn tls_config(ca_file: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     Ok(Arc::new(config))
 }
 
-pub fn http_client(ca_file: &Path) -> anyhow::Result<reqwest::Client> {
+pub fn http_client(ca_file: &Path, stall_timeout: Duration) -> anyhow::Result<reqwest::Client> {
     let pem = std::fs::read(ca_file)
         .with_context(|| format!("reading server CA {}", ca_file.display()))?;
     let ca = reqwest::Certificate::from_pem(&pem)
@@ -52,7 +52,7 @@ pub fn http_client(ca_file: &Path) -> anyhow::Result<reqwest::Client> {
         .tls_built_in_root_certs(false)
         .add_root_certificate(ca)
         .connect_timeout(CONNECT_TIMEOUT)
-        .read_timeout(Duration::from_secs(30))
+        .read_timeout(stall_timeout)
         .pool_idle_timeout(Duration::from_secs(30))
         .build()
         .context("building HTTPS client")

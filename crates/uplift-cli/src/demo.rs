@@ -206,6 +206,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
         health_check: vec!["true".into()],
         trial_boot_attempts: 3,
         extra_config: String::new(),
+        watchdog: None,
     };
     let mut chaos = if opts.chaos {
         let listen = server

@@ -209,12 +209,15 @@ pub struct DeviceSpec {
     pub trial_boot_attempts: u32,
     /// Extra TOML appended to the agent config (e.g. a `[hooks]` table).
     pub extra_config: String,
+    /// The simulated hardware watchdog (`uplift-boot-sim --watchdog-secs`).
+    pub watchdog: Option<Duration>,
 }
 
 /// One simulated device: its files, and its boot simulator + agent process.
 #[derive(Debug)]
 pub struct Device {
     pub dir: PathBuf,
+    watchdog: Option<Duration>,
     child: Option<Child>,
 }
 
@@ -238,6 +241,7 @@ impl Device {
         std::fs::create_dir_all(dir.join("state"))?;
         let device = Self {
             dir: dir.to_owned(),
+            watchdog: spec.watchdog,
             child: None,
         };
         std::fs::copy(factory_image, device.slot_path(SlotName::A))
@@ -304,7 +308,12 @@ impl Device {
     /// Powers the device on: the boot simulator picks a slot and starts the agent.
     pub fn start(&mut self, bins: &Binaries) -> anyhow::Result<()> {
         let (out, err) = log_file(&self.log_path())?;
-        let child = Command::new(&bins.boot_sim)
+        let mut sim = Command::new(&bins.boot_sim);
+        if let Some(watchdog) = self.watchdog {
+            sim.arg("--watchdog-secs")
+                .arg(watchdog.as_secs_f64().to_string());
+        }
+        let child = sim
             .arg("--bootenv")
             .arg(self.bootenv_path())
             .arg("--cmdline")

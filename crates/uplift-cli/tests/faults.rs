@@ -528,3 +528,96 @@ async fn after_a_network_outage_mid_download_the_agent_carries_on_by_itself() {
         device.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_os_that_hangs_before_committing_is_reset_by_the_watchdog_and_falls_back() {
+    let fx = Fixture::start();
+    let mut spec = fx.spec("hw-hangs");
+    spec.trial_boot_attempts = 2;
+    // The new OS comes up but never becomes healthy: its health check
+    // hangs far past the watchdog (and within its own 120 s timeout).
+    spec.health_check = vec!["sleep".into(), "600".into()];
+    spec.watchdog = Some(Duration::from_secs(2));
+    let device = fx.device("hangs", spec);
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    fx.rollout("1.1", None).await;
+
+    let view = fx
+        .wait_device(&device, "the watchdog's fallback", |d| {
+            d.state == Some(AgentState::RolledBack) && d.online
+        })
+        .await;
+    assert_eq!(view.running_version, Some(v("1.0")));
+    let error = view.last_error.unwrap();
+    assert_eq!(error.kind, ErrorKind::RolledBack);
+    assert!(error.message.contains("fell back to slot a"), "{error}");
+    let log = device.log();
+    assert_eq!(
+        log.matches("watchdog: slot b did not commit within 2.0 s")
+            .count(),
+        2,
+        "each trial boot was reset by the watchdog:\n{log}"
+    );
+    assert!(log.contains("slot a (fallback from b)"), "{log}");
+    let boot = device.boot_state().unwrap();
+    assert_eq!(
+        (boot.default_slot, boot.trial, boot.fallback_from),
+        (SlotName::A, None, None)
+    );
+    assert_eq!(
+        sha256_file(&device.slot_path(SlotName::A)),
+        sha256_file(&fx.image_v1_0),
+        "the old OS is intact"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_trickles_data_is_given_up_on_and_the_install_recovers() {
+    let fx = Fixture::start();
+    let proxy = proxy_to(&fx.server).await;
+    let mut spec = fx.spec("hw-trickle");
+    // Tight bounds so the test is quick: a 64 KiB chunk must arrive within
+    // about 2.25 s.
+    spec.extra_config = "[download]\nstall_timeout_secs = 2\nmin_bytes_per_sec = 262144\n".into();
+    let device = fx.device_via("trickle", spec, &proxy.url());
+    fx.wait_device(&device, "enrollment", |d| {
+        d.online && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    fresh_release(&fx, "2.0").await;
+    let env_before = std::fs::read(device.bootenv_path()).unwrap();
+    // Slow retrieval: bytes keep coming, never fast enough to finish.
+    proxy.set_rate(8 * 1024);
+    fx.rollout("2.0", None).await;
+
+    let view = fx
+        .wait_device(&device, "the slow download to be refused", |d| {
+            d.state == Some(AgentState::Failed)
+        })
+        .await;
+    let error = view.last_error.unwrap();
+    assert_eq!(error.kind, ErrorKind::DownloadFailed);
+    assert!(
+        error.message.contains("slower than the 262144 bytes/s")
+            && error.message.contains("retrying"),
+        "{error}"
+    );
+    assert_eq!(
+        std::fs::read(device.bootenv_path()).unwrap(),
+        env_before,
+        "boot choice untouched"
+    );
+
+    // The link recovers: the retry finishes the install.
+    proxy.set_rate(0);
+    fx.wait_device(&device, "the upgrade", |d| {
+        d.running_version == Some(v("2.0")) && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    assert_eq!(device.boot_state().unwrap().default_slot, SlotName::B);
+}

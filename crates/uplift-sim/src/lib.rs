@@ -16,10 +16,11 @@ mod signals;
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use uplift_bootenv::{write_file_atomically, BootEnvError, BootEnvFile};
 use uplift_proto::names::SlotName;
@@ -121,8 +122,13 @@ pub struct SimConfig {
     pub program: OsString,
     pub args: Vec<OsString>,
     /// Slot images, when known: an image that starts with
-    /// [`KERNEL_PANIC_MARKER`] "panics" at boot instead of starting the agent.
+    /// [`KERNEL_PANIC_MARKER`] "panics" at boot instead of starting the
+    /// agent, one that starts with [`KERNEL_HANG_MARKER`] hangs.
     pub slots: Option<[PathBuf; 2]>,
+    /// The hardware watchdog: on a trial boot, the new OS must commit its
+    /// slot within this time or the device is reset, as a watchdog that only
+    /// a healthy system pets would. Committed boots are not watched.
+    pub watchdog: Option<Duration>,
 }
 
 /// First bytes of an image that the simulated kernel cannot boot: the way a
@@ -130,14 +136,46 @@ pub struct SimConfig {
 /// so the bootloader's try counting and fallback are exercised for real.
 pub const KERNEL_PANIC_MARKER: &[u8] = b"UPLIFT-SIM-KERNEL-PANIC";
 
+/// First bytes of an image whose simulated kernel hangs before user space:
+/// only the watchdog gets such a device going again.
+pub const KERNEL_HANG_MARKER: &[u8] = b"UPLIFT-SIM-KERNEL-HANG";
+
+/// What the simulated kernel does with a slot's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Boots,
+    Panics,
+    Hangs,
+}
+
+/// Looks at the first bytes of `image` for [`KERNEL_PANIC_MARKER`] or
+/// [`KERNEL_HANG_MARKER`]; an unreadable image is not this check's business.
+pub fn kernel_for(image: &Path) -> Kernel {
+    use std::io::Read;
+    let mut head = [0u8; 32];
+    let Ok(mut file) = std::fs::File::open(image) else {
+        return Kernel::Boots;
+    };
+    let mut len = 0;
+    while len < head.len() {
+        match file.read(&mut head[len..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+    }
+    let head = &head[..len];
+    if head.starts_with(KERNEL_PANIC_MARKER) {
+        Kernel::Panics
+    } else if head.starts_with(KERNEL_HANG_MARKER) {
+        Kernel::Hangs
+    } else {
+        Kernel::Boots
+    }
+}
+
 /// True if the slot's image carries [`KERNEL_PANIC_MARKER`].
 pub fn image_panics(image: &Path) -> bool {
-    use std::io::Read;
-    let mut head = [0u8; KERNEL_PANIC_MARKER.len()];
-    std::fs::File::open(image)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok()
-        && head == KERNEL_PANIC_MARKER
+    kernel_for(image) == Kernel::Panics
 }
 
 /// How the simulation ended, when it ended without an error.
@@ -174,54 +212,153 @@ pub fn run(config: &SimConfig, stop: &AtomicBool) -> Result<SimOutcome, SimError
         }
         let record = power_on(&config.bootenv, &config.cmdline)?;
         eprintln!("boot-sim: boot #{boot}: {record}");
-        if let Some(slots) = &config.slots {
-            let image = match record.slot {
+        let watchdog = match record.kind {
+            BootKind::Trial { .. } => config.watchdog.map(|limit| Watchdog {
+                deadline: Instant::now() + limit,
+                limit,
+                bootenv: &config.bootenv,
+                slot: record.slot,
+            }),
+            BootKind::Committed | BootKind::Fallback { .. } => None,
+        };
+        let kernel = config.slots.as_ref().map_or(Kernel::Boots, |slots| {
+            kernel_for(match record.slot {
                 SlotName::A => &slots[0],
                 SlotName::B => &slots[1],
-            };
-            if image_panics(image) {
+            })
+        });
+        match kernel {
+            Kernel::Boots => {}
+            Kernel::Panics => {
                 eprintln!("boot-sim: kernel panic on slot {} (the image cannot boot); the watchdog resets the device", record.slot);
+                continue;
+            }
+            Kernel::Hangs => {
+                eprintln!(
+                    "boot-sim: the kernel on slot {} hangs before user space",
+                    record.slot
+                );
+                // Nothing but a watchdog (or power) ends a hung boot; a
+                // committed slot that hangs is not a scenario this models.
+                let limit = watchdog.map(|w| w.limit);
+                if sleep_or_stop(limit, stop) {
+                    return Ok(SimOutcome::Stopped);
+                }
+                eprintln!(
+                    "boot-sim: watchdog: slot {} did not commit within {:.1} s; resetting the device",
+                    record.slot,
+                    limit.unwrap_or_default().as_secs_f64()
+                );
                 continue;
             }
         }
 
+        // Its own process group, so a watchdog reset can end everything
+        // the "OS" started (a health check, say), as a real reset does.
         let child = Command::new(&config.program)
             .args(&config.args)
+            .process_group(0)
             .spawn()
             .map_err(|source| SimError::Spawn {
                 program: config.program.clone(),
                 source,
             })?;
-        let Some(status) = wait_or_stop(child, stop)? else {
-            eprintln!("boot-sim: stopped by signal; agent terminated");
-            return Ok(SimOutcome::Stopped);
-        };
-        let code = exit_code(status);
-        if code != REBOOT_REQUEST_EXIT_CODE {
-            eprintln!("boot-sim: agent exited with code {code}; powering off");
-            return Ok(SimOutcome::AgentExited { code });
+        match wait_or_stop(child, stop, watchdog)? {
+            Waited::Stopped => {
+                eprintln!("boot-sim: stopped by signal; agent terminated");
+                return Ok(SimOutcome::Stopped);
+            }
+            Waited::WatchdogReset { limit } => {
+                eprintln!(
+                    "boot-sim: watchdog: slot {} did not commit within {:.1} s; resetting the device",
+                    record.slot,
+                    limit.as_secs_f64()
+                );
+            }
+            Waited::Exited(status) => {
+                let code = exit_code(status);
+                if code != REBOOT_REQUEST_EXIT_CODE {
+                    eprintln!("boot-sim: agent exited with code {code}; powering off");
+                    return Ok(SimOutcome::AgentExited { code });
+                }
+                eprintln!("boot-sim: agent requested a reboot");
+            }
         }
-        eprintln!("boot-sim: agent requested a reboot");
     }
     Err(SimError::BootLoop {
         boots: config.max_boots,
     })
 }
 
-/// Waits for the agent; on a stop request forwards SIGTERM, waits for it
-/// to go, and returns `None`.
-fn wait_or_stop(mut child: Child, stop: &AtomicBool) -> Result<Option<ExitStatus>, SimError> {
+/// The watchdog of one trial boot.
+#[derive(Debug, Clone, Copy)]
+struct Watchdog<'a> {
+    deadline: Instant,
+    limit: Duration,
+    bootenv: &'a Path,
+    slot: SlotName,
+}
+
+impl Watchdog<'_> {
+    /// Whether the booted slot is still on trial: the healthy OS would have
+    /// committed it (and taken over petting the watchdog) by now. An
+    /// unreadable environment counts as "still on trial": the real watchdog
+    /// knows nothing of files, only that nobody petted it.
+    fn still_on_trial(&self) -> bool {
+        BootEnvFile::new(self.bootenv)
+            .load_state()
+            .map_or(true, |(_, state)| {
+                state.trial.is_some_and(|t| t.slot == self.slot)
+            })
+    }
+}
+
+enum Waited {
+    Exited(ExitStatus),
+    Stopped,
+    WatchdogReset { limit: Duration },
+}
+
+/// Sleeps for `limit` (for ever with `None`) or until a stop request;
+/// returns true if stopped.
+fn sleep_or_stop(limit: Option<Duration>, stop: &AtomicBool) -> bool {
+    let start = Instant::now();
+    while limit.is_none_or(|l| start.elapsed() < l) {
+        if stop.load(Ordering::SeqCst) {
+            return true;
+        }
+        std::thread::sleep(POLL);
+    }
+    false
+}
+
+/// Waits for the agent. On a stop request forwards SIGTERM and waits for it
+/// to go; when the watchdog fires on a slot still on trial, SIGKILLs it (a
+/// reset gives no warning).
+fn wait_or_stop(
+    mut child: Child,
+    stop: &AtomicBool,
+    mut watchdog: Option<Watchdog<'_>>,
+) -> Result<Waited, SimError> {
     let wait_err = |source| SimError::Wait { source };
     loop {
         if let Some(status) = child.try_wait().map_err(wait_err)? {
-            return Ok(Some(status));
+            return Ok(Waited::Exited(status));
         }
         if stop.load(Ordering::SeqCst) {
             // Failing to signal means the child is already gone; the wait
             // below then returns at once.
             let _ = signals::terminate(&child);
             child.wait().map_err(wait_err)?;
-            return Ok(None);
+            return Ok(Waited::Stopped);
+        }
+        if let Some(dog) = watchdog.filter(|d| Instant::now() >= d.deadline) {
+            if dog.still_on_trial() {
+                let _ = signals::reset(&child);
+                child.wait().map_err(wait_err)?;
+                return Ok(Waited::WatchdogReset { limit: dog.limit });
+            }
+            watchdog = None;
         }
         std::thread::sleep(POLL);
     }
@@ -371,5 +508,19 @@ mod panic_marker_tests {
             !image_panics(&dir.path().join("missing.img")),
             "an absent image is not this check's business"
         );
+    }
+
+    #[test]
+    fn the_hang_marker_makes_a_hanging_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let hangs = dir.path().join("hangs.img");
+        let short = dir.path().join("short.img");
+        let mut bytes = KERNEL_HANG_MARKER.to_vec();
+        bytes.extend_from_slice(&[7u8; 4096]);
+        std::fs::write(&hangs, &bytes).unwrap();
+        std::fs::write(&short, &KERNEL_HANG_MARKER[..5]).unwrap();
+        assert_eq!(kernel_for(&hangs), Kernel::Hangs);
+        assert_eq!(kernel_for(&short), Kernel::Boots, "a prefix is no marker");
+        assert!(!image_panics(&hangs));
     }
 }

@@ -40,6 +40,12 @@ struct Args {
     #[arg(long, value_name = "PATH", requires = "slot_a")]
     slot_b: Option<PathBuf>,
 
+    /// Hardware watchdog, in seconds: a trial boot whose slot is not
+    /// committed within this time is reset (the agent SIGKILLed, the device
+    /// powered on again), and so is a hung kernel. Off by default.
+    #[arg(long, value_name = "SECS")]
+    watchdog_secs: Option<f64>,
+
     /// The agent command, after `--`.
     #[arg(
         last = true,
@@ -73,6 +79,17 @@ fn try_main(args: Args) -> anyhow::Result<ExitCode> {
         program: agent.next().context("no agent command given after `--`")?,
         args: agent.collect(),
         slots: args.slot_a.zip(args.slot_b).map(|(a, b)| [a, b]),
+        watchdog: args
+            .watchdog_secs
+            .map(|secs| {
+                std::time::Duration::try_from_secs_f64(secs)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .with_context(|| {
+                        format!("--watchdog-secs {secs}: give a positive number of seconds")
+                    })
+            })
+            .transpose()?,
     };
     let outcome = run(&config, stop)?;
     // Exit codes are 0..=255 on Unix and 128+signal stays below 256.

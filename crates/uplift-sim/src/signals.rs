@@ -2,7 +2,7 @@
 //! simulator can pass the signal on to the agent and wait for it), and the
 //! agent gets a SIGTERM rather than a SIGKILL so it can shut down cleanly.
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use std::io;
 use std::process::Child;
@@ -26,4 +26,12 @@ pub fn terminate(child: &Child) -> io::Result<()> {
     let pid = i32::try_from(child.id())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
     kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(io::Error::from)
+}
+
+/// SIGKILLs the child's whole process group (the child leads it, see
+/// `run`): a reset ends every process of the "OS", not only the agent.
+pub fn reset(child: &Child) -> io::Result<()> {
+    let pid = i32::try_from(child.id())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    killpg(Pid::from_raw(pid), Signal::SIGKILL).map_err(io::Error::from)
 }

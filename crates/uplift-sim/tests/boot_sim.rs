@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use uplift_bootenv::{BootEnvFile, BootState};
 use uplift_proto::names::SlotName;
+use uplift_sim::KERNEL_HANG_MARKER;
 
 const SIM: &str = env!("CARGO_BIN_EXE_uplift-boot-sim");
 
@@ -40,9 +41,18 @@ impl Device {
     /// The simulator command with an agent that appends the slot it booted
     /// to `log`, then runs `script`.
     fn sim(&self, max_boots: u32, script: &str) -> Command {
-        let agent = format!(r#"read line < "$1"; echo "${{line#uplift.slot=}}" >> "$2"; {script}"#);
+        self.sim_with(max_boots, &[], script)
+    }
+
+    /// [`Device::sim`] with more simulator options; the script sees the
+    /// booted slot in `$slot`.
+    fn sim_with(&self, max_boots: u32, options: &[&str], script: &str) -> Command {
+        let agent = format!(
+            r#"read line < "$1"; slot="${{line#uplift.slot=}}"; echo "$slot" >> "$2"; {script}"#
+        );
         let mut cmd = Command::new(SIM);
-        cmd.arg("--bootenv")
+        cmd.args(options)
+            .arg("--bootenv")
             .arg(self.bootenv())
             .arg("--cmdline")
             .arg(self.cmdline())
@@ -164,4 +174,76 @@ fn wait_for(path: &Path) {
         assert!(Instant::now() < deadline, "agent did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn the_watchdog_resets_a_trial_boot_that_never_commits_until_the_bootloader_falls_back() {
+    let d = Device::new(trial_of_b(2));
+    // Slot b's OS hangs (never commits); slot a's comes up and powers off.
+    let out = run(d.sim_with(
+        10,
+        &["--watchdog-secs", "0.5"],
+        r#"if [ "$slot" = a ]; then exit 0; fi; sleep 30"#,
+    ));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(d.log(), "b\nb\na\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr
+            .matches("watchdog: slot b did not commit within 0.5 s; resetting")
+            .count(),
+        2,
+        "{stderr}"
+    );
+    let env = BootEnvFile::new(d.bootenv()).read().unwrap();
+    assert_eq!(env.get("uplift_fallback"), Some("b"));
+    assert_eq!(env.get("uplift_default"), Some("a"));
+}
+
+#[test]
+fn the_watchdog_leaves_a_trial_alone_once_it_is_committed() {
+    let d = Device::new(trial_of_b(1));
+    let mut cmd = d.sim_with(
+        10,
+        &["--watchdog-secs", "1"],
+        r#": > "$3"; sleep 2.5; exit 0"#,
+    );
+    let mut sim = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    wait_for(&d.path("marker"));
+    // What the agent does after a good health check.
+    let file = BootEnvFile::new(d.bootenv());
+    let (env, state) = file.load_state().unwrap();
+    file.store_state(env, &state.commit(SlotName::B).unwrap())
+        .unwrap();
+
+    let out = sim.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(d.log(), "b\n");
+    assert!(!stderr.contains("watchdog"), "{stderr}");
+}
+
+#[test]
+fn a_hung_kernel_is_reset_by_the_watchdog() {
+    let d = Device::new(trial_of_b(1));
+    let (a, b) = (d.path("slot-a.img"), d.path("slot-b.img"));
+    fs::write(&a, [0u8; 4096]).unwrap();
+    let mut hung = KERNEL_HANG_MARKER.to_vec();
+    hung.resize(4096, 1);
+    fs::write(&b, hung).unwrap();
+    let (a, b) = (a.display().to_string(), b.display().to_string());
+    let out = run(d.sim_with(
+        10,
+        &["--watchdog-secs", "0.3", "--slot-a", &a, "--slot-b", &b],
+        "exit 0",
+    ));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(d.log(), "a\n", "no agent ever started on slot b");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the kernel on slot b hangs before user space")
+            && stderr.contains("watchdog: slot b did not commit within 0.3 s")
+            && stderr.contains("slot a (fallback from b)"),
+        "{stderr}"
+    );
 }

@@ -77,6 +77,7 @@ impl Fixture {
             health_check: vec!["true".into()],
             trial_boot_attempts: 3,
             extra_config: String::new(),
+            watchdog: None,
         }
     }
 
