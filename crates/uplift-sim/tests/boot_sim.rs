@@ -208,7 +208,7 @@ fn the_watchdog_leaves_a_trial_alone_once_it_is_committed() {
         &["--watchdog-secs", "1"],
         r#": > "$3"; sleep 2.5; exit 0"#,
     );
-    let mut sim = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let sim = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     wait_for(&d.path("marker"));
     // What the agent does after a good health check.
     let file = BootEnvFile::new(d.bootenv());
