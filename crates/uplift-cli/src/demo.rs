@@ -457,13 +457,22 @@ impl DemoSummary {
             (self.image_size * self.devices as u64) as f64 / 1048576.0,
         ) + &match self.faults {
             Some(f) => format!(
-                "; survived {} injected faults ({} agent SIGKILLs, {} connection cuts, {} server SIGKILL+restarts)",
-                f.total(),
-                f.agent_kills,
-                f.connection_cuts,
-                f.server_restarts
+                "; survived {} ({}, {}, {})",
+                counted(f.total(), "injected fault", "injected faults"),
+                counted(f.agent_kills, "agent SIGKILL", "agent SIGKILLs"),
+                counted(f.connection_cuts, "connection cut", "connection cuts"),
+                counted(
+                    f.server_restarts,
+                    "server SIGKILL and restart",
+                    "server SIGKILLs and restarts"
+                ),
             ),
             None => String::new(),
         }
     }
+}
+
+fn counted(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
 }

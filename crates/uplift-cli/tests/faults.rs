@@ -165,18 +165,24 @@ async fn the_server_killed_mid_rollout_restarts_and_every_device_finishes_once()
         views.len() == DEVICES && views.iter().all(|d| d.online)
     })
     .await;
-    fresh_release(&fx, "2.0").await;
+    let chunks = fresh_release(&fx, "2.0").await;
     proxy.set_rate(SLOW_LINK / 2);
     let rollout = fx.rollout("2.0", None).await;
-    fx.wait_for("devices downloading", &all, |views| {
+    fx.wait_for("devices a quarter into their download", &all, |views| {
         views
             .iter()
-            .filter(|d| d.state == Some(AgentState::Downloading))
+            .filter(|d| {
+                d.state == Some(AgentState::Downloading)
+                    && d.progress.is_some_and(|p| p.done_bytes * 4 > p.total_bytes)
+            })
             .count()
             >= DEVICES / 2
     })
     .await;
 
+    // Chunks finished after this read are missed by it, which only makes
+    // the count of repeated downloads below look worse, never better.
+    let sent_before_kill = fx.client.stats().await.unwrap().chunks_sent as usize;
     // SIGKILL, not a clean stop: no chance to flush anything.
     let listen = fx
         .server
@@ -198,6 +204,16 @@ async fn the_server_killed_mid_rollout_restarts_and_every_device_finishes_once()
         })
         .await;
     assert_eq!(views.len(), DEVICES, "no device forgotten or duplicated");
+    let sent_after_restart = fx.client.stats().await.unwrap().chunks_sent as usize;
+    assert!(
+        sent_before_kill > 0 && sent_after_restart < DEVICES * chunks,
+        "the restart came mid-download: {sent_before_kill} chunks before, {sent_after_restart} after"
+    );
+    assert!(
+        sent_before_kill + sent_after_restart <= DEVICES * (chunks + 1),
+        "resumed, not restarted: {sent_before_kill} + {sent_after_restart} chunk downloads \
+         for {DEVICES} devices x {chunks} chunks (at most the one in flight is repeated)"
+    );
     let status = fx.client.rollout(rollout).await.unwrap();
     assert_eq!(
         (status.counts.succeeded, status.status.as_str()),
