@@ -193,6 +193,28 @@ pub fn check_manifest(
     Ok(())
 }
 
+/// The offer's manifest path, if it names a path on the server the agent is
+/// connected to. The session token goes with the request, so a path that
+/// `Url::join` would resolve elsewhere (`//host/...`, a full URL) is refused.
+pub fn same_server_path(path: &str) -> Result<&str, InstallError> {
+    let on_this_server = path.starts_with('/')
+        && !path.starts_with("//")
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'\\' | b'?' | b'#' | b'%'))
+        && !path.split('/').any(|segment| segment == "..");
+    if on_this_server {
+        Ok(path)
+    } else {
+        Err(InstallError::Download {
+            what: "manifest".into(),
+            detail: format!(
+                "the server offered manifest path {path:?}, which is not a plain path on this server; refusing to send the session token there"
+            ),
+        })
+    }
+}
+
 impl Installer {
     /// Runs one install to the end and reports the outcome as an event.
     pub async fn run(
@@ -384,7 +406,11 @@ impl Installer {
         events: &mpsc::Sender<Event>,
     ) -> Result<(), InstallError> {
         let json = self
-            .fetch(&offer.manifest_path, "manifest", MAX_MANIFEST_BYTES as u64)
+            .fetch(
+                same_server_path(&offer.manifest_path)?,
+                "manifest",
+                MAX_MANIFEST_BYTES as u64,
+            )
             .await?;
         let signed = SignedManifest::from_json(&json)?;
         let manifest = signed.verify(
@@ -811,5 +837,104 @@ impl SlotWriter {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uplift_release::manifest::{Compression, ImageInfo};
+
+    fn manifest(version: &str, device_type: &str) -> Manifest {
+        Manifest {
+            format: 1,
+            version: version.parse().unwrap(),
+            device_type: device_type.parse().unwrap(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            expires_at: "2027-01-01T00:00:00Z".into(),
+            image: ImageInfo {
+                size: 4,
+                sha256: ChunkHash::from_bytes([1; 32]),
+            },
+            compression: Compression::Zstd,
+            chunks: vec![ChunkEntry {
+                hash: ChunkHash::from_bytes([1; 32]),
+                size: 4,
+                stored_size: 13,
+            }],
+        }
+    }
+
+    fn offer(version: &str, allow_downgrade: bool) -> Offer {
+        let version: Version = version.parse().unwrap();
+        Offer {
+            rollout_id: 1,
+            manifest_path: uplift_proto::api::device_manifest_path(&version),
+            version,
+            allow_downgrade,
+        }
+    }
+
+    fn check(m: &Manifest, o: &Offer, running: &str) -> Result<(), ErrorKind> {
+        let device_type = "gateway".parse().unwrap();
+        check_manifest(m, o, &device_type, &running.parse().unwrap()).map_err(|e| e.kind())
+    }
+
+    #[test]
+    fn a_manifest_for_the_offered_version_and_this_device_type_passes() {
+        assert_eq!(
+            check(&manifest("1.1", "gateway"), &offer("1.1", false), "1.0"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_manifest_for_another_device_type_is_refused() {
+        assert_eq!(
+            check(&manifest("1.1", "kiosk"), &offer("1.1", false), "1.0"),
+            Err(ErrorKind::WrongDeviceType)
+        );
+    }
+
+    #[test]
+    fn mix_and_match_a_manifest_of_another_version_than_offered_is_refused() {
+        // A server that offers 1.1 but serves the (validly signed) 1.0
+        // manifest must not get 1.0 installed under 1.1's name.
+        assert_eq!(
+            check(&manifest("1.0", "gateway"), &offer("1.1", false), "0.9"),
+            Err(ErrorKind::VersionMismatch)
+        );
+    }
+
+    #[test]
+    fn an_older_release_needs_an_explicit_downgrade() {
+        assert_eq!(
+            check(&manifest("0.9", "gateway"), &offer("0.9", false), "1.0"),
+            Err(ErrorKind::DowngradeRefused)
+        );
+        assert_eq!(
+            check(&manifest("0.9", "gateway"), &offer("0.9", true), "1.0"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn only_plain_paths_on_the_connected_server_are_followed() {
+        assert!(same_server_path("/v1/device/releases/1.1/manifest").is_ok());
+        for hostile in [
+            "//evil.example/steal",
+            "https://evil.example/steal",
+            "v1/relative",
+            "/v1/../../admin",
+            "/v1/%2e%2e/admin",
+            "/v1\\evil",
+            "/v1/device?x=1",
+            "/v1/ spaced",
+            "",
+        ] {
+            let err = same_server_path(hostile).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::DownloadFailed, "{hostile:?}");
+            assert!(err.to_string().contains("refusing"), "{err}");
+        }
     }
 }

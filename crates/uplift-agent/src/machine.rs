@@ -97,6 +97,9 @@ pub enum Action {
     /// Clear the bootloader's fallback mark and remember the failure.
     AcknowledgeFallback(Failure),
     StartInstall(Offer),
+    /// Keep an install failure in the journal, so `uplift-agent status`
+    /// shows it even when the server cannot be reached.
+    RecordFailure(Failure),
     CancelInstall,
     Reboot,
     Report,
@@ -361,6 +364,11 @@ impl Machine {
                 if !retry {
                     self.gave_up_with = Some(error.clone());
                 }
+                let record = Action::RecordFailure(Failure {
+                    version: offer.version.clone(),
+                    error: error.clone(),
+                    rolled_back: false,
+                });
                 self.phase = Phase::Failed {
                     target: offer.version.clone(),
                     error,
@@ -368,9 +376,9 @@ impl Machine {
                 self.last_offer = Some(offer);
                 self.retry_pending = retry;
                 if retry {
-                    vec![Action::Report, Action::ScheduleRetry { attempt }]
+                    vec![Action::Report, record, Action::ScheduleRetry { attempt }]
                 } else {
-                    vec![Action::Report]
+                    vec![Action::Report, record]
                 }
             }
             (Phase::Failed { .. }, Event::RetryDue) if self.retry_pending => {
@@ -656,7 +664,18 @@ mod tests {
                 install: m.install_id(),
                 error: err.clone()
             }),
-            vec![Action::Report, Action::ScheduleRetry { attempt: 1 }]
+            vec![
+                Action::Report,
+                Action::RecordFailure(Failure {
+                    version: v("1.1"),
+                    error: WireError::new(
+                        ErrorKind::ChunkHashMismatch,
+                        "chunk x (attempt 1 of 3; retrying)"
+                    ),
+                    rolled_back: false,
+                }),
+                Action::ScheduleRetry { attempt: 1 }
+            ]
         );
         let report = m.report();
         assert_eq!(report.state, AgentState::Failed);
@@ -676,26 +695,29 @@ mod tests {
         m.handle(Event::Offer(offer("1.1")));
         let failure = WireError::new(ErrorKind::DownloadFailed, "server unreachable");
         for attempt in 1..MAX_INSTALL_ATTEMPTS {
+            let actions = m.handle(Event::InstallFailed {
+                install: m.install_id(),
+                error: failure.clone(),
+            });
             assert_eq!(
-                m.handle(Event::InstallFailed {
-                    install: m.install_id(),
-                    error: failure.clone()
-                }),
-                vec![Action::Report, Action::ScheduleRetry { attempt }]
+                (actions[0].clone(), actions[2].clone(), actions.len()),
+                (Action::Report, Action::ScheduleRetry { attempt }, 3)
             );
+            assert!(matches!(&actions[1], Action::RecordFailure(f) if f.version == v("1.1")));
             assert!(m.report().error.unwrap().message.contains("retrying"));
             assert_eq!(
                 m.handle(Event::RetryDue),
                 vec![Action::StartInstall(offer("1.1")), Action::Report]
             );
         }
-        assert_eq!(
-            m.handle(Event::InstallFailed {
-                install: m.install_id(),
-                error: failure
-            }),
-            vec![Action::Report],
-            "budget spent: no more retries"
+        let actions = m.handle(Event::InstallFailed {
+            install: m.install_id(),
+            error: failure,
+        });
+        assert!(
+            matches!(&actions[..], [Action::Report, Action::RecordFailure(f)]
+                if f.error.message.contains("gave up on 1.1") && !f.rolled_back),
+            "budget spent: no more retries, and the device remembers why: {actions:?}"
         );
         let report = m.report();
         assert_eq!(report.state, AgentState::Failed);
@@ -755,13 +777,13 @@ mod tests {
             });
             m.handle(Event::RetryDue);
         }
-        assert_eq!(
-            m.handle(Event::InstallFailed {
+        assert!(!m
+            .handle(Event::InstallFailed {
                 install: m.install_id(),
                 error: outage
-            }),
-            vec![Action::Report]
-        );
+            })
+            .iter()
+            .any(|a| matches!(a, Action::ScheduleRetry { .. })));
         assert_eq!(
             m.handle(Event::RetryDue),
             vec![],
@@ -807,7 +829,14 @@ mod tests {
                 install: m.install_id(),
                 error: failure.clone()
             }),
-            vec![Action::Report]
+            vec![
+                Action::Report,
+                Action::RecordFailure(Failure {
+                    version: v("1.1"),
+                    error: failure.clone(),
+                    rolled_back: false,
+                })
+            ]
         );
         assert_eq!(m.report().error, Some(failure));
     }

@@ -170,6 +170,13 @@ pub async fn run(
                     );
                     install = Some(tokio::spawn(job));
                 }
+                Action::RecordFailure(failure) => {
+                    let local = local.clone();
+                    if let Err(e) = blocking(move || record_install_failure(&local, failure)).await
+                    {
+                        tracing::error!("cannot record the failed install in the journal: {e:#}");
+                    }
+                }
                 Action::ScheduleRetry { attempt } => {
                     let wait = retry_delay(attempt, &mut rand::thread_rng());
                     tracing::info!(
@@ -281,6 +288,17 @@ fn commit_trial(bootenv: &BootEnvFile, local: &LocalState, booted: SlotName) -> 
     let mut journal = local.journal()?;
     journal.pending = None;
     journal.last_failure = None;
+    local.save_journal(&journal)
+}
+
+/// Keeps the newest install failure for `uplift-agent status`; the boot
+/// choice did not change, so nothing else in the journal does either.
+fn record_install_failure(
+    local: &LocalState,
+    failure: crate::local::Failure,
+) -> anyhow::Result<()> {
+    let mut journal = local.journal()?;
+    journal.last_failure = Some(failure);
     local.save_journal(&journal)
 }
 

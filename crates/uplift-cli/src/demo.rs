@@ -111,15 +111,12 @@ impl Chaos {
             server.kill();
             *server = ServerProcess::start_on(bins, &server.dir.clone(), &self.listen)?;
             self.counts.server_restarts += 1;
+        } else if self.counts.agent_kills == 0 && in_progress > 0 {
+            self.kill_random_agent(devices, now);
         } else {
             match self.rng.gen_range(0..100) {
                 0..=14 if self.counts.agent_kills < self.max_kills => {
-                    let index = self.rng.gen_range(0..devices.len());
-                    if !self.down.iter().any(|(d, _)| *d == index) && devices[index].kill_agent() {
-                        self.counts.agent_kills += 1;
-                        let delay = Duration::from_millis(self.rng.gen_range(100..800));
-                        self.down.push((index, now + delay));
-                    }
+                    self.kill_random_agent(devices, now);
                 }
                 15..=16 if self.counts.connection_cuts < 4 => {
                     self.proxy.cut_all();
@@ -129,6 +126,18 @@ impl Chaos {
             }
         }
         Ok(())
+    }
+
+    /// SIGKILLs the agent of a random device that is up, to be powered on
+    /// again 0.1 to 0.8 s later. A device between two boots has no agent to
+    /// kill; the next tick tries again.
+    fn kill_random_agent(&mut self, devices: &mut [Device], now: Instant) {
+        let index = self.rng.gen_range(0..devices.len());
+        if !self.down.iter().any(|(d, _)| *d == index) && devices[index].kill_agent() {
+            self.counts.agent_kills += 1;
+            let delay = Duration::from_millis(self.rng.gen_range(100..800));
+            self.down.push((index, now + delay));
+        }
     }
 
     /// Powers on every device still down.

@@ -80,7 +80,8 @@ fn uplift_demo_with_chaos_survives_every_kind_of_fault() {
     let faults = &summary["faults"];
     assert_eq!(faults["server_restarts"], 1, "{summary}");
     assert!(
-        faults["connection_cuts"].as_u64().unwrap() >= 1,
+        faults["connection_cuts"].as_u64().unwrap() >= 1
+            && faults["agent_kills"].as_u64().unwrap() >= 1,
         "{summary}"
     );
 }
