@@ -531,7 +531,8 @@ impl Installer {
             fetched = tally.fetched,
             fetched_bytes = tally.fetched_bytes,
             reused_from_running_slot = tally.seed,
-            already_in_slot = tally.in_slot + tally.journaled,
+            trusted_from_journal = tally.journaled,
+            found_in_slot = tally.in_slot,
             "all chunks in slot {target}"
         );
         let _ = events.send(Event::Verifying { install }).await;
