@@ -36,6 +36,10 @@ pub struct AgentConfig {
     /// Boots a new slot gets before the bootloader falls back.
     #[serde(default = "default_attempts")]
     pub trial_boot_attempts: u32,
+    /// `uplift-agent trial-guard` reboots a trial boot whose slot is not
+    /// committed within this many seconds of the guard's start.
+    #[serde(default = "default_trial_deadline")]
+    pub trial_deadline_secs: u64,
     #[serde(default)]
     pub reboot: Reboot,
     #[serde(default)]
@@ -172,6 +176,10 @@ fn default_health_timeout() -> u64 {
 /// itself roll the update back (RAUC's default is the same).
 fn default_attempts() -> u32 {
     3
+}
+/// Well past the default health check timeout (120 s) plus a slow boot.
+fn default_trial_deadline() -> u64 {
+    600
 }
 fn default_cmdline() -> PathBuf {
     PathBuf::from("/proc/cmdline")

@@ -7,6 +7,7 @@
 //! [`install`], [`net`] and [`local`].
 
 pub mod config;
+pub mod guard;
 pub mod health;
 pub mod install;
 pub mod local;

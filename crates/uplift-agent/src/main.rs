@@ -24,6 +24,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reboot the device if the booted slot is still on trial
+    /// `trial_deadline_secs` after this starts (run early at boot by its own
+    /// unit, so it works even when the agent itself does not).
+    TrialGuard,
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,9 +71,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let guard = matches!(args.command, Some(Command::TrialGuard));
     let result = runtime.block_on(async {
         let config = uplift_agent::config::AgentConfig::load(&args.config)?;
-        uplift_agent::run::run(config, shutdown_signal()).await
+        if guard {
+            tokio::select! {
+                exit = uplift_agent::guard::run(&config) => exit,
+                () = shutdown_signal() => Ok(Exit::Stopped),
+            }
+        } else {
+            uplift_agent::run::run(config, shutdown_signal()).await
+        }
     });
     match result {
         Ok(Exit::Stopped) => std::process::ExitCode::SUCCESS,

@@ -318,7 +318,7 @@ fn record_failure_then(
     change()
 }
 
-async fn reboot(config: &AgentConfig) -> anyhow::Result<Exit> {
+pub(crate) async fn reboot(config: &AgentConfig) -> anyhow::Result<Exit> {
     match &config.reboot {
         Reboot::Exit => {
             tracing::info!("asking the supervisor to reboot");
