@@ -103,7 +103,7 @@ fn a_trial_boot_that_nobody_commits_is_rebooted_at_the_deadline() {
     let (out, took) = finish(d.guard(), Duration::from_secs(20));
     assert_eq!(
         out.status.code(),
-        Some(i32::from(uplift_bootenv::REBOOT_REQUEST_EXIT_CODE)),
+        Some(uplift_bootenv::REBOOT_REQUEST_EXIT_CODE),
         "{}",
         stderr(&out)
     );
