@@ -34,7 +34,7 @@ fn writer_child() {
     for n in 0u64.. {
         let (mut env, _) = file.load_state().unwrap();
         env.set("counter", &n.to_string()).unwrap();
-        let next = if n % 2 == 0 { &trial } else { &committed };
+        let next = if n & 1 == 0 { &trial } else { &committed };
         file.store_state(env, next).unwrap();
     }
 }
@@ -52,7 +52,7 @@ fn check(path: &Path, round: u32) {
     // The counter and the state were written together: they must match.
     let expected = if env.get("counter").is_none() {
         BootState::new(A)
-    } else if counter % 2 == 0 {
+    } else if counter & 1 == 0 {
         trial
     } else {
         committed
