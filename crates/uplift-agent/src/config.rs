@@ -62,6 +62,11 @@ pub struct Download {
     /// `stall_timeout_secs + N / min_bytes_per_sec` seconds.
     #[serde(default = "default_min_rate")]
     pub min_bytes_per_sec: u64,
+    /// How long a download waits for the device channel to come back (it
+    /// carries the session token) before the attempt fails as
+    /// `server_unreachable`.
+    #[serde(default = "default_offline_wait")]
+    pub offline_wait_secs: u64,
 }
 
 impl Default for Download {
@@ -69,6 +74,7 @@ impl Default for Download {
         Self {
             stall_timeout_secs: default_stall_timeout(),
             min_bytes_per_sec: default_min_rate(),
+            offline_wait_secs: default_offline_wait(),
         }
     }
 }
@@ -84,6 +90,9 @@ impl Download {
     }
 }
 
+fn default_offline_wait() -> u64 {
+    120
+}
 fn default_stall_timeout() -> u64 {
     30
 }
@@ -241,6 +250,7 @@ mod tests {
         let tight = Download {
             stall_timeout_secs: 2,
             min_bytes_per_sec: 1 << 20,
+            offline_wait_secs: 1,
         };
         assert_eq!(tight.deadline_for(512 * 1024), Duration::from_millis(2500));
     }

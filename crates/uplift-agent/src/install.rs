@@ -259,7 +259,8 @@ impl Installer {
 
     async fn current_token(&self) -> Result<String, InstallError> {
         let mut token = self.token.clone();
-        let found = tokio::time::timeout(Duration::from_secs(120), async {
+        let wait = self.config.download.offline_wait_secs;
+        let found = tokio::time::timeout(Duration::from_secs(wait), async {
             token
                 .wait_for(|t| t.is_some())
                 .await
@@ -271,7 +272,7 @@ impl Installer {
             Ok(Some(t)) => Ok(t),
             _ => Err(InstallError::Unreachable {
                 what: "the release".into(),
-                detail: "no connection to the server for two minutes".into(),
+                detail: format!("no connection to the server for {wait} s"),
             }),
         }
     }

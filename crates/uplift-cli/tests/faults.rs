@@ -532,7 +532,11 @@ async fn a_full_disk_on_the_server_refuses_the_upload_clearly_and_keeps_serving(
 async fn after_a_network_outage_mid_download_the_agent_carries_on_by_itself() {
     let fx = Fixture::start();
     let proxy = proxy_to(&fx.server).await;
-    let device = fx.device_via("outage", fx.spec("hw-outage"), &proxy.url());
+    let mut spec = fx.spec("hw-outage");
+    // Downloads wait 1 s (not 120) for the channel, so this outage outlasts
+    // the whole retry budget.
+    spec.extra_config = "[download]\noffline_wait_secs = 1\n".into();
+    let device = fx.device_via("outage", spec, &proxy.url());
     fx.wait_device(&device, "enrollment", |d| {
         d.online && d.state == Some(AgentState::Idle)
     })
@@ -548,7 +552,20 @@ async fn after_a_network_outage_mid_download_the_agent_carries_on_by_itself() {
     proxy.set_down(true);
     fx.wait_device(&device, "the server to see the device go", |d| !d.online)
         .await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Offline, the device itself says it gave up for want of a connection.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let status = agent_status(&device);
+        if status.contains("(server_unreachable): gave up on 2.0 after 3 failed attempts") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the budget was never spent during the outage:\n{status}\n{}",
+            device.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     proxy.set_rate(0);
     proxy.set_down(false);
 
