@@ -11,6 +11,9 @@ use uplift_proto::names::SlotName;
 fn grub_editenv() -> Option<&'static str> {
     match Command::new("grub-editenv").arg("--version").output() {
         Ok(out) if out.status.success() => Some("grub-editenv"),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("CI is set but grub-editenv is missing: .ci/run installs grub-common")
+        }
         _ => {
             eprintln!(
                 "NOTICE: grub-editenv not found, skipping the GRUB compatibility test \
