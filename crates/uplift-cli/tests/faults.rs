@@ -56,10 +56,7 @@ async fn a_download_resumes_after_the_agent_is_killed_and_fetches_no_chunk_twice
     let fx = Fixture::start();
     let proxy = proxy_to(&fx.server).await;
     let mut device = fx.device_via("killed", fx.spec("hw-killed"), &proxy.url());
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let chunks = fresh_release(&fx, "2.0").await;
     proxy.set_rate(SLOW_LINK);
     fx.rollout("2.0", None).await;
@@ -135,10 +132,7 @@ async fn dropped_connections_mid_download_resume_without_refetching() {
     let fx = Fixture::start();
     let proxy = proxy_to(&fx.server).await;
     let device = fx.device_via("flaky", fx.spec("hw-flaky"), &proxy.url());
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let chunks = fresh_release(&fx, "2.0").await;
     proxy.set_rate(SLOW_LINK);
     fx.rollout("2.0", None).await;
@@ -249,10 +243,7 @@ async fn a_release_whose_kernel_never_boots_falls_back_after_its_tries() {
     let mut spec = fx.spec("hw-bricked");
     spec.trial_boot_attempts = 2;
     let device = fx.device("bricked", spec);
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let image = fx.path("images/unbootable.img");
     write_unbootable_image(&image, IMAGE_SIZE, 77).unwrap();
     fx.release("2.0", DEVICE_TYPE, &image, &fx.key).await;
@@ -288,10 +279,7 @@ async fn the_agent_killed_at_random_moments_never_leaves_an_unbootable_device() 
     let fx = Fixture::start();
     let proxy = proxy_to(&fx.server).await;
     let mut device = fx.device_via("chaos", fx.spec("hw-chaos"), &proxy.url());
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let new_image = fx.path("images/fresh-2.0.img");
     write_image(&new_image, IMAGE_SIZE, 4242).unwrap();
     fx.release("2.0", DEVICE_TYPE, &new_image, &fx.key).await;
@@ -332,10 +320,7 @@ async fn the_agent_killed_at_random_moments_never_leaves_an_unbootable_device() 
 async fn a_chunk_missing_on_the_server_fails_visibly_after_a_bounded_number_of_attempts() {
     let fx = Fixture::start();
     let device = fx.device("starved", fx.spec("hw-starved"));
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let image = fx.path("images/fresh-2.0.img");
     write_image(&image, IMAGE_SIZE, 515).unwrap();
     let dir = fx.release("2.0", DEVICE_TYPE, &image, &fx.key).await;
@@ -457,10 +442,7 @@ async fn a_full_disk_on_the_device_fails_the_install_cleanly() {
     std::fs::remove_file(&slot_b).unwrap();
     std::os::unix::fs::symlink(fx.path("tiny/slot-b.img"), &slot_b).unwrap();
     device.start(&fx.bins).unwrap();
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let env_before = std::fs::read(device.bootenv_path()).unwrap();
     let image = fx.path("images/fresh-2.0.img");
     write_image(&image, IMAGE_SIZE, 616).unwrap();
@@ -496,10 +478,7 @@ async fn a_full_disk_on_the_device_fails_the_install_cleanly() {
 async fn a_full_disk_on_the_server_refuses_the_upload_clearly_and_keeps_serving() {
     let fx = Fixture::start();
     let device = fx.device("bystander", fx.spec("hw-bystander"));
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let Some(tiny) = TinyFs::mount(&fx.server.dir.join("chunks"), "256k") else {
         println!("NOTICE: cannot mount a tmpfs here (needs root); server full-disk test skipped");
         return;
@@ -545,10 +524,7 @@ async fn after_a_network_outage_mid_download_the_agent_carries_on_by_itself() {
     // the whole retry budget.
     spec.extra_config = "[download]\noffline_wait_secs = 1\n".into();
     let device = fx.device_via("outage", spec, &proxy.url());
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let chunks = fresh_release(&fx, "2.0").await;
     proxy.set_rate(SLOW_LINK);
     fx.rollout("2.0", None).await;
@@ -604,10 +580,7 @@ async fn a_new_os_that_hangs_before_committing_is_reset_by_the_watchdog_and_fall
     spec.health_check = vec!["sleep".into(), "600".into()];
     spec.watchdog = Some(Duration::from_secs(2));
     let device = fx.device("hangs", spec);
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;
     fx.rollout("1.1", None).await;
@@ -650,10 +623,7 @@ async fn a_server_that_trickles_data_is_given_up_on_and_the_install_recovers() {
     // about 2.25 s.
     spec.extra_config = "[download]\nstall_timeout_secs = 2\nmin_bytes_per_sec = 262144\n".into();
     let device = fx.device_via("trickle", spec, &proxy.url());
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     fresh_release(&fx, "2.0").await;
     let env_before = std::fs::read(device.bootenv_path()).unwrap();
     // Slow retrieval: bytes keep coming, never fast enough to finish.

@@ -15,10 +15,7 @@ async fn install_with_hooks(
     let mut spec = fx.spec(&format!("hw-{name}"));
     spec.extra_config = format!("\n[hooks]\n{hooks}\n");
     let device = fx.device(name, spec);
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let env = std::fs::read(device.bootenv_path()).unwrap();
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;

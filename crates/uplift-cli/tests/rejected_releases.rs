@@ -42,10 +42,7 @@ async fn assert_rejected(
 
 async fn enrolled_device(fx: &Fixture, name: &str) -> (Device, Vec<u8>) {
     let device = fx.device(name, fx.spec(&format!("hw-{name}")));
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let env = std::fs::read(device.bootenv_path()).unwrap();
     (device, env)
 }
@@ -279,10 +276,7 @@ async fn a_rotated_release_key_is_accepted_once_the_agent_trusts_it() {
     let mut spec = fx.spec("hw-rotated");
     spec.trusted_keys = vec![new_key.public_key().to_string()];
     let device = fx.device("rotated", spec);
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     let dir = fx.path("releases/rotated");
     let options =
         uplift_release::build::ReleaseOptions::new(v("1.1"), DEVICE_TYPE.parse().unwrap());

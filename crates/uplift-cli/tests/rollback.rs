@@ -22,10 +22,7 @@ async fn a_failed_health_check_rolls_back_to_the_old_slot_and_is_not_retried() {
         ),
     ];
     let mut device = fx.device("fragile", spec);
-    fx.wait_device(&device, "enrollment", |d| {
-        d.online && d.state == Some(AgentState::Idle)
-    })
-    .await;
+    fx.wait_enrolled(&device).await;
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;
     let rollout = fx.rollout("1.1", None).await;

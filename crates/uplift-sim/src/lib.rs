@@ -244,11 +244,7 @@ pub fn run(config: &SimConfig, stop: &AtomicBool) -> Result<SimOutcome, SimError
                 if sleep_or_stop(limit, stop) {
                     return Ok(SimOutcome::Stopped);
                 }
-                eprintln!(
-                    "boot-sim: watchdog: slot {} did not commit within {:.1} s; resetting the device",
-                    record.slot,
-                    limit.unwrap_or_default().as_secs_f64()
-                );
+                say_watchdog_reset(record.slot, limit.unwrap_or_default());
                 continue;
             }
         }
@@ -269,11 +265,7 @@ pub fn run(config: &SimConfig, stop: &AtomicBool) -> Result<SimOutcome, SimError
                 return Ok(SimOutcome::Stopped);
             }
             Waited::WatchdogReset { limit } => {
-                eprintln!(
-                    "boot-sim: watchdog: slot {} did not commit within {:.1} s; resetting the device",
-                    record.slot,
-                    limit.as_secs_f64()
-                );
+                say_watchdog_reset(record.slot, limit);
             }
             Waited::Exited(status) => {
                 let code = exit_code(status);
@@ -288,6 +280,13 @@ pub fn run(config: &SimConfig, stop: &AtomicBool) -> Result<SimOutcome, SimError
     Err(SimError::BootLoop {
         boots: config.max_boots,
     })
+}
+
+fn say_watchdog_reset(slot: SlotName, limit: Duration) {
+    eprintln!(
+        "boot-sim: watchdog: slot {slot} did not commit within {:.1} s; resetting the device",
+        limit.as_secs_f64()
+    );
 }
 
 /// The watchdog of one trial boot.

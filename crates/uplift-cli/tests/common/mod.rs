@@ -166,6 +166,14 @@ impl Fixture {
         }
     }
 
+    /// Waits until `device` has enrolled, is connected and idle.
+    pub async fn wait_enrolled(&self, device: &Device) -> DeviceView {
+        self.wait_device(device, "enrollment", |d| {
+            d.online && d.state == Some(uplift_proto::channel::AgentState::Idle)
+        })
+        .await
+    }
+
     /// Waits until `device` has enrolled and reports `state` on `version`.
     pub async fn wait_device(
         &self,
