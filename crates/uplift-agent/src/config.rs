@@ -209,10 +209,22 @@ impl AgentConfig {
         if config.health_check.is_empty() {
             anyhow::bail!("{}: health_check must name a command", path.display());
         }
-        if config.download.min_bytes_per_sec == 0 || config.download.stall_timeout_secs == 0 {
+        for (key, value) in [
+            ("min_bytes_per_sec", config.download.min_bytes_per_sec),
+            ("stall_timeout_secs", config.download.stall_timeout_secs),
+            ("offline_wait_secs", config.download.offline_wait_secs),
+        ] {
+            if value == 0 {
+                anyhow::bail!("{}: [download] {key} must be at least 1", path.display());
+            }
+        }
+        if config.trial_deadline_secs <= config.health_check_timeout_secs {
             anyhow::bail!(
-                "{}: [download] min_bytes_per_sec and stall_timeout_secs must be at least 1",
-                path.display()
+                "{}: trial_deadline_secs ({}) must be larger than health_check_timeout_secs ({}), \
+                 or the trial guard reboots every new OS before its health check can pass",
+                path.display(),
+                config.trial_deadline_secs,
+                config.health_check_timeout_secs
             );
         }
         let max = uplift_bootenv::state::MAX_TRIAL_TRIES;
@@ -276,6 +288,17 @@ env_file = "/boot/grub/grubenv"
         std::fs::write(&path, config).unwrap();
         let loaded = AgentConfig::load(&path).unwrap();
         assert_eq!(loaded.download.min_bytes_per_sec, 4096);
+
+        // A health check allowed to outlast the trial deadline would have
+        // every new OS rebooted by the trial guard before it can pass.
+        let slow_check = config.replacen("[slots]", "health_check_timeout_secs = 900\n[slots]", 1);
+        std::fs::write(&path, slow_check).unwrap();
+        let err = AgentConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("trial_deadline_secs (600)")
+                && err.contains("health_check_timeout_secs (900)"),
+            "{err}"
+        );
 
         std::fs::write(
             &path,

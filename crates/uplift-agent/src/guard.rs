@@ -50,6 +50,12 @@ pub async fn run(config: &AgentConfig) -> anyhow::Result<Exit> {
     let booted = read_booted_slot(&config.boot.cmdline)?;
     let bootenv = BootEnvFile::new(config.boot.env_file.clone());
     let deadline = Duration::from_secs(config.trial_deadline_secs);
+    if matches!(config.reboot, crate::config::Reboot::Exit) {
+        tracing::warn!(
+            "[reboot] mode = \"exit\": at the deadline the guard exits with code {} and a supervisor must reboot",
+            uplift_bootenv::REBOOT_REQUEST_EXIT_CODE
+        );
+    }
     let started = tokio::time::Instant::now();
     loop {
         // A boot environment that cannot be read is no reason to reboot a
@@ -70,7 +76,7 @@ pub async fn run(config: &AgentConfig) -> anyhow::Result<Exit> {
                 Verdict::Reboot => {
                     tracing::error!(
                         slot = %booted,
-                        "slot {booted} is still on trial {} s after boot: the new OS did not become healthy \
+                        "slot {booted} is still on trial {} s after the trial guard started: the new OS did not become healthy \
                          (is uplift-agent running?); rebooting so the bootloader spends a try and falls back \
                          when they run out",
                         deadline.as_secs()

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use uplift_bootenv::file::BootEnvFile;
-use uplift_proto::api::device_chunk_path;
+use uplift_proto::api::{device_chunk_path, device_manifest_path};
 use uplift_proto::channel::{Offer, Progress};
 use uplift_proto::{ChunkHash, ErrorKind, SlotName, Version, WireError};
 use uplift_release::manifest::{ChunkEntry, Manifest, SignedManifest, MAX_MANIFEST_BYTES};
@@ -48,12 +48,12 @@ pub enum InstallError {
     Unreachable { what: String, detail: String },
     #[error("{what} sent more than the {limit} bytes declared; refusing endless data")]
     TooLong { what: String, limit: u64 },
-    #[error("{what}: only {received} of {expected} bytes arrived in {seconds} s, slower than the {min_rate} bytes/s the agent accepts ([download] min_bytes_per_sec); check the link to the server")]
+    #[error("{what}: only {received} of {expected} bytes arrived in {seconds:.1} s, slower than the {min_rate} bytes/s the agent accepts ([download] min_bytes_per_sec); check the link to the server")]
     TooSlow {
         what: String,
         received: u64,
         expected: u64,
-        seconds: u64,
+        seconds: f64,
         min_rate: u64,
     },
     #[error("slot {slot} ({path}) holds {capacity} bytes but the image needs {needed}; repartition or use a smaller image")]
@@ -191,28 +191,6 @@ pub fn check_manifest(
         });
     }
     Ok(())
-}
-
-/// The offer's manifest path, if it names a path on the server the agent is
-/// connected to. The session token goes with the request, so a path that
-/// `Url::join` would resolve elsewhere (`//host/...`, a full URL) is refused.
-pub fn same_server_path(path: &str) -> Result<&str, InstallError> {
-    let on_this_server = path.starts_with('/')
-        && !path.starts_with("//")
-        && path
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'\\' | b'?' | b'#' | b'%'))
-        && !path.split('/').any(|segment| segment == "..");
-    if on_this_server {
-        Ok(path)
-    } else {
-        Err(InstallError::Download {
-            what: "manifest".into(),
-            detail: format!(
-                "the server offered manifest path {path:?}, which is not a plain path on this server; refusing to send the session token there"
-            ),
-        })
-    }
 }
 
 impl Installer {
@@ -355,7 +333,7 @@ impl Installer {
                             what: what.to_owned(),
                             received: body.len() as u64,
                             expected,
-                            seconds: allowed.as_secs(),
+                            seconds: allowed.as_secs_f64(),
                             min_rate: self.config.download.min_bytes_per_sec,
                         });
                     }
@@ -407,8 +385,11 @@ impl Installer {
         events: &mpsc::Sender<Event>,
     ) -> Result<(), InstallError> {
         let json = self
+            // Built from the (validated) version, not taken from the offer:
+            // the session token goes with the request, and a path from the
+            // wire could point it at another host.
             .fetch(
-                same_server_path(&offer.manifest_path)?,
+                &device_manifest_path(&offer.version),
                 "manifest",
                 MAX_MANIFEST_BYTES as u64,
             )
@@ -918,25 +899,5 @@ mod tests {
             check(&manifest("0.9", "gateway"), &offer("0.9", true), "1.0"),
             Ok(())
         );
-    }
-
-    #[test]
-    fn only_plain_paths_on_the_connected_server_are_followed() {
-        assert!(same_server_path("/v1/device/releases/1.1/manifest").is_ok());
-        for hostile in [
-            "//evil.example/steal",
-            "https://evil.example/steal",
-            "v1/relative",
-            "/v1/../../admin",
-            "/v1/%2e%2e/admin",
-            "/v1\\evil",
-            "/v1/device?x=1",
-            "/v1/ spaced",
-            "",
-        ] {
-            let err = same_server_path(hostile).unwrap_err();
-            assert_eq!(err.kind(), ErrorKind::DownloadFailed, "{hostile:?}");
-            assert!(err.to_string().contains("refusing"), "{err}");
-        }
     }
 }

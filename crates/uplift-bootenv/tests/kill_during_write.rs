@@ -12,6 +12,9 @@ use uplift_bootenv::{BootEnvFile, BootState, GRUBENV_SIZE};
 use uplift_proto::names::SlotName::{A, B};
 
 const WRITER_ENV: &str = "UPLIFT_BOOTENV_TORTURE_WRITER";
+/// The writer's first counter value: distinct per round, so the parent can
+/// tell this round's writes from the last round's.
+const FIRST_ENV: &str = "UPLIFT_BOOTENV_TORTURE_FIRST";
 
 /// The two states the writer goes between: a trial of b starting, and
 /// b committed; each write also moves the unrelated `counter` key, so a
@@ -31,12 +34,24 @@ fn writer_child() {
     };
     let file = BootEnvFile::new(&path);
     let [trial, committed] = states();
-    for n in 0u64.. {
+    let first: u64 = std::env::var(FIRST_ENV).unwrap().parse().unwrap();
+    for n in first.. {
         let (mut env, _) = file.load_state().unwrap();
         env.set("counter", &n.to_string()).unwrap();
         let next = if n & 1 == 0 { &trial } else { &committed };
         file.store_state(env, next).unwrap();
     }
+}
+
+/// The counter in the file now; 0 where it cannot be read (a reader may
+/// race the writer's rename, which is fine: the check after the kill is
+/// the one that counts).
+fn counter_of(path: &Path) -> u64 {
+    BootEnvFile::new(path)
+        .read()
+        .ok()
+        .and_then(|env| env.get("counter").and_then(|c| c.parse().ok()))
+        .unwrap_or(0)
 }
 
 fn check(path: &Path, round: u32) {
@@ -66,27 +81,29 @@ fn sigkill_during_updates_never_leaves_a_torn_or_mixed_boot_environment() {
     let path = dir.path().join("grubenv");
     BootEnvFile::provision(&path, A).unwrap();
     let me = std::env::current_exe().unwrap();
-    let mut writes_seen = 0u64;
     for round in 0..40u32 {
+        let first = u64::from(round) * 1_000_000;
         let mut child = Command::new(&me)
             .args(["--exact", "writer_child", "--nocapture", "--test-threads=1"])
             .env(WRITER_ENV, &path)
+            .env(FIRST_ENV, first.to_string())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // Spread the kills over the writer's start-up and its loop.
-        let wait =
-            Duration::from_micros(u64::from(round % 8) * 1500 + u64::from(round) * 250 + 20_000);
-        std::thread::sleep(wait);
+        // Kill only once this round's writer is in its loop (it has written
+        // twice), then at a moment that varies from round to round.
+        let started = std::time::Instant::now();
+        while counter_of(&path) < first + 1 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "round {round}: the writer never wrote"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        std::thread::sleep(Duration::from_micros(u64::from(round % 10) * 500));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         check(&path, round);
-        let (env, _) = BootEnvFile::new(&path).load_state().unwrap();
-        writes_seen = writes_seen.max(env.get("counter").map_or(0, |c| c.parse().unwrap()));
     }
-    assert!(
-        writes_seen > 0,
-        "the writer got to write before being killed (else this proves nothing)"
-    );
 }

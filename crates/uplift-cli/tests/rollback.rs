@@ -61,7 +61,9 @@ async fn a_failed_health_check_rolls_back_to_the_old_slot_and_is_not_retried() {
         d.online && d.state == Some(AgentState::RolledBack)
     })
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Long enough for the repeated offer, a manifest fetch and the first
+    // chunks, were the release wrongly installed again.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert_eq!(
         fx.client.stats().await.unwrap().bytes_sent,
         sent,

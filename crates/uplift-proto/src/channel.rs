@@ -63,7 +63,10 @@ pub enum ServerMsg {
 pub struct Offer {
     pub rollout_id: i64,
     pub version: Version,
-    /// Path on the server of the signed manifest, fetched over HTTPS.
+    /// Path on the server of the signed manifest. Informational: agents
+    /// fetch [`crate::api::device_manifest_path`] of `version`, never a path
+    /// from the wire, so a forged offer cannot send the device's session
+    /// token elsewhere.
     pub manifest_path: String,
     /// The operator explicitly allowed installing an older version.
     pub allow_downgrade: bool,

@@ -41,8 +41,9 @@ struct Args {
     slot_b: Option<PathBuf>,
 
     /// Hardware watchdog, in seconds: a trial boot whose slot is not
-    /// committed within this time is reset (the agent SIGKILLed, the device
-    /// powered on again), and so is a hung kernel. Off by default.
+    /// committed within this time is reset (the agent's process group
+    /// SIGKILLed, the device powered on again), and so is a kernel that
+    /// hangs on a trial boot. Off by default.
     #[arg(long, value_name = "SECS")]
     watchdog_secs: Option<f64>,
 

@@ -21,11 +21,15 @@ pub fn install_stop_handler() -> io::Result<&'static AtomicBool> {
 }
 
 /// Sends SIGTERM to a child that has not been waited for yet (so its pid
-/// cannot have been reused).
+/// cannot have been reused), and to the rest of its process group, which it
+/// leads: a shutdown reaches everything the "OS" started.
 pub fn terminate(child: &Child) -> io::Result<()> {
     let pid = i32::try_from(child.id())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
-    kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(io::Error::from)
+    kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(io::Error::from)?;
+    // The child itself has the signal; a group already gone is fine.
+    let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+    Ok(())
 }
 
 /// SIGKILLs the child's whole process group (the child leads it, see
