@@ -166,7 +166,42 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), BootEnvErr
     }
     // Without this the rename itself may be lost on power failure, and the
     // old content would come back after the new one was acted upon.
-    sync_dir(path)
+    sync_dir(path)?;
+    remove_stale_temps(path);
+    Ok(())
+}
+
+/// Removes temporary files that writers killed mid-write left next to
+/// `path` (the boot partition is small, and every crash would otherwise
+/// leave one). Only files of processes that no longer exist are touched,
+/// and only where `/proc` can tell: a live writer's file is never removed.
+fn remove_stale_temps(path: &Path) {
+    let (Some(name), true) = (path.file_name(), Path::new("/proc/self").exists()) else {
+        return;
+    };
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".tmp-");
+    let Some(prefix) = prefix.to_str() else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(parent_dir(path)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn parent_dir(path: &Path) -> &Path {

@@ -106,4 +106,13 @@ fn sigkill_during_updates_never_leaves_a_torn_or_mixed_boot_environment() {
         child.wait().unwrap();
         check(&path, round);
     }
+    // The next write clears the temporary files the killed writers left.
+    let file = BootEnvFile::new(&path);
+    file.update(|s| Ok(s.clone())).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "grubenv")
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }
