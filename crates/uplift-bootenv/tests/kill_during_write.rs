@@ -108,7 +108,7 @@ fn sigkill_during_updates_never_leaves_a_torn_or_mixed_boot_environment() {
     }
     // The next write clears the temporary files the killed writers left.
     let file = BootEnvFile::new(&path);
-    file.update(|s| Ok(s.clone())).unwrap();
+    file.update(|s| Ok(*s)).unwrap();
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
