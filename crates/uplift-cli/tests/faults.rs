@@ -110,6 +110,20 @@ async fn a_download_resumes_after_the_agent_is_killed_and_fetches_no_chunk_twice
     );
 }
 
+/// Waits until the device is back online on 1.0 after the bootloader fell
+/// back from a trial of slot b, reported as `rolled_back`.
+async fn assert_fell_back_to_1_0(fx: &Fixture, device: &Device, what: &str) {
+    let view = fx
+        .wait_device(device, what, |d| {
+            d.state == Some(AgentState::RolledBack) && d.online
+        })
+        .await;
+    assert_eq!(view.running_version, Some(v("1.0")));
+    let error = view.last_error.unwrap();
+    assert_eq!(error.kind, ErrorKind::RolledBack);
+    assert!(error.message.contains("fell back to slot a"), "{error}");
+}
+
 /// What `uplift-agent status` prints on the device.
 fn agent_status(device: &Device) -> String {
     let bins = uplift_cli::fleet::Binaries::locate().unwrap();
@@ -249,15 +263,7 @@ async fn a_release_whose_kernel_never_boots_falls_back_after_its_tries() {
     fx.release("2.0", DEVICE_TYPE, &image, &fx.key).await;
     fx.rollout("2.0", None).await;
 
-    let view = fx
-        .wait_device(&device, "the rollback", |d| {
-            d.state == Some(AgentState::RolledBack) && d.online
-        })
-        .await;
-    assert_eq!(view.running_version, Some(v("1.0")));
-    let error = view.last_error.unwrap();
-    assert_eq!(error.kind, ErrorKind::RolledBack);
-    assert!(error.message.contains("fell back to slot a"), "{error}");
+    assert_fell_back_to_1_0(&fx, &device, "the rollback").await;
     let log = device.log();
     for line in [
         "slot b (trial, 1 try left)",
@@ -585,15 +591,7 @@ async fn a_new_os_that_hangs_before_committing_is_reset_by_the_watchdog_and_fall
         .await;
     fx.rollout("1.1", None).await;
 
-    let view = fx
-        .wait_device(&device, "the watchdog's fallback", |d| {
-            d.state == Some(AgentState::RolledBack) && d.online
-        })
-        .await;
-    assert_eq!(view.running_version, Some(v("1.0")));
-    let error = view.last_error.unwrap();
-    assert_eq!(error.kind, ErrorKind::RolledBack);
-    assert!(error.message.contains("fell back to slot a"), "{error}");
+    assert_fell_back_to_1_0(&fx, &device, "the watchdog's fallback").await;
     let log = device.log();
     assert_eq!(
         log.matches("watchdog: slot b did not commit within 2.0 s")
