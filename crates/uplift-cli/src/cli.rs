@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
-use uplift_proto::api::{DeviceView, RolloutCreate, RolloutView};
+use uplift_proto::api::{DeviceView, RolloutCreate, RolloutStatus, RolloutView};
 use uplift_proto::{DeviceId, DeviceType, Version};
 use uplift_release::build::{create_release, ReleaseOptions};
 use uplift_release::keys::{write_public_key_file, ReleaseSigningKey};
@@ -432,7 +432,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                     ProgressStyle::with_template("{bar:40} {pos}/{len} succeeded {msg}")
                         .expect("valid"),
                 );
-                while view.status == "running" {
+                while view.status == RolloutStatus::Running {
                     bar.set_position(view.counts.succeeded);
                     bar.set_message(format!(
                         "({} in progress, {} pending, {} failed)",
@@ -451,7 +451,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                     println!("see why with: uplift devices list");
                 }
             }
-            Ok(if view.counts.failed > 0 && view.status == "finished" {
+            Ok(if view.counts.failed > 0 && view.status == RolloutStatus::Finished {
                 1
             } else {
                 0

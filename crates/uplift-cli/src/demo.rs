@@ -14,7 +14,7 @@ use serde::Serialize;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use uplift_proto::api::RolloutCreate;
+use uplift_proto::api::{RolloutCreate, RolloutStatus};
 use uplift_proto::api::ServerEndpoint;
 use uplift_proto::channel::AgentState;
 use uplift_proto::{SlotName, Version};
@@ -331,7 +331,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
             "({} in progress, {} pending, {} failed)",
             status.counts.in_progress, status.counts.pending, status.counts.failed
         ));
-        if status.status == "finished" || Instant::now() > deadline {
+        if status.status != RolloutStatus::Running || Instant::now() > deadline {
             break status;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -355,7 +355,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
     }
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    if status.status != "finished" {
+    if status.status == RolloutStatus::Running {
         say(
             opts.json,
             &format!(

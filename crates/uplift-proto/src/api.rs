@@ -55,6 +55,10 @@ pub struct ReleaseView {
     /// Sum of the compressed chunk sizes a device downloads at most.
     pub stored_bytes: u64,
     pub created_at: String,
+    /// Chunks of this release the server found damaged or missing on its
+    /// own disk since it started (repair: `uplift release upload` again).
+    #[serde(default)]
+    pub damaged_chunks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +89,34 @@ pub struct RolloutCounts {
     pub failed: u64,
 }
 
+/// Where a rollout stands, derived from its devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutStatus {
+    /// Some device is pending or in progress.
+    Running,
+    /// Every device still targeted by it succeeded or failed.
+    Finished,
+    /// Every device it targeted was moved to a newer rollout.
+    Superseded,
+}
+
+impl RolloutStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutStatus::Running => "running",
+            RolloutStatus::Finished => "finished",
+            RolloutStatus::Superseded => "superseded",
+        }
+    }
+}
+
+impl std::fmt::Display for RolloutStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutView {
     pub id: i64,
@@ -94,8 +126,7 @@ pub struct RolloutView {
     pub created_at: String,
     pub devices_total: u64,
     pub counts: RolloutCounts,
-    /// `running` while any device is pending or in progress, else `finished`.
-    pub status: String,
+    pub status: RolloutStatus,
     /// Targeted devices the server redirected to a newer rollout.
     pub superseded: u64,
 }

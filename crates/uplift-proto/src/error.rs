@@ -45,6 +45,11 @@ pub enum ErrorKind {
     HookFailed,
     // --- server side
     Storage,
+    /// A chunk stored on the server does not match its hash (damaged on the
+    /// server's disk); the operator repairs it with `uplift release upload`.
+    StoredChunkDamaged,
+    /// The server is at its budget for this kind of request; try again later.
+    ServerBusy,
     Internal,
     /// A kind this build does not know (sent by a newer peer).
     #[serde(other)]
@@ -83,6 +88,8 @@ impl ErrorKind {
             ErrorKind::RolledBack => "rolled_back",
             ErrorKind::HookFailed => "hook_failed",
             ErrorKind::Storage => "storage",
+            ErrorKind::StoredChunkDamaged => "stored_chunk_damaged",
+            ErrorKind::ServerBusy => "server_busy",
             ErrorKind::Internal => "internal",
             ErrorKind::Unknown => "unknown",
         }

@@ -157,6 +157,7 @@ fn release_view(r: &ReleaseRecord) -> ReleaseView {
         chunks: r.chunks,
         stored_bytes: r.stored_bytes,
         created_at: r.created_at.clone(),
+        damaged_chunks: 0,
     }
 }
 
@@ -333,9 +334,11 @@ async fn rollout_view(state: &AppState, rollout: RolloutRecord) -> Result<Rollou
         }
     }
     let status = if counts.pending + counts.in_progress > 0 {
-        "running"
+        RolloutStatus::Running
+    } else if superseded == devices.len() as u64 {
+        RolloutStatus::Superseded
     } else {
-        "finished"
+        RolloutStatus::Finished
     };
     Ok(RolloutView {
         id: rollout.id,
@@ -345,7 +348,7 @@ async fn rollout_view(state: &AppState, rollout: RolloutRecord) -> Result<Rollou
         created_at: rollout.created_at,
         devices_total: devices.len() as u64,
         counts,
-        status: status.to_owned(),
+        status,
         superseded,
     })
 }

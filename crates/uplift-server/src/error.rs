@@ -129,6 +129,7 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         ErrorKind::Conflict | ErrorKind::DowngradeRefused => StatusCode::CONFLICT,
         ErrorKind::Unauthorized | ErrorKind::BadDeviceSignature => StatusCode::UNAUTHORIZED,
         ErrorKind::EnrollmentRefused => StatusCode::FORBIDDEN,
+        ErrorKind::ServerBusy => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::DownloadFailed
         | ErrorKind::ServerUnreachable
         | ErrorKind::SlotTooSmall
@@ -138,6 +139,7 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         | ErrorKind::HookFailed
         | ErrorKind::SlotIo
         | ErrorKind::Storage
+        | ErrorKind::StoredChunkDamaged
         | ErrorKind::Internal
         | ErrorKind::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
     }
