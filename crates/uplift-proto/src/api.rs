@@ -138,6 +138,18 @@ pub struct ServerStats {
     /// Chunk and manifest bytes sent to devices since the server started.
     pub bytes_sent: u64,
     pub chunks_sent: u64,
+    /// Device reports applied to the server's live view since it started.
+    #[serde(default)]
+    pub reports_applied: u64,
+    /// Reports refused because a newer session of the same device had
+    /// already spoken (a replaced channel's backlog).
+    #[serde(default)]
+    pub reports_stale: u64,
+    /// Device rows written to the database, and in how many transactions.
+    #[serde(default)]
+    pub device_rows_written: u64,
+    #[serde(default)]
+    pub write_batches: u64,
 }
 
 /// What a started server tells its operator, written by

@@ -386,6 +386,7 @@ async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<ServerStats>, 
         devices_online: state.hub.online_count() as u64,
         bytes_sent: state.stats.bytes_sent.load(Relaxed),
         chunks_sent: state.stats.chunks_sent.load(Relaxed),
+        ..ServerStats::default()
     }))
 }
 
