@@ -451,11 +451,13 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                     println!("see why with: uplift devices list");
                 }
             }
-            Ok(if view.counts.failed > 0 && view.status == RolloutStatus::Finished {
-                1
-            } else {
-                0
-            })
+            Ok(
+                if view.counts.failed > 0 && view.status == RolloutStatus::Finished {
+                    1
+                } else {
+                    0
+                },
+            )
         }
         RolloutCommand::List { json, server } => {
             let views = server.client()?.rollouts().await?;

@@ -1,10 +1,11 @@
 //! HTTP routes: the admin REST API (bearer admin token), the device download
 //! endpoints (bearer session token from the device channel), and health.
 
+use crate::budget;
 use crate::channel;
 use crate::error::ApiError;
 use crate::state::{now_rfc3339, AppState};
-use crate::store::{DeviceRecord, ReleaseRecord, RolloutRecord};
+use crate::store::{DeviceRecord, DeviceTarget, ReleaseRecord, RolloutRecord};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -37,13 +38,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(
             MAX_MANIFEST_BYTES.max(MAX_STORED_CHUNK),
         ))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+        // Budget outside authentication: a flood of bad tokens is admin load too.
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            budget::limit_admin,
+        ));
     let device = Router::new()
         .route(
             "/v1/device/releases/{version}/manifest",
             get(device_manifest),
         )
-        .route("/v1/device/chunks/{hash}", get(device_chunk));
+        .route("/v1/device/chunks/{hash}", get(device_chunk))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            budget::limit_downloads,
+        ));
     Router::new()
         .merge(admin)
         .merge(device)
@@ -107,7 +117,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 async fn list_devices(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<Vec<DeviceView>>, ApiError> {
-    let devices = state.store.list_devices().await?;
+    let mut devices = state.store.list_devices().await?;
+    state.live.overlay(&mut devices);
     let releases: HashMap<i64, Version> = state
         .store
         .list_rollouts()
@@ -283,6 +294,16 @@ async fn start_rollout(
         .store
         .create_rollout(&release, &devices, request.allow_downgrade, &now_rfc3339())
         .await?;
+    // The target goes to each session with the push, from memory: no
+    // device reads the database when a rollout starts.
+    state.live.set_targets(
+        &devices,
+        &DeviceTarget {
+            rollout_id: rollout.id,
+            version: rollout.release.clone(),
+            allow_downgrade: rollout.allow_downgrade,
+        },
+    );
     let pushed = devices
         .iter()
         .filter(|d| state.hub.notify_target_changed(d))
@@ -321,7 +342,8 @@ enum Outcome {
 }
 
 async fn rollout_view(state: &AppState, rollout: RolloutRecord) -> Result<RolloutView, ApiError> {
-    let devices = state.store.rollout_devices(rollout.id).await?;
+    let mut devices = state.store.rollout_devices(rollout.id).await?;
+    state.live.overlay(&mut devices);
     let mut counts = RolloutCounts::default();
     let mut superseded = 0;
     for d in &devices {
@@ -382,11 +404,14 @@ async fn show_rollout(
 async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<ServerStats>, ApiError> {
     use std::sync::atomic::Ordering::Relaxed;
     Ok(Json(ServerStats {
-        devices_total: state.store.list_devices().await?.len() as u64,
+        devices_total: state.store.count_devices().await?,
         devices_online: state.hub.online_count() as u64,
         bytes_sent: state.stats.bytes_sent.load(Relaxed),
         chunks_sent: state.stats.chunks_sent.load(Relaxed),
-        ..ServerStats::default()
+        reports_applied: state.stats.reports_applied.load(Relaxed),
+        reports_stale: state.stats.reports_stale.load(Relaxed),
+        device_rows_written: state.stats.device_rows_written.load(Relaxed),
+        write_batches: state.stats.write_batches.load(Relaxed),
     }))
 }
 
@@ -400,16 +425,27 @@ async fn device_manifest(
     device_of(&state, &headers)?;
     let Path(version) = version?;
     let version: Version = parse_name(&version)?;
-    let release =
-        state.store.release(&version).await?.ok_or_else(|| {
-            ApiError::not_found(format!("release {version} is not on the server"))
-        })?;
-    state.stats.add_sent(release.manifest_json.len() as u64);
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        release.manifest_json,
-    )
-        .into_response())
+    let cached = lock(&state.manifests).get(&version).cloned();
+    let manifest = match cached {
+        Some(manifest) => manifest,
+        None => {
+            let release = state.store.release(&version).await?.ok_or_else(|| {
+                ApiError::not_found(format!("release {version} is not on the server"))
+            })?;
+            let manifest = Bytes::from(release.manifest_json);
+            lock(&state.manifests).insert(version, manifest.clone());
+            manifest
+        }
+    };
+    state.stats.add_sent(manifest.len() as u64);
+    Ok(([(header::CONTENT_TYPE, "application/json")], manifest).into_response())
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A cache of immutable values: still right after a panic elsewhere.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Parses a single `bytes=start-[end]` range; multi-range is not needed by agents.

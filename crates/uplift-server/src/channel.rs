@@ -2,9 +2,12 @@
 //! the device is (enrollment or signature over a fresh nonce), then carries
 //! pushes from the server and reports from the device until either side goes.
 
+use crate::budget::Kind;
 use crate::error::ApiError;
+use crate::hub::SessionSerial;
+use crate::live::Applied;
 use crate::state::{now_rfc3339, AppState};
-use crate::store::NewDevice;
+use crate::store::{DeviceTarget, NewDevice};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -24,18 +27,25 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
-    permit: Option<axum::Extension<crate::serve::ConnectionPermit>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => return ApiError::from(rejection).into_response(),
     };
+    // A channel holds a slot of its own budget for its whole life; the HTTP
+    // connection's slot is freed once the upgrade hands the socket over.
+    let slot = match state.budgets.try_take(Kind::DeviceChannel) {
+        Ok(slot) => slot,
+        Err(busy) => {
+            tracing::warn!("refusing a device channel: {busy}");
+            return busy.into_response();
+        }
+    };
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
-            // The channel counts against the connection limit while it lives.
-            let _permit = permit;
+            let _slot = slot;
             if let Err(e) = session(state, socket).await {
                 tracing::debug!("device channel ended: {e}");
             }
@@ -50,6 +60,8 @@ enum SessionError {
     Socket(#[from] axum::Error),
     #[error("peer closed or timed out")]
     Gone,
+    #[error("replaced by a newer session of the same device")]
+    Replaced,
 }
 
 async fn send(socket: &mut WebSocket, msg: &ServerMsg) -> Result<(), SessionError> {
@@ -109,6 +121,9 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
     let token = hex::encode(rand::random::<[u8; 32]>());
     let (tx, mut target_changed) = watch::channel(0u64);
     let serial = state.hub.register(device_id.clone(), token.clone(), tx);
+    // From here on, whatever an older session of this device still has in
+    // flight is not heard (see crate::live).
+    state.live.claim(&device_id, serial, &now_rfc3339());
     let result = async {
         send(
             &mut socket,
@@ -119,13 +134,12 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
             },
         )
         .await?;
-        if let Some(target) = current_target(&state, &device_id).await {
-            send(&mut socket, &target).await?;
-        }
-        serve_device(&state, &device_id, &mut socket, &mut target_changed).await
+        send(&mut socket, &offer_for(state.live.target(&device_id))).await?;
+        serve_device(&state, &device_id, serial, &mut socket, &mut target_changed).await
     }
     .await;
     state.hub.unregister(&device_id, serial);
+    state.live.ended(&device_id, serial, &now_rfc3339());
     result
 }
 
@@ -316,38 +330,47 @@ fn verify(key: &VerifyingKey, message: &[u8], signature_b64: &str) -> Result<(),
         .map_err(|_| bad())
 }
 
-/// What the device should run, or `None` if the database cannot say right
-/// now: then nothing is sent, since "no update" would cancel installs.
-pub async fn current_target(state: &AppState, device: &DeviceId) -> Option<ServerMsg> {
-    match state.store.device_target(device).await {
-        Ok(Some(target)) => Some(ServerMsg::Offer(Offer {
+/// The frame that tells a device what to run.
+pub fn offer_for(target: Option<DeviceTarget>) -> ServerMsg {
+    match target {
+        Some(target) => ServerMsg::Offer(Offer {
             rollout_id: target.rollout_id,
             manifest_path: device_manifest_path(&target.version),
             version: target.version,
             allow_downgrade: target.allow_downgrade,
-        })),
-        Ok(None) => Some(ServerMsg::NoUpdate),
-        Err(e) => {
-            tracing::error!(device = %device, "cannot look up target: {e}; the device gets it on its next change or reconnect");
-            None
-        }
+        }),
+        None => ServerMsg::NoUpdate,
     }
 }
 
 async fn serve_device(
     state: &AppState,
     device: &DeviceId,
+    serial: SessionSerial,
     socket: &mut WebSocket,
     target_changed: &mut watch::Receiver<u64>,
 ) -> Result<(), SessionError> {
+    use std::sync::atomic::Ordering::Relaxed;
     let idle_limit = state.limits.channel_idle_timeout();
     let mut shutdown = state.shutdown.clone();
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let mut last_heard = Instant::now();
-    let _ = state.store.touch_device(device, &now_rfc3339()).await;
     loop {
         tokio::select! {
+            // Replacement and shutdown first: a replaced session must stop
+            // at once, not after draining its socket's backlog.
+            biased;
+            changed = target_changed.changed() => match changed {
+                // Pushes coalesce and none is lost: the newest target, from memory.
+                Ok(()) => send(socket, &offer_for(state.live.target(device))).await?,
+                // The device opened a newer channel, which replaced this one.
+                Err(_) => return Err(SessionError::Replaced),
+            },
+            _ = shutdown.changed() => {
+                let _ = socket.send(Message::Close(None)).await;
+                return Ok(());
+            }
             incoming = socket.recv() => {
                 last_heard = Instant::now();
                 let text = match incoming {
@@ -365,8 +388,14 @@ async fn serve_device(
                 match decode_agent_msg(text.as_str()) {
                     Ok(AgentMsg::Report(report)) => {
                         tracing::debug!(device = %device, state = report.state.as_str(), "report");
-                        if let Err(e) = state.store.record_report(device, &report, &now_rfc3339()).await {
-                            tracing::error!(device = %device, "cannot record report: {e}");
+                        match state.live.apply(device, serial, &report, &now_rfc3339()) {
+                            Applied::Applied => {
+                                state.stats.reports_applied.fetch_add(1, Relaxed);
+                            }
+                            Applied::Stale => {
+                                state.stats.reports_stale.fetch_add(1, Relaxed);
+                                return Err(SessionError::Replaced);
+                            }
                         }
                     }
                     Ok(AgentMsg::Enroll { .. } | AgentMsg::Authenticate { .. }) => {
@@ -375,17 +404,6 @@ async fn serve_device(
                     Err(err) => return Err(refuse(socket, err).await),
                 }
             }
-            changed = target_changed.changed() => match changed {
-                // Always the newest target, read afresh: pushes coalesce and
-                // none is lost however many rollouts start at once.
-                Ok(()) => {
-                    if let Some(target) = current_target(state, device).await {
-                        send(socket, &target).await?;
-                    }
-                }
-                // The device opened a newer channel, which replaced this one.
-                Err(_) => return Err(SessionError::Gone),
-            },
             _ = ping.tick() => {
                 if last_heard.elapsed() > idle_limit {
                     tracing::info!(device = %device, "closing silent device channel");
@@ -394,10 +412,6 @@ async fn serve_device(
                 timeout(Duration::from_secs(10), socket.send(Message::Ping(Default::default())))
                     .await
                     .map_err(|_| SessionError::Gone)??;
-            }
-            _ = shutdown.changed() => {
-                let _ = socket.send(Message::Close(None)).await;
-                return Ok(());
             }
         }
     }

@@ -54,9 +54,19 @@ impl Default for TlsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Concurrent TCP connections (device channels + HTTP requests).
+    /// Concurrent HTTP connections: downloads, admin calls, and device
+    /// channels until their WebSocket upgrade (then they count below).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Concurrent device channels, a budget of their own.
+    #[serde(default = "default_max_device_channels")]
+    pub max_device_channels: usize,
+    /// Device downloads (chunks, manifests) being served at once.
+    #[serde(default = "default_max_download_requests")]
+    pub max_download_requests: usize,
+    /// Admin API requests being served at once.
+    #[serde(default = "default_max_admin_requests")]
+    pub max_admin_requests: usize,
     /// Seconds a client has to finish the TLS handshake / send headers.
     #[serde(default = "default_handshake_secs")]
     pub handshake_timeout_secs: u64,
@@ -72,6 +82,9 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: default_max_connections(),
+            max_device_channels: default_max_device_channels(),
+            max_download_requests: default_max_download_requests(),
+            max_admin_requests: default_max_admin_requests(),
             handshake_timeout_secs: default_handshake_secs(),
             channel_idle_timeout_secs: default_idle_secs(),
             auth_timeout_secs: default_auth_secs(),
@@ -97,8 +110,19 @@ fn default_listen() -> SocketAddr {
 fn default_hostnames() -> Vec<String> {
     vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
 }
+// Together with the channels, below the 20 000 open files a process may
+// have on common hosts, with room for the database and chunk files.
 fn default_max_connections() -> usize {
-    20_000
+    4_096
+}
+fn default_max_device_channels() -> usize {
+    15_000
+}
+fn default_max_download_requests() -> usize {
+    512
+}
+fn default_max_admin_requests() -> usize {
+    64
 }
 fn default_handshake_secs() -> u64 {
     10
@@ -128,17 +152,28 @@ impl ServerConfig {
         let config: Self = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("invalid server config {}: {e}", path.display()))?;
         config
-            .check_secrets()
+            .check()
             .map_err(|e| anyhow::anyhow!("server config {}: {e}", path.display()))?;
         Ok(config)
     }
 
-    /// An empty or short secret would let anyone enroll or administer.
-    pub fn check_secrets(&self) -> Result<(), String> {
+    /// An empty or short secret would let anyone enroll or administer; a zero
+    /// budget would refuse every request of its kind.
+    pub fn check(&self) -> Result<(), String> {
         const MIN: usize = 16;
         if let Some(token) = &self.admin_token {
             if token.trim().len() < MIN {
                 return Err(format!("admin_token must be at least {MIN} characters; or omit it to have one generated"));
+            }
+        }
+        for (name, value) in [
+            ("max_connections", self.limits.max_connections),
+            ("max_device_channels", self.limits.max_device_channels),
+            ("max_download_requests", self.limits.max_download_requests),
+            ("max_admin_requests", self.limits.max_admin_requests),
+        ] {
+            if value == 0 {
+                return Err(format!("[limits] {name} must be at least 1"));
             }
         }
         if self.enrollment_tokens.iter().any(|t| t.trim().len() < MIN) {

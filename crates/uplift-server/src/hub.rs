@@ -29,8 +29,17 @@ struct Session {
 
 /// Identifies one session so a stale session's cleanup cannot remove its
 /// replacement (a device that reconnects before the old socket times out).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Serials grow with every session the server process registers, so a
+/// larger one is always the newer session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionSerial(u64);
+
+impl SessionSerial {
+    #[cfg(test)]
+    pub(crate) fn from_raw(n: u64) -> Self {
+        Self(n)
+    }
+}
 
 impl Hub {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -4,14 +4,17 @@
 
 pub mod api;
 pub mod artifacts;
+pub mod budget;
 pub mod channel;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod live;
 pub mod serve;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod writer;
 
 use anyhow::Context;
 use artifacts::LocalArtifacts;
@@ -20,7 +23,8 @@ use state::{AppState, Secrets, Stats};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use store::SqliteStore;
+use std::time::Duration;
+use store::{SqliteStore, Store as _};
 use tokio::net::TcpListener;
 use uplift_proto::api::ServerEndpoint as Endpoint;
 
@@ -38,6 +42,32 @@ fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
             Ok(token)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Raises the soft open-file limit to the hard one and warns when the
+/// connection budgets could still run out of descriptors (accept would fail
+/// with EMFILE instead of the clear `server_busy`).
+fn check_open_file_limit(limits: &config::Limits) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    // Descriptors for the database, chunk files being served and the listener.
+    let reserve = limits.max_download_requests as u64 + 64;
+    let wanted = (limits.max_connections + limits.max_device_channels) as u64 + reserve;
+    if wanted > soft {
+        tracing::warn!(
+            "[limits] max_connections ({}) + max_device_channels ({}) + {reserve} for files exceed the open-file \
+             limit of {soft}; lower them, or raise the limit (LimitNOFILE= in the systemd unit)",
+            limits.max_connections,
+            limits.max_device_channels,
+        );
     }
 }
 
@@ -75,11 +105,17 @@ impl Server {
             (config.enrollment_tokens.clone(), None)
         };
         let (stop_sessions, shutdown) = tokio::sync::watch::channel(false);
+        let live = live::LiveView::default();
+        live.load_targets(store.device_targets().await?);
+        check_open_file_limit(&config.limits);
         let state = Arc::new(AppState {
             store: Arc::new(store),
             artifacts: Arc::new(artifacts),
             hub: hub::Hub::default(),
-            stats: Stats::default(),
+            live: Arc::new(live),
+            budgets: budget::Budgets::new(&config.limits),
+            manifests: Default::default(),
+            stats: Arc::new(Stats::default()),
             secrets: Secrets::new(&admin_token, &enrollment_tokens),
             limits: config.limits.clone(),
             shutdown,
@@ -109,9 +145,19 @@ impl Server {
         })
     }
 
-    /// Serves on an already-bound listener until `shutdown` resolves.
+    /// Serves on an already-bound listener until `shutdown` resolves, then
+    /// closes every channel and writes the last device states.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let app = api::router(self.state.clone());
+        let (stop_writer, writer_stop) = tokio::sync::watch::channel(false);
+        let writer = tokio::spawn(
+            writer::Writer {
+                live: self.state.live.clone(),
+                store: self.state.store.clone(),
+                stats: self.state.stats.clone(),
+            }
+            .run(writer_stop),
+        );
         serve::serve(
             listener,
             self.tls.server_config.clone(),
@@ -121,5 +167,11 @@ impl Server {
             self.stop_sessions,
         )
         .await;
+        self.state
+            .budgets
+            .channels_closed(Duration::from_secs(5))
+            .await;
+        let _ = stop_writer.send(true);
+        let _ = writer.await;
     }
 }

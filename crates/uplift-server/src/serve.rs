@@ -1,6 +1,8 @@
-//! The accept loop: TLS over a bound listener, a cap on concurrent
+//! The accept loop: TLS over a bound listener, a cap on concurrent HTTP
 //! connections, a deadline for the handshake and headers, and a graceful stop
 //! when the shutdown future resolves (the structure of tokio-rs/mini-redis).
+//! A connection upgraded to a device channel leaves this cap for the
+//! channel budget ([`crate::budget`]).
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -11,14 +13,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt;
-
-/// One of the `max_connections` slots, held by a TCP connection and by any
-/// device channel upgraded from it.
-#[derive(Debug, Clone)]
-pub struct ConnectionPermit {
-    _slot: Arc<tokio::sync::OwnedSemaphorePermit>,
-}
 
 /// How long open connections get to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,11 +60,9 @@ pub async fn serve(
         let handshake_timeout = options.handshake_timeout;
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            // Shared with the request: a device channel that outlives this
-            // HTTP connection (after the WebSocket upgrade) keeps its slot.
-            let permit = ConnectionPermit {
-                _slot: Arc::new(permit),
-            };
+            // Held until the connection closes or is upgraded: hyper's
+            // connection future ends when it hands the socket to a channel.
+            let _permit = permit;
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -93,15 +85,7 @@ pub async fn serve(
                 .header_read_timeout(handshake_timeout)
                 .keep_alive(true);
             let conn = builder
-                .serve_connection(
-                    TokioIo::new(tls),
-                    TowerToHyperService::new(app.map_request(
-                        move |mut request: axum::extract::Request<hyper::body::Incoming>| {
-                            request.extensions_mut().insert(permit.clone());
-                            request
-                        },
-                    )),
-                )
+                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
                 .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {

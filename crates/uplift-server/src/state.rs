@@ -1,20 +1,31 @@
 //! Shared state of a running server, handed to every handler.
 
 use crate::artifacts::ArtifactStore;
+use crate::budget::Budgets;
 use crate::config::Limits;
 use crate::hub::Hub;
+use crate::live::LiveView;
 use crate::store::Store;
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
+use uplift_proto::Version;
 
 #[derive(Debug)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub artifacts: Arc<dyn ArtifactStore>,
     pub hub: Hub,
-    pub stats: Stats,
+    /// Every device's newest state; the API reads it, sessions write it.
+    pub live: Arc<LiveView>,
+    pub budgets: Budgets,
+    /// Signed manifests by version: releases are immutable, and a rollout
+    /// has every device ask for the same one at once.
+    pub manifests: Mutex<HashMap<Version, Bytes>>,
+    pub stats: Arc<Stats>,
     pub secrets: Secrets,
     pub limits: Limits,
     /// Flips to true when the server shuts down; sessions close on it.
@@ -25,6 +36,10 @@ pub struct AppState {
 pub struct Stats {
     pub bytes_sent: AtomicU64,
     pub chunks_sent: AtomicU64,
+    pub reports_applied: AtomicU64,
+    pub reports_stale: AtomicU64,
+    pub device_rows_written: AtomicU64,
+    pub write_batches: AtomicU64,
 }
 
 impl Stats {

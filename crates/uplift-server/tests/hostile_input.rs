@@ -549,14 +549,20 @@ struct Enrolled {
 }
 
 fn report_frame() -> String {
+    report_frame_of("idle", "1.0", "a", None)
+}
+
+fn report_frame_of(state: &str, version: &str, slot: &str, target: Option<&str>) -> String {
+    let progress = (state == "downloading")
+        .then(|| json!({"done_bytes": 1, "total_bytes": 100, "fetched_bytes": 1}));
     json!({
         "v": 1,
         "type": "report",
-        "state": "idle",
-        "running_version": "1.0",
-        "booted_slot": "a",
-        "target_version": null,
-        "progress": null,
+        "state": state,
+        "running_version": version,
+        "booted_slot": slot,
+        "target_version": target,
+        "progress": progress,
         "error": null,
     })
     .to_string()
@@ -1027,6 +1033,85 @@ async fn authenticate_as_another_device_is_refused_and_the_device_is_unaffected(
         .unwrap();
     json_error(resp, 404, ErrorKind::NotFound).await;
     send_text(&mut victim.ws, report_frame()).await;
+    srv.assert_unaffected().await;
+}
+
+/// The race seen with 200 devices, end to end: a rebooted device's new
+/// session says `idle` on 1.1, then the replaced session sends `downloading`
+/// reports. The server keeps what the new session said and closes the
+/// replaced session. (The exact interleaving, a backlog applied after the
+/// new session's report, is replayed deterministically in `live.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_sessions_backlog_does_not_overwrite_the_new_session() {
+    let mut srv = Server::start().await;
+    let Enrolled {
+        ws: mut old,
+        identity,
+        device_id,
+        ..
+    } = srv.enroll().await;
+    send_text(
+        &mut old,
+        report_frame_of("downloading", "1.0", "a", Some("1.1")),
+    )
+    .await;
+    let state_of = |devices: Vec<DeviceView>| {
+        let d = devices
+            .into_iter()
+            .find(|d| d.id == device_id)
+            .expect("device listed");
+        (
+            d.state.map(|s| s.as_str()),
+            d.running_version.map(|v| v.to_string()),
+            d.online,
+        )
+    };
+    let until = Instant::now() + WAIT;
+    while state_of(srv.devices().await).0 != Some("downloading") {
+        assert!(Instant::now() < until, "the first report is never shown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The device reboots into 1.1 and reconnects before the server noticed
+    // the old socket is dead; its new session reports idle.
+    let (mut new, _) = srv.authenticate(&identity, &device_id).await;
+    send_text(&mut new, report_frame_of("idle", "1.1", "b", None)).await;
+    let until = Instant::now() + WAIT;
+    while state_of(srv.devices().await).0 != Some("idle") {
+        assert!(
+            Instant::now() < until,
+            "the new session's report is never shown"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Now the old session's backlog: twenty stale progress reports.
+    for _ in 0..20 {
+        let frame = report_frame_of("downloading", "1.0", "a", Some("1.1"));
+        if timeout(WAIT, old.send(Message::text(frame)))
+            .await
+            .map_or(true, |r| r.is_err())
+        {
+            break; // already closed by the server: even better
+        }
+    }
+    expect_closed(&mut old).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        state_of(srv.devices().await),
+        (Some("idle"), Some("1.1".to_owned()), true),
+        "what the new session said stands"
+    );
+    // The new session is the live one: it still reports and is heard.
+    send_text(
+        &mut new,
+        report_frame_of("downloading", "1.1", "b", Some("1.2")),
+    )
+    .await;
+    let until = Instant::now() + WAIT;
+    while state_of(srv.devices().await).0 != Some("downloading") {
+        assert!(Instant::now() < until, "the new session is no longer heard");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     srv.assert_unaffected().await;
 }
 

@@ -11,8 +11,15 @@ use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, SlotName, Versio
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error while {action}: {source}; check the server's data directory (disk full? permissions?)")]
+    #[error("database error while {action}: {source}; {}", hint(source))]
     Database {
+        action: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Contention, not damage: every connection was busy for too long.
+    #[error("database busy while {action}: {source}; the server is overloaded, try again shortly")]
+    Busy {
         action: &'static str,
         #[source]
         source: sqlx::Error,
@@ -29,13 +36,49 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             StoreError::Database { .. } | StoreError::Corrupt { .. } => ErrorKind::Storage,
+            StoreError::Busy { .. } => ErrorKind::ServerBusy,
             StoreError::Conflict(_) => ErrorKind::Conflict,
             StoreError::NotFound(_) => ErrorKind::NotFound,
         }
     }
 }
 
+/// What to check, from what SQLite said; most errors are not a full disk.
+fn hint(source: &sqlx::Error) -> &'static str {
+    let code = match source {
+        sqlx::Error::Database(e) => e.code(),
+        sqlx::Error::Io(_) => return "check the server's data directory (disk full? permissions?)",
+        _ => None,
+    };
+    // SQLite's primary result codes (the low byte of extended ones).
+    match code.and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff) {
+        Some(13) => "the disk holding the server's data directory is full; free space",
+        Some(8 | 14 | 23) => "check the permissions of the server's data directory and uplift.db",
+        Some(10) => "the disk under the server's data directory reported an I/O error; check it",
+        Some(11 | 26) => "uplift.db is damaged; restore it from a backup",
+        Some(5 | 6) => "the database is locked by another process; is a second server using this data directory?",
+        _ => "see the server log",
+    }
+}
+
+/// Sorts a sqlx error into contention (retry) or a real failure.
+pub(crate) fn classify(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| match source {
+        sqlx::Error::PoolTimedOut => StoreError::Busy { action, source },
+        source => StoreError::Database { action, source },
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A device's live state as the database keeps it (see [`crate::live`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportedState {
+    pub id: DeviceId,
+    /// `None` if the device has not reported since the server started.
+    pub report: Option<Report>,
+    pub last_seen: Option<String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct NewDevice {
@@ -98,10 +141,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn device(&self, id: &DeviceId) -> StoreResult<Option<DeviceRecord>>;
     async fn device_by_public_key(&self, public_key: &str) -> StoreResult<Option<DeviceRecord>>;
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>>;
+    async fn count_devices(&self) -> StoreResult<u64>;
     async fn devices_of_type(&self, device_type: &DeviceType) -> StoreResult<Vec<DeviceId>>;
-    async fn record_report(&self, id: &DeviceId, report: &Report, now: &str) -> StoreResult<()>;
-    async fn touch_device(&self, id: &DeviceId, now: &str) -> StoreResult<()>;
-    async fn device_target(&self, id: &DeviceId) -> StoreResult<Option<DeviceTarget>>;
+    /// Writes many devices' live state in one transaction; returns the rows written.
+    async fn record_reports(&self, states: &[ReportedState]) -> StoreResult<u64>;
+    /// What every targeted device should run (read once at start).
+    async fn device_targets(&self) -> StoreResult<Vec<(DeviceId, DeviceTarget)>>;
 
     /// Fails with `Conflict` if the version exists.
     async fn insert_release(&self, release: &ReleaseRecord) -> StoreResult<()>;

@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
 "#;
 
 fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |source| StoreError::Database { action, source }
+    super::classify(action)
 }
 
 fn corrupt(what: &'static str) -> impl FnOnce(String) -> StoreError {
@@ -75,8 +75,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // Readers (the API, authentication) run beside the one writer in WAL
+        // mode; device reports reach the database in batches (crate::writer).
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(8)
             .connect_with(options)
             .await
             .map_err(db("opening the database"))?;
@@ -279,65 +281,92 @@ impl Store for SqliteStore {
         rows.into_iter().map(|s| parse("device id", s)).collect()
     }
 
-    async fn record_report(&self, id: &DeviceId, report: &Report, now: &str) -> StoreResult<()> {
-        let (done, total, fetched) = match report.progress {
-            Some(p) => (
-                Some(p.done_bytes as i64),
-                Some(p.total_bytes as i64),
-                Some(p.fetched_bytes as i64),
-            ),
-            None => (None, None, None),
-        };
-        sqlx::query(
-            "UPDATE devices SET last_seen = ?, running_version = ?, state = ?, booted_slot = ?, reported_target = ?, \
-             progress_done = ?, progress_total = ?, progress_fetched = ?, error_kind = ?, error_message = ? WHERE id = ?",
-        )
-        .bind(now)
-        .bind(report.running_version.as_str())
-        .bind(enum_text(&report.state))
-        .bind(report.booted_slot.as_str())
-        .bind(report.target_version.as_ref().map(|v| v.as_str()))
-        .bind(done)
-        .bind(total)
-        .bind(fetched)
-        .bind(report.error.as_ref().map(|e| enum_text(&e.kind)))
-        .bind(report.error.as_ref().map(|e| e.message.as_str()))
-        .bind(id.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(db("recording a device report"))?;
-        Ok(())
-    }
-
-    async fn touch_device(&self, id: &DeviceId, now: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE devices SET last_seen = ? WHERE id = ?")
-            .bind(now)
-            .bind(id.as_str())
-            .execute(&self.pool)
+    async fn count_devices(&self) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices")
+            .fetch_one(&self.pool)
             .await
-            .map_err(db("updating last seen"))?;
-        Ok(())
+            .map_err(db("counting devices"))?;
+        Ok(n as u64)
     }
 
-    async fn device_target(&self, id: &DeviceId) -> StoreResult<Option<DeviceTarget>> {
-        let row = sqlx::query(
-            "SELECT r.id, r.release, r.allow_downgrade FROM devices d JOIN rollouts r ON r.id = d.target_rollout \
-             WHERE d.id = ?",
+    async fn record_reports(&self, states: &[ReportedState]) -> StoreResult<u64> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("recording device reports"))?;
+        let mut written = 0;
+        for s in states {
+            let result = match &s.report {
+                Some(report) => {
+                    let (done, total, fetched) = match report.progress {
+                        Some(p) => (
+                            Some(p.done_bytes as i64),
+                            Some(p.total_bytes as i64),
+                            Some(p.fetched_bytes as i64),
+                        ),
+                        None => (None, None, None),
+                    };
+                    sqlx::query(
+                        "UPDATE devices SET last_seen = COALESCE(?, last_seen), running_version = ?, state = ?, \
+                         booted_slot = ?, reported_target = ?, progress_done = ?, progress_total = ?, \
+                         progress_fetched = ?, error_kind = ?, error_message = ? WHERE id = ?",
+                    )
+                    .bind(s.last_seen.as_deref())
+                    .bind(report.running_version.as_str())
+                    .bind(enum_text(&report.state))
+                    .bind(report.booted_slot.as_str())
+                    .bind(report.target_version.as_ref().map(|v| v.as_str()))
+                    .bind(done)
+                    .bind(total)
+                    .bind(fetched)
+                    .bind(report.error.as_ref().map(|e| enum_text(&e.kind)))
+                    .bind(report.error.as_ref().map(|e| e.message.as_str()))
+                    .bind(s.id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                }
+                None => {
+                    sqlx::query(
+                        "UPDATE devices SET last_seen = COALESCE(?, last_seen) WHERE id = ?",
+                    )
+                    .bind(s.last_seen.as_deref())
+                    .bind(s.id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                }
+            };
+            written += result
+                .map_err(db("recording device reports"))?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(db("recording device reports"))?;
+        Ok(written)
+    }
+
+    async fn device_targets(&self) -> StoreResult<Vec<(DeviceId, DeviceTarget)>> {
+        let rows = sqlx::query(
+            "SELECT d.id, r.id, r.release, r.allow_downgrade FROM devices d JOIN rollouts r ON r.id = d.target_rollout",
         )
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await
-        .map_err(db("looking up a device's target"))?;
-        let Some(row) = row else { return Ok(None) };
+        .map_err(db("reading device targets"))?;
         let r = |e| StoreError::Database {
-            action: "reading a device's target",
+            action: "reading device targets",
             source: e,
         };
-        Ok(Some(DeviceTarget {
-            rollout_id: row.try_get(0).map_err(r)?,
-            version: parse("version", row.try_get(1).map_err(r)?)?,
-            allow_downgrade: row.try_get::<i64, _>(2).map_err(r)? != 0,
-        }))
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    parse("device id", row.try_get(0).map_err(r)?)?,
+                    DeviceTarget {
+                        rollout_id: row.try_get(1).map_err(r)?,
+                        version: parse("version", row.try_get(2).map_err(r)?)?,
+                        allow_downgrade: row.try_get::<i64, _>(3).map_err(r)? != 0,
+                    },
+                ))
+            })
+            .collect()
     }
 
     async fn insert_release(&self, rel: &ReleaseRecord) -> StoreResult<()> {

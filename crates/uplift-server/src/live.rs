@@ -1,0 +1,397 @@
+//! The server's live view of the fleet: for every device, the newest report
+//! from its newest session, its last sign of life and what it should run.
+//! It lives in memory, so device sessions never wait on the database; a
+//! writer task ([`crate::writer`]) persists state changes in batches.
+//!
+//! Why sessions are ordered: a device that reconnects (a reboot, a dropped
+//! link) gets a new session while the old one may still be reading a
+//! backlog of older reports from its socket. Every session gets a serial
+//! from the hub, increasing within a server process; the view remembers the
+//! newest serial that spoke for each device (or was registered for it) and
+//! refuses anything from an older one. After a server restart the view
+//! starts empty, so any new session outranks what the database holds.
+
+use crate::hub::SessionSerial;
+use crate::store::{DeviceRecord, DeviceTarget, ReportedState};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use uplift_proto::channel::Report;
+use uplift_proto::DeviceId;
+
+#[derive(Debug, Default)]
+pub struct LiveView {
+    devices: Mutex<HashMap<DeviceId, LiveDevice>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LiveDevice {
+    /// The newest session registered or heard from for this device.
+    pub session: Option<SessionSerial>,
+    /// Its newest report, if it sent one since the server started.
+    pub report: Option<Report>,
+    /// RFC 3339; when a session of the device last spoke or ended.
+    pub last_seen: Option<String>,
+    /// What the device should run (its newest rollout), if any.
+    pub target: Option<DeviceTarget>,
+    /// Something the database does not hold yet.
+    dirty: Dirty,
+}
+
+/// What the database still lacks for a device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+enum Dirty {
+    #[default]
+    Clean,
+    /// Only progress or last-seen moved: worth writing at shutdown, not on
+    /// every tick (live progress is served from memory).
+    Progress,
+    /// State, version, slot, target or error changed: written in the next batch.
+    State,
+}
+
+/// What became of a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The view holds it now.
+    Applied,
+    /// A newer session of the device already spoke: ignored.
+    Stale,
+}
+
+/// The pure rule: may a report from `session` replace what the view holds?
+fn admits(current: Option<SessionSerial>, session: SessionSerial) -> bool {
+    current.is_none_or(|newest| session >= newest)
+}
+
+/// Whether `new` changes anything the database keeps beyond progress.
+fn changes_state(old: Option<&Report>, new: &Report) -> bool {
+    old.is_none_or(|old| {
+        old.state != new.state
+            || old.running_version != new.running_version
+            || old.booted_slot != new.booted_slot
+            || old.target_version != new.target_version
+            || old.error != new.error
+    })
+}
+
+impl LiveView {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, LiveDevice>> {
+        // Plain data behind the lock; still consistent after a panic elsewhere.
+        self.devices
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Loads what the database says each device should run (once, at start).
+    pub fn load_targets(&self, targets: Vec<(DeviceId, DeviceTarget)>) {
+        let mut devices = self.lock();
+        for (id, target) in targets {
+            devices.entry(id).or_default().target = Some(target);
+        }
+    }
+
+    /// A new session of `device` exists: from now on older sessions are not heard.
+    pub fn claim(&self, device: &DeviceId, session: SessionSerial, now: &str) {
+        let mut devices = self.lock();
+        let entry = devices.entry(device.clone()).or_default();
+        if admits(entry.session, session) {
+            entry.session = Some(session);
+            entry.last_seen = Some(now.to_owned());
+            entry.dirty = entry.dirty.max(Dirty::Progress);
+        }
+    }
+
+    /// Applies a report if no newer session of the device has spoken.
+    pub fn apply(
+        &self,
+        device: &DeviceId,
+        session: SessionSerial,
+        report: &Report,
+        now: &str,
+    ) -> Applied {
+        let mut devices = self.lock();
+        let entry = devices.entry(device.clone()).or_default();
+        if !admits(entry.session, session) {
+            return Applied::Stale;
+        }
+        let dirty = if changes_state(entry.report.as_ref(), report) {
+            Dirty::State
+        } else {
+            Dirty::Progress
+        };
+        entry.session = Some(session);
+        entry.report = Some(report.clone());
+        entry.last_seen = Some(now.to_owned());
+        entry.dirty = entry.dirty.max(dirty);
+        Applied::Applied
+    }
+
+    /// The session ended; its last-seen time is kept (if it was the newest).
+    pub fn ended(&self, device: &DeviceId, session: SessionSerial, now: &str) {
+        let mut devices = self.lock();
+        if let Some(entry) = devices.get_mut(device) {
+            if entry.session == Some(session) {
+                entry.last_seen = Some(now.to_owned());
+                // Going offline is worth recording soon, not only at shutdown.
+                entry.dirty = Dirty::State.max(entry.dirty);
+            }
+        }
+    }
+
+    /// Points devices at a rollout, unless a newer rollout already targets
+    /// them (rollout IDs grow, and a device's newest rollout decides).
+    pub fn set_targets(&self, devices: &[DeviceId], target: &DeviceTarget) {
+        let mut live = self.lock();
+        for id in devices {
+            let entry = live.entry(id.clone()).or_default();
+            if entry
+                .target
+                .as_ref()
+                .is_none_or(|t| t.rollout_id <= target.rollout_id)
+            {
+                entry.target = Some(target.clone());
+            }
+        }
+    }
+
+    pub fn target(&self, device: &DeviceId) -> Option<DeviceTarget> {
+        self.lock().get(device).and_then(|d| d.target.clone())
+    }
+
+    pub fn get(&self, device: &DeviceId) -> Option<LiveDevice> {
+        self.lock().get(device).cloned()
+    }
+
+    /// Lays the live state over a record read from the database.
+    pub fn overlay(&self, records: &mut [DeviceRecord]) {
+        let devices = self.lock();
+        for record in records {
+            let Some(live) = devices.get(&record.id) else {
+                continue;
+            };
+            if let Some(report) = &live.report {
+                record.running_version = Some(report.running_version.clone());
+                record.state = Some(report.state);
+                record.booted_slot = Some(report.booted_slot);
+                record.reported_target = report.target_version.clone();
+                record.progress = report.progress;
+                record.last_error = report.error.clone();
+            }
+            if live.last_seen.is_some() {
+                record.last_seen = live.last_seen.clone();
+            }
+        }
+    }
+
+    /// Takes what the database lacks: state changes, and with `all` also
+    /// progress and last-seen moves. Marks them written; a failed write
+    /// hands them back with [`LiveView::requeue`].
+    pub fn take_dirty(&self, all: bool) -> Vec<ReportedState> {
+        let threshold = if all { Dirty::Progress } else { Dirty::State };
+        let mut devices = self.lock();
+        let mut out = Vec::new();
+        for (id, live) in devices.iter_mut() {
+            if live.dirty >= threshold {
+                live.dirty = Dirty::Clean;
+                out.push(ReportedState {
+                    id: id.clone(),
+                    report: live.report.clone(),
+                    last_seen: live.last_seen.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// A batch that could not be written: it is written again later (the
+    /// view holds the newest values, so nothing older is written back).
+    pub fn requeue(&self, batch: &[ReportedState]) {
+        let mut devices = self.lock();
+        for row in batch {
+            if let Some(live) = devices.get_mut(&row.id) {
+                live.dirty = Dirty::State;
+            }
+        }
+    }
+
+    /// Device rows waiting to be written with the next batch.
+    pub fn pending_writes(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|d| d.dirty == Dirty::State)
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uplift_proto::channel::{AgentState, Progress};
+
+    fn report(state: AgentState, version: &str, done: u64) -> Report {
+        Report {
+            state,
+            running_version: version.parse().unwrap(),
+            booted_slot: if version == "1.0" {
+                uplift_proto::SlotName::A
+            } else {
+                uplift_proto::SlotName::B
+            },
+            target_version: Some("1.1".parse().unwrap()),
+            progress: (state == AgentState::Downloading).then_some(Progress {
+                done_bytes: done,
+                total_bytes: 100,
+                fetched_bytes: done,
+            }),
+            error: None,
+        }
+    }
+
+    fn serial(n: u64) -> SessionSerial {
+        SessionSerial::from_raw(n)
+    }
+
+    /// The race seen at 200 devices: a rebooted device's new session says
+    /// `idle`, then the replaced session's backlog of `downloading` reports
+    /// arrives. None of it may change what the server holds.
+    #[test]
+    fn a_replaced_sessions_backlog_never_overwrites_the_new_session() {
+        let live = LiveView::default();
+        let dev: DeviceId = "dev-1".parse().unwrap();
+        let old = serial(1);
+        let new = serial(2);
+        live.claim(&dev, old, "t0");
+        assert_eq!(
+            live.apply(&dev, old, &report(AgentState::Downloading, "1.0", 10), "t1"),
+            Applied::Applied
+        );
+        live.claim(&dev, new, "t2");
+        let idle = report(AgentState::Idle, "1.1", 0);
+        assert_eq!(live.apply(&dev, new, &idle, "t3"), Applied::Applied);
+        for i in 0..20 {
+            assert_eq!(
+                live.apply(
+                    &dev,
+                    old,
+                    &report(AgentState::Downloading, "1.0", 20 + i),
+                    "t4"
+                ),
+                Applied::Stale
+            );
+        }
+        let held = live.get(&dev).unwrap();
+        assert_eq!(held.report, Some(idle));
+        assert_eq!(held.session, Some(new));
+        assert_eq!(held.last_seen.as_deref(), Some("t3"));
+    }
+
+    #[test]
+    fn once_a_new_session_is_registered_the_old_one_is_not_heard() {
+        let live = LiveView::default();
+        let dev: DeviceId = "dev-1".parse().unwrap();
+        live.claim(&dev, serial(1), "t0");
+        live.claim(&dev, serial(2), "t1");
+        // The new session has not reported yet; the old one still may not.
+        assert_eq!(
+            live.apply(
+                &dev,
+                serial(1),
+                &report(AgentState::Downloading, "1.0", 5),
+                "t2"
+            ),
+            Applied::Stale
+        );
+        assert_eq!(live.get(&dev).unwrap().report, None);
+        // A late claim by the old session changes nothing either.
+        live.claim(&dev, serial(1), "t3");
+        assert_eq!(live.get(&dev).unwrap().session, Some(serial(2)));
+    }
+
+    #[test]
+    fn a_stale_sessions_end_does_not_touch_the_device() {
+        let live = LiveView::default();
+        let dev: DeviceId = "dev-1".parse().unwrap();
+        live.claim(&dev, serial(1), "t0");
+        live.claim(&dev, serial(2), "t1");
+        live.take_dirty(true);
+        live.ended(&dev, serial(1), "t9");
+        assert_eq!(live.get(&dev).unwrap().last_seen.as_deref(), Some("t1"));
+        assert!(live.take_dirty(true).is_empty());
+    }
+
+    #[test]
+    fn state_changes_are_batched_and_progress_waits_for_a_full_flush() {
+        let live = LiveView::default();
+        let dev: DeviceId = "dev-1".parse().unwrap();
+        live.claim(&dev, serial(1), "t0");
+        live.apply(
+            &dev,
+            serial(1),
+            &report(AgentState::Downloading, "1.0", 1),
+            "t1",
+        );
+        let batch = live.take_dirty(false);
+        assert_eq!(batch.len(), 1, "the first report is a state change");
+        assert_eq!(live.pending_writes(), 0);
+        // Progress alone is not written on every batch...
+        live.apply(
+            &dev,
+            serial(1),
+            &report(AgentState::Downloading, "1.0", 50),
+            "t2",
+        );
+        assert!(live.take_dirty(false).is_empty());
+        // ...but it is at shutdown, with its newest value.
+        let rest = live.take_dirty(true);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(
+            rest[0]
+                .report
+                .as_ref()
+                .unwrap()
+                .progress
+                .unwrap()
+                .done_bytes,
+            50
+        );
+        // Many changes between two batches become one row with the newest.
+        live.apply(
+            &dev,
+            serial(1),
+            &report(AgentState::Verifying, "1.0", 0),
+            "t3",
+        );
+        live.apply(
+            &dev,
+            serial(1),
+            &report(AgentState::RebootPending, "1.0", 0),
+            "t4",
+        );
+        let batch = live.take_dirty(false);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(
+            batch[0].report.as_ref().unwrap().state,
+            AgentState::RebootPending
+        );
+        // A failed write comes back in the next batch.
+        live.requeue(&batch);
+        assert_eq!(live.take_dirty(false).len(), 1);
+    }
+
+    #[test]
+    fn the_newest_rollout_decides_a_devices_target() {
+        let live = LiveView::default();
+        let dev: DeviceId = "dev-1".parse().unwrap();
+        let target = |id: i64, v: &str| DeviceTarget {
+            rollout_id: id,
+            version: v.parse().unwrap(),
+            allow_downgrade: false,
+        };
+        live.set_targets(std::slice::from_ref(&dev), &target(2, "1.2"));
+        // A slower, older rollout finishing its write later changes nothing.
+        live.set_targets(std::slice::from_ref(&dev), &target(1, "1.1"));
+        assert_eq!(live.target(&dev), Some(target(2, "1.2")));
+        live.set_targets(std::slice::from_ref(&dev), &target(3, "1.3"));
+        assert_eq!(live.target(&dev), Some(target(3, "1.3")));
+    }
+}
