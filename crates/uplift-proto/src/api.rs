@@ -150,13 +150,24 @@ pub struct ServerStats {
     pub device_rows_written: u64,
     #[serde(default)]
     pub write_batches: u64,
+    /// Device rows changed in memory and not yet written: a number that
+    /// keeps growing means the database cannot keep up.
+    #[serde(default)]
+    pub device_rows_pending: u64,
+    /// Manifest and chunk downloads being served right now.
+    #[serde(default)]
+    pub downloads_in_flight: u64,
 }
 
 /// What a started server tells its operator, written by
 /// `uplift-server --ready-file` once it listens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerEndpoint {
+    /// Where devices connect (and the admin API too, unless `admin_url`).
     pub url: String,
+    /// Where the admin API is served when it has a listener of its own.
+    #[serde(default)]
+    pub admin_url: Option<String>,
     pub ca_file: std::path::PathBuf,
     /// SHA-256 of the CA certificate, colon-separated hex.
     pub ca_fingerprint: String,

@@ -26,8 +26,24 @@ use uplift_release::manifest::{SignedManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTE
 /// Largest compressed chunk accepted: incompressible data grows a little.
 const MAX_STORED_CHUNK: usize = MAX_CHUNK_SIZE as usize + MAX_CHUNK_SIZE as usize / 8 + 1024;
 
+/// Everything on one listener: devices and the admin API.
 pub fn router(state: Arc<AppState>) -> Router {
-    let admin = Router::new()
+    finish(admin_routes(&state).merge(device_routes(&state)), state)
+}
+
+/// Device traffic only (the channel and downloads), for a server whose
+/// admin API has a listener of its own.
+pub fn device_router(state: Arc<AppState>) -> Router {
+    finish(device_routes(&state), state)
+}
+
+/// The admin API only.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    finish(admin_routes(&state), state)
+}
+
+fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
         .route(DEVICES_PATH, get(list_devices))
         .route(RELEASES_PATH, get(list_releases).post(upload_release))
         .route(MISSING_CHUNKS_PATH, post(missing_chunks))
@@ -43,8 +59,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             budget::limit_admin,
-        ));
-    let device = Router::new()
+        ))
+}
+
+fn device_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
         .route(
             "/v1/device/releases/{version}/manifest",
             get(device_manifest),
@@ -53,11 +72,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             budget::limit_downloads,
-        ));
-    Router::new()
-        .merge(admin)
-        .merge(device)
+        ))
         .route(CHANNEL_PATH, get(channel::upgrade))
+}
+
+fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .route(HEALTH_PATH, get(|| async { "ok" }))
         .method_not_allowed_fallback(|| async {
             // HTTP requires 405 here; the body is our usual JSON error.
@@ -69,7 +89,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             response
         })
         .fallback(|| async {
-            ApiError::not_found("no such endpoint; see ARCHITECTURE.md for the API")
+            ApiError::not_found(
+                "no such endpoint on this address (the admin API may have a listener of its own, \
+                 admin_listen); see ARCHITECTURE.md for the API",
+            )
         })
         .with_state(state)
 }
@@ -412,6 +435,8 @@ async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<ServerStats>, 
         reports_stale: state.stats.reports_stale.load(Relaxed),
         device_rows_written: state.stats.device_rows_written.load(Relaxed),
         write_batches: state.stats.write_batches.load(Relaxed),
+        device_rows_pending: state.live.pending_writes() as u64,
+        downloads_in_flight: state.budgets.in_use(budget::Kind::Download) as u64,
     }))
 }
 

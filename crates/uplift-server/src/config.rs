@@ -12,6 +12,10 @@ pub struct ServerConfig {
     /// Address to listen on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// When set, the admin API is served here only (say, on a management
+    /// network), and `listen` carries device traffic alone.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
     /// Holds the database, chunk store, generated TLS material and tokens.
     pub data_dir: PathBuf,
     #[serde(default)]
@@ -138,6 +142,7 @@ impl ServerConfig {
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
         Self {
             listen: default_listen(),
+            admin_listen: None,
             data_dir,
             tls: TlsConfig::default(),
             enrollment_tokens: Vec::new(),

@@ -134,10 +134,17 @@ impl Server {
         })
     }
 
-    pub fn endpoint(&self, listener: &TcpListener) -> anyhow::Result<Endpoint> {
+    pub fn endpoint(
+        &self,
+        listener: &TcpListener,
+        admin: Option<&TcpListener>,
+    ) -> anyhow::Result<Endpoint> {
         let addr = listener.local_addr()?;
         Ok(Endpoint {
             url: format!("https://{addr}"),
+            admin_url: admin
+                .map(|l| l.local_addr().map(|a| format!("https://{a}")))
+                .transpose()?,
             ca_file: self.tls.ca_file.clone(),
             ca_fingerprint: self.tls.ca_fingerprint.clone(),
             admin_token_file: self.admin_token_file.clone(),
@@ -148,7 +155,17 @@ impl Server {
     /// Serves on an already-bound listener until `shutdown` resolves, then
     /// closes every channel and writes the last device states.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let app = api::router(self.state.clone());
+        self.run_split(listener, None, shutdown).await;
+    }
+
+    /// Like [`Server::run`]; with `admin`, the admin API is served there
+    /// only, and `listener` carries device traffic alone.
+    pub async fn run_split(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) {
         let (stop_writer, writer_stop) = tokio::sync::watch::channel(false);
         let writer = tokio::spawn(
             writer::Writer {
@@ -158,15 +175,37 @@ impl Server {
             }
             .run(writer_stop),
         );
-        serve::serve(
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let trigger = async {
+            shutdown.await;
+            tracing::info!("shutting down: closing device channels");
+            let _ = self.stop_sessions.send(true);
+            let _ = stop_tx.send(true);
+        };
+        let tls = self.tls.server_config.clone();
+        let (device_app, admin_app) = match &admin {
+            Some(_) => (
+                api::device_router(self.state.clone()),
+                Some(api::admin_router(self.state.clone())),
+            ),
+            None => (api::router(self.state.clone()), None),
+        };
+        let devices = serve::serve(
             listener,
-            self.tls.server_config.clone(),
-            app,
-            self.options,
-            shutdown,
-            self.stop_sessions,
-        )
-        .await;
+            tls.clone(),
+            device_app,
+            self.options.clone(),
+            stopped(stop_rx.clone()),
+        );
+        let admin = async {
+            if let (Some(listener), Some(app)) = (admin, admin_app) {
+                serve::serve(listener, tls, app, self.options.clone(), stopped(stop_rx)).await;
+            }
+        };
+        tokio::join!(trigger, devices, admin);
         self.state
             .budgets
             .channels_closed(Duration::from_secs(5))

@@ -18,6 +18,9 @@ struct Args {
     /// Address to listen on, e.g. 127.0.0.1:8443 (port 0 picks a free one); overrides the config.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Serve the admin API only on this address (e.g. 127.0.0.1:8444); overrides the config.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
     /// Write the endpoint (URL, CA file, token files) as JSON here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -45,6 +48,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    if let Some(admin) = args.admin_listen {
+        config.admin_listen = Some(admin);
+    }
     let server = uplift_server::Server::open(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -54,8 +60,17 @@ async fn main() -> anyhow::Result<()> {
                 config.listen
             )
         })?;
-    let endpoint = server.endpoint(&listener)?;
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen for the admin API on {addr}; is another server running there?")
+        })?),
+        None => None,
+    };
+    let endpoint = server.endpoint(&listener, admin_listener.as_ref())?;
     println!("uplift-server listening on {}", endpoint.url);
+    if let Some(url) = &endpoint.admin_url {
+        println!("  admin API on {url} only");
+    }
     println!(
         "  CA certificate: {} (SHA-256 {})",
         endpoint.ca_file.display(),
@@ -73,7 +88,9 @@ async fn main() -> anyhow::Result<()> {
         std::fs::rename(&tmp, path)
             .with_context(|| format!("writing ready file {}", path.display()))?;
     }
-    server.run(listener, shutdown_signal()).await;
+    server
+        .run_split(listener, admin_listener, shutdown_signal())
+        .await;
     Ok(())
 }
 

@@ -29,7 +29,6 @@ pub async fn serve(
     app: Router,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
-    stop_sessions: watch::Sender<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let limit = Arc::new(Semaphore::new(options.max_connections));
@@ -101,8 +100,7 @@ pub async fn serve(
             }
         });
     }
-    tracing::info!("shutting down: closing device channels and draining connections");
-    let _ = stop_sessions.send(true);
+    tracing::info!("shutting down: draining connections");
     let _ = stop_tx.send(true);
     let all = u32::try_from(options.max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT * 2, limit.acquire_many(all)).await;

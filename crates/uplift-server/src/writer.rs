@@ -79,3 +79,103 @@ impl Writer {
         ok
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::SessionSerial;
+    use crate::store::{NewDevice, SqliteStore};
+    use uplift_proto::channel::{AgentState, Progress, Report};
+    use uplift_proto::{DeviceId, SlotName};
+
+    fn report(state: AgentState, version: &str, done: u64) -> Report {
+        Report {
+            state,
+            running_version: version.parse().unwrap(),
+            booted_slot: SlotName::A,
+            target_version: Some("1.1".parse().unwrap()),
+            progress: Some(Progress {
+                done_bytes: done,
+                total_bytes: 100,
+                fetched_bytes: done,
+            }),
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_reach_the_database_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("uplift.db");
+        let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+        let ids: Vec<DeviceId> = (0..1200)
+            .map(|i| format!("dev-{i:04}").parse().unwrap())
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            store
+                .insert_device(&NewDevice {
+                    id: id.clone(),
+                    device_type: "gw".parse().unwrap(),
+                    hardware_id: format!("hw-{i}").parse().unwrap(),
+                    public_key: format!("key-{i}"),
+                    enrolled_at: "2026-12-02T00:00:00Z".into(),
+                })
+                .await
+                .unwrap();
+        }
+        let live = Arc::new(LiveView::default());
+        let writer = Writer {
+            live: live.clone(),
+            store: store.clone(),
+            stats: Arc::new(Stats::default()),
+        };
+        let session = SessionSerial::from_raw(1);
+        for id in &ids {
+            live.apply(
+                id,
+                session,
+                &report(AgentState::Downloading, "1.0", 1),
+                "t1",
+            );
+            live.apply(
+                id,
+                session,
+                &report(AgentState::Downloading, "1.0", 60),
+                "t2",
+            );
+        }
+        assert!(writer.flush(false).await);
+        // One row per device however often it reported, in batches of 500.
+        assert_eq!(
+            writer.stats.device_rows_written.load(Ordering::Relaxed),
+            1200
+        );
+        assert_eq!(writer.stats.write_batches.load(Ordering::Relaxed), 3);
+        assert_eq!(live.pending_writes(), 0);
+        // Progress alone waits for the final flush.
+        live.apply(
+            &ids[0],
+            session,
+            &report(AgentState::Downloading, "1.0", 90),
+            "t3",
+        );
+        assert!(writer.flush(false).await);
+        assert_eq!(
+            writer.stats.device_rows_written.load(Ordering::Relaxed),
+            1200
+        );
+        assert!(writer.flush(true).await);
+        drop(writer);
+        drop(store);
+
+        let reopened = SqliteStore::open(&path).await.unwrap();
+        let devices = reopened.list_devices().await.unwrap();
+        assert_eq!(devices.len(), 1200);
+        assert!(devices
+            .iter()
+            .all(|d| d.state == Some(AgentState::Downloading)));
+        let first = devices.iter().find(|d| d.id == ids[0]).unwrap();
+        assert_eq!(first.progress.unwrap().done_bytes, 90);
+        assert_eq!(first.last_seen.as_deref(), Some("t3"));
+    }
+}

@@ -59,6 +59,8 @@ struct Server {
     root: PathBuf,
     addr: SocketAddr,
     url: String,
+    /// Where the admin API is, when it has a listener of its own.
+    admin_url: Option<String>,
     admin_token: String,
     enrollment_token: String,
     tls: Arc<rustls::ClientConfig>,
@@ -108,6 +110,10 @@ impl Server {
 
     /// Starts a server; `limits` is the body of a `[limits]` TOML table.
     async fn start_with_limits(limits: Option<&str>) -> Server {
+        Self::start_with(limits, &[]).await
+    }
+
+    async fn start_with(limits: Option<&str>, extra_args: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("temp dir");
         let root = tmp.path().to_owned();
         let data = root.join("data");
@@ -134,6 +140,7 @@ impl Server {
             .arg("127.0.0.1:0")
             .arg("--ready-file")
             .arg(&ready)
+            .args(extra_args)
             .env("RUST_LOG", "uplift_server=debug")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())
@@ -186,6 +193,7 @@ impl Server {
             root,
             addr,
             url: endpoint.url.clone(),
+            admin_url: endpoint.admin_url.clone(),
             admin_token,
             enrollment_token,
             tls: client_tls(&endpoint.ca_file),
@@ -322,7 +330,10 @@ impl Server {
     }
 
     fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.request(method, path).bearer_auth(&self.admin_token)
+        let base = self.admin_url.as_deref().unwrap_or(&self.url);
+        self.http
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(&self.admin_token)
     }
 
     async fn devices(&self) -> Vec<DeviceView> {
@@ -1784,4 +1795,97 @@ async fn idle_connections_are_dropped_so_a_full_server_recovers() {
     }
     eprintln!("device served after {took:?} behind 100 idle connections");
     srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_channels_have_a_budget_of_their_own_and_starve_neither_downloads_nor_admin() {
+    // Far more channels than HTTP connection slots: an open channel must not
+    // hold the slot of the connection it was upgraded from.
+    let mut srv =
+        Server::start_with_limits(Some("max_connections = 4\nmax_device_channels = 12")).await;
+    let mut devices = Vec::new();
+    for _ in 0..12 {
+        devices.push(
+            timeout(WAIT, srv.enroll())
+                .await
+                .expect("a device channel is accepted while channels hold no HTTP connection slot"),
+        );
+    }
+
+    // One channel too many: a clear refusal, not a hang.
+    let url = format!("wss://{}{CHANNEL_PATH}", srv.addr);
+    let refused = timeout(WAIT, tokio_tungstenite::client_async(url, srv.tls().await))
+        .await
+        .expect("the server answers an upgrade over the channel budget at once");
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+            check_error_body(
+                response
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok()),
+                response.body().as_deref().unwrap_or_default(),
+                ErrorKind::ServerBusy,
+            );
+        }
+        other => panic!("a 13th channel must get 503 server_busy, got {other:?}"),
+    }
+
+    // Admin calls and downloads are served beside twelve open channels.
+    let listed = srv.devices().await;
+    assert_eq!(listed.iter().filter(|d| d.online).count(), 12);
+    let resp = srv
+        .request(
+            reqwest::Method::GET,
+            &device_chunk_path(&sha256(b"not stored")),
+        )
+        .bearer_auth(&devices[0].session_token)
+        .send()
+        .await
+        .unwrap();
+    json_error(resp, 404, ErrorKind::NotFound).await;
+
+    // A channel that closes gives its slot back.
+    let mut gone = devices.pop().unwrap();
+    let _ = gone.ws.close(None).await;
+    drop(gone);
+    let until = Instant::now() + WAIT;
+    while srv.devices().await.iter().filter(|d| d.online).count() > 11 {
+        assert!(Instant::now() < until, "a closed channel is never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _newcomer = srv.enroll().await;
+    drop(devices);
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_admin_listener_the_device_address_serves_no_admin_api() {
+    let mut srv = Server::start_with(None, &["--admin-listen", "127.0.0.1:0"]).await;
+    let admin_url = srv
+        .admin_url
+        .clone()
+        .expect("the ready file names the admin address");
+    assert_ne!(admin_url, srv.url);
+    // The admin API, with the right token, on the device address: not there.
+    let resp = srv
+        .request(reqwest::Method::GET, DEVICES_PATH)
+        .bearer_auth(&srv.admin_token)
+        .send()
+        .await
+        .unwrap();
+    let err = json_error(resp, 404, ErrorKind::NotFound).await;
+    assert!(err.message.contains("admin_listen"), "{err}");
+    // No device channel on the admin address.
+    let resp = srv
+        .http
+        .get(format!("{admin_url}{CHANNEL_PATH}"))
+        .send()
+        .await
+        .unwrap();
+    json_error(resp, 404, ErrorKind::NotFound).await;
+    // Devices enroll on theirs, and the admin address lists them.
+    srv.assert_unaffected().await;
+    assert_eq!(srv.devices().await.len(), 1);
 }
