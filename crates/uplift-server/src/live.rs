@@ -224,11 +224,12 @@ impl LiveView {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use uplift_proto::channel::{AgentState, Progress};
 
-    fn report(state: AgentState, version: &str, done: u64) -> Report {
+    /// A report of `state` on `version` (slot a for 1.0, else b), `done` bytes in.
+    pub(crate) fn report(state: AgentState, version: &str, done: u64) -> Report {
         Report {
             state,
             running_version: version.parse().unwrap(),

@@ -84,24 +84,10 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::hub::SessionSerial;
+    use crate::live::tests::report;
     use crate::store::{NewDevice, SqliteStore};
-    use uplift_proto::channel::{AgentState, Progress, Report};
-    use uplift_proto::{DeviceId, SlotName};
-
-    fn report(state: AgentState, version: &str, done: u64) -> Report {
-        Report {
-            state,
-            running_version: version.parse().unwrap(),
-            booted_slot: SlotName::A,
-            target_version: Some("1.1".parse().unwrap()),
-            progress: Some(Progress {
-                done_bytes: done,
-                total_bytes: 100,
-                fetched_bytes: done,
-            }),
-            error: None,
-        }
-    }
+    use uplift_proto::channel::AgentState;
+    use uplift_proto::DeviceId;
 
     #[tokio::test]
     async fn batches_reach_the_database_and_survive_a_reopen() {
