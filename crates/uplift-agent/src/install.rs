@@ -294,16 +294,16 @@ impl Installer {
                 };
             let status = response.status();
             if status == reqwest::StatusCode::UNAUTHORIZED || status.is_server_error() {
-                // A stale token after a reconnect, or a passing server fault.
-                last_error = format!("server answered {status}");
+                // A stale token after a reconnect, or a server fault (say, a
+                // chunk damaged on its disk): retried, and if it lasts, the
+                // server's own words are what the operator sees.
+                let said = error_body(response, self.config.download.stall_timeout()).await;
+                last_error = format!("server answered {status}: {said}");
                 unreachable = false;
                 continue;
             }
             if !status.is_success() {
-                // Only the start of an error body: a hostile server must not
-                // make the device buffer without bound.
-                let body = response.bytes().await.unwrap_or_default();
-                let body = String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned();
+                let body = error_body(response, self.config.download.stall_timeout()).await;
                 return Err(InstallError::Download {
                     what: what.to_owned(),
                     detail: format!("server answered {status}: {body}"),
@@ -823,6 +823,24 @@ impl SlotWriter {
     }
 }
 
+/// The start of an error body, read within `limit`: a hostile server must
+/// not make the device buffer or wait without bound.
+async fn error_body(response: reqwest::Response, limit: Duration) -> String {
+    const MAX: usize = 1024;
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    let _ = tokio::time::timeout(limit, async {
+        while let Some(Ok(piece)) = stream.next().await {
+            body.extend_from_slice(&piece[..piece.len().min(MAX - body.len())]);
+            if body.len() >= MAX {
+                break;
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -898,6 +916,91 @@ mod tests {
         assert_eq!(
             check(&manifest("0.9", "gateway"), &offer("0.9", true), "1.0"),
             Ok(())
+        );
+    }
+
+    /// An installer whose server is `url`, with a session token at hand.
+    fn installer_for(url: &str, state: &Path) -> (Installer, watch::Sender<Option<String>>) {
+        let config: AgentConfig = toml::from_str(&format!(
+            r#"
+            server_url = "{url}"
+            server_ca = "/nonexistent/ca.pem"
+            enrollment_token = "unused-enrollment-token"
+            device_type = "gw"
+            state_dir = "{state}"
+            trusted_release_keys = []
+            factory_version = "1.0"
+            [slots]
+            a = "/nonexistent/a"
+            b = "/nonexistent/b"
+            [boot]
+            env_file = "/nonexistent/grubenv"
+            [download]
+            stall_timeout_secs = 5
+            "#,
+            state = state.display()
+        ))
+        .unwrap();
+        let (token_tx, token) = watch::channel(Some("session-token".to_owned()));
+        let installer = Installer {
+            config: Arc::new(config),
+            http: reqwest::Client::new(),
+            server_url: url.parse().unwrap(),
+            local: LocalState::open(state).unwrap(),
+            token,
+            guard: InstallGuard::new(Arc::new(tokio::sync::Mutex::new(()))),
+        };
+        (installer, token_tx)
+    }
+
+    /// A hostile server on loopback that answers every request with `head`
+    /// and then sends filler bytes until the client hangs up.
+    async fn endless_server(head: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = socket.read(&mut request).await;
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let filler = vec![0x5a; 64 * 1024];
+                    while socket.write_all(&filler).await.is_ok() {}
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_download_that_never_ends_is_refused_at_its_limit() {
+        let state = tempfile::tempdir().unwrap();
+        let url = endless_server("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n").await;
+        let (installer, _token) = installer_for(&url, state.path());
+        let err = installer
+            .fetch("/v1/device/chunks/x", "chunk x", 256 * 1024)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, InstallError::TooLong { limit: 262144, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("endless data"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_download_declared_longer_than_its_limit_is_refused_before_reading() {
+        let state = tempfile::tempdir().unwrap();
+        let url = endless_server("HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\n\r\n").await;
+        let (installer, _token) = installer_for(&url, state.path());
+        let err = installer
+            .fetch("/v1/device/manifest", "the manifest", 1024)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, InstallError::TooLong { limit: 1024, .. }),
+            "{err}"
         );
     }
 }

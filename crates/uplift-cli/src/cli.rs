@@ -309,9 +309,20 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
                             r.chunks.to_string(),
                             mib(r.stored_bytes),
                             r.created_at.clone(),
+                            match r.damaged_chunks {
+                                0 => "ok".to_owned(),
+                                n => format!("{n} chunks damaged: upload it again"),
+                            },
                         ]
                     })
                     .collect::<Vec<_>>();
+                for r in releases.iter().filter(|r| r.damaged_chunks > 0) {
+                    eprintln!(
+                        "warning: release {} has {} chunks damaged on the server; devices cannot install it \
+                         until you run `uplift release upload` with its release directory again",
+                        r.version, r.damaged_chunks
+                    );
+                }
                 println!(
                     "{}",
                     table(
@@ -321,7 +332,8 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
                             "IMAGE",
                             "CHUNKS",
                             "STORED",
-                            "CREATED"
+                            "CREATED",
+                            "HEALTH"
                         ],
                         &rows
                     )

@@ -3,9 +3,10 @@
 
 use crate::budget;
 use crate::channel;
+use crate::chunks::MAX_STORED_CHUNK;
 use crate::error::ApiError;
 use crate::state::{now_rfc3339, AppState};
-use crate::store::{DeviceRecord, DeviceTarget, ReleaseRecord, RolloutRecord};
+use crate::store::{DeviceRecord, DeviceTarget, ReleaseRecord, RolloutRecord, StoreError};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -17,14 +18,13 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio_util::io::ReaderStream;
 use uplift_proto::api::*;
 use uplift_proto::channel::{AgentState, CHANNEL_PATH};
 use uplift_proto::{ChunkHash, DeviceId, ErrorKind, Version};
 use uplift_release::manifest::{SignedManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
 
-/// Largest compressed chunk accepted: incompressible data grows a little.
-const MAX_STORED_CHUNK: usize = MAX_CHUNK_SIZE as usize + MAX_CHUNK_SIZE as usize / 8 + 1024;
+/// A chunk goes out in pieces of this size, each counted as it is sent.
+const SEND_PIECE: usize = 64 * 1024;
 
 /// Everything on one listener: devices and the admin API.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -182,7 +182,7 @@ fn device_view(
 
 // ----- releases and chunks
 
-fn release_view(r: &ReleaseRecord) -> ReleaseView {
+fn release_view(state: &AppState, r: &ReleaseRecord) -> ReleaseView {
     ReleaseView {
         version: r.version.clone(),
         device_type: r.device_type.clone(),
@@ -191,7 +191,7 @@ fn release_view(r: &ReleaseRecord) -> ReleaseView {
         chunks: r.chunks,
         stored_bytes: r.stored_bytes,
         created_at: r.created_at.clone(),
-        damaged_chunks: 0,
+        damaged_chunks: state.chunks.damaged_in(r),
     }
 }
 
@@ -204,7 +204,7 @@ async fn list_releases(
             .list_releases()
             .await?
             .iter()
-            .map(release_view)
+            .map(|r| release_view(&state, r))
             .collect(),
     ))
 }
@@ -215,8 +215,10 @@ async fn missing_chunks(
 ) -> Result<Json<MissingChunksResponse>, ApiError> {
     let request: MissingChunksRequest = parse_json(&body?)?;
     let mut missing = Vec::new();
+    // Checked, not just found: a damaged copy is missing, so the uploader
+    // sends it again (and that repairs the release).
     for hash in request.chunks {
-        if state.artifacts.stored_len(&hash).await?.is_none() {
+        if !state.chunks.is_present(&hash).await? {
             missing.push(hash);
         }
     }
@@ -231,9 +233,9 @@ async fn upload_chunk(
     let Path(hash) = hash?;
     let hash: ChunkHash = parse_name(&hash)?;
     let body = body?;
-    // Already stored, whole: nothing to do. A stored copy of another size is
-    // damaged (e.g. cut short by a full disk) and is replaced below.
-    if state.artifacts.stored_len(&hash).await? == Some(body.len() as u64) {
+    // Already stored and checked: nothing to do. A damaged copy (any size)
+    // does not count, and is replaced below.
+    if state.chunks.is_present(&hash).await? {
         return Ok(StatusCode::OK);
     }
     // The server never stores a chunk that does not match its name: otherwise
@@ -244,7 +246,7 @@ async fn upload_chunk(
     })
     .await
     .map_err(|e| ApiError::new(ErrorKind::Internal, format!("chunk check panicked: {e}")))??;
-    state.artifacts.put(&hash, body).await?;
+    state.chunks.store(&hash, body).await?;
     Ok(StatusCode::CREATED)
 }
 
@@ -259,9 +261,8 @@ async fn upload_release(
     let manifest = signed.parse_unverified()?;
     let mut missing = 0usize;
     for entry in &manifest.chunks {
-        match state.artifacts.stored_len(&entry.hash).await? {
-            Some(len) if len == u64::from(entry.stored_size) => {}
-            _ => missing += 1,
+        if !state.chunks.is_present(&entry.hash).await? {
+            missing += 1;
         }
     }
     if missing > 0 {
@@ -281,9 +282,23 @@ async fn upload_release(
         stored_bytes: manifest.stored_bytes(),
         created_at: now_rfc3339(),
     };
-    state.store.insert_release(&record).await?;
-    tracing::info!(version = %record.version, device_type = %record.device_type, "release uploaded");
-    Ok((StatusCode::CREATED, Json(release_view(&record))))
+    match state.store.insert_release(&record).await {
+        Ok(()) => {
+            tracing::info!(version = %record.version, device_type = %record.device_type, "release uploaded");
+            Ok((StatusCode::CREATED, Json(release_view(&state, &record))))
+        }
+        // The same release again, every chunk now present and checked: a
+        // repair after damage, and a success. Another manifest under the
+        // same version stays refused: releases are immutable.
+        Err(StoreError::Conflict(why)) => match state.store.release(&record.version).await? {
+            Some(stored) if stored.manifest_json == record.manifest_json => {
+                tracing::info!(version = %stored.version, "release uploaded again: every chunk present and checked");
+                Ok((StatusCode::OK, Json(release_view(&state, &stored))))
+            }
+            _ => Err(ApiError::conflict(why)),
+        },
+        Err(e) => Err(e.into()),
+    }
 }
 
 // ----- rollouts
@@ -494,12 +509,14 @@ async fn device_chunk(
     device_of(&state, &headers)?;
     let Path(hash) = hash?;
     let hash: ChunkHash = parse_name(&hash)?;
-    let not_found = || ApiError::not_found(format!("chunk {hash} is not on the server"));
-    let len = state
-        .artifacts
-        .stored_len(&hash)
+    // Served from the bytes just checked: no window for the file to change
+    // between the check and the send.
+    let stored = state
+        .chunks
+        .read_verified(&hash)
         .await?
-        .ok_or_else(not_found)?;
+        .ok_or_else(|| ApiError::not_found(format!("chunk {hash} is not on the server")))?;
+    let len = stored.len() as u64;
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, end) = match range {
         None => (StatusCode::OK, 0, len.saturating_sub(1)),
@@ -524,22 +541,27 @@ async fn device_chunk(
         },
     };
     let count = if len == 0 { 0 } else { end - start + 1 };
-    let reader = state
-        .artifacts
-        .read(&hash, start, count)
-        .await?
-        .ok_or_else(not_found)?;
+    let range = stored.slice(start as usize..(start + count) as usize);
     state
         .stats
         .chunks_sent
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Counted as it goes out, so an interrupted download counts what was sent.
     let counting = state.clone();
-    let body = ReaderStream::new(reader).map(move |piece| {
-        if let Ok(bytes) = &piece {
-            counting.stats.add_sent(bytes.len() as u64);
-        }
-        piece
+    let pieces: Vec<Bytes> = (0..range.len())
+        .step_by(SEND_PIECE)
+        .map(|at| range.slice(at..(at + SEND_PIECE).min(range.len())))
+        .collect();
+    let pieces = futures_util::stream::iter(pieces).map(move |piece| {
+        counting.stats.add_sent(piece.len() as u64);
+        Ok::<_, std::convert::Infallible>(piece)
     });
+    // Not ready at first, so hyper sends the headers on their own: on a slow
+    // link the device then knows within a round trip that its download
+    // started, and its stall timer tells a slow answer from none at all.
+    let headers_first = futures_util::stream::once(tokio::task::yield_now())
+        .filter_map(|()| std::future::ready(None));
+    let body = headers_first.chain(pieces);
     let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = status;
     let h = response.headers_mut();

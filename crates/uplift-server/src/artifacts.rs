@@ -5,8 +5,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
+use tokio::io::AsyncReadExt;
 use uplift_proto::{ChunkHash, ErrorKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,21 +26,29 @@ impl ArtifactError {
     }
 }
 
-pub type ChunkRead = Pin<Box<dyn AsyncRead + Send>>;
+/// Identifies one stored version of a chunk's file: if any part changes, the
+/// bytes may have, and a check made before no longer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub len: u64,
+    pub modified_ns: i128,
+    pub inode: u64,
+}
 
 #[async_trait]
 pub trait ArtifactStore: Send + Sync + std::fmt::Debug {
-    /// Stored (compressed) size of a chunk, or `None` if absent.
-    async fn stored_len(&self, hash: &ChunkHash) -> Result<Option<u64>, ArtifactError>;
     /// Stores a chunk whose content the caller has already verified against its name.
     async fn put(&self, hash: &ChunkHash, stored: Bytes) -> Result<(), ArtifactError>;
-    /// Reads `len` stored bytes from `offset`; `None` if the chunk is absent.
-    async fn read(
+    /// The whole stored chunk and the fingerprint of what was read; `None`
+    /// if absent. At most `limit` bytes are read: a longer file is damaged.
+    async fn read_all(
         &self,
         hash: &ChunkHash,
-        offset: u64,
-        len: u64,
-    ) -> Result<Option<ChunkRead>, ArtifactError>;
+        limit: u64,
+    ) -> Result<Option<(Bytes, Fingerprint)>, ArtifactError>;
+    /// Moves a damaged chunk out of the way (kept for a post-mortem), so it
+    /// counts as absent and the next upload stores a good copy.
+    async fn quarantine(&self, hash: &ChunkHash) -> Result<(), ArtifactError>;
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +59,10 @@ pub struct LocalArtifacts {
 impl LocalArtifacts {
     pub fn new(root: PathBuf) -> Self {
         Self { root }
+    }
+
+    fn quarantine_dir(&self) -> PathBuf {
+        self.root.join("damaged")
     }
 
     fn path_of(&self, hash: &ChunkHash) -> PathBuf {
@@ -70,15 +81,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
 
 #[async_trait]
 impl ArtifactStore for LocalArtifacts {
-    async fn stored_len(&self, hash: &ChunkHash) -> Result<Option<u64>, ArtifactError> {
-        let path = self.path_of(hash);
-        match tokio::fs::metadata(&path).await {
-            Ok(meta) => Ok(Some(meta.len())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(&path)(e)),
-        }
-    }
-
     async fn put(&self, hash: &ChunkHash, stored: Bytes) -> Result<(), ArtifactError> {
         let path = self.path_of(hash);
         // Blocking std I/O on purpose: tokio's File hands writes to a
@@ -94,22 +96,49 @@ impl ArtifactStore for LocalArtifacts {
             })?
     }
 
-    async fn read(
+    async fn read_all(
         &self,
         hash: &ChunkHash,
-        offset: u64,
-        len: u64,
-    ) -> Result<Option<ChunkRead>, ArtifactError> {
+        limit: u64,
+    ) -> Result<Option<(Bytes, Fingerprint)>, ArtifactError> {
         let path = self.path_of(hash);
-        let mut f = match tokio::fs::File::open(&path).await {
+        let f = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(&path)(e)),
         };
-        f.seek(std::io::SeekFrom::Start(offset))
+        // The fingerprint of the open file: a rename over it afterwards
+        // (a repair) does not change what this handle reads.
+        let meta = f.metadata().await.map_err(io(&path))?;
+        let mut bytes = Vec::with_capacity(meta.len().min(limit + 1) as usize);
+        f.take(limit + 1)
+            .read_to_end(&mut bytes)
             .await
             .map_err(io(&path))?;
-        Ok(Some(Box::pin(f.take(len))))
+        Ok(Some((Bytes::from(bytes), fingerprint(&meta))))
+    }
+
+    async fn quarantine(&self, hash: &ChunkHash) -> Result<(), ArtifactError> {
+        let path = self.path_of(hash);
+        let dir = self.quarantine_dir();
+        tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
+        let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let to = dir.join(format!("{}.zst.{stamp}", hash.to_hex()));
+        match tokio::fs::rename(&path, &to).await {
+            Ok(()) => Ok(()),
+            // Someone else moved or repaired it first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+}
+
+fn fingerprint(meta: &std::fs::Metadata) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    Fingerprint {
+        len: meta.len(),
+        modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        inode: meta.ino(),
     }
 }
 
@@ -146,25 +175,34 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn stored_chunks_read_back_by_range() {
+    async fn stored_chunks_read_back_with_a_fingerprint_of_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalArtifacts::new(dir.path().to_owned());
         let hash: ChunkHash = "ab".repeat(32).parse().unwrap();
-        assert_eq!(store.stored_len(&hash).await.unwrap(), None);
+        assert!(store.read_all(&hash, 100).await.unwrap().is_none());
         store
             .put(&hash, Bytes::from_static(b"0123456789"))
             .await
             .unwrap();
-        assert_eq!(store.stored_len(&hash).await.unwrap(), Some(10));
-        let mut out = Vec::new();
-        store
-            .read(&hash, 3, 4)
-            .await
-            .unwrap()
-            .unwrap()
-            .read_to_end(&mut out)
-            .await
-            .unwrap();
-        assert_eq!(out, b"3456");
+        // A file longer than the limit is read one byte past it, not whole.
+        let (cut, _) = store.read_all(&hash, 4).await.unwrap().unwrap();
+        assert_eq!(cut.as_ref(), b"01234");
+        let (all, first) = store.read_all(&hash, 100).await.unwrap().unwrap();
+        assert_eq!(all.as_ref(), b"0123456789");
+        // Rewritten in place with the same length: another fingerprint.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let path = store.path_of(&hash);
+        std::fs::write(&path, b"01234x6789").unwrap();
+        let (_, second) = store.read_all(&hash, 100).await.unwrap().unwrap();
+        assert_ne!(first, second);
+        store.quarantine(&hash).await.unwrap();
+        assert!(store.read_all(&hash, 100).await.unwrap().is_none());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("damaged"))
+                .unwrap()
+                .count(),
+            1,
+            "the damaged copy is kept aside"
+        );
     }
 }

@@ -48,6 +48,12 @@ impl From<uplift_release::ReleaseError> for ApiError {
     }
 }
 
+impl From<crate::chunks::ChunkError> for ApiError {
+    fn from(e: crate::chunks::ChunkError) -> Self {
+        ApiError::new(e.kind(), e.to_string())
+    }
+}
+
 impl From<crate::artifacts::ArtifactError> for ApiError {
     fn from(e: crate::artifacts::ArtifactError) -> Self {
         ApiError::new(e.kind(), e.to_string())

@@ -6,6 +6,7 @@ pub mod api;
 pub mod artifacts;
 pub mod budget;
 pub mod channel;
+pub mod chunks;
 pub mod config;
 pub mod error;
 pub mod hub;
@@ -43,6 +44,20 @@ fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// `uplift-server check`: scrubs the chunks of every release stored in the
+/// configured data directory; reads only.
+pub async fn check_data_dir(config: &ServerConfig) -> anyhow::Result<chunks::ScrubReport> {
+    let db = config.data_dir.join("uplift.db");
+    anyhow::ensure!(
+        db.is_file(),
+        "{} holds no uplift.db; give the data directory of a server (--data-dir)",
+        config.data_dir.display()
+    );
+    let store = SqliteStore::open(&db).await?;
+    let artifacts = LocalArtifacts::new(config.data_dir.join("chunks"));
+    Ok(chunks::scrub(&store, &artifacts).await?)
 }
 
 /// Raises the soft open-file limit to the hard one and warns when the
@@ -108,9 +123,12 @@ impl Server {
         let live = live::LiveView::default();
         live.load_targets(store.device_targets().await?);
         check_open_file_limit(&config.limits);
+        let store: Arc<dyn store::Store> = Arc::new(store);
+        let artifacts: Arc<dyn artifacts::ArtifactStore> = Arc::new(artifacts);
         let state = Arc::new(AppState {
-            store: Arc::new(store),
-            artifacts: Arc::new(artifacts),
+            chunks: chunks::Chunks::new(artifacts.clone(), store.clone()),
+            store,
+            artifacts,
             hub: hub::Hub::default(),
             live: Arc::new(live),
             budgets: budget::Budgets::new(&config.limits),

@@ -9,11 +9,13 @@ use uplift_server::config::ServerConfig;
 #[derive(Debug, Parser)]
 #[command(name = "uplift-server", version, about = "Uplift fleet upgrade server")]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Data directory (database, chunks, TLS material, tokens); overrides the config.
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:8443 (port 0 picks a free one); overrides the config.
     #[arg(long)]
@@ -24,6 +26,13 @@ struct Args {
     /// Write the endpoint (URL, CA file, token files) as JSON here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Check every chunk of every stored release against its hash (read-only;
+    /// safe beside a running server). Exits 1 if any is missing or damaged.
+    Check,
 }
 
 #[tokio::main]
@@ -50,6 +59,11 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(admin) = args.admin_listen {
         config.admin_listen = Some(admin);
+    }
+    if let Some(Command::Check) = args.command {
+        let report = uplift_server::check_data_dir(&config).await?;
+        print!("{}", report.render());
+        std::process::exit(if report.is_clean() { 0 } else { 1 });
     }
     let server = uplift_server::Server::open(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -2,6 +2,7 @@
 
 use crate::artifacts::ArtifactStore;
 use crate::budget::Budgets;
+use crate::chunks::Chunks;
 use crate::config::Limits;
 use crate::hub::Hub;
 use crate::live::LiveView;
@@ -18,6 +19,8 @@ use uplift_proto::Version;
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub artifacts: Arc<dyn ArtifactStore>,
+    /// Stored chunks, checked before they are trusted.
+    pub chunks: Chunks,
     pub hub: Hub,
     /// Every device's newest state; the API reads it, sessions write it.
     pub live: Arc<LiveView>,

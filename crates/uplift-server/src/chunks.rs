@@ -1,0 +1,327 @@
+//! Stored chunks are trusted only after checking. A chunk is served, or
+//! counted as present for an upload, only once its stored bytes have been
+//! decompressed and hashed against its name; the check is remembered for
+//! that exact file (size, modification time, inode), so a file changed on
+//! disk since is checked again, and the cost is paid once per chunk, not per
+//! download. A chunk found damaged is moved to `chunks/damaged/`, reported
+//! with the releases that hold it, and answered `stored_chunk_damaged` until
+//! `uplift release upload` stores a good copy. `uplift-server check` scrubs
+//! every stored release on demand, for damage nobody has downloaded yet.
+
+use crate::artifacts::{ArtifactError, ArtifactStore, Fingerprint};
+use crate::store::{ReleaseRecord, Store, StoreError};
+use bytes::Bytes;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use uplift_proto::{ChunkHash, ErrorKind, Version};
+use uplift_release::manifest::{SignedManifest, MAX_CHUNK_SIZE};
+
+/// Largest stored (compressed) chunk: incompressible data grows a little.
+pub const MAX_STORED_CHUNK: usize = MAX_CHUNK_SIZE as usize + MAX_CHUNK_SIZE as usize / 8 + 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error(
+        "chunk {hash} is damaged on the server's disk ({detail}); the server set it aside in chunks/damaged/ \
+         and serves it to no device; repair it with `uplift release upload` of a release that holds it"
+    )]
+    Damaged { hash: ChunkHash, detail: String },
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("checking chunk {hash} failed: {detail}")]
+    Check { hash: ChunkHash, detail: String },
+}
+
+impl ChunkError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ChunkError::Damaged { .. } => ErrorKind::StoredChunkDamaged,
+            ChunkError::Artifact(e) => e.kind(),
+            ChunkError::Store(e) => e.kind(),
+            ChunkError::Check { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Whether `stored` really is chunk `hash`: the pure check, no I/O.
+pub fn check_stored(hash: &ChunkHash, stored: &[u8]) -> Result<(), String> {
+    uplift_release::chunk::decode_named_chunk(hash, stored, MAX_CHUNK_SIZE)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The chunks of a stored release, from its manifest.
+fn chunks_of(release: &ReleaseRecord) -> Result<Vec<ChunkHash>, String> {
+    let manifest = SignedManifest::from_json(&release.manifest_json)
+        .and_then(|signed| signed.parse_unverified())
+        .map_err(|e| format!("stored manifest of {} is unreadable: {e}", release.version))?;
+    Ok(manifest.chunks.iter().map(|c| c.hash).collect())
+}
+
+#[derive(Debug)]
+pub struct Chunks {
+    artifacts: Arc<dyn ArtifactStore>,
+    store: Arc<dyn Store>,
+    /// Files checked and found good, by what they were when checked.
+    verified: Mutex<HashMap<ChunkHash, Fingerprint>>,
+    /// Chunks found damaged since the server started, and what was wrong.
+    damaged: Mutex<HashMap<ChunkHash, String>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain maps: still consistent after a panic elsewhere.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Chunks {
+    pub fn new(artifacts: Arc<dyn ArtifactStore>, store: Arc<dyn Store>) -> Self {
+        Self {
+            artifacts,
+            store,
+            verified: Mutex::default(),
+            damaged: Mutex::default(),
+        }
+    }
+
+    /// The stored chunk, checked; `None` if the server does not have it.
+    pub async fn read_verified(&self, hash: &ChunkHash) -> Result<Option<Bytes>, ChunkError> {
+        let stored = self
+            .artifacts
+            .read_all(hash, MAX_STORED_CHUNK as u64)
+            .await?;
+        let Some((bytes, fingerprint)) = stored else {
+            // Set aside and not repaired yet: devices keep hearing why.
+            return match lock(&self.damaged).get(hash) {
+                Some(detail) => Err(ChunkError::Damaged {
+                    hash: *hash,
+                    detail: detail.clone(),
+                }),
+                None => Ok(None),
+            };
+        };
+        if lock(&self.verified).get(hash) == Some(&fingerprint) {
+            return Ok(Some(bytes));
+        }
+        let (name, check) = (*hash, bytes.clone());
+        let verdict = tokio::task::spawn_blocking(move || check_stored(&name, &check))
+            .await
+            .map_err(|e| ChunkError::Check {
+                hash: *hash,
+                detail: e.to_string(),
+            })?;
+        match verdict {
+            Ok(()) => {
+                lock(&self.verified).insert(*hash, fingerprint);
+                lock(&self.damaged).remove(hash);
+                Ok(Some(bytes))
+            }
+            Err(detail) => Err(self.set_aside(hash, detail).await),
+        }
+    }
+
+    /// Quarantines a damaged chunk and tells the operator which releases it breaks.
+    async fn set_aside(&self, hash: &ChunkHash, detail: String) -> ChunkError {
+        lock(&self.verified).remove(hash);
+        lock(&self.damaged).insert(*hash, detail.clone());
+        if let Err(e) = self.artifacts.quarantine(hash).await {
+            tracing::error!(chunk = %hash, "cannot set the damaged chunk aside: {e}");
+        }
+        let releases = match self.releases_holding(hash).await {
+            Ok(releases) if releases.is_empty() => "no stored release".to_owned(),
+            Ok(releases) => releases
+                .iter()
+                .map(Version::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => format!("unknown ({e})"),
+        };
+        tracing::error!(
+            chunk = %hash,
+            releases = %releases,
+            "stored chunk is damaged ({detail}); set aside in chunks/damaged/; \
+             run `uplift release upload` of release {releases} to repair it"
+        );
+        ChunkError::Damaged {
+            hash: *hash,
+            detail,
+        }
+    }
+
+    async fn releases_holding(&self, hash: &ChunkHash) -> Result<Vec<Version>, StoreError> {
+        Ok(self
+            .store
+            .list_releases()
+            .await?
+            .iter()
+            .filter(|r| chunks_of(r).is_ok_and(|chunks| chunks.contains(hash)))
+            .map(|r| r.version.clone())
+            .collect())
+    }
+
+    /// Present means stored and checked: a damaged copy counts as absent
+    /// (and is set aside), so an upload replaces it.
+    pub async fn is_present(&self, hash: &ChunkHash) -> Result<bool, ChunkError> {
+        match self.read_verified(hash).await {
+            Ok(found) => Ok(found.is_some()),
+            Err(ChunkError::Damaged { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores an uploaded chunk the caller has checked against its name.
+    pub async fn store(&self, hash: &ChunkHash, checked: Bytes) -> Result<(), ChunkError> {
+        self.artifacts.put(hash, checked).await?;
+        lock(&self.damaged).remove(hash);
+        Ok(())
+    }
+
+    /// How many of `release`'s chunks were found damaged (and not yet repaired).
+    pub fn damaged_in(&self, release: &ReleaseRecord) -> u64 {
+        let damaged = lock(&self.damaged);
+        if damaged.is_empty() {
+            return 0;
+        }
+        let chunks: HashSet<ChunkHash> =
+            chunks_of(release).unwrap_or_default().into_iter().collect();
+        chunks.iter().filter(|c| damaged.contains_key(c)).count() as u64
+    }
+}
+
+/// What is wrong with one stored chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    Missing,
+    Damaged(String),
+}
+
+/// The result of [`scrub`]: every chunk of every stored release, checked.
+#[derive(Debug, Default)]
+pub struct ScrubReport {
+    pub releases: usize,
+    pub chunks_checked: usize,
+    /// By chunk: what is wrong, and the releases that need it.
+    pub problems: BTreeMap<ChunkHash, (Problem, Vec<Version>)>,
+    /// Releases whose stored manifest could not be read.
+    pub unreadable: Vec<String>,
+}
+
+impl ScrubReport {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty() && self.unreadable.is_empty()
+    }
+
+    /// What `uplift-server check` prints: one line per problem, then a summary.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (hash, (problem, releases)) in &self.problems {
+            let releases = releases
+                .iter()
+                .map(Version::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let what = match problem {
+                Problem::Missing => "missing".to_owned(),
+                Problem::Damaged(detail) => format!("damaged: {detail}"),
+            };
+            out.push_str(&format!(
+                "chunk {hash} ({what}); needed by release {releases}\n"
+            ));
+        }
+        for unreadable in &self.unreadable {
+            out.push_str(&format!("{unreadable}\n"));
+        }
+        let bad: BTreeSet<&Version> = self.problems.values().flat_map(|(_, r)| r).collect();
+        if self.is_clean() {
+            out.push_str(&format!(
+                "ok: {} chunks of {} releases checked, none missing or damaged\n",
+                self.chunks_checked, self.releases
+            ));
+        } else {
+            out.push_str(&format!(
+                "{} of {} chunks missing or damaged, in {} of {} releases; repair each with \
+                 `uplift release upload DIR` of its release directory\n",
+                self.problems.len(),
+                self.chunks_checked,
+                bad.len(),
+                self.releases
+            ));
+        }
+        out
+    }
+}
+
+/// Reads and checks every chunk every stored release needs; changes nothing.
+pub async fn scrub(
+    store: &dyn Store,
+    artifacts: &dyn ArtifactStore,
+) -> Result<ScrubReport, ChunkError> {
+    let releases = store.list_releases().await?;
+    let mut report = ScrubReport {
+        releases: releases.len(),
+        ..ScrubReport::default()
+    };
+    let mut needed: BTreeMap<ChunkHash, Vec<Version>> = BTreeMap::new();
+    for release in &releases {
+        match chunks_of(release) {
+            Ok(chunks) => {
+                for hash in chunks {
+                    let holders = needed.entry(hash).or_default();
+                    if holders.last() != Some(&release.version) {
+                        holders.push(release.version.clone());
+                    }
+                }
+            }
+            Err(e) => report.unreadable.push(e),
+        }
+    }
+    for (hash, holders) in needed {
+        report.chunks_checked += 1;
+        let problem = match artifacts.read_all(&hash, MAX_STORED_CHUNK as u64).await? {
+            None => Some(Problem::Missing),
+            Some((bytes, _)) => {
+                let name = hash;
+                tokio::task::spawn_blocking(move || check_stored(&name, &bytes))
+                    .await
+                    .map_err(|e| ChunkError::Check {
+                        hash,
+                        detail: e.to_string(),
+                    })?
+                    .err()
+                    .map(Problem::Damaged)
+            }
+        };
+        if let Some(problem) = problem {
+            report.problems.insert(hash, (problem, holders));
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uplift_release::{encode_chunk, sha256};
+
+    #[test]
+    fn a_stored_chunk_passes_only_if_it_is_what_its_name_says() {
+        let data = b"some chunk data, some chunk data, some chunk data".repeat(20);
+        let hash = sha256(&data);
+        let stored = encode_chunk(&data).unwrap();
+        assert_eq!(check_stored(&hash, &stored), Ok(()));
+        // Same length, bytes flipped: what a bad sector or a stray write does.
+        let mut flipped = stored.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0xff;
+        assert!(check_stored(&hash, &flipped).is_err());
+        // Cut short, as a full disk leaves it.
+        assert!(check_stored(&hash, &stored[..stored.len() - 3]).is_err());
+        // Good data under another name.
+        let other = sha256(b"another chunk");
+        let err = check_stored(&other, &stored).unwrap_err();
+        assert!(err.contains(&other.to_hex()), "{err}");
+    }
+}
