@@ -157,7 +157,10 @@ mod tests {
     #[test]
     fn a_factory_flashed_slot_a_names_the_factory_version() {
         let text = status(SlotTable::default(), None).render();
-        assert_eq!(line(&text, "slot a:"), "slot a:           1.0 (factory image)");
+        assert_eq!(
+            line(&text, "slot a:"),
+            "slot a:           1.0 (factory image)"
+        );
         assert_eq!(
             line(&text, "slot b:"),
             "slot b:           not written by Uplift (empty, or being written)"
@@ -211,6 +214,8 @@ mod tests {
         let config = crate::config::AgentConfig::load(&path).unwrap();
         let status = gather(&config).unwrap();
         assert_eq!(status.factory_version, "2.5");
-        assert!(status.render().contains("slot a:           2.5 (factory image)"));
+        assert!(status
+            .render()
+            .contains("slot a:           2.5 (factory image)"));
     }
 }

@@ -558,7 +558,11 @@ mod rollout_output_tests {
             "rollout 3 of 1.1 (gw): finished — 15 succeeded, 0 in progress, 0 pending, 1 failed \
              of 20 devices (4 moved to a newer rollout)"
         );
-        assert_eq!(rollout_exit_code(&r), 1, "a failed device fails the command");
+        assert_eq!(
+            rollout_exit_code(&r),
+            1,
+            "a failed device fails the command"
+        );
     }
 
     #[test]
