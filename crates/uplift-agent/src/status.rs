@@ -8,12 +8,16 @@ use crate::local::{InstallProgress, Journal, LocalState, SlotTable};
 use crate::run::read_booted_slot;
 use serde::Serialize;
 use uplift_bootenv::file::BootEnvFile;
+use uplift_proto::SlotName;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub device_id: Option<String>,
     pub booted_slot: Option<String>,
     pub running_version: Option<String>,
+    /// The version flashed into slot a at the factory (`factory_version` in
+    /// the config): what slot a holds until Uplift first writes it.
+    pub factory_version: String,
     /// The boot environment in words, or why it cannot be read.
     pub boot_environment: Option<String>,
     pub boot_environment_error: Option<String>,
@@ -51,6 +55,7 @@ pub fn gather(config: &AgentConfig) -> anyhow::Result<Status> {
         device_id: local.device_id()?.map(|id| id.to_string()),
         booted_slot: booted.map(|s| s.to_string()),
         running_version,
+        factory_version: config.factory_version.to_string(),
         boot_environment,
         boot_environment_error,
         slots,
@@ -62,10 +67,19 @@ pub fn gather(config: &AgentConfig) -> anyhow::Result<Status> {
 impl Status {
     pub fn render(&self) -> String {
         let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-        let slot = |s: &Option<crate::local::SlotContent>| {
-            s.as_ref()
-                .map(|c| c.version.to_string())
-                .unwrap_or_else(|| "not written by Uplift (factory image, or being written)".into())
+        let slot = |name: SlotName| match self.slots.get(name) {
+            Some(c) => c.version.to_string(),
+            None if self
+                .install_progress
+                .as_ref()
+                .is_some_and(|p| p.slot == name) =>
+            {
+                "being written (see interrupted below)".to_owned()
+            }
+            // Slot a is the factory-flashed one (the provisioning rule); the
+            // agent treats an unrecorded slot a as the factory version too.
+            None if name == SlotName::A => format!("{} (factory image)", self.factory_version),
+            None => "not written by Uplift (empty, or being written)".to_owned(),
         };
         let mut out = format!(
             "device id:        {}\nbooted slot:      {}\nrunning version:  {}\nboot environment: {}\nslot a:           {}\nslot b:           {}\n",
@@ -77,8 +91,8 @@ impl Status {
                 (None, Some(e)) => format!("UNREADABLE: {e}"),
                 (None, None) => "-".to_owned(),
             },
-            slot(&self.slots.a),
-            slot(&self.slots.b),
+            slot(SlotName::A),
+            slot(SlotName::B),
         );
         if let Some(p) = &self.journal.pending {
             out += &format!(
@@ -112,5 +126,96 @@ impl Status {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::SlotContent;
+
+    fn status(slots: SlotTable, install_progress: Option<InstallProgress>) -> Status {
+        Status {
+            device_id: Some("dev-1".into()),
+            booted_slot: Some("a".into()),
+            running_version: Some("1.0".into()),
+            factory_version: "1.0".into(),
+            boot_environment: Some("default a, committed".into()),
+            boot_environment_error: None,
+            slots,
+            journal: Journal::default(),
+            install_progress,
+        }
+    }
+
+    fn line<'a>(text: &'a str, label: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
+    }
+
+    #[test]
+    fn a_factory_flashed_slot_a_names_the_factory_version() {
+        let text = status(SlotTable::default(), None).render();
+        assert_eq!(
+            line(&text, "slot a:"),
+            "slot a:           1.0 (factory image)"
+        );
+        assert_eq!(
+            line(&text, "slot b:"),
+            "slot b:           not written by Uplift (empty, or being written)"
+        );
+    }
+
+    #[test]
+    fn a_slot_written_by_uplift_or_being_written_says_so() {
+        let mut slots = SlotTable::default();
+        slots.set(
+            SlotName::B,
+            Some(SlotContent {
+                version: "1.1".parse().unwrap(),
+                image_sha256: "00".into(),
+            }),
+        );
+        let text = status(slots.clone(), None).render();
+        assert_eq!(line(&text, "slot b:"), "slot b:           1.1");
+        // Running b, installing into a: slot a no longer holds the factory image.
+        let progress = InstallProgress {
+            slot: SlotName::A,
+            image_sha256: "11".into(),
+            verified_bytes: 1024 * 1024,
+        };
+        let text = status(slots, Some(progress)).render();
+        assert_eq!(
+            line(&text, "slot a:"),
+            "slot a:           being written (see interrupted below)"
+        );
+    }
+
+    #[test]
+    fn gather_reads_the_factory_version_from_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let at = |name: &str| dir.path().join(name).display().to_string();
+        std::fs::write(
+            &path,
+            format!(
+                "server_url = \"https://127.0.0.1:8443\"\nserver_ca = \"/etc/uplift/ca.pem\"\n\
+                 enrollment_token = \"t\"\ndevice_type = \"gw\"\nstate_dir = {state:?}\n\
+                 trusted_release_keys = [\"ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\"]\n\
+                 factory_version = \"2.5\"\n[slots]\na = {a:?}\nb = {b:?}\n[boot]\nenv_file = {env:?}\n",
+                state = at("state"),
+                a = at("slot-a"),
+                b = at("slot-b"),
+                env = at("grubenv"),
+            ),
+        )
+        .unwrap();
+        let config = crate::config::AgentConfig::load(&path).unwrap();
+        let status = gather(&config).unwrap();
+        assert_eq!(status.factory_version, "2.5");
+        assert!(status
+            .render()
+            .contains("slot a:           2.5 (factory image)"));
     }
 }

@@ -381,19 +381,46 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
     )
 }
 
+/// One rollout in words. A superseded rollout says so instead of reading
+/// like a finished one where nothing happened: its devices are counted by
+/// the newer rollout that took them over.
 fn rollout_line(r: &RolloutView) -> String {
-    format!(
-        "rollout {} of {} ({}): {} — {} succeeded, {} in progress, {} pending, {} failed of {} devices",
-        r.id,
-        r.release,
-        r.device_type,
+    let head = format!("rollout {} of {} ({})", r.id, r.release, r.device_type);
+    let devices = |n: u64| format!("{n} device{}", if n == 1 { "" } else { "s" });
+    if r.devices_total == 0 {
+        return format!("{head}: {} — it targeted no devices", r.status);
+    }
+    if r.status == RolloutStatus::Superseded {
+        let all = if r.devices_total == 1 {
+            "its only device".to_owned()
+        } else {
+            format!("all {}", devices(r.devices_total))
+        };
+        return format!("{head}: superseded — {all} moved to a newer rollout");
+    }
+    let mut line = format!(
+        "{head}: {} — {} succeeded, {} in progress, {} pending, {} failed of {}",
         r.status,
         r.counts.succeeded,
         r.counts.in_progress,
         r.counts.pending,
         r.counts.failed,
-        r.devices_total
-    )
+        devices(r.devices_total)
+    );
+    if r.superseded > 0 {
+        line += &format!(" ({} moved to a newer rollout)", r.superseded);
+    }
+    line
+}
+
+/// `rollout status` fails only for a finished rollout with failed devices;
+/// a running or superseded one is not a failure of this command.
+fn rollout_exit_code(r: &RolloutView) -> i32 {
+    if r.counts.failed > 0 && r.status == RolloutStatus::Finished {
+        1
+    } else {
+        0
+    }
 }
 
 async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
@@ -444,6 +471,10 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                     ProgressStyle::with_template("{bar:40} {pos}/{len} succeeded {msg}")
                         .expect("valid"),
                 );
+                // A busy or restarting server may fail a poll now and then;
+                // only a server unreachable for this long ends the follow.
+                const GIVE_UP_AFTER: u32 = 60;
+                let mut failed_polls = 0;
                 while view.status == RolloutStatus::Running {
                     bar.set_position(view.counts.succeeded);
                     bar.set_message(format!(
@@ -451,7 +482,21 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                         view.counts.in_progress, view.counts.pending, view.counts.failed
                     ));
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    view = client.rollout(id).await?;
+                    match client.rollout(id).await {
+                        Ok(next) => {
+                            view = next;
+                            failed_polls = 0;
+                        }
+                        Err(e) if failed_polls < GIVE_UP_AFTER => {
+                            failed_polls += 1;
+                            bar.set_message(format!("(server not answering: {e:#})"));
+                        }
+                        Err(e) => {
+                            return Err(e.context(format!(
+                                "following rollout {id}: {GIVE_UP_AFTER} polls in a row failed"
+                            )))
+                        }
+                    }
                 }
                 bar.finish_and_clear();
             }
@@ -463,13 +508,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                     println!("see why with: uplift devices list");
                 }
             }
-            Ok(
-                if view.counts.failed > 0 && view.status == RolloutStatus::Finished {
-                    1
-                } else {
-                    0
-                },
-            )
+            Ok(rollout_exit_code(&view))
         }
         RolloutCommand::List { json, server } => {
             let views = server.client()?.rollouts().await?;
@@ -482,5 +521,75 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod rollout_output_tests {
+    use super::*;
+    use uplift_proto::api::RolloutCounts;
+
+    fn view(status: RolloutStatus, counts: RolloutCounts, superseded: u64) -> RolloutView {
+        RolloutView {
+            id: 3,
+            release: "1.1".parse().unwrap(),
+            device_type: "gw".parse().unwrap(),
+            allow_downgrade: false,
+            created_at: "2025-01-01T00:00:00Z".into(),
+            devices_total: counts.pending
+                + counts.in_progress
+                + counts.succeeded
+                + counts.failed
+                + superseded,
+            counts,
+            status,
+            superseded,
+        }
+    }
+
+    #[test]
+    fn a_superseded_rollout_says_so_and_does_not_fail_the_command() {
+        let r = view(RolloutStatus::Superseded, RolloutCounts::default(), 20);
+        assert_eq!(
+            rollout_line(&r),
+            "rollout 3 of 1.1 (gw): superseded — all 20 devices moved to a newer rollout"
+        );
+        assert_eq!(rollout_exit_code(&r), 0);
+    }
+
+    #[test]
+    fn a_partly_superseded_rollout_shows_how_many_moved() {
+        let counts = RolloutCounts {
+            succeeded: 15,
+            failed: 1,
+            ..Default::default()
+        };
+        let r = view(RolloutStatus::Finished, counts, 4);
+        assert_eq!(
+            rollout_line(&r),
+            "rollout 3 of 1.1 (gw): finished — 15 succeeded, 0 in progress, 0 pending, 1 failed \
+             of 20 devices (4 moved to a newer rollout)"
+        );
+        assert_eq!(
+            rollout_exit_code(&r),
+            1,
+            "a failed device fails the command"
+        );
+    }
+
+    #[test]
+    fn a_running_rollout_counts_its_devices() {
+        let counts = RolloutCounts {
+            pending: 1,
+            in_progress: 2,
+            succeeded: 3,
+            failed: 1,
+        };
+        let r = view(RolloutStatus::Running, counts, 0);
+        assert_eq!(
+            rollout_line(&r),
+            "rollout 3 of 1.1 (gw): running — 3 succeeded, 2 in progress, 1 pending, 1 failed of 7 devices"
+        );
+        assert_eq!(rollout_exit_code(&r), 0, "not finished yet");
     }
 }

@@ -3,6 +3,9 @@
 //! own slot files, boot environment and state directory in a temp dir. The
 //! demo and the end-to-end tests both use it; dropping a handle kills its
 //! process, so nothing outlives a test.
+//!
+//! Everything here is blocking (process waits, file copies) unless its name
+//! ends in `_async`; async callers run the rest on blocking threads.
 
 use crate::client::AdminClient;
 use anyhow::Context;
@@ -93,6 +96,42 @@ fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     child.wait().ok()
 }
 
+/// `VmHWM` (peak resident set size) from the text of `/proc/<pid>/status`, in bytes.
+pub fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let mut words = line["VmHWM:".len()..].split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    // The kernel always says kB (meaning KiB) here.
+    (words.next()? == "kB").then_some(value * 1024)
+}
+
+/// Stops many devices at once: SIGTERM to every one, then a single shared
+/// grace period in which they shut down in parallel, then SIGKILL for any
+/// left. Stopping them one after the other would cost up to `grace` each.
+/// Blocking (it polls with short sleeps): call it from a blocking thread.
+/// Returns how many had to be killed.
+pub fn stop_all(devices: &mut [Device], grace: Duration) -> usize {
+    let mut running: Vec<Child> = devices.iter_mut().filter_map(|d| d.child.take()).collect();
+    for child in &running {
+        signal(child, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while !running.is_empty() && Instant::now() < deadline {
+        running.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        if !running.is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let killed = running.len();
+    for child in &mut running {
+        let _ = child.kill();
+    }
+    for child in &mut running {
+        let _ = child.wait();
+    }
+    killed
+}
+
 /// A running `uplift-server` with its generated tokens and CA.
 #[derive(Debug)]
 pub struct ServerProcess {
@@ -166,6 +205,52 @@ impl ServerProcess {
         })
     }
 
+    /// [`Self::start_on`] on a blocking thread: it polls for the ready file
+    /// with sleeps, which must not stall an async runtime.
+    pub async fn start_on_async(bins: &Binaries, dir: &Path, listen: &str) -> anyhow::Result<Self> {
+        let (bins, dir, listen) = (bins.clone(), dir.to_owned(), listen.to_owned());
+        tokio::task::spawn_blocking(move || Self::start_on(&bins, &dir, &listen))
+            .await
+            .context("the task starting uplift-server panicked")?
+    }
+
+    /// SIGKILLs the server and starts a new one on the same address and
+    /// data, off the async threads. Returns the new server and the killed
+    /// one's peak RSS (read just before the kill; `None` if unreadable).
+    pub async fn kill_and_restart(
+        mut self,
+        bins: &Binaries,
+    ) -> anyhow::Result<(Self, Option<u64>)> {
+        let listen = self.listen_addr().to_owned();
+        let bins = bins.clone();
+        tokio::task::spawn_blocking(move || {
+            let peak = self.peak_rss().ok();
+            self.kill();
+            let dir = self.dir.clone();
+            drop(self);
+            Ok((Self::start_on(&bins, &dir, &listen)?, peak))
+        })
+        .await
+        .context("the task restarting uplift-server panicked")?
+    }
+
+    /// `host:port` the server listens on.
+    pub fn listen_addr(&self) -> &str {
+        self.endpoint.url.trim_start_matches("https://")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server process's peak resident set size in bytes (`VmHWM` in
+    /// `/proc/<pid>/status`); only while the process has not been reaped.
+    pub fn peak_rss(&self) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/status", self.child.id());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        parse_vm_hwm(&status).with_context(|| format!("no VmHWM line in {path}"))
+    }
+
     pub fn client(&self) -> anyhow::Result<AdminClient> {
         AdminClient::new(
             &self.endpoint.url,
@@ -180,6 +265,14 @@ impl ServerProcess {
 
     pub fn stop(&mut self) -> Option<ExitStatus> {
         stop_child(&mut self.child, Duration::from_secs(10))
+    }
+
+    /// [`Self::stop`] on a blocking thread (it waits up to 10 s).
+    pub async fn stop_async(mut self) -> Option<ExitStatus> {
+        tokio::task::spawn_blocking(move || self.stop())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// SIGKILL: the server gets no chance to flush or say goodbye.
@@ -555,5 +648,53 @@ async fn pipe(
         if limit > 0 {
             tokio::time::sleep(Duration::from_secs_f64(n as f64 / limit as f64)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_rss_is_read_from_vm_hwm_in_kib() {
+        let status = "Name:\tuplift-server\nVmPeak:\t  900000 kB\nVmHWM:\t   51200 kB\nVmRSS:\t   40000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(51200 * 1024));
+        assert_eq!(parse_vm_hwm("Name:\tx\nVmRSS:\t 1 kB\n"), None);
+    }
+
+    #[test]
+    fn peak_rss_of_this_process_is_plausible() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let peak = parse_vm_hwm(&status).expect("Linux reports VmHWM");
+        assert!(peak > 1024 * 1024, "{peak}");
+    }
+
+    #[test]
+    fn stop_all_stops_every_process_within_one_grace_period() {
+        // Processes that ignore SIGTERM: each must be killed, and all of
+        // them within one grace period, not one each.
+        let mut devices: Vec<Device> = (0..8)
+            .map(|i| Device {
+                dir: PathBuf::from(format!("/nonexistent/{i}")),
+                watchdog: None,
+                child: Some(
+                    Command::new("sh")
+                        .args(["-c", "trap '' TERM; exec sleep 30"])
+                        .spawn()
+                        .unwrap(),
+                ),
+            })
+            .collect();
+        // Give the shells time to install their trap.
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        let killed = stop_all(&mut devices, Duration::from_millis(500));
+        assert_eq!(killed, 8);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(devices.iter().all(|d| d.child.is_none()));
     }
 }

@@ -36,6 +36,25 @@ fn uplift_demo_upgrades_every_device_and_reports_json() {
         sent > 0 && sent < 4 * 1024 * 1024 + 64 * 1024,
         "each device fetched at most one image: {sent}"
     );
+    let peak = summary["server_peak_rss_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        peak > 1024 * 1024 && peak < 4 * 1024 * 1024 * 1024,
+        "the server's peak RSS, read from /proc: {summary}"
+    );
+    // The database counters are the server's to fill in; the summary must
+    // carry them, and their rate must agree with them.
+    let rows = summary["db_rows_written"]
+        .as_u64()
+        .expect("db_rows_written");
+    assert!(summary["db_write_batches"].as_u64().is_some(), "{summary}");
+    let rate = summary["db_rows_per_second"]
+        .as_f64()
+        .expect("db_rows_per_second");
+    let seconds = summary["seconds"].as_f64().unwrap();
+    assert!(
+        (rate * seconds - rows as f64).abs() < 1.0,
+        "{rate} rows/s over {seconds} s is not {rows} rows"
+    );
     let envs = std::fs::read_dir(work.path().join("devices"))
         .unwrap()
         .count();
@@ -76,6 +95,10 @@ fn uplift_demo_with_chaos_survives_every_kind_of_fault() {
         (summary["upgraded"].as_u64(), summary["failed"].as_u64()),
         (Some(6), Some(0)),
         "{summary}"
+    );
+    assert!(
+        summary["server_peak_rss_bytes"].as_u64().unwrap_or(0) > 1024 * 1024,
+        "the peak over both server processes: {summary}"
     );
     let faults = &summary["faults"];
     assert_eq!(faults["server_restarts"], 1, "{summary}");
