@@ -218,7 +218,7 @@ async fn missing_chunks(
     // Checked, not just found: a damaged copy is missing, so the uploader
     // sends it again (and that repairs the release).
     for hash in request.chunks {
-        if !state.chunks.is_present(&hash).await? {
+        if state.chunks.checked_len(&hash).await?.is_none() {
             missing.push(hash);
         }
     }
@@ -235,7 +235,7 @@ async fn upload_chunk(
     let body = body?;
     // Already stored and checked: nothing to do. A damaged copy (any size)
     // does not count, and is replaced below.
-    if state.chunks.is_present(&hash).await? {
+    if state.chunks.checked_len(&hash).await?.is_some() {
         return Ok(StatusCode::OK);
     }
     // The server never stores a chunk that does not match its name: otherwise
@@ -260,8 +260,10 @@ async fn upload_release(
     // the manifest is well-formed and complete so it never offers a broken one.
     let manifest = signed.parse_unverified()?;
     let mut missing = 0usize;
+    // Stored, checked, and of the size the manifest declares (devices
+    // refuse a chunk longer than declared).
     for entry in &manifest.chunks {
-        if !state.chunks.is_present(&entry.hash).await? {
+        if state.chunks.checked_len(&entry.hash).await? != Some(u64::from(entry.stored_size)) {
             missing += 1;
         }
     }

@@ -162,12 +162,13 @@ impl Chunks {
             .collect())
     }
 
-    /// Present means stored and checked: a damaged copy counts as absent
-    /// (and is set aside), so an upload replaces it.
-    pub async fn is_present(&self, hash: &ChunkHash) -> Result<bool, ChunkError> {
+    /// The stored size of a chunk that is stored and checked; `None` if it
+    /// is absent or damaged (a damaged copy is set aside, so an upload
+    /// replaces it).
+    pub async fn checked_len(&self, hash: &ChunkHash) -> Result<Option<u64>, ChunkError> {
         match self.read_verified(hash).await {
-            Ok(found) => Ok(found.is_some()),
-            Err(ChunkError::Damaged { .. }) => Ok(false),
+            Ok(found) => Ok(found.map(|bytes| bytes.len() as u64)),
+            Err(ChunkError::Damaged { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }

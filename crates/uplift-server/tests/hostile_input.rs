@@ -1565,17 +1565,22 @@ async fn invalid_or_incomplete_releases_are_refused() {
     assert!(srv.releases().await.is_empty(), "no release stored");
 
     // The complete, valid release is accepted (so the refusals above are not
-    // just a broken endpoint), and a second upload of it conflicts.
+    // just a broken endpoint); the same release again is a harmless repair,
+    // but another manifest under its version conflicts: releases are immutable.
     let key = ReleaseSigningKey::generate();
     let good = sign_manifest(&manifest_for("1.0", &[&a, &b]), &key).unwrap();
     let resp = post(good.to_json()).await.unwrap();
     assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
-    json_error(
-        post(good.to_json()).await.unwrap(),
+    let resp = post(good.to_json()).await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let other = sign_manifest(&manifest_for("1.0", &[&b, &a]), &key).unwrap();
+    let err = json_error(
+        post(other.to_json()).await.unwrap(),
         409,
         ErrorKind::Conflict,
     )
     .await;
+    assert!(err.message.contains("immutable"), "{err}");
     assert_eq!(srv.releases().await.len(), 1);
     srv.assert_unaffected().await;
 }
