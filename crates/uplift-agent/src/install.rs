@@ -44,6 +44,9 @@ pub enum InstallError {
     Downgrade { running: Version, target: Version },
     #[error("downloading {what} failed: {detail}")]
     Download { what: String, detail: String },
+    /// The server found its own copy damaged; `message` is its words.
+    #[error("downloading {what} failed: {message}")]
+    StoredChunkDamaged { what: String, message: String },
     #[error("cannot reach the server to download {what}: {detail}; the download resumes when the server is back")]
     Unreachable { what: String, detail: String },
     #[error("{what} sent more than the {limit} bytes declared; refusing endless data")]
@@ -94,6 +97,7 @@ impl InstallError {
             InstallError::VersionMismatch { .. } => ErrorKind::VersionMismatch,
             InstallError::Downgrade { .. } => ErrorKind::DowngradeRefused,
             InstallError::Unreachable { .. } => ErrorKind::ServerUnreachable,
+            InstallError::StoredChunkDamaged { .. } => ErrorKind::StoredChunkDamaged,
             InstallError::Download { .. }
             | InstallError::TooLong { .. }
             | InstallError::TooSlow { .. } => ErrorKind::DownloadFailed,
@@ -294,11 +298,22 @@ impl Installer {
                 };
             let status = response.status();
             if status == reqwest::StatusCode::UNAUTHORIZED || status.is_server_error() {
-                // A stale token after a reconnect, or a server fault (say, a
-                // chunk damaged on its disk): retried, and if it lasts, the
-                // server's own words are what the operator sees.
                 let said = error_body(response, self.config.download.stall_timeout()).await;
-                last_error = format!("server answered {status}: {said}");
+                match serde_json::from_str::<WireError>(&said) {
+                    // Damage on the server's disk lasts until the operator
+                    // uploads the release again: asking again now is no use,
+                    // and the operator must see the server's own words.
+                    Ok(e) if e.kind == ErrorKind::StoredChunkDamaged => {
+                        return Err(InstallError::StoredChunkDamaged {
+                            what: what.to_owned(),
+                            message: e.message,
+                        });
+                    }
+                    // A stale token after a reconnect, or a passing server
+                    // fault: retried; if it lasts, its words are kept.
+                    Ok(e) => last_error = format!("server answered {status}: {e}"),
+                    Err(_) => last_error = format!("server answered {status}: {said}"),
+                }
                 unreachable = false;
                 continue;
             }
@@ -953,30 +968,67 @@ mod tests {
         (installer, token_tx)
     }
 
-    /// A hostile server on loopback that answers every request with `head`
-    /// and then sends filler bytes until the client hangs up.
-    async fn endless_server(head: &'static str) -> String {
+    /// A server on loopback answering every request with `head`, then
+    /// `filler`, over and over until the client hangs up if `endless`;
+    /// returns its URL and a count of the requests it got.
+    async fn canned_server(
+        head: String,
+        filler: Vec<u8>,
+        endless: bool,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = requests.clone();
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let (head, filler) = (head.clone(), filler.clone());
                 tokio::spawn(async move {
                     let mut request = [0u8; 4096];
                     let _ = socket.read(&mut request).await;
                     let _ = socket.write_all(head.as_bytes()).await;
-                    let filler = vec![0x5a; 64 * 1024];
-                    while socket.write_all(&filler).await.is_ok() {}
+                    while socket.write_all(&filler).await.is_ok() && endless {}
                 });
             }
         });
-        url
+        (url, requests)
+    }
+
+    #[tokio::test]
+    async fn a_chunk_the_server_found_damaged_fails_at_once_in_the_servers_words() {
+        let state = tempfile::tempdir().unwrap();
+        let body = serde_json::to_vec(&WireError::new(
+            ErrorKind::StoredChunkDamaged,
+            "chunk x is damaged on the server's disk; repair it with `uplift release upload`",
+        ))
+        .unwrap();
+        let head = format!(
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let (url, requests) = canned_server(head, body, false).await;
+        let (installer, _token) = installer_for(&url, state.path());
+        let err = installer
+            .fetch("/v1/device/chunks/x", "chunk x", 1 << 20)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::StoredChunkDamaged, "{err}");
+        assert!(err.to_string().contains("uplift release upload"), "{err}");
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            1,
+            "not asked again within the attempt"
+        );
     }
 
     #[tokio::test]
     async fn a_download_that_never_ends_is_refused_at_its_limit() {
         let state = tempfile::tempdir().unwrap();
-        let url = endless_server("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n").await;
+        let head = "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_owned();
+        let (url, _) = canned_server(head, vec![0x5a; 64 * 1024], true).await;
         let (installer, _token) = installer_for(&url, state.path());
         let err = installer
             .fetch("/v1/device/chunks/x", "chunk x", 256 * 1024)
@@ -992,7 +1044,8 @@ mod tests {
     #[tokio::test]
     async fn a_download_declared_longer_than_its_limit_is_refused_before_reading() {
         let state = tempfile::tempdir().unwrap();
-        let url = endless_server("HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\n\r\n").await;
+        let head = "HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\n\r\n".to_owned();
+        let (url, _) = canned_server(head, vec![0x5a; 64 * 1024], true).await;
         let (installer, _token) = installer_for(&url, state.path());
         let err = installer
             .fetch("/v1/device/manifest", "the manifest", 1024)

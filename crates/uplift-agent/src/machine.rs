@@ -74,7 +74,8 @@ pub enum Event {
 pub const MAX_INSTALL_ATTEMPTS: u32 = 3;
 
 /// Failures a new attempt can cure: the network, a chunk damaged in
-/// transit or storage, a write error. A bad signature, another device type
+/// transit or storage (on the server's disk too, once the operator uploads
+/// the release again), a write error. A bad signature, another device type
 /// or a downgrade fail the same way every time and are not retried.
 fn retryable(kind: ErrorKind) -> bool {
     matches!(
@@ -82,6 +83,7 @@ fn retryable(kind: ErrorKind) -> bool {
         ErrorKind::DownloadFailed
             | ErrorKind::ServerUnreachable
             | ErrorKind::ChunkHashMismatch
+            | ErrorKind::StoredChunkDamaged
             | ErrorKind::ImageHashMismatch
             | ErrorKind::SlotIo
     )

@@ -189,10 +189,10 @@ async fn a_chunk_damaged_on_the_server_disk_is_refused_reported_and_repaired_by_
 
     // The server never serves the bad bytes: it says what is wrong instead.
     fx.rollout("1.1", None).await;
-    let message = assert_rejected(&fx, &device, &env, ErrorKind::DownloadFailed).await;
+    let message = assert_rejected(&fx, &device, &env, ErrorKind::StoredChunkDamaged).await;
     assert!(
-        message.contains("stored_chunk_damaged") && message.contains(&chunk),
-        "the device hears the server's reason: {message}"
+        message.contains(&chunk) && message.contains("uplift release upload"),
+        "the device reports the server's reason: {message}"
     );
     assert!(
         !device.log().contains("chunk_hash_mismatch"),
@@ -364,11 +364,8 @@ async fn a_stored_chunk_grown_past_any_valid_size_is_never_served() {
     // The server checks what it serves and refuses the chunk; the agent's
     // own limit on a body (for a hostile server that does send endless
     // data) is tested in uplift-agent's install tests.
-    let message = assert_rejected(&fx, &device, &env, ErrorKind::DownloadFailed).await;
-    assert!(
-        message.contains("stored_chunk_damaged") && message.contains(&hex),
-        "{message}"
-    );
+    let message = assert_rejected(&fx, &device, &env, ErrorKind::StoredChunkDamaged).await;
+    assert!(message.contains(&hex), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

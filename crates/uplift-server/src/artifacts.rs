@@ -47,8 +47,11 @@ pub trait ArtifactStore: Send + Sync + std::fmt::Debug {
         limit: u64,
     ) -> Result<Option<(Bytes, Fingerprint)>, ArtifactError>;
     /// Moves a damaged chunk out of the way (kept for a post-mortem), so it
-    /// counts as absent and the next upload stores a good copy.
-    async fn quarantine(&self, hash: &ChunkHash) -> Result<(), ArtifactError>;
+    /// counts as absent and the next upload stores a good copy; only if the
+    /// file is still the one `read` describes (a repair that landed since
+    /// stays). Returns whether it moved it.
+    async fn quarantine(&self, hash: &ChunkHash, read: &Fingerprint)
+        -> Result<bool, ArtifactError>;
 }
 
 #[derive(Debug, Clone)]
@@ -118,16 +121,26 @@ impl ArtifactStore for LocalArtifacts {
         Ok(Some((Bytes::from(bytes), fingerprint(&meta))))
     }
 
-    async fn quarantine(&self, hash: &ChunkHash) -> Result<(), ArtifactError> {
+    async fn quarantine(
+        &self,
+        hash: &ChunkHash,
+        read: &Fingerprint,
+    ) -> Result<bool, ArtifactError> {
         let path = self.path_of(hash);
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) if fingerprint(&meta) == *read => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io(&path)(e)),
+        }
         let dir = self.quarantine_dir();
         tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
         let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
         let to = dir.join(format!("{}.zst.{stamp}", hash.to_hex()));
         match tokio::fs::rename(&path, &to).await {
-            Ok(()) => Ok(()),
-            // Someone else moved or repaired it first.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Ok(()) => Ok(true),
+            // Someone else moved it first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io(&path)(e)),
         }
     }
@@ -195,7 +208,11 @@ mod tests {
         std::fs::write(&path, b"01234x6789").unwrap();
         let (_, second) = store.read_all(&hash, 100).await.unwrap().unwrap();
         assert_ne!(first, second);
-        store.quarantine(&hash).await.unwrap();
+        assert!(
+            !store.quarantine(&hash, &first).await.unwrap(),
+            "a file changed since it was read (a repair) is not set aside"
+        );
+        assert!(store.quarantine(&hash, &second).await.unwrap());
         assert!(store.read_all(&hash, 100).await.unwrap().is_none());
         assert_eq!(
             std::fs::read_dir(dir.path().join("damaged"))

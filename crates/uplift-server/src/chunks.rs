@@ -119,16 +119,24 @@ impl Chunks {
                 lock(&self.damaged).remove(hash);
                 Ok(Some(bytes))
             }
-            Err(detail) => Err(self.set_aside(hash, detail).await),
+            Err(detail) => Err(self.set_aside(hash, &fingerprint, detail).await),
         }
     }
 
     /// Quarantines a damaged chunk and tells the operator which releases it breaks.
-    async fn set_aside(&self, hash: &ChunkHash, detail: String) -> ChunkError {
+    async fn set_aside(&self, hash: &ChunkHash, read: &Fingerprint, detail: String) -> ChunkError {
         lock(&self.verified).remove(hash);
-        lock(&self.damaged).insert(*hash, detail.clone());
-        if let Err(e) = self.artifacts.quarantine(hash).await {
-            tracing::error!(chunk = %hash, "cannot set the damaged chunk aside: {e}");
+        match self.artifacts.quarantine(hash, read).await {
+            Ok(true) => {
+                lock(&self.damaged).insert(*hash, detail.clone());
+            }
+            // A good copy was uploaded meanwhile: this request still saw
+            // damage, the next one gets the repaired chunk.
+            Ok(false) => {}
+            Err(e) => {
+                lock(&self.damaged).insert(*hash, detail.clone());
+                tracing::error!(chunk = %hash, "cannot set the damaged chunk aside: {e}");
+            }
         }
         let releases = match self.releases_holding(hash).await {
             Ok(releases) if releases.is_empty() => "no stored release".to_owned(),

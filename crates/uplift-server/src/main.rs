@@ -31,7 +31,8 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Check every chunk of every stored release against its hash (read-only;
-    /// safe beside a running server). Exits 1 if any is missing or damaged.
+    /// safe beside a running server). Exits 1 if any is missing or damaged,
+    /// 2 if the check could not run.
     Check,
 }
 
@@ -61,9 +62,17 @@ async fn main() -> anyhow::Result<()> {
         config.admin_listen = Some(admin);
     }
     if let Some(Command::Check) = args.command {
-        let report = uplift_server::check_data_dir(&config).await?;
-        print!("{}", report.render());
-        std::process::exit(if report.is_clean() { 0 } else { 1 });
+        // 1 means damage found; 2, that nothing could be checked.
+        match uplift_server::check_data_dir(&config).await {
+            Ok(report) => {
+                print!("{}", report.render());
+                std::process::exit(if report.is_clean() { 0 } else { 1 });
+            }
+            Err(e) => {
+                eprintln!("uplift-server check: {e:#}");
+                std::process::exit(2);
+            }
+        }
     }
     let server = uplift_server::Server::open(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
