@@ -69,25 +69,8 @@ async fn manifest_signed_by_an_unknown_key_is_rejected() {
     );
 
     // The operator sees it in the CLI's device list.
-    let out = Command::new(env!("CARGO_BIN_EXE_uplift"))
-        .args([
-            "devices",
-            "list",
-            "--server",
-            &fx.server.endpoint.url,
-            "--token",
-            &fx.server.admin_token,
-            "--ca",
-        ])
-        .arg(&fx.server.endpoint.ca_file)
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, table, err) = uplift(&fx, &["devices", "list"]);
+    assert!(ok, "{table}{err}");
     assert!(
         table.contains("failed") && table.contains("manifest_signature"),
         "{table}"
