@@ -888,6 +888,7 @@ mod tests {
             manifest_path: uplift_proto::api::device_manifest_path(&version),
             version,
             allow_downgrade,
+            max_bytes_per_sec: None,
         }
     }
 

@@ -564,6 +564,7 @@ mod tests {
             version: v(version),
             manifest_path: format!("/m/{version}"),
             allow_downgrade: false,
+            max_bytes_per_sec: None,
         }
     }
 

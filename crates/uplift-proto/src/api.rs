@@ -28,6 +28,16 @@ pub fn device_manifest_path(version: &Version) -> String {
     format!("/v1/device/releases/{version}/manifest")
 }
 
+/// Device download of a run of a release's chunks in one request: the
+/// stored bytes of chunk entries `first..first + count` (manifest order),
+/// back to back, so the agent splits them by the manifest's stored sizes.
+pub fn device_span_path(version: &Version, first: u64, count: u64) -> String {
+    format!("/v1/device/releases/{version}/chunks?first={first}&count={count}")
+}
+
+/// Most chunk entries one span request may ask for.
+pub const MAX_SPAN_CHUNKS: u64 = 256;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceView {
     pub id: DeviceId,

@@ -70,6 +70,10 @@ pub struct Offer {
     pub manifest_path: String,
     /// The operator explicitly allowed installing an older version.
     pub allow_downgrade: bool,
+    /// Download rate cap for this rollout, per device (bytes/s); the agent
+    /// keeps to the lower of this and its own `[download] max_bytes_per_sec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,6 +218,7 @@ mod tests {
             version: "1.1".parse().unwrap(),
             manifest_path: "/v1/device/releases/1.1/manifest".into(),
             allow_downgrade: false,
+            max_bytes_per_sec: None,
         });
         let frame = encode(&msg);
         assert!(frame.contains("\"v\":1"), "{frame}");

@@ -338,6 +338,7 @@ pub fn offer_for(target: Option<DeviceTarget>) -> ServerMsg {
             manifest_path: device_manifest_path(&target.version),
             version: target.version,
             allow_downgrade: target.allow_downgrade,
+            max_bytes_per_sec: None,
         }),
         None => ServerMsg::NoUpdate,
     }
