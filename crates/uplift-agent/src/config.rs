@@ -67,6 +67,14 @@ pub struct Download {
     /// `server_unreachable`.
     #[serde(default = "default_offline_wait")]
     pub offline_wait_secs: u64,
+    /// Chunk requests in flight at once (each a span of neighbouring
+    /// chunks): enough to keep a long link busy, few enough to stay small.
+    #[serde(default = "default_parallel_requests")]
+    pub parallel_requests: usize,
+    /// This device's download cap; a rollout's cap (sent in its offer)
+    /// applies too, and the lower one wins. Unset: no cap.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 impl Default for Download {
@@ -75,6 +83,8 @@ impl Default for Download {
             stall_timeout_secs: default_stall_timeout(),
             min_bytes_per_sec: default_min_rate(),
             offline_wait_secs: default_offline_wait(),
+            parallel_requests: default_parallel_requests(),
+            max_bytes_per_sec: None,
         }
     }
 }
@@ -90,6 +100,9 @@ impl Download {
     }
 }
 
+fn default_parallel_requests() -> usize {
+    4
+}
 fn default_offline_wait() -> u64 {
     120
 }
@@ -213,6 +226,14 @@ impl AgentConfig {
             ("min_bytes_per_sec", config.download.min_bytes_per_sec),
             ("stall_timeout_secs", config.download.stall_timeout_secs),
             ("offline_wait_secs", config.download.offline_wait_secs),
+            (
+                "parallel_requests",
+                config.download.parallel_requests as u64,
+            ),
+            (
+                "max_bytes_per_sec",
+                config.download.max_bytes_per_sec.unwrap_or(1),
+            ),
         ] {
             if value == 0 {
                 anyhow::bail!("{}: [download] {key} must be at least 1", path.display());
@@ -263,6 +284,7 @@ mod tests {
             stall_timeout_secs: 2,
             min_bytes_per_sec: 1 << 20,
             offline_wait_secs: 1,
+            ..Download::default()
         };
         assert_eq!(tight.deadline_for(512 * 1024), Duration::from_millis(2500));
     }

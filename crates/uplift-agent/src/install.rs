@@ -1,36 +1,29 @@
 //! Installing a release into the inactive slot: fetch and verify the signed
-//! manifest, stream every chunk with a size limit and a digest check into the
-//! slot, verify the whole image, and only then switch the boot environment to
-//! try the new slot for a limited number of boots. The running slot is never
-//! written.
+//! manifest, check it is for this device, let [`crate::download`] fill the
+//! slot with every chunk verified, and only then switch the boot environment
+//! to try the new slot for a limited number of boots. The running slot is
+//! never written.
 
 use crate::config::AgentConfig;
-use crate::local::{InstallProgress, LocalState, PendingInstall, SlotContent};
+use crate::download::{Counters, Download};
+use crate::local::{LocalState, PendingInstall, SlotContent};
 use crate::machine::Event;
 use futures_util::StreamExt;
-use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use uplift_bootenv::file::BootEnvFile;
-use uplift_proto::api::{device_chunk_path, device_manifest_path};
+use uplift_proto::api::device_manifest_path;
 use uplift_proto::channel::{Offer, Progress};
+use uplift_proto::pace;
 use uplift_proto::{ChunkHash, ErrorKind, SlotName, Version, WireError};
-use uplift_release::manifest::{ChunkEntry, Manifest, SignedManifest, MAX_MANIFEST_BYTES};
-use uplift_release::seed::SeedChunk;
+use uplift_release::manifest::{Manifest, SignedManifest, MAX_MANIFEST_BYTES};
 
-const CHUNK_ATTEMPTS: u32 = 4;
-/// How often the resume journal is brought up to date (each time costs an fsync).
-const JOURNAL_EVERY: Duration = Duration::from_millis(500);
-/// Most of the running slot read when indexing it for reusable chunks.
-const SEED_LIMIT: u64 = 64 << 30;
 const PROGRESS_EVERY: Duration = Duration::from_millis(300);
+/// Attempts per request without progress before the install fails.
+pub(crate) const CHUNK_ATTEMPTS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -151,7 +144,17 @@ impl InstallGuard {
         self.cancelled.store(true, Ordering::SeqCst);
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// Like [`Self::blocking`] for a long step that checks the flag itself
+    /// between units of work.
+    pub(crate) async fn blocking_cancellable<T: Send + 'static>(
+        &self,
+        step: impl FnOnce(&AtomicBool) -> Result<T, InstallError> + Send + 'static,
+    ) -> Result<T, InstallError> {
+        let cancelled = self.cancelled.clone();
+        self.blocking(move || step(&cancelled)).await
+    }
+
+    pub(crate) async fn blocking<T: Send + 'static>(
         &self,
         step: impl FnOnce() -> Result<T, InstallError> + Send + 'static,
     ) -> Result<T, InstallError> {
@@ -259,91 +262,97 @@ impl Installer {
         }
     }
 
-    /// GETs `path` with the session token, refusing bodies over `limit`.
+    /// Sends one GET of `path` with the session token and sorts out the
+    /// answer: a response to read, a failure worth another attempt, or one
+    /// that is final. Returns when the request was sent, for its deadline.
+    pub(crate) async fn request(
+        &self,
+        path: &str,
+        what: &str,
+        limit: u64,
+    ) -> Result<(reqwest::Response, Instant), Failed> {
+        let token = self.current_token().await.map_err(Failed::Fatal)?;
+        let url = self.server_url.join(path).map_err(|e| {
+            Failed::Fatal(InstallError::Download {
+                what: what.to_owned(),
+                detail: format!("bad path {path:?}: {e}"),
+            })
+        })?;
+        let started = Instant::now();
+        let stall = self.config.download.stall_timeout();
+        let request = self.http.get(url).bearer_auth(&token).send();
+        let response = match tokio::time::timeout(stall, request).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(Failed::Retry(Retry::lost(format!("{e}")))),
+            Err(_) => {
+                return Err(Failed::Retry(Retry::lost(format!(
+                    "no answer within {} s",
+                    self.config.download.stall_timeout_secs
+                ))))
+            }
+        };
+        let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status.is_server_error() {
+            let said = error_body(response, stall).await;
+            return Err(match serde_json::from_str::<WireError>(&said) {
+                // Damage on the server's disk lasts until the operator
+                // uploads the release again: asking again now is no use,
+                // and the operator must see the server's own words.
+                Ok(e) if e.kind == ErrorKind::StoredChunkDamaged => {
+                    Failed::Fatal(InstallError::StoredChunkDamaged {
+                        what: what.to_owned(),
+                        message: e.message,
+                    })
+                }
+                // A stale token after a reconnect, or a passing server
+                // fault: retried; if it lasts, its words are kept.
+                Ok(e) => Failed::Retry(Retry::refused(format!("server answered {status}: {e}"))),
+                Err(_) => {
+                    Failed::Retry(Retry::refused(format!("server answered {status}: {said}")))
+                }
+            });
+        }
+        if !status.is_success() {
+            let body = error_body(response, stall).await;
+            return Err(Failed::Fatal(InstallError::Download {
+                what: what.to_owned(),
+                detail: format!("server answered {status}: {body}"),
+            }));
+        }
+        if response.content_length().is_some_and(|len| len > limit) {
+            return Err(Failed::Fatal(InstallError::TooLong {
+                what: what.to_owned(),
+                limit,
+            }));
+        }
+        Ok((response, started))
+    }
+
+    /// GETs `path` whole with the session token, refusing bodies over `limit`.
     async fn fetch(&self, path: &str, what: &str, limit: u64) -> Result<Vec<u8>, InstallError> {
-        let mut last_error = String::new();
-        // Whether the last attempt failed for want of a connection (rather
-        // than the server answering with an error).
-        let mut unreachable = false;
+        let mut last = Retry::default();
         for attempt in 0..CHUNK_ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+                tokio::time::sleep(retry_wait(attempt - 1)).await;
             }
-            let token = self.current_token().await?;
-            let url = self
-                .server_url
-                .join(path)
-                .map_err(|e| InstallError::Download {
-                    what: what.to_owned(),
-                    detail: format!("bad path {path:?}: {e}"),
-                })?;
-            let started = Instant::now();
-            let request = self.http.get(url).bearer_auth(&token).send();
-            let response =
-                match tokio::time::timeout(self.config.download.stall_timeout(), request).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => {
-                        last_error = format!("{e}");
-                        unreachable = true;
-                        continue;
-                    }
-                    Err(_) => {
-                        last_error = format!(
-                            "no answer within {} s",
-                            self.config.download.stall_timeout_secs
-                        );
-                        unreachable = true;
-                        continue;
-                    }
-                };
-            let status = response.status();
-            if status == reqwest::StatusCode::UNAUTHORIZED || status.is_server_error() {
-                let said = error_body(response, self.config.download.stall_timeout()).await;
-                match serde_json::from_str::<WireError>(&said) {
-                    // Damage on the server's disk lasts until the operator
-                    // uploads the release again: asking again now is no use,
-                    // and the operator must see the server's own words.
-                    Ok(e) if e.kind == ErrorKind::StoredChunkDamaged => {
-                        return Err(InstallError::StoredChunkDamaged {
-                            what: what.to_owned(),
-                            message: e.message,
-                        });
-                    }
-                    // A stale token after a reconnect, or a passing server
-                    // fault: retried; if it lasts, its words are kept.
-                    Ok(e) => last_error = format!("server answered {status}: {e}"),
-                    Err(_) => last_error = format!("server answered {status}: {said}"),
+            let (response, started) = match self.request(path, what, limit).await {
+                Ok(answer) => answer,
+                Err(failed) => {
+                    last = failed.or_fail()?;
+                    continue;
                 }
-                unreachable = false;
-                continue;
-            }
-            if !status.is_success() {
-                let body = error_body(response, self.config.download.stall_timeout()).await;
-                return Err(InstallError::Download {
-                    what: what.to_owned(),
-                    detail: format!("server answered {status}: {body}"),
-                });
-            }
-            if response.content_length().is_some_and(|len| len > limit) {
-                return Err(InstallError::TooLong {
-                    what: what.to_owned(),
-                    limit,
-                });
-            }
+            };
             let expected = response.content_length().unwrap_or(limit);
             let allowed = self.config.download.deadline_for(expected);
             let deadline = tokio::time::Instant::from_std(started) + allowed;
             let mut body = Vec::with_capacity(limit.min(4 << 20) as usize);
             let mut stream = response.bytes_stream();
-            let mut broken = None;
-            loop {
+            let broken = loop {
                 let piece = match tokio::time::timeout_at(deadline, stream.next()).await {
-                    Ok(Some(piece)) => piece,
-                    Ok(None) => break,
+                    Ok(Some(Ok(piece))) => piece,
+                    Ok(Some(Err(e))) => break format!("{e}"),
+                    Ok(None) => return Ok(body),
                     Err(_) => {
-                        // Slow retrieval: the server answers, but too slowly
-                        // to ever finish. Not a lost connection, so it does
-                        // not renew the retry budget the way an outage does.
                         return Err(InstallError::TooSlow {
                             what: what.to_owned(),
                             received: body.len() as u64,
@@ -353,42 +362,17 @@ impl Installer {
                         });
                     }
                 };
-                match piece {
-                    Ok(bytes) => {
-                        if body.len() as u64 + bytes.len() as u64 > limit {
-                            return Err(InstallError::TooLong {
-                                what: what.to_owned(),
-                                limit,
-                            });
-                        }
-                        body.extend_from_slice(&bytes);
-                    }
-                    Err(e) => {
-                        broken = Some(format!("{e}"));
-                        break;
-                    }
+                if body.len() as u64 + piece.len() as u64 > limit {
+                    return Err(InstallError::TooLong {
+                        what: what.to_owned(),
+                        limit,
+                    });
                 }
-            }
-            match broken {
-                None => return Ok(body),
-                Some(e) => {
-                    last_error = e;
-                    unreachable = true;
-                }
-            }
+                body.extend_from_slice(&piece);
+            };
+            last = Retry::lost(broken);
         }
-        let detail = format!("gave up after {CHUNK_ATTEMPTS} attempts: {last_error}");
-        if unreachable {
-            Err(InstallError::Unreachable {
-                what: what.to_owned(),
-                detail,
-            })
-        } else {
-            Err(InstallError::Download {
-                what: what.to_owned(),
-                detail,
-            })
-        }
+        Err(last.give_up(what))
     }
 
     async fn install(
@@ -399,6 +383,88 @@ impl Installer {
         running: &Version,
         events: &mpsc::Sender<Event>,
     ) -> Result<(), InstallError> {
+        let manifest = self.verified_manifest(offer, running).await?;
+        let target = booted.other();
+        let path = self.config.slots.path(target).to_owned();
+        let bootenv = BootEnvFile::new(self.config.boot.env_file.clone());
+        let hook_env = [
+            ("UPLIFT_VERSION", manifest.version.to_string()),
+            ("UPLIFT_SLOT", target.to_string()),
+            ("UPLIFT_SLOT_PATH", path.display().to_string()),
+        ];
+        self.hook(
+            "pre-install hook",
+            self.config.hooks.pre_install.as_deref(),
+            &hook_env,
+        )
+        .await?;
+        let booted_image = self.booted_image(booted).await;
+        prepare_slot_for_writing(&self.guard, &bootenv, &self.local, booted, target).await?;
+
+        let counters = Arc::new(Counters::default());
+        let download = Download {
+            installer: self,
+            manifest: &manifest,
+            target,
+            target_path: path,
+            booted_path: self.config.slots.path(booted).to_owned(),
+            booted_image: booted_image.clone(),
+            offer_cap: offer.max_bytes_per_sec,
+            counters: counters.clone(),
+        };
+        let total = manifest.image.size;
+        let report = |counters: &Counters| Progress {
+            done_bytes: counters.done_bytes.load(Ordering::Relaxed),
+            total_bytes: total,
+            fetched_bytes: counters.fetched_bytes.load(Ordering::Relaxed),
+        };
+        let ticker = async {
+            loop {
+                tokio::time::sleep(PROGRESS_EVERY).await;
+                let progress = report(&counters);
+                let _ = events.send(Event::Progress { install, progress }).await;
+            }
+        };
+        let tally = tokio::select! {
+            tally = download.run() => tally?,
+            () = ticker => unreachable!("the progress ticker never ends"),
+        };
+        let progress = report(&counters);
+        let _ = events.send(Event::Progress { install, progress }).await;
+        tracing::info!(
+            version = %manifest.version,
+            chunks = manifest.chunks.len(),
+            fetched = tally.fetched,
+            fetched_bytes = tally.fetched_bytes,
+            reused_from_running_slot = tally.copied,
+            repeated_in_image = tally.repeated,
+            trusted_from_journal = tally.journaled,
+            "all chunks in slot {target}, each verified by its hash on the way in"
+        );
+        let _ = events.send(Event::Verifying { install }).await;
+        self.hook(
+            "post-install hook",
+            self.config.hooks.post_install.as_deref(),
+            &hook_env,
+        )
+        .await?;
+
+        self.switch_to_trial(
+            &bootenv,
+            target,
+            &manifest,
+            offer.rollout_id,
+            booted_image.map(|(id, _)| id),
+        )
+        .await
+    }
+
+    /// The offered release's manifest, signature checked, for this device.
+    async fn verified_manifest(
+        &self,
+        offer: &Offer,
+        running: &Version,
+    ) -> Result<Manifest, InstallError> {
         let json = self
             // Built from the (validated) version, not taken from the offer:
             // the session token goes with the request, and a path from the
@@ -415,241 +481,94 @@ impl Installer {
             time::OffsetDateTime::now_utc(),
         )?;
         check_manifest(&manifest, offer, &self.config.device_type, running)?;
+        Ok(manifest)
+    }
 
-        let target = booted.other();
-        let path = self.config.slots.path(target).to_owned();
-        let bootenv = BootEnvFile::new(self.config.boot.env_file.clone());
-        let hook_env = [
-            ("UPLIFT_VERSION", manifest.version.to_string()),
-            ("UPLIFT_SLOT", target.to_string()),
-            ("UPLIFT_SLOT_PATH", path.display().to_string()),
-        ];
-        self.hook(
-            "pre-install hook",
-            self.config.hooks.pre_install.as_deref(),
-            &hook_env,
-        )
-        .await?;
-        prepare_slot_for_writing(&self.guard, &bootenv, &self.local, booted, target).await?;
+    /// The image the running slot holds (digest and size), if the slot
+    /// table knows it; the factory image is not recorded.
+    async fn booted_image(&self, booted: SlotName) -> Option<(String, u64)> {
+        let local = self.local.clone();
+        let slots = tokio::task::spawn_blocking(move || local.slots())
+            .await
+            .ok()?
+            .ok()?;
+        let id = slots.get(booted)?.image_sha256.clone();
+        let list = self.local.chunk_list(&id)?;
+        let size = list.iter().map(|(_, size)| u64::from(*size)).sum();
+        Some((id, size))
+    }
+}
 
-        let image_id = manifest.image.sha256.to_hex();
-        let (size, local, id) = (manifest.image.size, self.local.clone(), image_id.clone());
-        let (slot, trusted) = self
-            .guard
-            .blocking(move || {
-                let slot = SlotWriter::open(target, &path, size)?;
-                let trusted = match local.install_progress().map_err(state_err)? {
-                    Some(p) if p.slot == target && p.image_sha256 == id => p.verified_bytes,
-                    _ => 0,
-                };
-                Ok((slot, trusted))
-            })
-            .await?;
-        let seed = Seed::index(self.config.slots.path(booted)).await;
-        let total = manifest.image.size;
-        let mut tally = Tally::default();
-        let mut done = 0u64;
-        let mut last_progress = Instant::now();
-        let mut last_journal = Instant::now();
-        let chunk_count = manifest.chunks.len();
-        for (index, (offset, entry)) in manifest.chunk_offsets().enumerate() {
-            let entry = *entry;
-            let end = offset + u64::from(entry.size);
-            let source = if end <= trusted {
-                Source::Journaled
-            } else {
-                let (slot, seed) = (slot.clone(), seed.clone());
-                self.guard
-                    .blocking(move || {
-                        if slot.holds(&entry, offset)? {
-                            return Ok(Source::AlreadyInSlot);
-                        }
-                        if let Some(data) = seed.copy_of(&entry) {
-                            slot.write_at(&data, offset)?;
-                            return Ok(Source::Seed);
-                        }
-                        Ok(Source::Fetch)
-                    })
-                    .await?
-            };
-            if source == Source::Fetch {
-                let what = format!("chunk {} at offset {offset}", entry.hash);
-                let stored = self
-                    .fetch(
-                        &device_chunk_path(&entry.hash),
-                        &what,
-                        u64::from(entry.stored_size),
-                    )
-                    .await?;
-                tally.fetched_bytes += stored.len() as u64;
-                let writer = slot.clone();
-                self.guard
-                    .blocking(move || {
-                        let data = uplift_release::chunk::decode_chunk(&entry, &stored)?;
-                        writer.write_at(&data, offset)
-                    })
-                    .await?;
+/// A failed request attempt: worth another try, or final.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    Retry(Retry),
+    Fatal(InstallError),
+}
+
+impl Failed {
+    /// The retry to note, or the final error to return.
+    pub(crate) fn or_fail(self) -> Result<Retry, InstallError> {
+        match self {
+            Failed::Retry(retry) => Ok(retry),
+            Failed::Fatal(e) => Err(e),
+        }
+    }
+}
+
+/// Why the last attempt failed, for the error after the last one.
+#[derive(Debug, Default)]
+pub(crate) struct Retry {
+    detail: String,
+    /// For want of a connection, rather than the server answering with an error.
+    unreachable: bool,
+}
+
+impl Retry {
+    pub(crate) fn lost(detail: String) -> Self {
+        Self {
+            detail,
+            unreachable: true,
+        }
+    }
+
+    fn refused(detail: String) -> Self {
+        Self {
+            detail,
+            unreachable: false,
+        }
+    }
+
+    pub(crate) fn give_up(self, what: &str) -> InstallError {
+        let detail = format!("gave up after {CHUNK_ATTEMPTS} attempts: {}", self.detail);
+        if self.unreachable {
+            InstallError::Unreachable {
+                what: what.to_owned(),
+                detail,
             }
-            tally.count(source);
-            done += u64::from(entry.size);
-            let last = index + 1 == chunk_count;
-            if end > trusted && (last || last_journal.elapsed() >= JOURNAL_EVERY) {
-                // Journal only what is durably in the slot: fsync first.
-                last_journal = Instant::now();
-                let (writer, local, image_id) =
-                    (slot.clone(), self.local.clone(), image_id.clone());
-                self.guard
-                    .blocking(move || {
-                        writer.sync()?;
-                        let progress = InstallProgress {
-                            slot: target,
-                            image_sha256: image_id,
-                            verified_bytes: end,
-                        };
-                        local
-                            .save_install_progress(Some(&progress))
-                            .map_err(state_err)
-                    })
-                    .await?;
-            }
-            if last || last_progress.elapsed() >= PROGRESS_EVERY {
-                last_progress = Instant::now();
-                let progress = Progress {
-                    done_bytes: done,
-                    total_bytes: total,
-                    fetched_bytes: tally.fetched_bytes,
-                };
-                let _ = events.send(Event::Progress { install, progress }).await;
+        } else {
+            InstallError::Download {
+                what: what.to_owned(),
+                detail,
             }
         }
-        tracing::info!(
-            version = %manifest.version,
-            chunks = chunk_count,
-            fetched = tally.fetched,
-            fetched_bytes = tally.fetched_bytes,
-            reused_from_running_slot = tally.seed,
-            trusted_from_journal = tally.journaled,
-            found_in_slot = tally.in_slot,
-            "all chunks in slot {target}"
-        );
-        let _ = events.send(Event::Verifying { install }).await;
-
-        let expected = manifest.image.sha256;
-        let (writer, local) = (slot.clone(), self.local.clone());
-        self.guard
-            .blocking(move || {
-                let verified = writer.finish_and_verify(&expected);
-                if verified.is_err() {
-                    // The journal vouched for bytes that are wrong: forget it,
-                    // so the next attempt checks every chunk again.
-                    let _ = local.save_install_progress(None);
-                }
-                verified
-            })
-            .await?;
-        self.hook(
-            "post-install hook",
-            self.config.hooks.post_install.as_deref(),
-            &hook_env,
-        )
-        .await?;
-
-        switch_to_trial(
-            &self.guard,
-            &self.config,
-            &bootenv,
-            &self.local,
-            target,
-            &manifest,
-            offer.rollout_id,
-        )
-        .await
     }
+}
+
+/// Wait before retry `retry` (0 for the first) of one request.
+pub(crate) fn retry_wait(retry: u32) -> Duration {
+    use rand::Rng;
+    let draw: f64 = rand::thread_rng().gen();
+    pace::backoff(
+        retry,
+        Duration::from_millis(500),
+        Duration::from_secs(4),
+        draw,
+    )
 }
 
 fn state_err(e: anyhow::Error) -> InstallError {
     InstallError::State(format!("{e:#}"))
-}
-
-/// Where a chunk's bytes came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
-    /// Inside the journaled, fsynced prefix of an interrupted install.
-    Journaled,
-    /// The inactive slot already held the right bytes (checked by hash).
-    AlreadyInSlot,
-    /// Copied from the running slot (checked by hash).
-    Seed,
-    Fetch,
-}
-
-#[derive(Debug, Default)]
-struct Tally {
-    journaled: usize,
-    in_slot: usize,
-    seed: usize,
-    fetched: usize,
-    fetched_bytes: u64,
-}
-
-impl Tally {
-    fn count(&mut self, source: Source) {
-        match source {
-            Source::Journaled => self.journaled += 1,
-            Source::AlreadyInSlot => self.in_slot += 1,
-            Source::Seed => self.seed += 1,
-            Source::Fetch => self.fetched += 1,
-        }
-    }
-}
-
-/// The running slot, indexed by chunk hash: a source of chunks that need
-/// not cross the network. Read only; the running slot is never written.
-#[derive(Debug, Clone, Default)]
-struct Seed {
-    file: Option<Arc<File>>,
-    index: Arc<HashMap<ChunkHash, SeedChunk>>,
-}
-
-impl Seed {
-    async fn index(path: &Path) -> Seed {
-        let path = path.to_owned();
-        let built = tokio::task::spawn_blocking(move || -> std::io::Result<Seed> {
-            let file = File::open(&path)?;
-            let index = uplift_release::seed::index_chunks(&file, SEED_LIMIT)?;
-            Ok(Seed {
-                file: Some(Arc::new(file)),
-                index: Arc::new(index),
-            })
-        })
-        .await;
-        match built {
-            Ok(Ok(seed)) => seed,
-            // Without a seed everything is downloaded: slower, still correct.
-            Ok(Err(e)) => {
-                tracing::warn!("cannot index the running slot for reuse: {e}");
-                Seed::default()
-            }
-            Err(e) => {
-                tracing::warn!("cannot index the running slot for reuse: {e}");
-                Seed::default()
-            }
-        }
-    }
-
-    /// The chunk's bytes if the running slot has them, re-checked by hash.
-    fn copy_of(&self, entry: &ChunkEntry) -> Option<Vec<u8>> {
-        let at = self
-            .index
-            .get(&entry.hash)
-            .filter(|c| c.size == entry.size)?;
-        let mut data = vec![0u8; entry.size as usize];
-        self.file
-            .as_ref()?
-            .read_exact_at(&mut data, at.offset)
-            .ok()?;
-        (uplift_release::chunk::sha256(&data) == entry.hash).then_some(data)
-    }
 }
 
 /// Before the first byte goes into `target`: it must not be the slot the
@@ -687,154 +606,60 @@ async fn prepare_slot_for_writing(
     .await
 }
 
-/// The commit point of an install, in crash-safe order: record what the slot
-/// holds and what is pending first, then switch the boot environment in one
-/// atomic write. A crash before the switch leaves the old slot booting.
-async fn switch_to_trial(
-    guard: &InstallGuard,
-    config: &AgentConfig,
-    bootenv: &BootEnvFile,
-    local: &LocalState,
-    target: SlotName,
-    manifest: &Manifest,
-    rollout_id: i64,
-) -> Result<(), InstallError> {
-    let bootenv = bootenv.clone();
-    let local = local.clone();
-    let attempts = config.trial_boot_attempts;
-    let content = SlotContent {
-        version: manifest.version.clone(),
-        image_sha256: manifest.image.sha256.to_hex(),
-    };
-    let pending = PendingInstall {
-        slot: target,
-        version: manifest.version.clone(),
-        rollout_id,
-    };
-    guard
-        .blocking(move || {
-            let state_err = |e: anyhow::Error| InstallError::State(format!("{e:#}"));
-            let mut slots = local.slots().map_err(state_err)?;
-            slots.set(target, Some(content));
-            local.save_slots(&slots).map_err(state_err)?;
-            let mut journal = local.journal().map_err(state_err)?;
-            journal.pending = Some(pending);
-            local.save_journal(&journal).map_err(state_err)?;
-            bootenv
-                .update(|state| state.start_trial(target, attempts))
-                .map_err(|e| InstallError::BootEnv(e.to_string()))?;
-            // After the switch the install has succeeded; a stale resume point
-            // (a crash or write error here) is harmless: the next install checks
-            // every chunk it would skip against the whole-image digest anyway.
-            if let Err(e) = local.save_install_progress(None) {
-                tracing::warn!("cannot clear the resume point: {e:#}");
-            }
-            Ok(())
-        })
-        .await
-}
-
-/// Positional writes into a slot (a partition or a file).
-#[derive(Debug, Clone)]
-struct SlotWriter {
-    slot: SlotName,
-    path: PathBuf,
-    file: Arc<File>,
-    image_size: u64,
-}
-
-impl SlotWriter {
-    fn io(&self) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
-        |source| InstallError::SlotIo {
-            slot: self.slot,
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    fn open(slot: SlotName, path: &Path, image_size: u64) -> Result<Self, InstallError> {
-        let io = |source| InstallError::SlotIo {
-            slot,
-            path: path.to_owned(),
-            source,
+impl Installer {
+    /// The commit point of an install, in crash-safe order: record what the slot
+    /// holds and what is pending first, then switch the boot environment in one
+    /// atomic write. A crash before the switch leaves the old slot booting.
+    async fn switch_to_trial(
+        &self,
+        bootenv: &BootEnvFile,
+        target: SlotName,
+        manifest: &Manifest,
+        rollout_id: i64,
+        running_image: Option<String>,
+    ) -> Result<(), InstallError> {
+        let bootenv = bootenv.clone();
+        let local = self.local.clone();
+        let attempts = self.config.trial_boot_attempts;
+        let content = SlotContent {
+            version: manifest.version.clone(),
+            image_sha256: manifest.image.sha256.to_hex(),
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io)?;
-        let meta = file.metadata().map_err(io)?;
-        if meta.file_type().is_block_device() {
-            let mut f = &file;
-            let capacity = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(io)?;
-            if capacity < image_size {
-                return Err(InstallError::SlotTooSmall {
-                    slot,
-                    path: path.to_owned(),
-                    capacity,
-                    needed: image_size,
-                });
-            }
-        } else {
-            // A file slot holds exactly the image: no stale tail from an older one.
-            file.set_len(image_size).map_err(io)?;
-        }
-        Ok(Self {
-            slot,
-            path: path.to_owned(),
-            file: Arc::new(file),
-            image_size,
-        })
-    }
-
-    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), InstallError> {
-        self.file.write_all_at(data, offset).map_err(self.io())
-    }
-
-    fn sync(&self) -> Result<(), InstallError> {
-        self.file.sync_data().map_err(self.io())
-    }
-
-    /// True if the slot already holds this chunk's bytes at `offset`.
-    fn holds(&self, entry: &ChunkEntry, offset: u64) -> Result<bool, InstallError> {
-        let mut data = vec![0u8; entry.size as usize];
-        match self.file.read_exact_at(&mut data, offset) {
-            Ok(()) => Ok(uplift_release::chunk::sha256(&data) == entry.hash),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-            Err(e) => Err(self.io()(e)),
-        }
-    }
-
-    /// Flushes the slot, then hashes it as read back (through the page cache)
-    /// rather than trusting the bytes we meant to write.
-    fn finish_and_verify(&self, expected: &ChunkHash) -> Result<(), InstallError> {
-        self.file.sync_all().map_err(self.io())?;
-        let mut hasher = Sha256::new();
-        let mut f = File::open(&self.path).map_err(self.io())?;
-        let mut remaining = self.image_size;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut offset = 0u64;
-        while remaining > 0 {
-            let want = remaining.min(buf.len() as u64) as usize;
-            let n = f.read(&mut buf[..want]).map_err(self.io())?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            remaining -= n as u64;
-            offset += n as u64;
-        }
-        let actual = ChunkHash::from_bytes(hasher.finalize().into());
-        if offset != self.image_size || actual != *expected {
-            return Err(InstallError::ImageHash {
-                slot: self.slot,
-                expected: expected.to_hex(),
-                actual: actual.to_hex(),
-            });
-        }
-        Ok(())
+        let pending = PendingInstall {
+            slot: target,
+            version: manifest.version.clone(),
+            rollout_id,
+        };
+        let chunk_list: Vec<(ChunkHash, u32)> =
+            manifest.chunks.iter().map(|c| (c.hash, c.size)).collect();
+        self.guard
+            .blocking(move || {
+                let state_err = |e: anyhow::Error| InstallError::State(format!("{e:#}"));
+                // The next install's index of reusable chunks, saved before the
+                // slot is recorded as holding the release: a list without a
+                // slot is dropped later, a slot without its list is re-chunked.
+                let keep: Vec<&str> = running_image.iter().map(String::as_str).collect();
+                if let Err(e) = local.save_chunk_list(&content.image_sha256, &chunk_list, &keep) {
+                    tracing::warn!("cannot keep the chunk list of the new release: {e:#}");
+                }
+                let mut slots = local.slots().map_err(state_err)?;
+                slots.set(target, Some(content));
+                local.save_slots(&slots).map_err(state_err)?;
+                let mut journal = local.journal().map_err(state_err)?;
+                journal.pending = Some(pending);
+                local.save_journal(&journal).map_err(state_err)?;
+                bootenv
+                    .update(|state| state.start_trial(target, attempts))
+                    .map_err(|e| InstallError::BootEnv(e.to_string()))?;
+                // After the switch the install has succeeded; a stale resume point
+                // (a crash or write error here) is harmless: the next install
+                // re-checks every journaled chunk in the slot by its hash.
+                if let Err(e) = local.save_install_progress(None) {
+                    tracing::warn!("cannot clear the resume point: {e:#}");
+                }
+                Ok(())
+            })
+            .await
     }
 }
 
@@ -859,7 +684,8 @@ async fn error_body(response: reqwest::Response, limit: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use uplift_release::manifest::{Compression, ImageInfo};
+    use std::path::Path;
+    use uplift_release::manifest::{ChunkEntry, Compression, ImageInfo};
 
     fn manifest(version: &str, device_type: &str) -> Manifest {
         Manifest {

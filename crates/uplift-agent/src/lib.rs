@@ -3,15 +3,17 @@
 //! one into the inactive A/B slot with every byte verified, switches the boot
 //! environment to try it for a few boots, and after the reboot commits or rolls back.
 //!
-//! Decisions live in [`machine`] (pure, unit-tested); I/O lives in [`run`],
-//! [`install`], [`net`] and [`local`].
+//! Decisions live in [`machine`] (pure, unit-tested); so is the chunk planner [`plan`];
+//! I/O lives in [`run`], [`install`], [`download`], [`net`] and [`local`].
 
 pub mod config;
+pub mod download;
 pub mod guard;
 pub mod health;
 pub mod install;
 pub mod local;
 pub mod machine;
 pub mod net;
+pub mod plan;
 pub mod run;
 pub mod status;

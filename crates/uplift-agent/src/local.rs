@@ -5,8 +5,12 @@
 //! - `slots.json`: which version each slot holds (none while being written);
 //! - `journal.json`: the install waiting for its trial boot, and the last
 //!   release that failed here (never retried automatically);
-//! - `install-progress.json`: how many leading chunks of the release being
-//!   written are durably in the inactive slot, so a restart resumes there.
+//! - `install-progress.json`: which chunks of the release being written are
+//!   durably in the inactive slot (ranges of chunk indices, since parallel
+//!   downloads finish out of order), so a restart fetches none of them again;
+//! - `releases/<image sha256>.chunks`: the chunk list of each release a
+//!   slot holds, the index of chunks the next install can copy locally
+//!   instead of re-chunking the running slot.
 
 use anyhow::Context;
 use ed25519_dalek::SigningKey;
@@ -14,7 +18,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use uplift_proto::{DeviceId, SlotName, Version, WireError};
+use uplift_proto::{ChunkHash, DeviceId, SlotName, Version, WireError};
 
 #[derive(Debug, Clone)]
 pub struct LocalState {
@@ -81,9 +85,40 @@ pub struct InstallProgress {
     pub slot: SlotName,
     /// Identifies the release being written (its whole-image digest).
     pub image_sha256: String,
-    /// Leading bytes of the image written, verified and fsynced into the slot.
+    /// Bytes of the image written, verified and fsynced into the slot. In
+    /// journals from before `done` existed, a leading prefix.
     pub verified_bytes: u64,
+    /// Half-open ranges of chunk indices written, verified and fsynced.
+    #[serde(default)]
+    pub done: Vec<[u64; 2]>,
 }
+
+impl InstallProgress {
+    /// The finished chunk indices, given the chunk sizes of the release;
+    /// an old journal's prefix is converted.
+    pub fn done_chunks(&self, sizes: impl Iterator<Item = u64>) -> Vec<[u64; 2]> {
+        if !self.done.is_empty() || self.verified_bytes == 0 {
+            return self.done.clone();
+        }
+        let mut end = 0u64;
+        let mut count = 0u64;
+        for size in sizes {
+            end += size;
+            if end > self.verified_bytes {
+                break;
+            }
+            count += 1;
+        }
+        if count == 0 {
+            Vec::new()
+        } else {
+            vec![[0, count]]
+        }
+    }
+}
+
+/// One record of a saved chunk list: sha256 and uncompressed size.
+const CHUNK_RECORD: usize = 36;
 
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new
 /// file, never a mix: temp file, fsync, rename, fsync the directory.
@@ -186,6 +221,64 @@ impl LocalState {
     pub fn save_install_progress(&self, progress: Option<&InstallProgress>) -> anyhow::Result<()> {
         self.write_json("install-progress.json", &progress)
     }
+    fn chunk_list_path(&self, image_sha256: &str) -> PathBuf {
+        self.dir
+            .join("releases")
+            .join(format!("{image_sha256}.chunks"))
+    }
+
+    /// Keeps the chunk list of the release whose image has `image_sha256`,
+    /// and drops the lists of images in neither slot any more.
+    pub fn save_chunk_list(
+        &self,
+        image_sha256: &str,
+        chunks: &[(ChunkHash, u32)],
+        keep: &[&str],
+    ) -> anyhow::Result<()> {
+        let dir = self.dir.join("releases");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut bytes = Vec::with_capacity(chunks.len() * CHUNK_RECORD);
+        for (hash, size) in chunks {
+            bytes.extend_from_slice(hash.as_bytes());
+            bytes.extend_from_slice(&size.to_le_bytes());
+        }
+        let path = self.chunk_list_path(image_sha256);
+        write_atomic(&path, &bytes, false)
+            .with_context(|| format!("writing {}", path.display()))?;
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = name
+                .strip_suffix(".chunks")
+                .is_some_and(|id| id != image_sha256 && !keep.contains(&id));
+            if stale {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// The saved chunk list of the image `image_sha256`, if there is one.
+    /// A damaged list is no list: the caller falls back to re-chunking.
+    pub fn chunk_list(&self, image_sha256: &str) -> Option<Vec<(ChunkHash, u32)>> {
+        let bytes = std::fs::read(self.chunk_list_path(image_sha256)).ok()?;
+        if bytes.is_empty() || bytes.len() % CHUNK_RECORD != 0 {
+            return None;
+        }
+        Some(
+            bytes
+                .chunks_exact(CHUNK_RECORD)
+                .map(|r| {
+                    let hash: [u8; 32] = r[..32].try_into().expect("32 bytes");
+                    let size = u32::from_le_bytes(r[32..].try_into().expect("4 bytes"));
+                    (ChunkHash::from_bytes(hash), size)
+                })
+                .collect(),
+        )
+    }
+
     pub fn journal(&self) -> anyhow::Result<Journal> {
         self.read_json("journal.json")
     }
@@ -227,6 +320,43 @@ mod tests {
         );
         state.save_slots(&slots).unwrap();
         assert_eq!(state.slots().unwrap(), slots);
+    }
+
+    #[test]
+    fn a_chunk_list_is_kept_for_the_slots_and_stale_ones_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = LocalState::open(dir.path()).unwrap();
+        let list = vec![
+            (ChunkHash::from_bytes([7; 32]), 4096),
+            (ChunkHash::from_bytes([8; 32]), 17),
+        ];
+        state.save_chunk_list("aa", &list, &[]).unwrap();
+        state.save_chunk_list("bb", &list[..1], &["aa"]).unwrap();
+        assert_eq!(state.chunk_list("aa").unwrap(), list);
+        state.save_chunk_list("cc", &list, &["bb"]).unwrap();
+        assert!(state.chunk_list("aa").is_none(), "in neither slot any more");
+        assert_eq!(state.chunk_list("bb").unwrap().len(), 1);
+        std::fs::write(dir.path().join("releases/cc.chunks"), b"short").unwrap();
+        assert!(
+            state.chunk_list("cc").is_none(),
+            "a damaged list is no list"
+        );
+    }
+
+    #[test]
+    fn an_old_prefix_journal_becomes_a_range_of_finished_chunks() {
+        let old: InstallProgress =
+            serde_json::from_str(r#"{"slot":"b","image_sha256":"ab","verified_bytes":2500}"#)
+                .unwrap();
+        assert_eq!(
+            old.done_chunks([1000u64, 1000, 1000].into_iter()),
+            vec![[0, 2]]
+        );
+        let new = InstallProgress {
+            done: vec![[3, 5]],
+            ..old.clone()
+        };
+        assert_eq!(new.done_chunks([1000u64; 6].into_iter()), vec![[3, 5]]);
     }
 
     #[test]

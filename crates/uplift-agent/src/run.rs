@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use uplift_bootenv::file::BootEnvFile;
 use uplift_proto::channel::{self, AgentMsg, Report, ServerMsg};
+use uplift_proto::pace;
 use uplift_proto::{ErrorKind, SlotName};
 
 /// Kernel command line parameter naming the booted slot.
@@ -349,8 +350,8 @@ pub(crate) async fn reboot(config: &AgentConfig) -> anyhow::Result<Exit> {
 /// Wait before install attempt `attempt + 1`: seconds, not minutes, since
 /// the budget is small; jittered so a fleet does not retry in step.
 pub fn retry_delay(attempt: u32, rng: &mut impl Rng) -> Duration {
-    let base = Duration::from_secs(2u64 << attempt.min(6));
-    base / 2 + Duration::from_millis(rng.gen_range(0..=base.as_millis() as u64 / 2))
+    let base = Duration::from_secs(2);
+    pace::backoff(attempt, base, base * 64, rng.gen())
 }
 
 /// Keeps the device channel open: connect, authenticate, forward offers in,
@@ -380,11 +381,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Next wait: doubles up to the cap, then takes a random 50–100% of it so a
 /// fleet that lost the server together does not come back together.
 pub fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
-    let base = BACKOFF_MIN
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(BACKOFF_MAX);
-    let half = base / 2;
-    half + Duration::from_millis(rng.gen_range(0..=half.as_millis() as u64))
+    pace::backoff(attempt, BACKOFF_MIN, BACKOFF_MAX, rng.gen())
 }
 
 impl Connection {

@@ -102,7 +102,7 @@ impl Status {
         }
         if let Some(p) = &self.install_progress {
             out += &format!(
-                "interrupted:      download into slot {} resumes after {:.1} MiB\n",
+                "interrupted:      download into slot {} resumes after {:.1} MiB already verified\n",
                 p.slot,
                 p.verified_bytes as f64 / 1048576.0
             );
@@ -184,6 +184,7 @@ mod tests {
             slot: SlotName::A,
             image_sha256: "11".into(),
             verified_bytes: 1024 * 1024,
+            done: vec![[0, 16]],
         };
         let text = status(slots, Some(progress)).render();
         assert_eq!(

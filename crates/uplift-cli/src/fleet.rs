@@ -553,6 +553,8 @@ struct ProxyControl {
     cut: tokio::sync::watch::Sender<u64>,
     /// While set, the network is down: new connections are dropped at once.
     down: std::sync::atomic::AtomicBool,
+    /// Bytes carried towards devices: what they really received.
+    delivered: std::sync::atomic::AtomicU64,
 }
 
 impl Proxy {
@@ -563,6 +565,7 @@ impl Proxy {
             rate: std::sync::atomic::AtomicU64::new(0),
             cut: tokio::sync::watch::channel(0).0,
             down: std::sync::atomic::AtomicBool::new(false),
+            delivered: std::sync::atomic::AtomicU64::new(0),
         });
         let shared = control.clone();
         let task = tokio::spawn(async move {
@@ -581,7 +584,7 @@ impl Proxy {
                     let (server_read, server_write) = server.into_split();
                     tokio::select! {
                         _ = pipe(client_read, server_write, None) => {}
-                        _ = pipe(server_read, client_write, Some(&control.rate)) => {}
+                        _ = pipe(server_read, client_write, Some((&control.rate, &control.delivered))) => {}
                         _ = cut.changed() => {}
                     }
                 });
@@ -603,6 +606,13 @@ impl Proxy {
         self.control
             .rate
             .store(bytes_per_second, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes carried from the server towards devices so far (TLS included).
+    pub fn delivered(&self) -> u64 {
+        self.control
+            .delivered
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Drops every open connection (new ones are still accepted).
@@ -632,7 +642,7 @@ impl Drop for Proxy {
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    rate: Option<&std::sync::atomic::AtomicU64>,
+    towards_device: Option<(&std::sync::atomic::AtomicU64, &std::sync::atomic::AtomicU64)>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -644,7 +654,11 @@ async fn pipe(
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
-        let limit = rate.map_or(0, |r| r.load(std::sync::atomic::Ordering::Relaxed));
+        let Some((rate, delivered)) = towards_device else {
+            continue;
+        };
+        delivered.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        let limit = rate.load(std::sync::atomic::Ordering::Relaxed);
         if limit > 0 {
             tokio::time::sleep(Duration::from_secs_f64(n as f64 / limit as f64)).await;
         }

@@ -92,7 +92,7 @@ fn local_truth(devices: &[Device]) -> Vec<Local> {
                     .is_some_and(|b| b.default_slot == SlotName::B && b.trial.is_none()),
                 installs: log
                     .lines()
-                    .filter(|l| l.contains("all chunks in slot b version=1.1 "))
+                    .filter(|l| l.contains("all chunks in slot b,") && l.contains(" version=1.1 "))
                     .count(),
                 trial_boots: log
                     .lines()

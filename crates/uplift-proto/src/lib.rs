@@ -8,6 +8,7 @@ pub mod api;
 pub mod channel;
 pub mod error;
 pub mod names;
+pub mod pace;
 
 pub use error::{ErrorKind, WireError};
 pub use names::{ChunkHash, DeviceId, DeviceType, HardwareId, NameError, SlotName, Version};

@@ -5,23 +5,23 @@ use crate::budget;
 use crate::channel;
 use crate::chunks::MAX_STORED_CHUNK;
 use crate::error::ApiError;
-use crate::state::{now_rfc3339, AppState};
+use crate::state::{now_rfc3339, AppState, ServedRelease};
 use crate::store::{DeviceRecord, DeviceTarget, ReleaseRecord, RolloutRecord, StoreError};
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use uplift_proto::api::*;
 use uplift_proto::channel::{AgentState, CHANNEL_PATH};
 use uplift_proto::{ChunkHash, DeviceId, ErrorKind, Version};
-use uplift_release::manifest::{SignedManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
+use uplift_release::manifest::{ChunkEntry, SignedManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
 
 /// A chunk goes out in pieces of this size, each counted as it is sent.
 const SEND_PIECE: usize = 64 * 1024;
@@ -69,6 +69,7 @@ fn device_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             get(device_manifest),
         )
         .route("/v1/device/chunks/{hash}", get(device_chunk))
+        .route("/v1/device/releases/{version}/chunks", get(device_span))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             budget::limit_downloads,
@@ -467,27 +468,198 @@ async fn device_manifest(
     device_of(&state, &headers)?;
     let Path(version) = version?;
     let version: Version = parse_name(&version)?;
-    let cached = lock(&state.manifests).get(&version).cloned();
-    let manifest = match cached {
-        Some(manifest) => manifest,
-        None => {
-            let release = state.store.release(&version).await?.ok_or_else(|| {
-                ApiError::not_found(format!("release {version} is not on the server"))
-            })?;
-            let manifest = Bytes::from(release.manifest_json);
-            lock(&state.manifests).insert(version, manifest.clone());
-            manifest
-        }
-    };
+    let manifest = served_release(&state, &version)
+        .await?
+        .manifest_json
+        .clone();
     state.stats.add_sent(manifest.len() as u64);
     Ok(([(header::CONTENT_TYPE, "application/json")], manifest).into_response())
 }
 
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A cache of immutable values: still right after a panic elsewhere.
-    mutex
-        .lock()
+/// The release as devices download it, from the cache or the store.
+async fn served_release(
+    state: &AppState,
+    version: &Version,
+) -> Result<Arc<ServedRelease>, ApiError> {
+    let cached = state
+        .releases
+        .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .get(version)
+        .cloned();
+    if let Some(release) = cached {
+        return Ok(release);
+    }
+    let record =
+        state.store.release(version).await?.ok_or_else(|| {
+            ApiError::not_found(format!("release {version} is not on the server"))
+        })?;
+    let manifest = SignedManifest::from_json(&record.manifest_json)
+        .and_then(|signed| signed.parse_unverified())
+        .map_err(|e| {
+            ApiError::internal(format!(
+                "the stored manifest of release {version} is unreadable: {e}; upload the release again"
+            ))
+        })?;
+    let release = Arc::new(ServedRelease {
+        manifest_json: Bytes::from(record.manifest_json),
+        chunks: manifest.chunks.into(),
+    });
+    state
+        .releases
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .insert(version.clone(), release.clone());
+    Ok(release)
+}
+
+/// A response body of stored chunks, sent in pieces: each piece counted as
+/// it goes out (an interrupted download counts what was sent) and held back
+/// by the server's egress cap, if any.
+fn chunk_body(
+    state: Arc<AppState>,
+    chunks: impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+) -> Body {
+    let pieces = chunks
+        .map_ok(|chunk| {
+            let count = chunk.len().div_ceil(SEND_PIECE).max(1);
+            futures_util::stream::iter((0..count).map(move |n| {
+                let piece = chunk.slice(
+                    (n * SEND_PIECE).min(chunk.len())..((n + 1) * SEND_PIECE).min(chunk.len()),
+                );
+                Ok::<_, std::io::Error>((piece, n + 1 == count))
+            }))
+        })
+        .try_flatten()
+        .and_then(move |(piece, last_of_chunk)| {
+            let state = state.clone();
+            async move {
+                if let Some(egress) = &state.egress {
+                    let wait = egress.take(piece.len() as u64);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                state.stats.add_sent(piece.len() as u64);
+                if last_of_chunk {
+                    state
+                        .stats
+                        .chunks_sent
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(piece)
+            }
+        });
+    // Not ready at first, so hyper sends the headers on their own: on a slow
+    // link the device then knows within a round trip that its download
+    // started, and its stall timer tells a slow answer from none at all.
+    let headers_first = futures_util::stream::once(tokio::task::yield_now())
+        .filter_map(|()| std::future::ready(None));
+    Body::from_stream(headers_first.chain(pieces))
+}
+
+fn immutable_chunk_headers(response: &mut Response, len: u64) {
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    // Immutable and named by content: any cache may keep it forever.
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=31536000, immutable"),
+    );
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/zstd"),
+    );
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpanQuery {
+    first: u64,
+    count: u64,
+}
+
+/// A run of a release's chunks, their stored bytes back to back: one
+/// request instead of one per chunk. The first chunk is read (and checked)
+/// before answering, so its failure is a typed answer; a later chunk that
+/// fails cuts the body short, and the device, resuming after the last whole
+/// chunk, then hears why.
+async fn device_span(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    version: Result<Path<String>, PathRejection>,
+    query: Result<axum::extract::Query<SpanQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    device_of(&state, &headers)?;
+    let Path(version) = version?;
+    let version: Version = parse_name(&version)?;
+    let axum::extract::Query(span) = query.map_err(|e| {
+        ApiError::bad_request(format!(
+            "{}; ask for ?first=N&count=M with 1 <= M <= {MAX_SPAN_CHUNKS}",
+            e.body_text()
+        ))
+    })?;
+    if span.count == 0 || span.count > MAX_SPAN_CHUNKS {
+        return Err(ApiError::bad_request(format!(
+            "a span has 1 to {MAX_SPAN_CHUNKS} chunks, not {}",
+            span.count
+        )));
+    }
+    let release = served_release(&state, &version).await?;
+    let total = release.chunks.len() as u64;
+    let end = span.first.saturating_add(span.count);
+    if end > total {
+        return Err(ApiError::bad_request(format!(
+            "chunks {}..{end} are not all in release {version}, which has {total}",
+            span.first
+        )));
+    }
+    let entries: Vec<ChunkEntry> = release.chunks[span.first as usize..end as usize].to_vec();
+    let len: u64 = entries.iter().map(|c| u64::from(c.stored_size)).sum();
+    let first = read_stored(&state, &version, &entries[0]).await?;
+    let rest = {
+        let state = state.clone();
+        futures_util::stream::iter(entries.into_iter().skip(1)).then(move |entry| {
+            let (state, version) = (state.clone(), version.clone());
+            async move {
+                read_stored(&state, &version, &entry).await.map_err(|e| {
+                    tracing::warn!(chunk = %entry.hash, release = %version, "span cut short: {}", e.message);
+                    std::io::Error::other(e.message)
+                })
+            }
+        })
+    };
+    let chunks = futures_util::stream::once(std::future::ready(Ok(first))).chain(rest);
+    let mut response = Response::new(chunk_body(state.clone(), chunks));
+    immutable_chunk_headers(&mut response, len);
+    Ok(response)
+}
+
+/// A chunk's stored bytes, checked, and exactly as long as the manifest says.
+async fn read_stored(
+    state: &AppState,
+    version: &Version,
+    entry: &ChunkEntry,
+) -> Result<Bytes, ApiError> {
+    let stored = state
+        .chunks
+        .read_verified(&entry.hash)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "chunk {} of release {version} is not on the server; upload the release again",
+                entry.hash
+            ))
+        })?;
+    if stored.len() as u64 != u64::from(entry.stored_size) {
+        return Err(ApiError::internal(format!(
+            "chunk {} is stored with {} bytes but release {version} lists {}; upload the release again",
+            entry.hash,
+            stored.len(),
+            entry.stored_size
+        )));
+    }
+    Ok(stored)
 }
 
 /// Parses a single `bytes=start-[end]` range; multi-range is not needed by agents.
@@ -544,40 +716,12 @@ async fn device_chunk(
     };
     let count = if len == 0 { 0 } else { end - start + 1 };
     let range = stored.slice(start as usize..(start + count) as usize);
-    state
-        .stats
-        .chunks_sent
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // Counted as it goes out, so an interrupted download counts what was sent.
-    let counting = state.clone();
-    let pieces: Vec<Bytes> = (0..range.len())
-        .step_by(SEND_PIECE)
-        .map(|at| range.slice(at..(at + SEND_PIECE).min(range.len())))
-        .collect();
-    let pieces = futures_util::stream::iter(pieces).map(move |piece| {
-        counting.stats.add_sent(piece.len() as u64);
-        Ok::<_, std::convert::Infallible>(piece)
-    });
-    // Not ready at first, so hyper sends the headers on their own: on a slow
-    // link the device then knows within a round trip that its download
-    // started, and its stall timer tells a slow answer from none at all.
-    let headers_first = futures_util::stream::once(tokio::task::yield_now())
-        .filter_map(|()| std::future::ready(None));
-    let body = headers_first.chain(pieces);
-    let mut response = Response::new(Body::from_stream(body));
+    let chunks = futures_util::stream::once(std::future::ready(Ok(range)));
+    let mut response = Response::new(chunk_body(state.clone(), chunks));
     *response.status_mut() = status;
+    immutable_chunk_headers(&mut response, count);
     let h = response.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    // Immutable and named by content: any cache may keep it forever.
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("private, max-age=31536000, immutable"),
-    );
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/zstd"),
-    );
     if status == StatusCode::PARTIAL_CONTENT {
         h.insert(
             header::CONTENT_RANGE,

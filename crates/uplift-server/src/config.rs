@@ -80,6 +80,10 @@ pub struct Limits {
     /// Seconds a new device channel has to enroll or authenticate.
     #[serde(default = "default_auth_secs")]
     pub auth_timeout_secs: u64,
+    /// Cap on the bytes per second all device downloads together send
+    /// (one token bucket shared by every download). Unset: no cap.
+    #[serde(default)]
+    pub max_egress_bytes_per_sec: Option<u64>,
 }
 
 impl Default for Limits {
@@ -92,6 +96,7 @@ impl Default for Limits {
             handshake_timeout_secs: default_handshake_secs(),
             channel_idle_timeout_secs: default_idle_secs(),
             auth_timeout_secs: default_auth_secs(),
+            max_egress_bytes_per_sec: None,
         }
     }
 }

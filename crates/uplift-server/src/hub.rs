@@ -3,20 +3,24 @@
 //! not connected simply gets its target when it next connects.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use tokio::sync::watch;
 use uplift_proto::DeviceId;
 
 #[derive(Debug, Default)]
 pub struct Hub {
     inner: Mutex<Inner>,
+    /// Download tokens, apart from the sessions: every download request
+    /// looks its token up, and many may do so at once under a read lock
+    /// without waiting for sessions coming and going. Written only with
+    /// `inner` held, so the two maps change together.
+    tokens: RwLock<HashMap<String, DeviceId>>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     next_serial: u64,
     sessions: HashMap<DeviceId, Session>,
-    tokens: HashMap<String, DeviceId>,
 }
 
 #[derive(Debug)]
@@ -49,6 +53,12 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn tokens_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, DeviceId>> {
+        self.tokens
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Registers a session, replacing (and thereby closing) any older one of
     /// the same device.
     pub fn register(
@@ -60,7 +70,8 @@ impl Hub {
         let mut inner = self.lock();
         inner.next_serial += 1;
         let serial = inner.next_serial;
-        inner.tokens.insert(token.clone(), device.clone());
+        let mut tokens = self.tokens_mut();
+        tokens.insert(token.clone(), device.clone());
         if let Some(old) = inner.sessions.insert(
             device,
             Session {
@@ -69,7 +80,7 @@ impl Hub {
                 target_changed,
             },
         ) {
-            inner.tokens.remove(&old.token);
+            tokens.remove(&old.token);
         }
         SessionSerial(serial)
     }
@@ -82,13 +93,17 @@ impl Hub {
             .is_some_and(|s| s.serial == serial.0)
         {
             if let Some(old) = inner.sessions.remove(device) {
-                inner.tokens.remove(&old.token);
+                self.tokens_mut().remove(&old.token);
             }
         }
     }
 
     pub fn device_for_token(&self, token: &str) -> Option<DeviceId> {
-        self.lock().tokens.get(token).cloned()
+        self.tokens
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(token)
+            .cloned()
     }
 
     pub fn is_online(&self, device: &DeviceId) -> bool {

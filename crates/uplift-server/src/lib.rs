@@ -132,7 +132,11 @@ impl Server {
             hub: hub::Hub::default(),
             live: Arc::new(live),
             budgets: budget::Budgets::new(&config.limits),
-            manifests: Default::default(),
+            releases: Default::default(),
+            egress: config
+                .limits
+                .max_egress_bytes_per_sec
+                .map(uplift_proto::pace::Pacer::new),
             stats: Arc::new(Stats::default()),
             secrets: Secrets::new(&admin_token, &enrollment_tokens),
             limits: config.limits.clone(),

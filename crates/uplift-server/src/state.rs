@@ -11,9 +11,11 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
+use uplift_proto::pace::Pacer;
 use uplift_proto::Version;
+use uplift_release::manifest::ChunkEntry;
 
 #[derive(Debug)]
 pub struct AppState {
@@ -25,14 +27,24 @@ pub struct AppState {
     /// Every device's newest state; the API reads it, sessions write it.
     pub live: Arc<LiveView>,
     pub budgets: Budgets,
-    /// Signed manifests by version: releases are immutable, and a rollout
-    /// has every device ask for the same one at once.
-    pub manifests: Mutex<HashMap<Version, Bytes>>,
+    /// Signed manifests and their chunk lists by version: releases are
+    /// immutable, and a rollout has every device ask for the same one at
+    /// once. Read-locked on the download path, written once per release.
+    pub releases: RwLock<HashMap<Version, Arc<ServedRelease>>>,
+    /// The cap on all device downloads together, if configured.
+    pub egress: Option<Pacer>,
     pub stats: Arc<Stats>,
     pub secrets: Secrets,
     pub limits: Limits,
     /// Flips to true when the server shuts down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// What devices download of one release.
+#[derive(Debug)]
+pub struct ServedRelease {
+    pub manifest_json: Bytes,
+    pub chunks: Arc<[ChunkEntry]>,
 }
 
 #[derive(Debug, Default)]

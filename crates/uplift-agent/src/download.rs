@@ -1,0 +1,705 @@
+//! Filling the inactive slot with a release's chunks, pipelined: the
+//! [planner](crate::plan) decides where each chunk comes from; up to
+//! `[download] parallel_requests` span requests stream chunks from the
+//! server at once, each body split by the manifest's stored sizes, counted
+//! against its size limit and deadline, and paced by the bandwidth cap; one
+//! blocking writer, fed through a bounded queue, decompresses, hashes and
+//! writes every chunk (to every offset that repeats it) and journals the
+//! finished set, fsynced, twice a second.
+//!
+//! Every byte that reaches the slot is hashed against the signed manifest on
+//! its way in (fetched, copied from the running slot, or, on resume, read
+//! back from the journaled part of the slot), and the signed chunk list
+//! covers the image exactly, so the whole image matches its digest without
+//! being read again.
+
+use crate::install::{InstallError, Installer, Retry, CHUNK_ATTEMPTS};
+use crate::local::{InstallProgress, LocalState};
+use crate::plan::{ChunkSet, Copy, Span, SpanLimits};
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, TryStreamExt};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use uplift_proto::api::{device_span_path, MAX_SPAN_CHUNKS};
+use uplift_proto::pace::Pacer;
+use uplift_proto::{ChunkHash, SlotName};
+use uplift_release::chunk::sha256;
+use uplift_release::manifest::{ChunkEntry, Manifest};
+use uplift_release::seed::SeedChunk;
+
+/// How often the resume journal is brought up to date (each time costs an fsync).
+const JOURNAL_EVERY: Duration = Duration::from_millis(500);
+/// Most of the running slot read when indexing it for reusable chunks.
+const SEED_LIMIT: u64 = 64 << 30;
+/// Stored bytes asked for in one span request: large enough that the round
+/// trip is small beside the transfer, small enough that parallel requests
+/// share the work evenly and a broken connection repeats little.
+const SPAN_BYTES: u64 = 2 << 20;
+/// Fetched chunks waiting for the writer, per request in flight.
+const QUEUE_PER_REQUEST: usize = 2;
+
+/// Where the chunks of one install came from, for the log.
+#[derive(Debug, Default, Clone)]
+pub struct Tally {
+    pub journaled: usize,
+    pub copied: usize,
+    pub fetched: usize,
+    pub fetched_bytes: u64,
+    /// Chunks written from another occurrence of the same chunk.
+    pub repeated: usize,
+}
+
+/// Live totals the writer keeps for progress reports.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub done_bytes: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+}
+
+/// Positional writes into a slot (a partition or a file).
+#[derive(Debug, Clone)]
+pub struct SlotWriter {
+    slot: SlotName,
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+impl SlotWriter {
+    fn io(&self) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+        |source| InstallError::SlotIo {
+            slot: self.slot,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn open(slot: SlotName, path: &Path, image_size: u64) -> Result<Self, InstallError> {
+        let io = |source| InstallError::SlotIo {
+            slot,
+            path: path.to_owned(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if meta.file_type().is_block_device() {
+            let mut f = &file;
+            let capacity = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(io)?;
+            if capacity < image_size {
+                return Err(InstallError::SlotTooSmall {
+                    slot,
+                    path: path.to_owned(),
+                    capacity,
+                    needed: image_size,
+                });
+            }
+        } else {
+            // A file slot holds exactly the image: no stale tail from an older one.
+            file.set_len(image_size).map_err(io)?;
+        }
+        Ok(Self {
+            slot,
+            path: path.to_owned(),
+            file: Arc::new(file),
+        })
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), InstallError> {
+        self.file.write_all_at(data, offset).map_err(self.io())
+    }
+
+    fn sync(&self) -> Result<(), InstallError> {
+        self.file.sync_data().map_err(self.io())
+    }
+
+    /// Everything written, and the file's metadata, on stable storage.
+    pub fn sync_all(&self) -> Result<(), InstallError> {
+        self.file.sync_all().map_err(self.io())
+    }
+
+    /// True if the slot holds this chunk's bytes at `offset`.
+    fn holds(&self, entry: &ChunkEntry, offset: u64) -> Result<bool, InstallError> {
+        let mut data = vec![0u8; entry.size as usize];
+        match self.file.read_exact_at(&mut data, offset) {
+            Ok(()) => Ok(sha256(&data) == entry.hash),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(self.io()(e)),
+        }
+    }
+}
+
+/// Chunks the running slot holds, by hash: read only; the running slot is
+/// never written.
+#[derive(Debug, Clone, Default)]
+pub struct Seed {
+    file: Option<Arc<File>>,
+    index: Arc<HashMap<ChunkHash, SeedChunk>>,
+    /// How the index was made, for the log.
+    pub source: &'static str,
+}
+
+impl Seed {
+    /// The index of the running slot: the saved chunk list of the release it
+    /// holds when there is one (no read of the slot at all), otherwise the
+    /// slot re-chunked (a factory image, or a list lost).
+    pub async fn of_running_slot(
+        path: &Path,
+        image_size: Option<u64>,
+        list: Option<Vec<(ChunkHash, u32)>>,
+    ) -> Seed {
+        let path = path.to_owned();
+        let built = tokio::task::spawn_blocking(move || -> std::io::Result<Seed> {
+            let file = File::open(&path)?;
+            let listed = list.filter(|list| {
+                // The list must describe what the slot can hold.
+                let total: u64 = list.iter().map(|(_, size)| u64::from(*size)).sum();
+                image_size == Some(total)
+                    && file
+                        .metadata()
+                        .is_ok_and(|m| m.len() >= total || m.file_type().is_block_device())
+            });
+            let (index, source) = match listed {
+                Some(list) => {
+                    let mut index = HashMap::with_capacity(list.len());
+                    let mut offset = 0u64;
+                    for (hash, size) in list {
+                        index.entry(hash).or_insert(SeedChunk { offset, size });
+                        offset += u64::from(size);
+                    }
+                    (index, "the saved chunk list of the running release")
+                }
+                None => (
+                    uplift_release::seed::index_chunks(&file, SEED_LIMIT)?,
+                    "the running slot, re-chunked",
+                ),
+            };
+            Ok(Seed {
+                file: Some(Arc::new(file)),
+                index: Arc::new(index),
+                source,
+            })
+        })
+        .await;
+        match built {
+            Ok(Ok(seed)) => seed,
+            // Without a seed everything is downloaded: slower, still correct.
+            Ok(Err(e)) => {
+                tracing::warn!("cannot index the running slot for reuse: {e}");
+                Seed::default()
+            }
+            Err(e) => {
+                tracing::warn!("cannot index the running slot for reuse: {e}");
+                Seed::default()
+            }
+        }
+    }
+
+    fn offset_of(&self, entry: &ChunkEntry) -> Option<u64> {
+        self.index
+            .get(&entry.hash)
+            .filter(|c| c.size == entry.size)
+            .map(|c| c.offset)
+    }
+
+    /// The chunk's bytes at `from` in the running slot, if they hash right.
+    fn read(&self, entry: &ChunkEntry, from: u64) -> Option<Vec<u8>> {
+        let mut data = vec![0u8; entry.size as usize];
+        self.file.as_ref()?.read_exact_at(&mut data, from).ok()?;
+        (sha256(&data) == entry.hash).then_some(data)
+    }
+}
+
+/// A chunk as it came off the wire, not yet checked.
+#[derive(Debug)]
+struct Fetched {
+    index: usize,
+    stored: Bytes,
+}
+
+/// The blocking side: writes checked chunks into the slot and keeps the
+/// journal of finished ones.
+#[derive(Debug)]
+struct SlotFill {
+    slot: SlotWriter,
+    chunks: Arc<[ChunkEntry]>,
+    offsets: Arc<[u64]>,
+    done: ChunkSet,
+    local: LocalState,
+    image_sha256: String,
+    journaled_at: Instant,
+    dirty: bool,
+    counters: Arc<Counters>,
+    tally: Tally,
+}
+
+impl SlotFill {
+    fn mark(&mut self, index: usize) {
+        if !self.done.contains(index) {
+            self.done.insert(index);
+            self.counters
+                .done_bytes
+                .fetch_add(u64::from(self.chunks[index].size), Ordering::Relaxed);
+            self.dirty = true;
+        }
+    }
+
+    fn write_to(&mut self, data: &[u8], targets: &[usize]) -> Result<(), InstallError> {
+        for &index in targets {
+            self.slot.write_at(data, self.offsets[index])?;
+            self.mark(index);
+        }
+        self.tally.repeated += targets.len().saturating_sub(1);
+        Ok(())
+    }
+
+    /// Copies a chunk from the running slot; false if the bytes there are
+    /// not the chunk (then it is fetched instead).
+    fn copy(&mut self, seed: &Seed, copy: &Copy) -> Result<bool, InstallError> {
+        let entry = self.chunks[copy.to[0]];
+        let Some(data) = seed.read(&entry, copy.from) else {
+            return Ok(false);
+        };
+        self.write_to(&data, &copy.to)?;
+        self.tally.copied += 1;
+        Ok(true)
+    }
+
+    /// Checks a fetched chunk against its manifest entry and writes it.
+    fn put(&mut self, fetched: &Fetched, targets: &[usize]) -> Result<(), InstallError> {
+        let entry = self.chunks[fetched.index];
+        let data = uplift_release::chunk::decode_chunk(&entry, &fetched.stored)?;
+        self.write_to(&data, targets)?;
+        self.tally.fetched += 1;
+        self.tally.fetched_bytes += fetched.stored.len() as u64;
+        self.counters
+            .fetched_bytes
+            .fetch_add(fetched.stored.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Journals the finished chunks, but only once they are durably in the
+    /// slot: fsync first.
+    fn checkpoint(&mut self, force: bool) -> Result<(), InstallError> {
+        if !self.dirty || (!force && self.journaled_at.elapsed() < JOURNAL_EVERY) {
+            return Ok(());
+        }
+        self.slot.sync()?;
+        let progress = InstallProgress {
+            slot: self.slot.slot,
+            image_sha256: self.image_sha256.clone(),
+            verified_bytes: self.counters.done_bytes.load(Ordering::Relaxed),
+            done: self.done.ranges(),
+        };
+        self.local
+            .save_install_progress(Some(&progress))
+            .map_err(|e| InstallError::State(format!("{e:#}")))?;
+        self.journaled_at = Instant::now();
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Copies, then writes fetched chunks as they come, until the queue
+    /// closes; the journal is brought up to date however it ends.
+    fn run(
+        &mut self,
+        seed: &Seed,
+        copies: &[Copy],
+        targets: &HashMap<usize, Vec<usize>>,
+        queue: &mut mpsc::Receiver<Fetched>,
+        cancelled: &AtomicBool,
+    ) -> Result<(), InstallError> {
+        let result = (|| {
+            for copy in copies {
+                if cancelled.load(Ordering::SeqCst) {
+                    return Err(InstallError::Cancelled);
+                }
+                self.copy(seed, copy)?;
+                self.checkpoint(false)?;
+            }
+            while let Some(fetched) = queue.blocking_recv() {
+                if cancelled.load(Ordering::SeqCst) {
+                    return Err(InstallError::Cancelled);
+                }
+                let to = targets
+                    .get(&fetched.index)
+                    .map(Vec::as_slice)
+                    .unwrap_or(std::slice::from_ref(&fetched.index));
+                self.put(&fetched, to)?;
+                self.checkpoint(false)?;
+            }
+            Ok(())
+        })();
+        // Whatever went wrong, what is done stays done for the next attempt.
+        let saved = self.checkpoint(true);
+        result.and(saved)
+    }
+}
+
+/// One install's download: the release's chunks into slot `target`.
+#[derive(Debug)]
+pub struct Download<'a> {
+    pub installer: &'a Installer,
+    pub manifest: &'a Manifest,
+    pub target: SlotName,
+    pub target_path: PathBuf,
+    pub booted_path: PathBuf,
+    /// The running slot's release, as the slot table records it.
+    pub booted_image: Option<(String, u64)>,
+    /// The rollout's cap from the offer.
+    pub offer_cap: Option<u64>,
+    pub counters: Arc<Counters>,
+}
+
+/// The effective bandwidth cap: the device's and the rollout's, the lower.
+pub fn effective_cap(device: Option<u64>, rollout: Option<u64>) -> Option<u64> {
+    match (device, rollout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Download<'_> {
+    pub async fn run(self) -> Result<Tally, InstallError> {
+        let chunks: Arc<[ChunkEntry]> = self.manifest.chunks.clone().into();
+        let offsets: Arc<[u64]> = self.manifest.chunk_offsets().map(|(at, _)| at).collect();
+        let mut fill = self.open_slot(chunks.clone(), offsets).await?;
+        let list = self
+            .booted_image
+            .as_ref()
+            .and_then(|(id, _)| self.installer.local.chunk_list(id));
+        let seed = Seed::of_running_slot(
+            &self.booted_path,
+            self.booted_image.as_ref().map(|(_, size)| *size),
+            list,
+        )
+        .await;
+        let limits = SpanLimits {
+            max_chunks: MAX_SPAN_CHUNKS as usize,
+            max_bytes: SPAN_BYTES,
+        };
+        let cap = effective_cap(
+            self.installer.config.download.max_bytes_per_sec,
+            self.offer_cap,
+        );
+        let pacer = cap.map(|rate| Arc::new(Pacer::new(rate)));
+        let first = crate::plan::plan(&chunks, &fill.done, |e| seed.offset_of(e), limits);
+        fill.tally.journaled = first.journaled;
+        tracing::info!(
+            chunks = chunks.len(),
+            journaled = first.journaled,
+            to_copy = first.copies.len(),
+            to_fetch = first.fetched_chunks(),
+            fetch_bytes = first.fetched_bytes(&chunks),
+            requests = first.spans.len(),
+            cap_bytes_per_sec = cap,
+            "planned the download into slot {} (reuse index: {})",
+            self.target,
+            if seed.source.is_empty() {
+                "none"
+            } else {
+                seed.source
+            }
+        );
+        fill = self
+            .round(
+                fill,
+                &seed,
+                first.copies,
+                first.spans,
+                first.targets,
+                pacer.clone(),
+            )
+            .await?;
+        if !fill.done.is_complete() {
+            // Chunks the running slot should have had but did not: fetched.
+            let rest = crate::plan::plan(&chunks, &fill.done, |_| None, limits);
+            tracing::info!(
+                to_fetch = rest.fetched_chunks(),
+                "chunks the running slot did not hold after all are fetched"
+            );
+            fill = self
+                .round(fill, &seed, Vec::new(), rest.spans, rest.targets, pacer)
+                .await?;
+        }
+        if !fill.done.is_complete() {
+            return Err(InstallError::State(format!(
+                "{} of {} chunks are in slot {} after the download; retrying the install",
+                fill.done.len(),
+                chunks.len(),
+                self.target
+            )));
+        }
+        let slot = fill.slot.clone();
+        self.installer
+            .guard
+            .blocking(move || slot.sync_all())
+            .await?;
+        Ok(fill.tally)
+    }
+
+    /// Opens the slot and takes over the journal of an interrupted install
+    /// of the same image, re-checking each journaled chunk in the slot.
+    async fn open_slot(
+        &self,
+        chunks: Arc<[ChunkEntry]>,
+        offsets: Arc<[u64]>,
+    ) -> Result<SlotFill, InstallError> {
+        let (target, path, size) = (
+            self.target,
+            self.target_path.clone(),
+            self.manifest.image.size,
+        );
+        let local = self.installer.local.clone();
+        let image_sha256 = self.manifest.image.sha256.to_hex();
+        let counters = self.counters.clone();
+        self.installer
+            .guard
+            .blocking(move || {
+                let slot = SlotWriter::open(target, &path, size)?;
+                let journal = local
+                    .install_progress()
+                    .map_err(|e| InstallError::State(format!("{e:#}")))?
+                    .filter(|p| p.slot == target && p.image_sha256 == image_sha256);
+                let mut done = ChunkSet::new(chunks.len());
+                if let Some(progress) = journal {
+                    let ranges = progress.done_chunks(chunks.iter().map(|c| u64::from(c.size)));
+                    let journaled = ChunkSet::from_ranges(chunks.len(), &ranges);
+                    for index in journaled.iter() {
+                        // Durable when journaled; read back here so that every
+                        // byte of the image is hashed within this install.
+                        if slot.holds(&chunks[index], offsets[index])? {
+                            done.insert(index);
+                        }
+                    }
+                    // Each request writes its span front to back, so chunks
+                    // written after the last journal entry continue a
+                    // journaled run: probe each gap up to its first miss.
+                    for [_, end] in ranges {
+                        let mut index = end as usize;
+                        while index < chunks.len()
+                            && !journaled.contains(index)
+                            && slot.holds(&chunks[index], offsets[index])?
+                        {
+                            done.insert(index);
+                            index += 1;
+                        }
+                    }
+                }
+                let done_bytes = done.iter().map(|i| u64::from(chunks[i].size)).sum();
+                counters.done_bytes.store(done_bytes, Ordering::Relaxed);
+                Ok(SlotFill {
+                    slot,
+                    chunks,
+                    offsets,
+                    done,
+                    local,
+                    image_sha256,
+                    journaled_at: Instant::now(),
+                    dirty: false,
+                    counters,
+                    tally: Tally::default(),
+                })
+            })
+            .await
+    }
+
+    /// Copies and fetches one plan's chunks: the writer on a blocking thread,
+    /// the requests on the runtime, a bounded queue between them.
+    async fn round(
+        &self,
+        mut fill: SlotFill,
+        seed: &Seed,
+        copies: Vec<Copy>,
+        spans: Vec<Span>,
+        targets: HashMap<usize, Vec<usize>>,
+        pacer: Option<Arc<Pacer>>,
+    ) -> Result<SlotFill, InstallError> {
+        let parallel = self.installer.config.download.parallel_requests.max(1);
+        let (tx, mut rx) = mpsc::channel(parallel * QUEUE_PER_REQUEST);
+        let seed = seed.clone();
+        let writer = self.installer.guard.blocking_cancellable(move |cancelled| {
+            let result = fill.run(&seed, &copies, &targets, &mut rx, cancelled);
+            Ok((fill, result))
+        });
+        // The stream owns the queue's sender: once it is done (or failed)
+        // and dropped, the queue closes and the writer knows there is
+        // nothing more.
+        let fetches = futures_util::stream::iter(spans)
+            .map(move |span| self.fetch_span(span, tx.clone(), pacer.clone()))
+            .buffer_unordered(parallel)
+            .try_collect::<()>();
+        let (written, fetched) = tokio::join!(writer, fetches);
+        let (fill, written) = written?;
+        // The writer's error explains a fetch that stopped because it quit.
+        written?;
+        fetched?;
+        Ok(fill)
+    }
+
+    /// Streams one span of chunks into the queue, resuming after the last
+    /// whole chunk when a connection breaks.
+    async fn fetch_span(
+        &self,
+        span: Span,
+        queue: mpsc::Sender<Fetched>,
+        pacer: Option<Arc<Pacer>>,
+    ) -> Result<(), InstallError> {
+        let chunks = &self.manifest.chunks;
+        let version = &self.manifest.version;
+        let end = span.first + span.count;
+        let mut next = span.first;
+        let mut failures = 0u32;
+        let mut last = Retry::default();
+        while next < end {
+            if failures >= CHUNK_ATTEMPTS {
+                return Err(last.give_up(&describe(self.manifest, next, end)));
+            }
+            if failures > 0 {
+                tokio::time::sleep(crate::install::retry_wait(failures - 1)).await;
+            }
+            failures += 1;
+            let what = describe(self.manifest, next, end);
+            let expected: u64 = chunks[next..end]
+                .iter()
+                .map(|c| u64::from(c.stored_size))
+                .sum();
+            let path = device_span_path(version, next as u64, (end - next) as u64);
+            let (response, started) = match self.installer.request(&path, &what, expected).await {
+                Ok(answer) => answer,
+                Err(retry) => {
+                    last = retry.or_fail()?;
+                    continue;
+                }
+            };
+            if let Some(len) = response.content_length().filter(|&len| len != expected) {
+                return Err(InstallError::Download {
+                    what,
+                    detail: format!(
+                        "the server announced {len} bytes, the manifest's stored sizes add up to {expected}; \
+                         the release on the server is inconsistent"
+                    ),
+                });
+            }
+            let download = &self.installer.config.download;
+            // Each chunk must arrive within the stall timeout plus its size
+            // at the slowest rate accepted, counted from the end of the one
+            // before (or from the request): the same bound as one request
+            // per chunk, whatever the span's length.
+            let mut allowed = download.deadline_for(u64::from(chunks[next].stored_size));
+            let mut deadline = tokio::time::Instant::from_std(started) + allowed;
+            let mut received = 0u64;
+            let mut chunk = BytesMut::with_capacity(chunks[next].stored_size as usize);
+            let mut body = response.bytes_stream();
+            let broken = loop {
+                let piece = match tokio::time::timeout_at(deadline, body.next()).await {
+                    Ok(Some(Ok(piece))) => piece,
+                    Ok(Some(Err(e))) => break format!("{e}"),
+                    Ok(None) if next < end => {
+                        break format!("the body ended after {received} of {expected} bytes")
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(_) => {
+                        // Slow retrieval: the server answers, but too slowly
+                        // to ever finish. Not a lost connection, so it does
+                        // not renew the retry budget the way an outage does.
+                        return Err(InstallError::TooSlow {
+                            what: describe(self.manifest, next, next + 1),
+                            received: chunk.len() as u64,
+                            expected: u64::from(chunks[next].stored_size),
+                            seconds: allowed.as_secs_f64(),
+                            min_rate: download.min_bytes_per_sec,
+                        });
+                    }
+                };
+                received += piece.len() as u64;
+                if received > expected {
+                    return Err(InstallError::TooLong {
+                        what,
+                        limit: expected,
+                    });
+                }
+                if let Some(pacer) = &pacer {
+                    // Time spent holding back for the cap is not the server's slowness.
+                    let wait = pacer.take(piece.len() as u64);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                        deadline += wait;
+                    }
+                }
+                let mut piece: Bytes = piece;
+                while !piece.is_empty() {
+                    let want = chunks[next].stored_size as usize - chunk.len();
+                    chunk.extend_from_slice(&piece.split_to(want.min(piece.len())));
+                    if chunk.len() == chunks[next].stored_size as usize {
+                        let stored = chunk.split().freeze();
+                        if queue
+                            .send(Fetched {
+                                index: next,
+                                stored,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            // The writer stopped; it says why.
+                            return Err(InstallError::Cancelled);
+                        }
+                        next += 1;
+                        if next < end {
+                            allowed = download.deadline_for(u64::from(chunks[next].stored_size));
+                            deadline = tokio::time::Instant::now() + allowed;
+                        }
+                        // Progress renews the budget: a link that breaks
+                        // now and then still finishes.
+                        failures = 0;
+                        if next < end {
+                            chunk.reserve(chunks[next].stored_size as usize);
+                        }
+                    }
+                }
+            };
+            last = Retry::lost(broken);
+        }
+        Ok(())
+    }
+}
+
+/// Names chunks `first..end` of a release for messages.
+fn describe(manifest: &Manifest, first: usize, end: usize) -> String {
+    let offset: u64 = manifest.chunks[..first]
+        .iter()
+        .map(|c| u64::from(c.size))
+        .sum();
+    if end - first == 1 {
+        format!("chunk {} at offset {offset}", manifest.chunks[first].hash)
+    } else {
+        format!(
+            "chunks {first}..{end} of {} (from offset {offset}, first {})",
+            manifest.version, manifest.chunks[first].hash
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lower_of_the_device_and_rollout_caps_wins() {
+        assert_eq!(effective_cap(None, None), None);
+        assert_eq!(effective_cap(Some(5), None), Some(5));
+        assert_eq!(effective_cap(None, Some(7)), Some(7));
+        assert_eq!(effective_cap(Some(5), Some(7)), Some(5));
+        assert_eq!(effective_cap(Some(9), Some(7)), Some(7));
+    }
+}
