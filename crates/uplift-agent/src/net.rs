@@ -54,6 +54,13 @@ pub fn http_client(ca_file: &Path, stall_timeout: Duration) -> anyhow::Result<re
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(stall_timeout)
         .pool_idle_timeout(Duration::from_secs(30))
+        // HTTP/2 when the server offers it (ALPN): parallel span requests
+        // share one connection. The window follows the measured
+        // bandwidth-delay product, so a long link is not held to 64 KiB per
+        // round trip and a short one does not buffer more than it needs.
+        .http2_adaptive_window(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .http2_keep_alive_timeout(stall_timeout)
         .build()
         .context("building HTTPS client")
 }

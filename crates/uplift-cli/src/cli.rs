@@ -92,6 +92,13 @@ pub enum Command {
         /// SIGKILL, every connection cut, the server killed and restarted.
         #[arg(long)]
         chaos: bool,
+        /// Roll out this image (version 1.1) instead of a generated one.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Devices start running this image (version 1.0) instead of a
+        /// generated one; with --image, its size is the slot size.
+        #[arg(long)]
+        factory_image: Option<PathBuf>,
     },
 }
 
@@ -204,6 +211,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             workdir,
             timeout,
             chaos,
+            image,
+            factory_image,
         } => {
             let summary = demo::run(DemoOptions {
                 devices,
@@ -212,6 +221,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 workdir,
                 timeout: Duration::from_secs(timeout),
                 chaos,
+                image,
+                factory_image,
             })
             .await?;
             if json {

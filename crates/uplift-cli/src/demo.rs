@@ -33,6 +33,10 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// Inject faults at random during the rollout (see [`Chaos`]).
     pub chaos: bool,
+    /// Image of the release rolled out (1.1); generated if `None`.
+    pub image: Option<PathBuf>,
+    /// Image the devices run at first (1.0); generated if `None`.
+    pub factory_image: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +63,12 @@ pub struct DemoSummary {
     pub db_rows_written: u64,
     pub db_write_batches: u64,
     pub db_rows_per_second: f64,
+    /// CPU seconds (user + system, from `/proc/<pid>/stat`) the server
+    /// process used from its start until just before it was stopped.
+    pub server_cpu_seconds: Option<f64>,
+    /// Per device, seconds from rollout start until the server first saw it
+    /// running the new version (polled every 100 ms), in device order.
+    pub device_seconds: Vec<Option<f64>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -394,14 +404,31 @@ async fn run_fleet(
 
     let key = ReleaseSigningKey::generate();
     let images = work.join("images");
-    let image_from = images.join("os-1.0.img");
-    let image_to = images.join("os-1.1.img");
+    let image_from = opts
+        .factory_image
+        .clone()
+        .unwrap_or_else(|| images.join("os-1.0.img"));
+    let image_to = opts
+        .image
+        .clone()
+        .unwrap_or_else(|| images.join("os-1.1.img"));
     {
         let (from, to, size) = (image_from.clone(), image_to.clone(), opts.image_size);
+        let (gen_from, gen_to) = (opts.factory_image.is_none(), opts.image.is_none());
         blocking("writing the demo images", move || {
             std::fs::create_dir_all(&images)?;
-            write_image(&from, size, 1)?;
-            write_changed_image(&from, &to, 24, 2)
+            let size = if gen_to {
+                size
+            } else {
+                std::fs::metadata(&to)?.len()
+            };
+            if gen_from {
+                write_image(&from, size, 1)?;
+            }
+            if gen_to {
+                write_changed_image(&from, &to, 24, 2)?;
+            }
+            Ok(())
         })
         .await?;
     }
@@ -518,7 +545,16 @@ async fn run_fleet(
     );
     let mut in_progress = 0u64;
     let mut last: Option<RolloutView> = None;
+    let mut done_at: std::collections::HashMap<String, f64> = Default::default();
     loop {
+        if let Ok(Ok(views)) = tokio::time::timeout(POLL_TIMEOUT, client.devices()).await {
+            let now = started.elapsed().as_secs_f64();
+            for v in views {
+                if v.running_version.as_ref() == Some(&to) {
+                    done_at.entry(v.id.as_str().to_owned()).or_insert(now);
+                }
+            }
+        }
         if let Some(chaos) = chaos.as_mut() {
             server = chaos
                 .tick(devices, server, &mut counters, bins, &client, in_progress)
@@ -589,6 +625,7 @@ async fn run_fleet(
         eprintln!("  warning: cannot read the server's peak RSS: {e:#}");
     }
     counters.peak_rss(peak.ok());
+    let server_cpu_seconds = cpu_seconds(server.pid());
     let own = std::mem::take(devices);
     let (own, local) = blocking("reading the devices' boot environments", move || {
         let local: Vec<_> = own
@@ -607,6 +644,10 @@ async fn run_fleet(
     *devices = own;
     let mut failures = Vec::new();
     let mut upgraded = 0;
+    let device_seconds = local
+        .iter()
+        .map(|(id, _, _)| done_at.get(id.as_str()).copied())
+        .collect();
     for (id, env, dir) in local {
         let view = views.iter().find(|v| v.id.as_str() == id);
         let on_new = view.is_some_and(|v| {
@@ -650,7 +691,21 @@ async fn run_fleet(
         } else {
             0.0
         },
+        server_cpu_seconds,
+        device_seconds,
     })
+}
+
+/// utime + stime of a live process, in seconds (`/proc/<pid>/stat`).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ: 100 on every Linux architecture we ship to.
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// Provisions and powers on `count` devices, [`START_BATCH`] at a time on a
@@ -793,6 +848,8 @@ mod tests {
             db_rows_written: 400,
             db_write_batches: 12,
             db_rows_per_second: 186.9,
+            server_cpu_seconds: None,
+            device_seconds: Vec::new(),
         }
     }
 

@@ -42,7 +42,7 @@ pub fn load_or_generate(tls_dir: &Path, cfg: &TlsConfig) -> anyhow::Result<TlsMa
                 key_file.display()
             )
         })?;
-    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let ca = read_certs(&ca_file)?;
     let ca_der = ca.last().context("CA file holds no certificate")?;
     Ok(TlsMaterial {

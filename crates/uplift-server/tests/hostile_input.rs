@@ -1738,16 +1738,51 @@ async fn idle_connections_do_not_starve_real_devices() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_ask_for_http2_get_it_and_the_rest_speak_http1() {
+    let mut srv = Server::start().await;
+    // reqwest offers h2 and http/1.1 by ALPN, as the agent and the CLI do.
+    let resp = srv
+        .request(reqwest::Method::GET, "/healthz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.version(), resp.status().as_u16()),
+        (reqwest::Version::HTTP_2, 200)
+    );
+    // Errors keep their JSON shape over HTTP/2.
+    let resp = srv
+        .request(reqwest::Method::GET, "/v1/device/chunks/not-a-hash")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    json_error(resp, 401, ErrorKind::Unauthorized).await;
+    // No ALPN: HTTP/1.1, and the device channel (a WebSocket upgrade) too.
+    let raw = srv.raw_http("GET /healthz HTTP/1.1", b"").await;
+    assert_eq!(raw.status, 200);
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_dropped_so_a_full_server_recovers() {
     // Few connection slots and a short handshake deadline: idle clients must
     // be cut off, or they would hold every slot forever.
     let mut srv =
         Server::start_with_limits(Some("max_connections = 20\nhandshake_timeout_secs = 1")).await;
     let tls = srv.tls.clone();
+    // A third of them ask for HTTP/2, which has no header deadline of its
+    // own: they must be cut off all the same.
+    let tls_h2 = {
+        let mut config = (*srv.tls).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    };
     let addr = srv.addr;
     let mut idle = Vec::new();
     for i in 0..100 {
-        let tls = tls.clone();
+        let h2 = i % 3 == 2;
+        let tls = if h2 { tls_h2.clone() } else { tls.clone() };
         idle.push(tokio::spawn(async move {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let name = ServerName::try_from("127.0.0.1").unwrap();
@@ -1763,10 +1798,20 @@ async fn idle_connections_are_dropped_so_a_full_server_recovers() {
                 Ok(Err(_)) => return true,
                 Err(_) => return false,
             };
+            assert_eq!(
+                stream.get_ref().1.alpn_protocol(),
+                h2.then_some(&b"h2"[..]),
+                "the server speaks HTTP/2 to exactly the clients that ask for it"
+            );
             if i % 2 == 0 {
-                let _ = stream
-                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-                    .await;
+                // Half an opening: HTTP/1.1 headers without their end, or
+                // HTTP/2's preface without the rest.
+                let half: &[u8] = if h2 {
+                    b"PRI * HTTP/2.0\r\n"
+                } else {
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                };
+                let _ = stream.write_all(half).await;
                 let _ = stream.flush().await;
             }
             // Now stay silent; the server must close the connection.
