@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use uplift_proto::api::{device_span_path, MAX_SPAN_CHUNKS};
 use uplift_proto::pace::Pacer;
 use uplift_proto::{ChunkHash, SlotName};
-use uplift_release::chunk::sha256;
+use uplift_release::chunk::{sha256, ChunkDecoder};
 use uplift_release::manifest::{ChunkEntry, Manifest};
 use uplift_release::seed::SeedChunk;
 
@@ -241,6 +241,7 @@ struct SlotFill {
     dirty: bool,
     counters: Arc<Counters>,
     tally: Tally,
+    decoder: ChunkDecoder,
 }
 
 impl SlotFill {
@@ -278,7 +279,7 @@ impl SlotFill {
     /// Checks a fetched chunk against its manifest entry and writes it.
     fn put(&mut self, fetched: &Fetched, targets: &[usize]) -> Result<(), InstallError> {
         let entry = self.chunks[fetched.index];
-        let data = uplift_release::chunk::decode_chunk(&entry, &fetched.stored)?;
+        let data = self.decoder.decode(&entry, &fetched.stored)?;
         self.write_to(&data, targets)?;
         self.tally.fetched += 1;
         self.tally.fetched_bytes += fetched.stored.len() as u64;
@@ -509,6 +510,7 @@ impl Download<'_> {
                     dirty: false,
                     counters,
                     tally: Tally::default(),
+                    decoder: ChunkDecoder::new(),
                 })
             })
             .await

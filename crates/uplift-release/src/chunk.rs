@@ -5,7 +5,6 @@
 use crate::error::ReleaseError;
 use crate::manifest::{ChunkEntry, MAX_CHUNK_SIZE};
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use uplift_proto::ChunkHash;
 
 /// zstd level for chunks: fast to build, and decompression speed on devices
@@ -63,28 +62,109 @@ pub fn encode_chunk(data: &[u8]) -> Result<Vec<u8>, ReleaseError> {
 
 /// Decodes a chunk described by a (verified) manifest entry.
 pub fn decode_chunk(entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<u8>, ReleaseError> {
-    if stored.len() as u64 != u64::from(entry.stored_size) {
-        return Err(ReleaseError::ChunkStoredSize {
-            hash: entry.hash,
-            declared: u64::from(entry.stored_size),
-            actual: stored.len() as u64,
-        });
+    ChunkDecoder::new().decode(entry, stored)
+}
+
+/// Decodes many chunks with one zstd context: creating one per chunk cost
+/// the agent 3 % of a fleet download's CPU (perf).
+pub struct ChunkDecoder {
+    dctx: zstd::zstd_safe::DCtx<'static>,
+}
+
+impl std::fmt::Debug for ChunkDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkDecoder").finish_non_exhaustive()
     }
-    if entry.size > MAX_CHUNK_SIZE {
-        return Err(ReleaseError::ChunkTooLarge {
-            hash: entry.hash,
-            limit: MAX_CHUNK_SIZE,
-        });
+}
+
+impl Default for ChunkDecoder {
+    fn default() -> Self {
+        Self::new()
     }
-    let data = decompress_limited(&entry.hash, stored, entry.size)?;
-    if data.len() as u64 != u64::from(entry.size) {
-        return Err(ReleaseError::ChunkSize {
-            hash: entry.hash,
-            declared: entry.size,
-            actual: data.len() as u64,
-        });
+}
+
+impl ChunkDecoder {
+    pub fn new() -> Self {
+        Self {
+            dctx: zstd::zstd_safe::DCtx::create(),
+        }
     }
-    check_hash(&entry.hash, data)
+
+    /// [`decode_chunk`] with this decoder's context.
+    pub fn decode(&mut self, entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<u8>, ReleaseError> {
+        if stored.len() as u64 != u64::from(entry.stored_size) {
+            return Err(ReleaseError::ChunkStoredSize {
+                hash: entry.hash,
+                declared: u64::from(entry.stored_size),
+                actual: stored.len() as u64,
+            });
+        }
+        if entry.size > MAX_CHUNK_SIZE {
+            return Err(ReleaseError::ChunkTooLarge {
+                hash: entry.hash,
+                limit: MAX_CHUNK_SIZE,
+            });
+        }
+        let data = self.decompress_limited(&entry.hash, stored, entry.size)?;
+        if data.len() as u64 != u64::from(entry.size) {
+            return Err(ReleaseError::ChunkSize {
+                hash: entry.hash,
+                declared: entry.size,
+                actual: data.len() as u64,
+            });
+        }
+        check_hash(&entry.hash, data)
+    }
+
+    /// Decompresses into a buffer of `limit` + 1 bytes, so a frame that
+    /// expands further is caught when it fills it, whatever it declares; the
+    /// window is capped near `limit`, so neither costs more memory than the
+    /// chunk may have.
+    fn decompress_limited(
+        &mut self,
+        hash: &ChunkHash,
+        stored: &[u8],
+        limit: u32,
+    ) -> Result<Vec<u8>, ReleaseError> {
+        use zstd::zstd_safe::{get_error_name, DParameter, InBuffer, OutBuffer, ResetDirective};
+        let corrupt = |reason: &str| ReleaseError::ChunkCorrupt {
+            hash: *hash,
+            reason: reason.to_owned(),
+        };
+        // Fail fast, and with the right error, when the frame admits its size.
+        if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(stored) {
+            if declared > u64::from(limit) {
+                return Err(ReleaseError::ChunkTooLarge { hash: *hash, limit });
+            }
+        }
+        let zstd_err = |code| corrupt(get_error_name(code));
+        self.dctx
+            .reset(ResetDirective::SessionOnly)
+            .map_err(zstd_err)?;
+        self.dctx
+            .set_parameter(DParameter::WindowLogMax(window_log_for(limit)))
+            .map_err(zstd_err)?;
+        let mut out: Vec<u8> = Vec::with_capacity(limit as usize + 1);
+        let mut input = InBuffer::around(stored);
+        loop {
+            let (read_before, written_before) = (input.pos(), out.len());
+            let hint = {
+                let mut output = OutBuffer::around_pos(&mut out, written_before);
+                self.dctx
+                    .decompress_stream(&mut output, &mut input)
+                    .map_err(zstd_err)?
+            };
+            if out.len() > limit as usize {
+                return Err(ReleaseError::ChunkTooLarge { hash: *hash, limit });
+            }
+            if hint == 0 && input.pos() == stored.len() {
+                return Ok(out);
+            }
+            if input.pos() == read_before && out.len() == written_before {
+                return Err(corrupt("the zstd frame ends before its data does"));
+            }
+        }
+    }
 }
 
 /// Decodes a chunk known only by its name (the server's upload check): at
@@ -102,7 +182,7 @@ pub fn decode_named_chunk(
             limit: max_size,
         });
     }
-    let data = decompress_limited(hash, stored, max_size)?;
+    let data = ChunkDecoder::new().decompress_limited(hash, stored, max_size)?;
     check_hash(hash, data)
 }
 
@@ -121,36 +201,6 @@ fn check_hash(hash: &ChunkHash, data: Vec<u8>) -> Result<Vec<u8>, ReleaseError> 
 /// bytes and the decoder's window is capped near `limit`, so neither a
 /// frame that expands without bound nor one that demands a huge window can
 /// make us allocate more than about twice the limit.
-fn decompress_limited(
-    hash: &ChunkHash,
-    stored: &[u8],
-    limit: u32,
-) -> Result<Vec<u8>, ReleaseError> {
-    let corrupt = |e: std::io::Error| ReleaseError::ChunkCorrupt {
-        hash: *hash,
-        reason: e.to_string(),
-    };
-    // Fail fast, and with the right error, when the frame admits its size.
-    if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(stored) {
-        if declared > u64::from(limit) {
-            return Err(ReleaseError::ChunkTooLarge { hash: *hash, limit });
-        }
-    }
-    let mut decoder = zstd::stream::read::Decoder::with_buffer(stored).map_err(corrupt)?;
-    decoder
-        .window_log_max(window_log_for(limit))
-        .map_err(corrupt)?;
-    let mut out = Vec::with_capacity(limit as usize);
-    decoder
-        .take(u64::from(limit) + 1)
-        .read_to_end(&mut out)
-        .map_err(corrupt)?;
-    if out.len() as u64 > u64::from(limit) {
-        return Err(ReleaseError::ChunkTooLarge { hash: *hash, limit });
-    }
-    Ok(out)
-}
-
 /// Smallest window log covering `limit` bytes, within zstd's range: a frame
 /// for a chunk never needs a window larger than the chunk itself.
 fn window_log_for(limit: u32) -> u32 {

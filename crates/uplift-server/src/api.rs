@@ -617,17 +617,29 @@ async fn device_span(
     let entries: Vec<ChunkEntry> = release.chunks[span.first as usize..end as usize].to_vec();
     let len: u64 = entries.iter().map(|c| u64::from(c.stored_size)).sum();
     let first = read_stored(&state, &version, &entries[0]).await?;
+    // The rest in batches, one trip to the disk thread each, the next batch
+    // read while this one is sent.
+    let batches: Vec<Vec<ChunkEntry>> = entries[1..]
+        .chunks(SPAN_READ_BATCH)
+        .map(<[ChunkEntry]>::to_vec)
+        .collect();
     let rest = {
         let state = state.clone();
-        futures_util::stream::iter(entries.into_iter().skip(1)).then(move |entry| {
-            let (state, version) = (state.clone(), version.clone());
-            async move {
-                read_stored(&state, &version, &entry).await.map_err(|e| {
-                    tracing::warn!(chunk = %entry.hash, release = %version, "span cut short: {}", e.message);
-                    std::io::Error::other(e.message)
-                })
-            }
-        })
+        futures_util::stream::iter(batches)
+            .map(move |batch| {
+                let (state, version) = (state.clone(), version.clone());
+                async move {
+                    let read = read_stored_many(&state, &version, &batch).await;
+                    futures_util::stream::iter(read.into_iter().map(move |chunk| {
+                        chunk.map_err(|e| {
+                            tracing::warn!(release = %version, "span cut short: {}", e.message);
+                            std::io::Error::other(e.message)
+                        })
+                    }))
+                }
+            })
+            .buffered(2)
+            .flatten()
     };
     let chunks = futures_util::stream::once(std::future::ready(Ok(first))).chain(rest);
     let mut response = Response::new(chunk_body(state.clone(), chunks));
@@ -635,22 +647,46 @@ async fn device_span(
     Ok(response)
 }
 
+/// Chunks of a span read from disk in one go.
+const SPAN_READ_BATCH: usize = 8;
+
 /// A chunk's stored bytes, checked, and exactly as long as the manifest says.
 async fn read_stored(
     state: &AppState,
     version: &Version,
     entry: &ChunkEntry,
 ) -> Result<Bytes, ApiError> {
-    let stored = state
-        .chunks
-        .read_verified(&entry.hash)
-        .await?
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "chunk {} of release {version} is not on the server; upload the release again",
-                entry.hash
-            ))
-        })?;
+    let read = state.chunks.read_verified(&entry.hash).await;
+    as_listed(version, entry, read)
+}
+
+/// [`read_stored`] of several chunks, read in one go.
+async fn read_stored_many(
+    state: &AppState,
+    version: &Version,
+    entries: &[ChunkEntry],
+) -> Vec<Result<Bytes, ApiError>> {
+    let hashes: Vec<ChunkHash> = entries.iter().map(|e| e.hash).collect();
+    let read = state.chunks.read_verified_many(&hashes).await;
+    entries
+        .iter()
+        .zip(read)
+        .map(|(entry, read)| as_listed(version, entry, read))
+        .collect()
+}
+
+/// A chunk read from the store, as the release lists it, or why not.
+fn as_listed(
+    version: &Version,
+    entry: &ChunkEntry,
+    read: Result<Option<Bytes>, crate::chunks::ChunkError>,
+) -> Result<Bytes, ApiError> {
+    let stored = read?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "chunk {} of release {version} is not on the server; upload the release again",
+            entry.hash
+        ))
+    })?;
     if stored.len() as u64 != u64::from(entry.stored_size) {
         return Err(ApiError::internal(format!(
             "chunk {} is stored with {} bytes but release {version} lists {}; upload the release again",

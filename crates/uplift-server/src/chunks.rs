@@ -93,6 +93,36 @@ impl Chunks {
             .artifacts
             .read_all(hash, MAX_STORED_CHUNK as u64)
             .await?;
+        self.verified_read(hash, stored).await
+    }
+
+    /// [`read_verified`](Self::read_verified) of several chunks, read in
+    /// one go, in order.
+    pub async fn read_verified_many(
+        &self,
+        hashes: &[ChunkHash],
+    ) -> Vec<Result<Option<Bytes>, ChunkError>> {
+        let stored = self
+            .artifacts
+            .read_many(hashes, MAX_STORED_CHUNK as u64)
+            .await;
+        let mut checked = Vec::with_capacity(hashes.len());
+        for (hash, stored) in hashes.iter().zip(stored) {
+            checked.push(match stored {
+                Ok(stored) => self.verified_read(hash, stored).await,
+                Err(e) => Err(e.into()),
+            });
+        }
+        checked
+    }
+
+    /// What was read of a chunk, served only once checked against its name
+    /// (again whenever its file changed).
+    async fn verified_read(
+        &self,
+        hash: &ChunkHash,
+        stored: Option<(Bytes, Fingerprint)>,
+    ) -> Result<Option<Bytes>, ChunkError> {
         let Some((bytes, fingerprint)) = stored else {
             // Set aside and not repaired yet: devices keep hearing why.
             return match lock(&self.damaged).get(hash) {
