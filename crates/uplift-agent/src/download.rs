@@ -15,7 +15,7 @@
 
 use crate::install::{InstallError, Installer, Retry, CHUNK_ATTEMPTS};
 use crate::local::{InstallProgress, LocalState};
-use crate::plan::{ChunkSet, Copy, Span, SpanLimits};
+use crate::plan::{ChunkSet, Copy, Plan, Span, SpanLimits};
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use std::collections::HashMap;
@@ -26,11 +26,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use uplift_proto::api::{device_span_path, MAX_SPAN_CHUNKS};
+use uplift_proto::api::{device_patch_span_path, device_span_path, MAX_SPAN_CHUNKS};
 use uplift_proto::pace::Pacer;
 use uplift_proto::{ChunkHash, SlotName};
-use uplift_release::chunk::{sha256, ChunkDecoder};
-use uplift_release::manifest::{ChunkEntry, Manifest};
+use uplift_release::chunk::{apply_patch, sha256, ChunkDecoder};
+use uplift_release::manifest::{ChunkEntry, Manifest, PatchEntry};
 use uplift_release::seed::SeedChunk;
 
 /// How often the resume journal is brought up to date (each time costs an fsync).
@@ -51,6 +51,11 @@ pub struct Tally {
     pub copied: usize,
     pub fetched: usize,
     pub fetched_bytes: u64,
+    /// Chunks made from a patch against chunks of the running slot.
+    pub patched: usize,
+    pub patch_bytes: u64,
+    /// Patches that did not make their chunk (then fetched whole).
+    pub patch_fallbacks: usize,
     /// Chunks written from another occurrence of the same chunk.
     pub repeated: usize,
 }
@@ -218,11 +223,41 @@ impl Seed {
         self.file.as_ref()?.read_exact_at(&mut data, from).ok()?;
         (sha256(&data) == entry.hash).then_some(data)
     }
+
+    /// True if the index lists every base chunk of `patch`.
+    fn holds_base(&self, patch: &PatchEntry) -> bool {
+        self.file.is_some() && patch.base.iter().all(|h| self.index.contains_key(h))
+    }
+
+    /// The base of `patch`, each chunk read from the running slot and
+    /// checked; `None` if one is not there after all.
+    fn read_base(&self, patch: &PatchEntry) -> Option<Vec<u8>> {
+        let mut base = Vec::new();
+        for hash in &patch.base {
+            let at = self.index.get(hash)?;
+            let entry = ChunkEntry {
+                hash: *hash,
+                size: at.size,
+                stored_size: 0,
+            };
+            base.extend_from_slice(&self.read(&entry, at.offset)?);
+        }
+        Some(base)
+    }
 }
 
-/// A chunk as it came off the wire, not yet checked.
+/// The two lists of a release a device fetches from by position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Chunks,
+    Patches,
+}
+
+/// A chunk or a patch as it came off the wire, not yet checked.
 #[derive(Debug)]
 struct Fetched {
+    wire: Wire,
+    /// Index into the manifest's list `wire`.
     index: usize,
     stored: Bytes,
 }
@@ -233,6 +268,7 @@ struct Fetched {
 struct SlotFill {
     slot: SlotWriter,
     chunks: Arc<[ChunkEntry]>,
+    patches: Arc<[PatchEntry]>,
     offsets: Arc<[u64]>,
     done: ChunkSet,
     local: LocalState,
@@ -282,10 +318,49 @@ impl SlotFill {
         let data = self.decoder.decode(&entry, &fetched.stored)?;
         self.write_to(&data, targets)?;
         self.tally.fetched += 1;
+        self.count_fetched(fetched);
+        Ok(())
+    }
+
+    fn count_fetched(&mut self, fetched: &Fetched) {
         self.tally.fetched_bytes += fetched.stored.len() as u64;
         self.counters
             .fetched_bytes
             .fetch_add(fetched.stored.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Applies a fetched patch to its base from the running slot and writes
+    /// the chunk it makes, checked against the manifest. A patch that does
+    /// not make its chunk writes nothing: the chunk stays missing and is
+    /// fetched whole after this round.
+    fn put_patch(
+        &mut self,
+        seed: &Seed,
+        fetched: &Fetched,
+        chunk_index: usize,
+        targets: &[usize],
+    ) -> Result<(), InstallError> {
+        self.count_fetched(fetched);
+        let patch = &self.patches[fetched.index];
+        let chunk = self.chunks[chunk_index];
+        let made = match seed.read_base(patch) {
+            Some(base) => apply_patch(patch, &chunk, &fetched.stored, &base),
+            None => Err(uplift_release::ReleaseError::PatchDoesNotApply {
+                chunk: chunk.hash,
+                reason: "a base chunk is no longer in the running slot".to_owned(),
+            }),
+        };
+        match made {
+            Ok(data) => {
+                self.write_to(&data, targets)?;
+                self.tally.patched += 1;
+                self.tally.patch_bytes += fetched.stored.len() as u64;
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                self.tally.patch_fallbacks += 1;
+            }
+        }
         Ok(())
     }
 
@@ -317,6 +392,7 @@ impl SlotFill {
         seed: &Seed,
         copies: &[Copy],
         targets: &HashMap<usize, Vec<usize>>,
+        patch_targets: &HashMap<usize, usize>,
         queue: &mut mpsc::Receiver<Fetched>,
         cancelled: &AtomicBool,
     ) -> Result<(), InstallError> {
@@ -332,11 +408,18 @@ impl SlotFill {
                 if cancelled.load(Ordering::SeqCst) {
                     return Err(InstallError::Cancelled);
                 }
+                let chunk = match fetched.wire {
+                    Wire::Chunks => fetched.index,
+                    Wire::Patches => patch_targets[&fetched.index],
+                };
                 let to = targets
-                    .get(&fetched.index)
+                    .get(&chunk)
                     .map(Vec::as_slice)
-                    .unwrap_or(std::slice::from_ref(&fetched.index));
-                self.put(&fetched, to)?;
+                    .unwrap_or(std::slice::from_ref(&chunk));
+                match fetched.wire {
+                    Wire::Chunks => self.put(&fetched, to)?,
+                    Wire::Patches => self.put_patch(seed, &fetched, chunk, to)?,
+                }
                 self.checkpoint(false)?;
             }
             Ok(())
@@ -394,7 +477,15 @@ impl Download<'_> {
             self.offer_cap,
         );
         let pacer = cap.map(|rate| Arc::new(Pacer::new(rate)));
-        let first = crate::plan::plan(&chunks, &fill.done, |e| seed.offset_of(e), limits);
+        let patches = &self.manifest.patches;
+        let first = crate::plan::plan(
+            &chunks,
+            patches,
+            &fill.done,
+            |e| seed.offset_of(e),
+            |p| seed.holds_base(p),
+            limits,
+        );
         fill.tally.journaled = first.journaled;
         tracing::info!(
             chunks = chunks.len(),
@@ -402,7 +493,9 @@ impl Download<'_> {
             to_copy = first.copies.len(),
             to_fetch = first.fetched_chunks(),
             fetch_bytes = first.fetched_bytes(&chunks),
-            requests = first.spans.len(),
+            to_patch = first.patched_chunks(),
+            patch_bytes = first.patch_bytes(patches),
+            requests = first.spans.len() + first.patch_spans.len(),
             cap_bytes_per_sec = cap,
             "planned the download into slot {} (reuse index: {})",
             self.target,
@@ -412,26 +505,16 @@ impl Download<'_> {
                 seed.source
             }
         );
-        fill = self
-            .round(
-                fill,
-                &seed,
-                first.copies,
-                first.spans,
-                first.targets,
-                pacer.clone(),
-            )
-            .await?;
+        fill = self.round(fill, &seed, first, pacer.clone()).await?;
         if !fill.done.is_complete() {
-            // Chunks the running slot should have had but did not: fetched.
-            let rest = crate::plan::plan(&chunks, &fill.done, |_| None, limits);
+            // Chunks the running slot should have had but did not, and
+            // patches that did not apply: fetched whole.
+            let rest = crate::plan::plan(&chunks, &[], &fill.done, |_| None, |_| false, limits);
             tracing::info!(
                 to_fetch = rest.fetched_chunks(),
-                "chunks the running slot did not hold after all are fetched"
+                "chunks the running slot did not hold after all are fetched whole"
             );
-            fill = self
-                .round(fill, &seed, Vec::new(), rest.spans, rest.targets, pacer)
-                .await?;
+            fill = self.round(fill, &seed, rest, pacer).await?;
         }
         if !fill.done.is_complete() {
             return Err(InstallError::State(format!(
@@ -464,6 +547,7 @@ impl Download<'_> {
         let local = self.installer.local.clone();
         let image_sha256 = self.manifest.image.sha256.to_hex();
         let counters = self.counters.clone();
+        let patches: Arc<[PatchEntry]> = self.manifest.patches.clone().into();
         self.installer
             .guard
             .blocking(move || {
@@ -502,6 +586,7 @@ impl Download<'_> {
                 Ok(SlotFill {
                     slot,
                     chunks,
+                    patches,
                     offsets,
                     done,
                     local,
@@ -522,23 +607,47 @@ impl Download<'_> {
         &self,
         mut fill: SlotFill,
         seed: &Seed,
-        copies: Vec<Copy>,
-        spans: Vec<Span>,
-        targets: HashMap<usize, Vec<usize>>,
+        plan: Plan,
         pacer: Option<Arc<Pacer>>,
     ) -> Result<SlotFill, InstallError> {
         let parallel = self.installer.config.download.parallel_requests.max(1);
         let (tx, mut rx) = mpsc::channel(parallel * QUEUE_PER_REQUEST);
         let seed = seed.clone();
+        let Plan {
+            copies,
+            spans,
+            patch_spans,
+            patch_targets,
+            targets,
+            ..
+        } = plan;
         let writer = self.installer.guard.blocking_cancellable(move |cancelled| {
-            let result = fill.run(&seed, &copies, &targets, &mut rx, cancelled);
+            let result = fill.run(&seed, &copies, &targets, &patch_targets, &mut rx, cancelled);
             Ok((fill, result))
         });
-        // The stream owns the queue's sender: once it is done (or failed)
-        // and dropped, the queue closes and the writer knows there is
-        // nothing more.
-        let fetches = futures_util::stream::iter(spans)
-            .map(move |span| self.fetch_span(span, tx.clone(), pacer.clone()))
+        // Patches first: they are small, and a chunk whose patch fails is
+        // then fetched whole in the next round. The stream owns the queue's
+        // sender: once it is done (or failed) and dropped, the queue closes
+        // and the writer knows there is nothing more.
+        let requests = patch_spans
+            .into_iter()
+            .map(|span| (Wire::Patches, span))
+            .chain(spans.into_iter().map(|span| (Wire::Chunks, span)));
+        let fetches = futures_util::stream::iter(requests)
+            .map(move |(wire, span)| {
+                let fetch = self.fetch_span(wire, span, tx.clone(), pacer.clone());
+                async move {
+                    match (wire, fetch.await) {
+                        // Patches only save bytes: one that cannot be had
+                        // leaves its chunks to be fetched whole.
+                        (Wire::Patches, Err(e)) if !matches!(e, InstallError::Cancelled) => {
+                            tracing::warn!("{e}; fetching those chunks whole instead");
+                            Ok(())
+                        }
+                        (_, result) => result,
+                    }
+                }
+            })
             .buffer_unordered(parallel)
             .try_collect::<()>();
         let (written, fetched) = tokio::join!(writer, fetches);
@@ -549,15 +658,28 @@ impl Download<'_> {
         Ok(fill)
     }
 
-    /// Streams one span of chunks into the queue, resuming after the last
-    /// whole chunk when a connection breaks.
+    /// Streams one span of chunks (or patches) into the queue, resuming
+    /// after the last whole one when a connection breaks.
     async fn fetch_span(
         &self,
+        wire: Wire,
         span: Span,
         queue: mpsc::Sender<Fetched>,
         pacer: Option<Arc<Pacer>>,
     ) -> Result<(), InstallError> {
-        let chunks = &self.manifest.chunks;
+        let sizes: Vec<u32> = match wire {
+            Wire::Chunks => self.manifest.chunks[span.first..span.first + span.count]
+                .iter()
+                .map(|c| c.stored_size)
+                .collect(),
+            Wire::Patches => self.manifest.patches[span.first..span.first + span.count]
+                .iter()
+                .map(|p| p.stored_size)
+                .collect(),
+        };
+        // Indexed by list position, like the manifest's list.
+        let stored_size = |index: usize| sizes[index - span.first];
+        let describe = |first: usize, end: usize| describe(self.manifest, wire, first, end);
         let version = &self.manifest.version;
         let end = span.first + span.count;
         let mut next = span.first;
@@ -565,18 +687,18 @@ impl Download<'_> {
         let mut last = Retry::default();
         while next < end {
             if failures >= CHUNK_ATTEMPTS {
-                return Err(last.give_up(&describe(self.manifest, next, end)));
+                return Err(last.give_up(&describe(next, end)));
             }
             if failures > 0 {
                 tokio::time::sleep(crate::install::retry_wait(failures - 1)).await;
             }
             failures += 1;
-            let what = describe(self.manifest, next, end);
-            let expected: u64 = chunks[next..end]
-                .iter()
-                .map(|c| u64::from(c.stored_size))
-                .sum();
-            let path = device_span_path(version, next as u64, (end - next) as u64);
+            let what = describe(next, end);
+            let expected: u64 = (next..end).map(|i| u64::from(stored_size(i))).sum();
+            let path = match wire {
+                Wire::Chunks => device_span_path(version, next as u64, (end - next) as u64),
+                Wire::Patches => device_patch_span_path(version, next as u64, (end - next) as u64),
+            };
             let (response, started) = match self.installer.request(&path, &what, expected).await {
                 Ok(answer) => answer,
                 Err(retry) => {
@@ -598,10 +720,10 @@ impl Download<'_> {
             // at the slowest rate accepted, counted from the end of the one
             // before (or from the request): the same bound as one request
             // per chunk, whatever the span's length.
-            let mut allowed = download.deadline_for(u64::from(chunks[next].stored_size));
+            let mut allowed = download.deadline_for(u64::from(stored_size(next)));
             let mut deadline = tokio::time::Instant::from_std(started) + allowed;
             let mut received = 0u64;
-            let mut chunk = BytesMut::with_capacity(chunks[next].stored_size as usize);
+            let mut chunk = BytesMut::with_capacity(stored_size(next) as usize);
             let mut body = response.bytes_stream();
             let broken = loop {
                 let piece = match tokio::time::timeout_at(deadline, body.next()).await {
@@ -616,9 +738,9 @@ impl Download<'_> {
                         // to ever finish. Not a lost connection, so it does
                         // not renew the retry budget the way an outage does.
                         return Err(InstallError::TooSlow {
-                            what: describe(self.manifest, next, next + 1),
+                            what: describe(next, next + 1),
                             received: chunk.len() as u64,
-                            expected: u64::from(chunks[next].stored_size),
+                            expected: u64::from(stored_size(next)),
                             seconds: allowed.as_secs_f64(),
                             min_rate: download.min_bytes_per_sec,
                         });
@@ -641,12 +763,13 @@ impl Download<'_> {
                 }
                 let mut piece: Bytes = piece;
                 while !piece.is_empty() {
-                    let want = chunks[next].stored_size as usize - chunk.len();
+                    let want = stored_size(next) as usize - chunk.len();
                     chunk.extend_from_slice(&piece.split_to(want.min(piece.len())));
-                    if chunk.len() == chunks[next].stored_size as usize {
+                    if chunk.len() == stored_size(next) as usize {
                         let stored = chunk.split().freeze();
                         if queue
                             .send(Fetched {
+                                wire,
                                 index: next,
                                 stored,
                             })
@@ -658,14 +781,14 @@ impl Download<'_> {
                         }
                         next += 1;
                         if next < end {
-                            allowed = download.deadline_for(u64::from(chunks[next].stored_size));
+                            allowed = download.deadline_for(u64::from(stored_size(next)));
                             deadline = tokio::time::Instant::now() + allowed;
                         }
                         // Progress renews the budget: a link that breaks
                         // now and then still finishes.
                         failures = 0;
                         if next < end {
-                            chunk.reserve(chunks[next].stored_size as usize);
+                            chunk.reserve(stored_size(next) as usize);
                         }
                     }
                 }
@@ -676,8 +799,19 @@ impl Download<'_> {
     }
 }
 
-/// Names chunks `first..end` of a release for messages.
-fn describe(manifest: &Manifest, first: usize, end: usize) -> String {
+/// Names chunks (or patches) `first..end` of a release for messages.
+fn describe(manifest: &Manifest, wire: Wire, first: usize, end: usize) -> String {
+    if wire == Wire::Patches {
+        let patch = &manifest.patches[first];
+        return if end - first == 1 {
+            format!("patch {} for chunk {}", patch.hash, patch.chunk)
+        } else {
+            format!(
+                "patches {first}..{end} of {} (first for chunk {})",
+                manifest.version, patch.chunk
+            )
+        };
+    }
     let offset: u64 = manifest.chunks[..first]
         .iter()
         .map(|c| u64::from(c.size))

@@ -436,6 +436,9 @@ impl Installer {
             chunks = manifest.chunks.len(),
             fetched = tally.fetched,
             fetched_bytes = tally.fetched_bytes,
+            patched = tally.patched,
+            patch_bytes = tally.patch_bytes,
+            patch_fallbacks = tally.patch_fallbacks,
             reused_from_running_slot = tally.copied,
             repeated_in_image = tally.repeated,
             trusted_from_journal = tally.journaled,
@@ -704,6 +707,7 @@ mod tests {
                 size: 4,
                 stored_size: 13,
             }],
+            patches: Vec::new(),
         }
     }
 

@@ -2,19 +2,21 @@
 //! from. Pure, so each rule is unit-tested without a slot or a server:
 //! - a chunk the resume journal records as durably written is left alone;
 //! - a chunk the running slot holds is copied from it (and re-hashed then);
+//! - a chunk the release has a patch for, whose base chunks the running slot
+//!   all holds, is fetched as that patch (smaller) and applied;
 //! - every other chunk is fetched once, however often the image repeats it
 //!   (filesystem images repeat zero-filled chunks a lot), and written to
 //!   every offset that needs it;
-//! - fetched chunks that are neighbours in the manifest go out as one span
-//!   request, bounded in chunk count and bytes, so one round trip carries
-//!   many chunks.
+//! - fetched chunks (or patches) that are neighbours in the manifest's list
+//!   go out as one span request, bounded in count and bytes, so one round
+//!   trip carries many.
 //!
 //! [`ChunkSet`] is the resume journal's record of finished chunks, which
 //! parallel downloads complete out of order.
 
 use std::collections::HashMap;
 use uplift_proto::ChunkHash;
-use uplift_release::manifest::ChunkEntry;
+use uplift_release::manifest::{ChunkEntry, PatchEntry};
 
 /// The chunk indices of a release that are done, in any order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +119,10 @@ pub struct Plan {
     pub copies: Vec<Copy>,
     /// Fetch requests, in manifest order.
     pub spans: Vec<Span>,
+    /// Patch fetch requests, over the manifest's patch list.
+    pub patch_spans: Vec<Span>,
+    /// For each fetched patch, the chunk index it makes.
+    pub patch_targets: HashMap<usize, usize>,
     /// For each fetched index, every index (itself included) that takes its bytes.
     pub targets: HashMap<usize, Vec<usize>>,
     /// Chunks left alone because the journal has them.
@@ -143,16 +149,38 @@ impl Plan {
             .map(|c| u64::from(c.stored_size))
             .sum()
     }
+
+    pub fn patched_chunks(&self) -> usize {
+        self.patch_spans.iter().map(|s| s.count).sum()
+    }
+
+    pub fn patch_bytes(&self, patches: &[PatchEntry]) -> u64 {
+        self.patch_spans
+            .iter()
+            .flat_map(|s| &patches[s.first..s.first + s.count])
+            .map(|p| u64::from(p.stored_size))
+            .sum()
+    }
 }
 
 /// Decides where each chunk not in `done` comes from. `reusable` says where
-/// the running slot holds a chunk (by hash and size), if it does.
+/// the running slot holds a chunk (by hash and size), if it does;
+/// `applicable` whether it holds every base of a patch.
 pub fn plan(
     chunks: &[ChunkEntry],
+    patches: &[PatchEntry],
     done: &ChunkSet,
     reusable: impl Fn(&ChunkEntry) -> Option<u64>,
+    applicable: impl Fn(&PatchEntry) -> bool,
     limits: SpanLimits,
 ) -> Plan {
+    let patch_of: HashMap<ChunkHash, usize> = patches
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| applicable(p))
+        .map(|(at, p)| (p.chunk, at))
+        .collect();
+    let mut patched = Vec::new();
     let mut plan = Plan::default();
     // Hash -> where its bytes come from: a copy (index into `copies`) or a
     // fetch (the first index that needs it).
@@ -186,21 +214,29 @@ pub fn plan(
                 None => {
                     sources.insert(entry.hash, From::Fetch(index));
                     plan.targets.insert(index, vec![index]);
-                    fetch.push(index);
+                    match patch_of.get(&entry.hash) {
+                        Some(&patch) => {
+                            plan.patch_targets.insert(patch, index);
+                            patched.push(patch);
+                        }
+                        None => fetch.push(index),
+                    }
                 }
             },
         }
     }
-    plan.spans = spans_of(chunks, &fetch, limits);
+    plan.spans = spans_of(|i| chunks[i].stored_size, &fetch, limits);
+    // Patches are listed in chunk order, so they were met in list order.
+    plan.patch_spans = spans_of(|i| patches[i].stored_size, &patched, limits);
     plan
 }
 
-/// Merges sorted chunk indices into span requests within `limits`.
-fn spans_of(chunks: &[ChunkEntry], fetch: &[usize], limits: SpanLimits) -> Vec<Span> {
+/// Merges sorted list indices into span requests within `limits`.
+fn spans_of(stored_size: impl Fn(usize) -> u32, fetch: &[usize], limits: SpanLimits) -> Vec<Span> {
     let mut spans: Vec<Span> = Vec::new();
     let mut bytes = 0u64;
     for &index in fetch {
-        let size = u64::from(chunks[index].stored_size);
+        let size = u64::from(stored_size(index));
         match spans.last_mut() {
             Some(span)
                 if span.first + span.count == index
@@ -242,7 +278,7 @@ mod tests {
     #[test]
     fn a_device_with_nothing_fetches_everything_in_one_span() {
         let chunks: Vec<_> = (0..10).map(|n| entry(n, 100)).collect();
-        let plan = plan(&chunks, &ChunkSet::new(10), |_| None, WIDE);
+        let plan = plan(&chunks, &[], &ChunkSet::new(10), |_| None, |_| true, WIDE);
         assert_eq!(
             plan.spans,
             vec![Span {
@@ -261,7 +297,7 @@ mod tests {
             max_chunks: 4,
             max_bytes: 1 << 30,
         };
-        let counts: Vec<_> = plan(&chunks, &ChunkSet::new(10), |_| None, few)
+        let counts: Vec<_> = plan(&chunks, &[], &ChunkSet::new(10), |_| None, |_| true, few)
             .spans
             .iter()
             .map(|s| s.count)
@@ -271,7 +307,7 @@ mod tests {
             max_chunks: 256,
             max_bytes: 250,
         };
-        let counts: Vec<_> = plan(&chunks, &ChunkSet::new(10), |_| None, small)
+        let counts: Vec<_> = plan(&chunks, &[], &ChunkSet::new(10), |_| None, |_| true, small)
             .spans
             .iter()
             .map(|s| s.count)
@@ -279,7 +315,7 @@ mod tests {
         assert_eq!(counts, [2, 2, 2, 2, 2]);
         // A chunk larger than the byte limit still goes, alone.
         let big = [entry(1, 1000), entry(2, 1000)];
-        let spans = plan(&big, &ChunkSet::new(2), |_| None, small).spans;
+        let spans = plan(&big, &[], &ChunkSet::new(2), |_| None, |_| true, small).spans;
         assert_eq!(spans.len(), 2);
     }
 
@@ -288,8 +324,10 @@ mod tests {
         let chunks: Vec<_> = (0..6).map(|n| entry(n, 100)).collect();
         let plan = plan(
             &chunks,
+            &[],
             &ChunkSet::new(6),
             |e| (e.hash == chunks[2].hash).then_some(8192),
+            |_| true,
             WIDE,
         );
         assert_eq!(
@@ -310,7 +348,7 @@ mod tests {
     fn a_repeated_chunk_is_fetched_once_and_written_everywhere() {
         let zero = entry(0, 20);
         let chunks = vec![entry(1, 100), zero, entry(2, 100), zero, zero];
-        let plan = plan(&chunks, &ChunkSet::new(5), |_| None, WIDE);
+        let plan = plan(&chunks, &[], &ChunkSet::new(5), |_| None, |_| true, WIDE);
         assert_eq!(plan.fetched_chunks(), 3);
         assert_eq!(plan.targets[&1], vec![1, 3, 4]);
         assert_eq!(
@@ -321,8 +359,10 @@ mod tests {
         // A repeated chunk the running slot has is read there once.
         let plan = super::plan(
             &chunks,
+            &[],
             &ChunkSet::new(5),
             |e| (e.hash == zero.hash).then_some(0),
+            |_| true,
             WIDE,
         );
         assert_eq!(plan.copies.len(), 1);
@@ -334,7 +374,7 @@ mod tests {
         let chunks: Vec<_> = (0..12).map(|n| entry(n, 100)).collect();
         // Four parallel spans were in flight; some finished, some did not.
         let done = ChunkSet::from_ranges(12, &[[0, 3], [6, 9], [11, 12]]);
-        let plan = plan(&chunks, &done, |_| None, WIDE);
+        let plan = plan(&chunks, &[], &done, |_| None, |_| true, WIDE);
         assert_eq!(plan.journaled, 7);
         assert_eq!(
             plan.spans,
@@ -351,9 +391,59 @@ mod tests {
     fn a_complete_journal_leaves_nothing_to_do() {
         let chunks: Vec<_> = (0..3).map(|n| entry(n, 100)).collect();
         let done = ChunkSet::from_ranges(3, &[[0, 3]]);
-        let plan = plan(&chunks, &done, |_| Some(0), WIDE);
+        let plan = plan(&chunks, &[], &done, |_| Some(0), |_| true, WIDE);
         assert!(plan.spans.is_empty() && plan.copies.is_empty());
         assert_eq!(plan.journaled, 3);
+    }
+
+    fn patch(chunk: &ChunkEntry, base: u8, stored: u32) -> PatchEntry {
+        PatchEntry {
+            chunk: chunk.hash,
+            base: vec![ChunkHash::from_bytes([base; 32])],
+            hash: ChunkHash::from_bytes([base ^ 0xFF; 32]),
+            stored_size: stored,
+        }
+    }
+
+    #[test]
+    fn a_chunk_with_an_applicable_patch_is_fetched_as_the_patch() {
+        let chunks: Vec<_> = (0..6).map(|n| entry(n, 100)).collect();
+        // Patches for chunks 1, 2 and 4; the device lacks the base of 4's.
+        let patches = vec![
+            patch(&chunks[1], 101, 10),
+            patch(&chunks[2], 102, 10),
+            patch(&chunks[4], 104, 10),
+        ];
+        let held = |p: &PatchEntry| p.base[0] != ChunkHash::from_bytes([104; 32]);
+        let plan = plan(&chunks, &patches, &ChunkSet::new(6), |_| None, held, WIDE);
+        assert_eq!(plan.patch_spans, vec![Span { first: 0, count: 2 }]);
+        assert_eq!(plan.patch_targets[&0], 1);
+        assert_eq!(plan.patch_targets[&1], 2);
+        assert_eq!(
+            plan.spans,
+            vec![Span { first: 0, count: 1 }, Span { first: 3, count: 3 }],
+            "chunk 4 comes whole: its patch's base is not on the device"
+        );
+        assert_eq!(plan.patch_bytes(&patches), 20);
+        assert_eq!(plan.fetched_bytes(&chunks), 400);
+    }
+
+    #[test]
+    fn a_copied_or_journaled_chunk_needs_no_patch() {
+        let chunks: Vec<_> = (0..3).map(|n| entry(n, 100)).collect();
+        let patches = vec![patch(&chunks[0], 1, 10), patch(&chunks[2], 3, 10)];
+        let done = ChunkSet::from_ranges(3, &[[0, 1]]);
+        let plan = plan(
+            &chunks,
+            &patches,
+            &done,
+            |e| (e.hash == chunks[2].hash).then_some(0),
+            |_| true,
+            WIDE,
+        );
+        assert!(plan.patch_spans.is_empty());
+        assert_eq!(plan.copies.len(), 1);
+        assert_eq!(plan.spans, vec![Span { first: 1, count: 1 }]);
     }
 
     #[test]

@@ -75,6 +75,20 @@ pub async fn run(
     };
     let (mut machine, first_actions) = Machine::start(facts);
     tracing::info!(slot = %booted, version = %machine.running(), "agent started");
+    // What the boot showed is on disk before the server hears of it: an
+    // operator who sees "rolled back" finds the environment settled.
+    let mut first_actions: VecDeque<Action> = first_actions.into();
+    for action in std::mem::take(&mut first_actions) {
+        match action {
+            Action::AbandonTrial(failure) => {
+                record_trial_failure(&bootenv, &local, failure, TrialEnd::Abandon).await;
+            }
+            Action::AcknowledgeFallback(failure) => {
+                record_trial_failure(&bootenv, &local, failure, TrialEnd::FellBack).await;
+            }
+            other => first_actions.push_back(other),
+        }
+    }
 
     let server_url: reqwest::Url = config
         .server_url
@@ -110,7 +124,7 @@ pub async fn run(
         guard: InstallGuard::new(slot_lock.clone()),
     };
     let mut install: Option<JoinHandle<()>> = None;
-    let mut actions: VecDeque<Action> = first_actions.into();
+    let mut actions = first_actions;
     tokio::pin!(shutdown);
 
     loop {

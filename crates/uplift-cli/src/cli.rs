@@ -121,6 +121,11 @@ pub enum ReleaseCommand {
         /// Days the manifest stays valid; agents refuse an expired one.
         #[arg(long, default_value_t = 365)]
         valid_days: i64,
+        /// An older release (its directory, or its image) to make patches
+        /// against: devices running it download only the patches for the
+        /// chunks it lacks; any other device fetches those chunks whole.
+        #[arg(long, value_name = "OLD_RELEASE_DIR_OR_IMAGE")]
+        delta_from: Option<PathBuf>,
     },
     /// Upload a release directory to the server.
     Upload {
@@ -264,10 +269,12 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
             key,
             out,
             valid_days,
+            delta_from,
         } => {
             let key = ReleaseSigningKey::read_from_file(&key)?;
             let mut options = ReleaseOptions::new(version, device_type);
             options.valid_for = time::Duration::days(valid_days);
+            options.delta_from = delta_from;
             let summary =
                 tokio::task::spawn_blocking(move || create_release(&image, &out, &options, &key))
                     .await??;
@@ -281,6 +288,26 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
                 mib(summary.stored_bytes),
                 summary.manifest_path.display()
             );
+            if !summary.manifest.patches.is_empty() {
+                let stored: std::collections::HashMap<_, _> = summary
+                    .manifest
+                    .chunks
+                    .iter()
+                    .map(|c| (c.hash, u64::from(c.stored_size)))
+                    .collect();
+                let patched: u64 = summary
+                    .manifest
+                    .patches
+                    .iter()
+                    .filter_map(|p| stored.get(&p.chunk))
+                    .sum();
+                println!(
+                    "patches: {} chunks as {} instead of {} for devices running the older release",
+                    summary.manifest.patches.len(),
+                    mib(summary.manifest.patch_bytes()),
+                    mib(patched)
+                );
+            }
             Ok(0)
         }
         ReleaseCommand::Upload { dir, server } => {

@@ -117,33 +117,44 @@ impl AdminClient {
         let mut wanted: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
         wanted.sort();
         wanted.dedup();
+        let patches: Vec<ChunkHash> = manifest.patches.iter().map(|p| p.hash).collect();
         let missing: MissingChunksResponse = self
             .send(
                 self.http
                     .post(self.url(MISSING_CHUNKS_PATH)?)
-                    .json(&MissingChunksRequest { chunks: wanted }),
+                    .json(&MissingChunksRequest {
+                        chunks: wanted,
+                        patches,
+                    }),
             )
             .await?;
-        let uploaded = missing.missing.len();
-        stream::iter(missing.missing)
-            .map(|hash| {
+        let uploaded = missing.missing.len() + missing.missing_patches.len();
+        let chunks = missing.missing.into_iter().map(|hash| (false, hash));
+        let patches = missing.missing_patches.into_iter().map(|hash| (true, hash));
+        stream::iter(chunks.chain(patches))
+            .map(|(patch, hash)| {
                 let release = &release;
                 let on_chunk = &on_chunk;
                 async move {
-                    let bytes = release.read_chunk(&hash)?;
+                    let what = if patch { "patch" } else { "chunk" };
+                    let (bytes, path) = if patch {
+                        (release.read_patch(&hash)?, admin_patch_path(&hash))
+                    } else {
+                        (release.read_chunk(&hash)?, admin_chunk_path(&hash))
+                    };
                     let len = bytes.len() as u64;
                     let response = self
                         .http
-                        .put(self.url(&admin_chunk_path(&hash))?)
+                        .put(self.url(&path)?)
                         .bearer_auth(&self.token)
                         .body(bytes)
                         .send()
                         .await
-                        .with_context(|| format!("uploading chunk {hash}"))?;
+                        .with_context(|| format!("uploading {what} {hash}"))?;
                     if !response.status().is_success() {
                         let status = response.status();
                         let text = response.text().await.unwrap_or_default();
-                        anyhow::bail!("server refused chunk {hash} ({status}): {text}");
+                        anyhow::bail!("server refused {what} {hash} ({status}): {text}");
                     }
                     on_chunk(len);
                     Ok(())

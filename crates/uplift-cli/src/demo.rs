@@ -492,10 +492,12 @@ async fn run_fleet(
 
     let release_dir = work.join("releases/1.1");
     let summary = {
-        let (image, dir, options, key) = (
+        // Patched against the image the devices run, as an operator would.
+        let mut options = ReleaseOptions::new(to.clone(), DEVICE_TYPE.parse()?);
+        options.delta_from = Some(image_from.clone());
+        let (image, dir, key) = (
             image_to.clone(),
             release_dir.clone(),
-            ReleaseOptions::new(to.clone(), DEVICE_TYPE.parse()?),
             ReleaseSigningKey::from_pkcs8_pem(&key.to_pkcs8_pem())?,
         );
         blocking("building release 1.1", move || {
@@ -507,10 +509,13 @@ async fn run_fleet(
     say(
         opts.json,
         &format!(
-            "  release {to}: {:.1} MiB image in {} chunks ({:.1} MiB compressed), signed by key {}; uploaded {uploaded} chunks",
+            "  release {to}: {:.1} MiB image in {} chunks ({:.1} MiB compressed, {} patched against {from} in {:.1} MiB), \
+             signed by key {}; uploaded {uploaded} chunks and patches",
             summary.image_size as f64 / 1048576.0,
             view.chunks,
             view.stored_bytes as f64 / 1048576.0,
+            summary.manifest.patches.len(),
+            summary.manifest.patch_bytes() as f64 / 1048576.0,
             key.public_key().key_id()
         ),
     );

@@ -119,20 +119,6 @@ fn uplift(fx: &Fixture, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// `uplift-server check` of the fixture's data directory: exit code and output.
-fn server_check(fx: &Fixture) -> (Option<i32>, String) {
-    let out = Command::new(&fx.bins.server)
-        .arg("check")
-        .arg("--data-dir")
-        .arg(&fx.server.dir)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_damaged_on_the_server_disk_is_refused_reported_and_repaired_by_upload() {
     let fx = Fixture::start();

@@ -18,6 +18,17 @@ pub fn admin_chunk_path(hash: &ChunkHash) -> String {
     format!("/api/v1/chunks/{hash}")
 }
 
+/// Admin upload of one patch (`release create --delta-from`), named by its digest.
+pub fn admin_patch_path(hash: &ChunkHash) -> String {
+    format!("/api/v1/patches/{hash}")
+}
+
+/// Device download of patches `first..first + count` of a release's patch
+/// list, their stored bytes back to back (like [`device_span_path`]).
+pub fn device_patch_span_path(version: &Version, first: u64, count: u64) -> String {
+    format!("/v1/device/releases/{version}/patches?first={first}&count={count}")
+}
+
 /// Device download of one compressed chunk (range-capable GET).
 pub fn device_chunk_path(hash: &ChunkHash) -> String {
     format!("/v1/device/chunks/{hash}")
@@ -74,11 +85,16 @@ pub struct ReleaseView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MissingChunksRequest {
     pub chunks: Vec<ChunkHash>,
+    /// Patches of the release, by digest.
+    #[serde(default)]
+    pub patches: Vec<ChunkHash>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MissingChunksResponse {
     pub missing: Vec<ChunkHash>,
+    #[serde(default)]
+    pub missing_patches: Vec<ChunkHash>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,14 +4,15 @@
 //! ```text
 //! <root>/manifest.json          signed manifest
 //! <root>/chunks/<sha256>.zst    one zstd frame per unique chunk
+//! <root>/patches/<sha256>.zst   with --delta-from: patches, named by their own digest
 //! ```
 
 use crate::chunk::{decode_chunk, encode_chunk, max_stored_size, sha256, ImageHasher};
 use crate::error::ReleaseError;
 use crate::keys::ReleaseSigningKey;
 use crate::manifest::{
-    sign_manifest, ChunkEntry, Compression, ImageInfo, Manifest, SignedManifest, MANIFEST_FORMAT,
-    MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES,
+    sign_manifest, ChunkEntry, Compression, ImageInfo, Manifest, PatchEntry, SignedManifest,
+    MANIFEST_FORMAT, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES,
 };
 use fastcdc::v2020::StreamCDC;
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ pub const CDC_MAX_SIZE: u32 = 256 * 1024;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const CHUNKS_DIR: &str = "chunks";
+pub const PATCHES_DIR: &str = "patches";
 pub const DEFAULT_VALID_FOR: Duration = Duration::days(365);
 
 #[derive(Debug, Clone)]
@@ -40,6 +42,9 @@ pub struct ReleaseOptions {
     pub valid_for: Duration,
     /// Creation time written to the manifest.
     pub now: OffsetDateTime,
+    /// An older release (its directory or its image) to make patches
+    /// against, for the chunks it lacks (see [`crate::delta`]).
+    pub delta_from: Option<PathBuf>,
 }
 
 impl ReleaseOptions {
@@ -50,6 +55,7 @@ impl ReleaseOptions {
             device_type,
             valid_for: DEFAULT_VALID_FOR,
             now: OffsetDateTime::now_utc(),
+            delta_from: None,
         }
     }
 }
@@ -80,6 +86,12 @@ pub fn create_release(
     let file =
         std::fs::File::open(image).map_err(|e| ReleaseError::io("open the image", image, e))?;
     let dir = ReleaseDir::create(out_dir)?;
+    let delta = opts
+        .delta_from
+        .as_deref()
+        .map(crate::delta::DeltaBase::open)
+        .transpose()?;
+    let mut patches = Vec::new();
 
     let mut image_hasher = ImageHasher::new();
     // Stored size per chunk already written in this run: a repeated chunk
@@ -99,6 +111,11 @@ pub fn create_release(
             None => {
                 let s = dir.store_chunk(&hash, &chunk.data)?;
                 stored.insert(hash, s);
+                if let Some(delta) = delta.as_ref().filter(|d| !d.holds(&hash)) {
+                    if let Some(patch) = delta.patch_for(&chunk.data, s)? {
+                        patches.push(dir.store_patch(hash, patch)?);
+                    }
+                }
                 s
             }
         };
@@ -126,6 +143,7 @@ pub fn create_release(
         },
         compression: Compression::Zstd,
         chunks,
+        patches,
     };
     let signed = sign_manifest(&manifest, key)?;
     let manifest_path = dir.manifest_path();
@@ -225,6 +243,40 @@ impl ReleaseDir {
         std::fs::create_dir_all(dir.chunks_dir())
             .map_err(|e| ReleaseError::io("create the release directory", dir.chunks_dir(), e))?;
         Ok(dir)
+    }
+
+    pub fn patches_dir(&self) -> PathBuf {
+        self.root.join(PATCHES_DIR)
+    }
+
+    pub fn patch_path(&self, hash: &ChunkHash) -> PathBuf {
+        self.patches_dir().join(format!("{hash}.zst"))
+    }
+
+    /// The stored bytes of a patch, unverified (they must hash to the name).
+    pub fn read_patch(&self, hash: &ChunkHash) -> Result<Vec<u8>, ReleaseError> {
+        let path = self.patch_path(hash);
+        read_bounded(&path, max_stored_size(MAX_CHUNK_SIZE), "read the patch")
+    }
+
+    /// Stores a patch under its digest and returns its manifest entry.
+    fn store_patch(
+        &self,
+        chunk: ChunkHash,
+        patch: crate::delta::BuiltPatch,
+    ) -> Result<PatchEntry, ReleaseError> {
+        let hash = sha256(&patch.stored);
+        let path = self.patch_path(&hash);
+        std::fs::create_dir_all(self.patches_dir())
+            .map_err(|e| ReleaseError::io("create the patches directory", self.patches_dir(), e))?;
+        write_atomically(&path, &patch.stored, false)
+            .map_err(|e| ReleaseError::io("write the patch", &path, e))?;
+        Ok(PatchEntry {
+            chunk,
+            base: patch.base,
+            hash,
+            stored_size: patch.stored.len() as u32,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -346,6 +398,7 @@ mod tests {
             device_type: "gateway-x86".parse().unwrap(),
             valid_for: DEFAULT_VALID_FOR,
             now: datetime!(2025-03-01 12:00:00.123 UTC),
+            delta_from: None,
         }
     }
 

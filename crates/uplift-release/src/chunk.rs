@@ -3,7 +3,7 @@
 //! digest of everything it returns.
 
 use crate::error::ReleaseError;
-use crate::manifest::{ChunkEntry, MAX_CHUNK_SIZE};
+use crate::manifest::{ChunkEntry, PatchEntry, MAX_CHUNK_SIZE};
 use sha2::{Digest, Sha256};
 use uplift_proto::ChunkHash;
 
@@ -105,7 +105,8 @@ impl ChunkDecoder {
                 limit: MAX_CHUNK_SIZE,
             });
         }
-        let data = self.decompress_limited(&entry.hash, stored, entry.size)?;
+        let window = window_log_for(entry.size);
+        let data = decompress_limited(&mut self.dctx, &entry.hash, stored, entry.size, window)?;
         if data.len() as u64 != u64::from(entry.size) {
             return Err(ReleaseError::ChunkSize {
                 hash: entry.hash,
@@ -115,56 +116,133 @@ impl ChunkDecoder {
         }
         check_hash(&entry.hash, data)
     }
+}
 
-    /// Decompresses into a buffer of `limit` + 1 bytes, so a frame that
-    /// expands further is caught when it fills it, whatever it declares; the
-    /// window is capped near `limit`, so neither costs more memory than the
-    /// chunk may have.
-    fn decompress_limited(
-        &mut self,
-        hash: &ChunkHash,
-        stored: &[u8],
-        limit: u32,
-    ) -> Result<Vec<u8>, ReleaseError> {
-        use zstd::zstd_safe::{get_error_name, DParameter, InBuffer, OutBuffer, ResetDirective};
-        let corrupt = |reason: &str| ReleaseError::ChunkCorrupt {
-            hash: *hash,
-            reason: reason.to_owned(),
-        };
-        // Fail fast, and with the right error, when the frame admits its size.
-        if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(stored) {
-            if declared > u64::from(limit) {
-                return Err(ReleaseError::ChunkTooLarge { hash: *hash, limit });
-            }
-        }
-        let zstd_err = |code| corrupt(get_error_name(code));
-        self.dctx
-            .reset(ResetDirective::SessionOnly)
-            .map_err(zstd_err)?;
-        self.dctx
-            .set_parameter(DParameter::WindowLogMax(window_log_for(limit)))
-            .map_err(zstd_err)?;
-        let mut out: Vec<u8> = Vec::with_capacity(limit as usize + 1);
-        let mut input = InBuffer::around(stored);
-        loop {
-            let (read_before, written_before) = (input.pos(), out.len());
-            let hint = {
-                let mut output = OutBuffer::around_pos(&mut out, written_before);
-                self.dctx
-                    .decompress_stream(&mut output, &mut input)
-                    .map_err(zstd_err)?
-            };
-            if out.len() > limit as usize {
-                return Err(ReleaseError::ChunkTooLarge { hash: *hash, limit });
-            }
-            if hint == 0 && input.pos() == stored.len() {
-                return Ok(out);
-            }
-            if input.pos() == read_before && out.len() == written_before {
-                return Err(corrupt("the zstd frame ends before its data does"));
-            }
+/// Decompresses into a buffer of `limit` + 1 bytes, so a frame that
+/// expands further is caught when it fills it, whatever it declares; the
+/// window is capped near `limit`, so neither costs more memory than the
+/// chunk may have.
+fn decompress_limited(
+    dctx: &mut zstd::zstd_safe::DCtx<'_>,
+    hash: &ChunkHash,
+    stored: &[u8],
+    limit: u32,
+    window_log: u32,
+) -> Result<Vec<u8>, ReleaseError> {
+    use zstd::zstd_safe::{get_error_name, DParameter, InBuffer, OutBuffer, ResetDirective};
+    let corrupt = |reason: &str| ReleaseError::ChunkCorrupt {
+        hash: *hash,
+        reason: reason.to_owned(),
+    };
+    // Fail fast, and with the right error, when the frame admits its size.
+    if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(stored) {
+        if declared > u64::from(limit) {
+            return Err(ReleaseError::ChunkTooLarge { hash: *hash, limit });
         }
     }
+    let zstd_err = |code| corrupt(get_error_name(code));
+    dctx.reset(ResetDirective::SessionOnly).map_err(zstd_err)?;
+    dctx.set_parameter(DParameter::WindowLogMax(window_log))
+        .map_err(zstd_err)?;
+    let mut out: Vec<u8> = Vec::with_capacity(limit as usize + 1);
+    let mut input = InBuffer::around(stored);
+    loop {
+        let (read_before, written_before) = (input.pos(), out.len());
+        let hint = {
+            let mut output = OutBuffer::around_pos(&mut out, written_before);
+            dctx.decompress_stream(&mut output, &mut input)
+                .map_err(zstd_err)?
+        };
+        if out.len() > limit as usize {
+            return Err(ReleaseError::ChunkTooLarge { hash: *hash, limit });
+        }
+        if hint == 0 && input.pos() == stored.len() {
+            return Ok(out);
+        }
+        if input.pos() == read_before && out.len() == written_before {
+            return Err(corrupt("the zstd frame ends before its data does"));
+        }
+    }
+}
+
+/// Compresses `data` as a patch against `base`: one zstd frame whose prefix
+/// is the base, so whatever the chunk shares with it costs a few bytes.
+pub fn encode_patch(data: &[u8], base: &[u8], level: i32) -> Result<Vec<u8>, ReleaseError> {
+    use zstd::zstd_safe::{get_error_name, CCtx, CParameter};
+    let failed = |code| ReleaseError::Compress {
+        reason: format!(
+            "zstd failed on a patch of {} bytes against {} bytes: {}",
+            data.len(),
+            base.len(),
+            get_error_name(code)
+        ),
+    };
+    let mut cctx = CCtx::create();
+    cctx.set_parameter(CParameter::CompressionLevel(level))
+        .map_err(failed)?;
+    // The window must reach from the chunk's end back to the base's start.
+    let window = window_log_for(u32::try_from(base.len() + data.len()).unwrap_or(u32::MAX));
+    cctx.set_parameter(CParameter::WindowLog(window))
+        .map_err(failed)?;
+    cctx.ref_prefix(base).map_err(failed)?;
+    let mut out = vec![0u8; zstd::zstd_safe::compress_bound(data.len())];
+    let len = cctx.compress2(&mut out[..], data).map_err(failed)?;
+    out.truncate(len);
+    Ok(out)
+}
+
+/// The bytes of `chunk` from its patch and its base (the base chunks'
+/// bytes back to back, each already checked by the caller). The patch must
+/// be the one the manifest lists (size and digest), and what it makes must
+/// hash to the chunk: nothing unverified ever leaves this function.
+pub fn apply_patch(
+    patch: &PatchEntry,
+    chunk: &ChunkEntry,
+    stored: &[u8],
+    base: &[u8],
+) -> Result<Vec<u8>, ReleaseError> {
+    let fail = |reason: String| ReleaseError::PatchDoesNotApply {
+        chunk: chunk.hash,
+        reason,
+    };
+    if stored.len() as u64 != u64::from(patch.stored_size) {
+        return Err(fail(format!(
+            "it is {} bytes, the manifest says {}",
+            stored.len(),
+            patch.stored_size
+        )));
+    }
+    let actual = sha256(stored);
+    if actual != patch.hash {
+        return Err(fail(format!(
+            "it has sha256 {actual}, the manifest says {}",
+            patch.hash
+        )));
+    }
+    if chunk.size > MAX_CHUNK_SIZE {
+        return Err(ReleaseError::ChunkTooLarge {
+            hash: chunk.hash,
+            limit: MAX_CHUNK_SIZE,
+        });
+    }
+    let mut dctx = zstd::zstd_safe::DCtx::create();
+    dctx.ref_prefix(base)
+        .map_err(|code| fail(zstd::zstd_safe::get_error_name(code).to_owned()))?;
+    let window = window_log_for(
+        u32::try_from(base.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(chunk.size),
+    );
+    let data = decompress_limited(&mut dctx, &chunk.hash, stored, chunk.size, window)
+        .map_err(|e| fail(e.to_string()))?;
+    if data.len() as u64 != u64::from(chunk.size) {
+        return Err(fail(format!(
+            "it makes {} bytes, the chunk has {}",
+            data.len(),
+            chunk.size
+        )));
+    }
+    check_hash(&chunk.hash, data).map_err(|e| fail(e.to_string()))
 }
 
 /// Decodes a chunk known only by its name (the server's upload check): at
@@ -182,7 +260,8 @@ pub fn decode_named_chunk(
             limit: max_size,
         });
     }
-    let data = ChunkDecoder::new().decompress_limited(hash, stored, max_size)?;
+    let mut dctx = zstd::zstd_safe::DCtx::create();
+    let data = decompress_limited(&mut dctx, hash, stored, max_size, window_log_for(max_size))?;
     check_hash(hash, data)
 }
 

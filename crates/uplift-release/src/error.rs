@@ -83,6 +83,9 @@ pub enum ReleaseError {
     #[error("chunk {hash} is not a valid zstd stream within its limits: {reason}; discard it and fetch it again")]
     ChunkCorrupt { hash: ChunkHash, reason: String },
 
+    #[error("the patch for chunk {chunk} does not apply: {reason}; fetch the whole chunk instead")]
+    PatchDoesNotApply { chunk: ChunkHash, reason: String },
+
     #[error("cannot compress a chunk: {reason}")]
     Compress { reason: String },
 
@@ -129,6 +132,7 @@ impl ReleaseError {
             ReleaseError::ChunkTooLarge { .. } => ErrorKind::PayloadTooLarge,
             ReleaseError::StoredChunkTooLarge { .. } => ErrorKind::PayloadTooLarge,
             ReleaseError::ChunkCorrupt { .. } => ErrorKind::ChunkHashMismatch,
+            ReleaseError::PatchDoesNotApply { .. } => ErrorKind::ChunkHashMismatch,
             ReleaseError::Compress { .. } => ErrorKind::Internal,
             ReleaseError::EmptyImage { .. } => ErrorKind::BadRequest,
             ReleaseError::ReleaseDir { .. } => ErrorKind::NotFound,

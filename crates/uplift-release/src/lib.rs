@@ -9,6 +9,7 @@
 
 pub mod build;
 pub mod chunk;
+pub mod delta;
 pub mod error;
 pub mod keys;
 pub mod manifest;
@@ -19,6 +20,6 @@ pub use chunk::{decode_chunk, decode_named_chunk, encode_chunk, sha256, ImageHas
 pub use error::ReleaseError;
 pub use keys::{read_public_key_file, write_public_key_file, ReleasePublicKey, ReleaseSigningKey};
 pub use manifest::{
-    sign_manifest, ChunkEntry, Compression, ImageInfo, Manifest, ManifestSignature, SignedManifest,
-    MANIFEST_FORMAT, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES,
+    sign_manifest, ChunkEntry, Compression, ImageInfo, Manifest, ManifestSignature, PatchEntry,
+    SignedManifest, MANIFEST_FORMAT, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES,
 };

@@ -22,6 +22,9 @@ pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024;
 /// More signatures than any key rotation needs; the bound keeps a hostile
 /// manifest from making a device run thousands of verifications.
 pub const MAX_SIGNATURES: usize = 16;
+/// Most chunks a patch may use as its base: with [`MAX_CHUNK_SIZE`], the
+/// bound on what a device reads and holds to apply one patch.
+pub const MAX_PATCH_BASES: usize = 8;
 
 /// Domain separation: a manifest signature can never be mistaken for a
 /// signature over anything else made with the same key.
@@ -41,6 +44,27 @@ pub struct Manifest {
     pub compression: Compression,
     /// In image order.
     pub chunks: Vec<ChunkEntry>,
+    /// Smaller ways to send some chunks to a device that holds their bases
+    /// (`release create --delta-from`), in the order of the chunks they
+    /// make; a device without the bases fetches the whole chunk instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<PatchEntry>,
+}
+
+/// A chunk as a zstd frame compressed against other chunks (its bases,
+/// concatenated in order, as the frame's prefix): typically the most
+/// similar chunks of the release it was built against. Applied, it must
+/// hash to `chunk`, as every chunk does.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PatchEntry {
+    /// The chunk it makes.
+    pub chunk: ChunkHash,
+    /// The chunks whose bytes, back to back, are the prefix.
+    pub base: Vec<ChunkHash>,
+    /// sha256 of the patch as stored and sent; also its storage name.
+    pub hash: ChunkHash,
+    pub stored_size: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -101,6 +125,7 @@ impl Manifest {
             }
             total += u64::from(chunk.size);
         }
+        self.validate_patches(&invalid)?;
         if total != self.image.size {
             return Err(invalid(format!(
                 "its chunk sizes add up to {total} bytes but the image is {} bytes; rebuild the release",
@@ -126,6 +151,59 @@ impl Manifest {
             )));
         }
         Ok(())
+    }
+
+    /// Patches must make chunks of this release, in chunk order, one per
+    /// chunk, no larger than the chunk's own bound, on a bounded base.
+    fn validate_patches(
+        &self,
+        invalid: &impl Fn(String) -> ReleaseError,
+    ) -> Result<(), ReleaseError> {
+        if self.patches.is_empty() {
+            return Ok(());
+        }
+        let mut first_at: std::collections::HashMap<ChunkHash, (usize, u32)> =
+            std::collections::HashMap::with_capacity(self.chunks.len());
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            first_at.entry(chunk.hash).or_insert((i, chunk.size));
+        }
+        let mut previous: Option<usize> = None;
+        for (i, patch) in self.patches.iter().enumerate() {
+            let Some(&(at, size)) = first_at.get(&patch.chunk) else {
+                return Err(invalid(format!(
+                    "patch {i} makes chunk {}, which the release does not list; rebuild the release",
+                    patch.chunk
+                )));
+            };
+            if previous.is_some_and(|p| p >= at) {
+                return Err(invalid(format!(
+                    "patch {i} (for chunk {}) is out of chunk order or repeats a chunk; rebuild the release",
+                    patch.chunk
+                )));
+            }
+            previous = Some(at);
+            if patch.base.is_empty() || patch.base.len() > MAX_PATCH_BASES {
+                return Err(invalid(format!(
+                    "patch {i} (for chunk {}) has {} base chunks, must be 1..={MAX_PATCH_BASES}; rebuild the release",
+                    patch.chunk,
+                    patch.base.len()
+                )));
+            }
+            let bound = max_stored_size(size);
+            if patch.stored_size == 0 || u64::from(patch.stored_size) > bound {
+                return Err(invalid(format!(
+                    "patch {i} (for chunk {}) has stored size {}, must be 1..={bound}; rebuild the release",
+                    patch.chunk, patch.stored_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of all patches: what a device holding every base downloads
+    /// for the patched chunks.
+    pub fn patch_bytes(&self) -> u64 {
+        self.patches.iter().map(|p| u64::from(p.stored_size)).sum()
     }
 
     /// Each chunk with its byte offset in the image.
@@ -352,7 +430,43 @@ pub(crate) mod tests {
             },
             compression: Compression::Zstd,
             chunks: vec![entry(&a), entry(&b)],
+            patches: Vec::new(),
         }
+    }
+
+    #[test]
+    fn patches_must_make_listed_chunks_in_order_on_a_bounded_base() {
+        let mut m = two_chunk_manifest();
+        let patch = |chunk: ChunkHash| PatchEntry {
+            chunk,
+            base: vec![sha256(b"old")],
+            hash: sha256(b"patch"),
+            stored_size: 10,
+        };
+        let (a, b) = (m.chunks[0].hash, m.chunks[1].hash);
+        m.patches = vec![patch(a), patch(b)];
+        m.validate().expect("two patches in chunk order");
+        let reject = |m: &Manifest, what: &str| {
+            let err = m.validate().unwrap_err().to_string();
+            assert!(err.contains(what), "{err}");
+        };
+        m.patches = vec![patch(b), patch(a)];
+        reject(&m, "out of chunk order");
+        m.patches = vec![patch(sha256(b"not in the release"))];
+        reject(&m, "does not list");
+        m.patches = vec![PatchEntry {
+            base: vec![a; MAX_PATCH_BASES + 1],
+            ..patch(a)
+        }];
+        reject(&m, "base chunks");
+        m.patches = vec![PatchEntry {
+            stored_size: 0,
+            ..patch(a)
+        }];
+        reject(&m, "stored size");
+        // A manifest without patches keeps the format older agents read.
+        m.patches.clear();
+        assert!(!serde_json::to_string(&m).unwrap().contains("patches"));
     }
 
     const MID_2025: OffsetDateTime = datetime!(2025-06-01 00:00 UTC);

@@ -3,9 +3,10 @@
 
 use crate::budget;
 use crate::channel;
+use crate::chunks::StoredKind;
 use crate::chunks::MAX_STORED_CHUNK;
 use crate::error::ApiError;
-use crate::state::{now_rfc3339, AppState, ServedRelease};
+use crate::state::{now_rfc3339, AppState, Listed, ServedRelease};
 use crate::store::{DeviceRecord, DeviceTarget, ReleaseRecord, RolloutRecord, StoreError};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use uplift_proto::api::*;
 use uplift_proto::channel::{AgentState, CHANNEL_PATH};
 use uplift_proto::{ChunkHash, DeviceId, ErrorKind, Version};
-use uplift_release::manifest::{ChunkEntry, SignedManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
+use uplift_release::manifest::{SignedManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
 
 /// A chunk goes out in pieces of this size, each counted as it is sent.
 const SEND_PIECE: usize = 64 * 1024;
@@ -48,6 +49,7 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route(RELEASES_PATH, get(list_releases).post(upload_release))
         .route(MISSING_CHUNKS_PATH, post(missing_chunks))
         .route("/api/v1/chunks/{hash}", put(upload_chunk))
+        .route("/api/v1/patches/{hash}", put(upload_patch))
         .route(ROLLOUTS_PATH, get(list_rollouts).post(start_rollout))
         .route("/api/v1/rollouts/{id}", get(show_rollout))
         .route(STATS_PATH, get(stats))
@@ -70,6 +72,10 @@ fn device_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         )
         .route("/v1/device/chunks/{hash}", get(device_chunk))
         .route("/v1/device/releases/{version}/chunks", get(device_span))
+        .route(
+            "/v1/device/releases/{version}/patches",
+            get(device_patch_span),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             budget::limit_downloads,
@@ -223,7 +229,16 @@ async fn missing_chunks(
             missing.push(hash);
         }
     }
-    Ok(Json(MissingChunksResponse { missing }))
+    let mut missing_patches = Vec::new();
+    for hash in request.patches {
+        if state.patches.checked_len(&hash).await?.is_none() {
+            missing_patches.push(hash);
+        }
+    }
+    Ok(Json(MissingChunksResponse {
+        missing,
+        missing_patches,
+    }))
 }
 
 async fn upload_chunk(
@@ -251,6 +266,29 @@ async fn upload_chunk(
     Ok(StatusCode::CREATED)
 }
 
+async fn upload_patch(
+    State(state): State<Arc<AppState>>,
+    hash: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(hash) = hash?;
+    let hash: ChunkHash = parse_name(&hash)?;
+    let body = body?;
+    if state.patches.checked_len(&hash).await?.is_some() {
+        return Ok(StatusCode::OK);
+    }
+    // Named by its digest: a patch that does not match its name is refused,
+    // so the store never holds bytes the signed manifest does not vouch for.
+    crate::chunks::check_patch(&hash, &body).map_err(|why| {
+        ApiError::new(
+            ErrorKind::ChunkHashMismatch,
+            format!("patch {hash} is refused: {why}; rebuild the release and upload it again"),
+        )
+    })?;
+    state.patches.store(&hash, body).await?;
+    Ok(StatusCode::CREATED)
+}
+
 async fn upload_release(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -268,9 +306,14 @@ async fn upload_release(
             missing += 1;
         }
     }
+    for patch in &manifest.patches {
+        if state.patches.checked_len(&patch.hash).await? != Some(u64::from(patch.stored_size)) {
+            missing += 1;
+        }
+    }
     if missing > 0 {
         return Err(ApiError::conflict(format!(
-            "release {} references {missing} chunks the server does not have; upload them first \
+            "release {} references {missing} chunks or patches the server does not have; upload them first \
              (`uplift release upload` does both)",
             manifest.version
         )));
@@ -503,7 +546,8 @@ async fn served_release(
         })?;
     let release = Arc::new(ServedRelease {
         manifest_json: Bytes::from(record.manifest_json),
-        chunks: manifest.chunks.into(),
+        chunks: manifest.chunks.iter().map(Listed::from).collect(),
+        patches: manifest.patches.iter().map(Listed::from).collect(),
     });
     state
         .releases
@@ -580,15 +624,35 @@ struct SpanQuery {
 }
 
 /// A run of a release's chunks, their stored bytes back to back: one
-/// request instead of one per chunk. The first chunk is read (and checked)
-/// before answering, so its failure is a typed answer; a later chunk that
-/// fails cuts the body short, and the device, resuming after the last whole
-/// chunk, then hears why.
+/// request instead of one per chunk.
 async fn device_span(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     version: Result<Path<String>, PathRejection>,
     query: Result<axum::extract::Query<SpanQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    serve_span(state, headers, version, query, StoredKind::Chunk).await
+}
+
+/// A run of a release's patches, as [`device_span`] serves chunks.
+async fn device_patch_span(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    version: Result<Path<String>, PathRejection>,
+    query: Result<axum::extract::Query<SpanQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    serve_span(state, headers, version, query, StoredKind::Patch).await
+}
+
+/// The first object is read (and checked) before answering, so its failure
+/// is a typed answer; a later one that fails cuts the body short, and the
+/// device, resuming after the last whole object, then hears why.
+async fn serve_span(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    version: Result<Path<String>, PathRejection>,
+    query: Result<axum::extract::Query<SpanQuery>, QueryRejection>,
+    kind: StoredKind,
 ) -> Result<Response, ApiError> {
     device_of(&state, &headers)?;
     let Path(version) = version?;
@@ -599,29 +663,34 @@ async fn device_span(
             e.body_text()
         ))
     })?;
+    let what = kind.noun();
     if span.count == 0 || span.count > MAX_SPAN_CHUNKS {
         return Err(ApiError::bad_request(format!(
-            "a span has 1 to {MAX_SPAN_CHUNKS} chunks, not {}",
+            "a span has 1 to {MAX_SPAN_CHUNKS} {what}s, not {}",
             span.count
         )));
     }
     let release = served_release(&state, &version).await?;
-    let total = release.chunks.len() as u64;
+    let list = match kind {
+        StoredKind::Chunk => &release.chunks,
+        StoredKind::Patch => &release.patches,
+    };
+    let total = list.len() as u64;
     let end = span.first.saturating_add(span.count);
     if end > total {
         return Err(ApiError::bad_request(format!(
-            "chunks {}..{end} are not all in release {version}, which has {total}",
+            "{what}s {}..{end} are not all in release {version}, which has {total}",
             span.first
         )));
     }
-    let entries: Vec<ChunkEntry> = release.chunks[span.first as usize..end as usize].to_vec();
+    let entries: Vec<Listed> = list[span.first as usize..end as usize].to_vec();
     let len: u64 = entries.iter().map(|c| u64::from(c.stored_size)).sum();
-    let first = read_stored(&state, &version, &entries[0]).await?;
+    let first = read_stored(&state, kind, &version, &entries[0]).await?;
     // The rest in batches, one trip to the disk thread each, the next batch
     // read while this one is sent.
-    let batches: Vec<Vec<ChunkEntry>> = entries[1..]
+    let batches: Vec<Vec<Listed>> = entries[1..]
         .chunks(SPAN_READ_BATCH)
-        .map(<[ChunkEntry]>::to_vec)
+        .map(<[Listed]>::to_vec)
         .collect();
     let rest = {
         let state = state.clone();
@@ -629,7 +698,7 @@ async fn device_span(
             .map(move |batch| {
                 let (state, version) = (state.clone(), version.clone());
                 async move {
-                    let read = read_stored_many(&state, &version, &batch).await;
+                    let read = read_stored_many(&state, kind, &version, &batch).await;
                     futures_util::stream::iter(read.into_iter().map(move |chunk| {
                         chunk.map_err(|e| {
                             tracing::warn!(release = %version, "span cut short: {}", e.message);
@@ -650,46 +719,57 @@ async fn device_span(
 /// Chunks of a span read from disk in one go.
 const SPAN_READ_BATCH: usize = 8;
 
-/// A chunk's stored bytes, checked, and exactly as long as the manifest says.
-async fn read_stored(
-    state: &AppState,
-    version: &Version,
-    entry: &ChunkEntry,
-) -> Result<Bytes, ApiError> {
-    let read = state.chunks.read_verified(&entry.hash).await;
-    as_listed(version, entry, read)
+fn store_of(state: &AppState, kind: StoredKind) -> &crate::chunks::Chunks {
+    match kind {
+        StoredKind::Chunk => &state.chunks,
+        StoredKind::Patch => &state.patches,
+    }
 }
 
-/// [`read_stored`] of several chunks, read in one go.
+/// A stored object, checked, and exactly as long as the manifest says.
+async fn read_stored(
+    state: &AppState,
+    kind: StoredKind,
+    version: &Version,
+    entry: &Listed,
+) -> Result<Bytes, ApiError> {
+    let read = store_of(state, kind).read_verified(&entry.hash).await;
+    as_listed(kind, version, entry, read)
+}
+
+/// [`read_stored`] of several objects, read in one go.
 async fn read_stored_many(
     state: &AppState,
+    kind: StoredKind,
     version: &Version,
-    entries: &[ChunkEntry],
+    entries: &[Listed],
 ) -> Vec<Result<Bytes, ApiError>> {
     let hashes: Vec<ChunkHash> = entries.iter().map(|e| e.hash).collect();
-    let read = state.chunks.read_verified_many(&hashes).await;
+    let read = store_of(state, kind).read_verified_many(&hashes).await;
     entries
         .iter()
         .zip(read)
-        .map(|(entry, read)| as_listed(version, entry, read))
+        .map(|(entry, read)| as_listed(kind, version, entry, read))
         .collect()
 }
 
-/// A chunk read from the store, as the release lists it, or why not.
+/// An object read from the store, as the release lists it, or why not.
 fn as_listed(
+    kind: StoredKind,
     version: &Version,
-    entry: &ChunkEntry,
+    entry: &Listed,
     read: Result<Option<Bytes>, crate::chunks::ChunkError>,
 ) -> Result<Bytes, ApiError> {
+    let what = kind.noun();
     let stored = read?.ok_or_else(|| {
         ApiError::not_found(format!(
-            "chunk {} of release {version} is not on the server; upload the release again",
+            "{what} {} of release {version} is not on the server; upload the release again",
             entry.hash
         ))
     })?;
     if stored.len() as u64 != u64::from(entry.stored_size) {
         return Err(ApiError::internal(format!(
-            "chunk {} is stored with {} bytes but release {version} lists {}; upload the release again",
+            "{what} {} is stored with {} bytes but release {version} lists {}; upload the release again",
             entry.hash,
             stored.len(),
             entry.stored_size

@@ -45,6 +45,40 @@ impl ChunkError {
     }
 }
 
+/// What a store holds: chunks are named by the digest of what they
+/// decompress to, patches by the digest of their stored bytes (the server
+/// cannot apply them: it need not hold their bases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredKind {
+    Chunk,
+    Patch,
+}
+
+impl StoredKind {
+    /// Whether `stored` really is the object named `hash`: the pure check, no I/O.
+    pub fn check(self, hash: &ChunkHash, stored: &[u8]) -> Result<(), String> {
+        match self {
+            StoredKind::Chunk => check_stored(hash, stored),
+            StoredKind::Patch => check_patch(hash, stored),
+        }
+    }
+
+    pub fn noun(self) -> &'static str {
+        match self {
+            StoredKind::Chunk => "chunk",
+            StoredKind::Patch => "patch",
+        }
+    }
+
+    /// Its names in a release.
+    fn of(self, manifest: &uplift_release::Manifest) -> Vec<ChunkHash> {
+        match self {
+            StoredKind::Chunk => manifest.chunks.iter().map(|c| c.hash).collect(),
+            StoredKind::Patch => manifest.patches.iter().map(|p| p.hash).collect(),
+        }
+    }
+}
+
 /// Whether `stored` really is chunk `hash`: the pure check, no I/O.
 pub fn check_stored(hash: &ChunkHash, stored: &[u8]) -> Result<(), String> {
     uplift_release::chunk::decode_named_chunk(hash, stored, MAX_CHUNK_SIZE)
@@ -52,16 +86,32 @@ pub fn check_stored(hash: &ChunkHash, stored: &[u8]) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// The chunks of a stored release, from its manifest.
-fn chunks_of(release: &ReleaseRecord) -> Result<Vec<ChunkHash>, String> {
+/// Whether `stored` really is patch `hash`.
+pub fn check_patch(hash: &ChunkHash, stored: &[u8]) -> Result<(), String> {
+    if stored.len() > MAX_STORED_CHUNK {
+        return Err(format!(
+            "the patch is {} bytes, more than any patch of a chunk of at most {MAX_CHUNK_SIZE} bytes",
+            stored.len()
+        ));
+    }
+    let actual = uplift_release::sha256(stored);
+    if actual != *hash {
+        return Err(format!("its bytes have sha256 {actual}"));
+    }
+    Ok(())
+}
+
+/// The chunks (or patches) of a stored release, from its manifest.
+fn stored_of(kind: StoredKind, release: &ReleaseRecord) -> Result<Vec<ChunkHash>, String> {
     let manifest = SignedManifest::from_json(&release.manifest_json)
         .and_then(|signed| signed.parse_unverified())
         .map_err(|e| format!("stored manifest of {} is unreadable: {e}", release.version))?;
-    Ok(manifest.chunks.iter().map(|c| c.hash).collect())
+    Ok(kind.of(&manifest))
 }
 
 #[derive(Debug)]
 pub struct Chunks {
+    kind: StoredKind,
     artifacts: Arc<dyn ArtifactStore>,
     store: Arc<dyn Store>,
     /// Files checked and found good, by what they were when checked.
@@ -79,7 +129,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Chunks {
     pub fn new(artifacts: Arc<dyn ArtifactStore>, store: Arc<dyn Store>) -> Self {
+        Self::of_kind(StoredKind::Chunk, artifacts, store)
+    }
+
+    /// A store of patches, checked by the digest of their bytes.
+    pub fn patches(artifacts: Arc<dyn ArtifactStore>, store: Arc<dyn Store>) -> Self {
+        Self::of_kind(StoredKind::Patch, artifacts, store)
+    }
+
+    fn of_kind(kind: StoredKind, artifacts: Arc<dyn ArtifactStore>, store: Arc<dyn Store>) -> Self {
         Self {
+            kind,
             artifacts,
             store,
             verified: Mutex::default(),
@@ -136,8 +196,8 @@ impl Chunks {
         if lock(&self.verified).get(hash) == Some(&fingerprint) {
             return Ok(Some(bytes));
         }
-        let (name, check) = (*hash, bytes.clone());
-        let verdict = tokio::task::spawn_blocking(move || check_stored(&name, &check))
+        let (name, check, kind) = (*hash, bytes.clone(), self.kind);
+        let verdict = tokio::task::spawn_blocking(move || kind.check(&name, &check))
             .await
             .map_err(|e| ChunkError::Check {
                 hash: *hash,
@@ -195,7 +255,7 @@ impl Chunks {
             .list_releases()
             .await?
             .iter()
-            .filter(|r| chunks_of(r).is_ok_and(|chunks| chunks.contains(hash)))
+            .filter(|r| stored_of(self.kind, r).is_ok_and(|held| held.contains(hash)))
             .map(|r| r.version.clone())
             .collect())
     }
@@ -224,8 +284,10 @@ impl Chunks {
         if damaged.is_empty() {
             return 0;
         }
-        let chunks: HashSet<ChunkHash> =
-            chunks_of(release).unwrap_or_default().into_iter().collect();
+        let chunks: HashSet<ChunkHash> = stored_of(self.kind, release)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         chunks.iter().filter(|c| damaged.contains_key(c)).count() as u64
     }
 }
@@ -293,48 +355,54 @@ impl ScrubReport {
     }
 }
 
-/// Reads and checks every chunk every stored release needs; changes nothing.
+/// Reads and checks every chunk and patch every stored release needs;
+/// changes nothing.
 pub async fn scrub(
     store: &dyn Store,
-    artifacts: &dyn ArtifactStore,
+    chunks: &dyn ArtifactStore,
+    patches: &dyn ArtifactStore,
 ) -> Result<ScrubReport, ChunkError> {
     let releases = store.list_releases().await?;
     let mut report = ScrubReport {
         releases: releases.len(),
         ..ScrubReport::default()
     };
-    let mut needed: BTreeMap<ChunkHash, Vec<Version>> = BTreeMap::new();
-    for release in &releases {
-        match chunks_of(release) {
-            Ok(chunks) => {
-                for hash in chunks {
-                    let holders = needed.entry(hash).or_default();
-                    if holders.last() != Some(&release.version) {
-                        holders.push(release.version.clone());
+    for (kind, artifacts) in [(StoredKind::Chunk, chunks), (StoredKind::Patch, patches)] {
+        let mut needed: BTreeMap<ChunkHash, Vec<Version>> = BTreeMap::new();
+        for release in &releases {
+            match stored_of(kind, release) {
+                Ok(held) => {
+                    for hash in held {
+                        let holders = needed.entry(hash).or_default();
+                        if holders.last() != Some(&release.version) {
+                            holders.push(release.version.clone());
+                        }
                     }
                 }
+                // Said once, for the chunks.
+                Err(e) if kind == StoredKind::Chunk => report.unreadable.push(e),
+                Err(_) => {}
             }
-            Err(e) => report.unreadable.push(e),
         }
-    }
-    for (hash, holders) in needed {
-        report.chunks_checked += 1;
-        let problem = match artifacts.read_all(&hash, MAX_STORED_CHUNK as u64).await? {
-            None => Some(Problem::Missing),
-            Some((bytes, _)) => {
-                let name = hash;
-                tokio::task::spawn_blocking(move || check_stored(&name, &bytes))
-                    .await
-                    .map_err(|e| ChunkError::Check {
-                        hash,
-                        detail: e.to_string(),
-                    })?
-                    .err()
-                    .map(Problem::Damaged)
+        for (hash, holders) in needed {
+            report.chunks_checked += 1;
+            let problem = match artifacts.read_all(&hash, MAX_STORED_CHUNK as u64).await? {
+                None => Some(Problem::Missing),
+                Some((bytes, _)) => {
+                    let name = hash;
+                    tokio::task::spawn_blocking(move || kind.check(&name, &bytes))
+                        .await
+                        .map_err(|e| ChunkError::Check {
+                            hash,
+                            detail: e.to_string(),
+                        })?
+                        .err()
+                        .map(Problem::Damaged)
+                }
+            };
+            if let Some(problem) = problem {
+                report.problems.insert(hash, (problem, holders));
             }
-        };
-        if let Some(problem) = problem {
-            report.problems.insert(hash, (problem, holders));
         }
     }
     Ok(report)

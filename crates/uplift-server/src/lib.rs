@@ -57,7 +57,8 @@ pub async fn check_data_dir(config: &ServerConfig) -> anyhow::Result<chunks::Scr
     );
     let store = SqliteStore::open(&db).await?;
     let artifacts = LocalArtifacts::new(config.data_dir.join("chunks"));
-    Ok(chunks::scrub(&store, &artifacts).await?)
+    let patches = LocalArtifacts::new(config.data_dir.join("patches"));
+    Ok(chunks::scrub(&store, &artifacts, &patches).await?)
 }
 
 /// Raises the soft open-file limit to the hard one and warns when the
@@ -104,6 +105,8 @@ impl Server {
             .with_context(|| format!("creating data directory {}", data.display()))?;
         let store = SqliteStore::open(&data.join("uplift.db")).await?;
         let artifacts = LocalArtifacts::new(data.join("chunks"));
+        let patch_files: Arc<dyn artifacts::ArtifactStore> =
+            Arc::new(LocalArtifacts::new(data.join("patches")));
         let tls = tls::load_or_generate(&data.join("tls"), &config.tls)?;
 
         let (admin_token, admin_token_file) = match &config.admin_token {
@@ -127,6 +130,7 @@ impl Server {
         let artifacts: Arc<dyn artifacts::ArtifactStore> = Arc::new(artifacts);
         let state = Arc::new(AppState {
             chunks: chunks::Chunks::new(artifacts.clone(), store.clone()),
+            patches: chunks::Chunks::patches(patch_files, store.clone()),
             store,
             artifacts,
             hub: hub::Hub::default(),

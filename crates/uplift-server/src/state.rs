@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 use uplift_proto::pace::Pacer;
-use uplift_proto::Version;
-use uplift_release::manifest::ChunkEntry;
+use uplift_proto::{ChunkHash, Version};
+use uplift_release::manifest::{ChunkEntry, PatchEntry};
 
 #[derive(Debug)]
 pub struct AppState {
@@ -23,6 +23,8 @@ pub struct AppState {
     pub artifacts: Arc<dyn ArtifactStore>,
     /// Stored chunks, checked before they are trusted.
     pub chunks: Chunks,
+    /// Stored patches (`release create --delta-from`), likewise.
+    pub patches: Chunks,
     pub hub: Hub,
     /// Every device's newest state; the API reads it, sessions write it.
     pub live: Arc<LiveView>,
@@ -40,11 +42,38 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// What devices download of one release.
+/// What devices download of one release: its manifest, then stored
+/// objects from one of its two lists, by position.
 #[derive(Debug)]
 pub struct ServedRelease {
     pub manifest_json: Bytes,
-    pub chunks: Arc<[ChunkEntry]>,
+    pub chunks: Arc<[Listed]>,
+    pub patches: Arc<[Listed]>,
+}
+
+/// One stored object of a release as its manifest lists it: a chunk or a patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listed {
+    pub hash: ChunkHash,
+    pub stored_size: u32,
+}
+
+impl From<&ChunkEntry> for Listed {
+    fn from(entry: &ChunkEntry) -> Self {
+        Self {
+            hash: entry.hash,
+            stored_size: entry.stored_size,
+        }
+    }
+}
+
+impl From<&PatchEntry> for Listed {
+    fn from(patch: &PatchEntry) -> Self {
+        Self {
+            hash: patch.hash,
+            stored_size: patch.stored_size,
+        }
+    }
 }
 
 #[derive(Debug, Default)]

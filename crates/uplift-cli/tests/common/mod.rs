@@ -193,6 +193,20 @@ impl Fixture {
     }
 }
 
+/// `uplift-server check` of the fixture's data directory: exit code and output.
+pub fn server_check(fx: &Fixture) -> (Option<i32>, String) {
+    let out = std::process::Command::new(&fx.bins.server)
+        .arg("check")
+        .arg("--data-dir")
+        .arg(&fx.server.dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 pub fn id_of(device: &Device) -> DeviceId {
     device
         .device_id()
