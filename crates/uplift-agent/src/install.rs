@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use uplift_bootenv::file::BootEnvFile;
-use uplift_proto::api::device_manifest_path;
+use uplift_proto::api::{device_index_path, device_manifest_path};
 use uplift_proto::channel::{Offer, Progress};
 use uplift_proto::pace;
 use uplift_proto::{ChunkHash, ErrorKind, SlotName, Version, WireError};
@@ -479,11 +479,22 @@ impl Installer {
             )
             .await?;
         let signed = SignedManifest::from_json(&json)?;
-        let manifest = signed.verify(
+        let mut manifest = signed.verify(
             &self.config.trusted_release_keys,
             time::OffsetDateTime::now_utc(),
         )?;
         check_manifest(&manifest, offer, &self.config.device_type, running)?;
+        if let Some(reference) = manifest.chunk_index.filter(|_| manifest.needs_index()) {
+            // Exactly as long as the signed manifest says, then its digest.
+            let index = self
+                .fetch(
+                    &device_index_path(&offer.version),
+                    "chunk index",
+                    reference.bytes(),
+                )
+                .await?;
+            manifest.attach_index(&index)?;
+        }
         Ok(manifest)
     }
 
@@ -707,6 +718,7 @@ mod tests {
                 size: 4,
                 stored_size: 13,
             }],
+            chunk_index: None,
             patches: Vec::new(),
         }
     }

@@ -112,8 +112,7 @@ impl AdminClient {
         on_chunk: impl Fn(u64) + Send + Sync,
     ) -> anyhow::Result<(ReleaseView, usize)> {
         let release = ReleaseDir::open(dir)?;
-        let signed = release.read_manifest()?;
-        let manifest = signed.parse_unverified()?;
+        let (signed, manifest) = release.read_release()?;
         let mut wanted: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
         wanted.sort();
         wanted.dedup();
@@ -163,6 +162,24 @@ impl AdminClient {
             .buffer_unordered(UPLOAD_CONCURRENCY)
             .try_collect::<()>()
             .await?;
+        if let Some(reference) = manifest.chunk_index {
+            let index = release.read_index(&reference)?;
+            let len = index.len() as u64;
+            let response = self
+                .http
+                .put(self.url(&admin_index_path(&reference.sha256))?)
+                .bearer_auth(&self.token)
+                .body(index)
+                .send()
+                .await
+                .context("uploading the chunk index")?;
+            if !response.status().is_success() {
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                anyhow::bail!("server refused the chunk index ({status}): {text}");
+            }
+            on_chunk(len);
+        }
         let view = self
             .send(
                 self.http

@@ -90,11 +90,10 @@ fn assert_holds_new_image(fx: &Fixture, device: &Device) {
 async fn a_device_running_the_old_release_downloads_patches_one_without_its_chunks_whole_chunks() {
     let fx = Fixture::start();
     let dir = release_with_patches(&fx).await;
-    let signed = uplift_release::ReleaseDir::open(&dir)
+    let (_, manifest) = uplift_release::ReleaseDir::open(&dir)
         .unwrap()
-        .read_manifest()
+        .read_release()
         .unwrap();
-    let manifest = signed.parse_unverified().unwrap();
 
     let holder = fx.device("holder", fx.spec("hw-holder"));
     // Same version label, but a factory image that shares nothing with 1.0.
@@ -149,10 +148,9 @@ async fn a_patch_damaged_on_the_server_is_set_aside_and_its_chunk_fetched_whole(
     let dir = release_with_patches(&fx).await;
     let manifest = uplift_release::ReleaseDir::open(&dir)
         .unwrap()
-        .read_manifest()
+        .read_release()
         .unwrap()
-        .parse_unverified()
-        .unwrap();
+        .1;
     let damaged = &manifest.patches[manifest.patches.len() / 2];
     let hex = damaged.hash.to_hex();
     let file = fx

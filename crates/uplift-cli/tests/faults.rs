@@ -29,11 +29,11 @@ async fn fresh_release_sizes(fx: &Fixture, version: &str) -> uplift_release::Man
     let image = fx.path(&format!("images/fresh-{version}.img"));
     write_image(&image, IMAGE_SIZE, 1000 + version.len() as u64).unwrap();
     let dir = fx.release(version, DEVICE_TYPE, &image, &fx.key).await;
-    let manifest = uplift_release::build::ReleaseDir::open(&dir)
+    uplift_release::build::ReleaseDir::open(&dir)
         .unwrap()
-        .read_manifest()
-        .unwrap();
-    manifest.parse_unverified().unwrap()
+        .read_release()
+        .unwrap()
+        .1
 }
 
 /// Most bytes a device may receive for `manifest` when `cuts` times every
@@ -385,9 +385,10 @@ async fn a_chunk_missing_on_the_server_fails_visibly_after_a_bounded_number_of_a
     let dir = fx.release("2.0", DEVICE_TYPE, &image, &fx.key).await;
     let manifest = uplift_release::build::ReleaseDir::open(&dir)
         .unwrap()
-        .read_manifest()
-        .unwrap();
-    let lost = manifest.parse_unverified().unwrap().chunks[5].hash.to_hex();
+        .read_release()
+        .unwrap()
+        .1;
+    let lost = manifest.chunks[5].hash.to_hex();
     std::fs::remove_file(
         fx.server
             .dir

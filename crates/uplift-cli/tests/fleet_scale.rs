@@ -215,10 +215,9 @@ async fn a_large_fleet_survives_a_server_kill_mid_download_and_the_view_stays_tr
     let release = fx.release("1.1", DEVICE_TYPE, &image, &fx.key).await;
     let chunks = ReleaseDir::open(&release)
         .unwrap()
-        .read_manifest()
+        .read_release()
         .unwrap()
-        .parse_unverified()
-        .unwrap()
+        .1
         .chunks
         .len();
     let release_sha = sha256_file(&image);

@@ -130,9 +130,10 @@ async fn a_chunk_damaged_on_the_server_disk_is_refused_reported_and_repaired_by_
     // size check cannot see it.
     let manifest = uplift_release::build::ReleaseDir::open(&release)
         .unwrap()
-        .read_manifest()
-        .unwrap();
-    let chunk = manifest.parse_unverified().unwrap().chunks[3].hash.to_hex();
+        .read_release()
+        .unwrap()
+        .1;
+    let chunk = manifest.chunks[3].hash.to_hex();
     let stored = fx
         .server
         .dir
@@ -315,9 +316,10 @@ async fn a_stored_chunk_grown_past_any_valid_size_is_never_served() {
     // The server's copy of one chunk grows far past its declared size.
     let manifest = uplift_release::build::ReleaseDir::open(&release)
         .unwrap()
-        .read_manifest()
-        .unwrap();
-    let entry = manifest.parse_unverified().unwrap().chunks[2];
+        .read_release()
+        .unwrap()
+        .1;
+    let entry = manifest.chunks[2];
     let hex = entry.hash.to_hex();
     let stored = fx
         .server

@@ -29,6 +29,16 @@ pub fn device_patch_span_path(version: &Version, first: u64, count: u64) -> Stri
     format!("/v1/device/releases/{version}/patches?first={first}&count={count}")
 }
 
+/// Admin upload of a release's binary chunk index, named by its digest.
+pub fn admin_index_path(hash: &ChunkHash) -> String {
+    format!("/api/v1/indexes/{hash}")
+}
+
+/// Device download of a release's binary chunk index.
+pub fn device_index_path(version: &Version) -> String {
+    format!("/v1/device/releases/{version}/index")
+}
+
 /// Device download of one compressed chunk (range-capable GET).
 pub fn device_chunk_path(hash: &ChunkHash) -> String {
     format!("/v1/device/chunks/{hash}")

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! <root>/manifest.json          signed manifest
+//! <root>/chunks.idx             the chunk list, binary (see crate::index)
 //! <root>/chunks/<sha256>.zst    one zstd frame per unique chunk
 //! <root>/patches/<sha256>.zst   with --delta-from: patches, named by their own digest
 //! ```
@@ -30,6 +31,7 @@ pub const CDC_AVG_SIZE: u32 = 64 * 1024;
 pub const CDC_MAX_SIZE: u32 = 256 * 1024;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
+pub const INDEX_FILE: &str = "chunks.idx";
 pub const CHUNKS_DIR: &str = "chunks";
 pub const PATCHES_DIR: &str = "patches";
 pub const DEFAULT_VALID_FOR: Duration = Duration::days(365);
@@ -131,7 +133,8 @@ pub fn create_release(
         });
     }
 
-    let manifest = Manifest {
+    let (index, index_ref) = crate::index::encode(&chunks);
+    let mut manifest = Manifest {
         format: MANIFEST_FORMAT,
         version: opts.version.clone(),
         device_type: opts.device_type.clone(),
@@ -142,10 +145,16 @@ pub fn create_release(
             sha256: image_hasher.finish(),
         },
         compression: Compression::Zstd,
-        chunks,
+        chunks: Vec::new(),
+        chunk_index: Some(index_ref),
         patches,
     };
+    // Signed without the list: the index's digest stands for it.
     let signed = sign_manifest(&manifest, key)?;
+    manifest.attach_index(&index)?;
+    let index_path = dir.index_path();
+    write_atomically(&index_path, &index, true)
+        .map_err(|e| ReleaseError::io("write the chunk index", &index_path, e))?;
     let manifest_path = dir.manifest_path();
     write_atomically(&manifest_path, &signed.to_json(), true)
         .map_err(|e| ReleaseError::io("write the manifest", &manifest_path, e))?;
@@ -303,6 +312,31 @@ impl ReleaseDir {
         SignedManifest::from_json(&bytes)
     }
 
+    pub fn index_path(&self) -> PathBuf {
+        self.root.join(INDEX_FILE)
+    }
+
+    /// The chunk index file as stored, unverified (the manifest's digest
+    /// checks it on [`Manifest::attach_index`]).
+    pub fn read_index(
+        &self,
+        reference: &crate::manifest::ChunkIndexRef,
+    ) -> Result<Vec<u8>, ReleaseError> {
+        let path = self.index_path();
+        read_bounded(&path, reference.bytes(), "read the chunk index")
+    }
+
+    /// The signed manifest and its content with the chunk list attached,
+    /// signatures not checked: for tools working on their own build output.
+    pub fn read_release(&self) -> Result<(SignedManifest, Manifest), ReleaseError> {
+        let signed = self.read_manifest()?;
+        let mut manifest = signed.parse_unverified()?;
+        if let Some(reference) = manifest.chunk_index.filter(|_| manifest.needs_index()) {
+            manifest.attach_index(&self.read_index(&reference)?)?;
+        }
+        Ok((signed, manifest))
+    }
+
     /// The stored (compressed) bytes of a chunk, unverified: decode them
     /// with [`decode_chunk`] before use.
     pub fn read_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, ReleaseError> {
@@ -431,13 +465,20 @@ mod tests {
         let files = std::fs::read_dir(dir.chunks_dir()).unwrap().count();
         assert_eq!(files, summary.unique_chunks, "stray or missing chunk files");
 
-        let manifest = dir
+        let mut manifest = dir
             .read_manifest()
             .unwrap()
             .verify(
                 &[release_key().public_key()],
                 datetime!(2025-06-01 00:00 UTC),
             )
+            .unwrap();
+        // The signed text carries the index's digest, not the list.
+        assert!(manifest.needs_index() && manifest.chunks.is_empty());
+        let reference = manifest.chunk_index.unwrap();
+        assert_eq!(reference.chunks, summary.chunk_count as u64);
+        manifest
+            .attach_index(&dir.read_index(&reference).unwrap())
             .unwrap();
         assert_eq!(manifest, summary.manifest);
         assert_eq!(manifest.created_at, "2025-03-01T12:00:00Z");

@@ -201,7 +201,7 @@ impl DeltaBase {
     fn from_release(path: &Path) -> Result<Self, ReleaseError> {
         let dir = ReleaseDir::open(path)?;
         // Our own build output: its chunks are checked as they are decoded.
-        let manifest = dir.read_manifest()?.parse_unverified()?;
+        let (_, manifest) = dir.read_release()?;
         let mut chunks = Vec::new();
         let mut similar = SimilarityIndex::default();
         let mut seen = std::collections::HashSet::new();

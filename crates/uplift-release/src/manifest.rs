@@ -42,13 +42,39 @@ pub struct Manifest {
     pub expires_at: String,
     pub image: ImageInfo,
     pub compression: Compression,
-    /// In image order.
+    /// In image order. Empty in the signed text when the list is in the
+    /// binary [`chunk_index`](Self::chunk_index) instead; filled from it by
+    /// [`attach_index`](Self::attach_index).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkEntry>,
+    /// The chunk list as a compact binary file (see [`crate::index`]),
+    /// bound to the signed text by its digest and length: the manifest
+    /// stays small whatever the image's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_index: Option<ChunkIndexRef>,
     /// Smaller ways to send some chunks to a device that holds their bases
     /// (`release create --delta-from`), in the order of the chunks they
     /// make; a device without the bases fetches the whole chunk instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patches: Vec<PatchEntry>,
+}
+
+/// Where a manifest's chunk list is, when it is not inline.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkIndexRef {
+    /// sha256 of the index file.
+    pub sha256: ChunkHash,
+    /// Chunk entries in it.
+    pub chunks: u64,
+}
+
+impl ChunkIndexRef {
+    /// The index file's exact length.
+    pub fn bytes(&self) -> u64 {
+        self.chunks
+            .saturating_mul(crate::index::RECORD_BYTES as u64)
+    }
 }
 
 /// A chunk as a zstd frame compressed against other chunks (its bases,
@@ -103,6 +129,26 @@ impl Manifest {
                 self.format
             )));
         }
+        if let Some(index) = &self.chunk_index {
+            if index.chunks == 0 || index.chunks > crate::index::MAX_CHUNKS {
+                return Err(invalid(format!(
+                    "its chunk index has {} entries, must be 1..={}; rebuild the release",
+                    index.chunks,
+                    crate::index::MAX_CHUNKS
+                )));
+            }
+            if self.chunks.is_empty() {
+                // The rest is checked once the index is attached.
+                return self.validate_times(&invalid);
+            }
+            if self.chunks.len() as u64 != index.chunks {
+                return Err(invalid(format!(
+                    "its chunk index has {} entries but {} chunks are listed",
+                    index.chunks,
+                    self.chunks.len()
+                )));
+            }
+        }
         if self.chunks.is_empty() {
             return Err(invalid(
                 "it lists no chunks; rebuild the release from a non-empty image".to_owned(),
@@ -132,6 +178,13 @@ impl Manifest {
                 self.image.size
             )));
         }
+        self.validate_times(&invalid)
+    }
+
+    fn validate_times(
+        &self,
+        invalid: &impl Fn(String) -> ReleaseError,
+    ) -> Result<(), ReleaseError> {
         let created = parse_time(&self.created_at).map_err(|e| {
             invalid(format!(
                 "created_at {:?} is not RFC 3339: {e}",
@@ -151,6 +204,26 @@ impl Manifest {
             )));
         }
         Ok(())
+    }
+
+    /// True while the chunk list is still in a separate index file.
+    pub fn needs_index(&self) -> bool {
+        self.chunk_index.is_some() && self.chunks.is_empty()
+    }
+
+    /// Fills the chunk list from the index file the signed text names
+    /// (exact length and digest), then validates the whole manifest.
+    pub fn attach_index(&mut self, index: &[u8]) -> Result<(), ReleaseError> {
+        let Some(reference) = self.chunk_index else {
+            return Ok(());
+        };
+        self.chunks = crate::index::decode(index, &reference).map_err(|reason| {
+            ReleaseError::ManifestInvalid {
+                version: self.version.to_string(),
+                reason: format!("its chunk index {reason}; fetch it again or rebuild the release"),
+            }
+        })?;
+        self.validate()
     }
 
     /// Patches must make chunks of this release, in chunk order, one per
@@ -430,6 +503,7 @@ pub(crate) mod tests {
             },
             compression: Compression::Zstd,
             chunks: vec![entry(&a), entry(&b)],
+            chunk_index: None,
             patches: Vec::new(),
         }
     }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use uplift_proto::api::*;
 use uplift_proto::channel::{AgentState, CHANNEL_PATH};
 use uplift_proto::{ChunkHash, DeviceId, ErrorKind, Version};
-use uplift_release::manifest::{SignedManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
+use uplift_release::manifest::{MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
 
 /// A chunk goes out in pieces of this size, each counted as it is sent.
 const SEND_PIECE: usize = 64 * 1024;
@@ -56,6 +56,10 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .layer(DefaultBodyLimit::max(
             MAX_MANIFEST_BYTES.max(MAX_STORED_CHUNK),
         ))
+        .route(
+            "/api/v1/indexes/{hash}",
+            put(upload_index).layer(DefaultBodyLimit::max(MAX_INDEX_UPLOAD)),
+        )
         // Budget outside authentication: a flood of bad tokens is admin load too.
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .route_layer(middleware::from_fn_with_state(
@@ -72,6 +76,7 @@ fn device_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         )
         .route("/v1/device/chunks/{hash}", get(device_chunk))
         .route("/v1/device/releases/{version}/chunks", get(device_span))
+        .route("/v1/device/releases/{version}/index", get(device_index))
         .route(
             "/v1/device/releases/{version}/patches",
             get(device_patch_span),
@@ -189,7 +194,11 @@ fn device_view(
 
 // ----- releases and chunks
 
-fn release_view(state: &AppState, r: &ReleaseRecord) -> ReleaseView {
+/// Largest chunk index accepted in one upload: 6.7 million chunks, about
+/// 400 GiB of image at the average chunk size.
+const MAX_INDEX_UPLOAD: usize = 256 << 20;
+
+async fn release_view(state: &AppState, r: &ReleaseRecord) -> ReleaseView {
     ReleaseView {
         version: r.version.clone(),
         device_type: r.device_type.clone(),
@@ -198,22 +207,18 @@ fn release_view(state: &AppState, r: &ReleaseRecord) -> ReleaseView {
         chunks: r.chunks,
         stored_bytes: r.stored_bytes,
         created_at: r.created_at.clone(),
-        damaged_chunks: state.chunks.damaged_in(r),
+        damaged_chunks: state.chunks.damaged_in(r).await,
     }
 }
 
 async fn list_releases(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<Vec<ReleaseView>>, ApiError> {
-    Ok(Json(
-        state
-            .store
-            .list_releases()
-            .await?
-            .iter()
-            .map(|r| release_view(&state, r))
-            .collect(),
-    ))
+    let mut views = Vec::new();
+    for release in state.store.list_releases().await? {
+        views.push(release_view(&state, &release).await);
+    }
+    Ok(Json(views))
 }
 
 async fn missing_chunks(
@@ -289,15 +294,42 @@ async fn upload_patch(
     Ok(StatusCode::CREATED)
 }
 
+async fn upload_index(
+    State(state): State<Arc<AppState>>,
+    hash: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(hash) = hash?;
+    let hash: ChunkHash = parse_name(&hash)?;
+    let body = body?;
+    if state.indexes.checked_len(&hash).await?.is_some() {
+        return Ok(StatusCode::OK);
+    }
+    let check = body.clone();
+    tokio::task::spawn_blocking(move || StoredKind::Index.check(&hash, &check))
+        .await
+        .map_err(|e| ApiError::internal(format!("index check panicked: {e}")))?
+        .map_err(|why| {
+            ApiError::new(
+                ErrorKind::ChunkHashMismatch,
+                format!(
+                    "chunk index {hash} is refused: {why}; rebuild the release and upload it again"
+                ),
+            )
+        })?;
+    state.indexes.store(&hash, body).await?;
+    Ok(StatusCode::CREATED)
+}
+
 async fn upload_release(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<ReleaseView>), ApiError> {
     let body = body?;
-    let signed = SignedManifest::from_json(&body)?;
     // The server holds no release keys; agents verify signatures. It checks
-    // the manifest is well-formed and complete so it never offers a broken one.
-    let manifest = signed.parse_unverified()?;
+    // the manifest is well-formed and complete (its index too) so it never
+    // offers a broken one.
+    let manifest = crate::chunks::load_manifest(&state.indexes, &body).await?;
     let mut missing = 0usize;
     // Stored, checked, and of the size the manifest declares (devices
     // refuse a chunk longer than declared).
@@ -331,7 +363,10 @@ async fn upload_release(
     match state.store.insert_release(&record).await {
         Ok(()) => {
             tracing::info!(version = %record.version, device_type = %record.device_type, "release uploaded");
-            Ok((StatusCode::CREATED, Json(release_view(&state, &record))))
+            Ok((
+                StatusCode::CREATED,
+                Json(release_view(&state, &record).await),
+            ))
         }
         // The same release again, every chunk now present and checked: a
         // repair after damage, and a success. Another manifest under the
@@ -339,7 +374,7 @@ async fn upload_release(
         Err(StoreError::Conflict(why)) => match state.store.release(&record.version).await? {
             Some(stored) if stored.manifest_json == record.manifest_json => {
                 tracing::info!(version = %stored.version, "release uploaded again: every chunk present and checked");
-                Ok((StatusCode::OK, Json(release_view(&state, &stored))))
+                Ok((StatusCode::OK, Json(release_view(&state, &stored).await)))
             }
             _ => Err(ApiError::conflict(why)),
         },
@@ -537,8 +572,8 @@ async fn served_release(
         state.store.release(version).await?.ok_or_else(|| {
             ApiError::not_found(format!("release {version} is not on the server"))
         })?;
-    let manifest = SignedManifest::from_json(&record.manifest_json)
-        .and_then(|signed| signed.parse_unverified())
+    let manifest = crate::chunks::load_manifest(&state.indexes, &record.manifest_json)
+        .await
         .map_err(|e| {
             ApiError::internal(format!(
                 "the stored manifest of release {version} is unreadable: {e}; upload the release again"
@@ -548,6 +583,7 @@ async fn served_release(
         manifest_json: Bytes::from(record.manifest_json),
         chunks: manifest.chunks.iter().map(Listed::from).collect(),
         patches: manifest.patches.iter().map(Listed::from).collect(),
+        index: manifest.chunk_index.map(|i| i.sha256),
     });
     state
         .releases
@@ -623,6 +659,33 @@ struct SpanQuery {
     count: u64,
 }
 
+/// A release's binary chunk index, checked against its digest.
+async fn device_index(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    version: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    device_of(&state, &headers)?;
+    let Path(version) = version?;
+    let version: Version = parse_name(&version)?;
+    let release = served_release(&state, &version).await?;
+    let Some(hash) = release.index else {
+        return Err(ApiError::not_found(format!(
+            "release {version} lists its chunks in its manifest; it has no index"
+        )));
+    };
+    let index = state.indexes.read_verified(&hash).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "the chunk index of release {version} is not on the server; upload the release again"
+        ))
+    })?;
+    let len = index.len() as u64;
+    let body = futures_util::stream::once(std::future::ready(Ok(index)));
+    let mut response = Response::new(chunk_body(state.clone(), body));
+    immutable_chunk_headers(&mut response, len);
+    Ok(response)
+}
+
 /// A run of a release's chunks, their stored bytes back to back: one
 /// request instead of one per chunk.
 async fn device_span(
@@ -674,6 +737,11 @@ async fn serve_span(
     let list = match kind {
         StoredKind::Chunk => &release.chunks,
         StoredKind::Patch => &release.patches,
+        StoredKind::Index => {
+            return Err(ApiError::bad_request(format!(
+                "the chunk index of {version} is one file: GET its index path"
+            )))
+        }
     };
     let total = list.len() as u64;
     let end = span.first.saturating_add(span.count);
@@ -723,6 +791,7 @@ fn store_of(state: &AppState, kind: StoredKind) -> &crate::chunks::Chunks {
     match kind {
         StoredKind::Chunk => &state.chunks,
         StoredKind::Patch => &state.patches,
+        StoredKind::Index => &state.indexes,
     }
 }
 

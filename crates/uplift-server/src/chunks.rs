@@ -52,6 +52,8 @@ impl ChunkError {
 pub enum StoredKind {
     Chunk,
     Patch,
+    /// A release's binary chunk list, named by its digest.
+    Index,
 }
 
 impl StoredKind {
@@ -60,6 +62,17 @@ impl StoredKind {
         match self {
             StoredKind::Chunk => check_stored(hash, stored),
             StoredKind::Patch => check_patch(hash, stored),
+            StoredKind::Index => check_digest(hash, stored),
+        }
+    }
+
+    /// The largest file of this kind read whole.
+    pub fn limit(self) -> u64 {
+        match self {
+            StoredKind::Chunk | StoredKind::Patch => MAX_STORED_CHUNK as u64,
+            StoredKind::Index => {
+                uplift_release::index::MAX_CHUNKS * uplift_release::index::RECORD_BYTES as u64
+            }
         }
     }
 
@@ -67,6 +80,7 @@ impl StoredKind {
         match self {
             StoredKind::Chunk => "chunk",
             StoredKind::Patch => "patch",
+            StoredKind::Index => "chunk index",
         }
     }
 
@@ -75,6 +89,7 @@ impl StoredKind {
         match self {
             StoredKind::Chunk => manifest.chunks.iter().map(|c| c.hash).collect(),
             StoredKind::Patch => manifest.patches.iter().map(|p| p.hash).collect(),
+            StoredKind::Index => manifest.chunk_index.iter().map(|i| i.sha256).collect(),
         }
     }
 }
@@ -94,6 +109,10 @@ pub fn check_patch(hash: &ChunkHash, stored: &[u8]) -> Result<(), String> {
             stored.len()
         ));
     }
+    check_digest(hash, stored)
+}
+
+fn check_digest(hash: &ChunkHash, stored: &[u8]) -> Result<(), String> {
     let actual = uplift_release::sha256(stored);
     if actual != *hash {
         return Err(format!("its bytes have sha256 {actual}"));
@@ -101,17 +120,85 @@ pub fn check_patch(hash: &ChunkHash, stored: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// The chunks (or patches) of a stored release, from its manifest.
-fn stored_of(kind: StoredKind, release: &ReleaseRecord) -> Result<Vec<ChunkHash>, String> {
-    let manifest = SignedManifest::from_json(&release.manifest_json)
-        .and_then(|signed| signed.parse_unverified())
-        .map_err(|e| format!("stored manifest of {} is unreadable: {e}", release.version))?;
+/// Why a stored release's manifest cannot be read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("the manifest of {version} is unreadable: {source}")]
+    Manifest {
+        version: String,
+        #[source]
+        source: uplift_release::ReleaseError,
+    },
+    #[error("the chunk index {hash} of {version} is not on the server; upload the release again")]
+    IndexMissing { version: String, hash: ChunkHash },
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+}
+
+impl LoadError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            LoadError::Manifest { source, .. } => source.kind(),
+            LoadError::IndexMissing { .. } => ErrorKind::Conflict,
+            LoadError::Chunk(e) => e.kind(),
+        }
+    }
+}
+
+/// A signed manifest's content with its chunk list, from the index store
+/// when the list is in a separate index; signatures are the devices' job.
+pub async fn load_manifest(
+    indexes: &Chunks,
+    json: &[u8],
+) -> Result<uplift_release::Manifest, LoadError> {
+    let parsed = SignedManifest::from_json(json).and_then(|signed| signed.parse_unverified());
+    let mut manifest = parsed.map_err(|source| LoadError::Manifest {
+        version: "a release".to_owned(),
+        source,
+    })?;
+    if let Some(reference) = manifest.chunk_index.filter(|_| manifest.needs_index()) {
+        let version = manifest.version.to_string();
+        let index = indexes
+            .read_verified(&reference.sha256)
+            .await?
+            .ok_or_else(|| LoadError::IndexMissing {
+                version: version.clone(),
+                hash: reference.sha256,
+            })?;
+        manifest
+            .attach_index(&index)
+            .map_err(|source| LoadError::Manifest { version, source })?;
+    }
+    Ok(manifest)
+}
+
+/// The chunks (patches, index) of a stored release, from its manifest and
+/// (for chunks) its index in `indexes`.
+async fn stored_of(
+    kind: StoredKind,
+    indexes: Option<&Chunks>,
+    release: &ReleaseRecord,
+) -> Result<Vec<ChunkHash>, String> {
+    let unreadable = |e: &dyn std::fmt::Display| {
+        format!("stored manifest of {} is unreadable: {e}", release.version)
+    };
+    let manifest = match (kind, indexes) {
+        (StoredKind::Chunk, Some(indexes)) => load_manifest(indexes, &release.manifest_json)
+            .await
+            .map_err(|e| unreadable(&e))?,
+        _ => SignedManifest::from_json(&release.manifest_json)
+            .and_then(|signed| signed.parse_unverified())
+            .map_err(|e| unreadable(&e))?,
+    };
     Ok(kind.of(&manifest))
 }
 
 #[derive(Debug)]
 pub struct Chunks {
     kind: StoredKind,
+    /// Where the chunk lists of releases with a binary index are (chunk
+    /// stores only: to say which releases a damaged chunk breaks).
+    indexes: Option<Arc<Chunks>>,
     artifacts: Arc<dyn ArtifactStore>,
     store: Arc<dyn Store>,
     /// Files checked and found good, by what they were when checked.
@@ -128,18 +215,33 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Chunks {
-    pub fn new(artifacts: Arc<dyn ArtifactStore>, store: Arc<dyn Store>) -> Self {
-        Self::of_kind(StoredKind::Chunk, artifacts, store)
+    pub fn new(
+        artifacts: Arc<dyn ArtifactStore>,
+        store: Arc<dyn Store>,
+        indexes: Arc<Chunks>,
+    ) -> Self {
+        Self::of_kind(StoredKind::Chunk, artifacts, store, Some(indexes))
     }
 
     /// A store of patches, checked by the digest of their bytes.
     pub fn patches(artifacts: Arc<dyn ArtifactStore>, store: Arc<dyn Store>) -> Self {
-        Self::of_kind(StoredKind::Patch, artifacts, store)
+        Self::of_kind(StoredKind::Patch, artifacts, store, None)
     }
 
-    fn of_kind(kind: StoredKind, artifacts: Arc<dyn ArtifactStore>, store: Arc<dyn Store>) -> Self {
+    /// A store of chunk indexes, checked by the digest of their bytes.
+    pub fn indexes(artifacts: Arc<dyn ArtifactStore>, store: Arc<dyn Store>) -> Self {
+        Self::of_kind(StoredKind::Index, artifacts, store, None)
+    }
+
+    fn of_kind(
+        kind: StoredKind,
+        artifacts: Arc<dyn ArtifactStore>,
+        store: Arc<dyn Store>,
+        indexes: Option<Arc<Chunks>>,
+    ) -> Self {
         Self {
             kind,
+            indexes,
             artifacts,
             store,
             verified: Mutex::default(),
@@ -149,10 +251,7 @@ impl Chunks {
 
     /// The stored chunk, checked; `None` if the server does not have it.
     pub async fn read_verified(&self, hash: &ChunkHash) -> Result<Option<Bytes>, ChunkError> {
-        let stored = self
-            .artifacts
-            .read_all(hash, MAX_STORED_CHUNK as u64)
-            .await?;
+        let stored = self.artifacts.read_all(hash, self.kind.limit()).await?;
         self.verified_read(hash, stored).await
     }
 
@@ -162,10 +261,7 @@ impl Chunks {
         &self,
         hashes: &[ChunkHash],
     ) -> Vec<Result<Option<Bytes>, ChunkError>> {
-        let stored = self
-            .artifacts
-            .read_many(hashes, MAX_STORED_CHUNK as u64)
-            .await;
+        let stored = self.artifacts.read_many(hashes, self.kind.limit()).await;
         let mut checked = Vec::with_capacity(hashes.len());
         for (hash, stored) in hashes.iter().zip(stored) {
             checked.push(match stored {
@@ -249,15 +345,26 @@ impl Chunks {
         }
     }
 
-    async fn releases_holding(&self, hash: &ChunkHash) -> Result<Vec<Version>, StoreError> {
-        Ok(self
-            .store
-            .list_releases()
-            .await?
-            .iter()
-            .filter(|r| stored_of(self.kind, r).is_ok_and(|held| held.contains(hash)))
-            .map(|r| r.version.clone())
-            .collect())
+    /// Boxed: finding them may read an index, whose check may find damage
+    /// and ask this again (for the index store, which reads no index).
+    fn releases_holding<'a>(
+        &'a self,
+        hash: &'a ChunkHash,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<Version>, StoreError>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let mut holding = Vec::new();
+            for release in self.store.list_releases().await? {
+                if stored_of(self.kind, self.indexes.as_deref(), &release)
+                    .await
+                    .is_ok_and(|held| held.contains(hash))
+                {
+                    holding.push(release.version.clone());
+                }
+            }
+            Ok(holding)
+        })
     }
 
     /// The stored size of a chunk that is stored and checked; `None` if it
@@ -279,15 +386,16 @@ impl Chunks {
     }
 
     /// How many of `release`'s chunks were found damaged (and not yet repaired).
-    pub fn damaged_in(&self, release: &ReleaseRecord) -> u64 {
-        let damaged = lock(&self.damaged);
-        if damaged.is_empty() {
+    pub async fn damaged_in(&self, release: &ReleaseRecord) -> u64 {
+        if lock(&self.damaged).is_empty() {
             return 0;
         }
-        let chunks: HashSet<ChunkHash> = stored_of(self.kind, release)
+        let chunks: HashSet<ChunkHash> = stored_of(self.kind, self.indexes.as_deref(), release)
+            .await
             .unwrap_or_default()
             .into_iter()
             .collect();
+        let damaged = lock(&self.damaged);
         chunks.iter().filter(|c| damaged.contains_key(c)).count() as u64
     }
 }
@@ -361,16 +469,21 @@ pub async fn scrub(
     store: &dyn Store,
     chunks: &dyn ArtifactStore,
     patches: &dyn ArtifactStore,
+    indexes: &Chunks,
 ) -> Result<ScrubReport, ChunkError> {
     let releases = store.list_releases().await?;
     let mut report = ScrubReport {
         releases: releases.len(),
         ..ScrubReport::default()
     };
-    for (kind, artifacts) in [(StoredKind::Chunk, chunks), (StoredKind::Patch, patches)] {
+    for (kind, artifacts) in [
+        (StoredKind::Index, indexes.artifacts.as_ref()),
+        (StoredKind::Chunk, chunks),
+        (StoredKind::Patch, patches),
+    ] {
         let mut needed: BTreeMap<ChunkHash, Vec<Version>> = BTreeMap::new();
         for release in &releases {
-            match stored_of(kind, release) {
+            match stored_of(kind, Some(indexes), release).await {
                 Ok(held) => {
                     for hash in held {
                         let holders = needed.entry(hash).or_default();
@@ -386,7 +499,7 @@ pub async fn scrub(
         }
         for (hash, holders) in needed {
             report.chunks_checked += 1;
-            let problem = match artifacts.read_all(&hash, MAX_STORED_CHUNK as u64).await? {
+            let problem = match artifacts.read_all(&hash, kind.limit()).await? {
                 None => Some(Problem::Missing),
                 Some((bytes, _)) => {
                     let name = hash;

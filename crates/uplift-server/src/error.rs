@@ -57,6 +57,12 @@ impl From<crate::chunks::ChunkError> for ApiError {
     }
 }
 
+impl From<crate::chunks::LoadError> for ApiError {
+    fn from(e: crate::chunks::LoadError) -> Self {
+        ApiError::new(e.kind(), e.to_string())
+    }
+}
+
 impl From<crate::artifacts::ArtifactError> for ApiError {
     fn from(e: crate::artifacts::ArtifactError) -> Self {
         ApiError::new(e.kind(), e.to_string())

@@ -58,7 +58,12 @@ pub async fn check_data_dir(config: &ServerConfig) -> anyhow::Result<chunks::Scr
     let store = SqliteStore::open(&db).await?;
     let artifacts = LocalArtifacts::new(config.data_dir.join("chunks"));
     let patches = LocalArtifacts::new(config.data_dir.join("patches"));
-    Ok(chunks::scrub(&store, &artifacts, &patches).await?)
+    let store: Arc<dyn store::Store> = Arc::new(store);
+    let indexes = chunks::Chunks::indexes(
+        Arc::new(LocalArtifacts::new(config.data_dir.join("indexes"))),
+        store.clone(),
+    );
+    Ok(chunks::scrub(store.as_ref(), &artifacts, &patches, &indexes).await?)
 }
 
 /// Raises the soft open-file limit to the hard one and warns when the
@@ -107,6 +112,8 @@ impl Server {
         let artifacts = LocalArtifacts::new(data.join("chunks"));
         let patch_files: Arc<dyn artifacts::ArtifactStore> =
             Arc::new(LocalArtifacts::new(data.join("patches")));
+        let index_files: Arc<dyn artifacts::ArtifactStore> =
+            Arc::new(LocalArtifacts::new(data.join("indexes")));
         let tls = tls::load_or_generate(&data.join("tls"), &config.tls)?;
 
         let (admin_token, admin_token_file) = match &config.admin_token {
@@ -128,8 +135,10 @@ impl Server {
         check_open_file_limit(&config.limits);
         let store: Arc<dyn store::Store> = Arc::new(store);
         let artifacts: Arc<dyn artifacts::ArtifactStore> = Arc::new(artifacts);
+        let indexes = Arc::new(chunks::Chunks::indexes(index_files, store.clone()));
         let state = Arc::new(AppState {
-            chunks: chunks::Chunks::new(artifacts.clone(), store.clone()),
+            chunks: chunks::Chunks::new(artifacts.clone(), store.clone(), indexes.clone()),
+            indexes,
             patches: chunks::Chunks::patches(patch_files, store.clone()),
             store,
             artifacts,

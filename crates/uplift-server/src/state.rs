@@ -25,6 +25,8 @@ pub struct AppState {
     pub chunks: Chunks,
     /// Stored patches (`release create --delta-from`), likewise.
     pub patches: Chunks,
+    /// Releases' binary chunk indexes, likewise.
+    pub indexes: Arc<Chunks>,
     pub hub: Hub,
     /// Every device's newest state; the API reads it, sessions write it.
     pub live: Arc<LiveView>,
@@ -49,6 +51,8 @@ pub struct ServedRelease {
     pub manifest_json: Bytes,
     pub chunks: Arc<[Listed]>,
     pub patches: Arc<[Listed]>,
+    /// The digest of its binary chunk index, if it has one.
+    pub index: Option<ChunkHash>,
 }
 
 /// One stored object of a release as its manifest lists it: a chunk or a patch.

@@ -1486,6 +1486,7 @@ fn manifest_for(version: &str, chunks: &[&[u8]]) -> Manifest {
                 stored_size: encode_chunk(data).unwrap().len() as u32,
             })
             .collect(),
+        chunk_index: None,
         patches: Vec::new(),
     }
 }
