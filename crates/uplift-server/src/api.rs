@@ -276,22 +276,7 @@ async fn upload_patch(
     hash: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let Path(hash) = hash?;
-    let hash: ChunkHash = parse_name(&hash)?;
-    let body = body?;
-    if state.patches.checked_len(&hash).await?.is_some() {
-        return Ok(StatusCode::OK);
-    }
-    // Named by its digest: a patch that does not match its name is refused,
-    // so the store never holds bytes the signed manifest does not vouch for.
-    crate::chunks::check_patch(&hash, &body).map_err(|why| {
-        ApiError::new(
-            ErrorKind::ChunkHashMismatch,
-            format!("patch {hash} is refused: {why}; rebuild the release and upload it again"),
-        )
-    })?;
-    state.patches.store(&hash, body).await?;
-    Ok(StatusCode::CREATED)
+    upload_named(&state, StoredKind::Patch, hash, body).await
 }
 
 async fn upload_index(
@@ -299,25 +284,39 @@ async fn upload_index(
     hash: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
+    upload_named(&state, StoredKind::Index, hash, body).await
+}
+
+/// Stores an uploaded patch or index named by its digest: one that does not
+/// match its name is refused, so the store never holds bytes the signed
+/// manifest does not vouch for.
+async fn upload_named(
+    state: &AppState,
+    kind: StoredKind,
+    hash: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
     let Path(hash) = hash?;
     let hash: ChunkHash = parse_name(&hash)?;
     let body = body?;
-    if state.indexes.checked_len(&hash).await?.is_some() {
+    let store = store_of(state, kind);
+    if store.checked_len(&hash).await?.is_some() {
         return Ok(StatusCode::OK);
     }
     let check = body.clone();
-    tokio::task::spawn_blocking(move || StoredKind::Index.check(&hash, &check))
+    tokio::task::spawn_blocking(move || kind.check(&hash, &check))
         .await
-        .map_err(|e| ApiError::internal(format!("index check panicked: {e}")))?
+        .map_err(|e| ApiError::internal(format!("{} check panicked: {e}", kind.noun())))?
         .map_err(|why| {
             ApiError::new(
                 ErrorKind::ChunkHashMismatch,
                 format!(
-                    "chunk index {hash} is refused: {why}; rebuild the release and upload it again"
+                    "{} {hash} is refused: {why}; rebuild the release and upload it again",
+                    kind.noun()
                 ),
             )
         })?;
-    state.indexes.store(&hash, body).await?;
+    store.store(&hash, body).await?;
     Ok(StatusCode::CREATED)
 }
 
