@@ -7,9 +7,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
 use std::time::Duration;
-use uplift_proto::api::{DeviceView, RolloutCreate, RolloutStatus, RolloutView};
+use uplift_proto::api::{DeviceView, DownloadLimits, RolloutCreate, RolloutStatus, RolloutView};
 use uplift_proto::{DeviceId, DeviceType, Version};
 use uplift_release::build::{create_release, ReleaseOptions};
 use uplift_release::keys::{write_public_key_file, ReleaseSigningKey};
@@ -99,6 +100,26 @@ pub enum Command {
         /// generated one; with --image, its size is the slot size.
         #[arg(long)]
         factory_image: Option<PathBuf>,
+        /// Cap each device's download rate in the demo's rollout (bytes/s).
+        #[arg(long, value_name = "BYTES")]
+        max_bytes_per_sec: Option<NonZeroU64>,
+        /// At most this many devices download at once in the demo's rollout.
+        #[arg(long, value_name = "N")]
+        max_downloading: Option<NonZeroU32>,
+        /// Cap the server's egress, all downloads together (bytes/s).
+        #[arg(long, value_name = "BYTES")]
+        server_max_egress: Option<NonZeroU64>,
+        /// Run the server in this network namespace (made beforehand, as
+        /// bench/run does for its emulated link); needs --server-addr and
+        /// --device-netns-prefix.
+        #[arg(long, requires_all = ["server_addr", "device_netns_prefix"])]
+        server_netns: Option<String>,
+        /// The server's address inside --server-netns, reachable from here.
+        #[arg(long, requires = "server_netns")]
+        server_addr: Option<std::net::IpAddr>,
+        /// Device i runs in network namespace PREFIX<i>.
+        #[arg(long, value_name = "PREFIX", requires = "server_netns")]
+        device_netns_prefix: Option<String>,
     },
 }
 
@@ -165,6 +186,14 @@ pub enum RolloutCommand {
         /// Allow devices to install a version older than the one they run.
         #[arg(long)]
         allow_downgrade: bool,
+        /// Cap each device's download rate (bytes/s); devices keep to the
+        /// lower of this and their own `[download] max_bytes_per_sec`.
+        #[arg(long, value_name = "BYTES")]
+        max_bytes_per_sec: Option<NonZeroU64>,
+        /// At most this many devices of the rollout download at once; the
+        /// others wait their turn.
+        #[arg(long, value_name = "N")]
+        max_downloading: Option<NonZeroU32>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -218,7 +247,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             chaos,
             image,
             factory_image,
+            max_bytes_per_sec,
+            max_downloading,
+            server_max_egress,
+            server_netns,
+            server_addr,
+            device_netns_prefix,
         } => {
+            let netns = match (server_netns, server_addr, device_netns_prefix) {
+                (Some(server), Some(server_addr), Some(device_prefix)) => Some(demo::DemoNetns {
+                    server,
+                    server_addr,
+                    device_prefix,
+                }),
+                _ => None,
+            };
             let summary = demo::run(DemoOptions {
                 devices,
                 image_size: image_mib * 1024 * 1024,
@@ -228,6 +271,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 chaos,
                 image,
                 factory_image,
+                netns,
+                limits: DownloadLimits {
+                    max_bytes_per_sec,
+                    max_downloading,
+                },
+                server_max_egress: server_max_egress.map(NonZeroU64::get),
             })
             .await?;
             if json {
@@ -448,6 +497,18 @@ fn rollout_line(r: &RolloutView) -> String {
     if r.superseded > 0 {
         line += &format!(" ({} moved to a newer rollout)", r.superseded);
     }
+    if let Some(k) = r.limits.max_downloading {
+        line += &format!(
+            "; at most {k} downloading at once, {} waiting for a turn",
+            r.waiting_for_turn
+        );
+    }
+    if let Some(rate) = r.limits.max_bytes_per_sec {
+        line += &format!(
+            "; each device capped at {}/s",
+            crate::output::mib(rate.get())
+        );
+    }
     line
 }
 
@@ -467,6 +528,8 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
             release,
             devices,
             allow_downgrade,
+            max_bytes_per_sec,
+            max_downloading,
             json,
             server,
         } => {
@@ -476,6 +539,10 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                     release,
                     devices,
                     allow_downgrade,
+                    limits: DownloadLimits {
+                        max_bytes_per_sec,
+                        max_downloading,
+                    },
                 })
                 .await?;
             if json {
@@ -582,6 +649,8 @@ mod rollout_output_tests {
             counts,
             status,
             superseded,
+            limits: Default::default(),
+            waiting_for_turn: 0,
         }
     }
 

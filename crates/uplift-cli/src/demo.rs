@@ -7,7 +7,8 @@
 
 use crate::client::AdminClient;
 use crate::fleet::{
-    stop_all, write_changed_image, write_image, Binaries, Device, DeviceSpec, Proxy, ServerProcess,
+    stop_all, write_changed_image, write_image, Binaries, Device, DeviceSpec, Proxy, ServerLaunch,
+    ServerProcess,
 };
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -17,7 +18,9 @@ use std::future::Future;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use uplift_proto::api::{RolloutCreate, RolloutStatus, RolloutView, ServerEndpoint, ServerStats};
+use uplift_proto::api::{
+    DownloadLimits, RolloutCreate, RolloutStatus, RolloutView, ServerEndpoint, ServerStats,
+};
 use uplift_proto::channel::AgentState;
 use uplift_proto::{SlotName, Version};
 use uplift_release::build::{create_release, ReleaseOptions};
@@ -37,6 +40,23 @@ pub struct DemoOptions {
     pub image: Option<PathBuf>,
     /// Image the devices run at first (1.0); generated if `None`.
     pub factory_image: Option<PathBuf>,
+    /// Run across network namespaces the caller made, if given.
+    pub netns: Option<DemoNetns>,
+    /// Download limits of the demo's rollout.
+    pub limits: DownloadLimits,
+    /// The server's cap on all downloads together (bytes/s).
+    pub server_max_egress: Option<u64>,
+}
+
+/// Network namespaces for the demo (the benchmark's emulated link): the
+/// server runs in one and listens on an address there; device `i` runs in
+/// `{device_prefix}{i}`. The caller makes them, their links and routes,
+/// and reaches `server_addr` from its own namespace.
+#[derive(Debug, Clone)]
+pub struct DemoNetns {
+    pub server: String,
+    pub server_addr: std::net::IpAddr,
+    pub device_prefix: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -354,7 +374,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
             work.display()
         ),
     );
-    let server = ServerProcess::start_on_async(&bins, &work.join("server"), "127.0.0.1:0").await?;
+    anyhow::ensure!(
+        !(opts.chaos && opts.netns.is_some()),
+        "--chaos restarts the server on loopback; it cannot be combined with network namespaces"
+    );
+    let server =
+        ServerProcess::launch_async(&bins, &work.join("server"), server_launch(&opts)).await?;
     let mut devices = Vec::with_capacity(opts.devices);
     let result = run_fleet(&opts, &bins, &work, server, &mut devices).await;
     // Every device is stopped, on success or error, all at once.
@@ -468,7 +493,7 @@ async fn run_fleet(
     let deadline = Instant::now() + opts.timeout;
     let started = Instant::now();
     power_on(
-        opts.devices,
+        opts,
         &spec,
         &device_endpoint,
         &image_from,
@@ -530,6 +555,7 @@ async fn run_fleet(
             release: to.clone(),
             devices: None,
             allow_downgrade: false,
+            limits: opts.limits,
         })
         .await?;
     say(
@@ -701,6 +727,31 @@ async fn run_fleet(
     })
 }
 
+/// How the demo's server starts: on loopback, or in the caller's namespace
+/// with a certificate for its address there; with the egress cap asked for.
+fn server_launch(opts: &DemoOptions) -> ServerLaunch {
+    let mut toml = String::new();
+    let listen = match &opts.netns {
+        Some(ns) => {
+            let addr = ns.server_addr.to_string();
+            toml += &format!(
+                "[tls]\nhostnames = [{}]\n",
+                toml::Value::String(addr.clone())
+            );
+            std::net::SocketAddr::new(ns.server_addr, 0).to_string()
+        }
+        None => "127.0.0.1:0".to_owned(),
+    };
+    if let Some(cap) = opts.server_max_egress {
+        toml += &format!("[limits]\nmax_egress_bytes_per_sec = {cap}\n");
+    }
+    ServerLaunch {
+        listen,
+        config_toml: (!toml.is_empty()).then_some(toml),
+        netns: opts.netns.as_ref().map(|ns| ns.server.clone()),
+    }
+}
+
 /// utime + stime of a live process, in seconds (`/proc/<pid>/stat`).
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -716,7 +767,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 /// Provisions and powers on `count` devices, [`START_BATCH`] at a time on a
 /// blocking thread (each copies the factory image and spawns a process).
 async fn power_on(
-    count: usize,
+    opts: &DemoOptions,
     spec: &DeviceSpec,
     endpoint: &ServerEndpoint,
     factory_image: &Path,
@@ -724,15 +775,18 @@ async fn power_on(
     bins: &Binaries,
     devices: &mut Vec<Device>,
 ) -> anyhow::Result<()> {
+    let count = opts.devices;
+    let prefix = opts.netns.as_ref().map(|ns| ns.device_prefix.clone());
     while devices.len() < count {
         let first = devices.len();
         let batch = START_BATCH.min(count - first);
-        let (spec, endpoint, image, dir, bins) = (
+        let (spec, endpoint, image, dir, bins, prefix) = (
             spec.clone(),
             endpoint.clone(),
             factory_image.to_owned(),
             dir.to_owned(),
             bins.clone(),
+            prefix.clone(),
         );
         let started = blocking("provisioning devices", move || {
             (first..first + batch)
@@ -743,6 +797,7 @@ async fn power_on(
                     };
                     let mut device =
                         Device::provision(&dir.join(format!("{i:05}")), &spec, &endpoint, &image)?;
+                    device.netns = prefix.as_ref().map(|p| format!("{p}{i}"));
                     device.start(&bins)?;
                     Ok(device)
                 })

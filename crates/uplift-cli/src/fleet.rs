@@ -150,12 +150,26 @@ impl ServerProcess {
     }
 
     pub fn start_on(bins: &Binaries, dir: &Path, listen: &str) -> anyhow::Result<Self> {
+        Self::launch(bins, dir, &ServerLaunch::on(listen))
+    }
+
+    /// Starts a server as `launch` says, with its data in `dir`.
+    pub fn launch(bins: &Binaries, dir: &Path, launch: &ServerLaunch) -> anyhow::Result<Self> {
+        let listen = launch.listen.as_str();
         std::fs::create_dir_all(dir)?;
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let log = dir.join("server.log");
         let (out, err) = log_file(&log)?;
-        let mut child = Command::new(&bins.server)
+        let mut command = in_netns(launch.netns.as_deref(), &bins.server);
+        if let Some(toml) = &launch.config_toml {
+            let path = dir.join("server.toml");
+            let data_dir = toml::Value::String(dir.display().to_string());
+            std::fs::write(&path, format!("data_dir = {data_dir}\n{toml}"))
+                .with_context(|| format!("writing {}", path.display()))?;
+            command.arg("--config").arg(path);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(dir)
             .arg("--listen")
@@ -208,8 +222,17 @@ impl ServerProcess {
     /// [`Self::start_on`] on a blocking thread: it polls for the ready file
     /// with sleeps, which must not stall an async runtime.
     pub async fn start_on_async(bins: &Binaries, dir: &Path, listen: &str) -> anyhow::Result<Self> {
-        let (bins, dir, listen) = (bins.clone(), dir.to_owned(), listen.to_owned());
-        tokio::task::spawn_blocking(move || Self::start_on(&bins, &dir, &listen))
+        Self::launch_async(bins, dir, ServerLaunch::on(listen)).await
+    }
+
+    /// [`Self::launch`] on a blocking thread.
+    pub async fn launch_async(
+        bins: &Binaries,
+        dir: &Path,
+        launch: ServerLaunch,
+    ) -> anyhow::Result<Self> {
+        let (bins, dir) = (bins.clone(), dir.to_owned());
+        tokio::task::spawn_blocking(move || Self::launch(&bins, &dir, &launch))
             .await
             .context("the task starting uplift-server panicked")?
     }
@@ -312,6 +335,41 @@ pub struct Device {
     pub dir: PathBuf,
     watchdog: Option<Duration>,
     child: Option<Child>,
+    /// The network namespace its processes run in, if not the caller's.
+    pub netns: Option<String>,
+}
+
+/// Where and how a server process starts.
+#[derive(Debug, Clone, Default)]
+pub struct ServerLaunch {
+    /// `host:port`; port 0 picks a free one.
+    pub listen: String,
+    /// Settings written to `<dir>/server.toml` (`data_dir` is added).
+    pub config_toml: Option<String>,
+    /// A network namespace to run in (`ip netns exec`), made by the caller.
+    pub netns: Option<String>,
+}
+
+impl ServerLaunch {
+    pub fn on(listen: &str) -> Self {
+        Self {
+            listen: listen.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A command for `program`, inside network namespace `netns` if given.
+/// `ip netns exec` execs the program, so the child's PID is the program's.
+fn in_netns(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
 }
 
 fn toml_str(s: &str) -> String {
@@ -335,6 +393,7 @@ impl Device {
         let device = Self {
             dir: dir.to_owned(),
             watchdog: spec.watchdog,
+            netns: None,
             child: None,
         };
         std::fs::copy(factory_image, device.slot_path(SlotName::A))
@@ -401,7 +460,7 @@ impl Device {
     /// Powers the device on: the boot simulator picks a slot and starts the agent.
     pub fn start(&mut self, bins: &Binaries) -> anyhow::Result<()> {
         let (out, err) = log_file(&self.log_path())?;
-        let mut sim = Command::new(&bins.boot_sim);
+        let mut sim = in_netns(self.netns.as_deref(), &bins.boot_sim);
         if let Some(watchdog) = self.watchdog {
             sim.arg("--watchdog-secs")
                 .arg(watchdog.as_secs_f64().to_string());
@@ -691,6 +750,7 @@ mod tests {
             .map(|i| Device {
                 dir: PathBuf::from(format!("/nonexistent/{i}")),
                 watchdog: None,
+                netns: None,
                 child: Some(
                     Command::new("sh")
                         .args(["-c", "trap '' TERM; exec sleep 30"])

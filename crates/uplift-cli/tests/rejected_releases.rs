@@ -279,6 +279,7 @@ async fn a_downgrade_is_refused_unless_the_rollout_explicitly_allows_it() {
             release: v("0.9"),
             devices: None,
             allow_downgrade: true,
+            limits: Default::default(),
         })
         .await
         .unwrap();

@@ -5,6 +5,7 @@ use crate::channel::{AgentState, Progress};
 use crate::error::WireError;
 use crate::names::{ChunkHash, DeviceId, DeviceType, HardwareId, Version};
 use serde::{Deserialize, Serialize};
+use std::num::{NonZeroU32, NonZeroU64};
 
 pub const DEVICES_PATH: &str = "/api/v1/devices";
 pub const RELEASES_PATH: &str = "/api/v1/releases";
@@ -114,6 +115,22 @@ pub struct RolloutCreate {
     pub devices: Option<Vec<DeviceId>>,
     #[serde(default)]
     pub allow_downgrade: bool,
+    #[serde(default)]
+    pub limits: DownloadLimits,
+}
+
+/// Limits a rollout puts on its devices' downloads. Zero is refused when
+/// parsed: a rollout that may not download at all is an abort, not a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DownloadLimits {
+    /// Each device's download rate cap (bytes/s), sent in the offer; the
+    /// agent keeps to the lower of this and its own cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes_per_sec: Option<NonZeroU64>,
+    /// At most this many of the rollout's devices download at once; the
+    /// others are told to wait and are offered the release in turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downloading: Option<NonZeroU32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -165,6 +182,11 @@ pub struct RolloutView {
     pub status: RolloutStatus,
     /// Targeted devices the server redirected to a newer rollout.
     pub superseded: u64,
+    #[serde(default)]
+    pub limits: DownloadLimits,
+    /// Devices told to wait for a download turn (`limits.max_downloading`).
+    #[serde(default)]
+    pub waiting_for_turn: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

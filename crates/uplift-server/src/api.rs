@@ -410,7 +410,13 @@ async fn start_rollout(
     }
     let rollout = state
         .store
-        .create_rollout(&release, &devices, request.allow_downgrade, &now_rfc3339())
+        .create_rollout(
+            &release,
+            &devices,
+            request.allow_downgrade,
+            request.limits,
+            &now_rfc3339(),
+        )
         .await?;
     // The target goes to each session with the push, from memory: no
     // device reads the database when a rollout starts.
@@ -420,6 +426,7 @@ async fn start_rollout(
             rollout_id: rollout.id,
             version: rollout.release.clone(),
             allow_downgrade: rollout.allow_downgrade,
+            limits: rollout.limits,
         },
     );
     let pushed = devices
@@ -490,6 +497,8 @@ async fn rollout_view(state: &AppState, rollout: RolloutRecord) -> Result<Rollou
         counts,
         status,
         superseded,
+        limits: rollout.limits,
+        waiting_for_turn: state.turns.counts(rollout.id).1 as u64,
     })
 }
 

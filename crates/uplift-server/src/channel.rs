@@ -8,6 +8,7 @@ use crate::hub::SessionSerial;
 use crate::live::Applied;
 use crate::state::{now_rfc3339, AppState};
 use crate::store::{DeviceTarget, NewDevice};
+use crate::turns::{self, Turn};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -20,7 +21,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use uplift_proto::api::device_manifest_path;
-use uplift_proto::channel::{self, AgentMsg, FrameError, Offer, ServerMsg, MAX_FRAME_BYTES};
+use uplift_proto::channel::{
+    self, AgentMsg, AgentState, FrameError, Offer, Report, ServerMsg, MAX_FRAME_BYTES,
+};
 use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, WireError};
 
 const PING_EVERY: Duration = Duration::from_secs(20);
@@ -134,12 +137,15 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
             },
         )
         .await?;
-        send(&mut socket, &offer_for(state.live.target(&device_id))).await?;
+        send(&mut socket, &offer_now(&state, &device_id)).await?;
         serve_device(&state, &device_id, serial, &mut socket, &mut target_changed).await
     }
     .await;
     state.hub.unregister(&device_id, serial);
-    state.live.ended(&device_id, serial, &now_rfc3339());
+    if state.live.ended(&device_id, serial, &now_rfc3339()) {
+        // Offline devices hold no download turn; a newer session keeps its own.
+        pass_turns(&state, state.turns.leave(&device_id));
+    }
     result
 }
 
@@ -338,9 +344,78 @@ pub fn offer_for(target: Option<DeviceTarget>) -> ServerMsg {
             manifest_path: device_manifest_path(&target.version),
             version: target.version,
             allow_downgrade: target.allow_downgrade,
-            max_bytes_per_sec: None,
+            max_bytes_per_sec: target.limits.max_bytes_per_sec.map(|n| n.get()),
         }),
         None => ServerMsg::NoUpdate,
+    }
+}
+
+/// What to tell a device now: its target's offer, or nothing yet while it
+/// waits for a download turn (see [`crate::turns`]).
+pub fn offer_now(state: &AppState, device: &DeviceId) -> ServerMsg {
+    let target = state.live.target(device);
+    let limited = target
+        .as_ref()
+        .and_then(|t| Some((t, t.limits.max_downloading?)));
+    match limited {
+        Some((target, limit))
+            if turns::needs_turn(
+                state.live.get(device).and_then(|d| d.report).as_ref(),
+                &target.version,
+            ) =>
+        {
+            let (turn, passed) = state
+                .turns
+                .ask(device, target.rollout_id, limit.get() as usize);
+            pass_turns(state, passed);
+            if turn == Turn::Wait {
+                tracing::debug!(device = %device, rollout = target.rollout_id, "waiting for a download turn");
+                return ServerMsg::NoUpdate;
+            }
+        }
+        // Nothing to download under a limit: no turn held anywhere.
+        _ => pass_turns(state, state.turns.leave(device)),
+    }
+    offer_for(target)
+}
+
+/// Keeps download turns true to a report: a turn ends when the download
+/// does; a device downloading without one (retrying after a failure) gets
+/// one if free, or is told to wait (the frame returned).
+fn turns_after_report(state: &AppState, device: &DeviceId, report: &Report) -> Option<ServerMsg> {
+    let target = state.live.target(device)?;
+    let limit = target.limits.max_downloading?;
+    if state.turns.holds(device, target.rollout_id) {
+        if turns::ends_turn(report, &target.version) {
+            pass_turns(state, state.turns.leave(device));
+        }
+        return None;
+    }
+    let downloading = matches!(
+        report.state,
+        AgentState::Downloading | AgentState::Verifying
+    ) && report.target_version.as_ref() == Some(&target.version);
+    if !downloading {
+        return None;
+    }
+    let (turn, passed) = state
+        .turns
+        .ask(device, target.rollout_id, limit.get() as usize);
+    pass_turns(state, passed);
+    (turn == Turn::Wait).then_some(ServerMsg::NoUpdate)
+}
+
+/// Tells the devices a turn passed to; a device that went offline in the
+/// meantime passes it on at once.
+fn pass_turns(state: &AppState, passed: impl IntoIterator<Item = DeviceId>) {
+    for first in passed {
+        let mut next = Some(first);
+        while let Some(device) = next {
+            if state.hub.notify_target_changed(&device) {
+                break;
+            }
+            next = state.turns.leave(&device);
+        }
     }
 }
 
@@ -364,7 +439,7 @@ async fn serve_device(
             biased;
             changed = target_changed.changed() => match changed {
                 // Pushes coalesce and none is lost: the newest target, from memory.
-                Ok(()) => send(socket, &offer_for(state.live.target(device))).await?,
+                Ok(()) => send(socket, &offer_now(state, device)).await?,
                 // The device opened a newer channel, which replaced this one.
                 Err(_) => return Err(SessionError::Replaced),
             },
@@ -392,6 +467,9 @@ async fn serve_device(
                         match state.live.apply(device, serial, &report, &now_rfc3339()) {
                             Applied::Applied => {
                                 state.stats.reports_applied.fetch_add(1, Relaxed);
+                                if let Some(wait) = turns_after_report(state, device, &report) {
+                                    send(socket, &wait).await?;
+                                }
                             }
                             Applied::Stale => {
                                 state.stats.reports_stale.fetch_add(1, Relaxed);

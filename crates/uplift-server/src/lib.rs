@@ -15,6 +15,7 @@ pub mod serve;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod turns;
 pub mod writer;
 
 use anyhow::Context;
@@ -144,6 +145,7 @@ impl Server {
             artifacts,
             hub: hub::Hub::default(),
             live: Arc::new(live),
+            turns: Default::default(),
             budgets: budget::Budgets::new(&config.limits),
             releases: Default::default(),
             egress: config

@@ -126,15 +126,18 @@ impl LiveView {
         Applied::Applied
     }
 
-    /// The session ended; its last-seen time is kept (if it was the newest).
-    pub fn ended(&self, device: &DeviceId, session: SessionSerial, now: &str) {
+    /// The session ended; its last-seen time is kept if it was the newest,
+    /// which is returned (the device is offline now).
+    pub fn ended(&self, device: &DeviceId, session: SessionSerial, now: &str) -> bool {
         let mut devices = self.lock();
-        if let Some(entry) = devices.get_mut(device) {
-            if entry.session == Some(session) {
+        match devices.get_mut(device) {
+            Some(entry) if entry.session == Some(session) => {
                 entry.last_seen = Some(now.to_owned());
                 // Going offline is worth recording soon, not only at shutdown.
                 entry.dirty = Dirty::State.max(entry.dirty);
+                true
             }
+            _ => false,
         }
     }
 
@@ -387,6 +390,7 @@ pub(crate) mod tests {
             rollout_id: id,
             version: v.parse().unwrap(),
             allow_downgrade: false,
+            limits: Default::default(),
         };
         live.set_targets(std::slice::from_ref(&dev), &target(2, "1.2"));
         // A slower, older rollout finishing its write later changes nothing.

@@ -30,6 +30,8 @@ pub struct AppState {
     pub hub: Hub,
     /// Every device's newest state; the API reads it, sessions write it.
     pub live: Arc<LiveView>,
+    /// Download turns of rollouts that limit concurrent downloads.
+    pub turns: crate::turns::Turns,
     pub budgets: Budgets,
     /// Signed manifests and their chunk lists by version: releases are
     /// immutable, and a rollout has every device ask for the same one at

@@ -10,7 +10,7 @@ use uplift_cli::client::AdminClient;
 use uplift_cli::fleet::{
     write_changed_image, write_image, Binaries, Device, DeviceSpec, ServerProcess,
 };
-use uplift_proto::api::{DeviceView, RolloutCreate};
+use uplift_proto::api::{DeviceView, DownloadLimits, RolloutCreate};
 use uplift_proto::{DeviceId, Version};
 use uplift_release::build::{create_release, ReleaseOptions};
 use uplift_release::keys::ReleaseSigningKey;
@@ -126,11 +126,22 @@ impl Fixture {
     }
 
     pub async fn rollout(&self, version: &str, devices: Option<Vec<DeviceId>>) -> i64 {
+        self.rollout_limited(version, devices, Default::default())
+            .await
+    }
+
+    pub async fn rollout_limited(
+        &self,
+        version: &str,
+        devices: Option<Vec<DeviceId>>,
+        limits: DownloadLimits,
+    ) -> i64 {
         self.client
             .start_rollout(&RolloutCreate {
                 release: v(version),
                 devices,
                 allow_downgrade: false,
+                limits,
             })
             .await
             .expect("start rollout")

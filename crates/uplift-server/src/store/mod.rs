@@ -6,6 +6,7 @@ mod sqlite;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
+pub use uplift_proto::api::DownloadLimits;
 use uplift_proto::channel::{AgentState, Progress, Report};
 use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, SlotName, Version, WireError};
 
@@ -124,6 +125,7 @@ pub struct RolloutRecord {
     pub release: Version,
     pub device_type: DeviceType,
     pub allow_downgrade: bool,
+    pub limits: DownloadLimits,
     pub created_at: String,
 }
 
@@ -133,6 +135,7 @@ pub struct DeviceTarget {
     pub rollout_id: i64,
     pub version: Version,
     pub allow_downgrade: bool,
+    pub limits: DownloadLimits,
 }
 
 #[async_trait]
@@ -159,6 +162,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         release: &ReleaseRecord,
         devices: &[DeviceId],
         allow_downgrade: bool,
+        limits: DownloadLimits,
         now: &str,
     ) -> StoreResult<RolloutRecord>;
     async fn rollout(&self, id: i64) -> StoreResult<Option<RolloutRecord>>;

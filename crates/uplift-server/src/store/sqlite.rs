@@ -29,7 +29,9 @@ CREATE TABLE IF NOT EXISTS rollouts (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     release         TEXT NOT NULL REFERENCES releases(version),
     allow_downgrade INTEGER NOT NULL,
-    created_at      TEXT NOT NULL
+    created_at      TEXT NOT NULL,
+    max_bytes_per_sec INTEGER,
+    max_downloading   INTEGER
 );
 CREATE TABLE IF NOT EXISTS devices (
     id               TEXT PRIMARY KEY,
@@ -55,6 +57,13 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
     PRIMARY KEY (rollout_id, device_id)
 );
 "#;
+
+/// Columns added after the first release of the schema, added in place to
+/// databases made before them (`CREATE TABLE IF NOT EXISTS` keeps old tables).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("rollouts", "max_bytes_per_sec", "INTEGER"),
+    ("rollouts", "max_downloading", "INTEGER"),
+];
 
 fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     super::classify(action)
@@ -86,6 +95,21 @@ impl SqliteStore {
             .execute(&pool)
             .await
             .map_err(db("creating the schema"))?;
+        for (table, column, kind) in ADDED_COLUMNS {
+            let present: i64 = sqlx::query_scalar(&format!(
+                "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?"
+            ))
+            .bind(column)
+            .fetch_one(&pool)
+            .await
+            .map_err(db("upgrading the schema"))?;
+            if present == 0 {
+                sqlx::raw_sql(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+                    .execute(&pool)
+                    .await
+                    .map_err(db("upgrading the schema"))?;
+            }
+        }
         Ok(Self { pool })
     }
 }
@@ -194,14 +218,36 @@ fn rollout_from_row(row: SqliteRow) -> StoreResult<RolloutRecord> {
         allow_downgrade: row.try_get::<i64, _>(2).map_err(r)? != 0,
         created_at: row.try_get(3).map_err(r)?,
         device_type: parse("device type", row.try_get(4).map_err(r)?)?,
+        limits: limits_from(row.try_get(5).map_err(r)?, row.try_get(6).map_err(r)?),
     })
+}
+
+/// Limits as stored; a zero or negative value (written by hand) means none.
+fn limits_from(max_bytes_per_sec: Option<i64>, max_downloading: Option<i64>) -> DownloadLimits {
+    DownloadLimits {
+        max_bytes_per_sec: max_bytes_per_sec
+            .and_then(|n| u64::try_from(n).ok())
+            .and_then(std::num::NonZeroU64::new),
+        max_downloading: max_downloading
+            .and_then(|n| u32::try_from(n).ok())
+            .and_then(std::num::NonZeroU32::new),
+    }
+}
+
+fn limits_columns(limits: &DownloadLimits) -> (Option<i64>, Option<i64>) {
+    (
+        limits
+            .max_bytes_per_sec
+            .map(|n| n.get().min(i64::MAX as u64) as i64),
+        limits.max_downloading.map(|n| i64::from(n.get())),
+    )
 }
 
 const RELEASE_COLUMNS: &str =
     "version, device_type, manifest, image_size, image_sha256, chunks, stored_bytes, created_at";
 const ROLLOUT_SELECT: &str =
-    "SELECT r.id, r.release, r.allow_downgrade, r.created_at, rel.device_type \
-     FROM rollouts r JOIN releases rel ON rel.version = r.release";
+    "SELECT r.id, r.release, r.allow_downgrade, r.created_at, rel.device_type, \
+     r.max_bytes_per_sec, r.max_downloading FROM rollouts r JOIN releases rel ON rel.version = r.release";
 
 fn enum_text<T: serde::Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
@@ -346,7 +392,8 @@ impl Store for SqliteStore {
 
     async fn device_targets(&self) -> StoreResult<Vec<(DeviceId, DeviceTarget)>> {
         let rows = sqlx::query(
-            "SELECT d.id, r.id, r.release, r.allow_downgrade FROM devices d JOIN rollouts r ON r.id = d.target_rollout",
+            "SELECT d.id, r.id, r.release, r.allow_downgrade, r.max_bytes_per_sec, r.max_downloading \
+             FROM devices d JOIN rollouts r ON r.id = d.target_rollout",
         )
         .fetch_all(&self.pool)
         .await
@@ -363,6 +410,7 @@ impl Store for SqliteStore {
                         rollout_id: row.try_get(1).map_err(r)?,
                         version: parse("version", row.try_get(2).map_err(r)?)?,
                         allow_downgrade: row.try_get::<i64, _>(3).map_err(r)? != 0,
+                        limits: limits_from(row.try_get(4).map_err(r)?, row.try_get(5).map_err(r)?),
                     },
                 ))
             })
@@ -424,14 +472,18 @@ impl Store for SqliteStore {
         release: &ReleaseRecord,
         devices: &[DeviceId],
         allow_downgrade: bool,
+        limits: DownloadLimits,
         now: &str,
     ) -> StoreResult<RolloutRecord> {
         let mut tx = self.pool.begin().await.map_err(db("starting a rollout"))?;
+        let (max_bytes_per_sec, max_downloading) = limits_columns(&limits);
         let id: i64 =
-            sqlx::query_scalar("INSERT INTO rollouts (release, allow_downgrade, created_at) VALUES (?, ?, ?) RETURNING id")
+            sqlx::query_scalar("INSERT INTO rollouts (release, allow_downgrade, created_at, max_bytes_per_sec, max_downloading) VALUES (?, ?, ?, ?, ?) RETURNING id")
                 .bind(release.version.as_str())
                 .bind(allow_downgrade as i64)
                 .bind(now)
+                .bind(max_bytes_per_sec)
+                .bind(max_downloading)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db("starting a rollout"))?;
@@ -460,6 +512,7 @@ impl Store for SqliteStore {
             release: release.version.clone(),
             device_type: release.device_type.clone(),
             allow_downgrade,
+            limits,
             created_at: now.to_owned(),
         })
     }
@@ -496,5 +549,87 @@ impl Store for SqliteStore {
         .into_iter()
         .map(device_from_row)
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::{NonZeroU32, NonZeroU64};
+
+    /// The rollouts table as servers before download limits created it.
+    const ROLLOUTS_BEFORE_LIMITS: &str = "CREATE TABLE rollouts (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        release         TEXT NOT NULL REFERENCES releases(version),
+        allow_downgrade INTEGER NOT NULL,
+        created_at      TEXT NOT NULL
+    );";
+
+    fn release() -> ReleaseRecord {
+        ReleaseRecord {
+            version: "2.0".parse().unwrap(),
+            device_type: "gw".parse().unwrap(),
+            manifest_json: b"{}".to_vec(),
+            image_size: 1,
+            image_sha256: "00".repeat(32),
+            chunks: 1,
+            stored_bytes: 1,
+            created_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_download_limits_gains_them_and_keeps_its_rollouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("uplift.db");
+        {
+            let old = SqlitePool::connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+            sqlx::raw_sql(&SCHEMA.replacen(
+                "CREATE TABLE IF NOT EXISTS rollouts (\n    id              INTEGER PRIMARY KEY AUTOINCREMENT,\n    release         TEXT NOT NULL REFERENCES releases(version),\n    allow_downgrade INTEGER NOT NULL,\n    created_at      TEXT NOT NULL,\n    max_bytes_per_sec INTEGER,\n    max_downloading   INTEGER\n);",
+                ROLLOUTS_BEFORE_LIMITS,
+                1,
+            ))
+            .execute(&old)
+            .await
+            .unwrap();
+            let columns: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM pragma_table_info('rollouts')")
+                    .fetch_one(&old)
+                    .await
+                    .unwrap();
+            assert_eq!(columns, 4, "the fixture is the old table");
+            sqlx::query("INSERT INTO releases VALUES ('2.0', 'gw', x'7b7d', 1, '', 1, 1, 'then')")
+                .execute(&old)
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO rollouts (release, allow_downgrade, created_at) VALUES ('2.0', 0, 'then')")
+                .execute(&old)
+                .await
+                .unwrap();
+            old.close().await;
+        }
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        let old = store.rollout(1).await.unwrap().expect("old rollout kept");
+        assert_eq!(old.limits, DownloadLimits::default());
+        let limits = DownloadLimits {
+            max_bytes_per_sec: NonZeroU64::new(1 << 20),
+            max_downloading: NonZeroU32::new(5),
+        };
+        let new = store
+            .create_rollout(&release(), &[], false, limits, "now")
+            .await
+            .unwrap();
+        assert_eq!(store.rollout(new.id).await.unwrap().unwrap().limits, limits);
+        // Opening again finds nothing left to add.
+        drop(store);
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.list_rollouts().await.unwrap().len(), 2);
     }
 }
