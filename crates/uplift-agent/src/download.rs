@@ -31,7 +31,7 @@ use uplift_proto::pace::Pacer;
 use uplift_proto::{ChunkHash, SlotName};
 use uplift_release::chunk::{apply_patch, sha256, ChunkDecoder};
 use uplift_release::manifest::{ChunkEntry, Manifest, PatchEntry};
-use uplift_release::seed::SeedChunk;
+use uplift_release::seed::SeedIndex;
 
 /// How often the resume journal is brought up to date (each time costs an fsync).
 const JOURNAL_EVERY: Duration = Duration::from_millis(500);
@@ -42,7 +42,7 @@ const SEED_LIMIT: u64 = 64 << 30;
 /// share the work evenly and a broken connection repeats little.
 const SPAN_BYTES: u64 = 2 << 20;
 /// Fetched chunks waiting for the writer, per request in flight.
-const QUEUE_PER_REQUEST: usize = 2;
+const QUEUE_PER_REQUEST: usize = 1;
 
 /// Where the chunks of one install came from, for the log.
 #[derive(Debug, Default, Clone)]
@@ -149,7 +149,7 @@ impl SlotWriter {
 #[derive(Debug, Clone, Default)]
 pub struct Seed {
     file: Option<Arc<File>>,
-    index: Arc<HashMap<ChunkHash, SeedChunk>>,
+    index: Arc<SeedIndex>,
     /// How the index was made, for the log.
     pub source: &'static str,
 }
@@ -175,15 +175,10 @@ impl Seed {
                         .is_ok_and(|m| m.len() >= total || m.file_type().is_block_device())
             });
             let (index, source) = match listed {
-                Some(list) => {
-                    let mut index = HashMap::with_capacity(list.len());
-                    let mut offset = 0u64;
-                    for (hash, size) in list {
-                        index.entry(hash).or_insert(SeedChunk { offset, size });
-                        offset += u64::from(size);
-                    }
-                    (index, "the saved chunk list of the running release")
-                }
+                Some(list) => (
+                    SeedIndex::from_list(list),
+                    "the saved chunk list of the running release",
+                ),
                 None => (
                     uplift_release::seed::index_chunks(&file, SEED_LIMIT)?,
                     "the running slot, re-chunked",
@@ -434,7 +429,11 @@ impl SlotFill {
 #[derive(Debug)]
 pub struct Download<'a> {
     pub installer: &'a Installer,
+    /// The release's signed manifest, its chunk list moved to `chunks`.
     pub manifest: &'a Manifest,
+    pub chunks: Arc<[ChunkEntry]>,
+    /// Where each chunk starts in the image ([`offsets_of`] the chunks).
+    pub offsets: Arc<[u64]>,
     pub target: SlotName,
     pub target_path: PathBuf,
     pub booted_path: PathBuf,
@@ -455,8 +454,8 @@ pub fn effective_cap(device: Option<u64>, rollout: Option<u64>) -> Option<u64> {
 
 impl Download<'_> {
     pub async fn run(self) -> Result<Tally, InstallError> {
-        let chunks: Arc<[ChunkEntry]> = self.manifest.chunks.clone().into();
-        let offsets: Arc<[u64]> = self.manifest.chunk_offsets().map(|(at, _)| at).collect();
+        let chunks = self.chunks.clone();
+        let offsets = self.offsets.clone();
         let mut fill = self.open_slot(chunks.clone(), offsets).await?;
         let list = self
             .booted_image
@@ -668,7 +667,7 @@ impl Download<'_> {
         pacer: Option<Arc<Pacer>>,
     ) -> Result<(), InstallError> {
         let sizes: Vec<u32> = match wire {
-            Wire::Chunks => self.manifest.chunks[span.first..span.first + span.count]
+            Wire::Chunks => self.chunks[span.first..span.first + span.count]
                 .iter()
                 .map(|c| c.stored_size)
                 .collect(),
@@ -679,7 +678,7 @@ impl Download<'_> {
         };
         // Indexed by list position, like the manifest's list.
         let stored_size = |index: usize| sizes[index - span.first];
-        let describe = |first: usize, end: usize| describe(self.manifest, wire, first, end);
+        let describe = |first: usize, end: usize| self.describe(wire, first, end);
         let version = &self.manifest.version;
         let end = span.first + span.count;
         let mut next = span.first;
@@ -799,31 +798,40 @@ impl Download<'_> {
     }
 }
 
-/// Names chunks (or patches) `first..end` of a release for messages.
-fn describe(manifest: &Manifest, wire: Wire, first: usize, end: usize) -> String {
-    if wire == Wire::Patches {
-        let patch = &manifest.patches[first];
-        return if end - first == 1 {
-            format!("patch {} for chunk {}", patch.hash, patch.chunk)
+impl Download<'_> {
+    /// Names chunks (or patches) `first..end` of the release for messages.
+    fn describe(&self, wire: Wire, first: usize, end: usize) -> String {
+        let version = &self.manifest.version;
+        if wire == Wire::Patches {
+            let patch = &self.manifest.patches[first];
+            return if end - first == 1 {
+                format!("patch {} for chunk {}", patch.hash, patch.chunk)
+            } else {
+                format!(
+                    "patches {first}..{end} of {version} (first for chunk {})",
+                    patch.chunk
+                )
+            };
+        }
+        let (offset, hash) = (self.offsets[first], self.chunks[first].hash);
+        if end - first == 1 {
+            format!("chunk {hash} at offset {offset}")
         } else {
-            format!(
-                "patches {first}..{end} of {} (first for chunk {})",
-                manifest.version, patch.chunk
-            )
-        };
+            format!("chunks {first}..{end} of {version} (from offset {offset}, first {hash})")
+        }
     }
-    let offset: u64 = manifest.chunks[..first]
+}
+
+/// Where each chunk of `chunks` starts in the image.
+pub fn offsets_of(chunks: &[ChunkEntry]) -> Arc<[u64]> {
+    chunks
         .iter()
-        .map(|c| u64::from(c.size))
-        .sum();
-    if end - first == 1 {
-        format!("chunk {} at offset {offset}", manifest.chunks[first].hash)
-    } else {
-        format!(
-            "chunks {first}..{end} of {} (from offset {offset}, first {})",
-            manifest.version, manifest.chunks[first].hash
-        )
-    }
+        .scan(0u64, |offset, chunk| {
+            let at = *offset;
+            *offset += u64::from(chunk.size);
+            Some(at)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use uplift_proto::api::{device_index_path, device_manifest_path};
 use uplift_proto::channel::{Offer, Progress};
 use uplift_proto::pace;
 use uplift_proto::{ChunkHash, ErrorKind, SlotName, Version, WireError};
-use uplift_release::manifest::{Manifest, SignedManifest, MAX_MANIFEST_BYTES};
+use uplift_release::manifest::{ChunkEntry, Manifest, SignedManifest, MAX_MANIFEST_BYTES};
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(300);
 /// Attempts per request without progress before the install fails.
@@ -383,7 +383,10 @@ impl Installer {
         running: &Version,
         events: &mpsc::Sender<Event>,
     ) -> Result<(), InstallError> {
-        let manifest = self.verified_manifest(offer, running).await?;
+        let mut manifest = self.verified_manifest(offer, running).await?;
+        // One copy of the chunk list for the whole install, shared by the
+        // requests and the writer (at 40 bytes a chunk, 10 MiB for 16 GiB).
+        let chunks: Arc<[ChunkEntry]> = std::mem::take(&mut manifest.chunks).into();
         let target = booted.other();
         let path = self.config.slots.path(target).to_owned();
         let bootenv = BootEnvFile::new(self.config.boot.env_file.clone());
@@ -405,6 +408,8 @@ impl Installer {
         let download = Download {
             installer: self,
             manifest: &manifest,
+            offsets: crate::download::offsets_of(&chunks),
+            chunks: chunks.clone(),
             target,
             target_path: path,
             booted_path: self.config.slots.path(booted).to_owned(),
@@ -433,7 +438,7 @@ impl Installer {
         let _ = events.send(Event::Progress { install, progress }).await;
         tracing::info!(
             version = %manifest.version,
-            chunks = manifest.chunks.len(),
+            chunks = chunks.len(),
             fetched = tally.fetched,
             fetched_bytes = tally.fetched_bytes,
             patched = tally.patched,
@@ -456,6 +461,7 @@ impl Installer {
             &bootenv,
             target,
             &manifest,
+            &chunks,
             offer.rollout_id,
             booted_image.map(|(id, _)| id),
         )
@@ -629,6 +635,7 @@ impl Installer {
         bootenv: &BootEnvFile,
         target: SlotName,
         manifest: &Manifest,
+        chunks: &[ChunkEntry],
         rollout_id: i64,
         running_image: Option<String>,
     ) -> Result<(), InstallError> {
@@ -644,8 +651,7 @@ impl Installer {
             version: manifest.version.clone(),
             rollout_id,
         };
-        let chunk_list: Vec<(ChunkHash, u32)> =
-            manifest.chunks.iter().map(|c| (c.hash, c.size)).collect();
+        let chunk_list: Vec<(ChunkHash, u32)> = chunks.iter().map(|c| (c.hash, c.size)).collect();
         self.guard
             .blocking(move || {
                 let state_err = |e: anyhow::Error| InstallError::State(format!("{e:#}"));

@@ -23,7 +23,8 @@ use uplift_proto::api::ServerEndpoint;
 use uplift_proto::SlotName;
 
 /// The three programs a fleet runs, found beside the running executable
-/// (`target/<profile>/`) or in `$UPLIFT_BIN_DIR`.
+/// (`target/<profile>/`) or in `$UPLIFT_BIN_DIR`; `$UPLIFT_AGENT_BIN` names
+/// another agent build (say, `target/device/uplift-agent`).
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub server: PathBuf,
@@ -48,7 +49,15 @@ impl Binaries {
                 boot_sim: dir.join("uplift-boot-sim"),
             };
             if bins.server.is_file() && bins.agent.is_file() && bins.boot_sim.is_file() {
-                return Ok(bins);
+                return match std::env::var_os("UPLIFT_AGENT_BIN").map(PathBuf::from) {
+                    Some(agent) if agent.is_file() => Ok(Self { agent, ..bins }),
+                    Some(agent) => anyhow::bail!(
+                        "UPLIFT_AGENT_BIN names {}, which is not a file; build it first \
+                         (`cargo build --profile device -p uplift-agent`)",
+                        agent.display()
+                    ),
+                    None => Ok(bins),
+                };
             }
         }
         anyhow::bail!(

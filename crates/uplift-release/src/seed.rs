@@ -7,7 +7,6 @@
 use crate::build::{CDC_AVG_SIZE, CDC_MAX_SIZE, CDC_MIN_SIZE};
 use crate::chunk::sha256;
 use fastcdc::v2020::StreamCDC;
-use std::collections::HashMap;
 use std::io::Read;
 use uplift_proto::ChunkHash;
 
@@ -18,18 +17,75 @@ pub struct SeedChunk {
     pub size: u32,
 }
 
+/// Chunks by hash, each at its first place in the indexed data. A sorted
+/// list rather than a hash map: it lives through a whole install on the
+/// device, and at 48 bytes a chunk it is about half a map's size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeedIndex {
+    sorted: Vec<(ChunkHash, SeedChunk)>,
+}
+
+impl SeedIndex {
+    /// From chunks in data order; of a hash seen twice the first place is kept.
+    pub fn from_chunks(chunks: impl IntoIterator<Item = (ChunkHash, SeedChunk)>) -> Self {
+        let mut sorted: Vec<_> = chunks.into_iter().collect();
+        // Stable: equal hashes stay in data order, so dedup keeps the first.
+        sorted.sort_by_key(|(hash, _)| *hash);
+        sorted.dedup_by_key(|(hash, _)| *hash);
+        sorted.shrink_to_fit();
+        Self { sorted }
+    }
+
+    /// From a saved chunk list: (hash, size) in image order.
+    pub fn from_list(list: impl IntoIterator<Item = (ChunkHash, u32)>) -> Self {
+        let mut offset = 0u64;
+        Self::from_chunks(list.into_iter().map(|(hash, size)| {
+            let at = SeedChunk { offset, size };
+            offset += u64::from(size);
+            (hash, at)
+        }))
+    }
+
+    pub fn get(&self, hash: &ChunkHash) -> Option<&SeedChunk> {
+        self.sorted
+            .binary_search_by_key(hash, |(h, _)| *h)
+            .ok()
+            .map(|at| &self.sorted[at].1)
+    }
+
+    pub fn contains_key(&self, hash: &ChunkHash) -> bool {
+        self.get(hash).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    /// Every chunk's place, in hash order.
+    pub fn places(&self) -> impl Iterator<Item = &SeedChunk> {
+        self.sorted.iter().map(|(_, at)| at)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sorted.is_empty()
+    }
+}
+
 /// Indexes at most `limit` bytes of `data` by chunk hash.
-pub fn index_chunks(data: impl Read, limit: u64) -> std::io::Result<HashMap<ChunkHash, SeedChunk>> {
-    let mut index = HashMap::new();
+pub fn index_chunks(data: impl Read, limit: u64) -> std::io::Result<SeedIndex> {
+    let mut chunks = Vec::new();
     for item in StreamCDC::new(data.take(limit), CDC_MIN_SIZE, CDC_AVG_SIZE, CDC_MAX_SIZE) {
         let chunk = item.map_err(std::io::Error::other)?;
         let size = u32::try_from(chunk.data.len()).expect("chunks are at most CDC_MAX_SIZE");
-        index.entry(sha256(&chunk.data)).or_insert(SeedChunk {
-            offset: chunk.offset,
-            size,
-        });
+        chunks.push((
+            sha256(&chunk.data),
+            SeedChunk {
+                offset: chunk.offset,
+                size,
+            },
+        ));
     }
-    Ok(index)
+    Ok(SeedIndex::from_chunks(chunks))
 }
 
 #[cfg(test)]
@@ -81,7 +137,7 @@ mod tests {
             summary.manifest.chunks.len()
         );
         for chunk in found {
-            let at = index[&chunk.hash];
+            let at = index.get(&chunk.hash).unwrap();
             let bytes = &old[at.offset as usize..at.offset as usize + at.size as usize];
             assert_eq!(
                 sha256(bytes),
@@ -95,8 +151,31 @@ mod tests {
     fn the_limit_bounds_what_is_read() {
         let data = pseudo_random(1 << 20, 5);
         let index = index_chunks(data.as_slice(), 100_000).unwrap();
+        assert!(!index.is_empty());
         assert!(index
-            .values()
+            .places()
             .all(|c| c.offset + u64::from(c.size) <= 100_000));
+    }
+
+    #[test]
+    fn a_hash_seen_twice_keeps_its_first_place() {
+        let (a, b) = (sha256(b"a"), sha256(b"b"));
+        let index = SeedIndex::from_list([(a, 10), (b, 20), (a, 10)]);
+        assert_eq!(index.len(), 2);
+        assert_eq!(
+            index.get(&a),
+            Some(&SeedChunk {
+                offset: 0,
+                size: 10
+            })
+        );
+        assert_eq!(
+            index.get(&b),
+            Some(&SeedChunk {
+                offset: 10,
+                size: 20
+            })
+        );
+        assert!(!index.contains_key(&sha256(b"c")));
     }
 }
