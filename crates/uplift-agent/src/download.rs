@@ -162,6 +162,7 @@ impl Seed {
         path: &Path,
         image_size: Option<u64>,
         list: Option<Vec<(ChunkHash, u32)>>,
+        wanted: WantedSizes,
     ) -> Seed {
         let path = path.to_owned();
         let built = tokio::task::spawn_blocking(move || -> std::io::Result<Seed> {
@@ -180,7 +181,12 @@ impl Seed {
                     "the saved chunk list of the running release",
                 ),
                 None => (
-                    uplift_release::seed::index_chunks(&file, SEED_LIMIT)?,
+                    uplift_release::seed::index_file_sized(
+                        &file,
+                        SEED_LIMIT,
+                        std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+                        |size| wanted.admits(size),
+                    )?,
                     "the running slot, re-chunked",
                 ),
             };
@@ -238,6 +244,35 @@ impl Seed {
             base.extend_from_slice(&self.read(&entry, at.offset)?);
         }
         Some(base)
+    }
+}
+
+/// Which chunk sizes are worth hashing when the running slot is re-chunked:
+/// those of the release's chunks, unless patches may need base chunks of
+/// other sizes (the manifest names bases by hash only), then every size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WantedSizes {
+    All,
+    /// Sorted, without repeats.
+    Only(Vec<u32>),
+}
+
+impl WantedSizes {
+    pub fn for_release(chunks: &[ChunkEntry], patches: &[PatchEntry]) -> Self {
+        if !patches.is_empty() {
+            return Self::All;
+        }
+        let mut sizes: Vec<u32> = chunks.iter().map(|c| c.size).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        Self::Only(sizes)
+    }
+
+    pub fn admits(&self, size: u32) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(sizes) => sizes.binary_search(&size).is_ok(),
+        }
     }
 }
 
@@ -465,6 +500,7 @@ impl Download<'_> {
             &self.booted_path,
             self.booted_image.as_ref().map(|(_, size)| *size),
             list,
+            WantedSizes::for_release(&chunks, &self.manifest.patches),
         )
         .await;
         let limits = SpanLimits {
@@ -837,6 +873,32 @@ pub fn offsets_of(chunks: &[ChunkEntry]) -> Arc<[u64]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunk(size: u32) -> ChunkEntry {
+        ChunkEntry {
+            hash: uplift_release::chunk::sha256(&size.to_le_bytes()),
+            size,
+            stored_size: size,
+        }
+    }
+
+    #[test]
+    fn only_the_releases_chunk_sizes_are_wanted_unless_patches_need_bases() {
+        let chunks = [chunk(300), chunk(100), chunk(300)];
+        let wanted = WantedSizes::for_release(&chunks, &[]);
+        assert_eq!(wanted, WantedSizes::Only(vec![100, 300]));
+        assert!(wanted.admits(100) && wanted.admits(300) && !wanted.admits(200));
+        let patch = PatchEntry {
+            chunk: chunks[0].hash,
+            base: vec![uplift_release::chunk::sha256(b"old")],
+            hash: uplift_release::chunk::sha256(b"patch"),
+            stored_size: 10,
+        };
+        assert_eq!(
+            WantedSizes::for_release(&chunks, &[patch]),
+            WantedSizes::All
+        );
+    }
 
     #[test]
     fn the_lower_of_the_device_and_rollout_caps_wins() {

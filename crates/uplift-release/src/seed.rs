@@ -71,20 +71,125 @@ impl SeedIndex {
     }
 }
 
-/// Indexes at most `limit` bytes of `data` by chunk hash.
-pub fn index_chunks(data: impl Read, limit: u64) -> std::io::Result<SeedIndex> {
-    let mut chunks = Vec::new();
-    for item in StreamCDC::new(data.take(limit), CDC_MIN_SIZE, CDC_AVG_SIZE, CDC_MAX_SIZE) {
+/// [`index_chunks_sized`] over the first `limit` bytes of a file or block
+/// device, in `parts` pieces cut in parallel (the device is otherwise idle
+/// while it plans). Each piece reads on past its end by a largest chunk and
+/// keeps the chunks that start in it, so a chunk across a border is found
+/// by the piece before; the first chunks of a piece may be cut where a
+/// whole-file pass would not (the cutter resynchronises within a chunk or
+/// two), which only costs a chance of reuse, never a wrong one.
+pub fn index_file_sized(
+    file: &std::fs::File,
+    limit: u64,
+    parts: usize,
+    wanted: impl Fn(u32) -> bool + Sync,
+) -> std::io::Result<SeedIndex> {
+    use std::io::{Seek, SeekFrom};
+    // Works for block devices too, whose metadata length is 0.
+    let len = (&*file).seek(SeekFrom::End(0))?.min(limit);
+    let parts = parts.clamp(1, 16) as u64;
+    // Small inputs are not worth the threads.
+    let parts = if len < parts * 64 * u64::from(CDC_MAX_SIZE) {
+        1
+    } else {
+        parts
+    };
+    let piece = len.div_ceil(parts);
+    let results: Vec<std::io::Result<Vec<(ChunkHash, SeedChunk)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..parts)
+            .map(|i| {
+                let wanted = &wanted;
+                scope.spawn(move || {
+                    let start = i * piece;
+                    let end = (start + piece).min(len);
+                    let reader = RangeReader {
+                        file,
+                        at: start,
+                        end: (end + u64::from(CDC_MAX_SIZE)).min(len),
+                    };
+                    let mut found = Vec::new();
+                    cut(reader, wanted, |hash, offset, size| {
+                        let offset = start + offset;
+                        if offset < end {
+                            found.push((hash, SeedChunk { offset, size }));
+                        }
+                        offset < end
+                    })?;
+                    Ok(found)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a seed thread panicked")))
+            })
+            .collect()
+    });
+    let mut all = Vec::new();
+    for part in results {
+        all.extend(part?);
+    }
+    Ok(SeedIndex::from_chunks(all))
+}
+
+/// Reads `at..end` of a file by position, so threads share one descriptor.
+struct RangeReader<'a> {
+    file: &'a std::fs::File,
+    at: u64,
+    end: u64,
+}
+
+impl Read for RangeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let room = (self.end.saturating_sub(self.at)).min(buf.len() as u64) as usize;
+        if room == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..room], self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// Cuts `data` into chunks and hashes those of a wanted size, handing each
+/// to `found` (hash, offset in `data`, size) until it says stop.
+fn cut(
+    data: impl Read,
+    wanted: impl Fn(u32) -> bool,
+    mut found: impl FnMut(ChunkHash, u64, u32) -> bool,
+) -> std::io::Result<()> {
+    for item in StreamCDC::new(data, CDC_MIN_SIZE, CDC_AVG_SIZE, CDC_MAX_SIZE) {
         let chunk = item.map_err(std::io::Error::other)?;
         let size = u32::try_from(chunk.data.len()).expect("chunks are at most CDC_MAX_SIZE");
-        chunks.push((
-            sha256(&chunk.data),
-            SeedChunk {
-                offset: chunk.offset,
-                size,
-            },
-        ));
+        if wanted(size) && !found(sha256(&chunk.data), chunk.offset, size) {
+            break;
+        }
     }
+    Ok(())
+}
+
+/// Indexes at most `limit` bytes of `data` by chunk hash.
+pub fn index_chunks(data: impl Read, limit: u64) -> std::io::Result<SeedIndex> {
+    index_chunks_sized(data, limit, |_| true)
+}
+
+/// [`index_chunks`], hashing only chunks of a size `wanted` accepts. A
+/// chunk can only be reused where a chunk of the same size is wanted, and
+/// cutting is far cheaper than hashing: for an image that shares nothing
+/// with the release, most chunks are cut and passed over unhashed.
+pub fn index_chunks_sized(
+    data: impl Read,
+    limit: u64,
+    wanted: impl Fn(u32) -> bool,
+) -> std::io::Result<SeedIndex> {
+    let mut chunks = Vec::new();
+    cut(data.take(limit), wanted, |hash, offset, size| {
+        chunks.push((hash, SeedChunk { offset, size }));
+        true
+    })?;
     Ok(SeedIndex::from_chunks(chunks))
 }
 
@@ -155,6 +260,49 @@ mod tests {
         assert!(index
             .places()
             .all(|c| c.offset + u64::from(c.size) <= 100_000));
+    }
+
+    #[test]
+    fn chunks_of_unwanted_sizes_are_left_out_and_the_rest_found_as_before() {
+        let data = pseudo_random(1 << 20, 9);
+        let all = index_chunks(data.as_slice(), u64::MAX).unwrap();
+        let some_size = all.places().next().unwrap().size;
+        let sized = index_chunks_sized(data.as_slice(), u64::MAX, |s| s == some_size).unwrap();
+        assert!(!sized.is_empty() && sized.len() < all.len());
+        assert!(sized.places().all(|c| c.size == some_size));
+        assert!(all
+            .sorted
+            .iter()
+            .filter(|(_, c)| c.size == some_size)
+            .all(|(hash, c)| sized.get(hash) == Some(c)));
+    }
+
+    #[test]
+    fn a_file_cut_in_parallel_pieces_finds_what_one_pass_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        let data = pseudo_random(48 << 20, 11);
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let one = index_chunks(data.as_slice(), u64::MAX).unwrap();
+        let four = index_file_sized(&file, u64::MAX, 4, |_| true).unwrap();
+        // Every place found is right, and the pieces miss at most a few
+        // chunks where they start.
+        for (hash, at) in &four.sorted {
+            let bytes = &data[at.offset as usize..(at.offset + u64::from(at.size)) as usize];
+            assert_eq!(sha256(bytes), *hash);
+        }
+        let missed = one
+            .sorted
+            .iter()
+            .filter(|(h, _)| !four.contains_key(h))
+            .count();
+        assert!(missed <= 3 * 3, "{missed} of {} chunks missed", one.len());
+        // A limit bounds what is read.
+        let limited = index_file_sized(&file, 20 << 20, 4, |_| true).unwrap();
+        assert!(limited
+            .places()
+            .all(|c| c.offset + u64::from(c.size) <= 20 << 20));
     }
 
     #[test]
