@@ -71,9 +71,10 @@ impl SeedIndex {
     }
 }
 
-/// [`index_chunks_sized`] over the first `limit` bytes of a file or block
+/// Like [`index_chunks`], over the first `limit` bytes of a file or block
 /// device, in `parts` pieces cut in parallel (the device is otherwise idle
-/// while it plans). Each piece reads on past its end by a largest chunk and
+/// while it plans), hashing only chunks of a size `wanted` accepts (see
+/// `index_chunks_sized`). Each piece reads on past its end by a largest chunk and
 /// keeps the chunks that start in it, so a chunk across a border is found
 /// by the piece before; the first chunks of a piece may be cut where a
 /// whole-file pass would not (the cutter resynchronises within a chunk or
@@ -180,7 +181,7 @@ pub fn index_chunks(data: impl Read, limit: u64) -> std::io::Result<SeedIndex> {
 /// chunk can only be reused where a chunk of the same size is wanted, and
 /// cutting is far cheaper than hashing: for an image that shares nothing
 /// with the release, most chunks are cut and passed over unhashed.
-pub fn index_chunks_sized(
+fn index_chunks_sized(
     data: impl Read,
     limit: u64,
     wanted: impl Fn(u32) -> bool,

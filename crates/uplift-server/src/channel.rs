@@ -337,7 +337,7 @@ fn verify(key: &VerifyingKey, message: &[u8], signature_b64: &str) -> Result<(),
 }
 
 /// The frame that tells a device what to run.
-pub fn offer_for(target: Option<DeviceTarget>) -> ServerMsg {
+fn offer_for(target: Option<DeviceTarget>) -> ServerMsg {
     match target {
         Some(target) => ServerMsg::Offer(Offer {
             rollout_id: target.rollout_id,
@@ -353,17 +353,15 @@ pub fn offer_for(target: Option<DeviceTarget>) -> ServerMsg {
 /// What to tell a device now: its target's offer, or nothing yet while it
 /// waits for a download turn (see [`crate::turns`]).
 pub fn offer_now(state: &AppState, device: &DeviceId) -> ServerMsg {
-    let target = state.live.target(device);
+    let (target, report) = state
+        .live
+        .get(device)
+        .map_or((None, None), |live| (live.target, live.report));
     let limited = target
         .as_ref()
         .and_then(|t| Some((t, t.limits.max_downloading?)));
     match limited {
-        Some((target, limit))
-            if turns::needs_turn(
-                state.live.get(device).and_then(|d| d.report).as_ref(),
-                &target.version,
-            ) =>
-        {
+        Some((target, limit)) if turns::needs_turn(report.as_ref(), &target.version) => {
             let (turn, passed) = state
                 .turns
                 .ask(device, target.rollout_id, limit.get() as usize);
