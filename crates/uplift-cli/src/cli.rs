@@ -86,7 +86,9 @@ pub enum Command {
         /// Keep the demo's files (server data, device slots, logs) in this directory.
         #[arg(long)]
         workdir: Option<PathBuf>,
-        /// Give up after this many seconds.
+        /// Give up on any one stage (enrollment, the rollout, its settling)
+        /// after this many seconds; the whole run is bounded by three times
+        /// this plus three minutes.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
         /// Inject faults at random during the rollout: agents killed with

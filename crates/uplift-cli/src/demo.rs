@@ -350,7 +350,30 @@ async fn blocking<T: Send + 'static>(
         .with_context(|| what.to_owned())
 }
 
+/// The longest a whole demo may take: each of its waits (enrollment, the
+/// rollout, the settling after it) is bounded by `timeout`, the final
+/// checks by a minute, and set-up by another two.
+pub fn whole_run_limit(timeout: Duration) -> Duration {
+    timeout * 3 + Duration::from_secs(180)
+}
+
+/// Runs the demo, bounded as a whole by [`whole_run_limit`]: every wait
+/// inside has its own deadline, but a hang nobody foresaw must still end
+/// in an error, not a process that never exits. The servers and devices
+/// are stopped as the abandoned run is dropped.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
+    let limit = whole_run_limit(opts.timeout);
+    match tokio::time::timeout(limit, run_unbounded(opts)).await {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!(
+            "the demo did not finish within {} s (three times --timeout, plus set-up); \
+             the server and device logs under its work directory say where it stopped",
+            limit.as_secs()
+        ),
+    }
+}
+
+async fn run_unbounded(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
     anyhow::ensure!(opts.devices > 0, "--devices must be at least 1");
     let bins = Binaries::locate()?;
     let temp;

@@ -18,7 +18,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(uplift_cli::cli::run(cli)) {
+    let result = runtime.block_on(uplift_cli::cli::run(cli));
+    // Dropping a runtime waits for every blocking task without limit; a
+    // task stuck on a child process or a file must not keep the command
+    // from exiting once its answer is known.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
         Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("uplift: error: {e:#}");

@@ -1,25 +1,38 @@
 //! The README's demo command, run as a user would run it.
 
+mod common;
+
+use common::run_bounded;
 use std::process::Command;
+use std::time::Duration;
+use uplift_cli::demo::whole_run_limit;
+
+/// How long a test lets a demo with `--timeout seconds` run: the demo's own
+/// bound on its whole run, plus a margin for stopping its processes.
+fn limit_for(seconds: u64) -> Duration {
+    whole_run_limit(Duration::from_secs(seconds)) + Duration::from_secs(60)
+}
 
 #[test]
 fn uplift_demo_upgrades_every_device_and_reports_json() {
     let work = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_uplift"))
-        .args([
-            "demo",
-            "--devices",
-            "4",
-            "--image-mib",
-            "1",
-            "--json",
-            "--timeout",
-            "90",
-            "--workdir",
-        ])
-        .arg(work.path())
-        .output()
-        .expect("run uplift demo");
+    let output = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_uplift"))
+            .args([
+                "demo",
+                "--devices",
+                "4",
+                "--image-mib",
+                "1",
+                "--json",
+                "--timeout",
+                "90",
+                "--workdir",
+            ])
+            .arg(work.path()),
+        limit_for(90),
+        work.path(),
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -68,22 +81,24 @@ fn uplift_demo_upgrades_every_device_and_reports_json() {
 #[test]
 fn uplift_demo_with_chaos_survives_every_kind_of_fault() {
     let work = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_uplift"))
-        .args([
-            "demo",
-            "--devices",
-            "6",
-            "--image-mib",
-            "2",
-            "--chaos",
-            "--json",
-            "--timeout",
-            "120",
-            "--workdir",
-        ])
-        .arg(work.path())
-        .output()
-        .expect("run uplift demo --chaos");
+    let output = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_uplift"))
+            .args([
+                "demo",
+                "--devices",
+                "6",
+                "--image-mib",
+                "2",
+                "--chaos",
+                "--json",
+                "--timeout",
+                "120",
+                "--workdir",
+            ])
+            .arg(work.path()),
+        limit_for(120),
+        work.path(),
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -120,22 +135,24 @@ fn soak_chaos_over_many_devices() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let work = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_uplift"))
-        .args([
-            "demo",
-            "--chaos",
-            "--json",
-            "--image-mib",
-            "4",
-            "--timeout",
-            "600",
-            "--devices",
-        ])
-        .arg(devices.to_string())
-        .arg("--workdir")
-        .arg(work.path())
-        .output()
-        .expect("run uplift demo --chaos");
+    let output = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_uplift"))
+            .args([
+                "demo",
+                "--chaos",
+                "--json",
+                "--image-mib",
+                "4",
+                "--timeout",
+                "600",
+                "--devices",
+            ])
+            .arg(devices.to_string())
+            .arg("--workdir")
+            .arg(work.path()),
+        limit_for(600),
+        work.path(),
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

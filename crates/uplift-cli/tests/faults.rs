@@ -164,12 +164,14 @@ async fn assert_fell_back_to_1_0(fx: &Fixture, device: &Device, what: &str) {
 /// What `uplift-agent status` prints on the device.
 fn agent_status(device: &Device) -> String {
     let bins = uplift_cli::fleet::Binaries::locate().unwrap();
-    let out = std::process::Command::new(bins.agent)
-        .arg("--config")
-        .arg(device.config_path())
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = run_bounded(
+        std::process::Command::new(bins.agent)
+            .arg("--config")
+            .arg(device.config_path())
+            .arg("status"),
+        WAIT,
+        &device.dir,
+    );
     assert!(
         out.status.success(),
         "{}",

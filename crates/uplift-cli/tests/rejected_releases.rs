@@ -100,18 +100,20 @@ async fn release_for_another_device_type_is_rejected() {
 
 /// `uplift <args> --server .. --token .. --ca ..` against the fixture's server.
 fn uplift(fx: &Fixture, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_uplift"))
-        .args(args)
-        .args([
-            "--server",
-            &fx.server.endpoint.url,
-            "--token",
-            &fx.server.admin_token,
-            "--ca",
-        ])
-        .arg(&fx.server.endpoint.ca_file)
-        .output()
-        .unwrap();
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_uplift"))
+            .args(args)
+            .args([
+                "--server",
+                &fx.server.endpoint.url,
+                "--token",
+                &fx.server.admin_token,
+                "--ca",
+            ])
+            .arg(&fx.server.endpoint.ca_file),
+        WAIT,
+        fx.dir.path(),
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -230,3 +230,96 @@ pub fn sha256_file(path: &Path) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
+
+/// Runs `command` (a whole `uplift` run) to its end, but for at most
+/// `limit`: its output goes to files, not pipes, so no process it leaves
+/// behind can hold the test open, and on expiry the command's process
+/// group and every process naming `workdir` are killed and the test fails
+/// with the tails of the logs there, which say where the run stopped.
+pub fn run_bounded(
+    command: &mut std::process::Command,
+    limit: Duration,
+    workdir: &Path,
+) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let outputs = tempfile::tempdir().expect("a temp dir for the command's output");
+    let (out_path, err_path) = (outputs.path().join("stdout"), outputs.path().join("stderr"));
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .process_group(0)
+        .spawn()
+        .expect("spawn the command");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the command") {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let read = |p: &Path| std::fs::read(p).unwrap_or_default();
+    match status {
+        Some(status) => std::process::Output {
+            status,
+            stdout: read(&out_path),
+            stderr: read(&err_path),
+        },
+        None => {
+            let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            kill_processes_naming(workdir);
+            panic!(
+                "{command:?} did not finish within {limit:?}\n--- its stderr:\n{}\n{}",
+                String::from_utf8_lossy(&read(&err_path)),
+                log_tails(workdir, 20)
+            );
+        }
+    }
+}
+
+/// SIGKILLs every process whose command line mentions `dir` (the agents and
+/// servers a killed run started, which run in process groups of their own).
+fn kill_processes_naming(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The last `lines` lines of every `*.log` file under `dir`, each headed by
+/// its path.
+fn log_tails(dir: &Path, lines: usize) -> String {
+    let mut out = String::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+                out.push_str(&format!("--- {}:\n", path.display()));
+                for line in tail.into_iter().rev() {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
+}
