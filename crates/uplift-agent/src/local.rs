@@ -15,9 +15,8 @@
 use anyhow::Context;
 use ed25519_dalek::SigningKey;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use uplift_files::{replace_file, Access};
 use uplift_proto::{ChunkHash, DeviceId, SlotName, Version, WireError};
 
 #[derive(Debug, Clone)]
@@ -120,30 +119,6 @@ impl InstallProgress {
 /// One record of a saved chunk list: sha256 and uncompressed size.
 const CHUNK_RECORD: usize = 36;
 
-/// Replaces `path` with `bytes` so that a crash leaves the old or the new
-/// file, never a mix: temp file, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(if private { 0o600 } else { 0o644 })
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 impl LocalState {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
@@ -166,7 +141,8 @@ impl LocalState {
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
         let path = self.dir.join(name);
         let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
-        write_atomic(&path, &bytes, false).with_context(|| format!("writing {}", path.display()))
+        replace_file(&path, &bytes, Access::Public)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// The device key, created on first use.
@@ -182,8 +158,12 @@ impl LocalState {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = SigningKey::generate(&mut rand::rngs::OsRng);
-                write_atomic(&path, hex::encode(key.to_bytes()).as_bytes(), true)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                replace_file(
+                    &path,
+                    hex::encode(key.to_bytes()).as_bytes(),
+                    Access::OwnerOnly,
+                )
+                .with_context(|| format!("writing {}", path.display()))?;
                 Ok(key)
             }
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -205,7 +185,7 @@ impl LocalState {
 
     pub fn save_device_id(&self, id: &DeviceId) -> anyhow::Result<()> {
         let path = self.dir.join("device-id");
-        write_atomic(&path, format!("{id}\n").as_bytes(), false)
+        replace_file(&path, format!("{id}\n").as_bytes(), Access::Public)
             .with_context(|| format!("writing {}", path.display()))
     }
 
@@ -243,7 +223,7 @@ impl LocalState {
             bytes.extend_from_slice(&size.to_le_bytes());
         }
         let path = self.chunk_list_path(image_sha256);
-        write_atomic(&path, &bytes, false)
+        replace_file(&path, &bytes, Access::Public)
             .with_context(|| format!("writing {}", path.display()))?;
         for entry in
             std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?

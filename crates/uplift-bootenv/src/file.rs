@@ -12,10 +12,9 @@
 //! often sits on the FAT EFI system partition, which has no journal; making
 //! that safe is the job of the device's partition layout, not of this code.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use uplift_proto::names::SlotName;
 
@@ -113,34 +112,17 @@ impl BootEnvFile {
         BootState::new(default_slot).apply_to(&mut env);
         let bytes = env.to_bytes()?;
 
-        let tmp = write_temp(&path, &bytes)?;
-        // A hard link fails if the target exists, which a rename would not:
-        // it is the atomic "create if absent" for a complete file.
-        let linked = fs::hard_link(&tmp, &path);
-        let result = match linked {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                Err(BootEnvError::AlreadyExists { path: path.clone() })
-            }
-            // File systems without hard links (FAT): provisioning is a
-            // one-time step nobody races, so check-then-rename will do.
-            Err(_) => match path.try_exists() {
-                Ok(true) => Err(BootEnvError::AlreadyExists { path: path.clone() }),
-                Ok(false) => fs::rename(&tmp, &path).map_err(|source| BootEnvError::Io {
+        uplift_files::create_file(&path, &bytes, uplift_files::Access::Public).map_err(|source| {
+            if source.kind() == io::ErrorKind::AlreadyExists {
+                BootEnvError::AlreadyExists { path: path.clone() }
+            } else {
+                BootEnvError::Io {
                     action: "create the boot environment file",
                     path: path.clone(),
                     source,
-                }),
-                Err(source) => Err(BootEnvError::Io {
-                    action: "check for an existing boot environment file",
-                    path: path.clone(),
-                    source,
-                }),
-            },
-        };
-        let _ = fs::remove_file(&tmp);
-        result?;
-        sync_dir(&path)
+                }
+            }
+        })
     }
 
     fn in_file(&self, source: BootEnvError) -> BootEnvError {
@@ -152,118 +134,26 @@ impl BootEnvFile {
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the
-/// new content, never a mix: temporary file in the same directory, fsync,
-/// rename over the target, fsync the directory.
+/// new content, never a mix, and the rename survives a power cut: the
+/// project's one crash-safe writer ([`uplift_files::replace_file`]).
+/// Each write also sweeps the temporary files killed writers left (the
+/// boot partition is small).
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), BootEnvError> {
-    let tmp = write_temp(path, bytes)?;
-    if let Err(source) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(BootEnvError::Io {
+    uplift_files::replace_file(path, bytes, uplift_files::Access::Public).map_err(|source| {
+        BootEnvError::Io {
             action: "replace",
             path: path.to_owned(),
             source,
-        });
-    }
-    // Without this the rename itself may be lost on power failure, and the
-    // old content would come back after the new one was acted upon.
-    sync_dir(path)?;
-    remove_stale_temps(path);
+        }
+    })?;
+    uplift_files::remove_stale_temps(path);
     Ok(())
-}
-
-/// Removes temporary files that writers killed mid-write left next to
-/// `path` (the boot partition is small, and every crash would otherwise
-/// leave one). Only files of processes that no longer exist are touched,
-/// and only where `/proc` can tell: a live writer's file is never removed.
-fn remove_stale_temps(path: &Path) {
-    let (Some(name), true) = (path.file_name(), Path::new("/proc/self").exists()) else {
-        return;
-    };
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(name);
-    prefix.push(".tmp-");
-    let Some(prefix) = prefix.to_str() else {
-        return;
-    };
-    let Ok(entries) = fs::read_dir(parent_dir(path)) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let Some(pid) = file_name
-            .to_str()
-            .and_then(|n| n.strip_prefix(prefix))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    }
-}
-
-/// Writes and fsyncs a uniquely named sibling of `path`; returns its path.
-fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf, BootEnvError> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let io_err = |action, source| BootEnvError::Io {
-        action,
-        path: path.to_owned(),
-        source,
-    };
-    let Some(name) = path.file_name() else {
-        return Err(io_err(
-            "write",
-            io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
-        ));
-    };
-    // Unique per process and per call, so concurrent writers never share a
-    // temporary file; the leading dot keeps it out of casual listings.
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let tmp = parent_dir(path).join(tmp_name);
-
-    let written = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    match written {
-        Ok(()) => Ok(tmp),
-        Err(source) => {
-            let _ = fs::remove_file(&tmp);
-            Err(io_err("write a temporary file next to", source))
-        }
-    }
-}
-
-fn sync_dir(path: &Path) -> Result<(), BootEnvError> {
-    let dir = parent_dir(path);
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| BootEnvError::Io {
-            action: "sync the directory",
-            path: dir.to_owned(),
-            source,
-        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use SlotName::{A, B};
 
     #[test]

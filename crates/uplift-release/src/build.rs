@@ -17,9 +17,8 @@ use crate::manifest::{
 };
 use fastcdc::v2020::StreamCDC;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime, UtcOffset};
 use uplift_proto::{ChunkHash, DeviceType, Version};
@@ -153,11 +152,15 @@ pub fn create_release(
     let signed = sign_manifest(&manifest, key)?;
     manifest.attach_index(&index)?;
     let index_path = dir.index_path();
-    write_atomically(&index_path, &index, true)
+    uplift_files::replace_file(&index_path, &index, uplift_files::Access::Public)
         .map_err(|e| ReleaseError::io("write the chunk index", &index_path, e))?;
     let manifest_path = dir.manifest_path();
-    write_atomically(&manifest_path, &signed.to_json(), true)
-        .map_err(|e| ReleaseError::io("write the manifest", &manifest_path, e))?;
+    uplift_files::replace_file(
+        &manifest_path,
+        &signed.to_json(),
+        uplift_files::Access::Public,
+    )
+    .map_err(|e| ReleaseError::io("write the manifest", &manifest_path, e))?;
 
     Ok(ReleaseSummary {
         chunk_count: manifest.chunks.len(),
@@ -190,39 +193,6 @@ fn validity(opts: &ReleaseOptions) -> Result<(String, String), ReleaseError> {
             .map_err(|e| bad(format!("time {t} cannot be written as RFC 3339: {e}")))
     };
     Ok((format(created)?, format(expires)?))
-}
-
-/// Temporary names never collide between threads or processes sharing an
-/// output directory.
-fn temp_path(path: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(
-        ".{name}.tmp.{}.{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
-/// Readers see either the old file or the complete new one, never a
-/// partial write.
-fn write_atomically(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        if sync {
-            file.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// A release directory on disk (see the module docs for the layout).
@@ -278,7 +248,7 @@ impl ReleaseDir {
         let path = self.patch_path(&hash);
         std::fs::create_dir_all(self.patches_dir())
             .map_err(|e| ReleaseError::io("create the patches directory", self.patches_dir(), e))?;
-        write_atomically(&path, &patch.stored, false)
+        uplift_files::replace_file_unsynced(&path, &patch.stored)
             .map_err(|e| ReleaseError::io("write the patch", &path, e))?;
         Ok(PatchEntry {
             chunk,
@@ -370,7 +340,7 @@ impl ReleaseDir {
             Err(_) => {}
         }
         let encoded = encode_chunk(data)?;
-        write_atomically(&path, &encoded, false)
+        uplift_files::replace_file_unsynced(&path, &encoded)
             .map_err(|e| ReleaseError::io("write the chunk", &path, e))?;
         Ok(encoded.len() as u32)
     }

@@ -10,7 +10,7 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -54,25 +54,20 @@ impl ReleaseSigningKey {
     /// file is never replaced: losing a release key strands every device
     /// that trusts it.
     pub fn write_to_file(&self, path: &Path) -> Result<(), ReleaseError> {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut file = opts.open(path).map_err(|e| {
+        uplift_files::create_file(
+            path,
+            self.to_pkcs8_pem().as_bytes(),
+            uplift_files::Access::OwnerOnly,
+        )
+        .map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 ReleaseError::KeyFileExists {
                     path: path.to_owned(),
                 }
             } else {
-                ReleaseError::io("create the key file", path, e)
+                ReleaseError::io("write the key file", path, e)
             }
-        })?;
-        file.write_all(self.to_pkcs8_pem().as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| ReleaseError::io("write the key file", path, e))
+        })
     }
 
     pub fn read_from_file(path: &Path) -> Result<Self, ReleaseError> {

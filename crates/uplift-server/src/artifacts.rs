@@ -196,32 +196,12 @@ fn fingerprint(meta: &std::fs::Metadata) -> Fingerprint {
     }
 }
 
-/// Temp file, full write, fsync, rename: a reader sees the whole chunk or none.
+/// A reader sees the whole chunk or none, and once the release row that
+/// references it is durable in the database, so is the chunk's name.
 fn write_chunk_atomically(path: &Path, stored: &[u8]) -> Result<(), ArtifactError> {
-    use std::io::Write;
     let dir = path.parent().expect("chunk paths have a parent");
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    // Unique temp name: two concurrent uploads of one chunk must not interleave.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", rand::random::<u64>()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(stored).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        // The release row that will reference this chunk is durable in the
-        // database; the chunk's name must be too.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    uplift_files::replace_file(path, stored, uplift_files::Access::Public).map_err(io(path))
 }
 
 #[cfg(test)]

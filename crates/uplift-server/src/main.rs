@@ -106,10 +106,12 @@ async fn main() -> anyhow::Result<()> {
         println!("  enrollment token: {}", path.display());
     }
     if let Some(path) = &args.ready_file {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&endpoint)?)?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("writing ready file {}", path.display()))?;
+        uplift_files::replace_file(
+            path,
+            &serde_json::to_vec_pretty(&endpoint)?,
+            uplift_files::Access::Public,
+        )
+        .with_context(|| format!("writing ready file {}", path.display()))?;
     }
     server
         .run_split(listener, admin_listener, shutdown_signal())

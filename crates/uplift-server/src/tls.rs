@@ -97,33 +97,26 @@ fn generate_if_missing(dir: &Path, hostnames: &[String]) -> anyhow::Result<()> {
 
     write_private(&dir.join("ca.key"), &ca_key.serialize_pem())?;
     write_private(&dir.join("server.key"), &server_key.serialize_pem())?;
-    std::fs::write(dir.join("server.pem"), server_cert.pem() + &ca_cert.pem())?;
+    write_public(
+        &dir.join("server.pem"),
+        &(server_cert.pem() + &ca_cert.pem()),
+    )?;
     // ca.pem last: its presence marks the set as complete.
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+    write_public(&dir.join("ca.pem"), &ca_cert.pem())?;
     Ok(())
 }
 
-/// Writes a secret readable by the owner only.
-/// Atomically (temp file, fsync, rename): a crash never leaves an empty
-/// token or key file that would stop the server from starting.
+/// Writes a secret readable by the owner only, crash-safely: a crash never
+/// leaves an empty token or key file that would stop the server starting.
 pub(crate) fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    uplift_files::replace_file(path, contents.as_bytes(), uplift_files::Access::OwnerOnly)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes a certificate, crash-safely.
+fn write_public(path: &Path, contents: &str) -> anyhow::Result<()> {
+    uplift_files::replace_file(path, contents.as_bytes(), uplift_files::Access::Public)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
