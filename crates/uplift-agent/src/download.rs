@@ -13,7 +13,7 @@
 //! covers the image exactly, so the whole image matches its digest without
 //! being read again.
 
-use crate::install::{InstallError, Installer, Retry, CHUNK_ATTEMPTS};
+use crate::install::{state_err, InstallError, Installer, Retry, CHUNK_ATTEMPTS};
 use crate::local::{InstallProgress, LocalState};
 use crate::plan::{ChunkSet, Copy, Plan, Span, SpanLimits};
 use bytes::{Bytes, BytesMut};
@@ -23,6 +23,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -292,6 +293,47 @@ struct Fetched {
     stored: Bytes,
 }
 
+/// Syncs the slot and journals on a thread of its own, so that the writer
+/// goes on filling the page cache while the disk catches up: in the profile
+/// of a 1 GiB install the writer sat in `fdatasync` at every checkpoint and
+/// both cores were a third idle. A snapshot names only chunks written
+/// before it was taken, and its sync starts after that, so the journal
+/// never claims a chunk the slot does not durably hold.
+#[derive(Debug)]
+struct Journaler {
+    /// A rendezvous channel: a snapshot is handed over only while the
+    /// thread waits for one, never queued behind a sync in progress.
+    progress: SyncSender<InstallProgress>,
+    thread: std::thread::JoinHandle<Result<(), InstallError>>,
+}
+
+impl Journaler {
+    fn start(slot: SlotWriter, local: LocalState) -> Result<Self, InstallError> {
+        let (progress, snapshots) = std::sync::mpsc::sync_channel::<InstallProgress>(0);
+        let thread = std::thread::Builder::new()
+            .name("uplift-journal".to_owned())
+            .spawn(move || {
+                for snapshot in snapshots {
+                    slot.sync()?;
+                    local
+                        .save_install_progress(Some(&snapshot))
+                        .map_err(state_err)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| InstallError::State(format!("start the journal thread: {e}")))?;
+        Ok(Self { progress, thread })
+    }
+
+    /// Waits for the snapshot in hand to be journaled; its error if any.
+    fn finish(self) -> Result<(), InstallError> {
+        drop(self.progress);
+        self.thread
+            .join()
+            .map_err(|_| InstallError::State("the journal thread panicked".to_owned()))?
+    }
+}
+
 /// The blocking side: writes checked chunks into the slot and keeps the
 /// journal of finished ones.
 #[derive(Debug)]
@@ -305,6 +347,7 @@ struct SlotFill {
     image_sha256: String,
     journaled_at: Instant,
     dirty: bool,
+    journaler: Option<Journaler>,
     counters: Arc<Counters>,
     tally: Tally,
     decoder: ChunkDecoder,
@@ -394,24 +437,57 @@ impl SlotFill {
         Ok(())
     }
 
-    /// Journals the finished chunks, but only once they are durably in the
-    /// slot: fsync first.
-    fn checkpoint(&mut self, force: bool) -> Result<(), InstallError> {
-        if !self.dirty || (!force && self.journaled_at.elapsed() < JOURNAL_EVERY) {
-            return Ok(());
-        }
-        self.slot.sync()?;
-        let progress = InstallProgress {
+    /// What the journal should say now.
+    fn progress(&self) -> InstallProgress {
+        InstallProgress {
             slot: self.slot.slot,
             image_sha256: self.image_sha256.clone(),
             verified_bytes: self.counters.done_bytes.load(Ordering::Relaxed),
             done: self.done.ranges(),
+        }
+    }
+
+    /// Journals the finished chunks, but only once they are durably in the
+    /// slot. Every [`JOURNAL_EVERY`] the [`Journaler`] gets a snapshot, if
+    /// it is not still syncing the last one; `force` (the end of a round,
+    /// however it ends) waits for it and then syncs and journals here.
+    fn checkpoint(&mut self, force: bool) -> Result<(), InstallError> {
+        if force {
+            if let Some(journaler) = self.journaler.take() {
+                journaler.finish()?;
+            }
+            if self.dirty {
+                self.slot.sync()?;
+                self.local
+                    .save_install_progress(Some(&self.progress()))
+                    .map_err(state_err)?;
+                self.dirty = false;
+            }
+            return Ok(());
+        }
+        if !self.dirty || self.journaled_at.elapsed() < JOURNAL_EVERY {
+            return Ok(());
+        }
+        let progress = self.progress();
+        let journaler = match self.journaler.take() {
+            Some(journaler) => journaler,
+            None => Journaler::start(self.slot.clone(), self.local.clone())?,
         };
-        self.local
-            .save_install_progress(Some(&progress))
-            .map_err(|e| InstallError::State(format!("{e:#}")))?;
-        self.journaled_at = Instant::now();
-        self.dirty = false;
+        match journaler.progress.try_send(progress) {
+            Ok(()) => {
+                self.journaled_at = Instant::now();
+                self.dirty = false;
+            }
+            // Still syncing the last snapshot: try again after the next chunk.
+            Err(TrySendError::Full(_)) => {}
+            Err(TrySendError::Disconnected(_)) => {
+                journaler.finish()?;
+                return Err(InstallError::State(
+                    "the journal thread stopped without an error".to_owned(),
+                ));
+            }
+        }
+        self.journaler = Some(journaler);
         Ok(())
     }
 
@@ -589,7 +665,7 @@ impl Download<'_> {
                 let slot = SlotWriter::open(target, &path, size)?;
                 let journal = local
                     .install_progress()
-                    .map_err(|e| InstallError::State(format!("{e:#}")))?
+                    .map_err(state_err)?
                     .filter(|p| p.slot == target && p.image_sha256 == image_sha256);
                 let mut done = ChunkSet::new(chunks.len());
                 if let Some(progress) = journal {
@@ -628,6 +704,7 @@ impl Download<'_> {
                     image_sha256,
                     journaled_at: Instant::now(),
                     dirty: false,
+                    journaler: None,
                     counters,
                     tally: Tally::default(),
                     decoder: ChunkDecoder::new(),

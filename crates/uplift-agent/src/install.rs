@@ -587,7 +587,7 @@ pub(crate) fn retry_wait(retry: u32) -> Duration {
     )
 }
 
-fn state_err(e: anyhow::Error) -> InstallError {
+pub(crate) fn state_err(e: anyhow::Error) -> InstallError {
     InstallError::State(format!("{e:#}"))
 }
 
@@ -654,7 +654,6 @@ impl Installer {
         let chunk_list: Vec<(ChunkHash, u32)> = chunks.iter().map(|c| (c.hash, c.size)).collect();
         self.guard
             .blocking(move || {
-                let state_err = |e: anyhow::Error| InstallError::State(format!("{e:#}"));
                 // The next install's index of reusable chunks, saved before the
                 // slot is recorded as holding the release: a list without a
                 // slot is dropped later, a slot without its list is re-chunked.
