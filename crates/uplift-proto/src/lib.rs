@@ -9,6 +9,7 @@ pub mod channel;
 pub mod error;
 pub mod names;
 pub mod pace;
+pub mod policy;
 
 pub use error::{ErrorKind, WireError};
 pub use names::{ChunkHash, DeviceId, DeviceType, HardwareId, NameError, SlotName, Version};

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod hub;
 pub mod live;
+pub mod rollout;
 pub mod serve;
 pub mod state;
 pub mod store;

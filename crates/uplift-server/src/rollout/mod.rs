@@ -1,0 +1,9 @@
+//! Phased rollouts: which device is in which phase ([`phases`]) and the
+//! engine's pure decisions — offers, outcomes, phase changes, automatic
+//! pauses and operator commands — with time passed in ([`engine`]); and
+//! maintenance windows ([`window`]). The
+//! scheduler that runs the engine against the database sits on top.
+
+pub mod engine;
+pub mod phases;
+pub mod window;
