@@ -3,7 +3,8 @@
 
 use crate::config::Download;
 use anyhow::Context;
-use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,7 @@ pub fn tls_config(ca_file: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let pem = std::fs::read(ca_file)
         .with_context(|| format!("reading server CA {}", ca_file.display()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.with_context(|| format!("parsing server CA {}", ca_file.display()))?;
         roots.add(cert).with_context(|| {
             format!(

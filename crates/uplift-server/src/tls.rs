@@ -5,6 +5,7 @@
 
 use crate::config::TlsConfig;
 use anyhow::{bail, Context};
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -122,7 +123,7 @@ fn write_public(path: &Path, contents: &str) -> anyhow::Result<()> {
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem =
         std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing certificate {}", path.display()))?;
     if certs.is_empty() {
@@ -134,7 +135,46 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
     let pem =
         std::fs::read(path).with_context(|| format!("reading private key {}", path.display()))?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .with_context(|| format!("parsing private key {}", path.display()))?
-        .with_context(|| format!("{} holds no PEM private key", path.display()))
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            anyhow::anyhow!("{} holds no PEM private key", path.display())
+        }
+        e => anyhow::Error::new(e).context(format!("parsing private key {}", path.display())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_material_reads_back_and_wrong_files_say_what_they_lack() {
+        let dir = tempfile::tempdir().unwrap();
+        generate_if_missing(dir.path(), &["localhost".to_owned()]).unwrap();
+        let pems: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        let certs: Vec<&PathBuf> = pems.iter().filter(|p| read_certs(p).is_ok()).collect();
+        let keys: Vec<&PathBuf> = pems.iter().filter(|p| read_key(p).is_ok()).collect();
+        assert!(!certs.is_empty() && !keys.is_empty(), "{pems:?}");
+
+        let err = read_key(certs[0]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("holds no PEM private key"),
+            "{err:#}"
+        );
+        let err = read_certs(keys[0]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("holds no PEM certificate"),
+            "{err:#}"
+        );
+        let torn = dir.path().join("torn.pem");
+        std::fs::write(&torn, "-----BEGIN PRIVATE KEY-----\nnot base64!\n").unwrap();
+        let err = read_key(&torn).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("parsing private key"),
+            "{err:#}"
+        );
+    }
 }

@@ -13,6 +13,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use ed25519_dalek::{Signer as _, SigningKey};
 use futures_util::{SinkExt as _, StreamExt as _};
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::ServerName;
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -90,7 +91,7 @@ fn tail(path: &Path, lines: usize) -> String {
 fn client_tls(ca_file: &Path) -> Arc<rustls::ClientConfig> {
     let pem = std::fs::read(ca_file).expect("reading the server's CA");
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
         roots.add(cert.expect("CA parses")).expect("CA is usable");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
