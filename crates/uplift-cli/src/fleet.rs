@@ -12,6 +12,7 @@ use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::{RngCore, SeedableRng};
+use serde::Serialize;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -381,12 +382,64 @@ fn in_netns(netns: Option<&str>, program: &Path) -> Command {
     }
 }
 
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
+/// The agent's config file as a simulated device gets it (the agent's own
+/// `AgentConfig` reads it, with unknown keys refused, so a field renamed
+/// there fails every test at once).
+#[derive(Serialize)]
+struct AgentConfigFile<'a> {
+    server_url: &'a str,
+    server_ca: &'a Path,
+    enrollment_token: &'a str,
+    device_type: &'a str,
+    hardware_id: &'a str,
+    state_dir: &'a Path,
+    trusted_release_keys: &'a [String],
+    factory_version: &'a str,
+    health_check: &'a [String],
+    trial_boot_attempts: u32,
+    slots: SlotsFile<'a>,
+    boot: BootFile<'a>,
+    reboot: RebootFile,
 }
 
-fn toml_path(p: &Path) -> String {
-    toml_str(&p.to_string_lossy())
+#[derive(Serialize)]
+struct SlotsFile<'a> {
+    a: &'a Path,
+    b: &'a Path,
+}
+
+#[derive(Serialize)]
+struct BootFile<'a> {
+    env_file: &'a Path,
+    cmdline: &'a Path,
+}
+
+#[derive(Serialize)]
+struct RebootFile {
+    mode: &'static str,
+}
+
+impl AgentConfigFile<'_> {
+    /// The TOML text, with the tables of `extra` (a test's `[download]` or
+    /// `[hooks]`) added; a key given in both is `extra`'s.
+    fn to_toml(&self, extra: &str) -> anyhow::Result<String> {
+        let mut table = toml::Table::try_from(self).context("encoding the agent config")?;
+        let extra: toml::Table = toml::from_str(extra)
+            .with_context(|| format!("the extra agent config is not TOML: {extra:?}"))?;
+        merge(&mut table, extra);
+        toml::to_string(&table).context("encoding the agent config")
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(mine)), toml::Value::Table(theirs)) => merge(mine, theirs),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
 }
 
 impl Device {
@@ -409,29 +462,28 @@ impl Device {
             .with_context(|| format!("copying the factory image into {}", dir.display()))?;
         File::create(device.slot_path(SlotName::B))?;
         BootEnvFile::provision(device.bootenv_path(), SlotName::A)?;
-        let keys: Vec<String> = spec.trusted_keys.iter().map(|k| toml_str(k)).collect();
-        let health: Vec<String> = spec.health_check.iter().map(|c| toml_str(c)).collect();
-        let config = format!(
-            "server_url = {url}\nserver_ca = {ca}\nenrollment_token = {token}\ndevice_type = {dtype}\n\
-             hardware_id = {hw}\nstate_dir = {state}\ntrusted_release_keys = [{keys}]\nfactory_version = {factory}\n\
-             health_check = [{health}]\ntrial_boot_attempts = {attempts}\n\n[slots]\na = {a}\nb = {b}\n\n\
-             [boot]\nenv_file = {env}\ncmdline = {cmdline}\n\n[reboot]\nmode = \"exit\"\n{extra}\n",
-            url = toml_str(&server.url),
-            ca = toml_path(&server.ca_file),
-            token = toml_str(&spec.enrollment_token),
-            dtype = toml_str(&spec.device_type),
-            hw = toml_str(&spec.hardware_id),
-            state = toml_path(&dir.join("state")),
-            keys = keys.join(", "),
-            factory = toml_str(&spec.factory_version),
-            health = health.join(", "),
-            attempts = spec.trial_boot_attempts,
-            extra = spec.extra_config,
-            a = toml_path(&device.slot_path(SlotName::A)),
-            b = toml_path(&device.slot_path(SlotName::B)),
-            env = toml_path(&device.bootenv_path()),
-            cmdline = toml_path(&device.cmdline_path()),
-        );
+        let config = AgentConfigFile {
+            server_url: &server.url,
+            server_ca: &server.ca_file,
+            enrollment_token: &spec.enrollment_token,
+            device_type: &spec.device_type,
+            hardware_id: &spec.hardware_id,
+            state_dir: &dir.join("state"),
+            trusted_release_keys: &spec.trusted_keys,
+            factory_version: &spec.factory_version,
+            health_check: &spec.health_check,
+            trial_boot_attempts: spec.trial_boot_attempts,
+            slots: SlotsFile {
+                a: &device.slot_path(SlotName::A),
+                b: &device.slot_path(SlotName::B),
+            },
+            boot: BootFile {
+                env_file: &device.bootenv_path(),
+                cmdline: &device.cmdline_path(),
+            },
+            reboot: RebootFile { mode: "exit" },
+        }
+        .to_toml(&spec.extra_config)?;
         std::fs::write(device.config_path(), config)?;
         Ok(device)
     }
@@ -736,6 +788,57 @@ async fn pipe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_config_is_valid_toml_with_odd_paths_and_the_extra_tables_merged() {
+        let odd = Path::new("/tmp/a \"quoted\" dir/ca.pem");
+        let keys = vec!["ed25519:abc".to_owned()];
+        let health = vec!["/bin/true".to_owned(), "--flag".to_owned()];
+        let config = AgentConfigFile {
+            server_url: "https://127.0.0.1:7443",
+            server_ca: odd,
+            enrollment_token: "tok",
+            device_type: "gw",
+            hardware_id: "hw-1",
+            state_dir: Path::new("/tmp/state"),
+            trusted_release_keys: &keys,
+            factory_version: "1.0",
+            health_check: &health,
+            trial_boot_attempts: 3,
+            slots: SlotsFile {
+                a: Path::new("/tmp/a.img"),
+                b: Path::new("/tmp/b.img"),
+            },
+            boot: BootFile {
+                env_file: Path::new("/tmp/grubenv"),
+                cmdline: Path::new("/tmp/cmdline"),
+            },
+            reboot: RebootFile { mode: "exit" },
+        };
+        let text = config
+            .to_toml("[download]\nmax_bytes_per_sec = 1000\n[reboot]\nmode = \"command\"\n")
+            .unwrap();
+        let parsed: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(
+            parsed["server_ca"].as_str(),
+            Some("/tmp/a \"quoted\" dir/ca.pem")
+        );
+        assert_eq!(parsed["health_check"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            parsed["download"]["max_bytes_per_sec"].as_integer(),
+            Some(1000)
+        );
+        assert_eq!(
+            parsed["reboot"]["mode"].as_str(),
+            Some("command"),
+            "extra wins"
+        );
+        assert_eq!(parsed["slots"]["b"].as_str(), Some("/tmp/b.img"));
+        assert!(
+            config.to_toml("[download").is_err(),
+            "broken extra TOML is an error"
+        );
+    }
 
     #[test]
     fn peak_rss_is_read_from_vm_hwm_in_kib() {

@@ -7,8 +7,20 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// What went wrong, as a stable snake_case string on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumIter,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ErrorKind {
     // --- requests and frames
     BadRequest,
@@ -57,42 +69,10 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The wire name, as serde writes it (strum derives it from the same
+    /// `snake_case` rule; a test checks every kind against serde).
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::BadRequest => "bad_request",
-            ErrorKind::MalformedFrame => "malformed_frame",
-            ErrorKind::FrameTooLarge => "frame_too_large",
-            ErrorKind::UnsupportedProtocol => "unsupported_protocol",
-            ErrorKind::UnexpectedMessage => "unexpected_message",
-            ErrorKind::PayloadTooLarge => "payload_too_large",
-            ErrorKind::NotFound => "not_found",
-            ErrorKind::Conflict => "conflict",
-            ErrorKind::Unauthorized => "unauthorized",
-            ErrorKind::EnrollmentRefused => "enrollment_refused",
-            ErrorKind::UnknownDevice => "unknown_device",
-            ErrorKind::BadDeviceSignature => "bad_device_signature",
-            ErrorKind::ManifestSignature => "manifest_signature",
-            ErrorKind::ManifestInvalid => "manifest_invalid",
-            ErrorKind::ManifestExpired => "manifest_expired",
-            ErrorKind::WrongDeviceType => "wrong_device_type",
-            ErrorKind::VersionMismatch => "version_mismatch",
-            ErrorKind::DowngradeRefused => "downgrade_refused",
-            ErrorKind::ChunkHashMismatch => "chunk_hash_mismatch",
-            ErrorKind::ImageHashMismatch => "image_hash_mismatch",
-            ErrorKind::DownloadFailed => "download_failed",
-            ErrorKind::ServerUnreachable => "server_unreachable",
-            ErrorKind::SlotTooSmall => "slot_too_small",
-            ErrorKind::SlotIo => "slot_io",
-            ErrorKind::BootEnv => "boot_env",
-            ErrorKind::HealthCheckFailed => "health_check_failed",
-            ErrorKind::RolledBack => "rolled_back",
-            ErrorKind::HookFailed => "hook_failed",
-            ErrorKind::Storage => "storage",
-            ErrorKind::StoredChunkDamaged => "stored_chunk_damaged",
-            ErrorKind::ServerBusy => "server_busy",
-            ErrorKind::Internal => "internal",
-            ErrorKind::Unknown => "unknown",
-        }
+        self.into()
     }
 }
 
@@ -132,12 +112,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kinds_round_trip_as_their_wire_names() {
-        for kind in [
-            ErrorKind::ChunkHashMismatch,
-            ErrorKind::WrongDeviceType,
-            ErrorKind::EnrollmentRefused,
-        ] {
+    fn every_kind_round_trips_as_its_wire_name() {
+        use strum::IntoEnumIterator as _;
+        assert_eq!(ErrorKind::ChunkHashMismatch.as_str(), "chunk_hash_mismatch");
+        assert_eq!(ErrorKind::BootEnv.as_str(), "boot_env");
+        for kind in ErrorKind::iter().filter(|k| *k != ErrorKind::Unknown) {
             let json = serde_json::to_string(&kind).unwrap();
             assert_eq!(json, format!("\"{}\"", kind.as_str()));
             assert_eq!(serde_json::from_str::<ErrorKind>(&json).unwrap(), kind);
