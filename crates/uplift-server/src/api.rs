@@ -1,13 +1,16 @@
 //! HTTP routes: the admin REST API (bearer admin token), the device download
 //! endpoints (bearer session token from the device channel), and health.
+//! Admin handlers parse the request and answer it; what they do is in
+//! [`crate::service`]. Device downloads are served here directly: they are
+//! the hot path, and only read the release cache and the chunk stores.
 
 use crate::budget;
 use crate::channel;
 use crate::chunks::StoredKind;
 use crate::chunks::MAX_STORED_CHUNK;
 use crate::error::ApiError;
-use crate::state::{now_rfc3339, AppState, Listed, ServedRelease};
-use crate::store::{DeviceRecord, DeviceTarget, ReleaseRecord, RolloutRecord, StoreError};
+use crate::service::{self, releases::store_of, Stored};
+use crate::state::{AppState, Listed, ServedRelease};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -17,12 +20,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{StreamExt, TryStreamExt};
-use std::collections::HashMap;
 use std::sync::Arc;
 use uplift_proto::api::*;
-use uplift_proto::channel::{AgentState, CHANNEL_PATH};
-use uplift_proto::{ChunkHash, DeviceId, ErrorKind, Version};
-use uplift_release::manifest::{MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
+use uplift_proto::channel::CHANNEL_PATH;
+use uplift_proto::{ChunkHash, DeviceId, Version};
+use uplift_release::manifest::MAX_MANIFEST_BYTES;
 
 /// A chunk goes out in pieces of this size, each counted as it is sent.
 const SEND_PIECE: usize = 64 * 1024;
@@ -152,44 +154,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 async fn list_devices(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<Vec<DeviceView>>, ApiError> {
-    let mut devices = state.store.list_devices().await?;
-    state.live.overlay(&mut devices);
-    let releases: HashMap<i64, Version> = state
-        .store
-        .list_rollouts()
-        .await?
-        .into_iter()
-        .map(|r| (r.id, r.release))
-        .collect();
-    Ok(Json(
-        devices
-            .into_iter()
-            .map(|d| device_view(&state, &releases, d))
-            .collect(),
-    ))
-}
-
-fn device_view(
-    state: &AppState,
-    rollout_releases: &HashMap<i64, Version>,
-    d: DeviceRecord,
-) -> DeviceView {
-    DeviceView {
-        online: state.hub.is_online(&d.id),
-        target_version: d
-            .target_rollout
-            .and_then(|r| rollout_releases.get(&r).cloned()),
-        rollout_id: d.target_rollout,
-        id: d.id,
-        device_type: d.device_type,
-        hardware_id: d.hardware_id,
-        running_version: d.running_version,
-        state: d.state,
-        progress: d.progress,
-        last_error: d.last_error,
-        enrolled_at: d.enrolled_at,
-        last_seen: d.last_seen,
-    }
+    Ok(Json(service::devices::list(&state).await?))
 }
 
 // ----- releases and chunks
@@ -198,27 +163,10 @@ fn device_view(
 /// 400 GiB of image at the average chunk size.
 const MAX_INDEX_UPLOAD: usize = 256 << 20;
 
-async fn release_view(state: &AppState, r: &ReleaseRecord) -> ReleaseView {
-    ReleaseView {
-        version: r.version.clone(),
-        device_type: r.device_type.clone(),
-        image_size: r.image_size,
-        image_sha256: r.image_sha256.clone(),
-        chunks: r.chunks,
-        stored_bytes: r.stored_bytes,
-        created_at: r.created_at.clone(),
-        damaged_chunks: state.chunks.damaged_in(r).await,
-    }
-}
-
 async fn list_releases(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<Vec<ReleaseView>>, ApiError> {
-    let mut views = Vec::new();
-    for release in state.store.list_releases().await? {
-        views.push(release_view(&state, &release).await);
-    }
-    Ok(Json(views))
+    Ok(Json(service::releases::list(&state).await?))
 }
 
 async fn missing_chunks(
@@ -226,24 +174,7 @@ async fn missing_chunks(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<MissingChunksResponse>, ApiError> {
     let request: MissingChunksRequest = parse_json(&body?)?;
-    let mut missing = Vec::new();
-    // Checked, not just found: a damaged copy is missing, so the uploader
-    // sends it again (and that repairs the release).
-    for hash in request.chunks {
-        if state.chunks.checked_len(&hash).await?.is_none() {
-            missing.push(hash);
-        }
-    }
-    let mut missing_patches = Vec::new();
-    for hash in request.patches {
-        if state.patches.checked_len(&hash).await?.is_none() {
-            missing_patches.push(hash);
-        }
-    }
-    Ok(Json(MissingChunksResponse {
-        missing,
-        missing_patches,
-    }))
+    Ok(Json(service::releases::missing(&state, request).await?))
 }
 
 async fn upload_chunk(
@@ -251,24 +182,7 @@ async fn upload_chunk(
     hash: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let Path(hash) = hash?;
-    let hash: ChunkHash = parse_name(&hash)?;
-    let body = body?;
-    // Already stored and checked: nothing to do. A damaged copy (any size)
-    // does not count, and is replaced below.
-    if state.chunks.checked_len(&hash).await?.is_some() {
-        return Ok(StatusCode::OK);
-    }
-    // The server never stores a chunk that does not match its name: otherwise
-    // one bad upload would make every device fail verification.
-    let check = body.clone();
-    tokio::task::spawn_blocking(move || {
-        uplift_release::chunk::decode_named_chunk(&hash, &check, MAX_CHUNK_SIZE)
-    })
-    .await
-    .map_err(|e| ApiError::new(ErrorKind::Internal, format!("chunk check panicked: {e}")))??;
-    state.chunks.store(&hash, body).await?;
-    Ok(StatusCode::CREATED)
+    upload_object(&state, StoredKind::Chunk, hash, body).await
 }
 
 async fn upload_patch(
@@ -276,7 +190,7 @@ async fn upload_patch(
     hash: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    upload_named(&state, StoredKind::Patch, hash, body).await
+    upload_object(&state, StoredKind::Patch, hash, body).await
 }
 
 async fn upload_index(
@@ -284,13 +198,10 @@ async fn upload_index(
     hash: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    upload_named(&state, StoredKind::Index, hash, body).await
+    upload_object(&state, StoredKind::Index, hash, body).await
 }
 
-/// Stores an uploaded patch or index named by its digest: one that does not
-/// match its name is refused, so the store never holds bytes the signed
-/// manifest does not vouch for.
-async fn upload_named(
+async fn upload_object(
     state: &AppState,
     kind: StoredKind,
     hash: Result<Path<String>, PathRejection>,
@@ -299,86 +210,23 @@ async fn upload_named(
     let Path(hash) = hash?;
     let hash: ChunkHash = parse_name(&hash)?;
     let body = body?;
-    let store = store_of(state, kind);
-    if store.checked_len(&hash).await?.is_some() {
-        return Ok(StatusCode::OK);
+    let stored = service::releases::store_object(state, kind, hash, body).await?;
+    Ok(status_of(stored))
+}
+
+fn status_of(stored: Stored) -> StatusCode {
+    match stored {
+        Stored::Created => StatusCode::CREATED,
+        Stored::AlreadyPresent => StatusCode::OK,
     }
-    let check = body.clone();
-    tokio::task::spawn_blocking(move || kind.check(&hash, &check))
-        .await
-        .map_err(|e| ApiError::internal(format!("{} check panicked: {e}", kind.noun())))?
-        .map_err(|why| {
-            ApiError::new(
-                ErrorKind::ChunkHashMismatch,
-                format!(
-                    "{} {hash} is refused: {why}; rebuild the release and upload it again",
-                    kind.noun()
-                ),
-            )
-        })?;
-    store.store(&hash, body).await?;
-    Ok(StatusCode::CREATED)
 }
 
 async fn upload_release(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<ReleaseView>), ApiError> {
-    let body = body?;
-    // The server holds no release keys; agents verify signatures. It checks
-    // the manifest is well-formed and complete (its index too) so it never
-    // offers a broken one.
-    let manifest = crate::chunks::load_manifest(&state.indexes, &body).await?;
-    let mut missing = 0usize;
-    // Stored, checked, and of the size the manifest declares (devices
-    // refuse a chunk longer than declared).
-    for entry in &manifest.chunks {
-        if state.chunks.checked_len(&entry.hash).await? != Some(u64::from(entry.stored_size)) {
-            missing += 1;
-        }
-    }
-    for patch in &manifest.patches {
-        if state.patches.checked_len(&patch.hash).await? != Some(u64::from(patch.stored_size)) {
-            missing += 1;
-        }
-    }
-    if missing > 0 {
-        return Err(ApiError::conflict(format!(
-            "release {} references {missing} chunks or patches the server does not have; upload them first \
-             (`uplift release upload` does both)",
-            manifest.version
-        )));
-    }
-    let record = ReleaseRecord {
-        version: manifest.version.clone(),
-        device_type: manifest.device_type.clone(),
-        manifest_json: body.to_vec(),
-        image_size: manifest.image.size,
-        image_sha256: manifest.image.sha256.to_hex(),
-        chunks: manifest.chunks.len() as u64,
-        stored_bytes: manifest.stored_bytes(),
-        created_at: now_rfc3339(),
-    };
-    match state.store.insert_release(&record).await {
-        Ok(()) => {
-            tracing::info!(version = %record.version, device_type = %record.device_type, "release uploaded");
-            Ok((
-                StatusCode::CREATED,
-                Json(release_view(&state, &record).await),
-            ))
-        }
-        // The same release again, every chunk now present and checked: a
-        // repair after damage, and a success. Another manifest under the
-        // same version stays refused: releases are immutable.
-        Err(StoreError::Conflict(why)) => match state.store.release(&record.version).await? {
-            Some(stored) if stored.manifest_json == record.manifest_json => {
-                tracing::info!(version = %stored.version, "release uploaded again: every chunk present and checked");
-                Ok((StatusCode::OK, Json(release_view(&state, &stored).await)))
-            }
-            _ => Err(ApiError::conflict(why)),
-        },
-        Err(e) => Err(e.into()),
-    }
+    let (stored, view) = service::releases::upload(&state, &body?).await?;
+    Ok((status_of(stored), Json(view)))
 }
 
 // ----- rollouts
@@ -388,128 +236,14 @@ async fn start_rollout(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let request: RolloutCreate = parse_json(&body?)?;
-    let release = state
-        .store
-        .release(&request.release)
-        .await?
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "release {} is not on the server; upload it with `uplift release upload`",
-                request.release
-            ))
-        })?;
-    let devices = match request.devices {
-        Some(devices) => devices,
-        None => state.store.devices_of_type(&release.device_type).await?,
-    };
-    if devices.is_empty() {
-        return Err(ApiError::bad_request(format!(
-            "no devices to roll out to: none of type {} is enrolled",
-            release.device_type
-        )));
-    }
-    let rollout = state
-        .store
-        .create_rollout(
-            &release,
-            &devices,
-            request.allow_downgrade,
-            request.limits,
-            &now_rfc3339(),
-        )
-        .await?;
-    // The target goes to each session with the push, from memory: no
-    // device reads the database when a rollout starts.
-    state.live.set_targets(
-        &devices,
-        &DeviceTarget {
-            rollout_id: rollout.id,
-            version: rollout.release.clone(),
-            allow_downgrade: rollout.allow_downgrade,
-            limits: rollout.limits,
-        },
-    );
-    let pushed = devices
-        .iter()
-        .filter(|d| state.hub.notify_target_changed(d))
-        .count();
-    tracing::info!(rollout = rollout.id, release = %rollout.release, devices = devices.len(), pushed, "rollout started");
-    Ok((
-        StatusCode::CREATED,
-        Json(rollout_view(&state, rollout).await?),
-    ))
-}
-
-/// Where one targeted device stands in a rollout.
-fn classify(release: &Version, rollout_id: i64, d: &DeviceRecord) -> Option<Outcome> {
-    if d.target_rollout != Some(rollout_id) {
-        return None;
-    }
-    let working_on_it = d.reported_target.as_ref() == Some(release);
-    Some(match d.state {
-        Some(AgentState::Idle) if d.running_version.as_ref() == Some(release) => Outcome::Succeeded,
-        Some(AgentState::Failed | AgentState::RolledBack) if working_on_it => Outcome::Failed,
-        Some(
-            AgentState::Downloading
-            | AgentState::Verifying
-            | AgentState::RebootPending
-            | AgentState::Testing,
-        ) if working_on_it => Outcome::InProgress,
-        _ => Outcome::Pending,
-    })
-}
-
-enum Outcome {
-    Pending,
-    InProgress,
-    Succeeded,
-    Failed,
-}
-
-async fn rollout_view(state: &AppState, rollout: RolloutRecord) -> Result<RolloutView, ApiError> {
-    let mut devices = state.store.rollout_devices(rollout.id).await?;
-    state.live.overlay(&mut devices);
-    let mut counts = RolloutCounts::default();
-    let mut superseded = 0;
-    for d in &devices {
-        match classify(&rollout.release, rollout.id, d) {
-            None => superseded += 1,
-            Some(Outcome::Pending) => counts.pending += 1,
-            Some(Outcome::InProgress) => counts.in_progress += 1,
-            Some(Outcome::Succeeded) => counts.succeeded += 1,
-            Some(Outcome::Failed) => counts.failed += 1,
-        }
-    }
-    let status = if counts.pending + counts.in_progress > 0 {
-        RolloutStatus::Running
-    } else if superseded == devices.len() as u64 {
-        RolloutStatus::Superseded
-    } else {
-        RolloutStatus::Finished
-    };
-    Ok(RolloutView {
-        id: rollout.id,
-        release: rollout.release,
-        device_type: rollout.device_type,
-        allow_downgrade: rollout.allow_downgrade,
-        created_at: rollout.created_at,
-        devices_total: devices.len() as u64,
-        counts,
-        status,
-        superseded,
-        limits: rollout.limits,
-        waiting_for_turn: state.turns.counts(rollout.id).1 as u64,
-    })
+    let view = service::rollouts::start(&state, request).await?;
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 async fn list_rollouts(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<Vec<RolloutView>>, ApiError> {
-    let mut views = Vec::new();
-    for rollout in state.store.list_rollouts().await? {
-        views.push(rollout_view(&state, rollout).await?);
-    }
-    Ok(Json(views))
+    Ok(Json(service::rollouts::list(&state).await?))
 }
 
 async fn show_rollout(
@@ -520,28 +254,11 @@ async fn show_rollout(
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("rollout id {id:?} is not a number")))?;
-    let rollout = state.store.rollout(id).await?.ok_or_else(|| {
-        ApiError::not_found(format!(
-            "rollout {id} does not exist; see `uplift rollout list`"
-        ))
-    })?;
-    Ok(Json(rollout_view(&state, rollout).await?))
+    Ok(Json(service::rollouts::get(&state, id).await?))
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<ServerStats>, ApiError> {
-    use std::sync::atomic::Ordering::Relaxed;
-    Ok(Json(ServerStats {
-        devices_total: state.store.count_devices().await?,
-        devices_online: state.hub.online_count() as u64,
-        bytes_sent: state.stats.bytes_sent.load(Relaxed),
-        chunks_sent: state.stats.chunks_sent.load(Relaxed),
-        reports_applied: state.stats.reports_applied.load(Relaxed),
-        reports_stale: state.stats.reports_stale.load(Relaxed),
-        device_rows_written: state.stats.device_rows_written.load(Relaxed),
-        write_batches: state.stats.write_batches.load(Relaxed),
-        device_rows_pending: state.live.pending_writes() as u64,
-        downloads_in_flight: state.budgets.in_use(budget::Kind::Download) as u64,
-    }))
+    Ok(Json(service::stats::get(&state).await?))
 }
 
 // ----- device downloads
@@ -794,14 +511,6 @@ async fn serve_span(
 
 /// Chunks of a span read from disk in one go.
 const SPAN_READ_BATCH: usize = 8;
-
-fn store_of(state: &AppState, kind: StoredKind) -> &crate::chunks::Chunks {
-    match kind {
-        StoredKind::Chunk => &state.chunks,
-        StoredKind::Patch => &state.patches,
-        StoredKind::Index => &state.indexes,
-    }
-}
 
 /// A stored object, checked, and exactly as long as the manifest says.
 async fn read_stored(

@@ -8,11 +8,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use uplift_proto::{ErrorKind, WireError};
 
+/// An answer's error: what the client is told (`kind` and `message`), and
+/// the error it came from, which only the server's log sees.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
     pub kind: ErrorKind,
     pub message: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl ApiError {
@@ -20,7 +24,23 @@ impl ApiError {
         Self {
             kind,
             message: message.into(),
+            source: None,
         }
+    }
+    /// An answer that says what `error` says, keeping `error` for the log.
+    pub fn from_error(
+        kind: ErrorKind,
+        error: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            kind,
+            message: error.to_string(),
+            source: Some(Box::new(error)),
+        }
+    }
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
     }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotFound, message)
@@ -37,35 +57,60 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
     }
+
+    /// The causes below the message, for the log. A wrapper often says just
+    /// what it wraps (the message is usually the source's own text), so a
+    /// link that repeats the one above it is left out.
+    pub fn causes(&self) -> Vec<String> {
+        let mut causes: Vec<String> = Vec::new();
+        let mut next = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static));
+        while let Some(error) = next {
+            let text = error.to_string();
+            if causes.last().unwrap_or(&self.message) != &text {
+                causes.push(text);
+            }
+            next = error.source();
+        }
+        causes
+    }
+}
+
+impl From<crate::service::ServiceError> for ApiError {
+    fn from(e: crate::service::ServiceError) -> Self {
+        ApiError::from_error(e.kind(), e)
+    }
 }
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::new(e.kind(), e.to_string())
+        ApiError::from_error(e.kind(), e)
     }
 }
 
 impl From<uplift_release::ReleaseError> for ApiError {
     fn from(e: uplift_release::ReleaseError) -> Self {
-        ApiError::new(e.kind(), e.to_string())
+        ApiError::from_error(e.kind(), e)
     }
 }
 
 impl From<crate::chunks::ChunkError> for ApiError {
     fn from(e: crate::chunks::ChunkError) -> Self {
-        ApiError::new(e.kind(), e.to_string())
+        ApiError::from_error(e.kind(), e)
     }
 }
 
 impl From<crate::chunks::LoadError> for ApiError {
     fn from(e: crate::chunks::LoadError) -> Self {
-        ApiError::new(e.kind(), e.to_string())
+        ApiError::from_error(e.kind(), e)
     }
 }
 
 impl From<crate::artifacts::ArtifactError> for ApiError {
     fn from(e: crate::artifacts::ArtifactError) -> Self {
-        ApiError::new(e.kind(), e.to_string())
+        ApiError::from_error(e.kind(), e)
     }
 }
 
@@ -95,6 +140,7 @@ impl From<PathRejection> for ApiError {
                 r.body_text()
             ),
         )
+        .with_source(r)
     }
 }
 
@@ -109,7 +155,7 @@ impl From<BytesRejection> for ApiError {
         } else {
             format!("request body refused: {}", r.body_text())
         };
-        ApiError::rejected(status, message)
+        ApiError::rejected(status, message).with_source(r)
     }
 }
 
@@ -122,6 +168,7 @@ impl From<WebSocketUpgradeRejection> for ApiError {
                 r.body_text()
             ),
         )
+        .with_source(r)
     }
 }
 
@@ -164,8 +211,53 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = status_for(self.kind);
         if status.is_server_error() {
-            tracing::error!(kind = %self.kind, "{}", self.message);
+            let causes = self.causes();
+            if causes.is_empty() {
+                tracing::error!(kind = %self.kind, "{}", self.message);
+            } else {
+                tracing::error!(kind = %self.kind, caused_by = %causes.join(": "), "{}", self.message);
+            }
         }
         (status, Json(WireError::new(self.kind, self.message))).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[tokio::test]
+    async fn the_answer_says_what_failed_and_the_log_keeps_why() {
+        let io = std::io::Error::other("disk on fire");
+        let store = StoreError::Database {
+            action: "listing devices",
+            source: sqlx::Error::Io(io),
+        };
+        let wire = store.to_string();
+        let error = ApiError::from(crate::service::ServiceError::from(store));
+        assert_eq!(error.kind, ErrorKind::Storage);
+        assert_eq!(error.message, wire);
+        // The service error and the store error say the same; sqlx's own
+        // words, then the I/O error's, are what the log adds.
+        let causes = error.causes();
+        assert_eq!(
+            causes.last().map(String::as_str),
+            Some("disk on fire"),
+            "{causes:?}"
+        );
+        assert!(!causes.contains(&wire), "{causes:?}");
+        assert!(std::error::Error::source(&error).is_some());
+
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"kind": "storage", "message": wire})
+        );
     }
 }

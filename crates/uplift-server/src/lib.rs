@@ -13,6 +13,7 @@ pub mod hub;
 pub mod live;
 pub mod rollout;
 pub mod serve;
+pub mod service;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -169,4 +169,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn list_rollouts(&self) -> StoreResult<Vec<RolloutRecord>>;
     /// Devices a rollout was started on, with their current records.
     async fn rollout_devices(&self, id: i64) -> StoreResult<Vec<DeviceRecord>>;
+    /// [`Store::rollout_devices`] of every rollout at once, as (rollout id,
+    /// device) by rollout id, then device id: one query for a list of
+    /// rollouts instead of one per rollout.
+    async fn all_rollout_devices(&self) -> StoreResult<Vec<(i64, DeviceRecord)>>;
 }

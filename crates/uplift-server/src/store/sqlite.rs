@@ -550,6 +550,26 @@ impl Store for SqliteStore {
         .map(device_from_row)
         .collect()
     }
+
+    async fn all_rollout_devices(&self) -> StoreResult<Vec<(i64, DeviceRecord)>> {
+        // The rollout id after the device's columns, which device_from_row reads by position.
+        let rollout_column = DEVICE_COLUMNS.matches(", ").count() + 1;
+        sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS}, rd.rollout_id FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             ORDER BY rd.rollout_id, d.id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing the devices of every rollout"))?
+        .into_iter()
+        .map(|row| {
+            let rollout: i64 = row
+                .try_get(rollout_column)
+                .map_err(db("listing the devices of every rollout"))?;
+            Ok((rollout, device_from_row(row)?))
+        })
+        .collect()
+    }
 }
 
 #[cfg(test)]

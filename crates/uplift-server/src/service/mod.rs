@@ -1,0 +1,160 @@
+//! The server's operations on releases, rollouts and devices, between the
+//! HTTP handlers and storage: the admin API, the web page's endpoints, the
+//! scheduler and tests call these same functions with parsed, typed inputs,
+//! and get typed answers or a [`ServiceError`].
+
+pub mod devices;
+pub mod releases;
+pub mod rollouts;
+pub mod stats;
+
+use crate::chunks::{ChunkError, LoadError, StoredKind};
+use crate::store::StoreError;
+use uplift_proto::{ChunkHash, DeviceType, ErrorKind, Version};
+
+/// Why an operation failed. The text is what the client is told; the
+/// source, where there is one, stays for the server's log.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+    #[error(transparent)]
+    Manifest(#[from] LoadError),
+    #[error(
+        "release {version} references {missing} chunks or patches the server does not have; upload them first \
+         (`uplift release upload` does both)"
+    )]
+    ReleaseIncomplete { version: Version, missing: usize },
+    #[error("release {version} is not on the server; upload it with `uplift release upload`")]
+    ReleaseNotFound { version: Version },
+    /// An uploaded chunk that is not the chunk its name says.
+    #[error("{source}")]
+    ChunkRefused {
+        hash: ChunkHash,
+        #[source]
+        source: uplift_release::ReleaseError,
+    },
+    /// An uploaded patch or index that is not what its name says.
+    #[error("{} {hash} is refused: {why}; rebuild the release and upload it again", .kind.noun())]
+    ObjectRefused {
+        kind: StoredKind,
+        hash: ChunkHash,
+        why: String,
+    },
+    #[error("{} check panicked: {source}", .kind.noun())]
+    CheckPanicked {
+        kind: StoredKind,
+        hash: ChunkHash,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("no devices to roll out to: none of type {device_type} is enrolled")]
+    NoDevices { device_type: DeviceType },
+    #[error("rollout {id} does not exist; see `uplift rollout list`")]
+    RolloutNotFound { id: i64 },
+}
+
+impl ServiceError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ServiceError::Store(e) => e.kind(),
+            ServiceError::Chunk(e) => e.kind(),
+            ServiceError::Manifest(e) => e.kind(),
+            ServiceError::ReleaseIncomplete { .. } => ErrorKind::Conflict,
+            ServiceError::ReleaseNotFound { .. } | ServiceError::RolloutNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            ServiceError::ChunkRefused { source, .. } => source.kind(),
+            ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
+            ServiceError::CheckPanicked { .. } => ErrorKind::Internal,
+            ServiceError::NoDevices { .. } => ErrorKind::BadRequest,
+        }
+    }
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// What an upload did. Uploads are idempotent: sending what the server
+/// already holds (checked) succeeds and changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Created,
+    AlreadyPresent,
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A server's state on a temporary directory, without HTTP or sessions.
+
+    use crate::artifacts::{ArtifactStore, LocalArtifacts};
+    use crate::chunks::Chunks;
+    use crate::state::{AppState, Secrets, Stats};
+    use crate::store::{NewDevice, ReleaseRecord, SqliteStore, Store};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    pub async fn state(dir: &Path) -> AppState {
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.join("uplift.db")).await.unwrap());
+        let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalArtifacts::new(dir.join("chunks")));
+        let indexes = Arc::new(Chunks::indexes(
+            Arc::new(LocalArtifacts::new(dir.join("indexes"))),
+            store.clone(),
+        ));
+        let limits = crate::config::Limits::default();
+        AppState {
+            chunks: Chunks::new(artifacts.clone(), store.clone(), indexes.clone()),
+            indexes,
+            patches: Chunks::patches(
+                Arc::new(LocalArtifacts::new(dir.join("patches"))),
+                store.clone(),
+            ),
+            store,
+            artifacts,
+            hub: Default::default(),
+            live: Default::default(),
+            turns: Default::default(),
+            budgets: crate::budget::Budgets::new(&limits),
+            releases: Default::default(),
+            egress: None,
+            stats: Arc::new(Stats::default()),
+            secrets: Secrets::new("admin", &[]),
+            limits,
+            shutdown: tokio::sync::watch::channel(false).1,
+        }
+    }
+
+    /// A release record as if uploaded; its manifest is never read here.
+    pub async fn release(state: &AppState, version: &str, device_type: &str) -> ReleaseRecord {
+        let record = ReleaseRecord {
+            version: version.parse().unwrap(),
+            device_type: device_type.parse().unwrap(),
+            manifest_json: b"{}".to_vec(),
+            image_size: 1,
+            image_sha256: "00".repeat(32),
+            chunks: 1,
+            stored_bytes: 1,
+            created_at: format!("2026-01-01T00:00:0{version}Z"),
+        };
+        state.store.insert_release(&record).await.unwrap();
+        record
+    }
+
+    pub async fn device(state: &AppState, id: &str, device_type: &str) -> uplift_proto::DeviceId {
+        let id: uplift_proto::DeviceId = id.parse().unwrap();
+        state
+            .store
+            .insert_device(&NewDevice {
+                id: id.clone(),
+                device_type: device_type.parse().unwrap(),
+                hardware_id: format!("hw-{id}").parse().unwrap(),
+                public_key: format!("key-{id}"),
+                enrolled_at: "2026-01-01T00:00:00Z".into(),
+            })
+            .await
+            .unwrap();
+        id
+    }
+}

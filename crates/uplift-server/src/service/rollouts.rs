@@ -1,0 +1,391 @@
+//! Rollouts: starting one (the store, the live view and the sessions of
+//! its devices, in that order), and where each one stands, derived from the
+//! devices it targeted.
+
+use super::{ServiceError, ServiceResult};
+use crate::state::{now_rfc3339, AppState};
+use crate::store::{DeviceRecord, DeviceTarget, RolloutRecord};
+use std::collections::HashMap;
+use uplift_proto::api::{RolloutCounts, RolloutCreate, RolloutStatus, RolloutView};
+use uplift_proto::channel::AgentState;
+use uplift_proto::Version;
+
+/// Starts a rollout of `request.release` to the listed devices, or to every
+/// device of the release's type, and pushes the new target to those online.
+pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<RolloutView> {
+    let release =
+        state
+            .store
+            .release(&request.release)
+            .await?
+            .ok_or(ServiceError::ReleaseNotFound {
+                version: request.release,
+            })?;
+    let devices = match request.devices {
+        Some(devices) => devices,
+        None => state.store.devices_of_type(&release.device_type).await?,
+    };
+    if devices.is_empty() {
+        return Err(ServiceError::NoDevices {
+            device_type: release.device_type,
+        });
+    }
+    let rollout = state
+        .store
+        .create_rollout(
+            &release,
+            &devices,
+            request.allow_downgrade,
+            request.limits,
+            &now_rfc3339(),
+        )
+        .await?;
+    // The target goes to each session with the push, from memory: no
+    // device reads the database when a rollout starts.
+    state.live.set_targets(
+        &devices,
+        &DeviceTarget {
+            rollout_id: rollout.id,
+            version: rollout.release.clone(),
+            allow_downgrade: rollout.allow_downgrade,
+            limits: rollout.limits,
+        },
+    );
+    let pushed = devices
+        .iter()
+        .filter(|d| state.hub.notify_target_changed(d))
+        .count();
+    tracing::info!(rollout = rollout.id, release = %rollout.release, devices = devices.len(), pushed, "rollout started");
+    view(state, rollout).await
+}
+
+/// One rollout as it stands now.
+pub async fn get(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
+    let rollout = state
+        .store
+        .rollout(id)
+        .await?
+        .ok_or(ServiceError::RolloutNotFound { id })?;
+    view(state, rollout).await
+}
+
+/// Every rollout as it stands now, oldest first. Their devices come from
+/// one query for all of them, not one per rollout.
+pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
+    let rollouts = state.store.list_rollouts().await?;
+    let (ids, mut devices): (Vec<i64>, Vec<DeviceRecord>) =
+        state.store.all_rollout_devices().await?.into_iter().unzip();
+    state.live.overlay(&mut devices);
+    let mut by_rollout: HashMap<i64, Vec<DeviceRecord>> = HashMap::new();
+    for (id, device) in ids.into_iter().zip(devices) {
+        by_rollout.entry(id).or_default().push(device);
+    }
+    Ok(rollouts
+        .into_iter()
+        .map(|rollout| {
+            let devices = by_rollout.remove(&rollout.id).unwrap_or_default();
+            view_of(state, rollout, &devices)
+        })
+        .collect())
+}
+
+async fn view(state: &AppState, rollout: RolloutRecord) -> ServiceResult<RolloutView> {
+    let mut devices = state.store.rollout_devices(rollout.id).await?;
+    state.live.overlay(&mut devices);
+    Ok(view_of(state, rollout, &devices))
+}
+
+/// `devices` are those the rollout was started on, live state laid over.
+fn view_of(state: &AppState, rollout: RolloutRecord, devices: &[DeviceRecord]) -> RolloutView {
+    let tally = Tally::of(&rollout.release, rollout.id, devices);
+    RolloutView {
+        id: rollout.id,
+        release: rollout.release,
+        device_type: rollout.device_type,
+        allow_downgrade: rollout.allow_downgrade,
+        created_at: rollout.created_at,
+        devices_total: devices.len() as u64,
+        counts: tally.counts,
+        status: tally.status(),
+        superseded: tally.superseded,
+        limits: rollout.limits,
+        waiting_for_turn: state.turns.counts(rollout.id).1 as u64,
+    }
+}
+
+/// Where one targeted device stands in a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Pending,
+    InProgress,
+    Succeeded,
+    Failed,
+}
+
+/// Where `d` stands in rollout `rollout_id` of `release`; `None` if a newer
+/// rollout took it over.
+pub fn classify(release: &Version, rollout_id: i64, d: &DeviceRecord) -> Option<Outcome> {
+    if d.target_rollout != Some(rollout_id) {
+        return None;
+    }
+    // A failure or a download is this rollout's only if the device says it
+    // is about this release; otherwise it is left from an earlier one.
+    let working_on_it = d.reported_target.as_ref() == Some(release);
+    Some(match d.state {
+        Some(AgentState::Idle) if d.running_version.as_ref() == Some(release) => Outcome::Succeeded,
+        Some(AgentState::Failed | AgentState::RolledBack) if working_on_it => Outcome::Failed,
+        Some(
+            AgentState::Downloading
+            | AgentState::Verifying
+            | AgentState::RebootPending
+            | AgentState::Testing,
+        ) if working_on_it => Outcome::InProgress,
+        _ => Outcome::Pending,
+    })
+}
+
+/// A rollout's devices counted by where they stand.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub counts: RolloutCounts,
+    pub superseded: u64,
+    pub total: u64,
+}
+
+impl Tally {
+    pub fn of(release: &Version, rollout_id: i64, devices: &[DeviceRecord]) -> Self {
+        let mut tally = Tally {
+            total: devices.len() as u64,
+            ..Tally::default()
+        };
+        for d in devices {
+            match classify(release, rollout_id, d) {
+                None => tally.superseded += 1,
+                Some(Outcome::Pending) => tally.counts.pending += 1,
+                Some(Outcome::InProgress) => tally.counts.in_progress += 1,
+                Some(Outcome::Succeeded) => tally.counts.succeeded += 1,
+                Some(Outcome::Failed) => tally.counts.failed += 1,
+            }
+        }
+        tally
+    }
+
+    pub fn status(&self) -> RolloutStatus {
+        if self.counts.pending + self.counts.in_progress > 0 {
+            RolloutStatus::Running
+        } else if self.superseded == self.total {
+            RolloutStatus::Superseded
+        } else {
+            RolloutStatus::Finished
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::testing;
+    use uplift_proto::channel::Report;
+    use uplift_proto::{DeviceId, ErrorKind};
+
+    fn device(
+        target_rollout: Option<i64>,
+        state: Option<AgentState>,
+        running: &str,
+        reported_target: Option<&str>,
+    ) -> DeviceRecord {
+        DeviceRecord {
+            id: "dev-1".parse().unwrap(),
+            device_type: "gw".parse().unwrap(),
+            hardware_id: "hw-1".parse().unwrap(),
+            public_key: "key".into(),
+            enrolled_at: "then".into(),
+            last_seen: None,
+            running_version: Some(running.parse().unwrap()),
+            state,
+            booted_slot: None,
+            reported_target: reported_target.map(|v| v.parse().unwrap()),
+            progress: None,
+            last_error: None,
+            target_rollout,
+        }
+    }
+
+    fn v(s: &str) -> Version {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_device_moved_to_a_newer_rollout_is_superseded_whatever_it_reports() {
+        let d = device(Some(8), Some(AgentState::Idle), "2.0", None);
+        assert_eq!(classify(&v("2.0"), 7, &d), None);
+        let never_targeted = device(None, None, "1.0", None);
+        assert_eq!(classify(&v("2.0"), 7, &never_targeted), None);
+    }
+
+    #[test]
+    fn devices_are_classified_by_state_and_by_what_they_say_they_work_on() {
+        let release = v("2.0");
+        let at = |state, running, target| {
+            classify(&release, 7, &device(Some(7), state, running, target))
+        };
+        assert_eq!(
+            at(Some(AgentState::Idle), "2.0", None),
+            Some(Outcome::Succeeded)
+        );
+        assert_eq!(
+            at(Some(AgentState::Idle), "1.0", None),
+            Some(Outcome::Pending)
+        );
+        assert_eq!(at(None, "1.0", None), Some(Outcome::Pending));
+        for working in [
+            AgentState::Downloading,
+            AgentState::Verifying,
+            AgentState::RebootPending,
+            AgentState::Testing,
+        ] {
+            assert_eq!(
+                at(Some(working), "1.0", Some("2.0")),
+                Some(Outcome::InProgress)
+            );
+            // Still busy with an older rollout's release: not this one's progress.
+            assert_eq!(
+                at(Some(working), "1.0", Some("1.5")),
+                Some(Outcome::Pending)
+            );
+        }
+        for failed in [AgentState::Failed, AgentState::RolledBack] {
+            assert_eq!(at(Some(failed), "1.0", Some("2.0")), Some(Outcome::Failed));
+            // A failure left from an earlier release does not fail this rollout.
+            assert_eq!(at(Some(failed), "1.0", Some("1.5")), Some(Outcome::Pending));
+            assert_eq!(at(Some(failed), "1.0", None), Some(Outcome::Pending));
+        }
+    }
+
+    #[test]
+    fn status_is_running_while_any_device_is_not_done_then_finished_or_superseded() {
+        let release = v("2.0");
+        let done = device(Some(7), Some(AgentState::Idle), "2.0", None);
+        let failed = device(Some(7), Some(AgentState::Failed), "1.0", Some("2.0"));
+        let pending = device(Some(7), None, "1.0", None);
+        let moved = device(Some(9), None, "1.0", None);
+
+        let tally = Tally::of(
+            &release,
+            7,
+            &[done.clone(), failed.clone(), pending, moved.clone()],
+        );
+        assert_eq!(
+            tally.counts,
+            RolloutCounts {
+                pending: 1,
+                in_progress: 0,
+                succeeded: 1,
+                failed: 1
+            }
+        );
+        assert_eq!((tally.superseded, tally.total), (1, 4));
+        assert_eq!(tally.status(), RolloutStatus::Running);
+
+        let tally = Tally::of(&release, 7, &[done, failed, moved.clone()]);
+        assert_eq!(tally.status(), RolloutStatus::Finished);
+
+        assert_eq!(
+            Tally::of(&release, 7, &[moved.clone(), moved]).status(),
+            RolloutStatus::Superseded
+        );
+        assert_eq!(
+            Tally::of(&release, 7, &[]).status(),
+            RolloutStatus::Superseded
+        );
+    }
+
+    fn create(release: &str, devices: Option<Vec<DeviceId>>) -> RolloutCreate {
+        RolloutCreate {
+            release: v(release),
+            devices,
+            allow_downgrade: false,
+            limits: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rollout_needs_a_stored_release_and_a_device_to_go_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let err = start(&state, create("2.0", None)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            err.to_string(),
+            "release 2.0 is not on the server; upload it with `uplift release upload`"
+        );
+
+        testing::release(&state, "2", "gw").await;
+        testing::device(&state, "dev-other", "camera").await;
+        let err = start(&state, create("2", None)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BadRequest);
+        assert_eq!(
+            err.to_string(),
+            "no devices to roll out to: none of type gw is enrolled"
+        );
+        assert!(state.store.list_rollouts().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn starting_a_rollout_targets_its_devices_and_the_newest_supersedes() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        testing::release(&state, "2", "gw").await;
+        testing::release(&state, "3", "gw").await;
+        let a = testing::device(&state, "dev-a", "gw").await;
+        let b = testing::device(&state, "dev-b", "gw").await;
+        testing::device(&state, "dev-c", "camera").await;
+
+        let first = start(&state, create("2", None)).await.unwrap();
+        assert_eq!((first.devices_total, first.counts.pending), (2, 2));
+        assert_eq!(first.status, RolloutStatus::Running);
+        assert_eq!(state.live.target(&a).unwrap().rollout_id, first.id);
+
+        let second = start(&state, create("3", Some(vec![b.clone()])))
+            .await
+            .unwrap();
+        assert_eq!(state.live.target(&a).unwrap().rollout_id, first.id);
+        assert_eq!(state.live.target(&b).unwrap().rollout_id, second.id);
+        // Device b reports it runs the new release, in memory only.
+        state
+            .live
+            .claim(&b, crate::hub::SessionSerial::from_raw(1), "now");
+        let report = Report {
+            state: AgentState::Idle,
+            running_version: v("3"),
+            booted_slot: "b".parse().unwrap(),
+            target_version: None,
+            progress: None,
+            error: None,
+        };
+        state
+            .live
+            .apply(&b, crate::hub::SessionSerial::from_raw(1), &report, "now");
+
+        let listed = list(&state).await.unwrap();
+        let one_by_one = [
+            get(&state, first.id).await.unwrap(),
+            get(&state, second.id).await.unwrap(),
+        ];
+        assert_eq!(
+            listed, one_by_one,
+            "the aggregate query sees what the per-rollout one does"
+        );
+        assert_eq!((listed[0].superseded, listed[0].counts.pending), (1, 1));
+        assert_eq!(listed[0].status, RolloutStatus::Running);
+        assert_eq!(listed[1].counts.succeeded, 1);
+        assert_eq!(listed[1].status, RolloutStatus::Finished);
+
+        let err = get(&state, 99).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            err.to_string(),
+            "rollout 99 does not exist; see `uplift rollout list`"
+        );
+    }
+}
