@@ -301,15 +301,16 @@ struct Fetched {
 /// never claims a chunk the slot does not durably hold.
 #[derive(Debug)]
 struct Journaler {
-    /// A rendezvous channel: a snapshot is handed over only while the
-    /// thread waits for one, never queued behind a sync in progress.
+    /// Room for one snapshot: the first is taken at once (even before the
+    /// thread waits for it), and while a sync runs at most one newer one
+    /// waits; the writer skips a checkpoint rather than queue more.
     progress: SyncSender<InstallProgress>,
     thread: std::thread::JoinHandle<Result<(), InstallError>>,
 }
 
 impl Journaler {
     fn start(slot: SlotWriter, local: LocalState) -> Result<Self, InstallError> {
-        let (progress, snapshots) = std::sync::mpsc::sync_channel::<InstallProgress>(0);
+        let (progress, snapshots) = std::sync::mpsc::sync_channel::<InstallProgress>(1);
         let thread = std::thread::Builder::new()
             .name("uplift-journal".to_owned())
             .spawn(move || {
@@ -478,7 +479,7 @@ impl SlotFill {
                 self.journaled_at = Instant::now();
                 self.dirty = false;
             }
-            // Still syncing the last snapshot: try again after the next chunk.
+            // A snapshot already waits: try again after the next chunk.
             Err(TrySendError::Full(_)) => {}
             Err(TrySendError::Disconnected(_)) => {
                 journaler.finish()?;
