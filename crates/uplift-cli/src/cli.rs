@@ -10,7 +10,10 @@ use std::io::IsTerminal;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
 use std::time::Duration;
-use uplift_proto::api::{DeviceView, DownloadLimits, RolloutCreate, RolloutStatus, RolloutView};
+use uplift_proto::api::{
+    DeviceView, DownloadLimits, RolloutCommandName, RolloutCreate, RolloutStatus, RolloutView,
+};
+use uplift_proto::policy::{ErrorThreshold, PhaseReach, Ramp, RolloutPolicy, WindowSpec};
 use uplift_proto::{DeviceId, DeviceType, Version};
 use uplift_release::build::{create_release, ReleaseOptions};
 use uplift_release::keys::{write_public_key_file, ReleaseSigningKey};
@@ -176,6 +179,118 @@ pub enum DevicesCommand {
     },
 }
 
+#[derive(Debug, Args)]
+pub struct RolloutTarget {
+    id: i64,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// How a rollout proceeds (`uplift_proto::policy::RolloutPolicy`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyArgs {
+    /// A phase, as a share of the target (`10%`) or a device count (`5`),
+    /// cumulative; repeat in order (`--phase 1% --phase 10% --phase 50%`).
+    /// The rest of the target is the final phase.
+    #[arg(long = "phase", value_name = "REACH", value_parser = parse_reach)]
+    phases: Vec<PhaseReach>,
+    /// Share of a phase's devices that must run the release before the next
+    /// phase starts (default 100).
+    #[arg(long, value_name = "PERCENT")]
+    success_percent: Option<u8>,
+    /// Seconds a phase must hold its success level before the next starts.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    soak_secs: u64,
+    /// Start each phase after the first only on `uplift rollout approve`.
+    #[arg(long)]
+    approval: bool,
+    /// Pause the rollout when more than this share of a phase's finished
+    /// devices failed (default 0: the first failure pauses).
+    #[arg(long, value_name = "PERCENT", default_value_t = 0)]
+    error_threshold: u8,
+    /// Finished devices a phase needs before the threshold applies.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    min_finished: u32,
+    /// A device offered the release that has not finished in this many
+    /// seconds counts as failed.
+    #[arg(long, value_name = "SECONDS")]
+    device_timeout_secs: Option<u64>,
+    /// Maintenance window: new downloads start only when it is open. A cron
+    /// schedule of its openings ("0 2 * * *"), with --window-minutes.
+    #[arg(long, value_name = "CRON", requires = "window_minutes")]
+    window: Option<String>,
+    #[arg(long, value_name = "MINUTES", requires = "window")]
+    window_minutes: Option<u32>,
+    /// The window's time zone (IANA name).
+    #[arg(long, value_name = "ZONE", default_value = "UTC", requires = "window")]
+    time_zone: String,
+    /// Offer at most this many devices per minute at first (exponential
+    /// ramp; with --ramp-factor-percent and --ramp-step-successes).
+    #[arg(long, value_name = "N", requires_all = ["ramp_factor_percent", "ramp_step_successes"])]
+    ramp_base_per_minute: Option<NonZeroU32>,
+    #[arg(long, value_name = "PERCENT", requires = "ramp_base_per_minute")]
+    ramp_factor_percent: Option<u32>,
+    #[arg(long, value_name = "N", requires = "ramp_base_per_minute")]
+    ramp_step_successes: Option<NonZeroU32>,
+}
+
+impl PolicyArgs {
+    fn into_policy(self) -> anyhow::Result<RolloutPolicy> {
+        let policy = RolloutPolicy {
+            phases: self.phases,
+            success_percent: self.success_percent,
+            soak_seconds: self.soak_secs,
+            approval: self.approval,
+            error_threshold: ErrorThreshold {
+                percent: self.error_threshold,
+                min_finished: self.min_finished,
+            },
+            device_timeout_seconds: self.device_timeout_secs,
+            ramp: match (
+                self.ramp_base_per_minute,
+                self.ramp_factor_percent,
+                self.ramp_step_successes,
+            ) {
+                (Some(base_per_minute), Some(factor_percent), Some(step_successes)) => Some(Ramp {
+                    base_per_minute,
+                    factor_percent,
+                    step_successes,
+                }),
+                _ => None,
+            },
+            window: match (self.window, self.window_minutes) {
+                (Some(cron), Some(duration_minutes)) => Some(WindowSpec {
+                    cron,
+                    duration_minutes,
+                    time_zone: self.time_zone,
+                }),
+                _ => None,
+            },
+        };
+        policy.check()?;
+        Ok(policy)
+    }
+}
+
+/// `10%` or `5`.
+fn parse_reach(text: &str) -> Result<PhaseReach, String> {
+    let bad = || format!("{text:?} is not a phase; give a share like 10% or a device count like 5");
+    match text.strip_suffix('%') {
+        Some(percent) => percent
+            .trim()
+            .parse()
+            .map(PhaseReach::Percent)
+            .map_err(|_| bad()),
+        None => text
+            .trim()
+            .parse()
+            .map(PhaseReach::Count)
+            .map_err(|_| bad()),
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// Offer a release to devices (all devices of its type unless --devices is given).
@@ -196,6 +311,8 @@ pub enum RolloutCommand {
         /// others wait their turn.
         #[arg(long, value_name = "N")]
         max_downloading: Option<NonZeroU32>,
+        #[command(flatten)]
+        policy: PolicyArgs,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -211,6 +328,14 @@ pub enum RolloutCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Stop offering the release to more devices; those working finish.
+    Pause(RolloutTarget),
+    /// Continue a paused rollout (failures seen so far no longer count).
+    Resume(RolloutTarget),
+    /// Start the next phase of a rollout waiting for approval.
+    Approve(RolloutTarget),
+    /// End a rollout: nothing more is offered.
+    Abort(RolloutTarget),
     /// List rollouts.
     List {
         #[arg(long)]
@@ -473,6 +598,23 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
 /// One rollout in words. A superseded rollout says so instead of reading
 /// like a finished one where nothing happened: its devices are counted by
 /// the newer rollout that took them over.
+async fn command_rollout(
+    target: RolloutTarget,
+    command: RolloutCommandName,
+) -> anyhow::Result<i32> {
+    let view = target
+        .server
+        .client()?
+        .command_rollout(target.id, command)
+        .await?;
+    if target.json {
+        print_json(&view)?;
+    } else {
+        println!("{}", rollout_line(&view));
+    }
+    Ok(0)
+}
+
 fn rollout_line(r: &RolloutView) -> String {
     let head = format!("rollout {} of {} ({})", r.id, r.release, r.device_type);
     let devices = |n: u64| format!("{n} device{}", if n == 1 { "" } else { "s" });
@@ -511,17 +653,42 @@ fn rollout_line(r: &RolloutView) -> String {
             crate::output::mib(rate.get())
         );
     }
+    if let Some(p) = &r.progress {
+        let sizes: Vec<String> = p.phase_sizes.iter().map(u64::to_string).collect();
+        line += &match p.phase {
+            Some(phase) => format!(
+                "\n  {} in phase {} of {} (devices per phase: {})",
+                p.state.replace('_', " "),
+                phase + 1,
+                p.phases,
+                sizes.join(" / ")
+            ),
+            None => format!("\n  {} (devices per phase: {})", p.state, sizes.join(" / ")),
+        };
+        if let Some(why) = &p.paused_because {
+            line += &format!("\n  {why}");
+        }
+    }
     line
 }
 
 /// `rollout status` fails only for a finished rollout with failed devices;
 /// a running or superseded one is not a failure of this command.
 fn rollout_exit_code(r: &RolloutView) -> i32 {
-    if r.counts.failed > 0 && r.status == RolloutStatus::Finished {
+    let paused = r.progress.as_ref().is_some_and(|p| p.state == "paused");
+    if paused || (r.counts.failed > 0 && r.status == RolloutStatus::Finished) {
         1
     } else {
         0
     }
+}
+
+/// A rollout that goes nowhere until an operator acts: following it
+/// further would wait forever.
+fn waits_for_operator(r: &RolloutView) -> bool {
+    r.progress
+        .as_ref()
+        .is_some_and(|p| matches!(p.state.as_str(), "paused" | "awaiting_approval" | "aborted"))
 }
 
 async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
@@ -532,9 +699,11 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
             allow_downgrade,
             max_bytes_per_sec,
             max_downloading,
+            policy,
             json,
             server,
         } => {
+            let policy = policy.into_policy()?;
             let view = server
                 .client()?
                 .start_rollout(&RolloutCreate {
@@ -545,6 +714,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                         max_bytes_per_sec,
                         max_downloading,
                     },
+                    policy,
                 })
                 .await?;
             if json {
@@ -555,6 +725,12 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        RolloutCommand::Pause(target) => command_rollout(target, RolloutCommandName::Pause).await,
+        RolloutCommand::Resume(target) => command_rollout(target, RolloutCommandName::Resume).await,
+        RolloutCommand::Approve(target) => {
+            command_rollout(target, RolloutCommandName::Approve).await
+        }
+        RolloutCommand::Abort(target) => command_rollout(target, RolloutCommandName::Abort).await,
         RolloutCommand::Status {
             id,
             follow,
@@ -582,7 +758,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                 // only a server unreachable for this long ends the follow.
                 const GIVE_UP_AFTER: u32 = 60;
                 let mut failed_polls = 0;
-                while view.status == RolloutStatus::Running {
+                while view.status == RolloutStatus::Running && !waits_for_operator(&view) {
                     bar.set_position(view.counts.succeeded);
                     bar.set_message(format!(
                         "({} in progress, {} pending, {} failed)",
@@ -653,6 +829,7 @@ mod rollout_output_tests {
             superseded,
             limits: Default::default(),
             waiting_for_turn: 0,
+            progress: None,
         }
     }
 

@@ -94,6 +94,24 @@ impl AdminClient {
             .await
     }
 
+    pub async fn command_rollout(
+        &self,
+        id: i64,
+        command: RolloutCommandName,
+    ) -> anyhow::Result<RolloutView> {
+        let name = match command {
+            RolloutCommandName::Pause => "pause",
+            RolloutCommandName::Resume => "resume",
+            RolloutCommandName::Approve => "approve",
+            RolloutCommandName::Abort => "abort",
+        };
+        self.send(
+            self.http
+                .post(self.url(&format!("{ROLLOUTS_PATH}/{id}/{name}"))?),
+        )
+        .await
+    }
+
     pub async fn start_rollout(&self, request: &RolloutCreate) -> anyhow::Result<RolloutView> {
         self.send(self.http.post(self.url(ROLLOUTS_PATH)?).json(request))
             .await

@@ -579,6 +579,7 @@ async fn run_fleet(
             devices: None,
             allow_downgrade: false,
             limits: opts.limits,
+            policy: Default::default(),
         })
         .await?;
     say(

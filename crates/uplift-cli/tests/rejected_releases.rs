@@ -282,6 +282,7 @@ async fn a_downgrade_is_refused_unless_the_rollout_explicitly_allows_it() {
             devices: None,
             allow_downgrade: true,
             limits: Default::default(),
+            policy: Default::default(),
         })
         .await
         .unwrap();

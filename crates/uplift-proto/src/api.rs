@@ -117,6 +117,9 @@ pub struct RolloutCreate {
     pub allow_downgrade: bool,
     #[serde(default)]
     pub limits: DownloadLimits,
+    /// Phases, thresholds and windows; every device at once when absent.
+    #[serde(default)]
+    pub policy: crate::policy::RolloutPolicy,
 }
 
 /// Limits a rollout puts on its devices' downloads. Zero is refused when
@@ -187,6 +190,39 @@ pub struct RolloutView {
     /// Devices told to wait for a download turn (`limits.max_downloading`).
     #[serde(default)]
     pub waiting_for_turn: u64,
+    /// Where the rollout's phases stand; absent for rollouts made before
+    /// phased rollouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<RolloutProgress>,
+}
+
+/// A phased rollout's engine state, as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutProgress {
+    /// `running`, `awaiting_approval`, `paused`, `aborted` or `finished`.
+    pub state: String,
+    /// The phase running, waiting for approval or paused (0-based); the
+    /// final phase (for the rest) is `phases - 1`.
+    pub phase: Option<u32>,
+    pub phases: u32,
+    /// Devices in each phase, in order.
+    pub phase_sizes: Vec<u64>,
+    /// Why it paused, in a sentence naming the devices and their errors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_because: Option<String>,
+    /// The whole engine state and policy, as stored.
+    pub detail: serde_json::Value,
+    pub policy: crate::policy::RolloutPolicy,
+}
+
+/// An operator's command to a rollout: `POST /api/v1/rollouts/{id}/{command}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutCommandName {
+    Pause,
+    Resume,
+    Approve,
+    Abort,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -54,6 +54,7 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/v1/patches/{hash}", put(upload_patch))
         .route(ROLLOUTS_PATH, get(list_rollouts).post(start_rollout))
         .route("/api/v1/rollouts/{id}", get(show_rollout))
+        .route("/api/v1/rollouts/{id}/{command}", post(command_rollout))
         .route(STATS_PATH, get(stats))
         .layer(DefaultBodyLimit::max(
             MAX_MANIFEST_BYTES.max(MAX_STORED_CHUNK),
@@ -255,6 +256,26 @@ async fn show_rollout(
         .parse()
         .map_err(|_| ApiError::bad_request(format!("rollout id {id:?} is not a number")))?;
     Ok(Json(service::rollouts::get(&state, id).await?))
+}
+
+async fn command_rollout(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<RolloutView>, ApiError> {
+    let Path((id, command)) = path?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("rollout id {id:?} is not a number")))?;
+    let command: RolloutCommandName =
+        serde_json::from_value(serde_json::Value::String(command.clone())).map_err(|_| {
+            ApiError::bad_request(format!(
+                "{command:?} is not a rollout command; use pause, resume, approve or abort"
+            ))
+        })?;
+    // One principal today: the admin token.
+    Ok(Json(
+        service::rollouts::command(&state, id, command, "admin").await?,
+    ))
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<ServerStats>, ApiError> {

@@ -215,6 +215,7 @@ impl Server {
             .run(writer_stop),
         );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let scheduler = tokio::spawn(rollout::scheduler::run(self.state.clone(), stop_rx.clone()));
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -245,6 +246,7 @@ impl Server {
             }
         };
         tokio::join!(trigger, devices, admin);
+        let _ = scheduler.await;
         self.state
             .budgets
             .channels_closed(Duration::from_secs(5))

@@ -136,13 +136,19 @@ impl Fixture {
         devices: Option<Vec<DeviceId>>,
         limits: DownloadLimits,
     ) -> i64 {
+        self.rollout_with(RolloutCreate {
+            release: v(version),
+            devices,
+            allow_downgrade: false,
+            limits,
+            policy: Default::default(),
+        })
+        .await
+    }
+
+    pub async fn rollout_with(&self, request: RolloutCreate) -> i64 {
         self.client
-            .start_rollout(&RolloutCreate {
-                release: v(version),
-                devices,
-                allow_downgrade: false,
-                limits,
-            })
+            .start_rollout(&request)
             .await
             .expect("start rollout")
             .id

@@ -2,8 +2,9 @@
 //! engine's pure decisions — offers, outcomes, phase changes, automatic
 //! pauses and operator commands — with time passed in ([`engine`]); and
 //! maintenance windows ([`window`]). The
-//! scheduler that runs the engine against the database sits on top.
+//! [`scheduler`] runs the engine against the database.
 
 pub mod engine;
 pub mod phases;
+pub mod scheduler;
 pub mod window;

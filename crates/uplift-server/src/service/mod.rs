@@ -54,6 +54,20 @@ pub enum ServiceError {
     NoDevices { device_type: DeviceType },
     #[error("rollout {id} does not exist; see `uplift rollout list`")]
     RolloutNotFound { id: i64 },
+    #[error(
+        "rollout {id} was made before phased rollouts and takes no commands; start a new rollout"
+    )]
+    NotPhased { id: i64 },
+    #[error("rollout {id}: {source}")]
+    Refused {
+        id: i64,
+        #[source]
+        source: crate::rollout::engine::TransitionError,
+    },
+    #[error(transparent)]
+    Policy(#[from] uplift_proto::policy::PolicyError),
+    #[error(transparent)]
+    Window(#[from] crate::rollout::window::WindowError),
 }
 
 impl ServiceError {
@@ -69,7 +83,10 @@ impl ServiceError {
             ServiceError::ChunkRefused { source, .. } => source.kind(),
             ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
             ServiceError::CheckPanicked { .. } => ErrorKind::Internal,
-            ServiceError::NoDevices { .. } => ErrorKind::BadRequest,
+            ServiceError::NotPhased { .. } | ServiceError::Refused { .. } => ErrorKind::Conflict,
+            ServiceError::NoDevices { .. } | ServiceError::Policy(_) | ServiceError::Window(_) => {
+                ErrorKind::BadRequest
+            }
         }
     }
 }

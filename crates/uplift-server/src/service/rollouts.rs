@@ -3,10 +3,16 @@
 //! devices it targeted.
 
 use super::{ServiceError, ServiceResult};
+use crate::rollout::engine::{Command, Member, PauseReason, RolloutState};
+use crate::rollout::window::Window;
+use crate::rollout::{phases, scheduler};
 use crate::state::{now_rfc3339, AppState};
-use crate::store::{DeviceRecord, DeviceTarget, RolloutRecord};
+use crate::store::{DeviceRecord, NewPlan, RolloutChange, RolloutPlan, RolloutRecord};
 use std::collections::HashMap;
-use uplift_proto::api::{RolloutCounts, RolloutCreate, RolloutStatus, RolloutView};
+use time::OffsetDateTime;
+use uplift_proto::api::{
+    RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutStatus, RolloutView,
+};
 use uplift_proto::channel::AgentState;
 use uplift_proto::Version;
 
@@ -30,32 +36,33 @@ pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<Ro
             device_type: release.device_type,
         });
     }
+    request.policy.check()?;
+    if let Some(window) = &request.policy.window {
+        Window::parse(window)?;
+    }
+    let now = OffsetDateTime::now_utc();
+    let created_at = now_rfc3339();
+    // Phases are decided here, once, and stored with the devices.
+    let seed = format!("{}@{created_at}", release.version);
+    let members = phases::assign(&devices, &request.policy.phases, &seed);
+    let first = RolloutState::start(now);
     let rollout = state
         .store
         .create_rollout(
             &release,
-            &devices,
+            &members,
             request.allow_downgrade,
             request.limits,
-            &now_rfc3339(),
+            &NewPlan {
+                policy: &request.policy,
+                state: &first,
+            },
+            &created_at,
         )
         .await?;
-    // The target goes to each session with the push, from memory: no
-    // device reads the database when a rollout starts.
-    state.live.set_targets(
-        &devices,
-        &DeviceTarget {
-            rollout_id: rollout.id,
-            version: rollout.release.clone(),
-            allow_downgrade: rollout.allow_downgrade,
-            limits: rollout.limits,
-        },
-    );
-    let pushed = devices
-        .iter()
-        .filter(|d| state.hub.notify_target_changed(d))
-        .count();
-    tracing::info!(rollout = rollout.id, release = %rollout.release, devices = devices.len(), pushed, "rollout started");
+    tracing::info!(rollout = rollout.id, release = %rollout.release, devices = members.len(), phases = request.policy.phases.len() + 1, "rollout started");
+    // The first phase is offered now, not at the next tick.
+    scheduler::advance(state, rollout.id, now).await?;
     view(state, rollout).await
 }
 
@@ -80,11 +87,22 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
     for (id, device) in ids.into_iter().zip(devices) {
         by_rollout.entry(id).or_default().push(device);
     }
+    let mut plans: HashMap<i64, RolloutPlan> =
+        state.store.rollout_plans().await?.into_iter().collect();
+    let mut sizes: HashMap<i64, Vec<u64>> = HashMap::new();
+    for (id, phase, n) in state.store.phase_sizes().await? {
+        let phases = sizes.entry(id).or_default();
+        phases.resize(phases.len().max(phase as usize + 1), 0);
+        phases[phase as usize] = n;
+    }
     Ok(rollouts
         .into_iter()
         .map(|rollout| {
             let devices = by_rollout.remove(&rollout.id).unwrap_or_default();
-            view_of(state, rollout, &devices)
+            let progress = plans
+                .remove(&rollout.id)
+                .map(|plan| progress_of(plan, sizes.remove(&rollout.id).unwrap_or_default()));
+            view_of(state, rollout, &devices, progress)
         })
         .collect())
 }
@@ -92,11 +110,158 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
 async fn view(state: &AppState, rollout: RolloutRecord) -> ServiceResult<RolloutView> {
     let mut devices = state.store.rollout_devices(rollout.id).await?;
     state.live.overlay(&mut devices);
-    Ok(view_of(state, rollout, &devices))
+    let progress = match state.store.rollout_plan(rollout.id).await? {
+        Some(plan) => {
+            let mut sizes = Vec::new();
+            for (id, phase, n) in state.store.phase_sizes().await? {
+                if id == rollout.id {
+                    sizes.resize(sizes.len().max(phase as usize + 1), 0);
+                    sizes[phase as usize] = n;
+                }
+            }
+            Some(progress_of(plan, sizes))
+        }
+        None => None,
+    };
+    Ok(view_of(state, rollout, &devices, progress))
+}
+
+/// The engine's state in the operator's terms.
+fn progress_of(plan: RolloutPlan, mut phase_sizes: Vec<u64>) -> RolloutProgress {
+    let phases = plan.policy.phases.len() as u32 + 1;
+    phase_sizes.resize(phases as usize, 0);
+    let (phase, paused_because) = match &plan.state {
+        RolloutState::Running { phase, .. } | RolloutState::AwaitingApproval { phase } => {
+            (Some(*phase), None)
+        }
+        RolloutState::Paused { phase, reason } => (Some(*phase), Some(pause_sentence(reason))),
+        RolloutState::Aborted { .. } | RolloutState::Finished { .. } => (None, None),
+    };
+    RolloutProgress {
+        state: plan.state.name().to_owned(),
+        phase,
+        phases,
+        phase_sizes,
+        paused_because,
+        detail: serde_json::to_value(&plan.state).unwrap_or_default(),
+        policy: plan.policy,
+    }
+}
+
+fn pause_sentence(reason: &PauseReason) -> String {
+    match reason {
+        PauseReason::Operator { by } => {
+            format!("paused by {by}; `uplift rollout resume` continues it")
+        }
+        PauseReason::ErrorThreshold {
+            phase,
+            failed,
+            finished,
+            devices,
+        } => {
+            let named: Vec<String> = devices
+                .iter()
+                .take(10)
+                .map(|d| match &d.error {
+                    Some(error) => format!("{} ({error})", d.device),
+                    None => format!("{} ({:?})", d.device, d.outcome),
+                })
+                .collect();
+            format!(
+                "{failed} of {finished} finished devices of phase {phase} failed, over the error threshold: {}; \
+                 fix the cause and `uplift rollout resume` (these failures are then accepted), or `uplift rollout abort`",
+                named.join(", ")
+            )
+        }
+        PauseReason::BelowSuccessLevel {
+            phase,
+            succeeded,
+            needed,
+        } => format!(
+            "phase {phase} finished with {succeeded} devices on the release, {needed} needed; \
+             `uplift rollout resume` accepts it and starts the next phase"
+        ),
+    }
+}
+
+/// Applies an operator's command to rollout `id`, as `by`.
+pub async fn command(
+    state: &AppState,
+    id: i64,
+    name: RolloutCommandName,
+    by: &str,
+) -> ServiceResult<RolloutView> {
+    let command = match name {
+        RolloutCommandName::Pause => Command::Pause,
+        RolloutCommandName::Resume => Command::Resume,
+        RolloutCommandName::Approve => Command::Approve,
+        RolloutCommandName::Abort => Command::Abort,
+    };
+    let rollout = state
+        .store
+        .rollout(id)
+        .await?
+        .ok_or(ServiceError::RolloutNotFound { id })?;
+    for _ in 0..4 {
+        let plan = state
+            .store
+            .rollout_plan(id)
+            .await?
+            .ok_or(ServiceError::NotPhased { id })?;
+        let members: Vec<Member> = state
+            .store
+            .rollout_members(id)
+            .await?
+            .into_iter()
+            .map(|(m, d)| Member {
+                device: d.id,
+                phase: m.phase,
+                offered_at: None,
+                outcome: m.outcome,
+                failure_accepted: m.failure_accepted,
+                live: crate::rollout::engine::Live::Idle,
+            })
+            .collect();
+        let now = OffsetDateTime::now_utc();
+        let transition = crate::rollout::engine::command(&plan.state, &members, &command, by, now)
+            .map_err(|source| ServiceError::Refused { id, source })?;
+        let now_text = now_rfc3339();
+        let change = RolloutChange {
+            state: Some(&transition.state),
+            offer: &[],
+            settle: &[],
+            accept_failures: &transition.accept_failures,
+            now: &now_text,
+        };
+        if state
+            .store
+            .apply_rollout_change(id, plan.revision, &change)
+            .await?
+        {
+            tracing::info!(
+                rollout = id,
+                command = command.name(),
+                by,
+                state = transition.state.name(),
+                "rollout command"
+            );
+            // What the new state allows (the next phase's offers) goes out now.
+            scheduler::advance(state, id, now).await?;
+            return view(state, rollout).await;
+        }
+    }
+    Err(ServiceError::Store(crate::store::StoreError::Conflict(
+        format!("rollout {id} kept changing while the command was applied; try again"),
+    )))
 }
 
 /// `devices` are those the rollout was started on, live state laid over.
-fn view_of(state: &AppState, rollout: RolloutRecord, devices: &[DeviceRecord]) -> RolloutView {
+fn view_of(
+    state: &AppState,
+    rollout: RolloutRecord,
+    devices: &[DeviceRecord],
+    progress: Option<RolloutProgress>,
+) -> RolloutView {
     let tally = Tally::of(&rollout.release, rollout.id, devices);
     RolloutView {
         id: rollout.id,
@@ -110,6 +275,7 @@ fn view_of(state: &AppState, rollout: RolloutRecord, devices: &[DeviceRecord]) -
         superseded: tally.superseded,
         limits: rollout.limits,
         waiting_for_turn: state.turns.counts(rollout.id).1 as u64,
+        progress,
     }
 }
 
@@ -306,6 +472,7 @@ mod tests {
             devices,
             allow_downgrade: false,
             limits: Default::default(),
+            policy: Default::default(),
         }
     }
 
@@ -329,6 +496,68 @@ mod tests {
             "no devices to roll out to: none of type gw is enrolled"
         );
         assert!(state.store.list_rollouts().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_phased_rollout_offers_its_first_phase_and_refuses_commands_its_state_does_not_allow()
+    {
+        use uplift_proto::policy::{PhaseReach, RolloutPolicy};
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        testing::release(&state, "2", "gw").await;
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            ids.push(testing::device(&state, &format!("dev-{i}"), "gw").await);
+        }
+        let mut request = create("2", None);
+        request.policy = RolloutPolicy {
+            phases: vec![PhaseReach::Percent(25)],
+            approval: true,
+            ..RolloutPolicy::default()
+        };
+        let view = start(&state, request).await.unwrap();
+        let progress = view.progress.unwrap();
+        assert_eq!(
+            (progress.state.as_str(), progress.phase_sizes.clone()),
+            ("running", vec![1, 3])
+        );
+        let offered = ids
+            .iter()
+            .filter(|d| state.live.target(d).is_some())
+            .count();
+        assert_eq!(offered, 1, "only the first phase is offered");
+
+        let err = command(&state, view.id, RolloutCommandName::Approve, "op")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+        assert!(
+            err.to_string()
+                .contains("cannot approve a rollout that is running"),
+            "{err}"
+        );
+        let paused = command(&state, view.id, RolloutCommandName::Pause, "op")
+            .await
+            .unwrap();
+        assert_eq!(paused.progress.unwrap().state, "paused");
+        let aborted = command(&state, view.id, RolloutCommandName::Abort, "op")
+            .await
+            .unwrap();
+        assert_eq!(aborted.progress.unwrap().state, "aborted");
+        let err = command(&state, view.id, RolloutCommandName::Resume, "op")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("it is over"), "{err}");
+        let err = command(&state, 999, RolloutCommandName::Pause, "op")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+
+        let mut bad = create("2", None);
+        bad.policy.phases = vec![PhaseReach::Percent(50), PhaseReach::Percent(20)];
+        let err = start(&state, bad).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BadRequest);
+        assert!(err.to_string().contains("phases are cumulative"), "{err}");
     }
 
     #[tokio::test]

@@ -5,9 +5,11 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
+use crate::rollout::engine::{Outcome, RolloutState};
 use async_trait::async_trait;
 pub use uplift_proto::api::DownloadLimits;
 use uplift_proto::channel::{AgentState, Progress, Report};
+use uplift_proto::policy::RolloutPolicy;
 use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, SlotName, Version, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +131,42 @@ pub struct RolloutRecord {
     pub created_at: String,
 }
 
+/// A new rollout's engine policy and first state.
+#[derive(Debug, Clone, Copy)]
+pub struct NewPlan<'a> {
+    pub policy: &'a RolloutPolicy,
+    pub state: &'a RolloutState,
+}
+
+/// A phased rollout's policy and state, and the revision every change
+/// checks so that two actors never both apply a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutPlan {
+    pub policy: RolloutPolicy,
+    pub state: RolloutState,
+    pub revision: i64,
+}
+
+/// One device's part in a rollout, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberRecord {
+    pub phase: u32,
+    pub offered_at: Option<String>,
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
+    pub failure_accepted: bool,
+}
+
+/// What to write after an engine step or an operator command.
+#[derive(Debug, Clone, Copy)]
+pub struct RolloutChange<'a> {
+    pub state: Option<&'a RolloutState>,
+    pub offer: &'a [DeviceId],
+    pub settle: &'a [(DeviceId, Outcome, Option<String>)],
+    pub accept_failures: &'a [DeviceId],
+    pub now: &'a str,
+}
+
 /// What a device should run, as decided by the newest rollout targeting it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceTarget {
@@ -156,15 +194,39 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn release(&self, version: &Version) -> StoreResult<Option<ReleaseRecord>>;
     async fn list_releases(&self) -> StoreResult<Vec<ReleaseRecord>>;
 
-    /// Creates the rollout and points every listed device at it, atomically.
+    /// Creates the rollout with its devices in their phases, none offered
+    /// yet, atomically; the devices' parts in older unfinished rollouts end
+    /// as superseded. `NotFound` if a device is not enrolled.
     async fn create_rollout(
         &self,
         release: &ReleaseRecord,
-        devices: &[DeviceId],
+        members: &[(DeviceId, u32)],
         allow_downgrade: bool,
         limits: DownloadLimits,
+        plan: &NewPlan<'_>,
         now: &str,
     ) -> StoreResult<RolloutRecord>;
+    /// The engine's policy and state of a rollout; `None` for a rollout
+    /// made before phased rollouts (or one that does not exist).
+    async fn rollout_plan(&self, id: i64) -> StoreResult<Option<RolloutPlan>>;
+    /// Every phased rollout's plan, by rollout.
+    async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>>;
+    /// How many devices each phase of each rollout holds: (rollout, phase, devices).
+    async fn phase_sizes(&self) -> StoreResult<Vec<(i64, u32, u64)>>;
+    /// Rollouts the scheduler must look at: phased, neither finished nor aborted.
+    async fn active_rollouts(&self) -> StoreResult<Vec<i64>>;
+    /// A rollout's devices with their part in it.
+    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>>;
+    /// Stores what one engine step or operator command decided, in one
+    /// transaction, if the rollout is still at `revision`; false if another
+    /// actor changed it first (then nothing is written and the caller
+    /// reloads). Offered devices are pointed at the rollout.
+    async fn apply_rollout_change(
+        &self,
+        id: i64,
+        revision: i64,
+        change: &RolloutChange<'_>,
+    ) -> StoreResult<bool>;
     async fn rollout(&self, id: i64) -> StoreResult<Option<RolloutRecord>>;
     async fn list_rollouts(&self) -> StoreResult<Vec<RolloutRecord>>;
     /// Devices a rollout was started on, with their current records.

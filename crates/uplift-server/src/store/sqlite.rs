@@ -31,7 +31,11 @@ CREATE TABLE IF NOT EXISTS rollouts (
     allow_downgrade INTEGER NOT NULL,
     created_at      TEXT NOT NULL,
     max_bytes_per_sec INTEGER,
-    max_downloading   INTEGER
+    max_downloading   INTEGER,
+    policy          TEXT,
+    state           TEXT,
+    state_name      TEXT,
+    revision        INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS devices (
     id               TEXT PRIMARY KEY,
@@ -54,8 +58,14 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS rollout_devices (
     rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
     device_id  TEXT NOT NULL REFERENCES devices(id),
+    phase      INTEGER NOT NULL DEFAULT 0,
+    offered_at TEXT,
+    outcome    TEXT,
+    error      TEXT,
+    failure_accepted INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (rollout_id, device_id)
 );
+CREATE INDEX IF NOT EXISTS rollout_devices_by_device ON rollout_devices (device_id, rollout_id);
 "#;
 
 /// Columns added after the first release of the schema, added in place to
@@ -63,6 +73,21 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("rollouts", "max_bytes_per_sec", "INTEGER"),
     ("rollouts", "max_downloading", "INTEGER"),
+    // Phased rollouts: the engine's policy and state (JSON), NULL for
+    // rollouts made before them (every device offered at once).
+    ("rollouts", "policy", "TEXT"),
+    ("rollouts", "state", "TEXT"),
+    ("rollouts", "state_name", "TEXT"),
+    ("rollouts", "revision", "INTEGER NOT NULL DEFAULT 0"),
+    ("rollout_devices", "phase", "INTEGER NOT NULL DEFAULT 0"),
+    ("rollout_devices", "offered_at", "TEXT"),
+    ("rollout_devices", "outcome", "TEXT"),
+    ("rollout_devices", "error", "TEXT"),
+    (
+        "rollout_devices",
+        "failure_accepted",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
 ];
 
 fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -117,6 +142,17 @@ impl SqliteStore {
 const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
      d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
      d.progress_fetched, d.error_kind, d.error_message, d.target_rollout";
+
+/// A rollout's devices as its view counts them, where the device's target
+/// rollout says whose it is: a device still waiting for its phase is this
+/// rollout's (though not yet pointed at it), and one a newer rollout took
+/// over is no longer, even before the newer one offers it anything.
+const MEMBER_DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
+     d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
+     d.progress_fetched, d.error_kind, d.error_message, \
+     CASE WHEN rd.outcome = 'superseded' THEN NULL \
+          WHEN r.state IS NOT NULL AND rd.offered_at IS NULL AND rd.outcome IS NULL THEN rd.rollout_id \
+          ELSE d.target_rollout END";
 
 fn parse<T: FromStr>(what: &'static str, s: String) -> StoreResult<T>
 where
@@ -248,6 +284,30 @@ const RELEASE_COLUMNS: &str =
 const ROLLOUT_SELECT: &str =
     "SELECT r.id, r.release, r.allow_downgrade, r.created_at, rel.device_type, \
      r.max_bytes_per_sec, r.max_downloading FROM rollouts r JOIN releases rel ON rel.version = r.release";
+
+/// A rollout's plan from its row; `None` for a rollout without one.
+fn plan_from_row(
+    (id, policy, state, revision): (i64, Option<String>, Option<String>, i64),
+) -> Option<StoreResult<(i64, RolloutPlan)>> {
+    let (policy, state) = (policy?, state?);
+    Some((|| {
+        Ok((
+            id,
+            RolloutPlan {
+                policy: serde_json::from_str(&policy)
+                    .map_err(|e| corrupt("rollout policy")(e.to_string()))?,
+                state: serde_json::from_str(&state)
+                    .map_err(|e| corrupt("rollout state")(e.to_string()))?,
+                revision,
+            },
+        ))
+    })())
+}
+
+/// A policy or state as stored: JSON, which cannot fail for these types.
+fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| unreachable!("plain data serializes: {e}"))
+}
 
 fn enum_text<T: serde::Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
@@ -470,41 +530,60 @@ impl Store for SqliteStore {
     async fn create_rollout(
         &self,
         release: &ReleaseRecord,
-        devices: &[DeviceId],
+        members: &[(DeviceId, u32)],
         allow_downgrade: bool,
         limits: DownloadLimits,
+        plan: &NewPlan<'_>,
         now: &str,
     ) -> StoreResult<RolloutRecord> {
         let mut tx = self.pool.begin().await.map_err(db("starting a rollout"))?;
         let (max_bytes_per_sec, max_downloading) = limits_columns(&limits);
-        let id: i64 =
-            sqlx::query_scalar("INSERT INTO rollouts (release, allow_downgrade, created_at, max_bytes_per_sec, max_downloading) VALUES (?, ?, ?, ?, ?) RETURNING id")
-                .bind(release.version.as_str())
-                .bind(allow_downgrade as i64)
-                .bind(now)
-                .bind(max_bytes_per_sec)
-                .bind(max_downloading)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db("starting a rollout"))?;
-        for device in devices {
-            let updated = sqlx::query("UPDATE devices SET target_rollout = ? WHERE id = ?")
-                .bind(id)
-                .bind(device.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(db("targeting a device"))?;
-            if updated.rows_affected() == 0 {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO rollouts (release, allow_downgrade, created_at, max_bytes_per_sec, max_downloading, \
+             policy, state, state_name, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) RETURNING id",
+        )
+        .bind(release.version.as_str())
+        .bind(allow_downgrade as i64)
+        .bind(now)
+        .bind(max_bytes_per_sec)
+        .bind(max_downloading)
+        .bind(json_text(plan.policy))
+        .bind(json_text(plan.state))
+        .bind(plan.state.name())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("starting a rollout"))?;
+        for (device, phase) in members {
+            let enrolled: Option<String> =
+                sqlx::query_scalar("SELECT id FROM devices WHERE id = ?")
+                    .bind(device.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db("targeting a device"))?;
+            if enrolled.is_none() {
                 return Err(StoreError::NotFound(format!(
                     "device {device} is not enrolled; check `uplift devices list`"
                 )));
             }
-            sqlx::query("INSERT INTO rollout_devices (rollout_id, device_id) VALUES (?, ?)")
-                .bind(id)
-                .bind(device.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(db("targeting a device"))?;
+            // A newer rollout of this device takes over from older ones.
+            sqlx::query(
+                "UPDATE rollout_devices SET outcome = 'superseded' \
+                 WHERE device_id = ? AND rollout_id <> ? AND outcome IS NULL",
+            )
+            .bind(device.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("superseding older rollouts"))?;
+            sqlx::query(
+                "INSERT INTO rollout_devices (rollout_id, device_id, phase) VALUES (?, ?, ?)",
+            )
+            .bind(id)
+            .bind(device.as_str())
+            .bind(i64::from(*phase))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("targeting a device"))?;
         }
         tx.commit().await.map_err(db("committing a rollout"))?;
         Ok(RolloutRecord {
@@ -515,6 +594,158 @@ impl Store for SqliteStore {
             limits,
             created_at: now.to_owned(),
         })
+    }
+
+    async fn rollout_plan(&self, id: i64) -> StoreResult<Option<RolloutPlan>> {
+        let row: Option<(i64, Option<String>, Option<String>, i64)> =
+            sqlx::query_as("SELECT id, policy, state, revision FROM rollouts WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("reading a rollout's state"))?;
+        Ok(row
+            .and_then(plan_from_row)
+            .transpose()?
+            .map(|(_, plan)| plan))
+    }
+
+    async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>> {
+        let rows: Vec<(i64, Option<String>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT id, policy, state, revision FROM rollouts WHERE state IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading rollout states"))?;
+        rows.into_iter().filter_map(plan_from_row).collect()
+    }
+
+    async fn phase_sizes(&self) -> StoreResult<Vec<(i64, u32, u64)>> {
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT rollout_id, phase, COUNT(*) FROM rollout_devices GROUP BY rollout_id, phase ORDER BY rollout_id, phase",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting rollout phases"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, phase, n)| (id, phase.max(0) as u32, n.max(0) as u64))
+            .collect())
+    }
+
+    async fn active_rollouts(&self) -> StoreResult<Vec<i64>> {
+        sqlx::query_scalar(
+            "SELECT id FROM rollouts WHERE state IS NOT NULL \
+             AND state_name NOT IN ('finished', 'aborted') ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing active rollouts"))
+    }
+
+    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>> {
+        let first = DEVICE_COLUMNS.matches(", ").count() + 1;
+        let r = |e| StoreError::Database {
+            action: "reading a rollout's devices",
+            source: e,
+        };
+        sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS}, rd.phase, rd.offered_at, rd.outcome, rd.error, rd.failure_accepted \
+             FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             WHERE rd.rollout_id = ? ORDER BY rd.phase, d.id"
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading a rollout's devices"))?
+        .into_iter()
+        .map(|row| {
+            let outcome: Option<String> = row.try_get(first + 2).map_err(r)?;
+            let member = MemberRecord {
+                phase: u32::try_from(row.try_get::<i64, _>(first).map_err(r)?)
+                    .map_err(|e| corrupt("rollout phase")(e.to_string()))?,
+                offered_at: row.try_get(first + 1).map_err(r)?,
+                outcome: outcome
+                    .map(|o| {
+                        serde_json::from_value(serde_json::Value::String(o))
+                            .map_err(|e| corrupt("rollout outcome")(e.to_string()))
+                    })
+                    .transpose()?,
+                error: row.try_get(first + 3).map_err(r)?,
+                failure_accepted: row.try_get::<i64, _>(first + 4).map_err(r)? != 0,
+            };
+            Ok((member, device_from_row(row)?))
+        })
+        .collect()
+    }
+
+    async fn apply_rollout_change(
+        &self,
+        id: i64,
+        revision: i64,
+        change: &RolloutChange<'_>,
+    ) -> StoreResult<bool> {
+        let action = "storing a rollout step";
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        let moved = match change.state {
+            Some(state) => sqlx::query(
+                "UPDATE rollouts SET state = ?, state_name = ?, revision = revision + 1 \
+                 WHERE id = ? AND revision = ?",
+            )
+            .bind(json_text(state))
+            .bind(state.name())
+            .bind(id)
+            .bind(revision),
+            None => sqlx::query(
+                "UPDATE rollouts SET revision = revision + 1 WHERE id = ? AND revision = ?",
+            )
+            .bind(id)
+            .bind(revision),
+        }
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        if moved.rows_affected() == 0 {
+            return Ok(false);
+        }
+        for device in change.offer {
+            sqlx::query(
+                "UPDATE rollout_devices SET offered_at = ? WHERE rollout_id = ? AND device_id = ? AND offered_at IS NULL",
+            )
+            .bind(change.now)
+            .bind(id)
+            .bind(device.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+            sqlx::query("UPDATE devices SET target_rollout = ? WHERE id = ?")
+                .bind(id)
+                .bind(device.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        }
+        for (device, outcome, error) in change.settle {
+            sqlx::query(
+                "UPDATE rollout_devices SET outcome = ?, error = ? WHERE rollout_id = ? AND device_id = ? AND outcome IS NULL",
+            )
+            .bind(enum_text(outcome))
+            .bind(error.as_deref())
+            .bind(id)
+            .bind(device.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
+        for device in change.accept_failures {
+            sqlx::query("UPDATE rollout_devices SET failure_accepted = 1 WHERE rollout_id = ? AND device_id = ?")
+                .bind(id)
+                .bind(device.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        }
+        tx.commit().await.map_err(db(action))?;
+        Ok(true)
     }
 
     async fn rollout(&self, id: i64) -> StoreResult<Option<RolloutRecord>> {
@@ -539,8 +770,8 @@ impl Store for SqliteStore {
 
     async fn rollout_devices(&self, id: i64) -> StoreResult<Vec<DeviceRecord>> {
         sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
-             WHERE rd.rollout_id = ? ORDER BY d.id"
+            "SELECT {MEMBER_DEVICE_COLUMNS} FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             JOIN rollouts r ON r.id = rd.rollout_id WHERE rd.rollout_id = ? ORDER BY d.id"
         ))
         .bind(id)
         .fetch_all(&self.pool)
@@ -555,8 +786,8 @@ impl Store for SqliteStore {
         // The rollout id after the device's columns, which device_from_row reads by position.
         let rollout_column = DEVICE_COLUMNS.matches(", ").count() + 1;
         sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS}, rd.rollout_id FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
-             ORDER BY rd.rollout_id, d.id"
+            "SELECT {MEMBER_DEVICE_COLUMNS}, rd.rollout_id FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             JOIN rollouts r ON r.id = rd.rollout_id ORDER BY rd.rollout_id, d.id"
         ))
         .fetch_all(&self.pool)
         .await
@@ -585,6 +816,12 @@ mod tests {
         created_at      TEXT NOT NULL
     );";
 
+    const MEMBERS_BEFORE_PHASES: &str = "CREATE TABLE rollout_devices (
+        rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
+        device_id  TEXT NOT NULL REFERENCES devices(id),
+        PRIMARY KEY (rollout_id, device_id)
+    );";
+
     fn release() -> ReleaseRecord {
         ReleaseRecord {
             version: "2.0".parse().unwrap(),
@@ -610,14 +847,19 @@ mod tests {
             )
             .await
             .unwrap();
-            sqlx::raw_sql(&SCHEMA.replacen(
-                "CREATE TABLE IF NOT EXISTS rollouts (\n    id              INTEGER PRIMARY KEY AUTOINCREMENT,\n    release         TEXT NOT NULL REFERENCES releases(version),\n    allow_downgrade INTEGER NOT NULL,\n    created_at      TEXT NOT NULL,\n    max_bytes_per_sec INTEGER,\n    max_downloading   INTEGER\n);",
-                ROLLOUTS_BEFORE_LIMITS,
-                1,
-            ))
-            .execute(&old)
-            .await
-            .unwrap();
+            let rollouts = SCHEMA
+                .find("CREATE TABLE IF NOT EXISTS rollouts (")
+                .unwrap();
+            let devices = SCHEMA.find("CREATE TABLE IF NOT EXISTS devices (").unwrap();
+            let members = SCHEMA
+                .find("CREATE TABLE IF NOT EXISTS rollout_devices (")
+                .unwrap();
+            let old_schema = format!(
+                "{}{ROLLOUTS_BEFORE_LIMITS}\n{}{MEMBERS_BEFORE_PHASES}",
+                &SCHEMA[..rollouts],
+                &SCHEMA[devices..members],
+            );
+            sqlx::raw_sql(&old_schema).execute(&old).await.unwrap();
             let columns: i64 =
                 sqlx::query_scalar("SELECT COUNT(*) FROM pragma_table_info('rollouts')")
                     .fetch_one(&old)
@@ -642,10 +884,25 @@ mod tests {
             max_bytes_per_sec: NonZeroU64::new(1 << 20),
             max_downloading: NonZeroU32::new(5),
         };
+        let policy = RolloutPolicy::default();
+        let state = RolloutState::start(time::OffsetDateTime::UNIX_EPOCH);
+        let plan = NewPlan {
+            policy: &policy,
+            state: &state,
+        };
         let new = store
-            .create_rollout(&release(), &[], false, limits, "now")
+            .create_rollout(&release(), &[], false, limits, &plan, "now")
             .await
             .unwrap();
+        assert_eq!(
+            store.rollout_plan(new.id).await.unwrap().map(|p| p.state),
+            Some(state)
+        );
+        assert_eq!(
+            store.rollout_plan(1).await.unwrap(),
+            None,
+            "the old rollout has no plan"
+        );
         assert_eq!(store.rollout(new.id).await.unwrap().unwrap().limits, limits);
         // Opening again finds nothing left to add.
         drop(store);

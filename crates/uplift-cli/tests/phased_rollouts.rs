@@ -1,0 +1,226 @@
+//! Phased rollouts end to end: real server, real agents, the operator's
+//! `uplift` commands. A phase waits for the one before it (and for approval
+//! when asked), and failures in a phase pause the rollout by itself before
+//! the rest of the fleet is offered anything.
+
+mod common;
+
+use common::*;
+use std::num::NonZeroU32;
+use std::time::Duration;
+use uplift_cli::fleet::Device;
+use uplift_proto::api::{DeviceView, RolloutCreate, RolloutView};
+use uplift_proto::channel::AgentState;
+use uplift_proto::policy::{PhaseReach, RolloutPolicy};
+use uplift_proto::SlotName;
+
+/// `uplift rollout <command> <id> --json` as an operator runs it.
+fn operator(fx: &Fixture, command: &str, id: i64) -> RolloutView {
+    let out = run_bounded(
+        std::process::Command::new(env!("CARGO_BIN_EXE_uplift"))
+            .args(["rollout", command, &id.to_string(), "--json", "--server"])
+            .arg(
+                fx.server
+                    .endpoint
+                    .admin_url
+                    .as_ref()
+                    .unwrap_or(&fx.server.endpoint.url),
+            )
+            .arg("--ca")
+            .arg(&fx.server.endpoint.ca_file)
+            .arg("--token")
+            .arg(&fx.server.admin_token),
+        Duration::from_secs(60),
+        fx.dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "uplift rollout {command} {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("rollout view as JSON")
+}
+
+fn on(views: &[DeviceView], version: &str) -> usize {
+    views
+        .iter()
+        .filter(|d| d.running_version == Some(v(version)) && d.state == Some(AgentState::Idle))
+        .count()
+}
+
+async fn enrolled_fleet(
+    fx: &Fixture,
+    names: &[&str],
+    spec: impl Fn(&str) -> uplift_cli::fleet::DeviceSpec,
+) -> Vec<Device> {
+    let devices: Vec<Device> = names.iter().map(|n| fx.device(n, spec(n))).collect();
+    for device in &devices {
+        fx.wait_enrolled(device).await;
+    }
+    devices
+}
+
+fn phased(phases: Vec<PhaseReach>, approval: bool) -> RolloutCreate {
+    RolloutCreate {
+        release: v("1.1"),
+        devices: None,
+        allow_downgrade: false,
+        limits: Default::default(),
+        policy: RolloutPolicy {
+            phases,
+            approval,
+            ..RolloutPolicy::default()
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_approves() {
+    let fx = Fixture::start();
+    let devices = enrolled_fleet(&fx, &["p1", "p2", "p3", "p4"], |n| {
+        fx.spec(&format!("hw-{n}"))
+    })
+    .await;
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    let canary = PhaseReach::Count(NonZeroU32::new(1).unwrap());
+    let id = fx.rollout_with(phased(vec![canary], true)).await;
+    let view = fx.client.rollout(id).await.unwrap();
+    let progress = view.progress.expect("a phased rollout shows its phases");
+    assert_eq!(
+        progress.phase_sizes,
+        vec![1, 3],
+        "one canary, three after it"
+    );
+
+    let refs: Vec<&Device> = devices.iter().collect();
+    let views = fx
+        .wait_for("the canary on 1.1", &refs, |views| on(views, "1.1") == 1)
+        .await;
+    assert_eq!(on(&views, "1.0"), 3);
+    let waiting = fx.client.rollout(id).await.unwrap().progress.unwrap();
+    // The scheduler ticks every second; give it a few to notice the canary.
+    let mut state = waiting.state;
+    for _ in 0..10 {
+        if state == "awaiting_approval" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        state = fx.client.rollout(id).await.unwrap().progress.unwrap().state;
+    }
+    assert_eq!(state, "awaiting_approval");
+    // Long enough for offers and downloads to start, were any made.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let views = fx.client.devices().await.unwrap();
+    assert_eq!(
+        on(&views, "1.0"),
+        3,
+        "no device past the canary moves before approval"
+    );
+    assert!(
+        views
+            .iter()
+            .filter(|d| d.running_version == Some(v("1.0")))
+            .all(|d| d.target_version.is_none()),
+        "nor is offered anything: {views:#?}"
+    );
+
+    let approved = operator(&fx, "approve", id);
+    assert_eq!(approved.progress.unwrap().state, "running");
+    fx.wait_for("every device on 1.1", &refs, |views| on(views, "1.1") == 4)
+        .await;
+    let mut done = fx.client.rollout(id).await.unwrap();
+    for _ in 0..10 {
+        if done.progress.as_ref().unwrap().state == "finished" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        done = fx.client.rollout(id).await.unwrap();
+    }
+    assert_eq!(done.progress.unwrap().state, "finished");
+    assert_eq!(done.counts.succeeded, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_in_the_first_phase_pause_the_rollout_before_the_rest_is_offered() {
+    let fx = Fixture::start();
+    // Every device's service fails on the new OS (slot b).
+    let spec = |name: &str| {
+        let mut spec = fx.spec(&format!("hw-{name}"));
+        let cmdline = fx.path(&format!("devices/{name}/cmdline"));
+        spec.health_check = vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "grep -q uplift.slot=a {} || {{ echo 'service fails on the new OS' >&2; exit 3; }}",
+                cmdline.display()
+            ),
+        ];
+        spec
+    };
+    let devices = enrolled_fleet(&fx, &["f1", "f2", "f3", "f4", "f5"], spec).await;
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    let id = fx
+        .rollout_with(phased(vec![PhaseReach::Percent(40)], false))
+        .await;
+
+    let refs: Vec<&Device> = devices.iter().collect();
+    let rolled_back = |views: &[DeviceView]| {
+        views
+            .iter()
+            .filter(|d| d.state == Some(AgentState::RolledBack))
+            .count()
+    };
+    fx.wait_for("a canary to roll back", &refs, |views| {
+        rolled_back(views) >= 1
+    })
+    .await;
+    let mut view = fx.client.rollout(id).await.unwrap();
+    for _ in 0..10 {
+        if view.progress.as_ref().unwrap().state == "paused" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        view = fx.client.rollout(id).await.unwrap();
+    }
+    let progress = view.progress.unwrap();
+    assert_eq!(progress.state, "paused", "{progress:#?}");
+    let why = progress.paused_because.unwrap();
+    assert!(
+        why.contains("over the error threshold") && why.contains("service fails on the new OS"),
+        "the operator sees which devices failed and why: {why}"
+    );
+
+    // Let the canaries finish; the three of the final phase were never offered.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let views = fx.client.devices().await.unwrap();
+    let untouched = views
+        .iter()
+        .filter(|d| {
+            d.running_version == Some(v("1.0"))
+                && d.state == Some(AgentState::Idle)
+                && d.target_version.is_none()
+        })
+        .count();
+    assert_eq!(untouched, 3, "{views:#?}");
+
+    let aborted = operator(&fx, "abort", id);
+    assert_eq!(aborted.progress.unwrap().state, "aborted");
+    let views = fx
+        .wait_for("the canaries back on 1.0", &refs, |views| {
+            views.iter().all(|d| {
+                d.running_version == Some(v("1.0")) && d.state != Some(AgentState::Testing)
+            })
+        })
+        .await;
+    assert_eq!(views.len(), 5);
+    for device in &devices {
+        let boot = device.boot_state().unwrap();
+        assert_eq!(
+            (boot.default_slot, boot.trial),
+            (SlotName::A, None),
+            "every device boots its good slot"
+        );
+    }
+}

@@ -1,0 +1,174 @@
+//! Runs the rollout engine against the database: every tick, each active
+//! rollout's state and devices are loaded, [`engine::step`] decides, and
+//! the decision is stored in one transaction that checks the rollout's
+//! revision, so two actors (a tick and a rollout being started, or two
+//! server replicas sharing the database) never both apply a step: the
+//! second finds the revision moved, reloads and decides again. Only after
+//! the store has the offers are they pushed to the devices' sessions.
+
+use crate::rollout::engine::{self, Live, Member, Rollout};
+use crate::rollout::window::Window;
+use crate::service::rollouts::{classify, Outcome as Standing};
+use crate::state::AppState;
+use crate::store::{DeviceRecord, DeviceTarget, RolloutChange, StoreError};
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+/// How often the scheduler looks at every active rollout.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// Tries before giving up a step that keeps losing to another actor.
+const ATTEMPTS: usize = 4;
+
+/// Takes rollout `id` one engine step forward at `now`, if anything is due.
+pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(), StoreError> {
+    for _ in 0..ATTEMPTS {
+        let Some(plan) = state.store.rollout_plan(id).await? else {
+            return Ok(());
+        };
+        if plan.state.is_terminal() {
+            return Ok(());
+        }
+        let Some(rollout) = state.store.rollout(id).await? else {
+            return Ok(());
+        };
+        let rows = state.store.rollout_members(id).await?;
+        let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) = rows.into_iter().unzip();
+        state.live.overlay(&mut devices);
+        let members: Vec<Member> = records
+            .into_iter()
+            .zip(&devices)
+            .map(|(record, device)| Member {
+                device: device.id.clone(),
+                phase: record.phase,
+                offered_at: record.offered_at.as_deref().and_then(parse_time),
+                outcome: record.outcome,
+                failure_accepted: record.failure_accepted,
+                live: live_of(&rollout.release, id, device),
+            })
+            .collect();
+        let window_open = match &plan.policy.window {
+            None => true,
+            Some(spec) => match Window::parse(spec) {
+                Ok(window) => window.is_open(now),
+                Err(e) => {
+                    // Checked when the rollout was made; a stored one that no
+                    // longer parses (a time zone dropped from the database)
+                    // must not open the fleet to downloads at any hour.
+                    tracing::warn!(rollout = id, "{e}; treating the window as closed");
+                    false
+                }
+            },
+        };
+        let step = engine::step(
+            Rollout {
+                policy: &plan.policy,
+                state: &plan.state,
+                window_open,
+            },
+            &members,
+            now,
+        );
+        if step == engine::Step::default() {
+            return Ok(());
+        }
+        let now_text = format_time(now);
+        let change = RolloutChange {
+            state: step.state.as_ref(),
+            offer: &step.offer,
+            settle: &step.settle,
+            accept_failures: &[],
+            now: &now_text,
+        };
+        if !state
+            .store
+            .apply_rollout_change(id, plan.revision, &change)
+            .await?
+        {
+            continue;
+        }
+        for event in &step.events {
+            tracing::info!(rollout = id, event = ?event, "rollout");
+        }
+        if !step.offer.is_empty() {
+            // Stored first: a server killed here finds the targets in the
+            // database at its next start and offers them then.
+            state.live.set_targets(
+                &step.offer,
+                &DeviceTarget {
+                    rollout_id: id,
+                    version: rollout.release.clone(),
+                    allow_downgrade: rollout.allow_downgrade,
+                    limits: rollout.limits,
+                },
+            );
+            let pushed = step
+                .offer
+                .iter()
+                .filter(|d| state.hub.notify_target_changed(d))
+                .count();
+            tracing::info!(
+                rollout = id,
+                offered = step.offer.len(),
+                pushed,
+                "rollout offers"
+            );
+        }
+        return Ok(());
+    }
+    tracing::warn!(
+        rollout = id,
+        "another actor kept changing the rollout; trying again next tick"
+    );
+    Ok(())
+}
+
+/// Advances every active rollout each [`TICK`] until shutdown.
+pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let ids = match state.store.active_rollouts().await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!("rollout scheduler: {e}");
+                continue;
+            }
+        };
+        for id in ids {
+            if let Err(e) = advance(&state, id, OffsetDateTime::now_utc()).await {
+                tracing::warn!(rollout = id, "rollout scheduler: {e}");
+            }
+        }
+    }
+}
+
+/// What a device reports about rollout `id`'s release.
+fn live_of(release: &uplift_proto::Version, id: i64, device: &DeviceRecord) -> Live {
+    match classify(release, id, device) {
+        None | Some(Standing::Pending) => Live::Idle,
+        Some(Standing::InProgress) => Live::Working,
+        Some(Standing::Succeeded) => Live::OnRelease,
+        Some(Standing::Failed) => Live::Failed {
+            error: device.last_error.as_ref().map(|e| e.to_string()),
+        },
+    }
+}
+
+fn format_time(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn parse_time(text: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+}
