@@ -224,3 +224,55 @@ async fn failures_in_the_first_phase_pause_the_rollout_before_the_rest_is_offere
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_stops_a_download_in_progress_and_the_device_stays_on_its_os() {
+    let fx = Fixture::start();
+    let addr = fx
+        .server
+        .endpoint
+        .url
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    let proxy = uplift_cli::fleet::Proxy::start(addr).await.unwrap();
+    let device = fx.device_via("slow", fx.spec("hw-slow"), &proxy.url());
+    fx.wait_enrolled(&device).await;
+    // A release sharing nothing with the factory image, over a slow link:
+    // the download takes seconds, time enough to abort it midway.
+    let image = fx.path("images/fresh-2.0.img");
+    uplift_cli::fleet::write_image(&image, IMAGE_SIZE, 2000).unwrap();
+    fx.release("2.0", DEVICE_TYPE, &image, &fx.key).await;
+    proxy.set_rate(256 * 1024);
+    let mut request = phased(vec![], false);
+    request.release = v("2.0");
+    let id = fx.rollout_with(request).await;
+    fx.wait_device(&device, "the download to start", |d| {
+        d.state == Some(AgentState::Downloading) && d.progress.is_some_and(|p| p.done_bytes > 0)
+    })
+    .await;
+
+    let aborted = operator(&fx, "abort", id);
+    assert_eq!(aborted.progress.unwrap().state, "aborted");
+    let view = fx
+        .wait_device(&device, "the device to stop and go idle", |d| {
+            d.state == Some(AgentState::Idle) && d.target_version.is_none()
+        })
+        .await;
+    assert_eq!(view.running_version, Some(v("1.0")));
+    let boot = device.boot_state().unwrap();
+    assert_eq!((boot.default_slot, boot.trial), (SlotName::A, None));
+    // Nothing more arrives: the download stopped, it did not run to its end.
+    let sent = fx.client.stats().await.unwrap().bytes_sent;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = fx.client.stats().await.unwrap().bytes_sent;
+    assert!(
+        later - sent < 64 * 1024,
+        "{} bytes after the abort",
+        later - sent
+    );
+    assert!(
+        fx.client.devices().await.unwrap()[0].state == Some(AgentState::Idle),
+        "still idle on 1.0"
+    );
+}

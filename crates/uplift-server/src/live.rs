@@ -157,6 +157,23 @@ impl LiveView {
         }
     }
 
+    /// Withdraws rollout `rollout_id`'s offer from `devices` (an abort);
+    /// a device a newer rollout targets keeps that target.
+    pub fn withdraw_targets(&self, devices: &[DeviceId], rollout_id: i64) {
+        let mut live = self.lock();
+        for id in devices {
+            if let Some(entry) = live.get_mut(id) {
+                if entry
+                    .target
+                    .as_ref()
+                    .is_some_and(|t| t.rollout_id == rollout_id)
+                {
+                    entry.target = None;
+                }
+            }
+        }
+    }
+
     pub fn target(&self, device: &DeviceId) -> Option<DeviceTarget> {
         self.lock().get(device).and_then(|d| d.target.clone())
     }

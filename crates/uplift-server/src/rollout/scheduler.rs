@@ -80,6 +80,7 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
             offer: &step.offer,
             settle: &step.settle,
             accept_failures: &[],
+            withdraw: &[],
             now: &now_text,
         };
         if !state
@@ -164,11 +165,11 @@ fn live_of(release: &uplift_proto::Version, id: i64, device: &DeviceRecord) -> L
     }
 }
 
-fn format_time(t: OffsetDateTime) -> String {
+pub(crate) fn format_time(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
 
-fn parse_time(text: &str) -> Option<OffsetDateTime> {
+pub(crate) fn parse_time(text: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
 }

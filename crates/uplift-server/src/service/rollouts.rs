@@ -202,6 +202,9 @@ pub async fn command(
         .rollout(id)
         .await?
         .ok_or(ServiceError::RolloutNotFound { id })?;
+    // Outcomes reported since the last tick count before the command: an
+    // abort must not withdraw a device that has just finished.
+    scheduler::advance(state, id, OffsetDateTime::now_utc()).await?;
     for _ in 0..4 {
         let plan = state
             .store
@@ -216,7 +219,7 @@ pub async fn command(
             .map(|(m, d)| Member {
                 device: d.id,
                 phase: m.phase,
-                offered_at: None,
+                offered_at: m.offered_at.as_deref().and_then(scheduler::parse_time),
                 outcome: m.outcome,
                 failure_accepted: m.failure_accepted,
                 live: crate::rollout::engine::Live::Idle,
@@ -225,12 +228,13 @@ pub async fn command(
         let now = OffsetDateTime::now_utc();
         let transition = crate::rollout::engine::command(&plan.state, &members, &command, by, now)
             .map_err(|source| ServiceError::Refused { id, source })?;
-        let now_text = now_rfc3339();
+        let now_text = scheduler::format_time(now);
         let change = RolloutChange {
             state: Some(&transition.state),
             offer: &[],
             settle: &[],
             accept_failures: &transition.accept_failures,
+            withdraw: &transition.withdraw,
             now: &now_text,
         };
         if state
@@ -243,8 +247,17 @@ pub async fn command(
                 command = command.name(),
                 by,
                 state = transition.state.name(),
+                withdrawn = transition.withdraw.len(),
                 "rollout command"
             );
+            if !transition.withdraw.is_empty() {
+                // Sessions send `no_update`: an agent downloading stops
+                // and stays on the OS it runs.
+                state.live.withdraw_targets(&transition.withdraw, id);
+                for device in &transition.withdraw {
+                    state.hub.notify_target_changed(device);
+                }
+            }
             // What the new state allows (the next phase's offers) goes out now.
             scheduler::advance(state, id, now).await?;
             return view(state, rollout).await;
@@ -540,10 +553,30 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(paused.progress.unwrap().state, "paused");
+        let offered: Vec<_> = ids
+            .iter()
+            .filter(|d| state.live.target(d).is_some())
+            .cloned()
+            .collect();
         let aborted = command(&state, view.id, RolloutCommandName::Abort, "op")
             .await
             .unwrap();
         assert_eq!(aborted.progress.unwrap().state, "aborted");
+        for device in &offered {
+            assert_eq!(
+                state.live.target(device),
+                None,
+                "the unfinished offer is withdrawn"
+            );
+            let stored = state.store.device(device).await.unwrap().unwrap();
+            assert_eq!(stored.target_rollout, None, "also in the database");
+        }
+        let members = state.store.rollout_members(view.id).await.unwrap();
+        let withdrawn = members
+            .iter()
+            .filter(|(m, _)| m.outcome == Some(crate::rollout::engine::Outcome::Withdrawn))
+            .count();
+        assert_eq!(withdrawn, 1);
         let err = command(&state, view.id, RolloutCommandName::Resume, "op")
             .await
             .unwrap_err();

@@ -164,6 +164,9 @@ pub struct RolloutChange<'a> {
     pub offer: &'a [DeviceId],
     pub settle: &'a [(DeviceId, Outcome, Option<String>)],
     pub accept_failures: &'a [DeviceId],
+    /// Offers taken back (an abort): the device's part ends as withdrawn
+    /// and it is no longer pointed at the rollout.
+    pub withdraw: &'a [DeviceId],
     pub now: &'a str,
 }
 

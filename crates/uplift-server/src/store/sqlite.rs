@@ -736,6 +736,24 @@ impl Store for SqliteStore {
             .await
             .map_err(db(action))?;
         }
+        for device in change.withdraw {
+            sqlx::query(
+                "UPDATE rollout_devices SET outcome = 'withdrawn' WHERE rollout_id = ? AND device_id = ? AND outcome IS NULL",
+            )
+            .bind(id)
+            .bind(device.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+            sqlx::query(
+                "UPDATE devices SET target_rollout = NULL WHERE id = ? AND target_rollout = ?",
+            )
+            .bind(device.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
         for device in change.accept_failures {
             sqlx::query("UPDATE rollout_devices SET failure_accepted = 1 WHERE rollout_id = ? AND device_id = ?")
                 .bind(id)
