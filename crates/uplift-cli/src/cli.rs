@@ -334,8 +334,10 @@ pub enum RolloutCommand {
     Resume(RolloutTarget),
     /// Start the next phase of a rollout waiting for approval.
     Approve(RolloutTarget),
-    /// End a rollout: nothing more is offered.
+    /// End a rollout: nothing more is offered, unfinished offers are withdrawn.
     Abort(RolloutTarget),
+    /// Start a new rollout of the devices that failed or timed out in this one.
+    Retry(RolloutTarget),
     /// List rollouts.
     List {
         #[arg(long)]
@@ -731,6 +733,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
             command_rollout(target, RolloutCommandName::Approve).await
         }
         RolloutCommand::Abort(target) => command_rollout(target, RolloutCommandName::Abort).await,
+        RolloutCommand::Retry(target) => command_rollout(target, RolloutCommandName::Retry).await,
         RolloutCommand::Status {
             id,
             follow,

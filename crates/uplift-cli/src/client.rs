@@ -104,6 +104,7 @@ impl AdminClient {
             RolloutCommandName::Resume => "resume",
             RolloutCommandName::Approve => "approve",
             RolloutCommandName::Abort => "abort",
+            RolloutCommandName::Retry => "retry",
         };
         self.send(
             self.http

@@ -192,7 +192,12 @@ async fn failures_in_the_first_phase_pause_the_rollout_before_the_rest_is_offere
         "the operator sees which devices failed and why: {why}"
     );
 
-    // Let the canaries finish; the three of the final phase were never offered.
+    // Let both canaries finish (and the scheduler see it); the three of the
+    // final phase were never offered.
+    fx.wait_for("both canaries to roll back", &refs, |views| {
+        rolled_back(views) == 2
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let views = fx.client.devices().await.unwrap();
     let untouched = views
@@ -207,6 +212,10 @@ async fn failures_in_the_first_phase_pause_the_rollout_before_the_rest_is_offere
 
     let aborted = operator(&fx, "abort", id);
     assert_eq!(aborted.progress.unwrap().state, "aborted");
+    // Retry is a new rollout of exactly the devices that failed.
+    let retried = operator(&fx, "retry", id);
+    assert_ne!(retried.id, id);
+    assert_eq!(retried.devices_total, 2, "{retried:#?}");
     let views = fx
         .wait_for("the canaries back on 1.0", &refs, |views| {
             views.iter().all(|d| {

@@ -223,6 +223,9 @@ pub enum RolloutCommandName {
     Resume,
     Approve,
     Abort,
+    /// Starts a new rollout, with the same release and policy, of the
+    /// devices that failed or timed out in this one (201, the new rollout).
+    Retry,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

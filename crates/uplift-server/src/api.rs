@@ -261,7 +261,7 @@ async fn show_rollout(
 async fn command_rollout(
     State(state): State<Arc<AppState>>,
     path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Json<RolloutView>, ApiError> {
+) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let Path((id, command)) = path?;
     let id: i64 = id
         .parse()
@@ -269,13 +269,19 @@ async fn command_rollout(
     let command: RolloutCommandName =
         serde_json::from_value(serde_json::Value::String(command.clone())).map_err(|_| {
             ApiError::bad_request(format!(
-                "{command:?} is not a rollout command; use pause, resume, approve or abort"
+                "{command:?} is not a rollout command; use pause, resume, approve, abort or retry"
             ))
         })?;
     // One principal today: the admin token.
-    Ok(Json(
-        service::rollouts::command(&state, id, command, "admin").await?,
-    ))
+    let view = service::rollouts::command(&state, id, command, "admin").await?;
+    let status = match command {
+        RolloutCommandName::Retry => StatusCode::CREATED,
+        RolloutCommandName::Pause
+        | RolloutCommandName::Resume
+        | RolloutCommandName::Approve
+        | RolloutCommandName::Abort => StatusCode::OK,
+    };
+    Ok((status, Json(view)))
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<ServerStats>, ApiError> {

@@ -58,6 +58,8 @@ pub enum ServiceError {
         "rollout {id} was made before phased rollouts and takes no commands; start a new rollout"
     )]
     NotPhased { id: i64 },
+    #[error("rollout {id}: no device failed or timed out in it, so there is nothing to retry")]
+    NothingToRetry { id: i64 },
     #[error("rollout {id}: {source}")]
     Refused {
         id: i64,
@@ -83,7 +85,9 @@ impl ServiceError {
             ServiceError::ChunkRefused { source, .. } => source.kind(),
             ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
             ServiceError::CheckPanicked { .. } => ErrorKind::Internal,
-            ServiceError::NotPhased { .. } | ServiceError::Refused { .. } => ErrorKind::Conflict,
+            ServiceError::NotPhased { .. }
+            | ServiceError::Refused { .. }
+            | ServiceError::NothingToRetry { .. } => ErrorKind::Conflict,
             ServiceError::NoDevices { .. } | ServiceError::Policy(_) | ServiceError::Window(_) => {
                 ErrorKind::BadRequest
             }

@@ -184,6 +184,51 @@ fn pause_sentence(reason: &PauseReason) -> String {
     }
 }
 
+/// A new rollout of rollout `id`'s release, with its policy and limits, to
+/// the devices that failed or timed out in it.
+pub async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
+    let rollout = state
+        .store
+        .rollout(id)
+        .await?
+        .ok_or(ServiceError::RolloutNotFound { id })?;
+    let plan = state
+        .store
+        .rollout_plan(id)
+        .await?
+        .ok_or(ServiceError::NotPhased { id })?;
+    let failed: Vec<_> = state
+        .store
+        .rollout_members(id)
+        .await?
+        .into_iter()
+        .filter(|(m, _)| {
+            matches!(
+                m.outcome,
+                Some(
+                    crate::rollout::engine::Outcome::Failed
+                        | crate::rollout::engine::Outcome::TimedOut
+                )
+            )
+        })
+        .map(|(_, d)| d.id)
+        .collect();
+    if failed.is_empty() {
+        return Err(ServiceError::NothingToRetry { id });
+    }
+    start(
+        state,
+        RolloutCreate {
+            release: rollout.release,
+            devices: Some(failed),
+            allow_downgrade: rollout.allow_downgrade,
+            limits: rollout.limits,
+            policy: plan.policy,
+        },
+    )
+    .await
+}
+
 /// Applies an operator's command to rollout `id`, as `by`.
 pub async fn command(
     state: &AppState,
@@ -196,6 +241,7 @@ pub async fn command(
         RolloutCommandName::Resume => Command::Resume,
         RolloutCommandName::Approve => Command::Approve,
         RolloutCommandName::Abort => Command::Abort,
+        RolloutCommandName::Retry => return retry(state, id).await,
     };
     let rollout = state
         .store
@@ -581,6 +627,10 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("it is over"), "{err}");
+        let err = command(&state, view.id, RolloutCommandName::Retry, "op")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no device failed"), "{err}");
         let err = command(&state, 999, RolloutCommandName::Pause, "op")
             .await
             .unwrap_err();
