@@ -206,6 +206,10 @@ pub struct PolicyArgs {
     /// Start each phase after the first only on `uplift rollout approve`.
     #[arg(long)]
     approval: bool,
+    /// Devices of the release's type that enroll while the rollout runs
+    /// join it, in its current phase (not with --devices).
+    #[arg(long, conflicts_with = "devices")]
+    dynamic: bool,
     /// Pause the rollout when more than this share of a phase's finished
     /// devices failed (default 0: the first failure pauses).
     #[arg(long, value_name = "PERCENT", default_value_t = 0)]
@@ -243,6 +247,7 @@ impl PolicyArgs {
             success_percent: self.success_percent,
             soak_seconds: self.soak_secs,
             approval: self.approval,
+            dynamic: self.dynamic,
             error_threshold: ErrorThreshold {
                 percent: self.error_threshold,
                 min_finished: self.min_finished,

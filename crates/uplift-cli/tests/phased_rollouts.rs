@@ -285,3 +285,47 @@ async fn abort_stops_a_download_in_progress_and_the_device_stays_on_its_os() {
         "still idle on 1.0"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_enrolling_during_a_dynamic_rollout_joins_it_and_upgrades() {
+    let fx = Fixture::start();
+    let first = fx.device("early", fx.spec("hw-early"));
+    let offline = fx.device("offline", fx.spec("hw-offline"));
+    fx.wait_enrolled(&first).await;
+    fx.wait_enrolled(&offline).await;
+    // One device stays offline, so the rollout is still running when the
+    // newcomer enrolls.
+    let mut offline = offline;
+    offline.stop();
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    let mut request = phased(vec![], false);
+    request.policy.dynamic = true;
+    let id = fx.rollout_with(request).await;
+    fx.wait_device(&first, "the first device on 1.1", |d| {
+        d.running_version == Some(v("1.1")) && d.state == Some(AgentState::Idle)
+    })
+    .await;
+
+    let late = fx.device("late", fx.spec("hw-late"));
+    fx.wait_device(&late, "the newcomer on 1.1", |d| {
+        d.running_version == Some(v("1.1")) && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let view = fx.client.rollout(id).await.unwrap();
+    assert_eq!(
+        view.devices_total, 3,
+        "the newcomer is one of the rollout's devices"
+    );
+    assert_eq!(view.counts.succeeded, 2);
+
+    // A dynamic rollout targets a type, never a list.
+    let mut listed = phased(vec![], false);
+    listed.policy.dynamic = true;
+    listed.devices = Some(vec![id_of(&first)]);
+    let err = fx.client.start_rollout(&listed).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("a dynamic rollout targets every device"),
+        "{err:#}"
+    );
+}

@@ -94,6 +94,11 @@ pub struct RolloutPolicy {
     /// When devices may start downloading; any time when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<WindowSpec>,
+    /// Devices of the release's type that enroll while the rollout runs
+    /// join it, in its current phase (only for rollouts of a whole device
+    /// type, not of a list).
+    #[serde(default)]
+    pub dynamic: bool,
 }
 
 /// A maintenance window as written: it opens at each time the cron

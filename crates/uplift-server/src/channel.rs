@@ -302,6 +302,7 @@ async fn enroll(
         .await
         .map_err(storage)?;
     tracing::info!(device = %id, %device_type, %hardware_id, "device enrolled");
+    crate::service::rollouts::join_dynamic(state, &id, &device_type).await;
     Ok((id, true))
 }
 

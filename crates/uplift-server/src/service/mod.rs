@@ -58,6 +58,8 @@ pub enum ServiceError {
         "rollout {id} was made before phased rollouts and takes no commands; start a new rollout"
     )]
     NotPhased { id: i64 },
+    #[error("a dynamic rollout targets every device of the release's type; leave out the device list, or the dynamic option")]
+    DynamicList,
     #[error("rollout {id}: no device failed or timed out in it, so there is nothing to retry")]
     NothingToRetry { id: i64 },
     #[error("rollout {id}: {source}")]
@@ -88,9 +90,10 @@ impl ServiceError {
             ServiceError::NotPhased { .. }
             | ServiceError::Refused { .. }
             | ServiceError::NothingToRetry { .. } => ErrorKind::Conflict,
-            ServiceError::NoDevices { .. } | ServiceError::Policy(_) | ServiceError::Window(_) => {
-                ErrorKind::BadRequest
-            }
+            ServiceError::NoDevices { .. }
+            | ServiceError::DynamicList
+            | ServiceError::Policy(_)
+            | ServiceError::Window(_) => ErrorKind::BadRequest,
         }
     }
 }

@@ -14,7 +14,7 @@ use uplift_proto::api::{
     RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutStatus, RolloutView,
 };
 use uplift_proto::channel::AgentState;
-use uplift_proto::Version;
+use uplift_proto::{DeviceId, DeviceType, Version};
 
 /// Starts a rollout of `request.release` to the listed devices, or to every
 /// device of the release's type, and pushes the new target to those online.
@@ -27,6 +27,10 @@ pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<Ro
             .ok_or(ServiceError::ReleaseNotFound {
                 version: request.release,
             })?;
+    request.policy.check()?;
+    if request.policy.dynamic && request.devices.is_some() {
+        return Err(ServiceError::DynamicList);
+    }
     let devices = match request.devices {
         Some(devices) => devices,
         None => state.store.devices_of_type(&release.device_type).await?,
@@ -36,7 +40,6 @@ pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<Ro
             device_type: release.device_type,
         });
     }
-    request.policy.check()?;
     if let Some(window) = &request.policy.window {
         Window::parse(window)?;
     }
@@ -181,6 +184,39 @@ fn pause_sentence(reason: &PauseReason) -> String {
             "phase {phase} finished with {succeeded} devices on the release, {needed} needed; \
              `uplift rollout resume` accepts it and starts the next phase"
         ),
+    }
+}
+
+/// A device that just enrolled joins every running dynamic rollout of its
+/// type, in that rollout's current phase, and is offered what the phase
+/// allows at once. Failures are logged: enrollment never fails for them.
+pub async fn join_dynamic(state: &AppState, device: &DeviceId, device_type: &DeviceType) {
+    let joined = async {
+        for (id, plan) in state.store.rollout_plans().await? {
+            let phase = match &plan.state {
+                RolloutState::Running { phase, .. }
+                | RolloutState::AwaitingApproval { phase }
+                | RolloutState::Paused { phase, .. } => *phase,
+                RolloutState::Aborted { .. } | RolloutState::Finished { .. } => continue,
+            };
+            if !plan.policy.dynamic {
+                continue;
+            }
+            let Some(rollout) = state.store.rollout(id).await? else {
+                continue;
+            };
+            if rollout.device_type != *device_type {
+                continue;
+            }
+            if state.store.add_rollout_member(id, device, phase).await? {
+                tracing::info!(rollout = id, device = %device, phase, "device joined a dynamic rollout");
+                scheduler::advance(state, id, OffsetDateTime::now_utc()).await?;
+            }
+        }
+        Ok::<(), crate::store::StoreError>(())
+    };
+    if let Err(e) = joined.await {
+        tracing::warn!(device = %device, "joining dynamic rollouts: {e}");
     }
 }
 

@@ -212,6 +212,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The engine's policy and state of a rollout; `None` for a rollout
     /// made before phased rollouts (or one that does not exist).
     async fn rollout_plan(&self, id: i64) -> StoreResult<Option<RolloutPlan>>;
+    /// Adds a device to a running rollout in `phase` (a dynamic rollout's
+    /// newcomer), ending its unfinished parts in older rollouts as
+    /// superseded; false if it is already a member.
+    async fn add_rollout_member(&self, id: i64, device: &DeviceId, phase: u32)
+        -> StoreResult<bool>;
     /// Every phased rollout's plan, by rollout.
     async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>>;
     /// How many devices each phase of each rollout holds: (rollout, phase, devices).

@@ -609,6 +609,40 @@ impl Store for SqliteStore {
             .map(|(_, plan)| plan))
     }
 
+    async fn add_rollout_member(
+        &self,
+        id: i64,
+        device: &DeviceId,
+        phase: u32,
+    ) -> StoreResult<bool> {
+        let action = "adding a device to a rollout";
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        let added = sqlx::query(
+            "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, phase) VALUES (?, ?, ?)",
+        )
+        .bind(id)
+        .bind(device.as_str())
+        .bind(i64::from(phase))
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?
+        .rows_affected()
+            > 0;
+        if added {
+            sqlx::query(
+                "UPDATE rollout_devices SET outcome = 'superseded' \
+                 WHERE device_id = ? AND rollout_id < ? AND outcome IS NULL",
+            )
+            .bind(device.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
+        tx.commit().await.map_err(db(action))?;
+        Ok(added)
+    }
+
     async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>> {
         let rows: Vec<(i64, Option<String>, Option<String>, i64)> = sqlx::query_as(
             "SELECT id, policy, state, revision FROM rollouts WHERE state IS NOT NULL ORDER BY id",
