@@ -446,6 +446,7 @@ impl Tally {
 mod tests {
     use super::*;
     use crate::service::testing;
+    use crate::store::MemberRecord;
     use uplift_proto::channel::Report;
     use uplift_proto::{DeviceId, ErrorKind};
 
@@ -677,6 +678,53 @@ mod tests {
         let err = start(&state, bad).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::BadRequest);
         assert!(err.to_string().contains("phases are cumulative"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_restarted_server_carries_a_phased_rollout_on_without_offering_anything_twice() {
+        use uplift_proto::policy::{PhaseReach, RolloutPolicy};
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let state = testing::state(dir.path()).await;
+            testing::release(&state, "2", "gw").await;
+            for i in 0..4 {
+                testing::device(&state, &format!("dev-{i}"), "gw").await;
+            }
+            let mut request = create("2", None);
+            request.policy = RolloutPolicy {
+                phases: vec![PhaseReach::Percent(50)],
+                approval: true,
+                success_percent: Some(50),
+                ..RolloutPolicy::default()
+            };
+            start(&state, request).await.unwrap().id
+        };
+        let offered_before =
+            |members: &[(MemberRecord, DeviceRecord)]| -> Vec<(String, Option<String>)> {
+                members
+                    .iter()
+                    .map(|(m, d)| (d.id.to_string(), m.offered_at.clone()))
+                    .collect()
+            };
+
+        // A new process on the same data directory: state from the database only.
+        let state = testing::state(dir.path()).await;
+        let members = state.store.rollout_members(id).await.unwrap();
+        let before = offered_before(&members);
+        assert_eq!(before.iter().filter(|(_, at)| at.is_some()).count(), 2);
+        crate::rollout::scheduler::advance(&state, id, OffsetDateTime::now_utc())
+            .await
+            .unwrap();
+        let members = state.store.rollout_members(id).await.unwrap();
+        assert_eq!(
+            offered_before(&members),
+            before,
+            "a tick after the restart offers nothing again"
+        );
+        // The devices' targets survive in the database for the sessions.
+        let targeted = state.store.device_targets().await.unwrap();
+        assert_eq!(targeted.len(), 2);
+        assert!(targeted.iter().all(|(_, t)| t.rollout_id == id));
     }
 
     #[tokio::test]
