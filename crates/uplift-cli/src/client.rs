@@ -77,6 +77,23 @@ impl AdminClient {
         }
     }
 
+    /// The Prometheus exposition, as a scraper would get it.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let response = self
+            .http
+            .get(self.url(METRICS_PATH)?)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = response.status();
+        let text = response.text().await.context("reading the metrics")?;
+        if !status.is_success() {
+            anyhow::bail!("server answered {status}: {text}");
+        }
+        Ok(text)
+    }
+
     pub async fn devices(&self) -> anyhow::Result<Vec<DeviceView>> {
         self.send(self.http.get(self.url(DEVICES_PATH)?)).await
     }

@@ -139,6 +139,26 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
     }
     assert_eq!(done.progress.unwrap().state, "finished");
     assert_eq!(done.counts.succeeded, 4);
+
+    // What Prometheus scrapes says the same (device rows reach the
+    // database in batches, so allow it a few seconds).
+    let mut metrics = String::new();
+    for _ in 0..10 {
+        metrics = fx.client.metrics().await.unwrap();
+        if metrics.contains(r#"uplift_devices{state="idle",version="1.1"} 4"#) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        metrics.contains(r#"uplift_devices{state="idle",version="1.1"} 4"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"uplift_rollouts{state="finished"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("uplift_sessions_connected 4"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,8 @@ pub const DEVICES_PATH: &str = "/api/v1/devices";
 pub const RELEASES_PATH: &str = "/api/v1/releases";
 pub const ROLLOUTS_PATH: &str = "/api/v1/rollouts";
 pub const STATS_PATH: &str = "/api/v1/stats";
+/// Prometheus metrics (OpenMetrics text), behind the admin token.
+pub const METRICS_PATH: &str = "/metrics";
 pub const MISSING_CHUNKS_PATH: &str = "/api/v1/chunks/missing";
 pub const HEALTH_PATH: &str = "/healthz";
 

@@ -56,6 +56,7 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/v1/rollouts/{id}", get(show_rollout))
         .route("/api/v1/rollouts/{id}/{command}", post(command_rollout))
         .route(STATS_PATH, get(stats))
+        .route(METRICS_PATH, get(metrics))
         .layer(DefaultBodyLimit::max(
             MAX_MANIFEST_BYTES.max(MAX_STORED_CHUNK),
         ))
@@ -282,6 +283,18 @@ async fn command_rollout(
         | RolloutCommandName::Abort => StatusCode::OK,
     };
     Ok((status, Json(view)))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let text = service::metrics::render(&state).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<ServerStats>, ApiError> {

@@ -4,6 +4,7 @@
 //! and get typed answers or a [`ServiceError`].
 
 pub mod devices;
+pub mod metrics;
 pub mod releases;
 pub mod rollouts;
 pub mod stats;
@@ -68,6 +69,8 @@ pub enum ServiceError {
         #[source]
         source: crate::rollout::engine::TransitionError,
     },
+    #[error("encoding the metrics failed: {0}")]
+    Metrics(String),
     #[error(transparent)]
     Policy(#[from] uplift_proto::policy::PolicyError),
     #[error(transparent)]
@@ -86,7 +89,7 @@ impl ServiceError {
             }
             ServiceError::ChunkRefused { source, .. } => source.kind(),
             ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
-            ServiceError::CheckPanicked { .. } => ErrorKind::Internal,
+            ServiceError::CheckPanicked { .. } | ServiceError::Metrics(_) => ErrorKind::Internal,
             ServiceError::NotPhased { .. }
             | ServiceError::Refused { .. }
             | ServiceError::NothingToRetry { .. } => ErrorKind::Conflict,

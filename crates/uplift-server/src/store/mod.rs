@@ -131,6 +131,15 @@ pub struct RolloutRecord {
     pub created_at: String,
 }
 
+/// One group of [`Store::device_census`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCensus {
+    pub state: Option<String>,
+    pub version: Option<String>,
+    pub error_kind: Option<String>,
+    pub devices: u64,
+}
+
 /// A new rollout's engine policy and first state.
 #[derive(Debug, Clone, Copy)]
 pub struct NewPlan<'a> {
@@ -186,6 +195,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn device_by_public_key(&self, public_key: &str) -> StoreResult<Option<DeviceRecord>>;
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>>;
     async fn count_devices(&self) -> StoreResult<u64>;
+    /// Devices by (state, running version, last error kind) as stored:
+    /// text as in the database, `None` where a device has not said.
+    async fn device_census(&self) -> StoreResult<Vec<DeviceCensus>>;
     async fn devices_of_type(&self, device_type: &DeviceType) -> StoreResult<Vec<DeviceId>>;
     /// Writes many devices' live state in one transaction; returns the rows written.
     async fn record_reports(&self, states: &[ReportedState]) -> StoreResult<u64>;

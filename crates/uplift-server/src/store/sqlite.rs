@@ -395,6 +395,25 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
+    async fn device_census(&self) -> StoreResult<Vec<DeviceCensus>> {
+        let rows: Vec<(Option<String>, Option<String>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT state, running_version, error_kind, COUNT(*) FROM devices \
+             GROUP BY state, running_version, error_kind",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting devices by state"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(state, version, error_kind, n)| DeviceCensus {
+                state,
+                version,
+                error_kind,
+                devices: n.max(0) as u64,
+            })
+            .collect())
+    }
+
     async fn record_reports(&self, states: &[ReportedState]) -> StoreResult<u64> {
         let mut tx = self
             .pool
