@@ -32,8 +32,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use uplift_proto::api::{
     admin_chunk_path, device_chunk_path, DeviceView, MissingChunksResponse, ReleaseView,
-    RolloutView, ServerEndpoint, DEVICES_PATH, HEALTH_PATH, MISSING_CHUNKS_PATH, RELEASES_PATH,
-    ROLLOUTS_PATH, STATS_PATH,
+    RolloutView, ServerEndpoint, DEVICES_PATH, HEALTH_PATH, METRICS_PATH, MISSING_CHUNKS_PATH,
+    RELEASES_PATH, ROLLOUTS_PATH, STATS_PATH,
 };
 use uplift_proto::channel::{self, ServerMsg, CHANNEL_PATH, MAX_FRAME_BYTES};
 use uplift_proto::{ChunkHash, DeviceId, ErrorKind, WireError};
@@ -1179,7 +1179,7 @@ async fn admin_endpoints_refuse_missing_and_wrong_tokens() {
     let mut srv = Server::start().await;
     use reqwest::Method;
     let chunk = admin_chunk_path(&sha256(b"x"));
-    let endpoints: [(Method, &str, &str); 9] = [
+    let endpoints: [(Method, &str, &str); 12] = [
         (Method::GET, DEVICES_PATH, ""),
         (Method::GET, RELEASES_PATH, ""),
         (Method::POST, RELEASES_PATH, "{}"),
@@ -1192,7 +1192,10 @@ async fn admin_endpoints_refuse_missing_and_wrong_tokens() {
             r#"{"release":"1.0","devices":null}"#,
         ),
         (Method::GET, "/api/v1/rollouts/1", ""),
+        (Method::POST, "/api/v1/rollouts/1/abort", ""),
+        (Method::POST, "/api/v1/rollouts/1/retry", ""),
         (Method::GET, STATS_PATH, ""),
+        (Method::GET, METRICS_PATH, ""),
     ];
     let wrong: [Option<String>; 6] = [
         None,
