@@ -12,4 +12,4 @@ pub mod pace;
 pub mod policy;
 
 pub use error::{ErrorKind, WireError};
-pub use names::{ChunkHash, DeviceId, DeviceType, HardwareId, NameError, SlotName, Version};
+pub use names::{ChunkHash, DeviceId, DeviceType, HardwareId, NameError, SlotName, Tag, Version};

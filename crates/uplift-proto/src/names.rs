@@ -103,6 +103,14 @@ validated_name!(
     HardwareId, "hardware id", 128, |c: char| is_name_char(c) || c == ':', "may hold only ASCII letters, digits, '-', '_', '.' and ':'"
 );
 
+validated_name!(
+    /// An operator's label on a device (`site-berlin`, `canary`, `floor:3`):
+    /// devices are listed and rollouts targeted by them. ASCII letters,
+    /// digits, '-', '_', '.', ':' and '=', at most 64, case-sensitive. No
+    /// space or comma, so a list of tags can be written with either.
+    Tag, "tag", 64, |c: char| is_name_char(c) || matches!(c, ':' | '='), "may hold only ASCII letters, digits, '-', '_', '.', ':' and '='"
+);
+
 /// An OS version such as `1.0`, `1.10.2` or `2024.05-rc1`.
 ///
 /// Ordering compares dot-separated parts: numeric parts numerically, others
@@ -410,6 +418,32 @@ mod tests {
         assert!("..".parse::<Version>().is_err());
         assert!("".parse::<Version>().is_err());
         assert!("1.0/../x".parse::<Version>().is_err());
+    }
+
+    #[test]
+    fn tags_refuse_what_a_list_or_a_path_could_misread() {
+        for good in ["canary", "site-berlin", "floor:3", "ring=1", "A.b_c"] {
+            assert_eq!(good.parse::<Tag>().unwrap().as_str(), good);
+        }
+        for (bad, why) in [
+            ("", "must not be empty"),
+            ("a b", "may hold only"),
+            ("a,b", "may hold only"),
+            ("a/b", "may hold only"),
+            ("%", "may hold only"),
+            ("caf\u{e9}", "may hold only"),
+            ("-x", "must not start"),
+            (".hidden", "must not start"),
+        ] {
+            let err = bad.parse::<Tag>().unwrap_err();
+            assert!(err.to_string().contains(why), "{bad:?}: {err}");
+            assert_eq!(err.what, "tag");
+        }
+        assert!("t".repeat(64).parse::<Tag>().is_ok());
+        let err = "t".repeat(65).parse::<Tag>().unwrap_err();
+        assert_eq!(err.reason, "is too long");
+        let err = serde_json::from_str::<Tag>("\"a b\"").unwrap_err();
+        assert!(err.to_string().contains("invalid tag"), "{err}");
     }
 
     #[test]
