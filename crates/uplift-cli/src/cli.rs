@@ -11,10 +11,13 @@ use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
 use std::time::Duration;
 use uplift_proto::api::{
-    DeviceView, DownloadLimits, RolloutCommandName, RolloutCreate, RolloutStatus, RolloutView,
+    DeviceEvent, DeviceEventKind, DevicePage, DeviceQuery, DeviceView, DownloadLimits,
+    HistoryQuery, RolloutCommandName, RolloutCreate, RolloutStatus, RolloutView, TagChange,
+    TagSelector,
 };
+use uplift_proto::channel::AgentState;
 use uplift_proto::policy::{ErrorThreshold, PhaseReach, Ramp, RolloutPolicy, WindowSpec};
-use uplift_proto::{DeviceId, DeviceType, Version};
+use uplift_proto::{DeviceId, DeviceType, Tag, Version};
 use uplift_release::build::{create_release, ReleaseOptions};
 use uplift_release::keys::{write_public_key_file, ReleaseSigningKey};
 
@@ -170,13 +173,131 @@ pub enum ReleaseCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum DevicesCommand {
-    /// Every enrolled device with its version, state, progress and last error.
+    /// Enrolled devices with their version, state, progress, last error and
+    /// tags, by ID, a page at a time (every filter given must hold).
     List {
+        #[command(flatten)]
+        filter: DeviceFilterArgs,
+        /// Devices per page (1 to 1000; the server's default is 100).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Start after this cursor: the `next` a previous page printed.
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
+        /// Every page, not only the first.
+        #[arg(long)]
+        all: bool,
+        /// The page as JSON (`{"devices": [...], "next": ...}`).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// One device.
+    Show {
+        id: DeviceId,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Change a device's tags (rollouts can target devices by tag).
+    Tag {
+        id: DeviceId,
+        /// Tags to add; repeat or separate with commas.
+        #[arg(long, value_delimiter = ',', value_name = "TAG")]
+        add: Vec<Tag>,
+        /// Tags to remove; repeat or separate with commas.
+        #[arg(long, value_delimiter = ',', value_name = "TAG")]
+        remove: Vec<Tag>,
+        /// Remove every tag first.
+        #[arg(long)]
+        clear: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// What happened to a device: offers, downloads (bytes fetched and
+    /// reused), installs, reboots, commits, rollbacks and errors, oldest first.
+    History {
+        id: DeviceId,
+        /// Events at most (1 to 1000; the server's default is 100), the newest.
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Only events older than this event id (the cursor a page printed).
+        #[arg(long, value_name = "EVENT")]
+        before: Option<i64>,
+        /// The page as JSON, newest first.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// Which devices `devices list` shows (`uplift_proto::api::DeviceQuery`).
+#[derive(Debug, Clone, Args)]
+pub struct DeviceFilterArgs {
+    /// Only devices of this type.
+    #[arg(long = "type", value_name = "TYPE")]
+    device_type: Option<DeviceType>,
+    /// Only devices running this version.
+    #[arg(long)]
+    version: Option<Version>,
+    /// Only devices in this state: idle, downloading, verifying,
+    /// reboot_pending, testing, failed or rolled_back.
+    #[arg(long, value_parser = parse_state)]
+    state: Option<AgentState>,
+    /// Only devices with this tag.
+    #[arg(long)]
+    tag: Option<Tag>,
+    /// Only devices connected now.
+    #[arg(long, conflicts_with = "offline")]
+    online: bool,
+    /// Only devices not connected now.
+    #[arg(long)]
+    offline: bool,
+    /// Only devices whose ID or hardware ID holds this text.
+    #[arg(long, value_name = "TEXT")]
+    search: Option<String>,
+    /// Only devices last seen before this time (RFC 3339), or never.
+    #[arg(long, value_name = "TIME")]
+    seen_before: Option<String>,
+    /// Only devices seen after this time (RFC 3339); connected ones count as seen now.
+    #[arg(long, value_name = "TIME")]
+    seen_after: Option<String>,
+}
+
+impl DeviceFilterArgs {
+    fn into_query(self) -> DeviceQuery {
+        DeviceQuery {
+            device_type: self.device_type,
+            version: self.version,
+            state: self.state,
+            tag: self.tag,
+            online: match (self.online, self.offline) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            q: self.search,
+            seen_before: self.seen_before,
+            seen_after: self.seen_after,
+            after: None,
+            limit: None,
+        }
+    }
+}
+
+/// An agent state by its wire name (`reboot_pending`).
+fn parse_state(text: &str) -> Result<AgentState, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| {
+        format!(
+            "{text:?} is not a device state; give idle, downloading, verifying, reboot_pending, \
+             testing, failed or rolled_back"
+        )
+    })
 }
 
 #[derive(Debug, Args)]
@@ -207,7 +328,8 @@ pub struct PolicyArgs {
     #[arg(long)]
     approval: bool,
     /// Devices of the release's type that enroll while the rollout runs
-    /// join it, in its current phase (not with --devices).
+    /// join it, in its current phase (not with --devices); with --tag,
+    /// devices that come to have the tags join it.
     #[arg(long, conflicts_with = "devices")]
     dynamic: bool,
     /// Pause the rollout when more than this share of a phase's finished
@@ -296,6 +418,13 @@ fn parse_reach(text: &str) -> Result<PhaseReach, String> {
     }
 }
 
+/// How `rollout start --tag` matches several tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TagsMatch {
+    Any,
+    All,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// Offer a release to devices (all devices of its type unless --devices is given).
@@ -305,6 +434,21 @@ pub enum RolloutCommand {
         /// Comma-separated device IDs.
         #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<DeviceId>>,
+        /// Only devices of the release's type with this tag; repeat (or
+        /// separate with commas) for several, see --tags-match.
+        #[arg(
+            long = "tag",
+            value_name = "TAG",
+            value_delimiter = ',',
+            conflicts_with = "devices"
+        )]
+        tags: Vec<Tag>,
+        /// With several --tag: devices with any of them, or with all.
+        #[arg(long, value_enum, default_value_t = TagsMatch::Any, requires = "tags")]
+        tags_match: TagsMatch,
+        /// Only devices running this version; repeat for several.
+        #[arg(long = "from-version", value_name = "VERSION", value_delimiter = ',')]
+        from_versions: Vec<Version>,
         /// Allow devices to install a version older than the one they run.
         #[arg(long)]
         allow_downgrade: bool,
@@ -316,8 +460,10 @@ pub enum RolloutCommand {
         /// others wait their turn.
         #[arg(long, value_name = "N")]
         max_downloading: Option<NonZeroU32>,
+        // Boxed: the policy's many options would make every other command
+        // as large as this one.
         #[command(flatten)]
-        policy: PolicyArgs,
+        policy: Box<PolicyArgs>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -362,15 +508,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Keygen { out } => keygen(out),
         Command::Release(cmd) => release(cmd).await,
-        Command::Devices(DevicesCommand::List { json, server }) => {
-            let devices = server.client()?.devices().await?;
-            if json {
-                print_json(&devices)?;
-            } else {
-                println!("{}", devices_table(&devices));
-            }
-            Ok(0)
-        }
+        Command::Devices(cmd) => devices(cmd).await,
         Command::Rollout(cmd) => rollout(cmd).await,
         Command::Demo {
             devices,
@@ -565,6 +703,222 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
     }
 }
 
+async fn devices(cmd: DevicesCommand) -> anyhow::Result<i32> {
+    match cmd {
+        DevicesCommand::List {
+            filter,
+            limit,
+            after,
+            all,
+            json,
+            server,
+        } => {
+            let client = server.client()?;
+            let query = DeviceQuery {
+                after,
+                limit,
+                ..filter.into_query()
+            };
+            let page = if all {
+                DevicePage {
+                    devices: client.devices_where(&query).await?,
+                    next: None,
+                }
+            } else {
+                client.devices_page(&query).await?
+            };
+            if json {
+                print_json(&page)?;
+            } else {
+                println!("{}", devices_table(&page.devices));
+                if let Some(next) = &page.next {
+                    println!("next page: --after {next}");
+                }
+            }
+            Ok(0)
+        }
+        DevicesCommand::Show { id, json, server } => {
+            let device = server.client()?.device(&id).await?;
+            if json {
+                print_json(&device)?;
+            } else {
+                println!("{}", device_text(&device));
+            }
+            Ok(0)
+        }
+        DevicesCommand::Tag {
+            id,
+            add,
+            remove,
+            clear,
+            json,
+            server,
+        } => {
+            let change = TagChange {
+                set: clear.then(Vec::new),
+                remove,
+                add,
+            };
+            let device = server.client()?.tag_device(&id, &change).await?;
+            if json {
+                print_json(&device)?;
+            } else {
+                println!("{}: {}", device.id, tags_text(&device.tags));
+            }
+            Ok(0)
+        }
+        DevicesCommand::History {
+            id,
+            limit,
+            before,
+            json,
+            server,
+        } => {
+            let history = server
+                .client()?
+                .device_history(&id, &HistoryQuery { limit, before })
+                .await?;
+            if json {
+                print_json(&history)?;
+            } else {
+                println!("{}", history_table(&history.events));
+                if let Some(next) = history.next {
+                    println!("older events: --before {next}");
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn tags_text(tags: &[Tag]) -> String {
+    if tags.is_empty() {
+        "no tags".to_owned()
+    } else {
+        tags.iter().map(Tag::as_str).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// One device, a field a line.
+fn device_text(d: &DeviceView) -> String {
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+    let lines = [
+        ("id", d.id.to_string()),
+        ("type", d.device_type.to_string()),
+        ("hardware id", d.hardware_id.to_string()),
+        ("online", if d.online { "yes" } else { "no" }.to_owned()),
+        (
+            "version",
+            or_dash(d.running_version.as_ref().map(ToString::to_string)),
+        ),
+        ("state", or_dash(d.state.map(|s| s.as_str().to_owned()))),
+        (
+            "target",
+            or_dash(d.target_version.as_ref().map(|v| match d.rollout_id {
+                Some(r) => format!("{v} (rollout {r})"),
+                None => v.to_string(),
+            })),
+        ),
+        (
+            "progress",
+            or_dash(d.progress.filter(|p| p.total_bytes > 0).map(|p| {
+                format!(
+                    "{} of {} ({} fetched)",
+                    mib(p.done_bytes),
+                    mib(p.total_bytes),
+                    mib(p.fetched_bytes)
+                )
+            })),
+        ),
+        (
+            "last error",
+            or_dash(d.last_error.as_ref().map(ToString::to_string)),
+        ),
+        ("tags", tags_text(&d.tags)),
+        ("enrolled", d.enrolled_at.clone()),
+        ("last seen", or_dash(d.last_seen.clone())),
+    ];
+    lines
+        .iter()
+        .map(|(name, value)| format!("{:<12} {value}", format!("{name}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// What one history event says, in words.
+fn event_text(event: &DeviceEventKind) -> String {
+    match event {
+        DeviceEventKind::Offer {
+            rollout_id,
+            version,
+        } => format!("rollout {rollout_id} offers {version}"),
+        DeviceEventKind::Withdrawn { rollout_id } => {
+            format!("rollout {rollout_id} withdrew its offer")
+        }
+        DeviceEventKind::DownloadStarted {
+            version,
+            total_bytes: Some(total),
+        } => format!("{version}, {} image", mib(*total)),
+        DeviceEventKind::DownloadStarted {
+            version,
+            total_bytes: None,
+        } => version.to_string(),
+        DeviceEventKind::DownloadFinished {
+            version,
+            total_bytes,
+            fetched_bytes,
+            reused_bytes,
+        } => format!(
+            "{version}: fetched {}, reused {} of {}",
+            mib(*fetched_bytes),
+            mib(*reused_bytes),
+            mib(*total_bytes)
+        ),
+        DeviceEventKind::Installed { version, slot } => {
+            format!("{version} written to slot {slot} and verified")
+        }
+        DeviceEventKind::Reboot {
+            from_slot,
+            to_slot,
+            running_version,
+        } => format!("slot {from_slot} -> {to_slot}, running {running_version}"),
+        DeviceEventKind::Committed { version, slot } => format!("{version} on slot {slot}"),
+        DeviceEventKind::RolledBack {
+            version,
+            running_version,
+            error,
+        } => {
+            let tried = version
+                .as_ref()
+                .map_or("the trial".to_owned(), ToString::to_string);
+            match error {
+                Some(error) => format!("{tried} failed, back on {running_version}: {error}"),
+                None => format!("{tried} failed, back on {running_version}"),
+            }
+        }
+        DeviceEventKind::Error { version, error } => match version {
+            Some(version) => format!("{version}: {error}"),
+            None => error.to_string(),
+        },
+    }
+}
+
+/// Events oldest first (a page comes newest first).
+fn history_table(events: &[DeviceEvent]) -> String {
+    let rows = events
+        .iter()
+        .rev()
+        .map(|e| {
+            vec![
+                e.at.clone(),
+                e.event.name().to_owned(),
+                event_text(&e.event),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["AT", "EVENT", "WHAT"], &rows)
+}
+
 pub fn devices_table(devices: &[DeviceView]) -> String {
     let dash = || "-".to_owned();
     let rows = devices
@@ -587,6 +941,7 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
                     .filter(|p| p.total_bytes > 0)
                     .map(|p| format!("{}%", p.done_bytes * 100 / p.total_bytes))
                     .unwrap_or_else(dash),
+                d.tags.iter().map(Tag::as_str).collect::<Vec<_>>().join(","),
                 d.last_error
                     .as_ref()
                     .map(ToString::to_string)
@@ -596,7 +951,7 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
         .collect::<Vec<_>>();
     table(
         &[
-            "ID", "TYPE", "ONLINE", "VERSION", "STATE", "TARGET", "PROGRESS", "ERROR",
+            "ID", "TYPE", "ONLINE", "VERSION", "STATE", "TARGET", "PROGRESS", "TAGS", "ERROR",
         ],
         &rows,
     )
@@ -647,6 +1002,13 @@ fn rollout_line(r: &RolloutView) -> String {
     );
     if r.superseded > 0 {
         line += &format!(" ({} moved to a newer rollout)", r.superseded);
+    }
+    if let Some(tags) = &r.tags {
+        line += &format!("; devices with {tags}");
+    }
+    if !r.from_versions.is_empty() {
+        let versions: Vec<&str> = r.from_versions.iter().map(Version::as_str).collect();
+        line += &format!("; only from {}", versions.join(" or "));
     }
     if let Some(k) = r.limits.max_downloading {
         line += &format!(
@@ -703,6 +1065,9 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
         RolloutCommand::Start {
             release,
             devices,
+            tags,
+            tags_match,
+            from_versions,
             allow_downgrade,
             max_bytes_per_sec,
             max_downloading,
@@ -716,6 +1081,12 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                 .start_rollout(&RolloutCreate {
                     release,
                     devices,
+                    tags: match (tags.is_empty(), tags_match) {
+                        (true, _) => None,
+                        (false, TagsMatch::Any) => Some(TagSelector::Any(tags)),
+                        (false, TagsMatch::All) => Some(TagSelector::All(tags)),
+                    },
+                    from_versions,
                     allow_downgrade,
                     limits: DownloadLimits {
                         max_bytes_per_sec,
@@ -838,6 +1209,8 @@ mod rollout_output_tests {
             limits: Default::default(),
             waiting_for_turn: 0,
             progress: None,
+            tags: None,
+            from_versions: Vec::new(),
         }
     }
 

@@ -6,7 +6,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::path::Path;
 use std::time::Duration;
 use uplift_proto::api::*;
-use uplift_proto::{ChunkHash, WireError};
+use uplift_proto::{ChunkHash, DeviceId, WireError};
 use uplift_release::build::ReleaseDir;
 
 #[derive(Debug, Clone)]
@@ -94,8 +94,60 @@ impl AdminClient {
         Ok(text)
     }
 
+    /// One page of devices passing `query`'s filters.
+    pub async fn devices_page(&self, query: &DeviceQuery) -> anyhow::Result<DevicePage> {
+        self.send(self.http.get(self.url(DEVICES_PATH)?).query(query))
+            .await
+    }
+
+    /// Every device passing `query`'s filters, page after page from
+    /// `query.after` (largest pages unless `query.limit` says otherwise).
+    pub async fn devices_where(&self, query: &DeviceQuery) -> anyhow::Result<Vec<DeviceView>> {
+        let mut query = DeviceQuery {
+            limit: Some(query.limit.unwrap_or(MAX_PAGE_LIMIT)),
+            ..query.clone()
+        };
+        let mut devices = Vec::new();
+        loop {
+            let page = self.devices_page(&query).await?;
+            devices.extend(page.devices);
+            match page.next {
+                Some(next) => query.after = Some(next),
+                None => return Ok(devices),
+            }
+        }
+    }
+
+    /// Every enrolled device, by ID.
     pub async fn devices(&self) -> anyhow::Result<Vec<DeviceView>> {
-        self.send(self.http.get(self.url(DEVICES_PATH)?)).await
+        self.devices_where(&DeviceQuery::default()).await
+    }
+
+    pub async fn device(&self, id: &DeviceId) -> anyhow::Result<DeviceView> {
+        self.send(self.http.get(self.url(&device_path(id))?)).await
+    }
+
+    pub async fn tag_device(
+        &self,
+        id: &DeviceId,
+        change: &TagChange,
+    ) -> anyhow::Result<DeviceView> {
+        self.send(self.http.put(self.url(&device_tags_path(id))?).json(change))
+            .await
+    }
+
+    /// One page of a device's history, newest first.
+    pub async fn device_history(
+        &self,
+        id: &DeviceId,
+        query: &HistoryQuery,
+    ) -> anyhow::Result<DeviceHistory> {
+        self.send(
+            self.http
+                .get(self.url(&device_history_path(id))?)
+                .query(query),
+        )
+        .await
     }
 
     pub async fn releases(&self) -> anyhow::Result<Vec<ReleaseView>> {

@@ -577,6 +577,8 @@ async fn run_fleet(
         .start_rollout(&RolloutCreate {
             release: to.clone(),
             devices: None,
+            tags: None,
+            from_versions: Vec::new(),
             allow_downgrade: false,
             limits: opts.limits,
             policy: Default::default(),

@@ -11,7 +11,7 @@ use common::*;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use uplift_cli::fleet::{stop_all, write_image, Device, Proxy, ServerProcess};
-use uplift_proto::api::{DeviceView, RolloutStatus, RolloutView, ServerEndpoint};
+use uplift_proto::api::{DevicePage, DeviceView, RolloutStatus, RolloutView, ServerEndpoint};
 use uplift_proto::channel::AgentState;
 use uplift_proto::SlotName;
 use uplift_release::build::ReleaseDir;
@@ -145,12 +145,13 @@ async fn power_on(fx: &Fixture, count: usize, url: &str) -> Vec<Device> {
     .unwrap()
 }
 
-/// `uplift devices list --json`, the operator's view, run as the operator runs it.
+/// `uplift devices list --all --json`, the operator's view, run as the operator runs it.
 async fn devices_list_json(server: &ServerProcess) -> Vec<DeviceView> {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_uplift"))
         .args([
             "devices",
             "list",
+            "--all",
             "--json",
             "--server",
             &server.endpoint.url,
@@ -167,7 +168,10 @@ async fn devices_list_json(server: &ServerProcess) -> Vec<DeviceView> {
         "uplift devices list failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout).expect("devices list --json is JSON")
+    let page: DevicePage =
+        serde_json::from_slice(&output.stdout).expect("devices list --json is a page of devices");
+    assert_eq!(page.next, None, "--all is every page");
+    page.devices
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,6 +64,8 @@ fn phased(phases: Vec<PhaseReach>, approval: bool) -> RolloutCreate {
     RolloutCreate {
         release: v("1.1"),
         devices: None,
+        tags: None,
+        from_versions: Vec::new(),
         allow_downgrade: false,
         limits: Default::default(),
         policy: RolloutPolicy {

@@ -280,6 +280,8 @@ async fn a_downgrade_is_refused_unless_the_rollout_explicitly_allows_it() {
         .start_rollout(&uplift_proto::api::RolloutCreate {
             release: v("0.9"),
             devices: None,
+            tags: None,
+            from_versions: Vec::new(),
             allow_downgrade: true,
             limits: Default::default(),
             policy: Default::default(),

@@ -3,7 +3,7 @@
 
 use crate::channel::{AgentState, Progress};
 use crate::error::WireError;
-use crate::names::{ChunkHash, DeviceId, DeviceType, HardwareId, Version};
+use crate::names::{ChunkHash, DeviceId, DeviceType, HardwareId, SlotName, Tag, Version};
 use serde::{Deserialize, Serialize};
 use std::num::{NonZeroU32, NonZeroU64};
 
@@ -62,6 +62,220 @@ pub fn device_span_path(version: &Version, first: u64, count: u64) -> String {
 /// Most chunk entries one span request may ask for.
 pub const MAX_SPAN_CHUNKS: u64 = 256;
 
+/// One device (`GET`).
+pub fn device_path(id: &DeviceId) -> String {
+    format!("{DEVICES_PATH}/{id}")
+}
+
+/// A device's tags (`PUT` a [`TagChange`]).
+pub fn device_tags_path(id: &DeviceId) -> String {
+    format!("{DEVICES_PATH}/{id}/tags")
+}
+
+/// A device's history (`GET`, newest first; `?limit=&before=`).
+pub fn device_history_path(id: &DeviceId) -> String {
+    format!("{DEVICES_PATH}/{id}/history")
+}
+
+/// Devices or events on one page when the request does not say.
+pub const DEFAULT_PAGE_LIMIT: u32 = 100;
+/// Most devices or events one page may hold.
+pub const MAX_PAGE_LIMIT: u32 = 1000;
+
+/// `GET /api/v1/devices` query: every filter given must hold. Pages are
+/// in device ID order; pass a page's `next` as `after` for the next one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_type: Option<DeviceType>,
+    /// The version the device runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<Version>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<AgentState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Tag>,
+    /// Connected now (true) or not (false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<bool>,
+    /// Text found anywhere in the device ID or the hardware ID (ASCII
+    /// letters compare case-insensitively).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// RFC 3339. Last seen before this time, or never; a connected device
+    /// counts as seen now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_before: Option<String>,
+    /// RFC 3339. Last seen after this time (a connected device counts as
+    /// seen now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_after: Option<String>,
+    /// The `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// 1 to [`MAX_PAGE_LIMIT`], default [`DEFAULT_PAGE_LIMIT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// One page of devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DevicePage {
+    pub devices: Vec<DeviceView>,
+    /// Where the next page starts (`after`); `None` on the last page. A
+    /// page may hold fewer devices than asked for and still have a next.
+    pub next: Option<String>,
+}
+
+/// `PUT /api/v1/devices/{id}/tags`: the device's tags become `set` (or
+/// stay as they are without it), less `remove`, plus `add`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<Vec<Tag>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<Tag>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<Tag>,
+}
+
+/// Devices a rollout targets by their tags: `{"any": [..]}` (at least one
+/// of them) or `{"all": [..]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TagSelector {
+    Any(Vec<Tag>),
+    All(Vec<Tag>),
+}
+
+impl TagSelector {
+    pub fn tags(&self) -> &[Tag] {
+        match self {
+            TagSelector::Any(tags) | TagSelector::All(tags) => tags,
+        }
+    }
+
+    /// Whether a device with `tags` is selected.
+    pub fn matches(&self, tags: &[Tag]) -> bool {
+        match self {
+            TagSelector::Any(wanted) => wanted.iter().any(|t| tags.contains(t)),
+            TagSelector::All(wanted) => wanted.iter().all(|t| tags.contains(t)),
+        }
+    }
+}
+
+impl std::fmt::Display for TagSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (mode, tags) = match self {
+            TagSelector::Any(tags) => ("any of", tags),
+            TagSelector::All(tags) => ("all of", tags),
+        };
+        let names: Vec<&str> = tags.iter().map(Tag::as_str).collect();
+        write!(f, "{mode} the tags {}", names.join(", "))
+    }
+}
+
+/// One entry of a device's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceEvent {
+    /// Grows with every event the server records; `before` pages by it.
+    pub id: i64,
+    /// RFC 3339, when the server learned of it.
+    pub at: String,
+    #[serde(flatten)]
+    pub event: DeviceEventKind,
+}
+
+/// What happened, as the server saw it: offers are the server's own
+/// decisions, the rest is read from the device's reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeviceEventKind {
+    /// A rollout offered the device a release.
+    Offer { rollout_id: i64, version: Version },
+    /// The rollout took its offer back (an abort).
+    Withdrawn { rollout_id: i64 },
+    DownloadStarted {
+        version: Version,
+        /// The image's size, if the device said it yet.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        total_bytes: Option<u64>,
+    },
+    /// Every chunk is in the inactive slot. `fetched_bytes` came from the
+    /// server (compressed, in this attempt); `reused_bytes` is the rest of
+    /// the image, taken from the running slot, a journal of an earlier
+    /// attempt or made from patches (image bytes less those fetched, so an
+    /// estimate where fetched chunks were compressed).
+    DownloadFinished {
+        version: Version,
+        total_bytes: u64,
+        fetched_bytes: u64,
+        reused_bytes: u64,
+    },
+    /// The release is written to `slot` and verified; it is tried at the
+    /// next boot.
+    Installed { version: Version, slot: SlotName },
+    /// The device came back from a reboot (into a trial, or back to its
+    /// old slot after one).
+    Reboot {
+        from_slot: SlotName,
+        to_slot: SlotName,
+        running_version: Version,
+    },
+    /// The trial boot passed its health check; the device stays on it.
+    Committed { version: Version, slot: SlotName },
+    /// The trial of `version` failed and the device is back on `running_version`.
+    RolledBack {
+        version: Option<Version>,
+        running_version: Version,
+        error: Option<WireError>,
+    },
+    /// An attempt at `version` failed.
+    Error {
+        version: Option<Version>,
+        error: WireError,
+    },
+}
+
+impl DeviceEventKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceEventKind::Offer { .. } => "offer",
+            DeviceEventKind::Withdrawn { .. } => "withdrawn",
+            DeviceEventKind::DownloadStarted { .. } => "download_started",
+            DeviceEventKind::DownloadFinished { .. } => "download_finished",
+            DeviceEventKind::Installed { .. } => "installed",
+            DeviceEventKind::Reboot { .. } => "reboot",
+            DeviceEventKind::Committed { .. } => "committed",
+            DeviceEventKind::RolledBack { .. } => "rolled_back",
+            DeviceEventKind::Error { .. } => "error",
+        }
+    }
+}
+
+/// `GET /api/v1/devices/{id}/history` query.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// 1 to [`MAX_PAGE_LIMIT`], default [`DEFAULT_PAGE_LIMIT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Only events older than this event id (the previous page's `next`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<i64>,
+}
+
+/// One page of a device's history, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceHistory {
+    pub device: DeviceId,
+    pub events: Vec<DeviceEvent>,
+    /// `before` for the next (older) page; `None` when there is none.
+    pub next: Option<i64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceView {
     pub id: DeviceId,
@@ -77,6 +291,9 @@ pub struct DeviceView {
     /// RFC 3339.
     pub enrolled_at: String,
     pub last_seen: Option<String>,
+    /// The operator's tags, in order.
+    #[serde(default)]
+    pub tags: Vec<Tag>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,8 +330,15 @@ pub struct MissingChunksResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutCreate {
     pub release: Version,
-    /// Devices to target; `None` means every device of the release's type.
+    /// Devices to target; `None` means every device of the release's type
+    /// (or, with `tags`, those of them with the tags).
     pub devices: Option<Vec<DeviceId>>,
+    /// Only devices of the release's type with these tags; not with `devices`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<TagSelector>,
+    /// Only devices running one of these versions (any when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_versions: Vec<Version>,
     #[serde(default)]
     pub allow_downgrade: bool,
     #[serde(default)]
@@ -196,6 +420,12 @@ pub struct RolloutView {
     /// phased rollouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<RolloutProgress>,
+    /// The tags it was started on, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<TagSelector>,
+    /// The versions its devices had to run, if it was limited to some.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_versions: Vec<Version>,
 }
 
 /// A phased rollout's engine state, as the operator sees it.
@@ -273,4 +503,68 @@ pub struct ServerEndpoint {
     /// Set when the token was generated into the data directory.
     pub admin_token_file: Option<std::path::PathBuf>,
     pub enrollment_token_file: Option<std::path::PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(list: &[&str]) -> Vec<Tag> {
+        list.iter().map(|t| t.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_tag_selector_is_one_word_for_its_mode_and_matches_by_it() {
+        let any: TagSelector = serde_json::from_str(r#"{"any": ["canary", "berlin"]}"#).unwrap();
+        assert_eq!(any, TagSelector::Any(tags(&["canary", "berlin"])));
+        assert!(any.matches(&tags(&["berlin"])));
+        let all = TagSelector::All(tags(&["canary", "berlin"]));
+        assert!(!all.matches(&tags(&["berlin"])));
+        assert!(all.matches(&tags(&["berlin", "x", "canary"])));
+        assert_eq!(
+            serde_json::to_value(&all).unwrap(),
+            serde_json::json!({"all": ["canary", "berlin"]})
+        );
+        assert_eq!(all.to_string(), "all of the tags canary, berlin");
+        assert!(serde_json::from_str::<TagSelector>(r#"{"some": ["a"]}"#).is_err());
+        assert!(serde_json::from_str::<TagSelector>(r#"{"any": ["a b"]}"#).is_err());
+    }
+
+    #[test]
+    fn a_device_event_is_flat_json_named_by_its_kind() {
+        let event = DeviceEvent {
+            id: 7,
+            at: "2026-01-01T00:00:00Z".into(),
+            event: DeviceEventKind::DownloadFinished {
+                version: "1.1".parse().unwrap(),
+                total_bytes: 100,
+                fetched_bytes: 30,
+                reused_bytes: 70,
+            },
+        };
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "id": 7, "at": "2026-01-01T00:00:00Z", "kind": "download_finished",
+                "version": "1.1", "total_bytes": 100, "fetched_bytes": 30, "reused_bytes": 70
+            })
+        );
+        assert_eq!(json["kind"], event.event.name());
+        assert_eq!(serde_json::from_value::<DeviceEvent>(json).unwrap(), event);
+    }
+
+    #[test]
+    fn older_answers_without_the_new_fields_still_parse() {
+        let device = serde_json::json!({
+            "id": "dev-1", "device_type": "gw", "hardware_id": "hw", "online": false,
+            "running_version": null, "state": null, "target_version": null, "rollout_id": null,
+            "progress": null, "last_error": null, "enrolled_at": "then", "last_seen": null
+        });
+        let view: DeviceView = serde_json::from_value(device).unwrap();
+        assert!(view.tags.is_empty());
+        let create: RolloutCreate =
+            serde_json::from_str(r#"{"release": "1.1", "devices": null}"#).unwrap();
+        assert_eq!((create.tags, create.from_versions), (None, vec![]));
+    }
 }

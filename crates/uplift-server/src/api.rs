@@ -13,7 +13,7 @@ use crate::service::{self, releases::store_of, Stored};
 use crate::state::{AppState, Listed, ServedRelease};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -47,7 +47,11 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
 
 fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
+        // Devices: list (filters, pages), one device, its tags, its history.
         .route(DEVICES_PATH, get(list_devices))
+        .route("/api/v1/devices/{id}", get(show_device))
+        .route("/api/v1/devices/{id}/tags", put(tag_device))
+        .route("/api/v1/devices/{id}/history", get(device_history))
         .route(RELEASES_PATH, get(list_releases).post(upload_release))
         .route(MISSING_CHUNKS_PATH, post(missing_chunks))
         .route("/api/v1/chunks/{hash}", put(upload_chunk))
@@ -153,10 +157,60 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 
 // ----- devices
 
+/// A query string as `T`, or a 400 that says which parameter is wrong.
+fn parse_query<T>(query: Result<Query<T>, QueryRejection>, expected: &str) -> Result<T, ApiError> {
+    query.map(|Query(q)| q).map_err(|e| {
+        ApiError::bad_request(format!("query refused: {}; {expected}", e.body_text()))
+            .with_source(e)
+    })
+}
+
+fn device_id(id: Result<Path<String>, PathRejection>) -> Result<DeviceId, ApiError> {
+    let Path(id) = id?;
+    parse_name(&id)
+}
+
 async fn list_devices(
     State(state): State<Arc<AppState>>,
-) -> Result<Json<Vec<DeviceView>>, ApiError> {
-    Ok(Json(service::devices::list(&state).await?))
+    query: Result<Query<DeviceQuery>, QueryRejection>,
+) -> Result<Json<DevicePage>, ApiError> {
+    let query = parse_query(
+        query,
+        "filters are device_type, version, state, tag, online, q, seen_before, seen_after; \
+         pages take after and limit",
+    )?;
+    let listing = service::devices::Listing::parse(query)?;
+    Ok(Json(service::devices::list(&state, listing).await?))
+}
+
+async fn show_device(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let id = device_id(id)?;
+    Ok(Json(service::devices::get(&state, &id).await?))
+}
+
+async fn tag_device(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let id = device_id(id)?;
+    let change: TagChange = parse_json(&body?)?;
+    Ok(Json(
+        service::devices::change_tags(&state, &id, change).await?,
+    ))
+}
+
+async fn device_history(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Json<DeviceHistory>, ApiError> {
+    let id = device_id(id)?;
+    let query = parse_query(query, "a history takes limit and before")?;
+    Ok(Json(service::devices::history(&state, &id, query).await?))
 }
 
 // ----- releases and chunks
@@ -457,7 +511,7 @@ async fn device_span(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     version: Result<Path<String>, PathRejection>,
-    query: Result<axum::extract::Query<SpanQuery>, QueryRejection>,
+    query: Result<Query<SpanQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     serve_span(state, headers, version, query, StoredKind::Chunk).await
 }
@@ -467,7 +521,7 @@ async fn device_patch_span(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     version: Result<Path<String>, PathRejection>,
-    query: Result<axum::extract::Query<SpanQuery>, QueryRejection>,
+    query: Result<Query<SpanQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     serve_span(state, headers, version, query, StoredKind::Patch).await
 }
@@ -479,13 +533,13 @@ async fn serve_span(
     state: Arc<AppState>,
     headers: HeaderMap,
     version: Result<Path<String>, PathRejection>,
-    query: Result<axum::extract::Query<SpanQuery>, QueryRejection>,
+    query: Result<Query<SpanQuery>, QueryRejection>,
     kind: StoredKind,
 ) -> Result<Response, ApiError> {
     device_of(&state, &headers)?;
     let Path(version) = version?;
     let version: Version = parse_name(&version)?;
-    let axum::extract::Query(span) = query.map_err(|e| {
+    let Query(span) = query.map_err(|e| {
         ApiError::bad_request(format!(
             "{}; ask for ?first=N&count=M with 1 <= M <= {MAX_SPAN_CHUNKS}",
             e.body_text()

@@ -302,7 +302,8 @@ async fn enroll(
         .await
         .map_err(storage)?;
     tracing::info!(device = %id, %device_type, %hardware_id, "device enrolled");
-    crate::service::rollouts::join_dynamic(state, &id, &device_type).await;
+    // A new device has no tags yet: it joins the rollouts of its whole type.
+    crate::service::rollouts::join_dynamic(state, &id, &device_type, &[]).await;
     Ok((id, true))
 }
 

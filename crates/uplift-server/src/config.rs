@@ -84,6 +84,13 @@ pub struct Limits {
     /// (one token bucket shared by every download). Unset: no cap.
     #[serde(default)]
     pub max_egress_bytes_per_sec: Option<u64>,
+    /// History events kept per device (`uplift devices history`); older
+    /// ones are dropped as new ones are written.
+    #[serde(default = "default_history_per_device")]
+    pub device_history_per_device: u32,
+    /// Days a history event is kept at most; 0 keeps them regardless of age.
+    #[serde(default = "default_history_days")]
+    pub device_history_days: u32,
 }
 
 impl Default for Limits {
@@ -97,6 +104,8 @@ impl Default for Limits {
             channel_idle_timeout_secs: default_idle_secs(),
             auth_timeout_secs: default_auth_secs(),
             max_egress_bytes_per_sec: None,
+            device_history_per_device: default_history_per_device(),
+            device_history_days: default_history_days(),
         }
     }
 }
@@ -110,6 +119,11 @@ impl Limits {
     }
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_secs(self.auth_timeout_secs)
+    }
+    /// How long history events are kept, if there is an age limit.
+    pub fn device_history_age(&self) -> Option<Duration> {
+        (self.device_history_days > 0)
+            .then(|| Duration::from_secs(u64::from(self.device_history_days) * 86_400))
     }
 }
 
@@ -141,6 +155,14 @@ fn default_idle_secs() -> u64 {
 }
 fn default_auth_secs() -> u64 {
     15
+}
+// Two hundred events are some twenty upgrades with their steps, and at
+// 100 000 devices some 20 million rows: a few GiB of SQLite at most.
+fn default_history_per_device() -> u32 {
+    200
+}
+fn default_history_days() -> u32 {
+    90
 }
 
 impl ServerConfig {
@@ -181,6 +203,10 @@ impl ServerConfig {
             ("max_device_channels", self.limits.max_device_channels),
             ("max_download_requests", self.limits.max_download_requests),
             ("max_admin_requests", self.limits.max_admin_requests),
+            (
+                "device_history_per_device",
+                self.limits.device_history_per_device as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(format!("[limits] {name} must be at least 1"));
@@ -206,5 +232,17 @@ mod tests {
             toml::from_str("data_dir = \"/x\"\n[limits]\nauth_timeout_secs = 2\n").unwrap();
         assert_eq!(config.limits.auth_timeout(), Duration::from_secs(2));
         assert_eq!(config.limits.handshake_timeout(), Duration::from_secs(10));
+        assert_eq!(config.limits.device_history_per_device, 200);
+        assert_eq!(
+            config.limits.device_history_age(),
+            Some(Duration::from_secs(90 * 86_400))
+        );
+        let config: ServerConfig = toml::from_str(
+            "data_dir = \"/x\"\n[limits]\ndevice_history_per_device = 0\ndevice_history_days = 0\n",
+        )
+        .unwrap();
+        assert_eq!(config.limits.device_history_age(), None);
+        let err = config.check().unwrap_err();
+        assert!(err.contains("device_history_per_device"), "{err}");
     }
 }

@@ -110,6 +110,11 @@ impl Hub {
         self.lock().sessions.contains_key(device)
     }
 
+    /// The devices connected now, in no particular order.
+    pub fn online_ids(&self) -> Vec<DeviceId> {
+        self.lock().sessions.keys().cloned().collect()
+    }
+
     pub fn online_count(&self) -> usize {
         self.lock().sessions.len()
     }

@@ -9,6 +9,7 @@ pub mod channel;
 pub mod chunks;
 pub mod config;
 pub mod error;
+pub mod history;
 pub mod hub;
 pub mod live;
 pub mod rollout;
@@ -211,6 +212,7 @@ impl Server {
                 live: self.state.live.clone(),
                 store: self.state.store.clone(),
                 stats: self.state.stats.clone(),
+                retention: writer::Retention::from(&self.state.limits),
             }
             .run(writer_stop),
         );

@@ -11,16 +11,22 @@
 //! refuses anything from an older one. After a server restart the view
 //! starts empty, so any new session outranks what the database holds.
 
+use crate::history::{self, Pending};
 use crate::hub::SessionSerial;
-use crate::store::{DeviceRecord, DeviceTarget, ReportedState};
+use crate::store::{DeviceRecord, DeviceTarget, NewEvent, ReportedState};
 use std::collections::HashMap;
 use std::sync::Mutex;
+use uplift_proto::api::DeviceEventKind;
 use uplift_proto::channel::Report;
 use uplift_proto::DeviceId;
 
 #[derive(Debug, Default)]
 pub struct LiveView {
     devices: Mutex<HashMap<DeviceId, LiveDevice>>,
+    /// History events for the writer. Taken only ever inside `devices`'
+    /// lock (never the other way round), so a device's events queue in the
+    /// order its state changed.
+    history: Mutex<Pending>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -82,6 +88,12 @@ impl LiveView {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn history(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.history
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Loads what the database says each device should run (once, at start).
     pub fn load_targets(&self, targets: Vec<(DeviceId, DeviceTarget)>) {
         let mut devices = self.lock();
@@ -119,6 +131,19 @@ impl LiveView {
         } else {
             Dirty::Progress
         };
+        if let Some(old) = &entry.report {
+            let events = history::events_between(old, report);
+            if !events.is_empty() {
+                let mut history = self.history();
+                for event in events {
+                    history.push(NewEvent {
+                        device: device.clone(),
+                        at: now.to_owned(),
+                        event,
+                    });
+                }
+            }
+        }
         entry.session = Some(session);
         entry.report = Some(report.clone());
         entry.last_seen = Some(now.to_owned());
@@ -141,10 +166,12 @@ impl LiveView {
         }
     }
 
-    /// Points devices at a rollout, unless a newer rollout already targets
-    /// them (rollout IDs grow, and a device's newest rollout decides).
-    pub fn set_targets(&self, devices: &[DeviceId], target: &DeviceTarget) {
+    /// Offers a rollout's release to devices (their history says so at
+    /// `now`), unless a newer rollout already targets them (rollout IDs
+    /// grow, and a device's newest rollout decides).
+    pub fn set_targets(&self, devices: &[DeviceId], target: &DeviceTarget, now: &str) {
         let mut live = self.lock();
+        let mut history = self.history();
         for id in devices {
             let entry = live.entry(id.clone()).or_default();
             if entry
@@ -153,14 +180,23 @@ impl LiveView {
                 .is_none_or(|t| t.rollout_id <= target.rollout_id)
             {
                 entry.target = Some(target.clone());
+                history.push(NewEvent {
+                    device: id.clone(),
+                    at: now.to_owned(),
+                    event: DeviceEventKind::Offer {
+                        rollout_id: target.rollout_id,
+                        version: target.version.clone(),
+                    },
+                });
             }
         }
     }
 
     /// Withdraws rollout `rollout_id`'s offer from `devices` (an abort);
     /// a device a newer rollout targets keeps that target.
-    pub fn withdraw_targets(&self, devices: &[DeviceId], rollout_id: i64) {
+    pub fn withdraw_targets(&self, devices: &[DeviceId], rollout_id: i64, now: &str) {
         let mut live = self.lock();
+        let mut history = self.history();
         for id in devices {
             if let Some(entry) = live.get_mut(id) {
                 if entry
@@ -169,9 +205,30 @@ impl LiveView {
                     .is_some_and(|t| t.rollout_id == rollout_id)
                 {
                     entry.target = None;
+                    history.push(NewEvent {
+                        device: id.clone(),
+                        at: now.to_owned(),
+                        event: DeviceEventKind::Withdrawn { rollout_id },
+                    });
                 }
             }
         }
+    }
+
+    /// Up to `max` history events for the writer, oldest first, and how
+    /// many were dropped unwritten since the last call.
+    pub fn take_events(&self, max: usize) -> (Vec<NewEvent>, u64) {
+        self.history().take(max)
+    }
+
+    /// Events that could not be written: first in line again.
+    pub fn requeue_events(&self, batch: Vec<NewEvent>) {
+        self.history().requeue(batch);
+    }
+
+    /// History events waiting to be written.
+    pub fn pending_events(&self) -> usize {
+        self.history().len()
     }
 
     pub fn target(&self, device: &DeviceId) -> Option<DeviceTarget> {
@@ -409,11 +466,34 @@ pub(crate) mod tests {
             allow_downgrade: false,
             limits: Default::default(),
         };
-        live.set_targets(std::slice::from_ref(&dev), &target(2, "1.2"));
+        live.set_targets(std::slice::from_ref(&dev), &target(2, "1.2"), "t1");
         // A slower, older rollout finishing its write later changes nothing.
-        live.set_targets(std::slice::from_ref(&dev), &target(1, "1.1"));
+        live.set_targets(std::slice::from_ref(&dev), &target(1, "1.1"), "t2");
         assert_eq!(live.target(&dev), Some(target(2, "1.2")));
-        live.set_targets(std::slice::from_ref(&dev), &target(3, "1.3"));
+        live.set_targets(std::slice::from_ref(&dev), &target(3, "1.3"), "t3");
         assert_eq!(live.target(&dev), Some(target(3, "1.3")));
+        // The history holds the offers that took effect, in order.
+        let (events, _) = live.take_events(10);
+        let offered: Vec<(&str, &DeviceEventKind)> =
+            events.iter().map(|e| (e.at.as_str(), &e.event)).collect();
+        assert_eq!(
+            offered,
+            [
+                (
+                    "t1",
+                    &DeviceEventKind::Offer {
+                        rollout_id: 2,
+                        version: "1.2".parse().unwrap()
+                    }
+                ),
+                (
+                    "t3",
+                    &DeviceEventKind::Offer {
+                        rollout_id: 3,
+                        version: "1.3".parse().unwrap()
+                    }
+                ),
+            ]
+        );
     }
 }

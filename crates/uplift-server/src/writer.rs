@@ -1,8 +1,10 @@
 //! Persists the live view ([`crate::live`]) in batches, off the device
-//! sessions: state changes every [`FLUSH_EVERY`], at most [`BATCH_ROWS`]
-//! rows per transaction, and everything (progress too) at shutdown. A slow
-//! or failing database delays only this task; sessions keep reading frames
-//! and answering pings, and what could not be written is tried again.
+//! sessions: state changes and history events every [`FLUSH_EVERY`], at
+//! most [`BATCH_ROWS`] rows per transaction, and everything (progress too)
+//! at shutdown. A slow or failing database delays only this task; sessions
+//! keep reading frames and answering pings, and what could not be written
+//! is tried again. It also keeps the device history within its limits:
+//! per device as events are written, by age every [`PRUNE_EVERY`].
 
 use crate::live::LiveView;
 use crate::state::Stats;
@@ -18,12 +20,31 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
 const BATCH_ROWS: usize = 500;
 /// After a failed write, wait this long before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How often history events past their age limit are dropped.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 #[derive(Debug)]
 pub struct Writer {
     pub live: Arc<LiveView>,
     pub store: Arc<dyn Store>,
     pub stats: Arc<Stats>,
+    pub retention: Retention,
+}
+
+/// How much device history is kept (`[limits]` of the server config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub per_device: u32,
+    pub max_age: Option<Duration>,
+}
+
+impl From<&crate::config::Limits> for Retention {
+    fn from(limits: &crate::config::Limits) -> Self {
+        Self {
+            per_device: limits.device_history_per_device,
+            max_age: limits.device_history_age(),
+        }
+    }
 }
 
 impl Writer {
@@ -31,6 +52,8 @@ impl Writer {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -38,6 +61,7 @@ impl Writer {
                         tokio::time::sleep(RETRY_AFTER).await;
                     }
                 }
+                _ = prune.tick() => self.prune(time::OffsetDateTime::now_utc()).await,
                 _ = stop.changed() => break,
             }
         }
@@ -50,8 +74,68 @@ impl Writer {
         }
     }
 
+    /// Drops history events older than the age limit, as of `now`.
+    pub async fn prune(&self, now: time::OffsetDateTime) {
+        let Some(age) = self.retention.max_age else {
+            return;
+        };
+        // Stored times have as many fraction digits as they need, so their
+        // text sorts as their time only to the second (which keeps the
+        // time index usable): a cutoff in whole seconds, one second early,
+        // never drops an event younger than the limit.
+        let cutoff = now - age;
+        let cutoff = cutoff
+            - time::Duration::nanoseconds(i64::from(cutoff.nanosecond()))
+            - time::Duration::SECOND;
+        let cutoff = crate::rollout::scheduler::format_time(cutoff);
+        match self.store.prune_events(&cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, before = %cutoff, "pruned device history"),
+            Err(e) => tracing::warn!("cannot prune device history: {e}; trying again later"),
+        }
+    }
+
     /// Writes what the database lacks; false if a write failed.
     pub async fn flush(&self, all: bool) -> bool {
+        let states = self.flush_states(all).await;
+        // Events after the states they tell of, so a history never runs
+        // ahead of the device row; and not while the database fails.
+        states && self.flush_events().await
+    }
+
+    /// Writes the history events waiting; false if a write failed.
+    async fn flush_events(&self) -> bool {
+        loop {
+            let (batch, dropped) = self.live.take_events(BATCH_ROWS);
+            if dropped > 0 {
+                tracing::warn!(
+                    events = dropped,
+                    "dropped device history events the database could not take in time"
+                );
+            }
+            if batch.is_empty() {
+                return true;
+            }
+            let last = batch.len() < BATCH_ROWS;
+            if let Err(e) = self
+                .store
+                .record_events(&batch, self.retention.per_device)
+                .await
+            {
+                tracing::error!(
+                    events = batch.len(),
+                    "cannot write device history: {e}; it stays in memory and is written again"
+                );
+                self.live.requeue_events(batch);
+                return false;
+            }
+            if last {
+                return true;
+            }
+        }
+    }
+
+    async fn flush_states(&self, all: bool) -> bool {
         let pending = self.live.take_dirty(all);
         let mut ok = true;
         for batch in pending.chunks(BATCH_ROWS) {
@@ -89,6 +173,28 @@ mod tests {
     use uplift_proto::channel::AgentState;
     use uplift_proto::DeviceId;
 
+    async fn enroll(store: &SqliteStore, id: &DeviceId, n: usize) {
+        store
+            .insert_device(&NewDevice {
+                id: id.clone(),
+                device_type: "gw".parse().unwrap(),
+                hardware_id: format!("hw-{n}").parse().unwrap(),
+                public_key: format!("key-{n}"),
+                enrolled_at: "2026-12-02T00:00:00Z".into(),
+            })
+            .await
+            .unwrap();
+    }
+
+    fn writer(live: &Arc<LiveView>, store: &Arc<SqliteStore>, retention: Retention) -> Writer {
+        Writer {
+            live: live.clone(),
+            store: store.clone(),
+            stats: Arc::new(Stats::default()),
+            retention,
+        }
+    }
+
     #[tokio::test]
     async fn batches_reach_the_database_and_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -98,23 +204,14 @@ mod tests {
             .map(|i| format!("dev-{i:04}").parse().unwrap())
             .collect();
         for (i, id) in ids.iter().enumerate() {
-            store
-                .insert_device(&NewDevice {
-                    id: id.clone(),
-                    device_type: "gw".parse().unwrap(),
-                    hardware_id: format!("hw-{i}").parse().unwrap(),
-                    public_key: format!("key-{i}"),
-                    enrolled_at: "2026-12-02T00:00:00Z".into(),
-                })
-                .await
-                .unwrap();
+            enroll(&store, id, i).await;
         }
         let live = Arc::new(LiveView::default());
-        let writer = Writer {
-            live: live.clone(),
-            store: store.clone(),
-            stats: Arc::new(Stats::default()),
-        };
+        let writer = writer(
+            &live,
+            &store,
+            Retention::from(&crate::config::Limits::default()),
+        );
         let session = SessionSerial::from_raw(1);
         for id in &ids {
             live.apply(
@@ -163,5 +260,69 @@ mod tests {
         let first = devices.iter().find(|d| d.id == ids[0]).unwrap();
         assert_eq!(first.progress.unwrap().done_bytes, 90);
         assert_eq!(first.last_seen.as_deref(), Some("t3"));
+    }
+
+    #[tokio::test]
+    async fn history_is_written_with_the_batches_and_kept_within_its_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqliteStore::open(&dir.path().join("uplift.db"))
+                .await
+                .unwrap(),
+        );
+        let dev: DeviceId = "dev-1".parse().unwrap();
+        enroll(&store, &dev, 1).await;
+        let live = Arc::new(LiveView::default());
+        let writer = writer(
+            &live,
+            &store,
+            Retention {
+                per_device: 3,
+                max_age: Some(Duration::from_secs(86_400)),
+            },
+        );
+        let session = SessionSerial::from_raw(1);
+        live.set_targets(
+            std::slice::from_ref(&dev),
+            &crate::store::DeviceTarget {
+                rollout_id: 1,
+                version: "1.1".parse().unwrap(),
+                allow_downgrade: false,
+                limits: Default::default(),
+            },
+            "2026-12-01T00:00:00Z",
+        );
+        for (state, at) in [
+            (AgentState::Idle, "2026-12-01T00:00:01Z"),
+            (AgentState::Downloading, "2026-12-01T00:00:02Z"),
+            (AgentState::Verifying, "2026-12-02T00:00:03Z"),
+            (AgentState::RebootPending, "2026-12-02T00:00:04Z"),
+        ] {
+            live.apply(&dev, session, &report(state, "1.0", 100), at);
+        }
+        assert_eq!(live.pending_events(), 4);
+        assert!(writer.flush(false).await);
+        assert_eq!(live.pending_events(), 0);
+        let kinds = |events: Vec<uplift_proto::api::DeviceEvent>| -> Vec<&'static str> {
+            events.iter().map(|e| e.event.name()).collect()
+        };
+        // Four happened; the oldest (the offer) is past the three kept.
+        assert_eq!(
+            kinds(store.device_history(&dev, None, 10).await.unwrap()),
+            ["installed", "download_finished", "download_started"]
+        );
+        let now = crate::rollout::scheduler::parse_time("2026-12-03T00:00:03.5Z").unwrap();
+        writer.prune(now).await;
+        assert_eq!(
+            kinds(store.device_history(&dev, None, 10).await.unwrap()),
+            ["installed", "download_finished"],
+            "a day is kept (03.5 and 03 compare as times, not as text)"
+        );
+        let now = crate::rollout::scheduler::parse_time("2026-12-03T00:00:05Z").unwrap();
+        writer.prune(now).await;
+        assert_eq!(
+            kinds(store.device_history(&dev, None, 10).await.unwrap()),
+            ["installed"]
+        );
     }
 }

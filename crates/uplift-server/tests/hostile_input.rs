@@ -31,8 +31,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use uplift_proto::api::{
-    admin_chunk_path, device_chunk_path, DeviceView, MissingChunksResponse, ReleaseView,
-    RolloutView, ServerEndpoint, DEVICES_PATH, HEALTH_PATH, METRICS_PATH, MISSING_CHUNKS_PATH,
+    admin_chunk_path, device_chunk_path, device_history_path, device_path, device_tags_path,
+    DeviceHistory, DevicePage, DeviceView, MissingChunksResponse, ReleaseView, RolloutView,
+    ServerEndpoint, DEVICES_PATH, HEALTH_PATH, MAX_PAGE_LIMIT, METRICS_PATH, MISSING_CHUNKS_PATH,
     RELEASES_PATH, ROLLOUTS_PATH, STATS_PATH,
 };
 use uplift_proto::channel::{self, ServerMsg, CHANNEL_PATH, MAX_FRAME_BYTES};
@@ -337,14 +338,20 @@ impl Server {
             .bearer_auth(&self.admin_token)
     }
 
+    /// Every device: the tests enroll far fewer than one page holds.
     async fn devices(&self) -> Vec<DeviceView> {
         let resp = self
-            .admin(reqwest::Method::GET, DEVICES_PATH)
+            .admin(
+                reqwest::Method::GET,
+                &format!("{DEVICES_PATH}?limit={MAX_PAGE_LIMIT}"),
+            )
             .send()
             .await
             .expect("device list");
         assert_eq!(resp.status(), 200);
-        resp.json().await.expect("device list JSON")
+        let page: DevicePage = resp.json().await.expect("device list JSON");
+        assert_eq!(page.next, None, "one page holds every device here");
+        page.devices
     }
 
     async fn releases(&self) -> Vec<ReleaseView> {
@@ -1179,8 +1186,17 @@ async fn admin_endpoints_refuse_missing_and_wrong_tokens() {
     let mut srv = Server::start().await;
     use reqwest::Method;
     let chunk = admin_chunk_path(&sha256(b"x"));
-    let endpoints: [(Method, &str, &str); 12] = [
+    let some_device: DeviceId = "dev-0123456789abcdef".parse().unwrap();
+    let (device, tags, history) = (
+        device_path(&some_device),
+        device_tags_path(&some_device),
+        device_history_path(&some_device),
+    );
+    let endpoints: [(Method, &str, &str); 15] = [
         (Method::GET, DEVICES_PATH, ""),
+        (Method::GET, &device, ""),
+        (Method::PUT, &tags, r#"{"add":["canary"]}"#),
+        (Method::GET, &history, ""),
         (Method::GET, RELEASES_PATH, ""),
         (Method::POST, RELEASES_PATH, "{}"),
         (Method::POST, MISSING_CHUNKS_PATH, r#"{"chunks":[]}"#),
@@ -1221,6 +1237,141 @@ async fn admin_endpoints_refuse_missing_and_wrong_tokens() {
     let resp = srv.admin(Method::GET, ROLLOUTS_PATH).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.json::<Vec<RolloutView>>().await.unwrap().is_empty());
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_list_tag_and_history_requests_refuse_bad_input_clearly() {
+    use reqwest::Method;
+    let mut srv = Server::start().await;
+    let dev = srv.enroll().await;
+    let id = dev.device_id.clone();
+    let unknown: DeviceId = "dev-0000000000000000".parse().unwrap();
+    // Each refused with 400 and a message naming what is wrong.
+    let bad_lists = [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=ten", "limit"),
+        ("after=..%2Fetc", "after"),
+        ("after=dev%20x", "after"),
+        ("tag=a%20b", "tag"),
+        ("tag=a,b", "tag"),
+        ("tag=a&tag=b", "tag"),
+        ("state=asleep", "asleep"),
+        ("online=maybe", "online"),
+        ("version=..%2F1", "version"),
+        ("device_type=a%2Fb", "device type"),
+        ("seen_before=yesterday", "seen_before"),
+        ("seen_after=2026-02-30T00:00:00Z", "seen_after"),
+        ("colour=red", "colour"),
+    ];
+    let long_search = format!("q={}", "x".repeat(200));
+    for (query, named) in bad_lists
+        .iter()
+        .copied()
+        .chain([(long_search.as_str(), "q")])
+    {
+        let resp = srv
+            .admin(Method::GET, &format!("{DEVICES_PATH}?{query}"))
+            .send()
+            .await
+            .unwrap();
+        let err = json_error(resp, 400, ErrorKind::BadRequest).await;
+        assert!(err.message.contains(named), "{query}: {err}");
+    }
+    for body in [
+        r#"{"add":["a b"]}"#,
+        r#"{"add":["../x"]}"#,
+        r#"{"remove":[""]}"#,
+        r#"{"tags":["a"]}"#,
+        r#"{"add":"canary"}"#,
+        "not json",
+    ] {
+        let resp = srv
+            .admin(Method::PUT, &device_tags_path(&id))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        json_error(resp, 400, ErrorKind::BadRequest).await;
+    }
+    let too_many: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+    let resp = srv
+        .admin(Method::PUT, &device_tags_path(&id))
+        .json(&json!({ "add": too_many }))
+        .send()
+        .await
+        .unwrap();
+    let err = json_error(resp, 400, ErrorKind::BadRequest).await;
+    assert!(err.message.contains("40 tags"), "{err}");
+    for query in ["limit=0", "limit=5000", "before=0", "before=x", "after=3"] {
+        let resp = srv
+            .admin(
+                Method::GET,
+                &format!("{}?{query}", device_history_path(&id)),
+            )
+            .send()
+            .await
+            .unwrap();
+        json_error(resp, 400, ErrorKind::BadRequest).await;
+    }
+    // A device ID that is not one, and one that is not enrolled.
+    for path in [
+        "/api/v1/devices/dev%20x",
+        "/api/v1/devices/..%2F..%2Fpasswd/history",
+    ] {
+        let resp = srv.admin(Method::GET, path).send().await.unwrap();
+        json_error(resp, 400, ErrorKind::BadRequest).await;
+    }
+    for (method, path, body) in [
+        (Method::GET, device_path(&unknown), ""),
+        (Method::GET, device_history_path(&unknown), ""),
+        (
+            Method::PUT,
+            device_tags_path(&unknown),
+            r#"{"add":["canary"]}"#,
+        ),
+    ] {
+        let resp = srv.admin(method, &path).body(body).send().await.unwrap();
+        let err = json_error(resp, 404, ErrorKind::NotFound).await;
+        assert!(err.message.contains(unknown.as_str()), "{err}");
+    }
+    // Nothing refused changed anything; the right requests work.
+    let resp = srv
+        .admin(Method::GET, &device_path(&id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.json::<DeviceView>().await.unwrap().tags.is_empty());
+    let resp = srv
+        .admin(Method::PUT, &device_tags_path(&id))
+        .json(&json!({ "add": ["canary", "site:berlin"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = srv
+        .admin(
+            Method::GET,
+            &format!("{DEVICES_PATH}?tag=site:berlin&online=true&limit=1"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let page: DevicePage = resp.json().await.unwrap();
+    assert_eq!(page.devices.len(), 1);
+    assert_eq!(page.devices[0].id, id);
+    assert_eq!(page.devices[0].tags.len(), 2);
+    let resp = srv
+        .admin(Method::GET, &device_history_path(&id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<DeviceHistory>().await.unwrap().device, id);
+    drop(dev);
     srv.assert_unaffected().await;
 }
 

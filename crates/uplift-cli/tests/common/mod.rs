@@ -139,6 +139,8 @@ impl Fixture {
         self.rollout_with(RolloutCreate {
             release: v(version),
             devices,
+            tags: None,
+            from_versions: Vec::new(),
             allow_downgrade: false,
             limits,
             policy: Default::default(),

@@ -104,6 +104,7 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
                     allow_downgrade: rollout.allow_downgrade,
                     limits: rollout.limits,
                 },
+                &now_text,
             );
             let pushed = step
                 .offer

@@ -11,7 +11,7 @@ pub mod stats;
 
 use crate::chunks::{ChunkError, LoadError, StoredKind};
 use crate::store::StoreError;
-use uplift_proto::{ChunkHash, DeviceType, ErrorKind, Version};
+use uplift_proto::{ChunkHash, DeviceId, DeviceType, ErrorKind, Version};
 
 /// Why an operation failed. The text is what the client is told; the
 /// source, where there is one, stays for the server's log.
@@ -53,13 +53,37 @@ pub enum ServiceError {
     },
     #[error("no devices to roll out to: none of type {device_type} is enrolled")]
     NoDevices { device_type: DeviceType },
+    /// A rollout's tags or versions left no device; `target` says what was asked.
+    #[error("no devices to roll out to: no device {target}; check `uplift devices list`")]
+    NoMatch { target: String },
+    #[error(
+        "a rollout targets a device list or devices with tags, not both; leave out one of them"
+    )]
+    ListAndTags,
+    #[error("the tag selector names no tag; give at least one tag, or leave the selector out")]
+    NoTagsGiven,
+    #[error(
+        "a dynamic rollout admits devices as they enroll, before they have said what they run; \
+         leave out the dynamic option or the versions to upgrade from"
+    )]
+    DynamicVersions,
+    #[error("device {id} is not enrolled on this server; see `uplift devices list`")]
+    DeviceNotFound { id: DeviceId },
+    #[error(
+        "device {id} would have {count} tags, more than the {} allowed; remove some first",
+        devices::MAX_TAGS_PER_DEVICE
+    )]
+    TooManyTags { id: DeviceId, count: usize },
+    /// A request's query parameter that parsed but makes no sense.
+    #[error("query parameter {field} refused: {why}")]
+    BadQuery { field: &'static str, why: String },
     #[error("rollout {id} does not exist; see `uplift rollout list`")]
     RolloutNotFound { id: i64 },
     #[error(
         "rollout {id} was made before phased rollouts and takes no commands; start a new rollout"
     )]
     NotPhased { id: i64 },
-    #[error("a dynamic rollout targets every device of the release's type; leave out the device list, or the dynamic option")]
+    #[error("a dynamic rollout targets every device of the release's type, or those with its tags; leave out the device list, or the dynamic option")]
     DynamicList,
     #[error("rollout {id}: no device failed or timed out in it, so there is nothing to retry")]
     NothingToRetry { id: i64 },
@@ -84,9 +108,9 @@ impl ServiceError {
             ServiceError::Chunk(e) => e.kind(),
             ServiceError::Manifest(e) => e.kind(),
             ServiceError::ReleaseIncomplete { .. } => ErrorKind::Conflict,
-            ServiceError::ReleaseNotFound { .. } | ServiceError::RolloutNotFound { .. } => {
-                ErrorKind::NotFound
-            }
+            ServiceError::ReleaseNotFound { .. }
+            | ServiceError::RolloutNotFound { .. }
+            | ServiceError::DeviceNotFound { .. } => ErrorKind::NotFound,
             ServiceError::ChunkRefused { source, .. } => source.kind(),
             ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
             ServiceError::CheckPanicked { .. } | ServiceError::Metrics(_) => ErrorKind::Internal,
@@ -94,6 +118,12 @@ impl ServiceError {
             | ServiceError::Refused { .. }
             | ServiceError::NothingToRetry { .. } => ErrorKind::Conflict,
             ServiceError::NoDevices { .. }
+            | ServiceError::NoMatch { .. }
+            | ServiceError::ListAndTags
+            | ServiceError::NoTagsGiven
+            | ServiceError::DynamicVersions
+            | ServiceError::TooManyTags { .. }
+            | ServiceError::BadQuery { .. }
             | ServiceError::DynamicList
             | ServiceError::Policy(_)
             | ServiceError::Window(_) => ErrorKind::BadRequest,

@@ -7,17 +7,21 @@ use crate::rollout::engine::{Command, Member, PauseReason, RolloutState};
 use crate::rollout::window::Window;
 use crate::rollout::{phases, scheduler};
 use crate::state::{now_rfc3339, AppState};
-use crate::store::{DeviceRecord, NewPlan, RolloutChange, RolloutPlan, RolloutRecord};
+use crate::store::{
+    DeviceFilter, DeviceRecord, NewPlan, ReleaseRecord, RolloutChange, RolloutPlan, RolloutRecord,
+};
 use std::collections::HashMap;
 use time::OffsetDateTime;
 use uplift_proto::api::{
     RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutStatus, RolloutView,
 };
 use uplift_proto::channel::AgentState;
-use uplift_proto::{DeviceId, DeviceType, Version};
+use uplift_proto::{DeviceId, DeviceType, Tag, Version};
 
-/// Starts a rollout of `request.release` to the listed devices, or to every
-/// device of the release's type, and pushes the new target to those online.
+/// Starts a rollout of `request.release` to the listed devices, or to the
+/// devices of the release's type (all, or those with the tags), only those
+/// running one of `from_versions` if given, and pushes the new target to
+/// those online.
 pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<RolloutView> {
     let release =
         state
@@ -25,21 +29,16 @@ pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<Ro
             .release(&request.release)
             .await?
             .ok_or(ServiceError::ReleaseNotFound {
-                version: request.release,
+                version: request.release.clone(),
             })?;
     request.policy.check()?;
     if request.policy.dynamic && request.devices.is_some() {
         return Err(ServiceError::DynamicList);
     }
-    let devices = match request.devices {
-        Some(devices) => devices,
-        None => state.store.devices_of_type(&release.device_type).await?,
-    };
-    if devices.is_empty() {
-        return Err(ServiceError::NoDevices {
-            device_type: release.device_type,
-        });
+    if request.policy.dynamic && !request.from_versions.is_empty() {
+        return Err(ServiceError::DynamicVersions);
     }
+    let devices = targets(state, &release, &request).await?;
     if let Some(window) = &request.policy.window {
         Window::parse(window)?;
     }
@@ -59,6 +58,8 @@ pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<Ro
             &NewPlan {
                 policy: &request.policy,
                 state: &first,
+                tags: request.tags.as_ref(),
+                from_versions: &request.from_versions,
             },
             &created_at,
         )
@@ -67,6 +68,81 @@ pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<Ro
     // The first phase is offered now, not at the next tick.
     scheduler::advance(state, rollout.id, now).await?;
     view(state, rollout).await
+}
+
+/// The devices a new rollout is for, or why there are none.
+async fn targets(
+    state: &AppState,
+    release: &ReleaseRecord,
+    request: &RolloutCreate,
+) -> ServiceResult<Vec<DeviceId>> {
+    if request.tags.as_ref().is_some_and(|t| t.tags().is_empty()) {
+        return Err(ServiceError::NoTagsGiven);
+    }
+    let versions = &request.from_versions;
+    // Versions are checked against the live view, not in the database
+    // query: a device that has just said what it runs counts at once.
+    let runs_one = |d: &DeviceRecord| {
+        d.running_version
+            .as_ref()
+            .is_some_and(|v| versions.contains(v))
+    };
+    let devices = match (&request.devices, &request.tags) {
+        (Some(_), Some(_)) => return Err(ServiceError::ListAndTags),
+        (Some(list), None) if versions.is_empty() => list.clone(),
+        (Some(list), None) => {
+            // Each listed device must exist; those on another version are left out.
+            let mut kept = Vec::new();
+            for id in list {
+                if runs_one(&super::devices::record(state, id).await?) {
+                    kept.push(id.clone());
+                }
+            }
+            kept
+        }
+        // The whole type, as before tags: ids only, nothing to check.
+        (None, None) if versions.is_empty() => {
+            state.store.devices_of_type(&release.device_type).await?
+        }
+        (None, tags) => {
+            let filter = DeviceFilter {
+                device_type: Some(release.device_type.clone()),
+                tags: tags.clone(),
+                ..DeviceFilter::default()
+            };
+            super::devices::select(state, filter)
+                .await?
+                .into_iter()
+                .filter(|d| versions.is_empty() || runs_one(d))
+                .map(|d| d.id)
+                .collect()
+        }
+    };
+    if !devices.is_empty() {
+        return Ok(devices);
+    }
+    let runs = || {
+        let names: Vec<&str> = versions.iter().map(Version::as_str).collect();
+        format!("runs {}", names.join(" or "))
+    };
+    let target = match (&request.devices, &request.tags) {
+        (Some(list), _) if !versions.is_empty() => {
+            format!("of the {} listed {}", list.len(), runs())
+        }
+        (_, Some(tags)) if versions.is_empty() => {
+            format!("of type {} has {tags}", release.device_type)
+        }
+        (_, Some(tags)) => format!("of type {} has {tags} and {}", release.device_type, runs()),
+        (None, None) if !versions.is_empty() => {
+            format!("of type {} {}", release.device_type, runs())
+        }
+        _ => {
+            return Err(ServiceError::NoDevices {
+                device_type: release.device_type.clone(),
+            })
+        }
+    };
+    Err(ServiceError::NoMatch { target })
 }
 
 /// One rollout as it stands now.
@@ -187,10 +263,17 @@ fn pause_sentence(reason: &PauseReason) -> String {
     }
 }
 
-/// A device that just enrolled joins every running dynamic rollout of its
-/// type, in that rollout's current phase, and is offered what the phase
-/// allows at once. Failures are logged: enrollment never fails for them.
-pub async fn join_dynamic(state: &AppState, device: &DeviceId, device_type: &DeviceType) {
+/// A device that just enrolled, or whose tags changed to `tags`, joins
+/// every running dynamic rollout of its type whose tags it has (a rollout
+/// without tags takes any), in that rollout's current phase, and is offered
+/// what the phase allows at once. Failures are logged: neither enrollment
+/// nor a tag change fails for them.
+pub async fn join_dynamic(
+    state: &AppState,
+    device: &DeviceId,
+    device_type: &DeviceType,
+    tags: &[Tag],
+) {
     let joined = async {
         for (id, plan) in state.store.rollout_plans().await? {
             let phase = match &plan.state {
@@ -205,7 +288,9 @@ pub async fn join_dynamic(state: &AppState, device: &DeviceId, device_type: &Dev
             let Some(rollout) = state.store.rollout(id).await? else {
                 continue;
             };
-            if rollout.device_type != *device_type {
+            if rollout.device_type != *device_type
+                || rollout.tags.as_ref().is_some_and(|t| !t.matches(tags))
+            {
                 continue;
             }
             if state.store.add_rollout_member(id, device, phase).await? {
@@ -257,6 +342,8 @@ pub async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
         RolloutCreate {
             release: rollout.release,
             devices: Some(failed),
+            tags: None,
+            from_versions: Vec::new(),
             allow_downgrade: rollout.allow_downgrade,
             limits: rollout.limits,
             policy: plan.policy,
@@ -335,7 +422,9 @@ pub async fn command(
             if !transition.withdraw.is_empty() {
                 // Sessions send `no_update`: an agent downloading stops
                 // and stays on the OS it runs.
-                state.live.withdraw_targets(&transition.withdraw, id);
+                state
+                    .live
+                    .withdraw_targets(&transition.withdraw, id, &now_text);
                 for device in &transition.withdraw {
                     state.hub.notify_target_changed(device);
                 }
@@ -371,6 +460,8 @@ fn view_of(
         limits: rollout.limits,
         waiting_for_turn: state.turns.counts(rollout.id).1 as u64,
         progress,
+        tags: rollout.tags,
+        from_versions: rollout.from_versions,
     }
 }
 
@@ -566,6 +657,8 @@ mod tests {
         RolloutCreate {
             release: v(release),
             devices,
+            tags: None,
+            from_versions: Vec::new(),
             allow_downgrade: false,
             limits: Default::default(),
             policy: Default::default(),
@@ -783,5 +876,210 @@ mod tests {
             err.to_string(),
             "rollout 99 does not exist; see `uplift rollout list`"
         );
+    }
+
+    async fn tag(state: &AppState, device: &DeviceId, tags: &[&str]) {
+        crate::service::devices::change_tags(
+            state,
+            device,
+            uplift_proto::api::TagChange {
+                add: tags.iter().map(|t| t.parse().unwrap()).collect(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+
+    fn tagged(any: bool, tags: &[&str]) -> Option<uplift_proto::api::TagSelector> {
+        let tags = tags.iter().map(|t| t.parse().unwrap()).collect();
+        Some(if any {
+            uplift_proto::api::TagSelector::Any(tags)
+        } else {
+            uplift_proto::api::TagSelector::All(tags)
+        })
+    }
+
+    async fn members(state: &AppState, id: i64) -> Vec<String> {
+        state
+            .store
+            .rollout_members(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, d)| d.id.to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_rollout_by_tags_and_versions_takes_only_the_devices_that_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        testing::release(&state, "2", "gw").await;
+        let a = testing::device(&state, "dev-a", "gw").await;
+        let b = testing::device(&state, "dev-b", "gw").await;
+        let c = testing::device(&state, "dev-c", "gw").await;
+        let cam = testing::device(&state, "dev-cam", "camera").await;
+        tag(&state, &a, &["canary", "berlin"]).await;
+        tag(&state, &b, &["berlin"]).await;
+        tag(&state, &cam, &["canary"]).await;
+        let running = |id: &DeviceId, version: &str| {
+            let serial = crate::hub::SessionSerial::from_raw(1);
+            state.live.claim(id, serial, "now");
+            state.live.apply(
+                id,
+                serial,
+                &Report {
+                    state: AgentState::Idle,
+                    running_version: v(version),
+                    booted_slot: "a".parse().unwrap(),
+                    target_version: None,
+                    progress: None,
+                    error: None,
+                },
+                "now",
+            );
+        };
+        running(&a, "1.0");
+        running(&b, "1.1");
+        running(&c, "1.0");
+
+        let with = |f: &dyn Fn(&mut RolloutCreate)| {
+            let mut request = create("2", None);
+            f(&mut request);
+            request
+        };
+        // Refused, and nothing started.
+        for (request, message) in [
+            (
+                with(&|r| {
+                    r.devices = Some(vec![a.clone()]);
+                    r.tags = tagged(true, &["canary"]);
+                }),
+                "a rollout targets a device list or devices with tags, not both; leave out one of them",
+            ),
+            (
+                with(&|r| r.tags = tagged(true, &[])),
+                "the tag selector names no tag; give at least one tag, or leave the selector out",
+            ),
+            (
+                with(&|r| r.tags = tagged(true, &["nowhere", "nothing"])),
+                "no devices to roll out to: no device of type gw has any of the tags nowhere, nothing; \
+                 check `uplift devices list`",
+            ),
+            (
+                with(&|r| {
+                    r.tags = tagged(false, &["berlin"]);
+                    r.from_versions = vec![v("9.9"), v("9.8")];
+                }),
+                "no devices to roll out to: no device of type gw has all of the tags berlin and runs 9.9 or 9.8; \
+                 check `uplift devices list`",
+            ),
+            (
+                with(&|r| r.from_versions = vec![v("9.9")]),
+                "no devices to roll out to: no device of type gw runs 9.9; check `uplift devices list`",
+            ),
+            (
+                with(&|r| {
+                    r.devices = Some(vec![a.clone(), b.clone()]);
+                    r.from_versions = vec![v("9.9")];
+                }),
+                "no devices to roll out to: no device of the 2 listed runs 9.9; check `uplift devices list`",
+            ),
+            (
+                with(&|r| {
+                    r.devices = Some(vec![a.clone(), "dev-gone".parse().unwrap()]);
+                    r.from_versions = vec![v("1.0")];
+                }),
+                "device dev-gone is not enrolled on this server; see `uplift devices list`",
+            ),
+            (
+                with(&|r| {
+                    r.policy.dynamic = true;
+                    r.from_versions = vec![v("1.0")];
+                }),
+                "a dynamic rollout admits devices as they enroll, before they have said what they run; \
+                 leave out the dynamic option or the versions to upgrade from",
+            ),
+        ] {
+            let err = start(&state, request).await.unwrap_err();
+            assert_eq!(err.to_string(), message);
+            assert!(matches!(err.kind(), ErrorKind::BadRequest | ErrorKind::NotFound));
+        }
+        assert!(state.store.list_rollouts().await.unwrap().is_empty());
+
+        for (request, want) in [
+            // Both tags, of the release's type only (the camera is tagged too).
+            (
+                with(&|r| r.tags = tagged(false, &["canary", "berlin"])),
+                vec!["dev-a"],
+            ),
+            (
+                with(&|r| r.tags = tagged(true, &["canary", "berlin"])),
+                vec!["dev-a", "dev-b"],
+            ),
+            // Versions as the devices report them live.
+            (
+                with(&|r| {
+                    r.tags = tagged(true, &["berlin"]);
+                    r.from_versions = vec![v("1.1")];
+                }),
+                vec!["dev-b"],
+            ),
+            (
+                with(&|r| r.from_versions = vec![v("1.0")]),
+                vec!["dev-a", "dev-c"],
+            ),
+            (
+                with(&|r| {
+                    r.devices = Some(vec![c.clone(), b.clone(), a.clone()]);
+                    r.from_versions = vec![v("1.1")];
+                }),
+                vec!["dev-b"],
+            ),
+        ] {
+            let (tags, versions) = (request.tags.clone(), request.from_versions.clone());
+            let view = start(&state, request).await.unwrap();
+            assert_eq!(members(&state, view.id).await, want);
+            assert_eq!((view.tags, view.from_versions), (tags, versions));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dynamic_rollout_by_tags_takes_in_devices_that_come_to_have_them() {
+        use uplift_proto::policy::{PhaseReach, RolloutPolicy};
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        testing::release(&state, "2", "gw").await;
+        let a = testing::device(&state, "dev-a", "gw").await;
+        let b = testing::device(&state, "dev-b", "gw").await;
+        tag(&state, &a, &["ring-1"]).await;
+        let mut request = create("2", None);
+        request.tags = tagged(true, &["ring-1"]);
+        request.policy = RolloutPolicy {
+            dynamic: true,
+            phases: vec![PhaseReach::Count(std::num::NonZeroU32::MIN)],
+            approval: true,
+            ..RolloutPolicy::default()
+        };
+        let view = start(&state, request).await.unwrap();
+        assert_eq!(members(&state, view.id).await, ["dev-a"]);
+        // A newcomer without tags is not taken in; one tagged later is,
+        // in the current phase, and offered what it allows.
+        let c = testing::device(&state, "dev-c", "gw").await;
+        join_dynamic(&state, &c, &"gw".parse().unwrap(), &[]).await;
+        assert_eq!(members(&state, view.id).await, ["dev-a"]);
+        tag(&state, &b, &["ring-2"]).await;
+        tag(&state, &c, &["ring-1"]).await;
+        assert_eq!(members(&state, view.id).await, ["dev-a", "dev-c"]);
+        assert_eq!(state.live.target(&c).map(|t| t.rollout_id), Some(view.id));
+        assert_eq!(state.live.target(&b), None);
+        // A device a newer rollout holds is not taken back by an older one.
+        let newer = start(&state, create("2", Some(vec![b.clone()])))
+            .await
+            .unwrap();
+        tag(&state, &b, &["ring-1"]).await;
+        assert_eq!(members(&state, view.id).await, ["dev-a", "dev-c"]);
+        assert_eq!(state.live.target(&b).map(|t| t.rollout_id), Some(newer.id));
     }
 }

@@ -7,10 +7,14 @@ pub use sqlite::SqliteStore;
 
 use crate::rollout::engine::{Outcome, RolloutState};
 use async_trait::async_trait;
+use time::OffsetDateTime;
 pub use uplift_proto::api::DownloadLimits;
+use uplift_proto::api::{DeviceEvent, DeviceEventKind, TagSelector};
 use uplift_proto::channel::{AgentState, Progress, Report};
 use uplift_proto::policy::RolloutPolicy;
-use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, SlotName, Version, WireError};
+use uplift_proto::{
+    DeviceId, DeviceType, ErrorKind, HardwareId, SlotName, Tag, Version, WireError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -129,6 +133,57 @@ pub struct RolloutRecord {
     pub allow_downgrade: bool,
     pub limits: DownloadLimits,
     pub created_at: String,
+    /// The tags it was started on (a dynamic rollout admits devices that
+    /// come to have them).
+    pub tags: Option<TagSelector>,
+    /// The versions its devices had to run, if it was limited to some.
+    pub from_versions: Vec<Version>,
+}
+
+/// Which devices a list holds: every filter given must hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceFilter {
+    pub device_type: Option<DeviceType>,
+    /// Running one of these versions; any when empty.
+    pub versions: Vec<Version>,
+    pub state: Option<AgentState>,
+    pub tags: Option<TagSelector>,
+    /// Text within the device ID or the hardware ID (ASCII letters
+    /// compare case-insensitively; `%` and `_` are plain characters).
+    pub text: Option<String>,
+    /// Connected now (true) or not (false), by [`DeviceFilter::connected`].
+    pub online: Option<bool>,
+    /// Last seen before this time, or never.
+    pub seen_before: Option<OffsetDateTime>,
+    /// Last seen after this time.
+    pub seen_after: Option<OffsetDateTime>,
+    /// The devices connected now, which the database does not know: for
+    /// `online`, and for the seen filters, where a connected device counts
+    /// as seen now (its stored last-seen time is written lazily). Needed
+    /// only when one of those is set.
+    pub connected: Vec<DeviceId>,
+}
+
+/// What became of a change to a device's tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagUpdate {
+    /// The device's tags now, in order.
+    Updated(Vec<Tag>),
+    /// The change would leave the device with `count` tags, more than
+    /// allowed; nothing was changed.
+    TooMany {
+        count: usize,
+    },
+    UnknownDevice,
+}
+
+/// One history event to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub device: DeviceId,
+    /// RFC 3339.
+    pub at: String,
+    pub event: DeviceEventKind,
 }
 
 /// One group of [`Store::device_census`].
@@ -140,11 +195,14 @@ pub struct DeviceCensus {
     pub devices: u64,
 }
 
-/// A new rollout's engine policy and first state.
+/// A new rollout's engine policy and first state, and how its devices
+/// were chosen.
 #[derive(Debug, Clone, Copy)]
 pub struct NewPlan<'a> {
     pub policy: &'a RolloutPolicy,
     pub state: &'a RolloutState,
+    pub tags: Option<&'a TagSelector>,
+    pub from_versions: &'a [Version],
 }
 
 /// A phased rollout's policy and state, and the revision every change
@@ -194,6 +252,38 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn device(&self, id: &DeviceId) -> StoreResult<Option<DeviceRecord>>;
     async fn device_by_public_key(&self, public_key: &str) -> StoreResult<Option<DeviceRecord>>;
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>>;
+    /// Up to `limit` devices that pass `filter`, by ID, after `after`:
+    /// keyset paging, each page one indexed range scan.
+    async fn device_page(
+        &self,
+        filter: &DeviceFilter,
+        after: Option<&DeviceId>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeviceRecord>>;
+    /// The tags of these devices, by device then tag.
+    async fn tags_of(&self, devices: &[DeviceId]) -> StoreResult<Vec<(DeviceId, Tag)>>;
+    /// Changes a device's tags in one transaction: they become `set` (or
+    /// stay), less `remove`, plus `add`; refused if more than `max` would remain.
+    async fn change_tags(
+        &self,
+        device: &DeviceId,
+        set: Option<&[Tag]>,
+        remove: &[Tag],
+        add: &[Tag],
+        max: usize,
+    ) -> StoreResult<TagUpdate>;
+    /// Stores history events in one transaction, then drops the oldest
+    /// events of their devices beyond `keep_per_device`.
+    async fn record_events(&self, events: &[NewEvent], keep_per_device: u32) -> StoreResult<u64>;
+    /// Drops events recorded before `before` (RFC 3339); returns how many.
+    async fn prune_events(&self, before: &str) -> StoreResult<u64>;
+    /// A device's events older than event `before`, newest first, at most `limit`.
+    async fn device_history(
+        &self,
+        device: &DeviceId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeviceEvent>>;
     async fn count_devices(&self) -> StoreResult<u64>;
     /// Devices by (state, running version, last error kind) as stored:
     /// text as in the database, `None` where a device has not said.
@@ -226,7 +316,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn rollout_plan(&self, id: i64) -> StoreResult<Option<RolloutPlan>>;
     /// Adds a device to a running rollout in `phase` (a dynamic rollout's
     /// newcomer), ending its unfinished parts in older rollouts as
-    /// superseded; false if it is already a member.
+    /// superseded; false if it is already a member, or a member of a newer
+    /// rollout (which decides for it).
     async fn add_rollout_member(&self, id: i64, device: &DeviceId, phase: u32)
         -> StoreResult<bool>;
     /// Every phased rollout's plan, by rollout.

@@ -4,7 +4,7 @@ use super::*;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS rollouts (
     policy          TEXT,
     state           TEXT,
     state_name      TEXT,
-    revision        INTEGER NOT NULL DEFAULT 0
+    revision        INTEGER NOT NULL DEFAULT 0,
+    tags            TEXT,
+    from_versions   TEXT
 );
 CREATE TABLE IF NOT EXISTS devices (
     id               TEXT PRIMARY KEY,
@@ -66,6 +68,30 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
     PRIMARY KEY (rollout_id, device_id)
 );
 CREATE INDEX IF NOT EXISTS rollout_devices_by_device ON rollout_devices (device_id, rollout_id);
+-- Device lists filter by these and page by id: each index serves an
+-- equality filter and the id order of the page in one range scan.
+CREATE INDEX IF NOT EXISTS devices_by_type ON devices (device_type, id);
+CREATE INDEX IF NOT EXISTS devices_by_version ON devices (running_version, id);
+CREATE INDEX IF NOT EXISTS devices_by_state ON devices (state, id);
+CREATE TABLE IF NOT EXISTS device_tags (
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    tag       TEXT NOT NULL,
+    PRIMARY KEY (device_id, tag)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS device_tags_by_tag ON device_tags (tag, device_id);
+-- A device's history. AUTOINCREMENT: ids never come back after pruning,
+-- so a `before` cursor always means the same place. No foreign key: an
+-- event of a device unknown here (never the case today) must not block
+-- the writer's batch behind it.
+CREATE TABLE IF NOT EXISTS device_events (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    at        TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    detail    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_events_by_device ON device_events (device_id, id);
+CREATE INDEX IF NOT EXISTS device_events_by_time ON device_events (at);
 "#;
 
 /// Columns added after the first release of the schema, added in place to
@@ -79,6 +105,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("rollouts", "state", "TEXT"),
     ("rollouts", "state_name", "TEXT"),
     ("rollouts", "revision", "INTEGER NOT NULL DEFAULT 0"),
+    // Rollouts by tags and running version: the selector and the versions
+    // (JSON), NULL for rollouts of a device type or a list.
+    ("rollouts", "tags", "TEXT"),
+    ("rollouts", "from_versions", "TEXT"),
     ("rollout_devices", "phase", "INTEGER NOT NULL DEFAULT 0"),
     ("rollout_devices", "offered_at", "TEXT"),
     ("rollout_devices", "outcome", "TEXT"),
@@ -248,6 +278,8 @@ fn rollout_from_row(row: SqliteRow) -> StoreResult<RolloutRecord> {
         action: "reading a rollout",
         source: e,
     };
+    let tags: Option<String> = row.try_get(7).map_err(r)?;
+    let from_versions: Option<String> = row.try_get(8).map_err(r)?;
     Ok(RolloutRecord {
         id: row.try_get(0).map_err(r)?,
         release: parse("version", row.try_get(1).map_err(r)?)?,
@@ -255,7 +287,145 @@ fn rollout_from_row(row: SqliteRow) -> StoreResult<RolloutRecord> {
         created_at: row.try_get(3).map_err(r)?,
         device_type: parse("device type", row.try_get(4).map_err(r)?)?,
         limits: limits_from(row.try_get(5).map_err(r)?, row.try_get(6).map_err(r)?),
+        tags: tags
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| corrupt("rollout tags")(e.to_string()))?,
+        from_versions: from_versions
+            .map(|v| serde_json::from_str(&v))
+            .transpose()
+            .map_err(|e| corrupt("rollout versions")(e.to_string()))?
+            .unwrap_or_default(),
     })
+}
+
+/// `text` as a LIKE pattern that finds it anywhere, its own `%`, `_` and
+/// `\` taken literally (with `ESCAPE '\'`).
+fn contains_pattern(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// The WHERE clause of a device list: `filter`, after `after`.
+fn push_device_filter(
+    q: &mut QueryBuilder<'_, Sqlite>,
+    filter: &DeviceFilter,
+    after: Option<&DeviceId>,
+) {
+    q.push(" WHERE 1");
+    if let Some(device_type) = &filter.device_type {
+        q.push(" AND d.device_type = ")
+            .push_bind(device_type.as_str().to_owned());
+    }
+    if !filter.versions.is_empty() {
+        q.push(" AND d.running_version IN (");
+        let mut list = q.separated(", ");
+        for version in &filter.versions {
+            list.push_bind(version.as_str().to_owned());
+        }
+        q.push(")");
+    }
+    if let Some(state) = &filter.state {
+        q.push(" AND d.state = ").push_bind(enum_text(state));
+    }
+    if let Some(selector) = &filter.tags {
+        let mut tags: Vec<&str> = selector.tags().iter().map(|t| t.as_str()).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        match (selector, tags.len()) {
+            // No tag to have: any of none is nobody, all of none is everyone.
+            (TagSelector::Any(_), 0) => {
+                q.push(" AND 0");
+            }
+            (TagSelector::All(_), 0) => {}
+            (selector, n) => {
+                // A subquery on the tag index, which SQLite runs first and
+                // then looks the (few) tagged devices up by id.
+                q.push(" AND d.id IN (SELECT device_id FROM device_tags WHERE tag IN (");
+                let mut list = q.separated(", ");
+                for tag in &tags {
+                    list.push_bind(tag.to_string());
+                }
+                q.push(")");
+                // The page's start inside, too: a deep page starts in the
+                // tag index where it should, not at its first entry.
+                if let Some(after) = after {
+                    q.push(" AND device_id > ")
+                        .push_bind(after.as_str().to_owned());
+                }
+                if matches!(selector, TagSelector::All(_)) && n > 1 {
+                    q.push(" GROUP BY device_id HAVING COUNT(*) = ")
+                        .push_bind(n as i64);
+                }
+                q.push(")");
+            }
+        }
+    }
+    if let Some(text) = &filter.text {
+        let pattern = contains_pattern(text);
+        q.push(" AND (d.id LIKE ")
+            .push_bind(pattern.clone())
+            .push(" ESCAPE '\\' OR d.hardware_id LIKE ")
+            .push_bind(pattern)
+            .push(" ESCAPE '\\')");
+    }
+    // ` AND d.id IN (the connected devices)`, or with OR, or NOT IN.
+    let connected = |q: &mut QueryBuilder<'_, Sqlite>, joiner: &str, not: &str| {
+        let ids = serde_json::to_string(&filter.connected)
+            .unwrap_or_else(|e| unreachable!("device ids serialize: {e}"));
+        q.push(format!(
+            " {joiner} d.id {not}IN (SELECT value FROM json_each("
+        ))
+        .push_bind(ids)
+        .push("))");
+    };
+    let anyone_connected = !filter.connected.is_empty();
+    match filter.online {
+        Some(true) if anyone_connected => connected(q, "AND", ""),
+        Some(true) => {
+            q.push(" AND 0");
+        }
+        Some(false) if anyone_connected => connected(q, "AND", "NOT "),
+        Some(false) | None => {}
+    }
+    // julianday, not text: stored times have as many fraction digits as
+    // they need, so their text does not sort as their time within a
+    // second. Inclusive here (julianday keeps milliseconds); the service
+    // decides the edge exactly.
+    if let Some(after) = filter.seen_after {
+        q.push(" AND (julianday(d.last_seen) >= julianday(")
+            .push_bind(rfc3339(after))
+            .push(")");
+        if anyone_connected {
+            connected(q, "OR", "");
+        }
+        q.push(")");
+    }
+    if let Some(before) = filter.seen_before {
+        q.push(" AND (d.last_seen IS NULL OR julianday(d.last_seen) <= julianday(")
+            .push_bind(rfc3339(before))
+            .push("))");
+        if anyone_connected {
+            connected(q, "AND", "NOT ");
+        }
+    }
+    if let Some(after) = after {
+        q.push(" AND d.id > ").push_bind(after.as_str().to_owned());
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| unreachable!("a UTC time formats as RFC 3339: {e}"))
 }
 
 /// Limits as stored; a zero or negative value (written by hand) means none.
@@ -283,7 +453,8 @@ const RELEASE_COLUMNS: &str =
     "version, device_type, manifest, image_size, image_sha256, chunks, stored_bytes, created_at";
 const ROLLOUT_SELECT: &str =
     "SELECT r.id, r.release, r.allow_downgrade, r.created_at, rel.device_type, \
-     r.max_bytes_per_sec, r.max_downloading FROM rollouts r JOIN releases rel ON rel.version = r.release";
+     r.max_bytes_per_sec, r.max_downloading, r.tags, r.from_versions \
+     FROM rollouts r JOIN releases rel ON rel.version = r.release";
 
 /// A rollout's plan from its row; `None` for a rollout without one.
 fn plan_from_row(
@@ -375,6 +546,189 @@ impl Store for SqliteStore {
         .into_iter()
         .map(device_from_row)
         .collect()
+    }
+
+    async fn device_page(
+        &self,
+        filter: &DeviceFilter,
+        after: Option<&DeviceId>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeviceRecord>> {
+        let mut q = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS} FROM devices d"));
+        push_device_filter(&mut q, filter, after);
+        q.push(" ORDER BY d.id LIMIT ").push_bind(i64::from(limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing devices"))?
+            .into_iter()
+            .map(device_from_row)
+            .collect()
+    }
+
+    async fn tags_of(&self, devices: &[DeviceId]) -> StoreResult<Vec<(DeviceId, Tag)>> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = serde_json::to_string(devices)
+            .unwrap_or_else(|e| unreachable!("device ids serialize: {e}"));
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT device_id, tag FROM device_tags \
+             WHERE device_id IN (SELECT value FROM json_each(?)) ORDER BY device_id, tag",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading device tags"))?;
+        rows.into_iter()
+            .map(|(id, tag)| Ok((parse("device id", id)?, parse("tag", tag)?)))
+            .collect()
+    }
+
+    async fn change_tags(
+        &self,
+        device: &DeviceId,
+        set: Option<&[Tag]>,
+        remove: &[Tag],
+        add: &[Tag],
+        max: usize,
+    ) -> StoreResult<TagUpdate> {
+        let action = "changing a device's tags";
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        let known: Option<String> = sqlx::query_scalar("SELECT id FROM devices WHERE id = ?")
+            .bind(device.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        if known.is_none() {
+            return Ok(TagUpdate::UnknownDevice);
+        }
+        if set.is_some() {
+            sqlx::query("DELETE FROM device_tags WHERE device_id = ?")
+                .bind(device.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        }
+        let insert = "INSERT OR IGNORE INTO device_tags (device_id, tag) VALUES (?, ?)";
+        for (sql, tags) in [
+            (insert, set.unwrap_or_default()),
+            (
+                "DELETE FROM device_tags WHERE device_id = ? AND tag = ?",
+                remove,
+            ),
+            (insert, add),
+        ] {
+            for tag in tags {
+                sqlx::query(sql)
+                    .bind(device.as_str())
+                    .bind(tag.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(action))?;
+            }
+        }
+        let tags: Vec<String> =
+            sqlx::query_scalar("SELECT tag FROM device_tags WHERE device_id = ? ORDER BY tag")
+                .bind(device.as_str())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        if tags.len() > max {
+            // Dropping the transaction rolls it back.
+            return Ok(TagUpdate::TooMany { count: tags.len() });
+        }
+        tx.commit().await.map_err(db(action))?;
+        Ok(TagUpdate::Updated(
+            tags.into_iter()
+                .map(|t| parse("tag", t))
+                .collect::<StoreResult<_>>()?,
+        ))
+    }
+
+    async fn record_events(&self, events: &[NewEvent], keep_per_device: u32) -> StoreResult<u64> {
+        let action = "recording device history";
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        for e in events {
+            sqlx::query(
+                "INSERT INTO device_events (device_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+            )
+            .bind(e.device.as_str())
+            .bind(&e.at)
+            .bind(e.event.name())
+            .bind(json_text(&e.event))
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
+        let mut devices: Vec<&DeviceId> = events.iter().map(|e| &e.device).collect();
+        devices.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        devices.dedup();
+        for device in devices {
+            // Everything from the (keep+1)-th newest down: one index range.
+            sqlx::query(
+                "DELETE FROM device_events WHERE device_id = ? AND id <= \
+                 (SELECT id FROM device_events WHERE device_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            )
+            .bind(device.as_str())
+            .bind(device.as_str())
+            .bind(i64::from(keep_per_device))
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
+        tx.commit().await.map_err(db(action))?;
+        Ok(events.len() as u64)
+    }
+
+    async fn prune_events(&self, before: &str) -> StoreResult<u64> {
+        // In short transactions, so the writer's batches are not held up.
+        const AT_ONCE: u64 = 5_000;
+        let mut pruned = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM device_events WHERE id IN \
+                 (SELECT id FROM device_events WHERE at < ? LIMIT ?)",
+            )
+            .bind(before)
+            .bind(AT_ONCE as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(db("pruning device history"))?
+            .rows_affected();
+            pruned += n;
+            if n < AT_ONCE {
+                return Ok(pruned);
+            }
+        }
+    }
+
+    async fn device_history(
+        &self,
+        device: &DeviceId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeviceEvent>> {
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT id, at, detail FROM device_events WHERE device_id = ? AND id < ? \
+             ORDER BY id DESC LIMIT ?",
+        )
+        .bind(device.as_str())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading a device's history"))?;
+        rows.into_iter()
+            .map(|(id, at, detail)| {
+                Ok(DeviceEvent {
+                    id,
+                    at,
+                    event: serde_json::from_str(&detail)
+                        .map_err(|e| corrupt("device event")(e.to_string()))?,
+                })
+            })
+            .collect()
     }
 
     async fn devices_of_type(&self, device_type: &DeviceType) -> StoreResult<Vec<DeviceId>> {
@@ -559,7 +913,8 @@ impl Store for SqliteStore {
         let (max_bytes_per_sec, max_downloading) = limits_columns(&limits);
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO rollouts (release, allow_downgrade, created_at, max_bytes_per_sec, max_downloading, \
-             policy, state, state_name, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) RETURNING id",
+             policy, state, state_name, revision, tags, from_versions) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) RETURNING id",
         )
         .bind(release.version.as_str())
         .bind(allow_downgrade as i64)
@@ -569,6 +924,8 @@ impl Store for SqliteStore {
         .bind(json_text(plan.policy))
         .bind(json_text(plan.state))
         .bind(plan.state.name())
+        .bind(plan.tags.map(json_text))
+        .bind((!plan.from_versions.is_empty()).then(|| json_text(&plan.from_versions)))
         .fetch_one(&mut *tx)
         .await
         .map_err(db("starting a rollout"))?;
@@ -612,6 +969,8 @@ impl Store for SqliteStore {
             allow_downgrade,
             limits,
             created_at: now.to_owned(),
+            tags: plan.tags.cloned(),
+            from_versions: plan.from_versions.to_vec(),
         })
     }
 
@@ -636,12 +995,17 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let action = "adding a device to a rollout";
         let mut tx = self.pool.begin().await.map_err(db(action))?;
+        // A newer rollout of the device (finished or not) is the operator's
+        // newer decision for it: an older dynamic one does not take it back.
         let added = sqlx::query(
-            "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, phase) VALUES (?, ?, ?)",
+            "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, phase) SELECT ?, ?, ? \
+             WHERE NOT EXISTS (SELECT 1 FROM rollout_devices WHERE device_id = ? AND rollout_id > ?)",
         )
         .bind(id)
         .bind(device.as_str())
         .bind(i64::from(phase))
+        .bind(device.as_str())
+        .bind(id)
         .execute(&mut *tx)
         .await
         .map_err(db(action))?
@@ -878,6 +1242,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use std::num::{NonZeroU32, NonZeroU64};
+    use uplift_proto::api::{DeviceEvent, DeviceEventKind, TagSelector};
 
     /// The rollouts table as servers before download limits created it.
     const ROLLOUTS_BEFORE_LIMITS: &str = "CREATE TABLE rollouts (
@@ -960,6 +1325,8 @@ mod tests {
         let plan = NewPlan {
             policy: &policy,
             state: &state,
+            tags: None,
+            from_versions: &[],
         };
         let new = store
             .create_rollout(&release(), &[], false, limits, &plan, "now")
@@ -979,5 +1346,462 @@ mod tests {
         drop(store);
         let store = SqliteStore::open(&path).await.unwrap();
         assert_eq!(store.list_rollouts().await.unwrap().len(), 2);
+    }
+
+    async fn store_with(devices: &[(&str, &str, &str)]) -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("uplift.db"))
+            .await
+            .unwrap();
+        for (id, device_type, hardware_id) in devices {
+            store
+                .insert_device(&NewDevice {
+                    id: id.parse().unwrap(),
+                    device_type: device_type.parse().unwrap(),
+                    hardware_id: hardware_id.parse().unwrap(),
+                    public_key: format!("key-{id}"),
+                    enrolled_at: "2026-01-01T00:00:00Z".into(),
+                })
+                .await
+                .unwrap();
+        }
+        (dir, store)
+    }
+
+    fn ids(devices: &[DeviceRecord]) -> Vec<&str> {
+        devices.iter().map(|d| d.id.as_str()).collect()
+    }
+
+    fn tags(list: &[&str]) -> Vec<Tag> {
+        list.iter().map(|t| t.parse().unwrap()).collect()
+    }
+
+    fn seen(id: &str, state: AgentState, version: &str, at: &str) -> ReportedState {
+        ReportedState {
+            id: id.parse().unwrap(),
+            report: Some(Report {
+                state,
+                running_version: version.parse().unwrap(),
+                booted_slot: SlotName::A,
+                target_version: None,
+                progress: None,
+                error: None,
+            }),
+            last_seen: Some(at.into()),
+        }
+    }
+
+    fn time(text: &str) -> OffsetDateTime {
+        crate::rollout::scheduler::parse_time(text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn device_lists_filter_by_every_field_and_page_by_id() {
+        let (_dir, store) = store_with(&[
+            ("dev-a", "gw", "hw_1"),
+            ("dev-b", "gw", "hw.2"),
+            ("dev-c", "cam", "serial-3"),
+            ("dev-d", "gw", "HWX1"),
+            ("dev-e", "gw", "aa:bb"),
+        ])
+        .await;
+        store
+            .record_reports(&[
+                seen("dev-a", AgentState::Idle, "1.0", "2026-02-01T10:00:00Z"),
+                seen(
+                    "dev-b",
+                    AgentState::Downloading,
+                    "1.0",
+                    "2026-02-01T10:00:00.5Z",
+                ),
+                seen(
+                    "dev-c",
+                    AgentState::Idle,
+                    "2.0",
+                    "2026-02-03T00:00:00+02:00",
+                ),
+                seen("dev-d", AgentState::Failed, "1.1", "2026-02-05T00:00:00Z"),
+            ])
+            .await
+            .unwrap();
+        for (id, t) in [
+            ("dev-a", &["canary", "berlin"][..]),
+            ("dev-b", &["berlin"]),
+            ("dev-d", &["canary"]),
+        ] {
+            let update = store
+                .change_tags(&id.parse().unwrap(), None, &[], &tags(t), 32)
+                .await
+                .unwrap();
+            assert!(matches!(update, TagUpdate::Updated(_)), "{update:?}");
+        }
+        let list = |filter: DeviceFilter| {
+            let store = store.clone();
+            async move { store.device_page(&filter, None, 100).await.unwrap() }
+        };
+        let all = list(DeviceFilter::default()).await;
+        assert_eq!(ids(&all), ["dev-a", "dev-b", "dev-c", "dev-d", "dev-e"]);
+
+        let by = |f: &dyn Fn(&mut DeviceFilter)| {
+            let mut filter = DeviceFilter::default();
+            f(&mut filter);
+            filter
+        };
+        let version = |v: &str| v.parse::<Version>().unwrap();
+        let text = |t: &str| by(&|f| f.text = Some(t.into()));
+        let cases: Vec<(DeviceFilter, Vec<&str>)> = vec![
+            (
+                by(&|f| f.device_type = Some("cam".parse().unwrap())),
+                vec!["dev-c"],
+            ),
+            (
+                by(&|f| f.versions = vec![version("1.0")]),
+                vec!["dev-a", "dev-b"],
+            ),
+            (
+                by(&|f| f.versions = vec![version("1.1"), version("2.0")]),
+                vec!["dev-c", "dev-d"],
+            ),
+            (by(&|f| f.state = Some(AgentState::Failed)), vec!["dev-d"]),
+            (
+                by(&|f| f.tags = Some(TagSelector::All(tags(&["canary"])))),
+                vec!["dev-a", "dev-d"],
+            ),
+            (
+                by(&|f| f.tags = Some(TagSelector::All(tags(&["canary", "berlin"])))),
+                vec!["dev-a"],
+            ),
+            (
+                by(&|f| f.tags = Some(TagSelector::Any(tags(&["canary", "berlin"])))),
+                vec!["dev-a", "dev-b", "dev-d"],
+            ),
+            (by(&|f| f.tags = Some(TagSelector::Any(vec![]))), vec![]),
+            // LIKE's wildcards are plain characters, and letters match in any case.
+            (text("hw_"), vec!["dev-a"]),
+            (text("%"), vec![]),
+            (text("W."), vec!["dev-b"]),
+            (text("hwx"), vec!["dev-d"]),
+            (text("dev-c"), vec!["dev-c"]),
+            (text("A:B"), vec!["dev-e"]),
+            // Times compare as times: 10:00:00.5 is after 10:00:00, and
+            // +02:00 is two hours before Z.
+            (
+                by(&|f| f.seen_after = Some(time("2026-02-01T10:00:00Z"))),
+                vec!["dev-a", "dev-b", "dev-c", "dev-d"],
+            ),
+            (
+                by(&|f| f.seen_after = Some(time("2026-02-02T21:59:00Z"))),
+                vec!["dev-c", "dev-d"],
+            ),
+            (
+                by(&|f| f.seen_before = Some(time("2026-02-02T22:01:00Z"))),
+                vec!["dev-a", "dev-b", "dev-c", "dev-e"],
+            ),
+            (
+                by(&|f| {
+                    f.device_type = Some("gw".parse().unwrap());
+                    f.tags = Some(TagSelector::Any(tags(&["canary"])));
+                    f.versions = vec![version("1.1")];
+                }),
+                vec!["dev-d"],
+            ),
+        ];
+        for (filter, want) in cases {
+            assert_eq!(ids(&list(filter.clone()).await), want, "{filter:?}");
+        }
+
+        // Connected devices: online or not, and seen now.
+        let connected = vec!["dev-a".parse().unwrap(), "dev-e".parse().unwrap()];
+        let online =
+            |online: Option<bool>, before: Option<&str>, after: Option<&str>| DeviceFilter {
+                online,
+                seen_before: before.map(time),
+                seen_after: after.map(time),
+                connected: connected.clone(),
+                ..Default::default()
+            };
+        assert_eq!(
+            ids(&list(online(Some(true), None, None)).await),
+            ["dev-a", "dev-e"]
+        );
+        assert_eq!(
+            ids(&list(online(Some(false), None, None)).await),
+            ["dev-b", "dev-c", "dev-d"]
+        );
+        assert_eq!(
+            ids(&list(online(None, None, Some("2026-02-04T00:00:00Z"))).await),
+            ["dev-a", "dev-d", "dev-e"]
+        );
+        assert_eq!(
+            ids(&list(online(None, Some("2026-02-04T00:00:00Z"), None)).await),
+            ["dev-b", "dev-c"]
+        );
+        let nobody = DeviceFilter {
+            online: Some(true),
+            ..Default::default()
+        };
+        assert!(list(nobody).await.is_empty(), "no device is connected");
+
+        // Pages of two, each after the last of the one before.
+        let mut pages = Vec::new();
+        let mut after: Option<DeviceId> = None;
+        loop {
+            let page = store
+                .device_page(&DeviceFilter::default(), after.as_ref(), 2)
+                .await
+                .unwrap();
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().map(|d| d.id.clone());
+            pages.push(ids(&page).join(","));
+        }
+        assert_eq!(pages, ["dev-a,dev-b", "dev-c,dev-d", "dev-e"]);
+
+        let tagged = store
+            .tags_of(&["dev-a".parse().unwrap(), "dev-c".parse().unwrap()])
+            .await
+            .unwrap();
+        let tagged: Vec<(&str, &str)> = tagged
+            .iter()
+            .map(|(d, t)| (d.as_str(), t.as_str()))
+            .collect();
+        assert_eq!(tagged, [("dev-a", "berlin"), ("dev-a", "canary")]);
+    }
+
+    #[tokio::test]
+    async fn tags_are_set_added_and_removed_in_one_step_within_their_limit() {
+        let (_dir, store) = store_with(&[("dev-a", "gw", "hw-1")]).await;
+        let dev: DeviceId = "dev-a".parse().unwrap();
+        let change = |set: Option<&[&str]>, remove: &[&str], add: &[&str]| {
+            let (store, dev) = (store.clone(), dev.clone());
+            let (set, remove, add) = (set.map(tags), tags(remove), tags(add));
+            async move {
+                store
+                    .change_tags(&dev, set.as_deref(), &remove, &add, 3)
+                    .await
+                    .unwrap()
+            }
+        };
+        let updated = |list: &[&str]| TagUpdate::Updated(tags(list));
+        assert_eq!(
+            change(None, &[], &["b", "a", "a"]).await,
+            updated(&["a", "b"])
+        );
+        assert_eq!(
+            change(None, &["a", "zz"], &["c"]).await,
+            updated(&["b", "c"])
+        );
+        assert_eq!(
+            change(None, &[], &["d", "e"]).await,
+            TagUpdate::TooMany { count: 4 }
+        );
+        assert_eq!(
+            change(None, &[], &[]).await,
+            updated(&["b", "c"]),
+            "nothing of a refused change stays"
+        );
+        assert_eq!(
+            change(Some(&["x"]), &[], &["y"]).await,
+            updated(&["x", "y"])
+        );
+        assert_eq!(change(Some(&[]), &[], &[]).await, updated(&[]));
+        let unknown = store
+            .change_tags(&"dev-nope".parse().unwrap(), None, &[], &tags(&["a"]), 3)
+            .await
+            .unwrap();
+        assert_eq!(unknown, TagUpdate::UnknownDevice);
+    }
+
+    #[tokio::test]
+    async fn history_keeps_its_newest_events_per_device_and_drops_old_ones_by_age() {
+        let (_dir, store) = store_with(&[("dev-a", "gw", "hw-1"), ("dev-b", "gw", "hw-2")]).await;
+        let event = |device: &str, n: i64, at: &str| NewEvent {
+            device: device.parse().unwrap(),
+            at: at.into(),
+            event: DeviceEventKind::Offer {
+                rollout_id: n,
+                version: "2.0".parse().unwrap(),
+            },
+        };
+        let rollouts = |events: &[DeviceEvent]| -> Vec<i64> {
+            events
+                .iter()
+                .map(|e| match e.event {
+                    DeviceEventKind::Offer { rollout_id, .. } => rollout_id,
+                    _ => unreachable!(),
+                })
+                .collect()
+        };
+        let a: DeviceId = "dev-a".parse().unwrap();
+        let b: DeviceId = "dev-b".parse().unwrap();
+        let batch: Vec<NewEvent> = (1..=5)
+            .map(|n| event("dev-a", n, "2026-01-01T00:00:00Z"))
+            .chain([event("dev-b", 1, "2026-01-01T00:00:00Z")])
+            .collect();
+        assert_eq!(store.record_events(&batch, 3).await.unwrap(), 6);
+        let history = store.device_history(&a, None, 100).await.unwrap();
+        assert_eq!(
+            rollouts(&history),
+            [5, 4, 3],
+            "the newest three, newest first"
+        );
+        assert_eq!(
+            rollouts(&store.device_history(&b, None, 100).await.unwrap()),
+            [1]
+        );
+        // Pages: older than the last event seen.
+        let page = store.device_history(&a, None, 2).await.unwrap();
+        assert_eq!(rollouts(&page), [5, 4]);
+        let older = store.device_history(&a, Some(page[1].id), 2).await.unwrap();
+        assert_eq!(rollouts(&older), [3]);
+
+        store
+            .record_events(&[event("dev-a", 6, "2026-03-01T00:00:00Z")], 3)
+            .await
+            .unwrap();
+        assert_eq!(
+            rollouts(&store.device_history(&a, None, 100).await.unwrap()),
+            [6, 5, 4]
+        );
+        assert_eq!(store.prune_events("2026-02-01T00:00:00Z").await.unwrap(), 3);
+        assert_eq!(
+            rollouts(&store.device_history(&a, None, 100).await.unwrap()),
+            [6]
+        );
+        assert!(store
+            .device_history(&b, None, 100)
+            .await
+            .unwrap()
+            .is_empty());
+        // Ids are never given out again, so a cursor keeps its place.
+        store
+            .record_events(&[event("dev-b", 7, "2026-03-02T00:00:00Z")], 3)
+            .await
+            .unwrap();
+        let newest = store.device_history(&b, None, 1).await.unwrap();
+        assert!(newest[0].id > page[0].id);
+    }
+
+    /// The query plan of a device list page, one line per step.
+    async fn plan(store: &SqliteStore, filter: &DeviceFilter) -> String {
+        let mut q = QueryBuilder::new(format!(
+            "EXPLAIN QUERY PLAN SELECT {DEVICE_COLUMNS} FROM devices d"
+        ));
+        let after: DeviceId = "dev-050000".parse().unwrap();
+        push_device_filter(&mut q, filter, Some(&after));
+        q.push(" ORDER BY d.id LIMIT ").push_bind(101i64);
+        let rows = q.build().fetch_all(&store.pool).await.unwrap();
+        rows.iter()
+            .map(|row| row.get::<String, _>(3))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// At 100 000 devices a page is one index range scan in ID order: no
+    /// scan of the table, no sort, however deep the page.
+    #[tokio::test]
+    async fn a_page_of_a_hundred_thousand_devices_is_an_index_range_scan() {
+        let (_dir, store) = store_with(&[]).await;
+        sqlx::raw_sql(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99999) \
+             INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at, running_version, state) \
+             SELECT printf('dev-%06d', i), CASE WHEN i % 10 = 0 THEN 'cam' ELSE 'gw' END, printf('hw-%06d', i), \
+             printf('key-%06d', i), '2026-01-01T00:00:00Z', CASE WHEN i % 3 = 0 THEN '1.0' ELSE '1.1' END, \
+             CASE WHEN i % 100 = 0 THEN 'failed' ELSE 'idle' END FROM n; \
+             INSERT INTO device_tags (device_id, tag) SELECT id, 'canary' FROM devices WHERE id LIKE '%7';",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let filters = [
+            DeviceFilter::default(),
+            DeviceFilter {
+                device_type: Some("cam".parse().unwrap()),
+                ..Default::default()
+            },
+            DeviceFilter {
+                versions: vec!["1.0".parse().unwrap()],
+                ..Default::default()
+            },
+            DeviceFilter {
+                state: Some(AgentState::Failed),
+                ..Default::default()
+            },
+            DeviceFilter {
+                tags: Some(TagSelector::All(tags(&["canary"]))),
+                ..Default::default()
+            },
+        ];
+        for filter in &filters {
+            let plan = plan(&store, filter).await;
+            assert!(
+                !plan.contains("TEMP B-TREE") && !plan.lines().any(|l| l.trim() == "SCAN d"),
+                "{filter:?}:\n{plan}"
+            );
+            assert!(plan.contains("USING"), "{filter:?}:\n{plan}");
+            let started = std::time::Instant::now();
+            let page = store
+                .device_page(filter, Some(&"dev-050000".parse().unwrap()), 101)
+                .await
+                .unwrap();
+            assert_eq!(page.len(), 101, "{filter:?}");
+            assert!(page.windows(2).all(|w| w[0].id.as_str() < w[1].id.as_str()));
+            assert!(page[0].id.as_str() > "dev-050000");
+            eprintln!("{filter:?}: {:?}\n{plan}", started.elapsed());
+        }
+        // What is known only in memory, or searched within text, is
+        // checked along the ID order (no index can hold it), and still
+        // quick: here half the fleet is connected.
+        let connected: Vec<DeviceId> = (0..100_000)
+            .step_by(2)
+            .map(|i| format!("dev-{i:06}").parse().unwrap())
+            .collect();
+        for filter in [
+            DeviceFilter {
+                online: Some(false),
+                connected: connected.clone(),
+                ..Default::default()
+            },
+            DeviceFilter {
+                seen_before: Some(time("2030-01-01T00:00:00Z")),
+                connected: connected.clone(),
+                ..Default::default()
+            },
+            DeviceFilter {
+                text: Some("HW-0600".into()),
+                ..Default::default()
+            },
+        ] {
+            let started = std::time::Instant::now();
+            let page = store
+                .device_page(&filter, Some(&"dev-050000".parse().unwrap()), 101)
+                .await
+                .unwrap();
+            let took = started.elapsed();
+            let first = if filter.text.is_some() {
+                "dev-060000"
+            } else {
+                "dev-050001"
+            };
+            assert_eq!(page[0].id.as_str(), first);
+            eprintln!(
+                "{} connected, text {:?}: {took:?}\n{}",
+                filter.connected.len(),
+                filter.text,
+                plan(&store, &filter).await
+            );
+        }
+        // The tag filter found the tagged devices in order, and only them.
+        let tagged = store
+            .device_page(&filters[4], Some(&"dev-050000".parse().unwrap()), 3)
+            .await
+            .unwrap();
+        assert_eq!(ids(&tagged), ["dev-050007", "dev-050017", "dev-050027"]);
+        let cams = store
+            .device_page(&filters[1], Some(&"dev-099980".parse().unwrap()), 10)
+            .await
+            .unwrap();
+        assert_eq!(ids(&cams), ["dev-099990"], "the last page of a filter");
     }
 }
