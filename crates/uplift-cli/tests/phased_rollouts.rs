@@ -16,29 +16,8 @@ use uplift_proto::SlotName;
 
 /// `uplift rollout <command> <id> --json` as an operator runs it.
 fn operator(fx: &Fixture, command: &str, id: i64) -> RolloutView {
-    let out = run_bounded(
-        std::process::Command::new(env!("CARGO_BIN_EXE_uplift"))
-            .args(["rollout", command, &id.to_string(), "--json", "--server"])
-            .arg(
-                fx.server
-                    .endpoint
-                    .admin_url
-                    .as_ref()
-                    .unwrap_or(&fx.server.endpoint.url),
-            )
-            .arg("--ca")
-            .arg(&fx.server.endpoint.ca_file)
-            .arg("--token")
-            .arg(&fx.server.admin_token),
-        Duration::from_secs(60),
-        fx.dir.path(),
-    );
-    assert!(
-        out.status.success(),
-        "uplift rollout {command} {id}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("rollout view as JSON")
+    let out = uplift(fx, &["rollout", command, &id.to_string(), "--json"]);
+    serde_json::from_str(&out).expect("rollout view as JSON")
 }
 
 fn on(views: &[DeviceView], version: &str) -> usize {

@@ -212,6 +212,32 @@ impl Fixture {
     }
 }
 
+/// `uplift ARGS` as an operator runs it against the fixture's server (its
+/// admin address, CA and token); its standard output, or the test fails
+/// with its standard error.
+pub fn uplift(fx: &Fixture, args: &[&str]) -> String {
+    let endpoint = &fx.server.endpoint;
+    let out = run_bounded(
+        std::process::Command::new(env!("CARGO_BIN_EXE_uplift"))
+            .args(args)
+            .arg("--server")
+            .arg(endpoint.admin_url.as_ref().unwrap_or(&endpoint.url))
+            .arg("--ca")
+            .arg(&endpoint.ca_file)
+            .arg("--token")
+            .arg(&fx.server.admin_token),
+        Duration::from_secs(60),
+        fx.dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "uplift {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("uplift prints UTF-8")
+}
+
 /// `uplift-server check` of the fixture's data directory: exit code and output.
 pub fn server_check(fx: &Fixture) -> (Option<i32>, String) {
     let out = std::process::Command::new(&fx.bins.server)
