@@ -245,4 +245,13 @@ mod tests {
         let err = config.check().unwrap_err();
         assert!(err.contains("device_history_per_device"), "{err}");
     }
+
+    #[test]
+    fn the_example_config_in_deploy_parses_and_passes_its_checks() {
+        let text = include_str!("../../../deploy/server.toml");
+        let config: ServerConfig = toml::from_str(text).unwrap();
+        config.check().unwrap();
+        assert_eq!(config.limits.device_history_per_device, 200);
+        assert_eq!(config.limits.device_history_days, 90);
+    }
 }
