@@ -184,14 +184,14 @@ fn holds_live(filter: &DeviceFilter, connected: &HashSet<&DeviceId>, d: &DeviceR
             .as_ref()
             .is_some_and(|v| filter.versions.contains(v));
     let state = filter.state.is_none_or(|s| d.state == Some(s));
-    let online = connected.contains(&d.id);
-    let last_seen = d.last_seen.as_deref().and_then(parse_time);
+    let online = || connected.contains(&d.id);
+    let last_seen = || d.last_seen.as_deref().and_then(parse_time);
     let seen_after = filter
         .seen_after
-        .is_none_or(|t| online || last_seen.is_some_and(|seen| seen > t));
+        .is_none_or(|t| online() || last_seen().is_some_and(|seen| seen > t));
     let seen_before = filter
         .seen_before
-        .is_none_or(|t| !online && last_seen.is_none_or(|seen| seen < t));
+        .is_none_or(|t| !online() && last_seen().is_none_or(|seen| seen < t));
     version && state && seen_after && seen_before
 }
 
