@@ -37,22 +37,22 @@ pub struct ServerArgs {
     /// CA certificate the server's certificate chains to (printed by uplift-server at start).
     #[arg(long, env = "UPLIFT_CA")]
     pub ca: PathBuf,
-    /// Admin token (or use --token-file).
+    /// API token: the server's admin token, or one made with `uplift token create` (or use --token-file).
     #[arg(long, env = "UPLIFT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// File holding the admin token, e.g. <data_dir>/admin-token.
+    /// File holding the API token, e.g. <data_dir>/admin-token.
     #[arg(long, env = "UPLIFT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
-    fn client(&self) -> anyhow::Result<AdminClient> {
+    pub fn client(&self) -> anyhow::Result<AdminClient> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => t.clone(),
             (None, Some(path)) => std::fs::read_to_string(path)
-                .with_context(|| format!("reading admin token {}", path.display()))?,
+                .with_context(|| format!("reading API token {}", path.display()))?,
             (None, None) => {
-                anyhow::bail!("give the admin token with --token, --token-file or UPLIFT_TOKEN")
+                anyhow::bail!("give an API token with --token, --token-file or UPLIFT_TOKEN")
             }
         };
         AdminClient::new(&self.server, &self.ca, &token)
@@ -76,6 +76,18 @@ pub enum Command {
     /// Start and follow rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Make, list and revoke API tokens with roles (admin).
+    #[command(subcommand)]
+    Token(crate::access::TokenCommand),
+    /// The audit log: who changed what, when, and how it ended (admin).
+    Audit(crate::access::AuditArgs),
+    /// Who the server takes your token for, and its role.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Run a whole fleet upgrade on this machine: a real server and N real agents.
     Demo {
         #[arg(long, default_value_t = 50)]
@@ -352,7 +364,7 @@ pub enum RolloutCommand {
     },
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -372,6 +384,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Rollout(cmd) => rollout(cmd).await,
+        Command::Token(cmd) => crate::access::token(cmd).await,
+        Command::Audit(args) => crate::access::audit(args).await,
+        Command::Whoami { json, server } => crate::access::whoami(server, json).await,
         Command::Demo {
             devices,
             image_mib,

@@ -3,6 +3,7 @@
 //! demo. Every server operation goes through the admin REST API
 //! ([`client::AdminClient`]), the same API a web page would use.
 
+pub mod access;
 pub mod cli;
 pub mod client;
 pub mod demo;

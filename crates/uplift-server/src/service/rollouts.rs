@@ -2,7 +2,8 @@
 //! its devices, in that order), and where each one stands, derived from the
 //! devices it targeted.
 
-use super::{ServiceError, ServiceResult};
+use super::{audit, ServiceError, ServiceResult};
+use crate::auth::Principal;
 use crate::rollout::engine::{Command, Member, PauseReason, RolloutState};
 use crate::rollout::window::Window;
 use crate::rollout::{phases, scheduler};
@@ -13,12 +14,29 @@ use time::OffsetDateTime;
 use uplift_proto::api::{
     RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutStatus, RolloutView,
 };
+use uplift_proto::auth::AuditAction;
 use uplift_proto::channel::AgentState;
 use uplift_proto::{DeviceId, DeviceType, Version};
 
 /// Starts a rollout of `request.release` to the listed devices, or to every
-/// device of the release's type, and pushes the new target to those online.
-pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<RolloutView> {
+/// device of the release's type, and pushes the new target to those online;
+/// recorded in the audit log as `actor`'s.
+pub async fn start(
+    state: &AppState,
+    actor: &Principal,
+    request: RolloutCreate,
+) -> ServiceResult<RolloutView> {
+    let asked = format!("release {}", request.release);
+    let result = launch(state, request).await;
+    let target = match &result {
+        Ok(view) => format!("rollout {}", view.id),
+        Err(_) => asked,
+    };
+    audit::record(state, actor, AuditAction::RolloutStart, &target, &result).await;
+    result
+}
+
+async fn launch(state: &AppState, request: RolloutCreate) -> ServiceResult<RolloutView> {
     let release =
         state
             .store
@@ -222,7 +240,7 @@ pub async fn join_dynamic(state: &AppState, device: &DeviceId, device_type: &Dev
 
 /// A new rollout of rollout `id`'s release, with its policy and limits, to
 /// the devices that failed or timed out in it.
-pub async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
+async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
     let rollout = state
         .store
         .rollout(id)
@@ -252,7 +270,7 @@ pub async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
     if failed.is_empty() {
         return Err(ServiceError::NothingToRetry { id });
     }
-    start(
+    launch(
         state,
         RolloutCreate {
             release: rollout.release,
@@ -265,20 +283,41 @@ pub async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
     .await
 }
 
-/// Applies an operator's command to rollout `id`, as `by`.
+/// Applies an operator's command to rollout `id`, as `actor`, and records
+/// it in the audit log.
 pub async fn command(
     state: &AppState,
     id: i64,
     name: RolloutCommandName,
+    actor: &Principal,
+) -> ServiceResult<RolloutView> {
+    let (command, action) = match name {
+        RolloutCommandName::Pause => (Command::Pause, AuditAction::RolloutPause),
+        RolloutCommandName::Resume => (Command::Resume, AuditAction::RolloutResume),
+        RolloutCommandName::Approve => (Command::Approve, AuditAction::RolloutApprove),
+        RolloutCommandName::Abort => (Command::Abort, AuditAction::RolloutAbort),
+        RolloutCommandName::Retry => {
+            let result = retry(state, id).await;
+            let target = match &result {
+                Ok(new) => format!("rollout {id} (retried as rollout {})", new.id),
+                Err(_) => format!("rollout {id}"),
+            };
+            audit::record(state, actor, AuditAction::RolloutRetry, &target, &result).await;
+            return result;
+        }
+    };
+    let result = steer(state, id, command, &actor.name).await;
+    audit::record(state, actor, action, &format!("rollout {id}"), &result).await;
+    result
+}
+
+/// Applies an engine command to rollout `id`, as `by`.
+async fn steer(
+    state: &AppState,
+    id: i64,
+    command: Command,
     by: &str,
 ) -> ServiceResult<RolloutView> {
-    let command = match name {
-        RolloutCommandName::Pause => Command::Pause,
-        RolloutCommandName::Resume => Command::Resume,
-        RolloutCommandName::Approve => Command::Approve,
-        RolloutCommandName::Abort => Command::Abort,
-        RolloutCommandName::Retry => return retry(state, id).await,
-    };
     let rollout = state
         .store
         .rollout(id)
@@ -576,7 +615,9 @@ mod tests {
     async fn a_rollout_needs_a_stored_release_and_a_device_to_go_to() {
         let dir = tempfile::tempdir().unwrap();
         let state = testing::state(dir.path()).await;
-        let err = start(&state, create("2.0", None)).await.unwrap_err();
+        let err = start(&state, &Principal::bootstrap_admin(), create("2.0", None))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
         assert_eq!(
             err.to_string(),
@@ -585,7 +626,9 @@ mod tests {
 
         testing::release(&state, "2", "gw").await;
         testing::device(&state, "dev-other", "camera").await;
-        let err = start(&state, create("2", None)).await.unwrap_err();
+        let err = start(&state, &Principal::bootstrap_admin(), create("2", None))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::BadRequest);
         assert_eq!(
             err.to_string(),
@@ -611,7 +654,9 @@ mod tests {
             approval: true,
             ..RolloutPolicy::default()
         };
-        let view = start(&state, request).await.unwrap();
+        let view = start(&state, &Principal::bootstrap_admin(), request)
+            .await
+            .unwrap();
         let progress = view.progress.unwrap();
         assert_eq!(
             (progress.state.as_str(), progress.phase_sizes.clone()),
@@ -623,27 +668,42 @@ mod tests {
             .count();
         assert_eq!(offered, 1, "only the first phase is offered");
 
-        let err = command(&state, view.id, RolloutCommandName::Approve, "op")
-            .await
-            .unwrap_err();
+        let err = command(
+            &state,
+            view.id,
+            RolloutCommandName::Approve,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Conflict);
         assert!(
             err.to_string()
                 .contains("cannot approve a rollout that is running"),
             "{err}"
         );
-        let paused = command(&state, view.id, RolloutCommandName::Pause, "op")
-            .await
-            .unwrap();
+        let paused = command(
+            &state,
+            view.id,
+            RolloutCommandName::Pause,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap();
         assert_eq!(paused.progress.unwrap().state, "paused");
         let offered: Vec<_> = ids
             .iter()
             .filter(|d| state.live.target(d).is_some())
             .cloned()
             .collect();
-        let aborted = command(&state, view.id, RolloutCommandName::Abort, "op")
-            .await
-            .unwrap();
+        let aborted = command(
+            &state,
+            view.id,
+            RolloutCommandName::Abort,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap();
         assert_eq!(aborted.progress.unwrap().state, "aborted");
         for device in &offered {
             assert_eq!(
@@ -660,22 +720,39 @@ mod tests {
             .filter(|(m, _)| m.outcome == Some(crate::rollout::engine::Outcome::Withdrawn))
             .count();
         assert_eq!(withdrawn, 1);
-        let err = command(&state, view.id, RolloutCommandName::Resume, "op")
-            .await
-            .unwrap_err();
+        let err = command(
+            &state,
+            view.id,
+            RolloutCommandName::Resume,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("it is over"), "{err}");
-        let err = command(&state, view.id, RolloutCommandName::Retry, "op")
-            .await
-            .unwrap_err();
+        let err = command(
+            &state,
+            view.id,
+            RolloutCommandName::Retry,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("no device failed"), "{err}");
-        let err = command(&state, 999, RolloutCommandName::Pause, "op")
-            .await
-            .unwrap_err();
+        let err = command(
+            &state,
+            999,
+            RolloutCommandName::Pause,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
 
         let mut bad = create("2", None);
         bad.policy.phases = vec![PhaseReach::Percent(50), PhaseReach::Percent(20)];
-        let err = start(&state, bad).await.unwrap_err();
+        let err = start(&state, &Principal::bootstrap_admin(), bad)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::BadRequest);
         assert!(err.to_string().contains("phases are cumulative"), "{err}");
     }
@@ -697,7 +774,10 @@ mod tests {
                 success_percent: Some(50),
                 ..RolloutPolicy::default()
             };
-            start(&state, request).await.unwrap().id
+            start(&state, &Principal::bootstrap_admin(), request)
+                .await
+                .unwrap()
+                .id
         };
         let offered_before =
             |members: &[(MemberRecord, DeviceRecord)]| -> Vec<(String, Option<String>)> {
@@ -737,14 +817,20 @@ mod tests {
         let b = testing::device(&state, "dev-b", "gw").await;
         testing::device(&state, "dev-c", "camera").await;
 
-        let first = start(&state, create("2", None)).await.unwrap();
+        let first = start(&state, &Principal::bootstrap_admin(), create("2", None))
+            .await
+            .unwrap();
         assert_eq!((first.devices_total, first.counts.pending), (2, 2));
         assert_eq!(first.status, RolloutStatus::Running);
         assert_eq!(state.live.target(&a).unwrap().rollout_id, first.id);
 
-        let second = start(&state, create("3", Some(vec![b.clone()])))
-            .await
-            .unwrap();
+        let second = start(
+            &state,
+            &Principal::bootstrap_admin(),
+            create("3", Some(vec![b.clone()])),
+        )
+        .await
+        .unwrap();
         assert_eq!(state.live.target(&a).unwrap().rollout_id, first.id);
         assert_eq!(state.live.target(&b).unwrap().rollout_id, second.id);
         // Device b reports it runs the new release, in memory only.

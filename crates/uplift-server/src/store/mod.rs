@@ -1,7 +1,10 @@
 //! Persistent server state behind one trait, so that PostgreSQL can be added
 //! beside SQLite without touching any caller.
 
+pub mod control;
 mod sqlite;
+
+pub use control::ControlStore;
 
 pub use sqlite::SqliteStore;
 
@@ -189,7 +192,7 @@ pub struct DeviceTarget {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug {
+pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     async fn insert_device(&self, device: &NewDevice) -> StoreResult<()>;
     async fn device(&self, id: &DeviceId) -> StoreResult<Option<DeviceRecord>>;
     async fn device_by_public_key(&self, public_key: &str) -> StoreResult<Option<DeviceRecord>>;

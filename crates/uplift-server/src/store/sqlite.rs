@@ -1,5 +1,7 @@
 //! SQLite implementation of [`Store`]: embedded, zero set-up, WAL mode.
 
+mod control;
+
 use super::*;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -117,6 +119,10 @@ impl SqliteStore {
             .await
             .map_err(db("opening the database"))?;
         sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(db("creating the schema"))?;
+        sqlx::raw_sql(control::SCHEMA)
             .execute(&pool)
             .await
             .map_err(db("creating the schema"))?;
