@@ -649,7 +649,10 @@ fn rollout_line(r: &RolloutView) -> String {
         } else {
             format!("all {}", devices(r.devices_total))
         };
-        return format!("{head}: superseded — {all} moved to a newer rollout");
+        return format!(
+            "{head}: superseded — {all} moved to {}",
+            newer_rollouts(&r.superseded_by)
+        );
     }
     let mut line = format!(
         "{head}: {} — {} succeeded, {} in progress, {} pending, {} failed of {}",
@@ -661,7 +664,19 @@ fn rollout_line(r: &RolloutView) -> String {
         devices(r.devices_total)
     );
     if r.superseded > 0 {
-        line += &format!(" ({} moved to a newer rollout)", r.superseded);
+        line += &format!(
+            " ({} moved to {})",
+            r.superseded,
+            newer_rollouts(&r.superseded_by)
+        );
+    }
+    if !r.supersedes.is_empty() {
+        let from: Vec<String> = r
+            .supersedes
+            .iter()
+            .map(|s| format!("{} from rollout {}", devices(s.devices), s.rollout_id))
+            .collect();
+        line += &format!("; took over {}", from.join(", "));
     }
     if let Some(k) = r.limits.max_downloading {
         line += &format!(
@@ -692,6 +707,17 @@ fn rollout_line(r: &RolloutView) -> String {
         }
     }
     line
+}
+
+/// "rollout 5", "rollouts 5 and 7", or "a newer rollout" when the server
+/// did not say which.
+fn newer_rollouts(shares: &[uplift_proto::api::RolloutShare]) -> String {
+    let ids: Vec<String> = shares.iter().map(|s| s.rollout_id.to_string()).collect();
+    match ids.as_slice() {
+        [] => "a newer rollout".to_owned(),
+        [one] => format!("rollout {one}"),
+        [rest @ .., last] => format!("rollouts {} and {last}", rest.join(", ")),
+    }
 }
 
 /// `rollout status` fails only for a finished rollout with failed devices;
@@ -853,6 +879,8 @@ mod rollout_output_tests {
             limits: Default::default(),
             waiting_for_turn: 0,
             progress: None,
+            superseded_by: Vec::new(),
+            supersedes: Vec::new(),
         }
     }
 
@@ -864,6 +892,46 @@ mod rollout_output_tests {
             "rollout 3 of 1.1 (gw): superseded — all 20 devices moved to a newer rollout"
         );
         assert_eq!(rollout_exit_code(&r), 0);
+    }
+
+    #[test]
+    fn both_rollouts_of_a_supersession_name_each_other() {
+        use uplift_proto::api::RolloutShare;
+        let mut older = view(RolloutStatus::Superseded, RolloutCounts::default(), 2);
+        older.superseded_by = vec![RolloutShare {
+            rollout_id: 4,
+            devices: 2,
+        }];
+        assert_eq!(
+            rollout_line(&older),
+            "rollout 3 of 1.1 (gw): superseded — all 2 devices moved to rollout 4"
+        );
+        let counts = RolloutCounts {
+            pending: 3,
+            ..Default::default()
+        };
+        let mut newer = view(RolloutStatus::Running, counts, 0);
+        newer.supersedes = vec![
+            RolloutShare {
+                rollout_id: 1,
+                devices: 1,
+            },
+            RolloutShare {
+                rollout_id: 2,
+                devices: 2,
+            },
+        ];
+        assert_eq!(
+            rollout_line(&newer),
+            "rollout 3 of 1.1 (gw): running — 0 succeeded, 0 in progress, 3 pending, 0 failed of 3 devices; \
+             took over 1 device from rollout 1, 2 devices from rollout 2"
+        );
+        older.status = RolloutStatus::Finished;
+        older.superseded_by.push(RolloutShare {
+            rollout_id: 7,
+            devices: 1,
+        });
+        assert!(rollout_line(&older).ends_with("(2 moved to rollouts 4 and 7)"));
     }
 
     #[test]

@@ -196,6 +196,19 @@ pub struct RolloutView {
     /// phased rollouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<RolloutProgress>,
+    /// Newer rollouts that took devices over from this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded_by: Vec<RolloutShare>,
+    /// Older rollouts this one took devices over from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supersedes: Vec<RolloutShare>,
+}
+
+/// Devices that moved between two rollouts: another rollout, and how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutShare {
+    pub rollout_id: i64,
+    pub devices: u64,
 }
 
 /// A phased rollout's engine state, as the operator sees it.

@@ -12,7 +12,8 @@ use crate::store::{DeviceRecord, NewPlan, RolloutChange, RolloutPlan, RolloutRec
 use std::collections::HashMap;
 use time::OffsetDateTime;
 use uplift_proto::api::{
-    RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutStatus, RolloutView,
+    RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutShare, RolloutStatus,
+    RolloutView,
 };
 use uplift_proto::auth::AuditAction;
 use uplift_proto::channel::AgentState;
@@ -110,12 +111,8 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
     }
     let mut plans: HashMap<i64, RolloutPlan> =
         state.store.rollout_plans().await?.into_iter().collect();
-    let mut sizes: HashMap<i64, Vec<u64>> = HashMap::new();
-    for (id, phase, n) in state.store.phase_sizes().await? {
-        let phases = sizes.entry(id).or_default();
-        phases.resize(phases.len().max(phase as usize + 1), 0);
-        phases[phase as usize] = n;
-    }
+    let mut sizes = phase_sizes_by_rollout(state.store.phase_sizes(None).await?);
+    let moves = state.store.supersessions(None).await?;
     Ok(rollouts
         .into_iter()
         .map(|rollout| {
@@ -123,28 +120,56 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
             let progress = plans
                 .remove(&rollout.id)
                 .map(|plan| progress_of(plan, sizes.remove(&rollout.id).unwrap_or_default()));
-            view_of(state, rollout, &devices, progress)
+            let mut view = view_of(state, rollout, &devices, progress);
+            add_supersessions(&mut view, &moves);
+            view
         })
         .collect())
 }
 
+fn phase_sizes_by_rollout(rows: Vec<(i64, u32, u64)>) -> HashMap<i64, Vec<u64>> {
+    let mut sizes: HashMap<i64, Vec<u64>> = HashMap::new();
+    for (id, phase, n) in rows {
+        let phases = sizes.entry(id).or_default();
+        phases.resize(phases.len().max(phase as usize + 1), 0);
+        phases[phase as usize] = n;
+    }
+    sizes
+}
+
+/// Says in `view` which rollouts took devices from it and which it took
+/// devices from, out of (older, newer, devices) moves.
+fn add_supersessions(view: &mut RolloutView, moves: &[(i64, i64, u64)]) {
+    for &(older, newer, devices) in moves {
+        if older == view.id {
+            view.superseded_by.push(RolloutShare {
+                rollout_id: newer,
+                devices,
+            });
+        }
+        if newer == view.id {
+            view.supersedes.push(RolloutShare {
+                rollout_id: older,
+                devices,
+            });
+        }
+    }
+}
+
 async fn view(state: &AppState, rollout: RolloutRecord) -> ServiceResult<RolloutView> {
-    let mut devices = state.store.rollout_devices(rollout.id).await?;
+    let id = rollout.id;
+    let mut devices = state.store.rollout_devices(id).await?;
     state.live.overlay(&mut devices);
-    let progress = match state.store.rollout_plan(rollout.id).await? {
+    let progress = match state.store.rollout_plan(id).await? {
         Some(plan) => {
-            let mut sizes = Vec::new();
-            for (id, phase, n) in state.store.phase_sizes().await? {
-                if id == rollout.id {
-                    sizes.resize(sizes.len().max(phase as usize + 1), 0);
-                    sizes[phase as usize] = n;
-                }
-            }
-            Some(progress_of(plan, sizes))
+            let mut sizes = phase_sizes_by_rollout(state.store.phase_sizes(Some(id)).await?);
+            Some(progress_of(plan, sizes.remove(&id).unwrap_or_default()))
         }
         None => None,
     };
-    Ok(view_of(state, rollout, &devices, progress))
+    let mut view = view_of(state, rollout, &devices, progress);
+    add_supersessions(&mut view, &state.store.supersessions(Some(id)).await?);
+    Ok(view)
 }
 
 /// The engine's state in the operator's terms.
@@ -410,6 +435,8 @@ fn view_of(
         limits: rollout.limits,
         waiting_for_turn: state.turns.counts(rollout.id).1 as u64,
         progress,
+        superseded_by: Vec::new(),
+        supersedes: Vec::new(),
     }
 }
 
@@ -862,6 +889,17 @@ mod tests {
         assert_eq!(listed[0].status, RolloutStatus::Running);
         assert_eq!(listed[1].counts.succeeded, 1);
         assert_eq!(listed[1].status, RolloutStatus::Finished);
+        // Each says so of the other.
+        let moved = |rollout_id| {
+            vec![RolloutShare {
+                rollout_id,
+                devices: 1,
+            }]
+        };
+        assert_eq!(listed[0].superseded_by, moved(second.id));
+        assert!(listed[0].supersedes.is_empty());
+        assert_eq!(listed[1].supersedes, moved(first.id));
+        assert!(listed[1].superseded_by.is_empty());
 
         let err = get(&state, 99).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);

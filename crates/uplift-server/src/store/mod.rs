@@ -234,8 +234,12 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
         -> StoreResult<bool>;
     /// Every phased rollout's plan, by rollout.
     async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>>;
-    /// How many devices each phase of each rollout holds: (rollout, phase, devices).
-    async fn phase_sizes(&self) -> StoreResult<Vec<(i64, u32, u64)>>;
+    /// How many devices each phase of each rollout holds: (rollout, phase,
+    /// devices); of rollout `only` alone if given.
+    async fn phase_sizes(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, u64)>>;
+    /// Devices each rollout handed to the next newer rollout of them:
+    /// (older, newer, devices); only pairs with rollout `only`, if given.
+    async fn supersessions(&self, only: Option<i64>) -> StoreResult<Vec<(i64, i64, u64)>>;
     /// Rollouts the scheduler must look at: phased, neither finished nor aborted.
     async fn active_rollouts(&self) -> StoreResult<Vec<i64>>;
     /// A rollout's devices with their part in it.

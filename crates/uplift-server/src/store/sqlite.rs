@@ -678,16 +678,39 @@ impl Store for SqliteStore {
         rows.into_iter().filter_map(plan_from_row).collect()
     }
 
-    async fn phase_sizes(&self) -> StoreResult<Vec<(i64, u32, u64)>> {
+    async fn phase_sizes(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, u64)>> {
         let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT rollout_id, phase, COUNT(*) FROM rollout_devices GROUP BY rollout_id, phase ORDER BY rollout_id, phase",
+            "SELECT rollout_id, phase, COUNT(*) FROM rollout_devices WHERE ?1 IS NULL OR rollout_id = ?1 \
+             GROUP BY rollout_id, phase ORDER BY rollout_id, phase",
         )
+        .bind(only)
         .fetch_all(&self.pool)
         .await
         .map_err(db("counting rollout phases"))?;
         Ok(rows
             .into_iter()
             .map(|(id, phase, n)| (id, phase.max(0) as u32, n.max(0) as u64))
+            .collect())
+    }
+
+    async fn supersessions(&self, only: Option<i64>) -> StoreResult<Vec<(i64, i64, u64)>> {
+        // A superseded part was ended by the device's next newer rollout.
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT older, newer, COUNT(*) FROM ( \
+               SELECT o.rollout_id AS older, \
+                      (SELECT MIN(n.rollout_id) FROM rollout_devices n \
+                        WHERE n.device_id = o.device_id AND n.rollout_id > o.rollout_id) AS newer \
+               FROM rollout_devices o WHERE o.outcome = 'superseded') \
+             WHERE newer IS NOT NULL AND (?1 IS NULL OR older = ?1 OR newer = ?1) \
+             GROUP BY older, newer ORDER BY older, newer",
+        )
+        .bind(only)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("finding superseded rollouts"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(older, newer, n)| (older, newer, n.max(0) as u64))
             .collect())
     }
 
