@@ -151,6 +151,9 @@ fn progress_of(plan: RolloutPlan, mut phase_sizes: Vec<u64>) -> RolloutProgress 
     }
 }
 
+/// Why a rollout paused, for the operator. Phases are counted from 1 here,
+/// as `uplift rollout status` counts them ("in phase 2 of 4"); the stored
+/// state and `progress.phase` count from 0.
 fn pause_sentence(reason: &PauseReason) -> String {
     match reason {
         PauseReason::Operator { by } => {
@@ -171,8 +174,9 @@ fn pause_sentence(reason: &PauseReason) -> String {
                 })
                 .collect();
             format!(
-                "{failed} of {finished} finished devices of phase {phase} failed, over the error threshold: {}; \
+                "{failed} of {finished} finished devices of phase {} failed, over the error threshold: {}; \
                  fix the cause and `uplift rollout resume` (these failures are then accepted), or `uplift rollout abort`",
+                phase + 1,
                 named.join(", ")
             )
         }
@@ -181,8 +185,9 @@ fn pause_sentence(reason: &PauseReason) -> String {
             succeeded,
             needed,
         } => format!(
-            "phase {phase} finished with {succeeded} devices on the release, {needed} needed; \
-             `uplift rollout resume` accepts it and starts the next phase"
+            "phase {} finished with {succeeded} devices on the release, {needed} needed; \
+             `uplift rollout resume` accepts it and starts the next phase",
+            phase + 1
         ),
     }
 }
@@ -475,6 +480,39 @@ mod tests {
 
     fn v(s: &str) -> Version {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_pause_names_its_phase_as_the_operator_counts_phases_from_one() {
+        use crate::rollout::engine::{FailedDevice, Outcome as Ended};
+        // The second phase: stored as 1, shown by `uplift rollout status`
+        // as "phase 2 of N".
+        let over = PauseReason::ErrorThreshold {
+            phase: 1,
+            failed: 2,
+            finished: 2,
+            devices: vec![FailedDevice {
+                device: "dev-9".parse().unwrap(),
+                outcome: Ended::Failed,
+                error: Some("health check failed".into()),
+            }],
+        };
+        let why = pause_sentence(&over);
+        assert!(
+            why.starts_with("2 of 2 finished devices of phase 2 failed")
+                && why.contains("dev-9 (health check failed)"),
+            "{why}"
+        );
+        let short = PauseReason::BelowSuccessLevel {
+            phase: 0,
+            succeeded: 1,
+            needed: 2,
+        };
+        assert!(
+            pause_sentence(&short).starts_with("phase 1 finished with 1 devices"),
+            "{}",
+            pause_sentence(&short)
+        );
     }
 
     #[test]
