@@ -3,7 +3,7 @@
 //! devices it targeted.
 
 use super::{ServiceError, ServiceResult};
-use crate::rollout::engine::{Command, Member, PauseReason, RolloutState};
+use crate::rollout::engine::{Command, PauseReason, RolloutState};
 use crate::rollout::window::Window;
 use crate::rollout::{phases, scheduler};
 use crate::state::{now_rfc3339, AppState};
@@ -298,20 +298,9 @@ pub async fn command(
             .rollout_plan(id)
             .await?
             .ok_or(ServiceError::NotPhased { id })?;
-        let members: Vec<Member> = state
-            .store
-            .rollout_members(id)
-            .await?
-            .into_iter()
-            .map(|(m, d)| Member {
-                device: d.id,
-                phase: m.phase,
-                offered_at: m.offered_at.as_deref().and_then(scheduler::parse_time),
-                outcome: m.outcome,
-                failure_accepted: m.failure_accepted,
-                live: crate::rollout::engine::Live::Idle,
-            })
-            .collect();
+        // What each device reports counts: a pause takes back only the
+        // offers of devices not at work on the release.
+        let members = scheduler::members(state, id, &rollout.release).await?;
         let now = OffsetDateTime::now_utc();
         let transition = crate::rollout::engine::command(&plan.state, &members, &command, by, now)
             .map_err(|source| ServiceError::Refused { id, source })?;
@@ -322,6 +311,7 @@ pub async fn command(
             settle: &[],
             accept_failures: &transition.accept_failures,
             withdraw: &transition.withdraw,
+            hold: &transition.hold,
             now: &now_text,
         };
         if state
@@ -335,16 +325,11 @@ pub async fn command(
                 by,
                 state = transition.state.name(),
                 withdrawn = transition.withdraw.len(),
+                held = transition.hold.len(),
                 "rollout command"
             );
-            if !transition.withdraw.is_empty() {
-                // Sessions send `no_update`: an agent downloading stops
-                // and stays on the OS it runs.
-                state.live.withdraw_targets(&transition.withdraw, id);
-                for device in &transition.withdraw {
-                    state.hub.notify_target_changed(device);
-                }
-            }
+            scheduler::take_back(state, &transition.withdraw, id);
+            scheduler::take_back(state, &transition.hold, id);
             // What the new state allows (the next phase's offers) goes out now.
             scheduler::advance(state, id, now).await?;
             return view(state, rollout).await;
@@ -670,15 +655,29 @@ mod tests {
                 .contains("cannot approve a rollout that is running"),
             "{err}"
         );
-        let paused = command(&state, view.id, RolloutCommandName::Pause, "op")
-            .await
-            .unwrap();
-        assert_eq!(paused.progress.unwrap().state, "paused");
         let offered: Vec<_> = ids
             .iter()
             .filter(|d| state.live.target(d).is_some())
             .cloned()
             .collect();
+        let paused = command(&state, view.id, RolloutCommandName::Pause, "op")
+            .await
+            .unwrap();
+        assert_eq!(paused.progress.unwrap().state, "paused");
+        // The canary has not started (it never reported): the pause takes
+        // its offer back, and the resume offers it again.
+        for device in &offered {
+            assert_eq!(state.live.target(device), None, "held while paused");
+            let stored = state.store.device(device).await.unwrap().unwrap();
+            assert_eq!(stored.target_rollout, None, "also in the database");
+        }
+        let resumed = command(&state, view.id, RolloutCommandName::Resume, "op")
+            .await
+            .unwrap();
+        assert_eq!(resumed.progress.unwrap().state, "running");
+        for device in &offered {
+            assert!(state.live.target(device).is_some(), "offered again");
+        }
         let aborted = command(&state, view.id, RolloutCommandName::Abort, "op")
             .await
             .unwrap();
