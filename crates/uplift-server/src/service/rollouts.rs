@@ -46,7 +46,7 @@ pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<Ro
     let now = OffsetDateTime::now_utc();
     let created_at = now_rfc3339();
     // Phases are decided here, once, and stored with the devices.
-    let seed = format!("{}@{created_at}", release.version);
+    let seed = phases::seed(&release.version, &created_at);
     let members = phases::assign(&devices, &request.policy.phases, &seed);
     let first = RolloutState::start(now);
     let rollout = state
