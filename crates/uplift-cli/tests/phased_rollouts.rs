@@ -9,37 +9,10 @@ use common::*;
 use std::num::NonZeroU32;
 use std::time::Duration;
 use uplift_cli::fleet::Device;
-use uplift_proto::api::{DeviceView, RolloutCreate, RolloutView};
+use uplift_proto::api::{DeviceView, RolloutCreate};
 use uplift_proto::channel::AgentState;
 use uplift_proto::policy::{PhaseReach, RolloutPolicy};
 use uplift_proto::SlotName;
-
-/// `uplift rollout <command> <id> --json` as an operator runs it.
-fn operator(fx: &Fixture, command: &str, id: i64) -> RolloutView {
-    let out = run_bounded(
-        std::process::Command::new(env!("CARGO_BIN_EXE_uplift"))
-            .args(["rollout", command, &id.to_string(), "--json", "--server"])
-            .arg(
-                fx.server
-                    .endpoint
-                    .admin_url
-                    .as_ref()
-                    .unwrap_or(&fx.server.endpoint.url),
-            )
-            .arg("--ca")
-            .arg(&fx.server.endpoint.ca_file)
-            .arg("--token")
-            .arg(&fx.server.admin_token),
-        Duration::from_secs(60),
-        fx.dir.path(),
-    );
-    assert!(
-        out.status.success(),
-        "uplift rollout {command} {id}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("rollout view as JSON")
-}
 
 fn on(views: &[DeviceView], version: &str) -> usize {
     views
@@ -165,20 +138,10 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
 async fn failures_in_the_first_phase_pause_the_rollout_before_the_rest_is_offered() {
     let fx = Fixture::start();
     // Every device's service fails on the new OS (slot b).
-    let spec = |name: &str| {
-        let mut spec = fx.spec(&format!("hw-{name}"));
-        let cmdline = fx.path(&format!("devices/{name}/cmdline"));
-        spec.health_check = vec![
-            "sh".into(),
-            "-c".into(),
-            format!(
-                "grep -q uplift.slot=a {} || {{ echo 'service fails on the new OS' >&2; exit 3; }}",
-                cmdline.display()
-            ),
-        ];
-        spec
-    };
-    let devices = enrolled_fleet(&fx, &["f1", "f2", "f3", "f4", "f5"], spec).await;
+    let devices = enrolled_fleet(&fx, &["f1", "f2", "f3", "f4", "f5"], |n| {
+        fx.spec_failing_on_slot_b(n)
+    })
+    .await;
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;
     let id = fx

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::watch;
+use uplift_proto::DeviceId;
 
 /// How often the scheduler looks at every active rollout.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -34,21 +35,7 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
         let Some(rollout) = state.store.rollout(id).await? else {
             return Ok(());
         };
-        let rows = state.store.rollout_members(id).await?;
-        let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) = rows.into_iter().unzip();
-        state.live.overlay(&mut devices);
-        let members: Vec<Member> = records
-            .into_iter()
-            .zip(&devices)
-            .map(|(record, device)| Member {
-                device: device.id.clone(),
-                phase: record.phase,
-                offered_at: record.offered_at.as_deref().and_then(parse_time),
-                outcome: record.outcome,
-                failure_accepted: record.failure_accepted,
-                live: live_of(&rollout.release, id, device),
-            })
-            .collect();
+        let members = members(state, id, &rollout.release).await?;
         let window_open = match &plan.policy.window {
             None => true,
             Some(spec) => match Window::parse(spec) {
@@ -81,6 +68,7 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
             settle: &step.settle,
             accept_failures: &[],
             withdraw: &[],
+            hold: &step.hold,
             now: &now_text,
         };
         if !state
@@ -92,6 +80,14 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
         }
         for event in &step.events {
             tracing::info!(rollout = id, event = ?event, "rollout");
+        }
+        if !step.hold.is_empty() {
+            tracing::info!(
+                rollout = id,
+                held = step.hold.len(),
+                "offers not started taken back until the rollout resumes"
+            );
+            take_back(state, &step.hold, id);
         }
         if !step.offer.is_empty() {
             // Stored first: a server killed here finds the targets in the
@@ -193,6 +189,40 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     }
     if let Err(e) = state.store.release_lease(LEASE, &holder).await {
         tracing::warn!("rollout scheduler: {e}; another replica takes over when the lease expires");
+    }
+}
+
+/// Rollout `id`'s devices with their phase, offer and outcome, and what
+/// each reports now (the live view laid over the database).
+pub(crate) async fn members(
+    state: &AppState,
+    id: i64,
+    release: &uplift_proto::Version,
+) -> Result<Vec<Member>, StoreError> {
+    let rows = state.store.rollout_members(id).await?;
+    let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) = rows.into_iter().unzip();
+    state.live.overlay(&mut devices);
+    Ok(records
+        .into_iter()
+        .zip(&devices)
+        .map(|(record, device)| Member {
+            device: device.id.clone(),
+            phase: record.phase,
+            offered_at: record.offered_at.as_deref().and_then(parse_time),
+            outcome: record.outcome,
+            failure_accepted: record.failure_accepted,
+            live: live_of(release, id, device),
+        })
+        .collect())
+}
+
+/// Takes rollout `id`'s offer back from `devices` (stored already): their
+/// sessions send `no_update`, so an agent downloading stops and one waiting
+/// for a download turn leaves the line, and each stays on the OS it runs.
+pub(crate) fn take_back(state: &AppState, devices: &[DeviceId], id: i64) {
+    state.live.withdraw_targets(devices, id);
+    for device in devices {
+        state.hub.notify_target_changed(device);
     }
 }
 

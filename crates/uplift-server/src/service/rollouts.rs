@@ -4,7 +4,7 @@
 
 use super::{audit, ServiceError, ServiceResult};
 use crate::auth::Principal;
-use crate::rollout::engine::{Command, Member, PauseReason, RolloutState};
+use crate::rollout::engine::{Command, PauseReason, RolloutState};
 use crate::rollout::window::Window;
 use crate::rollout::{phases, scheduler};
 use crate::state::{now_rfc3339, AppState};
@@ -65,7 +65,7 @@ async fn launch(state: &AppState, request: RolloutCreate) -> ServiceResult<Rollo
     let now = OffsetDateTime::now_utc();
     let created_at = now_rfc3339();
     // Phases are decided here, once, and stored with the devices.
-    let seed = format!("{}@{created_at}", release.version);
+    let seed = phases::seed(&release.version, &created_at);
     let members = phases::assign(&devices, &request.policy.phases, &seed);
     let first = RolloutState::start(now);
     let rollout = state
@@ -194,6 +194,9 @@ fn progress_of(plan: RolloutPlan, mut phase_sizes: Vec<u64>) -> RolloutProgress 
     }
 }
 
+/// Why a rollout paused, for the operator. Phases are counted from 1 here,
+/// as `uplift rollout status` counts them ("in phase 2 of 4"); the stored
+/// state and `progress.phase` count from 0.
 fn pause_sentence(reason: &PauseReason) -> String {
     match reason {
         PauseReason::Operator { by } => {
@@ -214,8 +217,9 @@ fn pause_sentence(reason: &PauseReason) -> String {
                 })
                 .collect();
             format!(
-                "{failed} of {finished} finished devices of phase {phase} failed, over the error threshold: {}; \
+                "{failed} of {finished} finished devices of phase {} failed, over the error threshold: {}; \
                  fix the cause and `uplift rollout resume` (these failures are then accepted), or `uplift rollout abort`",
+                phase + 1,
                 named.join(", ")
             )
         }
@@ -224,8 +228,9 @@ fn pause_sentence(reason: &PauseReason) -> String {
             succeeded,
             needed,
         } => format!(
-            "phase {phase} finished with {succeeded} devices on the release, {needed} needed; \
-             `uplift rollout resume` accepts it and starts the next phase"
+            "phase {} finished with {succeeded} devices on the release, {needed} needed; \
+             `uplift rollout resume` accepts it and starts the next phase",
+            phase + 1
         ),
     }
 }
@@ -357,20 +362,9 @@ async fn steer(
             .rollout_plan(id)
             .await?
             .ok_or(ServiceError::NotPhased { id })?;
-        let members: Vec<Member> = state
-            .store
-            .rollout_members(id)
-            .await?
-            .into_iter()
-            .map(|(m, d)| Member {
-                device: d.id,
-                phase: m.phase,
-                offered_at: m.offered_at.as_deref().and_then(scheduler::parse_time),
-                outcome: m.outcome,
-                failure_accepted: m.failure_accepted,
-                live: crate::rollout::engine::Live::Idle,
-            })
-            .collect();
+        // What each device reports counts: a pause takes back only the
+        // offers of devices not at work on the release.
+        let members = scheduler::members(state, id, &rollout.release).await?;
         let now = OffsetDateTime::now_utc();
         let transition = crate::rollout::engine::command(&plan.state, &members, &command, by, now)
             .map_err(|source| ServiceError::Refused { id, source })?;
@@ -381,6 +375,7 @@ async fn steer(
             settle: &[],
             accept_failures: &transition.accept_failures,
             withdraw: &transition.withdraw,
+            hold: &transition.hold,
             now: &now_text,
         };
         if state
@@ -394,16 +389,11 @@ async fn steer(
                 by,
                 state = transition.state.name(),
                 withdrawn = transition.withdraw.len(),
+                held = transition.hold.len(),
                 "rollout command"
             );
-            if !transition.withdraw.is_empty() {
-                // Sessions send `no_update`: an agent downloading stops
-                // and stays on the OS it runs.
-                state.live.withdraw_targets(&transition.withdraw, id);
-                for device in &transition.withdraw {
-                    state.hub.notify_target_changed(device);
-                }
-            }
+            scheduler::take_back(state, &transition.withdraw, id);
+            scheduler::take_back(state, &transition.hold, id);
             // What the new state allows (the next phase's offers) goes out now.
             scheduler::advance(state, id, now).await?;
             return view(state, rollout).await;
@@ -541,6 +531,39 @@ mod tests {
 
     fn v(s: &str) -> Version {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_pause_names_its_phase_as_the_operator_counts_phases_from_one() {
+        use crate::rollout::engine::{FailedDevice, Outcome as Ended};
+        // The second phase: stored as 1, shown by `uplift rollout status`
+        // as "phase 2 of N".
+        let over = PauseReason::ErrorThreshold {
+            phase: 1,
+            failed: 2,
+            finished: 2,
+            devices: vec![FailedDevice {
+                device: "dev-9".parse().unwrap(),
+                outcome: Ended::Failed,
+                error: Some("health check failed".into()),
+            }],
+        };
+        let why = pause_sentence(&over);
+        assert!(
+            why.starts_with("2 of 2 finished devices of phase 2 failed")
+                && why.contains("dev-9 (health check failed)"),
+            "{why}"
+        );
+        let short = PauseReason::BelowSuccessLevel {
+            phase: 0,
+            succeeded: 1,
+            needed: 2,
+        };
+        assert!(
+            pause_sentence(&short).starts_with("phase 1 finished with 1 devices"),
+            "{}",
+            pause_sentence(&short)
+        );
     }
 
     #[test]
@@ -709,6 +732,11 @@ mod tests {
                 .contains("cannot approve a rollout that is running"),
             "{err}"
         );
+        let offered: Vec<_> = ids
+            .iter()
+            .filter(|d| state.live.target(d).is_some())
+            .cloned()
+            .collect();
         let paused = command(
             &state,
             view.id,
@@ -718,11 +746,25 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(paused.progress.unwrap().state, "paused");
-        let offered: Vec<_> = ids
-            .iter()
-            .filter(|d| state.live.target(d).is_some())
-            .cloned()
-            .collect();
+        // The canary has not started (it never reported): the pause takes
+        // its offer back, and the resume offers it again.
+        for device in &offered {
+            assert_eq!(state.live.target(device), None, "held while paused");
+            let stored = state.store.device(device).await.unwrap().unwrap();
+            assert_eq!(stored.target_rollout, None, "also in the database");
+        }
+        let resumed = command(
+            &state,
+            view.id,
+            RolloutCommandName::Resume,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resumed.progress.unwrap().state, "running");
+        for device in &offered {
+            assert!(state.live.target(device).is_some(), "offered again");
+        }
         let aborted = command(
             &state,
             view.id,

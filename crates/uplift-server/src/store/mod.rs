@@ -179,6 +179,9 @@ pub struct RolloutChange<'a> {
     /// Offers taken back (an abort): the device's part ends as withdrawn
     /// and it is no longer pointed at the rollout.
     pub withdraw: &'a [DeviceId],
+    /// Offers taken back until the rollout resumes (a pause): the device is
+    /// no longer pointed at the rollout, and counts as not offered yet.
+    pub hold: &'a [DeviceId],
     pub now: &'a str,
 }
 

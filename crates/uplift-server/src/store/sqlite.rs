@@ -818,15 +818,21 @@ impl Store for SqliteStore {
             .await
             .map_err(db(action))?;
         }
-        for device in change.withdraw {
-            sqlx::query(
-                "UPDATE rollout_devices SET outcome = 'withdrawn' WHERE rollout_id = ? AND device_id = ? AND outcome IS NULL",
-            )
-            .bind(id)
-            .bind(device.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db(action))?;
+        // A withdrawn offer ends the device's part (an abort); a held one
+        // waits to be offered again (a pause). Either way the device no
+        // longer points at the rollout.
+        let taken_back = (change.withdraw.iter().map(|d| (d, "outcome = 'withdrawn'")))
+            .chain(change.hold.iter().map(|d| (d, "offered_at = NULL")));
+        for (device, member_change) in taken_back {
+            let sql = format!(
+                "UPDATE rollout_devices SET {member_change} WHERE rollout_id = ? AND device_id = ? AND outcome IS NULL"
+            );
+            sqlx::query(&sql)
+                .bind(id)
+                .bind(device.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
             sqlx::query(
                 "UPDATE devices SET target_rollout = NULL WHERE id = ? AND target_rollout = ?",
             )
