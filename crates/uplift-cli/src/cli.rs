@@ -335,11 +335,12 @@ pub enum RolloutCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Show a rollout's progress (the newest if no ID is given); --follow keeps it live.
+    /// Show a rollout's progress (the newest if no ID is given); --watch
+    /// keeps it live, with a progress bar per phase.
     Status {
         id: Option<i64>,
-        #[arg(long, short)]
-        follow: bool,
+        #[arg(long, short, visible_alias = "follow", short_alias = 'f')]
+        watch: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -731,14 +732,6 @@ fn rollout_exit_code(r: &RolloutView) -> i32 {
     }
 }
 
-/// A rollout that goes nowhere until an operator acts: following it
-/// further would wait forever.
-fn waits_for_operator(r: &RolloutView) -> bool {
-    r.progress
-        .as_ref()
-        .is_some_and(|p| matches!(p.state.as_str(), "paused" | "awaiting_approval" | "aborted"))
-}
-
 async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
     match cmd {
         RolloutCommand::Start {
@@ -769,7 +762,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                 print_json(&view)?;
             } else {
                 println!("{}", rollout_line(&view));
-                println!("follow it with: uplift rollout status {} --follow", view.id);
+                println!("watch it with: uplift rollout status {} --watch", view.id);
             }
             Ok(0)
         }
@@ -782,7 +775,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
         RolloutCommand::Retry(target) => command_rollout(target, RolloutCommandName::Retry).await,
         RolloutCommand::Status {
             id,
-            follow,
+            watch: follow,
             json,
             server,
         } => {
@@ -798,39 +791,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
             };
             let mut view = client.rollout(id).await?;
             if follow && !json {
-                let bar = ProgressBar::new(view.devices_total);
-                bar.set_style(
-                    ProgressStyle::with_template("{bar:40} {pos}/{len} succeeded {msg}")
-                        .expect("valid"),
-                );
-                // A busy or restarting server may fail a poll now and then;
-                // only a server unreachable for this long ends the follow.
-                const GIVE_UP_AFTER: u32 = 60;
-                let mut failed_polls = 0;
-                while view.status == RolloutStatus::Running && !waits_for_operator(&view) {
-                    bar.set_position(view.counts.succeeded);
-                    bar.set_message(format!(
-                        "({} in progress, {} pending, {} failed)",
-                        view.counts.in_progress, view.counts.pending, view.counts.failed
-                    ));
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    match client.rollout(id).await {
-                        Ok(next) => {
-                            view = next;
-                            failed_polls = 0;
-                        }
-                        Err(e) if failed_polls < GIVE_UP_AFTER => {
-                            failed_polls += 1;
-                            bar.set_message(format!("(server not answering: {e:#})"));
-                        }
-                        Err(e) => {
-                            return Err(e.context(format!(
-                                "following rollout {id}: {GIVE_UP_AFTER} polls in a row failed"
-                            )))
-                        }
-                    }
-                }
-                bar.finish_and_clear();
+                view = crate::watch::watch(&client, id, view).await?;
             }
             if json {
                 print_json(&view)?;

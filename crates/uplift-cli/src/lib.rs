@@ -9,3 +9,4 @@ pub mod client;
 pub mod demo;
 pub mod fleet;
 pub mod output;
+pub mod watch;

@@ -9,7 +9,7 @@ use common::*;
 use std::num::NonZeroU32;
 use std::time::Duration;
 use uplift_cli::fleet::Device;
-use uplift_proto::api::{DeviceView, RolloutCreate};
+use uplift_proto::api::{DeviceView, PhaseTally, RolloutCreate};
 use uplift_proto::channel::AgentState;
 use uplift_proto::policy::{PhaseReach, RolloutPolicy};
 use uplift_proto::SlotName;
@@ -98,6 +98,17 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
         "nor is offered anything: {views:#?}"
     );
 
+    // Per phase, as `rollout status --watch` draws it: the canary offered
+    // and succeeded, the rest not offered.
+    let held = fx.client.rollout(id).await.unwrap().progress.unwrap();
+    let tally = |devices, offered, succeeded| PhaseTally {
+        devices,
+        offered,
+        succeeded,
+        failed: 0,
+    };
+    assert_eq!(held.phase_tallies, vec![tally(1, 1, 1), tally(3, 0, 0)]);
+
     let approved = operator(&fx, "approve", id);
     assert_eq!(approved.progress.unwrap().state, "running");
     fx.wait_for("every device on 1.1", &refs, |views| on(views, "1.1") == 4)
@@ -110,7 +121,9 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
         tokio::time::sleep(Duration::from_secs(1)).await;
         done = fx.client.rollout(id).await.unwrap();
     }
-    assert_eq!(done.progress.unwrap().state, "finished");
+    let progress = done.progress.unwrap();
+    assert_eq!(progress.state, "finished");
+    assert_eq!(progress.phase_tallies, vec![tally(1, 1, 1), tally(3, 3, 3)]);
     assert_eq!(done.counts.succeeded, 4);
 
     // What Prometheus scrapes says the same (device rows reach the

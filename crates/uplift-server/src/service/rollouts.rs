@@ -12,8 +12,8 @@ use crate::store::{DeviceRecord, NewPlan, RolloutChange, RolloutPlan, RolloutRec
 use std::collections::HashMap;
 use time::OffsetDateTime;
 use uplift_proto::api::{
-    RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutShare, RolloutStatus,
-    RolloutView,
+    PhaseTally, RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutShare,
+    RolloutStatus, RolloutView,
 };
 use uplift_proto::auth::AuditAction;
 use uplift_proto::channel::AgentState;
@@ -111,7 +111,7 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
     }
     let mut plans: HashMap<i64, RolloutPlan> =
         state.store.rollout_plans().await?.into_iter().collect();
-    let mut sizes = phase_sizes_by_rollout(state.store.phase_sizes(None).await?);
+    let mut sizes = tallies_by_rollout(state.store.phase_tallies(None).await?);
     let moves = state.store.supersessions(None).await?;
     Ok(rollouts
         .into_iter()
@@ -127,14 +127,14 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
         .collect())
 }
 
-fn phase_sizes_by_rollout(rows: Vec<(i64, u32, u64)>) -> HashMap<i64, Vec<u64>> {
-    let mut sizes: HashMap<i64, Vec<u64>> = HashMap::new();
-    for (id, phase, n) in rows {
-        let phases = sizes.entry(id).or_default();
-        phases.resize(phases.len().max(phase as usize + 1), 0);
-        phases[phase as usize] = n;
+fn tallies_by_rollout(rows: Vec<(i64, u32, PhaseTally)>) -> HashMap<i64, Vec<PhaseTally>> {
+    let mut tallies: HashMap<i64, Vec<PhaseTally>> = HashMap::new();
+    for (id, phase, tally) in rows {
+        let phases = tallies.entry(id).or_default();
+        phases.resize(phases.len().max(phase as usize + 1), PhaseTally::default());
+        phases[phase as usize] = tally;
     }
-    sizes
+    tallies
 }
 
 /// Says in `view` which rollouts took devices from it and which it took
@@ -162,7 +162,7 @@ async fn view(state: &AppState, rollout: RolloutRecord) -> ServiceResult<Rollout
     state.live.overlay(&mut devices);
     let progress = match state.store.rollout_plan(id).await? {
         Some(plan) => {
-            let mut sizes = phase_sizes_by_rollout(state.store.phase_sizes(Some(id)).await?);
+            let mut sizes = tallies_by_rollout(state.store.phase_tallies(Some(id)).await?);
             Some(progress_of(plan, sizes.remove(&id).unwrap_or_default()))
         }
         None => None,
@@ -173,9 +173,10 @@ async fn view(state: &AppState, rollout: RolloutRecord) -> ServiceResult<Rollout
 }
 
 /// The engine's state in the operator's terms.
-fn progress_of(plan: RolloutPlan, mut phase_sizes: Vec<u64>) -> RolloutProgress {
+fn progress_of(plan: RolloutPlan, mut phase_tallies: Vec<PhaseTally>) -> RolloutProgress {
     let phases = plan.policy.phases.len() as u32 + 1;
-    phase_sizes.resize(phases as usize, 0);
+    phase_tallies.resize(phases as usize, PhaseTally::default());
+    let phase_sizes = phase_tallies.iter().map(|t| t.devices).collect();
     let (phase, paused_because) = match &plan.state {
         RolloutState::Running { phase, .. } | RolloutState::AwaitingApproval { phase } => {
             (Some(*phase), None)
@@ -188,6 +189,7 @@ fn progress_of(plan: RolloutPlan, mut phase_sizes: Vec<u64>) -> RolloutProgress 
         phase,
         phases,
         phase_sizes,
+        phase_tallies,
         paused_because,
         detail: serde_json::to_value(&plan.state).unwrap_or_default(),
         policy: plan.policy,

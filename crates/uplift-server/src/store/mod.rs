@@ -10,7 +10,7 @@ pub use sqlite::SqliteStore;
 
 use crate::rollout::engine::{Outcome, RolloutState};
 use async_trait::async_trait;
-pub use uplift_proto::api::DownloadLimits;
+pub use uplift_proto::api::{DownloadLimits, PhaseTally};
 use uplift_proto::channel::{AgentState, Progress, Report};
 use uplift_proto::policy::RolloutPolicy;
 use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, SlotName, Version, WireError};
@@ -237,9 +237,9 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
         -> StoreResult<bool>;
     /// Every phased rollout's plan, by rollout.
     async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>>;
-    /// How many devices each phase of each rollout holds: (rollout, phase,
-    /// devices); of rollout `only` alone if given.
-    async fn phase_sizes(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, u64)>>;
+    /// Where each phase of each rollout stands: (rollout, phase, tally);
+    /// of rollout `only` alone if given.
+    async fn phase_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, PhaseTally)>>;
     /// Devices each rollout handed to the next newer rollout of them:
     /// (older, newer, devices); only pairs with rollout `only`, if given.
     async fn supersessions(&self, only: Option<i64>) -> StoreResult<Vec<(i64, i64, u64)>>;

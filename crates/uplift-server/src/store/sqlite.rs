@@ -678,18 +678,29 @@ impl Store for SqliteStore {
         rows.into_iter().filter_map(plan_from_row).collect()
     }
 
-    async fn phase_sizes(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, u64)>> {
-        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT rollout_id, phase, COUNT(*) FROM rollout_devices WHERE ?1 IS NULL OR rollout_id = ?1 \
+    async fn phase_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, PhaseTally)>> {
+        let rows: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT rollout_id, phase, COUNT(*), COUNT(offered_at), \
+                    SUM(outcome = 'succeeded'), SUM(outcome IN ('failed', 'timed_out')) \
+             FROM rollout_devices WHERE ?1 IS NULL OR rollout_id = ?1 \
              GROUP BY rollout_id, phase ORDER BY rollout_id, phase",
         )
         .bind(only)
         .fetch_all(&self.pool)
         .await
         .map_err(db("counting rollout phases"))?;
+        let count = |n: i64| n.max(0) as u64;
         Ok(rows
             .into_iter()
-            .map(|(id, phase, n)| (id, phase.max(0) as u32, n.max(0) as u64))
+            .map(|(id, phase, devices, offered, succeeded, failed)| {
+                let tally = PhaseTally {
+                    devices: count(devices),
+                    offered: count(offered),
+                    succeeded: count(succeeded),
+                    failed: count(failed),
+                };
+                (id, phase.max(0) as u32, tally)
+            })
             .collect())
     }
 
