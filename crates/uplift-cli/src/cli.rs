@@ -40,22 +40,22 @@ pub struct ServerArgs {
     /// CA certificate the server's certificate chains to (printed by uplift-server at start).
     #[arg(long, env = "UPLIFT_CA")]
     pub ca: PathBuf,
-    /// Admin token (or use --token-file).
+    /// API token: the server's admin token, or one made with `uplift token create` (or use --token-file).
     #[arg(long, env = "UPLIFT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// File holding the admin token, e.g. <data_dir>/admin-token.
+    /// File holding the API token, e.g. <data_dir>/admin-token.
     #[arg(long, env = "UPLIFT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
-    fn client(&self) -> anyhow::Result<AdminClient> {
+    pub fn client(&self) -> anyhow::Result<AdminClient> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => t.clone(),
             (None, Some(path)) => std::fs::read_to_string(path)
-                .with_context(|| format!("reading admin token {}", path.display()))?,
+                .with_context(|| format!("reading API token {}", path.display()))?,
             (None, None) => {
-                anyhow::bail!("give the admin token with --token, --token-file or UPLIFT_TOKEN")
+                anyhow::bail!("give an API token with --token, --token-file or UPLIFT_TOKEN")
             }
         };
         AdminClient::new(&self.server, &self.ca, &token)
@@ -79,6 +79,18 @@ pub enum Command {
     /// Start and follow rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Make, list and revoke API tokens with roles (admin).
+    #[command(subcommand)]
+    Token(crate::access::TokenCommand),
+    /// The audit log: who changed what, when, and how it ended (admin).
+    Audit(crate::access::AuditArgs),
+    /// Who the server takes your token for, and its role.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Run a whole fleet upgrade on this machine: a real server and N real agents.
     Demo {
         #[arg(long, default_value_t = 50)]
@@ -469,11 +481,12 @@ pub enum RolloutCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Show a rollout's progress (the newest if no ID is given); --follow keeps it live.
+    /// Show a rollout's progress (the newest if no ID is given); --watch
+    /// keeps it live, with a progress bar per phase.
     Status {
         id: Option<i64>,
-        #[arg(long, short)]
-        follow: bool,
+        #[arg(long, short, visible_alias = "follow", short_alias = 'f')]
+        watch: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -498,7 +511,7 @@ pub enum RolloutCommand {
     },
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -510,6 +523,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Release(cmd) => release(cmd).await,
         Command::Devices(cmd) => devices(cmd).await,
         Command::Rollout(cmd) => rollout(cmd).await,
+        Command::Token(cmd) => crate::access::token(cmd).await,
+        Command::Audit(args) => crate::access::audit(args).await,
+        Command::Whoami { json, server } => crate::access::whoami(server, json).await,
         Command::Demo {
             devices,
             image_mib,
@@ -989,7 +1005,10 @@ fn rollout_line(r: &RolloutView) -> String {
         } else {
             format!("all {}", devices(r.devices_total))
         };
-        return format!("{head}: superseded — {all} moved to a newer rollout");
+        return format!(
+            "{head}: superseded — {all} moved to {}",
+            newer_rollouts(&r.superseded_by)
+        );
     }
     let mut line = format!(
         "{head}: {} — {} succeeded, {} in progress, {} pending, {} failed of {}",
@@ -1001,7 +1020,19 @@ fn rollout_line(r: &RolloutView) -> String {
         devices(r.devices_total)
     );
     if r.superseded > 0 {
-        line += &format!(" ({} moved to a newer rollout)", r.superseded);
+        line += &format!(
+            " ({} moved to {})",
+            r.superseded,
+            newer_rollouts(&r.superseded_by)
+        );
+    }
+    if !r.supersedes.is_empty() {
+        let from: Vec<String> = r
+            .supersedes
+            .iter()
+            .map(|s| format!("{} from rollout {}", devices(s.devices), s.rollout_id))
+            .collect();
+        line += &format!("; took over {}", from.join(", "));
     }
     if let Some(tags) = &r.tags {
         line += &format!("; devices with {tags}");
@@ -1041,6 +1072,17 @@ fn rollout_line(r: &RolloutView) -> String {
     line
 }
 
+/// "rollout 5", "rollouts 5 and 7", or "a newer rollout" when the server
+/// did not say which.
+fn newer_rollouts(shares: &[uplift_proto::api::RolloutShare]) -> String {
+    let ids: Vec<String> = shares.iter().map(|s| s.rollout_id.to_string()).collect();
+    match ids.as_slice() {
+        [] => "a newer rollout".to_owned(),
+        [one] => format!("rollout {one}"),
+        [rest @ .., last] => format!("rollouts {} and {last}", rest.join(", ")),
+    }
+}
+
 /// `rollout status` fails only for a finished rollout with failed devices;
 /// a running or superseded one is not a failure of this command.
 fn rollout_exit_code(r: &RolloutView) -> i32 {
@@ -1050,14 +1092,6 @@ fn rollout_exit_code(r: &RolloutView) -> i32 {
     } else {
         0
     }
-}
-
-/// A rollout that goes nowhere until an operator acts: following it
-/// further would wait forever.
-fn waits_for_operator(r: &RolloutView) -> bool {
-    r.progress
-        .as_ref()
-        .is_some_and(|p| matches!(p.state.as_str(), "paused" | "awaiting_approval" | "aborted"))
 }
 
 async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
@@ -1099,7 +1133,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
                 print_json(&view)?;
             } else {
                 println!("{}", rollout_line(&view));
-                println!("follow it with: uplift rollout status {} --follow", view.id);
+                println!("watch it with: uplift rollout status {} --watch", view.id);
             }
             Ok(0)
         }
@@ -1112,7 +1146,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
         RolloutCommand::Retry(target) => command_rollout(target, RolloutCommandName::Retry).await,
         RolloutCommand::Status {
             id,
-            follow,
+            watch: follow,
             json,
             server,
         } => {
@@ -1128,39 +1162,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
             };
             let mut view = client.rollout(id).await?;
             if follow && !json {
-                let bar = ProgressBar::new(view.devices_total);
-                bar.set_style(
-                    ProgressStyle::with_template("{bar:40} {pos}/{len} succeeded {msg}")
-                        .expect("valid"),
-                );
-                // A busy or restarting server may fail a poll now and then;
-                // only a server unreachable for this long ends the follow.
-                const GIVE_UP_AFTER: u32 = 60;
-                let mut failed_polls = 0;
-                while view.status == RolloutStatus::Running && !waits_for_operator(&view) {
-                    bar.set_position(view.counts.succeeded);
-                    bar.set_message(format!(
-                        "({} in progress, {} pending, {} failed)",
-                        view.counts.in_progress, view.counts.pending, view.counts.failed
-                    ));
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    match client.rollout(id).await {
-                        Ok(next) => {
-                            view = next;
-                            failed_polls = 0;
-                        }
-                        Err(e) if failed_polls < GIVE_UP_AFTER => {
-                            failed_polls += 1;
-                            bar.set_message(format!("(server not answering: {e:#})"));
-                        }
-                        Err(e) => {
-                            return Err(e.context(format!(
-                                "following rollout {id}: {GIVE_UP_AFTER} polls in a row failed"
-                            )))
-                        }
-                    }
-                }
-                bar.finish_and_clear();
+                view = crate::watch::watch(&client, id, view).await?;
             }
             if json {
                 print_json(&view)?;
@@ -1209,6 +1211,8 @@ mod rollout_output_tests {
             limits: Default::default(),
             waiting_for_turn: 0,
             progress: None,
+            superseded_by: Vec::new(),
+            supersedes: Vec::new(),
             tags: None,
             from_versions: Vec::new(),
         }
@@ -1222,6 +1226,46 @@ mod rollout_output_tests {
             "rollout 3 of 1.1 (gw): superseded — all 20 devices moved to a newer rollout"
         );
         assert_eq!(rollout_exit_code(&r), 0);
+    }
+
+    #[test]
+    fn both_rollouts_of_a_supersession_name_each_other() {
+        use uplift_proto::api::RolloutShare;
+        let mut older = view(RolloutStatus::Superseded, RolloutCounts::default(), 2);
+        older.superseded_by = vec![RolloutShare {
+            rollout_id: 4,
+            devices: 2,
+        }];
+        assert_eq!(
+            rollout_line(&older),
+            "rollout 3 of 1.1 (gw): superseded — all 2 devices moved to rollout 4"
+        );
+        let counts = RolloutCounts {
+            pending: 3,
+            ..Default::default()
+        };
+        let mut newer = view(RolloutStatus::Running, counts, 0);
+        newer.supersedes = vec![
+            RolloutShare {
+                rollout_id: 1,
+                devices: 1,
+            },
+            RolloutShare {
+                rollout_id: 2,
+                devices: 2,
+            },
+        ];
+        assert_eq!(
+            rollout_line(&newer),
+            "rollout 3 of 1.1 (gw): running — 0 succeeded, 0 in progress, 3 pending, 0 failed of 3 devices; \
+             took over 1 device from rollout 1, 2 devices from rollout 2"
+        );
+        older.status = RolloutStatus::Finished;
+        older.superseded_by.push(RolloutShare {
+            rollout_id: 7,
+            devices: 1,
+        });
+        assert!(rollout_line(&older).ends_with("(2 moved to rollouts 4 and 7)"));
     }
 
     #[test]

@@ -6,6 +6,10 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::path::Path;
 use std::time::Duration;
 use uplift_proto::api::*;
+use uplift_proto::auth::{
+    AuditPage, AuditQuery, Caller, TokenCreate, TokenCreated, TokenView, AUDIT_PATH, TOKENS_PATH,
+    WHOAMI_PATH,
+};
 use uplift_proto::{ChunkHash, DeviceId, WireError};
 use uplift_release::build::ReleaseDir;
 
@@ -189,6 +193,30 @@ impl AdminClient {
 
     pub async fn stats(&self) -> anyhow::Result<ServerStats> {
         self.send(self.http.get(self.url(STATS_PATH)?)).await
+    }
+
+    /// Who the server takes this client's token for, and its role.
+    pub async fn whoami(&self) -> anyhow::Result<Caller> {
+        self.send(self.http.get(self.url(WHOAMI_PATH)?)).await
+    }
+
+    pub async fn tokens(&self) -> anyhow::Result<Vec<TokenView>> {
+        self.send(self.http.get(self.url(TOKENS_PATH)?)).await
+    }
+
+    pub async fn create_token(&self, request: &TokenCreate) -> anyhow::Result<TokenCreated> {
+        self.send(self.http.post(self.url(TOKENS_PATH)?).json(request))
+            .await
+    }
+
+    pub async fn revoke_token(&self, id: i64) -> anyhow::Result<TokenView> {
+        self.send(self.http.delete(self.url(&format!("{TOKENS_PATH}/{id}"))?))
+            .await
+    }
+
+    pub async fn audit(&self, query: &AuditQuery) -> anyhow::Result<AuditPage> {
+        self.send(self.http.get(self.url(AUDIT_PATH)?).query(query))
+            .await
     }
 
     /// Uploads a release directory: the chunks the server lacks, then the

@@ -3,8 +3,10 @@
 //! demo. Every server operation goes through the admin REST API
 //! ([`client::AdminClient`]), the same API a web page would use.
 
+pub mod access;
 pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod fleet;
 pub mod output;
+pub mod watch;

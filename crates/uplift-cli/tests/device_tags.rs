@@ -26,11 +26,7 @@ async fn a_rollout_of_a_tag_upgrades_only_the_tagged_devices_and_their_history_t
         let out = uplift(&fx, &["devices", "tag", id, "--add", "canary,site:berlin"]);
         assert_eq!(out.trim(), format!("{id}: canary, site:berlin"));
     }
-    let listed: DevicePage = serde_json::from_str(&uplift(
-        &fx,
-        &["devices", "list", "--tag", "canary", "--online", "--json"],
-    ))
-    .unwrap();
+    let listed: DevicePage = uplift_json(&fx, &["devices", "list", "--tag", "canary", "--online"]);
     let mut listed: Vec<String> = listed.devices.iter().map(|d| d.id.to_string()).collect();
     listed.sort();
     let mut want = tagged.to_vec();
@@ -39,7 +35,7 @@ async fn a_rollout_of_a_tag_upgrades_only_the_tagged_devices_and_their_history_t
 
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;
-    let started: RolloutView = serde_json::from_str(&uplift(
+    let started: RolloutView = uplift_json(
         &fx,
         &[
             "rollout",
@@ -50,10 +46,8 @@ async fn a_rollout_of_a_tag_upgrades_only_the_tagged_devices_and_their_history_t
             "canary",
             "--from-version",
             "1.0",
-            "--json",
         ],
-    ))
-    .unwrap();
+    );
     assert_eq!(started.devices_total, 2, "{started:?}");
 
     let all: Vec<_> = devices.iter().collect();
@@ -120,8 +114,7 @@ async fn a_rollout_of_a_tag_upgrades_only_the_tagged_devices_and_their_history_t
     );
 
     // The same as JSON: the bytes, and the slots.
-    let history: DeviceHistory =
-        serde_json::from_str(&uplift(&fx, &["devices", "history", id, "--json"])).unwrap();
+    let history: DeviceHistory = uplift_json(&fx, &["devices", "history", id]);
     let events: Vec<&DeviceEventKind> = history.events.iter().rev().map(|e| &e.event).collect();
     match events[..] {
         [DeviceEventKind::Offer {
@@ -153,10 +146,6 @@ async fn a_rollout_of_a_tag_upgrades_only_the_tagged_devices_and_their_history_t
     }
     assert!(history.next.is_none());
     // An untagged device has nothing to tell.
-    let quiet: DeviceHistory = serde_json::from_str(&uplift(
-        &fx,
-        &["devices", "history", &untagged[0], "--json"],
-    ))
-    .unwrap();
+    let quiet: DeviceHistory = uplift_json(&fx, &["devices", "history", &untagged[0]]);
     assert!(quiet.events.is_empty(), "{quiet:?}");
 }

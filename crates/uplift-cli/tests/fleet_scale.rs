@@ -11,7 +11,7 @@ use common::*;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use uplift_cli::fleet::{stop_all, write_image, Device, Proxy, ServerProcess};
-use uplift_proto::api::{DevicePage, DeviceView, RolloutStatus, RolloutView, ServerEndpoint};
+use uplift_proto::api::{DevicePage, DeviceView, RolloutStatus, RolloutView};
 use uplift_proto::channel::AgentState;
 use uplift_proto::SlotName;
 use uplift_release::build::ReleaseDir;
@@ -115,36 +115,6 @@ async fn read_local(devices: Vec<Device>) -> (Vec<Device>, Vec<Local>) {
     .unwrap()
 }
 
-/// Provisions and powers on `count` devices that reach the server at `url`,
-/// off the async threads (each copies the factory image).
-async fn power_on(fx: &Fixture, count: usize, url: &str) -> Vec<Device> {
-    let endpoint = ServerEndpoint {
-        url: url.to_owned(),
-        ..fx.server.endpoint.clone()
-    };
-    let specs: Vec<_> = (0..count)
-        .map(|i| {
-            (
-                fx.path(&format!("devices/{i:04}")),
-                fx.spec(&format!("hw-{i:04}")),
-            )
-        })
-        .collect();
-    let (bins, image) = (fx.bins.clone(), fx.image_v1_0.clone());
-    tokio::task::spawn_blocking(move || {
-        specs
-            .into_iter()
-            .map(|(dir, spec)| {
-                let mut device = Device::provision(&dir, &spec, &endpoint, &image).unwrap();
-                device.start(&bins).unwrap();
-                device
-            })
-            .collect()
-    })
-    .await
-    .unwrap()
-}
-
 /// `uplift devices list --all --json`, the operator's view, run as the operator runs it.
 async fn devices_list_json(server: &ServerProcess) -> Vec<DeviceView> {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_uplift"))
@@ -180,7 +150,10 @@ async fn a_large_fleet_survives_a_server_kill_mid_download_and_the_view_stays_tr
     let mut fx = tokio::task::spawn_blocking(Fixture::start).await.unwrap();
     let listen = fx.server.listen_addr().to_owned();
     let proxy = Proxy::start(listen.parse().unwrap()).await.unwrap();
-    let mut devices = power_on(&fx, count, &proxy.url()).await;
+    let specs = (0..count)
+        .map(|i| (format!("{i:04}"), fx.spec(&format!("hw-{i:04}"))))
+        .collect();
+    let mut devices = fx.power_on(specs, &proxy.url()).await;
 
     let mut last_error = String::new();
     let deadline = Instant::now() + FLEET_WAIT;

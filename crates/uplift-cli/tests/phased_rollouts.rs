@@ -9,16 +9,10 @@ use common::*;
 use std::num::NonZeroU32;
 use std::time::Duration;
 use uplift_cli::fleet::Device;
-use uplift_proto::api::{DeviceView, RolloutCreate, RolloutView};
+use uplift_proto::api::{DeviceView, PhaseTally, RolloutCreate};
 use uplift_proto::channel::AgentState;
 use uplift_proto::policy::{PhaseReach, RolloutPolicy};
 use uplift_proto::SlotName;
-
-/// `uplift rollout <command> <id> --json` as an operator runs it.
-fn operator(fx: &Fixture, command: &str, id: i64) -> RolloutView {
-    let out = uplift(fx, &["rollout", command, &id.to_string(), "--json"]);
-    serde_json::from_str(&out).expect("rollout view as JSON")
-}
 
 fn on(views: &[DeviceView], version: &str) -> usize {
     views
@@ -106,6 +100,17 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
         "nor is offered anything: {views:#?}"
     );
 
+    // Per phase, as `rollout status --watch` draws it: the canary offered
+    // and succeeded, the rest not offered.
+    let held = fx.client.rollout(id).await.unwrap().progress.unwrap();
+    let tally = |devices, offered, succeeded| PhaseTally {
+        devices,
+        offered,
+        succeeded,
+        failed: 0,
+    };
+    assert_eq!(held.phase_tallies, vec![tally(1, 1, 1), tally(3, 0, 0)]);
+
     let approved = operator(&fx, "approve", id);
     assert_eq!(approved.progress.unwrap().state, "running");
     fx.wait_for("every device on 1.1", &refs, |views| on(views, "1.1") == 4)
@@ -118,7 +123,9 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
         tokio::time::sleep(Duration::from_secs(1)).await;
         done = fx.client.rollout(id).await.unwrap();
     }
-    assert_eq!(done.progress.unwrap().state, "finished");
+    let progress = done.progress.unwrap();
+    assert_eq!(progress.state, "finished");
+    assert_eq!(progress.phase_tallies, vec![tally(1, 1, 1), tally(3, 3, 3)]);
     assert_eq!(done.counts.succeeded, 4);
 
     // What Prometheus scrapes says the same (device rows reach the
@@ -146,20 +153,10 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
 async fn failures_in_the_first_phase_pause_the_rollout_before_the_rest_is_offered() {
     let fx = Fixture::start();
     // Every device's service fails on the new OS (slot b).
-    let spec = |name: &str| {
-        let mut spec = fx.spec(&format!("hw-{name}"));
-        let cmdline = fx.path(&format!("devices/{name}/cmdline"));
-        spec.health_check = vec![
-            "sh".into(),
-            "-c".into(),
-            format!(
-                "grep -q uplift.slot=a {} || {{ echo 'service fails on the new OS' >&2; exit 3; }}",
-                cmdline.display()
-            ),
-        ];
-        spec
-    };
-    let devices = enrolled_fleet(&fx, &["f1", "f2", "f3", "f4", "f5"], spec).await;
+    let devices = enrolled_fleet(&fx, &["f1", "f2", "f3", "f4", "f5"], |n| {
+        fx.spec_failing_on_slot_b(n)
+    })
+    .await;
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;
     let id = fx

@@ -10,18 +10,8 @@ use uplift_proto::{ErrorKind, SlotName};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_health_check_rolls_back_to_the_old_slot_and_is_not_retried() {
     let fx = Fixture::start();
-    let mut spec = fx.spec("hw-fragile");
     // Healthy on slot a only: the new OS "breaks" the device's service.
-    let cmdline = fx.path("devices/fragile/cmdline");
-    spec.health_check = vec![
-        "sh".into(),
-        "-c".into(),
-        format!(
-            "grep -q uplift.slot=a {} || {{ echo 'service fails on the new OS' >&2; exit 3; }}",
-            cmdline.display()
-        ),
-    ];
-    let mut device = fx.device("fragile", spec);
+    let mut device = fx.device("fragile", fx.spec_failing_on_slot_b("fragile"));
     fx.wait_enrolled(&device).await;
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;

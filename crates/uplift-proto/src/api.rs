@@ -420,12 +420,25 @@ pub struct RolloutView {
     /// phased rollouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<RolloutProgress>,
+    /// Newer rollouts that took devices over from this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded_by: Vec<RolloutShare>,
+    /// Older rollouts this one took devices over from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supersedes: Vec<RolloutShare>,
     /// The tags it was started on, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<TagSelector>,
     /// The versions its devices had to run, if it was limited to some.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub from_versions: Vec<Version>,
+}
+
+/// Devices that moved between two rollouts: another rollout, and how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutShare {
+    pub rollout_id: i64,
+    pub devices: u64,
 }
 
 /// A phased rollout's engine state, as the operator sees it.
@@ -439,12 +452,27 @@ pub struct RolloutProgress {
     pub phases: u32,
     /// Devices in each phase, in order.
     pub phase_sizes: Vec<u64>,
+    /// Where each phase's devices stand, in order (the progress bars of
+    /// `uplift rollout status --watch`).
+    #[serde(default)]
+    pub phase_tallies: Vec<PhaseTally>,
     /// Why it paused, in a sentence naming the devices and their errors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_because: Option<String>,
     /// The whole engine state and policy, as stored.
     pub detail: serde_json::Value,
     pub policy: crate::policy::RolloutPolicy,
+}
+
+/// One phase's devices as the rollout's record of them says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PhaseTally {
+    pub devices: u64,
+    /// Offered the release so far (finished or not).
+    pub offered: u64,
+    pub succeeded: u64,
+    /// Failed, rolled back or timed out.
+    pub failed: u64,
 }
 
 /// An operator's command to a rollout: `POST /api/v1/rollouts/{id}/{command}`.

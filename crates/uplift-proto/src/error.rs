@@ -36,6 +36,8 @@ pub enum ErrorKind {
     EnrollmentRefused,
     UnknownDevice,
     BadDeviceSignature,
+    /// The caller is known, but its role does not allow this.
+    Forbidden,
     // --- releases and downloads (reported by agents)
     ManifestSignature,
     ManifestInvalid,

@@ -5,6 +5,7 @@
 //! CLI can all depend on it without pulling each other's dependencies.
 
 pub mod api;
+pub mod auth;
 pub mod channel;
 pub mod error;
 pub mod names;
@@ -12,4 +13,6 @@ pub mod pace;
 pub mod policy;
 
 pub use error::{ErrorKind, WireError};
-pub use names::{ChunkHash, DeviceId, DeviceType, HardwareId, NameError, SlotName, Tag, Version};
+pub use names::{
+    ChunkHash, DeviceId, DeviceType, HardwareId, NameError, SlotName, Tag, TokenName, Version,
+};

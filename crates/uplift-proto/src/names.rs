@@ -99,6 +99,11 @@ validated_name!(
     DeviceType, "device type", 64, is_name_char, "may hold only ASCII letters, digits, '-', '_' and '.'"
 );
 validated_name!(
+    /// An operator's label for an API token (e.g. `ci-release-bot`), shown
+    /// in the token list and as the actor in the audit log.
+    TokenName, "token name", 64, is_name_char, "may hold only ASCII letters, digits, '-', '_' and '.'"
+);
+validated_name!(
     /// A stable identity of the physical device (serial number, MAC, machine-id).
     HardwareId, "hardware id", 128, |c: char| is_name_char(c) || c == ':', "may hold only ASCII letters, digits, '-', '_', '.' and ':'"
 );

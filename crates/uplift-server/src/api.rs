@@ -1,9 +1,11 @@
-//! HTTP routes: the admin REST API (bearer admin token), the device download
-//! endpoints (bearer session token from the device channel), and health.
-//! Admin handlers parse the request and answer it; what they do is in
-//! [`crate::service`]. Device downloads are served here directly: they are
+//! HTTP routes: the admin REST API (bearer API token; each handler names
+//! the permission it needs with an [`Allowed`] argument), the device
+//! download endpoints (bearer session token from the device channel), and
+//! health. Admin handlers parse the request and answer it; what they do is
+//! in [`crate::service`]. Device downloads are served here directly: they are
 //! the hot path, and only read the release cache and the chunk stores.
 
+use crate::auth::{self, Administer, Allowed, Operate, Read, Release};
 use crate::budget;
 use crate::channel;
 use crate::chunks::StoredKind;
@@ -13,15 +15,19 @@ use crate::service::{self, releases::store_of, Stored};
 use crate::state::{AppState, Listed, ServedRelease};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{StreamExt, TryStreamExt};
 use std::sync::Arc;
 use uplift_proto::api::*;
+use uplift_proto::auth::{
+    AuditPage, AuditQuery, Caller, TokenCreate, TokenCreated, TokenView, AUDIT_PATH, TOKENS_PATH,
+    WHOAMI_PATH,
+};
 use uplift_proto::channel::CHANNEL_PATH;
 use uplift_proto::{ChunkHash, DeviceId, Version};
 use uplift_release::manifest::MAX_MANIFEST_BYTES;
@@ -61,6 +67,10 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/v1/rollouts/{id}/{command}", post(command_rollout))
         .route(STATS_PATH, get(stats))
         .route(METRICS_PATH, get(metrics))
+        .route(TOKENS_PATH, get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route(AUDIT_PATH, get(audit_log))
+        .route(WHOAMI_PATH, get(whoami))
         .layer(DefaultBodyLimit::max(
             MAX_MANIFEST_BYTES.max(MAX_STORED_CHUNK),
         ))
@@ -69,7 +79,10 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             put(upload_index).layer(DefaultBodyLimit::max(MAX_INDEX_UPLOAD)),
         )
         // Budget outside authentication: a flood of bad tokens is admin load too.
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             budget::limit_admin,
@@ -117,30 +130,8 @@ fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-}
-
-async fn require_admin(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    match bearer(request.headers()) {
-        Some(token) if state.secrets.is_admin(token) => next.run(request).await,
-        _ => ApiError::unauthorized(
-            "admin token missing or wrong; pass --token or set UPLIFT_TOKEN to the server's admin token",
-        )
-        .into_response(),
-    }
-}
-
 fn device_of(state: &AppState, headers: &HeaderMap) -> Result<DeviceId, ApiError> {
-    bearer(headers).and_then(|t| state.hub.device_for_token(t)).ok_or_else(|| {
+    auth::bearer(headers).and_then(|t| state.hub.device_for_token(t)).ok_or_else(|| {
         ApiError::unauthorized("download token missing or expired; it is valid only while the device channel is open")
     })
 }
@@ -172,6 +163,7 @@ fn device_id(id: Result<Path<String>, PathRejection>) -> Result<DeviceId, ApiErr
 
 async fn list_devices(
     State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
     query: Result<Query<DeviceQuery>, QueryRejection>,
 ) -> Result<Json<DevicePage>, ApiError> {
     let query = parse_query(
@@ -185,6 +177,7 @@ async fn list_devices(
 
 async fn show_device(
     State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<DeviceView>, ApiError> {
     let id = device_id(id)?;
@@ -193,18 +186,19 @@ async fn show_device(
 
 async fn tag_device(
     State(state): State<Arc<AppState>>,
+    caller: Allowed<Operate>,
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<DeviceView>, ApiError> {
     let id = device_id(id)?;
     let change: TagChange = parse_json(&body?)?;
-    Ok(Json(
-        service::devices::change_tags(&state, &id, change).await?,
-    ))
+    let view = service::devices::change_tags(&state, caller.principal(), &id, change).await?;
+    Ok(Json(view))
 }
 
 async fn device_history(
     State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
     id: Result<Path<String>, PathRejection>,
     query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Json<DeviceHistory>, ApiError> {
@@ -221,12 +215,14 @@ const MAX_INDEX_UPLOAD: usize = 256 << 20;
 
 async fn list_releases(
     State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
 ) -> Result<Json<Vec<ReleaseView>>, ApiError> {
     Ok(Json(service::releases::list(&state).await?))
 }
 
 async fn missing_chunks(
     State(state): State<Arc<AppState>>,
+    _: Allowed<Release>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<MissingChunksResponse>, ApiError> {
     let request: MissingChunksRequest = parse_json(&body?)?;
@@ -235,6 +231,7 @@ async fn missing_chunks(
 
 async fn upload_chunk(
     State(state): State<Arc<AppState>>,
+    _: Allowed<Release>,
     hash: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
@@ -243,6 +240,7 @@ async fn upload_chunk(
 
 async fn upload_patch(
     State(state): State<Arc<AppState>>,
+    _: Allowed<Release>,
     hash: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
@@ -251,6 +249,7 @@ async fn upload_patch(
 
 async fn upload_index(
     State(state): State<Arc<AppState>>,
+    _: Allowed<Release>,
     hash: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
@@ -279,9 +278,10 @@ fn status_of(stored: Stored) -> StatusCode {
 
 async fn upload_release(
     State(state): State<Arc<AppState>>,
+    caller: Allowed<Release>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<ReleaseView>), ApiError> {
-    let (stored, view) = service::releases::upload(&state, &body?).await?;
+    let (stored, view) = service::releases::upload(&state, caller.principal(), &body?).await?;
     Ok((status_of(stored), Json(view)))
 }
 
@@ -289,21 +289,24 @@ async fn upload_release(
 
 async fn start_rollout(
     State(state): State<Arc<AppState>>,
+    caller: Allowed<Operate>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let request: RolloutCreate = parse_json(&body?)?;
-    let view = service::rollouts::start(&state, request).await?;
+    let view = service::rollouts::start(&state, caller.principal(), request).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 async fn list_rollouts(
     State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
 ) -> Result<Json<Vec<RolloutView>>, ApiError> {
     Ok(Json(service::rollouts::list(&state).await?))
 }
 
 async fn show_rollout(
     State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RolloutView>, ApiError> {
     let Path(id) = id?;
@@ -315,6 +318,7 @@ async fn show_rollout(
 
 async fn command_rollout(
     State(state): State<Arc<AppState>>,
+    caller: Allowed<Operate>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let Path((id, command)) = path?;
@@ -327,8 +331,7 @@ async fn command_rollout(
                 "{command:?} is not a rollout command; use pause, resume, approve, abort or retry"
             ))
         })?;
-    // One principal today: the admin token.
-    let view = service::rollouts::command(&state, id, command, "admin").await?;
+    let view = service::rollouts::command(&state, id, command, caller.principal()).await?;
     let status = match command {
         RolloutCommandName::Retry => StatusCode::CREATED,
         RolloutCommandName::Pause
@@ -339,7 +342,10 @@ async fn command_rollout(
     Ok((status, Json(view)))
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+async fn metrics(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
+) -> Result<Response, ApiError> {
     let text = service::metrics::render(&state).await?;
     Ok((
         [(
@@ -351,8 +357,60 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiErro
         .into_response())
 }
 
-async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<ServerStats>, ApiError> {
+async fn stats(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
+) -> Result<Json<ServerStats>, ApiError> {
     Ok(Json(service::stats::get(&state).await?))
+}
+
+// ----- tokens, audit log, caller
+
+async fn whoami(caller: Allowed<Read>) -> Json<Caller> {
+    Json(caller.principal().caller())
+}
+
+async fn list_tokens(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Administer>,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    Ok(Json(service::tokens::list(&state).await?))
+}
+
+async fn create_token(
+    State(state): State<Arc<AppState>>,
+    caller: Allowed<Administer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    let request: TokenCreate = parse_json(&body?)?;
+    let created = service::tokens::create(&state, caller.principal(), request).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+async fn revoke_token(
+    State(state): State<Arc<AppState>>,
+    caller: Allowed<Administer>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<TokenView>, ApiError> {
+    let Path(id) = id?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("token id {id:?} is not a number")))?;
+    Ok(Json(
+        service::tokens::revoke(&state, caller.principal(), id).await?,
+    ))
+}
+
+async fn audit_log(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Administer>,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let query = parse_query(
+        query,
+        "filter with actor, action (e.g. rollout.start), target, before and limit",
+    )?;
+    Ok(Json(service::audit::list(&state, query).await?))
 }
 
 // ----- device downloads

@@ -54,6 +54,9 @@ impl ApiError {
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unauthorized, message)
     }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Forbidden, message)
+    }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
     }
@@ -190,7 +193,7 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         ErrorKind::NotFound | ErrorKind::UnknownDevice => StatusCode::NOT_FOUND,
         ErrorKind::Conflict | ErrorKind::DowngradeRefused => StatusCode::CONFLICT,
         ErrorKind::Unauthorized | ErrorKind::BadDeviceSignature => StatusCode::UNAUTHORIZED,
-        ErrorKind::EnrollmentRefused => StatusCode::FORBIDDEN,
+        ErrorKind::EnrollmentRefused | ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         ErrorKind::ServerBusy => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::DownloadFailed
         | ErrorKind::ServerUnreachable

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod artifacts;
+pub mod auth;
 pub mod budget;
 pub mod channel;
 pub mod chunks;

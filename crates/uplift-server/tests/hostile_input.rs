@@ -24,6 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use strum::IntoEnumIterator as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -35,6 +36,9 @@ use uplift_proto::api::{
     DeviceHistory, DevicePage, DeviceView, MissingChunksResponse, ReleaseView, RolloutView,
     ServerEndpoint, DEVICES_PATH, HEALTH_PATH, MAX_PAGE_LIMIT, METRICS_PATH, MISSING_CHUNKS_PATH,
     RELEASES_PATH, ROLLOUTS_PATH, STATS_PATH,
+};
+use uplift_proto::auth::{
+    Permission, Role, TokenCreated, TokenView, AUDIT_PATH, TOKENS_PATH, WHOAMI_PATH,
 };
 use uplift_proto::channel::{self, ServerMsg, CHANNEL_PATH, MAX_FRAME_BYTES};
 use uplift_proto::{ChunkHash, DeviceId, ErrorKind, WireError};
@@ -1181,49 +1185,112 @@ async fn path_traversal_in_enrollment_is_a_bad_request_and_nothing_is_stored() {
 
 // ---------------------------------------------------------------- HTTP
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_endpoints_refuse_missing_and_wrong_tokens() {
-    let mut srv = Server::start().await;
+/// Every admin endpoint, with a body it parses where it takes one, and the
+/// permission it needs.
+fn admin_endpoints() -> Vec<(reqwest::Method, String, &'static str, Permission)> {
     use reqwest::Method;
-    let chunk = admin_chunk_path(&sha256(b"x"));
+    use Permission::*;
     let some_device: DeviceId = "dev-0123456789abcdef".parse().unwrap();
-    let (device, tags, history) = (
-        device_path(&some_device),
-        device_tags_path(&some_device),
-        device_history_path(&some_device),
-    );
-    let endpoints: [(Method, &str, &str); 15] = [
-        (Method::GET, DEVICES_PATH, ""),
-        (Method::GET, &device, ""),
-        (Method::PUT, &tags, r#"{"add":["canary"]}"#),
-        (Method::GET, &history, ""),
-        (Method::GET, RELEASES_PATH, ""),
-        (Method::POST, RELEASES_PATH, "{}"),
-        (Method::POST, MISSING_CHUNKS_PATH, r#"{"chunks":[]}"#),
-        (Method::PUT, &chunk, "x"),
-        (Method::GET, ROLLOUTS_PATH, ""),
+    vec![
+        (Method::GET, DEVICES_PATH.into(), "", Read),
+        (Method::GET, device_path(&some_device), "", Read),
+        (
+            Method::PUT,
+            device_tags_path(&some_device),
+            r#"{"add":["canary"]}"#,
+            Operate,
+        ),
+        (Method::GET, device_history_path(&some_device), "", Read),
+        (Method::GET, RELEASES_PATH.into(), "", Read),
+        (Method::POST, RELEASES_PATH.into(), "{}", Release),
         (
             Method::POST,
-            ROLLOUTS_PATH,
-            r#"{"release":"1.0","devices":null}"#,
+            MISSING_CHUNKS_PATH.into(),
+            r#"{"chunks":[]}"#,
+            Release,
         ),
-        (Method::GET, "/api/v1/rollouts/1", ""),
-        (Method::POST, "/api/v1/rollouts/1/abort", ""),
-        (Method::POST, "/api/v1/rollouts/1/retry", ""),
-        (Method::GET, STATS_PATH, ""),
-        (Method::GET, METRICS_PATH, ""),
-    ];
-    let wrong: [Option<String>; 6] = [
+        (Method::PUT, admin_chunk_path(&sha256(b"x")), "x", Release),
+        (
+            Method::PUT,
+            format!("/api/v1/patches/{}", sha256(b"x")),
+            "x",
+            Release,
+        ),
+        (
+            Method::PUT,
+            format!("/api/v1/indexes/{}", sha256(b"x")),
+            "x",
+            Release,
+        ),
+        (Method::GET, ROLLOUTS_PATH.into(), "", Read),
+        (
+            Method::POST,
+            ROLLOUTS_PATH.into(),
+            r#"{"release":"1.0","devices":null}"#,
+            Operate,
+        ),
+        (Method::GET, "/api/v1/rollouts/1".into(), "", Read),
+        (Method::POST, "/api/v1/rollouts/1/pause".into(), "", Operate),
+        (Method::POST, "/api/v1/rollouts/1/abort".into(), "", Operate),
+        (Method::POST, "/api/v1/rollouts/1/retry".into(), "", Operate),
+        (Method::GET, STATS_PATH.into(), "", Read),
+        (Method::GET, METRICS_PATH.into(), "", Read),
+        (Method::GET, WHOAMI_PATH.into(), "", Read),
+        (Method::GET, TOKENS_PATH.into(), "", Administer),
+        (
+            Method::POST,
+            TOKENS_PATH.into(),
+            r#"{"name":"made-by-test","role":"viewer"}"#,
+            Administer,
+        ),
+        (Method::DELETE, format!("{TOKENS_PATH}/999"), "", Administer),
+        (Method::GET, AUDIT_PATH.into(), "", Administer),
+    ]
+}
+
+impl Server {
+    /// A new API token with `role`, made through the API by the admin.
+    async fn token(&self, name: &str, role: Role, expires_in_secs: Option<u64>) -> TokenCreated {
+        let resp = self
+            .admin(reqwest::Method::POST, TOKENS_PATH)
+            .json(&json!({"name": name, "role": role, "expires_in_secs": expires_in_secs}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        resp.json().await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_refuse_missing_wrong_revoked_and_expired_tokens() {
+    let mut srv = Server::start().await;
+    let revoked = srv.token("revoked", Role::Admin, None).await;
+    let resp = srv
+        .admin(
+            reqwest::Method::DELETE,
+            &format!("{TOKENS_PATH}/{}", revoked.token.id),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let expired = srv.token("expired", Role::Admin, Some(1)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let wrong: [Option<String>; 9] = [
         None,
         Some("Bearer wrong-token".into()),
         Some(format!("Bearer {}", srv.enrollment_token)),
         Some(format!("Basic {}", srv.admin_token)),
         Some(format!("Bearer {}x", srv.admin_token)),
         Some("Bearer ".into()),
+        Some(format!("Bearer {}", revoked.secret)),
+        Some(format!("Bearer {}", expired.secret)),
+        Some(format!("Bearer {}0", expired.secret)),
     ];
-    for (method, path, body) in &endpoints {
+    for (method, path, body, _) in admin_endpoints() {
         for auth in &wrong {
-            let mut req = srv.request(method.clone(), path).body(body.to_string());
+            let mut req = srv.request(method.clone(), &path).body(body.to_string());
             if let Some(auth) = auth {
                 req = req.header(reqwest::header::AUTHORIZATION, auth);
             }
@@ -1234,9 +1301,73 @@ async fn admin_endpoints_refuse_missing_and_wrong_tokens() {
     }
     // The right token works, and nothing was created by the refused requests.
     assert!(srv.releases().await.is_empty());
-    let resp = srv.admin(Method::GET, ROLLOUTS_PATH).send().await.unwrap();
+    let resp = srv
+        .admin(reqwest::Method::GET, ROLLOUTS_PATH)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.json::<Vec<RolloutView>>().await.unwrap().is_empty());
+    let resp = srv
+        .admin(reqwest::Method::GET, TOKENS_PATH)
+        .send()
+        .await
+        .unwrap();
+    let names: Vec<String> = resp
+        .json::<Vec<TokenView>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert_eq!(names, ["revoked", "expired"]);
+    srv.assert_unaffected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_endpoint_refuses_a_role_too_low_for_it() {
+    let mut srv = Server::start().await;
+    for role in Role::iter() {
+        let token = srv.token(&format!("as-{role}"), role, None).await;
+        for (method, path, body, needs) in admin_endpoints() {
+            let resp = srv
+                .request(method.clone(), &path)
+                .bearer_auth(&token.secret)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let what = format!("{method} {path} as {role}");
+            if role.allows(needs) {
+                let status = resp.status().as_u16();
+                assert!(
+                    status != 401 && status != 403,
+                    "{what}: {status} {}",
+                    resp.text().await.unwrap_or_default()
+                );
+            } else {
+                let err = json_error(resp, 403, ErrorKind::Forbidden).await;
+                assert!(
+                    err.message.contains(&format!("has role {role}")),
+                    "{what}: {err}"
+                );
+            }
+        }
+    }
+    // Refused requests changed nothing: no release, no rollout, and the only
+    // tokens made by the endpoint test are the admin's.
+    assert!(srv.releases().await.is_empty());
+    let resp = srv
+        .admin(reqwest::Method::GET, TOKENS_PATH)
+        .send()
+        .await
+        .unwrap();
+    let tokens: Vec<TokenView> = resp.json().await.unwrap();
+    let made_by_test = tokens.iter().filter(|t| t.name.as_str() == "made-by-test");
+    assert!(made_by_test
+        .clone()
+        .all(|t| t.created_by.contains("as-admin")));
+    assert_eq!(made_by_test.count(), 1);
     srv.assert_unaffected().await;
 }
 

@@ -10,7 +10,7 @@ use uplift_cli::client::AdminClient;
 use uplift_cli::fleet::{
     write_changed_image, write_image, Binaries, Device, DeviceSpec, ServerProcess,
 };
-use uplift_proto::api::{DeviceView, DownloadLimits, RolloutCreate};
+use uplift_proto::api::{DeviceView, DownloadLimits, RolloutCreate, RolloutView};
 use uplift_proto::{DeviceId, Version};
 use uplift_release::build::{create_release, ReleaseOptions};
 use uplift_release::keys::ReleaseSigningKey;
@@ -81,6 +81,37 @@ impl Fixture {
         }
     }
 
+    /// A spec for device `name` whose service fails on the new OS: its
+    /// health check passes on slot a only, so a trial boot of slot b rolls
+    /// back with "service fails on the new OS".
+    pub fn spec_failing_on_slot_b(&self, name: &str) -> DeviceSpec {
+        self.failing_on_slot_b(name, "")
+    }
+
+    /// Like [`Fixture::spec_failing_on_slot_b`], but only while `trigger`
+    /// exists (without it the device is healthy on either slot): a test can
+    /// choose which devices fail after it has started them, e.g. once the
+    /// server has put each device in a phase.
+    pub fn spec_failing_on_slot_b_when(&self, name: &str, trigger: &Path) -> DeviceSpec {
+        self.failing_on_slot_b(name, &format!("! test -e {} || ", trigger.display()))
+    }
+
+    /// `healthy_if` is a shell condition ending in `||` that, when true,
+    /// passes the health check on either slot.
+    fn failing_on_slot_b(&self, name: &str, healthy_if: &str) -> DeviceSpec {
+        let mut spec = self.spec(&format!("hw-{name}"));
+        let cmdline = self.path(&format!("devices/{name}/cmdline"));
+        spec.health_check = vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "{healthy_if}grep -q uplift.slot=a {} || {{ echo 'service fails on the new OS' >&2; exit 3; }}",
+                cmdline.display()
+            ),
+        ];
+        spec
+    }
+
     /// Provisions and powers on a device.
     pub fn device(&self, name: &str, spec: DeviceSpec) -> Device {
         self.device_via(name, spec, &self.server.endpoint.url)
@@ -102,6 +133,34 @@ impl Fixture {
         .expect("provision device");
         device.start(&self.bins).expect("start device");
         device
+    }
+
+    /// Provisions and powers on one device per `(name, spec)`, reaching the
+    /// server at `url`, off the async threads (each copies the factory
+    /// image; a fleet of them would stall the runtime).
+    pub async fn power_on(&self, specs: Vec<(String, DeviceSpec)>, url: &str) -> Vec<Device> {
+        let endpoint = uplift_proto::api::ServerEndpoint {
+            url: url.to_owned(),
+            ..self.server.endpoint.clone()
+        };
+        let specs: Vec<_> = specs
+            .into_iter()
+            .map(|(name, spec)| (self.path(&format!("devices/{name}")), spec))
+            .collect();
+        let (bins, image) = (self.bins.clone(), self.image_v1_0.clone());
+        tokio::task::spawn_blocking(move || {
+            specs
+                .into_iter()
+                .map(|(dir, spec)| {
+                    let mut device = Device::provision(&dir, &spec, &endpoint, &image)
+                        .expect("provision device");
+                    device.start(&bins).expect("start device");
+                    device
+                })
+                .collect()
+        })
+        .await
+        .unwrap()
     }
 
     /// Builds a release from `image`, signed by `key`, and uploads it.
@@ -164,7 +223,19 @@ impl Fixture {
         devices: &[&Device],
         done: impl Fn(&[DeviceView]) -> bool,
     ) -> Vec<DeviceView> {
-        let deadline = Instant::now() + WAIT;
+        self.wait_for_within(what, WAIT, devices, done).await
+    }
+
+    /// [`Fixture::wait_for`] with another bound than [`WAIT`] (a large
+    /// fleet takes longer); `devices` are those whose logs a failure shows.
+    pub async fn wait_for_within(
+        &self,
+        what: &str,
+        limit: Duration,
+        devices: &[&Device],
+        done: impl Fn(&[DeviceView]) -> bool,
+    ) -> Vec<DeviceView> {
+        let deadline = Instant::now() + limit;
         loop {
             let views = self.client.devices().await.expect("list devices");
             if done(&views) {
@@ -212,12 +283,11 @@ impl Fixture {
     }
 }
 
-/// `uplift ARGS` as an operator runs it against the fixture's server (its
-/// admin address, CA and token); its standard output, or the test fails
-/// with its standard error.
-pub fn uplift(fx: &Fixture, args: &[&str]) -> String {
+/// `uplift ARGS` run as an operator runs it against the fixture's server
+/// (its admin address, CA and token), bounded.
+fn run_uplift(fx: &Fixture, args: &[&str]) -> std::process::Output {
     let endpoint = &fx.server.endpoint;
-    let out = run_bounded(
+    run_bounded(
         std::process::Command::new(env!("CARGO_BIN_EXE_uplift"))
             .args(args)
             .arg("--server")
@@ -228,7 +298,13 @@ pub fn uplift(fx: &Fixture, args: &[&str]) -> String {
             .arg(&fx.server.admin_token),
         Duration::from_secs(60),
         fx.dir.path(),
-    );
+    )
+}
+
+/// `uplift ARGS` against the fixture's server: what it printed, as text.
+/// It must succeed.
+pub fn uplift(fx: &Fixture, args: &[&str]) -> String {
+    let out = run_uplift(fx, args);
     assert!(
         out.status.success(),
         "uplift {}: {}",
@@ -250,6 +326,39 @@ pub fn server_check(fx: &Fixture) -> (Option<i32>, String) {
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
+}
+
+/// `uplift <args> --json` against the fixture's server, run as an operator
+/// runs it (bounded); what it printed, parsed. It must succeed.
+pub fn uplift_json<T: serde::de::DeserializeOwned>(fx: &Fixture, args: &[&str]) -> T {
+    let (code, parsed) = uplift_json_exit(fx, args);
+    assert_eq!(code, 0, "uplift {} exits 0", args.join(" "));
+    parsed
+}
+
+/// Like [`uplift_json`], for commands whose exit code tells something too
+/// (`uplift rollout status` exits 1 for a paused rollout): the exit code
+/// and what it printed.
+pub fn uplift_json_exit<T: serde::de::DeserializeOwned>(fx: &Fixture, args: &[&str]) -> (i32, T) {
+    let out = run_uplift(fx, &[args, &["--json"]].concat());
+    let parsed = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "uplift {} --json ({}) printed no JSON ({e}): {}\n--- stderr:\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (
+        out.status.code().expect("uplift exited, not killed"),
+        parsed,
+    )
+}
+
+/// `uplift rollout <command> <id> --json`, e.g. `abort` or `status`.
+pub fn operator(fx: &Fixture, command: &str, id: i64) -> RolloutView {
+    uplift_json(fx, &["rollout", command, &id.to_string()])
 }
 
 pub fn id_of(device: &Device) -> DeviceId {

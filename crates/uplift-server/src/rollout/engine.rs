@@ -170,6 +170,8 @@ pub struct Step {
     pub offer: Vec<DeviceId>,
     /// Devices whose part ended, with how, and the error they reported.
     pub settle: Vec<(DeviceId, Outcome, Option<String>)>,
+    /// Offers taken back because the rollout paused: see [`held`].
+    pub hold: Vec<DeviceId>,
     /// What happened, for the audit log and the event stream.
     pub events: Vec<Event>,
 }
@@ -216,6 +218,7 @@ pub fn step(rollout: Rollout<'_>, members: &[Member], now: OffsetDateTime) -> St
             reason: reason.clone(),
         });
         out.state = Some(RolloutState::Paused { phase, reason });
+        out.hold = held(&members);
         return out;
     }
     let advanced = advance(
@@ -247,9 +250,12 @@ pub fn step(rollout: Rollout<'_>, members: &[Member], now: OffsetDateTime) -> St
                 return out;
             }
             RolloutState::AwaitingApproval { phase } => Event::AwaitingApproval { phase: *phase },
-            RolloutState::Paused { reason, .. } => Event::Paused {
-                reason: reason.clone(),
-            },
+            RolloutState::Paused { reason, .. } => {
+                out.hold = held(&members);
+                Event::Paused {
+                    reason: reason.clone(),
+                }
+            }
             RolloutState::Aborted { .. } | RolloutState::Finished { .. } => Event::Finished,
         });
         out.state = Some(next);
@@ -312,6 +318,19 @@ fn advance(
             level_reached_at: None,
         }
     })
+}
+
+/// Offered devices that have not started on the release (waiting for a
+/// download turn, offline, or not yet told): when the rollout pauses their
+/// offer is taken back, so a pause stops the release spreading, not only
+/// new offers; they are offered again when it resumes. Devices already
+/// working on it finish.
+fn held(members: &[Member]) -> Vec<DeviceId> {
+    members
+        .iter()
+        .filter(|m| m.offered_at.is_some() && m.outcome.is_none() && m.live == Live::Idle)
+        .map(|m| m.device.clone())
+        .collect()
 }
 
 /// Offered devices that finished, or ran out of time, since the last pass.
@@ -477,6 +496,8 @@ pub struct Transition {
     /// Devices whose offer is withdrawn (abort): not finished, so told to
     /// stop and stay on the OS they run.
     pub withdraw: Vec<DeviceId>,
+    /// Offers taken back until a resume (pause): see [`held`].
+    pub hold: Vec<DeviceId>,
 }
 
 /// Refused: the command does not apply in this state.
@@ -508,6 +529,7 @@ pub fn command(
             state,
             accept_failures: Vec::new(),
             withdraw: Vec::new(),
+            hold: Vec::new(),
         })
     };
     match (command, state) {
@@ -525,13 +547,19 @@ pub fn command(
                 .filter(|m| m.outcome.is_none() && m.offered_at.is_some())
                 .map(|m| m.device.clone())
                 .collect(),
+            hold: Vec::new(),
         }),
         (
             Command::Pause,
             RolloutState::Running { phase, .. } | RolloutState::AwaitingApproval { phase },
-        ) => to(RolloutState::Paused {
-            phase: *phase,
-            reason: PauseReason::Operator { by: by.to_owned() },
+        ) => Ok(Transition {
+            state: RolloutState::Paused {
+                phase: *phase,
+                reason: PauseReason::Operator { by: by.to_owned() },
+            },
+            accept_failures: Vec::new(),
+            withdraw: Vec::new(),
+            hold: held(members),
         }),
         (Command::Pause, RolloutState::Paused { .. }) => refuse(" already"),
         (Command::Resume, RolloutState::Paused { phase, reason }) => {
@@ -553,6 +581,7 @@ pub fn command(
                     .map(|m| m.device.clone())
                     .collect(),
                 withdraw: Vec::new(),
+                hold: Vec::new(),
             })
         }
         (Command::Resume, _) => refuse("; only a paused rollout resumes"),
@@ -610,6 +639,9 @@ mod tests {
             if step.offer.contains(&m.device) {
                 m.offered_at = Some(now);
             }
+            if step.hold.contains(&m.device) {
+                m.offered_at = None;
+            }
             if let Some((_, outcome, _)) = step.settle.iter().find(|(d, _, _)| *d == m.device) {
                 m.outcome = Some(*outcome);
             }
@@ -648,6 +680,18 @@ mod tests {
         RolloutPolicy {
             phases,
             ..RolloutPolicy::default()
+        }
+    }
+
+    /// Two phases of half the target each, pausing once `min_finished` of
+    /// a phase have finished and more than `percent` of them failed.
+    fn halves_pausing_over(percent: u8, min_finished: u32) -> RolloutPolicy {
+        RolloutPolicy {
+            error_threshold: ErrorThreshold {
+                percent,
+                min_finished,
+            },
+            ..phased(vec![PhaseReach::Percent(50)])
         }
     }
 
@@ -746,13 +790,7 @@ mod tests {
 
     #[test]
     fn failures_over_the_threshold_pause_the_rollout_and_name_the_devices() {
-        let policy = RolloutPolicy {
-            error_threshold: ErrorThreshold {
-                percent: 20,
-                min_finished: 5,
-            },
-            ..phased(vec![PhaseReach::Percent(50)])
-        };
+        let policy = halves_pausing_over(20, 5);
         let mut state = RolloutState::start(T0);
         let mut fleet = members(&[10, 10]);
         run(&policy, &mut state, &mut fleet, T0);
@@ -769,6 +807,7 @@ mod tests {
         run(&policy, &mut state, &mut fleet, secs(10));
         assert_eq!(state.name(), "running", "the minimum count is not reached");
         fleet[4].live = Live::OnRelease;
+        fleet[5].live = Live::Working;
         let s = run(&policy, &mut state, &mut fleet, secs(20));
         let RolloutState::Paused {
             reason:
@@ -791,11 +830,51 @@ mod tests {
         assert_eq!(devices[0].error.as_deref(), Some("health check failed"));
         assert!(matches!(s.events[..], [Event::Paused { .. }]));
 
-        // Paused: devices still report and settle, nothing is offered.
-        report(&mut fleet, 0, Live::OnRelease);
+        // Paused: a device at work still reports and settles, nothing is
+        // offered.
+        fleet[5].live = Live::OnRelease;
         let s = run(&policy, &mut state, &mut fleet, secs(30));
-        assert!(s.offer.is_empty() && !s.settle.is_empty());
+        assert!(s.offer.is_empty() && s.settle.len() == 1, "{s:?}");
         assert_eq!(state.name(), "paused");
+    }
+
+    #[test]
+    fn a_pause_takes_back_offers_not_started_and_a_resume_offers_them_again() {
+        // A phase of 10 offered at once, of which (say, under a download
+        // limit) only 4 have started: 2 failed, 2 are downloading, 6 wait.
+        let policy = halves_pausing_over(50, 2);
+        let mut state = RolloutState::start(T0);
+        let mut fleet = members(&[10, 10]);
+        run(&policy, &mut state, &mut fleet, T0);
+        fleet[0].live = Live::Failed { error: None };
+        fleet[1].live = Live::Failed { error: None };
+        fleet[2].live = Live::Working;
+        fleet[3].live = Live::Working;
+        let s = run(&policy, &mut state, &mut fleet, secs(10));
+        assert_eq!(state.name(), "paused");
+        assert_eq!(
+            s.hold,
+            (4..10).map(id).collect::<Vec<_>>(),
+            "those waiting must not start the failing release while it is paused"
+        );
+        assert!(fleet[2].offered_at.is_some(), "a device at work finishes");
+        let s = run(&policy, &mut state, &mut fleet, secs(20));
+        assert!(s.offer.is_empty() && s.hold.is_empty(), "{s:?}");
+
+        // An operator's pause takes back the same kind of offers.
+        let t = command(&state, &fleet, &Command::Resume, "dave", secs(30)).unwrap();
+        state = t.state;
+        fleet[0].failure_accepted = true;
+        fleet[1].failure_accepted = true;
+        let s = run(&policy, &mut state, &mut fleet, secs(31));
+        assert_eq!(
+            s.offer,
+            (4..10).map(id).collect::<Vec<_>>(),
+            "offered again"
+        );
+        fleet[4].live = Live::Working;
+        let t = command(&state, &fleet, &Command::Pause, "dave", secs(40)).unwrap();
+        assert_eq!(t.hold, (5..10).map(id).collect::<Vec<_>>());
     }
 
     #[test]
@@ -827,11 +906,7 @@ mod tests {
     fn a_phase_that_ends_below_its_success_level_pauses_and_resume_moves_on() {
         let policy = RolloutPolicy {
             success_percent: Some(100),
-            error_threshold: ErrorThreshold {
-                percent: 50,
-                min_finished: 1,
-            },
-            ..phased(vec![PhaseReach::Percent(50)])
+            ..halves_pausing_over(50, 1)
         };
         let mut state = RolloutState::start(T0);
         let mut fleet = members(&[4, 4]);

@@ -5,7 +5,7 @@
 
 use sha2::{Digest, Sha256};
 use uplift_proto::policy::PhaseReach;
-use uplift_proto::DeviceId;
+use uplift_proto::{DeviceId, Version};
 
 /// Each device with its phase, in phase order. Phase `phases.len()` is the
 /// final one, for the devices the listed phases leave. A phase may be
@@ -35,6 +35,13 @@ pub fn assign(devices: &[DeviceId], phases: &[PhaseReach], seed: &str) -> Vec<(D
             (device.clone(), phase as u32)
         })
         .collect()
+}
+
+/// The seed of a rollout's phases: its release and the moment it was
+/// created, as its view shows them (`release`, `created_at`), so anyone
+/// with the view and the rollout's devices can tell who is in which phase.
+pub fn seed(release: &Version, created_at: &str) -> String {
+    format!("{release}@{created_at}")
 }
 
 fn rank(seed: &str, device: &DeviceId) -> [u8; 32] {

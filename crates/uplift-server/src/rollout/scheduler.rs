@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::watch;
+use uplift_proto::DeviceId;
 
 /// How often the scheduler looks at every active rollout.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -34,21 +35,7 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
         let Some(rollout) = state.store.rollout(id).await? else {
             return Ok(());
         };
-        let rows = state.store.rollout_members(id).await?;
-        let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) = rows.into_iter().unzip();
-        state.live.overlay(&mut devices);
-        let members: Vec<Member> = records
-            .into_iter()
-            .zip(&devices)
-            .map(|(record, device)| Member {
-                device: device.id.clone(),
-                phase: record.phase,
-                offered_at: record.offered_at.as_deref().and_then(parse_time),
-                outcome: record.outcome,
-                failure_accepted: record.failure_accepted,
-                live: live_of(&rollout.release, id, device),
-            })
-            .collect();
+        let members = members(state, id, &rollout.release).await?;
         let window_open = match &plan.policy.window {
             None => true,
             Some(spec) => match Window::parse(spec) {
@@ -81,6 +68,7 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
             settle: &step.settle,
             accept_failures: &[],
             withdraw: &[],
+            hold: &step.hold,
             now: &now_text,
         };
         if !state
@@ -92,6 +80,14 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
         }
         for event in &step.events {
             tracing::info!(rollout = id, event = ?event, "rollout");
+        }
+        if !step.hold.is_empty() {
+            tracing::info!(
+                rollout = id,
+                held = step.hold.len(),
+                "offers not started taken back until the rollout resumes"
+            );
+            take_back(state, &step.hold, id, &now_text);
         }
         if !step.offer.is_empty() {
             // Stored first: a server killed here finds the targets in the
@@ -127,30 +123,108 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
     Ok(())
 }
 
-/// Advances every active rollout each [`TICK`] until shutdown.
+/// The lease a scheduler holds while it drives rollouts: with several
+/// server replicas on one database, one acts at a time.
+pub const LEASE: &str = "rollout-scheduler";
+
+/// Renewed every tick; a replica that stops renewing (killed, cut off from
+/// the database) loses the lease this long after its last renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+
+fn unix_ms(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// One tick as replica `holder`: if it holds (or takes) the lease, every
+/// active rollout is advanced. Whether this replica acted.
+pub async fn tick(state: &AppState, holder: &str, now: OffsetDateTime) -> Result<bool, StoreError> {
+    let ttl = LEASE_TTL.as_millis() as i64;
+    if !state
+        .store
+        .try_lease(LEASE, holder, unix_ms(now), ttl)
+        .await?
+    {
+        return Ok(false);
+    }
+    for id in state.store.active_rollouts().await? {
+        if let Err(e) = advance(state, id, now).await {
+            tracing::warn!(rollout = id, "rollout scheduler: {e}");
+        }
+    }
+    Ok(true)
+}
+
+/// Advances every active rollout each [`TICK`] until shutdown, while this
+/// replica holds the scheduler lease; gives the lease up on the way out.
 pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let holder = format!("pid{}-{:016x}", std::process::id(), rand::random::<u64>());
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leading = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         }
         if *shutdown.borrow() {
-            return;
+            break;
         }
-        let ids = match state.store.active_rollouts().await {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::warn!("rollout scheduler: {e}");
-                continue;
+        match tick(&state, &holder, OffsetDateTime::now_utc()).await {
+            Ok(acted) if leading != Some(acted) => {
+                if acted {
+                    tracing::info!(
+                        holder,
+                        "rollout scheduler: this replica holds the lease and drives rollouts"
+                    );
+                } else {
+                    tracing::info!(
+                        holder,
+                        "rollout scheduler: another replica holds the lease; standing by"
+                    );
+                }
+                leading = Some(acted);
             }
-        };
-        for id in ids {
-            if let Err(e) = advance(&state, id, OffsetDateTime::now_utc()).await {
-                tracing::warn!(rollout = id, "rollout scheduler: {e}");
-            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("rollout scheduler: {e}"),
         }
+    }
+    if let Err(e) = state.store.release_lease(LEASE, &holder).await {
+        tracing::warn!("rollout scheduler: {e}; another replica takes over when the lease expires");
+    }
+}
+
+/// Rollout `id`'s devices with their phase, offer and outcome, and what
+/// each reports now (the live view laid over the database).
+pub(crate) async fn members(
+    state: &AppState,
+    id: i64,
+    release: &uplift_proto::Version,
+) -> Result<Vec<Member>, StoreError> {
+    let rows = state.store.rollout_members(id).await?;
+    let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) = rows.into_iter().unzip();
+    state.live.overlay(&mut devices);
+    Ok(records
+        .into_iter()
+        .zip(&devices)
+        .map(|(record, device)| Member {
+            device: device.id.clone(),
+            phase: record.phase,
+            offered_at: record.offered_at.as_deref().and_then(parse_time),
+            outcome: record.outcome,
+            failure_accepted: record.failure_accepted,
+            live: live_of(release, id, device),
+        })
+        .collect())
+}
+
+/// Takes rollout `id`'s offer back from `devices` (stored already): their
+/// sessions send `no_update`, so an agent downloading stops and one waiting
+/// for a download turn leaves the line, and each stays on the OS it runs;
+/// their histories record the withdrawal at `now`.
+pub(crate) fn take_back(state: &AppState, devices: &[DeviceId], id: i64, now: &str) {
+    state.live.withdraw_targets(devices, id, now);
+    for device in devices {
+        state.hub.notify_target_changed(device);
     }
 }
 
@@ -173,4 +247,28 @@ pub(crate) fn format_time(t: OffsetDateTime) -> String {
 
 pub(crate) fn parse_time(text: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::testing;
+
+    #[tokio::test]
+    async fn two_replicas_on_one_database_take_turns_only_through_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = testing::state(dir.path()).await;
+        let two = testing::state(dir.path()).await;
+        let start = OffsetDateTime::now_utc();
+        assert!(tick(&one, "one", start).await.unwrap());
+        assert!(!tick(&two, "two", start).await.unwrap());
+        // One keeps renewing: two stays idle however long it asks.
+        let later = start + LEASE_TTL;
+        assert!(tick(&one, "one", later).await.unwrap());
+        assert!(!tick(&two, "two", later).await.unwrap());
+        // One is killed (stops renewing): two takes over once it expires.
+        let after_expiry = later + LEASE_TTL;
+        assert!(tick(&two, "two", after_expiry).await.unwrap());
+        assert!(!tick(&one, "one", after_expiry).await.unwrap());
+    }
 }

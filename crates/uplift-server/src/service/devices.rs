@@ -12,7 +12,8 @@
 //! holds on every page, not only on the ones where connected devices happen
 //! to fall.
 
-use super::{ServiceError, ServiceResult};
+use super::{audit, ServiceError, ServiceResult};
+use crate::auth::Principal;
 use crate::rollout::scheduler::parse_time;
 use crate::state::AppState;
 use crate::store::{DeviceFilter, DeviceRecord, TagUpdate};
@@ -22,6 +23,7 @@ use uplift_proto::api::{
     DeviceHistory, DevicePage, DeviceQuery, DeviceView, HistoryQuery, TagChange, TagSelector,
     DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT,
 };
+use uplift_proto::auth::AuditAction;
 use uplift_proto::{DeviceId, Tag, Version};
 
 /// Tags one device may have: enough for sites, rings and roles, few enough
@@ -43,9 +45,9 @@ fn page_limit(limit: Option<u32>) -> ServiceResult<u32> {
     match limit {
         None => Ok(DEFAULT_PAGE_LIMIT),
         Some(n @ 1..=MAX_PAGE_LIMIT) => Ok(n),
-        Some(n) => Err(ServiceError::BadQuery {
-            field: "limit",
-            why: format!("{n} is out of range; give 1 to {MAX_PAGE_LIMIT}"),
+        Some(limit) => Err(ServiceError::PageSize {
+            limit,
+            max: MAX_PAGE_LIMIT,
         }),
     }
 }
@@ -219,11 +221,20 @@ pub async fn get(state: &AppState, id: &DeviceId) -> ServiceResult<DeviceView> {
 
 /// Changes a device's tags (see [`TagChange`]) and shows the device. A
 /// device that comes to have a running dynamic rollout's tags joins it.
+/// Recorded in the audit log as `actor`'s.
 pub async fn change_tags(
     state: &AppState,
+    actor: &Principal,
     id: &DeviceId,
     change: TagChange,
 ) -> ServiceResult<DeviceView> {
+    let result = retag(state, id, change).await;
+    let target = format!("device {id}");
+    audit::record(state, actor, AuditAction::DeviceTags, &target, &result).await;
+    result
+}
+
+async fn retag(state: &AppState, id: &DeviceId, change: TagChange) -> ServiceResult<DeviceView> {
     let update = state
         .store
         .change_tags(
@@ -385,9 +396,15 @@ mod tests {
             listing.filter.tags,
             Some(TagSelector::All(tags(&["canary"])))
         );
+        for limit in [0, MAX_PAGE_LIMIT + 1] {
+            let err = Listing::parse(query(|q| q.limit = Some(limit))).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::BadRequest);
+            assert_eq!(
+                err.to_string(),
+                format!("a page holds 1 to 1000 entries; {limit} is outside that, so give another limit")
+            );
+        }
         for (bad, field) in [
-            (query(|q| q.limit = Some(0)), "limit"),
-            (query(|q| q.limit = Some(MAX_PAGE_LIMIT + 1)), "limit"),
             (query(|q| q.after = Some("not/a/cursor".into())), "after"),
             (
                 query(|q| q.seen_before = Some("yesterday".into())),
@@ -525,6 +542,7 @@ mod tests {
         let a = testing::device(&state, "dev-a", "gw").await;
         let view = change_tags(
             &state,
+            &Principal::bootstrap_admin(),
             &a,
             TagChange {
                 add: tags(&["canary", "berlin"]),
@@ -549,13 +567,36 @@ mod tests {
                 .collect(),
             ..TagChange::default()
         };
-        let err = change_tags(&state, &a, too_many).await.unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::BadRequest);
-        assert!(err.to_string().contains("would have 35 tags"), "{err}");
-        let nobody: DeviceId = "dev-nobody".parse().unwrap();
-        let err = change_tags(&state, &nobody, TagChange::default())
+        let err = change_tags(&state, &Principal::bootstrap_admin(), &a, too_many)
             .await
             .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BadRequest);
+        assert!(err.to_string().contains("would have 35 tags"), "{err}");
+        // Each change is in the audit log, a refused one with its error.
+        let audit = crate::service::audit::list(
+            &state,
+            uplift_proto::auth::AuditQuery {
+                action: Some(AuditAction::DeviceTags),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let logged: Vec<(&str, bool)> = audit
+            .entries
+            .iter()
+            .map(|e| (e.target.as_str(), e.error.is_some()))
+            .collect();
+        assert_eq!(logged, [("device dev-a", true), ("device dev-a", false)]);
+        let nobody: DeviceId = "dev-nobody".parse().unwrap();
+        let err = change_tags(
+            &state,
+            &Principal::bootstrap_admin(),
+            &nobody,
+            TagChange::default(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
         assert_eq!(
             err.to_string(),

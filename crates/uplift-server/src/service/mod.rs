@@ -3,11 +3,13 @@
 //! scheduler and tests call these same functions with parsed, typed inputs,
 //! and get typed answers or a [`ServiceError`].
 
+pub mod audit;
 pub mod devices;
 pub mod metrics;
 pub mod releases;
 pub mod rollouts;
 pub mod stats;
+pub mod tokens;
 
 use crate::chunks::{ChunkError, LoadError, StoredKind};
 use crate::store::StoreError;
@@ -99,6 +101,25 @@ pub enum ServiceError {
     Policy(#[from] uplift_proto::policy::PolicyError),
     #[error(transparent)]
     Window(#[from] crate::rollout::window::WindowError),
+    #[error("API token {id} does not exist; see `uplift token list`")]
+    TokenNotFound { id: i64 },
+    #[error(
+        "a token may live at most {} days; {secs} seconds is longer, so give a shorter --expires-in",
+        tokens::MAX_EXPIRES_IN_SECS / 86_400
+    )]
+    ExpiryTooFar { secs: u64 },
+    #[error(
+        "{caller} has role {role} and may not {}; use a token with role {} or admin",
+        .permission.describe(),
+        uplift_proto::auth::Role::least_with(*.permission)
+    )]
+    Denied {
+        caller: String,
+        role: uplift_proto::auth::Role,
+        permission: uplift_proto::auth::Permission,
+    },
+    #[error("a page holds 1 to {max} entries; {limit} is outside that, so give another limit")]
+    PageSize { limit: u32, max: u32 },
 }
 
 impl ServiceError {
@@ -110,7 +131,9 @@ impl ServiceError {
             ServiceError::ReleaseIncomplete { .. } => ErrorKind::Conflict,
             ServiceError::ReleaseNotFound { .. }
             | ServiceError::RolloutNotFound { .. }
+            | ServiceError::TokenNotFound { .. }
             | ServiceError::DeviceNotFound { .. } => ErrorKind::NotFound,
+            ServiceError::Denied { .. } => ErrorKind::Forbidden,
             ServiceError::ChunkRefused { source, .. } => source.kind(),
             ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
             ServiceError::CheckPanicked { .. } | ServiceError::Metrics(_) => ErrorKind::Internal,
@@ -126,7 +149,9 @@ impl ServiceError {
             | ServiceError::BadQuery { .. }
             | ServiceError::DynamicList
             | ServiceError::Policy(_)
-            | ServiceError::Window(_) => ErrorKind::BadRequest,
+            | ServiceError::Window(_)
+            | ServiceError::ExpiryTooFar { .. }
+            | ServiceError::PageSize { .. } => ErrorKind::BadRequest,
         }
     }
 }

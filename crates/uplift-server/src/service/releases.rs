@@ -1,12 +1,14 @@
 //! Releases and the objects they are made of: what is stored, what an
 //! uploader still has to send, and taking in a release once it is whole.
 
-use super::{ServiceError, ServiceResult, Stored};
+use super::{audit, ServiceError, ServiceResult, Stored};
+use crate::auth::Principal;
 use crate::chunks::{Chunks, StoredKind};
 use crate::state::{now_rfc3339, AppState};
 use crate::store::{ReleaseRecord, StoreError};
 use bytes::Bytes;
 use uplift_proto::api::{MissingChunksRequest, MissingChunksResponse, ReleaseView};
+use uplift_proto::auth::AuditAction;
 use uplift_proto::ChunkHash;
 use uplift_release::manifest::MAX_CHUNK_SIZE;
 
@@ -104,10 +106,25 @@ pub async fn store_object(
 /// it lists is stored. The server holds no release keys (agents verify
 /// signatures): it checks the manifest is well-formed and complete (its
 /// index too) so it never offers a broken one.
+///
+/// Recorded in the audit log as `actor`'s.
 pub async fn upload(
     state: &AppState,
+    actor: &Principal,
     manifest_json: &[u8],
 ) -> ServiceResult<(Stored, ReleaseView)> {
+    let result = take_in(state, manifest_json).await;
+    let target = match &result {
+        Ok((_, view)) => format!("release {}", view.version),
+        Err(ServiceError::ReleaseIncomplete { version, .. }) => format!("release {version}"),
+        // A manifest that does not load names no version to trust.
+        Err(_) => "release (unreadable manifest)".to_owned(),
+    };
+    audit::record(state, actor, AuditAction::ReleaseUpload, &target, &result).await;
+    result
+}
+
+async fn take_in(state: &AppState, manifest_json: &[u8]) -> ServiceResult<(Stored, ReleaseView)> {
     let manifest = crate::chunks::load_manifest(&state.indexes, manifest_json).await?;
     let mut missing = 0usize;
     // Stored, checked, and of the size the manifest declares (devices

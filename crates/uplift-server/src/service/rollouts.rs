@@ -2,8 +2,9 @@
 //! its devices, in that order), and where each one stands, derived from the
 //! devices it targeted.
 
-use super::{ServiceError, ServiceResult};
-use crate::rollout::engine::{Command, Member, PauseReason, RolloutState};
+use super::{audit, ServiceError, ServiceResult};
+use crate::auth::Principal;
+use crate::rollout::engine::{Command, PauseReason, RolloutState};
 use crate::rollout::window::Window;
 use crate::rollout::{phases, scheduler};
 use crate::state::{now_rfc3339, AppState};
@@ -13,16 +14,33 @@ use crate::store::{
 use std::collections::HashMap;
 use time::OffsetDateTime;
 use uplift_proto::api::{
-    RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutStatus, RolloutView,
+    PhaseTally, RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutShare,
+    RolloutStatus, RolloutView,
 };
+use uplift_proto::auth::AuditAction;
 use uplift_proto::channel::AgentState;
 use uplift_proto::{DeviceId, DeviceType, Tag, Version};
 
 /// Starts a rollout of `request.release` to the listed devices, or to the
 /// devices of the release's type (all, or those with the tags), only those
 /// running one of `from_versions` if given, and pushes the new target to
-/// those online.
-pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<RolloutView> {
+/// those online; recorded in the audit log as `actor`'s.
+pub async fn start(
+    state: &AppState,
+    actor: &Principal,
+    request: RolloutCreate,
+) -> ServiceResult<RolloutView> {
+    let asked = format!("release {}", request.release);
+    let result = launch(state, request).await;
+    let target = match &result {
+        Ok(view) => format!("rollout {}", view.id),
+        Err(_) => asked,
+    };
+    audit::record(state, actor, AuditAction::RolloutStart, &target, &result).await;
+    result
+}
+
+async fn launch(state: &AppState, request: RolloutCreate) -> ServiceResult<RolloutView> {
     let release =
         state
             .store
@@ -45,7 +63,7 @@ pub async fn start(state: &AppState, request: RolloutCreate) -> ServiceResult<Ro
     let now = OffsetDateTime::now_utc();
     let created_at = now_rfc3339();
     // Phases are decided here, once, and stored with the devices.
-    let seed = format!("{}@{created_at}", release.version);
+    let seed = phases::seed(&release.version, &created_at);
     let members = phases::assign(&devices, &request.policy.phases, &seed);
     let first = RolloutState::start(now);
     let rollout = state
@@ -168,12 +186,8 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
     }
     let mut plans: HashMap<i64, RolloutPlan> =
         state.store.rollout_plans().await?.into_iter().collect();
-    let mut sizes: HashMap<i64, Vec<u64>> = HashMap::new();
-    for (id, phase, n) in state.store.phase_sizes().await? {
-        let phases = sizes.entry(id).or_default();
-        phases.resize(phases.len().max(phase as usize + 1), 0);
-        phases[phase as usize] = n;
-    }
+    let mut sizes = tallies_by_rollout(state.store.phase_tallies(None).await?);
+    let moves = state.store.supersessions(None).await?;
     Ok(rollouts
         .into_iter()
         .map(|rollout| {
@@ -181,34 +195,63 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
             let progress = plans
                 .remove(&rollout.id)
                 .map(|plan| progress_of(plan, sizes.remove(&rollout.id).unwrap_or_default()));
-            view_of(state, rollout, &devices, progress)
+            let mut view = view_of(state, rollout, &devices, progress);
+            add_supersessions(&mut view, &moves);
+            view
         })
         .collect())
 }
 
+fn tallies_by_rollout(rows: Vec<(i64, u32, PhaseTally)>) -> HashMap<i64, Vec<PhaseTally>> {
+    let mut tallies: HashMap<i64, Vec<PhaseTally>> = HashMap::new();
+    for (id, phase, tally) in rows {
+        let phases = tallies.entry(id).or_default();
+        phases.resize(phases.len().max(phase as usize + 1), PhaseTally::default());
+        phases[phase as usize] = tally;
+    }
+    tallies
+}
+
+/// Says in `view` which rollouts took devices from it and which it took
+/// devices from, out of (older, newer, devices) moves.
+fn add_supersessions(view: &mut RolloutView, moves: &[(i64, i64, u64)]) {
+    for &(older, newer, devices) in moves {
+        if older == view.id {
+            view.superseded_by.push(RolloutShare {
+                rollout_id: newer,
+                devices,
+            });
+        }
+        if newer == view.id {
+            view.supersedes.push(RolloutShare {
+                rollout_id: older,
+                devices,
+            });
+        }
+    }
+}
+
 async fn view(state: &AppState, rollout: RolloutRecord) -> ServiceResult<RolloutView> {
-    let mut devices = state.store.rollout_devices(rollout.id).await?;
+    let id = rollout.id;
+    let mut devices = state.store.rollout_devices(id).await?;
     state.live.overlay(&mut devices);
-    let progress = match state.store.rollout_plan(rollout.id).await? {
+    let progress = match state.store.rollout_plan(id).await? {
         Some(plan) => {
-            let mut sizes = Vec::new();
-            for (id, phase, n) in state.store.phase_sizes().await? {
-                if id == rollout.id {
-                    sizes.resize(sizes.len().max(phase as usize + 1), 0);
-                    sizes[phase as usize] = n;
-                }
-            }
-            Some(progress_of(plan, sizes))
+            let mut sizes = tallies_by_rollout(state.store.phase_tallies(Some(id)).await?);
+            Some(progress_of(plan, sizes.remove(&id).unwrap_or_default()))
         }
         None => None,
     };
-    Ok(view_of(state, rollout, &devices, progress))
+    let mut view = view_of(state, rollout, &devices, progress);
+    add_supersessions(&mut view, &state.store.supersessions(Some(id)).await?);
+    Ok(view)
 }
 
 /// The engine's state in the operator's terms.
-fn progress_of(plan: RolloutPlan, mut phase_sizes: Vec<u64>) -> RolloutProgress {
+fn progress_of(plan: RolloutPlan, mut phase_tallies: Vec<PhaseTally>) -> RolloutProgress {
     let phases = plan.policy.phases.len() as u32 + 1;
-    phase_sizes.resize(phases as usize, 0);
+    phase_tallies.resize(phases as usize, PhaseTally::default());
+    let phase_sizes = phase_tallies.iter().map(|t| t.devices).collect();
     let (phase, paused_because) = match &plan.state {
         RolloutState::Running { phase, .. } | RolloutState::AwaitingApproval { phase } => {
             (Some(*phase), None)
@@ -221,12 +264,16 @@ fn progress_of(plan: RolloutPlan, mut phase_sizes: Vec<u64>) -> RolloutProgress 
         phase,
         phases,
         phase_sizes,
+        phase_tallies,
         paused_because,
         detail: serde_json::to_value(&plan.state).unwrap_or_default(),
         policy: plan.policy,
     }
 }
 
+/// Why a rollout paused, for the operator. Phases are counted from 1 here,
+/// as `uplift rollout status` counts them ("in phase 2 of 4"); the stored
+/// state and `progress.phase` count from 0.
 fn pause_sentence(reason: &PauseReason) -> String {
     match reason {
         PauseReason::Operator { by } => {
@@ -247,8 +294,9 @@ fn pause_sentence(reason: &PauseReason) -> String {
                 })
                 .collect();
             format!(
-                "{failed} of {finished} finished devices of phase {phase} failed, over the error threshold: {}; \
+                "{failed} of {finished} finished devices of phase {} failed, over the error threshold: {}; \
                  fix the cause and `uplift rollout resume` (these failures are then accepted), or `uplift rollout abort`",
+                phase + 1,
                 named.join(", ")
             )
         }
@@ -257,8 +305,9 @@ fn pause_sentence(reason: &PauseReason) -> String {
             succeeded,
             needed,
         } => format!(
-            "phase {phase} finished with {succeeded} devices on the release, {needed} needed; \
-             `uplift rollout resume` accepts it and starts the next phase"
+            "phase {} finished with {succeeded} devices on the release, {needed} needed; \
+             `uplift rollout resume` accepts it and starts the next phase",
+            phase + 1
         ),
     }
 }
@@ -307,7 +356,7 @@ pub async fn join_dynamic(
 
 /// A new rollout of rollout `id`'s release, with its policy and limits, to
 /// the devices that failed or timed out in it.
-pub async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
+async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
     let rollout = state
         .store
         .rollout(id)
@@ -337,7 +386,7 @@ pub async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
     if failed.is_empty() {
         return Err(ServiceError::NothingToRetry { id });
     }
-    start(
+    launch(
         state,
         RolloutCreate {
             release: rollout.release,
@@ -352,20 +401,41 @@ pub async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
     .await
 }
 
-/// Applies an operator's command to rollout `id`, as `by`.
+/// Applies an operator's command to rollout `id`, as `actor`, and records
+/// it in the audit log.
 pub async fn command(
     state: &AppState,
     id: i64,
     name: RolloutCommandName,
+    actor: &Principal,
+) -> ServiceResult<RolloutView> {
+    let (command, action) = match name {
+        RolloutCommandName::Pause => (Command::Pause, AuditAction::RolloutPause),
+        RolloutCommandName::Resume => (Command::Resume, AuditAction::RolloutResume),
+        RolloutCommandName::Approve => (Command::Approve, AuditAction::RolloutApprove),
+        RolloutCommandName::Abort => (Command::Abort, AuditAction::RolloutAbort),
+        RolloutCommandName::Retry => {
+            let result = retry(state, id).await;
+            let target = match &result {
+                Ok(new) => format!("rollout {id} (retried as rollout {})", new.id),
+                Err(_) => format!("rollout {id}"),
+            };
+            audit::record(state, actor, AuditAction::RolloutRetry, &target, &result).await;
+            return result;
+        }
+    };
+    let result = steer(state, id, command, &actor.name).await;
+    audit::record(state, actor, action, &format!("rollout {id}"), &result).await;
+    result
+}
+
+/// Applies an engine command to rollout `id`, as `by`.
+async fn steer(
+    state: &AppState,
+    id: i64,
+    command: Command,
     by: &str,
 ) -> ServiceResult<RolloutView> {
-    let command = match name {
-        RolloutCommandName::Pause => Command::Pause,
-        RolloutCommandName::Resume => Command::Resume,
-        RolloutCommandName::Approve => Command::Approve,
-        RolloutCommandName::Abort => Command::Abort,
-        RolloutCommandName::Retry => return retry(state, id).await,
-    };
     let rollout = state
         .store
         .rollout(id)
@@ -380,20 +450,9 @@ pub async fn command(
             .rollout_plan(id)
             .await?
             .ok_or(ServiceError::NotPhased { id })?;
-        let members: Vec<Member> = state
-            .store
-            .rollout_members(id)
-            .await?
-            .into_iter()
-            .map(|(m, d)| Member {
-                device: d.id,
-                phase: m.phase,
-                offered_at: m.offered_at.as_deref().and_then(scheduler::parse_time),
-                outcome: m.outcome,
-                failure_accepted: m.failure_accepted,
-                live: crate::rollout::engine::Live::Idle,
-            })
-            .collect();
+        // What each device reports counts: a pause takes back only the
+        // offers of devices not at work on the release.
+        let members = scheduler::members(state, id, &rollout.release).await?;
         let now = OffsetDateTime::now_utc();
         let transition = crate::rollout::engine::command(&plan.state, &members, &command, by, now)
             .map_err(|source| ServiceError::Refused { id, source })?;
@@ -404,6 +463,7 @@ pub async fn command(
             settle: &[],
             accept_failures: &transition.accept_failures,
             withdraw: &transition.withdraw,
+            hold: &transition.hold,
             now: &now_text,
         };
         if state
@@ -417,18 +477,11 @@ pub async fn command(
                 by,
                 state = transition.state.name(),
                 withdrawn = transition.withdraw.len(),
+                held = transition.hold.len(),
                 "rollout command"
             );
-            if !transition.withdraw.is_empty() {
-                // Sessions send `no_update`: an agent downloading stops
-                // and stays on the OS it runs.
-                state
-                    .live
-                    .withdraw_targets(&transition.withdraw, id, &now_text);
-                for device in &transition.withdraw {
-                    state.hub.notify_target_changed(device);
-                }
-            }
+            scheduler::take_back(state, &transition.withdraw, id, &now_text);
+            scheduler::take_back(state, &transition.hold, id, &now_text);
             // What the new state allows (the next phase's offers) goes out now.
             scheduler::advance(state, id, now).await?;
             return view(state, rollout).await;
@@ -460,6 +513,8 @@ fn view_of(
         limits: rollout.limits,
         waiting_for_turn: state.turns.counts(rollout.id).1 as u64,
         progress,
+        superseded_by: Vec::new(),
+        supersedes: Vec::new(),
         tags: rollout.tags,
         from_versions: rollout.from_versions,
     }
@@ -569,6 +624,39 @@ mod tests {
     }
 
     #[test]
+    fn a_pause_names_its_phase_as_the_operator_counts_phases_from_one() {
+        use crate::rollout::engine::{FailedDevice, Outcome as Ended};
+        // The second phase: stored as 1, shown by `uplift rollout status`
+        // as "phase 2 of N".
+        let over = PauseReason::ErrorThreshold {
+            phase: 1,
+            failed: 2,
+            finished: 2,
+            devices: vec![FailedDevice {
+                device: "dev-9".parse().unwrap(),
+                outcome: Ended::Failed,
+                error: Some("health check failed".into()),
+            }],
+        };
+        let why = pause_sentence(&over);
+        assert!(
+            why.starts_with("2 of 2 finished devices of phase 2 failed")
+                && why.contains("dev-9 (health check failed)"),
+            "{why}"
+        );
+        let short = PauseReason::BelowSuccessLevel {
+            phase: 0,
+            succeeded: 1,
+            needed: 2,
+        };
+        assert!(
+            pause_sentence(&short).starts_with("phase 1 finished with 1 devices"),
+            "{}",
+            pause_sentence(&short)
+        );
+    }
+
+    #[test]
     fn a_device_moved_to_a_newer_rollout_is_superseded_whatever_it_reports() {
         let d = device(Some(8), Some(AgentState::Idle), "2.0", None);
         assert_eq!(classify(&v("2.0"), 7, &d), None);
@@ -669,7 +757,9 @@ mod tests {
     async fn a_rollout_needs_a_stored_release_and_a_device_to_go_to() {
         let dir = tempfile::tempdir().unwrap();
         let state = testing::state(dir.path()).await;
-        let err = start(&state, create("2.0", None)).await.unwrap_err();
+        let err = start(&state, &Principal::bootstrap_admin(), create("2.0", None))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
         assert_eq!(
             err.to_string(),
@@ -678,7 +768,9 @@ mod tests {
 
         testing::release(&state, "2", "gw").await;
         testing::device(&state, "dev-other", "camera").await;
-        let err = start(&state, create("2", None)).await.unwrap_err();
+        let err = start(&state, &Principal::bootstrap_admin(), create("2", None))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::BadRequest);
         assert_eq!(
             err.to_string(),
@@ -704,7 +796,9 @@ mod tests {
             approval: true,
             ..RolloutPolicy::default()
         };
-        let view = start(&state, request).await.unwrap();
+        let view = start(&state, &Principal::bootstrap_admin(), request)
+            .await
+            .unwrap();
         let progress = view.progress.unwrap();
         assert_eq!(
             (progress.state.as_str(), progress.phase_sizes.clone()),
@@ -716,27 +810,61 @@ mod tests {
             .count();
         assert_eq!(offered, 1, "only the first phase is offered");
 
-        let err = command(&state, view.id, RolloutCommandName::Approve, "op")
-            .await
-            .unwrap_err();
+        let err = command(
+            &state,
+            view.id,
+            RolloutCommandName::Approve,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Conflict);
         assert!(
             err.to_string()
                 .contains("cannot approve a rollout that is running"),
             "{err}"
         );
-        let paused = command(&state, view.id, RolloutCommandName::Pause, "op")
-            .await
-            .unwrap();
-        assert_eq!(paused.progress.unwrap().state, "paused");
         let offered: Vec<_> = ids
             .iter()
             .filter(|d| state.live.target(d).is_some())
             .cloned()
             .collect();
-        let aborted = command(&state, view.id, RolloutCommandName::Abort, "op")
-            .await
-            .unwrap();
+        let paused = command(
+            &state,
+            view.id,
+            RolloutCommandName::Pause,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(paused.progress.unwrap().state, "paused");
+        // The canary has not started (it never reported): the pause takes
+        // its offer back, and the resume offers it again.
+        for device in &offered {
+            assert_eq!(state.live.target(device), None, "held while paused");
+            let stored = state.store.device(device).await.unwrap().unwrap();
+            assert_eq!(stored.target_rollout, None, "also in the database");
+        }
+        let resumed = command(
+            &state,
+            view.id,
+            RolloutCommandName::Resume,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resumed.progress.unwrap().state, "running");
+        for device in &offered {
+            assert!(state.live.target(device).is_some(), "offered again");
+        }
+        let aborted = command(
+            &state,
+            view.id,
+            RolloutCommandName::Abort,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap();
         assert_eq!(aborted.progress.unwrap().state, "aborted");
         for device in &offered {
             assert_eq!(
@@ -753,22 +881,39 @@ mod tests {
             .filter(|(m, _)| m.outcome == Some(crate::rollout::engine::Outcome::Withdrawn))
             .count();
         assert_eq!(withdrawn, 1);
-        let err = command(&state, view.id, RolloutCommandName::Resume, "op")
-            .await
-            .unwrap_err();
+        let err = command(
+            &state,
+            view.id,
+            RolloutCommandName::Resume,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("it is over"), "{err}");
-        let err = command(&state, view.id, RolloutCommandName::Retry, "op")
-            .await
-            .unwrap_err();
+        let err = command(
+            &state,
+            view.id,
+            RolloutCommandName::Retry,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("no device failed"), "{err}");
-        let err = command(&state, 999, RolloutCommandName::Pause, "op")
-            .await
-            .unwrap_err();
+        let err = command(
+            &state,
+            999,
+            RolloutCommandName::Pause,
+            &Principal::bootstrap_admin(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
 
         let mut bad = create("2", None);
         bad.policy.phases = vec![PhaseReach::Percent(50), PhaseReach::Percent(20)];
-        let err = start(&state, bad).await.unwrap_err();
+        let err = start(&state, &Principal::bootstrap_admin(), bad)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::BadRequest);
         assert!(err.to_string().contains("phases are cumulative"), "{err}");
     }
@@ -790,7 +935,10 @@ mod tests {
                 success_percent: Some(50),
                 ..RolloutPolicy::default()
             };
-            start(&state, request).await.unwrap().id
+            start(&state, &Principal::bootstrap_admin(), request)
+                .await
+                .unwrap()
+                .id
         };
         let offered_before =
             |members: &[(MemberRecord, DeviceRecord)]| -> Vec<(String, Option<String>)> {
@@ -830,14 +978,20 @@ mod tests {
         let b = testing::device(&state, "dev-b", "gw").await;
         testing::device(&state, "dev-c", "camera").await;
 
-        let first = start(&state, create("2", None)).await.unwrap();
+        let first = start(&state, &Principal::bootstrap_admin(), create("2", None))
+            .await
+            .unwrap();
         assert_eq!((first.devices_total, first.counts.pending), (2, 2));
         assert_eq!(first.status, RolloutStatus::Running);
         assert_eq!(state.live.target(&a).unwrap().rollout_id, first.id);
 
-        let second = start(&state, create("3", Some(vec![b.clone()])))
-            .await
-            .unwrap();
+        let second = start(
+            &state,
+            &Principal::bootstrap_admin(),
+            create("3", Some(vec![b.clone()])),
+        )
+        .await
+        .unwrap();
         assert_eq!(state.live.target(&a).unwrap().rollout_id, first.id);
         assert_eq!(state.live.target(&b).unwrap().rollout_id, second.id);
         // Device b reports it runs the new release, in memory only.
@@ -869,6 +1023,17 @@ mod tests {
         assert_eq!(listed[0].status, RolloutStatus::Running);
         assert_eq!(listed[1].counts.succeeded, 1);
         assert_eq!(listed[1].status, RolloutStatus::Finished);
+        // Each says so of the other.
+        let moved = |rollout_id| {
+            vec![RolloutShare {
+                rollout_id,
+                devices: 1,
+            }]
+        };
+        assert_eq!(listed[0].superseded_by, moved(second.id));
+        assert!(listed[0].supersedes.is_empty());
+        assert_eq!(listed[1].supersedes, moved(first.id));
+        assert!(listed[1].superseded_by.is_empty());
 
         let err = get(&state, 99).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
@@ -881,6 +1046,7 @@ mod tests {
     async fn tag(state: &AppState, device: &DeviceId, tags: &[&str]) {
         crate::service::devices::change_tags(
             state,
+            &Principal::bootstrap_admin(),
             device,
             uplift_proto::api::TagChange {
                 add: tags.iter().map(|t| t.parse().unwrap()).collect(),
@@ -1002,7 +1168,7 @@ mod tests {
                  leave out the dynamic option or the versions to upgrade from",
             ),
         ] {
-            let err = start(&state, request).await.unwrap_err();
+            let err = start(&state, &Principal::bootstrap_admin(), request).await.unwrap_err();
             assert_eq!(err.to_string(), message);
             assert!(matches!(err.kind(), ErrorKind::BadRequest | ErrorKind::NotFound));
         }
@@ -1039,7 +1205,9 @@ mod tests {
             ),
         ] {
             let (tags, versions) = (request.tags.clone(), request.from_versions.clone());
-            let view = start(&state, request).await.unwrap();
+            let view = start(&state, &Principal::bootstrap_admin(), request)
+                .await
+                .unwrap();
             assert_eq!(members(&state, view.id).await, want);
             assert_eq!((view.tags, view.from_versions), (tags, versions));
         }
@@ -1062,7 +1230,9 @@ mod tests {
             approval: true,
             ..RolloutPolicy::default()
         };
-        let view = start(&state, request).await.unwrap();
+        let view = start(&state, &Principal::bootstrap_admin(), request)
+            .await
+            .unwrap();
         assert_eq!(members(&state, view.id).await, ["dev-a"]);
         // A newcomer without tags is not taken in; one tagged later is,
         // in the current phase, and offered what it allows.
@@ -1075,9 +1245,13 @@ mod tests {
         assert_eq!(state.live.target(&c).map(|t| t.rollout_id), Some(view.id));
         assert_eq!(state.live.target(&b), None);
         // A device a newer rollout holds is not taken back by an older one.
-        let newer = start(&state, create("2", Some(vec![b.clone()])))
-            .await
-            .unwrap();
+        let newer = start(
+            &state,
+            &Principal::bootstrap_admin(),
+            create("2", Some(vec![b.clone()])),
+        )
+        .await
+        .unwrap();
         tag(&state, &b, &["ring-1"]).await;
         assert_eq!(members(&state, view.id).await, ["dev-a", "dev-c"]);
         assert_eq!(state.live.target(&b).map(|t| t.rollout_id), Some(newer.id));

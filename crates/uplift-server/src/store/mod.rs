@@ -1,15 +1,18 @@
 //! Persistent server state behind one trait, so that PostgreSQL can be added
 //! beside SQLite without touching any caller.
 
+pub mod control;
 mod sqlite;
+
+pub use control::ControlStore;
 
 pub use sqlite::SqliteStore;
 
 use crate::rollout::engine::{Outcome, RolloutState};
 use async_trait::async_trait;
 use time::OffsetDateTime;
-pub use uplift_proto::api::DownloadLimits;
 use uplift_proto::api::{DeviceEvent, DeviceEventKind, TagSelector};
+pub use uplift_proto::api::{DownloadLimits, PhaseTally};
 use uplift_proto::channel::{AgentState, Progress, Report};
 use uplift_proto::policy::RolloutPolicy;
 use uplift_proto::{
@@ -234,6 +237,9 @@ pub struct RolloutChange<'a> {
     /// Offers taken back (an abort): the device's part ends as withdrawn
     /// and it is no longer pointed at the rollout.
     pub withdraw: &'a [DeviceId],
+    /// Offers taken back until the rollout resumes (a pause): the device is
+    /// no longer pointed at the rollout, and counts as not offered yet.
+    pub hold: &'a [DeviceId],
     pub now: &'a str,
 }
 
@@ -247,7 +253,7 @@ pub struct DeviceTarget {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug {
+pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     async fn insert_device(&self, device: &NewDevice) -> StoreResult<()>;
     async fn device(&self, id: &DeviceId) -> StoreResult<Option<DeviceRecord>>;
     async fn device_by_public_key(&self, public_key: &str) -> StoreResult<Option<DeviceRecord>>;
@@ -322,8 +328,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         -> StoreResult<bool>;
     /// Every phased rollout's plan, by rollout.
     async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>>;
-    /// How many devices each phase of each rollout holds: (rollout, phase, devices).
-    async fn phase_sizes(&self) -> StoreResult<Vec<(i64, u32, u64)>>;
+    /// Where each phase of each rollout stands: (rollout, phase, tally);
+    /// of rollout `only` alone if given.
+    async fn phase_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, PhaseTally)>>;
+    /// Devices each rollout handed to the next newer rollout of them:
+    /// (older, newer, devices); only pairs with rollout `only`, if given.
+    async fn supersessions(&self, only: Option<i64>) -> StoreResult<Vec<(i64, i64, u64)>>;
     /// Rollouts the scheduler must look at: phased, neither finished nor aborted.
     async fn active_rollouts(&self) -> StoreResult<Vec<i64>>;
     /// A rollout's devices with their part in it.

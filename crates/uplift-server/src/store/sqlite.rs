@@ -1,5 +1,7 @@
 //! SQLite implementation of [`Store`]: embedded, zero set-up, WAL mode.
 
+mod control;
+
 use super::*;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -147,6 +149,10 @@ impl SqliteStore {
             .await
             .map_err(db("opening the database"))?;
         sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(db("creating the schema"))?;
+        sqlx::raw_sql(control::SCHEMA)
             .execute(&pool)
             .await
             .map_err(db("creating the schema"))?;
@@ -1036,16 +1042,50 @@ impl Store for SqliteStore {
         rows.into_iter().filter_map(plan_from_row).collect()
     }
 
-    async fn phase_sizes(&self) -> StoreResult<Vec<(i64, u32, u64)>> {
-        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT rollout_id, phase, COUNT(*) FROM rollout_devices GROUP BY rollout_id, phase ORDER BY rollout_id, phase",
+    async fn phase_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, PhaseTally)>> {
+        let rows: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT rollout_id, phase, COUNT(*), COUNT(offered_at), \
+                    SUM(outcome = 'succeeded'), SUM(outcome IN ('failed', 'timed_out')) \
+             FROM rollout_devices WHERE ?1 IS NULL OR rollout_id = ?1 \
+             GROUP BY rollout_id, phase ORDER BY rollout_id, phase",
         )
+        .bind(only)
         .fetch_all(&self.pool)
         .await
         .map_err(db("counting rollout phases"))?;
+        let count = |n: i64| n.max(0) as u64;
         Ok(rows
             .into_iter()
-            .map(|(id, phase, n)| (id, phase.max(0) as u32, n.max(0) as u64))
+            .map(|(id, phase, devices, offered, succeeded, failed)| {
+                let tally = PhaseTally {
+                    devices: count(devices),
+                    offered: count(offered),
+                    succeeded: count(succeeded),
+                    failed: count(failed),
+                };
+                (id, phase.max(0) as u32, tally)
+            })
+            .collect())
+    }
+
+    async fn supersessions(&self, only: Option<i64>) -> StoreResult<Vec<(i64, i64, u64)>> {
+        // A superseded part was ended by the device's next newer rollout.
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT older, newer, COUNT(*) FROM ( \
+               SELECT o.rollout_id AS older, \
+                      (SELECT MIN(n.rollout_id) FROM rollout_devices n \
+                        WHERE n.device_id = o.device_id AND n.rollout_id > o.rollout_id) AS newer \
+               FROM rollout_devices o WHERE o.outcome = 'superseded') \
+             WHERE newer IS NOT NULL AND (?1 IS NULL OR older = ?1 OR newer = ?1) \
+             GROUP BY older, newer ORDER BY older, newer",
+        )
+        .bind(only)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("finding superseded rollouts"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(older, newer, n)| (older, newer, n.max(0) as u64))
             .collect())
     }
 
@@ -1153,15 +1193,21 @@ impl Store for SqliteStore {
             .await
             .map_err(db(action))?;
         }
-        for device in change.withdraw {
-            sqlx::query(
-                "UPDATE rollout_devices SET outcome = 'withdrawn' WHERE rollout_id = ? AND device_id = ? AND outcome IS NULL",
-            )
-            .bind(id)
-            .bind(device.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db(action))?;
+        // A withdrawn offer ends the device's part (an abort); a held one
+        // waits to be offered again (a pause). Either way the device no
+        // longer points at the rollout.
+        let taken_back = (change.withdraw.iter().map(|d| (d, "outcome = 'withdrawn'")))
+            .chain(change.hold.iter().map(|d| (d, "offered_at = NULL")));
+        for (device, member_change) in taken_back {
+            let sql = format!(
+                "UPDATE rollout_devices SET {member_change} WHERE rollout_id = ? AND device_id = ? AND outcome IS NULL"
+            );
+            sqlx::query(&sql)
+                .bind(id)
+                .bind(device.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
             sqlx::query(
                 "UPDATE devices SET target_rollout = NULL WHERE id = ? AND target_rollout = ?",
             )

@@ -1,0 +1,251 @@
+//! API tokens: made with a role and shown once, stored only as a digest,
+//! listed without secrets, expired and revoked; and the lookup that turns
+//! a presented token into a [`Principal`].
+
+use super::{audit, ServiceError, ServiceResult};
+use crate::auth::Principal;
+use crate::rollout::scheduler::{format_time, parse_time};
+use crate::state::AppState;
+use crate::store::control::NewApiToken;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use uplift_proto::auth::{AuditAction, TokenCreate, TokenCreated, TokenView};
+
+/// Made tokens start with this, so a leaked one is recognisable (secret
+/// scanners) and the bootstrap token's lookup is skipped for them.
+pub const TOKEN_PREFIX: &str = "uplift_";
+
+/// Longest lifetime a token may be given: ten years.
+pub const MAX_EXPIRES_IN_SECS: u64 = 10 * 366 * 24 * 3600;
+
+/// The stored form of a secret. A token holds 192 random bits, so there is
+/// no dictionary to try and a fast digest serves as well as a slow
+/// password hash would; it also lets every request look a token up by it.
+pub fn secret_digest(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Whether `token` works at `now`: not revoked, not expired. An expiry
+/// that does not parse counts as expired: fail closed.
+pub fn usable(token: &TokenView, now: OffsetDateTime) -> bool {
+    if token.revoked_at.is_some() {
+        return false;
+    }
+    match token.expires_at.as_deref() {
+        None => true,
+        Some(text) => parse_time(text).is_some_and(|expires| now < expires),
+    }
+}
+
+/// The principal `token` stands for, or `None` if it is no token, or one
+/// revoked or expired.
+pub async fn authenticate(
+    state: &AppState,
+    token: &str,
+    now: OffsetDateTime,
+) -> ServiceResult<Option<Principal>> {
+    if state.secrets.is_admin(token) {
+        return Ok(Some(Principal::bootstrap_admin()));
+    }
+    if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
+        return Ok(None);
+    }
+    let found = state
+        .store
+        .api_token_by_digest(&secret_digest(token))
+        .await?;
+    Ok(found
+        .filter(|t| usable(t, now))
+        .map(|t| Principal::of_token(t.id, t.name.as_str(), t.role)))
+}
+
+/// Makes a token; its secret is in the answer and nowhere else.
+pub async fn create(
+    state: &AppState,
+    actor: &Principal,
+    request: TokenCreate,
+) -> ServiceResult<TokenCreated> {
+    let result = create_unaudited(state, actor, &request).await;
+    let target = match &result {
+        Ok(created) => format!("token {} ({})", created.token.id, created.token.name),
+        Err(_) => format!("token ({})", request.name),
+    };
+    audit::record(state, actor, AuditAction::TokenCreate, &target, &result).await;
+    result
+}
+
+async fn create_unaudited(
+    state: &AppState,
+    actor: &Principal,
+    request: &TokenCreate,
+) -> ServiceResult<TokenCreated> {
+    let now = OffsetDateTime::now_utc();
+    let expires_at = match request.expires_in_secs {
+        Some(secs) if secs.get() > MAX_EXPIRES_IN_SECS => {
+            return Err(ServiceError::ExpiryTooFar { secs: secs.get() })
+        }
+        Some(secs) => Some(format_time(
+            now + time::Duration::seconds(secs.get() as i64),
+        )),
+        None => None,
+    };
+    let secret = format!("{TOKEN_PREFIX}{}", hex::encode(rand::random::<[u8; 24]>()));
+    let token = state
+        .store
+        .insert_api_token(&NewApiToken {
+            name: &request.name,
+            role: request.role,
+            secret_sha256: &secret_digest(&secret),
+            created_at: &format_time(now),
+            created_by: &actor.name,
+            expires_at: expires_at.as_deref(),
+        })
+        .await?;
+    tracing::info!(token = token.id, name = %token.name, role = %token.role, by = %actor.name, "API token created");
+    Ok(TokenCreated { token, secret })
+}
+
+pub async fn list(state: &AppState) -> ServiceResult<Vec<TokenView>> {
+    Ok(state.store.list_api_tokens().await?)
+}
+
+/// Revokes token `id` at once: its next request is refused. Revoking a
+/// revoked token changes nothing and succeeds.
+pub async fn revoke(state: &AppState, actor: &Principal, id: i64) -> ServiceResult<TokenView> {
+    let result = async {
+        let now = format_time(OffsetDateTime::now_utc());
+        state
+            .store
+            .revoke_api_token(id, &now)
+            .await?
+            .ok_or(ServiceError::TokenNotFound { id })
+    }
+    .await;
+    let target = match &result {
+        Ok(token) => format!("token {} ({})", token.id, token.name),
+        Err(_) => format!("token {id}"),
+    };
+    audit::record(state, actor, AuditAction::TokenRevoke, &target, &result).await;
+    if result.is_ok() {
+        tracing::info!(token = id, by = %actor.name, "API token revoked");
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::testing;
+    use std::num::NonZeroU64;
+    use uplift_proto::auth::Role;
+
+    fn request(name: &str, role: Role, expires_in_secs: Option<u64>) -> TokenCreate {
+        TokenCreate {
+            name: name.parse().unwrap(),
+            role,
+            expires_in_secs: expires_in_secs.and_then(NonZeroU64::new),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_made_token_works_with_its_role_until_revoked_and_its_secret_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let admin = Principal::bootstrap_admin();
+        let made = create(&state, &admin, request("ci", Role::ReleaseManager, None))
+            .await
+            .unwrap();
+        assert!(made.secret.starts_with(TOKEN_PREFIX));
+        assert_eq!(made.token.created_by, "bootstrap-admin");
+        let now = OffsetDateTime::now_utc();
+        let principal = authenticate(&state, &made.secret, now).await.unwrap();
+        assert_eq!(
+            principal,
+            Some(Principal::of_token(
+                made.token.id,
+                "ci",
+                Role::ReleaseManager
+            ))
+        );
+        // Only the digest is in the database file.
+        let db = std::fs::read(dir.path().join("uplift.db")).unwrap();
+        let wal = std::fs::read(dir.path().join("uplift.db-wal")).unwrap_or_default();
+        for bytes in [&db, &wal] {
+            assert!(!bytes
+                .windows(made.secret.len())
+                .any(|w| w == made.secret.as_bytes()));
+        }
+
+        let revoked = revoke(&state, &admin, made.token.id).await.unwrap();
+        assert!(revoked.revoked_at.is_some());
+        assert_eq!(authenticate(&state, &made.secret, now).await.unwrap(), None);
+        // Again: nothing changes, still a success.
+        assert_eq!(
+            revoke(&state, &admin, made.token.id).await.unwrap(),
+            revoked
+        );
+        assert!(matches!(
+            revoke(&state, &admin, 999).await,
+            Err(ServiceError::TokenNotFound { id: 999 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_expired_token_is_refused_and_wrong_tokens_are_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let admin = Principal::bootstrap_admin();
+        let made = create(&state, &admin, request("temp", Role::Viewer, Some(60)))
+            .await
+            .unwrap();
+        let now = OffsetDateTime::now_utc();
+        assert!(authenticate(&state, &made.secret, now)
+            .await
+            .unwrap()
+            .is_some());
+        let later = now + time::Duration::seconds(61);
+        assert_eq!(
+            authenticate(&state, &made.secret, later).await.unwrap(),
+            None
+        );
+        for wrong in [
+            "",
+            "uplift_",
+            "uplift_00",
+            "admin2",
+            &made.secret[..made.secret.len() - 1],
+        ] {
+            assert_eq!(
+                authenticate(&state, wrong, now).await.unwrap(),
+                None,
+                "{wrong:?}"
+            );
+        }
+        // The test state's bootstrap token is "admin".
+        assert_eq!(
+            authenticate(&state, "admin", now).await.unwrap(),
+            Some(Principal::bootstrap_admin())
+        );
+        let too_far = create(
+            &state,
+            &admin,
+            request("forever", Role::Admin, Some(MAX_EXPIRES_IN_SECS + 1)),
+        )
+        .await;
+        assert!(matches!(too_far, Err(ServiceError::ExpiryTooFar { .. })));
+    }
+
+    #[test]
+    fn an_expiry_that_does_not_parse_fails_closed() {
+        let token = TokenView {
+            id: 1,
+            name: "x".parse().unwrap(),
+            role: Role::Admin,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            created_by: "bootstrap-admin".into(),
+            expires_at: Some("someday".into()),
+            revoked_at: None,
+        };
+        assert!(!usable(&token, OffsetDateTime::now_utc()));
+    }
+}
