@@ -84,6 +84,11 @@ pub enum Command {
     Token(crate::access::TokenCommand),
     /// The audit log: who changed what, when, and how it ended (admin).
     Audit(crate::access::AuditArgs),
+    /// Device and rollout events as they happen, one JSON object a line.
+    Events(crate::events::EventsArgs),
+    /// Deliver events to other systems: HMAC-signed POSTs, retried, logged (admin).
+    #[command(subcommand)]
+    Webhook(crate::events::WebhookCommand),
     /// Who the server takes your token for, and its role.
     Whoami {
         #[arg(long)]
@@ -525,6 +530,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Rollout(cmd) => rollout(cmd).await,
         Command::Token(cmd) => crate::access::token(cmd).await,
         Command::Audit(args) => crate::access::audit(args).await,
+        Command::Events(args) => crate::events::events(args).await,
+        Command::Webhook(cmd) => crate::events::webhook(cmd).await,
         Command::Whoami { json, server } => crate::access::whoami(server, json).await,
         Command::Demo {
             devices,

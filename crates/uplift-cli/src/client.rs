@@ -10,12 +10,20 @@ use uplift_proto::auth::{
     AuditPage, AuditQuery, Caller, TokenCreate, TokenCreated, TokenView, AUDIT_PATH, TOKENS_PATH,
     WHOAMI_PATH,
 };
+use uplift_proto::events::{
+    DeliveryView, EventFilter, WebhookCreate, WebhookCreated, WebhookView, EVENTS_PATH,
+    WEBHOOKS_PATH,
+};
 use uplift_proto::{ChunkHash, DeviceId, WireError};
 use uplift_release::build::ReleaseDir;
 
 #[derive(Debug, Clone)]
 pub struct AdminClient {
     http: reqwest::Client,
+    /// For the event stream: no deadline on the whole answer, which lasts
+    /// as long as one listens; the server's keep-alive comments every 15 s
+    /// keep the read deadline from expiring on a quiet fleet.
+    streaming: reqwest::Client,
     base: reqwest::Url,
     token: String,
 }
@@ -32,16 +40,24 @@ impl AdminClient {
             .with_context(|| format!("reading server CA {}", ca_file.display()))?;
         let ca = reqwest::Certificate::from_pem(&pem)
             .with_context(|| format!("parsing server CA {}", ca_file.display()))?;
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .connect_timeout(Duration::from_secs(10))
+        let builder = || {
+            reqwest::Client::builder()
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca.clone())
+                .connect_timeout(Duration::from_secs(10))
+        };
+        let http = builder()
             .timeout(Duration::from_secs(120))
+            .build()
+            .context("building HTTPS client")?;
+        let streaming = builder()
+            .read_timeout(Duration::from_secs(60))
             .build()
             .context("building HTTPS client")?;
         Ok(Self {
             http,
+            streaming,
             base,
             token: token.trim().to_owned(),
         })
@@ -217,6 +233,57 @@ impl AdminClient {
     pub async fn audit(&self, query: &AuditQuery) -> anyhow::Result<AuditPage> {
         self.send(self.http.get(self.url(AUDIT_PATH)?).query(query))
             .await
+    }
+
+    /// The server-sent event stream, filtered; read its body as it comes.
+    pub async fn event_stream(&self, filter: &EventFilter) -> anyhow::Result<reqwest::Response> {
+        let response = self
+            .streaming
+            .get(self.url(EVENTS_PATH)?)
+            .query(filter)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.bytes().await.unwrap_or_default();
+        match serde_json::from_slice::<WireError>(&body) {
+            Ok(err) => Err(anyhow::Error::new(err).context(format!("server refused ({status})"))),
+            Err(_) => anyhow::bail!(
+                "server answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ),
+        }
+    }
+
+    pub async fn create_webhook(&self, request: &WebhookCreate) -> anyhow::Result<WebhookCreated> {
+        self.send(self.http.post(self.url(WEBHOOKS_PATH)?).json(request))
+            .await
+    }
+
+    pub async fn webhooks(&self) -> anyhow::Result<Vec<WebhookView>> {
+        self.send(self.http.get(self.url(WEBHOOKS_PATH)?)).await
+    }
+
+    pub async fn remove_webhook(&self, id: i64) -> anyhow::Result<WebhookView> {
+        self.send(
+            self.http
+                .delete(self.url(&format!("{WEBHOOKS_PATH}/{id}"))?),
+        )
+        .await
+    }
+
+    /// Webhook `id`'s newest deliveries.
+    pub async fn deliveries(&self, id: i64, limit: u32) -> anyhow::Result<Vec<DeliveryView>> {
+        self.send(
+            self.http
+                .get(self.url(&format!("{WEBHOOKS_PATH}/{id}/deliveries"))?)
+                .query(&[("limit", limit)]),
+        )
+        .await
     }
 
     /// Uploads a release directory: the chunks the server lacks, then the

@@ -7,6 +7,7 @@ pub mod access;
 pub mod cli;
 pub mod client;
 pub mod demo;
+pub mod events;
 pub mod fleet;
 pub mod output;
 pub mod watch;

@@ -78,7 +78,7 @@ pub enum Permission {
     Operate,
     /// Upload releases, their chunks, patches and indexes.
     Release,
-    /// Create, list and revoke API tokens; read the audit log.
+    /// Create, list and revoke API tokens and webhooks; read the audit log.
     Administer,
 }
 
@@ -89,7 +89,7 @@ impl Permission {
             Permission::Read => "read the fleet's state",
             Permission::Operate => "start or steer rollouts, or tag devices",
             Permission::Release => "upload releases",
-            Permission::Administer => "manage API tokens or read the audit log",
+            Permission::Administer => "manage API tokens or webhooks, or read the audit log",
         }
     }
 }
@@ -181,6 +181,12 @@ pub enum AuditAction {
     #[serde(rename = "token.revoke")]
     #[strum(serialize = "token.revoke")]
     TokenRevoke,
+    #[serde(rename = "webhook.create")]
+    #[strum(serialize = "webhook.create")]
+    WebhookCreate,
+    #[serde(rename = "webhook.remove")]
+    #[strum(serialize = "webhook.remove")]
+    WebhookRemove,
     /// A known caller asked for what its role does not allow; the target
     /// is the request (`POST /api/v1/rollouts`).
     #[serde(rename = "access.denied")]

@@ -65,6 +65,8 @@ pub enum ErrorKind {
     /// The server is at its budget for this kind of request; try again later.
     ServerBusy,
     Internal,
+    /// A webhook's receiver did not take a delivery (no answer, or not 2xx).
+    WebhookFailed,
     /// A kind this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,

@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod channel;
 pub mod error;
+pub mod events;
 pub mod names;
 pub mod pace;
 pub mod policy;

@@ -29,6 +29,10 @@ use uplift_proto::auth::{
     WHOAMI_PATH,
 };
 use uplift_proto::channel::CHANNEL_PATH;
+use uplift_proto::events::{
+    DeliveryView, EventFilter, WebhookCreate, WebhookCreated, WebhookView, EVENTS_PATH,
+    WEBHOOKS_PATH,
+};
 use uplift_proto::{ChunkHash, DeviceId, Version};
 use uplift_release::manifest::MAX_MANIFEST_BYTES;
 
@@ -71,6 +75,14 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route(AUDIT_PATH, get(audit_log))
         .route(WHOAMI_PATH, get(whoami))
+        // Events: the live stream, and webhooks with their delivery log.
+        .route(EVENTS_PATH, get(event_stream))
+        .route(WEBHOOKS_PATH, get(list_webhooks).post(create_webhook))
+        .route(
+            "/api/v1/webhooks/{id}",
+            axum::routing::delete(remove_webhook),
+        )
+        .route("/api/v1/webhooks/{id}/deliveries", get(webhook_deliveries))
         .layer(DefaultBodyLimit::max(
             MAX_MANIFEST_BYTES.max(MAX_STORED_CHUNK),
         ))
@@ -368,6 +380,113 @@ async fn stats(
 
 async fn whoami(caller: Allowed<Read>) -> Json<Caller> {
     Json(caller.principal().caller())
+}
+
+// ----- events and webhooks
+
+/// `GET /api/v1/events`: server-sent events, one per fleet event that the
+/// query's filter takes (`event:` its name, `id:` its sequence number,
+/// `data:` its JSON); `lagged` with `{"missed": N}` when this client fell
+/// too far behind. Ends when the server shuts down.
+async fn event_stream(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
+    query: Result<Query<EventFilter>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let filter = parse_query(
+        query,
+        "filter with subject (device or rollout), device and rollout",
+    )?;
+    let slot = state.events.open_stream().ok_or_else(|| {
+        ApiError::new(
+            uplift_proto::ErrorKind::ServerBusy,
+            format!(
+                "{} event streams are open, the most the server keeps; close one, or use a webhook",
+                crate::events::MAX_STREAMS
+            ),
+        )
+    })?;
+    let events = futures_util::stream::unfold((slot, filter), |(mut slot, filter)| async move {
+        loop {
+            let event = match slot.receiver.recv().await {
+                Ok(event) if filter.matches(&event.about) => Event::default()
+                    .id(event.seq.to_string())
+                    .event(event.about.name())
+                    .json_data(&*event),
+                Ok(_) => continue,
+                Err(RecvError::Lagged(missed)) => Event::default()
+                    .event("lagged")
+                    .json_data(serde_json::json!({ "missed": missed })),
+                Err(RecvError::Closed) => return None,
+            };
+            let event =
+                event.unwrap_or_else(|e| Event::default().event("error").data(e.to_string()));
+            return Some((Ok::<_, std::convert::Infallible>(event), (slot, filter)));
+        }
+    });
+    let mut shutdown = state.shutdown.clone();
+    let events = events.take_until(async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn list_webhooks(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Administer>,
+) -> Result<Json<Vec<WebhookView>>, ApiError> {
+    Ok(Json(service::webhooks::list(&state).await?))
+}
+
+async fn create_webhook(
+    State(state): State<Arc<AppState>>,
+    caller: Allowed<Administer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<WebhookCreated>), ApiError> {
+    let request: WebhookCreate = parse_json(&body?)?;
+    let made = service::webhooks::create(&state, caller.principal(), request).await?;
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+fn numeric_id(what: &str, id: Result<Path<String>, PathRejection>) -> Result<i64, ApiError> {
+    let Path(id) = id?;
+    id.parse()
+        .map_err(|_| ApiError::bad_request(format!("{what} id {id:?} is not a number")))
+}
+
+async fn remove_webhook(
+    State(state): State<Arc<AppState>>,
+    caller: Allowed<Administer>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<WebhookView>, ApiError> {
+    let id = numeric_id("webhook", id)?;
+    Ok(Json(
+        service::webhooks::remove(&state, caller.principal(), id).await?,
+    ))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveryQuery {
+    before: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn webhook_deliveries(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Administer>,
+    id: Result<Path<String>, PathRejection>,
+    query: Result<Query<DeliveryQuery>, QueryRejection>,
+) -> Result<Json<Vec<DeliveryView>>, ApiError> {
+    let id = numeric_id("webhook", id)?;
+    let query = parse_query(query, "page with before and limit")?;
+    Ok(Json(
+        service::webhooks::deliveries(&state, id, query.before, query.limit).await?,
+    ))
 }
 
 async fn list_tokens(

@@ -195,6 +195,7 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         ErrorKind::Unauthorized | ErrorKind::BadDeviceSignature => StatusCode::UNAUTHORIZED,
         ErrorKind::EnrollmentRefused | ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         ErrorKind::ServerBusy => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::WebhookFailed => StatusCode::BAD_GATEWAY,
         ErrorKind::DownloadFailed
         | ErrorKind::ServerUnreachable
         | ErrorKind::SlotTooSmall

@@ -10,6 +10,7 @@ pub mod channel;
 pub mod chunks;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod history;
 pub mod hub;
 pub mod live;
@@ -20,6 +21,7 @@ pub mod state;
 pub mod store;
 pub mod tls;
 pub mod turns;
+pub mod webhooks;
 pub mod writer;
 
 use anyhow::Context;
@@ -135,7 +137,8 @@ impl Server {
             (config.enrollment_tokens.clone(), None)
         };
         let (stop_sessions, shutdown) = tokio::sync::watch::channel(false);
-        let live = live::LiveView::default();
+        let events = Arc::new(events::EventBus::default());
+        let live = live::LiveView::with_events(events.clone());
         live.load_targets(store.device_targets().await?);
         check_open_file_limit(&config.limits);
         let store: Arc<dyn store::Store> = Arc::new(store);
@@ -149,6 +152,7 @@ impl Server {
             artifacts,
             hub: hub::Hub::default(),
             live: Arc::new(live),
+            events,
             turns: Default::default(),
             budgets: budget::Budgets::new(&config.limits),
             releases: Default::default(),
@@ -219,6 +223,7 @@ impl Server {
         );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let scheduler = tokio::spawn(rollout::scheduler::run(self.state.clone(), stop_rx.clone()));
+        let deliverer = tokio::spawn(webhooks::run(self.state.clone(), stop_rx.clone()));
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -250,6 +255,7 @@ impl Server {
         };
         tokio::join!(trigger, devices, admin);
         let _ = scheduler.await;
+        let _ = deliverer.await;
         self.state
             .budgets
             .channels_closed(Duration::from_secs(5))

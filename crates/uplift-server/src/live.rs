@@ -11,13 +11,15 @@
 //! refuses anything from an older one. After a server restart the view
 //! starts empty, so any new session outranks what the database holds.
 
+use crate::events::EventBus;
 use crate::history::{self, Pending};
 use crate::hub::SessionSerial;
 use crate::store::{DeviceRecord, DeviceTarget, NewEvent, ReportedState};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use uplift_proto::api::DeviceEventKind;
 use uplift_proto::channel::Report;
+use uplift_proto::events::EventAbout;
 use uplift_proto::DeviceId;
 
 #[derive(Debug, Default)]
@@ -27,6 +29,9 @@ pub struct LiveView {
     /// lock (never the other way round), so a device's events queue in the
     /// order its state changed.
     history: Mutex<Pending>,
+    /// Where each history event is also published as it happens (the
+    /// event stream and webhooks).
+    events: Arc<EventBus>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -88,6 +93,26 @@ impl LiveView {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A view whose device events also go to `events`.
+    pub fn with_events(events: Arc<EventBus>) -> Self {
+        Self {
+            events,
+            ..Self::default()
+        }
+    }
+
+    /// Queues `event` for the device's history and publishes it.
+    fn record(&self, history: &mut Pending, event: NewEvent) {
+        self.events.publish(
+            EventAbout::Device {
+                device_id: event.device.clone(),
+                event: event.event.clone(),
+            },
+            &event.at,
+        );
+        history.push(event);
+    }
+
     fn history(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.history
             .lock()
@@ -136,11 +161,14 @@ impl LiveView {
             if !events.is_empty() {
                 let mut history = self.history();
                 for event in events {
-                    history.push(NewEvent {
-                        device: device.clone(),
-                        at: now.to_owned(),
-                        event,
-                    });
+                    self.record(
+                        &mut history,
+                        NewEvent {
+                            device: device.clone(),
+                            at: now.to_owned(),
+                            event,
+                        },
+                    );
                 }
             }
         }
@@ -180,14 +208,17 @@ impl LiveView {
                 .is_none_or(|t| t.rollout_id <= target.rollout_id)
             {
                 entry.target = Some(target.clone());
-                history.push(NewEvent {
-                    device: id.clone(),
-                    at: now.to_owned(),
-                    event: DeviceEventKind::Offer {
-                        rollout_id: target.rollout_id,
-                        version: target.version.clone(),
+                self.record(
+                    &mut history,
+                    NewEvent {
+                        device: id.clone(),
+                        at: now.to_owned(),
+                        event: DeviceEventKind::Offer {
+                            rollout_id: target.rollout_id,
+                            version: target.version.clone(),
+                        },
                     },
-                });
+                );
             }
         }
     }
@@ -205,11 +236,14 @@ impl LiveView {
                     .is_some_and(|t| t.rollout_id == rollout_id)
                 {
                     entry.target = None;
-                    history.push(NewEvent {
-                        device: id.clone(),
-                        at: now.to_owned(),
-                        event: DeviceEventKind::Withdrawn { rollout_id },
-                    });
+                    self.record(
+                        &mut history,
+                        NewEvent {
+                            device: id.clone(),
+                            at: now.to_owned(),
+                            event: DeviceEventKind::Withdrawn { rollout_id },
+                        },
+                    );
                 }
             }
         }

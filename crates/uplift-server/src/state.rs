@@ -30,6 +30,9 @@ pub struct AppState {
     pub hub: Hub,
     /// Every device's newest state; the API reads it, sessions write it.
     pub live: Arc<LiveView>,
+    /// Device and rollout events as they happen (the live view publishes
+    /// device events here too).
+    pub events: Arc<crate::events::EventBus>,
     /// Download turns of rollouts that limit concurrent downloads.
     pub turns: crate::turns::Turns,
     pub budgets: Budgets,

@@ -1245,6 +1245,31 @@ fn admin_endpoints() -> Vec<(reqwest::Method, String, &'static str, Permission)>
         ),
         (Method::DELETE, format!("{TOKENS_PATH}/999"), "", Administer),
         (Method::GET, AUDIT_PATH.into(), "", Administer),
+        (
+            Method::GET,
+            "/api/v1/events?subject=device".into(),
+            "",
+            Read,
+        ),
+        (Method::GET, "/api/v1/webhooks".into(), "", Administer),
+        (
+            Method::POST,
+            "/api/v1/webhooks".into(),
+            r#"{"url":"http://127.0.0.1:9/hook"}"#,
+            Administer,
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/webhooks/999".into(),
+            "",
+            Administer,
+        ),
+        (
+            Method::GET,
+            "/api/v1/webhooks/1/deliveries".into(),
+            "",
+            Administer,
+        ),
     ]
 }
 
@@ -2226,4 +2251,58 @@ async fn with_an_admin_listener_the_device_address_serves_no_admin_api() {
     // Devices enroll on theirs, and the admin address lists them.
     srv.assert_unaffected().await;
     assert_eq!(srv.devices().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_webhooks_and_event_filters_are_refused_and_nothing_is_stored() {
+    let mut srv = Server::start().await;
+    use reqwest::Method;
+    for (body, says) in [
+        (r#"{"url":"ftp://127.0.0.1/x"}"#, "scheme"),
+        (r#"{"url":"http://user:pw@127.0.0.1/x"}"#, "password"),
+        (r#"{"url":"not a url"}"#, "not a URL"),
+        (
+            r#"{"url":"http://127.0.0.1/x","secret":"mine"}"#,
+            "unknown field",
+        ),
+        (
+            r#"{"url":"http://127.0.0.1/x","filter":{"subject":"planet"}}"#,
+            "planet",
+        ),
+    ] {
+        let resp = srv
+            .admin(Method::POST, "/api/v1/webhooks")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let err = json_error(resp, 400, ErrorKind::BadRequest).await;
+        assert!(err.message.contains(says), "{body}: {err}");
+    }
+    for path in [
+        "/api/v1/events?subject=planet",
+        "/api/v1/events?rollout=abc",
+        "/api/v1/events?device=../etc",
+        "/api/v1/webhooks/abc/deliveries",
+        "/api/v1/webhooks/1/deliveries?limit=0",
+    ] {
+        let resp = srv.admin(Method::GET, path).send().await.unwrap();
+        json_error(resp, 400, ErrorKind::BadRequest).await;
+    }
+    let resp = srv
+        .admin(Method::GET, "/api/v1/webhooks/7/deliveries")
+        .send()
+        .await
+        .unwrap();
+    json_error(resp, 404, ErrorKind::NotFound).await;
+    let resp = srv
+        .admin(Method::GET, "/api/v1/webhooks")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.json::<Vec<serde_json::Value>>().await.unwrap().len(),
+        0
+    );
+    srv.assert_unaffected().await;
 }

@@ -80,6 +80,13 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
         }
         for event in &step.events {
             tracing::info!(rollout = id, event = ?event, "rollout");
+            state.events.publish(
+                uplift_proto::events::EventAbout::Rollout {
+                    rollout_id: id,
+                    event: published(event),
+                },
+                &now_text,
+            );
         }
         if !step.hold.is_empty() {
             tracing::info!(
@@ -121,6 +128,21 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
         "another actor kept changing the rollout; trying again next tick"
     );
     Ok(())
+}
+
+/// An engine event as integrators read it.
+fn published(event: &engine::Event) -> uplift_proto::events::RolloutEvent {
+    use uplift_proto::events::RolloutEvent;
+    match event {
+        engine::Event::PhaseStarted { phase } => RolloutEvent::PhaseStarted { phase: *phase },
+        engine::Event::AwaitingApproval { phase } => {
+            RolloutEvent::AwaitingApproval { phase: *phase }
+        }
+        engine::Event::Paused { reason } => RolloutEvent::Paused {
+            reason: crate::service::rollouts::pause_sentence(reason),
+        },
+        engine::Event::Finished => RolloutEvent::Finished,
+    }
 }
 
 /// The lease a scheduler holds while it drives rollouts: with several

@@ -10,6 +10,7 @@ pub mod releases;
 pub mod rollouts;
 pub mod stats;
 pub mod tokens;
+pub mod webhooks;
 
 use crate::chunks::{ChunkError, LoadError, StoredKind};
 use crate::store::StoreError;
@@ -103,6 +104,10 @@ pub enum ServiceError {
     Window(#[from] crate::rollout::window::WindowError),
     #[error("API token {id} does not exist; see `uplift token list`")]
     TokenNotFound { id: i64 },
+    #[error("webhook {id} does not exist; see `uplift webhook list`")]
+    WebhookNotFound { id: i64 },
+    #[error("webhook URL {url:?} {why}")]
+    BadWebhookUrl { url: String, why: String },
     #[error(
         "a token may live at most {} days; {secs} seconds is longer, so give a shorter --expires-in",
         tokens::MAX_EXPIRES_IN_SECS / 86_400
@@ -132,7 +137,8 @@ impl ServiceError {
             ServiceError::ReleaseNotFound { .. }
             | ServiceError::RolloutNotFound { .. }
             | ServiceError::TokenNotFound { .. }
-            | ServiceError::DeviceNotFound { .. } => ErrorKind::NotFound,
+            | ServiceError::DeviceNotFound { .. }
+            | ServiceError::WebhookNotFound { .. } => ErrorKind::NotFound,
             ServiceError::Denied { .. } => ErrorKind::Forbidden,
             ServiceError::ChunkRefused { source, .. } => source.kind(),
             ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
@@ -151,6 +157,7 @@ impl ServiceError {
             | ServiceError::Policy(_)
             | ServiceError::Window(_)
             | ServiceError::ExpiryTooFar { .. }
+            | ServiceError::BadWebhookUrl { .. }
             | ServiceError::PageSize { .. } => ErrorKind::BadRequest,
         }
     }
@@ -186,6 +193,7 @@ pub(crate) mod testing {
             store.clone(),
         ));
         let limits = crate::config::Limits::default();
+        let events = Arc::new(crate::events::EventBus::default());
         AppState {
             chunks: Chunks::new(artifacts.clone(), store.clone(), indexes.clone()),
             indexes,
@@ -196,7 +204,8 @@ pub(crate) mod testing {
             store,
             artifacts,
             hub: Default::default(),
-            live: Default::default(),
+            live: Arc::new(crate::live::LiveView::with_events(events.clone())),
+            events,
             turns: Default::default(),
             budgets: crate::budget::Budgets::new(&limits),
             releases: Default::default(),

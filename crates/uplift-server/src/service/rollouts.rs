@@ -19,6 +19,7 @@ use uplift_proto::api::{
 };
 use uplift_proto::auth::AuditAction;
 use uplift_proto::channel::AgentState;
+use uplift_proto::events::{EventAbout, RolloutEvent};
 use uplift_proto::{DeviceId, DeviceType, Tag, Version};
 
 /// Starts a rollout of `request.release` to the listed devices, or to the
@@ -31,7 +32,7 @@ pub async fn start(
     request: RolloutCreate,
 ) -> ServiceResult<RolloutView> {
     let asked = format!("release {}", request.release);
-    let result = launch(state, request).await;
+    let result = launch(state, request, &actor.name).await;
     let target = match &result {
         Ok(view) => format!("rollout {}", view.id),
         Err(_) => asked,
@@ -40,7 +41,8 @@ pub async fn start(
     result
 }
 
-async fn launch(state: &AppState, request: RolloutCreate) -> ServiceResult<RolloutView> {
+/// Starts the rollout `request` asks for, as `by`.
+async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceResult<RolloutView> {
     let release =
         state
             .store
@@ -83,6 +85,18 @@ async fn launch(state: &AppState, request: RolloutCreate) -> ServiceResult<Rollo
         )
         .await?;
     tracing::info!(rollout = rollout.id, release = %rollout.release, devices = members.len(), phases = request.policy.phases.len() + 1, "rollout started");
+    // Said before the first phase starts, so the stream reads in order.
+    state.events.publish(
+        EventAbout::Rollout {
+            rollout_id: rollout.id,
+            event: RolloutEvent::Started {
+                release: rollout.release.clone(),
+                devices: members.len() as u64,
+                by: by.to_owned(),
+            },
+        },
+        &created_at,
+    );
     // The first phase is offered now, not at the next tick.
     scheduler::advance(state, rollout.id, now).await?;
     view(state, rollout).await
@@ -274,7 +288,7 @@ fn progress_of(plan: RolloutPlan, mut phase_tallies: Vec<PhaseTally>) -> Rollout
 /// Why a rollout paused, for the operator. Phases are counted from 1 here,
 /// as `uplift rollout status` counts them ("in phase 2 of 4"); the stored
 /// state and `progress.phase` count from 0.
-fn pause_sentence(reason: &PauseReason) -> String {
+pub(crate) fn pause_sentence(reason: &PauseReason) -> String {
     match reason {
         PauseReason::Operator { by } => {
             format!("paused by {by}; `uplift rollout resume` continues it")
@@ -356,7 +370,7 @@ pub async fn join_dynamic(
 
 /// A new rollout of rollout `id`'s release, with its policy and limits, to
 /// the devices that failed or timed out in it.
-async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
+async fn retry(state: &AppState, id: i64, by: &str) -> ServiceResult<RolloutView> {
     let rollout = state
         .store
         .rollout(id)
@@ -397,6 +411,7 @@ async fn retry(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
             limits: rollout.limits,
             policy: plan.policy,
         },
+        by,
     )
     .await
 }
@@ -415,7 +430,7 @@ pub async fn command(
         RolloutCommandName::Approve => (Command::Approve, AuditAction::RolloutApprove),
         RolloutCommandName::Abort => (Command::Abort, AuditAction::RolloutAbort),
         RolloutCommandName::Retry => {
-            let result = retry(state, id).await;
+            let result = retry(state, id, &actor.name).await;
             let target = match &result {
                 Ok(new) => format!("rollout {id} (retried as rollout {})", new.id),
                 Err(_) => format!("rollout {id}"),
@@ -482,6 +497,22 @@ async fn steer(
             );
             scheduler::take_back(state, &transition.withdraw, id, &now_text);
             scheduler::take_back(state, &transition.hold, id, &now_text);
+            let by = by.to_owned();
+            let event = match &command {
+                Command::Pause => RolloutEvent::Paused {
+                    reason: pause_sentence(&PauseReason::Operator { by }),
+                },
+                Command::Resume => RolloutEvent::Resumed { by },
+                Command::Approve => RolloutEvent::Approved { by },
+                Command::Abort => RolloutEvent::Aborted { by },
+            };
+            state.events.publish(
+                EventAbout::Rollout {
+                    rollout_id: id,
+                    event,
+                },
+                &now_text,
+            );
             // What the new state allows (the next phase's offers) goes out now.
             scheduler::advance(state, id, now).await?;
             return view(state, rollout).await;

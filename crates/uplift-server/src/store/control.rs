@@ -1,11 +1,13 @@
 //! What the control plane keeps beside the fleet: operators' API tokens
-//! (as digests), the append-only audit log, and the lease that lets one
-//! server replica at a time drive rollouts. A trait of its own so that the
+//! (as digests), the append-only audit log, webhooks and their delivery
+//! log, and the leases that let one server replica at a time drive
+//! rollouts and send deliveries. A trait of its own so that the
 //! fleet's [`super::Store`] stays about devices, releases and rollouts.
 
 use super::StoreResult;
 use async_trait::async_trait;
 use uplift_proto::auth::{AuditAction, AuditEntry, AuditQuery, Role, TokenView};
+use uplift_proto::events::{DeliveryView, EventFilter, WebhookView};
 use uplift_proto::{TokenName, WireError};
 
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +32,61 @@ pub struct NewAuditEntry<'a> {
     pub error: Option<&'a WireError>,
 }
 
+#[derive(Debug, Clone, Copy)]
+pub struct NewWebhook<'a> {
+    pub url: &'a str,
+    /// The HMAC key deliveries are signed with; kept as it is, since the
+    /// server must sign with it (only admins can list webhooks, and the
+    /// list never shows it).
+    pub secret: &'a str,
+    pub filter: &'a EventFilter,
+    pub created_at: &'a str,
+    pub created_by: &'a str,
+}
+
+/// A webhook with what the deliverer needs and the list does not show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRecord {
+    pub view: WebhookView,
+    pub secret: String,
+}
+
+/// One event to deliver to one webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDelivery {
+    pub webhook_id: i64,
+    /// `device.committed`, ...
+    pub event: String,
+    /// The JSON body to POST.
+    pub payload: String,
+    pub created_at: String,
+    /// Milliseconds since the epoch; due at once when made.
+    pub due_ms: i64,
+}
+
+/// A delivery that is due, with where and how to send it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueDelivery {
+    pub id: i64,
+    pub webhook_id: i64,
+    pub url: String,
+    pub secret: String,
+    pub event: String,
+    pub payload: String,
+    pub attempts: u32,
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt<'a> {
+    pub at: &'a str,
+    pub status: Option<u16>,
+    pub error: Option<&'a WireError>,
+    /// `Some` (ms since the epoch) to try again then; `None` when this
+    /// attempt delivered it (no error) or was the last (an error).
+    pub retry_at_ms: Option<i64>,
+}
+
 #[async_trait]
 pub trait ControlStore: Send + Sync {
     async fn insert_api_token(&self, token: &NewApiToken<'_>) -> StoreResult<TokenView>;
@@ -45,6 +102,25 @@ pub trait ControlStore: Send + Sync {
     async fn append_audit(&self, entry: &NewAuditEntry<'_>) -> StoreResult<i64>;
     /// Entries matching `query`, newest first, at most `limit`.
     async fn audit_entries(&self, query: &AuditQuery, limit: u32) -> StoreResult<Vec<AuditEntry>>;
+
+    async fn insert_webhook(&self, webhook: &NewWebhook<'_>) -> StoreResult<WebhookView>;
+    /// Every webhook, removed ones too, by id.
+    async fn webhooks(&self) -> StoreResult<Vec<WebhookRecord>>;
+    /// Marks it removed at `now` (nothing more is delivered to it); the
+    /// webhook as it now stands, `None` if there is no such webhook.
+    async fn remove_webhook(&self, id: i64, now: &str) -> StoreResult<Option<WebhookView>>;
+    async fn insert_deliveries(&self, deliveries: &[NewDelivery]) -> StoreResult<()>;
+    /// Pending deliveries due at `now_ms` to webhooks not removed, oldest
+    /// first, at most `limit`.
+    async fn due_deliveries(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<DueDelivery>>;
+    async fn record_attempt(&self, id: i64, attempt: &Attempt<'_>) -> StoreResult<()>;
+    /// A webhook's deliveries, newest first, older than delivery `before`.
+    async fn deliveries(
+        &self,
+        webhook_id: i64,
+        before: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeliveryView>>;
 
     /// Takes or renews the lease `name` for `holder` until `now_ms + ttl_ms`
     /// (milliseconds since the epoch) if it is free, expired or already

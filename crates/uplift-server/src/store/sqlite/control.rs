@@ -2,12 +2,16 @@
 //! and leases.
 
 use super::{db, parse, SqliteStore};
-use crate::store::control::{ControlStore, NewApiToken, NewAuditEntry};
+use crate::store::control::{
+    Attempt, ControlStore, DueDelivery, NewApiToken, NewAuditEntry, NewDelivery, NewWebhook,
+    WebhookRecord,
+};
 use crate::store::StoreResult;
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 use uplift_proto::auth::{AuditEntry, AuditQuery, TokenView};
+use uplift_proto::events::{DeliveryStatus, DeliveryView, WebhookView};
 use uplift_proto::{ErrorKind, WireError};
 
 pub(super) const SCHEMA: &str = r#"
@@ -39,6 +43,31 @@ CREATE TRIGGER IF NOT EXISTS audit_log_append_only_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_log_append_only_delete BEFORE DELETE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TABLE IF NOT EXISTS webhooks (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    url         TEXT NOT NULL,
+    secret      TEXT NOT NULL,
+    filter      TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    removed_at  TEXT
+);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    webhook_id    INTEGER NOT NULL REFERENCES webhooks(id),
+    event         TEXT NOT NULL,
+    payload       TEXT NOT NULL,
+    status        TEXT NOT NULL DEFAULT 'pending',
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    created_at    TEXT NOT NULL,
+    due_ms        INTEGER,
+    delivered_at  TEXT,
+    last_status   INTEGER,
+    last_error_kind    TEXT,
+    last_error_message TEXT
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, due_ms);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_by_webhook ON webhook_deliveries (webhook_id, id);
 CREATE TABLE IF NOT EXISTS leases (
     name       TEXT PRIMARY KEY,
     holder     TEXT NOT NULL,
@@ -97,6 +126,81 @@ fn audit_from_row(row: SqliteRow) -> StoreResult<AuditEntry> {
         action: parse("audit action", text(5)?)?,
         target: text(6)?,
         error,
+    })
+}
+
+const WEBHOOK_COLUMNS: &str = "id, url, filter, created_at, created_by, removed_at, secret";
+
+fn webhook_from_row(row: SqliteRow) -> StoreResult<WebhookRecord> {
+    let text = |i: usize| row.try_get::<String, _>(i).map_err(db("reading a webhook"));
+    let filter =
+        serde_json::from_str(&text(2)?).map_err(|e| crate::store::StoreError::Corrupt {
+            what: "webhook filter",
+            detail: e.to_string(),
+        })?;
+    Ok(WebhookRecord {
+        view: WebhookView {
+            id: row.try_get(0).map_err(db("reading a webhook"))?,
+            url: text(1)?,
+            filter,
+            created_at: text(3)?,
+            created_by: text(4)?,
+            removed_at: row.try_get(5).map_err(db("reading a webhook"))?,
+        },
+        secret: text(6)?,
+    })
+}
+
+/// Milliseconds since the epoch as RFC 3339, for a delivery's view.
+fn ms_text(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn delivery_from_row(row: SqliteRow) -> StoreResult<DeliveryView> {
+    let get = |i: usize| {
+        row.try_get::<Option<String>, _>(i)
+            .map_err(db("reading a delivery"))
+    };
+    let number = |i: usize| {
+        row.try_get::<Option<i64>, _>(i)
+            .map_err(db("reading a delivery"))
+    };
+    let status = match get(3)?.as_deref() {
+        Some("delivered") => DeliveryStatus::Delivered,
+        Some("failed") => DeliveryStatus::Failed,
+        _ => DeliveryStatus::Pending,
+    };
+    let last_error = get(9)?.map(|kind| WireError {
+        kind: serde_json::from_value(serde_json::Value::String(kind)).unwrap_or(ErrorKind::Unknown),
+        message: String::new(),
+    });
+    let last_error = match (last_error, get(10)?) {
+        (Some(mut e), message) => {
+            e.message = message.unwrap_or_default();
+            Some(e)
+        }
+        (None, _) => None,
+    };
+    Ok(DeliveryView {
+        id: row.try_get(0).map_err(db("reading a delivery"))?,
+        webhook_id: row.try_get(1).map_err(db("reading a delivery"))?,
+        event: get(2)?.unwrap_or_default(),
+        status,
+        attempts: number(4)?.unwrap_or(0).max(0) as u32,
+        created_at: get(5)?.unwrap_or_default(),
+        next_attempt_at: match status {
+            DeliveryStatus::Pending => number(6)?.map(ms_text),
+            DeliveryStatus::Delivered | DeliveryStatus::Failed => None,
+        },
+        delivered_at: get(7)?,
+        last_status: number(8)?.and_then(|n| u16::try_from(n).ok()),
+        last_error,
     })
 }
 
@@ -199,6 +303,152 @@ impl ControlStore for SqliteStore {
         .map_err(db("reading the audit log"))?
         .into_iter()
         .map(audit_from_row)
+        .collect()
+    }
+
+    async fn insert_webhook(&self, w: &NewWebhook<'_>) -> StoreResult<WebhookView> {
+        let filter = serde_json::to_string(w.filter)
+            .unwrap_or_else(|e| unreachable!("a filter serializes: {e}"));
+        let row = sqlx::query(&format!(
+            "INSERT INTO webhooks (url, secret, filter, created_at, created_by) VALUES (?, ?, ?, ?, ?) \
+             RETURNING {WEBHOOK_COLUMNS}"
+        ))
+        .bind(w.url)
+        .bind(w.secret)
+        .bind(filter)
+        .bind(w.created_at)
+        .bind(w.created_by)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("storing a webhook"))?;
+        Ok(webhook_from_row(row)?.view)
+    }
+
+    async fn webhooks(&self) -> StoreResult<Vec<WebhookRecord>> {
+        sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing webhooks"))?
+        .into_iter()
+        .map(webhook_from_row)
+        .collect()
+    }
+
+    async fn remove_webhook(&self, id: i64, now: &str) -> StoreResult<Option<WebhookView>> {
+        sqlx::query("UPDATE webhooks SET removed_at = ? WHERE id = ? AND removed_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db("removing a webhook"))?;
+        sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a webhook"))?
+        .map(|row| webhook_from_row(row).map(|w| w.view))
+        .transpose()
+    }
+
+    async fn insert_deliveries(&self, deliveries: &[NewDelivery]) -> StoreResult<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(db("queueing deliveries"))?;
+        for d in deliveries {
+            sqlx::query(
+                "INSERT INTO webhook_deliveries (webhook_id, event, payload, created_at, due_ms) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(d.webhook_id)
+            .bind(&d.event)
+            .bind(&d.payload)
+            .bind(&d.created_at)
+            .bind(d.due_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("queueing deliveries"))?;
+        }
+        tx.commit().await.map_err(db("queueing deliveries"))
+    }
+
+    async fn due_deliveries(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<DueDelivery>> {
+        let rows: Vec<(i64, i64, String, String, String, String, i64)> = sqlx::query_as(
+            "SELECT d.id, d.webhook_id, w.url, w.secret, d.event, d.payload, d.attempts \
+             FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+             WHERE d.status = 'pending' AND d.due_ms <= ? AND w.removed_at IS NULL \
+             ORDER BY d.due_ms, d.id LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("finding due deliveries"))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, webhook_id, url, secret, event, payload, attempts)| DueDelivery {
+                    id,
+                    webhook_id,
+                    url,
+                    secret,
+                    event,
+                    payload,
+                    attempts: attempts.max(0) as u32,
+                },
+            )
+            .collect())
+    }
+
+    async fn record_attempt(&self, id: i64, a: &Attempt<'_>) -> StoreResult<()> {
+        let status = match (a.error, a.retry_at_ms) {
+            (None, _) => "delivered",
+            (Some(_), Some(_)) => "pending",
+            (Some(_), None) => "failed",
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, due_ms = ?, \
+             delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END, \
+             last_status = ?, last_error_kind = ?, last_error_message = ? WHERE id = ?",
+        )
+        .bind(status)
+        .bind(a.retry_at_ms)
+        .bind(status)
+        .bind(a.at)
+        .bind(a.status.map(i64::from))
+        .bind(a.error.map(|e| e.kind.as_str()))
+        .bind(a.error.map(|e| e.message.as_str()))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording a delivery attempt"))?;
+        Ok(())
+    }
+
+    async fn deliveries(
+        &self,
+        webhook_id: i64,
+        before: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeliveryView>> {
+        sqlx::query(
+            "SELECT id, webhook_id, event, status, attempts, created_at, due_ms, delivered_at, \
+                    last_status, last_error_kind, last_error_message \
+             FROM webhook_deliveries WHERE webhook_id = ?1 AND (?2 IS NULL OR id < ?2) \
+             ORDER BY id DESC LIMIT ?3",
+        )
+        .bind(webhook_id)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing deliveries"))?
+        .into_iter()
+        .map(delivery_from_row)
         .collect()
     }
 
