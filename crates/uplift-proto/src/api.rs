@@ -86,6 +86,11 @@ pub const MAX_PAGE_LIMIT: u32 = 1000;
 /// in device ID order; pass a page's `next` as `after` for the next one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::IntoParams),
+    into_params(parameter_in = Query)
+)]
 pub struct DeviceQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_type: Option<DeviceType>,
@@ -102,25 +107,34 @@ pub struct DeviceQuery {
     /// Text found anywhere in the device ID or the hardware ID (ASCII
     /// letters compare case-insensitively).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        param(max_length = 128, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*$")
+    )]
     pub q: Option<String>,
     /// RFC 3339. Last seen before this time, or never; a connected device
     /// counts as seen now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(format = DateTime))]
     pub seen_before: Option<String>,
     /// RFC 3339. Last seen after this time (a connected device counts as
     /// seen now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(format = DateTime))]
     pub seen_after: Option<String>,
-    /// The `next` of the previous page.
+    /// The `next` of the previous page (a device ID).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(value_type = Option<DeviceId>))]
     pub after: Option<String>,
     /// 1 to [`MAX_PAGE_LIMIT`], default [`DEFAULT_PAGE_LIMIT`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
     pub limit: Option<u32>,
 }
 
 /// One page of devices.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DevicePage {
     pub devices: Vec<DeviceView>,
     /// Where the next page starts (`after`); `None` on the last page. A
@@ -132,6 +146,7 @@ pub struct DevicePage {
 /// stay as they are without it), less `remove`, plus `add`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TagChange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set: Option<Vec<Tag>>,
@@ -145,6 +160,7 @@ pub struct TagChange {
 /// of them) or `{"all": [..]}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum TagSelector {
     Any(Vec<Tag>),
     All(Vec<Tag>),
@@ -179,6 +195,7 @@ impl std::fmt::Display for TagSelector {
 
 /// One entry of a device's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceEvent {
     /// Grows with every event the server records; `before` pages by it.
     pub id: i64,
@@ -192,6 +209,7 @@ pub struct DeviceEvent {
 /// decisions, the rest is read from the device's reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum DeviceEventKind {
     /// A rollout offered the device a release.
     Offer { rollout_id: i64, version: Version },
@@ -258,17 +276,25 @@ impl DeviceEventKind {
 /// `GET /api/v1/devices/{id}/history` query.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::IntoParams),
+    into_params(parameter_in = Query)
+)]
 pub struct HistoryQuery {
     /// 1 to [`MAX_PAGE_LIMIT`], default [`DEFAULT_PAGE_LIMIT`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
     pub limit: Option<u32>,
     /// Only events older than this event id (the previous page's `next`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 1))]
     pub before: Option<i64>,
 }
 
 /// One page of a device's history, newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceHistory {
     pub device: DeviceId,
     pub events: Vec<DeviceEvent>,
@@ -277,6 +303,7 @@ pub struct DeviceHistory {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceView {
     pub id: DeviceId,
     pub device_type: DeviceType,
@@ -297,6 +324,7 @@ pub struct DeviceView {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReleaseView {
     pub version: Version,
     pub device_type: DeviceType,
@@ -313,6 +341,7 @@ pub struct ReleaseView {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MissingChunksRequest {
     pub chunks: Vec<ChunkHash>,
     /// Patches of the release, by digest.
@@ -321,6 +350,7 @@ pub struct MissingChunksRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MissingChunksResponse {
     pub missing: Vec<ChunkHash>,
     #[serde(default)]
@@ -328,6 +358,7 @@ pub struct MissingChunksResponse {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RolloutCreate {
     pub release: Version,
     /// Devices to target; `None` means every device of the release's type
@@ -351,18 +382,22 @@ pub struct RolloutCreate {
 /// Limits a rollout puts on its devices' downloads. Zero is refused when
 /// parsed: a rollout that may not download at all is an abort, not a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DownloadLimits {
     /// Each device's download rate cap (bytes/s), sent in the offer; the
     /// agent keeps to the lower of this and its own cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, minimum = 1))]
     pub max_bytes_per_sec: Option<NonZeroU64>,
     /// At most this many of the rollout's devices download at once; the
     /// others are told to wait and are offered the release in turn.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u32>, minimum = 1))]
     pub max_downloading: Option<NonZeroU32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RolloutCounts {
     /// Offered, not started (or offline).
     pub pending: u64,
@@ -374,6 +409,7 @@ pub struct RolloutCounts {
 /// Where a rollout stands, derived from its devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RolloutStatus {
     /// Some device is pending or in progress.
     Running,
@@ -400,6 +436,7 @@ impl std::fmt::Display for RolloutStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RolloutView {
     pub id: i64,
     pub release: Version,
@@ -436,6 +473,7 @@ pub struct RolloutView {
 
 /// Devices that moved between two rollouts: another rollout, and how many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RolloutShare {
     pub rollout_id: i64,
     pub devices: u64,
@@ -443,6 +481,7 @@ pub struct RolloutShare {
 
 /// A phased rollout's engine state, as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RolloutProgress {
     /// `running`, `awaiting_approval`, `paused`, `aborted` or `finished`.
     pub state: String,
@@ -466,6 +505,7 @@ pub struct RolloutProgress {
 
 /// One phase's devices as the rollout's record of them says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PhaseTally {
     pub devices: u64,
     /// Offered the release so far (finished or not).
@@ -478,6 +518,7 @@ pub struct PhaseTally {
 /// An operator's command to a rollout: `POST /api/v1/rollouts/{id}/{command}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RolloutCommandName {
     Pause,
     Resume,
@@ -489,6 +530,7 @@ pub enum RolloutCommandName {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServerStats {
     pub devices_total: u64,
     pub devices_online: u64,

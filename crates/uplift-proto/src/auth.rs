@@ -28,6 +28,7 @@ pub const WHOAMI_PATH: &str = "/api/v1/whoami";
 )]
 #[serde(rename_all = "kebab-case")]
 #[strum(serialize_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Role {
     /// Reads everything: devices, releases, rollouts, stats, metrics.
     Viewer,
@@ -97,16 +98,23 @@ impl Permission {
 /// `POST /api/v1/tokens`: a new token. Its secret is in the answer, once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenCreate {
     pub name: TokenName,
     pub role: Role,
     /// The token stops working this many seconds after it is made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// At most ten years (316224000 s).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = Option<u64>, minimum = 1, maximum = 316_224_000)
+    )]
     pub expires_in_secs: Option<NonZeroU64>,
 }
 
 /// A token as listed: everything but its secret, which is never stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenView {
     pub id: i64,
     pub name: TokenName,
@@ -121,6 +129,7 @@ pub struct TokenView {
 
 /// The answer to [`TokenCreate`]: the only time the secret is shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenCreated {
     pub token: TokenView,
     pub secret: String,
@@ -128,6 +137,7 @@ pub struct TokenCreated {
 
 /// `GET /api/v1/whoami`: the caller as the server sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Caller {
     /// `token <id> (<name>)`, or `bootstrap-admin` for the token made at
     /// first start.
@@ -150,6 +160,7 @@ pub struct Caller {
     strum::IntoStaticStr,
     strum::EnumIter,
 )]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum AuditAction {
     #[serde(rename = "release.upload")]
     #[strum(serialize = "release.upload")]
@@ -208,6 +219,7 @@ impl std::fmt::Display for AuditAction {
 
 /// One line of the audit log: who did what to what, when, and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditEntry {
     pub id: i64,
     /// RFC 3339.
@@ -229,6 +241,11 @@ pub const MAX_AUDIT_PAGE: u32 = 1000;
 /// `GET /api/v1/audit?...`: newest first, filtered.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::IntoParams),
+    into_params(parameter_in = Query)
+)]
 pub struct AuditQuery {
     /// Exactly this actor, as entries name it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -243,10 +260,12 @@ pub struct AuditQuery {
     pub before: Option<i64>,
     /// At most this many entries (default 100, at most [`MAX_AUDIT_PAGE`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
     pub limit: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditPage {
     pub entries: Vec<AuditEntry>,
     /// Pass as `before` for the next (older) page; absent on the last one.

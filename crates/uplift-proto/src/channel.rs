@@ -99,6 +99,7 @@ pub enum AgentMsg {
 /// What the agent is doing; the server keeps the latest one per device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum AgentState {
     /// Running its version, nothing to do.
     Idle,
@@ -141,6 +142,7 @@ pub struct Report {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Progress {
     pub done_bytes: u64,
     pub total_bytes: u64,

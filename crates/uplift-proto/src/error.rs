@@ -21,6 +21,7 @@ use std::fmt;
 )]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ErrorKind {
     // --- requests and frames
     BadRequest,
@@ -89,6 +90,7 @@ impl fmt::Display for ErrorKind {
 /// An error as it travels: a stable kind plus a sentence for a person that
 /// says what failed, on what, and what to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WireError {
     pub kind: ErrorKind,
     pub message: String,

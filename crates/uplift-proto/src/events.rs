@@ -31,6 +31,7 @@ pub fn signed_payload(timestamp: &str, body: &[u8]) -> Vec<u8> {
 
 /// One thing that happened in the fleet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FleetEvent {
     /// Increasing within one server process (the stream's event id).
     pub seq: u64,
@@ -43,6 +44,7 @@ pub struct FleetEvent {
 /// Whom an event is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "subject", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum EventAbout {
     /// What the device's history records (offers, downloads, installs,
     /// reboots, commits, rollbacks, errors).
@@ -87,6 +89,7 @@ impl EventAbout {
 )]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Subject {
     Device,
     Rollout,
@@ -95,6 +98,7 @@ pub enum Subject {
 /// A rollout's state changes. Phases count from 0, as in the rollout view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RolloutEvent {
     Started {
         release: Version,
@@ -141,6 +145,12 @@ impl RolloutEvent {
 /// Which events a stream or a webhook takes; every filter given must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::IntoParams),
+    into_params(parameter_in = Query)
+)]
 pub struct EventFilter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<Subject>,
@@ -168,14 +178,21 @@ impl EventFilter {
 /// `POST /api/v1/webhooks`: where to deliver which events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookCreate {
-    /// `http://` or `https://`; events are POSTed here as JSON.
+    /// `http://` or `https://`, with a host and without a user name or
+    /// password; events are POSTed here as JSON.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[hH][tT][tT][pP][sS]?://", max_length = 2048)
+    )]
     pub url: String,
     #[serde(default)]
     pub filter: EventFilter,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookView {
     pub id: i64,
     pub url: String,
@@ -188,6 +205,7 @@ pub struct WebhookView {
 
 /// The answer to [`WebhookCreate`]: the signing secret, shown only here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookCreated {
     pub webhook: WebhookView,
     pub secret: String,
@@ -195,6 +213,7 @@ pub struct WebhookCreated {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum DeliveryStatus {
     /// Not delivered yet; tried again at `next_attempt_at`.
     Pending,
@@ -205,6 +224,7 @@ pub enum DeliveryStatus {
 
 /// One event's delivery to one webhook, as the delivery log keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeliveryView {
     pub id: i64,
     pub webhook_id: i64,

@@ -43,8 +43,49 @@ fn check(
     Ok(())
 }
 
+/// The OpenAPI schema of a name: a string of `min` to `max` ASCII
+/// characters matching `pattern`, which states the rule the parser checks
+/// (keep the two alike), so clients and fuzzers learn the limits from the
+/// document instead of from refusals.
+#[cfg(feature = "openapi")]
+macro_rules! name_schema {
+    ($name:ident, $min:expr, $max:expr, $pattern:expr, $describe:literal) => {
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .min_length(Some($min))
+                    .max_length(Some($max))
+                    .pattern(Some($pattern))
+                    .description(Some($describe))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {
+            fn name() -> std::borrow::Cow<'static, str> {
+                std::borrow::Cow::Borrowed(stringify!($name))
+            }
+        }
+    };
+}
+
+#[cfg(not(feature = "openapi"))]
+macro_rules! name_schema {
+    ($($any:tt)*) => {};
+}
+
+/// The pattern of [`is_name_char`] names: no leading '.' or '-'.
+macro_rules! name_pattern {
+    () => {
+        "^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+    };
+}
+
 macro_rules! validated_name {
-    ($(#[$meta:meta])* $name:ident, $what:literal, $max:expr, $allowed:expr, $allowed_text:literal) => {
+    ($(#[$meta:meta])* $name:ident, $what:literal, $max:expr, $allowed:expr, $allowed_text:literal, $pattern:expr) => {
+        name_schema!($name, 1, $max, $pattern, $what);
+
         $(#[$meta])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -92,20 +133,24 @@ fn is_name_char(c: char) -> bool {
 
 validated_name!(
     /// A device ID, assigned by the server at enrollment (`dev-` + 16 hex digits).
-    DeviceId, "device id", 64, is_name_char, "may hold only ASCII letters, digits, '-', '_' and '.'"
+    DeviceId, "device id", 64, is_name_char, "may hold only ASCII letters, digits, '-', '_' and '.'",
+    name_pattern!()
 );
 validated_name!(
     /// A kind of hardware (e.g. `gateway-x86`); a release is for exactly one.
-    DeviceType, "device type", 64, is_name_char, "may hold only ASCII letters, digits, '-', '_' and '.'"
+    DeviceType, "device type", 64, is_name_char, "may hold only ASCII letters, digits, '-', '_' and '.'",
+    name_pattern!()
 );
 validated_name!(
     /// An operator's label for an API token (e.g. `ci-release-bot`), shown
     /// in the token list and as the actor in the audit log.
-    TokenName, "token name", 64, is_name_char, "may hold only ASCII letters, digits, '-', '_' and '.'"
+    TokenName, "token name", 64, is_name_char, "may hold only ASCII letters, digits, '-', '_' and '.'",
+    name_pattern!()
 );
 validated_name!(
     /// A stable identity of the physical device (serial number, MAC, machine-id).
-    HardwareId, "hardware id", 128, |c: char| is_name_char(c) || c == ':', "may hold only ASCII letters, digits, '-', '_', '.' and ':'"
+    HardwareId, "hardware id", 128, |c: char| is_name_char(c) || c == ':', "may hold only ASCII letters, digits, '-', '_', '.' and ':'",
+    "^[A-Za-z0-9_:][A-Za-z0-9_.:-]*$"
 );
 
 validated_name!(
@@ -113,7 +158,16 @@ validated_name!(
     /// devices are listed and rollouts targeted by them. ASCII letters,
     /// digits, '-', '_', '.', ':' and '=', at most 64, case-sensitive. No
     /// space or comma, so a list of tags can be written with either.
-    Tag, "tag", 64, |c: char| is_name_char(c) || matches!(c, ':' | '='), "may hold only ASCII letters, digits, '-', '_', '.', ':' and '='"
+    Tag, "tag", 64, |c: char| is_name_char(c) || matches!(c, ':' | '='), "may hold only ASCII letters, digits, '-', '_', '.', ':' and '='",
+    "^[A-Za-z0-9_:=][A-Za-z0-9_.:=-]*$"
+);
+
+name_schema!(
+    Version,
+    1,
+    64,
+    "^[A-Za-z0-9_+~][A-Za-z0-9_.+~-]*$",
+    "version"
 );
 
 /// An OS version such as `1.0`, `1.10.2` or `2024.05-rc1`.
@@ -263,6 +317,14 @@ impl PartialOrd for Version {
     }
 }
 
+name_schema!(
+    ChunkHash,
+    64,
+    64,
+    "^[0-9a-f]{64}$",
+    "sha256 digest (64 lowercase hex digits)"
+);
+
 /// SHA-256 of a chunk's uncompressed bytes, as 64 lowercase hex digits.
 /// Chunks are stored and fetched under this name, so it is a path component
 /// on both server and device and must never be anything else.
@@ -334,6 +396,7 @@ impl<'de> Deserialize<'de> for ChunkHash {
 /// One of the two A/B slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SlotName {
     A,
     B,

@@ -14,10 +14,12 @@ pub const MAX_PHASES: usize = 16;
 /// up to a tenth, then up to half; the final phase takes the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PhaseReach {
     /// This share of the target, rounded up: 1 % of 50 devices is one.
     Percent(u8),
     /// This many devices of the target.
+    #[cfg_attr(feature = "openapi", schema(value_type = u32))]
     Count(NonZeroU32),
 }
 
@@ -37,7 +39,9 @@ impl PhaseReach {
 /// the finished ones failed, rolled back or timed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorThreshold {
+    #[cfg_attr(feature = "openapi", schema(maximum = 100))]
     pub percent: u8,
     pub min_finished: u32,
 }
@@ -57,10 +61,14 @@ impl Default for ErrorThreshold {
 /// `step_successes` devices have succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Ramp {
+    #[cfg_attr(feature = "openapi", schema(value_type = u32, minimum = 1))]
     pub base_per_minute: NonZeroU32,
     /// 100 to 500 (1× to 5×).
+    #[cfg_attr(feature = "openapi", schema(minimum = 100, maximum = 500))]
     pub factor_percent: u32,
+    #[cfg_attr(feature = "openapi", schema(value_type = u32, minimum = 1))]
     pub step_successes: NonZeroU32,
 }
 
@@ -68,6 +76,7 @@ pub struct Ramp {
 /// every device, pausing at the first failure.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RolloutPolicy {
     /// Ordered phases before the final one, which takes every device left.
     #[serde(default)]
@@ -75,6 +84,7 @@ pub struct RolloutPolicy {
     /// The share of a phase's devices that must run the new release before
     /// the next phase may start; 100 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100))]
     pub success_percent: Option<u8>,
     /// Seconds a phase must have held its success level before the next
     /// one starts.
@@ -107,6 +117,7 @@ pub struct RolloutPolicy {
 /// for `duration_minutes`. The server parses and checks it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WindowSpec {
     /// Five fields: minute, hour, day of month, month, day of week.
     pub cron: String,

@@ -33,8 +33,10 @@ use uplift_proto::events::{
     DeliveryView, EventFilter, WebhookCreate, WebhookCreated, WebhookView, EVENTS_PATH,
     WEBHOOKS_PATH,
 };
-use uplift_proto::{ChunkHash, DeviceId, Version};
+use uplift_proto::{ChunkHash, DeviceId, Version, WireError};
 use uplift_release::manifest::MAX_MANIFEST_BYTES;
+
+pub mod openapi;
 
 /// A chunk goes out in pieces of this size, each counted as it is sent.
 const SEND_PIECE: usize = 64 * 1024;
@@ -99,6 +101,8 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             state.clone(),
             budget::limit_admin,
         ))
+        // After the layers: the API's shape is public, like /healthz.
+        .route(openapi::OPENAPI_PATH, get(openapi::serve))
 }
 
 fn device_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
@@ -173,6 +177,12 @@ fn device_id(id: Result<Path<String>, PathRejection>) -> Result<DeviceId, ApiErr
     parse_name(&id)
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/devices", tag = "devices",
+    params(DeviceQuery),
+    responses((status = 200, description = "One page of devices, by ID", body = DevicePage)),
+    security(("bearer" = ["read"]))
+)]
 async fn list_devices(
     State(state): State<Arc<AppState>>,
     _: Allowed<Read>,
@@ -187,6 +197,15 @@ async fn list_devices(
     Ok(Json(service::devices::list(&state, listing).await?))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/devices/{id}", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device's ID")),
+    responses(
+        (status = 200, description = "The device", body = DeviceView),
+        (status = 404, description = "No device has this ID", body = WireError),
+    ),
+    security(("bearer" = ["read"]))
+)]
 async fn show_device(
     State(state): State<Arc<AppState>>,
     _: Allowed<Read>,
@@ -196,6 +215,16 @@ async fn show_device(
     Ok(Json(service::devices::get(&state, &id).await?))
 }
 
+#[utoipa::path(
+    put, path = "/api/v1/devices/{id}/tags", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device's ID")),
+    request_body = TagChange,
+    responses(
+        (status = 200, description = "The device with its new tags", body = DeviceView),
+        (status = 404, description = "No device has this ID", body = WireError),
+    ),
+    security(("bearer" = ["operate"]))
+)]
 async fn tag_device(
     State(state): State<Arc<AppState>>,
     caller: Allowed<Operate>,
@@ -208,6 +237,15 @@ async fn tag_device(
     Ok(Json(view))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/devices/{id}/history", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device's ID"), HistoryQuery),
+    responses(
+        (status = 200, description = "One page of the device's history, newest first", body = DeviceHistory),
+        (status = 404, description = "No device has this ID", body = WireError),
+    ),
+    security(("bearer" = ["read"]))
+)]
 async fn device_history(
     State(state): State<Arc<AppState>>,
     _: Allowed<Read>,
@@ -225,6 +263,11 @@ async fn device_history(
 /// 400 GiB of image at the average chunk size.
 const MAX_INDEX_UPLOAD: usize = 256 << 20;
 
+#[utoipa::path(
+    get, path = "/api/v1/releases", tag = "releases",
+    responses((status = 200, description = "Every release", body = Vec<ReleaseView>)),
+    security(("bearer" = ["read"]))
+)]
 async fn list_releases(
     State(state): State<Arc<AppState>>,
     _: Allowed<Read>,
@@ -232,6 +275,12 @@ async fn list_releases(
     Ok(Json(service::releases::list(&state).await?))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/chunks/missing", tag = "releases",
+    request_body = MissingChunksRequest,
+    responses((status = 200, description = "Those the server does not have, or has only damaged", body = MissingChunksResponse)),
+    security(("bearer" = ["release"]))
+)]
 async fn missing_chunks(
     State(state): State<Arc<AppState>>,
     _: Allowed<Release>,
@@ -241,6 +290,17 @@ async fn missing_chunks(
     Ok(Json(service::releases::missing(&state, request).await?))
 }
 
+#[utoipa::path(
+    put, path = "/api/v1/chunks/{hash}", tag = "releases",
+    params(("hash" = ChunkHash, Path, description = "SHA-256 of the chunk's uncompressed bytes")),
+    request_body(content = openapi::Binary, content_type = "application/octet-stream", description = "One zstd-compressed chunk, at most 1 MiB decompressed"),
+    responses(
+        (status = 201, description = "Stored"),
+        (status = 200, description = "Already stored (and checked)"),
+        (status = 422, description = "Not zstd, or its digest is not `hash`", body = WireError),
+    ),
+    security(("bearer" = ["release"]))
+)]
 async fn upload_chunk(
     State(state): State<Arc<AppState>>,
     _: Allowed<Release>,
@@ -250,6 +310,17 @@ async fn upload_chunk(
     upload_object(&state, StoredKind::Chunk, hash, body).await
 }
 
+#[utoipa::path(
+    put, path = "/api/v1/patches/{hash}", tag = "releases",
+    params(("hash" = ChunkHash, Path, description = "SHA-256 of the patch")),
+    request_body(content = openapi::Binary, content_type = "application/octet-stream", description = "One patch, at most a chunk's stored bound"),
+    responses(
+        (status = 201, description = "Stored"),
+        (status = 200, description = "Already stored (and checked)"),
+        (status = 422, description = "Its digest is not `hash`", body = WireError),
+    ),
+    security(("bearer" = ["release"]))
+)]
 async fn upload_patch(
     State(state): State<Arc<AppState>>,
     _: Allowed<Release>,
@@ -259,6 +330,17 @@ async fn upload_patch(
     upload_object(&state, StoredKind::Patch, hash, body).await
 }
 
+#[utoipa::path(
+    put, path = "/api/v1/indexes/{hash}", tag = "releases",
+    params(("hash" = ChunkHash, Path, description = "SHA-256 of the index")),
+    request_body(content = openapi::Binary, content_type = "application/octet-stream", description = "A release's binary chunk index, up to 256 MiB"),
+    responses(
+        (status = 201, description = "Stored"),
+        (status = 200, description = "Already stored (and checked)"),
+        (status = 422, description = "Its digest is not `hash`", body = WireError),
+    ),
+    security(("bearer" = ["release"]))
+)]
 async fn upload_index(
     State(state): State<Arc<AppState>>,
     _: Allowed<Release>,
@@ -288,6 +370,17 @@ fn status_of(stored: Stored) -> StatusCode {
     }
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/releases", tag = "releases",
+    request_body(content = serde_json::Value, description = "A signed manifest (`manifest.json` of `uplift release create`); checked well-formed, not its signature"),
+    responses(
+        (status = 201, description = "Stored", body = ReleaseView),
+        (status = 200, description = "The same manifest was stored already (a repair)", body = ReleaseView),
+        (status = 409, description = "A chunk, patch or index it names is not stored, or another manifest has this version", body = WireError),
+        (status = 422, description = "A stored object does not match its digest", body = WireError),
+    ),
+    security(("bearer" = ["release"]))
+)]
 async fn upload_release(
     State(state): State<Arc<AppState>>,
     caller: Allowed<Release>,
@@ -299,6 +392,16 @@ async fn upload_release(
 
 // ----- rollouts
 
+#[utoipa::path(
+    post, path = "/api/v1/rollouts", tag = "rollouts",
+    request_body = RolloutCreate,
+    responses(
+        (status = 201, description = "Started", body = RolloutView),
+        (status = 404, description = "No such release", body = WireError),
+        (status = 409, description = "The state of the fleet does not allow it", body = WireError),
+    ),
+    security(("bearer" = ["operate"]))
+)]
 async fn start_rollout(
     State(state): State<Arc<AppState>>,
     caller: Allowed<Operate>,
@@ -309,6 +412,11 @@ async fn start_rollout(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/rollouts", tag = "rollouts",
+    responses((status = 200, description = "Every rollout", body = Vec<RolloutView>)),
+    security(("bearer" = ["read"]))
+)]
 async fn list_rollouts(
     State(state): State<Arc<AppState>>,
     _: Allowed<Read>,
@@ -316,6 +424,15 @@ async fn list_rollouts(
     Ok(Json(service::rollouts::list(&state).await?))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/rollouts/{id}", tag = "rollouts",
+    params(("id" = i64, Path, description = "The rollout's ID")),
+    responses(
+        (status = 200, description = "The rollout with its counts", body = RolloutView),
+        (status = 404, description = "No such rollout", body = WireError),
+    ),
+    security(("bearer" = ["read"]))
+)]
 async fn show_rollout(
     State(state): State<Arc<AppState>>,
     _: Allowed<Read>,
@@ -328,6 +445,20 @@ async fn show_rollout(
     Ok(Json(service::rollouts::get(&state, id).await?))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/rollouts/{id}/{command}", tag = "rollouts",
+    params(
+        ("id" = i64, Path, description = "The rollout's ID"),
+        ("command" = RolloutCommandName, Path, description = "What to do"),
+    ),
+    responses(
+        (status = 200, description = "The rollout after `pause`, `resume`, `approve` or `abort`", body = RolloutView),
+        (status = 201, description = "`retry`: the new rollout of the failed devices", body = RolloutView),
+        (status = 404, description = "No such rollout", body = WireError),
+        (status = 409, description = "The rollout's state does not allow it; the message says why", body = WireError),
+    ),
+    security(("bearer" = ["operate"]))
+)]
 async fn command_rollout(
     State(state): State<Arc<AppState>>,
     caller: Allowed<Operate>,
@@ -354,6 +485,11 @@ async fn command_rollout(
     Ok((status, Json(view)))
 }
 
+#[utoipa::path(
+    get, path = "/metrics", tag = "monitoring",
+    responses((status = 200, description = "Prometheus metrics", content_type = "application/openmetrics-text", body = String)),
+    security(("bearer" = ["read"]))
+)]
 async fn metrics(
     State(state): State<Arc<AppState>>,
     _: Allowed<Read>,
@@ -369,6 +505,11 @@ async fn metrics(
         .into_response())
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/stats", tag = "monitoring",
+    responses((status = 200, description = "The server's counters", body = ServerStats)),
+    security(("bearer" = ["read"]))
+)]
 async fn stats(
     State(state): State<Arc<AppState>>,
     _: Allowed<Read>,
@@ -378,12 +519,23 @@ async fn stats(
 
 // ----- tokens, audit log, caller
 
+#[utoipa::path(
+    get, path = "/api/v1/whoami", tag = "access",
+    responses((status = 200, description = "The caller", body = Caller)),
+    security(("bearer" = ["read"]))
+)]
 async fn whoami(caller: Allowed<Read>) -> Json<Caller> {
     Json(caller.principal().caller())
 }
 
 // ----- events and webhooks
 
+#[utoipa::path(
+    get, path = "/api/v1/events", tag = "events",
+    params(EventFilter),
+    responses((status = 200, description = "Server-sent events until the server shuts down: `event:` the name, `id:` a sequence number, `data:` a `FleetEvent` as JSON (or `{\"missed\": N}` for `lagged`)", content_type = "text/event-stream", body = String)),
+    security(("bearer" = ["read"]))
+)]
 /// `GET /api/v1/events`: server-sent events, one per fleet event that the
 /// query's filter takes (`event:` its name, `id:` its sequence number,
 /// `data:` its JSON); `lagged` with `{"missed": N}` when this client fell
@@ -435,6 +587,11 @@ async fn event_stream(
         .into_response())
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/webhooks", tag = "events",
+    responses((status = 200, description = "Every webhook, removed ones too, without secrets", body = Vec<WebhookView>)),
+    security(("bearer" = ["administer"]))
+)]
 async fn list_webhooks(
     State(state): State<Arc<AppState>>,
     _: Allowed<Administer>,
@@ -442,6 +599,12 @@ async fn list_webhooks(
     Ok(Json(service::webhooks::list(&state).await?))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/webhooks", tag = "events",
+    request_body = WebhookCreate,
+    responses((status = 201, description = "The webhook and its signing secret, shown only here", body = WebhookCreated)),
+    security(("bearer" = ["administer"]))
+)]
 async fn create_webhook(
     State(state): State<Arc<AppState>>,
     caller: Allowed<Administer>,
@@ -458,6 +621,15 @@ fn numeric_id(what: &str, id: Result<Path<String>, PathRejection>) -> Result<i64
         .map_err(|_| ApiError::bad_request(format!("{what} id {id:?} is not a number")))
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/webhooks/{id}", tag = "events",
+    params(("id" = i64, Path, description = "The webhook's ID")),
+    responses(
+        (status = 200, description = "The webhook, removed", body = WebhookView),
+        (status = 404, description = "No such webhook", body = WireError),
+    ),
+    security(("bearer" = ["administer"]))
+)]
 async fn remove_webhook(
     State(state): State<Arc<AppState>>,
     caller: Allowed<Administer>,
@@ -469,13 +641,26 @@ async fn remove_webhook(
     ))
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeliveryQuery {
+    /// Only deliveries older than this delivery id.
     before: Option<i64>,
+    /// At most this many deliveries (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/webhooks/{id}/deliveries", tag = "events",
+    params(("id" = i64, Path, description = "The webhook's ID"), DeliveryQuery),
+    responses(
+        (status = 200, description = "Its delivery log, newest first", body = Vec<DeliveryView>),
+        (status = 404, description = "No such webhook", body = WireError),
+    ),
+    security(("bearer" = ["administer"]))
+)]
 async fn webhook_deliveries(
     State(state): State<Arc<AppState>>,
     _: Allowed<Administer>,
@@ -489,6 +674,11 @@ async fn webhook_deliveries(
     ))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/tokens", tag = "access",
+    responses((status = 200, description = "Every token, without secrets", body = Vec<TokenView>)),
+    security(("bearer" = ["administer"]))
+)]
 async fn list_tokens(
     State(state): State<Arc<AppState>>,
     _: Allowed<Administer>,
@@ -496,6 +686,12 @@ async fn list_tokens(
     Ok(Json(service::tokens::list(&state).await?))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/tokens", tag = "access",
+    request_body = TokenCreate,
+    responses((status = 201, description = "The token and its secret, shown only here", body = TokenCreated)),
+    security(("bearer" = ["administer"]))
+)]
 async fn create_token(
     State(state): State<Arc<AppState>>,
     caller: Allowed<Administer>,
@@ -506,6 +702,15 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/tokens/{id}", tag = "access",
+    params(("id" = i64, Path, description = "The token's ID")),
+    responses(
+        (status = 200, description = "The token, revoked (again is a no-op)", body = TokenView),
+        (status = 404, description = "No such token", body = WireError),
+    ),
+    security(("bearer" = ["administer"]))
+)]
 async fn revoke_token(
     State(state): State<Arc<AppState>>,
     caller: Allowed<Administer>,
@@ -520,6 +725,12 @@ async fn revoke_token(
     ))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/audit", tag = "access",
+    params(AuditQuery),
+    responses((status = 200, description = "Audit entries, newest first", body = AuditPage)),
+    security(("bearer" = ["administer"]))
+)]
 async fn audit_log(
     State(state): State<Arc<AppState>>,
     _: Allowed<Administer>,
