@@ -15,6 +15,8 @@ pub const STATS_PATH: &str = "/api/v1/stats";
 pub const METRICS_PATH: &str = "/metrics";
 pub const MISSING_CHUNKS_PATH: &str = "/api/v1/chunks/missing";
 pub const HEALTH_PATH: &str = "/healthz";
+/// The admin API's OpenAPI document, served without a token.
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 
 /// Admin upload of one compressed chunk.
 pub fn admin_chunk_path(hash: &ChunkHash) -> String {

@@ -102,7 +102,7 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             budget::limit_admin,
         ))
         // After the layers: the API's shape is public, like /healthz.
-        .route(openapi::OPENAPI_PATH, get(openapi::serve))
+        .route(OPENAPI_PATH, get(openapi::serve))
 }
 
 fn device_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {

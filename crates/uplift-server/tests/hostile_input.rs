@@ -35,7 +35,7 @@ use uplift_proto::api::{
     admin_chunk_path, device_chunk_path, device_history_path, device_path, device_tags_path,
     DeviceHistory, DevicePage, DeviceView, MissingChunksResponse, ReleaseView, RolloutView,
     ServerEndpoint, DEVICES_PATH, HEALTH_PATH, MAX_PAGE_LIMIT, METRICS_PATH, MISSING_CHUNKS_PATH,
-    RELEASES_PATH, ROLLOUTS_PATH, STATS_PATH,
+    OPENAPI_PATH, RELEASES_PATH, ROLLOUTS_PATH, STATS_PATH,
 };
 use uplift_proto::auth::{
     Permission, Role, TokenCreated, TokenView, AUDIT_PATH, TOKENS_PATH, WHOAMI_PATH,
@@ -2248,6 +2248,32 @@ async fn with_an_admin_listener_the_device_address_serves_no_admin_api() {
         .await
         .unwrap();
     json_error(resp, 404, ErrorKind::NotFound).await;
+    // The API's document is on the admin address, without a token; the
+    // device address, which serves no admin API, has none.
+    let resp = srv
+        .http
+        .get(format!("{admin_url}{OPENAPI_PATH}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let document: serde_json::Value = resp.json().await.unwrap();
+    assert!(document["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(document["paths"][DEVICES_PATH]["get"].is_object());
+    let resp = srv
+        .request(reqwest::Method::GET, OPENAPI_PATH)
+        .send()
+        .await
+        .unwrap();
+    json_error(resp, 404, ErrorKind::NotFound).await;
+    // Public means the document only: the paths it lists still need a token.
+    let resp = srv
+        .http
+        .get(format!("{admin_url}{DEVICES_PATH}"))
+        .send()
+        .await
+        .unwrap();
+    json_error(resp, 401, ErrorKind::Unauthorized).await;
     // Devices enroll on theirs, and the admin address lists them.
     srv.assert_unaffected().await;
     assert_eq!(srv.devices().await.len(), 1);

@@ -17,9 +17,6 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi as Document, Ref, RefOr, ResponseBuilder, Schema};
 use utoipa::OpenApi as _;
 
-/// Where the server serves the document.
-pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
-
 /// The name of the bearer security scheme; its scopes name the permission
 /// an operation needs (`read`, `operate`, `release`, `administer`).
 const BEARER: &str = "bearer";
