@@ -2240,22 +2240,14 @@ async fn with_an_admin_listener_the_device_address_serves_no_admin_api() {
         .unwrap();
     let err = json_error(resp, 404, ErrorKind::NotFound).await;
     assert!(err.message.contains("admin_listen"), "{err}");
+    // Without a token, on the admin address.
+    let anonymous = |path: &str| srv.http.get(format!("{admin_url}{path}")).send();
     // No device channel on the admin address.
-    let resp = srv
-        .http
-        .get(format!("{admin_url}{CHANNEL_PATH}"))
-        .send()
-        .await
-        .unwrap();
+    let resp = anonymous(CHANNEL_PATH).await.unwrap();
     json_error(resp, 404, ErrorKind::NotFound).await;
     // The API's document is on the admin address, without a token; the
     // device address, which serves no admin API, has none.
-    let resp = srv
-        .http
-        .get(format!("{admin_url}{OPENAPI_PATH}"))
-        .send()
-        .await
-        .unwrap();
+    let resp = anonymous(OPENAPI_PATH).await.unwrap();
     assert_eq!(resp.status(), 200);
     let document: serde_json::Value = resp.json().await.unwrap();
     assert!(document["openapi"].as_str().unwrap().starts_with("3."));
@@ -2267,12 +2259,7 @@ async fn with_an_admin_listener_the_device_address_serves_no_admin_api() {
         .unwrap();
     json_error(resp, 404, ErrorKind::NotFound).await;
     // Public means the document only: the paths it lists still need a token.
-    let resp = srv
-        .http
-        .get(format!("{admin_url}{DEVICES_PATH}"))
-        .send()
-        .await
-        .unwrap();
+    let resp = anonymous(DEVICES_PATH).await.unwrap();
     json_error(resp, 401, ErrorKind::Unauthorized).await;
     // Devices enroll on theirs, and the admin address lists them.
     srv.assert_unaffected().await;
