@@ -521,6 +521,20 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints `value` as JSON (`--json`) or as the text `text` makes of it.
+pub(crate) fn print_as<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        print_json(value)
+    } else {
+        println!("{}", text(value));
+        Ok(())
+    }
+}
+
 /// Runs a command; the returned code is the process exit status.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {

@@ -221,11 +221,20 @@ async fn authenticate(
             public_key,
             signature,
         } => {
-            if !state.secrets.is_enrollment_token(&token) {
+            let accepted = state.secrets.is_enrollment_token(&token)
+                || crate::service::tokens::may_enroll(
+                    state,
+                    &token,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .await
+                .map_err(|e| WireError::new(e.kind(), e.to_string()))?;
+            if !accepted {
                 return Err(WireError::new(
                     ErrorKind::EnrollmentRefused,
-                    "enrollment token not accepted; set enrollment_token in the agent config to one of the server's \
-                     enrollment tokens",
+                    "enrollment token not accepted (wrong, expired or revoked); set enrollment_token in the agent \
+                     config to one of the server's enrollment tokens, or one made with \
+                     `uplift token create --role enrollment`",
                 ));
             }
             let key = parse_public_key(&public_key)?;
