@@ -507,6 +507,9 @@ pub enum RolloutCommand {
     Abort(RolloutTarget),
     /// Start a new rollout of the devices that failed or timed out in this one.
     Retry(RolloutTarget),
+    /// A rollout's devices: the phase each is in, whether it was offered
+    /// the release, and how its part ended.
+    Devices(RolloutTarget),
     /// List rollouts.
     List {
         #[arg(long)]
@@ -1093,6 +1096,32 @@ fn rollout_line(r: &RolloutView) -> String {
     line
 }
 
+/// A rollout's devices, one row each, by phase.
+pub fn members_table(members: &[uplift_proto::api::RolloutMember]) -> String {
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                (m.phase + 1).to_string(),
+                m.device_id.to_string(),
+                m.hardware_id.to_string(),
+                m.offered_at.clone().unwrap_or_else(|| "-".into()),
+                m.outcome.clone().unwrap_or_else(|| "-".into()),
+                m.running_version
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |v| v.to_string()),
+                m.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    crate::output::table(
+        &[
+            "PHASE", "DEVICE", "HARDWARE", "OFFERED", "OUTCOME", "RUNNING", "ERROR",
+        ],
+        &rows,
+    )
+}
+
 /// "rollout 5", "rollouts 5 and 7", or "a newer rollout" when the server
 /// did not say which.
 fn newer_rollouts(shares: &[uplift_proto::api::RolloutShare]) -> String {
@@ -1165,6 +1194,11 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
         }
         RolloutCommand::Abort(target) => command_rollout(target, RolloutCommandName::Abort).await,
         RolloutCommand::Retry(target) => command_rollout(target, RolloutCommandName::Retry).await,
+        RolloutCommand::Devices(target) => {
+            let members = target.server.client()?.rollout_members(target.id).await?;
+            print_as(target.json, &members, |m| members_table(m))?;
+            Ok(0)
+        }
         RolloutCommand::Status {
             id,
             watch: follow,

@@ -9,7 +9,7 @@ use common::*;
 use std::num::NonZeroU32;
 use std::time::Duration;
 use uplift_cli::fleet::Device;
-use uplift_proto::api::{DeviceView, PhaseTally, RolloutCreate};
+use uplift_proto::api::{DeviceView, PhaseTally, RolloutCreate, RolloutMember};
 use uplift_proto::channel::AgentState;
 use uplift_proto::policy::{PhaseReach, RolloutPolicy};
 use uplift_proto::SlotName;
@@ -110,6 +110,22 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
         failed: 0,
     };
     assert_eq!(held.phase_tallies, vec![tally(1, 1, 1), tally(3, 0, 0)]);
+    // Device by device, as `uplift rollout devices` lists them.
+    let members: Vec<RolloutMember> = uplift_json(&fx, &["rollout", "devices", &id.to_string()]);
+    let phases: Vec<(u32, bool, Option<&str>)> = members
+        .iter()
+        .map(|m| (m.phase, m.offered_at.is_some(), m.outcome.as_deref()))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            (0, true, Some("succeeded")),
+            (1, false, None),
+            (1, false, None),
+            (1, false, None)
+        ]
+    );
+    assert_eq!(members[0].running_version, Some(v("1.1")));
 
     let approved = operator(&fx, "approve", id);
     assert_eq!(approved.progress.unwrap().state, "running");

@@ -464,6 +464,25 @@ pub struct RolloutProgress {
     pub policy: crate::policy::RolloutPolicy,
 }
 
+/// One device's part in a rollout: `GET /api/v1/rollouts/{id}/devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutMember {
+    pub device_id: DeviceId,
+    pub hardware_id: HardwareId,
+    /// Its phase, decided when the rollout started (0-based; the last is
+    /// the final phase).
+    pub phase: u32,
+    /// When the rollout offered it the release, if it has.
+    pub offered_at: Option<String>,
+    /// How its part ended: `succeeded`, `failed`, `timed_out`,
+    /// `superseded` or `withdrawn`; absent while it has not.
+    pub outcome: Option<String>,
+    /// What the device reported when it failed.
+    pub error: Option<String>,
+    pub running_version: Option<Version>,
+    pub state: Option<AgentState>,
+}
+
 /// One phase's devices as the rollout's record of them says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PhaseTally {

@@ -68,6 +68,7 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/v1/patches/{hash}", put(upload_patch))
         .route(ROLLOUTS_PATH, get(list_rollouts).post(start_rollout))
         .route("/api/v1/rollouts/{id}", get(show_rollout))
+        .route("/api/v1/rollouts/{id}/devices", get(rollout_members))
         .route("/api/v1/rollouts/{id}/{command}", post(command_rollout))
         .route(STATS_PATH, get(stats))
         .route(METRICS_PATH, get(metrics))
@@ -326,6 +327,15 @@ async fn show_rollout(
         .parse()
         .map_err(|_| ApiError::bad_request(format!("rollout id {id:?} is not a number")))?;
     Ok(Json(service::rollouts::get(&state, id).await?))
+}
+
+async fn rollout_members(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Vec<RolloutMember>>, ApiError> {
+    let id = numeric_id("rollout", id)?;
+    Ok(Json(service::rollouts::members(&state, id).await?))
 }
 
 async fn command_rollout(

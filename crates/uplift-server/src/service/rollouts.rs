@@ -14,8 +14,8 @@ use crate::store::{
 use std::collections::HashMap;
 use time::OffsetDateTime;
 use uplift_proto::api::{
-    PhaseTally, RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutShare,
-    RolloutStatus, RolloutView,
+    PhaseTally, RolloutCommandName, RolloutCounts, RolloutCreate, RolloutMember, RolloutProgress,
+    RolloutShare, RolloutStatus, RolloutView,
 };
 use uplift_proto::auth::AuditAction;
 use uplift_proto::channel::AgentState;
@@ -185,6 +185,36 @@ pub async fn get(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
         .await?
         .ok_or(ServiceError::RolloutNotFound { id })?;
     view(state, rollout).await
+}
+
+/// Rollout `id`'s devices with their phase and how far each got, by phase
+/// then device.
+pub async fn members(state: &AppState, id: i64) -> ServiceResult<Vec<RolloutMember>> {
+    if state.store.rollout(id).await?.is_none() {
+        return Err(ServiceError::RolloutNotFound { id });
+    }
+    let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) =
+        state.store.rollout_members(id).await?.into_iter().unzip();
+    state.live.overlay(&mut devices);
+    let mut members: Vec<RolloutMember> = records
+        .into_iter()
+        .zip(devices)
+        .map(|(m, d)| RolloutMember {
+            device_id: d.id,
+            hardware_id: d.hardware_id,
+            phase: m.phase,
+            offered_at: m.offered_at,
+            outcome: m
+                .outcome
+                .and_then(|o| serde_json::to_value(o).ok())
+                .and_then(|v| v.as_str().map(str::to_owned)),
+            error: m.error,
+            running_version: d.running_version,
+            state: d.state,
+        })
+        .collect();
+    members.sort_by(|a, b| (a.phase, a.device_id.as_str()).cmp(&(b.phase, b.device_id.as_str())));
+    Ok(members)
 }
 
 /// Every rollout as it stands now, oldest first. Their devices come from
