@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use uplift_proto::api::device_manifest_path;
 use uplift_proto::channel::{
-    self, AgentMsg, AgentState, FrameError, Offer, Report, ServerMsg, MAX_FRAME_BYTES,
+    self, AgentMsg, AgentState, FrameError, Offer, Report, ServerMsg, FEATURES, MAX_FRAME_BYTES,
 };
 use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, WireError};
 
@@ -134,6 +134,7 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
                 device_id: device_id.clone(),
                 session_token: token,
                 enrolled,
+                features: FEATURES.to_vec(),
             },
         )
         .await?;
@@ -220,6 +221,7 @@ async fn authenticate(
             token,
             public_key,
             signature,
+            ..
         } => {
             if !state.secrets.is_enrollment_token(&token) {
                 return Err(WireError::new(
@@ -235,6 +237,7 @@ async fn authenticate(
         AgentMsg::Authenticate {
             device_id,
             signature,
+            ..
         } => {
             let device = state
                 .store
@@ -346,6 +349,8 @@ fn offer_for(target: Option<DeviceTarget>) -> ServerMsg {
             version: target.version,
             allow_downgrade: target.allow_downgrade,
             max_bytes_per_sec: target.limits.max_bytes_per_sec.map(|n| n.get()),
+            // No rollout holds a reboot yet.
+            hold_reboot: false,
         }),
         None => ServerMsg::NoUpdate,
     }
