@@ -225,7 +225,8 @@ pub struct Step {
     pub offer: Vec<DeviceId>,
     /// Devices whose part ended, with how, and the error they reported.
     pub settle: Vec<(DeviceId, Outcome, Option<String>)>,
-    /// Offers taken back because the rollout paused: see [`held`].
+    /// Offers taken back because the rollout paused or its download
+    /// window closed: see [`held`].
     pub hold: Vec<DeviceId>,
     /// What happened, for the audit log and the event stream.
     pub events: Vec<Event>,
@@ -260,6 +261,12 @@ pub fn step(rollout: Rollout<'_>, members: &[Member], now: OffsetDateTime) -> St
         })
         .collect();
     out.settle = settled;
+    if !rollout.downloads_open() {
+        // Outside a download window no download starts: devices offered
+        // that have not started (waiting in line for a download turn,
+        // offline) would otherwise start one when their turn comes.
+        out.hold = held(&members);
+    }
 
     let RolloutState::Running {
         phase,
@@ -377,10 +384,10 @@ fn advance(
 }
 
 /// Offered devices that have not started on the release (waiting for a
-/// download turn, offline, or not yet told): when the rollout pauses their
-/// offer is taken back, so a pause stops the release spreading, not only
-/// new offers; they are offered again when it resumes. Devices already
-/// working on it finish.
+/// download turn, offline, or not yet told): when the rollout pauses, or
+/// its download window closes, their offer is taken back, so the release
+/// stops spreading, not only new offers; they are offered again when it
+/// resumes or the window opens. Devices already working on it finish.
 fn held(members: &[Member]) -> Vec<DeviceId> {
     members
         .iter()
@@ -1107,6 +1114,53 @@ mod tests {
         assert_eq!(s.settle.len(), 1, "the device that finished is counted");
         assert_eq!(s.events, vec![Event::PhaseStarted { phase: 1 }]);
         assert!(s.offer.is_empty(), "the next phase waits for the window");
+    }
+
+    #[test]
+    fn when_a_download_window_closes_offers_not_started_are_taken_back_until_it_opens() {
+        // Ten devices offered at once; under a download limit two started,
+        // one finished, the rest wait in line for a turn.
+        let policy = with_window(phased(vec![]), WindowScope::Downloads);
+        let open = WindowNow::Open { since: T0 };
+        let mut state = RolloutState::start(T0);
+        let mut fleet = members(&[10]);
+        assert_eq!(
+            run_in(&policy, open, &mut state, &mut fleet, T0)
+                .offer
+                .len(),
+            10
+        );
+        fleet[0].live = Live::OnRelease;
+        fleet[1].live = Live::Working;
+        fleet[2].live = Live::Installed;
+        let s = run_in(&policy, WindowNow::Closed, &mut state, &mut fleet, secs(60));
+        assert_eq!(
+            s.hold,
+            (3..10).map(id).collect::<Vec<_>>(),
+            "no device in line starts a download outside the window"
+        );
+        assert_eq!(s.settle.len(), 1, "the finished device still counts");
+        assert!(
+            fleet[1].offered_at.is_some() && fleet[2].offered_at.is_some(),
+            "installs in progress finish"
+        );
+        assert_eq!(state.name(), "running", "closing is not a pause");
+        let s = run_in(&policy, WindowNow::Closed, &mut state, &mut fleet, secs(61));
+        assert_eq!(s, Step::default(), "nothing more while it stays closed");
+
+        let s = run_in(
+            &policy,
+            WindowNow::Open { since: secs(3600) },
+            &mut state,
+            &mut fleet,
+            secs(3600),
+        );
+        assert_eq!(
+            s.offer,
+            (3..10).map(id).collect::<Vec<_>>(),
+            "offered again when it opens"
+        );
+        assert!(s.hold.is_empty());
     }
 
     #[test]

@@ -151,7 +151,7 @@ async fn apply(
         tracing::info!(
             rollout = id,
             held = step.hold.len(),
-            "offers not started taken back until the rollout resumes"
+            "offers not started taken back until the rollout resumes or its window opens"
         );
         take_back(state, &step.hold, id);
     }
@@ -383,6 +383,47 @@ mod tests {
             go_at(&downloads, datetime!(2026-03-28 02:30 UTC)),
             Reboots::Free
         );
+    }
+
+    #[tokio::test]
+    async fn a_download_window_that_closes_takes_back_offers_not_started_and_offers_them_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        testing::release(&state, "2", "gw").await;
+        let device = testing::device(&state, "dev-1", "gw").await;
+        let mut policy = reboot_window("0 2 * * *", 60, "UTC");
+        policy.window.as_mut().unwrap().applies_to = WindowScope::Downloads;
+        let request = uplift_proto::api::RolloutCreate {
+            release: "2".parse().unwrap(),
+            devices: None,
+            allow_downgrade: false,
+            limits: Default::default(),
+            policy,
+        };
+        let id = crate::service::rollouts::start(
+            &state,
+            &crate::auth::Principal::bootstrap_admin(),
+            request,
+        )
+        .await
+        .unwrap()
+        .id;
+        let targeted = |state: &AppState| state.live.target(&device).map(|t| t.rollout_id);
+        advance(&state, id, datetime!(2026-12-04 02:10 UTC))
+            .await
+            .unwrap();
+        assert_eq!(targeted(&state), Some(id), "offered inside the window");
+        // The device never started (say, it waits for a download turn).
+        advance(&state, id, datetime!(2026-12-04 03:10 UTC))
+            .await
+            .unwrap();
+        assert_eq!(targeted(&state), None, "taken back when the window closed");
+        let stored = state.store.device(&device).await.unwrap().unwrap();
+        assert_eq!(stored.target_rollout, None, "in the database too");
+        advance(&state, id, datetime!(2026-12-05 02:00 UTC))
+            .await
+            .unwrap();
+        assert_eq!(targeted(&state), Some(id), "offered again when it opens");
     }
 
     #[tokio::test]
