@@ -73,17 +73,9 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
         .wait_for("the canary on 1.1", &refs, |views| on(views, "1.1") == 1)
         .await;
     assert_eq!(on(&views, "1.0"), 3);
-    let waiting = fx.client.rollout(id).await.unwrap().progress.unwrap();
     // The scheduler ticks every second; give it a few to notice the canary.
-    let mut state = waiting.state;
-    for _ in 0..10 {
-        if state == "awaiting_approval" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        state = fx.client.rollout(id).await.unwrap().progress.unwrap().state;
-    }
-    assert_eq!(state, "awaiting_approval");
+    let waiting = rollout_reaching(&fx, id, "awaiting_approval").await;
+    assert_eq!(waiting.progress.unwrap().state, "awaiting_approval");
     // Long enough for offers and downloads to start, were any made.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let views = fx.client.devices().await.unwrap();
@@ -131,15 +123,8 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
     assert_eq!(approved.progress.unwrap().state, "running");
     fx.wait_for("every device on 1.1", &refs, |views| on(views, "1.1") == 4)
         .await;
-    let mut done = fx.client.rollout(id).await.unwrap();
-    for _ in 0..10 {
-        if done.progress.as_ref().unwrap().state == "finished" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        done = fx.client.rollout(id).await.unwrap();
-    }
-    let progress = done.progress.unwrap();
+    let done = rollout_reaching(&fx, id, "finished").await;
+    let progress = done.progress.clone().unwrap();
     assert_eq!(progress.state, "finished");
     assert_eq!(progress.phase_tallies, vec![tally(1, 1, 1), tally(3, 3, 3)]);
     assert_eq!(done.counts.succeeded, 4);
@@ -190,15 +175,7 @@ async fn failures_in_the_first_phase_pause_the_rollout_before_the_rest_is_offere
         rolled_back(views) >= 1
     })
     .await;
-    let mut view = fx.client.rollout(id).await.unwrap();
-    for _ in 0..10 {
-        if view.progress.as_ref().unwrap().state == "paused" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        view = fx.client.rollout(id).await.unwrap();
-    }
-    let progress = view.progress.unwrap();
+    let progress = rollout_reaching(&fx, id, "paused").await.progress.unwrap();
     assert_eq!(progress.state, "paused", "{progress:#?}");
     let why = progress.paused_because.unwrap();
     assert!(

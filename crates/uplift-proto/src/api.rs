@@ -369,6 +369,10 @@ pub struct RolloutCounts {
     pub in_progress: u64,
     pub succeeded: u64,
     pub failed: u64,
+    /// Of those in progress: written and verified, waiting for the
+    /// rollout's reboot window to reboot into the release.
+    #[serde(default)]
+    pub awaiting_reboot: u64,
 }
 
 /// Where a rollout stands, derived from its devices.

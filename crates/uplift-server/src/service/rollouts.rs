@@ -605,6 +605,7 @@ pub fn classify(release: &Version, rollout_id: i64, d: &DeviceRecord) -> Option<
         Some(
             AgentState::Downloading
             | AgentState::Verifying
+            | AgentState::AwaitingReboot
             | AgentState::RebootPending
             | AgentState::Testing,
         ) if working_on_it => Outcome::InProgress,
@@ -630,7 +631,12 @@ impl Tally {
             match classify(release, rollout_id, d) {
                 None => tally.superseded += 1,
                 Some(Outcome::Pending) => tally.counts.pending += 1,
-                Some(Outcome::InProgress) => tally.counts.in_progress += 1,
+                Some(Outcome::InProgress) => {
+                    tally.counts.in_progress += 1;
+                    if d.state == Some(AgentState::AwaitingReboot) {
+                        tally.counts.awaiting_reboot += 1;
+                    }
+                }
                 Some(Outcome::Succeeded) => tally.counts.succeeded += 1,
                 Some(Outcome::Failed) => tally.counts.failed += 1,
             }
@@ -743,6 +749,7 @@ mod tests {
         for working in [
             AgentState::Downloading,
             AgentState::Verifying,
+            AgentState::AwaitingReboot,
             AgentState::RebootPending,
             AgentState::Testing,
         ] {
@@ -771,22 +778,29 @@ mod tests {
         let failed = device(Some(7), Some(AgentState::Failed), "1.0", Some("2.0"));
         let pending = device(Some(7), None, "1.0", None);
         let moved = device(Some(9), None, "1.0", None);
+        let held = device(
+            Some(7),
+            Some(AgentState::AwaitingReboot),
+            "1.0",
+            Some("2.0"),
+        );
 
         let tally = Tally::of(
             &release,
             7,
-            &[done.clone(), failed.clone(), pending, moved.clone()],
+            &[done.clone(), failed.clone(), pending, moved.clone(), held],
         );
         assert_eq!(
             tally.counts,
             RolloutCounts {
                 pending: 1,
-                in_progress: 0,
+                in_progress: 1,
                 succeeded: 1,
-                failed: 1
+                failed: 1,
+                awaiting_reboot: 1,
             }
         );
-        assert_eq!((tally.superseded, tally.total), (1, 4));
+        assert_eq!((tally.superseded, tally.total), (1, 5));
         assert_eq!(tally.status(), RolloutStatus::Running);
 
         let tally = Tally::of(&release, 7, &[done, failed, moved.clone()]);
