@@ -11,7 +11,7 @@ use common::*;
 use std::time::Duration;
 use time::OffsetDateTime;
 use uplift_cli::fleet::Device;
-use uplift_proto::api::{DeviceView, RolloutView};
+use uplift_proto::api::{DevicePage, DeviceView, RolloutView};
 use uplift_proto::channel::AgentState;
 use uplift_proto::SlotName;
 
@@ -109,7 +109,7 @@ async fn a_closed_reboot_window_holds_verified_slots_and_an_abort_withdraws_them
             awaiting_reboot(views) == 3
         })
         .await;
-    let listed: Vec<DeviceView> = uplift_json(&fx, &["devices", "list"]);
+    let listed: Vec<DeviceView> = uplift_json::<DevicePage>(&fx, &["devices", "list"]).devices;
     assert!(
         listed
             .iter()
