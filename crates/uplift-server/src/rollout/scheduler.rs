@@ -417,23 +417,7 @@ mod tests {
         let device = testing::device(&state, "dev-1", "gw").await;
         let mut policy = reboot_window("0 2 * * *", 60, "UTC");
         policy.window.as_mut().unwrap().applies_to = WindowScope::Downloads;
-        let request = uplift_proto::api::RolloutCreate {
-            release: "2".parse().unwrap(),
-            devices: None,
-            tags: None,
-            from_versions: Vec::new(),
-            allow_downgrade: false,
-            limits: Default::default(),
-            policy,
-        };
-        let id = crate::service::rollouts::start(
-            &state,
-            &crate::auth::Principal::bootstrap_admin(),
-            request,
-        )
-        .await
-        .unwrap()
-        .id;
+        let id = testing::start_rollout(&state, testing::rollout_request("2", None, policy)).await;
         let targeted = |state: &AppState| state.live.target(&device).map(|t| t.rollout_id);
         advance(&state, id, datetime!(2026-12-04 02:10 UTC))
             .await
@@ -462,23 +446,9 @@ mod tests {
                 testing::device(&state, "dev-1", "gw").await,
                 testing::device(&state, "dev-2", "gw").await,
             ];
-            let request = uplift_proto::api::RolloutCreate {
-                release: "2".parse().unwrap(),
-                devices: None,
-                tags: None,
-                from_versions: Vec::new(),
-                allow_downgrade: false,
-                limits: Default::default(),
-                policy: reboot_window("0 2 * * *", 60, "UTC"),
-            };
-            let id = crate::service::rollouts::start(
-                &state,
-                &crate::auth::Principal::bootstrap_admin(),
-                request,
-            )
-            .await
-            .unwrap()
-            .id;
+            let request =
+                testing::rollout_request("2", None, reboot_window("0 2 * * *", 60, "UTC"));
+            let id = testing::start_rollout(&state, request).await;
             let hold = |state: &AppState| {
                 devices
                     .iter()

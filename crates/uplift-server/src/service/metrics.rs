@@ -166,23 +166,12 @@ mod tests {
         );
         // A running rollout's progress, by how far its devices got.
         testing::release(&state, "2", "gw").await;
-        let started = crate::service::rollouts::start(
+        let id = testing::start_rollout(
             &state,
-            &crate::auth::Principal::bootstrap_admin(),
-            uplift_proto::api::RolloutCreate {
-                release: "2".parse().unwrap(),
-                devices: None,
-                tags: None,
-                from_versions: Vec::new(),
-                allow_downgrade: false,
-                limits: Default::default(),
-                policy: Default::default(),
-            },
+            testing::rollout_request("2", None, Default::default()),
         )
-        .await
-        .unwrap();
+        .await;
         let text = render(&state).await.unwrap();
-        let id = started.id;
         for (devices, n) in [
             ("targeted", 2),
             ("offered", 2),

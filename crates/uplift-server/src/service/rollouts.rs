@@ -817,15 +817,7 @@ mod tests {
     }
 
     fn create(release: &str, devices: Option<Vec<DeviceId>>) -> RolloutCreate {
-        RolloutCreate {
-            release: v(release),
-            devices,
-            tags: None,
-            from_versions: Vec::new(),
-            allow_downgrade: false,
-            limits: Default::default(),
-            policy: Default::default(),
-        }
+        testing::rollout_request(release, devices, Default::default())
     }
 
     #[tokio::test]
