@@ -457,8 +457,7 @@ impl Installer {
         )
         .await?;
 
-        self.switch_to_trial(
-            &bootenv,
+        self.record_verified(
             target,
             &manifest,
             &chunks,
@@ -618,6 +617,13 @@ async fn prepare_slot_for_writing(
             journal.pending = None;
             local.save_journal(&journal).map_err(state_err)?;
         }
+        // Nor may a verified slot awaiting its reboot stay recorded while
+        // it is overwritten.
+        let mut journal = local.journal().map_err(state_err)?;
+        if journal.awaiting_reboot.as_ref().is_some_and(|w| w.slot == target) {
+            journal.awaiting_reboot = None;
+            local.save_journal(&journal).map_err(state_err)?;
+        }
         let mut slots = local.slots().map_err(state_err)?;
         slots.set(target, None);
         local.save_slots(&slots).map_err(state_err)?;
@@ -627,26 +633,25 @@ async fn prepare_slot_for_writing(
 }
 
 impl Installer {
-    /// The commit point of an install, in crash-safe order: record what the slot
-    /// holds and what is pending first, then switch the boot environment in one
-    /// atomic write. A crash before the switch leaves the old slot booting.
-    async fn switch_to_trial(
+    /// The end of an install: the slot holds the release, every chunk
+    /// verified. Recorded (the chunk list, `slots.json`, and the journal's
+    /// `awaiting_reboot`) so that a restart knows it without reading the
+    /// slot; the boot environment is not touched: switching is the state
+    /// machine's decision ([`start_trial`]), at once or on the server's go.
+    async fn record_verified(
         &self,
-        bootenv: &BootEnvFile,
         target: SlotName,
         manifest: &Manifest,
         chunks: &[ChunkEntry],
         rollout_id: i64,
         running_image: Option<String>,
     ) -> Result<(), InstallError> {
-        let bootenv = bootenv.clone();
         let local = self.local.clone();
-        let attempts = self.config.trial_boot_attempts;
         let content = SlotContent {
             version: manifest.version.clone(),
             image_sha256: manifest.image.sha256.to_hex(),
         };
-        let pending = PendingInstall {
+        let verified = PendingInstall {
             slot: target,
             version: manifest.version.clone(),
             rollout_id,
@@ -665,21 +670,84 @@ impl Installer {
                 slots.set(target, Some(content));
                 local.save_slots(&slots).map_err(state_err)?;
                 let mut journal = local.journal().map_err(state_err)?;
-                journal.pending = Some(pending);
-                local.save_journal(&journal).map_err(state_err)?;
-                bootenv
-                    .update(|state| state.start_trial(target, attempts))
-                    .map_err(|e| InstallError::BootEnv(e.to_string()))?;
-                // After the switch the install has succeeded; a stale resume point
-                // (a crash or write error here) is harmless: the next install
-                // re-checks every journaled chunk in the slot by its hash.
-                if let Err(e) = local.save_install_progress(None) {
-                    tracing::warn!("cannot clear the resume point: {e:#}");
-                }
-                Ok(())
+                journal.awaiting_reboot = Some(verified);
+                local.save_journal(&journal).map_err(state_err)
+                // The resume point stays until the switch: a slot withdrawn
+                // before its reboot and offered again is re-checked chunk by
+                // chunk from the slot, not downloaded.
             })
             .await
     }
+}
+
+/// The commit point of an install, in crash-safe order: the journal says
+/// what is pending first, then one atomic boot environment write puts the
+/// verified slot on trial, then the slot no longer awaits its reboot. A
+/// crash before the switch leaves the old slot booting and the verified
+/// slot still awaiting the go; one after it reboots into the trial.
+pub async fn start_trial(
+    guard: &InstallGuard,
+    bootenv: &BootEnvFile,
+    local: &LocalState,
+    pending: PendingInstall,
+    tries: u32,
+) -> Result<(), InstallError> {
+    let bootenv = bootenv.clone();
+    let local = local.clone();
+    guard
+        .blocking(move || {
+            // Only a slot recorded as holding the verified release is tried.
+            let slots = local.slots().map_err(state_err)?;
+            if slots
+                .get(pending.slot)
+                .is_none_or(|c| c.version != pending.version)
+            {
+                return Err(InstallError::State(format!(
+                    "slot {} is not recorded as holding {} any more; not switching to it",
+                    pending.slot, pending.version
+                )));
+            }
+            let slot = pending.slot;
+            let mut journal = local.journal().map_err(state_err)?;
+            journal.pending = Some(pending);
+            local.save_journal(&journal).map_err(state_err)?;
+            bootenv
+                .update(|state| state.start_trial(slot, tries))
+                .map_err(|e| InstallError::BootEnv(e.to_string()))?;
+            // After the switch the install has succeeded; a stale record here
+            // (a crash or write error) is harmless: at start a trial of the
+            // slot wins over it, and the next install re-checks every
+            // journaled chunk in the slot by its hash.
+            journal.awaiting_reboot = None;
+            if let Err(e) = local.save_journal(&journal) {
+                tracing::warn!("cannot clear the slot's wait for its reboot: {e:#}");
+            }
+            if let Err(e) = local.save_install_progress(None) {
+                tracing::warn!("cannot clear the resume point: {e:#}");
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Forgets the verified slot awaiting its reboot (withdrawn by the
+/// server). The boot environment never pointed at it; the slot's bytes and
+/// its resume point stay, so the same release offered again is re-checked
+/// from the slot rather than downloaded.
+pub async fn withdraw_verified(
+    guard: &InstallGuard,
+    local: &LocalState,
+) -> Result<(), InstallError> {
+    let local = local.clone();
+    guard
+        .blocking(move || {
+            let mut journal = local.journal().map_err(state_err)?;
+            if journal.awaiting_reboot.take().is_some() {
+                local.save_journal(&journal).map_err(state_err)?;
+            }
+            Ok(())
+        })
+        .await
 }
 
 /// The start of an error body, read within `limit`: a hostile server must
@@ -736,6 +804,7 @@ mod tests {
             version,
             allow_downgrade,
             max_bytes_per_sec: None,
+            hold_reboot: false,
         }
     }
 

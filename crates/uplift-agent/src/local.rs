@@ -3,8 +3,9 @@
 //! - `device.key`: the device's ed25519 key, generated on first start;
 //! - `device-id`: the ID the server assigned;
 //! - `slots.json`: which version each slot holds (none while being written);
-//! - `journal.json`: the install waiting for its trial boot, and the last
-//!   release that failed here (never retried automatically);
+//! - `journal.json`: the install waiting for its trial boot, or for the
+//!   server's go to switch to it, and the last release that failed here
+//!   (never retried automatically);
 //! - `install-progress.json`: which chunks of the release being written are
 //!   durably in the inactive slot (ranges of chunk indices, since parallel
 //!   downloads finish out of order), so a restart fetches none of them again;
@@ -55,6 +56,12 @@ impl SlotTable {
 pub struct Journal {
     /// Installed into `slot` and switched to trial; waiting for the reboot.
     pub pending: Option<PendingInstall>,
+    /// Written and verified in `slot`, which the boot environment does not
+    /// point at: waiting for the server's go (a reboot window) before the
+    /// switch. Kept across restarts, so a device that restarts while
+    /// waiting neither downloads again nor switches without the go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting_reboot: Option<PendingInstall>,
     /// The last release that failed on this device and why.
     pub last_failure: Option<Failure>,
     /// Every release rolled back on this device: none is installed again

@@ -3,7 +3,7 @@
 //! the actions the runtime must perform. Every transition is unit-tested here
 //! (the approach of coreos/zincati).
 
-use crate::local::{Failure, Journal, SlotTable};
+use crate::local::{Failure, Journal, PendingInstall, SlotTable};
 use std::collections::BTreeSet;
 use uplift_bootenv::state::BootState;
 use uplift_proto::channel::{AgentState, Offer, Progress, Report};
@@ -32,6 +32,13 @@ pub enum Phase {
     RebootPending {
         version: Version,
     },
+    /// Written and verified in the other slot, which the boot environment
+    /// does not point at; waiting for the server's go (an offer of the
+    /// version without `hold_reboot`) before switching and rebooting.
+    AwaitingReboot {
+        version: Version,
+        rollout_id: i64,
+    },
     Failed {
         target: Version,
         error: WireError,
@@ -59,6 +66,8 @@ pub enum Event {
     Verifying {
         install: u64,
     },
+    /// The release is written and verified in the other slot and
+    /// recorded as awaiting its reboot; the boot environment is untouched.
     InstallDone {
         install: u64,
     },
@@ -68,6 +77,11 @@ pub enum Event {
     },
     /// The wait scheduled by [`Action::ScheduleRetry`] is over.
     RetryDue,
+    /// The boot environment now tries the verified slot at the next boot
+    /// (after [`Action::StartTrial`]).
+    TrialStarted,
+    /// [`Action::StartTrial`] failed; the boot environment is unchanged.
+    TrialFailed(WireError),
 }
 
 /// Install attempts per rollout and version before the agent gives up.
@@ -99,6 +113,13 @@ pub enum Action {
     /// Clear the bootloader's fallback mark and remember the failure.
     AcknowledgeFallback(Failure),
     StartInstall(Offer),
+    /// The go: switch the boot environment to try the verified slot at the
+    /// next boot (the install's commit point), then report
+    /// [`Event::TrialStarted`] or [`Event::TrialFailed`].
+    StartTrial(PendingInstall),
+    /// Forget the verified slot awaiting its reboot: the boot environment
+    /// never pointed at it, and now nothing will.
+    WithdrawVerified,
     /// Keep an install failure in the journal, so `uplift-agent status`
     /// shows it even when the server cannot be reached.
     RecordFailure(Failure),
@@ -216,6 +237,26 @@ impl Machine {
                 return (machine, vec![Action::Report, Action::Reboot]);
             }
         }
+        if let Some(waiting) = &journal.awaiting_reboot {
+            // Only a slot that still holds what was verified, that is not
+            // running and that the bootloader would not boot: anything else
+            // is a stale record, and the device starts as it is.
+            let holds_it = slots
+                .get(waiting.slot)
+                .is_some_and(|c| c.version == waiting.version);
+            if holds_it
+                && waiting.slot != booted
+                && boot.default_slot != waiting.slot
+                && boot.trial.is_none()
+                && waiting.version != running
+            {
+                machine.phase = Phase::AwaitingReboot {
+                    version: waiting.version.clone(),
+                    rollout_id: waiting.rollout_id,
+                };
+                return (machine, vec![Action::Report]);
+            }
+        }
         if let Some(f) = journal
             .last_failure
             .filter(|f| f.rolled_back && f.version != running)
@@ -284,14 +325,53 @@ impl Machine {
             }
             // The reboot is imminent; the server repeats its offer on reconnect.
             (Phase::RebootPending { .. }, Event::Offer(_) | Event::NoUpdate) => vec![],
-            (Phase::Installing { offer: current, .. }, Event::Offer(offer)) => {
-                if *current == offer {
+            (
+                Phase::Installing {
+                    offer: current,
+                    verifying,
+                },
+                Event::Offer(offer),
+            ) => {
+                if current.same_release(&offer) {
+                    // Only the reboot's hold changed: the install goes on,
+                    // and its end follows the newest word.
+                    self.phase = Phase::Installing {
+                        offer,
+                        verifying: *verifying,
+                    };
                     vec![]
                 } else {
                     let mut actions = vec![Action::CancelInstall];
                     actions.extend(self.consider(offer));
                     actions
                 }
+            }
+            (Phase::AwaitingReboot { version, .. }, Event::Offer(offer))
+                if offer.version == *version =>
+            {
+                // The same release (from this rollout or a newer one): the
+                // verified slot serves it, and the offer says hold or go.
+                let version = version.clone();
+                self.phase = Phase::AwaitingReboot {
+                    version: version.clone(),
+                    rollout_id: offer.rollout_id,
+                };
+                if offer.hold_reboot {
+                    vec![]
+                } else {
+                    vec![self.switch_to(version, offer.rollout_id)]
+                }
+            }
+            (Phase::AwaitingReboot { .. }, Event::Offer(offer)) => {
+                // Another version: the verified slot is not it.
+                let mut actions = vec![Action::WithdrawVerified];
+                actions.extend(self.consider(offer));
+                actions
+            }
+            (Phase::AwaitingReboot { .. }, Event::NoUpdate) => {
+                // Withdrawn (an abort): stay on the running OS.
+                self.phase = Phase::Idle;
+                vec![Action::WithdrawVerified, Action::Report]
             }
             (_, Event::Offer(offer)) => {
                 // Offers arrive only over a live channel: the server is
@@ -331,11 +411,63 @@ impl Machine {
             (Phase::Installing { offer, .. }, Event::InstallDone { install })
                 if install == self.install_id =>
             {
+                if offer.hold_reboot {
+                    self.phase = Phase::AwaitingReboot {
+                        version: offer.version.clone(),
+                        rollout_id: offer.rollout_id,
+                    };
+                    vec![Action::Report]
+                } else {
+                    vec![self.switch_to(offer.version.clone(), offer.rollout_id)]
+                }
+            }
+            (
+                Phase::Installing {
+                    offer: Offer { version, .. },
+                    ..
+                }
+                | Phase::AwaitingReboot { version, .. },
+                Event::TrialStarted,
+            ) => {
                 self.phase = Phase::RebootPending {
-                    version: offer.version.clone(),
+                    version: version.clone(),
                 };
                 vec![Action::Report, Action::Reboot]
             }
+            (Phase::Installing { .. }, Event::TrialFailed(error)) => {
+                // The install's commit point failed: like any failed
+                // install, and the verified slot is not kept waiting.
+                let mut actions = vec![Action::WithdrawVerified];
+                actions.extend(self.handle(Event::InstallFailed {
+                    install: self.install_id,
+                    error,
+                }));
+                actions
+            }
+            (
+                Phase::AwaitingReboot {
+                    version,
+                    rollout_id,
+                },
+                Event::TrialFailed(error),
+            ) => {
+                // Not retried on a timer (the boot environment fails the same
+                // way); a new rollout tries again.
+                let version = version.clone();
+                self.attempts = Some((*rollout_id, version.clone(), MAX_INSTALL_ATTEMPTS));
+                self.gave_up_with = Some(error.clone());
+                let record = Action::RecordFailure(Failure {
+                    version: version.clone(),
+                    error: error.clone(),
+                    rolled_back: false,
+                });
+                self.phase = Phase::Failed {
+                    target: version,
+                    error,
+                };
+                vec![Action::WithdrawVerified, Action::Report, record]
+            }
+            (_, Event::TrialStarted | Event::TrialFailed(_)) => vec![],
             (Phase::Installing { offer, .. }, Event::InstallFailed { install, error })
                 if install == self.install_id =>
             {
@@ -407,6 +539,16 @@ impl Machine {
             ) => vec![],
             (_, Event::HealthCheck(_)) => vec![],
         }
+    }
+
+    /// The go: try `version`, verified in the slot not running, at the
+    /// next boot.
+    fn switch_to(&self, version: Version, rollout_id: i64) -> Action {
+        Action::StartTrial(PendingInstall {
+            slot: self.booted.other(),
+            version,
+            rollout_id,
+        })
     }
 
     fn failed_attempts(&self, offer: &Offer) -> u32 {
@@ -522,6 +664,9 @@ impl Machine {
             Phase::RebootPending { version } => {
                 (AgentState::RebootPending, Some(version.clone()), None)
             }
+            Phase::AwaitingReboot { version, .. } => {
+                (AgentState::AwaitingReboot, Some(version.clone()), None)
+            }
             Phase::Failed { target, error } => (
                 AgentState::Failed,
                 Some(target.clone()),
@@ -565,7 +710,40 @@ mod tests {
             manifest_path: format!("/m/{version}"),
             allow_downgrade: false,
             max_bytes_per_sec: None,
+            hold_reboot: false,
         }
+    }
+
+    /// An offer of `version` that holds the reboot (a reboot window).
+    fn held(version: &str) -> Offer {
+        Offer {
+            hold_reboot: true,
+            ..offer(version)
+        }
+    }
+
+    /// What the go for `version` in rollout `rollout_id` switches to.
+    fn verified_in_b(version: &str, rollout_id: i64) -> PendingInstall {
+        PendingInstall {
+            slot: SlotName::B,
+            version: v(version),
+            rollout_id,
+        }
+    }
+
+    /// A device on 1.0 that wrote and verified 1.1 into slot B under a held
+    /// offer, waiting for the go.
+    fn awaiting_reboot() -> Machine {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(held("1.1")));
+        assert_eq!(
+            m.handle(Event::InstallDone {
+                install: m.install_id()
+            }),
+            vec![Action::Report],
+            "no switch and no reboot without the go"
+        );
+        m
     }
 
     fn content(version: &str) -> Option<SlotContent> {
@@ -606,8 +784,7 @@ mod tests {
                     version: v("1.1"),
                     rollout_id: 1,
                 }),
-                last_failure: None,
-                rolled_back: vec![],
+                ..Journal::default()
             },
             factory_version: v("1.0"),
         }
@@ -647,6 +824,11 @@ mod tests {
             m.handle(Event::InstallDone {
                 install: m.install_id()
             }),
+            vec![Action::StartTrial(verified_in_b("1.1", 1))],
+            "an offer that does not hold the reboot switches at once"
+        );
+        assert_eq!(
+            m.handle(Event::TrialStarted),
             vec![Action::Report, Action::Reboot]
         );
         assert_eq!(m.report().state, AgentState::RebootPending);
@@ -655,6 +837,199 @@ mod tests {
             &v("1.0"),
             "still running the old version until the reboot"
         );
+    }
+
+    #[test]
+    fn a_held_offer_is_installed_and_verified_then_waits_for_the_go() {
+        let mut m = awaiting_reboot();
+        let report = m.report();
+        assert_eq!(
+            (report.state, report.running_version, report.target_version),
+            (AgentState::AwaitingReboot, v("1.0"), Some(v("1.1")))
+        );
+        assert_eq!(
+            m.handle(Event::Offer(held("1.1"))),
+            vec![],
+            "the same hold again (a reconnect) changes nothing"
+        );
+        assert_eq!(m.handle(Event::RetryDue), vec![]);
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::StartTrial(verified_in_b("1.1", 1))],
+            "the go"
+        );
+        assert_eq!(
+            m.handle(Event::TrialStarted),
+            vec![Action::Report, Action::Reboot]
+        );
+        assert_eq!(m.report().state, AgentState::RebootPending);
+    }
+
+    #[test]
+    fn a_go_or_a_hold_that_arrives_during_the_download_is_followed_at_its_end() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(held("1.1")));
+        let install = m.install_id();
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![],
+            "not a new offer: the download goes on"
+        );
+        assert_eq!(m.install_id(), install);
+        assert_eq!(
+            m.handle(Event::InstallDone { install }),
+            vec![Action::StartTrial(verified_in_b("1.1", 1))]
+        );
+
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        assert_eq!(m.handle(Event::Offer(held("1.1"))), vec![]);
+        assert_eq!(
+            m.handle(Event::InstallDone {
+                install: m.install_id()
+            }),
+            vec![Action::Report]
+        );
+        assert_eq!(m.report().state, AgentState::AwaitingReboot);
+    }
+
+    #[test]
+    fn withdrawn_while_awaiting_its_reboot_the_device_drops_the_slot_and_stays_on_its_os() {
+        let mut m = awaiting_reboot();
+        assert_eq!(
+            m.handle(Event::NoUpdate),
+            vec![Action::WithdrawVerified, Action::Report]
+        );
+        let report = m.report();
+        assert_eq!(
+            (report.state, report.running_version, report.target_version),
+            (AgentState::Idle, v("1.0"), None)
+        );
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::StartInstall(offer("1.1")), Action::Report],
+            "offered again later, it is installed (and checked) again, never switched to unseen"
+        );
+    }
+
+    #[test]
+    fn another_release_offered_while_awaiting_the_reboot_replaces_the_verified_slot() {
+        let mut m = awaiting_reboot();
+        let newer = Offer {
+            rollout_id: 2,
+            ..held("1.2")
+        };
+        assert_eq!(
+            m.handle(Event::Offer(newer.clone())),
+            vec![
+                Action::WithdrawVerified,
+                Action::StartInstall(newer),
+                Action::Report
+            ]
+        );
+        // A rollout back to the running version withdraws it and idles.
+        let mut m = awaiting_reboot();
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.0"))),
+            vec![Action::WithdrawVerified, Action::Report]
+        );
+        assert_eq!(m.report().state, AgentState::Idle);
+    }
+
+    #[test]
+    fn a_newer_rollout_of_the_same_release_keeps_the_verified_slot() {
+        let mut m = awaiting_reboot();
+        let newer = |hold_reboot| Offer {
+            rollout_id: 2,
+            hold_reboot,
+            ..offer("1.1")
+        };
+        assert_eq!(m.handle(Event::Offer(newer(true))), vec![]);
+        assert_eq!(m.report().state, AgentState::AwaitingReboot);
+        assert_eq!(
+            m.handle(Event::Offer(newer(false))),
+            vec![Action::StartTrial(verified_in_b("1.1", 2))]
+        );
+    }
+
+    #[test]
+    fn a_restart_while_awaiting_the_reboot_keeps_waiting_and_never_switches_without_the_go() {
+        let mut facts = factory_facts();
+        facts.slots.b = content("1.1");
+        facts.journal.awaiting_reboot = Some(verified_in_b("1.1", 1));
+        let (mut m, actions) = Machine::start(facts.clone());
+        assert_eq!(actions, vec![Action::Report], "no switch, no reboot");
+        let report = m.report();
+        assert_eq!(
+            (report.state, report.running_version, report.booted_slot),
+            (AgentState::AwaitingReboot, v("1.0"), SlotName::A)
+        );
+        assert_eq!(m.handle(Event::Offer(held("1.1"))), vec![]);
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::StartTrial(verified_in_b("1.1", 1))]
+        );
+
+        // Killed after the journal named the pending install but before
+        // the boot environment switched: still waiting, not rebooting.
+        let mut crashed = facts.clone();
+        crashed.journal.pending = Some(verified_in_b("1.1", 1));
+        let (m, actions) = Machine::start(crashed);
+        assert_eq!(
+            (actions, m.report().state),
+            (vec![Action::Report], AgentState::AwaitingReboot)
+        );
+        // Killed after the switch: the trial wins, the device reboots.
+        let mut switched = facts.clone();
+        switched.journal.pending = Some(verified_in_b("1.1", 1));
+        switched.boot = switched.boot.start_trial(SlotName::B, 3).unwrap();
+        let (_, actions) = Machine::start(switched);
+        assert_eq!(actions, vec![Action::Report, Action::Reboot]);
+
+        // A stale record (the slot was since marked as being rewritten) is
+        // no reason to wait.
+        let mut stale = facts;
+        stale.slots.b = None;
+        let (m, _) = Machine::start(stale);
+        assert_eq!(m.report().state, AgentState::Idle);
+    }
+
+    #[test]
+    fn a_switch_that_fails_drops_the_verified_slot_and_is_not_retried_by_itself() {
+        let mut m = awaiting_reboot();
+        m.handle(Event::Offer(offer("1.1")));
+        let error = WireError::new(ErrorKind::BootEnv, "read-only /boot");
+        let actions = m.handle(Event::TrialFailed(error.clone()));
+        assert!(
+            matches!(&actions[..], [Action::WithdrawVerified, Action::Report, Action::RecordFailure(f)]
+                if f.error == error && !f.rolled_back),
+            "{actions:?}"
+        );
+        assert_eq!(m.report().state, AgentState::Failed);
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::Report],
+            "a repeated offer does not loop on a broken boot environment"
+        );
+        // The same at the end of an install that was not held.
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        m.handle(Event::InstallDone {
+            install: m.install_id(),
+        });
+        let actions = m.handle(Event::TrialFailed(error));
+        assert!(
+            matches!(
+                &actions[..],
+                [
+                    Action::WithdrawVerified,
+                    Action::Report,
+                    Action::RecordFailure(_)
+                ]
+            ),
+            "{actions:?}"
+        );
+        assert_eq!(m.report().state, AgentState::Failed);
     }
 
     #[test]

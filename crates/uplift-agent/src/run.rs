@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use uplift_bootenv::file::BootEnvFile;
-use uplift_proto::channel::{self, AgentMsg, Report, ServerMsg};
+use uplift_proto::channel::{self, AgentMsg, Report, ServerMsg, FEATURES};
 use uplift_proto::pace;
 use uplift_proto::{ErrorKind, SlotName};
 
@@ -184,6 +184,38 @@ pub async fn run(
                         event_tx.clone(),
                     );
                     install = Some(tokio::spawn(job));
+                }
+                Action::StartTrial(pending) => {
+                    tracing::info!(version = %pending.version, slot = %pending.slot, "switching the boot environment to try the verified slot");
+                    // A guard of its own on the shared lock: a cancelled
+                    // attempt's step still running finishes first.
+                    let guard = InstallGuard::new(slot_lock.clone());
+                    let event = match crate::install::start_trial(
+                        &guard,
+                        &bootenv,
+                        &local,
+                        pending,
+                        config.trial_boot_attempts,
+                    )
+                    .await
+                    {
+                        Ok(()) => Event::TrialStarted,
+                        Err(e) => {
+                            tracing::error!("cannot switch to the verified slot: {e}");
+                            Event::TrialFailed(e.to_wire())
+                        }
+                    };
+                    actions.extend(machine.handle(event));
+                }
+                Action::WithdrawVerified => {
+                    tracing::info!(
+                        "withdrawing the verified slot that waited for its reboot; staying on {}",
+                        machine.running()
+                    );
+                    let guard = InstallGuard::new(slot_lock.clone());
+                    if let Err(e) = crate::install::withdraw_verified(&guard, &local).await {
+                        tracing::error!("cannot withdraw the verified slot: {e}; the boot environment does not point at it");
+                    }
                 }
                 Action::RecordFailure(failure) => {
                     let local = local.clone();
@@ -445,6 +477,7 @@ impl Connection {
                         .sign(&channel::auth_message(&nonce, id.as_str()))
                         .to_bytes(),
                 ),
+                features: FEATURES.to_vec(),
             },
             None => {
                 let public_key = B64.encode(self.key.verifying_key().to_bytes());
@@ -462,6 +495,7 @@ impl Connection {
                             .to_bytes(),
                     ),
                     public_key,
+                    features: FEATURES.to_vec(),
                 }
             }
         };
@@ -475,11 +509,12 @@ impl Connection {
             Ok(Err(e)) => return retry(e.into()),
             Err(_) => return retry(anyhow::anyhow!("the server did not take the hello")),
         }
-        let token = match recv(&mut ws, Duration::from_secs(15)).await {
+        let (token, server_features) = match recv(&mut ws, Duration::from_secs(15)).await {
             Ok(ServerMsg::Welcome {
                 device_id,
                 session_token,
                 enrolled,
+                features,
             }) => {
                 if known_id.as_ref() != Some(&device_id) {
                     if let Err(e) = self.local.save_device_id(&device_id) {
@@ -491,7 +526,7 @@ impl Connection {
                 } else {
                     tracing::info!(device = %device_id, "connected");
                 }
-                session_token
+                (session_token, features)
             }
             Ok(ServerMsg::Error(err)) => {
                 let e = anyhow::anyhow!("server refused this device: {err}");
@@ -518,6 +553,7 @@ impl Connection {
                         return retry(anyhow::anyhow!("agent is stopping"));
                     }
                     let (n, report) = self.reports.borrow_and_update().clone();
+                    let report = report.for_server(&server_features);
                     let frame = Message::Text(channel::encode(&AgentMsg::Report(report)).into());
                     match tokio::time::timeout(SEND_TIMEOUT, ws.send(frame)).await {
                         Ok(Ok(())) => {}

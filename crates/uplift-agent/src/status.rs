@@ -100,7 +100,21 @@ impl Status {
                 p.version, p.slot
             );
         }
-        if let Some(p) = &self.install_progress {
+        if let Some(p) = &self.journal.awaiting_reboot {
+            out += &format!(
+                "awaiting reboot:  {} written and verified in slot {}, waiting for the server's go \
+                 (its reboot window); the boot environment does not point at it\n",
+                p.version, p.slot
+            );
+        }
+        // The resume point is kept while a verified slot waits for its
+        // reboot (a withdrawn slot offered again is re-checked, not fetched).
+        if let Some(p) = self.install_progress.as_ref().filter(|p| {
+            self.journal
+                .awaiting_reboot
+                .as_ref()
+                .is_none_or(|a| a.slot != p.slot)
+        }) {
             out += &format!(
                 "interrupted:      download into slot {} resumes after {:.1} MiB already verified\n",
                 p.slot,
@@ -191,6 +205,36 @@ mod tests {
             line(&text, "slot a:"),
             "slot a:           being written (see interrupted below)"
         );
+    }
+
+    #[test]
+    fn a_verified_slot_waiting_for_its_reboot_says_so_and_not_that_a_download_was_interrupted() {
+        let mut slots = SlotTable::default();
+        slots.set(
+            SlotName::B,
+            Some(SlotContent {
+                version: "1.1".parse().unwrap(),
+                image_sha256: "11".into(),
+            }),
+        );
+        let progress = InstallProgress {
+            slot: SlotName::B,
+            image_sha256: "11".into(),
+            verified_bytes: 0,
+            done: vec![[0, 16]],
+        };
+        let mut waiting = status(slots, Some(progress));
+        waiting.journal.awaiting_reboot = Some(crate::local::PendingInstall {
+            slot: SlotName::B,
+            version: "1.1".parse().unwrap(),
+            rollout_id: 3,
+        });
+        let text = waiting.render();
+        assert!(
+            line(&text, "awaiting reboot:").contains("1.1 written and verified in slot b"),
+            "{text}"
+        );
+        assert!(!text.contains("interrupted:"), "{text}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `uplift token ...`, `uplift audit` and `uplift whoami`: who may use the
 //! admin API, and what was done with it.
 
-use crate::cli::{print_json, ServerArgs};
+use crate::cli::{print_as, print_json, ServerArgs};
 use crate::output::table;
 use clap::{Args, Subcommand};
 use std::num::NonZeroU64;
@@ -141,19 +141,11 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<i32> {
         }
         TokenCommand::List { json, server } => {
             let tokens = server.client()?.tokens().await?;
-            if json {
-                print_json(&tokens)?;
-            } else {
-                println!("{}", tokens_table(&tokens));
-            }
+            print_as(json, &tokens, |t| tokens_table(t))?;
         }
         TokenCommand::Revoke { id, json, server } => {
             let token = server.client()?.revoke_token(id).await?;
-            if json {
-                print_json(&token)?;
-            } else {
-                println!("{}", tokens_table(std::slice::from_ref(&token)));
-            }
+            print_as(json, &token, |t| tokens_table(std::slice::from_ref(t)))?;
         }
     }
     Ok(0)
@@ -181,10 +173,6 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<i32> {
 
 pub async fn whoami(server: ServerArgs, json: bool) -> anyhow::Result<i32> {
     let caller = server.client()?.whoami().await?;
-    if json {
-        print_json(&caller)?;
-    } else {
-        println!("{} (role {})", caller.name, caller.role);
-    }
+    print_as(json, &caller, |c| format!("{} (role {})", c.name, c.role))?;
     Ok(0)
 }

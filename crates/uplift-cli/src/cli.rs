@@ -3,6 +3,7 @@
 use crate::client::AdminClient;
 use crate::demo::{self, DemoOptions};
 use crate::output::{mib, table};
+use crate::watch::awaiting_reboot;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -16,7 +17,9 @@ use uplift_proto::api::{
     TagSelector,
 };
 use uplift_proto::channel::AgentState;
-use uplift_proto::policy::{ErrorThreshold, PhaseReach, Ramp, RolloutPolicy, WindowSpec};
+use uplift_proto::policy::{
+    ErrorThreshold, PhaseReach, Ramp, RolloutPolicy, WindowScope, WindowSpec,
+};
 use uplift_proto::{DeviceId, DeviceType, Tag, Version};
 use uplift_release::build::{create_release, ReleaseOptions};
 use uplift_release::keys::{write_public_key_file, ReleaseSigningKey};
@@ -360,7 +363,8 @@ pub struct PolicyArgs {
     /// seconds counts as failed.
     #[arg(long, value_name = "SECONDS")]
     device_timeout_secs: Option<u64>,
-    /// Maintenance window: new downloads start only when it is open. A cron
+    /// Maintenance window: new downloads start only when it is open (or,
+    /// with --window-applies-to reboot, devices reboot only then). A cron
     /// schedule of its openings ("0 2 * * *"), with --window-minutes.
     #[arg(long, value_name = "CRON", requires = "window_minutes")]
     window: Option<String>,
@@ -369,6 +373,16 @@ pub struct PolicyArgs {
     /// The window's time zone (IANA name).
     #[arg(long, value_name = "ZONE", default_value = "UTC", requires = "window")]
     time_zone: String,
+    /// What the window governs: `downloads` (no new download starts outside
+    /// it) or `reboot` (devices download and verify at once, and reboot
+    /// into the release only inside it).
+    #[arg(
+        long,
+        value_name = "WHAT",
+        default_value = "downloads",
+        requires = "window"
+    )]
+    window_applies_to: WindowScope,
     /// Offer at most this many devices per minute at first (exponential
     /// ramp; with --ramp-factor-percent and --ramp-step-successes).
     #[arg(long, value_name = "N", requires_all = ["ramp_factor_percent", "ramp_step_successes"])]
@@ -409,6 +423,7 @@ impl PolicyArgs {
                     cron,
                     duration_minutes,
                     time_zone: self.time_zone,
+                    applies_to: self.window_applies_to,
                 }),
                 _ => None,
             },
@@ -507,6 +522,9 @@ pub enum RolloutCommand {
     Abort(RolloutTarget),
     /// Start a new rollout of the devices that failed or timed out in this one.
     Retry(RolloutTarget),
+    /// A rollout's devices: the phase each is in, whether it was offered
+    /// the release, and how its part ended.
+    Devices(RolloutTarget),
     /// List rollouts.
     List {
         #[arg(long)]
@@ -519,6 +537,20 @@ pub enum RolloutCommand {
 pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// Prints `value` as JSON (`--json`) or as the text `text` makes of it.
+pub(crate) fn print_as<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        print_json(value)
+    } else {
+        println!("{}", text(value));
+        Ok(())
+    }
 }
 
 /// Runs a command; the returned code is the process exit status.
@@ -1018,10 +1050,11 @@ fn rollout_line(r: &RolloutView) -> String {
         );
     }
     let mut line = format!(
-        "{head}: {} — {} succeeded, {} in progress, {} pending, {} failed of {}",
+        "{head}: {} — {} succeeded, {} in progress{}, {} pending, {} failed of {}",
         r.status,
         r.counts.succeeded,
         r.counts.in_progress,
+        awaiting_reboot(r),
         r.counts.pending,
         r.counts.failed,
         devices(r.devices_total)
@@ -1077,6 +1110,32 @@ fn rollout_line(r: &RolloutView) -> String {
         }
     }
     line
+}
+
+/// A rollout's devices, one row each, by phase.
+pub fn members_table(members: &[uplift_proto::api::RolloutMember]) -> String {
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                (m.phase + 1).to_string(),
+                m.device_id.to_string(),
+                m.hardware_id.to_string(),
+                m.offered_at.clone().unwrap_or_else(|| "-".into()),
+                m.outcome.clone().unwrap_or_else(|| "-".into()),
+                m.running_version
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |v| v.to_string()),
+                m.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    crate::output::table(
+        &[
+            "PHASE", "DEVICE", "HARDWARE", "OFFERED", "OUTCOME", "RUNNING", "ERROR",
+        ],
+        &rows,
+    )
 }
 
 /// "rollout 5", "rollouts 5 and 7", or "a newer rollout" when the server
@@ -1151,6 +1210,11 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
         }
         RolloutCommand::Abort(target) => command_rollout(target, RolloutCommandName::Abort).await,
         RolloutCommand::Retry(target) => command_rollout(target, RolloutCommandName::Retry).await,
+        RolloutCommand::Devices(target) => {
+            let members = target.server.client()?.rollout_members(target.id).await?;
+            print_as(target.json, &members, |m| members_table(m))?;
+            Ok(0)
+        }
         RolloutCommand::Status {
             id,
             watch: follow,
@@ -1198,6 +1262,7 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod rollout_output_tests {
     use super::*;
+    use crate::watch::waits_for_reboot_window;
     use uplift_proto::api::RolloutCounts;
 
     fn view(status: RolloutStatus, counts: RolloutCounts, superseded: u64) -> RolloutView {
@@ -1302,6 +1367,7 @@ mod rollout_output_tests {
             in_progress: 2,
             succeeded: 3,
             failed: 1,
+            awaiting_reboot: 0,
         };
         let r = view(RolloutStatus::Running, counts, 0);
         assert_eq!(
@@ -1309,5 +1375,35 @@ mod rollout_output_tests {
             "rollout 3 of 1.1 (gw): running — 3 succeeded, 2 in progress, 1 pending, 1 failed of 7 devices"
         );
         assert_eq!(rollout_exit_code(&r), 0, "not finished yet");
+        assert!(!waits_for_reboot_window(&r));
+    }
+
+    #[test]
+    fn devices_awaiting_their_reboot_window_are_counted_and_end_a_follow() {
+        let counts = RolloutCounts {
+            in_progress: 2,
+            succeeded: 1,
+            awaiting_reboot: 2,
+            ..Default::default()
+        };
+        let r = view(RolloutStatus::Running, counts, 0);
+        assert_eq!(
+            rollout_line(&r),
+            "rollout 3 of 1.1 (gw): running — 1 succeeded, 2 in progress (2 awaiting their reboot \
+             window), 0 pending, 0 failed of 3 devices"
+        );
+        assert!(
+            waits_for_reboot_window(&r),
+            "nothing happens before the window opens"
+        );
+        let downloading = RolloutCounts {
+            in_progress: 3,
+            ..counts
+        };
+        assert!(!waits_for_reboot_window(&view(
+            RolloutStatus::Running,
+            downloading,
+            0
+        )));
     }
 }

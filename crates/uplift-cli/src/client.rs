@@ -183,6 +183,15 @@ impl AdminClient {
             .await
     }
 
+    /// Rollout `id`'s devices, with their phase and how far each got.
+    pub async fn rollout_members(&self, id: i64) -> anyhow::Result<Vec<RolloutMember>> {
+        self.send(
+            self.http
+                .get(self.url(&format!("{ROLLOUTS_PATH}/{id}/devices"))?),
+        )
+        .await
+    }
+
     pub async fn command_rollout(
         &self,
         id: i64,

@@ -2,7 +2,7 @@
 //! `uplift webhook ...` (receivers of the same events, and their delivery
 //! log).
 
-use crate::cli::{print_json, ServerArgs};
+use crate::cli::{print_as, print_json, ServerArgs};
 use crate::output::table;
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
@@ -205,19 +205,11 @@ pub async fn webhook(cmd: WebhookCommand) -> anyhow::Result<i32> {
         }
         WebhookCommand::List { json, server } => {
             let hooks = server.client()?.webhooks().await?;
-            if json {
-                print_json(&hooks)?;
-            } else {
-                println!("{}", webhooks_table(&hooks));
-            }
+            print_as(json, &hooks, |h| webhooks_table(h))?;
         }
         WebhookCommand::Remove { id, json, server } => {
             let hook = server.client()?.remove_webhook(id).await?;
-            if json {
-                print_json(&hook)?;
-            } else {
-                println!("{}", webhooks_table(std::slice::from_ref(&hook)));
-            }
+            print_as(json, &hook, |h| webhooks_table(std::slice::from_ref(h)))?;
         }
         WebhookCommand::Deliveries {
             id,
@@ -226,11 +218,7 @@ pub async fn webhook(cmd: WebhookCommand) -> anyhow::Result<i32> {
             server,
         } => {
             let deliveries = server.client()?.deliveries(id, limit).await?;
-            if json {
-                print_json(&deliveries)?;
-            } else {
-                println!("{}", deliveries_table(&deliveries));
-            }
+            print_as(json, &deliveries, |d| deliveries_table(d))?;
         }
     }
     Ok(0)

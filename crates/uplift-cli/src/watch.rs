@@ -1,6 +1,7 @@
 //! `uplift rollout status --watch`: a rollout live, with one progress bar
 //! per phase for a phased rollout (one for the whole rollout otherwise),
-//! until no device is pending or in progress, or an operator must act.
+//! until no device is pending or in progress, an operator must act, or all
+//! that is left waits for a reboot window.
 
 use crate::client::AdminClient;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -20,8 +21,24 @@ pub fn waits_for_operator(r: &RolloutView) -> bool {
         .is_some_and(|p| matches!(p.state.as_str(), "paused" | "awaiting_approval" | "aborted"))
 }
 
+/// " (N awaiting their reboot window)", or nothing when none is.
+pub fn awaiting_reboot(r: &RolloutView) -> String {
+    match r.counts.awaiting_reboot {
+        0 => String::new(),
+        n => format!(" ({n} awaiting their reboot window)"),
+    }
+}
+
+/// Every device still at work holds the release verified and waits for
+/// the reboot window: nothing happens until it opens, which may be hours.
+pub fn waits_for_reboot_window(r: &RolloutView) -> bool {
+    r.counts.awaiting_reboot > 0
+        && r.counts.pending == 0
+        && r.counts.in_progress == r.counts.awaiting_reboot
+}
+
 fn still_moving(r: &RolloutView) -> bool {
-    r.status == RolloutStatus::Running && !waits_for_operator(r)
+    r.status == RolloutStatus::Running && !waits_for_operator(r) && !waits_for_reboot_window(r)
 }
 
 /// What phase `index`'s bar says beside its count of succeeded devices.
@@ -92,8 +109,11 @@ impl Bars {
     fn show(&self, view: &RolloutView) {
         self.head.set_position(view.counts.succeeded);
         self.head.set_message(format!(
-            "({} in progress, {} pending, {} failed)",
-            view.counts.in_progress, view.counts.pending, view.counts.failed
+            "({} in progress{}, {} pending, {} failed)",
+            view.counts.in_progress,
+            awaiting_reboot(view),
+            view.counts.pending,
+            view.counts.failed
         ));
         if let Some(progress) = &view.progress {
             for (i, bar) in self.phases.iter().enumerate() {

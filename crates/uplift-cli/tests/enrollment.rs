@@ -91,3 +91,42 @@ async fn a_device_claiming_another_devices_id_is_refused_and_the_other_is_unaffe
         "the honest device's channel was not displaced"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrollment_token_made_by_an_admin_enrolls_until_it_is_revoked() {
+    let fx = Fixture::start();
+    let line: uplift_proto::auth::TokenCreated = uplift_json(
+        &fx,
+        &[
+            "token",
+            "create",
+            "--name",
+            "factory-line-2",
+            "--role",
+            "enrollment",
+            "--expires-in",
+            "7d",
+        ],
+    );
+    let mut spec = fx.spec("hw-line2-a");
+    spec.enrollment_token = line.secret.clone();
+    let first = fx.device("line2-a", spec);
+    fx.wait_enrolled(&first).await;
+
+    uplift(&fx, &["token", "revoke", &line.token.id.to_string()]);
+    let mut spec = fx.spec("hw-line2-b");
+    spec.enrollment_token = line.secret.clone();
+    let mut late = fx.device("line2-b", spec);
+    let status = late
+        .wait_exit(WAIT)
+        .expect("a revoked token enrolls no more");
+    assert_eq!(status.code(), Some(AUTH_ERROR_EXIT), "{}", late.log());
+    assert!(late.log().contains("enrollment_refused"), "{}", late.log());
+    let devices = fx.client.devices().await.unwrap();
+    assert_eq!(
+        devices.len(),
+        1,
+        "only the device enrolled before the revocation"
+    );
+    assert_eq!(devices[0].hardware_id.as_str(), "hw-line2-a");
+}

@@ -9,7 +9,7 @@ use common::*;
 use std::num::NonZeroU32;
 use std::time::Duration;
 use uplift_cli::fleet::Device;
-use uplift_proto::api::{DeviceView, PhaseTally, RolloutCreate};
+use uplift_proto::api::{DeviceView, PhaseTally, RolloutCreate, RolloutMember};
 use uplift_proto::channel::AgentState;
 use uplift_proto::policy::{PhaseReach, RolloutPolicy};
 use uplift_proto::SlotName;
@@ -73,17 +73,9 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
         .wait_for("the canary on 1.1", &refs, |views| on(views, "1.1") == 1)
         .await;
     assert_eq!(on(&views, "1.0"), 3);
-    let waiting = fx.client.rollout(id).await.unwrap().progress.unwrap();
     // The scheduler ticks every second; give it a few to notice the canary.
-    let mut state = waiting.state;
-    for _ in 0..10 {
-        if state == "awaiting_approval" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        state = fx.client.rollout(id).await.unwrap().progress.unwrap().state;
-    }
-    assert_eq!(state, "awaiting_approval");
+    let waiting = rollout_reaching(&fx, id, "awaiting_approval").await;
+    assert_eq!(waiting.progress.unwrap().state, "awaiting_approval");
     // Long enough for offers and downloads to start, were any made.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let views = fx.client.devices().await.unwrap();
@@ -110,20 +102,29 @@ async fn the_next_phase_starts_only_after_the_canary_succeeds_and_an_operator_ap
         failed: 0,
     };
     assert_eq!(held.phase_tallies, vec![tally(1, 1, 1), tally(3, 0, 0)]);
+    // Device by device, as `uplift rollout devices` lists them.
+    let members: Vec<RolloutMember> = uplift_json(&fx, &["rollout", "devices", &id.to_string()]);
+    let phases: Vec<(u32, bool, Option<&str>)> = members
+        .iter()
+        .map(|m| (m.phase, m.offered_at.is_some(), m.outcome.as_deref()))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            (0, true, Some("succeeded")),
+            (1, false, None),
+            (1, false, None),
+            (1, false, None)
+        ]
+    );
+    assert_eq!(members[0].running_version, Some(v("1.1")));
 
     let approved = operator(&fx, "approve", id);
     assert_eq!(approved.progress.unwrap().state, "running");
     fx.wait_for("every device on 1.1", &refs, |views| on(views, "1.1") == 4)
         .await;
-    let mut done = fx.client.rollout(id).await.unwrap();
-    for _ in 0..10 {
-        if done.progress.as_ref().unwrap().state == "finished" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        done = fx.client.rollout(id).await.unwrap();
-    }
-    let progress = done.progress.unwrap();
+    let done = rollout_reaching(&fx, id, "finished").await;
+    let progress = done.progress.clone().unwrap();
     assert_eq!(progress.state, "finished");
     assert_eq!(progress.phase_tallies, vec![tally(1, 1, 1), tally(3, 3, 3)]);
     assert_eq!(done.counts.succeeded, 4);
@@ -174,15 +175,7 @@ async fn failures_in_the_first_phase_pause_the_rollout_before_the_rest_is_offere
         rolled_back(views) >= 1
     })
     .await;
-    let mut view = fx.client.rollout(id).await.unwrap();
-    for _ in 0..10 {
-        if view.progress.as_ref().unwrap().state == "paused" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        view = fx.client.rollout(id).await.unwrap();
-    }
-    let progress = view.progress.unwrap();
+    let progress = rollout_reaching(&fx, id, "paused").await.progress.unwrap();
     assert_eq!(progress.state, "paused", "{progress:#?}");
     let why = progress.paused_because.unwrap();
     assert!(

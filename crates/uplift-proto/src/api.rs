@@ -406,6 +406,10 @@ pub struct RolloutCounts {
     pub in_progress: u64,
     pub succeeded: u64,
     pub failed: u64,
+    /// Of those in progress: written and verified, waiting for the
+    /// rollout's reboot window to reboot into the release.
+    #[serde(default)]
+    pub awaiting_reboot: u64,
 }
 
 /// Where a rollout stands, derived from its devices.
@@ -503,6 +507,26 @@ pub struct RolloutProgress {
     /// The whole engine state and policy, as stored.
     pub detail: serde_json::Value,
     pub policy: crate::policy::RolloutPolicy,
+}
+
+/// One device's part in a rollout: `GET /api/v1/rollouts/{id}/devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RolloutMember {
+    pub device_id: DeviceId,
+    pub hardware_id: HardwareId,
+    /// Its phase, decided when the rollout started (0-based; the last is
+    /// the final phase).
+    pub phase: u32,
+    /// When the rollout offered it the release, if it has.
+    pub offered_at: Option<String>,
+    /// How its part ended: `succeeded`, `failed`, `timed_out`,
+    /// `superseded` or `withdrawn`; absent while it has not.
+    pub outcome: Option<String>,
+    /// What the device reported when it failed.
+    pub error: Option<String>,
+    pub running_version: Option<Version>,
+    pub state: Option<AgentState>,
 }
 
 /// One phase's devices as the rollout's record of them says.

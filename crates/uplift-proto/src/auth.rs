@@ -38,6 +38,10 @@ pub enum Role {
     ReleaseManager,
     /// Everything, including API tokens and the audit log.
     Admin,
+    /// Enrolls devices (an agent's `enrollment_token`): nothing on the
+    /// admin API. Made per factory line or batch, with an expiry, and
+    /// revoked when the batch is done.
+    Enrollment,
 }
 
 impl Role {
@@ -51,6 +55,7 @@ impl Role {
             Role::Viewer => matches!(permission, Permission::Read),
             Role::Operator => matches!(permission, Permission::Read | Permission::Operate),
             Role::ReleaseManager => matches!(permission, Permission::Read | Permission::Release),
+            Role::Enrollment => false,
         }
     }
 

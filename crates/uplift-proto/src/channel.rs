@@ -12,6 +12,13 @@
 //! agent  -> server report {...}          (at once, then on every change)
 //! server -> agent  offer {...} | no_update (at once, then whenever the target changes)
 //! ```
+//!
+//! The version `v` stays 1 while the protocol grows compatibly: a new field
+//! is optional with a default an older peer's meaning, and a behaviour an
+//! older peer would misread (an offer that holds the reboot) is used only
+//! when the peer announced it understands it: each side lists its
+//! [`Feature`]s in its first frame (`enroll`/`authenticate`, `welcome`).
+//! A peer that lists none is an older build and is spoken to as one.
 
 use crate::error::{ErrorKind, WireError};
 use crate::names::{DeviceId, DeviceType, HardwareId, SlotName, Version};
@@ -50,6 +57,9 @@ pub enum ServerMsg {
         device_id: DeviceId,
         session_token: String,
         enrolled: bool,
+        /// What this server understands beyond protocol version 1's start.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<Feature>,
     },
     /// The version this device should run.
     Offer(Offer),
@@ -74,7 +84,41 @@ pub struct Offer {
     /// keeps to the lower of this and its own `[download] max_bytes_per_sec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes_per_sec: Option<u64>,
+    /// Write and verify the release, then keep it pending: do not switch
+    /// the boot environment to it or reboot until an offer of the same
+    /// version without this flag (the go) arrives; `no_update` or an offer
+    /// of another version withdraws it. Sent only to agents that list
+    /// [`Feature::HoldReboot`] (an older agent would reboot at once).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold_reboot: bool,
 }
+
+impl Offer {
+    /// Whether `other` offers the same thing, whatever it says about the
+    /// reboot: a change of only `hold_reboot` is a go (or a hold), not a
+    /// new offer.
+    pub fn same_release(&self, other: &Offer) -> bool {
+        Offer {
+            hold_reboot: other.hold_reboot,
+            ..self.clone()
+        } == *other
+    }
+}
+
+/// Something a peer understands beyond protocol version 1 as first
+/// released. Unknown names (from a newer peer) are kept as
+/// [`Feature::Unknown`] and mean nothing here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Feature {
+    /// Offers with `hold_reboot`, and the `awaiting_reboot` state.
+    HoldReboot,
+    #[serde(other)]
+    Unknown,
+}
+
+/// What this build understands; both sides announce it.
+pub const FEATURES: &[Feature] = &[Feature::HoldReboot];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -87,11 +131,16 @@ pub enum AgentMsg {
         public_key: String,
         /// Signature (base64) over [`auth_message`]`(nonce, public_key)`.
         signature: String,
+        /// What this agent understands beyond protocol version 1's start.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<Feature>,
     },
     Authenticate {
         device_id: DeviceId,
         /// Signature (base64) over [`auth_message`]`(nonce, device_id)`.
         signature: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<Feature>,
     },
     Report(Report),
 }
@@ -108,6 +157,10 @@ pub enum AgentState {
     /// New version written to the inactive slot and set to be tried on the
     /// next boot.
     RebootPending,
+    /// New version written to the inactive slot and verified; the boot
+    /// environment does not point at it and the agent waits for the
+    /// server's go (an offer without `hold_reboot`) to reboot into it.
+    AwaitingReboot,
     /// Booted the trial slot; running the health check before committing.
     Testing,
     /// The last attempt failed; see `error`. The device runs `running_version`.
@@ -123,6 +176,7 @@ impl AgentState {
             AgentState::Downloading => "downloading",
             AgentState::Verifying => "verifying",
             AgentState::RebootPending => "reboot_pending",
+            AgentState::AwaitingReboot => "awaiting_reboot",
             AgentState::Testing => "testing",
             AgentState::Failed => "failed",
             AgentState::RolledBack => "rolled_back",
@@ -139,6 +193,20 @@ pub struct Report {
     pub target_version: Option<Version>,
     pub progress: Option<Progress>,
     pub error: Option<WireError>,
+}
+
+impl Report {
+    /// The report as a server that lists `features` can read it. A server
+    /// without [`Feature::HoldReboot`] (one downgraded while this agent held
+    /// a verified slot) does not know `awaiting_reboot` and would refuse the
+    /// frame; to it the agent is still `verifying`, the nearest state it
+    /// knows (written, not yet switched). Its next offer decides.
+    pub fn for_server(mut self, features: &[Feature]) -> Report {
+        if self.state == AgentState::AwaitingReboot && !features.contains(&Feature::HoldReboot) {
+            self.state = AgentState::Verifying;
+        }
+        self
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,18 +281,95 @@ pub fn decode<T: DeserializeOwned>(frame: &str) -> Result<T, FrameError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn messages_round_trip_with_version() {
-        let msg = ServerMsg::Offer(Offer {
+    /// An offer of 1.1 in rollout 7, as an older server sends it.
+    fn offer() -> Offer {
+        Offer {
             rollout_id: 7,
             version: "1.1".parse().unwrap(),
             manifest_path: "/v1/device/releases/1.1/manifest".into(),
             allow_downgrade: false,
             max_bytes_per_sec: None,
-        });
+            hold_reboot: false,
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_with_version() {
+        let msg = ServerMsg::Offer(offer());
         let frame = encode(&msg);
         assert!(frame.contains("\"v\":1"), "{frame}");
+        assert!(
+            !frame.contains("hold_reboot"),
+            "an older agent's offer: {frame}"
+        );
         assert_eq!(decode::<ServerMsg>(&frame).unwrap(), msg);
+    }
+
+    #[test]
+    fn features_are_optional_both_ways_and_unknown_ones_are_kept_as_unknown() {
+        // An older agent's hello, without features, is read as having none.
+        let old = r#"{"v":1,"type":"authenticate","device_id":"dev-1","signature":"c2ln"}"#;
+        let AgentMsg::Authenticate { features, .. } = decode::<AgentMsg>(old).unwrap() else {
+            panic!("an authenticate frame")
+        };
+        assert!(features.is_empty());
+        // A newer agent's feature this build does not know is not an error.
+        let newer = r#"{"v":1,"type":"authenticate","device_id":"dev-1","signature":"c2ln",
+            "features":["hold_reboot","teleport"]}"#;
+        let AgentMsg::Authenticate { features, .. } = decode::<AgentMsg>(newer).unwrap() else {
+            panic!("an authenticate frame")
+        };
+        assert_eq!(features, vec![Feature::HoldReboot, Feature::Unknown]);
+        // An older server's welcome says nothing about features.
+        let welcome =
+            r#"{"v":1,"type":"welcome","device_id":"dev-1","session_token":"t","enrolled":false}"#;
+        assert!(matches!(
+            decode::<ServerMsg>(welcome).unwrap(),
+            ServerMsg::Welcome { features, .. } if features.is_empty()
+        ));
+    }
+
+    #[test]
+    fn a_held_offer_differs_from_the_go_only_in_its_flag() {
+        let go = offer();
+        let held = Offer {
+            hold_reboot: true,
+            ..go.clone()
+        };
+        let frame = encode(&ServerMsg::Offer(held.clone()));
+        assert!(frame.contains("\"hold_reboot\":true"), "{frame}");
+        assert!(held.same_release(&go) && go.same_release(&held));
+        let other = Offer {
+            rollout_id: 8,
+            ..go.clone()
+        };
+        assert!(!held.same_release(&other));
+    }
+
+    #[test]
+    fn a_server_without_the_feature_is_told_verifying_instead_of_awaiting_reboot() {
+        let report = Report {
+            state: AgentState::AwaitingReboot,
+            running_version: "1.0".parse().unwrap(),
+            booted_slot: SlotName::A,
+            target_version: Some("1.1".parse().unwrap()),
+            progress: None,
+            error: None,
+        };
+        assert_eq!(report.clone().for_server(&[]).state, AgentState::Verifying);
+        assert_eq!(
+            report.for_server(FEATURES).state,
+            AgentState::AwaitingReboot
+        );
+        assert!(encode(&AgentMsg::Report(Report {
+            state: AgentState::AwaitingReboot,
+            running_version: "1.0".parse().unwrap(),
+            booted_slot: SlotName::A,
+            target_version: None,
+            progress: None,
+            error: None,
+        }))
+        .contains("\"state\":\"awaiting_reboot\""));
     }
 
     #[test]

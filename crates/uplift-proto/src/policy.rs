@@ -101,7 +101,8 @@ pub struct RolloutPolicy {
     pub device_timeout_seconds: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ramp: Option<Ramp>,
-    /// When devices may start downloading; any time when absent.
+    /// When devices may start downloading, or only reboot into the
+    /// release ([`WindowSpec::applies_to`]); any time when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<WindowSpec>,
     /// Devices of the release's type that enroll while the rollout runs
@@ -124,6 +125,55 @@ pub struct WindowSpec {
     pub duration_minutes: u32,
     #[serde(default = "utc")]
     pub time_zone: String,
+    /// What the window governs: when downloads may start (the default), or
+    /// only when devices may reboot into the release they have already
+    /// downloaded and verified.
+    #[serde(default, skip_serializing_if = "WindowScope::is_downloads")]
+    pub applies_to: WindowScope,
+}
+
+/// What a maintenance window governs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum WindowScope {
+    /// Outside the window no new download starts; installs in progress
+    /// finish, and a device reboots into the release as soon as it is
+    /// written.
+    #[default]
+    Downloads,
+    /// Devices are offered the release at once (as phases and limits
+    /// allow), download, write and verify it, and then wait: they reboot
+    /// into it only while the window is open.
+    Reboot,
+}
+
+impl WindowScope {
+    pub fn is_downloads(&self) -> bool {
+        *self == WindowScope::Downloads
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WindowScope::Downloads => "downloads",
+            WindowScope::Reboot => "reboot",
+        }
+    }
+}
+
+impl std::str::FromStr for WindowScope {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "downloads" => Ok(WindowScope::Downloads),
+            "reboot" => Ok(WindowScope::Reboot),
+            other => Err(format!(
+                "{other:?}: a window applies to \"downloads\" (new downloads start only in it) \
+                 or \"reboot\" (devices download at once and reboot only in it)"
+            )),
+        }
+    }
 }
 
 fn utc() -> String {
@@ -138,6 +188,11 @@ pub struct PolicyError(String);
 impl RolloutPolicy {
     pub fn success_percent(&self) -> u8 {
         self.success_percent.unwrap_or(100)
+    }
+
+    /// What the rollout's window governs, if it has one.
+    pub fn window_scope(&self) -> Option<WindowScope> {
+        self.window.as_ref().map(|w| w.applies_to)
     }
 
     /// Checks what serde cannot: ranges and the order of phases.
@@ -235,6 +290,29 @@ mod tests {
         assert_eq!(policy.error_threshold, ErrorThreshold::default());
         assert!(policy.check().is_ok());
         assert!(serde_json::from_str::<RolloutPolicy>(r#"{"phasse":[]}"#).is_err());
+    }
+
+    #[test]
+    fn a_window_governs_downloads_unless_it_says_reboot() {
+        let policy: RolloutPolicy =
+            serde_json::from_str(r#"{"window":{"cron":"0 2 * * *","duration_minutes":60}}"#)
+                .unwrap();
+        assert_eq!(policy.window_scope(), Some(WindowScope::Downloads));
+        assert!(
+            !serde_json::to_string(&policy)
+                .unwrap()
+                .contains("applies_to"),
+            "a download window is stored as before"
+        );
+        let policy: RolloutPolicy = serde_json::from_str(
+            r#"{"window":{"cron":"0 2 * * *","duration_minutes":60,"applies_to":"reboot"}}"#,
+        )
+        .unwrap();
+        assert_eq!(policy.window_scope(), Some(WindowScope::Reboot));
+        assert_eq!(RolloutPolicy::default().window_scope(), None);
+        assert_eq!("reboot".parse(), Ok(WindowScope::Reboot));
+        let err = "reboots".parse::<WindowScope>().unwrap_err();
+        assert!(err.contains("\"downloads\""), "{err}");
     }
 
     #[test]

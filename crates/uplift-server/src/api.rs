@@ -70,6 +70,7 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/v1/patches/{hash}", put(upload_patch))
         .route(ROLLOUTS_PATH, get(list_rollouts).post(start_rollout))
         .route("/api/v1/rollouts/{id}", get(show_rollout))
+        .route("/api/v1/rollouts/{id}/devices", get(rollout_members))
         .route("/api/v1/rollouts/{id}/{command}", post(command_rollout))
         .route(STATS_PATH, get(stats))
         .route(METRICS_PATH, get(metrics))
@@ -443,6 +444,24 @@ async fn show_rollout(
         .parse()
         .map_err(|_| ApiError::bad_request(format!("rollout id {id:?} is not a number")))?;
     Ok(Json(service::rollouts::get(&state, id).await?))
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/rollouts/{id}/devices", tag = "rollouts",
+    params(("id" = i64, Path, description = "The rollout's ID")),
+    responses(
+        (status = 200, description = "Each device of the rollout: its phase, offer, outcome and error", body = Vec<RolloutMember>),
+        (status = 404, description = "No such rollout", body = WireError),
+    ),
+    security(("bearer" = ["read"]))
+)]
+async fn rollout_members(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Vec<RolloutMember>>, ApiError> {
+    let id = numeric_id("rollout", id)?;
+    Ok(Json(service::rollouts::members(&state, id).await?))
 }
 
 #[utoipa::path(

@@ -22,7 +22,8 @@ use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use uplift_proto::api::device_manifest_path;
 use uplift_proto::channel::{
-    self, AgentMsg, AgentState, FrameError, Offer, Report, ServerMsg, MAX_FRAME_BYTES,
+    self, AgentMsg, AgentState, Feature, FrameError, Offer, Report, ServerMsg, FEATURES,
+    MAX_FRAME_BYTES,
 };
 use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, WireError};
 
@@ -116,6 +117,7 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
         Ok(msg) => msg,
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
+    let peer = Peer::of(&hello);
     let (device_id, enrolled) = match authenticate(&state, &nonce, hello).await {
         Ok(ok) => ok,
         Err(err) => return Err(refuse(&mut socket, err).await),
@@ -134,11 +136,20 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
                 device_id: device_id.clone(),
                 session_token: token,
                 enrolled,
+                features: FEATURES.to_vec(),
             },
         )
         .await?;
-        send(&mut socket, &offer_now(&state, &device_id)).await?;
-        serve_device(&state, &device_id, serial, &mut socket, &mut target_changed).await
+        send(&mut socket, &offer_now(&state, &device_id, peer)).await?;
+        serve_device(
+            &state,
+            &device_id,
+            serial,
+            peer,
+            &mut socket,
+            &mut target_changed,
+        )
+        .await
     }
     .await;
     state.hub.unregister(&device_id, serial);
@@ -147,6 +158,25 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
         pass_turns(&state, state.turns.leave(&device_id));
     }
     result
+}
+
+/// What the agent at the other end understands, from its hello.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// It can be told to hold its reboot ([`Feature::HoldReboot`]).
+    pub holds_reboots: bool,
+}
+
+impl Peer {
+    fn of(hello: &AgentMsg) -> Self {
+        let features: &[Feature] = match hello {
+            AgentMsg::Enroll { features, .. } | AgentMsg::Authenticate { features, .. } => features,
+            AgentMsg::Report(_) => &[],
+        };
+        Peer {
+            holds_reboots: features.contains(&Feature::HoldReboot),
+        }
+    }
 }
 
 /// Reads the next text frame; pings and pongs are handled by the socket.
@@ -220,12 +250,22 @@ async fn authenticate(
             token,
             public_key,
             signature,
+            ..
         } => {
-            if !state.secrets.is_enrollment_token(&token) {
+            let accepted = state.secrets.is_enrollment_token(&token)
+                || crate::service::tokens::may_enroll(
+                    state,
+                    &token,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .await
+                .map_err(|e| WireError::new(e.kind(), e.to_string()))?;
+            if !accepted {
                 return Err(WireError::new(
                     ErrorKind::EnrollmentRefused,
-                    "enrollment token not accepted; set enrollment_token in the agent config to one of the server's \
-                     enrollment tokens",
+                    "enrollment token not accepted (wrong, expired or revoked); set enrollment_token in the agent \
+                     config to one of the server's enrollment tokens, or one made with \
+                     `uplift token create --role enrollment`",
                 ));
             }
             let key = parse_public_key(&public_key)?;
@@ -235,6 +275,7 @@ async fn authenticate(
         AgentMsg::Authenticate {
             device_id,
             signature,
+            ..
         } => {
             let device = state
                 .store
@@ -347,18 +388,22 @@ fn offer_for(target: Option<DeviceTarget>) -> ServerMsg {
             version: target.version,
             allow_downgrade: target.allow_downgrade,
             max_bytes_per_sec: target.limits.max_bytes_per_sec.map(|n| n.get()),
+            hold_reboot: target.hold_reboot,
         }),
         None => ServerMsg::NoUpdate,
     }
 }
 
 /// What to tell a device now: its target's offer, or nothing yet while it
-/// waits for a download turn (see [`crate::turns`]).
-pub fn offer_now(state: &AppState, device: &DeviceId) -> ServerMsg {
+/// waits for a download turn (see [`crate::turns`]). An agent that cannot
+/// hold its reboot is not offered a release whose reboot is held: it would
+/// reboot at once, so for it the reboot window governs the download too.
+pub fn offer_now(state: &AppState, device: &DeviceId, peer: Peer) -> ServerMsg {
     let (target, report) = state
         .live
         .get(device)
         .map_or((None, None), |live| (live.target, live.report));
+    let target = target.filter(|t| peer.holds_reboots || !t.hold_reboot);
     let limited = target
         .as_ref()
         .and_then(|t| Some((t, t.limits.max_downloading?)));
@@ -423,6 +468,7 @@ async fn serve_device(
     state: &AppState,
     device: &DeviceId,
     serial: SessionSerial,
+    peer: Peer,
     socket: &mut WebSocket,
     target_changed: &mut watch::Receiver<u64>,
 ) -> Result<(), SessionError> {
@@ -439,7 +485,7 @@ async fn serve_device(
             biased;
             changed = target_changed.changed() => match changed {
                 // Pushes coalesce and none is lost: the newest target, from memory.
-                Ok(()) => send(socket, &offer_now(state, device)).await?,
+                Ok(()) => send(socket, &offer_now(state, device, peer)).await?,
                 // The device opened a newer channel, which replaced this one.
                 Err(_) => return Err(SessionError::Replaced),
             },
@@ -493,5 +539,68 @@ async fn serve_device(
                     .map_err(|_| SessionError::Gone)??;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::testing;
+
+    #[tokio::test]
+    async fn a_held_reboot_is_offered_only_to_agents_that_can_hold_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let device: DeviceId = "dev-1".parse().unwrap();
+        let target = |hold_reboot| DeviceTarget {
+            rollout_id: 4,
+            version: "1.1".parse().unwrap(),
+            allow_downgrade: false,
+            limits: Default::default(),
+            hold_reboot,
+        };
+        let new = Peer {
+            holds_reboots: true,
+        };
+        let old = Peer {
+            holds_reboots: false,
+        };
+        state
+            .live
+            .set_targets(std::slice::from_ref(&device), &target(true), "now");
+        assert!(matches!(
+            offer_now(&state, &device, new),
+            ServerMsg::Offer(Offer {
+                hold_reboot: true,
+                ..
+            })
+        ));
+        assert_eq!(
+            offer_now(&state, &device, old),
+            ServerMsg::NoUpdate,
+            "an older agent would reboot at once: it waits for the window"
+        );
+        state.live.hold_reboots(4, false);
+        for peer in [new, old] {
+            assert!(matches!(
+                offer_now(&state, &device, peer),
+                ServerMsg::Offer(Offer {
+                    hold_reboot: false,
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn an_agent_says_what_it_understands_in_its_hello() {
+        let hello = |features| AgentMsg::Authenticate {
+            device_id: "dev-1".parse().unwrap(),
+            signature: String::new(),
+            features,
+        };
+        assert!(Peer::of(&hello(vec![Feature::HoldReboot])).holds_reboots);
+        assert!(!Peer::of(&hello(vec![])).holds_reboots, "an older agent");
+        assert!(!Peer::of(&hello(vec![Feature::Unknown])).holds_reboots);
     }
 }

@@ -17,8 +17,11 @@ use uplift_proto::channel::{AgentState, Report};
 /// only sets where it stands, as nothing is known of how it got there.
 pub fn events_between(old: &Report, new: &Report) -> Vec<DeviceEventKind> {
     use AgentState::*;
-    let installing = |s| matches!(s, Downloading | Verifying | RebootPending);
-    let downloaded = |s| matches!(s, Verifying | RebootPending);
+    let installing = |s| matches!(s, Downloading | Verifying | AwaitingReboot | RebootPending);
+    let downloaded = |s| matches!(s, Verifying | AwaitingReboot | RebootPending);
+    // The slot is written and verified: held for a reboot window, or set
+    // to be tried at the next boot.
+    let installed = |s| matches!(s, AwaitingReboot | RebootPending);
     // Still the attempt the old report was about. Reports can be missed (a
     // quick step between two, a server restart), so every event below asks
     // "is this new since then", not "was the step before the expected one".
@@ -49,7 +52,7 @@ pub fn events_between(old: &Report, new: &Report) -> Vec<DeviceEventKind> {
     }
     if let Some(version) = target
         .clone()
-        .filter(|_| new.state == RebootPending && !(same_attempt && old.state == RebootPending))
+        .filter(|_| installed(new.state) && !(same_attempt && installed(old.state)))
     {
         events.push(DeviceEventKind::Installed {
             version,
@@ -230,6 +233,33 @@ mod tests {
                     slot: B
                 }],
                 vec![],
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reboot_held_for_its_window_is_installed_once_then_reboots_on_the_go() {
+        use SlotName::{A, B};
+        let steps = walk(&[
+            with_progress(report(Downloading, "1.0", A, Some("1.1")), 0, 0),
+            with_progress(report(Verifying, "1.0", A, Some("1.1")), 100, 40),
+            report(AwaitingReboot, "1.0", A, Some("1.1")),
+            report(AwaitingReboot, "1.0", A, Some("1.1")),
+            report(RebootPending, "1.0", A, Some("1.1")),
+            report(Testing, "1.1", B, Some("1.1")),
+        ]);
+        let names: Vec<Vec<&str>> = steps
+            .iter()
+            .map(|events| events.iter().map(|e| e.name()).collect())
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                vec!["download_finished"],
+                vec!["installed"],
+                vec![],
+                vec![],
+                vec!["reboot"],
             ]
         );
     }

@@ -265,6 +265,25 @@ impl LiveView {
         self.history().len()
     }
 
+    /// Sets whether rollout `rollout_id`'s offer holds the reboot (its
+    /// reboot window's gate) on every device it targets; returns the
+    /// devices whose offer changed, for their sessions to send it again.
+    pub fn hold_reboots(&self, rollout_id: i64, hold: bool) -> Vec<DeviceId> {
+        let mut live = self.lock();
+        let mut changed = Vec::new();
+        for (id, entry) in live.iter_mut() {
+            if let Some(target) = entry
+                .target
+                .as_mut()
+                .filter(|t| t.rollout_id == rollout_id && t.hold_reboot != hold)
+            {
+                target.hold_reboot = hold;
+                changed.push(id.clone());
+            }
+        }
+        changed
+    }
+
     pub fn target(&self, device: &DeviceId) -> Option<DeviceTarget> {
         self.lock().get(device).and_then(|d| d.target.clone())
     }
@@ -499,6 +518,7 @@ pub(crate) mod tests {
             version: v.parse().unwrap(),
             allow_downgrade: false,
             limits: Default::default(),
+            hold_reboot: false,
         };
         live.set_targets(std::slice::from_ref(&dev), &target(2, "1.2"), "t1");
         // A slower, older rollout finishing its write later changes nothing.
@@ -529,5 +549,35 @@ pub(crate) mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_reboot_gate_changes_only_its_rollouts_offers_and_names_them_once() {
+        let live = LiveView::default();
+        let ids: Vec<DeviceId> = (1..=3)
+            .map(|i| format!("dev-{i}").parse().unwrap())
+            .collect();
+        let target = |rollout_id: i64| DeviceTarget {
+            rollout_id,
+            version: "1.1".parse().unwrap(),
+            allow_downgrade: false,
+            limits: Default::default(),
+            hold_reboot: true,
+        };
+        live.set_targets(&ids[..2], &target(1), "now");
+        live.set_targets(&ids[2..], &target(2), "now");
+        let mut go = live.hold_reboots(1, false);
+        go.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        assert_eq!(go, ids[..2].to_vec());
+        assert!(!live.target(&ids[0]).unwrap().hold_reboot);
+        assert!(
+            live.target(&ids[2]).unwrap().hold_reboot,
+            "another rollout's gate"
+        );
+        assert!(
+            live.hold_reboots(1, false).is_empty(),
+            "nothing to tell twice"
+        );
+        assert_eq!(live.hold_reboots(1, true).len(), 2, "held again");
     }
 }

@@ -43,8 +43,8 @@ struct Line {
 }
 
 /// Whether a device still has to download `version`, judged from its newest
-/// report: not if it runs it, or wrote it and is rebooting into it or
-/// testing it.
+/// report: not if it runs it, or wrote it and is waiting to reboot into
+/// it, rebooting into it or testing it.
 pub fn needs_turn(report: Option<&Report>, version: &Version) -> bool {
     let Some(report) = report else {
         return true;
@@ -54,7 +54,7 @@ pub fn needs_turn(report: Option<&Report>, version: &Version) -> bool {
         || on_it
             && matches!(
                 report.state,
-                AgentState::RebootPending | AgentState::Testing
+                AgentState::AwaitingReboot | AgentState::RebootPending | AgentState::Testing
             ))
 }
 
@@ -67,7 +67,8 @@ pub fn ends_turn(report: &Report, version: &Version) -> bool {
             report.target_version.as_ref() != Some(version)
         }
         AgentState::Idle => report.running_version == *version,
-        AgentState::RebootPending
+        AgentState::AwaitingReboot
+        | AgentState::RebootPending
         | AgentState::Testing
         | AgentState::Failed
         | AgentState::RolledBack => true,
@@ -248,6 +249,13 @@ mod tests {
             Some(&report(AgentState::Testing, "1.0", Some("2.0"))),
             &target
         ));
+        assert!(
+            !needs_turn(
+                Some(&report(AgentState::AwaitingReboot, "1.0", Some("2.0"))),
+                &target
+            ),
+            "written and verified, waiting for its reboot window"
+        );
         assert!(needs_turn(
             Some(&report(AgentState::RebootPending, "1.0", Some("3.0"))),
             &target
@@ -268,6 +276,10 @@ mod tests {
         ));
         assert!(ends_turn(
             &report(AgentState::RebootPending, "1.0", Some("2.0")),
+            &target
+        ));
+        assert!(ends_turn(
+            &report(AgentState::AwaitingReboot, "1.0", Some("2.0")),
             &target
         ));
         assert!(ends_turn(

@@ -289,6 +289,7 @@ mod tests {
                 version: "1.1".parse().unwrap(),
                 allow_downgrade: false,
                 limits: Default::default(),
+                hold_reboot: false,
             },
             "2026-12-01T00:00:00Z",
         );

@@ -269,6 +269,7 @@ impl Server {
                 device_id,
                 session_token,
                 enrolled: true,
+                ..
             } => (device_id, session_token),
             other => panic!(
                 "a well-behaved device must get a Welcome on enrollment, got {other:?}\n{}",
@@ -301,6 +302,7 @@ impl Server {
                 device_id: got,
                 session_token,
                 enrolled: false,
+                ..
             } if got == *device_id => {
                 assert_eq!(recv(&mut ws).await, ServerMsg::NoUpdate);
                 (ws, session_token)

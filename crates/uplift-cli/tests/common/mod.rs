@@ -314,6 +314,20 @@ pub fn uplift(fx: &Fixture, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("uplift prints UTF-8")
 }
 
+/// Rollout `id` once its engine state is `state`, or as it stands after ten
+/// seconds (the scheduler ticks every second; the caller asserts).
+pub async fn rollout_reaching(fx: &Fixture, id: i64, state: &str) -> RolloutView {
+    let mut view = fx.client.rollout(id).await.expect("rollout view");
+    for _ in 0..10 {
+        if view.progress.as_ref().is_some_and(|p| p.state == state) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        view = fx.client.rollout(id).await.expect("rollout view");
+    }
+    view
+}
+
 /// `uplift-server check` of the fixture's data directory: exit code and output.
 pub fn server_check(fx: &Fixture) -> (Option<i32>, String) {
     let out = std::process::Command::new(&fx.bins.server)

@@ -5,10 +5,11 @@
 //!
 //! The refusals that follow from how the admin router is built, not from
 //! what one handler does, are added here in one place instead of on every
-//! handler: 401 (the authentication middleware), 503 `server_busy` (the
-//! admin budget) and 500 on every operation, 400 where there is input to
-//! refuse, 413 where there is a body, and 403 where the permission named in
-//! the operation's security requirement is more than `read`.
+//! handler: 401 (the authentication middleware), 403 (a role without the
+//! permission named in the operation's security requirement; an
+//! enrollment token has none of them), 503 `server_busy` (the admin budget)
+//! and 500 on every operation, 400 where there is input to refuse, and 413
+//! where there is a body.
 
 use super::*;
 use std::sync::LazyLock;
@@ -18,7 +19,8 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Document, Ref, RefOr, ResponseB
 use utoipa::OpenApi as _;
 
 /// The name of the bearer security scheme; its scopes name the permission
-/// an operation needs (`read`, `operate`, `release`, `administer`).
+/// an operation needs (`read`, `operate`, `release`, `administer`), which
+/// `Role::allows` maps to roles.
 const BEARER: &str = "bearer";
 
 #[derive(utoipa::OpenApi)]
@@ -45,6 +47,7 @@ const BEARER: &str = "bearer";
         list_rollouts,
         start_rollout,
         show_rollout,
+        rollout_members,
         command_rollout,
         stats,
         metrics,
@@ -130,7 +133,7 @@ const REFUSALS: &[Refusal] = &[
         status: "403",
         name: "Forbidden",
         description: "`forbidden`: the token's role does not have the permission this needs",
-        applies: needs_more_than_read,
+        applies: |_| true,
     },
     Refusal {
         status: "413",
@@ -153,13 +156,6 @@ const REFUSALS: &[Refusal] = &[
         applies: |_| true,
     },
 ];
-
-fn needs_more_than_read(op: &Operation) -> bool {
-    // The scopes are private to utoipa's type; its JSON form is public.
-    let security = serde_json::to_value(&op.security).unwrap_or_default();
-    let needs = security[0][BEARER].as_array().cloned().unwrap_or_default();
-    needs.iter().any(|scope| scope != "read")
-}
 
 impl utoipa::Modify for RouterRefusals {
     fn modify(&self, doc: &mut Document) {
@@ -258,6 +254,7 @@ mod tests {
         ("GET", "/api/v1/rollouts"),
         ("POST", "/api/v1/rollouts"),
         ("GET", "/api/v1/rollouts/{id}"),
+        ("GET", "/api/v1/rollouts/{id}/devices"),
         ("POST", "/api/v1/rollouts/{id}/{command}"),
         ("GET", "/api/v1/stats"),
         ("GET", "/metrics"),
@@ -341,7 +338,7 @@ mod tests {
         for (method, path) in documented() {
             let op = &json["paths"][&path][method.to_lowercase()];
             assert!(op["security"][0]["bearer"].is_array(), "{method} {path}");
-            for status in ["401", "500", "503"] {
+            for status in ["401", "403", "500", "503"] {
                 assert!(
                     op["responses"][status].is_object(),
                     "{method} {path} {status}"

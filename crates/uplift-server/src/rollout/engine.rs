@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use uplift_proto::policy::RolloutPolicy;
+use uplift_proto::policy::{RolloutPolicy, WindowScope};
 use uplift_proto::DeviceId;
 
 /// Where a rollout stands. Stored as it is (JSON) beside the rollout.
@@ -124,8 +124,11 @@ pub enum Live {
     /// Not working on the release (not offered yet, offline, or idle on
     /// another version).
     Idle,
-    /// Downloading, verifying, waiting for its reboot, or testing it.
+    /// Downloading or verifying it.
     Working,
+    /// Wrote and verified it: waiting for the go to reboot into it
+    /// (a reboot window), rebooting, or testing it.
+    Installed,
     /// Runs the release, committed.
     OnRelease,
     /// Failed or rolled back while on the release.
@@ -156,9 +159,61 @@ impl Member {
 pub struct Rollout<'a> {
     pub policy: &'a RolloutPolicy,
     pub state: &'a RolloutState,
-    /// Whether its maintenance window is open now (true without one):
-    /// outside it nothing new is offered, and work in progress finishes.
-    pub window_open: bool,
+    /// Its maintenance window now. A download window that is closed
+    /// offers nothing new and takes back offers not started (work in
+    /// progress finishes); a reboot window that is closed holds reboots.
+    pub window: WindowNow,
+}
+
+/// A rollout's maintenance window at the time the scheduler passed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowNow {
+    /// The rollout has none.
+    NoWindow,
+    /// Open, since the opening at `since`.
+    Open {
+        since: OffsetDateTime,
+    },
+    Closed,
+}
+
+impl Rollout<'_> {
+    /// Whether new downloads may start: not outside a download window.
+    fn downloads_open(&self) -> bool {
+        !(self.policy.window_scope() == Some(WindowScope::Downloads)
+            && self.window == WindowNow::Closed)
+    }
+}
+
+/// Whether the devices of a rollout that hold its release written and
+/// verified may reboot into it now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reboots {
+    /// No reboot window: a device reboots as soon as its slot is written;
+    /// offers never hold the reboot.
+    Free,
+    /// A reboot window that is closed, or a rollout that is not running
+    /// (paused: no device boots into the release until it resumes, but
+    /// none loses its verified slot either).
+    Held,
+    /// The reboot window is open, since `since`, and the rollout running.
+    Go { since: OffsetDateTime },
+}
+
+/// The reboot decision for a rollout in `state` (after its step) with its
+/// window as it is now. Pure, so it is tested across daylight saving time
+/// with the window's own tests (see `scheduler::window_now`).
+pub fn reboots(policy: &RolloutPolicy, state: &RolloutState, window: WindowNow) -> Reboots {
+    if policy.window_scope() != Some(WindowScope::Reboot) {
+        return Reboots::Free;
+    }
+    match (state, window) {
+        (
+            RolloutState::Running { .. } | RolloutState::AwaitingApproval { .. },
+            WindowNow::Open { since },
+        ) => Reboots::Go { since },
+        _ => Reboots::Held,
+    }
 }
 
 /// What the scheduler must persist and do after one [`step`].
@@ -170,7 +225,8 @@ pub struct Step {
     pub offer: Vec<DeviceId>,
     /// Devices whose part ended, with how, and the error they reported.
     pub settle: Vec<(DeviceId, Outcome, Option<String>)>,
-    /// Offers taken back because the rollout paused: see [`held`].
+    /// Offers taken back because the rollout paused or its download
+    /// window closed: see [`held`].
     pub hold: Vec<DeviceId>,
     /// What happened, for the audit log and the event stream.
     pub events: Vec<Event>,
@@ -191,7 +247,8 @@ pub fn step(rollout: Rollout<'_>, members: &[Member], now: OffsetDateTime) -> St
     if rollout.state.is_terminal() {
         return out;
     }
-    let settled = settle(rollout.policy, members, now);
+    let reboots = reboots(rollout.policy, rollout.state, rollout.window);
+    let settled = settle(rollout.policy, members, now, reboots);
     // The members as they will be once `settled` is stored.
     let members: Vec<Member> = members
         .iter()
@@ -204,6 +261,12 @@ pub fn step(rollout: Rollout<'_>, members: &[Member], now: OffsetDateTime) -> St
         })
         .collect();
     out.settle = settled;
+    if !rollout.downloads_open() {
+        // Outside a download window no download starts: devices offered
+        // that have not started (waiting in line for a download turn,
+        // offline) would otherwise start one when their turn comes.
+        out.hold = held(&members);
+    }
 
     let RolloutState::Running {
         phase,
@@ -236,7 +299,7 @@ pub fn step(rollout: Rollout<'_>, members: &[Member], now: OffsetDateTime) -> St
         Some(RolloutState::AwaitingApproval { .. }) | None => Some(phase),
         Some(_) => None,
     };
-    if let (Some(offering), true) = (offering, rollout.window_open) {
+    if let (Some(offering), true) = (offering, rollout.downloads_open()) {
         out.offer = offers(rollout.policy, &members, offering, now);
     }
     if let Some(next) = advanced {
@@ -321,10 +384,10 @@ fn advance(
 }
 
 /// Offered devices that have not started on the release (waiting for a
-/// download turn, offline, or not yet told): when the rollout pauses their
-/// offer is taken back, so a pause stops the release spreading, not only
-/// new offers; they are offered again when it resumes. Devices already
-/// working on it finish.
+/// download turn, offline, or not yet told): when the rollout pauses, or
+/// its download window closes, their offer is taken back, so the release
+/// stops spreading, not only new offers; they are offered again when it
+/// resumes or the window opens. Devices already working on it finish.
 fn held(members: &[Member]) -> Vec<DeviceId> {
     members
         .iter()
@@ -334,10 +397,14 @@ fn held(members: &[Member]) -> Vec<DeviceId> {
 }
 
 /// Offered devices that finished, or ran out of time, since the last pass.
+/// A device that holds the release verified waits for its reboot on the
+/// rollout's window, not on itself: it does not time out while reboots are
+/// held, and once they go its time counts from the window's opening.
 fn settle(
     policy: &RolloutPolicy,
     members: &[Member],
     now: OffsetDateTime,
+    reboots: Reboots,
 ) -> Vec<(DeviceId, Outcome, Option<String>)> {
     let timeout = policy
         .device_timeout_seconds
@@ -350,17 +417,26 @@ fn settle(
             match &m.live {
                 Live::OnRelease => Some((m.device.clone(), Outcome::Succeeded, None)),
                 Live::Failed { error } => Some((m.device.clone(), Outcome::Failed, error.clone())),
-                Live::Idle | Live::Working => match timeout {
-                    Some(t) if now - offered_at >= t => Some((
-                        m.device.clone(),
-                        Outcome::TimedOut,
-                        Some(format!(
-                            "did not finish within {} s of its offer",
-                            t.whole_seconds()
-                        )),
-                    )),
-                    _ => None,
-                },
+                Live::Installed if reboots == Reboots::Held => None,
+                Live::Idle | Live::Working | Live::Installed => {
+                    let limit = timeout?;
+                    let (from, what) = match (&m.live, reboots) {
+                        (Live::Installed, Reboots::Go { since }) if since > offered_at => {
+                            (since, "of the reboot window's opening")
+                        }
+                        _ => (offered_at, "of its offer"),
+                    };
+                    (now - from >= limit).then(|| {
+                        (
+                            m.device.clone(),
+                            Outcome::TimedOut,
+                            Some(format!(
+                                "did not finish within {} s {what}",
+                                limit.whole_seconds()
+                            )),
+                        )
+                    })
+                }
             }
         })
         .collect()
@@ -657,17 +733,7 @@ mod tests {
         members: &mut [Member],
         now: OffsetDateTime,
     ) -> Step {
-        let s = step(
-            Rollout {
-                policy,
-                state,
-                window_open: true,
-            },
-            members,
-            now,
-        );
-        apply(state, members, &s, now);
-        s
+        run_in(policy, WindowNow::NoWindow, state, members, now)
     }
 
     fn report(members: &mut [Member], phase: u32, live: Live) {
@@ -988,9 +1054,46 @@ mod tests {
         );
     }
 
+    fn with_window(policy: RolloutPolicy, applies_to: WindowScope) -> RolloutPolicy {
+        RolloutPolicy {
+            window: Some(uplift_proto::policy::WindowSpec {
+                cron: "0 2 * * *".into(),
+                duration_minutes: 60,
+                time_zone: "UTC".into(),
+                applies_to,
+            }),
+            ..policy
+        }
+    }
+
+    /// One step with the window as given, stored as the scheduler would.
+    fn run_in(
+        policy: &RolloutPolicy,
+        window: WindowNow,
+        state: &mut RolloutState,
+        members: &mut [Member],
+        now: OffsetDateTime,
+    ) -> Step {
+        let s = step(
+            Rollout {
+                policy,
+                state,
+                window,
+            },
+            members,
+            now,
+        );
+        apply(state, members, &s, now);
+        s
+    }
+
     #[test]
     fn outside_its_window_a_rollout_offers_nothing_but_still_settles_and_advances() {
-        let policy = phased(vec![PhaseReach::Percent(50)]);
+        let policy = with_window(
+            phased(vec![PhaseReach::Percent(50)]),
+            WindowScope::Downloads,
+        );
+        let open = WindowNow::Open { since: T0 };
         let mut state = RolloutState::start(T0);
         let mut fleet = members(&[1, 1]);
         let closed = |state: &RolloutState, fleet: &[Member], now| {
@@ -998,19 +1101,190 @@ mod tests {
                 Rollout {
                     policy: &policy,
                     state,
-                    window_open: false,
+                    window: WindowNow::Closed,
                 },
                 fleet,
                 now,
             )
         };
         assert!(closed(&state, &fleet, T0).offer.is_empty());
-        run(&policy, &mut state, &mut fleet, secs(1));
+        run_in(&policy, open, &mut state, &mut fleet, secs(1));
         fleet[0].live = Live::OnRelease;
         let s = closed(&state, &fleet, secs(2));
         assert_eq!(s.settle.len(), 1, "the device that finished is counted");
         assert_eq!(s.events, vec![Event::PhaseStarted { phase: 1 }]);
         assert!(s.offer.is_empty(), "the next phase waits for the window");
+    }
+
+    #[test]
+    fn when_a_download_window_closes_offers_not_started_are_taken_back_until_it_opens() {
+        // Ten devices offered at once; under a download limit two started,
+        // one finished, the rest wait in line for a turn.
+        let policy = with_window(phased(vec![]), WindowScope::Downloads);
+        let open = WindowNow::Open { since: T0 };
+        let mut state = RolloutState::start(T0);
+        let mut fleet = members(&[10]);
+        assert_eq!(
+            run_in(&policy, open, &mut state, &mut fleet, T0)
+                .offer
+                .len(),
+            10
+        );
+        fleet[0].live = Live::OnRelease;
+        fleet[1].live = Live::Working;
+        fleet[2].live = Live::Installed;
+        let s = run_in(&policy, WindowNow::Closed, &mut state, &mut fleet, secs(60));
+        assert_eq!(
+            s.hold,
+            (3..10).map(id).collect::<Vec<_>>(),
+            "no device in line starts a download outside the window"
+        );
+        assert_eq!(s.settle.len(), 1, "the finished device still counts");
+        assert!(
+            fleet[1].offered_at.is_some() && fleet[2].offered_at.is_some(),
+            "installs in progress finish"
+        );
+        assert_eq!(state.name(), "running", "closing is not a pause");
+        let s = run_in(&policy, WindowNow::Closed, &mut state, &mut fleet, secs(61));
+        assert_eq!(s, Step::default(), "nothing more while it stays closed");
+
+        let s = run_in(
+            &policy,
+            WindowNow::Open { since: secs(3600) },
+            &mut state,
+            &mut fleet,
+            secs(3600),
+        );
+        assert_eq!(
+            s.offer,
+            (3..10).map(id).collect::<Vec<_>>(),
+            "offered again when it opens"
+        );
+        assert!(s.hold.is_empty());
+    }
+
+    #[test]
+    fn a_reboot_window_offers_at_once_and_holds_reboots_until_it_opens() {
+        let policy = RolloutPolicy {
+            device_timeout_seconds: Some(600),
+            // A failure does not pause it here: this is about time only.
+            error_threshold: ErrorThreshold {
+                percent: 100,
+                min_finished: 1,
+            },
+            ..with_window(phased(vec![]), WindowScope::Reboot)
+        };
+        let mut state = RolloutState::start(T0);
+        let mut fleet = members(&[3]);
+        let s = run_in(&policy, WindowNow::Closed, &mut state, &mut fleet, T0);
+        assert_eq!(s.offer.len(), 3, "a reboot window does not hold downloads");
+        assert_eq!(
+            reboots(&policy, &state, WindowNow::Closed),
+            Reboots::Held,
+            "the window is closed: nobody reboots"
+        );
+        // Two wrote and verified the release; one is still downloading.
+        fleet[0].live = Live::Installed;
+        fleet[1].live = Live::Installed;
+        fleet[2].live = Live::Working;
+        let s = run_in(
+            &policy,
+            WindowNow::Closed,
+            &mut state,
+            &mut fleet,
+            secs(3000),
+        );
+        assert_eq!(
+            s.settle,
+            vec![(
+                id(2),
+                Outcome::TimedOut,
+                Some("did not finish within 600 s of its offer".into())
+            )],
+            "a device waiting for the window is not late; a slow download is"
+        );
+        assert!(
+            s.hold.is_empty(),
+            "a closed reboot window takes back nothing"
+        );
+
+        let opened = secs(7200);
+        let window = WindowNow::Open { since: opened };
+        assert_eq!(
+            reboots(&policy, &state, window),
+            Reboots::Go { since: opened }
+        );
+        let s = run_in(
+            &policy,
+            window,
+            &mut state,
+            &mut fleet,
+            opened + time::Duration::seconds(599),
+        );
+        assert!(s.settle.is_empty(), "their time counts from the opening");
+        fleet[0].live = Live::OnRelease;
+        let s = run_in(
+            &policy,
+            window,
+            &mut state,
+            &mut fleet,
+            opened + time::Duration::seconds(600),
+        );
+        assert_eq!(
+            s.settle,
+            vec![
+                (id(0), Outcome::Succeeded, None),
+                (
+                    id(1),
+                    Outcome::TimedOut,
+                    Some("did not finish within 600 s of the reboot window's opening".into())
+                )
+            ]
+        );
+    }
+
+    #[test]
+    fn reboots_are_free_without_a_reboot_window_and_held_while_paused() {
+        let running = RolloutState::start(T0);
+        let open = WindowNow::Open { since: T0 };
+        let downloads = with_window(phased(vec![]), WindowScope::Downloads);
+        assert_eq!(
+            reboots(&downloads, &running, WindowNow::Closed),
+            Reboots::Free
+        );
+        assert_eq!(
+            reboots(&phased(vec![]), &running, WindowNow::NoWindow),
+            Reboots::Free
+        );
+        let reboot = with_window(phased(vec![PhaseReach::Percent(50)]), WindowScope::Reboot);
+        let paused = command(&running, &[], &Command::Pause, "erin", secs(1))
+            .unwrap()
+            .state;
+        assert_eq!(
+            reboots(&reboot, &paused, open),
+            Reboots::Held,
+            "a paused rollout boots nobody into the release"
+        );
+        let resumed = command(&paused, &[], &Command::Resume, "erin", secs(2))
+            .unwrap()
+            .state;
+        assert_eq!(reboots(&reboot, &resumed, open), Reboots::Go { since: T0 });
+        let gate = RolloutState::AwaitingApproval { phase: 1 };
+        assert_eq!(
+            reboots(&reboot, &gate, open),
+            Reboots::Go { since: T0 },
+            "devices of an approved phase go while the next awaits approval"
+        );
+        // A device holding its verified slot is at work: a pause keeps it
+        // (it neither reboots nor loses the slot), an abort withdraws it.
+        let mut fleet = members(&[2, 2]);
+        let mut state = RolloutState::start(T0);
+        run_in(&reboot, WindowNow::Closed, &mut state, &mut fleet, T0);
+        fleet[0].live = Live::Installed;
+        let t = command(&state, &fleet, &Command::Pause, "erin", secs(3)).unwrap();
+        assert_eq!(t.hold, vec![id(1)]);
+        let t = command(&state, &fleet, &Command::Abort, "erin", secs(3)).unwrap();
+        assert_eq!(t.withdraw, vec![id(0), id(1)]);
     }
 
     #[test]

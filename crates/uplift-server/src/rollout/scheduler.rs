@@ -5,9 +5,16 @@
 //! server replicas sharing the database) never both apply a step: the
 //! second finds the revision moved, reloads and decides again. Only after
 //! the store has the offers are they pushed to the devices' sessions.
+//!
+//! A rollout whose window applies to the reboot also gets its reboot gate
+//! here, every tick: [`engine::reboots`] says whether its devices holding
+//! the release verified may reboot now, and the devices whose offer must
+//! change (hold to go, or back) are sent it. The gate is not stored: it
+//! follows from the policy, the state and the time, and a restarted server
+//! holds every reboot until its first tick decides.
 
-use crate::rollout::engine::{self, Live, Member, Rollout};
-use crate::rollout::window::Window;
+use crate::rollout::engine::{self, Live, Member, Reboots, Rollout, WindowNow};
+use crate::rollout::window::{Window, WindowError};
 use crate::service::rollouts::{classify, Outcome as Standing};
 use crate::state::AppState;
 use crate::store::{DeviceRecord, DeviceTarget, RolloutChange, StoreError};
@@ -15,6 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::watch;
+use uplift_proto::channel::AgentState;
+use uplift_proto::policy::WindowSpec;
 use uplift_proto::DeviceId;
 
 /// How often the scheduler looks at every active rollout.
@@ -36,65 +45,29 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
             return Ok(());
         };
         let members = members(state, id, &rollout.release).await?;
-        let window_open = match &plan.policy.window {
-            None => true,
-            Some(spec) => match Window::parse(spec) {
-                Ok(window) => window.is_open(now),
-                Err(e) => {
-                    // Checked when the rollout was made; a stored one that no
-                    // longer parses (a time zone dropped from the database)
-                    // must not open the fleet to downloads at any hour.
-                    tracing::warn!(rollout = id, "{e}; treating the window as closed");
-                    false
-                }
-            },
-        };
+        let window = window_now(plan.policy.window.as_ref(), now).unwrap_or_else(|e| {
+            // Checked when the rollout was made; a stored one that no
+            // longer parses (a time zone dropped from the database) must
+            // not open the fleet to downloads, or reboots, at any hour.
+            tracing::warn!(rollout = id, "{e}; treating the window as closed");
+            WindowNow::Closed
+        });
         let step = engine::step(
             Rollout {
                 policy: &plan.policy,
                 state: &plan.state,
-                window_open,
+                window,
             },
             &members,
             now,
         );
-        if step == engine::Step::default() {
-            return Ok(());
-        }
-        let now_text = format_time(now);
-        let change = RolloutChange {
-            state: step.state.as_ref(),
-            offer: &step.offer,
-            settle: &step.settle,
-            accept_failures: &[],
-            withdraw: &[],
-            hold: &step.hold,
-            now: &now_text,
-        };
-        if !state
-            .store
-            .apply_rollout_change(id, plan.revision, &change)
-            .await?
-        {
+        let reboots = engine::reboots(
+            &plan.policy,
+            step.state.as_ref().unwrap_or(&plan.state),
+            window,
+        );
+        if step != engine::Step::default() && !apply(state, id, plan.revision, &step, now).await? {
             continue;
-        }
-        for event in &step.events {
-            tracing::info!(rollout = id, event = ?event, "rollout");
-            state.events.publish(
-                uplift_proto::events::EventAbout::Rollout {
-                    rollout_id: id,
-                    event: published(event),
-                },
-                &now_text,
-            );
-        }
-        if !step.hold.is_empty() {
-            tracing::info!(
-                rollout = id,
-                held = step.hold.len(),
-                "offers not started taken back until the rollout resumes"
-            );
-            take_back(state, &step.hold, id, &now_text);
         }
         if !step.offer.is_empty() {
             // Stored first: a server killed here finds the targets in the
@@ -106,8 +79,9 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
                     version: rollout.release.clone(),
                     allow_downgrade: rollout.allow_downgrade,
                     limits: rollout.limits,
+                    hold_reboot: reboots == Reboots::Held,
                 },
-                &now_text,
+                &format_time(now),
             );
             let pushed = step
                 .offer
@@ -120,6 +94,21 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
                 pushed,
                 "rollout offers"
             );
+        }
+        if reboots != Reboots::Free {
+            let hold = reboots == Reboots::Held;
+            let changed = state.live.hold_reboots(id, hold);
+            if !changed.is_empty() {
+                tracing::info!(
+                    rollout = id,
+                    devices = changed.len(),
+                    "reboots {}",
+                    if hold { "held" } else { "go" }
+                );
+            }
+            for device in &changed {
+                state.hub.notify_target_changed(device);
+            }
         }
         return Ok(());
     }
@@ -143,6 +132,68 @@ fn published(event: &engine::Event) -> uplift_proto::events::RolloutEvent {
         },
         engine::Event::Finished => RolloutEvent::Finished,
     }
+}
+
+/// Stores one step of rollout `id` if it is still at `revision` (false if
+/// another actor moved it first) and takes back the offers it holds.
+async fn apply(
+    state: &AppState,
+    id: i64,
+    revision: i64,
+    step: &engine::Step,
+    now: OffsetDateTime,
+) -> Result<bool, StoreError> {
+    let now_text = format_time(now);
+    let change = RolloutChange {
+        state: step.state.as_ref(),
+        offer: &step.offer,
+        settle: &step.settle,
+        accept_failures: &[],
+        withdraw: &[],
+        hold: &step.hold,
+        now: &now_text,
+    };
+    if !state
+        .store
+        .apply_rollout_change(id, revision, &change)
+        .await?
+    {
+        return Ok(false);
+    }
+    for event in &step.events {
+        tracing::info!(rollout = id, event = ?event, "rollout");
+        state.events.publish(
+            uplift_proto::events::EventAbout::Rollout {
+                rollout_id: id,
+                event: published(event),
+            },
+            &now_text,
+        );
+    }
+    if !step.hold.is_empty() {
+        tracing::info!(
+            rollout = id,
+            held = step.hold.len(),
+            "offers not started taken back until the rollout resumes or its window opens"
+        );
+        take_back(state, &step.hold, id, &now_text);
+    }
+    Ok(true)
+}
+
+/// A rollout's window at `now`; pure, the window's own parse and clock-free
+/// test of openness.
+pub fn window_now(
+    spec: Option<&WindowSpec>,
+    now: OffsetDateTime,
+) -> Result<WindowNow, WindowError> {
+    let Some(spec) = spec else {
+        return Ok(WindowNow::NoWindow);
+    };
+    Ok(match Window::parse(spec)?.opened_at(now) {
+        Some(since) => WindowNow::Open { since },
+        None => WindowNow::Closed,
+    })
 }
 
 /// The lease a scheduler holds while it drives rollouts: with several
@@ -254,6 +305,15 @@ pub(crate) fn take_back(state: &AppState, devices: &[DeviceId], id: i64, now: &s
 fn live_of(release: &uplift_proto::Version, id: i64, device: &DeviceRecord) -> Live {
     match classify(release, id, device) {
         None | Some(Standing::Pending) => Live::Idle,
+        // Past the download: its reboot may wait for a reboot window.
+        Some(Standing::InProgress)
+            if matches!(
+                device.state,
+                Some(AgentState::AwaitingReboot | AgentState::RebootPending | AgentState::Testing)
+            ) =>
+        {
+            Live::Installed
+        }
         Some(Standing::InProgress) => Live::Working,
         Some(Standing::Succeeded) => Live::OnRelease,
         Some(Standing::Failed) => Live::Failed {
@@ -274,7 +334,150 @@ pub(crate) fn parse_time(text: &str) -> Option<OffsetDateTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollout::engine::RolloutState;
     use crate::service::testing;
+    use time::macros::datetime;
+    use uplift_proto::policy::{RolloutPolicy, WindowScope};
+
+    fn reboot_window(cron: &str, minutes: u32, time_zone: &str) -> RolloutPolicy {
+        RolloutPolicy {
+            window: Some(WindowSpec {
+                cron: cron.into(),
+                duration_minutes: minutes,
+                time_zone: time_zone.into(),
+                applies_to: WindowScope::Reboot,
+            }),
+            ..RolloutPolicy::default()
+        }
+    }
+
+    /// The go the scheduler gives a running rollout at `now`.
+    fn go_at(policy: &RolloutPolicy, now: OffsetDateTime) -> Reboots {
+        let window = window_now(policy.window.as_ref(), now).unwrap();
+        engine::reboots(policy, &RolloutState::start(now), window)
+    }
+
+    #[test]
+    fn reboots_go_only_inside_a_reboot_window_in_its_time_zone_across_daylight_saving_time() {
+        // 02:00-03:00 in Berlin: 01:00 UTC in winter, 00:00 UTC in summer.
+        let policy = reboot_window("0 2 * * *", 60, "Europe/Berlin");
+        let go = |since| Reboots::Go { since };
+        for (now, expected, why) in [
+            (
+                datetime!(2026-03-28 01:30 UTC),
+                go(datetime!(2026-03-28 01:00 UTC)),
+                "winter: 02:30 CET",
+            ),
+            (datetime!(2026-03-28 02:30 UTC), Reboots::Held, "03:30 CET"),
+            (
+                datetime!(2026-03-30 00:30 UTC),
+                go(datetime!(2026-03-30 00:00 UTC)),
+                "summer: 02:30 CEST",
+            ),
+            (
+                datetime!(2026-03-30 01:30 UTC),
+                Reboots::Held,
+                "03:30 CEST, where winter's window was",
+            ),
+            // Fall back on 2026-10-25 repeats 02:00-03:00; the window lasts
+            // 60 minutes of real time from its first 02:00 (CEST).
+            (
+                datetime!(2026-10-25 00:30 UTC),
+                go(datetime!(2026-10-25 00:00 UTC)),
+                "02:30 CEST",
+            ),
+            (
+                datetime!(2026-10-25 01:30 UTC),
+                Reboots::Held,
+                "02:30 CET, the hour again: the window has had its hour",
+            ),
+        ] {
+            assert_eq!(go_at(&policy, now), expected, "{why}");
+        }
+        // Spring forward on the 29th skips 02:00-03:00: the opening moves
+        // to the first instant after the gap, and the window still opens.
+        let Reboots::Go { since } = go_at(&policy, datetime!(2026-03-29 01:10 UTC)) else {
+            panic!("the window opens on the day whose 02:00 does not exist")
+        };
+        assert_eq!(since.date(), time::macros::date!(2026 - 03 - 29));
+        // A window that governs downloads never holds a reboot.
+        let mut downloads = policy.clone();
+        downloads.window.as_mut().unwrap().applies_to = WindowScope::Downloads;
+        assert_eq!(
+            go_at(&downloads, datetime!(2026-03-28 02:30 UTC)),
+            Reboots::Free
+        );
+    }
+
+    #[tokio::test]
+    async fn a_download_window_that_closes_takes_back_offers_not_started_and_offers_them_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        testing::release(&state, "2", "gw").await;
+        let device = testing::device(&state, "dev-1", "gw").await;
+        let mut policy = reboot_window("0 2 * * *", 60, "UTC");
+        policy.window.as_mut().unwrap().applies_to = WindowScope::Downloads;
+        let id = testing::start_rollout(&state, testing::rollout_request("2", None, policy)).await;
+        let targeted = |state: &AppState| state.live.target(&device).map(|t| t.rollout_id);
+        advance(&state, id, datetime!(2026-12-04 02:10 UTC))
+            .await
+            .unwrap();
+        assert_eq!(targeted(&state), Some(id), "offered inside the window");
+        // The device never started (say, it waits for a download turn).
+        advance(&state, id, datetime!(2026-12-04 03:10 UTC))
+            .await
+            .unwrap();
+        assert_eq!(targeted(&state), None, "taken back when the window closed");
+        let stored = state.store.device(&device).await.unwrap().unwrap();
+        assert_eq!(stored.target_rollout, None, "in the database too");
+        advance(&state, id, datetime!(2026-12-05 02:00 UTC))
+            .await
+            .unwrap();
+        assert_eq!(targeted(&state), Some(id), "offered again when it opens");
+    }
+
+    #[tokio::test]
+    async fn a_reboot_window_rollout_offers_at_once_holds_reboots_and_says_go_when_it_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let state = testing::state(dir.path()).await;
+            testing::release(&state, "2", "gw").await;
+            let devices = [
+                testing::device(&state, "dev-1", "gw").await,
+                testing::device(&state, "dev-2", "gw").await,
+            ];
+            let request =
+                testing::rollout_request("2", None, reboot_window("0 2 * * *", 60, "UTC"));
+            let id = testing::start_rollout(&state, request).await;
+            let hold = |state: &AppState| {
+                devices
+                    .iter()
+                    .map(|d| state.live.target(d).map(|t| t.hold_reboot))
+                    .collect::<Vec<_>>()
+            };
+            advance(&state, id, datetime!(2026-12-04 12:00 UTC))
+                .await
+                .unwrap();
+            assert_eq!(
+                hold(&state),
+                vec![Some(true); 2],
+                "offered at once, the reboot held while the window is closed"
+            );
+            advance(&state, id, datetime!(2026-12-05 02:10 UTC))
+                .await
+                .unwrap();
+            assert_eq!(hold(&state), vec![Some(false); 2], "the window is open: go");
+            id
+        };
+        // A restarted server holds every reboot of the rollout until its
+        // first tick decides.
+        let state = testing::state(dir.path()).await;
+        let targets = state.store.device_targets().await.unwrap();
+        assert_eq!(targets.len(), 2);
+        assert!(targets
+            .iter()
+            .all(|(_, t)| t.rollout_id == id && t.hold_reboot));
+    }
 
     #[tokio::test]
     async fn two_replicas_on_one_database_take_turns_only_through_the_lease() {

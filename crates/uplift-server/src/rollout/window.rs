@@ -1,4 +1,6 @@
-//! Maintenance windows: when a rollout may start new downloads. A window
+//! Maintenance windows: when a rollout may start new downloads, or (a
+//! window that applies to the reboot) when its devices may reboot into the
+//! release they hold verified. A window
 //! opens at each time its cron schedule names, in its own time zone, and
 //! stays open for a fixed duration of real time; daylight saving time is
 //! the time zone database's business (`chrono-tz`), the schedule
@@ -52,13 +54,21 @@ impl Window {
 
     /// True if a window opened less than its duration before `now`.
     pub fn is_open(&self, now: OffsetDateTime) -> bool {
+        self.opened_at(now).is_some()
+    }
+
+    /// When the window open at `now` opened; `None` when it is closed.
+    pub fn opened_at(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
         let now = self.local(now);
         // The first opening after `now - duration`; open if it is not
         // after `now`.
         let since = now - self.duration;
-        self.schedule
+        let opened = self
+            .schedule
             .find_next_occurrence(&since, false)
-            .is_ok_and(|opened| opened <= now)
+            .ok()
+            .filter(|opened| *opened <= now)?;
+        OffsetDateTime::from_unix_timestamp(opened.timestamp()).ok()
     }
 
     /// When the window next opens after `now` (for the operator to see),
@@ -89,6 +99,7 @@ mod tests {
             cron: cron.to_owned(),
             duration_minutes: minutes,
             time_zone: time_zone.to_owned(),
+            applies_to: Default::default(),
         })
         .unwrap()
     }
@@ -100,6 +111,10 @@ mod tests {
         assert!(w.is_open(datetime!(2026-12-04 02:00 UTC)));
         assert!(w.is_open(datetime!(2026-12-04 03:59:59 UTC)));
         assert!(!w.is_open(datetime!(2026-12-04 04:00 UTC)));
+        assert_eq!(
+            w.opened_at(datetime!(2026-12-04 03:10 UTC)),
+            Some(datetime!(2026-12-04 02:00 UTC))
+        );
         assert_eq!(
             w.next_opening(datetime!(2026-12-04 04:00 UTC)),
             Some(datetime!(2026-12-05 02:00 UTC))
@@ -174,6 +189,7 @@ mod tests {
             cron: cron.to_owned(),
             duration_minutes: minutes,
             time_zone: tz.to_owned(),
+            applies_to: Default::default(),
         };
         let err = Window::parse(&spec("every night", 60, "UTC")).unwrap_err();
         assert!(err.to_string().contains("give five fields"), "{err}");

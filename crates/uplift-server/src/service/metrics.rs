@@ -30,6 +30,13 @@ struct StateLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RolloutLabels {
+    rollout: String,
+    /// `targeted`, `offered`, `succeeded` or `failed`.
+    devices: String,
+}
+
 /// The text exposition format (`text/plain; version=0.0.4`).
 pub async fn render(state: &AppState) -> ServiceResult<String> {
     let mut registry = Registry::with_prefix("uplift");
@@ -68,6 +75,35 @@ pub async fn render(state: &AppState) -> ServiceResult<String> {
             .inc();
     }
     registry.register("rollouts", "Phased rollouts by state", rollouts);
+
+    // Progress of the rollouts still running (finished ones would only
+    // grow the label set).
+    let progress = Family::<RolloutLabels, Gauge>::default();
+    let active: std::collections::HashSet<i64> =
+        state.store.active_rollouts().await?.into_iter().collect();
+    for (id, _, tally) in state.store.phase_tallies(None).await? {
+        if !active.contains(&id) {
+            continue;
+        }
+        for (devices, n) in [
+            ("targeted", tally.devices),
+            ("offered", tally.offered),
+            ("succeeded", tally.succeeded),
+            ("failed", tally.failed),
+        ] {
+            progress
+                .get_or_create(&RolloutLabels {
+                    rollout: id.to_string(),
+                    devices: devices.into(),
+                })
+                .inc_by(n as i64);
+        }
+    }
+    registry.register(
+        "rollout_devices",
+        "Devices of each running rollout: targeted, offered, succeeded, failed",
+        progress,
+    );
 
     let online = Gauge::<i64>::default();
     online.set(state.hub.online_count() as i64);
@@ -124,6 +160,28 @@ mod tests {
         );
         assert!(text.contains("uplift_sessions_connected 0"), "{text}");
         assert!(text.contains("uplift_sent_bytes_total 0"), "{text}");
+        assert!(
+            !text.contains("uplift_rollout_devices{"),
+            "no rollout runs: {text}"
+        );
+        // A running rollout's progress, by how far its devices got.
+        testing::release(&state, "2", "gw").await;
+        let id = testing::start_rollout(
+            &state,
+            testing::rollout_request("2", None, Default::default()),
+        )
+        .await;
+        let text = render(&state).await.unwrap();
+        for (devices, n) in [
+            ("targeted", 2),
+            ("offered", 2),
+            ("succeeded", 0),
+            ("failed", 0),
+        ] {
+            let line =
+                format!(r#"uplift_rollout_devices{{rollout="{id}",devices="{devices}"}} {n}"#);
+            assert!(text.contains(&line), "{line} in {text}");
+        }
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();

@@ -217,6 +217,32 @@ pub(crate) mod testing {
         }
     }
 
+    /// A rollout of `release` to `devices` (every device of its type when
+    /// `None`) with `policy`, as an operator would ask for it.
+    pub fn rollout_request(
+        release: &str,
+        devices: Option<Vec<uplift_proto::DeviceId>>,
+        policy: uplift_proto::policy::RolloutPolicy,
+    ) -> uplift_proto::api::RolloutCreate {
+        uplift_proto::api::RolloutCreate {
+            release: release.parse().unwrap(),
+            devices,
+            tags: None,
+            from_versions: Vec::new(),
+            allow_downgrade: false,
+            limits: Default::default(),
+            policy,
+        }
+    }
+
+    /// Starts `request` as the bootstrap admin; the new rollout's id.
+    pub async fn start_rollout(state: &AppState, request: uplift_proto::api::RolloutCreate) -> i64 {
+        crate::service::rollouts::start(state, &crate::auth::Principal::bootstrap_admin(), request)
+            .await
+            .unwrap()
+            .id
+    }
+
     /// A release record as if uploaded; its manifest is never read here.
     pub async fn release(state: &AppState, version: &str, device_type: &str) -> ReleaseRecord {
         let record = ReleaseRecord {

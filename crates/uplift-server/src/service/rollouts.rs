@@ -14,8 +14,8 @@ use crate::store::{
 use std::collections::HashMap;
 use time::OffsetDateTime;
 use uplift_proto::api::{
-    PhaseTally, RolloutCommandName, RolloutCounts, RolloutCreate, RolloutProgress, RolloutShare,
-    RolloutStatus, RolloutView,
+    PhaseTally, RolloutCommandName, RolloutCounts, RolloutCreate, RolloutMember, RolloutProgress,
+    RolloutShare, RolloutStatus, RolloutView,
 };
 use uplift_proto::auth::AuditAction;
 use uplift_proto::channel::AgentState;
@@ -185,6 +185,36 @@ pub async fn get(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
         .await?
         .ok_or(ServiceError::RolloutNotFound { id })?;
     view(state, rollout).await
+}
+
+/// Rollout `id`'s devices with their phase and how far each got, by phase
+/// then device.
+pub async fn members(state: &AppState, id: i64) -> ServiceResult<Vec<RolloutMember>> {
+    if state.store.rollout(id).await?.is_none() {
+        return Err(ServiceError::RolloutNotFound { id });
+    }
+    let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) =
+        state.store.rollout_members(id).await?.into_iter().unzip();
+    state.live.overlay(&mut devices);
+    let mut members: Vec<RolloutMember> = records
+        .into_iter()
+        .zip(devices)
+        .map(|(m, d)| RolloutMember {
+            device_id: d.id,
+            hardware_id: d.hardware_id,
+            phase: m.phase,
+            offered_at: m.offered_at,
+            outcome: m
+                .outcome
+                .and_then(|o| serde_json::to_value(o).ok())
+                .and_then(|v| v.as_str().map(str::to_owned)),
+            error: m.error,
+            running_version: d.running_version,
+            state: d.state,
+        })
+        .collect();
+    members.sort_by(|a, b| (a.phase, a.device_id.as_str()).cmp(&(b.phase, b.device_id.as_str())));
+    Ok(members)
 }
 
 /// Every rollout as it stands now, oldest first. Their devices come from
@@ -575,6 +605,7 @@ pub fn classify(release: &Version, rollout_id: i64, d: &DeviceRecord) -> Option<
         Some(
             AgentState::Downloading
             | AgentState::Verifying
+            | AgentState::AwaitingReboot
             | AgentState::RebootPending
             | AgentState::Testing,
         ) if working_on_it => Outcome::InProgress,
@@ -600,7 +631,12 @@ impl Tally {
             match classify(release, rollout_id, d) {
                 None => tally.superseded += 1,
                 Some(Outcome::Pending) => tally.counts.pending += 1,
-                Some(Outcome::InProgress) => tally.counts.in_progress += 1,
+                Some(Outcome::InProgress) => {
+                    tally.counts.in_progress += 1;
+                    if d.state == Some(AgentState::AwaitingReboot) {
+                        tally.counts.awaiting_reboot += 1;
+                    }
+                }
                 Some(Outcome::Succeeded) => tally.counts.succeeded += 1,
                 Some(Outcome::Failed) => tally.counts.failed += 1,
             }
@@ -713,6 +749,7 @@ mod tests {
         for working in [
             AgentState::Downloading,
             AgentState::Verifying,
+            AgentState::AwaitingReboot,
             AgentState::RebootPending,
             AgentState::Testing,
         ] {
@@ -741,22 +778,29 @@ mod tests {
         let failed = device(Some(7), Some(AgentState::Failed), "1.0", Some("2.0"));
         let pending = device(Some(7), None, "1.0", None);
         let moved = device(Some(9), None, "1.0", None);
+        let held = device(
+            Some(7),
+            Some(AgentState::AwaitingReboot),
+            "1.0",
+            Some("2.0"),
+        );
 
         let tally = Tally::of(
             &release,
             7,
-            &[done.clone(), failed.clone(), pending, moved.clone()],
+            &[done.clone(), failed.clone(), pending, moved.clone(), held],
         );
         assert_eq!(
             tally.counts,
             RolloutCounts {
                 pending: 1,
-                in_progress: 0,
+                in_progress: 1,
                 succeeded: 1,
-                failed: 1
+                failed: 1,
+                awaiting_reboot: 1,
             }
         );
-        assert_eq!((tally.superseded, tally.total), (1, 4));
+        assert_eq!((tally.superseded, tally.total), (1, 5));
         assert_eq!(tally.status(), RolloutStatus::Running);
 
         let tally = Tally::of(&release, 7, &[done, failed, moved.clone()]);
@@ -773,15 +817,7 @@ mod tests {
     }
 
     fn create(release: &str, devices: Option<Vec<DeviceId>>) -> RolloutCreate {
-        RolloutCreate {
-            release: v(release),
-            devices,
-            tags: None,
-            from_versions: Vec::new(),
-            allow_downgrade: false,
-            limits: Default::default(),
-            policy: Default::default(),
-        }
+        testing::rollout_request(release, devices, Default::default())
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use crate::state::AppState;
 use crate::store::control::NewApiToken;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-use uplift_proto::auth::{AuditAction, TokenCreate, TokenCreated, TokenView};
+use uplift_proto::auth::{AuditAction, Role, TokenCreate, TokenCreated, TokenView};
 
 /// Made tokens start with this, so a leaked one is recognisable (secret
 /// scanners) and the bootstrap token's lookup is skipped for them.
@@ -37,6 +37,34 @@ pub fn usable(token: &TokenView, now: OffsetDateTime) -> bool {
     }
 }
 
+/// The usable token `secret` is, if it is one of ours.
+async fn find(
+    state: &AppState,
+    secret: &str,
+    now: OffsetDateTime,
+) -> ServiceResult<Option<TokenView>> {
+    if !secret.starts_with(TOKEN_PREFIX) || secret.len() > 128 {
+        return Ok(None);
+    }
+    let found = state
+        .store
+        .api_token_by_digest(&secret_digest(secret))
+        .await?;
+    Ok(found.filter(|t| usable(t, now)))
+}
+
+/// Whether `secret` is a usable token with the enrollment role (beside
+/// the enrollment tokens of the server's configuration).
+pub async fn may_enroll(
+    state: &AppState,
+    secret: &str,
+    now: OffsetDateTime,
+) -> ServiceResult<bool> {
+    Ok(find(state, secret, now)
+        .await?
+        .is_some_and(|t| t.role == Role::Enrollment))
+}
+
 /// The principal `token` stands for, or `None` if it is no token, or one
 /// revoked or expired.
 pub async fn authenticate(
@@ -47,15 +75,8 @@ pub async fn authenticate(
     if state.secrets.is_admin(token) {
         return Ok(Some(Principal::bootstrap_admin()));
     }
-    if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
-        return Ok(None);
-    }
-    let found = state
-        .store
-        .api_token_by_digest(&secret_digest(token))
-        .await?;
-    Ok(found
-        .filter(|t| usable(t, now))
+    Ok(find(state, token, now)
+        .await?
         .map(|t| Principal::of_token(t.id, t.name.as_str(), t.role)))
 }
 
@@ -137,7 +158,6 @@ mod tests {
     use super::*;
     use crate::service::testing;
     use std::num::NonZeroU64;
-    use uplift_proto::auth::Role;
 
     fn request(name: &str, role: Role, expires_in_secs: Option<u64>) -> TokenCreate {
         TokenCreate {
@@ -233,6 +253,30 @@ mod tests {
         )
         .await;
         assert!(matches!(too_far, Err(ServiceError::ExpiryTooFar { .. })));
+    }
+
+    #[tokio::test]
+    async fn only_a_live_enrollment_token_enrolls_and_it_reads_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let admin = Principal::bootstrap_admin();
+        let line = create(&state, &admin, request("line-2", Role::Enrollment, None))
+            .await
+            .unwrap();
+        let viewer = create(&state, &admin, request("dash", Role::Viewer, None))
+            .await
+            .unwrap();
+        let now = OffsetDateTime::now_utc();
+        assert!(may_enroll(&state, &line.secret, now).await.unwrap());
+        assert!(!may_enroll(&state, &viewer.secret, now).await.unwrap());
+        assert!(!may_enroll(&state, "admin", now).await.unwrap());
+        let as_caller = authenticate(&state, &line.secret, now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(crate::auth::check(&as_caller, uplift_proto::auth::Permission::Read).is_err());
+        revoke(&state, &admin, line.token.id).await.unwrap();
+        assert!(!may_enroll(&state, &line.secret, now).await.unwrap());
     }
 
     #[test]

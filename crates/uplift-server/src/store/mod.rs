@@ -250,6 +250,11 @@ pub struct DeviceTarget {
     pub version: Version,
     pub allow_downgrade: bool,
     pub limits: DownloadLimits,
+    /// The offer holds the reboot: the rollout's reboot window is closed
+    /// (or the rollout paused). Not stored: a target read from the database
+    /// holds it whenever the rollout has a reboot window, until the
+    /// scheduler's next tick decides.
+    pub hold_reboot: bool,
 }
 
 #[async_trait]

@@ -481,6 +481,17 @@ fn plan_from_row(
     })())
 }
 
+/// Whether a rollout with this stored policy (NULL before phased
+/// rollouts) has a window that applies to the reboot.
+fn holds_reboots(policy: Option<String>) -> StoreResult<bool> {
+    let Some(text) = policy else {
+        return Ok(false);
+    };
+    let policy: RolloutPolicy =
+        serde_json::from_str(&text).map_err(|e| corrupt("rollout policy")(e.to_string()))?;
+    Ok(policy.window_scope() == Some(uplift_proto::policy::WindowScope::Reboot))
+}
+
 /// A policy or state as stored: JSON, which cannot fail for these types.
 fn json_text<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|e| unreachable!("plain data serializes: {e}"))
@@ -831,8 +842,8 @@ impl Store for SqliteStore {
 
     async fn device_targets(&self) -> StoreResult<Vec<(DeviceId, DeviceTarget)>> {
         let rows = sqlx::query(
-            "SELECT d.id, r.id, r.release, r.allow_downgrade, r.max_bytes_per_sec, r.max_downloading \
-             FROM devices d JOIN rollouts r ON r.id = d.target_rollout",
+            "SELECT d.id, r.id, r.release, r.allow_downgrade, r.max_bytes_per_sec, r.max_downloading, \
+             r.policy FROM devices d JOIN rollouts r ON r.id = d.target_rollout",
         )
         .fetch_all(&self.pool)
         .await
@@ -850,6 +861,10 @@ impl Store for SqliteStore {
                         version: parse("version", row.try_get(2).map_err(r)?)?,
                         allow_downgrade: row.try_get::<i64, _>(3).map_err(r)? != 0,
                         limits: limits_from(row.try_get(4).map_err(r)?, row.try_get(5).map_err(r)?),
+                        // Held until the scheduler's first tick says go:
+                        // a restart must not let devices reboot outside
+                        // their window.
+                        hold_reboot: holds_reboots(row.try_get(6).map_err(r)?)?,
                     },
                 ))
             })
