@@ -34,6 +34,10 @@ const SEND_CONCURRENCY: usize = 8;
 const BATCH: u32 = 64;
 const TICK: Duration = Duration::from_millis(500);
 pub const LEASE: &str = "webhook-deliverer";
+/// Finished deliveries kept in each webhook's log; older ones are forgotten.
+pub const KEEP_PER_WEBHOOK: u32 = 10_000;
+/// Ticks between prunings of the delivery log (about a minute).
+const PRUNE_EVERY: u32 = 120;
 const LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// The signature header's value for `body` sent at `timestamp`.
@@ -201,6 +205,7 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     let mut queued: Vec<Arc<FleetEvent>> = Vec::new();
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut until_prune = 0u32;
     loop {
         tokio::select! {
             received = events.recv() => match received {
@@ -221,6 +226,15 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
                         if let Err(e) = send_due(&state, &client).await {
                             tracing::warn!("webhooks: {e}");
                         }
+                        if until_prune == 0 {
+                            until_prune = PRUNE_EVERY;
+                            match state.store.prune_deliveries(KEEP_PER_WEBHOOK).await {
+                                Ok(0) => {}
+                                Ok(n) => tracing::info!(forgotten = n, "webhooks: delivery log pruned"),
+                                Err(e) => tracing::warn!("webhooks: {e}"),
+                            }
+                        }
+                        until_prune -= 1;
                     }
                     Ok(false) => {}
                     Err(e) => tracing::warn!("webhooks: {e}"),

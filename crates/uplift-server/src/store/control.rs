@@ -114,6 +114,10 @@ pub trait ControlStore: Send + Sync {
     /// first, at most `limit`.
     async fn due_deliveries(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<DueDelivery>>;
     async fn record_attempt(&self, id: i64, attempt: &Attempt<'_>) -> StoreResult<()>;
+    /// Forgets each webhook's finished (delivered or failed) deliveries
+    /// beyond its newest `keep` finished ones; pending ones are never
+    /// forgotten. How many were.
+    async fn prune_deliveries(&self, keep: u32) -> StoreResult<u64>;
     /// A webhook's deliveries, newest first, older than delivery `before`.
     async fn deliveries(
         &self,

@@ -429,6 +429,20 @@ impl ControlStore for SqliteStore {
         Ok(())
     }
 
+    async fn prune_deliveries(&self, keep: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND id NOT IN ( \
+               SELECT newer.id FROM webhook_deliveries newer \
+               WHERE newer.webhook_id = webhook_deliveries.webhook_id AND newer.status <> 'pending' \
+               ORDER BY newer.id DESC LIMIT ?)",
+        )
+        .bind(i64::from(keep))
+        .execute(&self.pool)
+        .await
+        .map_err(db("pruning the delivery log"))?;
+        Ok(done.rows_affected())
+    }
+
     async fn deliveries(
         &self,
         webhook_id: i64,
@@ -514,6 +528,65 @@ mod tests {
         assert!(!store.try_lease("scheduler", "a", 2_000, 500).await.unwrap());
         store.release_lease("scheduler", "b").await.unwrap();
         assert!(store.try_lease("scheduler", "a", 2_000, 500).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_delivery_log_keeps_each_webhooks_newest_and_everything_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let mut hooks = Vec::new();
+        for url in ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"] {
+            let hook = store
+                .insert_webhook(&NewWebhook {
+                    url,
+                    secret: "s",
+                    filter: &Default::default(),
+                    created_at: "t",
+                    created_by: "bootstrap-admin",
+                })
+                .await
+                .unwrap();
+            hooks.push(hook.id);
+        }
+        let delivery = |webhook_id| NewDelivery {
+            webhook_id,
+            event: "rollout.finished".into(),
+            payload: "{}".into(),
+            created_at: "t".into(),
+            due_ms: 0,
+        };
+        let batch: Vec<NewDelivery> = (0..5)
+            .map(|_| delivery(hooks[0]))
+            .chain((0..2).map(|_| delivery(hooks[1])))
+            .collect();
+        store.insert_deliveries(&batch).await.unwrap();
+        // The first webhook's deliveries: all but the newest are done.
+        let ids: Vec<i64> = store
+            .deliveries(hooks[0], None, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        for id in &ids[1..] {
+            let attempt = Attempt {
+                at: "t",
+                status: Some(204),
+                error: None,
+                retry_at_ms: None,
+            };
+            store.record_attempt(*id, &attempt).await.unwrap();
+        }
+        assert_eq!(store.prune_deliveries(2).await.unwrap(), 2);
+        let kept: Vec<i64> = store
+            .deliveries(hooks[0], None, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(kept, ids[..3], "the newest two and the pending one");
+        assert_eq!(store.deliveries(hooks[1], None, 10).await.unwrap().len(), 2);
     }
 
     #[tokio::test]
