@@ -204,6 +204,36 @@ fn delivery_from_row(row: SqliteRow) -> StoreResult<DeliveryView> {
     })
 }
 
+impl SqliteStore {
+    /// Sets `ended_column` of row `id` of `table` to `now` unless it is set
+    /// already (ending twice changes nothing), then reads the row back as
+    /// `columns`; `None` if there is no such row. Table and column names
+    /// are this module's constants, never input.
+    async fn end_row(
+        &self,
+        table: &str,
+        ended_column: &str,
+        columns: &str,
+        id: i64,
+        now: &str,
+        action: &'static str,
+    ) -> StoreResult<Option<SqliteRow>> {
+        sqlx::query(&format!(
+            "UPDATE {table} SET {ended_column} = ? WHERE id = ? AND {ended_column} IS NULL"
+        ))
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db(action))?;
+        sqlx::query(&format!("SELECT {columns} FROM {table} WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db(action))
+    }
+}
+
 #[async_trait]
 impl ControlStore for SqliteStore {
     async fn insert_api_token(&self, t: &NewApiToken<'_>) -> StoreResult<TokenView> {
@@ -248,19 +278,15 @@ impl ControlStore for SqliteStore {
     }
 
     async fn revoke_api_token(&self, id: i64, now: &str) -> StoreResult<Option<TokenView>> {
-        sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db("revoking an API token"))?;
-        sqlx::query(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("reading an API token"))?
+        self.end_row(
+            "api_tokens",
+            "revoked_at",
+            TOKEN_COLUMNS,
+            id,
+            now,
+            "revoking an API token",
+        )
+        .await?
         .map(token_from_row)
         .transpose()
     }
@@ -337,19 +363,15 @@ impl ControlStore for SqliteStore {
     }
 
     async fn remove_webhook(&self, id: i64, now: &str) -> StoreResult<Option<WebhookView>> {
-        sqlx::query("UPDATE webhooks SET removed_at = ? WHERE id = ? AND removed_at IS NULL")
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db("removing a webhook"))?;
-        sqlx::query(&format!(
-            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("reading a webhook"))?
+        self.end_row(
+            "webhooks",
+            "removed_at",
+            WEBHOOK_COLUMNS,
+            id,
+            now,
+            "removing a webhook",
+        )
+        .await?
         .map(|row| webhook_from_row(row).map(|w| w.view))
         .transpose()
     }
