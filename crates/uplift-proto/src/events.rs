@@ -175,6 +175,45 @@ impl EventFilter {
     }
 }
 
+/// `GET /api/v1/events` query: the filter, and how much of the recent past
+/// to send first. A client that reconnects with `Last-Event-ID` is sent
+/// what it missed instead (as far as the server still holds it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::IntoParams),
+    into_params(parameter_in = Query)
+)]
+pub struct EventStreamQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Subject>,
+    /// Only events about this device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceId>,
+    /// Only events about this rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<i64>,
+    /// First send up to this many of the newest past events the filter
+    /// takes (at most [`RECENT_EVENTS`]), oldest first; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 0, maximum = 1000))]
+    pub recent: Option<u32>,
+}
+
+/// Past events the server holds for `recent` and `Last-Event-ID`.
+pub const RECENT_EVENTS: usize = 1000;
+
+impl EventStreamQuery {
+    pub fn filter(&self) -> EventFilter {
+        EventFilter {
+            subject: self.subject,
+            device: self.device.clone(),
+            rollout: self.rollout,
+        }
+    }
+}
+
 /// `POST /api/v1/webhooks`: where to deliver which events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

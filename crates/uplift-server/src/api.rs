@@ -30,7 +30,7 @@ use uplift_proto::auth::{
 };
 use uplift_proto::channel::CHANNEL_PATH;
 use uplift_proto::events::{
-    DeliveryView, EventFilter, WebhookCreate, WebhookCreated, WebhookView, EVENTS_PATH,
+    DeliveryView, EventStreamQuery, WebhookCreate, WebhookCreated, WebhookView, EVENTS_PATH,
     WEBHOOKS_PATH,
 };
 use uplift_proto::{ChunkHash, DeviceId, Version, WireError};
@@ -102,8 +102,10 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             state.clone(),
             budget::limit_admin,
         ))
-        // After the layers: the API's shape is public, like /healthz.
+        // After the layers: the API's shape is public, like /healthz, and
+        // so is the web console (it holds no data; the API decides).
         .route(OPENAPI_PATH, get(openapi::serve))
+        .merge(crate::web::routes(state))
 }
 
 fn device_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
@@ -551,51 +553,98 @@ async fn whoami(caller: Allowed<Read>) -> Json<Caller> {
 
 #[utoipa::path(
     get, path = "/api/v1/events", tag = "events",
-    params(EventFilter),
+    params(EventStreamQuery, ("Last-Event-ID" = Option<u64>, Header, description = "The `id` of the last event this client got: what it missed since is sent first")),
     responses((status = 200, description = "Server-sent events until the server shuts down: `event:` the name, `id:` a sequence number, `data:` a `FleetEvent` as JSON (or `{\"missed\": N}` for `lagged`)", content_type = "text/event-stream", body = String)),
     security(("bearer" = ["read"]))
 )]
 /// `GET /api/v1/events`: server-sent events, one per fleet event that the
 /// query's filter takes (`event:` its name, `id:` its sequence number,
 /// `data:` its JSON); `lagged` with `{"missed": N}` when this client fell
-/// too far behind. Ends when the server shuts down.
+/// too far behind. The `recent` past events, or those after a
+/// `Last-Event-ID`, come first. Ends when the server shuts down.
 async fn event_stream(
     State(state): State<Arc<AppState>>,
     _: Allowed<Read>,
-    query: Result<Query<EventFilter>, QueryRejection>,
+    headers: HeaderMap,
+    query: Result<Query<EventStreamQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    use crate::events::Replay;
     use axum::response::sse::{Event, KeepAlive, Sse};
     use tokio::sync::broadcast::error::RecvError;
-    let filter = parse_query(
+    let query = parse_query(
         query,
-        "filter with subject (device or rollout), device and rollout",
+        "filter with subject (device or rollout), device and rollout; recent: 0 to 1000",
     )?;
-    let slot = state.events.open_stream().ok_or_else(|| {
-        ApiError::new(
-            uplift_proto::ErrorKind::ServerBusy,
-            format!(
-                "{} event streams are open, the most the server keeps; close one, or use a webhook",
-                crate::events::MAX_STREAMS
-            ),
-        )
-    })?;
-    let events = futures_util::stream::unfold((slot, filter), |(mut slot, filter)| async move {
+    let last_seen = match headers.get("last-event-id") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "Last-Event-ID must be the id of an event this stream sent (a number)",
+                    )
+                })?,
+        ),
+    };
+    let recent = query.recent.map(|n| n as usize);
+    if recent.is_some_and(|n| n > uplift_proto::events::RECENT_EVENTS) {
+        return Err(ApiError::bad_request(format!(
+            "recent may be at most {}: the server holds no more past events",
+            uplift_proto::events::RECENT_EVENTS
+        )));
+    }
+    let replay = match (last_seen, recent) {
+        (Some(last), _) => Some(Replay::After(last)),
+        (None, Some(n)) if n > 0 => Some(Replay::Newest(n)),
+        (None, _) => None,
+    };
+    let filter = query.filter();
+    let (slot, (backlog, missed)) = state
+        .events
+        .open_stream_with(replay, &filter)
+        .ok_or_else(|| {
+            ApiError::new(
+                uplift_proto::ErrorKind::ServerBusy,
+                format!(
+                    "{} event streams are open, the most the server keeps; close one, or use a webhook",
+                    crate::events::MAX_STREAMS
+                ),
+            )
+        })?;
+    let as_sse = |event: &uplift_proto::events::FleetEvent| {
+        Event::default()
+            .id(event.seq.to_string())
+            .event(event.about.name())
+            .json_data(event)
+    };
+    let lagged = |missed: u64| {
+        Event::default()
+            .event("lagged")
+            .json_data(serde_json::json!({ "missed": missed }))
+    };
+    let first: Vec<_> = (missed > 0)
+        .then(|| lagged(missed))
+        .into_iter()
+        .chain(backlog.iter().map(|e| as_sse(e)))
+        .collect();
+    let live = futures_util::stream::unfold((slot, filter), move |(mut slot, filter)| async move {
         loop {
             let event = match slot.receiver.recv().await {
-                Ok(event) if filter.matches(&event.about) => Event::default()
-                    .id(event.seq.to_string())
-                    .event(event.about.name())
-                    .json_data(&*event),
+                Ok(event) if filter.matches(&event.about) => as_sse(&event),
                 Ok(_) => continue,
-                Err(RecvError::Lagged(missed)) => Event::default()
-                    .event("lagged")
-                    .json_data(serde_json::json!({ "missed": missed })),
+                Err(RecvError::Lagged(missed)) => lagged(missed),
                 Err(RecvError::Closed) => return None,
             };
-            let event =
-                event.unwrap_or_else(|e| Event::default().event("error").data(e.to_string()));
-            return Some((Ok::<_, std::convert::Infallible>(event), (slot, filter)));
+            return Some((event, (slot, filter)));
         }
+    });
+    let events = futures_util::stream::iter(first).chain(live).map(|event| {
+        Ok::<_, std::convert::Infallible>(
+            event.unwrap_or_else(|e| Event::default().event("error").data(e.to_string())),
+        )
     });
     let mut shutdown = state.shutdown.clone();
     let events = events.take_until(async move {

@@ -2,12 +2,14 @@
 //! every subscriber (the server-sent event stream, the webhook queue).
 //! Publishing never waits, so a device session can publish; a subscriber
 //! that falls more than [`CAPACITY`] events behind is told how many it
-//! missed instead of slowing the fleet down.
+//! missed instead of slowing the fleet down. The newest
+//! [`RECENT_EVENTS`] are kept too, so a console that opens (or reconnects)
+//! is first sent the recent past it asks for.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
-use uplift_proto::events::{EventAbout, FleetEvent};
+use uplift_proto::events::{EventAbout, EventFilter, FleetEvent, RECENT_EVENTS};
 
 /// Events a subscriber may fall behind by before it misses some.
 pub const CAPACITY: usize = 8192;
@@ -20,18 +22,36 @@ pub const MAX_STREAMS: usize = 64;
 #[derive(Debug)]
 pub struct EventBus {
     sender: broadcast::Sender<Arc<FleetEvent>>,
-    seq: AtomicU64,
+    /// The last sequence number given and the newest events. One lock for
+    /// both, also held while sending, so a new stream's backlog and its
+    /// subscription neither overlap nor leave a gap.
+    past: Mutex<Past>,
     streams: Arc<Semaphore>,
+}
+
+#[derive(Debug, Default)]
+struct Past {
+    seq: u64,
+    recent: VecDeque<Arc<FleetEvent>>,
 }
 
 impl Default for EventBus {
     fn default() -> Self {
         Self {
             sender: broadcast::channel(CAPACITY).0,
-            seq: AtomicU64::new(0),
+            past: Mutex::new(Past::default()),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
         }
     }
+}
+
+/// Which past events a new stream is sent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// The newest this many that the stream's filter takes.
+    Newest(usize),
+    /// Everything after this sequence number (`Last-Event-ID`).
+    After(u64),
 }
 
 /// An open event stream's subscription and its place in the budget.
@@ -44,13 +64,19 @@ pub struct StreamSlot {
 impl EventBus {
     /// Numbers the event, stamps it `at`, and hands it to every subscriber.
     pub fn publish(&self, about: EventAbout, at: &str) {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        // No subscriber is not an error: nobody is listening yet.
-        let _ = self.sender.send(Arc::new(FleetEvent {
-            seq,
+        let mut past = self.past.lock().unwrap_or_else(|e| e.into_inner());
+        past.seq += 1;
+        let event = Arc::new(FleetEvent {
+            seq: past.seq,
             at: at.to_owned(),
             about,
-        }));
+        });
+        if past.recent.len() == RECENT_EVENTS {
+            past.recent.pop_front();
+        }
+        past.recent.push_back(event.clone());
+        // No subscriber is not an error: nobody is listening yet.
+        let _ = self.sender.send(event);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<FleetEvent>> {
@@ -60,11 +86,62 @@ impl EventBus {
     /// A subscription for a client's stream, or `None` when
     /// [`MAX_STREAMS`] are open.
     pub fn open_stream(&self) -> Option<StreamSlot> {
+        self.open_stream_with(None, &EventFilter::default())
+            .map(|(slot, _)| slot)
+    }
+
+    /// Like [`open_stream`](Self::open_stream), with the past events
+    /// `replay` asks for that `filter` takes, oldest first, and how many
+    /// events after a `Last-Event-ID` are no longer held. Events published
+    /// later arrive on the receiver only.
+    pub fn open_stream_with(
+        &self,
+        replay: Option<Replay>,
+        filter: &EventFilter,
+    ) -> Option<(StreamSlot, (Vec<Arc<FleetEvent>>, u64))> {
         let permit = self.streams.clone().try_acquire_owned().ok()?;
-        Some(StreamSlot {
-            receiver: self.subscribe(),
+        let past = self.past.lock().unwrap_or_else(|e| e.into_inner());
+        let backlog = match replay {
+            None => (Vec::new(), 0),
+            Some(replay) => past.replay(replay, filter),
+        };
+        let slot = StreamSlot {
+            receiver: self.sender.subscribe(),
             _permit: permit,
-        })
+        };
+        drop(past);
+        Some((slot, backlog))
+    }
+}
+
+impl Past {
+    fn replay(&self, replay: Replay, filter: &EventFilter) -> (Vec<Arc<FleetEvent>>, u64) {
+        let taken = |e: &&Arc<FleetEvent>| filter.matches(&e.about);
+        match replay {
+            Replay::Newest(n) => {
+                let mut newest: Vec<_> = self
+                    .recent
+                    .iter()
+                    .rev()
+                    .filter(taken)
+                    .take(n)
+                    .cloned()
+                    .collect();
+                newest.reverse();
+                (newest, 0)
+            }
+            // A sequence number from the future is from an earlier server
+            // process (they start at 1): all we hold is new to the client.
+            Replay::After(last) if last > self.seq => {
+                (self.recent.iter().filter(taken).cloned().collect(), 0)
+            }
+            Replay::After(last) => {
+                let oldest = self.recent.front().map_or(self.seq + 1, |e| e.seq);
+                let missed = oldest.saturating_sub(last + 1);
+                let events = self.recent.iter().filter(|e| e.seq > last).filter(taken);
+                (events.cloned().collect(), missed)
+            }
+        }
     }
 }
 
@@ -97,6 +174,51 @@ mod tests {
             other => panic!("expected a lag, got {other:?}"),
         }
         assert_eq!(slow.recv().await.unwrap().about, finished(6));
+    }
+
+    #[test]
+    fn a_new_stream_gets_the_recent_past_then_only_new_events() {
+        let bus = EventBus::default();
+        for id in 1..=(RECENT_EVENTS as i64 + 10) {
+            bus.publish(finished(id), "t");
+        }
+        let all = EventFilter::default();
+        let open = |replay| bus.open_stream_with(Some(replay), &all).unwrap();
+        let newest = |n| open(Replay::Newest(n)).1;
+        let (events, missed) = newest(3);
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        let last = RECENT_EVENTS as u64 + 10;
+        assert_eq!((seqs, missed), (vec![last - 2, last - 1, last], 0));
+        assert_eq!(newest(5000).0.len(), RECENT_EVENTS, "only so many are held");
+
+        // Reconnecting after event `last - 1`: just the one it missed.
+        let (mut slot, (events, missed)) = open(Replay::After(last - 1));
+        assert_eq!((events.len(), events[0].seq, missed), (1, last, 0));
+        bus.publish(finished(-1), "t");
+        assert_eq!(slot.receiver.try_recv().unwrap().seq, last + 1);
+        assert!(slot.receiver.try_recv().is_err(), "no event twice");
+
+        // Too long away: told how many are gone.
+        let (events, missed) = open(Replay::After(1)).1;
+        assert_eq!(events.len(), RECENT_EVENTS);
+        assert_eq!(missed, last + 1 - RECENT_EVENTS as u64 - 1);
+        // An id from before a server restart: everything held is new.
+        let (events, missed) = open(Replay::After(u64::MAX - 1)).1;
+        assert_eq!((events.len(), missed), (RECENT_EVENTS, 0));
+        drop(slot);
+
+        // The newest few of those a filter takes, however far back.
+        let one = EventFilter {
+            rollout: Some(500),
+            ..EventFilter::default()
+        };
+        bus.publish(finished(6), "t");
+        let (events, _) = bus
+            .open_stream_with(Some(Replay::Newest(3)), &one)
+            .unwrap()
+            .1;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].about, finished(500));
     }
 
     #[test]

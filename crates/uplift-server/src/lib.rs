@@ -1,6 +1,6 @@
 //! The Uplift upgrade server: always listening, one private TLS channel per
 //! device, releases and chunks in its own storage, rollouts pushed to devices
-//! the moment they start, and an admin REST API for the CLI (and a web page to come).
+//! the moment they start, and an admin REST API for the CLI and the web console ([`web`]).
 
 pub mod api;
 pub mod artifacts;
@@ -21,6 +21,7 @@ pub mod state;
 pub mod store;
 pub mod tls;
 pub mod turns;
+pub mod web;
 pub mod webhooks;
 pub mod writer;
 

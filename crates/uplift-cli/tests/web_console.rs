@@ -1,0 +1,536 @@
+//! The web console in a real browser: Debian's headless chromium, driven
+//! over WebDriver (chromium-driver), against a real server and eight real
+//! agents, used as an operator would. A wrong token is refused and a right
+//! one shows the fleet; devices are tagged from a selection and filtered
+//! by tag; a release directory is uploaded from the browser; a phased
+//! rollout is started from the form after its preview; its phase progress
+//! changes on the page with no reload; pause and resume; the rollout
+//! pauses by itself when the next phase's devices fail, and says why;
+//! abort; an admin makes a viewer token, and the viewer sees no action and
+//! is refused when it forces a request; the page says when its event
+//! stream is cut. Screenshots of every view go to
+//! `target/web-console-screenshots/` (CI keeps them as artifacts).
+//!
+//! Needs `chromium` and `chromium-driver` (`.ci/run` installs them).
+
+mod common;
+
+use common::*;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use thirtyfour::prelude::*;
+use uplift_release::build::{create_release, ReleaseOptions};
+
+const DEVICES: usize = 8;
+/// The browser's window: the width the issue asks the console to be
+/// readable at, and a phone's.
+const DESKTOP: (u32, u32) = (1280, 900);
+const PHONE: (u32, u32) = (390, 844);
+
+struct Browser {
+    driver: WebDriver,
+    chromedriver: Child,
+    shots: PathBuf,
+    base: String,
+}
+
+impl Browser {
+    async fn start(base: &str) -> Self {
+        let port = {
+            let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let chromedriver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver runs (apt-get install chromium chromium-driver; .ci/run does)");
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not listen on {url}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut caps = DesiredCapabilities::chrome();
+        if Path::new("/usr/bin/chromium").exists() {
+            caps.set_binary("/usr/bin/chromium").unwrap();
+        }
+        for arg in [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--disable-gpu",
+            &format!("--window-size={},{}", DESKTOP.0, DESKTOP.1),
+        ] {
+            caps.add_arg(arg).unwrap();
+        }
+        // The server's certificate is from its own CA, which this browser
+        // profile does not hold; the connection is still TLS.
+        caps.accept_insecure_certs(true).unwrap();
+        let driver = WebDriver::new(&url, caps)
+            .await
+            .expect("a chromium session");
+        let shots =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/web-console-screenshots");
+        std::fs::create_dir_all(&shots).unwrap();
+        Self {
+            driver,
+            chromedriver,
+            shots,
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    async fn open(&self, hash: &str) {
+        self.driver
+            .goto(format!("{}/{hash}", self.base))
+            .await
+            .unwrap();
+    }
+
+    /// Changes the view as a click on a link would: no page load.
+    async fn go(&self, hash: &str) {
+        self.driver
+            .execute(&format!("location.hash = {hash:?}"), vec![])
+            .await
+            .unwrap();
+    }
+
+    async fn shot(&self, name: &str) {
+        let path = self.shots.join(format!("{name}.png"));
+        self.driver.screenshot(&path).await.unwrap();
+    }
+
+    /// The text of the first element `css` selects, once it exists and
+    /// `ok` holds for its text; fails naming `what` with the last text seen
+    /// (and a screenshot) if that does not happen within [`WAIT`].
+    async fn wait_text(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        let mut last = String::from("(no such element)");
+        loop {
+            if let Ok(element) = self.driver.find(By::Css(css)).await {
+                if let Ok(text) = element.text().await {
+                    if ok(&text) {
+                        return text;
+                    }
+                    last = text;
+                }
+            }
+            if Instant::now() > deadline {
+                self.shot(&format!("failed-{}", what.replace(' ', "-")))
+                    .await;
+                panic!("{what}: `{css}` still reads {last:?} after {WAIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
+    async fn count(&self, css: &str) -> usize {
+        self.driver.find_all(By::Css(css)).await.unwrap().len()
+    }
+
+    async fn wait_count(&self, css: &str, what: &str, ok: impl Fn(usize) -> bool) -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let n = self.count(css).await;
+            if ok(n) {
+                return n;
+            }
+            if Instant::now() > deadline {
+                self.shot(&format!("failed-{}", what.replace(' ', "-")))
+                    .await;
+                panic!("{what}: `{css}` selects {n} elements after {WAIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
+    async fn click(&self, css: &str) {
+        self.wait_count(css, &format!("{css} appears"), |n| n > 0)
+            .await;
+        self.driver
+            .find(By::Css(css))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+    }
+
+    async fn fill(&self, css: &str, text: &str) {
+        self.wait_count(css, &format!("{css} appears"), |n| n > 0)
+            .await;
+        let input = self.driver.find(By::Css(css)).await.unwrap();
+        input.clear().await.unwrap();
+        input.send_keys(text).await.unwrap();
+    }
+
+    async fn login(&self, token: &str) {
+        self.fill("#token", token).await;
+        self.click("#login-form button[type=submit]").await;
+    }
+
+    async fn resize(&self, (width, height): (u32, u32)) {
+        self.driver
+            .set_window_rect(0, 0, width, height)
+            .await
+            .unwrap();
+    }
+
+    /// Clicks `css`, which asks "are you sure?", and says yes.
+    async fn click_confirmed(&self, css: &str) {
+        self.click(css).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.driver.accept_alert().await.is_err() {
+            assert!(Instant::now() < deadline, "{css} asked no confirmation");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn quit(mut self) {
+        let _ = self.driver.quit().await;
+        let _ = self.chromedriver.kill();
+        let _ = self.chromedriver.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_runs_a_phased_rollout_from_the_web_console() {
+    let mut fx = Fixture::start();
+    let breaks = fx.path("service-breaks-on-new-os");
+    let names: Vec<String> = (0..DEVICES).map(|i| format!("dev{i}")).collect();
+    let specs = names
+        .iter()
+        .map(|n| (n.clone(), fx.spec_failing_on_slot_b_when(n, &breaks)))
+        .collect();
+    let devices = fx.power_on(specs, &fx.server.endpoint.url.clone()).await;
+    for device in &devices {
+        fx.wait_enrolled(device).await;
+    }
+    let base = fx
+        .server
+        .endpoint
+        .admin_url
+        .clone()
+        .unwrap_or(fx.server.endpoint.url.clone());
+    let browser = Browser::start(&base).await;
+
+    // A wrong token is refused, and says so.
+    browser.open("").await;
+    browser.login("uplift_not-a-token-anyone-made").await;
+    browser
+        .wait_text("#login-error", "a wrong token is refused", |t| {
+            t.contains("refused this token")
+        })
+        .await;
+    browser.shot("01-login-refused").await;
+
+    // The right one shows the fleet: every device, online, on 1.0.
+    browser.login(&fx.server.admin_token).await;
+    browser
+        .wait_text("#whoami", "the admin is logged in", |t| t.contains("admin"))
+        .await;
+    browser
+        .wait_text("#stream-status", "the event stream is live", |t| {
+            t.contains("Live")
+        })
+        .await;
+    let total = DEVICES.to_string();
+    browser
+        .wait_text("#count-total", "the fleet's size", |t| {
+            t.starts_with(&total)
+        })
+        .await;
+    browser
+        .wait_text("#count-online", "every device online", |t| {
+            t.starts_with(&total)
+        })
+        .await;
+    browser
+        .wait_text(".chart", "devices per version", |t| {
+            t.contains("1.0") && t.contains(&total)
+        })
+        .await;
+    browser.shot("02-overview").await;
+
+    // Tag three devices from a selection, then filter by the tag.
+    browser.go("#/devices").await;
+    browser
+        .wait_count("#device-table tbody tr", "the device list", |n| {
+            n == DEVICES
+        })
+        .await;
+    browser.shot("03-devices").await;
+    for row in 1..=3 {
+        browser
+            .click(&format!(
+                "#device-table tbody tr:nth-child({row}) td.pick input"
+            ))
+            .await;
+    }
+    browser.fill("#bulk-tag-input", "lab").await;
+    browser.click("#bulk-tag-add").await;
+    browser
+        .wait_text("#bulk-tags", "tags added to the selection", |t| {
+            t.contains("Added lab on 3 devices")
+        })
+        .await;
+    browser.go("#/devices?tag=lab").await;
+    browser
+        .wait_count("#device-table tbody tr", "only the tagged devices", |n| {
+            n == 3
+        })
+        .await;
+    browser
+        .wait_text("#device-table tbody", "the tag shows", |t| {
+            t.matches("lab").count() == 3
+        })
+        .await;
+    browser.shot("04-devices-tagged-lab").await;
+
+    // A device's page: its identity, private address, slot and history.
+    browser
+        .click("#device-table tbody tr:first-child td a")
+        .await;
+    let facts = browser
+        .wait_text("#device-facts", "the device page", |t| {
+            t.contains("127.0.0.1:") && t.contains("Slot")
+        })
+        .await;
+    assert!(facts.contains("test-gateway"), "{facts}");
+    browser.shot("05-device").await;
+
+    // A release uploaded from the browser: the directory `uplift release
+    // create` wrote, picked in the file dialog.
+    let release_dir = fx.path("releases/1.1-browser");
+    create_release(
+        &fx.image_v1_1,
+        &release_dir,
+        &ReleaseOptions::new(v("1.1"), DEVICE_TYPE.parse().unwrap()),
+        &fx.key,
+    )
+    .unwrap();
+    browser.go("#/releases").await;
+    let picker = browser.driver.find(By::Css("#release-dir")).await.unwrap();
+    picker
+        .send_keys(release_dir.to_str().unwrap())
+        .await
+        .unwrap();
+    browser.click("#release-upload button[type=submit]").await;
+    browser
+        .wait_text("#upload-done", "the release is stored", |t| {
+            t.contains("Release 1.1")
+        })
+        .await;
+    browser
+        .wait_text("#release-table", "the release is listed", |t| {
+            t.contains("1.1") && t.contains(&fx.key.public_key().key_id())
+        })
+        .await;
+    browser.shot("06-releases").await;
+
+    // The rollout form: two devices first, then the rest after approval;
+    // the first failure pauses it. The preview says so before it starts.
+    browser.go("#/rollouts/new").await;
+    browser
+        .click("#rollout-form select[name=release] option[value='1.1']")
+        .await;
+    browser.fill("#rollout-form input[name=phases]", "2").await;
+    browser.click("#rollout-form input[name=approval]").await;
+    let preview = browser
+        .wait_text("#rollout-preview", "the preview of the phases", |t| {
+            t.contains("Phase 1: 2 devices") && t.contains("Final phase: 6 devices")
+        })
+        .await;
+    assert!(preview.contains(&format!("{DEVICES} devices")), "{preview}");
+    browser.shot("07-rollout-form").await;
+    browser.click("#start-rollout").await;
+    let deadline = Instant::now() + WAIT;
+    let rollout: i64 = loop {
+        let hash: String = browser
+            .driver
+            .execute("return location.hash", vec![])
+            .await
+            .unwrap()
+            .convert()
+            .unwrap();
+        if let Some(id) = hash
+            .strip_prefix("#/rollouts/")
+            .and_then(|id| id.parse().ok())
+        {
+            break id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the form did not open the new rollout: {hash}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    };
+
+    // The rollout page: the first phase's bar fills as its devices report,
+    // with no reload (the marker set on this document survives).
+    browser
+        .wait_count("#rollout-phases li", "the rollout's phases", |n| n == 2)
+        .await;
+    browser
+        .driver
+        .execute("window.sameDocument = true", vec![])
+        .await
+        .unwrap();
+    let first_phase = "#rollout-phases li[data-phase='0'] .phase-count";
+    browser
+        .wait_text(first_phase, "phase 1 progresses live", |t| t == "2 / 2")
+        .await;
+    browser
+        .wait_text("h1", "phase 2 waits for approval", |t| {
+            t.contains("awaiting approval")
+        })
+        .await;
+    let same: bool = browser
+        .driver
+        .execute("return window.sameDocument === true", vec![])
+        .await
+        .unwrap()
+        .convert()
+        .unwrap();
+    assert!(same, "the page was reloaded to show progress");
+    browser.shot("08-rollout-phase-1-done").await;
+
+    // Pause and resume.
+    browser.click("#cmd-pause").await;
+    browser
+        .wait_text("h1", "the rollout pauses", |t| t.contains("paused"))
+        .await;
+    browser.click("#cmd-resume").await;
+    browser
+        .wait_text("h1", "the rollout resumes", |t| !t.contains("paused"))
+        .await;
+
+    // The next phase's devices fail on the new OS: approved, the rollout
+    // pauses by itself and says why.
+    std::fs::write(&breaks, b"").unwrap();
+    browser.click("#cmd-approve").await;
+    let why = browser
+        .wait_text(
+            "#paused-because",
+            "the automatic pause and its reason",
+            |t| t.contains("over the error threshold"),
+        )
+        .await;
+    assert!(why.contains("service fails on the new OS"), "{why}");
+    browser.shot("09-rollout-paused-by-failures").await;
+
+    browser.click_confirmed("#cmd-abort").await;
+    browser
+        .wait_text("h1", "the rollout is aborted", |t| t.contains("aborted"))
+        .await;
+    browser.shot("10-rollout-aborted").await;
+
+    // The overview tells of it all; at a phone's width too.
+    browser.go("#/").await;
+    browser
+        .wait_text("#latest-events", "the latest events", |t| {
+            t.contains("aborted by")
+        })
+        .await;
+    browser.resize(PHONE).await;
+    browser.shot("11-overview-phone").await;
+    browser.resize(DESKTOP).await;
+
+    // The audit log has the operator's actions.
+    browser.go("#/audit").await;
+    browser
+        .wait_text("#audit-table", "the audit log", |t| {
+            t.contains("rollout.start") && t.contains("rollout.abort")
+        })
+        .await;
+    browser.shot("12-audit").await;
+
+    // An admin makes a viewer token ...
+    browser.go("#/tokens").await;
+    browser
+        .fill("#token-form input[name=name]", "watcher")
+        .await;
+    browser
+        .click("#token-form select[name=role] option[value=viewer]")
+        .await;
+    browser.click("#token-form button[type=submit]").await;
+    let secret = browser
+        .wait_text("#token-secret code", "the new token's secret", |t| {
+            t.starts_with("uplift_")
+        })
+        .await;
+    browser
+        .wait_text("#token-table", "the token is listed", |t| {
+            t.contains("watcher")
+        })
+        .await;
+    browser.shot("13-tokens").await;
+
+    // ... and the viewer sees everything but may do nothing.
+    browser.click("#logout").await;
+    browser.login(secret.trim()).await;
+    browser
+        .wait_text("#whoami", "the viewer is logged in", |t| {
+            t.contains("viewer")
+        })
+        .await;
+    let nav = browser.wait_text("nav.views", "the views", |_| true).await;
+    assert!(!nav.contains("Audit") && !nav.contains("Tokens"), "{nav}");
+    browser.go(&format!("#/rollouts/{rollout}")).await;
+    browser
+        .wait_text("h1", "the rollout, for the viewer", |t| {
+            t.contains(&format!("Rollout {rollout}"))
+        })
+        .await;
+    assert_eq!(browser.count("#rollout-commands button").await, 0);
+    browser.go("#/rollouts").await;
+    browser
+        .wait_count("#rollout-table tbody tr", "the rollouts", |n| n >= 1)
+        .await;
+    assert_eq!(browser.count("#new-rollout").await, 0);
+    browser.go("#/devices").await;
+    browser
+        .wait_count(
+            "#device-table tbody tr",
+            "the devices, for the viewer",
+            |n| n == DEVICES,
+        )
+        .await;
+    assert_eq!(browser.count("#device-table input[type=checkbox]").await, 0);
+    assert_eq!(browser.count("#release-upload").await, 0);
+    browser.shot("14-viewer-devices").await;
+    let forced: i64 = browser
+        .driver
+        .execute_async(
+            &format!(
+                "const done = arguments[arguments.length - 1];
+                 fetch('/api/v1/rollouts/{rollout}/resume', {{method: 'POST', headers: {{
+                   Authorization: 'Bearer ' + sessionStorage.getItem('uplift.token')}}}})
+                   .then(r => done(r.status), () => done(0));"
+            ),
+            vec![],
+        )
+        .await
+        .unwrap()
+        .convert()
+        .unwrap();
+    assert_eq!(forced, 403, "a viewer's forced command is refused");
+
+    // The server goes away: the page says its stream is cut.
+    fx.server.kill();
+    browser
+        .wait_text("#stream-status", "the cut stream shows", |t| {
+            t.contains("Disconnected")
+        })
+        .await;
+    browser.shot("15-stream-disconnected").await;
+    browser.quit().await;
+    drop(devices);
+}
