@@ -183,13 +183,28 @@ impl AdminClient {
             .await
     }
 
-    /// Rollout `id`'s devices, with their phase and how far each got.
+    /// Rollout `id`'s devices, with their phase and how far each got,
+    /// every page of them.
     pub async fn rollout_members(&self, id: i64) -> anyhow::Result<Vec<RolloutMember>> {
-        self.send(
-            self.http
-                .get(self.url(&format!("{ROLLOUTS_PATH}/{id}/devices"))?),
-        )
-        .await
+        let mut members = Vec::new();
+        let mut query = RolloutMemberQuery {
+            limit: Some(MAX_PAGE_LIMIT),
+            ..RolloutMemberQuery::default()
+        };
+        loop {
+            let page: RolloutMemberPage = self
+                .send(
+                    self.http
+                        .get(self.url(&format!("{ROLLOUTS_PATH}/{id}/devices"))?)
+                        .query(&query),
+                )
+                .await?;
+            members.extend(page.devices);
+            match page.next {
+                Some(next) => query.after = Some(next),
+                None => return Ok(members),
+            }
+        }
     }
 
     pub async fn command_rollout(

@@ -529,6 +529,68 @@ pub struct RolloutMember {
     pub state: Option<AgentState>,
 }
 
+/// `GET /api/v1/rollouts/{id}/devices` query: one page of the rollout's
+/// devices, in phase order and by device ID within a phase.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::IntoParams),
+    into_params(parameter_in = Query)
+)]
+pub struct RolloutMemberQuery {
+    /// Only this phase's devices (0-based; the final phase is the last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<u32>,
+    /// Only devices whose part ended so, or `unfinished`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<MemberOutcome>,
+    /// The `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// 1 to [`MAX_PAGE_LIMIT`], default [`DEFAULT_PAGE_LIMIT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
+    pub limit: Option<u32>,
+}
+
+/// How a device's part in a rollout ended, as a filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum MemberOutcome {
+    Succeeded,
+    Failed,
+    TimedOut,
+    Superseded,
+    Withdrawn,
+    /// Not ended yet: not offered, or offered and still working.
+    Unfinished,
+}
+
+impl MemberOutcome {
+    /// The stored outcome's name; `None` for [`MemberOutcome::Unfinished`].
+    pub fn stored(self) -> Option<&'static str> {
+        match self {
+            MemberOutcome::Succeeded => Some("succeeded"),
+            MemberOutcome::Failed => Some("failed"),
+            MemberOutcome::TimedOut => Some("timed_out"),
+            MemberOutcome::Superseded => Some("superseded"),
+            MemberOutcome::Withdrawn => Some("withdrawn"),
+            MemberOutcome::Unfinished => None,
+        }
+    }
+}
+
+/// One page of a rollout's devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RolloutMemberPage {
+    pub devices: Vec<RolloutMember>,
+    /// `after` for the next page; `None` on the last.
+    pub next: Option<String>,
+}
+
 /// One phase's devices as the rollout's record of them says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

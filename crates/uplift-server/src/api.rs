@@ -450,9 +450,9 @@ async fn show_rollout(
 
 #[utoipa::path(
     get, path = "/api/v1/rollouts/{id}/devices", tag = "rollouts",
-    params(("id" = i64, Path, description = "The rollout's ID")),
+    params(("id" = i64, Path, description = "The rollout's ID"), RolloutMemberQuery),
     responses(
-        (status = 200, description = "Each device of the rollout: its phase, offer, outcome and error", body = Vec<RolloutMember>),
+        (status = 200, description = "One page of the rollout's devices, in phase order: each one's phase, offer, outcome and error", body = RolloutMemberPage),
         (status = 404, description = "No such rollout", body = WireError),
     ),
     security(("bearer" = ["read"]))
@@ -461,9 +461,14 @@ async fn rollout_members(
     State(state): State<Arc<AppState>>,
     _: Allowed<Read>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<Vec<RolloutMember>>, ApiError> {
+    query: Result<Query<RolloutMemberQuery>, QueryRejection>,
+) -> Result<Json<RolloutMemberPage>, ApiError> {
     let id = numeric_id("rollout", id)?;
-    Ok(Json(service::rollouts::members(&state, id).await?))
+    let query = parse_query(
+        query,
+        "phase (0-based), outcome, after (the previous page's next) and limit (1 to 1000)",
+    )?;
+    Ok(Json(service::rollouts::members(&state, id, query).await?))
 }
 
 #[utoipa::path(

@@ -62,13 +62,15 @@ const BEARER: &str = "bearer";
         remove_webhook,
         webhook_deliveries,
     ),
-    // Path parameters' types are not collected from the paths by utoipa;
+    // Path and query parameters' types are not collected from the paths
+    // by utoipa;
     // fleet events are the stream's and webhooks' payload.
     components(schemas(
         WireError,
         DeviceId,
         ChunkHash,
         RolloutCommandName,
+        uplift_proto::api::MemberOutcome,
         uplift_proto::events::FleetEvent
     )),
     modifiers(&RouterRefusals),

@@ -41,7 +41,7 @@ pub struct Listing {
 }
 
 /// A page size from a request: the default, or 1 to [`MAX_PAGE_LIMIT`].
-fn page_limit(limit: Option<u32>) -> ServiceResult<u32> {
+pub(super) fn page_limit(limit: Option<u32>) -> ServiceResult<u32> {
     match limit {
         None => Ok(DEFAULT_PAGE_LIMIT),
         Some(n @ 1..=MAX_PAGE_LIMIT) => Ok(n),

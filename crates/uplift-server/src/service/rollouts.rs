@@ -9,13 +9,14 @@ use crate::rollout::window::Window;
 use crate::rollout::{phases, scheduler};
 use crate::state::{now_rfc3339, AppState};
 use crate::store::{
-    DeviceFilter, DeviceRecord, NewPlan, ReleaseRecord, RolloutChange, RolloutPlan, RolloutRecord,
+    DeviceFilter, DeviceRecord, MemberPage, NewPlan, ReleaseRecord, RolloutChange, RolloutPlan,
+    RolloutRecord,
 };
 use std::collections::HashMap;
 use time::OffsetDateTime;
 use uplift_proto::api::{
-    PhaseTally, RolloutCommandName, RolloutCounts, RolloutCreate, RolloutMember, RolloutProgress,
-    RolloutShare, RolloutStatus, RolloutView,
+    PhaseTally, RolloutCommandName, RolloutCounts, RolloutCreate, RolloutMember, RolloutMemberPage,
+    RolloutMemberQuery, RolloutProgress, RolloutShare, RolloutStatus, RolloutView,
 };
 use uplift_proto::auth::AuditAction;
 use uplift_proto::channel::AgentState;
@@ -187,16 +188,36 @@ pub async fn get(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
     view(state, rollout).await
 }
 
-/// Rollout `id`'s devices with their phase and how far each got, by phase
-/// then device.
-pub async fn members(state: &AppState, id: i64) -> ServiceResult<Vec<RolloutMember>> {
+/// One page of rollout `id`'s devices with their phase and how far each
+/// got, by phase then device, as `query` filters them.
+pub async fn members(
+    state: &AppState,
+    id: i64,
+    query: RolloutMemberQuery,
+) -> ServiceResult<RolloutMemberPage> {
+    let limit = super::devices::page_limit(query.limit)?;
+    let after = query
+        .after
+        .as_deref()
+        .map(parse_member_cursor)
+        .transpose()?;
     if state.store.rollout(id).await?.is_none() {
         return Err(ServiceError::RolloutNotFound { id });
     }
-    let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) =
-        state.store.rollout_members(id).await?.into_iter().unzip();
+    let page = MemberPage {
+        phase: query.phase,
+        outcome: query.outcome,
+        after,
+        limit,
+    };
+    let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) = state
+        .store
+        .rollout_members_page(id, &page)
+        .await?
+        .into_iter()
+        .unzip();
     state.live.overlay(&mut devices);
-    let mut members: Vec<RolloutMember> = records
+    let members: Vec<RolloutMember> = records
         .into_iter()
         .zip(devices)
         .map(|(m, d)| RolloutMember {
@@ -213,8 +234,32 @@ pub async fn members(state: &AppState, id: i64) -> ServiceResult<Vec<RolloutMemb
             state: d.state,
         })
         .collect();
-    members.sort_by(|a, b| (a.phase, a.device_id.as_str()).cmp(&(b.phase, b.device_id.as_str())));
-    Ok(members)
+    let next = (members.len() == limit as usize)
+        .then(|| {
+            members
+                .last()
+                .map(|m| format!("{}:{}", m.phase, m.device_id))
+        })
+        .flatten();
+    Ok(RolloutMemberPage {
+        devices: members,
+        next,
+    })
+}
+
+/// `after` of a rollout's device page: `<phase>:<device id>`, as `next`
+/// gave it.
+fn parse_member_cursor(cursor: &str) -> ServiceResult<(u32, DeviceId)> {
+    cursor
+        .split_once(':')
+        .and_then(|(phase, device)| Some((phase.parse().ok()?, device.parse().ok()?)))
+        .ok_or_else(|| ServiceError::BadQuery {
+            field: "after",
+            why: format!(
+                "{:?} is not a cursor this server gave out; pass the `next` of the previous page",
+                cursor.chars().take(80).collect::<String>()
+            ),
+        })
 }
 
 /// Every rollout as it stands now, oldest first. Their devices come from
@@ -1322,5 +1367,91 @@ mod tests {
         tag(&state, &b, &["ring-1"]).await;
         assert_eq!(members(&state, view.id).await, ["dev-a", "dev-c"]);
         assert_eq!(state.live.target(&b).map(|t| t.rollout_id), Some(newer.id));
+    }
+
+    #[tokio::test]
+    async fn a_rollouts_devices_come_in_pages_by_phase_and_can_be_filtered() {
+        use uplift_proto::api::MemberOutcome;
+        use uplift_proto::policy::{PhaseReach, RolloutPolicy};
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        testing::release(&state, "2", "gw").await;
+        for i in 0..25 {
+            testing::device(&state, &format!("dev-{i:02}"), "gw").await;
+        }
+        let policy = RolloutPolicy {
+            phases: vec![PhaseReach::Count(5.try_into().unwrap())],
+            approval: true,
+            ..RolloutPolicy::default()
+        };
+        let id = testing::start_rollout(&state, testing::rollout_request("2", None, policy)).await;
+        let page = |query: RolloutMemberQuery| {
+            let state = &state;
+            async move { super::members(state, id, query).await.unwrap() }
+        };
+
+        // Every device once, phase 1 first, in pages of 7.
+        let mut seen = Vec::new();
+        let mut query = RolloutMemberQuery {
+            limit: Some(7),
+            ..RolloutMemberQuery::default()
+        };
+        loop {
+            let got = page(query.clone()).await;
+            assert!(got.devices.len() <= 7);
+            seen.extend(
+                got.devices
+                    .into_iter()
+                    .map(|m| (m.phase, m.device_id.to_string())),
+            );
+            match got.next {
+                Some(next) => query.after = Some(next),
+                None => break,
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(seen, sorted, "in (phase, device) order, no device twice");
+        assert_eq!(seen.len(), 25);
+        assert_eq!(seen.iter().filter(|(phase, _)| *phase == 0).count(), 5);
+
+        // One phase; then only those not finished (the first phase was
+        // offered, none has finished).
+        let final_phase = page(RolloutMemberQuery {
+            phase: Some(1),
+            ..RolloutMemberQuery::default()
+        })
+        .await;
+        assert_eq!(final_phase.devices.len(), 20);
+        assert!(final_phase
+            .devices
+            .iter()
+            .all(|m| m.phase == 1 && m.offered_at.is_none()));
+        let unfinished = page(RolloutMemberQuery {
+            outcome: Some(MemberOutcome::Unfinished),
+            ..RolloutMemberQuery::default()
+        })
+        .await;
+        assert_eq!(unfinished.devices.len(), 25);
+        let failed = page(RolloutMemberQuery {
+            outcome: Some(MemberOutcome::Failed),
+            ..RolloutMemberQuery::default()
+        })
+        .await;
+        assert!(failed.devices.is_empty() && failed.next.is_none());
+
+        // A cursor this server did not give out is refused, saying so.
+        let err = super::members(
+            &state,
+            id,
+            RolloutMemberQuery {
+                after: Some("dev-01".into()),
+                ..RolloutMemberQuery::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("not a cursor"), "{err}");
     }
 }

@@ -227,6 +227,16 @@ pub struct MemberRecord {
     pub failure_accepted: bool,
 }
 
+/// Which of a rollout's devices one page holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberPage {
+    pub phase: Option<u32>,
+    pub outcome: Option<uplift_proto::api::MemberOutcome>,
+    /// The (phase, device) the previous page ended with.
+    pub after: Option<(u32, DeviceId)>,
+    pub limit: u32,
+}
+
 /// What to write after an engine step or an operator command.
 #[derive(Debug, Clone, Copy)]
 pub struct RolloutChange<'a> {
@@ -343,6 +353,12 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     async fn active_rollouts(&self) -> StoreResult<Vec<i64>>;
     /// A rollout's devices with their part in it.
     async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>>;
+    /// One page of a rollout's devices, in phase order, then by device ID.
+    async fn rollout_members_page(
+        &self,
+        id: i64,
+        page: &MemberPage,
+    ) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>>;
     /// Stores what one engine step or operator command decided, in one
     /// transaction, if the rollout is still at `revision`; false if another
     /// actor changed it first (then nothing is written and the caller

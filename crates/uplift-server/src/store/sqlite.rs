@@ -122,6 +122,39 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Indexes on [`ADDED_COLUMNS`], made once those are there.
+const INDEXES_ON_ADDED_COLUMNS: &str = "
+-- A rollout's devices are paged in phase order (the console, the CLI).
+CREATE INDEX IF NOT EXISTS rollout_devices_by_phase ON rollout_devices (rollout_id, phase, device_id);
+";
+
+/// A rollout member's columns, read after [`DEVICE_COLUMNS`] by
+/// [`member_from_row`].
+const MEMBER_COLUMNS: &str = "rd.phase, rd.offered_at, rd.outcome, rd.error, rd.failure_accepted";
+
+fn member_from_row(row: SqliteRow) -> StoreResult<(MemberRecord, DeviceRecord)> {
+    let first = DEVICE_COLUMNS.matches(", ").count() + 1;
+    let r = |e| StoreError::Database {
+        action: "reading a rollout's devices",
+        source: e,
+    };
+    let outcome: Option<String> = row.try_get(first + 2).map_err(r)?;
+    let member = MemberRecord {
+        phase: u32::try_from(row.try_get::<i64, _>(first).map_err(r)?)
+            .map_err(|e| corrupt("rollout phase")(e.to_string()))?,
+        offered_at: row.try_get(first + 1).map_err(r)?,
+        outcome: outcome
+            .map(|o| {
+                serde_json::from_value(serde_json::Value::String(o))
+                    .map_err(|e| corrupt("rollout outcome")(e.to_string()))
+            })
+            .transpose()?,
+        error: row.try_get(first + 3).map_err(r)?,
+        failure_accepted: row.try_get::<i64, _>(first + 4).map_err(r)? != 0,
+    };
+    Ok((member, device_from_row(row)?))
+}
+
 fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     super::classify(action)
 }
@@ -171,6 +204,10 @@ impl SqliteStore {
                     .map_err(db("upgrading the schema"))?;
             }
         }
+        sqlx::raw_sql(INDEXES_ON_ADDED_COLUMNS)
+            .execute(&pool)
+            .await
+            .map_err(db("upgrading the schema"))?;
         Ok(Self { pool })
     }
 }
@@ -1115,13 +1152,8 @@ impl Store for SqliteStore {
     }
 
     async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>> {
-        let first = DEVICE_COLUMNS.matches(", ").count() + 1;
-        let r = |e| StoreError::Database {
-            action: "reading a rollout's devices",
-            source: e,
-        };
         sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS}, rd.phase, rd.offered_at, rd.outcome, rd.error, rd.failure_accepted \
+            "SELECT {DEVICE_COLUMNS}, {MEMBER_COLUMNS} \
              FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
              WHERE rd.rollout_id = ? ORDER BY rd.phase, d.id"
         ))
@@ -1130,24 +1162,52 @@ impl Store for SqliteStore {
         .await
         .map_err(db("reading a rollout's devices"))?
         .into_iter()
-        .map(|row| {
-            let outcome: Option<String> = row.try_get(first + 2).map_err(r)?;
-            let member = MemberRecord {
-                phase: u32::try_from(row.try_get::<i64, _>(first).map_err(r)?)
-                    .map_err(|e| corrupt("rollout phase")(e.to_string()))?,
-                offered_at: row.try_get(first + 1).map_err(r)?,
-                outcome: outcome
-                    .map(|o| {
-                        serde_json::from_value(serde_json::Value::String(o))
-                            .map_err(|e| corrupt("rollout outcome")(e.to_string()))
-                    })
-                    .transpose()?,
-                error: row.try_get(first + 3).map_err(r)?,
-                failure_accepted: row.try_get::<i64, _>(first + 4).map_err(r)? != 0,
-            };
-            Ok((member, device_from_row(row)?))
-        })
+        .map(member_from_row)
         .collect()
+    }
+
+    async fn rollout_members_page(
+        &self,
+        id: i64,
+        page: &MemberPage,
+    ) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>> {
+        // One range scan of rollout_devices_by_phase from the cursor; the
+        // outcome filter is checked on the rows of that range.
+        let mut sql = format!(
+            "SELECT {DEVICE_COLUMNS}, {MEMBER_COLUMNS} \
+             FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             WHERE rd.rollout_id = ?"
+        );
+        if page.phase.is_some() {
+            sql.push_str(" AND rd.phase = ?");
+        }
+        if page.after.is_some() {
+            sql.push_str(" AND (rd.phase, rd.device_id) > (?, ?)");
+        }
+        match page.outcome {
+            None => {}
+            Some(o) if o.stored().is_none() => sql.push_str(" AND rd.outcome IS NULL"),
+            Some(_) => sql.push_str(" AND rd.outcome = ?"),
+        }
+        sql.push_str(" ORDER BY rd.phase, rd.device_id LIMIT ?");
+        let mut query = sqlx::query(&sql).bind(id);
+        if let Some(phase) = page.phase {
+            query = query.bind(i64::from(phase));
+        }
+        if let Some((phase, device)) = &page.after {
+            query = query.bind(i64::from(*phase)).bind(device.as_str());
+        }
+        if let Some(stored) = page.outcome.and_then(|o| o.stored()) {
+            query = query.bind(stored);
+        }
+        query
+            .bind(i64::from(page.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading a page of a rollout's devices"))?
+            .into_iter()
+            .map(member_from_row)
+            .collect()
     }
 
     async fn apply_rollout_change(

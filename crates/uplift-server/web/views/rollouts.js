@@ -4,7 +4,7 @@
 import { useEffect, useState } from '../vendor/preact-hooks.js';
 import { api } from '../lib/api.js';
 import { useLiveReload } from '../lib/live.js';
-import { Bar, ErrorNote, html, may, OutcomeBadge, RolloutBadge, rolloutState, StateBadge, Time, useResource, when } from '../lib/ui.js';
+import { Bar, ErrorNote, html, may, OutcomeBadge, Pager, RolloutBadge, rolloutState, StateBadge, Time, usePager, useResource, when } from '../lib/ui.js';
 
 export function Rollouts({ caller }) {
   const rollouts = useResource(() => api('GET', '/api/v1/rollouts'), []);
@@ -294,30 +294,50 @@ function Phases({ rollout }) {
   </ol>`;
 }
 
+const OUTCOME_FILTERS = [
+  ['', 'any'],
+  ['unfinished', 'not finished'],
+  ['succeeded', 'succeeded'],
+  ['failed', 'failed'],
+  ['timed_out', 'timed out'],
+  ['withdrawn', 'withdrawn'],
+  ['superseded', 'superseded'],
+];
+
+// The rollout's devices, a page at a time (a rollout may hold 100 000).
 function Members({ id, phases }) {
   const [phase, setPhase] = useState('');
-  const members = useResource(() => api('GET', `/api/v1/rollouts/${id}/devices`, { query: { phase } }), [id, phase]);
+  const [outcome, setOutcome] = useState('');
+  const pager = usePager(`${id}/${phase}/${outcome}`);
+  const members = useResource(
+    () => api('GET', `/api/v1/rollouts/${id}/devices`, { query: { phase, outcome, after: pager.current, limit: 100 } }),
+    [id, phase, outcome, pager.current],
+  );
   useLiveReload((e) => e.subject === 'device' || (e.subject === 'rollout' && e.rollout_id === Number(id)), members.reload, 1500);
-  const data = members.data;
-  const list = Array.isArray(data) ? data : data?.devices ?? [];
-  const shown = phase === '' ? list : list.filter((m) => m.phase === Number(phase));
+  const list = members.data?.devices ?? [];
+  const phaseName = (p) => (p === phases - 1 ? 'final' : String(p + 1));
   return html`<div class="card">
     <div class="title-row">
       <h2>Devices</h2>
-      <label>Phase <select value=${phase} onChange=${(e) => setPhase(e.target.value)} id="member-phase">
-        <option value="">all</option>
-        ${Array.from({ length: phases }, (_, i) => html`<option value=${i}>${i === phases - 1 ? 'final' : i + 1}</option>`)}
-      </select></label>
+      <div class="row">
+        <label>Phase <select value=${phase} onChange=${(e) => setPhase(e.target.value)} id="member-phase">
+          <option value="">all</option>
+          ${Array.from({ length: phases }, (_, i) => html`<option value=${i}>${phaseName(i)}</option>`)}
+        </select></label>
+        <label>Outcome <select value=${outcome} onChange=${(e) => setOutcome(e.target.value)} id="member-outcome">
+          ${OUTCOME_FILTERS.map(([value, label]) => html`<option value=${value}>${label}</option>`)}
+        </select></label>
+      </div>
     </div>
     <${ErrorNote} error=${members.error} />
     <div class="table-wrap">
       <table id="member-table">
         <thead><tr><th>Device</th><th>Phase</th><th>Outcome</th><th>State</th><th>Version</th><th>Offered</th><th>Error</th></tr></thead>
         <tbody>
-          ${shown.slice(0, 500).map(
+          ${list.map(
             (m) => html`<tr key=${m.device_id} data-device=${m.device_id}>
               <td><a href=${`#/devices/${encodeURIComponent(m.device_id)}`}><code>${m.device_id}</code></a></td>
-              <td>${m.phase === phases - 1 ? 'final' : m.phase + 1}</td>
+              <td>${phaseName(m.phase)}</td>
               <td><${OutcomeBadge} outcome=${m.outcome} offered=${m.offered_at} /></td>
               <td><${StateBadge} state=${m.state} /></td>
               <td>${m.running_version ?? '–'}</td>
@@ -328,7 +348,8 @@ function Members({ id, phases }) {
         </tbody>
       </table>
     </div>
-    ${shown.length > 500 ? html`<p class="muted">The first 500 of ${shown.length} are shown; pick a phase to narrow.</p>` : null}
+    ${members.data && !list.length ? html`<p class="empty">No device matches.</p>` : null}
+    <${Pager} pager=${pager} next=${members.data?.next} count=${list.length} />
   </div>`;
 }
 
