@@ -607,7 +607,7 @@ async fn event_stream(
         (None, _) => None,
     };
     let filter = query.filter();
-    let (slot, (backlog, missed)) = state
+    let (slot, backlog) = state
         .events
         .open_stream_with(replay, &filter)
         .ok_or_else(|| {
@@ -630,10 +630,10 @@ async fn event_stream(
             .event("lagged")
             .json_data(serde_json::json!({ "missed": missed }))
     };
-    let first: Vec<_> = (missed > 0)
-        .then(|| lagged(missed))
+    let first: Vec<_> = (backlog.missed > 0)
+        .then(|| lagged(backlog.missed))
         .into_iter()
-        .chain(backlog.iter().map(|e| as_sse(e)))
+        .chain(backlog.events.iter().map(|e| as_sse(e)))
         .collect();
     let live = futures_util::stream::unfold((slot, filter), move |(mut slot, filter)| async move {
         loop {

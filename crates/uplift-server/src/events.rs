@@ -45,6 +45,14 @@ impl Default for EventBus {
     }
 }
 
+/// The past events a new stream is sent first, oldest first, and how many
+/// it asked for (after a `Last-Event-ID`) that are no longer held.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    pub events: Vec<Arc<FleetEvent>>,
+    pub missed: u64,
+}
+
 /// Which past events a new stream is sent first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Replay {
@@ -98,11 +106,11 @@ impl EventBus {
         &self,
         replay: Option<Replay>,
         filter: &EventFilter,
-    ) -> Option<(StreamSlot, (Vec<Arc<FleetEvent>>, u64))> {
+    ) -> Option<(StreamSlot, Backlog)> {
         let permit = self.streams.clone().try_acquire_owned().ok()?;
         let past = self.past.lock().unwrap_or_else(|e| e.into_inner());
         let backlog = match replay {
-            None => (Vec::new(), 0),
+            None => Backlog::default(),
             Some(replay) => past.replay(replay, filter),
         };
         let slot = StreamSlot {
@@ -115,7 +123,7 @@ impl EventBus {
 }
 
 impl Past {
-    fn replay(&self, replay: Replay, filter: &EventFilter) -> (Vec<Arc<FleetEvent>>, u64) {
+    fn replay(&self, replay: Replay, filter: &EventFilter) -> Backlog {
         let taken = |e: &&Arc<FleetEvent>| filter.matches(&e.about);
         match replay {
             Replay::Newest(n) => {
@@ -128,18 +136,25 @@ impl Past {
                     .cloned()
                     .collect();
                 newest.reverse();
-                (newest, 0)
+                Backlog {
+                    events: newest,
+                    missed: 0,
+                }
             }
             // A sequence number from the future is from an earlier server
             // process (they start at 1): all we hold is new to the client.
-            Replay::After(last) if last > self.seq => {
-                (self.recent.iter().filter(taken).cloned().collect(), 0)
-            }
+            Replay::After(last) if last > self.seq => Backlog {
+                events: self.recent.iter().filter(taken).cloned().collect(),
+                missed: 0,
+            },
             Replay::After(last) => {
                 let oldest = self.recent.front().map_or(self.seq + 1, |e| e.seq);
                 let missed = oldest.saturating_sub(last + 1);
                 let events = self.recent.iter().filter(|e| e.seq > last).filter(taken);
-                (events.cloned().collect(), missed)
+                Backlog {
+                    events: events.cloned().collect(),
+                    missed,
+                }
             }
         }
     }
@@ -184,7 +199,10 @@ mod tests {
         }
         let all = EventFilter::default();
         let open = |replay| bus.open_stream_with(Some(replay), &all).unwrap();
-        let newest = |n| open(Replay::Newest(n)).1;
+        let newest = |n| {
+            let backlog = open(Replay::Newest(n)).1;
+            (backlog.events, backlog.missed)
+        };
         let (events, missed) = newest(3);
         let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
         let last = RECENT_EVENTS as u64 + 10;
@@ -192,18 +210,18 @@ mod tests {
         assert_eq!(newest(5000).0.len(), RECENT_EVENTS, "only so many are held");
 
         // Reconnecting after event `last - 1`: just the one it missed.
-        let (mut slot, (events, missed)) = open(Replay::After(last - 1));
+        let (mut slot, Backlog { events, missed }) = open(Replay::After(last - 1));
         assert_eq!((events.len(), events[0].seq, missed), (1, last, 0));
         bus.publish(finished(-1), "t");
         assert_eq!(slot.receiver.try_recv().unwrap().seq, last + 1);
         assert!(slot.receiver.try_recv().is_err(), "no event twice");
 
         // Too long away: told how many are gone.
-        let (events, missed) = open(Replay::After(1)).1;
+        let Backlog { events, missed } = open(Replay::After(1)).1;
         assert_eq!(events.len(), RECENT_EVENTS);
         assert_eq!(missed, last + 1 - RECENT_EVENTS as u64 - 1);
         // An id from before a server restart: everything held is new.
-        let (events, missed) = open(Replay::After(u64::MAX - 1)).1;
+        let Backlog { events, missed } = open(Replay::After(u64::MAX - 1)).1;
         assert_eq!((events.len(), missed), (RECENT_EVENTS, 0));
         drop(slot);
 
@@ -213,10 +231,11 @@ mod tests {
             ..EventFilter::default()
         };
         bus.publish(finished(6), "t");
-        let (events, _) = bus
+        let events = bus
             .open_stream_with(Some(Replay::Newest(3)), &one)
             .unwrap()
-            .1;
+            .1
+            .events;
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].about, finished(500));
     }
