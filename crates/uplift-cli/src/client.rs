@@ -11,8 +11,8 @@ use uplift_proto::auth::{
     WHOAMI_PATH,
 };
 use uplift_proto::events::{
-    DeliveryView, EventFilter, WebhookCreate, WebhookCreated, WebhookView, EVENTS_PATH,
-    WEBHOOKS_PATH,
+    DeliveryView, EventFilter, EventStreamQuery, WebhookCreate, WebhookCreated, WebhookView,
+    EVENTS_PATH, WEBHOOKS_PATH,
 };
 use uplift_proto::{ChunkHash, DeviceId, WireError};
 use uplift_release::build::ReleaseDir;
@@ -260,12 +260,22 @@ impl AdminClient {
     }
 
     /// The server-sent event stream, filtered; read its body as it comes.
-    pub async fn event_stream(&self, filter: &EventFilter) -> anyhow::Result<reqwest::Response> {
-        let response = self
+    /// The event stream `query` asks for; with `after_event`, resumed after
+    /// that event (`Last-Event-ID`), as a reconnecting client asks.
+    pub async fn event_stream(
+        &self,
+        query: &EventStreamQuery,
+        after_event: Option<u64>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let mut request = self
             .streaming
             .get(self.url(EVENTS_PATH)?)
-            .query(filter)
-            .bearer_auth(&self.token)
+            .query(query)
+            .bearer_auth(&self.token);
+        if let Some(seq) = after_event {
+            request = request.header("last-event-id", seq.to_string());
+        }
+        let response = request
             .send()
             .await
             .with_context(|| format!("cannot reach the server at {}", self.base))?;

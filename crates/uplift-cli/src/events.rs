@@ -6,7 +6,9 @@ use crate::cli::{print_as, print_json, ServerArgs};
 use crate::output::table;
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
-use uplift_proto::events::{DeliveryView, EventFilter, Subject, WebhookCreate, WebhookView};
+use uplift_proto::events::{
+    DeliveryView, EventFilter, EventStreamQuery, Subject, WebhookCreate, WebhookView,
+};
 use uplift_proto::DeviceId;
 
 #[derive(Debug, Clone, Args)]
@@ -39,6 +41,13 @@ pub struct EventsArgs {
     /// Stop after this many events (default: until interrupted).
     #[arg(long)]
     count: Option<u64>,
+    /// First print up to this many of the newest past events (at most 1000).
+    #[arg(long, value_name = "N")]
+    recent: Option<u32>,
+    /// Resume after this event (its `seq`): first print the later ones the
+    /// server still holds, as a client that lost its stream would.
+    #[arg(long, value_name = "SEQ", conflicts_with = "recent")]
+    after_event: Option<u64>,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -85,7 +94,14 @@ pub enum WebhookCommand {
 /// Prints each event of the stream as one line of JSON as it comes.
 pub async fn events(args: EventsArgs) -> anyhow::Result<i32> {
     let client = args.server.client()?;
-    let response = client.event_stream(&args.filter.into()).await?;
+    let filter = EventFilter::from(args.filter);
+    let query = EventStreamQuery {
+        subject: filter.subject,
+        device: filter.device,
+        rollout: filter.rollout,
+        recent: args.recent,
+    };
+    let response = client.event_stream(&query, args.after_event).await?;
     let mut stream = eventsource_stream::EventStream::new(response.bytes_stream());
     let mut seen = 0u64;
     while let Some(event) = stream.next().await {

@@ -1,5 +1,6 @@
 //! Events without polling, end to end: `uplift events` follows one device
-//! through its upgrade as it happens, and a webhook made with `uplift
+//! through its upgrade as it happens (and, afterwards, replays it: the
+//! recent past, and a resume after a given event), and a webhook made with `uplift
 //! webhook create` receives the rollout's events at a real HTTP receiver,
 //! signed with its secret, retried after the receiver first fails, and
 //! listed in the delivery log.
@@ -142,6 +143,24 @@ async fn the_event_stream_and_a_signed_retried_webhook_tell_an_upgrade_as_it_hap
     assert!(seen
         .iter()
         .all(|e| matches!(&e.about, EventAbout::Device { device_id, .. } if *device_id == id)));
+
+    // A console opened afterwards is first told the recent past, and a
+    // client that lost its stream after the third event resumes after it.
+    let past = |extra: &[&str]| -> Vec<FleetEvent> {
+        let mut args = vec!["events", "--device", id.as_str()];
+        args.extend_from_slice(extra);
+        uplift(&fx, &args)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one event per line"))
+            .collect()
+    };
+    assert_eq!(past(&["--recent", "6", "--count", "6"]), seen);
+    let third = seen[2].seq.to_string();
+    assert_eq!(
+        past(&["--after-event", &third, "--count", "3"]),
+        seen[3..],
+        "resumed after event {third}"
+    );
 
     // The webhook: every rollout event; the first (started) only after a
     // retry, so it may come after the others.
