@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 use uplift_proto::api::{
     DeviceEvent, DeviceEventKind, DevicePage, DeviceQuery, DeviceView, DownloadLimits,
-    HistoryQuery, RolloutCommandName, RolloutCreate, RolloutStatus, RolloutView, TagChange,
-    TagSelector,
+    FleetSummary, HistoryQuery, RolloutCommandName, RolloutCreate, RolloutPreview, RolloutStatus,
+    RolloutView, TagChange, TagSelector,
 };
 use uplift_proto::channel::AgentState;
 use uplift_proto::policy::{
@@ -79,6 +79,14 @@ pub enum Command {
     /// List devices.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// The fleet at a glance: devices by version, state and type, how many
+    /// are online, failing, rolled back or in a rollout.
+    Fleet {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Start and follow rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
@@ -496,6 +504,10 @@ pub enum RolloutCommand {
         // as large as this one.
         #[command(flatten)]
         policy: Box<PolicyArgs>,
+        /// Start nothing: show the devices it would target, its phase sizes
+        /// and warnings (the server checks it as it would a start).
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -559,6 +571,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Keygen { out } => keygen(out),
         Command::Release(cmd) => release(cmd).await,
         Command::Devices(cmd) => devices(cmd).await,
+        Command::Fleet { json, server } => {
+            let summary = server.client()?.fleet().await?;
+            print_as(json, &summary, fleet_text)?;
+            Ok(0)
+        }
         Command::Rollout(cmd) => rollout(cmd).await,
         Command::Token(cmd) => crate::access::token(cmd).await,
         Command::Audit(args) => crate::access::audit(args).await,
@@ -723,6 +740,11 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
                             r.chunks.to_string(),
                             mib(r.stored_bytes),
                             r.created_at.clone(),
+                            r.expires_at.clone().unwrap_or_else(|| "-".to_owned()),
+                            match r.key_ids.as_slice() {
+                                [] => "-".to_owned(),
+                                ids => ids.join(","),
+                            },
                             match r.damaged_chunks {
                                 0 => "ok".to_owned(),
                                 n => format!("{n} chunks damaged: upload it again"),
@@ -747,6 +769,8 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
                             "CHUNKS",
                             "STORED",
                             "CREATED",
+                            "EXPIRES",
+                            "SIGNED BY",
                             "HEALTH"
                         ],
                         &rows
@@ -863,9 +887,15 @@ fn device_text(d: &DeviceView) -> String {
         ("hardware id", d.hardware_id.to_string()),
         ("online", if d.online { "yes" } else { "no" }.to_owned()),
         (
+            // Kept while offline: where it was last connected from.
+            if d.online { "address" } else { "last address" },
+            or_dash(d.address.clone()),
+        ),
+        (
             "version",
             or_dash(d.running_version.as_ref().map(ToString::to_string)),
         ),
+        ("slot", or_dash(d.slot.map(|s| s.to_string()))),
         ("state", or_dash(d.state.map(|s| s.as_str().to_owned()))),
         (
             "target",
@@ -895,7 +925,7 @@ fn device_text(d: &DeviceView) -> String {
     ];
     lines
         .iter()
-        .map(|(name, value)| format!("{:<12} {value}", format!("{name}:")))
+        .map(|(name, value)| format!("{:<13} {value}", format!("{name}:")))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -974,6 +1004,77 @@ fn history_table(events: &[DeviceEvent]) -> String {
     table(&["AT", "EVENT", "WHAT"], &rows)
 }
 
+/// `uplift fleet`: the totals in a line, then devices by version, state
+/// and type, most first.
+pub fn fleet_text(f: &FleetSummary) -> String {
+    let versions: Vec<Vec<String>> = f
+        .by_version
+        .iter()
+        .map(|v| {
+            vec![
+                v.version
+                    .as_ref()
+                    .map_or_else(|| "- (never reported)".to_owned(), ToString::to_string),
+                v.devices.to_string(),
+                v.online.to_string(),
+            ]
+        })
+        .collect();
+    let states: Vec<Vec<String>> = f
+        .by_state
+        .iter()
+        .map(|s| {
+            vec![
+                s.state.map_or_else(
+                    || "- (never reported)".to_owned(),
+                    |s| s.as_str().to_owned(),
+                ),
+                s.devices.to_string(),
+            ]
+        })
+        .collect();
+    let types: Vec<Vec<String>> = f
+        .by_device_type
+        .iter()
+        .map(|t| {
+            vec![
+                t.device_type.to_string(),
+                t.devices.to_string(),
+                t.online.to_string(),
+            ]
+        })
+        .collect();
+    format!(
+        "{} devices, {} online: {} failing, {} rolled back, {} in a rollout\n\n{}\n\n{}\n\n{}",
+        f.devices_total,
+        f.online,
+        f.failing,
+        f.rolled_back,
+        f.in_rollout,
+        table(&["VERSION", "DEVICES", "ONLINE"], &versions),
+        table(&["STATE", "DEVICES"], &states),
+        table(&["TYPE", "DEVICES", "ONLINE"], &types),
+    )
+}
+
+/// `uplift rollout start --dry-run`: what it would start.
+pub fn preview_text(p: &RolloutPreview) -> String {
+    let sizes: Vec<String> = p.phase_sizes.iter().map(u64::to_string).collect();
+    let mut text = format!(
+        "would start a rollout of {} ({}) to {} device{}; devices per phase: {}\n\
+         nothing was started (a start puts other devices in each phase, the same number)",
+        p.release,
+        p.device_type,
+        p.devices_total,
+        if p.devices_total == 1 { "" } else { "s" },
+        sizes.join(" / ")
+    );
+    for warning in &p.warnings {
+        text += &format!("\nwarning: {warning}");
+    }
+    text
+}
+
 pub fn devices_table(devices: &[DeviceView]) -> String {
     let dash = || "-".to_owned();
     let rows = devices
@@ -983,10 +1084,12 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
                 d.id.to_string(),
                 d.device_type.to_string(),
                 if d.online { "yes" } else { "no" }.to_owned(),
+                d.address.clone().unwrap_or_else(dash),
                 d.running_version
                     .as_ref()
                     .map(ToString::to_string)
                     .unwrap_or_else(dash),
+                d.slot.map(|s| s.to_string()).unwrap_or_else(dash),
                 d.state.map(|s| s.as_str().to_owned()).unwrap_or_else(dash),
                 d.target_version
                     .as_ref()
@@ -1006,7 +1109,8 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
         .collect::<Vec<_>>();
     table(
         &[
-            "ID", "TYPE", "ONLINE", "VERSION", "STATE", "TARGET", "PROGRESS", "TAGS", "ERROR",
+            "ID", "TYPE", "ONLINE", "ADDRESS", "VERSION", "SLOT", "STATE", "TARGET", "PROGRESS",
+            "TAGS", "ERROR",
         ],
         &rows,
     )
@@ -1172,29 +1276,34 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<i32> {
             max_bytes_per_sec,
             max_downloading,
             policy,
+            dry_run,
             json,
             server,
         } => {
             let policy = policy.into_policy()?;
-            let view = server
-                .client()?
-                .start_rollout(&RolloutCreate {
-                    release,
-                    devices,
-                    tags: match (tags.is_empty(), tags_match) {
-                        (true, _) => None,
-                        (false, TagsMatch::Any) => Some(TagSelector::Any(tags)),
-                        (false, TagsMatch::All) => Some(TagSelector::All(tags)),
-                    },
-                    from_versions,
-                    allow_downgrade,
-                    limits: DownloadLimits {
-                        max_bytes_per_sec,
-                        max_downloading,
-                    },
-                    policy,
-                })
-                .await?;
+            let request = RolloutCreate {
+                release,
+                devices,
+                tags: match (tags.is_empty(), tags_match) {
+                    (true, _) => None,
+                    (false, TagsMatch::Any) => Some(TagSelector::Any(tags)),
+                    (false, TagsMatch::All) => Some(TagSelector::All(tags)),
+                },
+                from_versions,
+                allow_downgrade,
+                limits: DownloadLimits {
+                    max_bytes_per_sec,
+                    max_downloading,
+                },
+                policy,
+            };
+            let client = server.client()?;
+            if dry_run {
+                let preview = client.preview_rollout(&request).await?;
+                print_as(json, &preview, preview_text)?;
+                return Ok(0);
+            }
+            let view = client.start_rollout(&request).await?;
             if json {
                 print_json(&view)?;
             } else {
@@ -1405,5 +1514,86 @@ mod rollout_output_tests {
             downloading,
             0
         )));
+    }
+}
+
+#[cfg(test)]
+mod fleet_output_tests {
+    use super::*;
+    use uplift_proto::api::{DeviceTypeCount, StateCount, VersionCount};
+
+    #[test]
+    fn the_fleet_reads_as_totals_then_a_table_each_for_versions_states_and_types() {
+        let summary = FleetSummary {
+            devices_total: 12,
+            online: 9,
+            failing: 1,
+            rolled_back: 0,
+            in_rollout: 3,
+            by_version: vec![
+                VersionCount {
+                    version: Some("1.1".parse().unwrap()),
+                    devices: 10,
+                    online: 9,
+                },
+                VersionCount {
+                    version: None,
+                    devices: 2,
+                    online: 0,
+                },
+            ],
+            by_state: vec![
+                StateCount {
+                    state: Some(AgentState::Idle),
+                    devices: 9,
+                },
+                StateCount {
+                    state: None,
+                    devices: 2,
+                },
+                StateCount {
+                    state: Some(AgentState::Failed),
+                    devices: 1,
+                },
+            ],
+            by_device_type: vec![DeviceTypeCount {
+                device_type: "gw".parse().unwrap(),
+                devices: 12,
+                online: 9,
+            }],
+        };
+        assert_eq!(
+            fleet_text(&summary),
+            "12 devices, 9 online: 1 failing, 0 rolled back, 3 in a rollout\n\
+             \n\
+             VERSION             DEVICES  ONLINE\n\
+             1.1                 10       9\n\
+             - (never reported)  2        0\n\
+             \n\
+             STATE               DEVICES\n\
+             idle                9\n\
+             - (never reported)  2\n\
+             failed              1\n\
+             \n\
+             TYPE  DEVICES  ONLINE\n\
+             gw    12       9"
+        );
+    }
+
+    #[test]
+    fn a_preview_says_nothing_was_started_and_lists_its_warnings() {
+        let preview = RolloutPreview {
+            release: "1.1".parse().unwrap(),
+            device_type: "gw".parse().unwrap(),
+            devices_total: 20,
+            phase_sizes: vec![1, 0, 19],
+            warnings: vec!["3 of the 20 devices are offline now".into()],
+        };
+        assert_eq!(
+            preview_text(&preview),
+            "would start a rollout of 1.1 (gw) to 20 devices; devices per phase: 1 / 0 / 19\n\
+             nothing was started (a start puts other devices in each phase, the same number)\n\
+             warning: 3 of the 20 devices are offline now"
+        );
     }
 }

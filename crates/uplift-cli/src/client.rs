@@ -231,6 +231,21 @@ impl AdminClient {
             .await
     }
 
+    /// What [`AdminClient::start_rollout`] would start, without starting it.
+    pub async fn preview_rollout(&self, request: &RolloutCreate) -> anyhow::Result<RolloutPreview> {
+        self.send(
+            self.http
+                .post(self.url(ROLLOUT_PREVIEW_PATH)?)
+                .json(request),
+        )
+        .await
+    }
+
+    /// The fleet at a glance: devices by version, state and type.
+    pub async fn fleet(&self) -> anyhow::Result<FleetSummary> {
+        self.send(self.http.get(self.url(FLEET_PATH)?)).await
+    }
+
     pub async fn stats(&self) -> anyhow::Result<ServerStats> {
         self.send(self.http.get(self.url(STATS_PATH)?)).await
     }

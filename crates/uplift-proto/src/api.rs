@@ -11,6 +11,10 @@ pub const DEVICES_PATH: &str = "/api/v1/devices";
 pub const RELEASES_PATH: &str = "/api/v1/releases";
 pub const ROLLOUTS_PATH: &str = "/api/v1/rollouts";
 pub const STATS_PATH: &str = "/api/v1/stats";
+/// The fleet at a glance ([`FleetSummary`]).
+pub const FLEET_PATH: &str = "/api/v1/fleet";
+/// What starting a rollout would do, without starting it ([`RolloutPreview`]).
+pub const ROLLOUT_PREVIEW_PATH: &str = "/api/v1/rollouts/preview";
 /// Prometheus metrics (OpenMetrics text), behind the admin token.
 pub const METRICS_PATH: &str = "/metrics";
 pub const MISSING_CHUNKS_PATH: &str = "/api/v1/chunks/missing";
@@ -323,6 +327,15 @@ pub struct DeviceView {
     /// The operator's tags, in order.
     #[serde(default)]
     pub tags: Vec<Tag>,
+    /// The slot it booted, as it last reported; `None` before its first report.
+    #[serde(default)]
+    pub slot: Option<SlotName>,
+    /// `IP:port` of the TCP connection its newest channel came over (an
+    /// IPv6 address in brackets), kept while it is offline; `None` if it
+    /// has not connected since the server recorded addresses. Behind a
+    /// proxy or NAT this is the proxy's or the NAT's address.
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,6 +353,15 @@ pub struct ReleaseView {
     /// own disk since it started (repair: `uplift release upload` again).
     #[serde(default)]
     pub damaged_chunks: u64,
+    /// The key IDs its manifest's signatures name, in the manifest's order.
+    /// The server holds no release keys and does not check the signatures
+    /// (agents do); empty for releases uploaded before servers kept them.
+    #[serde(default)]
+    pub key_ids: Vec<String>,
+    /// RFC 3339, from the manifest: devices refuse the release from then
+    /// on. `None` for releases uploaded before servers kept it.
+    #[serde(default)]
+    pub expires_at: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -617,6 +639,86 @@ pub enum RolloutCommandName {
     Retry,
 }
 
+/// What `POST /api/v1/rollouts` would start with the same body, from
+/// `POST /api/v1/rollouts/preview`: nothing is stored, offered or audited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RolloutPreview {
+    pub release: Version,
+    pub device_type: DeviceType,
+    /// The devices it would target now.
+    pub devices_total: u64,
+    /// Devices in each phase, in order, the final phase last: what
+    /// `progress.phase_sizes` of the started rollout would be. Which
+    /// devices fall in which phase is decided by a seed that includes the
+    /// moment a rollout starts, so a started rollout may put other devices
+    /// in a phase than a preview would; the sizes are the same.
+    pub phase_sizes: Vec<u64>,
+    /// What the operator may want to know before starting it, in sentences
+    /// (devices offline, phases left empty, ...); absent when nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// The fleet at a glance: `GET /api/v1/fleet`. Counted by the database
+/// (so it lags what devices report by the server's write interval, a
+/// quarter of a second unless the database falls behind), connected
+/// devices by the server's sessions now.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FleetSummary {
+    /// Enrolled devices.
+    pub devices_total: u64,
+    /// Of them, connected now.
+    pub online: u64,
+    /// Devices in state `failed`: their last attempt failed.
+    pub failing: u64,
+    /// Devices in state `rolled_back`: a trial boot failed and they are
+    /// back on their previous slot.
+    pub rolled_back: u64,
+    /// Devices a rollout still counts as pending or in progress (the sum of
+    /// `counts.pending + counts.in_progress` over every rollout): offered
+    /// a release or waiting for their phase, not yet running it and not
+    /// failed on it.
+    pub in_rollout: u64,
+    /// Devices by the version they run, most devices first.
+    pub by_version: Vec<VersionCount>,
+    /// Devices by state, most devices first.
+    pub by_state: Vec<StateCount>,
+    /// Devices by type, most devices first.
+    pub by_device_type: Vec<DeviceTypeCount>,
+}
+
+/// Devices running one version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VersionCount {
+    /// `None`: enrolled, and never said what it runs.
+    pub version: Option<Version>,
+    pub devices: u64,
+    /// Of them, connected now.
+    pub online: u64,
+}
+
+/// Devices in one state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StateCount {
+    /// `None`: enrolled, and never reported.
+    pub state: Option<AgentState>,
+    pub devices: u64,
+}
+
+/// Devices of one type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeviceTypeCount {
+    pub device_type: DeviceType,
+    pub devices: u64,
+    /// Of them, connected now.
+    pub online: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServerStats {
@@ -713,6 +815,32 @@ mod tests {
     }
 
     #[test]
+    fn a_preview_without_warnings_leaves_them_out() {
+        let mut preview = RolloutPreview {
+            release: "1.1".parse().unwrap(),
+            device_type: "gw".parse().unwrap(),
+            devices_total: 3,
+            phase_sizes: vec![1, 2],
+            warnings: Vec::new(),
+        };
+        let quiet = serde_json::json!({
+            "release": "1.1", "device_type": "gw", "devices_total": 3, "phase_sizes": [1, 2]
+        });
+        assert_eq!(serde_json::to_value(&preview).unwrap(), quiet);
+        assert_eq!(
+            serde_json::from_value::<RolloutPreview>(quiet).unwrap(),
+            preview
+        );
+        preview
+            .warnings
+            .push("2 of the 3 devices are offline now".into());
+        assert_eq!(
+            serde_json::to_value(&preview).unwrap()["warnings"],
+            serde_json::json!(["2 of the 3 devices are offline now"])
+        );
+    }
+
+    #[test]
     fn older_answers_without_the_new_fields_still_parse() {
         let device = serde_json::json!({
             "id": "dev-1", "device_type": "gw", "hardware_id": "hw", "online": false,
@@ -721,6 +849,13 @@ mod tests {
         });
         let view: DeviceView = serde_json::from_value(device).unwrap();
         assert!(view.tags.is_empty());
+        assert_eq!((view.slot, view.address), (None, None));
+        let release = serde_json::json!({
+            "version": "1.1", "device_type": "gw", "image_size": 1, "image_sha256": "00",
+            "chunks": 1, "stored_bytes": 1, "created_at": "then"
+        });
+        let view: ReleaseView = serde_json::from_value(release).unwrap();
+        assert_eq!((view.key_ids, view.expires_at), (vec![], None));
         let create: RolloutCreate =
             serde_json::from_str(r#"{"release": "1.1", "devices": null}"#).unwrap();
         assert_eq!((create.tags, create.from_versions), (None, vec![]));

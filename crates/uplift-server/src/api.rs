@@ -68,7 +68,12 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route(MISSING_CHUNKS_PATH, post(missing_chunks))
         .route("/api/v1/chunks/{hash}", put(upload_chunk))
         .route("/api/v1/patches/{hash}", put(upload_patch))
+        .route(FLEET_PATH, get(fleet_summary))
         .route(ROLLOUTS_PATH, get(list_rollouts).post(start_rollout))
+        // A static segment: the router prefers it to `{id}` (and it has
+        // fewer segments than `{id}/{command}`), so no rollout is shadowed;
+        // the route-order test below checks both.
+        .route(ROLLOUT_PREVIEW_PATH, post(preview_rollout))
         .route("/api/v1/rollouts/{id}", get(show_rollout))
         .route("/api/v1/rollouts/{id}/devices", get(rollout_members))
         .route("/api/v1/rollouts/{id}/{command}", post(command_rollout))
@@ -416,6 +421,26 @@ async fn start_rollout(
 }
 
 #[utoipa::path(
+    post, path = "/api/v1/rollouts/preview", tag = "rollouts",
+    request_body = RolloutCreate,
+    responses(
+        (status = 200, description = "What `POST /api/v1/rollouts` with this body would start now: its devices, \
+         its phase sizes and warnings; nothing is stored, offered or audited", body = RolloutPreview),
+        (status = 404, description = "No such release, or a listed device is not enrolled", body = WireError),
+        (status = 409, description = "The state of the fleet does not allow it", body = WireError),
+    ),
+    security(("bearer" = ["operate"]))
+)]
+async fn preview_rollout(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Operate>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<RolloutPreview>, ApiError> {
+    let request: RolloutCreate = parse_json(&body?)?;
+    Ok(Json(service::rollouts::preview(&state, request).await?))
+}
+
+#[utoipa::path(
     get, path = "/api/v1/rollouts", tag = "rollouts",
     responses((status = 200, description = "Every rollout", body = Vec<RolloutView>)),
     security(("bearer" = ["read"]))
@@ -529,6 +554,20 @@ async fn metrics(
         text,
     )
         .into_response())
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/fleet", tag = "devices",
+    responses((status = 200, description = "The fleet at a glance: devices by version, state and type, \
+     connected, failing, rolled back and in a rollout; counted by the database (a write interval behind \
+     the devices' reports), connected devices as of now", body = FleetSummary)),
+    security(("bearer" = ["read"]))
+)]
+async fn fleet_summary(
+    State(state): State<Arc<AppState>>,
+    _: Allowed<Read>,
+) -> Result<Json<FleetSummary>, ApiError> {
+    Ok(Json(service::fleet::summary(&state).await?))
 }
 
 #[utoipa::path(
@@ -1191,7 +1230,90 @@ async fn device_chunk(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::*;
+    use crate::service::testing;
+    use axum::http::{Method, Request};
+    use tower::ServiceExt as _;
+
+    /// `method path` with `body` as the bootstrap admin: status and body.
+    async fn call(
+        router: &Router,
+        method: Method,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, "Bearer admin")
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    /// `/api/v1/rollouts/preview` beside `/api/v1/rollouts/{id}` and
+    /// `/api/v1/rollouts/{id}/{command}`: the static segment is the
+    /// preview's, and every rollout is still reached by its ID.
+    #[tokio::test]
+    async fn the_preview_route_shadows_no_rollout_and_no_rollout_route_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(testing::state(dir.path()).await);
+        testing::release(&state, "2", "gw").await;
+        for i in 0..10 {
+            testing::device(&state, &format!("dev-{i}"), "gw").await;
+        }
+        let router = admin_router(state);
+        let body = r#"{"release": "2", "devices": null, "policy": {"phases": [{"percent": 10}], "approval": true}}"#;
+
+        let (status, preview) = call(&router, Method::POST, ROLLOUT_PREVIEW_PATH, body).await;
+        assert_eq!(status, StatusCode::OK, "{preview}");
+        let preview: RolloutPreview = serde_json::from_value(preview).unwrap();
+        assert_eq!(preview.phase_sizes, [1, 9]);
+
+        let (status, started) = call(&router, Method::POST, ROLLOUTS_PATH, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{started}");
+        let started: RolloutView = serde_json::from_value(started).unwrap();
+        assert_eq!(started.progress.unwrap().phase_sizes, preview.phase_sizes);
+        let id = started.id;
+        let (status, shown) =
+            call(&router, Method::GET, &format!("{ROLLOUTS_PATH}/{id}"), "").await;
+        assert_eq!((status, shown["id"].as_i64()), (StatusCode::OK, Some(id)));
+        let (status, paused) = call(
+            &router,
+            Method::POST,
+            &format!("{ROLLOUTS_PATH}/{id}/pause"),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{paused}");
+        assert_eq!(paused["progress"]["state"], "paused");
+
+        // The preview path takes POST only: a GET is a 405, not a lookup
+        // of a rollout named "preview"; with a command it is a rollout ID
+        // that is not a number.
+        let (status, _) = call(&router, Method::GET, ROLLOUT_PREVIEW_PATH, "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        let (status, refused) = call(
+            &router,
+            Method::POST,
+            &format!("{ROLLOUT_PREVIEW_PATH}/pause"),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            refused["message"],
+            r#"rollout id "preview" is not a number"#
+        );
+        // Only one rollout was started.
+        let (_, listed) = call(&router, Method::GET, ROLLOUTS_PATH, "").await;
+        assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    }
 
     #[test]
     fn ranges_are_parsed_and_clamped() {

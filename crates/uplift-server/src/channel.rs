@@ -11,11 +11,13 @@ use crate::store::{DeviceTarget, NewDevice};
 use crate::turns::{self, Turn};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ed25519_dalek::{Signature, VerifyingKey};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -29,10 +31,15 @@ use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, WireError};
 
 const PING_EVERY: Duration = Duration::from_secs(20);
 
+/// The WebSocket upgrade of a device channel. The connection's peer
+/// address comes from the accept loop ([`crate::serve`]); a router served
+/// some other way (tests) has none, and the device's address stays unknown.
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let address = peer.map(|Extension(ConnectInfo(addr))| addr);
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => return ApiError::from(rejection).into_response(),
@@ -50,7 +57,7 @@ pub async fn upgrade(
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
             let _slot = slot;
-            if let Err(e) = session(state, socket).await {
+            if let Err(e) = session(state, socket, address).await {
                 tracing::debug!("device channel ended: {e}");
             }
         })
@@ -87,7 +94,11 @@ async fn refuse(socket: &mut WebSocket, err: WireError) -> SessionError {
     SessionError::Refused(err)
 }
 
-async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), SessionError> {
+async fn session(
+    state: Arc<AppState>,
+    mut socket: WebSocket,
+    address: Option<SocketAddr>,
+) -> Result<(), SessionError> {
     let nonce: [u8; 32] = rand::random();
     send(
         &mut socket,
@@ -128,7 +139,12 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
     let serial = state.hub.register(device_id.clone(), token.clone(), tx);
     // From here on, whatever an older session of this device still has in
     // flight is not heard (see crate::live).
-    state.live.claim(&device_id, serial, &now_rfc3339());
+    state.live.claim_from(
+        &device_id,
+        serial,
+        &now_rfc3339(),
+        address.map(shown_address),
+    );
     let result = async {
         send(
             &mut socket,
@@ -158,6 +174,13 @@ async fn session(state: Arc<AppState>, mut socket: WebSocket) -> Result<(), Sess
         pass_turns(&state, state.turns.leave(&device_id));
     }
     result
+}
+
+/// A peer address as operators read it: `IP:port`, an IPv4 client of a
+/// dual-stack listener as plain IPv4 (not `[::ffff:10.0.0.7]`), IPv6 in
+/// brackets.
+fn shown_address(addr: SocketAddr) -> String {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port()).to_string()
 }
 
 /// What the agent at the other end understands, from its hello.
@@ -590,6 +613,14 @@ mod tests {
                 })
             ));
         }
+    }
+
+    #[test]
+    fn an_address_is_shown_as_ip_and_port_ipv4_as_ipv4() {
+        let shown = |text: &str| shown_address(text.parse().unwrap());
+        assert_eq!(shown("127.0.0.1:4000"), "127.0.0.1:4000");
+        assert_eq!(shown("[::ffff:10.0.0.7]:51234"), "10.0.0.7:51234");
+        assert_eq!(shown("[2001:db8::1]:443"), "[2001:db8::1]:443");
     }
 
     #[test]

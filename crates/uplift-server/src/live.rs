@@ -44,6 +44,8 @@ pub struct LiveDevice {
     pub last_seen: Option<String>,
     /// What the device should run (its newest rollout), if any.
     pub target: Option<DeviceTarget>,
+    /// `IP:port` its newest session's connection came from, if known.
+    pub address: Option<String>,
     /// Something the database does not hold yet.
     dirty: Dirty,
 }
@@ -56,7 +58,8 @@ enum Dirty {
     /// Only progress or last-seen moved: worth writing at shutdown, not on
     /// every tick (live progress is served from memory).
     Progress,
-    /// State, version, slot, target or error changed: written in the next batch.
+    /// State, version, slot, target, error or address changed: written in
+    /// the next batch.
     State,
 }
 
@@ -129,12 +132,32 @@ impl LiveView {
 
     /// A new session of `device` exists: from now on older sessions are not heard.
     pub fn claim(&self, device: &DeviceId, session: SessionSerial, now: &str) {
+        self.claim_from(device, session, now, None);
+    }
+
+    /// [`LiveView::claim`] by a session whose connection came from
+    /// `address` (`IP:port`), which the device keeps as its last known
+    /// address (while offline too) until a newer session says another.
+    pub fn claim_from(
+        &self,
+        device: &DeviceId,
+        session: SessionSerial,
+        now: &str,
+        address: Option<String>,
+    ) {
         let mut devices = self.lock();
         let entry = devices.entry(device.clone()).or_default();
         if admits(entry.session, session) {
             entry.session = Some(session);
             entry.last_seen = Some(now.to_owned());
-            entry.dirty = entry.dirty.max(Dirty::Progress);
+            // A new address is worth writing soon: the device may go
+            // offline (or the server stop) before it changes anything else.
+            let moved = address.is_some() && address != entry.address;
+            if moved {
+                entry.address = address;
+            }
+            let dirty = if moved { Dirty::State } else { Dirty::Progress };
+            entry.dirty = entry.dirty.max(dirty);
         }
     }
 
@@ -310,6 +333,9 @@ impl LiveView {
             if live.last_seen.is_some() {
                 record.last_seen = live.last_seen.clone();
             }
+            if live.address.is_some() {
+                record.address = live.address.clone();
+            }
         }
     }
 
@@ -327,6 +353,7 @@ impl LiveView {
                     id: id.clone(),
                     report: live.report.clone(),
                     last_seen: live.last_seen.clone(),
+                    address: live.address.clone(),
                 });
             }
         }
@@ -436,6 +463,48 @@ pub(crate) mod tests {
         // A late claim by the old session changes nothing either.
         live.claim(&dev, serial(1), "t3");
         assert_eq!(live.get(&dev).unwrap().session, Some(serial(2)));
+    }
+
+    #[test]
+    fn a_sessions_address_is_kept_written_soon_and_replaced_only_by_a_newer_session() {
+        let live = LiveView::default();
+        let dev: DeviceId = "dev-1".parse().unwrap();
+        live.claim_from(&dev, serial(1), "t0", Some("10.0.0.1:4000".into()));
+        let batch = live.take_dirty(false);
+        assert_eq!(
+            batch.len(),
+            1,
+            "a new address is written with the next batch"
+        );
+        assert_eq!(batch[0].address.as_deref(), Some("10.0.0.1:4000"));
+        // Offline, the address stays the last known one.
+        live.ended(&dev, serial(1), "t1");
+        assert_eq!(
+            live.get(&dev).unwrap().address.as_deref(),
+            Some("10.0.0.1:4000")
+        );
+        live.take_dirty(true);
+        // The same address again is no news; a session that says none
+        // (no connection info) keeps it.
+        live.claim_from(&dev, serial(2), "t2", Some("10.0.0.1:4000".into()));
+        assert!(live.take_dirty(false).is_empty());
+        live.claim(&dev, serial(3), "t3");
+        assert_eq!(
+            live.get(&dev).unwrap().address.as_deref(),
+            Some("10.0.0.1:4000")
+        );
+        // An older session's late claim does not move it.
+        live.claim_from(&dev, serial(1), "t4", Some("10.0.0.9:1".into()));
+        assert_eq!(
+            live.get(&dev).unwrap().address.as_deref(),
+            Some("10.0.0.1:4000")
+        );
+        let mut records = [crate::service::rollouts::tests::device(
+            None, None, "1.0", None,
+        )];
+        records[0].id = dev.clone();
+        live.overlay(&mut records);
+        assert_eq!(records[0].address.as_deref(), Some("10.0.0.1:4000"));
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! A connection upgraded to a device channel leaves this cap for the
 //! channel budget ([`crate::budget`]). HTTP/2 is served to clients that ask
 //! for it by ALPN (agents: their parallel downloads share one connection);
-//! everyone else, and the WebSocket channel, speaks HTTP/1.1.
+//! everyone else, and the WebSocket channel, speaks HTTP/1.1. Each request
+//! carries its connection's peer address as axum's [`ConnectInfo`] (the
+//! device channel records it as the device's address).
 
+use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -20,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
 
 /// How long open connections get to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,6 +115,15 @@ pub async fn serve(
                 opening,
                 limit: handshake_timeout,
             };
+            // The peer into every request of this connection: what
+            // `Router::into_make_service_with_connect_info` does for
+            // axum::serve, which this loop does not use.
+            let app = app.map_request(
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    request
+                },
+            );
             let service = TowerToHyperService::new(app);
             // The protocol is the one ALPN settled on, never guessed from the
             // client's first bytes (hyper-util's auto builder waits for them

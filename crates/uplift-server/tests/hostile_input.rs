@@ -34,14 +34,15 @@ use tokio_tungstenite::WebSocketStream;
 use uplift_proto::api::{
     admin_chunk_path, device_chunk_path, device_history_path, device_path, device_tags_path,
     DeviceHistory, DevicePage, DeviceView, MissingChunksResponse, ReleaseView, RolloutView,
-    ServerEndpoint, DEVICES_PATH, HEALTH_PATH, MAX_PAGE_LIMIT, METRICS_PATH, MISSING_CHUNKS_PATH,
-    OPENAPI_PATH, RELEASES_PATH, ROLLOUTS_PATH, STATS_PATH,
+    ServerEndpoint, DEVICES_PATH, FLEET_PATH, HEALTH_PATH, MAX_PAGE_LIMIT, METRICS_PATH,
+    MISSING_CHUNKS_PATH, OPENAPI_PATH, RELEASES_PATH, ROLLOUTS_PATH, ROLLOUT_PREVIEW_PATH,
+    STATS_PATH,
 };
 use uplift_proto::auth::{
     Permission, Role, TokenCreated, TokenView, AUDIT_PATH, TOKENS_PATH, WHOAMI_PATH,
 };
 use uplift_proto::channel::{self, ServerMsg, CHANNEL_PATH, MAX_FRAME_BYTES};
-use uplift_proto::{ChunkHash, DeviceId, ErrorKind, WireError};
+use uplift_proto::{ChunkHash, DeviceId, ErrorKind, SlotName, WireError};
 use uplift_release::{
     encode_chunk, sha256, sign_manifest, ChunkEntry, Compression, ImageInfo, Manifest,
     ReleaseSigningKey, SignedManifest, MANIFEST_FORMAT, MAX_MANIFEST_BYTES,
@@ -1080,11 +1081,14 @@ async fn a_replaced_sessions_backlog_does_not_overwrite_the_new_session() {
         report_frame_of("downloading", "1.0", "a", Some("1.1")),
     )
     .await;
-    let state_of = |devices: Vec<DeviceView>| {
-        let d = devices
+    let device_of = |devices: Vec<DeviceView>| {
+        devices
             .into_iter()
             .find(|d| d.id == device_id)
-            .expect("device listed");
+            .expect("device listed")
+    };
+    let state_of = |devices: Vec<DeviceView>| {
+        let d = device_of(devices);
         (
             d.state.map(|s| s.as_str()),
             d.running_version.map(|v| v.to_string()),
@@ -1096,6 +1100,14 @@ async fn a_replaced_sessions_backlog_does_not_overwrite_the_new_session() {
         assert!(Instant::now() < until, "the first report is never shown");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The device is shown with the slot it reported and the address its
+    // channel's connection came from, as this end of it sees its own.
+    let address_of = |ws: &Ws| ws.get_ref().get_ref().0.local_addr().unwrap().to_string();
+    let shown = device_of(srv.devices().await);
+    assert_eq!(
+        (shown.slot, shown.address),
+        (Some(SlotName::A), Some(address_of(&old)))
+    );
 
     // The device reboots into 1.1 and reconnects before the server noticed
     // the old socket is dead; its new session reports idle.
@@ -1119,6 +1131,7 @@ async fn a_replaced_sessions_backlog_does_not_overwrite_the_new_session() {
             break; // already closed by the server: even better
         }
     }
+    let old_address = address_of(&old);
     expect_closed(&mut old).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -1126,6 +1139,13 @@ async fn a_replaced_sessions_backlog_does_not_overwrite_the_new_session() {
         (Some("idle"), Some("1.1".to_owned()), true),
         "what the new session said stands"
     );
+    // Its address and slot too: the new connection's, not the old one's.
+    let shown = device_of(srv.devices().await);
+    assert_eq!(
+        (shown.slot, shown.address.clone()),
+        (Some(SlotName::B), Some(address_of(&new)))
+    );
+    assert_ne!(shown.address, Some(old_address));
     // The new session is the live one: it still reports and is heard.
     send_text(
         &mut new,
@@ -1231,6 +1251,13 @@ fn admin_endpoints() -> Vec<(reqwest::Method, String, &'static str, Permission)>
             r#"{"release":"1.0","devices":null}"#,
             Operate,
         ),
+        (
+            Method::POST,
+            ROLLOUT_PREVIEW_PATH.into(),
+            r#"{"release":"1.0","devices":null}"#,
+            Operate,
+        ),
+        (Method::GET, FLEET_PATH.into(), "", Read),
         (Method::GET, "/api/v1/rollouts/1".into(), "", Read),
         (Method::POST, "/api/v1/rollouts/1/pause".into(), "", Operate),
         (Method::POST, "/api/v1/rollouts/1/abort".into(), "", Operate),

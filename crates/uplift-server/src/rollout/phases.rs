@@ -37,6 +37,17 @@ pub fn assign(devices: &[DeviceId], phases: &[PhaseReach], seed: &str) -> Vec<(D
         .collect()
 }
 
+/// How many of `assigned` (as [`assign`] made them) fall in each phase, in
+/// order, the final phase last: `listed_phases + 1` sizes. They depend on
+/// how many devices there are and on the phases, never on the seed.
+pub fn sizes(assigned: &[(DeviceId, u32)], listed_phases: usize) -> Vec<u64> {
+    let mut sizes = vec![0; listed_phases + 1];
+    for (_, phase) in assigned {
+        sizes[*phase as usize] += 1;
+    }
+    sizes
+}
+
 /// The seed of a rollout's phases: its release and the moment it was
 /// created, as its view shows them (`release`, `created_at`), so anyone
 /// with the view and the rollout's devices can tell who is in which phase.
@@ -83,6 +94,13 @@ mod tests {
             PhaseReach::Percent(50),
         ];
         assert_eq!(sizes(&assign(&fleet(10), &counted, "s"), 2), vec![3, 2, 5]);
+        // What a rollout preview shows: the same, whatever the seed.
+        for seed in ["s", "another", "1.1@2026-01-01T00:00:00Z"] {
+            assert_eq!(
+                super::sizes(&assign(&fleet(10), &counted, seed), 2),
+                vec![3, 2, 5]
+            );
+        }
     }
 
     #[test]

@@ -336,6 +336,8 @@ fn view(
         enrolled_at: d.enrolled_at,
         last_seen: d.last_seen,
         tags,
+        slot: d.booted_slot,
+        address: d.address,
     }
 }
 

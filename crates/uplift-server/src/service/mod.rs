@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod devices;
+pub mod fleet;
 pub mod metrics;
 pub mod releases;
 pub mod rollouts;
@@ -254,6 +255,8 @@ pub(crate) mod testing {
             chunks: 1,
             stored_bytes: 1,
             created_at: format!("2026-01-01T00:00:0{version}Z"),
+            key_ids: vec!["key-1".into()],
+            expires_at: Some("2027-01-01T00:00:00Z".into()),
         };
         state.store.insert_release(&record).await.unwrap();
         record

@@ -3,14 +3,14 @@
 
 use super::{audit, ServiceError, ServiceResult, Stored};
 use crate::auth::Principal;
-use crate::chunks::{Chunks, StoredKind};
+use crate::chunks::{Chunks, LoadError, StoredKind};
 use crate::state::{now_rfc3339, AppState};
 use crate::store::{ReleaseRecord, StoreError};
 use bytes::Bytes;
 use uplift_proto::api::{MissingChunksRequest, MissingChunksResponse, ReleaseView};
 use uplift_proto::auth::AuditAction;
 use uplift_proto::ChunkHash;
-use uplift_release::manifest::MAX_CHUNK_SIZE;
+use uplift_release::manifest::{SignedManifest, MAX_CHUNK_SIZE};
 
 pub async fn view(state: &AppState, r: &ReleaseRecord) -> ReleaseView {
     ReleaseView {
@@ -22,6 +22,8 @@ pub async fn view(state: &AppState, r: &ReleaseRecord) -> ReleaseView {
         stored_bytes: r.stored_bytes,
         created_at: r.created_at.clone(),
         damaged_chunks: state.chunks.damaged_in(r).await,
+        key_ids: r.key_ids.clone(),
+        expires_at: r.expires_at.clone(),
     }
 }
 
@@ -145,6 +147,18 @@ async fn take_in(state: &AppState, manifest_json: &[u8]) -> ServiceResult<(Store
             missing,
         });
     }
+    // Who signed it, as the manifest says: shown to operators, never
+    // trusted here (agents check the signatures against their own keys).
+    // The manifest loaded above, so its envelope parses again.
+    let key_ids = SignedManifest::from_json(manifest_json)
+        .map_err(|source| LoadError::Manifest {
+            version: manifest.version.to_string(),
+            source,
+        })?
+        .signatures
+        .into_iter()
+        .map(|s| s.key_id)
+        .collect();
     let record = ReleaseRecord {
         version: manifest.version.clone(),
         device_type: manifest.device_type.clone(),
@@ -154,6 +168,8 @@ async fn take_in(state: &AppState, manifest_json: &[u8]) -> ServiceResult<(Store
         chunks: manifest.chunks.len() as u64,
         stored_bytes: manifest.stored_bytes(),
         created_at: now_rfc3339(),
+        key_ids,
+        expires_at: Some(manifest.expires_at.clone()),
     };
     match state.store.insert_release(&record).await {
         Ok(()) => {

@@ -1,6 +1,6 @@
 //! Rollouts: starting one (the store, the live view and the sessions of
-//! its devices, in that order), and where each one stands, derived from the
-//! devices it targeted.
+//! its devices, in that order) or previewing it (the same plan, nothing
+//! done), and where each one stands, derived from the devices it targeted.
 
 use super::{audit, ServiceError, ServiceResult};
 use crate::auth::Principal;
@@ -12,11 +12,11 @@ use crate::store::{
     DeviceFilter, DeviceRecord, MemberPage, NewPlan, ReleaseRecord, RolloutChange, RolloutPlan,
     RolloutRecord,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use time::OffsetDateTime;
 use uplift_proto::api::{
     PhaseTally, RolloutCommandName, RolloutCounts, RolloutCreate, RolloutMember, RolloutMemberPage,
-    RolloutMemberQuery, RolloutProgress, RolloutShare, RolloutStatus, RolloutView,
+    RolloutMemberQuery, RolloutPreview, RolloutProgress, RolloutShare, RolloutStatus, RolloutView,
 };
 use uplift_proto::auth::AuditAction;
 use uplift_proto::channel::AgentState;
@@ -42,8 +42,81 @@ pub async fn start(
     result
 }
 
-/// Starts the rollout `request` asks for, as `by`.
-async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceResult<RolloutView> {
+/// What starting `request` would do now, without doing it: the refusals a
+/// start would give, the devices it would target and its phase sizes, and
+/// warnings. Nothing is stored, offered, published or audited (a preview
+/// changes nothing). Which devices fall in which phase depends on the
+/// moment a rollout starts (its seed), so only the sizes are the start's.
+pub async fn preview(state: &AppState, request: RolloutCreate) -> ServiceResult<RolloutPreview> {
+    let plan = plan(state, &request).await?;
+    let phase_sizes = phases::sizes(&plan.members, request.policy.phases.len());
+    let warnings = warnings(state, &request, &plan.members, &phase_sizes);
+    Ok(RolloutPreview {
+        devices_total: plan.members.len() as u64,
+        release: plan.release.version,
+        device_type: plan.release.device_type,
+        phase_sizes,
+        warnings,
+    })
+}
+
+/// What an operator may want to know before starting a rollout that
+/// would put `members` in phases of `phase_sizes`: each check is cheap
+/// (in memory), as a preview is asked for interactively.
+fn warnings(
+    state: &AppState,
+    request: &RolloutCreate,
+    members: &[(DeviceId, u32)],
+    phase_sizes: &[u64],
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let online: HashSet<DeviceId> = state.hub.online_ids().into_iter().collect();
+    let offline = members.iter().filter(|(d, _)| !online.contains(d)).count();
+    if offline > 0 {
+        warnings.push(format!(
+            "{offline} of the {} devices are offline now; each is offered the release when it \
+             next connects",
+            members.len()
+        ));
+    }
+    // The final phase takes the rest and may well be empty; a listed phase
+    // that gets nobody is passed at once, which the operator may not expect.
+    let phases = phase_sizes.len();
+    for (phase, _) in phase_sizes[..phases - 1]
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n == 0)
+    {
+        warnings.push(format!(
+            "phase {} of {phases} gets no devices (its reach adds none to the phases before it); \
+             it is passed at once",
+            phase + 1
+        ));
+    }
+    if request.policy.dynamic {
+        warnings.push(
+            "a dynamic rollout also takes in devices that enroll (or come to have its tags) while \
+             it runs; these are the devices it starts with"
+                .to_owned(),
+        );
+    }
+    warnings
+}
+
+/// A rollout as a start now would make it: its release, and its devices
+/// each in its phase, as of `now` (`created_at`, which seeds the phases).
+#[derive(Debug)]
+struct Plan {
+    release: ReleaseRecord,
+    members: Vec<(DeviceId, u32)>,
+    now: OffsetDateTime,
+    created_at: String,
+}
+
+/// Checks `request` and plans the rollout it asks for, or says why not:
+/// the one path of [`start`] (and a retry) and [`preview`], so a preview
+/// refuses what a start would and counts phases as a start would.
+async fn plan(state: &AppState, request: &RolloutCreate) -> ServiceResult<Plan> {
     let release =
         state
             .store
@@ -59,15 +132,31 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
     if request.policy.dynamic && !request.from_versions.is_empty() {
         return Err(ServiceError::DynamicVersions);
     }
-    let devices = targets(state, &release, &request).await?;
+    let devices = targets(state, &release, request).await?;
     if let Some(window) = &request.policy.window {
         Window::parse(window)?;
     }
     let now = OffsetDateTime::now_utc();
     let created_at = now_rfc3339();
-    // Phases are decided here, once, and stored with the devices.
+    // Phases are decided here, once, and a start stores them with the devices.
     let seed = phases::seed(&release.version, &created_at);
     let members = phases::assign(&devices, &request.policy.phases, &seed);
+    Ok(Plan {
+        release,
+        members,
+        now,
+        created_at,
+    })
+}
+
+/// Starts the rollout `request` asks for, as `by`.
+async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceResult<RolloutView> {
+    let Plan {
+        release,
+        members,
+        now,
+        created_at,
+    } = plan(state, &request).await?;
     let first = RolloutState::start(now);
     let rollout = state
         .store
@@ -122,7 +211,14 @@ async fn targets(
     };
     let devices = match (&request.devices, &request.tags) {
         (Some(_), Some(_)) => return Err(ServiceError::ListAndTags),
-        (Some(list), None) if versions.is_empty() => list.clone(),
+        (Some(list), None) if versions.is_empty() => {
+            // Each listed device must exist (one query for the list), here
+            // and not only when the rollout is stored: a preview refuses it too.
+            if let Some(id) = state.store.unknown_devices(list).await?.into_iter().next() {
+                return Err(ServiceError::DeviceNotFound { id });
+            }
+            list.clone()
+        }
         (Some(list), None) => {
             // Each listed device must exist; those on another version are left out.
             let mut kept = Vec::new();
@@ -701,14 +797,15 @@ impl Tally {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::service::testing;
     use crate::store::MemberRecord;
     use uplift_proto::channel::Report;
     use uplift_proto::{DeviceId, ErrorKind};
 
-    fn device(
+    /// Device `dev-1`'s record, as stored.
+    pub(crate) fn device(
         target_rollout: Option<i64>,
         state: Option<AgentState>,
         running: &str,
@@ -728,6 +825,7 @@ mod tests {
             progress: None,
             last_error: None,
             target_rollout,
+            address: None,
         }
     }
 
@@ -889,6 +987,116 @@ mod tests {
             "no devices to roll out to: none of type gw is enrolled"
         );
         assert!(state.store.list_rollouts().await.unwrap().is_empty());
+    }
+
+    /// A preview is the start's plan, shown: the same sizes the started
+    /// rollout stores, the same refusals, and nothing done.
+    #[tokio::test]
+    async fn a_preview_counts_phases_as_the_start_does_refuses_what_it_refuses_and_changes_nothing()
+    {
+        use std::num::NonZeroU32;
+        use uplift_proto::policy::{PhaseReach, RolloutPolicy};
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        testing::release(&state, "2", "gw").await;
+        let mut ids = Vec::new();
+        for i in 0..23 {
+            ids.push(testing::device(&state, &format!("dev-{i:02}"), "gw").await);
+        }
+        testing::device(&state, "dev-cam", "camera").await;
+        // Three connected: the other twenty are offline.
+        let mut sessions = Vec::new();
+        for id in &ids[..3] {
+            let (tx, rx) = tokio::sync::watch::channel(0);
+            state.hub.register(id.clone(), format!("token-{id}"), tx);
+            sessions.push(rx);
+        }
+        let mut request = create("2", None);
+        request.policy = RolloutPolicy {
+            // 1 % and 2 % of 23 are both one device: the second phase is empty.
+            phases: vec![
+                PhaseReach::Percent(1),
+                PhaseReach::Percent(2),
+                PhaseReach::Count(NonZeroU32::new(5).unwrap()),
+                PhaseReach::Percent(50),
+            ],
+            approval: true,
+            ..RolloutPolicy::default()
+        };
+
+        let preview = preview(&state, request.clone()).await.unwrap();
+        assert_eq!(preview.phase_sizes, [1, 0, 4, 7, 11]);
+        assert_eq!(
+            (
+                preview.release.as_str(),
+                preview.device_type.as_str(),
+                preview.devices_total
+            ),
+            ("2", "gw", 23)
+        );
+        assert_eq!(
+            preview.warnings,
+            [
+                "20 of the 23 devices are offline now; each is offered the release when it next connects",
+                "phase 2 of 5 gets no devices (its reach adds none to the phases before it); it is passed at once",
+            ]
+        );
+        // Nothing stored, offered or audited.
+        assert!(state.store.list_rollouts().await.unwrap().is_empty());
+        assert!(ids.iter().all(|id| state.live.target(id).is_none()));
+        let audit = crate::service::audit::list(&state, Default::default())
+            .await
+            .unwrap();
+        assert!(audit.entries.is_empty(), "{audit:?}");
+
+        let started = start(&state, &Principal::bootstrap_admin(), request.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            started.progress.unwrap().phase_sizes,
+            preview.phase_sizes,
+            "the start stored the sizes the preview showed"
+        );
+        assert_eq!(started.devices_total, preview.devices_total);
+
+        // The same refusals, word for word; a list of devices is checked
+        // before anything is stored.
+        let with = |f: &dyn Fn(&mut RolloutCreate)| {
+            let mut request = create("2", None);
+            f(&mut request);
+            request
+        };
+        for bad in [
+            create("9.9", None),
+            with(&|r| r.policy.phases = vec![PhaseReach::Percent(50), PhaseReach::Percent(20)]),
+            with(&|r| r.from_versions = vec![v("0.1")]),
+            with(&|r| r.devices = Some(vec![ids[0].clone(), "dev-gone".parse().unwrap()])),
+            with(&|r| {
+                r.policy.dynamic = true;
+                r.devices = Some(vec![ids[0].clone()]);
+            }),
+        ] {
+            let previewed = super::preview(&state, bad.clone()).await.unwrap_err();
+            let refused = start(&state, &Principal::bootstrap_admin(), bad)
+                .await
+                .unwrap_err();
+            assert_eq!(
+                (previewed.kind(), previewed.to_string()),
+                (refused.kind(), refused.to_string())
+            );
+        }
+        assert_eq!(state.store.list_rollouts().await.unwrap().len(), 1);
+
+        // A dynamic rollout says that its devices are only those of today.
+        let mut dynamic = create("2", None);
+        dynamic.policy.dynamic = true;
+        let preview = super::preview(&state, dynamic).await.unwrap();
+        assert_eq!(preview.phase_sizes, [23]);
+        assert!(
+            preview.warnings[1].starts_with("a dynamic rollout also takes in devices"),
+            "{:?}",
+            preview.warnings
+        );
     }
 
     #[tokio::test]

@@ -88,6 +88,8 @@ pub struct ReportedState {
     /// `None` if the device has not reported since the server started.
     pub report: Option<Report>,
     pub last_seen: Option<String>,
+    /// `IP:port` its newest channel came from; `None` keeps the stored one.
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +116,9 @@ pub struct DeviceRecord {
     pub progress: Option<Progress>,
     pub last_error: Option<WireError>,
     pub target_rollout: Option<i64>,
+    /// `IP:port` its newest channel came from, if it connected since the
+    /// server recorded addresses.
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +131,12 @@ pub struct ReleaseRecord {
     pub chunks: u64,
     pub stored_bytes: u64,
     pub created_at: String,
+    /// The key IDs the manifest's signatures name (not checked here);
+    /// empty for releases stored before they were kept.
+    pub key_ids: Vec<String>,
+    /// The manifest's `expires_at`; `None` for releases stored before it
+    /// was kept.
+    pub expires_at: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -196,6 +207,18 @@ pub struct DeviceCensus {
     pub version: Option<String>,
     pub error_kind: Option<String>,
     pub devices: u64,
+}
+
+/// One group of [`Store::fleet_census`]: the devices of a type that run a
+/// version in a state, as stored (`None` where a device has not said).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetGroup {
+    pub device_type: DeviceType,
+    pub version: Option<Version>,
+    pub state: Option<AgentState>,
+    pub devices: u64,
+    /// Of them, those among the connected devices the query was given.
+    pub online: u64,
 }
 
 /// A new rollout's engine policy and first state, and how its devices
@@ -309,6 +332,15 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     /// Devices by (state, running version, last error kind) as stored:
     /// text as in the database, `None` where a device has not said.
     async fn device_census(&self) -> StoreResult<Vec<DeviceCensus>>;
+    /// Devices by (type, running version, state) as stored, each group with
+    /// how many of its devices are among `connected`: one aggregate query,
+    /// whatever the fleet's size.
+    async fn fleet_census(&self, connected: &[DeviceId]) -> StoreResult<Vec<FleetGroup>>;
+    /// Devices some rollout counts as pending or in progress, as stored:
+    /// [`crate::service::rollouts::classify`] in SQL, each device once.
+    async fn devices_in_rollouts(&self) -> StoreResult<u64>;
+    /// Those of `devices` that are not enrolled, in the order given.
+    async fn unknown_devices(&self, devices: &[DeviceId]) -> StoreResult<Vec<DeviceId>>;
     async fn devices_of_type(&self, device_type: &DeviceType) -> StoreResult<Vec<DeviceId>>;
     /// Writes many devices' live state in one transaction; returns the rows written.
     async fn record_reports(&self, states: &[ReportedState]) -> StoreResult<u64>;
