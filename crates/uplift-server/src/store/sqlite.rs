@@ -186,6 +186,21 @@ fn corrupt(what: &'static str) -> impl FnOnce(String) -> StoreError {
 }
 
 impl SqliteStore {
+    /// A transaction that writes: `BEGIN IMMEDIATE` takes the write lock
+    /// at the start (waiting up to the busy timeout for it). A deferred
+    /// transaction that reads first and then writes cannot wait: if another
+    /// connection wrote in between, SQLite answers "database is locked" at
+    /// once, which concurrent tag changes from the console showed.
+    async fn begin_write(
+        &self,
+        action: &'static str,
+    ) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db(action))
+    }
+
     pub async fn open(path: &Path) -> StoreResult<Self> {
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -679,7 +694,7 @@ impl Store for SqliteStore {
         max: usize,
     ) -> StoreResult<TagUpdate> {
         let action = "changing a device's tags";
-        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        let mut tx = self.begin_write(action).await?;
         let known: Option<String> = sqlx::query_scalar("SELECT id FROM devices WHERE id = ?")
             .bind(device.as_str())
             .fetch_optional(&mut *tx)
@@ -733,7 +748,7 @@ impl Store for SqliteStore {
 
     async fn record_events(&self, events: &[NewEvent], keep_per_device: u32) -> StoreResult<u64> {
         let action = "recording device history";
-        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        let mut tx = self.begin_write(action).await?;
         for e in events {
             sqlx::query(
                 "INSERT INTO device_events (device_id, at, kind, detail) VALUES (?, ?, ?, ?)",
@@ -931,11 +946,7 @@ impl Store for SqliteStore {
     }
 
     async fn record_reports(&self, states: &[ReportedState]) -> StoreResult<u64> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(db("recording device reports"))?;
+        let mut tx = self.begin_write("recording device reports").await?;
         let mut written = 0;
         for s in states {
             let result = match &s.report {
@@ -1080,7 +1091,7 @@ impl Store for SqliteStore {
         plan: &NewPlan<'_>,
         now: &str,
     ) -> StoreResult<RolloutRecord> {
-        let mut tx = self.pool.begin().await.map_err(db("starting a rollout"))?;
+        let mut tx = self.begin_write("starting a rollout").await?;
         let (max_bytes_per_sec, max_downloading) = limits_columns(&limits);
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO rollouts (release, allow_downgrade, created_at, max_bytes_per_sec, max_downloading, \
@@ -1165,7 +1176,7 @@ impl Store for SqliteStore {
         phase: u32,
     ) -> StoreResult<bool> {
         let action = "adding a device to a rollout";
-        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        let mut tx = self.begin_write(action).await?;
         // A newer rollout of the device (finished or not) is the operator's
         // newer decision for it: an older dynamic one does not take it back.
         let added = sqlx::query(
@@ -1330,7 +1341,7 @@ impl Store for SqliteStore {
         change: &RolloutChange<'_>,
     ) -> StoreResult<bool> {
         let action = "storing a rollout step";
-        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        let mut tx = self.begin_write(action).await?;
         let moved = match change.state {
             Some(state) => sqlx::query(
                 "UPDATE rollouts SET state = ?, state_name = ?, revision = revision + 1 \
@@ -1879,6 +1890,40 @@ mod tests {
             .map(|(d, t)| (d.as_str(), t.as_str()))
             .collect();
         assert_eq!(tagged, [("dev-a", "berlin"), ("dev-a", "canary")]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_wait_for_the_lock_instead_of_failing() {
+        // Twelve operators tag twelve devices at the same moment (the
+        // console does, for a selection), while device reports are written:
+        // every change must land.
+        let devices: Vec<(String, &str, String)> = (0..12)
+            .map(|i| (format!("dev-{i:02}"), "gw", format!("hw-{i}")))
+            .collect();
+        let rows: Vec<(&str, &str, &str)> = devices
+            .iter()
+            .map(|(id, t, hw)| (id.as_str(), *t, hw.as_str()))
+            .collect();
+        let (_dir, store) = store_with(&rows).await;
+        let mut tasks = Vec::new();
+        for round in 0..5 {
+            for (id, _, _) in &devices {
+                let (store, dev) = (store.clone(), id.parse::<DeviceId>().unwrap());
+                let add = tags(&[&format!("t{round}")]);
+                tasks.push(tokio::spawn(async move {
+                    store.change_tags(&dev, None, &[], &add, 10).await
+                }));
+            }
+        }
+        for task in tasks {
+            let result = task.await.unwrap();
+            assert!(matches!(result, Ok(TagUpdate::Updated(_))), "{result:?}");
+        }
+        let all: Vec<DeviceId> = devices
+            .iter()
+            .map(|(id, _, _)| id.parse().unwrap())
+            .collect();
+        assert_eq!(store.tags_of(&all).await.unwrap().len(), 12 * 5);
     }
 
     #[tokio::test]

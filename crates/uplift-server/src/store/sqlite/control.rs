@@ -380,7 +380,7 @@ impl ControlStore for SqliteStore {
         if deliveries.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await.map_err(db("queueing deliveries"))?;
+        let mut tx = self.begin_write("queueing deliveries").await?;
         for d in deliveries {
             sqlx::query(
                 "INSERT INTO webhook_deliveries (webhook_id, event, payload, created_at, due_ms) \
