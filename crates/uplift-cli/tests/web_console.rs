@@ -131,6 +131,12 @@ impl Browser {
         }
     }
 
+    /// Scrolls so that `css` is in view (screenshots show the viewport).
+    async fn scroll_to(&self, css: &str) {
+        let element = self.driver.find(By::Css(css)).await.unwrap();
+        element.scroll_into_view().await.unwrap();
+    }
+
     async fn count(&self, css: &str) -> usize {
         self.driver.find_all(By::Css(css)).await.unwrap().len()
     }
@@ -349,6 +355,7 @@ async fn an_operator_runs_a_phased_rollout_from_the_web_console() {
         })
         .await;
     assert!(preview.contains(&format!("{DEVICES} devices")), "{preview}");
+    browser.scroll_to("#rollout-preview").await;
     browser.shot("07-rollout-form").await;
     browser.click("#start-rollout").await;
     let deadline = Instant::now() + WAIT;
@@ -409,7 +416,9 @@ async fn an_operator_runs_a_phased_rollout_from_the_web_console() {
         .await;
     browser.click("#cmd-resume").await;
     browser
-        .wait_text("h1", "the rollout resumes", |t| !t.contains("paused"))
+        .wait_text("h1", "the rollout resumes, still at the gate", |t| {
+            t.contains("awaiting approval")
+        })
         .await;
 
     // The next phase's devices fail on the new OS: approved, the rollout

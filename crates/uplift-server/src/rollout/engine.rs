@@ -71,6 +71,10 @@ impl RolloutState {
 pub enum PauseReason {
     Operator {
         by: String,
+        /// It was waiting for approval of `phase`: a resume waits again,
+        /// it does not approve.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        awaiting_approval: bool,
     },
     /// Too many of a phase's finished devices failed.
     ErrorThreshold {
@@ -631,13 +635,27 @@ pub fn command(
         ) => Ok(Transition {
             state: RolloutState::Paused {
                 phase: *phase,
-                reason: PauseReason::Operator { by: by.to_owned() },
+                reason: PauseReason::Operator {
+                    by: by.to_owned(),
+                    awaiting_approval: matches!(state, RolloutState::AwaitingApproval { .. }),
+                },
             },
             accept_failures: Vec::new(),
             withdraw: Vec::new(),
             hold: held(members),
         }),
         (Command::Pause, RolloutState::Paused { .. }) => refuse(" already"),
+        (
+            Command::Resume,
+            RolloutState::Paused {
+                phase,
+                reason:
+                    PauseReason::Operator {
+                        awaiting_approval: true,
+                        ..
+                    },
+            },
+        ) => to(RolloutState::AwaitingApproval { phase: *phase }),
         (Command::Resume, RolloutState::Paused { phase, reason }) => {
             let phase = match reason {
                 // The phase is accepted as it ended: on to the next.
@@ -1316,6 +1334,32 @@ mod tests {
     }
 
     #[test]
+    fn a_pause_while_awaiting_approval_resumes_to_awaiting_approval_not_past_the_gate() {
+        let fleet = members(&[1, 1]);
+        let waiting = RolloutState::AwaitingApproval { phase: 1 };
+        let paused = command(&waiting, &fleet, &Command::Pause, "ops", T0)
+            .unwrap()
+            .state;
+        assert!(matches!(paused, RolloutState::Paused { phase: 1, .. }));
+        assert!(command(&paused, &fleet, &Command::Approve, "ops", T0).is_err());
+        let resumed = command(&paused, &fleet, &Command::Resume, "ops", T0)
+            .unwrap()
+            .state;
+        assert_eq!(resumed, RolloutState::AwaitingApproval { phase: 1 });
+        // A pause stored before this field existed resumes as it did.
+        let old: RolloutState = serde_json::from_value(serde_json::json!({
+            "state": "paused", "phase": 1, "reason": {"cause": "operator", "by": "ops"}
+        }))
+        .unwrap_or_else(|e| panic!("an older stored pause: {e}"));
+        assert!(matches!(
+            command(&old, &fleet, &Command::Resume, "ops", T0)
+                .unwrap()
+                .state,
+            RolloutState::Running { phase: 1, .. }
+        ));
+    }
+
+    #[test]
     fn commands_that_do_not_apply_are_refused_with_the_state_named() {
         let fleet = members(&[1]);
         let running = RolloutState::start(T0);
@@ -1326,7 +1370,7 @@ mod tests {
             .unwrap()
             .state;
         assert!(
-            matches!(&paused, RolloutState::Paused { reason: PauseReason::Operator { by }, .. } if by == "x")
+            matches!(&paused, RolloutState::Paused { reason: PauseReason::Operator { by, .. }, .. } if by == "x")
         );
         assert!(command(&paused, &fleet, &Command::Pause, "x", T0).is_err());
         let finished = RolloutState::Finished { at: T0 };

@@ -461,9 +461,16 @@ fn progress_of(plan: RolloutPlan, mut phase_tallies: Vec<PhaseTally>) -> Rollout
 /// state and `progress.phase` count from 0.
 pub(crate) fn pause_sentence(reason: &PauseReason) -> String {
     match reason {
-        PauseReason::Operator { by } => {
-            format!("paused by {by}; `uplift rollout resume` continues it")
-        }
+        PauseReason::Operator {
+            by,
+            awaiting_approval: false,
+        } => format!("paused by {by}; `uplift rollout resume` continues it"),
+        PauseReason::Operator {
+            by,
+            awaiting_approval: true,
+        } => format!(
+            "paused by {by} while the next phase awaited approval; `uplift rollout resume` goes back to waiting for it"
+        ),
         PauseReason::ErrorThreshold {
             phase,
             failed,
@@ -671,7 +678,13 @@ async fn steer(
             let by = by.to_owned();
             let event = match &command {
                 Command::Pause => RolloutEvent::Paused {
-                    reason: pause_sentence(&PauseReason::Operator { by }),
+                    reason: match &transition.state {
+                        RolloutState::Paused { reason, .. } => pause_sentence(reason),
+                        _ => pause_sentence(&PauseReason::Operator {
+                            by: by.clone(),
+                            awaiting_approval: false,
+                        }),
+                    },
                 },
                 Command::Resume => RolloutEvent::Resumed { by },
                 Command::Approve => RolloutEvent::Approved { by },
