@@ -11,8 +11,8 @@ use uplift_proto::auth::{
     WHOAMI_PATH,
 };
 use uplift_proto::events::{
-    DeliveryView, EventFilter, EventStreamQuery, WebhookCreate, WebhookCreated, WebhookView,
-    EVENTS_PATH, WEBHOOKS_PATH,
+    DeliveryView, EventStreamQuery, WebhookCreate, WebhookCreated, WebhookView, EVENTS_PATH,
+    WEBHOOKS_PATH,
 };
 use uplift_proto::{ChunkHash, DeviceId, WireError};
 use uplift_release::build::ReleaseDir;
