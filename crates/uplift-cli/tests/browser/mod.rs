@@ -98,21 +98,36 @@ impl Browser {
     /// `ok` holds for its text; fails naming `what` with the last text seen
     /// (and a screenshot) if that does not happen within [`WAIT`].
     pub async fn wait_text(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
-        let mut last = String::from("(no such element)");
-        loop {
-            if let Ok(element) = self.driver.find(By::Css(css)).await {
-                if let Ok(text) = element.text().await {
-                    if ok(&text) {
-                        return text;
-                    }
-                    last = text;
-                }
+        self.until(what, || async {
+            let text = match self.driver.find(By::Css(css)).await {
+                Ok(element) => element.text().await.unwrap_or_default(),
+                Err(_) => return Err(format!("`{css}` selects nothing")),
+            };
+            if ok(&text) {
+                Ok(text)
+            } else {
+                Err(format!("`{css}` reads {text:?}"))
             }
+        })
+        .await
+    }
+
+    /// Polls `probe` until it answers `Ok`; after [`WAIT`], saves a
+    /// screenshot and fails with `what` and the probe's last `Err`.
+    async fn until<T, F>(&self, what: &str, mut probe: impl FnMut() -> F) -> T
+    where
+        F: std::future::Future<Output = Result<T, String>>,
+    {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let last = match probe().await {
+                Ok(done) => return done,
+                Err(last) => last,
+            };
             if Instant::now() > deadline {
                 self.shot(&format!("failed-{}", what.replace(' ', "-")))
                     .await;
-                panic!("{what}: `{css}` still reads {last:?} after {WAIT:?}");
+                panic!("{what}: still {last} after {WAIT:?}");
             }
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
@@ -129,19 +144,15 @@ impl Browser {
     }
 
     pub async fn wait_count(&self, css: &str, what: &str, ok: impl Fn(usize) -> bool) -> usize {
-        let deadline = Instant::now() + WAIT;
-        loop {
+        self.until(what, || async {
             let n = self.count(css).await;
             if ok(n) {
-                return n;
+                Ok(n)
+            } else {
+                Err(format!("`{css}` selects {n} elements"))
             }
-            if Instant::now() > deadline {
-                self.shot(&format!("failed-{}", what.replace(' ', "-")))
-                    .await;
-                panic!("{what}: `{css}` selects {n} elements after {WAIT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
+        })
+        .await
     }
 
     pub async fn click(&self, css: &str) {

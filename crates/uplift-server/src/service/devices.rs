@@ -509,16 +509,7 @@ mod tests {
         for id in [&a, &b] {
             reports(&state, id, AgentState::Idle, "1.0");
         }
-        assert!(
-            crate::writer::Writer {
-                live: state.live.clone(),
-                store: state.store.clone(),
-                stats: state.stats.clone(),
-                retention: crate::writer::Retention::from(&state.limits),
-            }
-            .flush(true)
-            .await
-        );
+        assert!(testing::flush_writes(&state).await);
         reports(&state, &a, AgentState::Downloading, "1.0");
         let idle = list(
             &state,

@@ -183,16 +183,7 @@ mod tests {
             },
             "2026-01-01T00:00:01Z",
         );
-        assert!(
-            crate::writer::Writer {
-                live: state.live.clone(),
-                store: state.store.clone(),
-                stats: state.stats.clone(),
-                retention: crate::writer::Retention::from(&state.limits),
-            }
-            .flush(true)
-            .await
-        );
+        assert!(testing::flush_writes(&state).await);
     }
 
     /// What the summary counts as in a rollout is what the rollouts count

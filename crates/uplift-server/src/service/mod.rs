@@ -218,6 +218,19 @@ pub(crate) mod testing {
         }
     }
 
+    /// Writes every device report the live view holds to the database, as
+    /// the writer's next batch would; false if the store refused it.
+    pub async fn flush_writes(state: &AppState) -> bool {
+        crate::writer::Writer {
+            live: state.live.clone(),
+            store: state.store.clone(),
+            stats: state.stats.clone(),
+            retention: crate::writer::Retention::from(&state.limits),
+        }
+        .flush(true)
+        .await
+    }
+
     /// A rollout of `release` to `devices` (every device of its type when
     /// `None`) with `policy`, as an operator would ask for it.
     pub fn rollout_request(

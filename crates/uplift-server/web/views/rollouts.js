@@ -374,7 +374,7 @@ export function RolloutPage({ id, caller }) {
             <dl class="facts compact">
               <dt>Device type</dt><dd>${r.device_type}</dd>
               <dt>Devices</dt><dd>${r.devices_total}${r.superseded ? ` (${r.superseded} moved to newer rollouts)` : ''}</dd>
-              <dt>Target</dt><dd>${r.tags ? `${Object.keys(r.tags)[0]} of the tags ${Object.values(r.tags)[0].join(', ')}` : 'every device of the type, or a list'}${r.from_versions?.length ? `, running ${r.from_versions.join(' or ')}` : ''}</dd>
+              <dt>Target</dt><dd>${r.tags ? `devices with ${Object.keys(r.tags)[0]} of the tags ${Object.values(r.tags)[0].join(', ')}` : `devices of type ${r.device_type} (all, or the ones listed)`}${r.from_versions?.length ? `, running ${r.from_versions.join(' or ')}` : ''}</dd>
               <dt>Started</dt><dd>${when(r.created_at)}</dd>
               ${r.waiting_for_turn ? html`<dt>Waiting for a download turn</dt><dd>${r.waiting_for_turn}</dd>` : null}
               ${r.progress?.policy?.window ? html`<dt>Window</dt><dd><code>${r.progress.policy.window.cron}</code> for ${r.progress.policy.window.duration_minutes} min (${r.progress.policy.window.time_zone}), governs ${r.progress.policy.window.applies_to ?? 'downloads'}</dd>` : null}
