@@ -1140,38 +1140,46 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(db("starting a rollout"))?;
-        for (device, phase) in members {
-            let enrolled: Option<String> =
-                sqlx::query_scalar("SELECT id FROM devices WHERE id = ?")
-                    .bind(device.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db("targeting a device"))?;
-            if enrolled.is_none() {
-                return Err(StoreError::NotFound(format!(
-                    "device {device} is not enrolled; check `uplift devices list`"
-                )));
-            }
-            // A newer rollout of this device takes over from older ones.
-            sqlx::query(
-                "UPDATE rollout_devices SET outcome = 'superseded' \
-                 WHERE device_id = ? AND rollout_id <> ? AND outcome IS NULL",
-            )
-            .bind(device.as_str())
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("superseding older rollouts"))?;
-            sqlx::query(
-                "INSERT INTO rollout_devices (rollout_id, device_id, phase) VALUES (?, ?, ?)",
-            )
-            .bind(id)
-            .bind(device.as_str())
-            .bind(i64::from(*phase))
-            .execute(&mut *tx)
-            .await
-            .map_err(db("targeting a device"))?;
+        // Set-based, three statements whatever the rollout's size: one
+        // statement per member (check, supersede, insert) held the write
+        // lock for 12 s at 100 000 devices, longer than other writers wait
+        // for it (the busy timeout), so their writes failed meanwhile.
+        let members = serde_json::to_string(members)
+            .unwrap_or_else(|e| unreachable!("rollout members serialize: {e}"));
+        let unknown: Option<String> = sqlx::query_scalar(
+            "SELECT json_extract(m.value, '$[0]') FROM json_each(?) m \
+             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = json_extract(m.value, '$[0]')) \
+             ORDER BY m.key LIMIT 1",
+        )
+        .bind(&members)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("targeting a device"))?;
+        if let Some(device) = unknown {
+            return Err(StoreError::NotFound(format!(
+                "device {device} is not enrolled; check `uplift devices list`"
+            )));
         }
+        // A newer rollout of a device takes over from older ones.
+        sqlx::query(
+            "UPDATE rollout_devices SET outcome = 'superseded' \
+             WHERE rollout_id <> ? AND outcome IS NULL \
+             AND device_id IN (SELECT json_extract(value, '$[0]') FROM json_each(?))",
+        )
+        .bind(id)
+        .bind(&members)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("superseding older rollouts"))?;
+        sqlx::query(
+            "INSERT INTO rollout_devices (rollout_id, device_id, phase) \
+             SELECT ?, json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)",
+        )
+        .bind(id)
+        .bind(&members)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("targeting a device"))?;
         tx.commit().await.map_err(db("committing a rollout"))?;
         Ok(RolloutRecord {
             id,
@@ -1717,6 +1725,84 @@ mod tests {
                 .unwrap();
         }
         (dir, store)
+    }
+
+    /// A rollout's devices are stored in their phases; a newer rollout
+    /// takes over each device's unfinished part in older ones (a finished
+    /// part stays as it ended); a device not enrolled refuses the whole
+    /// rollout, naming it.
+    #[tokio::test]
+    async fn a_rollout_stores_its_devices_supersedes_older_parts_and_refuses_unknown_devices() {
+        let (_dir, store) = store_with(&[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+        ])
+        .await;
+        store.insert_release(&release()).await.unwrap();
+        let policy = RolloutPolicy::default();
+        let state = RolloutState::start(time::OffsetDateTime::UNIX_EPOCH);
+        let plan = NewPlan {
+            policy: &policy,
+            state: &state,
+            tags: None,
+            from_versions: &[],
+        };
+        let id = |s: &str| -> DeviceId { s.parse().unwrap() };
+        let start = |members: Vec<(DeviceId, u32)>| {
+            let (store, plan) = (&store, &plan);
+            async move {
+                store
+                    .create_rollout(&release(), &members, false, Default::default(), plan, "now")
+                    .await
+            }
+        };
+        let first = start(vec![(id("dev-1"), 0), (id("dev-2"), 1)])
+            .await
+            .unwrap();
+        sqlx::query("UPDATE rollout_devices SET outcome = 'succeeded' WHERE device_id = 'dev-2'")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+
+        let refused = start(vec![(id("dev-1"), 0), (id("dev-9"), 0), (id("dev-8"), 1)]).await;
+        assert!(
+            matches!(&refused, Err(StoreError::NotFound(m)) if m.contains("device dev-9 is not enrolled")),
+            "{refused:?}"
+        );
+        assert_eq!(store.list_rollouts().await.unwrap().len(), 1);
+
+        let second = start(vec![(id("dev-3"), 1), (id("dev-1"), 0), (id("dev-2"), 0)])
+            .await
+            .unwrap();
+        let parts = |rollout: i64| {
+            let store = &store;
+            async move {
+                store
+                    .rollout_members(rollout)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(m, d)| (d.id.to_string(), m.phase, m.outcome))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let part = |d: &str, phase, outcome| (d.to_owned(), phase, outcome);
+        assert_eq!(
+            parts(first.id).await,
+            [
+                part("dev-1", 0, Some(Outcome::Superseded)),
+                part("dev-2", 1, Some(Outcome::Succeeded)),
+            ]
+        );
+        assert_eq!(
+            parts(second.id).await,
+            [
+                part("dev-1", 0, None),
+                part("dev-2", 0, None),
+                part("dev-3", 1, None),
+            ]
+        );
     }
 
     #[tokio::test]
