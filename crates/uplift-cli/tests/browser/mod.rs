@@ -6,6 +6,7 @@
 
 use crate::common::WAIT;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,6 +32,9 @@ impl Browser {
         };
         let chromedriver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            // Its own process group, so that the browsers it starts go
+            // with it when a failed test drops it (see Drop).
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -197,9 +201,17 @@ impl Browser {
         }
     }
 
-    pub async fn quit(mut self) {
-        let _ = self.driver.quit().await;
-        let _ = self.chromedriver.kill();
+    pub async fn quit(self) {
+        let _ = self.driver.clone().quit().await;
+    }
+}
+
+impl Drop for Browser {
+    /// A test that fails mid-way must not leave chromedriver and its
+    /// browsers running: the whole process group goes.
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.chromedriver.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.chromedriver.wait();
     }
 }
