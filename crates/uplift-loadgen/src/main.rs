@@ -150,6 +150,11 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     /// Offers before this flag are not timed (a rollout that existed before).
     timing_offers: AtomicBool,
+    /// Set when the generator waits for the server's restart: from then on
+    /// each session counts its drop, and its return.
+    storm_armed: AtomicBool,
+    storm_dropped: AtomicUsize,
+    storm_back: AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +262,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         retries: AtomicUsize::new(0),
         last_error: Mutex::new(None),
         timing_offers: AtomicBool::new(false),
+        storm_armed: AtomicBool::new(false),
+        storm_dropped: AtomicUsize::new(0),
+        storm_back: AtomicUsize::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
@@ -356,19 +364,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut storm = None;
     if args.storm {
         let drops_before = shared.drops.lock().unwrap().len();
+        shared.storm_armed.store(true, Relaxed);
         if let Some(path) = &args.storm_ready_file {
             std::fs::write(path, b"ready\n")
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         eprintln!("uplift-loadgen: waiting for the server to restart (reconnect storm)");
-        let dropped = wait_until(deadline, || {
-            shared.drops.lock().unwrap().len() > drops_before
-        })
-        .await;
+        let dropped = wait_until(deadline, || shared.storm_dropped.load(Relaxed) > 0).await;
         if dropped {
-            // Every session down, then every session back.
-            let down_seen = wait_until(deadline, || shared.online.load(Relaxed) == 0).await;
-            let back = wait_until(deadline, || shared.online.load(Relaxed) >= connected).await;
+            // Every session that dropped back again. Sessions notice the
+            // kill at different moments (a restarted server may take some
+            // back before the last has noticed), so each counts its own.
+            let back = wait_until(deadline, || shared.storm_back.load(Relaxed) >= connected).await;
             let first_drop = shared.drops.lock().unwrap()[drops_before];
             let welcomes: Vec<Instant> = shared
                 .welcomes
@@ -379,9 +386,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .filter(|w| *w > first_drop)
                 .collect();
             storm = Some(StormResult {
-                all_dropped: down_seen,
+                dropped: shared.storm_dropped.load(Relaxed),
                 all_back: back,
-                back: shared.online.load(Relaxed),
+                back: shared.storm_back.load(Relaxed),
                 first_back_after_drop_ms: welcomes.first().map(|w| ms(*w - first_drop)),
                 all_back_after_drop_ms: back
                     .then(|| welcomes.last().map(|w| ms(*w - first_drop)))
@@ -520,6 +527,7 @@ async fn session_loop(
     let key = device_key(&setup.name, i);
     let mut device_id: Option<DeviceId> = None;
     let mut attempt = 0u32;
+    let mut owes_back = false;
     let options = ChannelOptions {
         bind: source_address(&setup, i),
         // Small buffers: this process holds thousands of sessions.
@@ -530,7 +538,7 @@ async fn session_loop(
     };
     loop {
         let end = tokio::select! {
-            end = session(i, &setup, &options, &key, &mut device_id, &shared, &gate, &mut attempt) => end,
+            end = session(i, &setup, &options, &key, &mut device_id, &shared, &gate, &mut attempt, &mut owes_back) => end,
             _ = stop.wait_for(|s| *s) => End::Stopped,
         };
         match end {
@@ -564,6 +572,7 @@ async fn session(
     shared: &Shared,
     gate: &Semaphore,
     attempt: &mut u32,
+    owes_back: &mut bool,
 ) -> End {
     let retry = |e: anyhow::Error| End::Retry(e);
     let permit = gate.acquire().await.expect("the gate is never closed");
@@ -641,9 +650,16 @@ async fn session(
     *attempt = 0;
     shared.welcomes.lock().unwrap().push(Instant::now());
     shared.online.fetch_add(1, Relaxed);
+    if std::mem::take(owes_back) {
+        shared.storm_back.fetch_add(1, Relaxed);
+    }
     let end = serve(i, setup, &mut ws, shared).await;
     shared.online.fetch_sub(1, Relaxed);
     shared.drops.lock().unwrap().push(Instant::now());
+    if !matches!(end, End::Stopped) && shared.storm_armed.load(Relaxed) {
+        *owes_back = true;
+        shared.storm_dropped.fetch_add(1, Relaxed);
+    }
     end
 }
 
@@ -791,7 +807,8 @@ struct RolloutResult {
 
 #[derive(Debug, Serialize)]
 struct StormResult {
-    all_dropped: bool,
+    /// Sessions that dropped once the generator waited for the restart.
+    dropped: usize,
     all_back: bool,
     back: usize,
     /// From the first session seen dropping (the kill) to the first back.
@@ -883,7 +900,8 @@ impl Results {
         if let Some(st) = &self.storm {
             let _ = writeln!(
                 s,
-                "reconnect storm   {} back; first {} after the kill, all {} after it ({} after the first); peak {} sessions/s",
+                "reconnect storm   {} dropped, {} back; first {} after the kill, all {} after it ({} after the first); peak {} sessions/s",
+                st.dropped,
                 st.back,
                 opt(st.first_back_after_drop_ms.map(|m| m / 1e3), "s"),
                 opt(st.all_back_after_drop_ms.map(|m| m / 1e3), "s"),
