@@ -84,22 +84,13 @@ pub async fn connect_channel(
 /// How a channel is opened beyond the server's URL and TLS: the agent uses
 /// the defaults; the load generator (`uplift-loadgen`) binds many sessions
 /// to many loopback source addresses and keeps its buffers small.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChannelOptions {
     /// Local address to bind the socket to before connecting (port 0: any).
     pub bind: Option<IpAddr>,
     /// The WebSocket layer's settings; the frame and message limits are
     /// always [`MAX_FRAME_BYTES`].
     pub websocket: WebSocketConfig,
-}
-
-impl Default for ChannelOptions {
-    fn default() -> Self {
-        Self {
-            bind: None,
-            websocket: WebSocketConfig::default(),
-        }
-    }
 }
 
 /// [`connect_channel`] with [`ChannelOptions`].

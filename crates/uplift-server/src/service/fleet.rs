@@ -183,7 +183,7 @@ mod tests {
             },
             "2026-01-01T00:00:01Z",
         );
-        assert!(testing::flush_writes(&state).await);
+        assert!(testing::flush_writes(state).await);
     }
 
     /// What the summary counts as in a rollout is what the rollouts count
