@@ -5,10 +5,11 @@ use crate::config::Download;
 use anyhow::Context;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
@@ -77,6 +78,27 @@ pub async fn connect_channel(
     server_url: &reqwest::Url,
     tls: Arc<rustls::ClientConfig>,
 ) -> anyhow::Result<Channel> {
+    connect_channel_with(server_url, tls, &ChannelOptions::default()).await
+}
+
+/// How a channel is opened beyond the server's URL and TLS: the agent uses
+/// the defaults; the load generator (`uplift-loadgen`) binds many sessions
+/// to many loopback source addresses and keeps its buffers small.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelOptions {
+    /// Local address to bind the socket to before connecting (port 0: any).
+    pub bind: Option<IpAddr>,
+    /// The WebSocket layer's settings; the frame and message limits are
+    /// always [`MAX_FRAME_BYTES`].
+    pub websocket: WebSocketConfig,
+}
+
+/// [`connect_channel`] with [`ChannelOptions`].
+pub async fn connect_channel_with(
+    server_url: &reqwest::Url,
+    tls: Arc<rustls::ClientConfig>,
+    options: &ChannelOptions,
+) -> anyhow::Result<Channel> {
     let host = server_url.host_str().context("server_url has no host")?;
     let port = server_url
         .port_or_known_default()
@@ -84,10 +106,13 @@ pub async fn connect_channel(
     let host_for_tls = host.trim_start_matches('[').trim_end_matches(']');
     let server_name = ServerName::try_from(host_for_tls.to_owned())
         .context("server_url host is not a valid name")?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host_for_tls, port)))
-        .await
-        .context("connecting timed out")?
-        .with_context(|| format!("connecting to {host}:{port}"))?;
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        connect_tcp(host_for_tls, port, options.bind),
+    )
+    .await
+    .context("connecting timed out")?
+    .with_context(|| format!("connecting to {host}:{port}"))?;
     let _ = tcp.set_nodelay(true);
     let tls_stream = tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -100,7 +125,8 @@ pub async fn connect_channel(
     url.set_scheme("wss")
         .map_err(|()| anyhow::anyhow!("cannot form a wss:// URL from {server_url}"))?;
     url.set_path(CHANNEL_PATH);
-    let config = WebSocketConfig::default()
+    let config = options
+        .websocket
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES));
     let (ws, _) = tokio::time::timeout(
@@ -111,4 +137,28 @@ pub async fn connect_channel(
     .context("WebSocket handshake timed out")?
     .context("WebSocket handshake failed")?;
     Ok(ws)
+}
+
+/// TCP to the server, from `bind` when given (the server's name is
+/// resolved and its first address of `bind`'s family is used).
+async fn connect_tcp(host: &str, port: u16, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = bind else {
+        return TcpStream::connect((host, port)).await;
+    };
+    let remote = tokio::net::lookup_host((host, port))
+        .await?
+        .find(|a| a.is_ipv4() == local.is_ipv4())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                format!("{host} has no address of the family of {local}"),
+            )
+        })?;
+    let socket = if local.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    socket.connect(remote).await
 }

@@ -30,6 +30,17 @@ use uplift_proto::channel::{
 use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, WireError};
 
 const PING_EVERY: Duration = Duration::from_secs(20);
+/// What the WebSocket layer reads at once, allocated (and touched) for
+/// every channel for its whole life: tungstenite's default is 128 KiB, which
+/// is 2.4 GiB at 19 000 idle sessions. A device's frames are a few hundred
+/// bytes; a larger one (up to [`MAX_FRAME_BYTES`]) grows the buffer while it
+/// is read.
+const READ_BUFFER: usize = 4 << 10;
+/// Frames go to the socket as they are sent (no write buffering: the
+/// server's frames are single small messages), and at most this much may
+/// queue behind a slow peer: one frame of the largest size and the pings
+/// that may follow it. Past it a send fails and the session ends.
+const MAX_WRITE_BUFFER: usize = 2 * MAX_FRAME_BYTES;
 
 /// The WebSocket upgrade of a device channel. The connection's peer
 /// address comes from the accept loop ([`crate::serve`]); a router served
@@ -55,6 +66,9 @@ pub async fn upgrade(
     };
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let _slot = slot;
             if let Err(e) = session(state, socket, address).await {

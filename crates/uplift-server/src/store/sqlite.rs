@@ -1400,22 +1400,35 @@ impl Store for SqliteStore {
         if moved.rows_affected() == 0 {
             return Ok(false);
         }
-        for device in change.offer {
+        // The offered devices in two statements, not two per device (see
+        // `create_rollout`).
+        if !change.offer.is_empty() {
+            let offered = serde_json::to_string(
+                &change
+                    .offer
+                    .iter()
+                    .map(DeviceId::as_str)
+                    .collect::<Vec<_>>(),
+            )
+            .expect("device ids serialize");
             sqlx::query(
-                "UPDATE rollout_devices SET offered_at = ? WHERE rollout_id = ? AND device_id = ? AND offered_at IS NULL",
+                "UPDATE rollout_devices SET offered_at = ? WHERE rollout_id = ? AND offered_at IS NULL \
+                 AND device_id IN (SELECT value FROM json_each(?))",
             )
             .bind(change.now)
             .bind(id)
-            .bind(device.as_str())
+            .bind(&offered)
             .execute(&mut *tx)
             .await
             .map_err(db(action))?;
-            sqlx::query("UPDATE devices SET target_rollout = ? WHERE id = ?")
-                .bind(id)
-                .bind(device.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(db(action))?;
+            sqlx::query(
+                "UPDATE devices SET target_rollout = ? WHERE id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(id)
+            .bind(&offered)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
         }
         for (device, outcome, error) in change.settle {
             sqlx::query(

@@ -1,0 +1,917 @@
+//! `uplift-loadgen`: opens N real device sessions from one process to a
+//! running `uplift-server` and measures what the server does with them.
+//!
+//! Each session is what an agent's channel is: TCP (bound to its own
+//! loopback source address, so ephemeral ports do not run out), TLS trusting
+//! only the server's CA, the WebSocket channel, enrollment with the
+//! enrollment token (or, when the device ID is known, a key proof over the
+//! server's nonce), a first report, then silence but for the WebSocket's
+//! pongs, as an idle agent's. An offer is answered by a report (the device
+//! says it is downloading) and its arrival time recorded; nothing is
+//! downloaded. A dropped session reconnects with the agent's own backoff.
+//!
+//! Phases, each bounded, the whole run within `--duration`:
+//! 1. connect all N: time and rate;
+//! 2. settle, then the server's resident memory per session (ΔRSS / N);
+//! 3. with `--release V`: start a rollout of V through the admin API and
+//!    time each session's offer from that instant (p50, p99, max);
+//! 4. with `--hold S`: keep the sessions idle S seconds (for checks from
+//!    outside);
+//! 5. with `--storm`: wait for the server to be killed and restarted (by
+//!    whoever runs this: `bench/sessions` does), then time how long until
+//!    every session is back and the peak rate of new sessions.
+
+mod measure;
+
+use anyhow::Context;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use clap::Parser;
+use ed25519_dalek::{Signer, SigningKey};
+use futures_util::{SinkExt, StreamExt};
+use measure::{Latencies, ProcSample};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use uplift_agent::net::{self, ChannelOptions};
+use uplift_proto::api::ServerEndpoint;
+use uplift_proto::channel::{
+    self, AgentMsg, AgentState, Report, ServerMsg, FEATURES, MAX_FRAME_BYTES,
+};
+use uplift_proto::{DeviceId, DeviceType, ErrorKind, HardwareId, SlotName, Version};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "uplift-loadgen",
+    version,
+    about = "Opens N real device sessions to an uplift-server and measures it"
+)]
+struct Args {
+    /// The server's ready file (`uplift-server --ready-file`): URL, CA and token files.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Device URL (instead of, or overriding, the ready file's).
+    #[arg(long)]
+    server: Option<String>,
+    /// The server's CA certificate (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Enrollment token (else read from the ready file's token file).
+    #[arg(long, env = "UPLIFT_ENROLLMENT_TOKEN", hide_env_values = true)]
+    enrollment_token: Option<String>,
+    /// Admin API token, to start the rollout and read stats.
+    #[arg(long, env = "UPLIFT_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Sessions to open.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    sessions: usize,
+    /// Hard bound on the whole run, in seconds; the generator exits by then.
+    #[arg(long, default_value_t = 300)]
+    duration: u64,
+    /// Handshakes (TCP, TLS, WebSocket, authentication) in flight at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Seconds to wait once all are connected before measuring memory.
+    #[arg(long, default_value_t = 3)]
+    settle: u64,
+    /// Start a rollout of this release (already uploaded) and time the offers.
+    #[arg(long)]
+    release: Option<Version>,
+    /// Seconds to keep the sessions idle after the rollout phase.
+    #[arg(long, default_value_t = 0)]
+    hold: u64,
+    /// Wait for the server to be restarted and time the reconnect storm.
+    #[arg(long)]
+    storm: bool,
+    /// With --storm: created once the generator waits for the restart.
+    #[arg(long)]
+    storm_ready_file: Option<PathBuf>,
+    /// The server's process ID, for its memory and CPU time (else found by
+    /// name when exactly one `uplift-server` runs).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Device type the sessions enroll as.
+    #[arg(long, default_value = "loadgen")]
+    device_type: DeviceType,
+    /// Version the sessions report running.
+    #[arg(long, default_value = "1.0")]
+    running_version: Version,
+    /// Names this generator's devices: keys and hardware IDs derive from it,
+    /// so generators with different names are different devices, and the
+    /// same name enrolls the same devices again (the server gives their IDs back).
+    #[arg(long, default_value = "lg")]
+    name: String,
+    /// Session i binds its socket to the i/PER_ADDRESS-th address of
+    /// 127.1.0.0/16 (only when the server is on loopback).
+    #[arg(long, default_value_t = 64)]
+    per_address: usize,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The agent's silence limit: the server pings every 20 s.
+const SILENCE_LIMIT: Duration = Duration::from_secs(75);
+const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("uplift-loadgen: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// What every session shares with the measuring side.
+#[derive(Debug)]
+struct Shared {
+    online: AtomicUsize,
+    /// Instants of every welcome (a session up), in arrival order.
+    welcomes: Mutex<Vec<Instant>>,
+    /// Instants sessions went down (after having been up).
+    drops: Mutex<Vec<Instant>>,
+    /// Per session: when its first offer arrived, with the rollout.
+    offers: Mutex<Vec<Option<(Instant, i64)>>>,
+    enrolled: AtomicUsize,
+    fatal: Mutex<Vec<String>>,
+    retries: AtomicUsize,
+    last_error: Mutex<Option<String>>,
+    /// Offers before this flag are not timed (a rollout that existed before).
+    timing_offers: AtomicBool,
+    /// Set when the generator waits for the server's restart: from then on
+    /// each session counts its drop, and its return.
+    storm_armed: AtomicBool,
+    storm_dropped: AtomicUsize,
+    storm_back: AtomicUsize,
+}
+
+#[derive(Debug, Clone)]
+struct Setup {
+    url: reqwest::Url,
+    tls: Arc<rustls::ClientConfig>,
+    token: String,
+    device_type: DeviceType,
+    running_version: Version,
+    name: String,
+    bind: bool,
+    per_address: usize,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    raise_open_files();
+    let endpoint: Option<ServerEndpoint> = match &args.ready_file {
+        Some(path) => Some(
+            serde_json::from_slice(
+                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("parsing {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let url_text = args
+        .server
+        .clone()
+        .or_else(|| endpoint.as_ref().map(|e| e.url.clone()))
+        .context("give --server URL or --ready-file")?;
+    let url: reqwest::Url = url_text.parse().context("parsing the server URL")?;
+    let admin_url: reqwest::Url = endpoint
+        .as_ref()
+        .and_then(|e| e.admin_url.clone())
+        .map_or(Ok(url.clone()), |u| u.parse())
+        .context("parsing the admin URL")?;
+    let ca = args
+        .ca
+        .clone()
+        .or_else(|| endpoint.as_ref().map(|e| e.ca_file.clone()))
+        .context("give --ca FILE or --ready-file")?;
+    let read_token =
+        |given: &Option<String>, file: Option<&PathBuf>| -> anyhow::Result<Option<String>> {
+            if let Some(t) = given {
+                return Ok(Some(t.clone()));
+            }
+            match file {
+                Some(path) => Ok(Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?
+                        .trim()
+                        .to_owned(),
+                )),
+                None => Ok(None),
+            }
+        };
+    let token = read_token(
+        &args.enrollment_token,
+        endpoint
+            .as_ref()
+            .and_then(|e| e.enrollment_token_file.as_ref()),
+    )?
+    .context("give --enrollment-token or a ready file that names the token file")?;
+    let admin_token = read_token(
+        &args.admin_token,
+        endpoint.as_ref().and_then(|e| e.admin_token_file.as_ref()),
+    )?;
+    let tls = net::tls_config(&ca)?;
+    let admin = match &admin_token {
+        Some(t) => Some(Admin::new(&ca, admin_url, t.clone())?),
+        None => None,
+    };
+    if args.release.is_some() && admin.is_none() {
+        anyhow::bail!("--release needs an admin token (--admin-token or a ready file)");
+    }
+    let bind = url
+        .host_str()
+        .and_then(|h| h.parse::<IpAddr>().ok())
+        .is_some_and(|ip| ip.is_loopback() && ip.is_ipv4());
+    let setup = Setup {
+        url,
+        tls,
+        token,
+        device_type: args.device_type.clone(),
+        running_version: args.running_version.clone(),
+        name: args.name.clone(),
+        bind,
+        per_address: args.per_address.max(1),
+    };
+    let server_pid = args.server_pid.or_else(measure::find_server_pid);
+    if server_pid.is_none() {
+        eprintln!("uplift-loadgen: no server pid (give --server-pid); server memory and CPU are not measured");
+    }
+
+    let n = args.sessions;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.duration);
+    let shared = Arc::new(Shared {
+        online: AtomicUsize::new(0),
+        welcomes: Mutex::new(Vec::with_capacity(n)),
+        drops: Mutex::new(Vec::new()),
+        offers: Mutex::new(vec![None; n]),
+        enrolled: AtomicUsize::new(0),
+        fatal: Mutex::new(Vec::new()),
+        retries: AtomicUsize::new(0),
+        last_error: Mutex::new(None),
+        timing_offers: AtomicBool::new(false),
+        storm_armed: AtomicBool::new(false),
+        storm_dropped: AtomicUsize::new(0),
+        storm_back: AtomicUsize::new(0),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+
+    // Phase 1: connect every session.
+    let before = server_pid.and_then(ProcSample::take);
+    let connect_start = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let setup = setup.clone();
+        let shared = shared.clone();
+        let gate = gate.clone();
+        let stop = stop_rx.clone();
+        tasks.push(tokio::spawn(session_loop(i, setup, shared, gate, stop)));
+    }
+    let all_up = wait_until(deadline, || {
+        shared.fatal.lock().unwrap().len() + shared.online.load(Relaxed) >= n
+    })
+    .await;
+    let connected = shared.online.load(Relaxed);
+    let connect_secs = shared
+        .welcomes
+        .lock()
+        .unwrap()
+        .last()
+        .map_or(0.0, |last| (*last - connect_start).as_secs_f64());
+    let after_connect = server_pid.and_then(ProcSample::take);
+    if !all_up {
+        eprintln!(
+            "uplift-loadgen: only {connected} of {n} sessions up by the deadline; last error: {}",
+            shared
+                .last_error
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_default()
+        );
+    } else {
+        eprintln!("uplift-loadgen: {connected} sessions up in {connect_secs:.2} s");
+    }
+
+    // Phase 2: idle memory.
+    sleep_within(deadline, Duration::from_secs(args.settle)).await;
+    let idle = server_pid.and_then(ProcSample::take);
+    let online_by_server = match &admin {
+        Some(admin) => admin.devices_online().await.ok(),
+        None => None,
+    };
+
+    // Phase 3: a rollout and its offers.
+    let mut rollout = None;
+    if let (Some(version), Some(admin)) = (&args.release, &admin) {
+        shared.timing_offers.store(true, Relaxed);
+        let t0 = Instant::now();
+        let id = admin.start_rollout(version).await?;
+        let start_answered = t0.elapsed();
+        wait_until(deadline, || {
+            shared
+                .offers
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|o| o.is_some())
+                .count()
+                >= connected
+        })
+        .await;
+        let lat: Vec<Duration> = shared
+            .offers
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .filter(|(_, r)| *r == id)
+            .map(|(at, _)| at.saturating_duration_since(t0))
+            .collect();
+        rollout = Some(RolloutResult {
+            rollout_id: id,
+            start_request_ms: ms(start_answered),
+            offers: lat.len(),
+            latency: Latencies::of(lat),
+        });
+    }
+    let after_offers = server_pid.and_then(ProcSample::take);
+
+    // Phase 4: hold.
+    if args.hold > 0 {
+        eprintln!(
+            "uplift-loadgen: holding {} sessions for {} s",
+            shared.online.load(Relaxed),
+            args.hold
+        );
+        sleep_within(deadline, Duration::from_secs(args.hold)).await;
+    }
+
+    // Phase 5: the reconnect storm.
+    let mut storm = None;
+    if args.storm {
+        let drops_before = shared.drops.lock().unwrap().len();
+        shared.storm_armed.store(true, Relaxed);
+        if let Some(path) = &args.storm_ready_file {
+            std::fs::write(path, b"ready\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        eprintln!("uplift-loadgen: waiting for the server to restart (reconnect storm)");
+        let dropped = wait_until(deadline, || shared.storm_dropped.load(Relaxed) > 0).await;
+        if dropped {
+            // Every session that dropped back again. Sessions notice the
+            // kill at different moments (a restarted server may take some
+            // back before the last has noticed), so each counts its own.
+            let back = wait_until(deadline, || shared.storm_back.load(Relaxed) >= connected).await;
+            let first_drop = shared.drops.lock().unwrap()[drops_before];
+            let welcomes: Vec<Instant> = shared
+                .welcomes
+                .lock()
+                .unwrap()
+                .iter()
+                .copied()
+                .filter(|w| *w > first_drop)
+                .collect();
+            storm = Some(StormResult {
+                dropped: shared.storm_dropped.load(Relaxed),
+                all_back: back,
+                back: shared.storm_back.load(Relaxed),
+                first_back_after_drop_ms: welcomes.first().map(|w| ms(*w - first_drop)),
+                all_back_after_drop_ms: back
+                    .then(|| welcomes.last().map(|w| ms(*w - first_drop)))
+                    .flatten(),
+                all_back_after_first_back_ms: back
+                    .then(|| Some(ms(*welcomes.last()? - *welcomes.first()?)))
+                    .flatten(),
+                peak_sessions_per_sec: measure::peak_rate(&welcomes, Duration::from_secs(1)),
+                peak_sessions_per_100ms_x10: measure::peak_rate(
+                    &welcomes,
+                    Duration::from_millis(100),
+                ),
+            });
+        }
+    }
+
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+
+    let results = Results {
+        sessions: n,
+        connected,
+        enrolled: shared.enrolled.load(Relaxed),
+        refused: shared.fatal.lock().unwrap().len(),
+        retries: shared.retries.load(Relaxed),
+        connect_secs,
+        connect_per_sec: if connect_secs > 0.0 {
+            connected as f64 / connect_secs
+        } else {
+            0.0
+        },
+        server_pid,
+        server_devices_online: online_by_server,
+        rss_before_kib: before.map(|s| s.rss_kib),
+        rss_idle_kib: idle.map(|s| s.rss_kib),
+        rss_after_offers_kib: after_offers.map(|s| s.rss_kib),
+        kib_per_session: match (before, idle) {
+            (Some(b), Some(i)) if connected > 0 => {
+                Some((i.rss_kib as f64 - b.rss_kib as f64) / connected as f64)
+            }
+            _ => None,
+        },
+        server_cpu_connect_secs: match (before, after_connect) {
+            (Some(b), Some(a)) => Some(a.cpu_secs - b.cpu_secs),
+            _ => None,
+        },
+        server_cpu_secs: match (before, after_offers) {
+            (Some(b), Some(a)) => Some(a.cpu_secs - b.cpu_secs),
+            _ => None,
+        },
+        rollout,
+        storm,
+        last_error: shared.last_error.lock().unwrap().clone(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", results.render());
+    }
+    if connected < n {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Polls `done` every 20 ms until it holds (true) or the deadline (false).
+async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn sleep_within(deadline: Instant, d: Duration) {
+    tokio::time::sleep_until((Instant::now() + d).min(deadline)).await;
+}
+
+/// A generator of 19 000 sessions needs as many descriptors: the soft limit
+/// goes up to the hard one (which nothing here raises).
+fn raise_open_files() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+/// The device key of session `i`: derived from the generator's name, so a
+/// second run with the same name is the same fleet.
+fn device_key(name: &str, i: usize) -> SigningKey {
+    let seed: [u8; 32] = Sha256::new()
+        .chain_update(b"uplift-loadgen device key\0")
+        .chain_update(name.as_bytes())
+        .chain_update(b"\0")
+        .chain_update((i as u64).to_le_bytes())
+        .finalize()
+        .into();
+    SigningKey::from_bytes(&seed)
+}
+
+fn source_address(setup: &Setup, i: usize) -> Option<IpAddr> {
+    if !setup.bind {
+        return None;
+    }
+    let k = i / setup.per_address;
+    let (hi, lo) = ((k / 250) % 256, k % 250 + 1);
+    Some(IpAddr::V4(Ipv4Addr::new(127, 1, hi as u8, lo as u8)))
+}
+
+enum End {
+    /// Refused for good (enrollment refused, unknown device, bad signature).
+    Fatal(anyhow::Error),
+    Retry(anyhow::Error),
+    Stopped,
+}
+
+async fn session_loop(
+    i: usize,
+    setup: Setup,
+    shared: Arc<Shared>,
+    gate: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let key = device_key(&setup.name, i);
+    let mut device_id: Option<DeviceId> = None;
+    let mut attempt = 0u32;
+    let mut owes_back = false;
+    let options = ChannelOptions {
+        bind: source_address(&setup, i),
+        // Small buffers: this process holds thousands of sessions.
+        websocket: WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_write_buffer_size(2 * MAX_FRAME_BYTES),
+    };
+    loop {
+        let end = tokio::select! {
+            end = session(i, &setup, &options, &key, &mut device_id, &shared, &gate, &mut attempt, &mut owes_back) => end,
+            _ = stop.wait_for(|s| *s) => End::Stopped,
+        };
+        match end {
+            End::Stopped => return,
+            End::Fatal(e) => {
+                shared.fatal.lock().unwrap().push(format!("{e:#}"));
+                *shared.last_error.lock().unwrap() = Some(format!("{e:#}"));
+                return;
+            }
+            End::Retry(e) => {
+                shared.retries.fetch_add(1, Relaxed);
+                *shared.last_error.lock().unwrap() = Some(format!("{e:#}"));
+                let wait = uplift_agent::run::backoff(attempt, &mut rand::thread_rng());
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    i: usize,
+    setup: &Setup,
+    options: &ChannelOptions,
+    key: &SigningKey,
+    device_id: &mut Option<DeviceId>,
+    shared: &Shared,
+    gate: &Semaphore,
+    attempt: &mut u32,
+    owes_back: &mut bool,
+) -> End {
+    let retry = |e: anyhow::Error| End::Retry(e);
+    let permit = gate.acquire().await.expect("the gate is never closed");
+    let mut ws = match net::connect_channel_with(&setup.url, setup.tls.clone(), options).await {
+        Ok(ws) => ws,
+        Err(e) => return retry(e),
+    };
+    let nonce = match recv(&mut ws).await {
+        Ok(ServerMsg::Challenge { nonce }) => match hex::decode(nonce) {
+            Ok(n) => n,
+            Err(_) => return retry(anyhow::anyhow!("malformed nonce")),
+        },
+        Ok(other) => return retry(anyhow::anyhow!("expected a challenge, got {other:?}")),
+        Err(e) => return retry(e),
+    };
+    let hello = match device_id {
+        Some(id) => AgentMsg::Authenticate {
+            device_id: id.clone(),
+            signature: B64.encode(
+                key.sign(&channel::auth_message(&nonce, id.as_str()))
+                    .to_bytes(),
+            ),
+            features: FEATURES.to_vec(),
+        },
+        None => {
+            let public_key = B64.encode(key.verifying_key().to_bytes());
+            let hardware_id: HardwareId = match format!("{}-{i}", setup.name).parse() {
+                Ok(h) => h,
+                Err(e) => return End::Fatal(anyhow::anyhow!("hardware id: {e}")),
+            };
+            AgentMsg::Enroll {
+                device_type: setup.device_type.clone(),
+                hardware_id,
+                token: setup.token.clone(),
+                signature: B64.encode(
+                    key.sign(&channel::auth_message(&nonce, &public_key))
+                        .to_bytes(),
+                ),
+                public_key,
+                features: FEATURES.to_vec(),
+            }
+        }
+    };
+    if let Err(e) = send(&mut ws, &hello).await {
+        return retry(e);
+    }
+    match recv(&mut ws).await {
+        Ok(ServerMsg::Welcome {
+            device_id: id,
+            enrolled,
+            ..
+        }) => {
+            if enrolled {
+                shared.enrolled.fetch_add(1, Relaxed);
+            }
+            *device_id = Some(id);
+        }
+        Ok(ServerMsg::Error(err)) => {
+            let e = anyhow::anyhow!("server refused the device: {err}");
+            return match err.kind {
+                ErrorKind::EnrollmentRefused
+                | ErrorKind::UnknownDevice
+                | ErrorKind::BadDeviceSignature => End::Fatal(e),
+                _ => retry(e),
+            };
+        }
+        Ok(other) => return retry(anyhow::anyhow!("expected welcome, got {other:?}")),
+        Err(e) => return retry(e),
+    }
+    // The first report, as an agent's, right after welcome.
+    if let Err(e) = send(&mut ws, &AgentMsg::Report(idle_report(setup))).await {
+        return retry(e);
+    }
+    drop(permit);
+    *attempt = 0;
+    shared.welcomes.lock().unwrap().push(Instant::now());
+    shared.online.fetch_add(1, Relaxed);
+    if std::mem::take(owes_back) {
+        shared.storm_back.fetch_add(1, Relaxed);
+    }
+    let end = serve(i, setup, &mut ws, shared).await;
+    shared.online.fetch_sub(1, Relaxed);
+    shared.drops.lock().unwrap().push(Instant::now());
+    if !matches!(end, End::Stopped) && shared.storm_armed.load(Relaxed) {
+        *owes_back = true;
+        shared.storm_dropped.fetch_add(1, Relaxed);
+    }
+    end
+}
+
+/// The up session: offers recorded and answered, pings answered by the
+/// library while it reads, silence past the agent's limit ends it.
+async fn serve(i: usize, setup: &Setup, ws: &mut net::Channel, shared: &Shared) -> End {
+    loop {
+        let frame = match tokio::time::timeout(SILENCE_LIMIT, ws.next()).await {
+            Ok(f) => f,
+            Err(_) => return End::Retry(anyhow::anyhow!("no word from the server")),
+        };
+        let text = match frame {
+            None | Some(Ok(Message::Close(_))) => {
+                return End::Retry(anyhow::anyhow!("server closed the channel"))
+            }
+            Some(Err(e)) => return End::Retry(e.into()),
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(_)) => continue,
+        };
+        match channel::decode::<ServerMsg>(text.as_str()) {
+            Ok(ServerMsg::Offer(offer)) => {
+                if shared.timing_offers.load(Relaxed) {
+                    let mut offers = shared.offers.lock().unwrap();
+                    if offers[i].is_none() {
+                        offers[i] = Some((Instant::now(), offer.rollout_id));
+                    }
+                }
+                // What an agent says when it takes an offer: it starts
+                // downloading (this one does not).
+                let report = Report {
+                    state: AgentState::Downloading,
+                    target_version: Some(offer.version),
+                    ..idle_report(setup)
+                };
+                if let Err(e) = send(ws, &AgentMsg::Report(report)).await {
+                    return End::Retry(e);
+                }
+            }
+            Ok(ServerMsg::Error(err)) => return End::Retry(anyhow::anyhow!("server error: {err}")),
+            Ok(_) => {}
+            Err(e) => return End::Retry(anyhow::anyhow!("bad frame from the server: {e}")),
+        }
+    }
+}
+
+fn idle_report(setup: &Setup) -> Report {
+    Report {
+        state: AgentState::Idle,
+        running_version: setup.running_version.clone(),
+        booted_slot: SlotName::A,
+        target_version: None,
+        progress: None,
+        error: None,
+    }
+}
+
+async fn send(ws: &mut net::Channel, msg: &AgentMsg) -> anyhow::Result<()> {
+    tokio::time::timeout(
+        STEP_TIMEOUT,
+        ws.send(Message::Text(channel::encode(msg).into())),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the server did not take the frame"))??;
+    Ok(())
+}
+
+async fn recv(ws: &mut net::Channel) -> anyhow::Result<ServerMsg> {
+    loop {
+        let frame = tokio::time::timeout(STEP_TIMEOUT, ws.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("no message from the server"))?;
+        match frame {
+            None | Some(Ok(Message::Close(_))) => anyhow::bail!("server closed the channel"),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(Message::Text(text))) => {
+                return channel::decode(text.as_str())
+                    .map_err(|e| anyhow::anyhow!("bad frame: {e}"))
+            }
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// The admin API, for the rollout and the server's own count.
+#[derive(Debug)]
+struct Admin {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    token: String,
+}
+
+impl Admin {
+    fn new(ca: &std::path::Path, url: reqwest::Url, token: String) -> anyhow::Result<Self> {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self { client, url, token })
+    }
+
+    async fn start_rollout(&self, version: &Version) -> anyhow::Result<i64> {
+        let response = self
+            .client
+            .post(self.url.join("/api/v1/rollouts")?)
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({"release": version, "devices": null}))
+            .send()
+            .await
+            .context("starting the rollout")?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.context("reading the rollout")?;
+        if !status.is_success() {
+            anyhow::bail!("starting the rollout: {status}: {body}");
+        }
+        body["id"].as_i64().context("the rollout has no id")
+    }
+
+    async fn devices_online(&self) -> anyhow::Result<u64> {
+        let body: serde_json::Value = self
+            .client
+            .get(self.url.join("/api/v1/stats")?)
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        body["devices_online"].as_u64().context("no devices_online")
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct RolloutResult {
+    rollout_id: i64,
+    /// How long `POST /api/v1/rollouts` took to answer.
+    start_request_ms: f64,
+    /// Sessions that received this rollout's offer.
+    offers: usize,
+    /// From just before the start request to each session's offer.
+    latency: Option<Latencies>,
+}
+
+#[derive(Debug, Serialize)]
+struct StormResult {
+    /// Sessions that dropped once the generator waited for the restart.
+    dropped: usize,
+    all_back: bool,
+    back: usize,
+    /// From the first session seen dropping (the kill) to the first back.
+    first_back_after_drop_ms: Option<f64>,
+    /// From the first drop to the last session back.
+    all_back_after_drop_ms: Option<f64>,
+    /// From the first session back to the last (the server up throughout).
+    all_back_after_first_back_ms: Option<f64>,
+    /// Most sessions established within one second.
+    peak_sessions_per_sec: usize,
+    /// Most sessions within 100 ms, times ten (a burst rate).
+    peak_sessions_per_100ms_x10: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    sessions: usize,
+    connected: usize,
+    /// Sessions the server called enrolled (new, or an enrolled key again).
+    enrolled: usize,
+    refused: usize,
+    retries: usize,
+    /// From the first connect to the last welcome.
+    connect_secs: f64,
+    connect_per_sec: f64,
+    server_pid: Option<u32>,
+    /// `devices_online` of `GET /api/v1/stats` once all were up.
+    server_devices_online: Option<u64>,
+    rss_before_kib: Option<u64>,
+    rss_idle_kib: Option<u64>,
+    rss_after_offers_kib: Option<u64>,
+    /// (idle RSS - RSS before) / connected.
+    kib_per_session: Option<f64>,
+    server_cpu_connect_secs: Option<f64>,
+    /// Server CPU time from before the first connect to after the offers.
+    server_cpu_secs: Option<f64>,
+    rollout: Option<RolloutResult>,
+    storm: Option<StormResult>,
+    last_error: Option<String>,
+}
+
+impl Results {
+    fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let opt =
+            |v: Option<f64>, unit: &str| v.map_or("-".to_owned(), |v| format!("{v:.1} {unit}"));
+        let _ = writeln!(
+            s,
+            "sessions          {} of {} up ({} enrolled, {} refused, {} retries)",
+            self.connected, self.sessions, self.enrolled, self.refused, self.retries
+        );
+        let _ = writeln!(
+            s,
+            "connect           {:.2} s ({:.0} sessions/s)",
+            self.connect_secs, self.connect_per_sec
+        );
+        if let Some(online) = self.server_devices_online {
+            let _ = writeln!(s, "server says       {online} devices online");
+        }
+        let _ = writeln!(
+            s,
+            "server RSS        {} before, {} idle, {} after offers",
+            opt(self.rss_before_kib.map(|k| k as f64 / 1024.0), "MiB"),
+            opt(self.rss_idle_kib.map(|k| k as f64 / 1024.0), "MiB"),
+            opt(self.rss_after_offers_kib.map(|k| k as f64 / 1024.0), "MiB"),
+        );
+        let _ = writeln!(s, "per session       {}", opt(self.kib_per_session, "KiB"));
+        let _ = writeln!(
+            s,
+            "server CPU        {} connecting, {} in all",
+            opt(self.server_cpu_connect_secs, "s"),
+            opt(self.server_cpu_secs, "s")
+        );
+        if let Some(r) = &self.rollout {
+            let _ = writeln!(
+                s,
+                "rollout {}         start answered in {:.0} ms; {} offers",
+                r.rollout_id, r.start_request_ms, r.offers
+            );
+            if let Some(l) = &r.latency {
+                let _ = writeln!(
+                    s,
+                    "offer latency     p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                    l.p50_ms, l.p99_ms, l.max_ms
+                );
+            }
+        }
+        if let Some(st) = &self.storm {
+            let _ = writeln!(
+                s,
+                "reconnect storm   {} dropped, {} back; first {} after the kill, all {} after it ({} after the first); peak {} sessions/s",
+                st.dropped,
+                st.back,
+                opt(st.first_back_after_drop_ms.map(|m| m / 1e3), "s"),
+                opt(st.all_back_after_drop_ms.map(|m| m / 1e3), "s"),
+                opt(st.all_back_after_first_back_ms.map(|m| m / 1e3), "s"),
+                st.peak_sessions_per_sec
+            );
+        }
+        if let Some(e) = &self.last_error {
+            let _ = writeln!(s, "last error        {e}");
+        }
+        s
+    }
+}
