@@ -178,6 +178,10 @@ impl EventFilter {
 /// `GET /api/v1/events` query: the filter, and how much of the recent past
 /// to send first. A client that reconnects with `Last-Event-ID` is sent
 /// what it missed instead (as far as the server still holds it).
+/// The filter's fields are repeated rather than an [`EventFilter`] under
+/// `#[serde(flatten)]`: flattening makes serde read query-string numbers
+/// as strings (so `rollout=3` would be refused) and cannot be combined
+/// with `deny_unknown_fields`; [`EventStreamQuery::filter`] gives the filter.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(

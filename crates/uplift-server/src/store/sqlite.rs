@@ -1568,18 +1568,24 @@ mod tests {
         }
     }
 
+    /// A bare connection to a new database file, for a test to lay down a
+    /// schema from an earlier release before the store opens it.
+    async fn older_database(path: &Path) -> SqlitePool {
+        SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn a_database_from_before_download_limits_gains_them_and_keeps_its_rollouts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("uplift.db");
         {
-            let old = SqlitePool::connect_with(
-                SqliteConnectOptions::new()
-                    .filename(&path)
-                    .create_if_missing(true),
-            )
-            .await
-            .unwrap();
+            let old = older_database(&path).await;
             let rollouts = SCHEMA
                 .find("CREATE TABLE IF NOT EXISTS rollouts (")
                 .unwrap();
@@ -1653,13 +1659,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("uplift.db");
         {
-            let old = SqlitePool::connect_with(
-                SqliteConnectOptions::new()
-                    .filename(&path)
-                    .create_if_missing(true),
-            )
-            .await
-            .unwrap();
+            let old = older_database(&path).await;
             let before = SCHEMA
                 .replace(",\n    key_ids       TEXT,\n    expires_at    TEXT", "")
                 .replace(",\n    address          TEXT", "");
