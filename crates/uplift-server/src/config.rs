@@ -30,6 +30,53 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+}
+
+/// Where the server keeps its state: SQLite in the data directory (the
+/// default, nothing to set up) or a PostgreSQL database that several
+/// server replicas share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user:password@host:port/database` (libpq's URL, with
+    /// its parameters such as `sslmode=verify-full`); unset: SQLite in
+    /// `<data_dir>/uplift.db`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Connections this server keeps to PostgreSQL at most.
+    #[serde(default = "default_database_connections")]
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: default_database_connections(),
+        }
+    }
+}
+
+/// Which backend a [`DatabaseConfig`] selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite(PathBuf),
+    Postgres { url: String, max_connections: u32 },
+}
+
+impl ServerConfig {
+    /// The database this server uses.
+    pub fn backend(&self) -> Backend {
+        match &self.database.url {
+            Some(url) => Backend::Postgres {
+                url: url.clone(),
+                max_connections: self.database.max_connections,
+            },
+            None => Backend::Sqlite(self.data_dir.join("uplift.db")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +211,11 @@ fn default_history_per_device() -> u32 {
 fn default_history_days() -> u32 {
     90
 }
+// Enough for the writer, the scheduler and a burst of admin requests; a
+// few replicas together stay well below PostgreSQL's default of 100.
+fn default_database_connections() -> u32 {
+    16
+}
 
 impl ServerConfig {
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
@@ -175,6 +227,7 @@ impl ServerConfig {
             enrollment_tokens: Vec::new(),
             admin_token: None,
             limits: Limits::default(),
+            database: DatabaseConfig::default(),
         }
     }
 
@@ -210,6 +263,16 @@ impl ServerConfig {
         ] {
             if value == 0 {
                 return Err(format!("[limits] {name} must be at least 1"));
+            }
+        }
+        if let Some(url) = &self.database.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err("[database] url must be a PostgreSQL URL (postgres://user:password@host:port/database); \
+                     leave it out to use SQLite in the data directory"
+                    .into());
+            }
+            if self.database.max_connections == 0 {
+                return Err("[database] max_connections must be at least 1".into());
             }
         }
         if self.enrollment_tokens.iter().any(|t| t.trim().len() < MIN) {
@@ -253,5 +316,29 @@ mod tests {
         config.check().unwrap();
         assert_eq!(config.limits.device_history_per_device, 200);
         assert_eq!(config.limits.device_history_days, 90);
+        assert_eq!(
+            config.backend(),
+            Backend::Sqlite("/var/lib/uplift/uplift.db".into())
+        );
+    }
+
+    #[test]
+    fn a_database_url_selects_postgresql_and_must_be_one() {
+        let config: ServerConfig = toml::from_str(
+            "data_dir = \"/x\"\n[database]\nurl = \"postgres://uplift@db:5432/uplift\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.backend(),
+            Backend::Postgres {
+                url: "postgres://uplift@db:5432/uplift".into(),
+                max_connections: 16
+            }
+        );
+        config.check().unwrap();
+        let config: ServerConfig =
+            toml::from_str("data_dir = \"/x\"\n[database]\nurl = \"mysql://db/uplift\"\n").unwrap();
+        let err = config.check().unwrap_err();
+        assert!(err.contains("PostgreSQL URL"), "{err}");
     }
 }

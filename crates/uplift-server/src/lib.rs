@@ -33,7 +33,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use store::{SqliteStore, Store as _};
+use store::{PgStore, SqliteStore};
 use tokio::net::TcpListener;
 use uplift_proto::api::ServerEndpoint as Endpoint;
 
@@ -54,19 +54,31 @@ fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// Opens the configured database: SQLite in the data directory, or
+/// PostgreSQL; either is brought up to date by its migrations.
+pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn store::Store>> {
+    Ok(match config.backend() {
+        config::Backend::Sqlite(path) => Arc::new(SqliteStore::open(&path).await?),
+        config::Backend::Postgres {
+            url,
+            max_connections,
+        } => Arc::new(PgStore::connect(&url, max_connections).await?),
+    })
+}
+
 /// `uplift-server check`: scrubs the chunks of every release stored in the
 /// configured data directory; reads only.
 pub async fn check_data_dir(config: &ServerConfig) -> anyhow::Result<chunks::ScrubReport> {
-    let db = config.data_dir.join("uplift.db");
-    anyhow::ensure!(
-        db.is_file(),
-        "{} holds no uplift.db; give the data directory of a server (--data-dir)",
-        config.data_dir.display()
-    );
-    let store = SqliteStore::open(&db).await?;
+    if let config::Backend::Sqlite(db) = config.backend() {
+        anyhow::ensure!(
+            db.is_file(),
+            "{} holds no uplift.db; give the data directory of a server (--data-dir)",
+            config.data_dir.display()
+        );
+    }
+    let store = open_store(config).await?;
     let artifacts = LocalArtifacts::new(config.data_dir.join("chunks"));
     let patches = LocalArtifacts::new(config.data_dir.join("patches"));
-    let store: Arc<dyn store::Store> = Arc::new(store);
     let indexes = chunks::Chunks::indexes(
         Arc::new(LocalArtifacts::new(config.data_dir.join("indexes"))),
         store.clone(),
@@ -116,7 +128,7 @@ impl Server {
         let data = &config.data_dir;
         std::fs::create_dir_all(data)
             .with_context(|| format!("creating data directory {}", data.display()))?;
-        let store = SqliteStore::open(&data.join("uplift.db")).await?;
+        let store = open_store(config).await?;
         let artifacts = LocalArtifacts::new(data.join("chunks"));
         let patch_files: Arc<dyn artifacts::ArtifactStore> =
             Arc::new(LocalArtifacts::new(data.join("patches")));
@@ -142,7 +154,6 @@ impl Server {
         let live = live::LiveView::with_events(events.clone());
         live.load_targets(store.device_targets().await?);
         check_open_file_limit(&config.limits);
-        let store: Arc<dyn store::Store> = Arc::new(store);
         let artifacts: Arc<dyn artifacts::ArtifactStore> = Arc::new(artifacts);
         let indexes = Arc::new(chunks::Chunks::indexes(index_files, store.clone()));
         let state = Arc::new(AppState {

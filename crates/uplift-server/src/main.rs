@@ -23,6 +23,10 @@ struct Args {
     /// Serve the admin API only on this address (e.g. 127.0.0.1:8444); overrides the config.
     #[arg(long)]
     admin_listen: Option<SocketAddr>,
+    /// PostgreSQL database (postgres://user:password@host:port/database)
+    /// instead of SQLite in the data directory; overrides [database] url.
+    #[arg(long, env = "UPLIFT_DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
     /// Write the endpoint (URL, CA file, token files) as JSON here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -60,6 +64,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(admin) = args.admin_listen {
         config.admin_listen = Some(admin);
+    }
+    if let Some(url) = args.database_url {
+        config.database.url = Some(url);
+        config.check().map_err(|e| anyhow::anyhow!("--database-url: {e}"))?;
     }
     if let Some(Command::Check) = args.command {
         // 1 means damage found; 2, that nothing could be checked.

@@ -218,13 +218,13 @@ mod tests {
                 id,
                 session,
                 &report(AgentState::Downloading, "1.0", 1),
-                "t1",
+                "2026-12-02T10:00:01Z",
             );
             live.apply(
                 id,
                 session,
                 &report(AgentState::Downloading, "1.0", 60),
-                "t2",
+                "2026-12-02T10:00:02Z",
             );
         }
         assert!(writer.flush(false).await);
@@ -240,7 +240,7 @@ mod tests {
             &ids[0],
             session,
             &report(AgentState::Downloading, "1.0", 90),
-            "t3",
+            "2026-12-02T10:00:03.5Z",
         );
         assert!(writer.flush(false).await);
         assert_eq!(
@@ -259,7 +259,7 @@ mod tests {
             .all(|d| d.state == Some(AgentState::Downloading)));
         let first = devices.iter().find(|d| d.id == ids[0]).unwrap();
         assert_eq!(first.progress.unwrap().done_bytes, 90);
-        assert_eq!(first.last_seen.as_deref(), Some("t3"));
+        assert_eq!(first.last_seen.as_deref(), Some("2026-12-02T10:00:03.5Z"));
     }
 
     #[tokio::test]

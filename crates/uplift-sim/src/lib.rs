@@ -11,6 +11,7 @@
 //! through a kernel command line (`uplift.slot=a|b`), here a file the
 //! agent is told to read instead of `/proc/cmdline`.
 
+pub mod postgres;
 mod signals;
 
 use std::ffi::OsString;

@@ -2,10 +2,13 @@
 //! beside SQLite without touching any caller.
 
 pub mod control;
+mod postgres;
 mod sqlite;
+pub(crate) mod stamp;
 
 pub use control::ControlStore;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::rollout::engine::{Outcome, RolloutState};
@@ -34,8 +37,22 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// The schema could not be brought up to date; nothing was served.
+    #[error("migrating the {backend} database failed: {source}; the database is left as the last migration that succeeded made it: fix the cause and start the server again")]
+    Migration {
+        backend: &'static str,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
     #[error("stored {what} is corrupt: {detail}")]
     Corrupt { what: &'static str, detail: String },
+    /// A time handed to the store that is not RFC 3339: the caller's bug.
+    #[error("{what} {text:?} is not an RFC 3339 time ({detail}); this is a bug in the server")]
+    BadTime {
+        what: &'static str,
+        text: String,
+        detail: String,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -45,7 +62,10 @@ pub enum StoreError {
 impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            StoreError::Database { .. } | StoreError::Corrupt { .. } => ErrorKind::Storage,
+            StoreError::Database { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::BadTime { .. }
+            | StoreError::Migration { .. } => ErrorKind::Storage,
             StoreError::Busy { .. } => ErrorKind::ServerBusy,
             StoreError::Conflict(_) => ErrorKind::Conflict,
             StoreError::NotFound(_) => ErrorKind::NotFound,
@@ -53,11 +73,16 @@ impl StoreError {
     }
 }
 
-/// What to check, from what SQLite said; most errors are not a full disk.
+/// What to check, from what the database said; most errors are not a full disk.
 fn hint(source: &sqlx::Error) -> &'static str {
+    if let Some(hint) = postgres_hint(source) {
+        return hint;
+    }
     let code = match source {
         sqlx::Error::Database(e) => e.code(),
-        sqlx::Error::Io(_) => return "check the server's data directory (disk full? permissions?)",
+        sqlx::Error::Io(_) => {
+            return "check the server's data directory (disk full? permissions?), or on PostgreSQL that it is reachable"
+        }
         _ => None,
     };
     // SQLite's primary result codes (the low byte of extended ones).
@@ -71,10 +96,37 @@ fn hint(source: &sqlx::Error) -> &'static str {
     }
 }
 
+/// What to check, from PostgreSQL's SQLSTATE class; `None` if the error is
+/// not PostgreSQL's.
+fn postgres_hint(source: &sqlx::Error) -> Option<&'static str> {
+    let e = match source {
+        sqlx::Error::Database(e) => e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?,
+        _ => return None,
+    };
+    Some(match &e.code()[..2] {
+        "28" => "PostgreSQL refused the server's credentials; check [database] url",
+        "3D" => "the database in [database] url does not exist; create it",
+        "42" if e.code() == "42501" => {
+            "the database user lacks a privilege; grant it on the database"
+        }
+        "53" => "PostgreSQL is out of a resource (disk, memory or connections); see its log",
+        "57" | "08" => "PostgreSQL shut down or the connection broke; check it is running",
+        _ => "see the server log and PostgreSQL's",
+    })
+}
+
 /// Sorts a sqlx error into contention (retry) or a real failure.
 pub(crate) fn classify(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| match source {
         sqlx::Error::PoolTimedOut => StoreError::Busy { action, source },
+        // PostgreSQL's serialization failure and deadlock: the transaction
+        // was rolled back and may be tried again.
+        sqlx::Error::Database(ref e)
+            if matches!(e.code().as_deref(), Some("40001" | "40P01"))
+                && e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() =>
+        {
+            StoreError::Busy { action, source }
+        }
         source => StoreError::Database { action, source },
     }
 }

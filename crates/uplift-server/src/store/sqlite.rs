@@ -16,95 +16,13 @@ pub struct SqliteStore {
     pool: SqlitePool,
 }
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS releases (
-    version       TEXT PRIMARY KEY,
-    device_type   TEXT NOT NULL,
-    manifest      BLOB NOT NULL,
-    image_size    INTEGER NOT NULL,
-    image_sha256  TEXT NOT NULL,
-    chunks        INTEGER NOT NULL,
-    stored_bytes  INTEGER NOT NULL,
-    created_at    TEXT NOT NULL,
-    key_ids       TEXT,
-    expires_at    TEXT
-);
-CREATE TABLE IF NOT EXISTS rollouts (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    release         TEXT NOT NULL REFERENCES releases(version),
-    allow_downgrade INTEGER NOT NULL,
-    created_at      TEXT NOT NULL,
-    max_bytes_per_sec INTEGER,
-    max_downloading   INTEGER,
-    policy          TEXT,
-    state           TEXT,
-    state_name      TEXT,
-    revision        INTEGER NOT NULL DEFAULT 0,
-    tags            TEXT,
-    from_versions   TEXT
-);
-CREATE TABLE IF NOT EXISTS devices (
-    id               TEXT PRIMARY KEY,
-    device_type      TEXT NOT NULL,
-    hardware_id      TEXT NOT NULL,
-    public_key       TEXT NOT NULL UNIQUE,
-    enrolled_at      TEXT NOT NULL,
-    last_seen        TEXT,
-    running_version  TEXT,
-    state            TEXT,
-    booted_slot      TEXT,
-    reported_target  TEXT,
-    progress_done    INTEGER,
-    progress_total   INTEGER,
-    progress_fetched INTEGER,
-    error_kind       TEXT,
-    error_message    TEXT,
-    target_rollout   INTEGER REFERENCES rollouts(id),
-    address          TEXT
-);
-CREATE TABLE IF NOT EXISTS rollout_devices (
-    rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
-    device_id  TEXT NOT NULL REFERENCES devices(id),
-    phase      INTEGER NOT NULL DEFAULT 0,
-    offered_at TEXT,
-    outcome    TEXT,
-    error      TEXT,
-    failure_accepted INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (rollout_id, device_id)
-);
-CREATE INDEX IF NOT EXISTS rollout_devices_by_device ON rollout_devices (device_id, rollout_id);
--- Device lists filter by these and page by id: each index serves an
--- equality filter and the id order of the page in one range scan.
-CREATE INDEX IF NOT EXISTS devices_by_type ON devices (device_type, id);
-CREATE INDEX IF NOT EXISTS devices_by_version ON devices (running_version, id);
-CREATE INDEX IF NOT EXISTS devices_by_state ON devices (state, id);
--- The fleet summary's census groups by these and probes each id: an
--- index-only scan in group order, no sort, no table row read (at 100 000
--- devices, half of them connected, about half the time of a table scan).
-CREATE INDEX IF NOT EXISTS devices_census ON devices (device_type, running_version, state, id);
-CREATE TABLE IF NOT EXISTS device_tags (
-    device_id TEXT NOT NULL REFERENCES devices(id),
-    tag       TEXT NOT NULL,
-    PRIMARY KEY (device_id, tag)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS device_tags_by_tag ON device_tags (tag, device_id);
--- A device's history. AUTOINCREMENT: ids never come back after pruning,
--- so a `before` cursor always means the same place. No foreign key: an
--- event of a device unknown here (never the case today) must not block
--- the writer's batch behind it.
-CREATE TABLE IF NOT EXISTS device_events (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    at        TEXT NOT NULL,
-    kind      TEXT NOT NULL,
-    detail    TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS device_events_by_device ON device_events (device_id, id);
-CREATE INDEX IF NOT EXISTS device_events_by_time ON device_events (at);
-"#;
+/// The schema's history, one SQL file per step, applied in order by
+/// sqlx's migrator, which records each in `_sqlx_migrations`.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Columns added after the first release of the schema, added in place to
-/// databases made before them (`CREATE TABLE IF NOT EXISTS` keeps old tables).
+/// Columns added after the first release of the schema, before migrations:
+/// a database made before migrations gains those it lacks, in place, before
+/// the first migration (the schema of that time, all `IF NOT EXISTS`) runs.
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("rollouts", "max_bytes_per_sec", "INTEGER"),
     ("rollouts", "max_downloading", "INTEGER"),
@@ -135,20 +53,6 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("devices", "address", "TEXT"),
 ];
 
-/// Indexes on columns of [`ADDED_COLUMNS`], made once those exist.
-const INDEXES_ON_ADDED_COLUMNS: &str = r#"
--- The fleet summary asks of every device whether it waits for a phase of
--- a rollout, and of those at work on their target whether a newer rollout
--- took them over: two partial indexes holding just those memberships,
--- with the columns asked about, so that no member row is read.
-CREATE INDEX IF NOT EXISTS rollout_devices_waiting
-    ON rollout_devices (device_id, rollout_id, offered_at, outcome)
-    WHERE offered_at IS NULL AND outcome IS NULL;
-CREATE INDEX IF NOT EXISTS rollout_devices_superseded
-    ON rollout_devices (rollout_id, device_id, outcome) WHERE outcome = 'superseded';
--- A rollout's devices are paged in phase order (the console, the CLI).
-CREATE INDEX IF NOT EXISTS rollout_devices_by_phase ON rollout_devices (rollout_id, phase, device_id);
-"#;
 
 /// A rollout member's columns, read after [`DEVICE_COLUMNS`] by
 /// [`member_from_row`].
@@ -164,7 +68,7 @@ fn member_from_row(row: SqliteRow) -> StoreResult<(MemberRecord, DeviceRecord)> 
     let member = MemberRecord {
         phase: u32::try_from(row.try_get::<i64, _>(first).map_err(r)?)
             .map_err(|e| corrupt("rollout phase")(e.to_string()))?,
-        offered_at: row.try_get(first + 1).map_err(r)?,
+        offered_at: stamp::shown_text_opt(row.try_get(first + 1).map_err(r)?),
         outcome: outcome
             .map(|o| {
                 serde_json::from_value(serde_json::Value::String(o))
@@ -211,7 +115,8 @@ impl SqliteStore {
         let action = "enrolling devices";
         let mut tx = self.begin_write(action).await?;
         for d in devices {
-            let result = insert_device_query(d).execute(&mut *tx).await;
+            let enrolled_at = stamp::stored("a device's enrollment time", &d.enrolled_at)?;
+            let result = insert_device_query(d, enrolled_at).execute(&mut *tx).await;
             enrolled(d, result, action)?;
         }
         tx.commit().await.map_err(db(action))
@@ -234,39 +139,56 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(db("opening the database"))?;
-        sqlx::raw_sql(SCHEMA)
-            .execute(&pool)
+        upgrade_from_before_migrations(&pool).await?;
+        MIGRATOR
+            .run(&pool)
             .await
-            .map_err(db("creating the schema"))?;
-        sqlx::raw_sql(control::SCHEMA)
-            .execute(&pool)
-            .await
-            .map_err(db("creating the schema"))?;
-        for (table, column, kind) in ADDED_COLUMNS {
-            let present: i64 = sqlx::query_scalar(&format!(
-                "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?"
-            ))
-            .bind(column)
-            .fetch_one(&pool)
-            .await
-            .map_err(db("upgrading the schema"))?;
-            if present == 0 {
-                sqlx::raw_sql(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
-                    .execute(&pool)
-                    .await
-                    .map_err(db("upgrading the schema"))?;
-            }
-        }
-        sqlx::raw_sql(INDEXES_ON_ADDED_COLUMNS)
-            .execute(&pool)
-            .await
-            .map_err(db("upgrading the schema"))?;
+            .map_err(|source| StoreError::Migration {
+                backend: "SQLite",
+                source,
+            })?;
         Ok(Self { pool })
     }
 }
 
+/// Brings a database made before migrations (no `_sqlx_migrations`) to the
+/// schema of the first migration: the columns its tables lack are added,
+/// in place, keeping every row. Tables it lacks entirely are made by the
+/// migration. A new database has no tables: nothing to do.
+async fn upgrade_from_before_migrations(pool: &SqlitePool) -> StoreResult<()> {
+    let action = "upgrading a database made before migrations";
+    let migrated: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(db(action))?;
+    if migrated > 0 {
+        return Ok(());
+    }
+    for (table, column, kind) in ADDED_COLUMNS {
+        // 0 if the table lacks the column, or does not exist at all.
+        let (table_exists, present): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT (SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'), \
+                    (SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?)"
+        ))
+        .bind(column)
+        .fetch_one(pool)
+        .await
+        .map_err(db(action))?;
+        if table_exists > 0 && present == 0 {
+            sqlx::raw_sql(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+                .execute(pool)
+                .await
+                .map_err(db(action))?;
+        }
+    }
+    Ok(())
+}
+
 fn insert_device_query(
     d: &NewDevice,
+    enrolled_at: String,
 ) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments<'_>> {
     sqlx::query(
         "INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at) VALUES (?, ?, ?, ?, ?)",
@@ -275,7 +197,7 @@ fn insert_device_query(
     .bind(d.device_type.as_str())
     .bind(d.hardware_id.as_str())
     .bind(&d.public_key)
-    .bind(&d.enrolled_at)
+    .bind(enrolled_at)
 }
 
 /// What an enrollment's insert came to: a taken ID or key is a conflict.
@@ -371,8 +293,8 @@ fn device_from_row(row: SqliteRow) -> StoreResult<DeviceRecord> {
         device_type: parse("device type", text(1)?)?,
         hardware_id: parse("hardware id", text(2)?)?,
         public_key: text(3)?,
-        enrolled_at: text(4)?,
-        last_seen: opt_text(5)?,
+        enrolled_at: stamp::shown_text(text(4)?),
+        last_seen: stamp::shown_text_opt(opt_text(5)?),
         running_version: parse_opt("version", opt_text(6)?)?,
         state: parse_json("agent state", opt_text(7)?)?,
         booted_slot: parse_opt("slot", opt_text(8)?)?,
@@ -397,7 +319,7 @@ fn release_from_row(row: SqliteRow) -> StoreResult<ReleaseRecord> {
         image_sha256: row.try_get(4).map_err(r)?,
         chunks: row.try_get::<i64, _>(5).map_err(r)? as u64,
         stored_bytes: row.try_get::<i64, _>(6).map_err(r)? as u64,
-        created_at: row.try_get(7).map_err(r)?,
+        created_at: stamp::shown_text(row.try_get(7).map_err(r)?),
         key_ids: row
             .try_get::<Option<String>, _>(8)
             .map_err(r)?
@@ -405,7 +327,7 @@ fn release_from_row(row: SqliteRow) -> StoreResult<ReleaseRecord> {
             .transpose()
             .map_err(|e| corrupt("release key ids")(e.to_string()))?
             .unwrap_or_default(),
-        expires_at: row.try_get(9).map_err(r)?,
+        expires_at: stamp::shown_text_opt(row.try_get(9).map_err(r)?),
     })
 }
 
@@ -420,7 +342,7 @@ fn rollout_from_row(row: SqliteRow) -> StoreResult<RolloutRecord> {
         id: row.try_get(0).map_err(r)?,
         release: parse("version", row.try_get(1).map_err(r)?)?,
         allow_downgrade: row.try_get::<i64, _>(2).map_err(r)? != 0,
-        created_at: row.try_get(3).map_err(r)?,
+        created_at: stamp::shown_text(row.try_get(3).map_err(r)?),
         device_type: parse("device type", row.try_get(4).map_err(r)?)?,
         limits: limits_from(row.try_get(5).map_err(r)?, row.try_get(6).map_err(r)?),
         tags: tags
@@ -532,23 +454,20 @@ fn push_device_filter(
         Some(false) if anyone_connected => connected(q, "AND", "NOT "),
         Some(false) | None => {}
     }
-    // julianday, not text: stored times have as many fraction digits as
-    // they need, so their text does not sort as their time within a
-    // second. Inclusive here (julianday keeps milliseconds); the service
-    // decides the edge exactly.
+    // Stored times are fixed-width UTC text (stamp::sortable): their text
+    // order is their time order. Inclusive; the service decides the edge.
     if let Some(after) = filter.seen_after {
-        q.push(" AND (julianday(d.last_seen) >= julianday(")
-            .push_bind(rfc3339(after))
-            .push(")");
+        q.push(" AND (d.last_seen >= ")
+            .push_bind(stamp::sortable(after));
         if anyone_connected {
             connected(q, "OR", "");
         }
         q.push(")");
     }
     if let Some(before) = filter.seen_before {
-        q.push(" AND (d.last_seen IS NULL OR julianday(d.last_seen) <= julianday(")
-            .push_bind(rfc3339(before))
-            .push("))");
+        q.push(" AND (d.last_seen IS NULL OR d.last_seen <= ")
+            .push_bind(stamp::sortable(before))
+            .push(")");
         if anyone_connected {
             connected(q, "AND", "NOT ");
         }
@@ -556,12 +475,6 @@ fn push_device_filter(
     if let Some(after) = after {
         q.push(" AND d.id > ").push_bind(after.as_str().to_owned());
     }
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.to_offset(time::UtcOffset::UTC)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|e| unreachable!("a UTC time formats as RFC 3339: {e}"))
 }
 
 /// Limits as stored; a zero or negative value (written by hand) means none.
@@ -637,7 +550,8 @@ fn enum_text<T: serde::Serialize>(value: &T) -> String {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_device(&self, d: &NewDevice) -> StoreResult<()> {
-        let result = insert_device_query(d).execute(&self.pool).await;
+        let enrolled_at = stamp::stored("a device's enrollment time", &d.enrolled_at)?;
+        let result = insert_device_query(d, enrolled_at).execute(&self.pool).await;
         enrolled(d, result, "enrolling a device")
     }
 
@@ -779,11 +693,12 @@ impl Store for SqliteStore {
         let action = "recording device history";
         let mut tx = self.begin_write(action).await?;
         for e in events {
+            let at = stamp::stored("an event's time", &e.at)?;
             sqlx::query(
                 "INSERT INTO device_events (device_id, at, kind, detail) VALUES (?, ?, ?, ?)",
             )
             .bind(e.device.as_str())
-            .bind(&e.at)
+            .bind(at)
             .bind(e.event.name())
             .bind(json_text(&e.event))
             .execute(&mut *tx)
@@ -813,13 +728,14 @@ impl Store for SqliteStore {
     async fn prune_events(&self, before: &str) -> StoreResult<u64> {
         // In short transactions, so the writer's batches are not held up.
         const AT_ONCE: u64 = 5_000;
+        let before = stamp::stored("the history's horizon", before)?;
         let mut pruned = 0;
         loop {
             let n = sqlx::query(
                 "DELETE FROM device_events WHERE id IN \
                  (SELECT id FROM device_events WHERE at < ? LIMIT ?)",
             )
-            .bind(before)
+            .bind(&before)
             .bind(AT_ONCE as i64)
             .execute(&self.pool)
             .await
@@ -852,7 +768,7 @@ impl Store for SqliteStore {
             .map(|(id, at, detail)| {
                 Ok(DeviceEvent {
                     id,
-                    at,
+                    at: stamp::shown_text(at),
                     event: serde_json::from_str(&detail)
                         .map_err(|e| corrupt("device event")(e.to_string()))?,
                 })
@@ -978,6 +894,7 @@ impl Store for SqliteStore {
         let mut tx = self.begin_write("recording device reports").await?;
         let mut written = 0;
         for s in states {
+            let last_seen = stamp::stored_opt("a device's last-seen time", s.last_seen.as_deref())?;
             let result = match &s.report {
                 Some(report) => {
                     let (done, total, fetched) = match report.progress {
@@ -993,7 +910,7 @@ impl Store for SqliteStore {
                          running_version = ?, state = ?, booted_slot = ?, reported_target = ?, progress_done = ?, \
                          progress_total = ?, progress_fetched = ?, error_kind = ?, error_message = ? WHERE id = ?",
                     )
-                    .bind(s.last_seen.as_deref())
+                    .bind(last_seen.as_deref())
                     .bind(s.address.as_deref())
                     .bind(report.running_version.as_str())
                     .bind(enum_text(&report.state))
@@ -1013,7 +930,7 @@ impl Store for SqliteStore {
                         "UPDATE devices SET last_seen = COALESCE(?, last_seen), \
                          address = COALESCE(?, address) WHERE id = ?",
                     )
-                    .bind(s.last_seen.as_deref())
+                    .bind(last_seen.as_deref())
                     .bind(s.address.as_deref())
                     .bind(s.id.as_str())
                     .execute(&mut *tx)
@@ -1070,9 +987,9 @@ impl Store for SqliteStore {
         .bind(&rel.image_sha256)
         .bind(rel.chunks as i64)
         .bind(rel.stored_bytes as i64)
-        .bind(&rel.created_at)
+        .bind(stamp::stored("a release's time", &rel.created_at)?)
         .bind(json_text(&rel.key_ids))
-        .bind(rel.expires_at.as_deref())
+        .bind(stamp::stored_opt("a release's expiry", rel.expires_at.as_deref())?)
         .execute(&self.pool)
         .await;
         match result {
@@ -1120,6 +1037,7 @@ impl Store for SqliteStore {
         plan: &NewPlan<'_>,
         now: &str,
     ) -> StoreResult<RolloutRecord> {
+        let created_at = stamp::stored("a rollout's start", now)?;
         let mut tx = self.begin_write("starting a rollout").await?;
         let (max_bytes_per_sec, max_downloading) = limits_columns(&limits);
         let id: i64 = sqlx::query_scalar(
@@ -1129,7 +1047,7 @@ impl Store for SqliteStore {
         )
         .bind(release.version.as_str())
         .bind(allow_downgrade as i64)
-        .bind(now)
+        .bind(&created_at)
         .bind(max_bytes_per_sec)
         .bind(max_downloading)
         .bind(json_text(plan.policy))
@@ -1187,7 +1105,7 @@ impl Store for SqliteStore {
             device_type: release.device_type.clone(),
             allow_downgrade,
             limits,
-            created_at: now.to_owned(),
+            created_at: stamp::shown_text(created_at),
             tags: plan.tags.cloned(),
             from_versions: plan.from_versions.to_vec(),
         })
@@ -1378,6 +1296,7 @@ impl Store for SqliteStore {
         change: &RolloutChange<'_>,
     ) -> StoreResult<bool> {
         let action = "storing a rollout step";
+        let now = stamp::stored("a rollout step's time", change.now)?;
         let mut tx = self.begin_write(action).await?;
         let moved = match change.state {
             Some(state) => sqlx::query(
@@ -1415,7 +1334,7 @@ impl Store for SqliteStore {
                 "UPDATE rollout_devices SET offered_at = ? WHERE rollout_id = ? AND offered_at IS NULL \
                  AND device_id IN (SELECT value FROM json_each(?))",
             )
-            .bind(change.now)
+            .bind(&now)
             .bind(id)
             .bind(&offered)
             .execute(&mut *tx)
@@ -1580,6 +1499,94 @@ mod tests {
         .unwrap()
     }
 
+    /// The schema as servers made it before migrations (the first
+    /// migration is exactly that schema, and is never edited).
+    const SCHEMA: &str = include_str!("../../migrations/sqlite/0001_schema.sql");
+
+    /// A database as the last server before migrations made it: today's
+    /// schema (the first migration, run bare, with no `_sqlx_migrations`),
+    /// devices, a release, a rollout, an audit entry, with times as that
+    /// server wrote them (RFC 3339, varying fraction digits, an offset).
+    /// It opens, is brought up to date, and keeps every row; its times
+    /// become fixed-width UTC and order correctly within a second.
+    #[tokio::test]
+    async fn database_from_before_migrations_opens_and_keeps_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("uplift.db");
+        {
+            let old = older_database(&path).await;
+            sqlx::raw_sql(SCHEMA).execute(&old).await.unwrap();
+            sqlx::raw_sql(
+                "INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at, last_seen, \
+                                      running_version, state) VALUES \
+                 ('dev-a', 'gw', 'hw-1', 'key-a', '2026-01-01T10:00:00.5Z', '2026-02-01T12:00:00+02:00', '1.0', 'idle'), \
+                 ('dev-b', 'gw', 'hw-2', 'key-b', '2026-01-01T10:00:00Z', NULL, NULL, NULL), \
+                 ('dev-c', 'gw', 'hw-3', 'key-c', '2026-01-01T10:00:00.123456789Z', '2026-02-01T10:00:00.25Z', '1.0', 'idle'); \
+                 INSERT INTO releases (version, device_type, manifest, image_size, image_sha256, chunks, \
+                                       stored_bytes, created_at) VALUES ('2.0', 'gw', x'7b7d', 1, '', 1, 1, '2026-01-05T00:00:00Z'); \
+                 INSERT INTO rollouts (release, allow_downgrade, created_at) VALUES ('2.0', 0, '2026-01-06T00:00:00.1Z'); \
+                 INSERT INTO rollout_devices (rollout_id, device_id, offered_at) VALUES (1, 'dev-a', '2026-01-06T00:00:01Z'); \
+                 INSERT INTO audit_log (at, actor, role, action, target) \
+                     VALUES ('2026-01-06T00:00:00Z', 'bootstrap-admin', 'admin', 'rollout.start', 'rollout 1');",
+            )
+            .execute(&old)
+            .await
+            .unwrap();
+            old.close().await;
+        }
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(applied, [1, 2]);
+        let devices = store.list_devices().await.unwrap();
+        // In enrollment order: 10:00:00, .123456, .5 (as text it was .1, .5, Z).
+        assert_eq!(ids(&devices), ["dev-b", "dev-c", "dev-a"]);
+        assert_eq!(devices[1].enrolled_at, "2026-01-01T10:00:00.123Z", "milliseconds kept");
+        assert_eq!(devices[2].last_seen.as_deref(), Some("2026-02-01T10:00:00Z"));
+        assert_eq!(devices[2].running_version, Some("1.0".parse().unwrap()));
+        let stored: Vec<String> =
+            sqlx::query_scalar("SELECT enrolled_at FROM devices ORDER BY enrolled_at")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            stored,
+            [
+                "2026-01-01T10:00:00.000000Z",
+                "2026-01-01T10:00:00.123000Z",
+                "2026-01-01T10:00:00.500000Z"
+            ]
+        );
+        // dev-a was seen at 10:00:00 UTC, dev-c a quarter second later.
+        let filter = DeviceFilter {
+            seen_after: Some(time("2026-02-01T10:00:00.1Z")),
+            ..Default::default()
+        };
+        assert_eq!(ids(&store.device_page(&filter, None, 10).await.unwrap()), ["dev-c"]);
+        let rollout = store.rollout(1).await.unwrap().unwrap();
+        assert_eq!(rollout.created_at, "2026-01-06T00:00:00.1Z");
+        let members = store.rollout_members(1).await.unwrap();
+        assert_eq!(members[0].0.offered_at.as_deref(), Some("2026-01-06T00:00:01Z"));
+        let audit = store
+            .audit_entries(&uplift_proto::auth::AuditQuery::default(), 10)
+            .await
+            .unwrap();
+        assert_eq!(audit.len(), 1);
+        // The audit log still refuses changes after its migration.
+        let refused = sqlx::query("UPDATE audit_log SET actor = 'x'")
+            .execute(&store.pool)
+            .await;
+        assert!(refused.unwrap_err().to_string().contains("append-only"));
+        // Opening again finds nothing to do.
+        drop(store);
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.count_devices().await.unwrap(), 3);
+    }
+
     #[tokio::test]
     async fn a_database_from_before_download_limits_gains_them_and_keeps_its_rollouts() {
         let dir = tempfile::tempdir().unwrap();
@@ -1635,7 +1642,7 @@ mod tests {
             from_versions: &[],
         };
         let new = store
-            .create_rollout(&release(), &[], false, limits, &plan, "now")
+            .create_rollout(&release(), &[], false, limits, &plan, "2026-03-01T00:00:00Z")
             .await
             .unwrap();
         assert_eq!(
@@ -1766,7 +1773,7 @@ mod tests {
             let (store, plan) = (&store, &plan);
             async move {
                 store
-                    .create_rollout(&release(), &members, false, Default::default(), plan, "now")
+                    .create_rollout(&release(), &members, false, Default::default(), plan, "2026-03-01T00:00:00Z")
                     .await
             }
         };

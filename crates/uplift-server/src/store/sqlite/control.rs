@@ -2,6 +2,7 @@
 //! and leases.
 
 use super::{db, parse, SqliteStore};
+use crate::store::stamp;
 use crate::store::control::{
     Attempt, ControlStore, DueDelivery, NewApiToken, NewAuditEntry, NewDelivery, NewWebhook,
     WebhookRecord,
@@ -14,66 +15,6 @@ use uplift_proto::auth::{AuditEntry, AuditQuery, TokenView};
 use uplift_proto::events::{DeliveryStatus, DeliveryView, WebhookView};
 use uplift_proto::{ErrorKind, WireError};
 
-pub(super) const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS api_tokens (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,
-    name          TEXT NOT NULL,
-    role          TEXT NOT NULL,
-    secret_sha256 TEXT NOT NULL UNIQUE,
-    created_at    TEXT NOT NULL,
-    created_by    TEXT NOT NULL,
-    expires_at    TEXT,
-    revoked_at    TEXT
-);
-CREATE TABLE IF NOT EXISTS audit_log (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,
-    at            TEXT NOT NULL,
-    actor         TEXT NOT NULL,
-    token_id      INTEGER,
-    role          TEXT NOT NULL,
-    action        TEXT NOT NULL,
-    target        TEXT NOT NULL,
-    error_kind    TEXT,
-    error_message TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_log_by_action ON audit_log (action, id);
-CREATE INDEX IF NOT EXISTS audit_log_by_actor ON audit_log (actor, id);
-CREATE INDEX IF NOT EXISTS audit_log_by_target ON audit_log (target, id);
-CREATE TRIGGER IF NOT EXISTS audit_log_append_only_update BEFORE UPDATE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_log_append_only_delete BEFORE DELETE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TABLE IF NOT EXISTS webhooks (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    url         TEXT NOT NULL,
-    secret      TEXT NOT NULL,
-    filter      TEXT NOT NULL,
-    created_at  TEXT NOT NULL,
-    created_by  TEXT NOT NULL,
-    removed_at  TEXT
-);
-CREATE TABLE IF NOT EXISTS webhook_deliveries (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,
-    webhook_id    INTEGER NOT NULL REFERENCES webhooks(id),
-    event         TEXT NOT NULL,
-    payload       TEXT NOT NULL,
-    status        TEXT NOT NULL DEFAULT 'pending',
-    attempts      INTEGER NOT NULL DEFAULT 0,
-    created_at    TEXT NOT NULL,
-    due_ms        INTEGER,
-    delivered_at  TEXT,
-    last_status   INTEGER,
-    last_error_kind    TEXT,
-    last_error_message TEXT
-);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, due_ms);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_by_webhook ON webhook_deliveries (webhook_id, id);
-CREATE TABLE IF NOT EXISTS leases (
-    name       TEXT PRIMARY KEY,
-    holder     TEXT NOT NULL,
-    expires_ms INTEGER NOT NULL
-);
-"#;
 
 const TOKEN_COLUMNS: &str = "id, name, role, created_at, created_by, expires_at, revoked_at";
 
@@ -90,10 +31,10 @@ fn token_from_row(row: SqliteRow) -> StoreResult<TokenView> {
         id: row.try_get(0).map_err(db("reading an API token"))?,
         name: parse("token name", text(1)?)?,
         role: parse("token role", text(2)?)?,
-        created_at: text(3)?,
+        created_at: stamp::shown_text(text(3)?),
         created_by: text(4)?,
-        expires_at: opt_text(5)?,
-        revoked_at: opt_text(6)?,
+        expires_at: stamp::shown_text_opt(opt_text(5)?),
+        revoked_at: stamp::shown_text_opt(opt_text(6)?),
     })
 }
 
@@ -119,7 +60,7 @@ fn audit_from_row(row: SqliteRow) -> StoreResult<AuditEntry> {
     };
     Ok(AuditEntry {
         id: row.try_get(0).map_err(db("reading the audit log"))?,
-        at: text(1)?,
+        at: stamp::shown_text(text(1)?),
         actor: text(2)?,
         token_id: row.try_get(3).map_err(db("reading the audit log"))?,
         role: parse("audit role", text(4)?)?,
@@ -143,9 +84,9 @@ fn webhook_from_row(row: SqliteRow) -> StoreResult<WebhookRecord> {
             id: row.try_get(0).map_err(db("reading a webhook"))?,
             url: text(1)?,
             filter,
-            created_at: text(3)?,
+            created_at: stamp::shown_text(text(3)?),
             created_by: text(4)?,
-            removed_at: row.try_get(5).map_err(db("reading a webhook"))?,
+            removed_at: stamp::shown_text_opt(row.try_get(5).map_err(db("reading a webhook"))?),
         },
         secret: text(6)?,
     })
@@ -193,12 +134,12 @@ fn delivery_from_row(row: SqliteRow) -> StoreResult<DeliveryView> {
         event: get(2)?.unwrap_or_default(),
         status,
         attempts: number(4)?.unwrap_or(0).max(0) as u32,
-        created_at: get(5)?.unwrap_or_default(),
+        created_at: stamp::shown_text(get(5)?.unwrap_or_default()),
         next_attempt_at: match status {
             DeliveryStatus::Pending => number(6)?.map(ms_text),
             DeliveryStatus::Delivered | DeliveryStatus::Failed => None,
         },
-        delivered_at: get(7)?,
+        delivered_at: stamp::shown_text_opt(get(7)?),
         last_status: number(8)?.and_then(|n| u16::try_from(n).ok()),
         last_error,
     })
@@ -221,7 +162,7 @@ impl SqliteStore {
         sqlx::query(&format!(
             "UPDATE {table} SET {ended_column} = ? WHERE id = ? AND {ended_column} IS NULL"
         ))
-        .bind(now)
+        .bind(stamp::stored("the time it ended", now)?)
         .bind(id)
         .execute(&self.pool)
         .await
@@ -244,9 +185,9 @@ impl ControlStore for SqliteStore {
         .bind(t.name.as_str())
         .bind(t.role.as_str())
         .bind(t.secret_sha256)
-        .bind(t.created_at)
+        .bind(stamp::stored("a token's creation time", t.created_at)?)
         .bind(t.created_by)
-        .bind(t.expires_at)
+        .bind(stamp::stored_opt("a token's expiry", t.expires_at)?)
         .fetch_one(&self.pool)
         .await
         .map_err(db("storing an API token"))?;
@@ -296,7 +237,7 @@ impl ControlStore for SqliteStore {
             "INSERT INTO audit_log (at, actor, token_id, role, action, target, error_kind, error_message) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
-        .bind(e.at)
+        .bind(stamp::stored("an audit entry's time", e.at)?)
         .bind(e.actor)
         .bind(e.token_id)
         .bind(e.role.as_str())
@@ -342,7 +283,7 @@ impl ControlStore for SqliteStore {
         .bind(w.url)
         .bind(w.secret)
         .bind(filter)
-        .bind(w.created_at)
+        .bind(stamp::stored("a webhook's creation time", w.created_at)?)
         .bind(w.created_by)
         .fetch_one(&self.pool)
         .await
@@ -389,7 +330,7 @@ impl ControlStore for SqliteStore {
             .bind(d.webhook_id)
             .bind(&d.event)
             .bind(&d.payload)
-            .bind(&d.created_at)
+            .bind(stamp::stored("a delivery's creation time", &d.created_at)?)
             .bind(d.due_ms)
             .execute(&mut *tx)
             .await
@@ -440,7 +381,7 @@ impl ControlStore for SqliteStore {
         .bind(status)
         .bind(a.retry_at_ms)
         .bind(status)
-        .bind(a.at)
+        .bind(stamp::stored("a delivery attempt's time", a.at)?)
         .bind(a.status.map(i64::from))
         .bind(a.error.map(|e| e.kind.as_str()))
         .bind(a.error.map(|e| e.message.as_str()))
@@ -563,7 +504,7 @@ mod tests {
                     url,
                     secret: "s",
                     filter: &Default::default(),
-                    created_at: "t",
+                    created_at: "2026-12-05T10:00:00Z",
                     created_by: "bootstrap-admin",
                 })
                 .await
@@ -574,7 +515,7 @@ mod tests {
             webhook_id,
             event: "rollout.finished".into(),
             payload: "{}".into(),
-            created_at: "t".into(),
+            created_at: "2026-12-05T10:00:00Z".into(),
             due_ms: 0,
         };
         let batch: Vec<NewDelivery> = (0..5)
@@ -592,7 +533,7 @@ mod tests {
             .collect();
         for id in &ids[1..] {
             let attempt = Attempt {
-                at: "t",
+                at: "2026-12-05T10:00:01Z",
                 status: Some(204),
                 error: None,
                 retry_at_ms: None,

@@ -1,0 +1,1388 @@
+//! PostgreSQL implementation of [`Store`], for several server replicas on
+//! one database. The same semantics as [`super::SqliteStore`], held by the
+//! store conformance suite (`tests/store_conformance.rs`); where SQLite
+//! serializes every write transaction (`BEGIN IMMEDIATE`), PostgreSQL runs
+//! them side by side under READ COMMITTED, so each write says what it must
+//! not race with:
+//!
+//! - a rollout's revision check is one `UPDATE ... WHERE revision = $n`: a
+//!   second writer waits for the first's row lock, then sees the new
+//!   revision and changes nothing, whichever replica it runs on;
+//! - changes to rollout memberships (starting a rollout, adding a device to
+//!   one) take one transaction-scoped advisory lock, since they read other
+//!   rollouts' members to decide which to supersede;
+//! - a device's tag change locks the device's row.
+//!
+//! Lists of IDs are bound as arrays (`unnest($1::text[])`) where SQLite
+//! binds JSON (`json_each`). Times are `timestamptz` ([`super::stamp`]).
+
+mod control;
+
+use super::*;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The store on a PostgreSQL database; cheap to clone (one pool).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The advisory lock key that serializes changes to rollout memberships
+/// across every connection and replica ("uplift" in ASCII, then 1).
+const MEMBERSHIP_LOCK: i64 = 0x7570_6c69_6674_0001;
+
+fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    super::classify(action)
+}
+
+fn corrupt(what: &'static str) -> impl FnOnce(String) -> StoreError {
+    move |detail| StoreError::Corrupt { what, detail }
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user:password@host:port/database`,
+    /// with libpq's parameters such as `sslmode`) and brings the schema up
+    /// to date; several servers may do so at once (the migrator holds an
+    /// advisory lock).
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(url).map_err(db("reading the database URL"))?;
+        Self::connect_with(options, max_connections).await
+    }
+
+    pub async fn connect_with(
+        options: PgConnectOptions,
+        max_connections: u32,
+    ) -> StoreResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(db("connecting to PostgreSQL"))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|source| StoreError::Migration {
+                backend: "PostgreSQL",
+                source,
+            })?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool, for what lives beside the store on the same
+    /// database (notifications between replicas, for one).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Enrolls many devices in one transaction, as
+    /// [`super::SqliteStore::insert_devices`] does.
+    pub async fn insert_devices(&self, devices: &[NewDevice]) -> StoreResult<()> {
+        let action = "enrolling devices";
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        for d in devices {
+            let enrolled_at = stamp::parse("a device's enrollment time", &d.enrolled_at)?;
+            let result = insert_device_query(d, enrolled_at)
+                .execute(&mut *tx)
+                .await;
+            enrolled(d, result, action)?;
+        }
+        tx.commit().await.map_err(db(action))
+    }
+}
+
+fn insert_device_query(
+    d: &NewDevice,
+    enrolled_at: OffsetDateTime,
+) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(
+        "INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(d.id.as_str())
+    .bind(d.device_type.as_str())
+    .bind(d.hardware_id.as_str())
+    .bind(&d.public_key)
+    .bind(enrolled_at)
+}
+
+fn enrolled(
+    d: &NewDevice,
+    result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>,
+    action: &'static str,
+) -> StoreResult<()> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(StoreError::Conflict(format!(
+                "a device with this public key or ID ({}) is already enrolled",
+                d.id
+            )))
+        }
+        Err(e) => Err(db(action)(e)),
+    }
+}
+
+const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
+     d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
+     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address";
+
+/// See the SQLite store's `MEMBER_DEVICE_COLUMNS`.
+const MEMBER_DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
+     d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
+     d.progress_fetched, d.error_kind, d.error_message, \
+     CASE WHEN rd.outcome = 'superseded' THEN NULL \
+          WHEN r.state IS NOT NULL AND rd.offered_at IS NULL AND rd.outcome IS NULL THEN rd.rollout_id \
+          ELSE d.target_rollout END, d.address";
+
+const MEMBER_COLUMNS: &str = "rd.phase, rd.offered_at, rd.outcome, rd.error, rd.failure_accepted";
+
+fn parse<T: FromStr>(what: &'static str, s: String) -> StoreResult<T>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse::<T>().map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn parse_opt<T: FromStr>(what: &'static str, s: Option<String>) -> StoreResult<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    s.map(|s| parse(what, s)).transpose()
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    s: Option<String>,
+) -> StoreResult<Option<T>> {
+    s.map(|s| {
+        serde_json::from_value(serde_json::Value::String(s))
+            .map_err(|e| corrupt(what)(e.to_string()))
+    })
+    .transpose()
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| unreachable!("plain data serializes: {e}"))
+}
+
+fn enum_text<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => unreachable!("unit enums serialize as strings, got {other:?}"),
+    }
+}
+
+fn ids(devices: &[DeviceId]) -> Vec<String> {
+    devices.iter().map(|d| d.as_str().to_owned()).collect()
+}
+
+fn device_from_row(row: &PgRow) -> StoreResult<DeviceRecord> {
+    let r = db("reading a device");
+    let get_opt_i64 = |i: usize| row.try_get::<Option<i64>, _>(i).map_err(db("reading a device"));
+    let progress = match (get_opt_i64(10)?, get_opt_i64(11)?, get_opt_i64(12)?) {
+        (Some(done), Some(total), Some(fetched)) => Some(Progress {
+            done_bytes: done as u64,
+            total_bytes: total as u64,
+            fetched_bytes: fetched as u64,
+        }),
+        _ => None,
+    };
+    let text = |i: usize| row.try_get::<String, _>(i).map_err(db("reading a device"));
+    let opt_text = |i: usize| {
+        row.try_get::<Option<String>, _>(i)
+            .map_err(db("reading a device"))
+    };
+    let last_error = match (parse_json::<ErrorKind>("error kind", opt_text(13)?)?, opt_text(14)?) {
+        (Some(kind), Some(message)) => Some(WireError { kind, message }),
+        _ => None,
+    };
+    let enrolled_at: OffsetDateTime = row.try_get(4).map_err(r)?;
+    let last_seen: Option<OffsetDateTime> =
+        row.try_get(5).map_err(db("reading a device"))?;
+    Ok(DeviceRecord {
+        id: parse("device id", text(0)?)?,
+        device_type: parse("device type", text(1)?)?,
+        hardware_id: parse("hardware id", text(2)?)?,
+        public_key: text(3)?,
+        enrolled_at: stamp::shown(enrolled_at),
+        last_seen: last_seen.map(stamp::shown),
+        running_version: parse_opt("version", opt_text(6)?)?,
+        state: parse_json("agent state", opt_text(7)?)?,
+        booted_slot: parse_opt("slot", opt_text(8)?)?,
+        reported_target: parse_opt("version", opt_text(9)?)?,
+        progress,
+        last_error,
+        target_rollout: get_opt_i64(15)?,
+        address: opt_text(16)?,
+    })
+}
+
+fn member_from_row(row: PgRow) -> StoreResult<(MemberRecord, DeviceRecord)> {
+    let first = DEVICE_COLUMNS.matches(", ").count() + 1;
+    let r = |e| StoreError::Database {
+        action: "reading a rollout's devices",
+        source: e,
+    };
+    let outcome: Option<String> = row.try_get(first + 2).map_err(r)?;
+    let offered_at: Option<OffsetDateTime> = row.try_get(first + 1).map_err(r)?;
+    let member = MemberRecord {
+        phase: u32::try_from(row.try_get::<i64, _>(first).map_err(r)?)
+            .map_err(|e| corrupt("rollout phase")(e.to_string()))?,
+        offered_at: offered_at.map(stamp::shown),
+        outcome: parse_json("rollout outcome", outcome)?,
+        error: row.try_get(first + 3).map_err(r)?,
+        failure_accepted: row.try_get::<bool, _>(first + 4).map_err(r)?,
+    };
+    Ok((member, device_from_row(&row)?))
+}
+
+fn release_from_row(row: PgRow) -> StoreResult<ReleaseRecord> {
+    let r = |e| StoreError::Database {
+        action: "reading a release",
+        source: e,
+    };
+    let created_at: OffsetDateTime = row.try_get(7).map_err(r)?;
+    let expires_at: Option<OffsetDateTime> = row.try_get(9).map_err(r)?;
+    Ok(ReleaseRecord {
+        version: parse("version", row.try_get(0).map_err(r)?)?,
+        device_type: parse("device type", row.try_get(1).map_err(r)?)?,
+        manifest_json: row.try_get(2).map_err(r)?,
+        image_size: row.try_get::<i64, _>(3).map_err(r)? as u64,
+        image_sha256: row.try_get(4).map_err(r)?,
+        chunks: row.try_get::<i64, _>(5).map_err(r)? as u64,
+        stored_bytes: row.try_get::<i64, _>(6).map_err(r)? as u64,
+        created_at: stamp::shown(created_at),
+        key_ids: row
+            .try_get::<Option<String>, _>(8)
+            .map_err(r)?
+            .map(|ids| serde_json::from_str(&ids))
+            .transpose()
+            .map_err(|e| corrupt("release key ids")(e.to_string()))?
+            .unwrap_or_default(),
+        expires_at: expires_at.map(stamp::shown),
+    })
+}
+
+fn rollout_from_row(row: PgRow) -> StoreResult<RolloutRecord> {
+    let r = |e| StoreError::Database {
+        action: "reading a rollout",
+        source: e,
+    };
+    let tags: Option<String> = row.try_get(7).map_err(r)?;
+    let from_versions: Option<String> = row.try_get(8).map_err(r)?;
+    let created_at: OffsetDateTime = row.try_get(3).map_err(r)?;
+    Ok(RolloutRecord {
+        id: row.try_get(0).map_err(r)?,
+        release: parse("version", row.try_get(1).map_err(r)?)?,
+        allow_downgrade: row.try_get(2).map_err(r)?,
+        created_at: stamp::shown(created_at),
+        device_type: parse("device type", row.try_get(4).map_err(r)?)?,
+        limits: limits_from(row.try_get(5).map_err(r)?, row.try_get(6).map_err(r)?),
+        tags: tags
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| corrupt("rollout tags")(e.to_string()))?,
+        from_versions: from_versions
+            .map(|v| serde_json::from_str(&v))
+            .transpose()
+            .map_err(|e| corrupt("rollout versions")(e.to_string()))?
+            .unwrap_or_default(),
+    })
+}
+
+fn limits_from(max_bytes_per_sec: Option<i64>, max_downloading: Option<i64>) -> DownloadLimits {
+    DownloadLimits {
+        max_bytes_per_sec: max_bytes_per_sec
+            .and_then(|n| u64::try_from(n).ok())
+            .and_then(std::num::NonZeroU64::new),
+        max_downloading: max_downloading
+            .and_then(|n| u32::try_from(n).ok())
+            .and_then(std::num::NonZeroU32::new),
+    }
+}
+
+fn limits_columns(limits: &DownloadLimits) -> (Option<i64>, Option<i64>) {
+    (
+        limits
+            .max_bytes_per_sec
+            .map(|n| n.get().min(i64::MAX as u64) as i64),
+        limits.max_downloading.map(|n| i64::from(n.get())),
+    )
+}
+
+const RELEASE_COLUMNS: &str = "version, device_type, manifest, image_size, image_sha256, chunks, \
+     stored_bytes, created_at, key_ids, expires_at";
+const ROLLOUT_SELECT: &str =
+    "SELECT r.id, r.release, r.allow_downgrade, r.created_at, rel.device_type, \
+     r.max_bytes_per_sec, r.max_downloading, r.tags, r.from_versions \
+     FROM rollouts r JOIN releases rel ON rel.version = r.release";
+
+fn plan_from_row(
+    (id, policy, state, revision): (i64, Option<String>, Option<String>, i64),
+) -> Option<StoreResult<(i64, RolloutPlan)>> {
+    let (policy, state) = (policy?, state?);
+    Some((|| {
+        Ok((
+            id,
+            RolloutPlan {
+                policy: serde_json::from_str(&policy)
+                    .map_err(|e| corrupt("rollout policy")(e.to_string()))?,
+                state: serde_json::from_str(&state)
+                    .map_err(|e| corrupt("rollout state")(e.to_string()))?,
+                revision,
+            },
+        ))
+    })())
+}
+
+fn holds_reboots(policy: Option<String>) -> StoreResult<bool> {
+    let Some(text) = policy else {
+        return Ok(false);
+    };
+    let policy: RolloutPolicy =
+        serde_json::from_str(&text).map_err(|e| corrupt("rollout policy")(e.to_string()))?;
+    Ok(policy.window_scope() == Some(uplift_proto::policy::WindowScope::Reboot))
+}
+
+/// `text` as a LIKE pattern that finds it anywhere (see the SQLite store).
+fn contains_pattern(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// The WHERE clause of a device list: `filter`, after `after`.
+fn push_device_filter(
+    q: &mut QueryBuilder<'_, Postgres>,
+    filter: &DeviceFilter,
+    after: Option<&DeviceId>,
+) {
+    q.push(" WHERE TRUE");
+    if let Some(device_type) = &filter.device_type {
+        q.push(" AND d.device_type = ")
+            .push_bind(device_type.as_str().to_owned());
+    }
+    if !filter.versions.is_empty() {
+        let versions: Vec<String> = filter
+            .versions
+            .iter()
+            .map(|v| v.as_str().to_owned())
+            .collect();
+        q.push(" AND d.running_version = ANY(")
+            .push_bind(versions)
+            .push("::text[])");
+    }
+    if let Some(state) = &filter.state {
+        q.push(" AND d.state = ").push_bind(enum_text(state));
+    }
+    if let Some(selector) = &filter.tags {
+        let mut tags: Vec<String> = selector
+            .tags()
+            .iter()
+            .map(|t| t.as_str().to_owned())
+            .collect();
+        tags.sort_unstable();
+        tags.dedup();
+        let n = tags.len();
+        match (selector, n) {
+            (TagSelector::Any(_), 0) => {
+                q.push(" AND FALSE");
+            }
+            (TagSelector::All(_), 0) => {}
+            (selector, n) => {
+                q.push(" AND d.id IN (SELECT device_id FROM device_tags WHERE tag = ANY(")
+                    .push_bind(tags)
+                    .push("::text[])");
+                if let Some(after) = after {
+                    q.push(" AND device_id > ")
+                        .push_bind(after.as_str().to_owned());
+                }
+                if matches!(selector, TagSelector::All(_)) && n > 1 {
+                    q.push(" GROUP BY device_id HAVING COUNT(*) = ")
+                        .push_bind(n as i64);
+                }
+                q.push(")");
+            }
+        }
+    }
+    if let Some(text) = &filter.text {
+        // ILIKE on `COLLATE "C"` columns folds ASCII letters only, as
+        // SQLite's LIKE does.
+        let pattern = contains_pattern(text);
+        q.push(" AND (d.id ILIKE ")
+            .push_bind(pattern.clone())
+            .push(" ESCAPE '\\' OR d.hardware_id ILIKE ")
+            .push_bind(pattern)
+            .push(" ESCAPE '\\')");
+    }
+    // A subquery, which PostgreSQL hashes once, not `= ANY(array)`, which
+    // it would search for every row.
+    let connected = |q: &mut QueryBuilder<'_, Postgres>, joiner: &str, not: &str| {
+        q.push(format!(" {joiner} d.id {not}IN (SELECT unnest("))
+            .push_bind(ids(&filter.connected))
+            .push("::text[]))");
+    };
+    let anyone_connected = !filter.connected.is_empty();
+    match filter.online {
+        Some(true) if anyone_connected => connected(q, "AND", ""),
+        Some(true) => {
+            q.push(" AND FALSE");
+        }
+        Some(false) if anyone_connected => connected(q, "AND", "NOT "),
+        Some(false) | None => {}
+    }
+    if let Some(after) = filter.seen_after {
+        q.push(" AND (d.last_seen >= ")
+            .push_bind(stamp::truncate(after));
+        if anyone_connected {
+            connected(q, "OR", "");
+        }
+        q.push(")");
+    }
+    if let Some(before) = filter.seen_before {
+        q.push(" AND (d.last_seen IS NULL OR d.last_seen <= ")
+            .push_bind(stamp::truncate(before))
+            .push(")");
+        if anyone_connected {
+            connected(q, "AND", "NOT ");
+        }
+    }
+    if let Some(after) = after {
+        q.push(" AND d.id > ").push_bind(after.as_str().to_owned());
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn insert_device(&self, d: &NewDevice) -> StoreResult<()> {
+        let enrolled_at = stamp::parse("a device's enrollment time", &d.enrolled_at)?;
+        let result = insert_device_query(d, enrolled_at)
+            .execute(&self.pool)
+            .await;
+        enrolled(d, result, "enrolling a device")
+    }
+
+    async fn device(&self, id: &DeviceId) -> StoreResult<Option<DeviceRecord>> {
+        sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up a device"))?
+        .map(|row| device_from_row(&row))
+        .transpose()
+    }
+
+    async fn device_by_public_key(&self, public_key: &str) -> StoreResult<Option<DeviceRecord>> {
+        sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.public_key = $1"
+        ))
+        .bind(public_key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up a device by key"))?
+        .map(|row| device_from_row(&row))
+        .transpose()
+    }
+
+    async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>> {
+        sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices d ORDER BY d.enrolled_at, d.id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing devices"))?
+        .iter()
+        .map(device_from_row)
+        .collect()
+    }
+
+    async fn device_page(
+        &self,
+        filter: &DeviceFilter,
+        after: Option<&DeviceId>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeviceRecord>> {
+        let mut q = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS} FROM devices d"));
+        push_device_filter(&mut q, filter, after);
+        q.push(" ORDER BY d.id LIMIT ").push_bind(i64::from(limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing devices"))?
+            .iter()
+            .map(device_from_row)
+            .collect()
+    }
+
+    async fn tags_of(&self, devices: &[DeviceId]) -> StoreResult<Vec<(DeviceId, Tag)>> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT device_id, tag FROM device_tags \
+             WHERE device_id = ANY($1::text[]) ORDER BY device_id, tag",
+        )
+        .bind(ids(devices))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading device tags"))?;
+        rows.into_iter()
+            .map(|(id, tag)| Ok((parse("device id", id)?, parse("tag", tag)?)))
+            .collect()
+    }
+
+    async fn change_tags(
+        &self,
+        device: &DeviceId,
+        set: Option<&[Tag]>,
+        remove: &[Tag],
+        add: &[Tag],
+        max: usize,
+    ) -> StoreResult<TagUpdate> {
+        let action = "changing a device's tags";
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        // The device's row lock orders concurrent changes of its tags.
+        let known: Option<String> =
+            sqlx::query_scalar("SELECT id FROM devices WHERE id = $1 FOR UPDATE")
+                .bind(device.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        if known.is_none() {
+            return Ok(TagUpdate::UnknownDevice);
+        }
+        let names = |tags: &[Tag]| -> Vec<String> {
+            tags.iter().map(|t| t.as_str().to_owned()).collect()
+        };
+        if let Some(set) = set {
+            sqlx::query("DELETE FROM device_tags WHERE device_id = $1")
+                .bind(device.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
+            insert_tags(&mut tx, device, names(set), action).await?;
+        }
+        sqlx::query("DELETE FROM device_tags WHERE device_id = $1 AND tag = ANY($2::text[])")
+            .bind(device.as_str())
+            .bind(names(remove))
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        insert_tags(&mut tx, device, names(add), action).await?;
+        let tags: Vec<String> =
+            sqlx::query_scalar("SELECT tag FROM device_tags WHERE device_id = $1 ORDER BY tag")
+                .bind(device.as_str())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        if tags.len() > max {
+            return Ok(TagUpdate::TooMany { count: tags.len() });
+        }
+        tx.commit().await.map_err(db(action))?;
+        Ok(TagUpdate::Updated(
+            tags.into_iter()
+                .map(|t| parse("tag", t))
+                .collect::<StoreResult<_>>()?,
+        ))
+    }
+
+    async fn record_events(&self, events: &[NewEvent], keep_per_device: u32) -> StoreResult<u64> {
+        let action = "recording device history";
+        let mut devices = Vec::with_capacity(events.len());
+        let mut ats = Vec::with_capacity(events.len());
+        let mut kinds = Vec::with_capacity(events.len());
+        let mut details = Vec::with_capacity(events.len());
+        for e in events {
+            devices.push(e.device.as_str().to_owned());
+            ats.push(stamp::parse("an event's time", &e.at)?);
+            kinds.push(e.event.name().to_owned());
+            details.push(json_text(&e.event));
+        }
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        // WITH ORDINALITY: ids in the order given, as one insert per event.
+        sqlx::query(
+            "INSERT INTO device_events (device_id, at, kind, detail) \
+             SELECT device_id, at, kind, detail \
+             FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[]) \
+                  WITH ORDINALITY AS e(device_id, at, kind, detail, n) ORDER BY n",
+        )
+        .bind(&devices)
+        .bind(&ats)
+        .bind(&kinds)
+        .bind(&details)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        devices.sort_unstable();
+        devices.dedup();
+        sqlx::query(
+            "DELETE FROM device_events e USING unnest($1::text[]) AS k(device_id) \
+             WHERE e.device_id = k.device_id AND e.id <= \
+             (SELECT id FROM device_events WHERE device_id = k.device_id ORDER BY id DESC LIMIT 1 OFFSET $2)",
+        )
+        .bind(&devices)
+        .bind(i64::from(keep_per_device))
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        tx.commit().await.map_err(db(action))?;
+        Ok(events.len() as u64)
+    }
+
+    async fn prune_events(&self, before: &str) -> StoreResult<u64> {
+        const AT_ONCE: i64 = 5_000;
+        let before = stamp::parse("the history's horizon", before)?;
+        let mut pruned = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM device_events WHERE id IN \
+                 (SELECT id FROM device_events WHERE at < $1 LIMIT $2)",
+            )
+            .bind(before)
+            .bind(AT_ONCE)
+            .execute(&self.pool)
+            .await
+            .map_err(db("pruning device history"))?
+            .rows_affected();
+            pruned += n;
+            if n < AT_ONCE as u64 {
+                return Ok(pruned);
+            }
+        }
+    }
+
+    async fn device_history(
+        &self,
+        device: &DeviceId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeviceEvent>> {
+        let rows: Vec<(i64, OffsetDateTime, String)> = sqlx::query_as(
+            "SELECT id, at, detail FROM device_events WHERE device_id = $1 AND id < $2 \
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(device.as_str())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading a device's history"))?;
+        rows.into_iter()
+            .map(|(id, at, detail)| {
+                Ok(DeviceEvent {
+                    id,
+                    at: stamp::shown(at),
+                    event: serde_json::from_str(&detail)
+                        .map_err(|e| corrupt("device event")(e.to_string()))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_devices(&self) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("counting devices"))?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn device_census(&self) -> StoreResult<Vec<DeviceCensus>> {
+        let rows: Vec<(Option<String>, Option<String>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT state, running_version, error_kind, COUNT(*) FROM devices \
+             GROUP BY state, running_version, error_kind",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting devices by state"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(state, version, error_kind, n)| DeviceCensus {
+                state,
+                version,
+                error_kind,
+                devices: n.max(0) as u64,
+            })
+            .collect())
+    }
+
+    async fn fleet_census(&self, connected: &[DeviceId]) -> StoreResult<Vec<FleetGroup>> {
+        // One scan of the devices, grouped, joined to the connected devices
+        // made a (hashed) set once.
+        let rows: Vec<(String, Option<String>, Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT d.device_type, d.running_version, d.state, COUNT(*), COUNT(c.id) \
+             FROM devices d LEFT JOIN (SELECT DISTINCT unnest($1::text[]) COLLATE \"C\" AS id) c \
+                  ON c.id = d.id \
+             GROUP BY d.device_type, d.running_version, d.state",
+        )
+        .bind(ids(connected))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting the fleet"))?;
+        rows.into_iter()
+            .map(|(device_type, version, state, devices, online)| {
+                Ok(FleetGroup {
+                    device_type: parse("device type", device_type)?,
+                    version: parse_opt("version", version)?,
+                    state: parse_json("agent state", state)?,
+                    devices: devices.max(0) as u64,
+                    online: online.max(0) as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn devices_in_rollouts(&self) -> StoreResult<u64> {
+        // The SQLite store's query (see there), in PostgreSQL's words.
+        let unsettled = "NOT (d.state IS NOT DISTINCT FROM 'idle' AND d.running_version IS NOT DISTINCT FROM r.release) \
+             AND NOT (COALESCE(d.state IN ('failed', 'rolled_back'), FALSE) \
+                      AND d.reported_target IS NOT DISTINCT FROM r.release)";
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM devices d WHERE \
+             EXISTS (SELECT 1 FROM rollouts r WHERE r.id = d.target_rollout AND {unsettled} \
+                     AND NOT EXISTS (SELECT 1 FROM rollout_devices rd \
+                                     WHERE rd.rollout_id = r.id AND rd.device_id = d.id \
+                                     AND rd.outcome = 'superseded')) \
+             OR EXISTS (SELECT 1 FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+                        WHERE rd.device_id = d.id AND rd.offered_at IS NULL AND rd.outcome IS NULL \
+                        AND r.state IS NOT NULL AND {unsettled})"
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("counting devices in rollouts"))?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn unknown_devices(&self, devices: &[DeviceId]) -> StoreResult<Vec<DeviceId>> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT j.id FROM unnest($1::text[]) WITH ORDINALITY AS j(id, n) \
+             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = j.id) ORDER BY j.n",
+        )
+        .bind(ids(devices))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("looking up devices"))?;
+        rows.into_iter().map(|s| parse("device id", s)).collect()
+    }
+
+    async fn devices_of_type(&self, device_type: &DeviceType) -> StoreResult<Vec<DeviceId>> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM devices WHERE device_type = $1 ORDER BY id")
+                .bind(device_type.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("listing devices of a type"))?;
+        rows.into_iter().map(|s| parse("device id", s)).collect()
+    }
+
+    async fn record_reports(&self, states: &[ReportedState]) -> StoreResult<u64> {
+        let action = "recording device reports";
+        // In device order: two batches that share devices lock them in the
+        // same order, so they wait for each other instead of deadlocking.
+        let mut states: Vec<&ReportedState> = states.iter().collect();
+        states.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        let mut written = 0;
+        for s in states {
+            let last_seen = stamp::parse_opt("a device's last-seen time", s.last_seen.as_deref())?;
+            let result = match &s.report {
+                Some(report) => {
+                    let (done, total, fetched) = match report.progress {
+                        Some(p) => (
+                            Some(p.done_bytes as i64),
+                            Some(p.total_bytes as i64),
+                            Some(p.fetched_bytes as i64),
+                        ),
+                        None => (None, None, None),
+                    };
+                    sqlx::query(
+                        "UPDATE devices SET last_seen = COALESCE($1, last_seen), address = COALESCE($2, address), \
+                         running_version = $3, state = $4, booted_slot = $5, reported_target = $6, progress_done = $7, \
+                         progress_total = $8, progress_fetched = $9, error_kind = $10, error_message = $11 WHERE id = $12",
+                    )
+                    .bind(last_seen)
+                    .bind(s.address.as_deref())
+                    .bind(report.running_version.as_str())
+                    .bind(enum_text(&report.state))
+                    .bind(report.booted_slot.as_str())
+                    .bind(report.target_version.as_ref().map(|v| v.as_str()))
+                    .bind(done)
+                    .bind(total)
+                    .bind(fetched)
+                    .bind(report.error.as_ref().map(|e| enum_text(&e.kind)))
+                    .bind(report.error.as_ref().map(|e| e.message.as_str()))
+                    .bind(s.id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                }
+                None => {
+                    sqlx::query(
+                        "UPDATE devices SET last_seen = COALESCE($1, last_seen), \
+                         address = COALESCE($2, address) WHERE id = $3",
+                    )
+                    .bind(last_seen)
+                    .bind(s.address.as_deref())
+                    .bind(s.id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                }
+            };
+            written += result.map_err(db(action))?.rows_affected();
+        }
+        tx.commit().await.map_err(db(action))?;
+        Ok(written)
+    }
+
+    async fn device_targets(&self) -> StoreResult<Vec<(DeviceId, DeviceTarget)>> {
+        let rows = sqlx::query(
+            "SELECT d.id, r.id, r.release, r.allow_downgrade, r.max_bytes_per_sec, r.max_downloading, \
+             r.policy FROM devices d JOIN rollouts r ON r.id = d.target_rollout",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading device targets"))?;
+        let r = |e| StoreError::Database {
+            action: "reading device targets",
+            source: e,
+        };
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    parse("device id", row.try_get(0).map_err(r)?)?,
+                    DeviceTarget {
+                        rollout_id: row.try_get(1).map_err(r)?,
+                        version: parse("version", row.try_get(2).map_err(r)?)?,
+                        allow_downgrade: row.try_get(3).map_err(r)?,
+                        limits: limits_from(row.try_get(4).map_err(r)?, row.try_get(5).map_err(r)?),
+                        hold_reboot: holds_reboots(row.try_get(6).map_err(r)?)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn insert_release(&self, rel: &ReleaseRecord) -> StoreResult<()> {
+        let result = sqlx::query(&format!(
+            "INSERT INTO releases ({RELEASE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        ))
+        .bind(rel.version.as_str())
+        .bind(rel.device_type.as_str())
+        .bind(&rel.manifest_json)
+        .bind(rel.image_size as i64)
+        .bind(&rel.image_sha256)
+        .bind(rel.chunks as i64)
+        .bind(rel.stored_bytes as i64)
+        .bind(stamp::parse("a release's time", &rel.created_at)?)
+        .bind(json_text(&rel.key_ids))
+        .bind(stamp::parse_opt("a release's expiry", rel.expires_at.as_deref())?)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!(
+                "release {} already exists; releases are immutable, publish a new version instead",
+                rel.version
+            )))
+            }
+            Err(e) => Err(db("storing a release")(e)),
+        }
+    }
+
+    async fn release(&self, version: &Version) -> StoreResult<Option<ReleaseRecord>> {
+        sqlx::query(&format!(
+            "SELECT {RELEASE_COLUMNS} FROM releases WHERE version = $1"
+        ))
+        .bind(version.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up a release"))?
+        .map(release_from_row)
+        .transpose()
+    }
+
+    async fn list_releases(&self) -> StoreResult<Vec<ReleaseRecord>> {
+        sqlx::query(&format!(
+            "SELECT {RELEASE_COLUMNS} FROM releases ORDER BY created_at, version COLLATE \"C\""
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing releases"))?
+        .into_iter()
+        .map(release_from_row)
+        .collect()
+    }
+
+    async fn create_rollout(
+        &self,
+        release: &ReleaseRecord,
+        members: &[(DeviceId, u32)],
+        allow_downgrade: bool,
+        limits: DownloadLimits,
+        plan: &NewPlan<'_>,
+        now: &str,
+    ) -> StoreResult<RolloutRecord> {
+        let action = "starting a rollout";
+        let created_at = stamp::parse("a rollout's start", now)?;
+        let devices: Vec<String> = members
+            .iter()
+            .map(|(d, _)| d.as_str().to_owned())
+            .collect();
+        let phases: Vec<i64> = members.iter().map(|(_, p)| i64::from(*p)).collect();
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        lock_memberships(&mut tx, action).await?;
+        let (max_bytes_per_sec, max_downloading) = limits_columns(&limits);
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO rollouts (release, allow_downgrade, created_at, max_bytes_per_sec, max_downloading, \
+             policy, state, state_name, revision, tags, from_versions) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10) RETURNING id",
+        )
+        .bind(release.version.as_str())
+        .bind(allow_downgrade)
+        .bind(created_at)
+        .bind(max_bytes_per_sec)
+        .bind(max_downloading)
+        .bind(json_text(plan.policy))
+        .bind(json_text(plan.state))
+        .bind(plan.state.name())
+        .bind(plan.tags.map(json_text))
+        .bind((!plan.from_versions.is_empty()).then(|| json_text(&plan.from_versions)))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        let unknown: Option<String> = sqlx::query_scalar(
+            "SELECT m.id FROM unnest($1::text[]) WITH ORDINALITY AS m(id, n) \
+             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = m.id) ORDER BY m.n LIMIT 1",
+        )
+        .bind(&devices)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("targeting a device"))?;
+        if let Some(device) = unknown {
+            return Err(StoreError::NotFound(format!(
+                "device {device} is not enrolled; check `uplift devices list`"
+            )));
+        }
+        sqlx::query(
+            "UPDATE rollout_devices SET outcome = 'superseded' \
+             WHERE rollout_id <> $1 AND outcome IS NULL AND device_id = ANY($2::text[])",
+        )
+        .bind(id)
+        .bind(&devices)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("superseding older rollouts"))?;
+        sqlx::query(
+            "INSERT INTO rollout_devices (rollout_id, device_id, phase) \
+             SELECT $1, m.id, m.phase FROM unnest($2::text[], $3::bigint[]) AS m(id, phase)",
+        )
+        .bind(id)
+        .bind(&devices)
+        .bind(&phases)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("targeting a device"))?;
+        tx.commit().await.map_err(db("committing a rollout"))?;
+        Ok(RolloutRecord {
+            id,
+            release: release.version.clone(),
+            device_type: release.device_type.clone(),
+            allow_downgrade,
+            limits,
+            created_at: stamp::shown(created_at),
+            tags: plan.tags.cloned(),
+            from_versions: plan.from_versions.to_vec(),
+        })
+    }
+
+    async fn rollout_plan(&self, id: i64) -> StoreResult<Option<RolloutPlan>> {
+        let row: Option<(i64, Option<String>, Option<String>, i64)> =
+            sqlx::query_as("SELECT id, policy, state, revision FROM rollouts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("reading a rollout's state"))?;
+        Ok(row
+            .and_then(plan_from_row)
+            .transpose()?
+            .map(|(_, plan)| plan))
+    }
+
+    async fn add_rollout_member(
+        &self,
+        id: i64,
+        device: &DeviceId,
+        phase: u32,
+    ) -> StoreResult<bool> {
+        let action = "adding a device to a rollout";
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        lock_memberships(&mut tx, action).await?;
+        let added = sqlx::query(
+            "INSERT INTO rollout_devices (rollout_id, device_id, phase) SELECT $1, $2, $3 \
+             WHERE NOT EXISTS (SELECT 1 FROM rollout_devices WHERE device_id = $2 AND rollout_id > $1) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(device.as_str())
+        .bind(i64::from(phase))
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?
+        .rows_affected()
+            > 0;
+        if added {
+            sqlx::query(
+                "UPDATE rollout_devices SET outcome = 'superseded' \
+                 WHERE device_id = $1 AND rollout_id < $2 AND outcome IS NULL",
+            )
+            .bind(device.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
+        tx.commit().await.map_err(db(action))?;
+        Ok(added)
+    }
+
+    async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>> {
+        let rows: Vec<(i64, Option<String>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT id, policy, state, revision FROM rollouts WHERE state IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading rollout states"))?;
+        rows.into_iter().filter_map(plan_from_row).collect()
+    }
+
+    async fn phase_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, PhaseTally)>> {
+        let rows: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT rollout_id, phase, COUNT(*), COUNT(offered_at), \
+                    COUNT(*) FILTER (WHERE outcome = 'succeeded'), \
+                    COUNT(*) FILTER (WHERE outcome IN ('failed', 'timed_out')) \
+             FROM rollout_devices WHERE $1::bigint IS NULL OR rollout_id = $1 \
+             GROUP BY rollout_id, phase ORDER BY rollout_id, phase",
+        )
+        .bind(only)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting rollout phases"))?;
+        let count = |n: i64| n.max(0) as u64;
+        Ok(rows
+            .into_iter()
+            .map(|(id, phase, devices, offered, succeeded, failed)| {
+                let tally = PhaseTally {
+                    devices: count(devices),
+                    offered: count(offered),
+                    succeeded: count(succeeded),
+                    failed: count(failed),
+                };
+                (id, phase.max(0) as u32, tally)
+            })
+            .collect())
+    }
+
+    async fn supersessions(&self, only: Option<i64>) -> StoreResult<Vec<(i64, i64, u64)>> {
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT older, newer, COUNT(*) FROM ( \
+               SELECT o.rollout_id AS older, \
+                      (SELECT MIN(n.rollout_id) FROM rollout_devices n \
+                        WHERE n.device_id = o.device_id AND n.rollout_id > o.rollout_id) AS newer \
+               FROM rollout_devices o WHERE o.outcome = 'superseded') s \
+             WHERE newer IS NOT NULL AND ($1::bigint IS NULL OR older = $1 OR newer = $1) \
+             GROUP BY older, newer ORDER BY older, newer",
+        )
+        .bind(only)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("finding superseded rollouts"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(older, newer, n)| (older, newer, n.max(0) as u64))
+            .collect())
+    }
+
+    async fn active_rollouts(&self) -> StoreResult<Vec<i64>> {
+        sqlx::query_scalar(
+            "SELECT id FROM rollouts WHERE state IS NOT NULL \
+             AND state_name NOT IN ('finished', 'aborted') ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing active rollouts"))
+    }
+
+    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>> {
+        sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS}, {MEMBER_COLUMNS} \
+             FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             WHERE rd.rollout_id = $1 ORDER BY rd.phase, d.id"
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading a rollout's devices"))?
+        .into_iter()
+        .map(member_from_row)
+        .collect()
+    }
+
+    async fn rollout_members_page(
+        &self,
+        id: i64,
+        page: &MemberPage,
+    ) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>> {
+        let mut q = QueryBuilder::new(format!(
+            "SELECT {DEVICE_COLUMNS}, {MEMBER_COLUMNS} \
+             FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             WHERE rd.rollout_id = "
+        ));
+        q.push_bind(id);
+        if let Some(phase) = page.phase {
+            q.push(" AND rd.phase = ").push_bind(i64::from(phase));
+        }
+        if let Some((phase, device)) = &page.after {
+            q.push(" AND (rd.phase, rd.device_id) > (")
+                .push_bind(i64::from(*phase))
+                .push(", ")
+                .push_bind(device.as_str().to_owned())
+                .push(")");
+        }
+        match page.outcome.map(|o| o.stored()) {
+            None => {}
+            Some(None) => {
+                q.push(" AND rd.outcome IS NULL");
+            }
+            Some(Some(stored)) => {
+                q.push(" AND rd.outcome = ").push_bind(stored);
+            }
+        }
+        q.push(" ORDER BY rd.phase, rd.device_id LIMIT ")
+            .push_bind(i64::from(page.limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading a page of a rollout's devices"))?
+            .into_iter()
+            .map(member_from_row)
+            .collect()
+    }
+
+    async fn apply_rollout_change(
+        &self,
+        id: i64,
+        revision: i64,
+        change: &RolloutChange<'_>,
+    ) -> StoreResult<bool> {
+        let action = "storing a rollout step";
+        let now = stamp::parse("a rollout step's time", change.now)?;
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        // The compare-and-set: a concurrent writer of the same rollout (on
+        // any replica) waits here for this row's lock, then finds the
+        // revision moved on and changes nothing.
+        let moved = sqlx::query(
+            "UPDATE rollouts SET state = COALESCE($1, state), state_name = COALESCE($2, state_name), \
+             revision = revision + 1 WHERE id = $3 AND revision = $4",
+        )
+        .bind(change.state.map(json_text))
+        .bind(change.state.map(|s| s.name()))
+        .bind(id)
+        .bind(revision)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        if moved.rows_affected() == 0 {
+            return Ok(false);
+        }
+        if !change.offer.is_empty() {
+            let offered = ids(change.offer);
+            sqlx::query(
+                "UPDATE rollout_devices SET offered_at = $1 WHERE rollout_id = $2 AND offered_at IS NULL \
+                 AND device_id = ANY($3::text[])",
+            )
+            .bind(now)
+            .bind(id)
+            .bind(&offered)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+            sqlx::query("UPDATE devices SET target_rollout = $1 WHERE id = ANY($2::text[])")
+                .bind(id)
+                .bind(&offered)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        }
+        if !change.settle.is_empty() {
+            let devices: Vec<String> = change
+                .settle
+                .iter()
+                .map(|(d, _, _)| d.as_str().to_owned())
+                .collect();
+            let outcomes: Vec<String> = change.settle.iter().map(|(_, o, _)| enum_text(o)).collect();
+            let errors: Vec<Option<String>> =
+                change.settle.iter().map(|(_, _, e)| e.clone()).collect();
+            sqlx::query(
+                "UPDATE rollout_devices rd SET outcome = s.outcome, error = s.error \
+                 FROM unnest($1::text[], $2::text[], $3::text[]) AS s(device_id, outcome, error) \
+                 WHERE rd.rollout_id = $4 AND rd.device_id = s.device_id AND rd.outcome IS NULL",
+            )
+            .bind(&devices)
+            .bind(&outcomes)
+            .bind(&errors)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
+        // A withdrawn offer ends the device's part (an abort); a held one
+        // waits to be offered again (a pause). Either way the device no
+        // longer points at the rollout.
+        for (devices, member_change) in [
+            (change.withdraw, "outcome = 'withdrawn'"),
+            (change.hold, "offered_at = NULL"),
+        ] {
+            if devices.is_empty() {
+                continue;
+            }
+            let devices = ids(devices);
+            sqlx::query(&format!(
+                "UPDATE rollout_devices SET {member_change} \
+                 WHERE rollout_id = $1 AND device_id = ANY($2::text[]) AND outcome IS NULL"
+            ))
+            .bind(id)
+            .bind(&devices)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+            sqlx::query(
+                "UPDATE devices SET target_rollout = NULL WHERE id = ANY($1::text[]) AND target_rollout = $2",
+            )
+            .bind(&devices)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
+        if !change.accept_failures.is_empty() {
+            sqlx::query(
+                "UPDATE rollout_devices SET failure_accepted = TRUE \
+                 WHERE rollout_id = $1 AND device_id = ANY($2::text[])",
+            )
+            .bind(id)
+            .bind(ids(change.accept_failures))
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
+        tx.commit().await.map_err(db(action))?;
+        Ok(true)
+    }
+
+    async fn rollout(&self, id: i64) -> StoreResult<Option<RolloutRecord>> {
+        sqlx::query(&format!("{ROLLOUT_SELECT} WHERE r.id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("looking up a rollout"))?
+            .map(rollout_from_row)
+            .transpose()
+    }
+
+    async fn list_rollouts(&self) -> StoreResult<Vec<RolloutRecord>> {
+        sqlx::query(&format!("{ROLLOUT_SELECT} ORDER BY r.id"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing rollouts"))?
+            .into_iter()
+            .map(rollout_from_row)
+            .collect()
+    }
+
+    async fn rollout_devices(&self, id: i64) -> StoreResult<Vec<DeviceRecord>> {
+        sqlx::query(&format!(
+            "SELECT {MEMBER_DEVICE_COLUMNS} FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             JOIN rollouts r ON r.id = rd.rollout_id WHERE rd.rollout_id = $1 ORDER BY d.id"
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing a rollout's devices"))?
+        .iter()
+        .map(device_from_row)
+        .collect()
+    }
+
+    async fn all_rollout_devices(&self) -> StoreResult<Vec<(i64, DeviceRecord)>> {
+        let rollout_column = DEVICE_COLUMNS.matches(", ").count() + 1;
+        sqlx::query(&format!(
+            "SELECT {MEMBER_DEVICE_COLUMNS}, rd.rollout_id FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             JOIN rollouts r ON r.id = rd.rollout_id ORDER BY rd.rollout_id, d.id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing the devices of every rollout"))?
+        .iter()
+        .map(|row| {
+            let rollout: i64 = row
+                .try_get(rollout_column)
+                .map_err(db("listing the devices of every rollout"))?;
+            Ok((rollout, device_from_row(row)?))
+        })
+        .collect()
+    }
+}
+
+/// Serializes changes to rollout memberships until the transaction ends.
+async fn lock_memberships(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    action: &'static str,
+) -> StoreResult<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MEMBERSHIP_LOCK)
+        .execute(&mut **tx)
+        .await
+        .map_err(db(action))?;
+    Ok(())
+}
+
+async fn insert_tags(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    device: &DeviceId,
+    tags: Vec<String>,
+    action: &'static str,
+) -> StoreResult<()> {
+    if tags.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO device_tags (device_id, tag) SELECT $1, unnest($2::text[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(device.as_str())
+    .bind(tags)
+    .execute(&mut **tx)
+    .await
+    .map_err(db(action))?;
+    Ok(())
+}

@@ -1,0 +1,1116 @@
+//! The store conformance suite: one set of tests, written once against
+//! `dyn Store`, run against SQLite and against a real PostgreSQL that the
+//! test starts itself ([`uplift_sim::postgres::TestPostgres`]). Each case
+//! gets a database of its own. A backend passes when every case does; a
+//! failing case names itself before it panics.
+
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
+use uplift_proto::api::{DeviceEventKind, DownloadLimits, MemberOutcome, TagSelector};
+use uplift_proto::auth::{AuditAction, AuditQuery, Role};
+use uplift_proto::channel::{AgentState, Report};
+use uplift_proto::policy::RolloutPolicy;
+use uplift_proto::{DeviceId, ErrorKind, SlotName, Tag, TokenName, Version, WireError};
+use uplift_server::rollout::engine::{Outcome, RolloutState};
+use uplift_server::store::control::{Attempt, NewApiToken, NewAuditEntry, NewDelivery, NewWebhook};
+use uplift_server::store::{
+    DeviceFilter, MemberPage, NewDevice, NewEvent, NewPlan, PgStore, ReleaseRecord,
+    ReportedState, RolloutChange, SqliteStore, Store, StoreError, TagUpdate,
+};
+
+/// Where a case's database is; it may open several stores on it (as
+/// several server replicas would).
+enum Db {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Db {
+    async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Db::Sqlite(path) => Arc::new(SqliteStore::open(path).await.unwrap()),
+            Db::Postgres(url) => Arc::new(PgStore::connect(url, 8).await.unwrap()),
+        }
+    }
+}
+
+type Case = for<'a> fn(&'a Db) -> BoxFuture<'a, ()>;
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        fn cases() -> Vec<(&'static str, Case)> {
+            vec![$((stringify!($name), {
+                fn case(db: &Db) -> BoxFuture<'_, ()> {
+                    Box::pin($name(db))
+                }
+                case as Case
+            })),*]
+        }
+    };
+}
+
+suite!(
+    devices_enroll_once_and_are_found_by_id_and_key,
+    device_lists_filter_by_every_field_and_page_by_id,
+    times_within_one_second_keep_their_order,
+    tags_change_in_one_step_and_refuse_too_many,
+    history_keeps_the_newest_per_device_and_prunes_by_age,
+    rollouts_store_phases_supersede_older_parts_and_refuse_unknown_devices,
+    rollout_steps_check_the_revision_and_move_offers,
+    a_stale_revision_loses_to_a_concurrent_writer_on_another_store,
+    rollout_members_page_by_phase_and_device,
+    the_fleet_census_and_devices_in_rollouts_count_in_the_database,
+    dynamic_rollouts_add_members_unless_a_newer_rollout_has_them,
+    tokens_audit_and_webhooks_keep_what_they_are_given,
+    a_lease_has_one_holder_until_it_expires_or_is_released,
+);
+
+#[tokio::test]
+async fn sqlite_passes_the_store_conformance_suite() {
+    for (name, case) in cases() {
+        let dir = tempfile::tempdir().unwrap();
+        eprintln!("sqlite: {name}");
+        case(&Db::Sqlite(dir.path().join("uplift.db"))).await;
+    }
+}
+
+#[tokio::test]
+async fn postgres_passes_the_store_conformance_suite() {
+    let Some(pg) = uplift_sim::postgres::TestPostgres::start() else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    for (i, (name, case)) in cases().into_iter().enumerate() {
+        let url = pg.create_database(&format!("case_{i}")).unwrap();
+        eprintln!("postgres: {name}");
+        case(&Db::Postgres(url)).await;
+    }
+    eprintln!("postgres: every case in {:?}", started.elapsed());
+}
+
+// ---- fixtures ----
+
+fn id(s: &str) -> DeviceId {
+    s.parse().unwrap()
+}
+
+fn version(s: &str) -> Version {
+    s.parse().unwrap()
+}
+
+fn tags(list: &[&str]) -> Vec<Tag> {
+    list.iter().map(|t| t.parse().unwrap()).collect()
+}
+
+fn ids(devices: &[uplift_server::store::DeviceRecord]) -> Vec<&str> {
+    devices.iter().map(|d| d.id.as_str()).collect()
+}
+
+fn device(name: &str, device_type: &str, hardware_id: &str) -> NewDevice {
+    NewDevice {
+        id: id(name),
+        device_type: device_type.parse().unwrap(),
+        hardware_id: hardware_id.parse().unwrap(),
+        public_key: format!("key-{name}"),
+        enrolled_at: "2026-01-01T00:00:00Z".into(),
+    }
+}
+
+async fn enroll(store: &dyn Store, devices: &[(&str, &str, &str)]) {
+    for (name, device_type, hardware_id) in devices {
+        store
+            .insert_device(&device(name, device_type, hardware_id))
+            .await
+            .unwrap();
+    }
+}
+
+fn release(v: &str, created_at: &str) -> ReleaseRecord {
+    ReleaseRecord {
+        version: version(v),
+        device_type: "gw".parse().unwrap(),
+        manifest_json: b"{}".to_vec(),
+        image_size: 1,
+        image_sha256: "00".repeat(32),
+        chunks: 1,
+        stored_bytes: 1,
+        created_at: created_at.into(),
+        key_ids: vec!["key-a".into()],
+        expires_at: Some("2027-01-01T00:00:00.25Z".into()),
+    }
+}
+
+fn seen(name: &str, state: AgentState, running: &str, at: &str) -> ReportedState {
+    ReportedState {
+        id: id(name),
+        report: Some(Report {
+            state,
+            running_version: version(running),
+            booted_slot: SlotName::A,
+            target_version: None,
+            progress: None,
+            error: None,
+        }),
+        last_seen: Some(at.into()),
+        address: None,
+    }
+}
+
+fn time(text: &str) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap()
+}
+
+const NOW: &str = "2026-03-01T12:00:00.123456Z";
+
+/// Starts a phased rollout of release 2.0 (stored if need be).
+async fn start(store: &dyn Store, members: &[(&str, u32)]) -> Result<i64, StoreError> {
+    let rel = release("2.0", "2026-02-01T00:00:00Z");
+    if store.release(&rel.version).await.unwrap().is_none() {
+        store.insert_release(&rel).await.unwrap();
+    }
+    let policy = RolloutPolicy::default();
+    let state = RolloutState::start(time(NOW));
+    let plan = NewPlan {
+        policy: &policy,
+        state: &state,
+        tags: None,
+        from_versions: &[],
+    };
+    let members: Vec<(DeviceId, u32)> = members.iter().map(|(d, p)| (id(d), *p)).collect();
+    store
+        .create_rollout(&rel, &members, false, DownloadLimits::default(), &plan, NOW)
+        .await
+        .map(|r| r.id)
+}
+
+fn change<'a>(now: &'a str) -> RolloutChange<'a> {
+    RolloutChange {
+        state: None,
+        offer: &[],
+        settle: &[],
+        accept_failures: &[],
+        withdraw: &[],
+        hold: &[],
+        now,
+    }
+}
+
+// ---- cases ----
+
+async fn devices_enroll_once_and_are_found_by_id_and_key(db: &Db) {
+    let store = db.open().await;
+    enroll(&*store, &[("dev-b", "gw", "hw-2"), ("dev-a", "cam", "hw-1")]).await;
+    let again = store.insert_device(&device("dev-a", "gw", "hw-9")).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    let mut taken_key = device("dev-c", "gw", "hw-3");
+    taken_key.public_key = "key-dev-b".into();
+    let again = store.insert_device(&taken_key).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+
+    let a = store.device(&id("dev-a")).await.unwrap().unwrap();
+    assert_eq!(a.device_type.as_str(), "cam");
+    assert_eq!(a.enrolled_at, "2026-01-01T00:00:00Z");
+    assert_eq!((a.last_seen, a.state, a.target_rollout), (None, None, None));
+    let by_key = store.device_by_public_key("key-dev-b").await.unwrap();
+    assert_eq!(by_key.map(|d| d.id), Some(id("dev-b")));
+    assert!(store.device(&id("dev-x")).await.unwrap().is_none());
+    assert_eq!(ids(&store.list_devices().await.unwrap()), ["dev-a", "dev-b"]);
+    assert_eq!(store.count_devices().await.unwrap(), 2);
+    assert_eq!(
+        store.devices_of_type(&"gw".parse().unwrap()).await.unwrap(),
+        [id("dev-b")]
+    );
+    assert_eq!(
+        store
+            .unknown_devices(&[id("dev-z"), id("dev-a"), id("dev-y")])
+            .await
+            .unwrap(),
+        [id("dev-z"), id("dev-y")]
+    );
+
+    // Reports: a report writes the state; a write without one (a device
+    // seen, nothing said) and without an address keeps what is known.
+    let mut report = seen("dev-a", AgentState::Failed, "1.0", "2026-01-02T00:00:00Z");
+    report.address = Some("192.0.2.7:50123".into());
+    if let Some(r) = report.report.as_mut() {
+        r.error = Some(WireError::new(ErrorKind::DownloadFailed, "no route"));
+        r.target_version = Some(version("2.0"));
+        r.progress = Some(uplift_proto::channel::Progress {
+            done_bytes: 5,
+            total_bytes: 10,
+            fetched_bytes: 4,
+        });
+    }
+    let later = ReportedState {
+        id: id("dev-a"),
+        report: None,
+        last_seen: Some("2026-01-03T00:00:00Z".into()),
+        address: None,
+    };
+    assert_eq!(store.record_reports(&[report]).await.unwrap(), 1);
+    assert_eq!(store.record_reports(&[later]).await.unwrap(), 1);
+    let a = store.device(&id("dev-a")).await.unwrap().unwrap();
+    assert_eq!(a.last_seen.as_deref(), Some("2026-01-03T00:00:00Z"));
+    assert_eq!(a.address.as_deref(), Some("192.0.2.7:50123"));
+    assert_eq!(a.state, Some(AgentState::Failed));
+    assert_eq!(a.reported_target, Some(version("2.0")));
+    assert_eq!(a.progress.map(|p| p.fetched_bytes), Some(4));
+    assert_eq!(a.last_error.map(|e| e.kind), Some(ErrorKind::DownloadFailed));
+    let census = store.device_census().await.unwrap();
+    assert_eq!(census.iter().map(|c| c.devices).sum::<u64>(), 2);
+    assert!(census.iter().any(|c| c.state.as_deref() == Some("failed")
+        && c.error_kind.as_deref() == Some("download_failed")
+        && c.devices == 1));
+}
+
+async fn device_lists_filter_by_every_field_and_page_by_id(db: &Db) {
+    let store = db.open().await;
+    enroll(
+        &*store,
+        &[
+            ("dev-a", "gw", "hw_1"),
+            ("dev-b", "gw", "hw.2"),
+            ("dev-c", "cam", "serial-3"),
+            ("dev-d", "gw", "HWX1"),
+            ("dev-e", "gw", "aa:bb"),
+        ],
+    )
+    .await;
+    store
+        .record_reports(&[
+            seen("dev-a", AgentState::Idle, "1.0", "2026-02-01T10:00:00Z"),
+            seen("dev-b", AgentState::Downloading, "1.0", "2026-02-01T10:00:00.5Z"),
+            seen("dev-c", AgentState::Idle, "2.0", "2026-02-03T00:00:00+02:00"),
+            seen("dev-d", AgentState::Failed, "1.1", "2026-02-05T00:00:00Z"),
+        ])
+        .await
+        .unwrap();
+    for (name, t) in [
+        ("dev-a", &["canary", "berlin"][..]),
+        ("dev-b", &["berlin"]),
+        ("dev-d", &["canary"]),
+    ] {
+        let update = store
+            .change_tags(&id(name), None, &[], &tags(t), 32)
+            .await
+            .unwrap();
+        assert!(matches!(update, TagUpdate::Updated(_)), "{update:?}");
+    }
+    assert_eq!(
+        store.tags_of(&[id("dev-b"), id("dev-a")]).await.unwrap(),
+        [
+            (id("dev-a"), "berlin".parse().unwrap()),
+            (id("dev-a"), "canary".parse().unwrap()),
+            (id("dev-b"), "berlin".parse().unwrap()),
+        ]
+    );
+    let by = |f: &dyn Fn(&mut DeviceFilter)| {
+        let mut filter = DeviceFilter::default();
+        f(&mut filter);
+        filter
+    };
+    let text = |t: &str| by(&|f| f.text = Some(t.into()));
+    let cases: Vec<(DeviceFilter, Vec<&str>)> = vec![
+        (DeviceFilter::default(), vec!["dev-a", "dev-b", "dev-c", "dev-d", "dev-e"]),
+        (by(&|f| f.device_type = Some("cam".parse().unwrap())), vec!["dev-c"]),
+        (by(&|f| f.versions = vec![version("1.0")]), vec!["dev-a", "dev-b"]),
+        (
+            by(&|f| f.versions = vec![version("1.1"), version("2.0")]),
+            vec!["dev-c", "dev-d"],
+        ),
+        (by(&|f| f.state = Some(AgentState::Failed)), vec!["dev-d"]),
+        (
+            by(&|f| f.tags = Some(TagSelector::All(tags(&["canary", "berlin"])))),
+            vec!["dev-a"],
+        ),
+        (
+            by(&|f| f.tags = Some(TagSelector::Any(tags(&["canary", "berlin"])))),
+            vec!["dev-a", "dev-b", "dev-d"],
+        ),
+        (by(&|f| f.tags = Some(TagSelector::Any(vec![]))), vec![]),
+        (by(&|f| f.tags = Some(TagSelector::All(vec![]))), vec!["dev-a", "dev-b", "dev-c", "dev-d", "dev-e"]),
+        (text("hw_"), vec!["dev-a"]),
+        (text("%"), vec![]),
+        (text("W."), vec!["dev-b"]),
+        (text("hwx"), vec!["dev-d"]),
+        (text("A:B"), vec!["dev-e"]),
+        (
+            by(&|f| f.seen_after = Some(time("2026-02-01T10:00:00.1Z"))),
+            vec!["dev-b", "dev-c", "dev-d"],
+        ),
+        (
+            by(&|f| f.seen_after = Some(time("2026-02-02T21:59:00Z"))),
+            vec!["dev-c", "dev-d"],
+        ),
+        (
+            by(&|f| f.seen_before = Some(time("2026-02-02T22:01:00Z"))),
+            vec!["dev-a", "dev-b", "dev-c", "dev-e"],
+        ),
+        (
+            by(&|f| {
+                f.online = Some(true);
+                f.connected = vec![id("dev-e"), id("dev-b")];
+            }),
+            vec!["dev-b", "dev-e"],
+        ),
+        (
+            by(&|f| {
+                f.online = Some(false);
+                f.connected = vec![id("dev-e"), id("dev-b")];
+            }),
+            vec!["dev-a", "dev-c", "dev-d"],
+        ),
+        (by(&|f| f.online = Some(true)), vec![]),
+        // A connected device counts as seen now.
+        (
+            by(&|f| {
+                f.seen_after = Some(time("2026-02-04T00:00:00Z"));
+                f.connected = vec![id("dev-a")];
+            }),
+            vec!["dev-a", "dev-d"],
+        ),
+        (
+            by(&|f| {
+                f.device_type = Some("gw".parse().unwrap());
+                f.tags = Some(TagSelector::Any(tags(&["canary"])));
+                f.state = Some(AgentState::Idle);
+            }),
+            vec!["dev-a"],
+        ),
+    ];
+    for (filter, expected) in cases {
+        let page = store.device_page(&filter, None, 100).await.unwrap();
+        assert_eq!(ids(&page), expected, "{filter:?}");
+    }
+    // Keyset pages: two at a time, each after the last one seen.
+    let mut seen_ids = Vec::new();
+    let mut after: Option<DeviceId> = None;
+    loop {
+        let page = store
+            .device_page(&DeviceFilter::default(), after.as_ref(), 2)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        seen_ids.extend(page.iter().map(|d| d.id.to_string()));
+        after = page.last().map(|d| d.id.clone());
+    }
+    assert_eq!(seen_ids, ["dev-a", "dev-b", "dev-c", "dev-d", "dev-e"]);
+    let tagged = store
+        .device_page(
+            &by(&|f| f.tags = Some(TagSelector::Any(tags(&["canary", "berlin"])))),
+            Some(&id("dev-a")),
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&tagged), ["dev-b"]);
+}
+
+/// Two events within one second, given with different numbers of fraction
+/// digits (or none), keep their order wherever the store orders or
+/// compares by time.
+async fn times_within_one_second_keep_their_order(db: &Db) {
+    let store = db.open().await;
+    // As text, "10:00:00Z" sorts after "10:00:00.5Z": stored as times, not.
+    store
+        .insert_release(&release("1.1", "2026-01-01T10:00:00.5Z"))
+        .await
+        .unwrap();
+    store
+        .insert_release(&release("1.0", "2026-01-01T10:00:00Z"))
+        .await
+        .unwrap();
+    store
+        .insert_release(&release("1.2", "2026-01-01T12:00:00.75+02:00"))
+        .await
+        .unwrap();
+    let releases = store.list_releases().await.unwrap();
+    let order: Vec<(&str, &str)> = releases
+        .iter()
+        .map(|r| (r.version.as_str(), r.created_at.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("1.0", "2026-01-01T10:00:00Z"),
+            ("1.1", "2026-01-01T10:00:00.5Z"),
+            ("1.2", "2026-01-01T10:00:00.75Z"),
+        ]
+    );
+    assert_eq!(
+        releases[0].expires_at.as_deref(),
+        Some("2027-01-01T00:00:00.25Z")
+    );
+    // Devices enrolled within one second list in enrollment order.
+    for (name, at) in [
+        ("dev-1", "2026-01-01T10:00:00.9Z"),
+        ("dev-2", "2026-01-01T10:00:00.10Z"),
+        ("dev-3", "2026-01-01T10:00:00Z"),
+        ("dev-4", "2026-01-01T10:00:00.000001Z"),
+    ] {
+        let mut d = device(name, "gw", "hw-1");
+        d.enrolled_at = at.into();
+        store.insert_device(&d).await.unwrap();
+    }
+    assert_eq!(
+        ids(&store.list_devices().await.unwrap()),
+        ["dev-3", "dev-4", "dev-2", "dev-1"]
+    );
+    // The history's horizon cuts within the second.
+    let event = |at: &str| NewEvent {
+        device: id("dev-1"),
+        at: at.into(),
+        event: DeviceEventKind::Offer {
+            rollout_id: 1,
+            version: version("2.0"),
+        },
+    };
+    store
+        .record_events(
+            &[
+                event("2026-01-01T10:00:00Z"),
+                event("2026-01-01T10:00:00.4Z"),
+                event("2026-01-01T10:00:00.75Z"),
+            ],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.prune_events("2026-01-01T10:00:00.5Z").await.unwrap(), 2);
+    let left = store.device_history(&id("dev-1"), None, 10).await.unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.at.as_str()).collect::<Vec<_>>(),
+        ["2026-01-01T10:00:00.75Z"]
+    );
+    // Not a time at all: refused, naming it.
+    let refused = store.prune_events("last tuesday").await;
+    assert!(
+        matches!(&refused, Err(StoreError::BadTime { text, .. }) if text == "last tuesday"),
+        "{refused:?}"
+    );
+}
+
+async fn tags_change_in_one_step_and_refuse_too_many(db: &Db) {
+    let store = db.open().await;
+    enroll(&*store, &[("dev-a", "gw", "hw-1")]).await;
+    let dev = id("dev-a");
+    let change = |set: Option<&'static [&'static str]>,
+                  remove: &'static [&'static str],
+                  add: &'static [&'static str]| {
+        let store = store.clone();
+        let dev = dev.clone();
+        async move {
+            let set = set.map(tags);
+            store
+                .change_tags(&dev, set.as_deref(), &tags(remove), &tags(add), 3)
+                .await
+                .unwrap()
+        }
+    };
+    let updated = |t: &[&str]| TagUpdate::Updated(tags(t));
+    assert_eq!(change(None, &[], &["b", "a", "a"]).await, updated(&["a", "b"]));
+    assert_eq!(change(None, &["a", "zz"], &["c"]).await, updated(&["b", "c"]));
+    assert_eq!(change(None, &[], &["d", "e"]).await, TagUpdate::TooMany { count: 4 });
+    assert_eq!(change(None, &[], &[]).await, updated(&["b", "c"]));
+    assert_eq!(change(Some(&["x"]), &[], &["y"]).await, updated(&["x", "y"]));
+    assert_eq!(change(Some(&[]), &[], &[]).await, updated(&[]));
+    let unknown = store
+        .change_tags(&id("dev-nope"), None, &[], &tags(&["a"]), 3)
+        .await
+        .unwrap();
+    assert_eq!(unknown, TagUpdate::UnknownDevice);
+}
+
+async fn history_keeps_the_newest_per_device_and_prunes_by_age(db: &Db) {
+    let store = db.open().await;
+    enroll(&*store, &[("dev-a", "gw", "hw-1"), ("dev-b", "gw", "hw-2")]).await;
+    let event = |device: &str, n: i64, at: &str| NewEvent {
+        device: id(device),
+        at: at.into(),
+        event: DeviceEventKind::Offer {
+            rollout_id: n,
+            version: version("2.0"),
+        },
+    };
+    let rollouts = |events: &[uplift_proto::api::DeviceEvent]| -> Vec<i64> {
+        events
+            .iter()
+            .map(|e| match e.event {
+                DeviceEventKind::Offer { rollout_id, .. } => rollout_id,
+                _ => unreachable!(),
+            })
+            .collect()
+    };
+    let (a, b) = (id("dev-a"), id("dev-b"));
+    let batch: Vec<NewEvent> = (1..=5)
+        .map(|n| event("dev-a", n, "2026-01-01T00:00:00Z"))
+        .chain([event("dev-b", 1, "2026-01-01T00:00:00Z")])
+        .collect();
+    assert_eq!(store.record_events(&batch, 3).await.unwrap(), 6);
+    assert_eq!(rollouts(&store.device_history(&a, None, 100).await.unwrap()), [5, 4, 3]);
+    let page = store.device_history(&a, None, 2).await.unwrap();
+    assert_eq!(rollouts(&page), [5, 4]);
+    let older = store.device_history(&a, Some(page[1].id), 2).await.unwrap();
+    assert_eq!(rollouts(&older), [3]);
+    store
+        .record_events(&[event("dev-a", 6, "2026-03-01T00:00:00Z")], 3)
+        .await
+        .unwrap();
+    assert_eq!(store.prune_events("2026-02-01T00:00:00Z").await.unwrap(), 3);
+    assert_eq!(rollouts(&store.device_history(&a, None, 100).await.unwrap()), [6]);
+    assert!(store.device_history(&b, None, 100).await.unwrap().is_empty());
+    // Ids are never given out again, so a cursor keeps its place.
+    store
+        .record_events(&[event("dev-b", 7, "2026-03-02T00:00:00Z")], 3)
+        .await
+        .unwrap();
+    let newest = store.device_history(&b, None, 1).await.unwrap();
+    assert!(newest[0].id > page[0].id);
+}
+
+async fn rollouts_store_phases_supersede_older_parts_and_refuse_unknown_devices(db: &Db) {
+    let store = db.open().await;
+    enroll(
+        &*store,
+        &[("dev-1", "gw", "hw-1"), ("dev-2", "gw", "hw-2"), ("dev-3", "gw", "hw-3")],
+    )
+    .await;
+    let first = start(&*store, &[("dev-1", 0), ("dev-2", 1)]).await.unwrap();
+    let record = store.rollout(first).await.unwrap().unwrap();
+    assert_eq!(record.created_at, NOW);
+    assert_eq!(record.release, version("2.0"));
+    let plan = store.rollout_plan(first).await.unwrap().unwrap();
+    assert_eq!((plan.state.name(), plan.revision), ("running", 0));
+    // dev-2 finishes its part in the first rollout.
+    let settle = [(id("dev-2"), Outcome::Succeeded, None)];
+    assert!(store
+        .apply_rollout_change(first, 0, &RolloutChange { settle: &settle, ..change(NOW) })
+        .await
+        .unwrap());
+
+    let refused = start(&*store, &[("dev-1", 0), ("dev-9", 0), ("dev-8", 1)]).await;
+    assert!(
+        matches!(&refused, Err(StoreError::NotFound(m)) if m.contains("device dev-9 is not enrolled")),
+        "{refused:?}"
+    );
+    assert_eq!(store.list_rollouts().await.unwrap().len(), 1);
+
+    let second = start(&*store, &[("dev-3", 1), ("dev-1", 0), ("dev-2", 0)]).await.unwrap();
+    assert!(second > first);
+    let parts = |rollout: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .rollout_members(rollout)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(m, d)| (d.id.to_string(), m.phase, m.outcome))
+                .collect::<Vec<_>>()
+        }
+    };
+    let part = |d: &str, phase, outcome| (d.to_owned(), phase, outcome);
+    assert_eq!(
+        parts(first).await,
+        [
+            part("dev-1", 0, Some(Outcome::Superseded)),
+            part("dev-2", 1, Some(Outcome::Succeeded)),
+        ]
+    );
+    assert_eq!(
+        parts(second).await,
+        [part("dev-1", 0, None), part("dev-2", 0, None), part("dev-3", 1, None)]
+    );
+    assert_eq!(store.supersessions(None).await.unwrap(), [(first, second, 1)]);
+    assert_eq!(store.supersessions(Some(second)).await.unwrap(), [(first, second, 1)]);
+    assert_eq!(store.active_rollouts().await.unwrap(), [first, second]);
+    assert_eq!(
+        store
+            .rollout_plans()
+            .await
+            .unwrap()
+            .iter()
+            .map(|(id, _)| *id)
+            .collect::<Vec<_>>(),
+        [first, second]
+    );
+    let tallies = store.phase_tallies(None).await.unwrap();
+    let tally = |r: i64, phase: u32| {
+        tallies
+            .iter()
+            .find(|(id, p, _)| *id == r && *p == phase)
+            .map(|(_, _, t)| (t.devices, t.offered, t.succeeded, t.failed))
+    };
+    assert_eq!(tally(first, 1), Some((1, 0, 1, 0)));
+    assert_eq!(tally(second, 0), Some((2, 0, 0, 0)));
+    assert_eq!(store.phase_tallies(Some(second)).await.unwrap().len(), 2);
+    // Devices waiting for their phase count as the newer rollout's.
+    let waiting = store.rollout_devices(second).await.unwrap();
+    assert!(waiting.iter().all(|d| d.target_rollout == Some(second)), "{waiting:?}");
+    let all = store.all_rollout_devices().await.unwrap();
+    let of_first: Vec<(&str, Option<i64>)> = all
+        .iter()
+        .filter(|(r, _)| *r == first)
+        .map(|(_, d)| (d.id.as_str(), d.target_rollout))
+        .collect();
+    assert_eq!(of_first, [("dev-1", None), ("dev-2", None)]);
+    assert_eq!(all.len(), 5);
+}
+
+async fn rollout_steps_check_the_revision_and_move_offers(db: &Db) {
+    let store = db.open().await;
+    enroll(
+        &*store,
+        &[("dev-1", "gw", "hw-1"), ("dev-2", "gw", "hw-2"), ("dev-3", "gw", "hw-3")],
+    )
+    .await;
+    let r = start(&*store, &[("dev-1", 0), ("dev-2", 0), ("dev-3", 1)]).await.unwrap();
+    let offer = [id("dev-1"), id("dev-2"), id("dev-3")];
+    let later = "2026-03-01T12:00:01Z";
+    assert!(store
+        .apply_rollout_change(r, 0, &RolloutChange { offer: &offer, ..change(later) })
+        .await
+        .unwrap());
+    // The same revision again: another actor moved it on; nothing written.
+    let paused = RolloutState::Finished { at: time(later) };
+    let stale = RolloutChange {
+        state: Some(&paused),
+        withdraw: &offer,
+        ..change(later)
+    };
+    assert!(!store.apply_rollout_change(r, 0, &stale).await.unwrap());
+    let plan = store.rollout_plan(r).await.unwrap().unwrap();
+    assert_eq!((plan.state.name(), plan.revision), ("running", 1));
+    let targets = store.device_targets().await.unwrap();
+    assert_eq!(targets.len(), 3);
+    assert!(targets.iter().all(|(_, t)| t.rollout_id == r && t.version == version("2.0")));
+    let members = store.rollout_members(r).await.unwrap();
+    assert!(members
+        .iter()
+        .all(|(m, _)| m.offered_at.as_deref() == Some("2026-03-01T12:00:01Z")));
+
+    // Settle one as failed and accept it, withdraw one, hold one.
+    let settle = [(id("dev-1"), Outcome::Failed, Some("no space".to_owned()))];
+    let accept = [id("dev-1")];
+    let withdraw = [id("dev-2")];
+    let hold = [id("dev-3")];
+    let step = RolloutChange {
+        state: Some(&paused),
+        settle: &settle,
+        accept_failures: &accept,
+        withdraw: &withdraw,
+        hold: &hold,
+        ..change(later)
+    };
+    assert!(store.apply_rollout_change(r, 1, &step).await.unwrap());
+    let members = store.rollout_members(r).await.unwrap();
+    let view: Vec<(&str, Option<Outcome>, bool, bool, Option<&str>)> = members
+        .iter()
+        .map(|(m, d)| {
+            (
+                d.id.as_str(),
+                m.outcome,
+                m.offered_at.is_some(),
+                m.failure_accepted,
+                m.error.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        view,
+        [
+            ("dev-1", Some(Outcome::Failed), true, true, Some("no space")),
+            ("dev-2", Some(Outcome::Withdrawn), true, false, None),
+            ("dev-3", None, false, false, None),
+        ]
+    );
+    let target = |d: &str| {
+        let store = store.clone();
+        let d = id(d);
+        async move { store.device(&d).await.unwrap().unwrap().target_rollout }
+    };
+    assert_eq!(
+        (target("dev-1").await, target("dev-2").await, target("dev-3").await),
+        (Some(r), None, None)
+    );
+    assert_eq!(store.active_rollouts().await.unwrap(), Vec::<i64>::new());
+    let tallies = store.phase_tallies(Some(r)).await.unwrap();
+    assert_eq!(
+        tallies
+            .iter()
+            .map(|(_, p, t)| (*p, t.devices, t.offered, t.failed))
+            .collect::<Vec<_>>(),
+        [(0, 2, 2, 1), (1, 1, 0, 0)]
+    );
+}
+
+/// The revision check holds across stores (server replicas) writing at
+/// once: of many steps from the same revision, exactly one is applied.
+async fn a_stale_revision_loses_to_a_concurrent_writer_on_another_store(db: &Db) {
+    let stores = [db.open().await, db.open().await];
+    enroll(&*stores[0], &[("dev-1", "gw", "hw-1")]).await;
+    let r = start(&*stores[0], &[("dev-1", 0)]).await.unwrap();
+    for revision in 0..5 {
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let store = stores[i % 2].clone();
+            tasks.push(tokio::spawn(async move {
+                let offer = [id("dev-1")];
+                store
+                    .apply_rollout_change(
+                        r,
+                        revision,
+                        &RolloutChange {
+                            offer: &offer,
+                            ..change("2026-03-01T12:00:02Z")
+                        },
+                    )
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut won = 0;
+        for task in tasks {
+            won += task.await.unwrap() as u32;
+        }
+        assert_eq!(won, 1, "at revision {revision}");
+    }
+    let plan = stores[1].rollout_plan(r).await.unwrap().unwrap();
+    assert_eq!(plan.revision, 5);
+}
+
+async fn rollout_members_page_by_phase_and_device(db: &Db) {
+    let store = db.open().await;
+    let names: Vec<String> = (0..7).map(|i| format!("dev-{i}")).collect();
+    for n in &names {
+        store.insert_device(&device(n, "gw", "hw-1")).await.unwrap();
+    }
+    let members: Vec<(&str, u32)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), (i % 3) as u32))
+        .collect();
+    let r = start(&*store, &members).await.unwrap();
+    let settle = [(id("dev-3"), Outcome::Succeeded, None)];
+    assert!(store
+        .apply_rollout_change(r, 0, &RolloutChange { settle: &settle, ..change(NOW) })
+        .await
+        .unwrap());
+    let mut all = Vec::new();
+    let mut page = MemberPage {
+        phase: None,
+        outcome: None,
+        after: None,
+        limit: 3,
+    };
+    loop {
+        let got = store.rollout_members_page(r, &page).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        let last = got.last().unwrap();
+        page.after = Some((last.0.phase, last.1.id.clone()));
+        all.extend(got.iter().map(|(m, d)| format!("{}:{}", m.phase, d.id)));
+    }
+    assert_eq!(
+        all,
+        ["0:dev-0", "0:dev-3", "0:dev-6", "1:dev-1", "1:dev-4", "2:dev-2", "2:dev-5"]
+    );
+    let filtered = |phase, outcome| MemberPage {
+        phase,
+        outcome,
+        after: None,
+        limit: 10,
+    };
+    let names_of = |page: Vec<(uplift_server::store::MemberRecord, uplift_server::store::DeviceRecord)>| {
+        page.into_iter().map(|(_, d)| d.id.to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names_of(store.rollout_members_page(r, &filtered(Some(1), None)).await.unwrap()),
+        ["dev-1", "dev-4"]
+    );
+    assert_eq!(
+        names_of(
+            store
+                .rollout_members_page(r, &filtered(None, Some(MemberOutcome::Succeeded)))
+                .await
+                .unwrap()
+        ),
+        ["dev-3"]
+    );
+    assert_eq!(
+        names_of(
+            store
+                .rollout_members_page(r, &filtered(Some(0), Some(MemberOutcome::Unfinished)))
+                .await
+                .unwrap()
+        ),
+        ["dev-0", "dev-6"]
+    );
+}
+
+/// The fleet summary's aggregates agree with what the rollout views count
+/// device by device.
+async fn the_fleet_census_and_devices_in_rollouts_count_in_the_database(db: &Db) {
+    let store = db.open().await;
+    let names: Vec<String> = (0..12).map(|i| format!("dev-{i:02}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        let t = if i % 4 == 0 { "cam" } else { "gw" };
+        store.insert_device(&device(n, t, "hw-1")).await.unwrap();
+    }
+    let state = |i: usize| match i % 4 {
+        0 => (AgentState::Idle, "2.0"),
+        1 => (AgentState::Downloading, "1.0"),
+        2 => (AgentState::Failed, "1.0"),
+        _ => (AgentState::Idle, "1.0"),
+    };
+    let reports: Vec<ReportedState> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let (s, v) = state(i);
+            let mut r = seen(n, s, v, "2026-03-01T00:00:00Z");
+            if let Some(report) = r.report.as_mut() {
+                report.target_version = (i % 4 == 1 || i % 4 == 2).then(|| version("2.0"));
+            }
+            r
+        })
+        .collect();
+    store.record_reports(&reports).await.unwrap();
+    // Rollout 1 takes the first eight (phase 0 offered, phase 1 waiting);
+    // rollout 2 takes over dev-06 and dev-07.
+    let first: Vec<(&str, u32)> = names[..8]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), (i / 4) as u32))
+        .collect();
+    let r1 = start(&*store, &first).await.unwrap();
+    let offer: Vec<DeviceId> = names[..4].iter().map(|n| id(n)).collect();
+    assert!(store
+        .apply_rollout_change(r1, 0, &RolloutChange { offer: &offer, ..change(NOW) })
+        .await
+        .unwrap());
+    let r2 = start(&*store, &[("dev-06", 0), ("dev-07", 0)]).await.unwrap();
+
+    let connected = [id("dev-00"), id("dev-05"), id("dev-05"), id("dev-11"), id("dev-99")];
+    let groups = store.fleet_census(&connected).await.unwrap();
+    let sum = |f: &dyn Fn(&uplift_server::store::FleetGroup) -> bool| -> (u64, u64) {
+        groups
+            .iter()
+            .filter(|g| f(g))
+            .fold((0, 0), |(d, o), g| (d + g.devices, o + g.online))
+    };
+    assert_eq!(sum(&|_| true), (12, 3));
+    assert_eq!(sum(&|g| g.device_type.as_str() == "cam"), (3, 1));
+    assert_eq!(sum(&|g| g.state == Some(AgentState::Downloading)), (3, 1));
+    assert_eq!(sum(&|g| g.version == Some(version("2.0"))), (3, 1));
+
+    let members = store.all_rollout_devices().await.unwrap();
+    let mut counted = 0;
+    for rollout in store.list_rollouts().await.unwrap() {
+        let devices: Vec<_> = members
+            .iter()
+            .filter(|(r, _)| *r == rollout.id)
+            .map(|(_, d)| d.clone())
+            .collect();
+        let tally =
+            uplift_server::service::rollouts::Tally::of(&rollout.release, rollout.id, &devices);
+        counted += tally.counts.pending + tally.counts.in_progress;
+    }
+    let in_rollouts = store.devices_in_rollouts().await.unwrap();
+    assert_eq!(in_rollouts, counted);
+    // Pending or in progress: dev-01 (downloading 2.0), dev-03 (on 1.0),
+    // dev-05 (waiting for phase 1, downloading 2.0) and dev-07 (r2's, on
+    // 1.0); not dev-00 and dev-04 (done), dev-02 and dev-06 (failed on 2.0).
+    assert_eq!(in_rollouts, 4, "r1 {r1}, r2 {r2}");
+}
+
+async fn dynamic_rollouts_add_members_unless_a_newer_rollout_has_them(db: &Db) {
+    let store = db.open().await;
+    enroll(&*store, &[("dev-1", "gw", "hw-1"), ("dev-2", "gw", "hw-2")]).await;
+    let older = start(&*store, &[("dev-1", 0)]).await.unwrap();
+    let newer = start(&*store, &[("dev-2", 0)]).await.unwrap();
+    // The newer rollout takes dev-1 over from the older one.
+    assert!(store.add_rollout_member(newer, &id("dev-1"), 2).await.unwrap());
+    assert!(!store.add_rollout_member(newer, &id("dev-1"), 2).await.unwrap());
+    // The older one cannot take dev-2 from the newer.
+    assert!(!store.add_rollout_member(older, &id("dev-2"), 0).await.unwrap());
+    let members = store.rollout_members(newer).await.unwrap();
+    assert_eq!(
+        members
+            .iter()
+            .map(|(m, d)| (d.id.as_str(), m.phase))
+            .collect::<Vec<_>>(),
+        [("dev-2", 0), ("dev-1", 2)]
+    );
+    let old = store.rollout_members(older).await.unwrap();
+    assert_eq!(old[0].0.outcome, Some(Outcome::Superseded));
+}
+
+async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
+    let store = db.open().await;
+    let name: TokenName = "ci".parse().unwrap();
+    let token = store
+        .insert_api_token(&NewApiToken {
+            name: &name,
+            role: Role::Operator,
+            secret_sha256: "abc",
+            created_at: "2026-12-05T10:00:00.5Z",
+            created_by: "bootstrap-admin",
+            expires_at: Some("2027-01-01T00:00:00Z"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(token.created_at, "2026-12-05T10:00:00.5Z");
+    let found = store.api_token_by_digest("abc").await.unwrap().unwrap();
+    assert_eq!(found, token);
+    assert!(store.api_token_by_digest("abd").await.unwrap().is_none());
+    let revoked = store
+        .revoke_api_token(token.id, "2026-12-06T00:00:00Z")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revoked.revoked_at.as_deref(), Some("2026-12-06T00:00:00Z"));
+    // Revoking again keeps the first time.
+    let again = store
+        .revoke_api_token(token.id, "2026-12-07T00:00:00Z")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.revoked_at, revoked.revoked_at);
+    assert!(store.revoke_api_token(999, NOW).await.unwrap().is_none());
+    assert_eq!(store.list_api_tokens().await.unwrap().len(), 1);
+
+    let refused = WireError::new(ErrorKind::Conflict, "no");
+    for (i, action) in [
+        AuditAction::RolloutStart,
+        AuditAction::RolloutPause,
+        AuditAction::RolloutStart,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        store
+            .append_audit(&NewAuditEntry {
+                at: "2026-12-05T10:00:00Z",
+                actor: "bootstrap-admin",
+                token_id: (i == 1).then_some(token.id),
+                role: Role::Admin,
+                action,
+                target: &format!("rollout {}", i % 2),
+                error: (i == 2).then_some(&refused),
+            })
+            .await
+            .unwrap();
+    }
+    let all = store.audit_entries(&AuditQuery::default(), 10).await.unwrap();
+    assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), [3, 2, 1]);
+    assert_eq!(all[0].error.as_ref().map(|e| e.kind), Some(ErrorKind::Conflict));
+    assert_eq!(all[1].token_id, Some(token.id));
+    let starts = AuditQuery {
+        action: Some(AuditAction::RolloutStart),
+        before: Some(3),
+        ..AuditQuery::default()
+    };
+    assert_eq!(store.audit_entries(&starts, 10).await.unwrap().len(), 1);
+
+    let hook = store
+        .insert_webhook(&NewWebhook {
+            url: "http://127.0.0.1:9/a",
+            secret: "s",
+            filter: &Default::default(),
+            created_at: "2026-12-05T10:00:00Z",
+            created_by: "bootstrap-admin",
+        })
+        .await
+        .unwrap();
+    let delivery = NewDelivery {
+        webhook_id: hook.id,
+        event: "rollout.finished".into(),
+        payload: "{}".into(),
+        created_at: "2026-12-05T10:00:00Z".into(),
+        due_ms: 1_000,
+    };
+    store
+        .insert_deliveries(&[delivery.clone(), delivery.clone(), delivery])
+        .await
+        .unwrap();
+    let due = store.due_deliveries(1_000, 10).await.unwrap();
+    assert_eq!(due.len(), 3);
+    assert!(store.due_deliveries(999, 10).await.unwrap().is_empty());
+    let error = WireError::new(ErrorKind::ServerUnreachable, "refused");
+    store
+        .record_attempt(
+            due[0].id,
+            &Attempt {
+                at: "2026-12-05T10:00:01Z",
+                status: Some(204),
+                error: None,
+                retry_at_ms: None,
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .record_attempt(
+            due[1].id,
+            &Attempt {
+                at: "2026-12-05T10:00:01Z",
+                status: None,
+                error: Some(&error),
+                retry_at_ms: Some(5_000),
+            },
+        )
+        .await
+        .unwrap();
+    let log = store.deliveries(hook.id, None, 10).await.unwrap();
+    assert_eq!(log.len(), 3);
+    let first = log.iter().find(|d| d.id == due[0].id).unwrap();
+    assert_eq!(first.delivered_at.as_deref(), Some("2026-12-05T10:00:01Z"));
+    let retried = log.iter().find(|d| d.id == due[1].id).unwrap();
+    assert_eq!(retried.attempts, 1);
+    assert_eq!(retried.next_attempt_at.as_deref(), Some("1970-01-01T00:00:05Z"));
+    assert_eq!(store.due_deliveries(1_000, 10).await.unwrap().len(), 1);
+    assert_eq!(store.prune_deliveries(0).await.unwrap(), 1);
+    let removed = store
+        .remove_webhook(hook.id, "2026-12-06T00:00:00Z")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(removed.removed_at.as_deref(), Some("2026-12-06T00:00:00Z"));
+    assert!(store.due_deliveries(10_000, 10).await.unwrap().is_empty());
+    assert_eq!(store.webhooks().await.unwrap().len(), 1);
+}
+
+async fn a_lease_has_one_holder_until_it_expires_or_is_released(db: &Db) {
+    let stores = [db.open().await, db.open().await];
+    let (a, b) = (&stores[0], &stores[1]);
+    assert!(a.try_lease("scheduler", "a", 1_000, 500).await.unwrap());
+    assert!(!b.try_lease("scheduler", "b", 1_200, 500).await.unwrap());
+    assert!(a.try_lease("scheduler", "a", 1_400, 500).await.unwrap());
+    assert!(!b.try_lease("scheduler", "b", 1_600, 500).await.unwrap());
+    assert!(b.try_lease("scheduler", "b", 1_900, 500).await.unwrap());
+    assert!(!a.try_lease("scheduler", "a", 2_000, 500).await.unwrap());
+    a.release_lease("scheduler", "a").await.unwrap();
+    assert!(!a.try_lease("scheduler", "a", 2_000, 500).await.unwrap());
+    b.release_lease("scheduler", "b").await.unwrap();
+    assert!(a.try_lease("scheduler", "a", 2_000, 500).await.unwrap());
+    // Many racing for a free lease: one wins.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = stores[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .try_lease("deliveries", &format!("r{i}"), 10_000, 500)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += t.await.unwrap() as u32;
+    }
+    assert_eq!(won, 1);
+}
