@@ -25,7 +25,12 @@ struct Args {
     admin_listen: Option<SocketAddr>,
     /// PostgreSQL database (postgres://user:password@host:port/database)
     /// instead of SQLite in the data directory; overrides [database] url.
-    #[arg(long, env = "UPLIFT_DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "UPLIFT_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
     database_url: Option<String>,
     /// Write the endpoint (URL, CA file, token files) as JSON here once listening.
     #[arg(long)]
@@ -67,7 +72,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(url) = args.database_url {
         config.database.url = Some(url);
-        config.check().map_err(|e| anyhow::anyhow!("--database-url: {e}"))?;
+        config
+            .check()
+            .map_err(|e| anyhow::anyhow!("--database-url: {e}"))?;
     }
     if let Some(Command::Check) = args.command {
         // 1 means damage found; 2, that nothing could be checked.

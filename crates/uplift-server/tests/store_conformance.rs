@@ -14,8 +14,8 @@ use uplift_proto::{DeviceId, ErrorKind, SlotName, Tag, TokenName, Version, WireE
 use uplift_server::rollout::engine::{Outcome, RolloutState};
 use uplift_server::store::control::{Attempt, NewApiToken, NewAuditEntry, NewDelivery, NewWebhook};
 use uplift_server::store::{
-    DeviceFilter, MemberPage, NewDevice, NewEvent, NewPlan, PgStore, ReleaseRecord,
-    ReportedState, RolloutChange, SqliteStore, Store, StoreError, TagUpdate,
+    DeviceFilter, MemberPage, NewDevice, NewEvent, NewPlan, PgStore, ReleaseRecord, ReportedState,
+    RolloutChange, SqliteStore, Store, StoreError, TagUpdate,
 };
 
 /// Where a case's database is; it may open several stores on it (as
@@ -199,7 +199,11 @@ fn change<'a>(now: &'a str) -> RolloutChange<'a> {
 
 async fn devices_enroll_once_and_are_found_by_id_and_key(db: &Db) {
     let store = db.open().await;
-    enroll(&*store, &[("dev-b", "gw", "hw-2"), ("dev-a", "cam", "hw-1")]).await;
+    enroll(
+        &*store,
+        &[("dev-b", "gw", "hw-2"), ("dev-a", "cam", "hw-1")],
+    )
+    .await;
     let again = store.insert_device(&device("dev-a", "gw", "hw-9")).await;
     assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
     let mut taken_key = device("dev-c", "gw", "hw-3");
@@ -214,7 +218,10 @@ async fn devices_enroll_once_and_are_found_by_id_and_key(db: &Db) {
     let by_key = store.device_by_public_key("key-dev-b").await.unwrap();
     assert_eq!(by_key.map(|d| d.id), Some(id("dev-b")));
     assert!(store.device(&id("dev-x")).await.unwrap().is_none());
-    assert_eq!(ids(&store.list_devices().await.unwrap()), ["dev-a", "dev-b"]);
+    assert_eq!(
+        ids(&store.list_devices().await.unwrap()),
+        ["dev-a", "dev-b"]
+    );
     assert_eq!(store.count_devices().await.unwrap(), 2);
     assert_eq!(
         store.devices_of_type(&"gw".parse().unwrap()).await.unwrap(),
@@ -255,7 +262,10 @@ async fn devices_enroll_once_and_are_found_by_id_and_key(db: &Db) {
     assert_eq!(a.state, Some(AgentState::Failed));
     assert_eq!(a.reported_target, Some(version("2.0")));
     assert_eq!(a.progress.map(|p| p.fetched_bytes), Some(4));
-    assert_eq!(a.last_error.map(|e| e.kind), Some(ErrorKind::DownloadFailed));
+    assert_eq!(
+        a.last_error.map(|e| e.kind),
+        Some(ErrorKind::DownloadFailed)
+    );
     let census = store.device_census().await.unwrap();
     assert_eq!(census.iter().map(|c| c.devices).sum::<u64>(), 2);
     assert!(census.iter().any(|c| c.state.as_deref() == Some("failed")
@@ -279,8 +289,18 @@ async fn device_lists_filter_by_every_field_and_page_by_id(db: &Db) {
     store
         .record_reports(&[
             seen("dev-a", AgentState::Idle, "1.0", "2026-02-01T10:00:00Z"),
-            seen("dev-b", AgentState::Downloading, "1.0", "2026-02-01T10:00:00.5Z"),
-            seen("dev-c", AgentState::Idle, "2.0", "2026-02-03T00:00:00+02:00"),
+            seen(
+                "dev-b",
+                AgentState::Downloading,
+                "1.0",
+                "2026-02-01T10:00:00.5Z",
+            ),
+            seen(
+                "dev-c",
+                AgentState::Idle,
+                "2.0",
+                "2026-02-03T00:00:00+02:00",
+            ),
             seen("dev-d", AgentState::Failed, "1.1", "2026-02-05T00:00:00Z"),
         ])
         .await
@@ -311,9 +331,18 @@ async fn device_lists_filter_by_every_field_and_page_by_id(db: &Db) {
     };
     let text = |t: &str| by(&|f| f.text = Some(t.into()));
     let cases: Vec<(DeviceFilter, Vec<&str>)> = vec![
-        (DeviceFilter::default(), vec!["dev-a", "dev-b", "dev-c", "dev-d", "dev-e"]),
-        (by(&|f| f.device_type = Some("cam".parse().unwrap())), vec!["dev-c"]),
-        (by(&|f| f.versions = vec![version("1.0")]), vec!["dev-a", "dev-b"]),
+        (
+            DeviceFilter::default(),
+            vec!["dev-a", "dev-b", "dev-c", "dev-d", "dev-e"],
+        ),
+        (
+            by(&|f| f.device_type = Some("cam".parse().unwrap())),
+            vec!["dev-c"],
+        ),
+        (
+            by(&|f| f.versions = vec![version("1.0")]),
+            vec!["dev-a", "dev-b"],
+        ),
         (
             by(&|f| f.versions = vec![version("1.1"), version("2.0")]),
             vec!["dev-c", "dev-d"],
@@ -328,7 +357,10 @@ async fn device_lists_filter_by_every_field_and_page_by_id(db: &Db) {
             vec!["dev-a", "dev-b", "dev-d"],
         ),
         (by(&|f| f.tags = Some(TagSelector::Any(vec![]))), vec![]),
-        (by(&|f| f.tags = Some(TagSelector::All(vec![]))), vec!["dev-a", "dev-b", "dev-c", "dev-d", "dev-e"]),
+        (
+            by(&|f| f.tags = Some(TagSelector::All(vec![]))),
+            vec!["dev-a", "dev-b", "dev-c", "dev-d", "dev-e"],
+        ),
         (text("hw_"), vec!["dev-a"]),
         (text("%"), vec![]),
         (text("W."), vec!["dev-b"]),
@@ -478,7 +510,10 @@ async fn times_within_one_second_keep_their_order(db: &Db) {
         )
         .await
         .unwrap();
-    assert_eq!(store.prune_events("2026-01-01T10:00:00.5Z").await.unwrap(), 2);
+    assert_eq!(
+        store.prune_events("2026-01-01T10:00:00.5Z").await.unwrap(),
+        2
+    );
     let left = store.device_history(&id("dev-1"), None, 10).await.unwrap();
     assert_eq!(
         left.iter().map(|e| e.at.as_str()).collect::<Vec<_>>(),
@@ -510,11 +545,23 @@ async fn tags_change_in_one_step_and_refuse_too_many(db: &Db) {
         }
     };
     let updated = |t: &[&str]| TagUpdate::Updated(tags(t));
-    assert_eq!(change(None, &[], &["b", "a", "a"]).await, updated(&["a", "b"]));
-    assert_eq!(change(None, &["a", "zz"], &["c"]).await, updated(&["b", "c"]));
-    assert_eq!(change(None, &[], &["d", "e"]).await, TagUpdate::TooMany { count: 4 });
+    assert_eq!(
+        change(None, &[], &["b", "a", "a"]).await,
+        updated(&["a", "b"])
+    );
+    assert_eq!(
+        change(None, &["a", "zz"], &["c"]).await,
+        updated(&["b", "c"])
+    );
+    assert_eq!(
+        change(None, &[], &["d", "e"]).await,
+        TagUpdate::TooMany { count: 4 }
+    );
     assert_eq!(change(None, &[], &[]).await, updated(&["b", "c"]));
-    assert_eq!(change(Some(&["x"]), &[], &["y"]).await, updated(&["x", "y"]));
+    assert_eq!(
+        change(Some(&["x"]), &[], &["y"]).await,
+        updated(&["x", "y"])
+    );
     assert_eq!(change(Some(&[]), &[], &[]).await, updated(&[]));
     let unknown = store
         .change_tags(&id("dev-nope"), None, &[], &tags(&["a"]), 3)
@@ -549,7 +596,10 @@ async fn history_keeps_the_newest_per_device_and_prunes_by_age(db: &Db) {
         .chain([event("dev-b", 1, "2026-01-01T00:00:00Z")])
         .collect();
     assert_eq!(store.record_events(&batch, 3).await.unwrap(), 6);
-    assert_eq!(rollouts(&store.device_history(&a, None, 100).await.unwrap()), [5, 4, 3]);
+    assert_eq!(
+        rollouts(&store.device_history(&a, None, 100).await.unwrap()),
+        [5, 4, 3]
+    );
     let page = store.device_history(&a, None, 2).await.unwrap();
     assert_eq!(rollouts(&page), [5, 4]);
     let older = store.device_history(&a, Some(page[1].id), 2).await.unwrap();
@@ -559,8 +609,15 @@ async fn history_keeps_the_newest_per_device_and_prunes_by_age(db: &Db) {
         .await
         .unwrap();
     assert_eq!(store.prune_events("2026-02-01T00:00:00Z").await.unwrap(), 3);
-    assert_eq!(rollouts(&store.device_history(&a, None, 100).await.unwrap()), [6]);
-    assert!(store.device_history(&b, None, 100).await.unwrap().is_empty());
+    assert_eq!(
+        rollouts(&store.device_history(&a, None, 100).await.unwrap()),
+        [6]
+    );
+    assert!(store
+        .device_history(&b, None, 100)
+        .await
+        .unwrap()
+        .is_empty());
     // Ids are never given out again, so a cursor keeps its place.
     store
         .record_events(&[event("dev-b", 7, "2026-03-02T00:00:00Z")], 3)
@@ -574,7 +631,11 @@ async fn rollouts_store_phases_supersede_older_parts_and_refuse_unknown_devices(
     let store = db.open().await;
     enroll(
         &*store,
-        &[("dev-1", "gw", "hw-1"), ("dev-2", "gw", "hw-2"), ("dev-3", "gw", "hw-3")],
+        &[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+        ],
     )
     .await;
     let first = start(&*store, &[("dev-1", 0), ("dev-2", 1)]).await.unwrap();
@@ -586,7 +647,14 @@ async fn rollouts_store_phases_supersede_older_parts_and_refuse_unknown_devices(
     // dev-2 finishes its part in the first rollout.
     let settle = [(id("dev-2"), Outcome::Succeeded, None)];
     assert!(store
-        .apply_rollout_change(first, 0, &RolloutChange { settle: &settle, ..change(NOW) })
+        .apply_rollout_change(
+            first,
+            0,
+            &RolloutChange {
+                settle: &settle,
+                ..change(NOW)
+            }
+        )
         .await
         .unwrap());
 
@@ -597,7 +665,9 @@ async fn rollouts_store_phases_supersede_older_parts_and_refuse_unknown_devices(
     );
     assert_eq!(store.list_rollouts().await.unwrap().len(), 1);
 
-    let second = start(&*store, &[("dev-3", 1), ("dev-1", 0), ("dev-2", 0)]).await.unwrap();
+    let second = start(&*store, &[("dev-3", 1), ("dev-1", 0), ("dev-2", 0)])
+        .await
+        .unwrap();
     assert!(second > first);
     let parts = |rollout: i64| {
         let store = store.clone();
@@ -621,10 +691,20 @@ async fn rollouts_store_phases_supersede_older_parts_and_refuse_unknown_devices(
     );
     assert_eq!(
         parts(second).await,
-        [part("dev-1", 0, None), part("dev-2", 0, None), part("dev-3", 1, None)]
+        [
+            part("dev-1", 0, None),
+            part("dev-2", 0, None),
+            part("dev-3", 1, None)
+        ]
     );
-    assert_eq!(store.supersessions(None).await.unwrap(), [(first, second, 1)]);
-    assert_eq!(store.supersessions(Some(second)).await.unwrap(), [(first, second, 1)]);
+    assert_eq!(
+        store.supersessions(None).await.unwrap(),
+        [(first, second, 1)]
+    );
+    assert_eq!(
+        store.supersessions(Some(second)).await.unwrap(),
+        [(first, second, 1)]
+    );
     assert_eq!(store.active_rollouts().await.unwrap(), [first, second]);
     assert_eq!(
         store
@@ -648,7 +728,10 @@ async fn rollouts_store_phases_supersede_older_parts_and_refuse_unknown_devices(
     assert_eq!(store.phase_tallies(Some(second)).await.unwrap().len(), 2);
     // Devices waiting for their phase count as the newer rollout's.
     let waiting = store.rollout_devices(second).await.unwrap();
-    assert!(waiting.iter().all(|d| d.target_rollout == Some(second)), "{waiting:?}");
+    assert!(
+        waiting.iter().all(|d| d.target_rollout == Some(second)),
+        "{waiting:?}"
+    );
     let all = store.all_rollout_devices().await.unwrap();
     let of_first: Vec<(&str, Option<i64>)> = all
         .iter()
@@ -663,14 +746,27 @@ async fn rollout_steps_check_the_revision_and_move_offers(db: &Db) {
     let store = db.open().await;
     enroll(
         &*store,
-        &[("dev-1", "gw", "hw-1"), ("dev-2", "gw", "hw-2"), ("dev-3", "gw", "hw-3")],
+        &[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+        ],
     )
     .await;
-    let r = start(&*store, &[("dev-1", 0), ("dev-2", 0), ("dev-3", 1)]).await.unwrap();
+    let r = start(&*store, &[("dev-1", 0), ("dev-2", 0), ("dev-3", 1)])
+        .await
+        .unwrap();
     let offer = [id("dev-1"), id("dev-2"), id("dev-3")];
     let later = "2026-03-01T12:00:01Z";
     assert!(store
-        .apply_rollout_change(r, 0, &RolloutChange { offer: &offer, ..change(later) })
+        .apply_rollout_change(
+            r,
+            0,
+            &RolloutChange {
+                offer: &offer,
+                ..change(later)
+            }
+        )
         .await
         .unwrap());
     // The same revision again: another actor moved it on; nothing written.
@@ -685,7 +781,9 @@ async fn rollout_steps_check_the_revision_and_move_offers(db: &Db) {
     assert_eq!((plan.state.name(), plan.revision), ("running", 1));
     let targets = store.device_targets().await.unwrap();
     assert_eq!(targets.len(), 3);
-    assert!(targets.iter().all(|(_, t)| t.rollout_id == r && t.version == version("2.0")));
+    assert!(targets
+        .iter()
+        .all(|(_, t)| t.rollout_id == r && t.version == version("2.0")));
     let members = store.rollout_members(r).await.unwrap();
     assert!(members
         .iter()
@@ -732,7 +830,11 @@ async fn rollout_steps_check_the_revision_and_move_offers(db: &Db) {
         async move { store.device(&d).await.unwrap().unwrap().target_rollout }
     };
     assert_eq!(
-        (target("dev-1").await, target("dev-2").await, target("dev-3").await),
+        (
+            target("dev-1").await,
+            target("dev-2").await,
+            target("dev-3").await
+        ),
         (Some(r), None, None)
     );
     assert_eq!(store.active_rollouts().await.unwrap(), Vec::<i64>::new());
@@ -795,7 +897,14 @@ async fn rollout_members_page_by_phase_and_device(db: &Db) {
     let r = start(&*store, &members).await.unwrap();
     let settle = [(id("dev-3"), Outcome::Succeeded, None)];
     assert!(store
-        .apply_rollout_change(r, 0, &RolloutChange { settle: &settle, ..change(NOW) })
+        .apply_rollout_change(
+            r,
+            0,
+            &RolloutChange {
+                settle: &settle,
+                ..change(NOW)
+            }
+        )
         .await
         .unwrap());
     let mut all = Vec::new();
@@ -824,11 +933,21 @@ async fn rollout_members_page_by_phase_and_device(db: &Db) {
         after: None,
         limit: 10,
     };
-    let names_of = |page: Vec<(uplift_server::store::MemberRecord, uplift_server::store::DeviceRecord)>| {
-        page.into_iter().map(|(_, d)| d.id.to_string()).collect::<Vec<_>>()
+    let names_of = |page: Vec<(
+        uplift_server::store::MemberRecord,
+        uplift_server::store::DeviceRecord,
+    )>| {
+        page.into_iter()
+            .map(|(_, d)| d.id.to_string())
+            .collect::<Vec<_>>()
     };
     assert_eq!(
-        names_of(store.rollout_members_page(r, &filtered(Some(1), None)).await.unwrap()),
+        names_of(
+            store
+                .rollout_members_page(r, &filtered(Some(1), None))
+                .await
+                .unwrap()
+        ),
         ["dev-1", "dev-4"]
     );
     assert_eq!(
@@ -889,12 +1008,27 @@ async fn the_fleet_census_and_devices_in_rollouts_count_in_the_database(db: &Db)
     let r1 = start(&*store, &first).await.unwrap();
     let offer: Vec<DeviceId> = names[..4].iter().map(|n| id(n)).collect();
     assert!(store
-        .apply_rollout_change(r1, 0, &RolloutChange { offer: &offer, ..change(NOW) })
+        .apply_rollout_change(
+            r1,
+            0,
+            &RolloutChange {
+                offer: &offer,
+                ..change(NOW)
+            }
+        )
         .await
         .unwrap());
-    let r2 = start(&*store, &[("dev-06", 0), ("dev-07", 0)]).await.unwrap();
+    let r2 = start(&*store, &[("dev-06", 0), ("dev-07", 0)])
+        .await
+        .unwrap();
 
-    let connected = [id("dev-00"), id("dev-05"), id("dev-05"), id("dev-11"), id("dev-99")];
+    let connected = [
+        id("dev-00"),
+        id("dev-05"),
+        id("dev-05"),
+        id("dev-11"),
+        id("dev-99"),
+    ];
     let groups = store.fleet_census(&connected).await.unwrap();
     let sum = |f: &dyn Fn(&uplift_server::store::FleetGroup) -> bool| -> (u64, u64) {
         groups
@@ -933,10 +1067,19 @@ async fn dynamic_rollouts_add_members_unless_a_newer_rollout_has_them(db: &Db) {
     let older = start(&*store, &[("dev-1", 0)]).await.unwrap();
     let newer = start(&*store, &[("dev-2", 0)]).await.unwrap();
     // The newer rollout takes dev-1 over from the older one.
-    assert!(store.add_rollout_member(newer, &id("dev-1"), 2).await.unwrap());
-    assert!(!store.add_rollout_member(newer, &id("dev-1"), 2).await.unwrap());
+    assert!(store
+        .add_rollout_member(newer, &id("dev-1"), 2)
+        .await
+        .unwrap());
+    assert!(!store
+        .add_rollout_member(newer, &id("dev-1"), 2)
+        .await
+        .unwrap());
     // The older one cannot take dev-2 from the newer.
-    assert!(!store.add_rollout_member(older, &id("dev-2"), 0).await.unwrap());
+    assert!(!store
+        .add_rollout_member(older, &id("dev-2"), 0)
+        .await
+        .unwrap());
     let members = store.rollout_members(newer).await.unwrap();
     assert_eq!(
         members
@@ -1005,9 +1148,15 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
             .await
             .unwrap();
     }
-    let all = store.audit_entries(&AuditQuery::default(), 10).await.unwrap();
+    let all = store
+        .audit_entries(&AuditQuery::default(), 10)
+        .await
+        .unwrap();
     assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), [3, 2, 1]);
-    assert_eq!(all[0].error.as_ref().map(|e| e.kind), Some(ErrorKind::Conflict));
+    assert_eq!(
+        all[0].error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::Conflict)
+    );
     assert_eq!(all[1].token_id, Some(token.id));
     let starts = AuditQuery {
         action: Some(AuditAction::RolloutStart),
@@ -1071,7 +1220,10 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
     assert_eq!(first.delivered_at.as_deref(), Some("2026-12-05T10:00:01Z"));
     let retried = log.iter().find(|d| d.id == due[1].id).unwrap();
     assert_eq!(retried.attempts, 1);
-    assert_eq!(retried.next_attempt_at.as_deref(), Some("1970-01-01T00:00:05Z"));
+    assert_eq!(
+        retried.next_attempt_at.as_deref(),
+        Some("1970-01-01T00:00:05Z")
+    );
     assert_eq!(store.due_deliveries(1_000, 10).await.unwrap().len(), 1);
     assert_eq!(store.prune_deliveries(0).await.unwrap(), 1);
     let removed = store

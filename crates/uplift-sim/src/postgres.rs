@@ -43,7 +43,9 @@ pub enum TestPostgresError {
         status: std::process::ExitStatus,
         output: String,
     },
-    #[error("PostgreSQL on port {port} did not accept connections within {seconds} s; its log:\n{log}")]
+    #[error(
+        "PostgreSQL on port {port} did not accept connections within {seconds} s; its log:\n{log}"
+    )]
     NotReady {
         port: u16,
         seconds: u64,
@@ -152,10 +154,14 @@ impl TestPostgres {
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
             .stdin(Stdio::null())
-            .stdout(log_file.try_clone().map_err(|source| TestPostgresError::Io {
-                what: "opening the log".into(),
-                source,
-            })?)
+            .stdout(
+                log_file
+                    .try_clone()
+                    .map_err(|source| TestPostgresError::Io {
+                        what: "opening the log".into(),
+                        source,
+                    })?,
+            )
             .stderr(log_file)
             // Its own process group, so that drop stops runuser, postgres
             // and every backend together.
@@ -227,7 +233,15 @@ impl TestPostgres {
     /// Makes a new, empty database and returns its URL.
     pub fn create_database(&self, name: &str) -> Result<String, TestPostgresError> {
         let mut createdb = self.command("createdb");
-        createdb.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", name]);
+        createdb.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            name,
+        ]);
         self.run(&format!("creating database {name}"), &mut createdb)?;
         Ok(self.url(name))
     }

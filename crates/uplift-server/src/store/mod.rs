@@ -123,7 +123,8 @@ pub(crate) fn classify(action: &'static str) -> impl FnOnce(sqlx::Error) -> Stor
         // was rolled back and may be tried again.
         sqlx::Error::Database(ref e)
             if matches!(e.code().as_deref(), Some("40001" | "40P01"))
-                && e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() =>
+                && e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some() =>
         {
             StoreError::Busy { action, source }
         }

@@ -87,9 +87,7 @@ impl PgStore {
         let mut tx = self.pool.begin().await.map_err(db(action))?;
         for d in devices {
             let enrolled_at = stamp::parse("a device's enrollment time", &d.enrolled_at)?;
-            let result = insert_device_query(d, enrolled_at)
-                .execute(&mut *tx)
-                .await;
+            let result = insert_device_query(d, enrolled_at).execute(&mut *tx).await;
             enrolled(d, result, action)?;
         }
         tx.commit().await.map_err(db(action))
@@ -186,7 +184,10 @@ fn ids(devices: &[DeviceId]) -> Vec<String> {
 
 fn device_from_row(row: &PgRow) -> StoreResult<DeviceRecord> {
     let r = db("reading a device");
-    let get_opt_i64 = |i: usize| row.try_get::<Option<i64>, _>(i).map_err(db("reading a device"));
+    let get_opt_i64 = |i: usize| {
+        row.try_get::<Option<i64>, _>(i)
+            .map_err(db("reading a device"))
+    };
     let progress = match (get_opt_i64(10)?, get_opt_i64(11)?, get_opt_i64(12)?) {
         (Some(done), Some(total), Some(fetched)) => Some(Progress {
             done_bytes: done as u64,
@@ -200,13 +201,15 @@ fn device_from_row(row: &PgRow) -> StoreResult<DeviceRecord> {
         row.try_get::<Option<String>, _>(i)
             .map_err(db("reading a device"))
     };
-    let last_error = match (parse_json::<ErrorKind>("error kind", opt_text(13)?)?, opt_text(14)?) {
+    let last_error = match (
+        parse_json::<ErrorKind>("error kind", opt_text(13)?)?,
+        opt_text(14)?,
+    ) {
         (Some(kind), Some(message)) => Some(WireError { kind, message }),
         _ => None,
     };
     let enrolled_at: OffsetDateTime = row.try_get(4).map_err(r)?;
-    let last_seen: Option<OffsetDateTime> =
-        row.try_get(5).map_err(db("reading a device"))?;
+    let last_seen: Option<OffsetDateTime> = row.try_get(5).map_err(db("reading a device"))?;
     Ok(DeviceRecord {
         id: parse("device id", text(0)?)?,
         device_type: parse("device type", text(1)?)?,
@@ -568,9 +571,8 @@ impl Store for PgStore {
         if known.is_none() {
             return Ok(TagUpdate::UnknownDevice);
         }
-        let names = |tags: &[Tag]| -> Vec<String> {
-            tags.iter().map(|t| t.as_str().to_owned()).collect()
-        };
+        let names =
+            |tags: &[Tag]| -> Vec<String> { tags.iter().map(|t| t.as_str().to_owned()).collect() };
         if let Some(set) = set {
             sqlx::query("DELETE FROM device_tags WHERE device_id = $1")
                 .bind(device.as_str())
@@ -944,10 +946,7 @@ impl Store for PgStore {
     ) -> StoreResult<RolloutRecord> {
         let action = "starting a rollout";
         let created_at = stamp::parse("a rollout's start", now)?;
-        let devices: Vec<String> = members
-            .iter()
-            .map(|(d, _)| d.as_str().to_owned())
-            .collect();
+        let devices: Vec<String> = members.iter().map(|(d, _)| d.as_str().to_owned()).collect();
         let phases: Vec<i64> = members.iter().map(|(_, p)| i64::from(*p)).collect();
         let mut tx = self.pool.begin().await.map_err(db(action))?;
         lock_memberships(&mut tx, action).await?;
@@ -1239,7 +1238,8 @@ impl Store for PgStore {
                 .iter()
                 .map(|(d, _, _)| d.as_str().to_owned())
                 .collect();
-            let outcomes: Vec<String> = change.settle.iter().map(|(_, o, _)| enum_text(o)).collect();
+            let outcomes: Vec<String> =
+                change.settle.iter().map(|(_, o, _)| enum_text(o)).collect();
             let errors: Vec<Option<String>> =
                 change.settle.iter().map(|(_, _, e)| e.clone()).collect();
             sqlx::query(

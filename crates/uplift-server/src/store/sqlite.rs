@@ -53,7 +53,6 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("devices", "address", "TEXT"),
 ];
 
-
 /// A rollout member's columns, read after [`DEVICE_COLUMNS`] by
 /// [`member_from_row`].
 const MEMBER_COLUMNS: &str = "rd.phase, rd.offered_at, rd.outcome, rd.error, rd.failure_accepted";
@@ -551,7 +550,9 @@ fn enum_text<T: serde::Serialize>(value: &T) -> String {
 impl Store for SqliteStore {
     async fn insert_device(&self, d: &NewDevice) -> StoreResult<()> {
         let enrolled_at = stamp::stored("a device's enrollment time", &d.enrolled_at)?;
-        let result = insert_device_query(d, enrolled_at).execute(&self.pool).await;
+        let result = insert_device_query(d, enrolled_at)
+            .execute(&self.pool)
+            .await;
         enrolled(d, result, "enrolling a device")
     }
 
@@ -989,7 +990,10 @@ impl Store for SqliteStore {
         .bind(rel.stored_bytes as i64)
         .bind(stamp::stored("a release's time", &rel.created_at)?)
         .bind(json_text(&rel.key_ids))
-        .bind(stamp::stored_opt("a release's expiry", rel.expires_at.as_deref())?)
+        .bind(stamp::stored_opt(
+            "a release's expiry",
+            rel.expires_at.as_deref(),
+        )?)
         .execute(&self.pool)
         .await;
         match result {
@@ -1545,8 +1549,14 @@ mod tests {
         let devices = store.list_devices().await.unwrap();
         // In enrollment order: 10:00:00, .123456, .5 (as text it was .1, .5, Z).
         assert_eq!(ids(&devices), ["dev-b", "dev-c", "dev-a"]);
-        assert_eq!(devices[1].enrolled_at, "2026-01-01T10:00:00.123Z", "milliseconds kept");
-        assert_eq!(devices[2].last_seen.as_deref(), Some("2026-02-01T10:00:00Z"));
+        assert_eq!(
+            devices[1].enrolled_at, "2026-01-01T10:00:00.123Z",
+            "milliseconds kept"
+        );
+        assert_eq!(
+            devices[2].last_seen.as_deref(),
+            Some("2026-02-01T10:00:00Z")
+        );
         assert_eq!(devices[2].running_version, Some("1.0".parse().unwrap()));
         let stored: Vec<String> =
             sqlx::query_scalar("SELECT enrolled_at FROM devices ORDER BY enrolled_at")
@@ -1566,11 +1576,17 @@ mod tests {
             seen_after: Some(time("2026-02-01T10:00:00.1Z")),
             ..Default::default()
         };
-        assert_eq!(ids(&store.device_page(&filter, None, 10).await.unwrap()), ["dev-c"]);
+        assert_eq!(
+            ids(&store.device_page(&filter, None, 10).await.unwrap()),
+            ["dev-c"]
+        );
         let rollout = store.rollout(1).await.unwrap().unwrap();
         assert_eq!(rollout.created_at, "2026-01-06T00:00:00.1Z");
         let members = store.rollout_members(1).await.unwrap();
-        assert_eq!(members[0].0.offered_at.as_deref(), Some("2026-01-06T00:00:01Z"));
+        assert_eq!(
+            members[0].0.offered_at.as_deref(),
+            Some("2026-01-06T00:00:01Z")
+        );
         let audit = store
             .audit_entries(&uplift_proto::auth::AuditQuery::default(), 10)
             .await
@@ -1642,7 +1658,14 @@ mod tests {
             from_versions: &[],
         };
         let new = store
-            .create_rollout(&release(), &[], false, limits, &plan, "2026-03-01T00:00:00Z")
+            .create_rollout(
+                &release(),
+                &[],
+                false,
+                limits,
+                &plan,
+                "2026-03-01T00:00:00Z",
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -1773,7 +1796,14 @@ mod tests {
             let (store, plan) = (&store, &plan);
             async move {
                 store
-                    .create_rollout(&release(), &members, false, Default::default(), plan, "2026-03-01T00:00:00Z")
+                    .create_rollout(
+                        &release(),
+                        &members,
+                        false,
+                        Default::default(),
+                        plan,
+                        "2026-03-01T00:00:00Z",
+                    )
                     .await
             }
         };

@@ -2,11 +2,11 @@
 //! and leases.
 
 use super::{db, parse, SqliteStore};
-use crate::store::stamp;
 use crate::store::control::{
     Attempt, ControlStore, DueDelivery, NewApiToken, NewAuditEntry, NewDelivery, NewWebhook,
     WebhookRecord,
 };
+use crate::store::stamp;
 use crate::store::StoreResult;
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
@@ -14,7 +14,6 @@ use sqlx::Row;
 use uplift_proto::auth::{AuditEntry, AuditQuery, TokenView};
 use uplift_proto::events::{DeliveryStatus, DeliveryView, WebhookView};
 use uplift_proto::{ErrorKind, WireError};
-
 
 const TOKEN_COLUMNS: &str = "id, name, role, created_at, created_by, expires_at, revoked_at";
 
