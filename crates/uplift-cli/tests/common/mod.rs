@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use uplift_cli::client::AdminClient;
 use uplift_cli::fleet::{
-    write_changed_image, write_image, Binaries, Device, DeviceSpec, ServerProcess,
+    write_changed_image, write_image, Binaries, Device, DeviceSpec, ServerLaunch, ServerProcess,
 };
 use uplift_proto::api::{DeviceView, DownloadLimits, RolloutCreate, RolloutView};
 use uplift_proto::{DeviceId, Version};
@@ -38,13 +38,18 @@ pub fn v(s: &str) -> Version {
 
 impl Fixture {
     pub fn start() -> Self {
+        Self::start_with(ServerLaunch::on("127.0.0.1:0"))
+    }
+
+    /// A fixture whose server is started as `launch` says (a config, say).
+    pub fn start_with(launch: ServerLaunch) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("uplift-e2e-")
             .tempdir()
             .expect("temp dir");
         let bins = Binaries::locate().expect("binaries (run `cargo build --bins` first)");
-        let server =
-            ServerProcess::start(&bins, &dir.path().join("server")).expect("server starts");
+        let server = ServerProcess::launch(&bins, &dir.path().join("server"), &launch)
+            .expect("server starts");
         let client = server.client().expect("admin client");
         let images = dir.path().join("images");
         std::fs::create_dir_all(&images).unwrap();
