@@ -260,6 +260,15 @@ pub struct MemberPage {
     pub limit: u32,
 }
 
+/// A rollout's devices counted by where each stands in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RolloutTally {
+    pub counts: uplift_proto::api::RolloutCounts,
+    /// Taken over by a newer rollout.
+    pub superseded: u64,
+    pub total: u64,
+}
+
 /// What to write after an engine step or an operator command.
 #[derive(Debug, Clone, Copy)]
 pub struct RolloutChange<'a> {
@@ -403,10 +412,9 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     ) -> StoreResult<bool>;
     async fn rollout(&self, id: i64) -> StoreResult<Option<RolloutRecord>>;
     async fn list_rollouts(&self) -> StoreResult<Vec<RolloutRecord>>;
-    /// Devices a rollout was started on, with their current records.
-    async fn rollout_devices(&self, id: i64) -> StoreResult<Vec<DeviceRecord>>;
-    /// [`Store::rollout_devices`] of every rollout at once, as (rollout id,
-    /// device) by rollout id, then device id: one query for a list of
-    /// rollouts instead of one per rollout.
-    async fn all_rollout_devices(&self) -> StoreResult<Vec<(i64, DeviceRecord)>>;
+    /// Each rollout's devices counted by where they stand, as stored:
+    /// [`crate::service::rollouts::Tally::of`] over the devices it was
+    /// started on, in one aggregate query; of rollout
+    /// `only` alone if given. By rollout id.
+    async fn rollout_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, RolloutTally)>>;
 }
