@@ -9,8 +9,8 @@ use crate::rollout::window::Window;
 use crate::rollout::{phases, scheduler};
 use crate::state::{now_rfc3339, AppState};
 use crate::store::{
-    DeviceFilter, DeviceRecord, MemberPage, NewPlan, ReleaseRecord, RolloutChange, RolloutPlan,
-    RolloutRecord, RolloutTally,
+    DeviceFilter, DeviceRecord, DeviceStanding, MemberPage, NewPlan, ReleaseRecord, RolloutChange,
+    RolloutPlan, RolloutRecord, RolloutTally,
 };
 use std::collections::{HashMap, HashSet};
 use time::OffsetDateTime;
@@ -751,7 +751,7 @@ pub enum Outcome {
 
 /// Where `d` stands in rollout `rollout_id` of `release`; `None` if a newer
 /// rollout took it over.
-pub fn classify(release: &Version, rollout_id: i64, d: &DeviceRecord) -> Option<Outcome> {
+pub fn classify(release: &Version, rollout_id: i64, d: &DeviceStanding) -> Option<Outcome> {
     if d.target_rollout != Some(rollout_id) {
         return None;
     }
@@ -782,7 +782,7 @@ impl Tally {
             ..Tally::default()
         };
         for d in devices {
-            match classify(release, rollout_id, d) {
+            match classify(release, rollout_id, &d.standing()) {
                 None => tally.superseded += 1,
                 Some(Outcome::Pending) => tally.counts.pending += 1,
                 Some(Outcome::InProgress) => {
@@ -882,16 +882,20 @@ pub(crate) mod tests {
     #[test]
     fn a_device_moved_to_a_newer_rollout_is_superseded_whatever_it_reports() {
         let d = device(Some(8), Some(AgentState::Idle), "2.0", None);
-        assert_eq!(classify(&v("2.0"), 7, &d), None);
+        assert_eq!(classify(&v("2.0"), 7, &d.standing()), None);
         let never_targeted = device(None, None, "1.0", None);
-        assert_eq!(classify(&v("2.0"), 7, &never_targeted), None);
+        assert_eq!(classify(&v("2.0"), 7, &never_targeted.standing()), None);
     }
 
     #[test]
     fn devices_are_classified_by_state_and_by_what_they_say_they_work_on() {
         let release = v("2.0");
         let at = |state, running, target| {
-            classify(&release, 7, &device(Some(7), state, running, target))
+            classify(
+                &release,
+                7,
+                &device(Some(7), state, running, target).standing(),
+            )
         };
         assert_eq!(
             at(Some(AgentState::Idle), "2.0", None),
@@ -1274,7 +1278,7 @@ pub(crate) mod tests {
                 .id
         };
         let offered_before =
-            |members: &[(MemberRecord, DeviceRecord)]| -> Vec<(String, Option<String>)> {
+            |members: &[(MemberRecord, DeviceStanding)]| -> Vec<(String, Option<String>)> {
                 members
                     .iter()
                     .map(|(m, d)| (d.id.to_string(), m.offered_at.clone()))

@@ -250,6 +250,31 @@ pub struct MemberRecord {
     pub failure_accepted: bool,
 }
 
+/// What a device last said that decides where it stands in a rollout: a
+/// narrow [`DeviceRecord`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStanding {
+    pub id: DeviceId,
+    pub running_version: Option<Version>,
+    pub state: Option<AgentState>,
+    pub reported_target: Option<Version>,
+    pub last_error: Option<WireError>,
+    pub target_rollout: Option<i64>,
+}
+
+impl DeviceRecord {
+    pub fn standing(&self) -> DeviceStanding {
+        DeviceStanding {
+            id: self.id.clone(),
+            running_version: self.running_version.clone(),
+            state: self.state,
+            reported_target: self.reported_target.clone(),
+            last_error: self.last_error.clone(),
+            target_rollout: self.target_rollout,
+        }
+    }
+}
+
 /// Which of a rollout's devices one page holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberPage {
@@ -392,8 +417,10 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     async fn supersessions(&self, only: Option<i64>) -> StoreResult<Vec<(i64, i64, u64)>>;
     /// Rollouts the scheduler must look at: phased, neither finished nor aborted.
     async fn active_rollouts(&self) -> StoreResult<Vec<i64>>;
-    /// A rollout's devices with their part in it.
-    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>>;
+    /// A rollout's devices with their part in it and what each last said,
+    /// by phase then device: what the scheduler decides on every tick, so
+    /// only the columns it needs.
+    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>>;
     /// One page of a rollout's devices, in phase order, then by device ID.
     async fn rollout_members_page(
         &self,

@@ -156,6 +156,38 @@ const MEMBER_COLUMNS: &str = "rd.phase, rd.offered_at, rd.outcome, rd.error, rd.
 
 fn member_from_row(row: SqliteRow) -> StoreResult<(MemberRecord, DeviceRecord)> {
     let first = DEVICE_COLUMNS.matches(", ").count() + 1;
+    Ok((member_at(&row, first)?, device_from_row(row)?))
+}
+
+/// [`DeviceStanding`]'s columns, in the order [`standing_from_row`] reads them.
+const STANDING_COLUMNS: &str =
+    "d.id, d.running_version, d.state, d.reported_target, d.error_kind, d.error_message, d.target_rollout";
+
+fn standing_from_row(row: &SqliteRow) -> StoreResult<DeviceStanding> {
+    let r = |e| StoreError::Database {
+        action: "reading a rollout's devices",
+        source: e,
+    };
+    let opt_text = |i: usize| row.try_get::<Option<String>, _>(i).map_err(r);
+    let last_error = match (
+        parse_json::<ErrorKind>("error kind", opt_text(4)?)?,
+        opt_text(5)?,
+    ) {
+        (Some(kind), Some(message)) => Some(WireError { kind, message }),
+        _ => None,
+    };
+    Ok(DeviceStanding {
+        id: parse("device id", row.try_get::<String, _>(0).map_err(r)?)?,
+        running_version: parse_opt("version", opt_text(1)?)?,
+        state: parse_json("agent state", opt_text(2)?)?,
+        reported_target: parse_opt("version", opt_text(3)?)?,
+        last_error,
+        target_rollout: row.try_get(6).map_err(r)?,
+    })
+}
+
+/// The [`MEMBER_COLUMNS`] of a row, from column `first` on.
+fn member_at(row: &SqliteRow, first: usize) -> StoreResult<MemberRecord> {
     let r = |e| StoreError::Database {
         action: "reading a rollout's devices",
         source: e,
@@ -174,7 +206,7 @@ fn member_from_row(row: SqliteRow) -> StoreResult<(MemberRecord, DeviceRecord)> 
         error: row.try_get(first + 3).map_err(r)?,
         failure_accepted: row.try_get::<i64, _>(first + 4).map_err(r)? != 0,
     };
-    Ok((member, device_from_row(row)?))
+    Ok(member)
 }
 
 fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -1325,9 +1357,12 @@ impl Store for SqliteStore {
         .map_err(db("listing active rollouts"))
     }
 
-    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>> {
+    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>> {
+        // Six of the device's seventeen columns: at 100 000 members the
+        // whole rows took 1.3 to 1.8 s per scheduler tick, nearly all of it
+        // sqlx decoding values one by one.
         sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS}, {MEMBER_COLUMNS} \
+            "SELECT {STANDING_COLUMNS}, {MEMBER_COLUMNS} \
              FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
              WHERE rd.rollout_id = ? ORDER BY rd.phase, d.id"
         ))
@@ -1336,7 +1371,10 @@ impl Store for SqliteStore {
         .await
         .map_err(db("reading a rollout's devices"))?
         .into_iter()
-        .map(member_from_row)
+        .map(|row| {
+            let first = STANDING_COLUMNS.matches(", ").count() + 1;
+            Ok((member_at(&row, first)?, standing_from_row(&row)?))
+        })
         .collect()
     }
 
