@@ -14,7 +14,7 @@
 use crate::events::EventBus;
 use crate::history::{self, Pending};
 use crate::hub::SessionSerial;
-use crate::store::{DeviceRecord, DeviceTarget, NewEvent, ReportedState};
+use crate::store::{DeviceRecord, DeviceStanding, DeviceTarget, NewEvent, ReportedState};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use uplift_proto::api::DeviceEventKind;
@@ -336,6 +336,20 @@ impl LiveView {
             if live.address.is_some() {
                 record.address = live.address.clone();
             }
+        }
+    }
+
+    /// [`LiveView::overlay`] of what decides where devices stand in a rollout.
+    pub fn overlay_standings(&self, standings: &mut [DeviceStanding]) {
+        let devices = self.lock();
+        for standing in standings {
+            let Some(report) = devices.get(&standing.id).and_then(|d| d.report.as_ref()) else {
+                continue;
+            };
+            standing.running_version = Some(report.running_version.clone());
+            standing.state = Some(report.state);
+            standing.reported_target = report.target_version.clone();
+            standing.last_error = report.error.clone();
         }
     }
 

@@ -15,7 +15,7 @@ use uplift_server::rollout::engine::{Outcome, RolloutState};
 use uplift_server::store::control::{Attempt, NewApiToken, NewAuditEntry, NewDelivery, NewWebhook};
 use uplift_server::store::{
     DeviceFilter, MemberPage, NewDevice, NewEvent, NewPlan, PgStore, ReleaseRecord, ReportedState,
-    RolloutChange, SqliteStore, Store, StoreError, TagUpdate,
+    RolloutChange, RolloutTally, SqliteStore, Store, StoreError, TagUpdate,
 };
 
 /// Where a case's database is; it may open several stores on it (as
@@ -726,20 +726,22 @@ async fn rollouts_store_phases_supersede_older_parts_and_refuse_unknown_devices(
     assert_eq!(tally(first, 1), Some((1, 0, 1, 0)));
     assert_eq!(tally(second, 0), Some((2, 0, 0, 0)));
     assert_eq!(store.phase_tallies(Some(second)).await.unwrap().len(), 2);
-    // Devices waiting for their phase count as the newer rollout's.
-    let waiting = store.rollout_devices(second).await.unwrap();
-    assert!(
-        waiting.iter().all(|d| d.target_rollout == Some(second)),
-        "{waiting:?}"
+    // Devices waiting for their phase count as the newer rollout's; the
+    // older one's are all taken over (dev-2 finished there, but a newer
+    // rollout has it now).
+    let tallies = store.rollout_tallies(None).await.unwrap();
+    let view = |t: &RolloutTally| (t.total, t.superseded, t.counts.pending, t.counts.succeeded);
+    assert_eq!(
+        tallies
+            .iter()
+            .map(|(id, t)| (*id, view(t)))
+            .collect::<Vec<_>>(),
+        [(first, (2, 2, 0, 0)), (second, (3, 0, 3, 0))]
     );
-    let all = store.all_rollout_devices().await.unwrap();
-    let of_first: Vec<(&str, Option<i64>)> = all
-        .iter()
-        .filter(|(r, _)| *r == first)
-        .map(|(_, d)| (d.id.as_str(), d.target_rollout))
-        .collect();
-    assert_eq!(of_first, [("dev-1", None), ("dev-2", None)]);
-    assert_eq!(all.len(), 5);
+    assert_eq!(
+        store.rollout_tallies(Some(second)).await.unwrap(),
+        [tallies[1].clone()]
+    );
 }
 
 async fn rollout_steps_check_the_revision_and_move_offers(db: &Db) {
@@ -970,8 +972,7 @@ async fn rollout_members_page_by_phase_and_device(db: &Db) {
     );
 }
 
-/// The fleet summary's aggregates agree with what the rollout views count
-/// device by device.
+/// The fleet summary's and the rollout views' aggregates, each one query.
 async fn the_fleet_census_and_devices_in_rollouts_count_in_the_database(db: &Db) {
     let store = db.open().await;
     let names: Vec<String> = (0..12).map(|i| format!("dev-{i:02}")).collect();
@@ -1041,18 +1042,29 @@ async fn the_fleet_census_and_devices_in_rollouts_count_in_the_database(db: &Db)
     assert_eq!(sum(&|g| g.state == Some(AgentState::Downloading)), (3, 1));
     assert_eq!(sum(&|g| g.version == Some(version("2.0"))), (3, 1));
 
-    let members = store.all_rollout_devices().await.unwrap();
-    let mut counted = 0;
-    for rollout in store.list_rollouts().await.unwrap() {
-        let devices: Vec<_> = members
+    let tallies = store.rollout_tallies(None).await.unwrap();
+    let view = |t: &RolloutTally| {
+        let c = &t.counts;
+        (
+            t.total,
+            t.superseded,
+            c.pending,
+            c.in_progress,
+            c.succeeded,
+            c.failed,
+        )
+    };
+    assert_eq!(
+        tallies
             .iter()
-            .filter(|(r, _)| *r == rollout.id)
-            .map(|(_, d)| d.clone())
-            .collect();
-        let tally =
-            uplift_server::service::rollouts::Tally::of(&rollout.release, rollout.id, &devices);
-        counted += tally.counts.pending + tally.counts.in_progress;
-    }
+            .map(|(id, t)| (*id, view(t)))
+            .collect::<Vec<_>>(),
+        [(r1, (8, 2, 1, 2, 2, 1)), (r2, (2, 0, 1, 0, 0, 1))]
+    );
+    let counted: u64 = tallies
+        .iter()
+        .map(|(_, t)| t.counts.pending + t.counts.in_progress)
+        .sum();
     let in_rollouts = store.devices_in_rollouts().await.unwrap();
     assert_eq!(in_rollouts, counted);
     // Pending or in progress: dev-01 (downloading 2.0), dev-03 (on 1.0),

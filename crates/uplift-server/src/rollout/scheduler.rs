@@ -17,7 +17,7 @@ use crate::rollout::engine::{self, Live, Member, Reboots, Rollout, WindowNow};
 use crate::rollout::window::{Window, WindowError};
 use crate::service::rollouts::{classify, Outcome as Standing};
 use crate::state::AppState;
-use crate::store::{DeviceRecord, DeviceTarget, RolloutChange, StoreError};
+use crate::store::{DeviceStanding, DeviceTarget, RolloutChange, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -274,8 +274,8 @@ pub(crate) async fn members(
     release: &uplift_proto::Version,
 ) -> Result<Vec<Member>, StoreError> {
     let rows = state.store.rollout_members(id).await?;
-    let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) = rows.into_iter().unzip();
-    state.live.overlay(&mut devices);
+    let (records, mut devices): (Vec<_>, Vec<DeviceStanding>) = rows.into_iter().unzip();
+    state.live.overlay_standings(&mut devices);
     Ok(records
         .into_iter()
         .zip(&devices)
@@ -302,7 +302,7 @@ pub(crate) fn take_back(state: &AppState, devices: &[DeviceId], id: i64, now: &s
 }
 
 /// What a device reports about rollout `id`'s release.
-fn live_of(release: &uplift_proto::Version, id: i64, device: &DeviceRecord) -> Live {
+fn live_of(release: &uplift_proto::Version, id: i64, device: &DeviceStanding) -> Live {
     match classify(release, id, device) {
         None | Some(Standing::Pending) => Live::Idle,
         // Past the download: its reboot may wait for a reboot window.

@@ -129,13 +129,14 @@ const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, 
      d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
      d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address";
 
-/// See the SQLite store's `MEMBER_DEVICE_COLUMNS`.
-const MEMBER_DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
-     d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
-     d.progress_fetched, d.error_kind, d.error_message, \
-     CASE WHEN rd.outcome = 'superseded' THEN NULL \
-          WHEN r.state IS NOT NULL AND rd.offered_at IS NULL AND rd.outcome IS NULL THEN rd.rollout_id \
-          ELSE d.target_rollout END, d.address";
+/// The rollout a member of `rd` counts for (see the SQLite store's).
+const MEMBER_TARGET: &str = "CASE WHEN rd.outcome = 'superseded' THEN NULL \
+     WHEN r.state IS NOT NULL AND rd.offered_at IS NULL AND rd.outcome IS NULL THEN rd.rollout_id \
+     ELSE d.target_rollout END";
+
+/// [`DeviceStanding`]'s columns, in the order [`standing_from_row`] reads them.
+const STANDING_COLUMNS: &str =
+    "d.id, d.running_version, d.state, d.reported_target, d.error_kind, d.error_message, d.target_rollout";
 
 const MEMBER_COLUMNS: &str = "rd.phase, rd.offered_at, rd.outcome, rd.error, rd.failure_accepted";
 
@@ -230,21 +231,48 @@ fn device_from_row(row: &PgRow) -> StoreResult<DeviceRecord> {
 
 fn member_from_row(row: PgRow) -> StoreResult<(MemberRecord, DeviceRecord)> {
     let first = DEVICE_COLUMNS.matches(", ").count() + 1;
+    Ok((member_at(&row, first)?, device_from_row(&row)?))
+}
+
+fn standing_from_row(row: &PgRow) -> StoreResult<DeviceStanding> {
+    let r = |e| StoreError::Database {
+        action: "reading a rollout's devices",
+        source: e,
+    };
+    let opt_text = |i: usize| row.try_get::<Option<String>, _>(i).map_err(r);
+    let last_error = match (
+        parse_json::<ErrorKind>("error kind", opt_text(4)?)?,
+        opt_text(5)?,
+    ) {
+        (Some(kind), Some(message)) => Some(WireError { kind, message }),
+        _ => None,
+    };
+    Ok(DeviceStanding {
+        id: parse("device id", row.try_get::<String, _>(0).map_err(r)?)?,
+        running_version: parse_opt("version", opt_text(1)?)?,
+        state: parse_json("agent state", opt_text(2)?)?,
+        reported_target: parse_opt("version", opt_text(3)?)?,
+        last_error,
+        target_rollout: row.try_get(6).map_err(r)?,
+    })
+}
+
+/// The [`MEMBER_COLUMNS`] of a row, from column `first` on.
+fn member_at(row: &PgRow, first: usize) -> StoreResult<MemberRecord> {
     let r = |e| StoreError::Database {
         action: "reading a rollout's devices",
         source: e,
     };
     let outcome: Option<String> = row.try_get(first + 2).map_err(r)?;
     let offered_at: Option<OffsetDateTime> = row.try_get(first + 1).map_err(r)?;
-    let member = MemberRecord {
+    Ok(MemberRecord {
         phase: u32::try_from(row.try_get::<i64, _>(first).map_err(r)?)
             .map_err(|e| corrupt("rollout phase")(e.to_string()))?,
         offered_at: offered_at.map(stamp::shown),
         outcome: parse_json("rollout outcome", outcome)?,
         error: row.try_get(first + 3).map_err(r)?,
         failure_accepted: row.try_get::<bool, _>(first + 4).map_err(r)?,
-    };
-    Ok((member, device_from_row(&row)?))
+    })
 }
 
 fn release_from_row(row: PgRow) -> StoreResult<ReleaseRecord> {
@@ -1131,9 +1159,10 @@ impl Store for PgStore {
         .map_err(db("listing active rollouts"))
     }
 
-    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>> {
+    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>> {
+        let first = STANDING_COLUMNS.matches(", ").count() + 1;
         sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS}, {MEMBER_COLUMNS} \
+            "SELECT {STANDING_COLUMNS}, {MEMBER_COLUMNS} \
              FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
              WHERE rd.rollout_id = $1 ORDER BY rd.phase, d.id"
         ))
@@ -1141,8 +1170,8 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db("reading a rollout's devices"))?
-        .into_iter()
-        .map(member_from_row)
+        .iter()
+        .map(|row| Ok((member_at(row, first)?, standing_from_row(row)?)))
         .collect()
     }
 
@@ -1319,37 +1348,61 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn rollout_devices(&self, id: i64) -> StoreResult<Vec<DeviceRecord>> {
-        sqlx::query(&format!(
-            "SELECT {MEMBER_DEVICE_COLUMNS} FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
-             JOIN rollouts r ON r.id = rd.rollout_id WHERE rd.rollout_id = $1 ORDER BY d.id"
+    async fn rollout_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, RolloutTally)>> {
+        // The SQLite store's query (see there): classify() in SQL.
+        let rows: Vec<(i64, i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(&format!(
+            "SELECT rollout_id, COUNT(*), \
+                    COUNT(*) FILTER (WHERE standing = 'superseded'), \
+                    COUNT(*) FILTER (WHERE standing = 'pending'), \
+                    COUNT(*) FILTER (WHERE standing = 'in_progress'), \
+                    COUNT(*) FILTER (WHERE standing = 'awaiting_reboot'), \
+                    COUNT(*) FILTER (WHERE standing = 'succeeded'), \
+                    COUNT(*) FILTER (WHERE standing = 'failed') \
+             FROM (SELECT rd.rollout_id, CASE \
+                     WHEN ({MEMBER_TARGET}) IS DISTINCT FROM rd.rollout_id THEN 'superseded' \
+                     WHEN d.state IS NOT DISTINCT FROM 'idle' \
+                          AND d.running_version IS NOT DISTINCT FROM r.release THEN 'succeeded' \
+                     WHEN d.reported_target IS DISTINCT FROM r.release THEN 'pending' \
+                     WHEN d.state IN ('failed', 'rolled_back') THEN 'failed' \
+                     WHEN d.state = 'awaiting_reboot' THEN 'awaiting_reboot' \
+                     WHEN d.state IN ('downloading', 'verifying', 'reboot_pending', 'testing') \
+                          THEN 'in_progress' \
+                     ELSE 'pending' END AS standing \
+                   FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+                   JOIN rollouts r ON r.id = rd.rollout_id \
+                   {only_one}) s \
+             GROUP BY rollout_id ORDER BY rollout_id",
+            only_one = if only.is_some() {
+                "WHERE rd.rollout_id = $1"
+            } else {
+                ""
+            },
         ))
-        .bind(id)
+        .bind(only)
         .fetch_all(&self.pool)
         .await
-        .map_err(db("listing a rollout's devices"))?
-        .iter()
-        .map(device_from_row)
-        .collect()
-    }
-
-    async fn all_rollout_devices(&self) -> StoreResult<Vec<(i64, DeviceRecord)>> {
-        let rollout_column = DEVICE_COLUMNS.matches(", ").count() + 1;
-        sqlx::query(&format!(
-            "SELECT {MEMBER_DEVICE_COLUMNS}, rd.rollout_id FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
-             JOIN rollouts r ON r.id = rd.rollout_id ORDER BY rd.rollout_id, d.id"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("listing the devices of every rollout"))?
-        .iter()
-        .map(|row| {
-            let rollout: i64 = row
-                .try_get(rollout_column)
-                .map_err(db("listing the devices of every rollout"))?;
-            Ok((rollout, device_from_row(row)?))
-        })
-        .collect()
+        .map_err(db("counting the devices of rollouts"))?;
+        let n = |v: i64| v.max(0) as u64;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, total, superseded, pending, working, awaiting, succeeded, failed)| {
+                    let counts = uplift_proto::api::RolloutCounts {
+                        pending: n(pending),
+                        in_progress: n(working) + n(awaiting),
+                        succeeded: n(succeeded),
+                        failed: n(failed),
+                        awaiting_reboot: n(awaiting),
+                    };
+                    let tally = RolloutTally {
+                        counts,
+                        superseded: n(superseded),
+                        total: n(total),
+                    };
+                    (id, tally)
+                },
+            )
+            .collect())
     }
 }
 
