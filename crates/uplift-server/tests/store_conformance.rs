@@ -806,7 +806,8 @@ async fn rollout_steps_check_the_revision_and_move_offers(db: &Db) {
     };
     assert!(store.apply_rollout_change(r, 1, &step).await.unwrap());
     let members = store.rollout_members(r).await.unwrap();
-    let view: Vec<(&str, Option<Outcome>, bool, bool, Option<&str>)> = members
+    type Part<'a> = (&'a str, Option<Outcome>, bool, bool, Option<&'a str>);
+    let view: Vec<Part> = members
         .iter()
         .map(|(m, d)| {
             (
