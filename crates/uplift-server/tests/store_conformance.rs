@@ -1279,3 +1279,98 @@ async fn a_lease_has_one_holder_until_it_expires_or_is_released(db: &Db) {
     }
     assert_eq!(won, 1);
 }
+
+/// PostgreSQL at 100 000 devices (a third in a rollout, half connected):
+/// a deep device page is an index scan in ID order, and the aggregates the
+/// fleet summary and rollout views run take tens of milliseconds. Printed
+/// for the README; the counts are checked.
+#[tokio::test]
+async fn postgres_pages_and_counts_a_hundred_thousand_devices_in_the_database() {
+    let Some(pg) = uplift_sim::postgres::TestPostgres::start() else {
+        return;
+    };
+    let url = pg.create_database("scale").unwrap();
+    let store = PgStore::connect(&url, 4).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO releases (version, device_type, manifest, image_size, image_sha256, chunks, stored_bytes, \
+                               created_at) VALUES ('1.2', 'gw', '\\x7b7d', 1, '', 1, 1, now()); \
+         INSERT INTO rollouts (release, allow_downgrade, created_at, policy, state, state_name) \
+         VALUES ('1.2', false, now(), '{}', '{}', 'running'); \
+         INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at, running_version, state, \
+                              reported_target, target_rollout) \
+         SELECT format('dev-%s', lpad(i::text, 6, '0')), CASE WHEN i % 10 = 0 THEN 'cam' ELSE 'gw' END, \
+                format('hw-%s', i), format('key-%s', i), now(), \
+                CASE WHEN i % 3 = 0 THEN '1.0' ELSE '1.1' END, \
+                CASE WHEN i % 100 = 0 THEN 'failed' WHEN i % 3 = 0 AND i % 2 = 0 THEN 'downloading' ELSE 'idle' END, \
+                CASE WHEN i % 3 = 0 AND i % 2 = 0 THEN '1.2' END, \
+                CASE WHEN i % 3 = 0 AND i % 2 = 0 THEN 1 END \
+         FROM generate_series(0, 99999) AS i; \
+         INSERT INTO rollout_devices (rollout_id, device_id, offered_at) \
+         SELECT 1, id, CASE WHEN target_rollout = 1 THEN now() END FROM devices WHERE running_version = '1.0'; \
+         INSERT INTO device_tags (device_id, tag) SELECT id, 'canary' FROM devices WHERE id LIKE '%7'; \
+         ANALYZE;",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let connected: Vec<DeviceId> = (0..100_000)
+        .step_by(2)
+        .map(|i| id(&format!("dev-{i:06}")))
+        .collect();
+    let timed = |what: &str, took: std::time::Duration| {
+        eprintln!("postgres, 100 000 devices: {what}: {took:?}")
+    };
+
+    let filters = [
+        DeviceFilter::default(),
+        DeviceFilter {
+            device_type: Some("cam".parse().unwrap()),
+            ..Default::default()
+        },
+        DeviceFilter {
+            tags: Some(TagSelector::All(tags(&["canary"]))),
+            ..Default::default()
+        },
+        DeviceFilter {
+            online: Some(false),
+            connected: connected.clone(),
+            ..Default::default()
+        },
+    ];
+    for filter in &filters {
+        let started = std::time::Instant::now();
+        let page = store
+            .device_page(filter, Some(&id("dev-050000")), 101)
+            .await
+            .unwrap();
+        timed(
+            &format!(
+                "a page after dev-050000 (type {:?}, tags {:?}, online {:?})",
+                filter.device_type, filter.tags, filter.online
+            ),
+            started.elapsed(),
+        );
+        assert_eq!(page.len(), 101);
+        assert!(page[0].id.as_str() > "dev-050000");
+        assert!(page.windows(2).all(|w| w[0].id.as_str() < w[1].id.as_str()));
+    }
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let groups = store.fleet_census(&connected).await.unwrap();
+        timed("fleet census, 50 000 connected", started.elapsed());
+        let (devices, online) = groups
+            .iter()
+            .fold((0, 0), |(d, o), g| (d + g.devices, o + g.online));
+        assert_eq!((devices, online), (100_000, 50_000));
+        let started = std::time::Instant::now();
+        let in_rollouts = store.devices_in_rollouts().await.unwrap();
+        timed("devices in rollouts", started.elapsed());
+        // Those on 1.0 in rollout 1: offered and downloading (even), or
+        // waiting (odd); but the failed ones on 1.2 (every 300th: 334).
+        assert_eq!(in_rollouts, 33_334 - 334);
+        let started = std::time::Instant::now();
+        let tallies = store.rollout_tallies(None).await.unwrap();
+        timed("rollout tallies", started.elapsed());
+        assert_eq!(tallies[0].1.total, 33_334);
+    }
+}
