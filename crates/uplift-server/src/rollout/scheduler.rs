@@ -45,78 +45,125 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
             return Ok(());
         };
         let members = members(state, id, &rollout.release).await?;
-        let window = window_now(plan.policy.window.as_ref(), now).unwrap_or_else(|e| {
-            // Checked when the rollout was made; a stored one that no
-            // longer parses (a time zone dropped from the database) must
-            // not open the fleet to downloads, or reboots, at any hour.
-            tracing::warn!(rollout = id, "{e}; treating the window as closed");
-            WindowNow::Closed
-        });
-        let step = engine::step(
-            Rollout {
-                policy: &plan.policy,
-                state: &plan.state,
-                window,
-            },
-            &members,
-            now,
-        );
-        let reboots = engine::reboots(
-            &plan.policy,
-            step.state.as_ref().unwrap_or(&plan.state),
-            window,
-        );
-        if step != engine::Step::default() && !apply(state, id, plan.revision, &step, now).await? {
-            continue;
+        if step_once(state, &rollout, &plan, &members, now).await? {
+            return Ok(());
         }
-        if !step.offer.is_empty() {
-            // Stored first: a server killed here finds the targets in the
-            // database at its next start and offers them then.
-            state.live.set_targets(
-                &step.offer,
-                &DeviceTarget {
-                    rollout_id: id,
-                    version: rollout.release.clone(),
-                    allow_downgrade: rollout.allow_downgrade,
-                    limits: rollout.limits,
-                    hold_reboot: reboots == Reboots::Held,
-                },
-                &format_time(now),
-            );
-            let pushed = step
-                .offer
-                .iter()
-                .filter(|d| state.hub.notify_target_changed(d))
-                .count();
-            tracing::info!(
-                rollout = id,
-                offered = step.offer.len(),
-                pushed,
-                "rollout offers"
-            );
-        }
-        if reboots != Reboots::Free {
-            let hold = reboots == Reboots::Held;
-            let changed = state.live.hold_reboots(id, hold);
-            if !changed.is_empty() {
-                tracing::info!(
-                    rollout = id,
-                    devices = changed.len(),
-                    "reboots {}",
-                    if hold { "held" } else { "go" }
-                );
-            }
-            for device in &changed {
-                state.hub.notify_target_changed(device);
-            }
-        }
-        return Ok(());
     }
     tracing::warn!(
         rollout = id,
         "another actor kept changing the rollout; trying again next tick"
     );
     Ok(())
+}
+
+/// The first step of a rollout just created with `planned` (device,
+/// phase) members: decided on them as they were stored (none offered,
+/// none settled, so what the devices report does not count yet) rather
+/// than read back, so the first phase's offers go out without a read of
+/// every member (1.2 s at 100 000). Falls back to [`advance`] if another
+/// actor stepped the rollout first.
+pub async fn advance_new(
+    state: &AppState,
+    rollout: &crate::store::RolloutRecord,
+    planned: &[(DeviceId, u32)],
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let Some(plan) = state.store.rollout_plan(rollout.id).await? else {
+        return Ok(());
+    };
+    let members: Vec<Member> = planned
+        .iter()
+        .map(|(device, phase)| Member {
+            device: device.clone(),
+            phase: *phase,
+            offered_at: None,
+            outcome: None,
+            failure_accepted: false,
+            live: Live::Idle,
+        })
+        .collect();
+    if plan.state.is_terminal() || step_once(state, rollout, &plan, &members, now).await? {
+        return Ok(());
+    }
+    advance(state, rollout.id, now).await
+}
+
+/// Decides one step of `rollout` on `members` and applies it; false if
+/// another actor changed the rollout first (nothing was applied).
+async fn step_once(
+    state: &AppState,
+    rollout: &crate::store::RolloutRecord,
+    plan: &crate::store::RolloutPlan,
+    members: &[Member],
+    now: OffsetDateTime,
+) -> Result<bool, StoreError> {
+    let id = rollout.id;
+    let window = window_now(plan.policy.window.as_ref(), now).unwrap_or_else(|e| {
+        // Checked when the rollout was made; a stored one that no
+        // longer parses (a time zone dropped from the database) must
+        // not open the fleet to downloads, or reboots, at any hour.
+        tracing::warn!(rollout = id, "{e}; treating the window as closed");
+        WindowNow::Closed
+    });
+    let step = engine::step(
+        Rollout {
+            policy: &plan.policy,
+            state: &plan.state,
+            window,
+        },
+        members,
+        now,
+    );
+    let reboots = engine::reboots(
+        &plan.policy,
+        step.state.as_ref().unwrap_or(&plan.state),
+        window,
+    );
+    if step != engine::Step::default() && !apply(state, id, plan.revision, &step, now).await? {
+        return Ok(false);
+    }
+    if !step.offer.is_empty() {
+        // Stored first: a server killed here finds the targets in the
+        // database at its next start and offers them then.
+        state.live.set_targets(
+            &step.offer,
+            &DeviceTarget {
+                rollout_id: id,
+                version: rollout.release.clone(),
+                allow_downgrade: rollout.allow_downgrade,
+                limits: rollout.limits,
+                hold_reboot: reboots == Reboots::Held,
+            },
+            &format_time(now),
+        );
+        let pushed = step
+            .offer
+            .iter()
+            .filter(|d| state.hub.notify_target_changed(d))
+            .count();
+        tracing::info!(
+            rollout = id,
+            offered = step.offer.len(),
+            pushed,
+            "rollout offers"
+        );
+    }
+    if reboots != Reboots::Free {
+        let hold = reboots == Reboots::Held;
+        let changed = state.live.hold_reboots(id, hold);
+        if !changed.is_empty() {
+            tracing::info!(
+                rollout = id,
+                devices = changed.len(),
+                "reboots {}",
+                if hold { "held" } else { "go" }
+            );
+        }
+        for device in &changed {
+            state.hub.notify_target_changed(device);
+        }
+    }
+    Ok(true)
 }
 
 /// An engine event as integrators read it.

@@ -188,7 +188,7 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
         &created_at,
     );
     // The first phase is offered now, not at the next tick.
-    scheduler::advance(state, rollout.id, now).await?;
+    scheduler::advance_new(state, &rollout, &members, now).await?;
     view(state, rollout).await
 }
 
