@@ -16,6 +16,7 @@
 use crate::rollout::engine::{self, Live, Member, Reboots, Rollout, WindowNow};
 use crate::rollout::window::{Window, WindowError};
 use crate::service::rollouts::{classify, Outcome as Standing};
+use crate::signals::Signal;
 use crate::state::AppState;
 use crate::store::{DeviceStanding, DeviceTarget, RolloutChange, StoreError};
 use std::sync::Arc;
@@ -125,17 +126,16 @@ async fn step_once(
     if !step.offer.is_empty() {
         // Stored first: a server killed here finds the targets in the
         // database at its next start and offers them then.
-        state.live.set_targets(
-            &step.offer,
-            &DeviceTarget {
-                rollout_id: id,
-                version: rollout.release.clone(),
-                allow_downgrade: rollout.allow_downgrade,
-                limits: rollout.limits,
-                hold_reboot: reboots == Reboots::Held,
-            },
-            &format_time(now),
-        );
+        let target = DeviceTarget {
+            rollout_id: id,
+            version: rollout.release.clone(),
+            allow_downgrade: rollout.allow_downgrade,
+            limits: rollout.limits,
+            hold_reboot: reboots == Reboots::Held,
+        };
+        state
+            .live
+            .set_targets(&step.offer, &target, &format_time(now));
         let pushed = step
             .offer
             .iter()
@@ -147,9 +147,26 @@ async fn step_once(
             pushed,
             "rollout offers"
         );
+        state
+            .signals
+            .send(Signal::Offered {
+                target,
+                devices: step.offer.clone(),
+            })
+            .await;
     }
     if reboots != Reboots::Free {
         let hold = reboots == Reboots::Held;
+        // Every tick, not only when it changes here: a replica that
+        // (re)loaded its targets from the database holds every reboot of
+        // the rollout until it hears.
+        state
+            .signals
+            .send(Signal::RebootGate {
+                rollout_id: id,
+                hold,
+            })
+            .await;
         let changed = state.live.hold_reboots(id, hold);
         if !changed.is_empty() {
             tracing::info!(
@@ -223,7 +240,7 @@ async fn apply(
             held = step.hold.len(),
             "offers not started taken back until the rollout resumes or its window opens"
         );
-        take_back(state, &step.hold, id, &now_text);
+        take_back(state, &step.hold, id, &now_text).await;
     }
     Ok(true)
 }
@@ -341,11 +358,18 @@ pub(crate) async fn members(
 /// sessions send `no_update`, so an agent downloading stops and one waiting
 /// for a download turn leaves the line, and each stays on the OS it runs;
 /// their histories record the withdrawal at `now`.
-pub(crate) fn take_back(state: &AppState, devices: &[DeviceId], id: i64, now: &str) {
+pub(crate) async fn take_back(state: &AppState, devices: &[DeviceId], id: i64, now: &str) {
     state.live.withdraw_targets(devices, id, now);
     for device in devices {
         state.hub.notify_target_changed(device);
     }
+    state
+        .signals
+        .send(Signal::TakenBack {
+            rollout_id: id,
+            devices: devices.to_vec(),
+        })
+        .await;
 }
 
 /// What a device reports about rollout `id`'s release.

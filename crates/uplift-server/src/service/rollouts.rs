@@ -678,8 +678,8 @@ async fn steer(
                 held = transition.hold.len(),
                 "rollout command"
             );
-            scheduler::take_back(state, &transition.withdraw, id, &now_text);
-            scheduler::take_back(state, &transition.hold, id, &now_text);
+            scheduler::take_back(state, &transition.withdraw, id, &now_text).await;
+            scheduler::take_back(state, &transition.hold, id, &now_text).await;
             let by = by.to_owned();
             let event = match &command {
                 Command::Pause => RolloutEvent::Paused {
