@@ -47,7 +47,16 @@ async fn a_server_on_postgresql_upgrades_devices_and_keeps_the_fleet_in_the_data
             .all(|d| d.running_version == Some(v("1.1")) && d.state == Some(AgentState::Idle))
     })
     .await;
-    let status = fx.client.rollout(rollout).await.unwrap();
+    // The rollout's counts are the database's: a write interval behind
+    // the reports the device views show.
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        let status = fx.client.rollout(rollout).await.unwrap();
+        if status.status.as_str() == "finished" || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert_eq!(
         (
             status.counts.succeeded,

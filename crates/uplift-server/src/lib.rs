@@ -17,6 +17,7 @@ pub mod live;
 pub mod rollout;
 pub mod serve;
 pub mod service;
+pub mod signals;
 pub mod state;
 pub mod store;
 pub mod tls;
@@ -54,15 +55,33 @@ fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// The configured database, opened.
+#[derive(Debug)]
+pub struct OpenedStore {
+    pub store: Arc<dyn store::Store>,
+    /// PostgreSQL's pool, when that is the backend: what replicas share
+    /// beside the store (their signals).
+    pub postgres: Option<sqlx::PgPool>,
+}
+
 /// Opens the configured database: SQLite in the data directory, or
 /// PostgreSQL; either is brought up to date by its migrations.
-pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn store::Store>> {
+pub async fn open_store(config: &ServerConfig) -> anyhow::Result<OpenedStore> {
     Ok(match config.backend() {
-        config::Backend::Sqlite(path) => Arc::new(SqliteStore::open(&path).await?),
+        config::Backend::Sqlite(path) => OpenedStore {
+            store: Arc::new(SqliteStore::open(&path).await?),
+            postgres: None,
+        },
         config::Backend::Postgres {
             url,
             max_connections,
-        } => Arc::new(PgStore::connect(&url, max_connections).await?),
+        } => {
+            let store = PgStore::connect(&url, max_connections).await?;
+            OpenedStore {
+                postgres: Some(store.pool().clone()),
+                store: Arc::new(store),
+            }
+        }
     })
 }
 
@@ -76,7 +95,7 @@ pub async fn check_data_dir(config: &ServerConfig) -> anyhow::Result<chunks::Scr
             config.data_dir.display()
         );
     }
-    let store = open_store(config).await?;
+    let store = open_store(config).await?.store;
     let artifacts = LocalArtifacts::new(config.data_dir.join("chunks"));
     let patches = LocalArtifacts::new(config.data_dir.join("patches"));
     let indexes = chunks::Chunks::indexes(
@@ -128,7 +147,7 @@ impl Server {
         let data = &config.data_dir;
         std::fs::create_dir_all(data)
             .with_context(|| format!("creating data directory {}", data.display()))?;
-        let store = open_store(config).await?;
+        let OpenedStore { store, postgres } = open_store(config).await?;
         let artifacts = LocalArtifacts::new(data.join("chunks"));
         let patch_files: Arc<dyn artifacts::ArtifactStore> =
             Arc::new(LocalArtifacts::new(data.join("patches")));
@@ -167,6 +186,10 @@ impl Server {
             events,
             turns: Default::default(),
             budgets: budget::Budgets::new(&config.limits),
+            signals: match postgres {
+                Some(pool) => signals::Signals::postgres(pool),
+                None => signals::Signals::alone(),
+            },
             releases: Default::default(),
             egress: config
                 .limits
@@ -236,6 +259,7 @@ impl Server {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let scheduler = tokio::spawn(rollout::scheduler::run(self.state.clone(), stop_rx.clone()));
         let deliverer = tokio::spawn(webhooks::run(self.state.clone(), stop_rx.clone()));
+        let follower = tokio::spawn(signals::follow(self.state.clone(), stop_rx.clone()));
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -268,6 +292,7 @@ impl Server {
         tokio::join!(trigger, devices, admin);
         let _ = scheduler.await;
         let _ = deliverer.await;
+        let _ = follower.await;
         self.state
             .budgets
             .channels_closed(Duration::from_secs(5))

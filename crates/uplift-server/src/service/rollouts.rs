@@ -188,7 +188,7 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
         &created_at,
     );
     // The first phase is offered now, not at the next tick.
-    scheduler::advance(state, rollout.id, now).await?;
+    scheduler::advance_new(state, &rollout, &members, now).await?;
     view(state, rollout).await
 }
 
@@ -678,8 +678,8 @@ async fn steer(
                 held = transition.hold.len(),
                 "rollout command"
             );
-            scheduler::take_back(state, &transition.withdraw, id, &now_text);
-            scheduler::take_back(state, &transition.hold, id, &now_text);
+            scheduler::take_back(state, &transition.withdraw, id, &now_text).await;
+            scheduler::take_back(state, &transition.hold, id, &now_text).await;
             let by = by.to_owned();
             let event = match &command {
                 Command::Pause => RolloutEvent::Paused {

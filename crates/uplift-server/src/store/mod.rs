@@ -364,7 +364,7 @@ pub struct RolloutChange<'a> {
 }
 
 /// What a device should run, as decided by the newest rollout targeting it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceTarget {
     pub rollout_id: i64,
     pub version: Version,
