@@ -30,6 +30,48 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub download_tokens: DownloadTokens,
+}
+
+/// Signed device download tokens (see [`crate::download_token`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadTokens {
+    /// The keys that sign and check them. Replicas behind one balancer
+    /// must list the same keys. Unset: `<data_dir>/download-token-keys`,
+    /// generated on first start.
+    #[serde(default)]
+    pub keys_file: Option<PathBuf>,
+    /// How long a token is valid; the channel brings a fresh one when half
+    /// of it is left.
+    #[serde(default = "default_token_lifetime")]
+    pub lifetime_secs: u64,
+}
+
+impl Default for DownloadTokens {
+    fn default() -> Self {
+        Self {
+            keys_file: None,
+            lifetime_secs: default_token_lifetime(),
+        }
+    }
+}
+
+impl DownloadTokens {
+    /// Shortest lifetime accepted: the renewal is sent by the channel's
+    /// 20 s tick, so half the lifetime must span a few ticks.
+    pub const MIN_LIFETIME_SECS: u64 = 120;
+
+    pub fn keys_file(&self, data_dir: &Path) -> PathBuf {
+        self.keys_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("download-token-keys"))
+    }
+}
+
+fn default_token_lifetime() -> u64 {
+    600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +217,7 @@ impl ServerConfig {
             enrollment_tokens: Vec::new(),
             admin_token: None,
             limits: Limits::default(),
+            download_tokens: DownloadTokens::default(),
         }
     }
 
@@ -211,6 +254,13 @@ impl ServerConfig {
             if value == 0 {
                 return Err(format!("[limits] {name} must be at least 1"));
             }
+        }
+        if self.download_tokens.lifetime_secs < DownloadTokens::MIN_LIFETIME_SECS {
+            return Err(format!(
+                "[download_tokens] lifetime_secs must be at least {}: the channel renews a token \
+                 when half of its life is left, on a 20 s tick",
+                DownloadTokens::MIN_LIFETIME_SECS
+            ));
         }
         if self.enrollment_tokens.iter().any(|t| t.trim().len() < MIN) {
             return Err(format!("every enrollment token must be at least {MIN} characters; or omit them to have one generated"));
