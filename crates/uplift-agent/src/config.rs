@@ -351,6 +351,37 @@ mod tests {
     }
 
     #[test]
+    fn downloads_go_to_the_server_unless_a_site_cache_is_named_over_https() {
+        let server: reqwest::Url = "https://uplift.example.net:8443".parse().unwrap();
+        let server_ca = Path::new("/etc/uplift/ca.pem");
+        let direct = Download::default();
+        assert_eq!(direct.base_url(&server).unwrap(), server);
+        assert_eq!(direct.ca(server_ca), server_ca);
+        let cached = Download {
+            url: Some("https://cache.site.example:8443".into()),
+            ca: Some("/etc/uplift/site-ca.pem".into()),
+            ..Download::default()
+        };
+        assert_eq!(
+            cached.base_url(&server).unwrap().as_str(),
+            "https://cache.site.example:8443/"
+        );
+        assert_eq!(cached.ca(server_ca), Path::new("/etc/uplift/site-ca.pem"));
+        for bad in [
+            "http://cache.site.example",
+            "cache.site.example",
+            "https://",
+        ] {
+            let download = Download {
+                url: Some(bad.into()),
+                ..Download::default()
+            };
+            let err = download.base_url(&server).unwrap_err().to_string();
+            assert!(err.contains("[download] url"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn a_zero_minimum_rate_is_refused_with_the_file_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");

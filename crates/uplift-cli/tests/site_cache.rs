@@ -153,6 +153,8 @@ struct Cache {
 impl Cache {
     fn start(dir: &Path, site: &str, server_port: u16, server_ca: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("tmp"))?;
+        // nginx makes a cache's own directory, not its parents.
+        std::fs::create_dir_all(dir.join("cache"))?;
         let (cert, key) = site_certificate(dir)?;
         let example = include_str!("../../../deploy/site-cache.nginx.conf");
         let path = |p: &Path| p.display().to_string();
@@ -207,7 +209,7 @@ impl Cache {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        let cache = Self {
+        let mut cache = Self {
             child,
             dir: dir.to_owned(),
         };
@@ -215,8 +217,8 @@ impl Cache {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect((SITE_ADDR, CACHE_PORT)).is_err() {
             anyhow::ensure!(
-                Instant::now() < deadline,
-                "nginx did not listen within 20 s: {}{}",
+                Instant::now() < deadline && cache.child.try_wait()?.is_none(),
+                "nginx did not start listening: {}{}",
                 std::fs::read_to_string(dir.join("stderr")).unwrap_or_default(),
                 std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
             );

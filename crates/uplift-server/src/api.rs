@@ -1365,6 +1365,102 @@ mod tests {
         (status, serde_json::from_slice(&bytes).unwrap_or_default())
     }
 
+    /// A device request with `token` (if any): status, headers, body.
+    async fn device_get(
+        router: &Router,
+        path: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, HeaderMap, Bytes) {
+        let mut request = Request::builder().uri(path);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let response = router
+            .clone()
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = response.into_parts();
+        let body = axum::body::to_bytes(body, 8 << 20).await.unwrap();
+        (parts.status, parts.headers, body)
+    }
+
+    fn kind_of(body: &[u8]) -> uplift_proto::ErrorKind {
+        serde_json::from_slice::<WireError>(body).unwrap().kind
+    }
+
+    /// What a site cache relies on: the authorize endpoint's 204/401 with
+    /// no body and its cache policy, and chunks any cache may share.
+    #[tokio::test]
+    async fn a_cache_asks_whether_a_token_is_valid_and_may_share_chunks() {
+        use crate::download_token::unix_now;
+        use uplift_proto::ErrorKind;
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(testing::state(dir.path()).await);
+        let enrolled = testing::device(&state, "dev-1", "gw").await;
+        let data = b"chunk bytes ".repeat(100);
+        let hash = uplift_release::sha256(&data);
+        state
+            .chunks
+            .store(&hash, uplift_release::encode_chunk(&data).unwrap().into())
+            .await
+            .unwrap();
+        let keys = &state.downloads.keys;
+        let now = unix_now();
+        // Signed by a replica that met the device: this one asks the database once.
+        let valid = keys.sign(&enrolled, now, 600).text;
+        let short = keys.sign(&enrolled, now, 20).text;
+        let expired = keys.sign(&enrolled, now - 700, 600).text;
+        let stranger = keys.sign(&"dev-gone".parse().unwrap(), now, 600).text;
+        let router = device_router(state.clone());
+
+        let (status, headers, body) =
+            device_get(&router, DEVICE_AUTHORIZE_PATH, Some(&valid)).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert!(body.is_empty());
+        assert_eq!(headers[header::CACHE_CONTROL], "public, max-age=60");
+        assert_eq!(headers[header::VARY], "authorization");
+        assert!(state.downloads.knows(&enrolled));
+        // Never cached past the token's expiry.
+        let (_, headers, _) = device_get(&router, DEVICE_AUTHORIZE_PATH, Some(&short)).await;
+        let max_age = headers[header::CACHE_CONTROL].to_str().unwrap().to_owned();
+        assert!(
+            ["public, max-age=20", "public, max-age=19"].contains(&max_age.as_str()),
+            "{max_age}"
+        );
+        for (token, kind) in [
+            (None, ErrorKind::Unauthorized),
+            (Some(expired.as_str()), ErrorKind::DownloadTokenExpired),
+            (Some(stranger.as_str()), ErrorKind::DownloadTokenInvalid),
+            (Some("a1b2c3"), ErrorKind::DownloadTokenInvalid),
+            (
+                Some(&valid.replace("dev-1", "dev-2")),
+                ErrorKind::DownloadTokenInvalid,
+            ),
+        ] {
+            let (status, headers, body) = device_get(&router, DEVICE_AUTHORIZE_PATH, token).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
+            assert_eq!(headers[header::CACHE_CONTROL], "no-store", "{token:?}");
+            assert_eq!(kind_of(&body), kind, "{token:?}");
+            // The download itself says the same.
+            let (status, _, body) = device_get(&router, &device_chunk_path(&hash), token).await;
+            assert_eq!((status, kind_of(&body)), (StatusCode::UNAUTHORIZED, kind));
+        }
+
+        let (status, headers, body) =
+            device_get(&router, &device_chunk_path(&hash), Some(&valid)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            uplift_release::decode_named_chunk(&hash, &body, 1 << 20).unwrap(),
+            data
+        );
+        assert_eq!(
+            headers[header::CACHE_CONTROL],
+            "public, max-age=31536000, immutable"
+        );
+        assert_eq!(headers[header::ETAG], format!("\"{hash}\"").as_str());
+    }
+
     /// `/api/v1/rollouts/preview` beside `/api/v1/rollouts/{id}` and
     /// `/api/v1/rollouts/{id}/{command}`: the static segment is the
     /// preview's, and every rollout is still reached by its ID.
