@@ -246,6 +246,21 @@ impl Cache {
 
 impl Drop for Cache {
     fn drop(&mut self) {
+        // SIGTERM: the master stops its workers (a SIGKILLed master would
+        // leave them behind); SIGKILL if it has not gone in 5 s.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
