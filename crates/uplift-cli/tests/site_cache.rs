@@ -189,8 +189,9 @@ impl Cache {
              error_log {dir}/error.log info;\npid {dir}/nginx.pid;\n\
              events {{ worker_connections 1024; }}\n\
              http {{\n\
-               log_format upstream '$request_uri $upstream_cache_status $status $upstream_addr';\n\
+               log_format upstream '$uri $args $upstream_cache_status $status $upstream_addr';\n\
                access_log {dir}/access.log upstream;\n\
+               log_subrequest on;\n\
                client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n\
                uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
                include {dir}/site-cache.conf;\n\
@@ -231,14 +232,20 @@ impl Cache {
         self.dir.join("ca.pem")
     }
 
-    /// `(uri, cache status)` of every request the cache answered.
+    /// `(uri, cache status)` of every request the cache answered, and of
+    /// every authorize subrequest it made.
     fn log(&self) -> Vec<(String, String)> {
         std::fs::read_to_string(self.dir.join("access.log"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| {
                 let mut words = l.split(' ');
-                Some((words.next()?.to_owned(), words.next()?.to_owned()))
+                let (path, args) = (words.next()?, words.next()?);
+                let uri = match args {
+                    "-" => path.to_owned(),
+                    args => format!("{path}?{args}"),
+                };
+                Some((uri, words.next()?.to_owned()))
             })
             .collect()
     }
@@ -485,6 +492,25 @@ async fn site_cache(network: &Network) {
         "a body fetched upstream more than once: {misses:?}"
     );
     let hits = spans.iter().filter(|(_, s)| s == "HIT").count();
+    let asked: Vec<&String> = log
+        .iter()
+        .filter(|(uri, _)| uri == "/_uplift_authorize")
+        .map(|(_, status)| status)
+        .collect();
+    let kept = asked.iter().filter(|s| s.as_str() == "HIT").count();
+    eprintln!(
+        "site cache: {} device requests authorized, {kept} of them by an answer the cache kept",
+        asked.len()
+    );
+    assert_eq!(
+        asked.len(),
+        log.len() - asked.len(),
+        "every device request, hit or miss, was authorized first"
+    );
+    assert!(
+        asked.len() - kept <= 2 * (DEVICES + 1),
+        "the server's 204 is kept per token: about one question per device, not one per request"
+    );
     assert_eq!(
         hits,
         (DEVICES - 1) * misses.len(),

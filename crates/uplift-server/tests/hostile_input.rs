@@ -1560,8 +1560,12 @@ async fn device_list_tag_and_history_requests_refuse_bad_input_clearly() {
     srv.assert_unaffected().await;
 }
 
+/// Download tokens are signed: valid on any replica until they expire,
+/// whether or not their channel is still open (they were once kept in
+/// memory and revoked with it), and refused with a kind that says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn device_downloads_need_a_live_session_token() {
+async fn device_downloads_need_a_valid_download_token() {
+    use uplift_server::download_token::{unix_now, Keyring};
     let mut srv = Server::start().await;
     let (hash, stored) = srv.store_chunk(&[5u8; 3000]).await;
     let chunk = device_chunk_path(&hash);
@@ -1571,44 +1575,68 @@ async fn device_downloads_need_a_live_session_token() {
     let ended_token = ended.session_token.clone();
     let _ = ended.ws.close(None).await;
     drop(ended);
-    // Once the server has noticed the closed channel, the token is revoked.
+    // The channel is gone; its token still works until it expires.
     let deadline = Instant::now() + WAIT;
-    loop {
-        let resp = srv
-            .request(reqwest::Method::GET, &chunk)
-            .bearer_auth(&ended_token)
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == 401 {
-            json_error(resp, 401, ErrorKind::Unauthorized).await;
-            break;
-        }
+    while srv.devices().await.iter().filter(|d| d.online).count() > 1 {
         assert!(
             Instant::now() < deadline,
-            "the session token outlives its channel"
+            "the closed channel is still online"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let resp = srv
+        .request(reqwest::Method::GET, &chunk)
+        .bearer_auth(&ended_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "a token is valid until its expiry");
+
+    // Tokens signed with the server's own key, but expired or naming a
+    // device that is not enrolled; one signed with a key it does not hold.
+    let key_file = srv.root.join("data/download-token-keys");
+    let keys = Keyring::parse(&std::fs::read_to_string(&key_file).unwrap(), &key_file).unwrap();
+    let now = unix_now();
+    let expired = keys.sign(&live.device_id, now - 1_000, 600).text;
+    let stranger = keys
+        .sign(&"dev-not-enrolled".parse().unwrap(), now, 600)
+        .text;
+    let foreign = Keyring::parse(&Keyring::generate_file_text(), Path::new("other"))
+        .unwrap()
+        .sign(&live.device_id, now, 600)
+        .text;
+    let other_device = live
+        .session_token
+        .replace(live.device_id.as_str(), "dev-0000000000000000");
+    let invalid = ErrorKind::DownloadTokenInvalid;
     let wrong = [
-        None,
-        Some("Bearer not-a-session".to_owned()),
-        Some(format!("Bearer {}", srv.admin_token)),
-        Some(format!("Bearer {}", srv.enrollment_token)),
-        Some(format!("Bearer {ended_token}")),
-        Some(live.session_token.clone()),
+        (None, ErrorKind::Unauthorized),
+        // The token without its scheme: no bearer token at all.
+        (Some(live.session_token.clone()), ErrorKind::Unauthorized),
+        (Some("Bearer not-a-session".to_owned()), invalid),
+        (Some(format!("Bearer {}", srv.admin_token)), invalid),
+        (Some(format!("Bearer {}", srv.enrollment_token)), invalid),
+        (Some(format!("Bearer {other_device}")), invalid),
+        (Some(format!("Bearer {stranger}")), invalid),
+        (Some(format!("Bearer {foreign}")), invalid),
+        (
+            Some(format!("Bearer {expired}")),
+            ErrorKind::DownloadTokenExpired,
+        ),
     ];
     for path in [
         chunk.as_str(),
         manifest,
         "/v1/device/chunks/..%2F..%2Fsecret",
+        uplift_proto::api::DEVICE_AUTHORIZE_PATH,
     ] {
-        for auth in &wrong {
+        for (auth, kind) in &wrong {
             let mut req = srv.request(reqwest::Method::GET, path);
             if let Some(auth) = auth {
                 req = req.header(reqwest::header::AUTHORIZATION, auth);
             }
-            json_error(req.send().await.unwrap(), 401, ErrorKind::Unauthorized).await;
+            let said = json_error(req.send().await.unwrap(), 401, *kind).await;
+            assert!(!said.message.contains(&srv.admin_token), "{said}");
         }
     }
     // The live token does work.
