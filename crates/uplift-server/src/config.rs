@@ -59,9 +59,10 @@ impl Default for DownloadTokens {
 }
 
 impl DownloadTokens {
-    /// Shortest lifetime accepted: the renewal is sent by the channel's
-    /// 20 s tick, so half the lifetime must span a few ticks.
-    pub const MIN_LIFETIME_SECS: u64 = 120;
+    /// Shortest lifetime accepted: the renewal is sent at the channel's
+    /// first 20 s tick past half the lifetime, so at 60 s it arrives at
+    /// least 10 s before the old token expires.
+    pub const MIN_LIFETIME_SECS: u64 = 60;
 
     pub fn keys_file(&self, data_dir: &Path) -> PathBuf {
         self.keys_file

@@ -1560,6 +1560,107 @@ async fn device_list_tag_and_history_requests_refuse_bad_input_clearly() {
     srv.assert_unaffected().await;
 }
 
+/// Download tokens are renewed on the channel before they expire, for an
+/// agent that takes `download_token` frames; an older agent's channel is
+/// closed instead, and its reconnect brings a fresh token. A lifetime of
+/// 60 s is renewed at the first 20 s ping tick past half of it: this test
+/// takes about 40 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_tokens_are_renewed_before_they_expire() {
+    // A table of its own after the (empty) `[limits]` the harness writes.
+    let mut srv = Server::start_with_limits(Some("[download_tokens]\nlifetime_secs = 60")).await;
+    let identity = Identity::new();
+    let (mut ws, nonce) = srv.channel().await;
+    let mut hello: serde_json::Value = serde_json::from_str(&identity.enroll_frame(
+        &nonce,
+        &srv.enrollment_token,
+        DEVICE_TYPE,
+        &srv.hardware_id(),
+    ))
+    .unwrap();
+    hello["features"] = json!(["hold_reboot", "token_renewal"]);
+    send_text(&mut ws, hello.to_string()).await;
+    let (device_id, first) = match recv(&mut ws).await {
+        ServerMsg::Welcome {
+            device_id,
+            session_token,
+            ..
+        } => (device_id, session_token),
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    srv.legit
+        .lock()
+        .unwrap()
+        .insert(device_id.as_str().to_owned());
+    // An agent from before token renewal (no features).
+    let mut older = srv.enroll().await;
+    let started = Instant::now();
+    let limit = Duration::from_secs(60);
+    let renewed = async {
+        loop {
+            let frame = timeout(limit, ws.next())
+                .await
+                .expect("a renewal before the token expires")
+                .expect("the channel stays open")
+                .expect("the channel is readable");
+            let Message::Text(text) = frame else { continue };
+            match channel::decode::<ServerMsg>(text.as_str()).unwrap() {
+                ServerMsg::DownloadToken {
+                    token,
+                    expires_in_secs,
+                } => return (token, expires_in_secs, started.elapsed()),
+                ServerMsg::NoUpdate => continue,
+                other => panic!("expected a download_token frame, got {other:?}"),
+            }
+        }
+    };
+    let closed = async {
+        let closed = timeout(limit, async {
+            while let Some(Ok(frame)) = older.ws.next().await {
+                if let Message::Close(_) = frame {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "an older agent's channel is closed for it to reconnect"
+        );
+        started.elapsed()
+    };
+    let ((token, expires_in_secs, renewed_after), closed_after) = tokio::join!(renewed, closed);
+    eprintln!(
+        "renewed after {:.1} s, older agent's channel closed after {:.1} s",
+        renewed_after.as_secs_f64(),
+        closed_after.as_secs_f64()
+    );
+    assert!(
+        renewed_after >= Duration::from_secs(25),
+        "not before half the lifetime"
+    );
+    assert!((55..=60).contains(&expires_in_secs), "{expires_in_secs}");
+    assert_ne!(token, first);
+    // Both tokens work: the first until it expires, the new one for a minute.
+    for token in [&first, &token] {
+        let resp = srv
+            .request(
+                reqwest::Method::GET,
+                uplift_proto::api::DEVICE_AUTHORIZE_PATH,
+            )
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204);
+    }
+    // The older agent comes back and is given a fresh token.
+    let (_back, fresh) = srv.authenticate(&older.identity, &older.device_id).await;
+    assert_ne!(fresh, older.session_token);
+    drop(ws);
+    srv.assert_unaffected().await;
+}
+
 /// Download tokens are signed: valid on any replica until they expire,
 /// whether or not their channel is still open (they were once kept in
 /// memory and revoked with it), and refused with a kind that says why.
