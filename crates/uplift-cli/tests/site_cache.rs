@@ -541,6 +541,13 @@ async fn site_cache(network: &Network) {
         }
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), 401, "a cached body, token {token:?}");
+        // The server's reason, passed on by the cache.
+        let said: uplift_proto::WireError = response.json().await.unwrap();
+        let kind = match token {
+            None => uplift_proto::ErrorKind::Unauthorized,
+            Some(_) => uplift_proto::ErrorKind::DownloadTokenInvalid,
+        };
+        assert_eq!(said.kind, kind, "{said}");
     }
     let direct = reqwest::Client::builder()
         .add_root_certificate(

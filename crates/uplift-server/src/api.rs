@@ -197,6 +197,9 @@ async fn authorized(
     }
 }
 
+/// The kind of an authorize refusal, as a header (see `device_authorize`).
+const AUTHORIZE_KIND_HEADER: &str = "x-uplift-error-kind";
+
 /// Longest a cache may reuse a "yes" for one token (never past the
 /// token's expiry): how long a device removed from the fleet could still
 /// be served from a site cache.
@@ -225,10 +228,16 @@ async fn device_authorize(State(state): State<Arc<AppState>>, headers: HeaderMap
             response
         }
         Err(refused) => {
+            let kind = refused.kind;
             let mut response = refused.into_response();
-            response
-                .headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            let h = response.headers_mut();
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            // A cache's auth_request drops the body; the kind in a header
+            // lets it tell the device why in its own answer.
+            h.insert(
+                AUTHORIZE_KIND_HEADER,
+                HeaderValue::from_static(kind.as_str()),
+            );
             response
         }
     }
@@ -1442,6 +1451,7 @@ mod tests {
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
             assert_eq!(headers[header::CACHE_CONTROL], "no-store", "{token:?}");
             assert_eq!(kind_of(&body), kind, "{token:?}");
+            assert_eq!(headers[AUTHORIZE_KIND_HEADER], kind.as_str());
             // The download itself says the same.
             let (status, _, body) = device_get(&router, &device_chunk_path(&hash), token).await;
             assert_eq!((status, kind_of(&body)), (StatusCode::UNAUTHORIZED, kind));
