@@ -18,6 +18,7 @@ pub mod live;
 pub mod rollout;
 pub mod serve;
 pub mod service;
+pub mod signals;
 pub mod state;
 pub mod store;
 pub mod tls;
@@ -158,6 +159,7 @@ impl Server {
             events,
             turns: Default::default(),
             budgets: budget::Budgets::new(&config.limits),
+            signals: Default::default(),
             releases: Default::default(),
             egress: config
                 .limits
@@ -231,6 +233,7 @@ impl Server {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let scheduler = tokio::spawn(rollout::scheduler::run(self.state.clone(), stop_rx.clone()));
         let deliverer = tokio::spawn(webhooks::run(self.state.clone(), stop_rx.clone()));
+        let follower = tokio::spawn(signals::follow(self.state.clone(), stop_rx.clone()));
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -263,6 +266,7 @@ impl Server {
         tokio::join!(trigger, devices, admin);
         let _ = scheduler.await;
         let _ = deliverer.await;
+        let _ = follower.await;
         self.state
             .budgets
             .channels_closed(Duration::from_secs(5))

@@ -36,6 +36,8 @@ pub struct AppState {
     /// Download turns of rollouts that limit concurrent downloads.
     pub turns: crate::turns::Turns,
     pub budgets: Budgets,
+    /// How this replica tells the others what their sessions must act on.
+    pub signals: crate::signals::Signals,
     /// Signed manifests and their chunk lists by version: releases are
     /// immutable, and a rollout has every device ask for the same one at
     /// once. Read-locked on the download path, written once per release.

@@ -209,6 +209,7 @@ pub(crate) mod testing {
             events,
             turns: Default::default(),
             budgets: crate::budget::Budgets::new(&limits),
+            signals: Default::default(),
             releases: Default::default(),
             egress: None,
             stats: Arc::new(Stats::default()),
