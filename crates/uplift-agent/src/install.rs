@@ -113,9 +113,10 @@ impl InstallError {
 pub struct Installer {
     pub config: Arc<AgentConfig>,
     pub http: reqwest::Client,
+    /// Where downloads go: the server, or a site cache (`[download] url`).
     pub server_url: reqwest::Url,
     pub local: LocalState,
-    /// Download token of the current channel session (`None` while offline).
+    /// The newest download token from the channel (`None` while offline).
     pub token: watch::Receiver<Option<String>>,
     pub guard: InstallGuard,
 }

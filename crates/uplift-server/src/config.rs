@@ -31,6 +31,8 @@ pub struct ServerConfig {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub download_tokens: DownloadTokens,
+    #[serde(default)]
     pub database: DatabaseConfig,
 }
 
@@ -77,6 +79,53 @@ impl ServerConfig {
             None => Backend::Sqlite(self.data_dir.join("uplift.db")),
         }
     }
+}
+
+// Enough for the writer, the scheduler and a burst of admin requests; a
+// few replicas together stay well below PostgreSQL's default of 100.
+fn default_database_connections() -> u32 {
+    16
+}
+
+/// Signed device download tokens (see [`crate::download_token`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadTokens {
+    /// The keys that sign and check them. Replicas behind one balancer
+    /// must list the same keys. Unset: `<data_dir>/download-token-keys`,
+    /// generated on first start.
+    #[serde(default)]
+    pub keys_file: Option<PathBuf>,
+    /// How long a token is valid; the channel brings a fresh one when half
+    /// of it is left.
+    #[serde(default = "default_token_lifetime")]
+    pub lifetime_secs: u64,
+}
+
+impl Default for DownloadTokens {
+    fn default() -> Self {
+        Self {
+            keys_file: None,
+            lifetime_secs: default_token_lifetime(),
+        }
+    }
+}
+
+impl DownloadTokens {
+    /// Shortest lifetime accepted: the renewal is sent at the channel's
+    /// first 20 s tick past half the lifetime, so at 60 s it arrives at
+    /// least 10 s before the old token expires.
+    pub const MIN_LIFETIME_SECS: u64 = 60;
+
+    pub fn keys_file(&self, data_dir: &Path) -> PathBuf {
+        self.keys_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("download-token-keys"))
+    }
+}
+
+fn default_token_lifetime() -> u64 {
+    600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -211,11 +260,6 @@ fn default_history_per_device() -> u32 {
 fn default_history_days() -> u32 {
     90
 }
-// Enough for the writer, the scheduler and a burst of admin requests; a
-// few replicas together stay well below PostgreSQL's default of 100.
-fn default_database_connections() -> u32 {
-    16
-}
 
 impl ServerConfig {
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
@@ -227,6 +271,7 @@ impl ServerConfig {
             enrollment_tokens: Vec::new(),
             admin_token: None,
             limits: Limits::default(),
+            download_tokens: DownloadTokens::default(),
             database: DatabaseConfig::default(),
         }
     }
@@ -264,6 +309,13 @@ impl ServerConfig {
             if value == 0 {
                 return Err(format!("[limits] {name} must be at least 1"));
             }
+        }
+        if self.download_tokens.lifetime_secs < DownloadTokens::MIN_LIFETIME_SECS {
+            return Err(format!(
+                "[download_tokens] lifetime_secs must be at least {}: the channel renews a token \
+                 when half of its life is left, on a 20 s tick",
+                DownloadTokens::MIN_LIFETIME_SECS
+            ));
         }
         if let Some(url) = &self.database.url {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {

@@ -9,6 +9,7 @@ pub mod budget;
 pub mod channel;
 pub mod chunks;
 pub mod config;
+pub mod download_token;
 pub mod error;
 pub mod events;
 pub mod history;
@@ -154,6 +155,7 @@ impl Server {
         let index_files: Arc<dyn artifacts::ArtifactStore> =
             Arc::new(LocalArtifacts::new(data.join("indexes")));
         let tls = tls::load_or_generate(&data.join("tls"), &config.tls)?;
+        let token_keys = download_token::load_or_create(&config.download_tokens.keys_file(data))?;
 
         let (admin_token, admin_token_file) = match &config.admin_token {
             Some(t) => (t.clone(), None),
@@ -197,6 +199,10 @@ impl Server {
                 .map(uplift_proto::pace::Pacer::new),
             stats: Arc::new(Stats::default()),
             secrets: Secrets::new(&admin_token, &enrollment_tokens),
+            downloads: download_token::DownloadAuth::new(
+                token_keys,
+                config.download_tokens.lifetime_secs,
+            ),
             limits: config.limits.clone(),
             shutdown,
         });

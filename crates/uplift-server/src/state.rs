@@ -46,6 +46,8 @@ pub struct AppState {
     pub egress: Option<Pacer>,
     pub stats: Arc<Stats>,
     pub secrets: Secrets,
+    /// Signs and checks device download tokens (no per-session state).
+    pub downloads: crate::download_token::DownloadAuth,
     pub limits: Limits,
     /// Flips to true when the server shuts down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
@@ -105,7 +107,7 @@ impl Stats {
 
 /// The admin and enrollment tokens are kept and compared only as digests:
 /// comparing two SHA-256 digests leaks nothing useful through timing.
-/// (Device session tokens live in the hub's map, looked up by value.)
+/// (Device download tokens are signed instead: [`crate::download_token`].)
 #[derive(Debug)]
 pub struct Secrets {
     admin_token: [u8; 32],

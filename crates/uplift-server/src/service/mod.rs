@@ -214,6 +214,14 @@ pub(crate) mod testing {
             egress: None,
             stats: Arc::new(Stats::default()),
             secrets: Secrets::new("admin", &[]),
+            downloads: crate::download_token::DownloadAuth::new(
+                crate::download_token::Keyring::parse(
+                    &crate::download_token::Keyring::generate_file_text(),
+                    Path::new("test keys"),
+                )
+                .expect("generated keys parse"),
+                600,
+            ),
             limits,
             shutdown: tokio::sync::watch::channel(false).1,
         }

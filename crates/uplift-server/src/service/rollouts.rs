@@ -1025,7 +1025,7 @@ pub(crate) mod tests {
         let mut sessions = Vec::new();
         for id in &ids[..3] {
             let (tx, rx) = tokio::sync::watch::channel(0);
-            state.hub.register(id.clone(), format!("token-{id}"), tx);
+            state.hub.register(id.clone(), tx);
             sessions.push(rx);
         }
         let mut request = create("2", None);
