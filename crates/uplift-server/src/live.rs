@@ -16,7 +16,9 @@ use crate::history::{self, Pending};
 use crate::hub::SessionSerial;
 use crate::store::{DeviceRecord, DeviceStanding, DeviceTarget, NewEvent, ReportedState};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 use uplift_proto::api::DeviceEventKind;
 use uplift_proto::channel::Report;
 use uplift_proto::events::EventAbout;
@@ -32,6 +34,12 @@ pub struct LiveView {
     /// Where each history event is also published as it happens (the
     /// event stream and webhooks).
     events: Arc<EventBus>,
+    /// State changes made so far (a device became [`Dirty::State`]).
+    changes: AtomicU64,
+    /// The count of `changes` up to which the database holds everything.
+    stored: AtomicU64,
+    /// Wakes [`LiveView::stored_now`]'s waiters after each write.
+    written: Notify,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -170,6 +178,9 @@ impl LiveView {
             }
             let dirty = if moved { Dirty::State } else { Dirty::Progress };
             entry.dirty = entry.dirty.max(dirty);
+            if moved {
+                self.changes.fetch_add(1, Ordering::SeqCst);
+            }
         }
     }
 
@@ -187,6 +198,7 @@ impl LiveView {
             return Applied::Stale;
         }
         let dirty = if changes_state(entry.report.as_ref(), report) {
+            self.changes.fetch_add(1, Ordering::SeqCst);
             Dirty::State
         } else {
             Dirty::Progress
@@ -224,6 +236,7 @@ impl LiveView {
                 entry.last_seen = Some(now.to_owned());
                 // Going offline is worth recording soon, not only at shutdown.
                 entry.dirty = Dirty::State.max(entry.dirty);
+                self.changes.fetch_add(1, Ordering::SeqCst);
                 true
             }
             _ => false,
@@ -464,6 +477,37 @@ impl LiveView {
                 live.dirty = Dirty::State;
             }
         }
+    }
+
+    /// A mark of the state changes made so far, for
+    /// [`LiveView::stored_up_to`]; taken before the changes are.
+    pub fn change_mark(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
+    }
+
+    /// The writer stored every state change up to `mark`.
+    pub fn stored_up_to(&self, mark: u64) {
+        self.stored.fetch_max(mark, Ordering::SeqCst);
+        self.written.notify_waiters();
+    }
+
+    /// Waits, at most `within`, until the database holds every state
+    /// change made before the call: a count from the database then agrees
+    /// with the device views, which read this view (read your writes).
+    pub async fn stored_now(&self, within: std::time::Duration) {
+        let wanted = self.change_mark();
+        let _ = tokio::time::timeout(within, async {
+            loop {
+                let written = self.written.notified();
+                tokio::pin!(written);
+                written.as_mut().enable();
+                if self.stored.load(Ordering::SeqCst) >= wanted {
+                    return;
+                }
+                written.await;
+            }
+        })
+        .await;
     }
 
     /// Device rows waiting to be written with the next batch.

@@ -135,7 +135,13 @@ impl Secrets {
 }
 
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
+    // To the microsecond, as the stores keep times: a time read back from
+    // a view is then the very text it was made from (a rollout's phases are
+    // seeded with its creation time, and anyone may recompute them).
+    let now = time::OffsetDateTime::now_utc();
+    let now = now
+        .replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .expect("fewer nanoseconds stay in range");
+    now.format(&time::format_description::well_known::Rfc3339)
         .expect("the current UTC time always formats as RFC 3339")
 }

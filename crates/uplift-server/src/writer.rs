@@ -136,6 +136,7 @@ impl Writer {
     }
 
     async fn flush_states(&self, all: bool) -> bool {
+        let mark = self.live.change_mark();
         let pending = self.live.take_dirty(all);
         let mut ok = true;
         for batch in pending.chunks(BATCH_ROWS) {
@@ -159,6 +160,9 @@ impl Writer {
                     ok = false;
                 }
             }
+        }
+        if ok {
+            self.live.stored_up_to(mark);
         }
         ok
     }

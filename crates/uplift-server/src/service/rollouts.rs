@@ -358,10 +358,17 @@ fn parse_member_cursor(cursor: &str) -> ServiceResult<(u32, DeviceId)> {
         })
 }
 
+/// How long a rollout view waits for the writer to store what devices
+/// reported before the request, so that its counts agree with the device
+/// views (two write intervals; a database that cannot keep up gets counted
+/// as it is).
+const READ_YOUR_WRITES: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Every rollout as it stands now, oldest first. Their devices are counted
 /// in the database, all rollouts in one query: nothing per device is
 /// loaded, whatever the size of the fleet.
 pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
+    state.live.stored_now(READ_YOUR_WRITES).await;
     let rollouts = state.store.list_rollouts().await?;
     let mut counted: HashMap<i64, RolloutTally> = state
         .store
@@ -418,6 +425,7 @@ fn add_supersessions(view: &mut RolloutView, moves: &[(i64, i64, u64)]) {
 
 async fn view(state: &AppState, rollout: RolloutRecord) -> ServiceResult<RolloutView> {
     let id = rollout.id;
+    state.live.stored_now(READ_YOUR_WRITES).await;
     let tally = state
         .store
         .rollout_tallies(Some(id))
