@@ -96,6 +96,7 @@ pub async fn run(
         .context("server_url is not a URL")?;
     let tls = net::tls_config(&config.server_ca)?;
     let http = net::http_client(&config.server_ca, &config.download)?;
+    let direct = net::direct_client(&config.server_ca, &config.download)?;
     let (outbox, outbox_rx) = watch::channel((0u64, machine.report()));
     let (sent_tx, sent_rx) = watch::channel(0u64);
     let (token_tx, token_rx) = watch::channel(None::<String>);
@@ -118,6 +119,7 @@ pub async fn run(
     let mut installer = Installer {
         config: config.clone(),
         http,
+        direct,
         server_url,
         local: local.clone(),
         token: token_rx,

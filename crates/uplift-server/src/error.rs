@@ -194,7 +194,9 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         ErrorKind::Conflict | ErrorKind::DowngradeRefused => StatusCode::CONFLICT,
         ErrorKind::Unauthorized | ErrorKind::BadDeviceSignature => StatusCode::UNAUTHORIZED,
         ErrorKind::EnrollmentRefused | ErrorKind::Forbidden => StatusCode::FORBIDDEN,
-        ErrorKind::ServerBusy => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::ServerBusy | ErrorKind::ObjectStoreUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ErrorKind::WebhookFailed => StatusCode::BAD_GATEWAY,
         ErrorKind::DownloadFailed
         | ErrorKind::ServerUnreachable

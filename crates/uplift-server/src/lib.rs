@@ -15,6 +15,7 @@ pub mod history;
 pub mod hub;
 pub mod live;
 pub mod rollout;
+pub mod s3;
 pub mod serve;
 pub mod service;
 pub mod state;
@@ -26,7 +27,6 @@ pub mod webhooks;
 pub mod writer;
 
 use anyhow::Context;
-use artifacts::LocalArtifacts;
 use config::ServerConfig;
 use state::{AppState, Secrets, Stats};
 use std::future::Future;
@@ -64,14 +64,16 @@ pub async fn check_data_dir(config: &ServerConfig) -> anyhow::Result<chunks::Scr
         config.data_dir.display()
     );
     let store = SqliteStore::open(&db).await?;
-    let artifacts = LocalArtifacts::new(config.data_dir.join("chunks"));
-    let patches = LocalArtifacts::new(config.data_dir.join("patches"));
+    let stores = artifacts::Stores::open(&config.artifacts, &config.data_dir)?;
     let store: Arc<dyn store::Store> = Arc::new(store);
-    let indexes = chunks::Chunks::indexes(
-        Arc::new(LocalArtifacts::new(config.data_dir.join("indexes"))),
-        store.clone(),
-    );
-    Ok(chunks::scrub(store.as_ref(), &artifacts, &patches, &indexes).await?)
+    let indexes = chunks::Chunks::indexes(stores.indexes, store.clone());
+    Ok(chunks::scrub(
+        store.as_ref(),
+        stores.chunks.as_ref(),
+        stores.patches.as_ref(),
+        &indexes,
+    )
+    .await?)
 }
 
 /// Raises the soft open-file limit to the hard one and warns when the
@@ -117,11 +119,11 @@ impl Server {
         std::fs::create_dir_all(data)
             .with_context(|| format!("creating data directory {}", data.display()))?;
         let store = SqliteStore::open(&data.join("uplift.db")).await?;
-        let artifacts = LocalArtifacts::new(data.join("chunks"));
-        let patch_files: Arc<dyn artifacts::ArtifactStore> =
-            Arc::new(LocalArtifacts::new(data.join("patches")));
-        let index_files: Arc<dyn artifacts::ArtifactStore> =
-            Arc::new(LocalArtifacts::new(data.join("indexes")));
+        let artifacts::Stores {
+            chunks: artifacts,
+            patches: patch_files,
+            indexes: index_files,
+        } = artifacts::Stores::open(&config.artifacts, data)?;
         let tls = tls::load_or_generate(&data.join("tls"), &config.tls)?;
 
         let (admin_token, admin_token_file) = match &config.admin_token {
@@ -143,7 +145,6 @@ impl Server {
         live.load_targets(store.device_targets().await?);
         check_open_file_limit(&config.limits);
         let store: Arc<dyn store::Store> = Arc::new(store);
-        let artifacts: Arc<dyn artifacts::ArtifactStore> = Arc::new(artifacts);
         let indexes = Arc::new(chunks::Chunks::indexes(index_files, store.clone()));
         let state = Arc::new(AppState {
             chunks: chunks::Chunks::new(artifacts.clone(), store.clone(), indexes.clone()),
