@@ -302,8 +302,12 @@ impl Installer {
                     })
                 }
                 // A stale token after a reconnect, or a passing server
-                // fault: retried; if it lasts, its words are kept.
-                Ok(e) => Failed::Retry(Retry::refused(format!("server answered {status}: {e}"))),
+                // fault (its object store down, say): retried; if it
+                // lasts, its words are kept.
+                Ok(e) => {
+                    tracing::warn!("{what}: server answered {status}: {e}; asking again");
+                    Failed::Retry(Retry::refused(format!("server answered {status}: {e}")))
+                }
                 Err(_) => {
                     Failed::Retry(Retry::refused(format!("server answered {status}: {said}")))
                 }

@@ -894,10 +894,15 @@ async fn served_release(
         })?;
     let manifest = crate::chunks::load_manifest(&state.indexes, &record.manifest_json)
         .await
-        .map_err(|e| {
-            ApiError::internal(format!(
+        .map_err(|e| match e.kind() {
+            // Passing: the index is in an object store that did not answer.
+            uplift_proto::ErrorKind::ObjectStoreUnavailable => ApiError::new(
+                e.kind(),
+                format!("the chunk index of release {version} cannot be read now: {e}"),
+            ),
+            _ => ApiError::internal(format!(
                 "the stored manifest of release {version} is unreadable: {e}; upload the release again"
-            ))
+            )),
         })?;
     let release = Arc::new(ServedRelease {
         manifest_json: Bytes::from(record.manifest_json),

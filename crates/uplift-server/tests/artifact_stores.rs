@@ -54,7 +54,10 @@ fn named(data: &[u8]) -> (ChunkHash, Bytes) {
 async fn conformance(name: &str, store: &dyn ArtifactStore) {
     let hash: ChunkHash = "ab".repeat(32).parse().unwrap();
     let other: ChunkHash = "cd".repeat(32).parse().unwrap();
-    assert!(store.read_all(&hash, 100).await.unwrap().is_none(), "{name}");
+    assert!(
+        store.read_all(&hash, 100).await.unwrap().is_none(),
+        "{name}"
+    );
     assert!(store.current(&hash).await.unwrap().is_none(), "{name}");
     store
         .put(&hash, Bytes::from_static(b"0123456789"))
@@ -87,7 +90,10 @@ async fn conformance(name: &str, store: &dyn ArtifactStore) {
     );
     assert!(store.read_all(&hash, 100).await.unwrap().is_some());
     assert!(store.quarantine(&hash, &second).await.unwrap(), "{name}");
-    assert!(store.read_all(&hash, 100).await.unwrap().is_none(), "{name}");
+    assert!(
+        store.read_all(&hash, 100).await.unwrap().is_none(),
+        "{name}"
+    );
     assert!(!store.quarantine(&hash, &second).await.unwrap(), "{name}");
 }
 
@@ -110,7 +116,12 @@ async fn damage_handling(name: &str, stores: &Stores, db: Arc<dyn Store>) -> Opt
     let err = chunks.read_verified(&hash).await.unwrap_err();
     assert!(matches!(err, ChunkError::Damaged { .. }), "{name}: {err}");
     assert!(
-        stores.chunks.read_all(&hash, 1 << 20).await.unwrap().is_none(),
+        stores
+            .chunks
+            .read_all(&hash, 1 << 20)
+            .await
+            .unwrap()
+            .is_none(),
         "{name}: the damaged copy is set aside"
     );
     let offers_urls = stores.chunks.direct_url(&hash).await.unwrap().is_some();
@@ -119,7 +130,10 @@ async fn damage_handling(name: &str, stores: &Stores, db: Arc<dyn Store>) -> Opt
         assert!(matches!(err, ChunkError::Damaged { .. }), "{name}: {err}");
     }
     chunks.store(&hash, good.clone()).await.unwrap();
-    assert_eq!(chunks.read_verified(&hash).await.unwrap(), Some(good.clone()));
+    assert_eq!(
+        chunks.read_verified(&hash).await.unwrap(),
+        Some(good.clone())
+    );
     if offers_urls {
         // Checked good, then overwritten behind the server's back: the
         // stored version is no longer the one checked, so no URL for it.
