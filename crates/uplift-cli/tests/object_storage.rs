@@ -70,10 +70,19 @@ fn assert_the_bucket_holds(fx: &Fixture, s3: &S3Server, version: &str) -> usize 
     let manifest =
         std::fs::read(s3.object_path(&format!("fleet/releases/{version}/manifest.json")))
             .expect("the signed manifest is in the bucket under its version");
-    let manifest = SignedManifest::from_json(&manifest)
+    let mut manifest = SignedManifest::from_json(&manifest)
         .and_then(|m| m.parse_unverified())
         .expect("the stored manifest parses");
     assert_eq!(manifest.version, v(version));
+    if manifest.needs_index() {
+        // The chunk list is in the release's index, published beside it.
+        let index = std::fs::read(s3.object_path(&format!("fleet/releases/{version}/chunk-index")))
+            .expect("the chunk index is in the bucket under the release's version");
+        manifest
+            .attach_index(&index)
+            .expect("the published index is the manifest's");
+    }
+    assert!(!manifest.chunks.is_empty());
     for chunk in &manifest.chunks {
         let hex = chunk.hash.to_hex();
         let object = s3.object_path(&format!("fleet/chunks/{}/{hex}.zst", &hex[..2]));
@@ -110,6 +119,10 @@ async fn upgrade(direct: bool) {
     let sent_chunks = metric(&fx, "uplift_sent_chunks_total").await;
     let redirects = metric(&fx, "uplift_direct_download_redirects_total").await;
     let sent_bytes = metric(&fx, "uplift_sent_bytes_total").await;
+    eprintln!(
+        "direct_downloads={direct}: {chunks} chunks in the release; server sent {sent_chunks} chunks, \
+         {sent_bytes} bytes; {redirects} redirects"
+    );
     if direct {
         assert_eq!(
             sent_chunks, 0,
