@@ -26,7 +26,12 @@ use crate::config::ArtifactsConfig;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use http_body_util::BodyExt as _;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
+    HttpResponseBody, HttpService,
+};
 use object_store::path::Path;
 use object_store::signer::Signer as _;
 use object_store::ObjectStoreExt as _;
@@ -34,6 +39,74 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
 use uplift_proto::{ChunkHash, Version};
+
+/// object_store's HTTP transport: the server's own reqwest (0.12, rustls
+/// with ring, the system's trust store), one HTTP stack for webhooks and
+/// the bucket alike.
+#[derive(Debug)]
+struct Connector {
+    allow_http: bool,
+    /// One request, start to end of its body.
+    timeout: Duration,
+}
+
+impl HttpConnector for Connector {
+    fn connect(&self, _options: &object_store::ClientOptions) -> object_store::Result<HttpClient> {
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .https_only(!self.allow_http)
+            .connect_timeout(Duration::from_secs(5).min(self.timeout))
+            .timeout(self.timeout)
+            // A presigned or signed request is for one URL: never followed.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(HttpClient::new(Transport(client)))
+    }
+}
+
+#[derive(Debug)]
+struct Transport(reqwest::Client);
+
+#[async_trait]
+impl HttpService for Transport {
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let (parts, body) = request.into_parts();
+        let url = reqwest::Url::parse(&parts.uri.to_string())
+            .map_err(|e| HttpError::new(HttpErrorKind::Request, e))?;
+        // Bodies are in memory already (one chunk, one manifest); whole,
+        // they go out with a Content-Length, which S3 wants on a PUT.
+        let body = body.collect().await?.to_bytes();
+        let mut outgoing = reqwest::Request::new(parts.method, url);
+        *outgoing.headers_mut() = parts.headers;
+        *outgoing.body_mut() = Some(reqwest::Body::from(body));
+        let response = self.0.execute(outgoing).await.map_err(http_error)?;
+        let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
+        Ok(HttpResponse::from_parts(
+            parts,
+            HttpResponseBody::new(body.map_err(http_error)),
+        ))
+    }
+}
+
+/// How object_store treats a failure (which kinds it retries).
+fn http_error(e: reqwest::Error) -> HttpError {
+    let kind = if e.is_timeout() {
+        HttpErrorKind::Timeout
+    } else if e.is_connect() {
+        HttpErrorKind::Connect
+    } else if e.is_body() || e.is_request() {
+        HttpErrorKind::Request
+    } else if e.is_decode() {
+        HttpErrorKind::Decode
+    } else {
+        HttpErrorKind::Unknown
+    };
+    HttpError::new(kind, e)
+}
 
 /// Chunks read from the store at once for one span.
 const READ_CONCURRENCY: usize = 8;
@@ -54,10 +127,6 @@ impl Bucket {
     /// The bucket `config` names; credentials from the config, else from
     /// the usual `AWS_*` environment variables.
     pub fn open(config: &ArtifactsConfig) -> Result<Arc<Self>, ArtifactError> {
-        // reqwest 0.13 (under object_store) is built without a bundled
-        // crypto provider: it uses the process's, ring, as the server's own
-        // TLS does. Installing twice is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let bucket = config.bucket.clone().unwrap_or_default();
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&bucket)
@@ -74,12 +143,10 @@ impl Bucket {
                 max_retries: 2,
                 retry_timeout: Duration::from_secs(config.request_timeout_secs),
             })
-            .with_client_options(
-                object_store::ClientOptions::new()
-                    .with_allow_http(config.allow_http)
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(config.request_timeout_secs)),
-            );
+            .with_http_connector(Connector {
+                allow_http: config.allow_http,
+                timeout: Duration::from_secs(config.request_timeout_secs),
+            });
         if let Some(endpoint) = &config.endpoint {
             builder = builder.with_endpoint(endpoint);
         }
