@@ -92,6 +92,15 @@ pub struct Download {
     /// a test); off, a redirect to `http://` fails the request.
     #[serde(default)]
     pub direct_allow_http: bool,
+    /// `https://host:port` of a site cache (or CDN) to download through
+    /// instead of the server; the channel still goes to `server_url`. The
+    /// cache must check every request's download token with the server
+    /// (README: Running at scale). Unset: download from the server.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// PEM CA the site cache's certificate must chain to. Unset: `server_ca`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for Download {
@@ -105,6 +114,8 @@ impl Default for Download {
             receive_window_bytes: default_receive_window(),
             direct_ca_file: None,
             direct_allow_http: false,
+            url: None,
+            ca: None,
         }
     }
 }
@@ -114,6 +125,27 @@ fn default_receive_window() -> u32 {
 }
 
 impl Download {
+    /// Where downloads go: `url` if set (it must be `https`: the download
+    /// token travels with every request), else the server.
+    pub fn base_url(&self, server_url: &reqwest::Url) -> anyhow::Result<reqwest::Url> {
+        let Some(url) = &self.url else {
+            return Ok(server_url.clone());
+        };
+        let parsed: reqwest::Url = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("[download] url {url:?} is not a URL: {e}"))?;
+        anyhow::ensure!(
+            parsed.scheme() == "https" && parsed.host().is_some(),
+            "[download] url {url:?} must be https://host[:port]: download tokens travel with every request"
+        );
+        Ok(parsed)
+    }
+
+    /// The CA that downloads' TLS must chain to.
+    pub fn ca<'a>(&'a self, server_ca: &'a Path) -> &'a Path {
+        self.ca.as_deref().unwrap_or(server_ca)
+    }
+
     pub fn stall_timeout(&self) -> Duration {
         Duration::from_secs(self.stall_timeout_secs)
     }
@@ -253,6 +285,12 @@ impl AgentConfig {
         if config.health_check.is_empty() {
             anyhow::bail!("{}: health_check must name a command", path.display());
         }
+        if let Ok(server_url) = config.server_url.parse::<reqwest::Url>() {
+            config
+                .download
+                .base_url(&server_url)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
         for (key, value) in [
             ("min_bytes_per_sec", config.download.min_bytes_per_sec),
             ("stall_timeout_secs", config.download.stall_timeout_secs),
@@ -322,6 +360,37 @@ mod tests {
             ..Download::default()
         };
         assert_eq!(tight.deadline_for(512 * 1024), Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn downloads_go_to_the_server_unless_a_site_cache_is_named_over_https() {
+        let server: reqwest::Url = "https://uplift.example.net:8443".parse().unwrap();
+        let server_ca = Path::new("/etc/uplift/ca.pem");
+        let direct = Download::default();
+        assert_eq!(direct.base_url(&server).unwrap(), server);
+        assert_eq!(direct.ca(server_ca), server_ca);
+        let cached = Download {
+            url: Some("https://cache.site.example:8443".into()),
+            ca: Some("/etc/uplift/site-ca.pem".into()),
+            ..Download::default()
+        };
+        assert_eq!(
+            cached.base_url(&server).unwrap().as_str(),
+            "https://cache.site.example:8443/"
+        );
+        assert_eq!(cached.ca(server_ca), Path::new("/etc/uplift/site-ca.pem"));
+        for bad in [
+            "http://cache.site.example",
+            "cache.site.example",
+            "https://",
+        ] {
+            let download = Download {
+                url: Some(bad.into()),
+                ..Download::default()
+            };
+            let err = download.base_url(&server).unwrap_err().to_string();
+            assert!(err.contains("[download] url"), "{bad}: {err}");
+        }
     }
 
     #[test]

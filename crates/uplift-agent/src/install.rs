@@ -116,9 +116,10 @@ pub struct Installer {
     /// For presigned object-store URLs the server redirects to
     /// ([`crate::net::direct_client`]).
     pub direct: reqwest::Client,
+    /// Where downloads go: the server, or a site cache (`[download] url`).
     pub server_url: reqwest::Url,
     pub local: LocalState,
-    /// Download token of the current channel session (`None` while offline).
+    /// The newest download token from the channel (`None` while offline).
     pub token: watch::Receiver<Option<String>>,
     pub guard: InstallGuard,
 }

@@ -95,7 +95,9 @@ pub async fn run(
         .parse()
         .context("server_url is not a URL")?;
     let tls = net::tls_config(&config.server_ca)?;
-    let http = net::http_client(&config.server_ca, &config.download)?;
+    // Downloads go to the server, or to a site cache in front of it.
+    let download_url = config.download.base_url(&server_url)?;
+    let http = net::http_client(config.download.ca(&config.server_ca), &config.download)?;
     let direct = net::direct_client(&config.server_ca, &config.download)?;
     let (outbox, outbox_rx) = watch::channel((0u64, machine.report()));
     let (sent_tx, sent_rx) = watch::channel(0u64);
@@ -120,7 +122,7 @@ pub async fn run(
         config: config.clone(),
         http,
         direct,
-        server_url,
+        server_url: download_url,
         local: local.clone(),
         token: token_rx,
         guard: InstallGuard::new(slot_lock.clone()),
@@ -571,6 +573,11 @@ impl Connection {
                         Some(Err(e)) => return retry(e.into()),
                         Some(Ok(Message::Text(text))) => match channel::decode::<ServerMsg>(text.as_str()) {
                             Ok(ServerMsg::Error(err)) => return retry(anyhow::anyhow!("server error: {err}")),
+                            // The next download request takes it; one under way keeps the old one, still valid.
+                            Ok(ServerMsg::DownloadToken { token, expires_in_secs }) => {
+                                tracing::debug!(expires_in_secs, "download token renewed");
+                                self.token.send_replace(Some(token));
+                            }
                             Ok(msg) => {
                                 if self.inbound.send(msg).await.is_err() {
                                     return retry(anyhow::anyhow!("agent is stopping"));

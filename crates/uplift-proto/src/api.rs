@@ -19,6 +19,10 @@ pub const ROLLOUT_PREVIEW_PATH: &str = "/api/v1/rollouts/preview";
 pub const METRICS_PATH: &str = "/metrics";
 pub const MISSING_CHUNKS_PATH: &str = "/api/v1/chunks/missing";
 pub const HEALTH_PATH: &str = "/healthz";
+/// Checks a device download token and answers 204 (valid) or 401, with no
+/// body: what a site cache asks (nginx `auth_request`) before it serves a
+/// cached chunk to a device.
+pub const DEVICE_AUTHORIZE_PATH: &str = "/v1/device/authorize";
 /// The admin API's OpenAPI document, served without a token.
 pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 

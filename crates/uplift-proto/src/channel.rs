@@ -11,6 +11,8 @@
 //! server -> agent  welcome {device_id, session_token}  | error {kind, message}
 //! agent  -> server report {...}          (at once, then on every change)
 //! server -> agent  offer {...} | no_update (at once, then whenever the target changes)
+//! server -> agent  download_token {token, expires_in_secs} (before the last one expires;
+//!                  only to agents that list `token_renewal`)
 //! ```
 //!
 //! The version `v` stays 1 while the protocol grows compatibly: a new field
@@ -51,8 +53,10 @@ pub fn auth_message(nonce: &[u8], claimed_identity: &str) -> Vec<u8> {
 pub enum ServerMsg {
     /// First frame on every connection: a fresh nonce (hex) to sign.
     Challenge { nonce: String },
-    /// Authentication succeeded. `session_token` authorizes this device's
-    /// HTTPS downloads for as long as the channel is open.
+    /// Authentication succeeded. `session_token` is a signed download token:
+    /// it authorizes this device's HTTPS downloads on any replica until it
+    /// expires (minutes); the server sends a fresh one ([`ServerMsg::DownloadToken`])
+    /// before it does, and a new one on every connection.
     Welcome {
         device_id: DeviceId,
         session_token: String,
@@ -65,6 +69,16 @@ pub enum ServerMsg {
     Offer(Offer),
     /// No rollout targets this device (any earlier offer is withdrawn).
     NoUpdate,
+    /// A fresh download token, replacing the one from `welcome` (or the
+    /// last one of these), sent while that one is still valid. Sent only to
+    /// agents that list [`Feature::TokenRenewal`]; an older agent's channel
+    /// is instead closed before its token expires, and it reconnects.
+    DownloadToken {
+        token: String,
+        /// Seconds the token is valid from now (informational: the server
+        /// decides, and sends the next one before it runs out).
+        expires_in_secs: u64,
+    },
     /// The server refuses something; on authentication errors it then closes.
     Error(WireError),
 }
@@ -113,12 +127,14 @@ impl Offer {
 pub enum Feature {
     /// Offers with `hold_reboot`, and the `awaiting_reboot` state.
     HoldReboot,
+    /// `download_token` frames renewing the download token on an open channel.
+    TokenRenewal,
     #[serde(other)]
     Unknown,
 }
 
 /// What this build understands; both sides announce it.
-pub const FEATURES: &[Feature] = &[Feature::HoldReboot];
+pub const FEATURES: &[Feature] = &[Feature::HoldReboot, Feature::TokenRenewal];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

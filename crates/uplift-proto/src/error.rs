@@ -39,6 +39,12 @@ pub enum ErrorKind {
     BadDeviceSignature,
     /// The caller is known, but its role does not allow this.
     Forbidden,
+    /// A device download token that is not one the server signed: malformed,
+    /// signed with a key the server does not hold, altered, or of a device
+    /// that is not enrolled.
+    DownloadTokenInvalid,
+    /// A device download token past its expiry; the channel brings a fresh one.
+    DownloadTokenExpired,
     // --- releases and downloads (reported by agents)
     ManifestSignature,
     ManifestInvalid,

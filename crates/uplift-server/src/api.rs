@@ -131,6 +131,9 @@ fn device_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             state.clone(),
             budget::limit_downloads,
         ))
+        // Outside the download budget: no body, no disk, one MAC; a site
+        // cache asks it before every chunk it serves, hit or miss.
+        .route(DEVICE_AUTHORIZE_PATH, get(device_authorize))
         .route(CHANNEL_PATH, get(channel::upgrade))
 }
 
@@ -155,10 +158,90 @@ fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn device_of(state: &AppState, headers: &HeaderMap) -> Result<DeviceId, ApiError> {
-    auth::bearer(headers).and_then(|t| state.hub.device_for_token(t)).ok_or_else(|| {
-        ApiError::unauthorized("download token missing or expired; it is valid only while the device channel is open")
-    })
+/// The device a download request's signed token names, if the token is
+/// valid now and its device enrolled; else a 401 whose kind says why.
+async fn device_of(state: &AppState, headers: &HeaderMap) -> Result<DeviceId, ApiError> {
+    Ok(authorized(state, headers).await?.device)
+}
+
+async fn authorized(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<crate::download_token::Claims, ApiError> {
+    let token = auth::bearer(headers).ok_or_else(|| {
+        ApiError::unauthorized(
+            "no download token: send `Authorization: Bearer <token>` with the token the device \
+             channel gave (welcome, then download_token frames)",
+        )
+    })?;
+    let claims = state
+        .downloads
+        .keys
+        .verify(token, crate::download_token::unix_now())?;
+    if state.downloads.knows(&claims.device) {
+        return Ok(claims);
+    }
+    // Signed by a replica for a device this one has not met yet: once per
+    // device, the database says whether it is enrolled.
+    match state.store.device(&claims.device).await? {
+        Some(_) => {
+            state.downloads.remember(&claims.device);
+            Ok(claims)
+        }
+        None => Err(ApiError::new(
+            uplift_proto::ErrorKind::DownloadTokenInvalid,
+            format!(
+                "device {} is not enrolled on this server; its download token is refused",
+                claims.device
+            ),
+        )),
+    }
+}
+
+/// The kind of an authorize refusal, as a header (see `device_authorize`).
+const AUTHORIZE_KIND_HEADER: &str = "x-uplift-error-kind";
+
+/// Longest a cache may reuse a "yes" for one token (never past the
+/// token's expiry): how long a device removed from the fleet could still
+/// be served from a site cache.
+const AUTHORIZE_CACHE_SECS: u64 = 60;
+
+/// `GET /v1/device/authorize`: 204 if the bearer token is a valid download
+/// token of an enrolled device, else 401 with the usual JSON error; what a
+/// site cache (nginx `auth_request`) asks before it serves a chunk. The
+/// "yes" is cacheable per token (`Vary: Authorization`) for at most a
+/// minute and never past the token's expiry; a refusal is never cached.
+async fn device_authorize(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match authorized(&state, &headers).await {
+        Ok(claims) => {
+            let left = claims
+                .expires_at
+                .saturating_sub(crate::download_token::unix_now());
+            let max_age = left.min(AUTHORIZE_CACHE_SECS);
+            let mut response = StatusCode::NO_CONTENT.into_response();
+            let h = response.headers_mut();
+            h.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_str(&format!("public, max-age={max_age}"))
+                    .expect("digits are a valid header"),
+            );
+            h.insert(header::VARY, HeaderValue::from_static("authorization"));
+            response
+        }
+        Err(refused) => {
+            let kind = refused.kind;
+            let mut response = refused.into_response();
+            let h = response.headers_mut();
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            // A cache's auth_request drops the body; the kind in a header
+            // lets it tell the device why in its own answer.
+            h.insert(
+                AUTHORIZE_KIND_HEADER,
+                HeaderValue::from_static(kind.as_str()),
+            );
+            response
+        }
+    }
 }
 
 fn parse_name<T: std::str::FromStr<Err = uplift_proto::NameError>>(s: &str) -> Result<T, ApiError> {
@@ -863,7 +946,7 @@ async fn device_manifest(
     headers: HeaderMap,
     version: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    device_of(&state, &headers)?;
+    device_of(&state, &headers).await?;
     let Path(version) = version?;
     let version: Version = parse_name(&version)?;
     let manifest = served_release(&state, &version)
@@ -871,7 +954,20 @@ async fn device_manifest(
         .manifest_json
         .clone();
     state.stats.add_sent(manifest.len() as u64);
-    Ok(([(header::CONTENT_TYPE, "application/json")], manifest).into_response())
+    // A version names one manifest for ever: as cacheable as a chunk.
+    let etag = etag_of(&uplift_release::sha256(&manifest));
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE)),
+            (header::ETAG, etag),
+        ],
+        manifest,
+    )
+        .into_response())
 }
 
 /// The release as devices download it, from the cache or the store.
@@ -963,18 +1059,39 @@ fn chunk_body(
     Body::from_stream(headers_first.chain(pieces))
 }
 
-fn immutable_chunk_headers(response: &mut Response, len: u64) {
+/// How downloads named by content may be cached: they never change (a
+/// chunk, patch or index is named by its digest; a manifest or span by its
+/// release's version, which names one manifest for ever: another manifest
+/// under the same version is refused), so a shared cache may keep them a
+/// year. `public` lets a shared cache serve one device's copy to another,
+/// which is safe only because a site cache must ask the server whether
+/// each request's token is valid first (`DEVICE_AUTHORIZE_PATH`; the
+/// README's nginx example does): see ARCHITECTURE.md, Site caches.
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+fn immutable_chunk_headers(response: &mut Response, len: u64, etag: &ChunkHash) {
     let h = response.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    // Immutable and named by content: any cache may keep it forever.
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("private, max-age=31536000, immutable"),
-    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
+    h.insert(header::ETAG, etag_of(etag));
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/zstd"),
     );
+}
+
+/// A strong validator: the digest naming the body (or its parts).
+fn etag_of(hash: &ChunkHash) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{hash}\"")).expect("hex digits are a valid header")
+}
+
+/// The ETag of a span: the digest of its objects' names, in order.
+fn span_etag(entries: &[Listed]) -> ChunkHash {
+    let mut names = Vec::with_capacity(entries.len() * 32);
+    for entry in entries {
+        names.extend_from_slice(entry.hash.as_bytes());
+    }
+    uplift_release::sha256(&names)
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -990,7 +1107,7 @@ async fn device_index(
     headers: HeaderMap,
     version: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    device_of(&state, &headers)?;
+    device_of(&state, &headers).await?;
     let Path(version) = version?;
     let version: Version = parse_name(&version)?;
     let release = served_release(&state, &version).await?;
@@ -1010,7 +1127,7 @@ async fn device_index(
     let len = index.len() as u64;
     let body = futures_util::stream::once(std::future::ready(Ok(index)));
     let mut response = Response::new(chunk_body(state.clone(), body));
-    immutable_chunk_headers(&mut response, len);
+    immutable_chunk_headers(&mut response, len, &hash);
     Ok(response)
 }
 
@@ -1045,7 +1162,7 @@ async fn serve_span(
     query: Result<Query<SpanQuery>, QueryRejection>,
     kind: StoredKind,
 ) -> Result<Response, ApiError> {
-    device_of(&state, &headers)?;
+    device_of(&state, &headers).await?;
     let Path(version) = version?;
     let version: Version = parse_name(&version)?;
     let Query(span) = query.map_err(|e| {
@@ -1084,6 +1201,7 @@ async fn serve_span(
         return Ok(redirect);
     }
     let len: u64 = entries.iter().map(|c| u64::from(c.stored_size)).sum();
+    let etag = span_etag(&entries);
     let first = read_stored(&state, kind, &version, &entries[0]).await?;
     // The rest in batches, one trip to the disk thread each, the next batch
     // read while this one is sent.
@@ -1111,7 +1229,7 @@ async fn serve_span(
     };
     let chunks = futures_util::stream::once(std::future::ready(Ok(first))).chain(rest);
     let mut response = Response::new(chunk_body(state.clone(), chunks));
-    immutable_chunk_headers(&mut response, len);
+    immutable_chunk_headers(&mut response, len, &etag);
     Ok(response)
 }
 
@@ -1188,7 +1306,7 @@ async fn device_chunk(
     headers: HeaderMap,
     hash: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    device_of(&state, &headers)?;
+    device_of(&state, &headers).await?;
     let Path(hash) = hash?;
     let hash: ChunkHash = parse_name(&hash)?;
     if let Some(redirect) = direct::redirect(&state, StoredKind::Chunk, &hash).await? {
@@ -1230,7 +1348,7 @@ async fn device_chunk(
     let chunks = futures_util::stream::once(std::future::ready(Ok(range)));
     let mut response = Response::new(chunk_body(state.clone(), chunks));
     *response.status_mut() = status;
-    immutable_chunk_headers(&mut response, count);
+    immutable_chunk_headers(&mut response, count, &hash);
     let h = response.headers_mut();
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if status == StatusCode::PARTIAL_CONTENT {
@@ -1269,6 +1387,103 @@ mod tests {
             .await
             .unwrap();
         (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    /// A device request with `token` (if any): status, headers, body.
+    async fn device_get(
+        router: &Router,
+        path: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, HeaderMap, Bytes) {
+        let mut request = Request::builder().uri(path);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let response = router
+            .clone()
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = response.into_parts();
+        let body = axum::body::to_bytes(body, 8 << 20).await.unwrap();
+        (parts.status, parts.headers, body)
+    }
+
+    fn kind_of(body: &[u8]) -> uplift_proto::ErrorKind {
+        serde_json::from_slice::<WireError>(body).unwrap().kind
+    }
+
+    /// What a site cache relies on: the authorize endpoint's 204/401 with
+    /// no body and its cache policy, and chunks any cache may share.
+    #[tokio::test]
+    async fn a_cache_asks_whether_a_token_is_valid_and_may_share_chunks() {
+        use crate::download_token::unix_now;
+        use uplift_proto::ErrorKind;
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(testing::state(dir.path()).await);
+        let enrolled = testing::device(&state, "dev-1", "gw").await;
+        let data = b"chunk bytes ".repeat(100);
+        let hash = uplift_release::sha256(&data);
+        state
+            .chunks
+            .store(&hash, uplift_release::encode_chunk(&data).unwrap().into())
+            .await
+            .unwrap();
+        let keys = &state.downloads.keys;
+        let now = unix_now();
+        // Signed by a replica that met the device: this one asks the database once.
+        let valid = keys.sign(&enrolled, now, 600).text;
+        let short = keys.sign(&enrolled, now, 20).text;
+        let expired = keys.sign(&enrolled, now - 700, 600).text;
+        let stranger = keys.sign(&"dev-gone".parse().unwrap(), now, 600).text;
+        let router = device_router(state.clone());
+
+        let (status, headers, body) =
+            device_get(&router, DEVICE_AUTHORIZE_PATH, Some(&valid)).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert!(body.is_empty());
+        assert_eq!(headers[header::CACHE_CONTROL], "public, max-age=60");
+        assert_eq!(headers[header::VARY], "authorization");
+        assert!(state.downloads.knows(&enrolled));
+        // Never cached past the token's expiry.
+        let (_, headers, _) = device_get(&router, DEVICE_AUTHORIZE_PATH, Some(&short)).await;
+        let max_age = headers[header::CACHE_CONTROL].to_str().unwrap().to_owned();
+        assert!(
+            ["public, max-age=20", "public, max-age=19"].contains(&max_age.as_str()),
+            "{max_age}"
+        );
+        for (token, kind) in [
+            (None, ErrorKind::Unauthorized),
+            (Some(expired.as_str()), ErrorKind::DownloadTokenExpired),
+            (Some(stranger.as_str()), ErrorKind::DownloadTokenInvalid),
+            (Some("a1b2c3"), ErrorKind::DownloadTokenInvalid),
+            (
+                Some(&valid.replace("dev-1", "dev-2")),
+                ErrorKind::DownloadTokenInvalid,
+            ),
+        ] {
+            let (status, headers, body) = device_get(&router, DEVICE_AUTHORIZE_PATH, token).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
+            assert_eq!(headers[header::CACHE_CONTROL], "no-store", "{token:?}");
+            assert_eq!(kind_of(&body), kind, "{token:?}");
+            assert_eq!(headers[AUTHORIZE_KIND_HEADER], kind.as_str());
+            // The download itself says the same.
+            let (status, _, body) = device_get(&router, &device_chunk_path(&hash), token).await;
+            assert_eq!((status, kind_of(&body)), (StatusCode::UNAUTHORIZED, kind));
+        }
+
+        let (status, headers, body) =
+            device_get(&router, &device_chunk_path(&hash), Some(&valid)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            uplift_release::decode_named_chunk(&hash, &body, 1 << 20).unwrap(),
+            data
+        );
+        assert_eq!(
+            headers[header::CACHE_CONTROL],
+            "public, max-age=31536000, immutable"
+        );
+        assert_eq!(headers[header::ETAG], format!("\"{hash}\"").as_str());
     }
 
     /// `/api/v1/rollouts/preview` beside `/api/v1/rollouts/{id}` and

@@ -148,9 +148,13 @@ async fn session(
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
 
-    let token = hex::encode(rand::random::<[u8; 32]>());
+    // A signed token any replica accepts until it expires; renewed over
+    // this channel (see `serve_device`).
+    let token = state
+        .downloads
+        .issue(&device_id, crate::download_token::unix_now());
     let (tx, mut target_changed) = watch::channel(0u64);
-    let serial = state.hub.register(device_id.clone(), token.clone(), tx);
+    let serial = state.hub.register(device_id.clone(), tx);
     // From here on, whatever an older session of this device still has in
     // flight is not heard (see crate::live).
     state.live.claim_from(
@@ -164,7 +168,7 @@ async fn session(
             &mut socket,
             &ServerMsg::Welcome {
                 device_id: device_id.clone(),
-                session_token: token,
+                session_token: token.text,
                 enrolled,
                 features: FEATURES.to_vec(),
             },
@@ -174,8 +178,11 @@ async fn session(
         serve_device(
             &state,
             &device_id,
-            serial,
-            peer,
+            Session {
+                serial,
+                peer,
+                token_expires_at: token.expires_at,
+            },
             &mut socket,
             &mut target_changed,
         )
@@ -202,6 +209,41 @@ fn shown_address(addr: SocketAddr) -> String {
 pub struct Peer {
     /// It can be told to hold its reboot ([`Feature::HoldReboot`]).
     pub holds_reboots: bool,
+    /// It takes `download_token` frames ([`Feature::TokenRenewal`]).
+    pub renews_tokens: bool,
+}
+
+/// One authenticated session as its loop keeps it.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    serial: SessionSerial,
+    peer: Peer,
+    /// When the device's newest download token expires (Unix seconds).
+    token_expires_at: u64,
+}
+
+/// What a session does about its device's download token at a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renewal {
+    /// Valid for long enough yet.
+    NotDue,
+    /// Send a fresh one.
+    Send,
+    /// The agent cannot take a fresh one on this channel: close it, and
+    /// the agent's reconnect brings one in its welcome, before the old one
+    /// expires (half its life is left).
+    Reconnect,
+}
+
+/// The pure rule, time passed in.
+fn renewal(state: &AppState, session: &Session, now: u64) -> Renewal {
+    if !state.downloads.renewal_due(session.token_expires_at, now) {
+        Renewal::NotDue
+    } else if session.peer.renews_tokens {
+        Renewal::Send
+    } else {
+        Renewal::Reconnect
+    }
 }
 
 impl Peer {
@@ -212,6 +254,7 @@ impl Peer {
         };
         Peer {
             holds_reboots: features.contains(&Feature::HoldReboot),
+            renews_tokens: features.contains(&Feature::TokenRenewal),
         }
     }
 }
@@ -504,12 +547,12 @@ fn pass_turns(state: &AppState, passed: impl IntoIterator<Item = DeviceId>) {
 async fn serve_device(
     state: &AppState,
     device: &DeviceId,
-    serial: SessionSerial,
-    peer: Peer,
+    mut session: Session,
     socket: &mut WebSocket,
     target_changed: &mut watch::Receiver<u64>,
 ) -> Result<(), SessionError> {
     use std::sync::atomic::Ordering::Relaxed;
+    let Session { serial, peer, .. } = session;
     let idle_limit = state.limits.channel_idle_timeout();
     let mut shutdown = state.shutdown.clone();
     let mut ping = tokio::time::interval(PING_EVERY);
@@ -571,6 +614,24 @@ async fn serve_device(
                     tracing::info!(device = %device, "closing silent device channel");
                     return Err(SessionError::Gone);
                 }
+                // The ping's tick, not a timer of its own: no extra timer per session.
+                let now = crate::download_token::unix_now();
+                match renewal(state, &session, now) {
+                    Renewal::NotDue => {}
+                    Renewal::Send => {
+                        let token = state.downloads.issue(device, now);
+                        session.token_expires_at = token.expires_at;
+                        send(socket, &ServerMsg::DownloadToken {
+                            token: token.text,
+                            expires_in_secs: token.expires_at.saturating_sub(now),
+                        }).await?;
+                    }
+                    Renewal::Reconnect => {
+                        tracing::info!(device = %device, "closing the channel of an agent that cannot renew its download token; it reconnects for a fresh one");
+                        let _ = socket.send(Message::Close(None)).await;
+                        return Ok(());
+                    }
+                }
                 timeout(Duration::from_secs(10), socket.send(Message::Ping(Default::default())))
                     .await
                     .map_err(|_| SessionError::Gone)??;
@@ -598,9 +659,11 @@ mod tests {
         };
         let new = Peer {
             holds_reboots: true,
+            renews_tokens: true,
         };
         let old = Peer {
             holds_reboots: false,
+            renews_tokens: false,
         };
         state
             .live
@@ -647,5 +710,33 @@ mod tests {
         assert!(Peer::of(&hello(vec![Feature::HoldReboot])).holds_reboots);
         assert!(!Peer::of(&hello(vec![])).holds_reboots, "an older agent");
         assert!(!Peer::of(&hello(vec![Feature::Unknown])).holds_reboots);
+        assert!(Peer::of(&hello(vec![Feature::TokenRenewal])).renews_tokens);
+        assert!(!Peer::of(&hello(vec![Feature::HoldReboot])).renews_tokens);
+    }
+
+    #[tokio::test]
+    async fn a_token_is_renewed_on_the_channel_or_an_older_agent_reconnects_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let lifetime = state.downloads.lifetime_secs;
+        let peer = |renews_tokens| Peer {
+            holds_reboots: true,
+            renews_tokens,
+        };
+        let session = |renews| Session {
+            serial: SessionSerial::from_raw(1),
+            peer: peer(renews),
+            token_expires_at: 1_000 + lifetime,
+        };
+        for renews in [true, false] {
+            assert_eq!(renewal(&state, &session(renews), 1_000), Renewal::NotDue);
+            assert_eq!(
+                renewal(&state, &session(renews), 1_000 + lifetime / 2 - 1),
+                Renewal::NotDue
+            );
+        }
+        let half = 1_000 + lifetime / 2;
+        assert_eq!(renewal(&state, &session(true), half), Renewal::Send);
+        assert_eq!(renewal(&state, &session(false), half), Renewal::Reconnect);
     }
 }

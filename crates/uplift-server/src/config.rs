@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     #[serde(default)]
     pub artifacts: ArtifactsConfig,
+    #[serde(default)]
+    pub download_tokens: DownloadTokens,
 }
 
 /// Where chunks, patches and chunk indexes are kept.
@@ -129,6 +131,30 @@ impl Default for ArtifactsConfig {
     }
 }
 
+/// Signed device download tokens (see [`crate::download_token`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadTokens {
+    /// The keys that sign and check them. Replicas behind one balancer
+    /// must list the same keys. Unset: `<data_dir>/download-token-keys`,
+    /// generated on first start.
+    #[serde(default)]
+    pub keys_file: Option<PathBuf>,
+    /// How long a token is valid; the channel brings a fresh one when half
+    /// of it is left.
+    #[serde(default = "default_token_lifetime")]
+    pub lifetime_secs: u64,
+}
+
+impl Default for DownloadTokens {
+    fn default() -> Self {
+        Self {
+            keys_file: None,
+            lifetime_secs: default_token_lifetime(),
+        }
+    }
+}
+
 fn default_region() -> String {
     "us-east-1".into()
 }
@@ -188,6 +214,23 @@ impl ArtifactsConfig {
         }
         Ok(())
     }
+}
+
+impl DownloadTokens {
+    /// Shortest lifetime accepted: the renewal is sent at the channel's
+    /// first 20 s tick past half the lifetime, so at 60 s it arrives at
+    /// least 10 s before the old token expires.
+    pub const MIN_LIFETIME_SECS: u64 = 60;
+
+    pub fn keys_file(&self, data_dir: &Path) -> PathBuf {
+        self.keys_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("download-token-keys"))
+    }
+}
+
+fn default_token_lifetime() -> u64 {
+    600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -334,6 +377,7 @@ impl ServerConfig {
             admin_token: None,
             limits: Limits::default(),
             artifacts: ArtifactsConfig::default(),
+            download_tokens: DownloadTokens::default(),
         }
     }
 
@@ -370,6 +414,13 @@ impl ServerConfig {
             if value == 0 {
                 return Err(format!("[limits] {name} must be at least 1"));
             }
+        }
+        if self.download_tokens.lifetime_secs < DownloadTokens::MIN_LIFETIME_SECS {
+            return Err(format!(
+                "[download_tokens] lifetime_secs must be at least {}: the channel renews a token \
+                 when half of its life is left, on a 20 s tick",
+                DownloadTokens::MIN_LIFETIME_SECS
+            ));
         }
         if self.enrollment_tokens.iter().any(|t| t.trim().len() < MIN) {
             return Err(format!("every enrollment token must be at least {MIN} characters; or omit them to have one generated"));

@@ -111,6 +111,12 @@ impl From<crate::chunks::LoadError> for ApiError {
     }
 }
 
+impl From<crate::download_token::TokenError> for ApiError {
+    fn from(e: crate::download_token::TokenError) -> Self {
+        ApiError::from_error(e.kind(), e)
+    }
+}
+
 impl From<crate::artifacts::ArtifactError> for ApiError {
     fn from(e: crate::artifacts::ArtifactError) -> Self {
         ApiError::from_error(e.kind(), e)
@@ -192,7 +198,10 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         ErrorKind::UnsupportedProtocol => StatusCode::UPGRADE_REQUIRED,
         ErrorKind::NotFound | ErrorKind::UnknownDevice => StatusCode::NOT_FOUND,
         ErrorKind::Conflict | ErrorKind::DowngradeRefused => StatusCode::CONFLICT,
-        ErrorKind::Unauthorized | ErrorKind::BadDeviceSignature => StatusCode::UNAUTHORIZED,
+        ErrorKind::Unauthorized
+        | ErrorKind::BadDeviceSignature
+        | ErrorKind::DownloadTokenInvalid
+        | ErrorKind::DownloadTokenExpired => StatusCode::UNAUTHORIZED,
         ErrorKind::EnrollmentRefused | ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         ErrorKind::ServerBusy | ErrorKind::ObjectStoreUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE

@@ -1,20 +1,17 @@
-//! The live device sessions: who is connected, how to tell them their target
-//! changed, and which download token belongs to which device. In memory only: a device that is
-//! not connected simply gets its target when it next connects.
+//! The live device sessions: who is connected, and how to tell them their
+//! target changed (each session's push channel). In memory only, and only
+//! what must be: a device that is not connected simply gets its target when
+//! it next connects. Download authorization is not here: download tokens
+//! are signed ([`crate::download_token`]), so any replica checks them.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 use tokio::sync::watch;
 use uplift_proto::DeviceId;
 
 #[derive(Debug, Default)]
 pub struct Hub {
     inner: Mutex<Inner>,
-    /// Download tokens, apart from the sessions: every download request
-    /// looks its token up, and many may do so at once under a read lock
-    /// without waiting for sessions coming and going. Written only with
-    /// `inner` held, so the two maps change together.
-    tokens: RwLock<HashMap<String, DeviceId>>,
 }
 
 #[derive(Debug, Default)]
@@ -26,7 +23,6 @@ struct Inner {
 #[derive(Debug)]
 struct Session {
     serial: u64,
-    token: String,
     /// Bumped when the device's target changes; dropped to end the session.
     target_changed: watch::Sender<u64>,
 }
@@ -53,35 +49,20 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn tokens_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, DeviceId>> {
-        self.tokens
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Registers a session, replacing (and thereby closing) any older one of
     /// the same device.
-    pub fn register(
-        &self,
-        device: DeviceId,
-        token: String,
-        target_changed: watch::Sender<u64>,
-    ) -> SessionSerial {
+    pub fn register(&self, device: DeviceId, target_changed: watch::Sender<u64>) -> SessionSerial {
         let mut inner = self.lock();
         inner.next_serial += 1;
         let serial = inner.next_serial;
-        let mut tokens = self.tokens_mut();
-        tokens.insert(token.clone(), device.clone());
-        if let Some(old) = inner.sessions.insert(
+        // The old session's sender is dropped here: its loop sees that and ends.
+        inner.sessions.insert(
             device,
             Session {
                 serial,
-                token,
                 target_changed,
             },
-        ) {
-            tokens.remove(&old.token);
-        }
+        );
         SessionSerial(serial)
     }
 
@@ -92,18 +73,8 @@ impl Hub {
             .get(device)
             .is_some_and(|s| s.serial == serial.0)
         {
-            if let Some(old) = inner.sessions.remove(device) {
-                self.tokens_mut().remove(&old.token);
-            }
+            inner.sessions.remove(device);
         }
-    }
-
-    pub fn device_for_token(&self, token: &str) -> Option<DeviceId> {
-        self.tokens
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(token)
-            .cloned()
     }
 
     pub fn is_online(&self, device: &DeviceId) -> bool {
@@ -144,20 +115,14 @@ mod tests {
         let dev: DeviceId = "dev-1".parse().unwrap();
         let (tx1, rx1) = watch::channel(0);
         let (tx2, mut rx2) = watch::channel(0);
-        let old = hub.register(dev.clone(), "t1".into(), tx1);
-        let _new = hub.register(dev.clone(), "t2".into(), tx2);
+        let old = hub.register(dev.clone(), tx1);
+        let _new = hub.register(dev.clone(), tx2);
         assert!(
             rx1.has_changed().is_err(),
             "the replaced session learns it was replaced"
         );
         hub.unregister(&dev, old);
         assert!(hub.is_online(&dev));
-        assert_eq!(
-            hub.device_for_token("t1"),
-            None,
-            "the old session's token is revoked"
-        );
-        assert_eq!(hub.device_for_token("t2"), Some(dev.clone()));
         assert!(hub.notify_target_changed(&dev));
         assert!(rx2.has_changed().unwrap());
         rx2.mark_unchanged();
@@ -168,7 +133,7 @@ mod tests {
         let hub = Hub::default();
         let dev: DeviceId = "dev-1".parse().unwrap();
         let (tx, mut rx) = watch::channel(0);
-        hub.register(dev.clone(), "t".into(), tx);
+        hub.register(dev.clone(), tx);
         for _ in 0..1000 {
             assert!(hub.notify_target_changed(&dev));
         }

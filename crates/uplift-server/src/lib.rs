@@ -9,6 +9,7 @@ pub mod budget;
 pub mod channel;
 pub mod chunks;
 pub mod config;
+pub mod download_token;
 pub mod error;
 pub mod events;
 pub mod history;
@@ -18,6 +19,7 @@ pub mod rollout;
 pub mod s3;
 pub mod serve;
 pub mod service;
+pub mod signals;
 pub mod state;
 pub mod store;
 pub mod tls;
@@ -125,6 +127,7 @@ impl Server {
             indexes: index_files,
         } = artifacts::Stores::open(&config.artifacts, data)?;
         let tls = tls::load_or_generate(&data.join("tls"), &config.tls)?;
+        let token_keys = download_token::load_or_create(&config.download_tokens.keys_file(data))?;
 
         let (admin_token, admin_token_file) = match &config.admin_token {
             Some(t) => (t.clone(), None),
@@ -157,6 +160,7 @@ impl Server {
             events,
             turns: Default::default(),
             budgets: budget::Budgets::new(&config.limits),
+            signals: Default::default(),
             releases: Default::default(),
             egress: config
                 .limits
@@ -164,6 +168,10 @@ impl Server {
                 .map(uplift_proto::pace::Pacer::new),
             stats: Arc::new(Stats::default()),
             secrets: Secrets::new(&admin_token, &enrollment_tokens),
+            downloads: download_token::DownloadAuth::new(
+                token_keys,
+                config.download_tokens.lifetime_secs,
+            ),
             limits: config.limits.clone(),
             shutdown,
         });
@@ -226,6 +234,7 @@ impl Server {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let scheduler = tokio::spawn(rollout::scheduler::run(self.state.clone(), stop_rx.clone()));
         let deliverer = tokio::spawn(webhooks::run(self.state.clone(), stop_rx.clone()));
+        let follower = tokio::spawn(signals::follow(self.state.clone(), stop_rx.clone()));
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -258,6 +267,7 @@ impl Server {
         tokio::join!(trigger, devices, admin);
         let _ = scheduler.await;
         let _ = deliverer.await;
+        let _ = follower.await;
         self.state
             .budgets
             .channels_closed(Duration::from_secs(5))

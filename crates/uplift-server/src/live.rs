@@ -14,7 +14,7 @@
 use crate::events::EventBus;
 use crate::history::{self, Pending};
 use crate::hub::SessionSerial;
-use crate::store::{DeviceRecord, DeviceTarget, NewEvent, ReportedState};
+use crate::store::{DeviceRecord, DeviceStanding, DeviceTarget, NewEvent, ReportedState};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use uplift_proto::api::DeviceEventKind;
@@ -48,6 +48,17 @@ pub struct LiveDevice {
     pub address: Option<String>,
     /// Something the database does not hold yet.
     dirty: Dirty,
+    /// A session of this process holds the device now. Once it ended and
+    /// the database has everything, the database is as new as this view,
+    /// and newer when the device went on to another replica.
+    here: bool,
+}
+
+impl LiveDevice {
+    /// Whether this view's report may be laid over the database's.
+    fn newer_than_stored(&self) -> bool {
+        self.here || self.dirty != Dirty::Clean
+    }
 }
 
 /// What the database still lacks for a device.
@@ -149,6 +160,7 @@ impl LiveView {
         let entry = devices.entry(device.clone()).or_default();
         if admits(entry.session, session) {
             entry.session = Some(session);
+            entry.here = true;
             entry.last_seen = Some(now.to_owned());
             // A new address is worth writing soon: the device may go
             // offline (or the server stop) before it changes anything else.
@@ -208,6 +220,7 @@ impl LiveView {
         let mut devices = self.lock();
         match devices.get_mut(device) {
             Some(entry) if entry.session == Some(session) => {
+                entry.here = false;
                 entry.last_seen = Some(now.to_owned());
                 // Going offline is worth recording soon, not only at shutdown.
                 entry.dirty = Dirty::State.max(entry.dirty);
@@ -244,6 +257,70 @@ impl LiveView {
                 );
             }
         }
+    }
+
+    /// [`LiveView::set_targets`] as another replica made it: its history
+    /// is that replica's to record.
+    pub fn follow_targets(&self, devices: &[DeviceId], target: &DeviceTarget) {
+        let mut live = self.lock();
+        for id in devices {
+            let entry = live.entry(id.clone()).or_default();
+            if entry
+                .target
+                .as_ref()
+                .is_none_or(|t| t.rollout_id <= target.rollout_id)
+            {
+                entry.target = Some(target.clone());
+            }
+        }
+    }
+
+    /// [`LiveView::withdraw_targets`] as another replica made it.
+    pub fn follow_withdrawal(&self, devices: &[DeviceId], rollout_id: i64) {
+        let mut live = self.lock();
+        for id in devices {
+            if let Some(entry) = live.get_mut(id) {
+                if entry
+                    .target
+                    .as_ref()
+                    .is_some_and(|t| t.rollout_id == rollout_id)
+                {
+                    entry.target = None;
+                }
+            }
+        }
+    }
+
+    /// Every device's target as the database has it now (`targets`; a
+    /// device not listed has none); returns the devices whose target
+    /// changed. A reboot gate already decided here is kept for an
+    /// unchanged offer.
+    pub fn replace_targets(&self, targets: Vec<(DeviceId, DeviceTarget)>) -> Vec<DeviceId> {
+        let mut live = self.lock();
+        let mut targets: HashMap<DeviceId, DeviceTarget> = targets.into_iter().collect();
+        let mut changed = Vec::new();
+        for (id, entry) in live.iter_mut() {
+            let new = targets.remove(id);
+            let same = match (&entry.target, &new) {
+                (Some(old), Some(new)) => {
+                    DeviceTarget {
+                        hold_reboot: old.hold_reboot,
+                        ..new.clone()
+                    } == *old
+                }
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                entry.target = new;
+                changed.push(id.clone());
+            }
+        }
+        for (id, target) in targets {
+            live.entry(id.clone()).or_default().target = Some(target);
+            changed.push(id);
+        }
+        changed
     }
 
     /// Withdraws rollout `rollout_id`'s offer from `devices` (an abort);
@@ -319,7 +396,7 @@ impl LiveView {
     pub fn overlay(&self, records: &mut [DeviceRecord]) {
         let devices = self.lock();
         for record in records {
-            let Some(live) = devices.get(&record.id) else {
+            let Some(live) = devices.get(&record.id).filter(|d| d.newer_than_stored()) else {
                 continue;
             };
             if let Some(report) = &live.report {
@@ -336,6 +413,24 @@ impl LiveView {
             if live.address.is_some() {
                 record.address = live.address.clone();
             }
+        }
+    }
+
+    /// [`LiveView::overlay`] of what decides where devices stand in a rollout.
+    pub fn overlay_standings(&self, standings: &mut [DeviceStanding]) {
+        let devices = self.lock();
+        for standing in standings {
+            let Some(report) = devices
+                .get(&standing.id)
+                .filter(|d| d.newer_than_stored())
+                .and_then(|d| d.report.as_ref())
+            else {
+                continue;
+            };
+            standing.running_version = Some(report.running_version.clone());
+            standing.state = Some(report.state);
+            standing.reported_target = report.target_version.clone();
+            standing.last_error = report.error.clone();
         }
     }
 
@@ -441,6 +536,52 @@ pub(crate) mod tests {
         assert_eq!(held.report, Some(idle));
         assert_eq!(held.session, Some(new));
         assert_eq!(held.last_seen.as_deref(), Some("t3"));
+    }
+
+    /// With replicas, a device that left this one reports to another,
+    /// whose writer stores it: once this view has written all it had, it
+    /// no longer speaks over the database.
+    #[test]
+    fn a_device_gone_to_another_replica_is_shown_as_stored_once_written() {
+        let live = LiveView::default();
+        let dev: DeviceId = "dev-1".parse().unwrap();
+        live.claim(&dev, serial(1), "t0");
+        live.apply(
+            &dev,
+            serial(1),
+            &report(AgentState::Downloading, "1.0", 5),
+            "t1",
+        );
+        let stored = DeviceStanding {
+            id: dev.clone(),
+            running_version: Some("1.1".parse().unwrap()),
+            state: Some(AgentState::Idle),
+            reported_target: None,
+            last_error: None,
+            target_rollout: Some(1),
+        };
+        let overlaid = |live: &LiveView| {
+            let mut standings = [stored.clone()];
+            live.overlay_standings(&mut standings);
+            standings[0].state
+        };
+        assert_eq!(
+            overlaid(&live),
+            Some(AgentState::Downloading),
+            "connected here"
+        );
+        assert!(live.ended(&dev, serial(1), "t2"));
+        assert_eq!(
+            overlaid(&live),
+            Some(AgentState::Downloading),
+            "gone, but not written yet: this view is newer"
+        );
+        assert_eq!(live.take_dirty(true).len(), 1);
+        assert_eq!(
+            overlaid(&live),
+            Some(AgentState::Idle),
+            "written: the database is as new or newer"
+        );
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct AppState {
     /// Download turns of rollouts that limit concurrent downloads.
     pub turns: crate::turns::Turns,
     pub budgets: Budgets,
+    /// How this replica tells the others what their sessions must act on.
+    pub signals: crate::signals::Signals,
     /// Signed manifests and their chunk lists by version: releases are
     /// immutable, and a rollout has every device ask for the same one at
     /// once. Read-locked on the download path, written once per release.
@@ -44,6 +46,8 @@ pub struct AppState {
     pub egress: Option<Pacer>,
     pub stats: Arc<Stats>,
     pub secrets: Secrets,
+    /// Signs and checks device download tokens (no per-session state).
+    pub downloads: crate::download_token::DownloadAuth,
     pub limits: Limits,
     /// Flips to true when the server shuts down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
@@ -105,7 +109,7 @@ impl Stats {
 
 /// The admin and enrollment tokens are kept and compared only as digests:
 /// comparing two SHA-256 digests leaks nothing useful through timing.
-/// (Device session tokens live in the hub's map, looked up by value.)
+/// (Device download tokens are signed instead: [`crate::download_token`].)
 #[derive(Debug)]
 pub struct Secrets {
     admin_token: [u8; 32],

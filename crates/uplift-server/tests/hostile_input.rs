@@ -1560,8 +1560,113 @@ async fn device_list_tag_and_history_requests_refuse_bad_input_clearly() {
     srv.assert_unaffected().await;
 }
 
+/// Download tokens are renewed on the channel before they expire, for an
+/// agent that takes `download_token` frames; an older agent's channel is
+/// closed instead, and its reconnect brings a fresh token. A lifetime of
+/// 60 s is renewed at the first 20 s ping tick past half of it: this test
+/// takes about 40 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn device_downloads_need_a_live_session_token() {
+async fn download_tokens_are_renewed_before_they_expire() {
+    // A table of its own after the (empty) `[limits]` the harness writes.
+    let mut srv = Server::start_with_limits(Some("[download_tokens]\nlifetime_secs = 60")).await;
+    let identity = Identity::new();
+    let (mut ws, nonce) = srv.channel().await;
+    let mut hello: serde_json::Value = serde_json::from_str(&identity.enroll_frame(
+        &nonce,
+        &srv.enrollment_token,
+        DEVICE_TYPE,
+        &srv.hardware_id(),
+    ))
+    .unwrap();
+    hello["features"] = json!(["hold_reboot", "token_renewal"]);
+    send_text(&mut ws, hello.to_string()).await;
+    let (device_id, first) = match recv(&mut ws).await {
+        ServerMsg::Welcome {
+            device_id,
+            session_token,
+            ..
+        } => (device_id, session_token),
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    srv.legit
+        .lock()
+        .unwrap()
+        .insert(device_id.as_str().to_owned());
+    // An agent from before token renewal (no features).
+    let mut older = srv.enroll().await;
+    let started = Instant::now();
+    let limit = Duration::from_secs(60);
+    let renewed = async {
+        loop {
+            let frame = timeout(limit, ws.next())
+                .await
+                .expect("a renewal before the token expires")
+                .expect("the channel stays open")
+                .expect("the channel is readable");
+            let Message::Text(text) = frame else { continue };
+            match channel::decode::<ServerMsg>(text.as_str()).unwrap() {
+                ServerMsg::DownloadToken {
+                    token,
+                    expires_in_secs,
+                } => return (token, expires_in_secs, started.elapsed()),
+                ServerMsg::NoUpdate => continue,
+                other => panic!("expected a download_token frame, got {other:?}"),
+            }
+        }
+    };
+    let closed = async {
+        let closed = timeout(limit, async {
+            while let Some(Ok(frame)) = older.ws.next().await {
+                if let Message::Close(_) = frame {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "an older agent's channel is closed for it to reconnect"
+        );
+        started.elapsed()
+    };
+    let ((token, expires_in_secs, renewed_after), closed_after) = tokio::join!(renewed, closed);
+    eprintln!(
+        "renewed after {:.1} s, older agent's channel closed after {:.1} s",
+        renewed_after.as_secs_f64(),
+        closed_after.as_secs_f64()
+    );
+    assert!(
+        renewed_after >= Duration::from_secs(25),
+        "not before half the lifetime"
+    );
+    assert!((55..=60).contains(&expires_in_secs), "{expires_in_secs}");
+    assert_ne!(token, first);
+    // Both tokens work: the first until it expires, the new one for a minute.
+    for token in [&first, &token] {
+        let resp = srv
+            .request(
+                reqwest::Method::GET,
+                uplift_proto::api::DEVICE_AUTHORIZE_PATH,
+            )
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204);
+    }
+    // The older agent comes back and is given a fresh token.
+    let (_back, fresh) = srv.authenticate(&older.identity, &older.device_id).await;
+    assert_ne!(fresh, older.session_token);
+    drop(ws);
+    srv.assert_unaffected().await;
+}
+
+/// Download tokens are signed: valid on any replica until they expire,
+/// whether or not their channel is still open (they were once kept in
+/// memory and revoked with it), and refused with a kind that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_downloads_need_a_valid_download_token() {
+    use uplift_server::download_token::{unix_now, Keyring};
     let mut srv = Server::start().await;
     let (hash, stored) = srv.store_chunk(&[5u8; 3000]).await;
     let chunk = device_chunk_path(&hash);
@@ -1571,44 +1676,68 @@ async fn device_downloads_need_a_live_session_token() {
     let ended_token = ended.session_token.clone();
     let _ = ended.ws.close(None).await;
     drop(ended);
-    // Once the server has noticed the closed channel, the token is revoked.
+    // The channel is gone; its token still works until it expires.
     let deadline = Instant::now() + WAIT;
-    loop {
-        let resp = srv
-            .request(reqwest::Method::GET, &chunk)
-            .bearer_auth(&ended_token)
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == 401 {
-            json_error(resp, 401, ErrorKind::Unauthorized).await;
-            break;
-        }
+    while srv.devices().await.iter().filter(|d| d.online).count() > 1 {
         assert!(
             Instant::now() < deadline,
-            "the session token outlives its channel"
+            "the closed channel is still online"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let resp = srv
+        .request(reqwest::Method::GET, &chunk)
+        .bearer_auth(&ended_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "a token is valid until its expiry");
+
+    // Tokens signed with the server's own key, but expired or naming a
+    // device that is not enrolled; one signed with a key it does not hold.
+    let key_file = srv.root.join("data/download-token-keys");
+    let keys = Keyring::parse(&std::fs::read_to_string(&key_file).unwrap(), &key_file).unwrap();
+    let now = unix_now();
+    let expired = keys.sign(&live.device_id, now - 1_000, 600).text;
+    let stranger = keys
+        .sign(&"dev-not-enrolled".parse().unwrap(), now, 600)
+        .text;
+    let foreign = Keyring::parse(&Keyring::generate_file_text(), Path::new("other"))
+        .unwrap()
+        .sign(&live.device_id, now, 600)
+        .text;
+    let other_device = live
+        .session_token
+        .replace(live.device_id.as_str(), "dev-0000000000000000");
+    let invalid = ErrorKind::DownloadTokenInvalid;
     let wrong = [
-        None,
-        Some("Bearer not-a-session".to_owned()),
-        Some(format!("Bearer {}", srv.admin_token)),
-        Some(format!("Bearer {}", srv.enrollment_token)),
-        Some(format!("Bearer {ended_token}")),
-        Some(live.session_token.clone()),
+        (None, ErrorKind::Unauthorized),
+        // The token without its scheme: no bearer token at all.
+        (Some(live.session_token.clone()), ErrorKind::Unauthorized),
+        (Some("Bearer not-a-session".to_owned()), invalid),
+        (Some(format!("Bearer {}", srv.admin_token)), invalid),
+        (Some(format!("Bearer {}", srv.enrollment_token)), invalid),
+        (Some(format!("Bearer {other_device}")), invalid),
+        (Some(format!("Bearer {stranger}")), invalid),
+        (Some(format!("Bearer {foreign}")), invalid),
+        (
+            Some(format!("Bearer {expired}")),
+            ErrorKind::DownloadTokenExpired,
+        ),
     ];
     for path in [
         chunk.as_str(),
         manifest,
         "/v1/device/chunks/..%2F..%2Fsecret",
+        uplift_proto::api::DEVICE_AUTHORIZE_PATH,
     ] {
-        for auth in &wrong {
+        for (auth, kind) in &wrong {
             let mut req = srv.request(reqwest::Method::GET, path);
             if let Some(auth) = auth {
                 req = req.header(reqwest::header::AUTHORIZATION, auth);
             }
-            json_error(req.send().await.unwrap(), 401, ErrorKind::Unauthorized).await;
+            let said = json_error(req.send().await.unwrap(), 401, *kind).await;
+            assert!(!said.message.contains(&srv.admin_token), "{said}");
         }
     }
     // The live token does work.

@@ -16,8 +16,9 @@
 use crate::rollout::engine::{self, Live, Member, Reboots, Rollout, WindowNow};
 use crate::rollout::window::{Window, WindowError};
 use crate::service::rollouts::{classify, Outcome as Standing};
+use crate::signals::Signal;
 use crate::state::AppState;
-use crate::store::{DeviceRecord, DeviceTarget, RolloutChange, StoreError};
+use crate::store::{DeviceStanding, DeviceTarget, RolloutChange, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -45,78 +46,141 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
             return Ok(());
         };
         let members = members(state, id, &rollout.release).await?;
-        let window = window_now(plan.policy.window.as_ref(), now).unwrap_or_else(|e| {
-            // Checked when the rollout was made; a stored one that no
-            // longer parses (a time zone dropped from the database) must
-            // not open the fleet to downloads, or reboots, at any hour.
-            tracing::warn!(rollout = id, "{e}; treating the window as closed");
-            WindowNow::Closed
-        });
-        let step = engine::step(
-            Rollout {
-                policy: &plan.policy,
-                state: &plan.state,
-                window,
-            },
-            &members,
-            now,
-        );
-        let reboots = engine::reboots(
-            &plan.policy,
-            step.state.as_ref().unwrap_or(&plan.state),
-            window,
-        );
-        if step != engine::Step::default() && !apply(state, id, plan.revision, &step, now).await? {
-            continue;
+        if step_once(state, &rollout, &plan, &members, now).await? {
+            return Ok(());
         }
-        if !step.offer.is_empty() {
-            // Stored first: a server killed here finds the targets in the
-            // database at its next start and offers them then.
-            state.live.set_targets(
-                &step.offer,
-                &DeviceTarget {
-                    rollout_id: id,
-                    version: rollout.release.clone(),
-                    allow_downgrade: rollout.allow_downgrade,
-                    limits: rollout.limits,
-                    hold_reboot: reboots == Reboots::Held,
-                },
-                &format_time(now),
-            );
-            let pushed = step
-                .offer
-                .iter()
-                .filter(|d| state.hub.notify_target_changed(d))
-                .count();
-            tracing::info!(
-                rollout = id,
-                offered = step.offer.len(),
-                pushed,
-                "rollout offers"
-            );
-        }
-        if reboots != Reboots::Free {
-            let hold = reboots == Reboots::Held;
-            let changed = state.live.hold_reboots(id, hold);
-            if !changed.is_empty() {
-                tracing::info!(
-                    rollout = id,
-                    devices = changed.len(),
-                    "reboots {}",
-                    if hold { "held" } else { "go" }
-                );
-            }
-            for device in &changed {
-                state.hub.notify_target_changed(device);
-            }
-        }
-        return Ok(());
     }
     tracing::warn!(
         rollout = id,
         "another actor kept changing the rollout; trying again next tick"
     );
     Ok(())
+}
+
+/// The first step of a rollout just created with `planned` (device,
+/// phase) members: decided on them as they were stored (none offered,
+/// none settled, so what the devices report does not count yet) rather
+/// than read back, so the first phase's offers go out without a read of
+/// every member (1.2 s at 100 000). Falls back to [`advance`] if another
+/// actor stepped the rollout first.
+pub async fn advance_new(
+    state: &AppState,
+    rollout: &crate::store::RolloutRecord,
+    planned: &[(DeviceId, u32)],
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let Some(plan) = state.store.rollout_plan(rollout.id).await? else {
+        return Ok(());
+    };
+    let members: Vec<Member> = planned
+        .iter()
+        .map(|(device, phase)| Member {
+            device: device.clone(),
+            phase: *phase,
+            offered_at: None,
+            outcome: None,
+            failure_accepted: false,
+            live: Live::Idle,
+        })
+        .collect();
+    if plan.state.is_terminal() || step_once(state, rollout, &plan, &members, now).await? {
+        return Ok(());
+    }
+    advance(state, rollout.id, now).await
+}
+
+/// Decides one step of `rollout` on `members` and applies it; false if
+/// another actor changed the rollout first (nothing was applied).
+async fn step_once(
+    state: &AppState,
+    rollout: &crate::store::RolloutRecord,
+    plan: &crate::store::RolloutPlan,
+    members: &[Member],
+    now: OffsetDateTime,
+) -> Result<bool, StoreError> {
+    let id = rollout.id;
+    let window = window_now(plan.policy.window.as_ref(), now).unwrap_or_else(|e| {
+        // Checked when the rollout was made; a stored one that no
+        // longer parses (a time zone dropped from the database) must
+        // not open the fleet to downloads, or reboots, at any hour.
+        tracing::warn!(rollout = id, "{e}; treating the window as closed");
+        WindowNow::Closed
+    });
+    let step = engine::step(
+        Rollout {
+            policy: &plan.policy,
+            state: &plan.state,
+            window,
+        },
+        members,
+        now,
+    );
+    let reboots = engine::reboots(
+        &plan.policy,
+        step.state.as_ref().unwrap_or(&plan.state),
+        window,
+    );
+    if step != engine::Step::default() && !apply(state, id, plan.revision, &step, now).await? {
+        return Ok(false);
+    }
+    if !step.offer.is_empty() {
+        // Stored first: a server killed here finds the targets in the
+        // database at its next start and offers them then.
+        let target = DeviceTarget {
+            rollout_id: id,
+            version: rollout.release.clone(),
+            allow_downgrade: rollout.allow_downgrade,
+            limits: rollout.limits,
+            hold_reboot: reboots == Reboots::Held,
+        };
+        state
+            .live
+            .set_targets(&step.offer, &target, &format_time(now));
+        let pushed = step
+            .offer
+            .iter()
+            .filter(|d| state.hub.notify_target_changed(d))
+            .count();
+        tracing::info!(
+            rollout = id,
+            offered = step.offer.len(),
+            pushed,
+            "rollout offers"
+        );
+        state
+            .signals
+            .send(Signal::Offered {
+                target,
+                devices: step.offer.clone(),
+            })
+            .await;
+    }
+    if reboots != Reboots::Free {
+        let hold = reboots == Reboots::Held;
+        // Every tick, not only when it changes here: a replica that
+        // (re)loaded its targets from the database holds every reboot of
+        // the rollout until it hears.
+        state
+            .signals
+            .send(Signal::RebootGate {
+                rollout_id: id,
+                hold,
+            })
+            .await;
+        let changed = state.live.hold_reboots(id, hold);
+        if !changed.is_empty() {
+            tracing::info!(
+                rollout = id,
+                devices = changed.len(),
+                "reboots {}",
+                if hold { "held" } else { "go" }
+            );
+        }
+        for device in &changed {
+            state.hub.notify_target_changed(device);
+        }
+    }
+    Ok(true)
 }
 
 /// An engine event as integrators read it.
@@ -176,7 +240,7 @@ async fn apply(
             held = step.hold.len(),
             "offers not started taken back until the rollout resumes or its window opens"
         );
-        take_back(state, &step.hold, id, &now_text);
+        take_back(state, &step.hold, id, &now_text).await;
     }
     Ok(true)
 }
@@ -274,8 +338,8 @@ pub(crate) async fn members(
     release: &uplift_proto::Version,
 ) -> Result<Vec<Member>, StoreError> {
     let rows = state.store.rollout_members(id).await?;
-    let (records, mut devices): (Vec<_>, Vec<DeviceRecord>) = rows.into_iter().unzip();
-    state.live.overlay(&mut devices);
+    let (records, mut devices): (Vec<_>, Vec<DeviceStanding>) = rows.into_iter().unzip();
+    state.live.overlay_standings(&mut devices);
     Ok(records
         .into_iter()
         .zip(&devices)
@@ -294,15 +358,22 @@ pub(crate) async fn members(
 /// sessions send `no_update`, so an agent downloading stops and one waiting
 /// for a download turn leaves the line, and each stays on the OS it runs;
 /// their histories record the withdrawal at `now`.
-pub(crate) fn take_back(state: &AppState, devices: &[DeviceId], id: i64, now: &str) {
+pub(crate) async fn take_back(state: &AppState, devices: &[DeviceId], id: i64, now: &str) {
     state.live.withdraw_targets(devices, id, now);
     for device in devices {
         state.hub.notify_target_changed(device);
     }
+    state
+        .signals
+        .send(Signal::TakenBack {
+            rollout_id: id,
+            devices: devices.to_vec(),
+        })
+        .await;
 }
 
 /// What a device reports about rollout `id`'s release.
-fn live_of(release: &uplift_proto::Version, id: i64, device: &DeviceRecord) -> Live {
+fn live_of(release: &uplift_proto::Version, id: i64, device: &DeviceStanding) -> Live {
     match classify(release, id, device) {
         None | Some(Standing::Pending) => Live::Idle,
         // Past the download: its reboot may wait for a reboot window.

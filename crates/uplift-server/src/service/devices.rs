@@ -448,7 +448,7 @@ mod tests {
         let mut sessions = Vec::new();
         for id in all.iter().step_by(3) {
             let (tx, rx) = tokio::sync::watch::channel(0);
-            state.hub.register(id.clone(), format!("token-{id}"), tx);
+            state.hub.register(id.clone(), tx);
             sessions.push(rx);
         }
         let mut seen = Vec::new();

@@ -217,7 +217,7 @@ mod tests {
         let mut sessions = Vec::new();
         for id in [&ids[0], &ids[5]] {
             let (tx, rx) = tokio::sync::watch::channel(0);
-            state.hub.register(id.clone(), format!("token-{id}"), tx);
+            state.hub.register(id.clone(), tx);
             sessions.push(rx);
         }
 

@@ -209,10 +209,19 @@ pub(crate) mod testing {
             events,
             turns: Default::default(),
             budgets: crate::budget::Budgets::new(&limits),
+            signals: Default::default(),
             releases: Default::default(),
             egress: None,
             stats: Arc::new(Stats::default()),
             secrets: Secrets::new("admin", &[]),
+            downloads: crate::download_token::DownloadAuth::new(
+                crate::download_token::Keyring::parse(
+                    &crate::download_token::Keyring::generate_file_text(),
+                    Path::new("test keys"),
+                )
+                .expect("generated keys parse"),
+                600,
+            ),
             limits,
             shutdown: tokio::sync::watch::channel(false).1,
         }

@@ -9,13 +9,13 @@ use crate::rollout::window::Window;
 use crate::rollout::{phases, scheduler};
 use crate::state::{now_rfc3339, AppState};
 use crate::store::{
-    DeviceFilter, DeviceRecord, MemberPage, NewPlan, ReleaseRecord, RolloutChange, RolloutPlan,
-    RolloutRecord,
+    DeviceFilter, DeviceRecord, DeviceStanding, MemberPage, NewPlan, ReleaseRecord, RolloutChange,
+    RolloutPlan, RolloutRecord, RolloutTally,
 };
 use std::collections::{HashMap, HashSet};
 use time::OffsetDateTime;
 use uplift_proto::api::{
-    PhaseTally, RolloutCommandName, RolloutCounts, RolloutCreate, RolloutMember, RolloutMemberPage,
+    PhaseTally, RolloutCommandName, RolloutCreate, RolloutMember, RolloutMemberPage,
     RolloutMemberQuery, RolloutPreview, RolloutProgress, RolloutShare, RolloutStatus, RolloutView,
 };
 use uplift_proto::auth::AuditAction;
@@ -188,7 +188,7 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
         &created_at,
     );
     // The first phase is offered now, not at the next tick.
-    scheduler::advance(state, rollout.id, now).await?;
+    scheduler::advance_new(state, &rollout, &members, now).await?;
     view(state, rollout).await
 }
 
@@ -358,17 +358,17 @@ fn parse_member_cursor(cursor: &str) -> ServiceResult<(u32, DeviceId)> {
         })
 }
 
-/// Every rollout as it stands now, oldest first. Their devices come from
-/// one query for all of them, not one per rollout.
+/// Every rollout as it stands now, oldest first. Their devices are counted
+/// in the database, all rollouts in one query: nothing per device is
+/// loaded, whatever the size of the fleet.
 pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
     let rollouts = state.store.list_rollouts().await?;
-    let (ids, mut devices): (Vec<i64>, Vec<DeviceRecord>) =
-        state.store.all_rollout_devices().await?.into_iter().unzip();
-    state.live.overlay(&mut devices);
-    let mut by_rollout: HashMap<i64, Vec<DeviceRecord>> = HashMap::new();
-    for (id, device) in ids.into_iter().zip(devices) {
-        by_rollout.entry(id).or_default().push(device);
-    }
+    let mut counted: HashMap<i64, RolloutTally> = state
+        .store
+        .rollout_tallies(None)
+        .await?
+        .into_iter()
+        .collect();
     let mut plans: HashMap<i64, RolloutPlan> =
         state.store.rollout_plans().await?.into_iter().collect();
     let mut sizes = tallies_by_rollout(state.store.phase_tallies(None).await?);
@@ -376,11 +376,11 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<RolloutView>> {
     Ok(rollouts
         .into_iter()
         .map(|rollout| {
-            let devices = by_rollout.remove(&rollout.id).unwrap_or_default();
+            let tally = counted.remove(&rollout.id).unwrap_or_default();
             let progress = plans
                 .remove(&rollout.id)
                 .map(|plan| progress_of(plan, sizes.remove(&rollout.id).unwrap_or_default()));
-            let mut view = view_of(state, rollout, &devices, progress);
+            let mut view = view_of(state, rollout, tally, progress);
             add_supersessions(&mut view, &moves);
             view
         })
@@ -418,8 +418,13 @@ fn add_supersessions(view: &mut RolloutView, moves: &[(i64, i64, u64)]) {
 
 async fn view(state: &AppState, rollout: RolloutRecord) -> ServiceResult<RolloutView> {
     let id = rollout.id;
-    let mut devices = state.store.rollout_devices(id).await?;
-    state.live.overlay(&mut devices);
+    let tally = state
+        .store
+        .rollout_tallies(Some(id))
+        .await?
+        .pop()
+        .map(|(_, tally)| tally)
+        .unwrap_or_default();
     let progress = match state.store.rollout_plan(id).await? {
         Some(plan) => {
             let mut sizes = tallies_by_rollout(state.store.phase_tallies(Some(id)).await?);
@@ -427,7 +432,7 @@ async fn view(state: &AppState, rollout: RolloutRecord) -> ServiceResult<Rollout
         }
         None => None,
     };
-    let mut view = view_of(state, rollout, &devices, progress);
+    let mut view = view_of(state, rollout, tally, progress);
     add_supersessions(&mut view, &state.store.supersessions(Some(id)).await?);
     Ok(view)
 }
@@ -673,8 +678,8 @@ async fn steer(
                 held = transition.hold.len(),
                 "rollout command"
             );
-            scheduler::take_back(state, &transition.withdraw, id, &now_text);
-            scheduler::take_back(state, &transition.hold, id, &now_text);
+            scheduler::take_back(state, &transition.withdraw, id, &now_text).await;
+            scheduler::take_back(state, &transition.hold, id, &now_text).await;
             let by = by.to_owned();
             let event = match &command {
                 Command::Pause => RolloutEvent::Paused {
@@ -707,21 +712,21 @@ async fn steer(
     )))
 }
 
-/// `devices` are those the rollout was started on, live state laid over.
+/// `tally` counts the devices the rollout was started on, as stored (the
+/// writer stores a state change within [`crate::writer::FLUSH_EVERY`]).
 fn view_of(
     state: &AppState,
     rollout: RolloutRecord,
-    devices: &[DeviceRecord],
+    tally: Tally,
     progress: Option<RolloutProgress>,
 ) -> RolloutView {
-    let tally = Tally::of(&rollout.release, rollout.id, devices);
     RolloutView {
         id: rollout.id,
         release: rollout.release,
         device_type: rollout.device_type,
         allow_downgrade: rollout.allow_downgrade,
         created_at: rollout.created_at,
-        devices_total: devices.len() as u64,
+        devices_total: tally.total,
         counts: tally.counts,
         status: tally.status(),
         superseded: tally.superseded,
@@ -746,7 +751,7 @@ pub enum Outcome {
 
 /// Where `d` stands in rollout `rollout_id` of `release`; `None` if a newer
 /// rollout took it over.
-pub fn classify(release: &Version, rollout_id: i64, d: &DeviceRecord) -> Option<Outcome> {
+pub fn classify(release: &Version, rollout_id: i64, d: &DeviceStanding) -> Option<Outcome> {
     if d.target_rollout != Some(rollout_id) {
         return None;
     }
@@ -768,12 +773,7 @@ pub fn classify(release: &Version, rollout_id: i64, d: &DeviceRecord) -> Option<
 }
 
 /// A rollout's devices counted by where they stand.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tally {
-    pub counts: RolloutCounts,
-    pub superseded: u64,
-    pub total: u64,
-}
+pub use crate::store::RolloutTally as Tally;
 
 impl Tally {
     pub fn of(release: &Version, rollout_id: i64, devices: &[DeviceRecord]) -> Self {
@@ -782,7 +782,7 @@ impl Tally {
             ..Tally::default()
         };
         for d in devices {
-            match classify(release, rollout_id, d) {
+            match classify(release, rollout_id, &d.standing()) {
                 None => tally.superseded += 1,
                 Some(Outcome::Pending) => tally.counts.pending += 1,
                 Some(Outcome::InProgress) => {
@@ -882,16 +882,20 @@ pub(crate) mod tests {
     #[test]
     fn a_device_moved_to_a_newer_rollout_is_superseded_whatever_it_reports() {
         let d = device(Some(8), Some(AgentState::Idle), "2.0", None);
-        assert_eq!(classify(&v("2.0"), 7, &d), None);
+        assert_eq!(classify(&v("2.0"), 7, &d.standing()), None);
         let never_targeted = device(None, None, "1.0", None);
-        assert_eq!(classify(&v("2.0"), 7, &never_targeted), None);
+        assert_eq!(classify(&v("2.0"), 7, &never_targeted.standing()), None);
     }
 
     #[test]
     fn devices_are_classified_by_state_and_by_what_they_say_they_work_on() {
         let release = v("2.0");
         let at = |state, running, target| {
-            classify(&release, 7, &device(Some(7), state, running, target))
+            classify(
+                &release,
+                7,
+                &device(Some(7), state, running, target).standing(),
+            )
         };
         assert_eq!(
             at(Some(AgentState::Idle), "2.0", None),
@@ -948,7 +952,7 @@ pub(crate) mod tests {
         );
         assert_eq!(
             tally.counts,
-            RolloutCounts {
+            uplift_proto::api::RolloutCounts {
                 pending: 1,
                 in_progress: 1,
                 succeeded: 1,
@@ -1021,7 +1025,7 @@ pub(crate) mod tests {
         let mut sessions = Vec::new();
         for id in &ids[..3] {
             let (tx, rx) = tokio::sync::watch::channel(0);
-            state.hub.register(id.clone(), format!("token-{id}"), tx);
+            state.hub.register(id.clone(), tx);
             sessions.push(rx);
         }
         let mut request = create("2", None);
@@ -1274,7 +1278,7 @@ pub(crate) mod tests {
                 .id
         };
         let offered_before =
-            |members: &[(MemberRecord, DeviceRecord)]| -> Vec<(String, Option<String>)> {
+            |members: &[(MemberRecord, DeviceStanding)]| -> Vec<(String, Option<String>)> {
                 members
                     .iter()
                     .map(|(m, d)| (d.id.to_string(), m.offered_at.clone()))
@@ -1327,7 +1331,7 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(state.live.target(&a).unwrap().rollout_id, first.id);
         assert_eq!(state.live.target(&b).unwrap().rollout_id, second.id);
-        // Device b reports it runs the new release, in memory only.
+        // Device b reports it runs the new release.
         state
             .live
             .claim(&b, crate::hub::SessionSerial::from_raw(1), "now");
@@ -1342,6 +1346,9 @@ pub(crate) mod tests {
         state
             .live
             .apply(&b, crate::hub::SessionSerial::from_raw(1), &report, "now");
+        // Rollout views count what is stored: the writer's next batch.
+        assert_eq!(get(&state, second.id).await.unwrap().counts.succeeded, 0);
+        assert!(testing::flush_writes(&state).await);
 
         let listed = list(&state).await.unwrap();
         let one_by_one = [

@@ -250,6 +250,31 @@ pub struct MemberRecord {
     pub failure_accepted: bool,
 }
 
+/// What a device last said that decides where it stands in a rollout: a
+/// narrow [`DeviceRecord`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStanding {
+    pub id: DeviceId,
+    pub running_version: Option<Version>,
+    pub state: Option<AgentState>,
+    pub reported_target: Option<Version>,
+    pub last_error: Option<WireError>,
+    pub target_rollout: Option<i64>,
+}
+
+impl DeviceRecord {
+    pub fn standing(&self) -> DeviceStanding {
+        DeviceStanding {
+            id: self.id.clone(),
+            running_version: self.running_version.clone(),
+            state: self.state,
+            reported_target: self.reported_target.clone(),
+            last_error: self.last_error.clone(),
+            target_rollout: self.target_rollout,
+        }
+    }
+}
+
 /// Which of a rollout's devices one page holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberPage {
@@ -258,6 +283,15 @@ pub struct MemberPage {
     /// The (phase, device) the previous page ended with.
     pub after: Option<(u32, DeviceId)>,
     pub limit: u32,
+}
+
+/// A rollout's devices counted by where each stands in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RolloutTally {
+    pub counts: uplift_proto::api::RolloutCounts,
+    /// Taken over by a newer rollout.
+    pub superseded: u64,
+    pub total: u64,
 }
 
 /// What to write after an engine step or an operator command.
@@ -277,7 +311,7 @@ pub struct RolloutChange<'a> {
 }
 
 /// What a device should run, as decided by the newest rollout targeting it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceTarget {
     pub rollout_id: i64,
     pub version: Version,
@@ -383,8 +417,10 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     async fn supersessions(&self, only: Option<i64>) -> StoreResult<Vec<(i64, i64, u64)>>;
     /// Rollouts the scheduler must look at: phased, neither finished nor aborted.
     async fn active_rollouts(&self) -> StoreResult<Vec<i64>>;
-    /// A rollout's devices with their part in it.
-    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceRecord)>>;
+    /// A rollout's devices with their part in it and what each last said,
+    /// by phase then device: what the scheduler decides on every tick, so
+    /// only the columns it needs.
+    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>>;
     /// One page of a rollout's devices, in phase order, then by device ID.
     async fn rollout_members_page(
         &self,
@@ -403,10 +439,9 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     ) -> StoreResult<bool>;
     async fn rollout(&self, id: i64) -> StoreResult<Option<RolloutRecord>>;
     async fn list_rollouts(&self) -> StoreResult<Vec<RolloutRecord>>;
-    /// Devices a rollout was started on, with their current records.
-    async fn rollout_devices(&self, id: i64) -> StoreResult<Vec<DeviceRecord>>;
-    /// [`Store::rollout_devices`] of every rollout at once, as (rollout id,
-    /// device) by rollout id, then device id: one query for a list of
-    /// rollouts instead of one per rollout.
-    async fn all_rollout_devices(&self) -> StoreResult<Vec<(i64, DeviceRecord)>>;
+    /// Each rollout's devices counted by where they stand, as stored:
+    /// [`crate::service::rollouts::Tally::of`] over the devices it was
+    /// started on, in one aggregate query; of rollout
+    /// `only` alone if given. By rollout id.
+    async fn rollout_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, RolloutTally)>>;
 }

@@ -1,0 +1,356 @@
+//! What one server replica tells the others at once: offers made, offers
+//! taken back and reboot gates, each carrying what a device's session needs
+//! (the target itself, not a hint to go and read it: REVIEW S2), so a
+//! rollout started on any replica reaches devices connected to every other
+//! without a database read per device.
+//!
+//! With PostgreSQL the replicas share, signals travel as `NOTIFY` on one
+//! channel and every replica `LISTEN`s (sqlx's `PgListener`); a notification
+//! carries at most 8000 bytes, so a large offer is split into several. With
+//! SQLite there is one server process, and signals stay in it.
+//!
+//! Signals are a fast path only: the database stays the truth. A replica
+//! loads every target at start, and again whenever its listening connection
+//! was lost (notifications sent meanwhile are gone), so a missed signal
+//! costs time, never correctness.
+
+use crate::state::AppState;
+use crate::store::DeviceTarget;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tokio::sync::watch;
+use uplift_proto::DeviceId;
+
+/// The PostgreSQL channel every replica listens on.
+pub const CHANNEL: &str = "uplift_signals";
+
+/// What PostgreSQL accepts in one notification, less room for the envelope.
+const MAX_PAYLOAD: usize = 7_600;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "signal", rename_all = "snake_case")]
+pub enum Signal {
+    /// These devices were offered `target` (stored already).
+    Offered {
+        target: DeviceTarget,
+        devices: Vec<DeviceId>,
+    },
+    /// Rollout `rollout_id`'s offer was taken back from these devices.
+    TakenBack {
+        rollout_id: i64,
+        devices: Vec<DeviceId>,
+    },
+    /// Whether rollout `rollout_id`'s devices must hold their reboot now.
+    RebootGate { rollout_id: i64, hold: bool },
+}
+
+/// A signal as sent: who sent it, so a replica skips its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Envelope {
+    from: String,
+    #[serde(flatten)]
+    signal: Signal,
+}
+
+impl Signal {
+    /// The signal as payloads of at most [`MAX_PAYLOAD`] bytes each: a
+    /// device list is split across as many as it takes.
+    fn payloads(&self, from: &str) -> Vec<String> {
+        let encode = |signal: Signal| {
+            serde_json::to_string(&Envelope {
+                from: from.to_owned(),
+                signal,
+            })
+            .unwrap_or_else(|e| unreachable!("signals serialize: {e}"))
+        };
+        let split = |devices: &[DeviceId], make: &dyn Fn(Vec<DeviceId>) -> Signal| {
+            let overhead = encode(make(Vec::new())).len();
+            let mut out = Vec::new();
+            let mut part = Vec::new();
+            let mut size = overhead;
+            for device in devices {
+                // The ID, its quotes and a comma.
+                let len = device.as_str().len() + 3;
+                if !part.is_empty() && size + len > MAX_PAYLOAD {
+                    out.push(encode(make(std::mem::take(&mut part))));
+                    size = overhead;
+                }
+                part.push(device.clone());
+                size += len;
+            }
+            if !part.is_empty() {
+                out.push(encode(make(part)));
+            }
+            out
+        };
+        match self {
+            Signal::Offered { target, devices } => split(devices, &|devices| Signal::Offered {
+                target: target.clone(),
+                devices,
+            }),
+            Signal::TakenBack {
+                rollout_id,
+                devices,
+            } => split(devices, &|devices| Signal::TakenBack {
+                rollout_id: *rollout_id,
+                devices,
+            }),
+            Signal::RebootGate { .. } => vec![encode(self.clone())],
+        }
+    }
+}
+
+/// Where signals go.
+#[derive(Debug, Clone)]
+enum Route {
+    /// One server process: nobody else to tell.
+    Alone,
+    /// Replicas on one PostgreSQL database.
+    Postgres(sqlx::PgPool),
+}
+
+/// This replica's end of the signals.
+#[derive(Debug, Clone)]
+pub struct Signals {
+    route: Route,
+    /// Names this replica in what it sends.
+    origin: String,
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Self::alone()
+    }
+}
+
+impl Signals {
+    /// A server that is the only one on its database.
+    pub fn alone() -> Self {
+        Self {
+            route: Route::Alone,
+            origin: String::new(),
+        }
+    }
+
+    /// A replica among others on the PostgreSQL database behind `pool`.
+    pub fn postgres(pool: sqlx::PgPool) -> Self {
+        Self {
+            route: Route::Postgres(pool),
+            origin: format!("pid{}-{:016x}", std::process::id(), rand::random::<u64>()),
+        }
+    }
+
+    /// Tells the other replicas; a failure is logged, not returned: what
+    /// was signalled is stored already, and a replica that missed it learns
+    /// it from the database when it next reloads.
+    pub async fn send(&self, signal: Signal) {
+        let Route::Postgres(pool) = &self.route else {
+            return;
+        };
+        for payload in signal.payloads(&self.origin) {
+            let sent = sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(&payload)
+                .execute(pool)
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!(
+                    "telling the other replicas ({} bytes): {e}; they catch up from the database when they next reload",
+                    payload.len()
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// What a replica does with a signal from another: its live view takes the
+/// change (without recording history: the sender did), and the sessions of
+/// devices connected here are told.
+pub fn apply(state: &AppState, signal: Signal) {
+    let touched = match signal {
+        Signal::Offered { target, devices } => {
+            state.live.follow_targets(&devices, &target);
+            devices
+        }
+        Signal::TakenBack {
+            rollout_id,
+            devices,
+        } => {
+            state.live.follow_withdrawal(&devices, rollout_id);
+            devices
+        }
+        Signal::RebootGate { rollout_id, hold } => state.live.hold_reboots(rollout_id, hold),
+    };
+    for device in &touched {
+        state.hub.notify_target_changed(device);
+    }
+}
+
+/// Listens for the other replicas' signals until shutdown. Each time the
+/// listening connection is (re)established, every target is reloaded from
+/// the database: signals sent while it was down are lost.
+pub async fn follow(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let Route::Postgres(pool) = &state.signals.route else {
+        return;
+    };
+    let own = format!("\"from\":{}", serde_json::json!(state.signals.origin));
+    let mut backoff = 0u32;
+    loop {
+        let listened = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+            // Reconnects are handled here, where the reload follows them.
+            listener.ignore_pool_close_event(true);
+            listener.listen(CHANNEL).await?;
+            reload_targets(&state).await;
+            tracing::info!("listening for the other replicas' signals");
+            loop {
+                let Some(notification) = listener.try_recv().await? else {
+                    return Ok::<(), sqlx::Error>(());
+                };
+                backoff = 0;
+                let payload = notification.payload();
+                if payload.contains(&own) {
+                    continue;
+                }
+                match serde_json::from_str::<Envelope>(payload) {
+                    Ok(envelope) => apply(&state, envelope.signal),
+                    Err(e) => tracing::warn!(
+                        "a signal from another replica was not understood ({e}); is every replica the same version?"
+                    ),
+                }
+            }
+        };
+        tokio::select! {
+            ended = listened => match ended {
+                Ok(()) => tracing::warn!("the replicas' signal connection closed; reconnecting"),
+                Err(e) => tracing::warn!("the replicas' signal connection failed: {e}; reconnecting"),
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let wait = uplift_proto::pace::backoff(
+            backoff,
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(10),
+            rand::random(),
+        );
+        backoff = backoff.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// Loads every device's target from the database into the live view and
+/// tells the sessions here whose target changed.
+async fn reload_targets(state: &AppState) {
+    match state.store.device_targets().await {
+        Ok(targets) => {
+            for device in state.live.replace_targets(targets) {
+                state.hub.notify_target_changed(&device);
+            }
+        }
+        Err(e) => tracing::warn!("reloading device targets after a lost signal connection: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(rollout_id: i64) -> DeviceTarget {
+        DeviceTarget {
+            rollout_id,
+            version: "2.0".parse().unwrap(),
+            allow_downgrade: false,
+            limits: Default::default(),
+            hold_reboot: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn another_replicas_offer_and_take_back_reach_the_live_view_without_a_second_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::service::testing::state(dir.path()).await;
+        let devices: Vec<DeviceId> = vec!["dev-1".parse().unwrap(), "dev-2".parse().unwrap()];
+        apply(
+            &state,
+            Signal::Offered {
+                target: target(7),
+                devices: devices.clone(),
+            },
+        );
+        assert_eq!(state.live.target(&devices[1]), Some(target(7)));
+        assert_eq!(state.live.pending_events(), 0, "the sender records history");
+        // An older rollout's offer does not replace a newer one's.
+        apply(
+            &state,
+            Signal::Offered {
+                target: target(6),
+                devices: devices[..1].to_vec(),
+            },
+        );
+        assert_eq!(state.live.target(&devices[0]), Some(target(7)));
+        apply(
+            &state,
+            Signal::RebootGate {
+                rollout_id: 7,
+                hold: false,
+            },
+        );
+        assert!(!state.live.target(&devices[0]).unwrap().hold_reboot);
+        apply(
+            &state,
+            Signal::TakenBack {
+                rollout_id: 7,
+                devices: devices[..1].to_vec(),
+            },
+        );
+        assert_eq!(state.live.target(&devices[0]), None);
+        assert!(state.live.target(&devices[1]).is_some());
+        // A reload from the database (empty here) is the truth.
+        assert_eq!(
+            state.live.replace_targets(Vec::new()),
+            vec![devices[1].clone()]
+        );
+        assert_eq!(state.live.target(&devices[1]), None);
+        assert_eq!(state.live.pending_events(), 0);
+    }
+
+    #[test]
+    fn a_large_offer_is_split_into_notifications_postgres_accepts_and_nothing_is_lost() {
+        let devices: Vec<DeviceId> = (0..5_000)
+            .map(|i| format!("device-with-a-long-name-{i:08}").parse().unwrap())
+            .collect();
+        let signal = Signal::Offered {
+            target: target(7),
+            devices: devices.clone(),
+        };
+        let payloads = signal.payloads("pid1-00");
+        assert!(payloads.len() > 1);
+        let mut back = Vec::new();
+        for payload in &payloads {
+            assert!(payload.len() < 8000, "{} bytes", payload.len());
+            let envelope: Envelope = serde_json::from_str(payload).unwrap();
+            assert_eq!(envelope.from, "pid1-00");
+            let Signal::Offered { target: t, devices } = envelope.signal else {
+                panic!("an offer stays an offer")
+            };
+            assert_eq!(t, target(7));
+            back.extend(devices);
+        }
+        assert_eq!(back, devices, "every device once, in order");
+        let gate = Signal::RebootGate {
+            rollout_id: 7,
+            hold: false,
+        };
+        assert_eq!(gate.payloads("x").len(), 1);
+        assert!(Signal::TakenBack {
+            rollout_id: 7,
+            devices: Vec::new()
+        }
+        .payloads("x")
+        .is_empty());
+    }
+}
