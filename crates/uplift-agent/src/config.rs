@@ -82,6 +82,16 @@ pub struct Download {
     /// with long round trips (1 MiB: about 80 Mbit/s at 100 ms).
     #[serde(default = "default_receive_window")]
     pub receive_window_bytes: u32,
+    /// Direct downloads: when the server redirects a chunk request to its
+    /// object store (a presigned URL), the agent fetches it over HTTPS
+    /// trusting this PEM bundle (say, `/etc/ssl/certs/ca-certificates.crt`
+    /// for AWS S3); unset, the server's CA (`server_ca`) only.
+    #[serde(default)]
+    pub direct_ca_file: Option<PathBuf>,
+    /// Accepts plain-HTTP presigned URLs (a store on a trusted network, or
+    /// a test); off, a redirect to `http://` fails the request.
+    #[serde(default)]
+    pub direct_allow_http: bool,
     /// `https://host:port` of a site cache (or CDN) to download through
     /// instead of the server; the channel still goes to `server_url`. The
     /// cache must check every request's download token with the server
@@ -102,6 +112,8 @@ impl Default for Download {
             parallel_requests: default_parallel_requests(),
             max_bytes_per_sec: None,
             receive_window_bytes: default_receive_window(),
+            direct_ca_file: None,
+            direct_allow_http: false,
             url: None,
             ca: None,
         }

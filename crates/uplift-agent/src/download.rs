@@ -798,7 +798,7 @@ impl Download<'_> {
         let mut next = span.first;
         let mut failures = 0u32;
         let mut last = Retry::default();
-        while next < end {
+        'requests: while next < end {
             if failures >= CHUNK_ATTEMPTS {
                 return Err(last.give_up(&describe(next, end)));
             }
@@ -819,6 +819,19 @@ impl Download<'_> {
                     continue;
                 }
             };
+            // From the object store (direct downloads), the answer is the
+            // span's first object alone: each is stored under its own name.
+            // The rest is asked for again, no failure.
+            let answer_end = if response
+                .extensions()
+                .get::<crate::install::Direct>()
+                .is_some()
+            {
+                next + 1
+            } else {
+                end
+            };
+            let expected: u64 = (next..answer_end).map(|i| u64::from(stored_size(i))).sum();
             if let Some(len) = response.content_length().filter(|&len| len != expected) {
                 return Err(InstallError::Download {
                     what,
@@ -842,9 +855,10 @@ impl Download<'_> {
                 let piece = match tokio::time::timeout_at(deadline, body.next()).await {
                     Ok(Some(Ok(piece))) => piece,
                     Ok(Some(Err(e))) => break format!("{e}"),
-                    Ok(None) if next < end => {
+                    Ok(None) if next < answer_end => {
                         break format!("the body ended after {received} of {expected} bytes")
                     }
+                    Ok(None) if next < end => continue 'requests,
                     Ok(None) => return Ok(()),
                     Err(_) => {
                         // Slow retrieval: the server answers, but too slowly

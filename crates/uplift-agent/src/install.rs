@@ -113,6 +113,9 @@ impl InstallError {
 pub struct Installer {
     pub config: Arc<AgentConfig>,
     pub http: reqwest::Client,
+    /// For presigned object-store URLs the server redirects to
+    /// ([`crate::net::direct_client`]).
+    pub direct: reqwest::Client,
     /// Where downloads go: the server, or a site cache (`[download] url`).
     pub server_url: reqwest::Url,
     pub local: LocalState,
@@ -282,16 +285,10 @@ impl Installer {
         let started = Instant::now();
         let stall = self.config.download.stall_timeout();
         let request = self.http.get(url).bearer_auth(&token).send();
-        let response = match tokio::time::timeout(stall, request).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(Failed::Retry(Retry::lost(format!("{e}")))),
-            Err(_) => {
-                return Err(Failed::Retry(Retry::lost(format!(
-                    "no answer within {} s",
-                    self.config.download.stall_timeout_secs
-                ))))
-            }
-        };
+        let mut response = self.answer(request).await?;
+        if response.status().is_redirection() {
+            response = self.follow_direct(response, what).await?;
+        }
         let status = response.status();
         if status == reqwest::StatusCode::UNAUTHORIZED || status.is_server_error() {
             let said = error_body(response, stall).await;
@@ -306,8 +303,12 @@ impl Installer {
                     })
                 }
                 // A stale token after a reconnect, or a passing server
-                // fault: retried; if it lasts, its words are kept.
-                Ok(e) => Failed::Retry(Retry::refused(format!("server answered {status}: {e}"))),
+                // fault (its object store down, say): retried; if it
+                // lasts, its words are kept.
+                Ok(e) => {
+                    tracing::warn!("{what}: server answered {status}: {e}; asking again");
+                    Failed::Retry(Retry::refused(format!("server answered {status}: {e}")))
+                }
                 Err(_) => {
                     Failed::Retry(Retry::refused(format!("server answered {status}: {said}")))
                 }
@@ -327,6 +328,69 @@ impl Installer {
             }));
         }
         Ok((response, started))
+    }
+
+    /// The response to `request` within the stall timeout, or a retry.
+    async fn answer(
+        &self,
+        request: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    ) -> Result<reqwest::Response, Failed> {
+        let stall = self.config.download.stall_timeout();
+        match tokio::time::timeout(stall, request).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(Failed::Retry(Retry::lost(format!("{e}")))),
+            Err(_) => Err(Failed::Retry(Retry::lost(format!(
+                "no answer within {} s",
+                self.config.download.stall_timeout_secs
+            )))),
+        }
+    }
+
+    /// Follows the server's redirect of a download to its object store
+    /// (direct downloads): one hop, to a URL the direct client accepts
+    /// (HTTPS, or plain HTTP only if `direct_allow_http`), as a fresh
+    /// request that carries no session token: the presigned URL is its
+    /// own authorization, and the token is for the server alone. The
+    /// answer is marked [`Direct`]. Integrity is unchanged: every byte is
+    /// still checked against the signed manifest's hashes.
+    async fn follow_direct(
+        &self,
+        redirect: reqwest::Response,
+        what: &str,
+    ) -> Result<reqwest::Response, Failed> {
+        let status = redirect.status();
+        let location = redirect
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| redirect.url().join(l).ok());
+        let Some(target) = location else {
+            return Err(Failed::Fatal(InstallError::Download {
+                what: what.to_owned(),
+                detail: format!("the server answered {status} without a usable Location"),
+            }));
+        };
+        if let Err(detail) = direct_url_allowed(&target, self.config.download.direct_allow_http) {
+            return Err(Failed::Fatal(InstallError::Download {
+                what: what.to_owned(),
+                detail,
+            }));
+        }
+        let host = target.host_str().unwrap_or("?").to_owned();
+        let mut response = self.answer(self.direct.get(target).send()).await?;
+        let status = response.status();
+        if status.is_success() {
+            response.extensions_mut().insert(Direct);
+            return Ok(response);
+        }
+        let said = error_body(response, self.config.download.stall_timeout()).await;
+        // A URL that expired on the way (403), a store that is down (5xx)
+        // or an object not there yet: the server hands out a fresh URL, or
+        // says why, on the next attempt.
+        Err(Failed::Retry(Retry::refused(format!(
+            "the object store at {host} answered {status}: {}",
+            said.chars().take(200).collect::<String>()
+        ))))
     }
 
     /// GETs `path` whole with the session token, refusing bodies over `limit`.
@@ -516,6 +580,27 @@ impl Installer {
         let list = self.local.chunk_list(&id)?;
         let size = list.iter().map(|(_, size)| u64::from(*size)).sum();
         Some((id, size))
+    }
+}
+
+/// Marks a response that came from the object store (a followed redirect)
+/// rather than from the server.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Direct;
+
+/// Whether a presigned URL may be fetched: HTTPS always, plain HTTP only
+/// when configured, nothing else.
+pub(crate) fn direct_url_allowed(url: &reqwest::Url, allow_http: bool) -> Result<(), String> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if allow_http => Ok(()),
+        "http" => Err(format!(
+            "the server redirected to {}://{}, plain HTTP; refused (set [download] direct_allow_http \
+             only for an object store on a trusted network)",
+            url.scheme(),
+            url.host_str().unwrap_or("?")
+        )),
+        other => Err(format!("the server redirected to a {other}: URL; only https is followed")),
     }
 }
 
@@ -854,6 +939,14 @@ mod tests {
 
     /// An installer whose server is `url`, with a session token at hand.
     fn installer_for(url: &str, state: &Path) -> (Installer, watch::Sender<Option<String>>) {
+        installer_allowing(url, state, false)
+    }
+
+    fn installer_allowing(
+        url: &str,
+        state: &Path,
+        allow_http: bool,
+    ) -> (Installer, watch::Sender<Option<String>>) {
         let config: AgentConfig = toml::from_str(&format!(
             r#"
             server_url = "{url}"
@@ -870,6 +963,7 @@ mod tests {
             env_file = "/nonexistent/grubenv"
             [download]
             stall_timeout_secs = 5
+            direct_allow_http = {allow_http}
             "#,
             state = state.display()
         ))
@@ -877,7 +971,11 @@ mod tests {
         let (token_tx, token) = watch::channel(Some("session-token".to_owned()));
         let installer = Installer {
             config: Arc::new(config),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            direct: reqwest::Client::new(),
             server_url: url.parse().unwrap(),
             local: LocalState::open(state).unwrap(),
             token,
@@ -973,5 +1071,83 @@ mod tests {
             matches!(err, InstallError::TooLong { limit: 1024, .. }),
             "{err}"
         );
+    }
+
+    /// A server on loopback answering every request with `answer`, keeping
+    /// each request's head (lower-cased) for the test to inspect.
+    async fn recording_server(answer: String) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let (answer, kept) = (answer.clone(), kept.clone());
+                tokio::spawn(async move {
+                    let mut request = vec![0u8; 8192];
+                    let n = socket.read(&mut request).await.unwrap_or(0);
+                    kept.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&request[..n]).to_lowercase());
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (url, heads)
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_the_object_store_is_followed_without_the_session_token() {
+        let state = tempfile::tempdir().unwrap();
+        let (store, store_log) = recording_server(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nchunk".to_owned(),
+        )
+        .await;
+        let (server, server_heads) = recording_server(format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: {store}/bucket/chunks/ab/x.zst?X-Amz-Signature=s\r\n\
+             content-length: 0\r\nconnection: close\r\n\r\n"
+        ))
+        .await;
+        let (installer, _token) = installer_allowing(&server, state.path(), true);
+        let (response, _) = installer
+            .request("/v1/device/chunks/x", "chunk x", 1 << 20)
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .unwrap();
+        assert!(response.extensions().get::<Direct>().is_some());
+        assert_eq!(response.bytes().await.unwrap().as_ref(), b"chunk");
+        let server_heads = server_heads.lock().unwrap().clone();
+        assert!(server_heads[0].contains("authorization: bearer session-token"));
+        let store_heads = store_log.lock().unwrap().clone();
+        assert_eq!(store_heads.len(), 1);
+        assert!(
+            store_heads[0].starts_with("get /bucket/chunks/ab/x.zst?x-amz-signature=s "),
+            "{}",
+            store_heads[0]
+        );
+        assert!(
+            !store_heads[0].contains("authorization") && !store_heads[0].contains("session-token"),
+            "the session token went to the object store: {}",
+            store_heads[0]
+        );
+
+        // Plain HTTP is refused unless configured, and the store never asked.
+        let (installer, _token) = installer_for(&server, state.path());
+        let err = installer
+            .fetch("/v1/device/chunks/x", "chunk x", 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("direct_allow_http"), "{err}");
+        assert_eq!(store_log.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn only_https_presigned_urls_are_followed_unless_http_is_allowed() {
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        assert!(direct_url_allowed(&url("https://s3.example/b/k?sig"), false).is_ok());
+        assert!(direct_url_allowed(&url("http://127.0.0.1:9000/b/k"), false).is_err());
+        assert!(direct_url_allowed(&url("http://127.0.0.1:9000/b/k"), true).is_ok());
+        assert!(direct_url_allowed(&url("file:///etc/passwd"), true).is_err());
     }
 }

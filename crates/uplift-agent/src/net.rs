@@ -46,16 +46,47 @@ pub fn tls_config(ca_file: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
 }
 
 pub fn http_client(ca_file: &Path, download: &Download) -> anyhow::Result<reqwest::Client> {
+    download_client(ca_file, download)?
+        // Redirects (direct downloads from an object store) are followed
+        // by hand, with the other client, never with the session token.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("building HTTPS client")
+}
+
+/// The client for presigned object-store URLs the server redirects chunk
+/// downloads to: it trusts `direct_ca_file` (or the server's CA), speaks
+/// plain HTTP only if `direct_allow_http`, and has no credential to send.
+pub fn direct_client(server_ca: &Path, download: &Download) -> anyhow::Result<reqwest::Client> {
+    let ca_file = download.direct_ca_file.as_deref().unwrap_or(server_ca);
+    download_client(ca_file, download)?
+        .https_only(!download.direct_allow_http)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("building the object-store download client")
+}
+
+/// What both download clients share: roots from `ca_file` only, the
+/// stall timeout and the receive windows.
+fn download_client(ca_file: &Path, download: &Download) -> anyhow::Result<reqwest::ClientBuilder> {
     let stall_timeout = download.stall_timeout();
     let (stream_window, connection_window) = download.receive_windows();
     let pem = std::fs::read(ca_file)
-        .with_context(|| format!("reading server CA {}", ca_file.display()))?;
-    let ca = reqwest::Certificate::from_pem(&pem)
-        .with_context(|| format!("parsing {}", ca_file.display()))?;
-    reqwest::Client::builder()
+        .with_context(|| format!("reading CA bundle {}", ca_file.display()))?;
+    let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(ca)
+        .tls_built_in_root_certs(false);
+    let mut roots = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.with_context(|| format!("parsing {}", ca_file.display()))?;
+        builder = builder.add_root_certificate(
+            reqwest::Certificate::from_der(cert.as_ref())
+                .with_context(|| format!("parsing {}", ca_file.display()))?,
+        );
+        roots += 1;
+    }
+    anyhow::ensure!(roots > 0, "{} holds no certificate", ca_file.display());
+    Ok(builder
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(stall_timeout)
         .pool_idle_timeout(Duration::from_secs(30))
@@ -68,9 +99,7 @@ pub fn http_client(ca_file: &Path, download: &Download) -> anyhow::Result<reqwes
         .http2_initial_stream_window_size(stream_window)
         .http2_initial_connection_window_size(connection_window)
         .http2_keep_alive_interval(Duration::from_secs(20))
-        .http2_keep_alive_timeout(stall_timeout)
-        .build()
-        .context("building HTTPS client")
+        .http2_keep_alive_timeout(stall_timeout))
 }
 
 /// Opens the device channel: TCP, TLS (checking the server name), WebSocket.

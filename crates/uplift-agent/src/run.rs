@@ -98,6 +98,7 @@ pub async fn run(
     // Downloads go to the server, or to a site cache in front of it.
     let download_url = config.download.base_url(&server_url)?;
     let http = net::http_client(config.download.ca(&config.server_ca), &config.download)?;
+    let direct = net::direct_client(&config.server_ca, &config.download)?;
     let (outbox, outbox_rx) = watch::channel((0u64, machine.report()));
     let (sent_tx, sent_rx) = watch::channel(0u64);
     let (token_tx, token_rx) = watch::channel(None::<String>);
@@ -120,6 +121,7 @@ pub async fn run(
     let mut installer = Installer {
         config: config.clone(),
         http,
+        direct,
         server_url: download_url,
         local: local.clone(),
         token: token_rx,

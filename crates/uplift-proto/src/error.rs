@@ -66,6 +66,9 @@ pub enum ErrorKind {
     HookFailed,
     // --- server side
     Storage,
+    /// The object store holding chunks (`[artifacts] backend = "s3"`) did
+    /// not answer or refused; passing, so devices retry.
+    ObjectStoreUnavailable,
     /// A chunk stored on the server does not match its hash (damaged on the
     /// server's disk); the operator repairs it with `uplift release upload`.
     StoredChunkDamaged,

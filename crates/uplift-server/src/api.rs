@@ -36,6 +36,7 @@ use uplift_proto::events::{
 use uplift_proto::{ChunkHash, DeviceId, Version, WireError};
 use uplift_release::manifest::MAX_MANIFEST_BYTES;
 
+mod direct;
 pub mod openapi;
 
 /// A chunk goes out in pieces of this size, each counted as it is sent.
@@ -989,10 +990,15 @@ async fn served_release(
         })?;
     let manifest = crate::chunks::load_manifest(&state.indexes, &record.manifest_json)
         .await
-        .map_err(|e| {
-            ApiError::internal(format!(
+        .map_err(|e| match e.kind() {
+            // Passing: the index is in an object store that did not answer.
+            uplift_proto::ErrorKind::ObjectStoreUnavailable => ApiError::new(
+                e.kind(),
+                format!("the chunk index of release {version} cannot be read now: {e}"),
+            ),
+            _ => ApiError::internal(format!(
                 "the stored manifest of release {version} is unreadable: {e}; upload the release again"
-            ))
+            )),
         })?;
     let release = Arc::new(ServedRelease {
         manifest_json: Bytes::from(record.manifest_json),
@@ -1110,6 +1116,9 @@ async fn device_index(
             "release {version} lists its chunks in its manifest; it has no index"
         )));
     };
+    if let Some(redirect) = direct::redirect(&state, StoredKind::Index, &hash).await? {
+        return Ok(redirect);
+    }
     let index = state.indexes.read_verified(&hash).await?.ok_or_else(|| {
         ApiError::not_found(format!(
             "the chunk index of release {version} is not on the server; upload the release again"
@@ -1188,6 +1197,9 @@ async fn serve_span(
         )));
     }
     let entries: Vec<Listed> = list[span.first as usize..end as usize].to_vec();
+    if let Some(redirect) = direct::redirect(&state, kind, &entries[0].hash).await? {
+        return Ok(redirect);
+    }
     let len: u64 = entries.iter().map(|c| u64::from(c.stored_size)).sum();
     let etag = span_etag(&entries);
     let first = read_stored(&state, kind, &version, &entries[0]).await?;
@@ -1297,6 +1309,9 @@ async fn device_chunk(
     device_of(&state, &headers).await?;
     let Path(hash) = hash?;
     let hash: ChunkHash = parse_name(&hash)?;
+    if let Some(redirect) = direct::redirect(&state, StoredKind::Chunk, &hash).await? {
+        return Ok(redirect);
+    }
     // Served from the bytes just checked: no window for the file to change
     // between the check and the send.
     let stored = state

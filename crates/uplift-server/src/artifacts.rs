@@ -1,11 +1,13 @@
 //! Chunk storage behind a small trait: a local content-addressed directory by
-//! default, object storage later. Chunks are immutable and named by the
-//! SHA-256 of their uncompressed bytes, so a name always means the same bytes.
+//! default, or S3-compatible object storage ([`crate::s3`]). Chunks are
+//! immutable and named by the SHA-256 of their uncompressed bytes, so a name
+//! always means the same bytes.
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
-use uplift_proto::{ChunkHash, ErrorKind};
+use std::sync::Arc;
+use uplift_proto::{ChunkHash, ErrorKind, Version};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
@@ -15,12 +17,23 @@ pub enum ArtifactError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "object store request {op} {key} failed: {source}; check that the object store is up and \
+         reachable from the server and that [artifacts] names the right endpoint, bucket and credentials"
+    )]
+    Object {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
 }
 
 impl ArtifactError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ArtifactError::Io { .. } => ErrorKind::Storage,
+            ArtifactError::Object { .. } => ErrorKind::ObjectStoreUnavailable,
         }
     }
 }
@@ -31,7 +44,8 @@ impl ArtifactError {
 pub struct Fingerprint {
     pub len: u64,
     pub modified_ns: i128,
-    pub inode: u64,
+    /// The file's inode, or a digest of the object's ETag.
+    pub identity: u64,
 }
 
 #[async_trait]
@@ -58,6 +72,58 @@ pub trait ArtifactStore: Send + Sync + std::fmt::Debug {
     /// stays). Returns whether it moved it.
     async fn quarantine(&self, hash: &ChunkHash, read: &Fingerprint)
         -> Result<bool, ArtifactError>;
+    /// The fingerprint of what is stored now, without reading it; `None`
+    /// if absent.
+    async fn current(&self, hash: &ChunkHash) -> Result<Option<Fingerprint>, ArtifactError>;
+    /// A short-lived URL devices may GET the stored object from, without
+    /// the server, when the store offers one and direct downloads are on.
+    async fn direct_url(&self, _hash: &ChunkHash) -> Result<Option<url::Url>, ArtifactError> {
+        Ok(None)
+    }
+    /// Keeps a taken-in release's signed manifest (and chunk index) where
+    /// a fleet's tooling can fetch them by version. The database holds the
+    /// manifest in any case; a local directory needs no second copy.
+    async fn publish_release(
+        &self,
+        _version: &Version,
+        _manifest_json: Bytes,
+        _index: Option<Bytes>,
+    ) -> Result<(), ArtifactError> {
+        Ok(())
+    }
+}
+
+/// The stores of each kind of stored object, as `[artifacts]` configures them.
+#[derive(Debug, Clone)]
+pub struct Stores {
+    pub chunks: Arc<dyn ArtifactStore>,
+    pub patches: Arc<dyn ArtifactStore>,
+    pub indexes: Arc<dyn ArtifactStore>,
+}
+
+impl Stores {
+    /// The local directories under `data_dir` by default; the configured
+    /// bucket with `backend = "s3"`.
+    pub fn open(
+        config: &crate::config::ArtifactsConfig,
+        data_dir: &Path,
+    ) -> Result<Self, ArtifactError> {
+        Ok(match config.backend {
+            crate::config::Backend::Local => Self {
+                chunks: Arc::new(LocalArtifacts::new(data_dir.join("chunks"))),
+                patches: Arc::new(LocalArtifacts::new(data_dir.join("patches"))),
+                indexes: Arc::new(LocalArtifacts::new(data_dir.join("indexes"))),
+            },
+            crate::config::Backend::S3 => {
+                let bucket = crate::s3::Bucket::open(config)?;
+                Self {
+                    chunks: Arc::new(bucket.store("chunks")),
+                    patches: Arc::new(bucket.store("patches")),
+                    indexes: Arc::new(bucket.store("indexes")),
+                }
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +228,15 @@ impl ArtifactStore for LocalArtifacts {
         }
     }
 
+    async fn current(&self, hash: &ChunkHash) -> Result<Option<Fingerprint>, ArtifactError> {
+        let path = self.path_of(hash);
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) => Ok(Some(fingerprint(&meta))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
     async fn quarantine(
         &self,
         hash: &ChunkHash,
@@ -192,7 +267,7 @@ fn fingerprint(meta: &std::fs::Metadata) -> Fingerprint {
     Fingerprint {
         len: meta.len(),
         modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        inode: meta.ino(),
+        identity: meta.ino(),
     }
 }
 

@@ -255,6 +255,26 @@ impl Chunks {
         self.verified_read(hash, stored).await
     }
 
+    /// A short-lived URL of the stored object for a device to download
+    /// directly, when the store offers them (`direct_downloads`); `None`
+    /// otherwise. Only an object checked good is handed out: what is
+    /// stored now must be what was checked (asked of the store, without
+    /// reading it), or it is read and checked first, and a damaged one is
+    /// set aside as when served. The store may change between this check
+    /// and the device's download; the device hashes every chunk it gets,
+    /// and its next request, finding another fingerprint, checks again.
+    pub async fn direct_url(&self, hash: &ChunkHash) -> Result<Option<url::Url>, ChunkError> {
+        let Some(url) = self.artifacts.direct_url(hash).await? else {
+            return Ok(None);
+        };
+        let current = self.artifacts.current(hash).await?;
+        let checked = current.is_some_and(|now| lock(&self.verified).get(hash) == Some(&now));
+        if !checked && self.read_verified(hash).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(url))
+    }
+
     /// [`read_verified`](Self::read_verified) of several chunks, read in
     /// one go, in order.
     pub async fn read_verified_many(

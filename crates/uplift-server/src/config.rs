@@ -31,6 +31,8 @@ pub struct ServerConfig {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub artifacts: ArtifactsConfig,
+    #[serde(default)]
     pub download_tokens: DownloadTokens,
     #[serde(default)]
     pub database: DatabaseConfig,
@@ -61,22 +63,22 @@ impl Default for DatabaseConfig {
     }
 }
 
-/// Which backend a [`DatabaseConfig`] selects.
+/// Which database a [`DatabaseConfig`] selects.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
+pub enum Database {
     Sqlite(PathBuf),
     Postgres { url: String, max_connections: u32 },
 }
 
 impl ServerConfig {
     /// The database this server uses.
-    pub fn backend(&self) -> Backend {
+    pub fn database(&self) -> Database {
         match &self.database.url {
-            Some(url) => Backend::Postgres {
+            Some(url) => Database::Postgres {
                 url: url.clone(),
                 max_connections: self.database.max_connections,
             },
-            None => Backend::Sqlite(self.data_dir.join("uplift.db")),
+            None => Database::Sqlite(self.data_dir.join("uplift.db")),
         }
     }
 }
@@ -85,6 +87,101 @@ impl ServerConfig {
 // few replicas together stay well below PostgreSQL's default of 100.
 fn default_database_connections() -> u32 {
     16
+}
+
+/// Where chunks, patches and chunk indexes are kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Directories under `data_dir`: zero set-up, one server.
+    #[default]
+    Local,
+    /// An S3-compatible bucket, shared by every server of a fleet.
+    S3,
+}
+
+/// `[artifacts]`: the chunk store, and whether devices download from it
+/// directly.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactsConfig {
+    #[serde(default)]
+    pub backend: Backend,
+    /// S3: the bucket (required).
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// S3: the endpoint URL of an S3-compatible store (MinIO, Ceph, ...);
+    /// unset means AWS S3 in `region`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// S3 credentials; when unset, `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` (and the other usual `AWS_*` variables).
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// Keys are kept under this prefix of the bucket ("" for its root), so
+    /// several fleets can share one.
+    #[serde(default)]
+    pub prefix: String,
+    /// Allows an `http://` endpoint (a store on the same host or a trusted
+    /// network); off, only HTTPS.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Seconds one request to the store may take, retries included, before
+    /// the device's request fails (and the device retries).
+    #[serde(default = "default_store_request_secs")]
+    pub request_timeout_secs: u64,
+    /// Devices download chunks straight from the store: the server checks
+    /// the device's request as always, then answers 307 with a presigned
+    /// URL instead of the bytes.
+    #[serde(default)]
+    pub direct_downloads: bool,
+    /// Seconds a presigned URL stays valid.
+    #[serde(default = "default_presign_secs")]
+    pub presign_secs: u64,
+}
+
+// Not derived: the secret stays out of logs and error messages.
+impl std::fmt::Debug for ArtifactsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArtifactsConfig")
+            .field("backend", &self.backend)
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<set>"),
+            )
+            .field("prefix", &self.prefix)
+            .field("allow_http", &self.allow_http)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("direct_downloads", &self.direct_downloads)
+            .field("presign_secs", &self.presign_secs)
+            .finish()
+    }
+}
+
+impl Default for ArtifactsConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Local,
+            bucket: None,
+            endpoint: None,
+            region: default_region(),
+            access_key_id: None,
+            secret_access_key: None,
+            prefix: String::new(),
+            allow_http: false,
+            request_timeout_secs: default_store_request_secs(),
+            direct_downloads: false,
+            presign_secs: default_presign_secs(),
+        }
+    }
 }
 
 /// Signed device download tokens (see [`crate::download_token`]).
@@ -108,6 +205,67 @@ impl Default for DownloadTokens {
             keys_file: None,
             lifetime_secs: default_token_lifetime(),
         }
+    }
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_store_request_secs() -> u64 {
+    10
+}
+// Long enough for one chunk on a slow link (1 MiB at 10 KiB/s is some 100
+// s), short enough that a URL copied out of a device's log is soon useless.
+fn default_presign_secs() -> u64 {
+    300
+}
+
+/// S3 refuses presigned URLs valid for longer than seven days.
+const MAX_PRESIGN_SECS: u64 = 7 * 86_400;
+
+impl ArtifactsConfig {
+    /// The choices that cannot work, said before the server starts.
+    pub fn check(&self) -> Result<(), String> {
+        match self.backend {
+            Backend::Local => {
+                if self.direct_downloads {
+                    return Err(
+                        "[artifacts] direct_downloads needs backend = \"s3\": a local directory has no URLs to hand out"
+                            .into(),
+                    );
+                }
+            }
+            Backend::S3 => {
+                if self.bucket.as_deref().is_none_or(|b| b.trim().is_empty()) {
+                    return Err("[artifacts] backend = \"s3\" needs a bucket".into());
+                }
+                if let Some(endpoint) = &self.endpoint {
+                    if endpoint.starts_with("http://") && !self.allow_http {
+                        return Err(format!(
+                            "[artifacts] endpoint {endpoint} is plain HTTP; use https, or set allow_http = true \
+                             for a store on a trusted network"
+                        ));
+                    }
+                }
+                if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+                    return Err(
+                        "[artifacts] access_key_id and secret_access_key go together; \
+                         set both, or neither to take them from the AWS_* environment"
+                            .into(),
+                    );
+                }
+            }
+        }
+        if !(1..=MAX_PRESIGN_SECS).contains(&self.presign_secs) {
+            return Err(format!(
+                "[artifacts] presign_secs must be 1 to {MAX_PRESIGN_SECS} (seven days, S3's limit), not {}",
+                self.presign_secs
+            ));
+        }
+        if self.request_timeout_secs == 0 {
+            return Err("[artifacts] request_timeout_secs must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -271,6 +429,7 @@ impl ServerConfig {
             enrollment_tokens: Vec::new(),
             admin_token: None,
             limits: Limits::default(),
+            artifacts: ArtifactsConfig::default(),
             download_tokens: DownloadTokens::default(),
             database: DatabaseConfig::default(),
         }
@@ -330,7 +489,7 @@ impl ServerConfig {
         if self.enrollment_tokens.iter().any(|t| t.trim().len() < MIN) {
             return Err(format!("every enrollment token must be at least {MIN} characters; or omit them to have one generated"));
         }
-        Ok(())
+        self.artifacts.check()
     }
 }
 
@@ -362,6 +521,43 @@ mod tests {
     }
 
     #[test]
+    fn artifacts_default_to_the_local_directory_and_s3_needs_what_it_cannot_guess() {
+        let config: ServerConfig = toml::from_str("data_dir = \"/x\"\n").unwrap();
+        assert_eq!(config.artifacts.backend, Backend::Local);
+        assert!(!config.artifacts.direct_downloads);
+        config.check().unwrap();
+        let with = |table: &str| {
+            let config: ServerConfig =
+                toml::from_str(&format!("data_dir = \"/x\"\n[artifacts]\n{table}")).unwrap();
+            config.check()
+        };
+        let err = with("direct_downloads = true\n").unwrap_err();
+        assert!(err.contains("needs backend"), "{err}");
+        let err = with("backend = \"s3\"\n").unwrap_err();
+        assert!(err.contains("needs a bucket"), "{err}");
+        let err = with("backend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\n")
+            .unwrap_err();
+        assert!(err.contains("allow_http"), "{err}");
+        let err = with("backend = \"s3\"\nbucket = \"b\"\naccess_key_id = \"k\"\n").unwrap_err();
+        assert!(err.contains("go together"), "{err}");
+        let err = with("backend = \"s3\"\nbucket = \"b\"\npresign_secs = 0\n").unwrap_err();
+        assert!(err.contains("presign_secs"), "{err}");
+        with(
+            "backend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\n\
+             direct_downloads = true\npresign_secs = 60\n",
+        )
+        .unwrap();
+        let shown = format!(
+            "{:?}",
+            ArtifactsConfig {
+                secret_access_key: Some("very-secret".into()),
+                ..ArtifactsConfig::default()
+            }
+        );
+        assert!(!shown.contains("very-secret"), "{shown}");
+    }
+
+    #[test]
     fn the_example_config_in_deploy_parses_and_passes_its_checks() {
         let text = include_str!("../../../deploy/server.toml");
         let config: ServerConfig = toml::from_str(text).unwrap();
@@ -369,8 +565,8 @@ mod tests {
         assert_eq!(config.limits.device_history_per_device, 200);
         assert_eq!(config.limits.device_history_days, 90);
         assert_eq!(
-            config.backend(),
-            Backend::Sqlite("/var/lib/uplift/uplift.db".into())
+            config.database(),
+            Database::Sqlite("/var/lib/uplift/uplift.db".into())
         );
     }
 
@@ -381,8 +577,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            config.backend(),
-            Backend::Postgres {
+            config.database(),
+            Database::Postgres {
                 url: "postgres://uplift@db:5432/uplift".into(),
                 max_connections: 16
             }

@@ -203,7 +203,9 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         | ErrorKind::DownloadTokenInvalid
         | ErrorKind::DownloadTokenExpired => StatusCode::UNAUTHORIZED,
         ErrorKind::EnrollmentRefused | ErrorKind::Forbidden => StatusCode::FORBIDDEN,
-        ErrorKind::ServerBusy => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::ServerBusy | ErrorKind::ObjectStoreUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ErrorKind::WebhookFailed => StatusCode::BAD_GATEWAY,
         ErrorKind::DownloadFailed
         | ErrorKind::ServerUnreachable

@@ -16,6 +16,7 @@ pub mod history;
 pub mod hub;
 pub mod live;
 pub mod rollout;
+pub mod s3;
 pub mod serve;
 pub mod service;
 pub mod signals;
@@ -28,7 +29,6 @@ pub mod webhooks;
 pub mod writer;
 
 use anyhow::Context;
-use artifacts::LocalArtifacts;
 use config::ServerConfig;
 use state::{AppState, Secrets, Stats};
 use std::future::Future;
@@ -68,12 +68,12 @@ pub struct OpenedStore {
 /// Opens the configured database: SQLite in the data directory, or
 /// PostgreSQL; either is brought up to date by its migrations.
 pub async fn open_store(config: &ServerConfig) -> anyhow::Result<OpenedStore> {
-    Ok(match config.backend() {
-        config::Backend::Sqlite(path) => OpenedStore {
+    Ok(match config.database() {
+        config::Database::Sqlite(path) => OpenedStore {
             store: Arc::new(SqliteStore::open(&path).await?),
             postgres: None,
         },
-        config::Backend::Postgres {
+        config::Database::Postgres {
             url,
             max_connections,
         } => {
@@ -89,7 +89,7 @@ pub async fn open_store(config: &ServerConfig) -> anyhow::Result<OpenedStore> {
 /// `uplift-server check`: scrubs the chunks of every release stored in the
 /// configured data directory; reads only.
 pub async fn check_data_dir(config: &ServerConfig) -> anyhow::Result<chunks::ScrubReport> {
-    if let config::Backend::Sqlite(db) = config.backend() {
+    if let config::Database::Sqlite(db) = config.database() {
         anyhow::ensure!(
             db.is_file(),
             "{} holds no uplift.db; give the data directory of a server (--data-dir)",
@@ -97,13 +97,15 @@ pub async fn check_data_dir(config: &ServerConfig) -> anyhow::Result<chunks::Scr
         );
     }
     let store = open_store(config).await?.store;
-    let artifacts = LocalArtifacts::new(config.data_dir.join("chunks"));
-    let patches = LocalArtifacts::new(config.data_dir.join("patches"));
-    let indexes = chunks::Chunks::indexes(
-        Arc::new(LocalArtifacts::new(config.data_dir.join("indexes"))),
-        store.clone(),
-    );
-    Ok(chunks::scrub(store.as_ref(), &artifacts, &patches, &indexes).await?)
+    let stores = artifacts::Stores::open(&config.artifacts, &config.data_dir)?;
+    let indexes = chunks::Chunks::indexes(stores.indexes, store.clone());
+    Ok(chunks::scrub(
+        store.as_ref(),
+        stores.chunks.as_ref(),
+        stores.patches.as_ref(),
+        &indexes,
+    )
+    .await?)
 }
 
 /// Raises the soft open-file limit to the hard one and warns when the
@@ -149,11 +151,11 @@ impl Server {
         std::fs::create_dir_all(data)
             .with_context(|| format!("creating data directory {}", data.display()))?;
         let OpenedStore { store, postgres } = open_store(config).await?;
-        let artifacts = LocalArtifacts::new(data.join("chunks"));
-        let patch_files: Arc<dyn artifacts::ArtifactStore> =
-            Arc::new(LocalArtifacts::new(data.join("patches")));
-        let index_files: Arc<dyn artifacts::ArtifactStore> =
-            Arc::new(LocalArtifacts::new(data.join("indexes")));
+        let artifacts::Stores {
+            chunks: artifacts,
+            patches: patch_files,
+            indexes: index_files,
+        } = artifacts::Stores::open(&config.artifacts, data)?;
         let tls = tls::load_or_generate(&data.join("tls"), &config.tls)?;
         let token_keys = download_token::load_or_create(&config.download_tokens.keys_file(data))?;
 
@@ -175,7 +177,6 @@ impl Server {
         let live = live::LiveView::with_events(events.clone());
         live.load_targets(store.device_targets().await?);
         check_open_file_limit(&config.limits);
-        let artifacts: Arc<dyn artifacts::ArtifactStore> = Arc::new(artifacts);
         let indexes = Arc::new(chunks::Chunks::indexes(index_files, store.clone()));
         let state = Arc::new(AppState {
             chunks: chunks::Chunks::new(artifacts.clone(), store.clone(), indexes.clone()),

@@ -93,6 +93,8 @@ impl From<&PatchEntry> for Listed {
 pub struct Stats {
     pub bytes_sent: AtomicU64,
     pub chunks_sent: AtomicU64,
+    /// Chunk requests answered with a redirect to the object store.
+    pub redirects: AtomicU64,
     pub reports_applied: AtomicU64,
     pub reports_stale: AtomicU64,
     pub device_rows_written: AtomicU64,

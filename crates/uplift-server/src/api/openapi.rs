@@ -156,7 +156,8 @@ const REFUSALS: &[Refusal] = &[
         name: "ServerBusy",
         description:
             "`server_busy`: the server is at its budget for admin requests (or event streams); \
-         try again later",
+         try again later. `object_store_unavailable`: the object store holding chunks \
+         (`[artifacts] backend = \"s3\"`) did not answer; try again once it is back",
         applies: |_| true,
     },
 ];

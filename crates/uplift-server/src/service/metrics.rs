@@ -131,6 +131,11 @@ pub async fn render(state: &AppState) -> ServiceResult<String> {
         counter(state.stats.chunks_sent.load(Relaxed)),
     );
     registry.register(
+        "direct_download_redirects",
+        "Chunk requests answered with a redirect to the object store (direct downloads) since the server started",
+        counter(state.stats.redirects.load(Relaxed)),
+    );
+    registry.register(
         "reports_applied",
         "Device reports applied since the server started",
         counter(state.stats.reports_applied.load(Relaxed)),

@@ -171,6 +171,7 @@ async fn take_in(state: &AppState, manifest_json: &[u8]) -> ServiceResult<(Store
         key_ids,
         expires_at: Some(manifest.expires_at.clone()),
     };
+    publish(state, &manifest, manifest_json).await?;
     match state.store.insert_release(&record).await {
         Ok(()) => {
             tracing::info!(version = %record.version, device_type = %record.device_type, "release uploaded");
@@ -190,6 +191,30 @@ async fn take_in(state: &AppState, manifest_json: &[u8]) -> ServiceResult<(Store
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The signed manifest (and chunk index) where the chunk store keeps
+/// releases by version (object storage), before the release is recorded:
+/// once it is listed, a fleet finds it there too.
+async fn publish(
+    state: &AppState,
+    manifest: &uplift_release::Manifest,
+    manifest_json: &[u8],
+) -> ServiceResult<()> {
+    let index = match manifest.chunk_index {
+        Some(reference) => state.indexes.read_verified(&reference.sha256).await?,
+        None => None,
+    };
+    state
+        .artifacts
+        .publish_release(
+            &manifest.version,
+            bytes::Bytes::copy_from_slice(manifest_json),
+            index,
+        )
+        .await
+        .map_err(crate::chunks::ChunkError::from)?;
+    Ok(())
 }
 
 #[cfg(test)]
