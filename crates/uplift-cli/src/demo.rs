@@ -323,7 +323,10 @@ impl Polls {
 }
 
 const DEVICE_TYPE: &str = "demo-gateway";
-const CHAOS_LINK_BYTES_PER_SECOND: u64 = 1024 * 1024;
+/// Slow enough that a delta of a few hundred KiB per device keeps the
+/// rollout in progress for the faults (at 1 MiB/s a six-device demo could
+/// finish between two of its 100 ms polls).
+const CHAOS_LINK_BYTES_PER_SECOND: u64 = 256 * 1024;
 /// Devices provisioned and powered on by one blocking task. All of them are
 /// powered on as fast as that goes, without pacing: measured on two cores
 /// (debug build, 1000 devices), the fleet was online in 13.6 s that way and

@@ -40,6 +40,8 @@ pub struct LiveView {
     stored: AtomicU64,
     /// Wakes [`LiveView::stored_now`]'s waiters after each write.
     written: Notify,
+    /// Asks the writer for a batch now rather than at its next tick.
+    wanted: Notify,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -496,6 +498,12 @@ impl LiveView {
     /// with the device views, which read this view (read your writes).
     pub async fn stored_now(&self, within: std::time::Duration) {
         let wanted = self.change_mark();
+        if self.stored.load(Ordering::SeqCst) >= wanted {
+            return;
+        }
+        // The writer's next tick may be 250 ms away: a reader waits only
+        // for one write.
+        self.wanted.notify_one();
         let _ = tokio::time::timeout(within, async {
             loop {
                 let written = self.written.notified();
@@ -508,6 +516,11 @@ impl LiveView {
             }
         })
         .await;
+    }
+
+    /// Resolves when a reader asks for a batch now ([`LiveView::stored_now`]).
+    pub async fn write_wanted(&self) {
+        self.wanted.notified().await;
     }
 
     /// Device rows waiting to be written with the next batch.

@@ -61,6 +61,11 @@ impl Writer {
                         tokio::time::sleep(RETRY_AFTER).await;
                     }
                 }
+                _ = self.live.write_wanted() => {
+                    if !self.flush(false).await {
+                        tokio::time::sleep(RETRY_AFTER).await;
+                    }
+                }
                 _ = prune.tick() => self.prune(time::OffsetDateTime::now_utc()).await,
                 _ = stop.changed() => break,
             }
