@@ -249,35 +249,20 @@ impl LiveView {
     /// `now`), unless a newer rollout already targets them (rollout IDs
     /// grow, and a device's newest rollout decides).
     pub fn set_targets(&self, devices: &[DeviceId], target: &DeviceTarget, now: &str) {
-        let mut live = self.lock();
-        let mut history = self.history();
-        for id in devices {
-            let entry = live.entry(id.clone()).or_default();
-            if entry
-                .target
-                .as_ref()
-                .is_none_or(|t| t.rollout_id <= target.rollout_id)
-            {
-                entry.target = Some(target.clone());
-                self.record(
-                    &mut history,
-                    NewEvent {
-                        device: id.clone(),
-                        at: now.to_owned(),
-                        event: DeviceEventKind::Offer {
-                            rollout_id: target.rollout_id,
-                            version: target.version.clone(),
-                        },
-                    },
-                );
-            }
-        }
+        self.offer_targets(devices, target, Some(now));
     }
 
     /// [`LiveView::set_targets`] as another replica made it: its history
     /// is that replica's to record.
     pub fn follow_targets(&self, devices: &[DeviceId], target: &DeviceTarget) {
+        self.offer_targets(devices, target, None);
+    }
+
+    /// Offers `target` where no newer rollout's offer stands, recording
+    /// each offer in history at `history_at` if given.
+    fn offer_targets(&self, devices: &[DeviceId], target: &DeviceTarget, history_at: Option<&str>) {
         let mut live = self.lock();
+        let mut history = history_at.map(|at| (at, self.history()));
         for id in devices {
             let entry = live.entry(id.clone()).or_default();
             if entry
@@ -286,24 +271,26 @@ impl LiveView {
                 .is_none_or(|t| t.rollout_id <= target.rollout_id)
             {
                 entry.target = Some(target.clone());
+                if let Some((at, history)) = history.as_mut() {
+                    self.record(
+                        history,
+                        NewEvent {
+                            device: id.clone(),
+                            at: (*at).to_owned(),
+                            event: DeviceEventKind::Offer {
+                                rollout_id: target.rollout_id,
+                                version: target.version.clone(),
+                            },
+                        },
+                    );
+                }
             }
         }
     }
 
     /// [`LiveView::withdraw_targets`] as another replica made it.
     pub fn follow_withdrawal(&self, devices: &[DeviceId], rollout_id: i64) {
-        let mut live = self.lock();
-        for id in devices {
-            if let Some(entry) = live.get_mut(id) {
-                if entry
-                    .target
-                    .as_ref()
-                    .is_some_and(|t| t.rollout_id == rollout_id)
-                {
-                    entry.target = None;
-                }
-            }
-        }
+        self.take_back_targets(devices, rollout_id, None);
     }
 
     /// Every device's target as the database has it now (`targets`; a
@@ -341,21 +328,30 @@ impl LiveView {
     /// Withdraws rollout `rollout_id`'s offer from `devices` (an abort);
     /// a device a newer rollout targets keeps that target.
     pub fn withdraw_targets(&self, devices: &[DeviceId], rollout_id: i64, now: &str) {
+        self.take_back_targets(devices, rollout_id, Some(now));
+    }
+
+    /// Clears rollout `rollout_id`'s offer from `devices`, recording each
+    /// withdrawal in history at `history_at` if given.
+    fn take_back_targets(&self, devices: &[DeviceId], rollout_id: i64, history_at: Option<&str>) {
         let mut live = self.lock();
-        let mut history = self.history();
+        let mut history = history_at.map(|at| (at, self.history()));
         for id in devices {
-            if let Some(entry) = live.get_mut(id) {
-                if entry
-                    .target
-                    .as_ref()
-                    .is_some_and(|t| t.rollout_id == rollout_id)
-                {
-                    entry.target = None;
+            let Some(entry) = live.get_mut(id) else {
+                continue;
+            };
+            if entry
+                .target
+                .as_ref()
+                .is_some_and(|t| t.rollout_id == rollout_id)
+            {
+                entry.target = None;
+                if let Some((at, history)) = history.as_mut() {
                     self.record(
-                        &mut history,
+                        history,
                         NewEvent {
                             device: id.clone(),
-                            at: now.to_owned(),
+                            at: (*at).to_owned(),
                             event: DeviceEventKind::Withdrawn { rollout_id },
                         },
                     );
