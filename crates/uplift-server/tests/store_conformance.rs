@@ -63,6 +63,7 @@ suite!(
     dynamic_rollouts_add_members_unless_a_newer_rollout_has_them,
     tokens_audit_and_webhooks_keep_what_they_are_given,
     a_lease_has_one_holder_until_it_expires_or_is_released,
+    a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other,
 );
 
 #[tokio::test]
@@ -193,6 +194,14 @@ fn change<'a>(now: &'a str) -> RolloutChange<'a> {
         hold: &[],
         now,
     }
+}
+
+/// A mark strictly after every change made so far: SQLite's clock counts
+/// milliseconds, and a change in the mark's millisecond is read as changed
+/// at it (never missed; here, though, it would be read again).
+async fn mark_after_changes(store: &dyn Store) -> String {
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    store.change_mark().await.unwrap()
 }
 
 // ---- cases ----
@@ -1247,6 +1256,120 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
     assert_eq!(removed.removed_at.as_deref(), Some("2026-12-06T00:00:00Z"));
     assert!(store.due_deliveries(10_000, 10).await.unwrap().is_empty());
     assert_eq!(store.webhooks().await.unwrap().len(), 1);
+}
+
+async fn a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other(db: &Db) {
+    let store = db.open().await;
+    enroll(
+        &*store,
+        &[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+            ("dev-4", "gw", "hw-4"),
+        ],
+    )
+    .await;
+    let r = start(&*store, &[("dev-1", 0), ("dev-2", 0), ("dev-3", 1)])
+        .await
+        .unwrap();
+    let changed = |rows: Vec<(
+        uplift_server::store::MemberRecord,
+        uplift_server::store::DeviceStanding,
+    )>| {
+        let mut ids: Vec<String> = rows.into_iter().map(|(_, d)| d.id.to_string()).collect();
+        ids.sort();
+        ids
+    };
+    let before_start = "2000-01-01T00:00:00Z";
+    assert_eq!(
+        changed(store.rollout_member_changes(r, before_start).await.unwrap()),
+        ["dev-1", "dev-2", "dev-3"],
+        "a new rollout's members are all new"
+    );
+    let mark = mark_after_changes(&*store).await;
+    assert!(
+        time(&mark) > time(before_start),
+        "the mark is the store's clock: {mark}"
+    );
+    assert!(store
+        .rollout_member_changes(r, &mark)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A progress report alone changes nothing a rollout decides on.
+    let mut downloading = seen(
+        "dev-1",
+        AgentState::Downloading,
+        "1.0",
+        "2026-03-01T12:00:02Z",
+    );
+    downloading.report.as_mut().unwrap().target_version = Some(version("2.0"));
+    store.record_reports(&[downloading.clone()]).await.unwrap();
+    let mark = mark_after_changes(&*store).await;
+    let mut further = downloading.clone();
+    further.report.as_mut().unwrap().progress = Some(uplift_proto::channel::Progress {
+        done_bytes: 10,
+        total_bytes: 20,
+        fetched_bytes: 10,
+    });
+    store.record_reports(&[further]).await.unwrap();
+    assert!(
+        store
+            .rollout_member_changes(r, &mark)
+            .await
+            .unwrap()
+            .is_empty(),
+        "progress is not a change of standing"
+    );
+    // A new state (dev-2, reported by any replica's writer), an offer (dev-3,
+    // a step of the rollout): each is a change. dev-4 is no member.
+    store
+        .record_reports(&[
+            seen("dev-2", AgentState::Idle, "2.0", "2026-03-01T12:00:03Z"),
+            seen("dev-4", AgentState::Idle, "2.0", "2026-03-01T12:00:03Z"),
+        ])
+        .await
+        .unwrap();
+    let offer = [id("dev-3")];
+    assert!(store
+        .apply_rollout_change(
+            r,
+            0,
+            &RolloutChange {
+                offer: &offer,
+                ..change("2026-03-01T12:00:04Z")
+            }
+        )
+        .await
+        .unwrap());
+    let rows = store.rollout_member_changes(r, &mark).await.unwrap();
+    let offered = rows
+        .iter()
+        .find(|(_, d)| d.id == id("dev-3"))
+        .map(|(m, d)| (m.offered_at.clone(), d.target_rollout));
+    assert_eq!(changed(rows), ["dev-2", "dev-3"]);
+    assert_eq!(
+        offered,
+        Some((Some("2026-03-01T12:00:04Z".to_owned()), Some(r))),
+        "read with its new row"
+    );
+
+    // A newer rollout that takes dev-1 over changes the older one's row.
+    let mark = mark_after_changes(&*store).await;
+    let newer = start(&*store, &[("dev-1", 0)]).await.unwrap();
+    let rows = store.rollout_member_changes(r, &mark).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|(m, d)| (d.id.as_str(), m.outcome))
+            .collect::<Vec<_>>(),
+        [("dev-1", Some(Outcome::Superseded))]
+    );
+    assert_eq!(
+        changed(store.rollout_member_changes(newer, &mark).await.unwrap()),
+        ["dev-1"]
+    );
 }
 
 async fn a_lease_has_one_holder_until_it_expires_or_is_released(db: &Db) {
