@@ -1496,4 +1496,25 @@ async fn postgres_pages_and_counts_a_hundred_thousand_devices_in_the_database() 
         timed("rollout tallies", started.elapsed());
         assert_eq!(tallies[0].1.total, 33_334);
     }
+    // What the scheduler reads each tick: every member, or only those
+    // that changed (here 100 report success through a writer's batch).
+    let started = std::time::Instant::now();
+    let whole = store.rollout_members(1).await.unwrap();
+    timed("a rollout's members, whole (33 334)", started.elapsed());
+    assert_eq!(whole.len(), 33_334);
+    let mark = store.change_mark().await.unwrap();
+    let reports: Vec<ReportedState> = (0..300)
+        .step_by(3)
+        .map(|i| seen(&format!("dev-{i:06}"), AgentState::Idle, "1.2", NOW))
+        .collect();
+    let started = std::time::Instant::now();
+    assert_eq!(store.record_reports(&reports).await.unwrap(), 100);
+    timed("a writer's batch of 100 reports", started.elapsed());
+    let started = std::time::Instant::now();
+    let changed = store.rollout_member_changes(1, &mark).await.unwrap();
+    timed("a rollout's members changed since a mark (100)", started.elapsed());
+    assert_eq!(changed.len(), 100);
+    assert!(changed
+        .iter()
+        .all(|(_, d)| d.running_version == Some(version("1.2"))));
 }
