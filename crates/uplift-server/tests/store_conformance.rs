@@ -64,6 +64,7 @@ suite!(
     tokens_audit_and_webhooks_keep_what_they_are_given,
     a_lease_has_one_holder_until_it_expires_or_is_released,
     a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other,
+    a_new_rollout_stores_its_first_offers_with_it,
 );
 
 #[tokio::test]
@@ -176,6 +177,7 @@ async fn start(store: &dyn Store, members: &[(&str, u32)]) -> Result<i64, StoreE
         state: &state,
         tags: None,
         from_versions: &[],
+        offer: &[],
     };
     let members: Vec<(DeviceId, u32)> = members.iter().map(|(d, p)| (id(d), *p)).collect();
     store
@@ -1372,6 +1374,67 @@ async fn a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other
     );
 }
 
+async fn a_new_rollout_stores_its_first_offers_with_it(db: &Db) {
+    let store = db.open().await;
+    enroll(
+        &*store,
+        &[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+        ],
+    )
+    .await;
+    let rel = release("2.0", "2026-02-01T00:00:00Z");
+    store.insert_release(&rel).await.unwrap();
+    let policy = RolloutPolicy::default();
+    let state = RolloutState::start(time(NOW));
+    let members = [(id("dev-1"), 0), (id("dev-2"), 0), (id("dev-3"), 1)];
+    let offer = [id("dev-2"), id("dev-1")];
+    let r = store
+        .create_rollout(
+            &rel,
+            &members,
+            false,
+            DownloadLimits::default(),
+            &NewPlan {
+                policy: &policy,
+                state: &state,
+                tags: None,
+                from_versions: &[],
+                offer: &offer,
+            },
+            NOW,
+        )
+        .await
+        .unwrap()
+        .id;
+    let stored = store.rollout_members(r).await.unwrap();
+    let view: Vec<_> = stored
+        .iter()
+        .map(|(m, d)| (d.id.as_str(), m.offered_at.as_deref(), d.target_rollout))
+        .collect();
+    assert_eq!(
+        view,
+        [
+            ("dev-1", Some(NOW), Some(r)),
+            ("dev-2", Some(NOW), Some(r)),
+            ("dev-3", None, None),
+        ]
+    );
+    let plan = store.rollout_plan(r).await.unwrap().unwrap();
+    assert_eq!(plan.revision, 0, "one write, the rollout's first");
+    let mut targeted: Vec<_> = store
+        .device_targets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(d, t)| (d.to_string(), t.rollout_id))
+        .collect();
+    targeted.sort();
+    assert_eq!(targeted, [("dev-1".to_owned(), r), ("dev-2".to_owned(), r)]);
+}
+
 async fn a_lease_has_one_holder_until_it_expires_or_is_released(db: &Db) {
     let stores = [db.open().await, db.open().await];
     let (a, b) = (&stores[0], &stores[1]);
@@ -1512,7 +1575,10 @@ async fn postgres_pages_and_counts_a_hundred_thousand_devices_in_the_database() 
     timed("a writer's batch of 100 reports", started.elapsed());
     let started = std::time::Instant::now();
     let changed = store.rollout_member_changes(1, &mark).await.unwrap();
-    timed("a rollout's members changed since a mark (100)", started.elapsed());
+    timed(
+        "a rollout's members changed since a mark (100)",
+        started.elapsed(),
+    );
     assert_eq!(changed.len(), 100);
     assert!(changed
         .iter()

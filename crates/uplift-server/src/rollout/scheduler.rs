@@ -72,21 +72,17 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
     Ok(())
 }
 
-/// The first step of a rollout just created with `planned` (device,
-/// phase) members: decided on them as they were stored (none offered,
-/// none settled, so what the devices report does not count yet) rather
-/// than read back, so the first phase's offers go out without a read of
-/// every member (1.2 s at 100 000). Falls back to [`advance`] if another
-/// actor stepped the rollout first.
-pub async fn advance_new(
-    state: &AppState,
-    rollout: &crate::store::RolloutRecord,
+/// The first step of a rollout about to be created with `planned`
+/// (device, phase) members, decided before it is stored so that the store
+/// writes the rollout, its members and its first offers in one
+/// transaction: none is offered or settled yet, so what the devices
+/// report does not count. Pure.
+pub fn first_step(
+    policy: &uplift_proto::policy::RolloutPolicy,
+    start: &engine::RolloutState,
     planned: &[(DeviceId, u32)],
     now: OffsetDateTime,
-) -> Result<(), StoreError> {
-    let Some(plan) = state.store.rollout_plan(rollout.id).await? else {
-        return Ok(());
-    };
+) -> engine::Step {
     let members: Vec<Member> = planned
         .iter()
         .map(|(device, phase)| Member {
@@ -98,14 +94,54 @@ pub async fn advance_new(
             live: Live::Idle,
         })
         .collect();
-    if plan.state.is_terminal()
-        || step_once(state, rollout, &plan, &members, now)
-            .await?
-            .is_some()
-    {
-        return Ok(());
-    }
-    advance(state, rollout.id, now).await
+    let step = engine::step(
+        Rollout {
+            policy,
+            state: start,
+            window: window_of(policy, now, 0),
+        },
+        &members,
+        now,
+    );
+    debug_assert!(
+        step.settle.is_empty() && step.hold.is_empty(),
+        "nothing offered yet: nothing settles and no offer is taken back"
+    );
+    step
+}
+
+/// What a new rollout's first step (stored with it) does: its events, and
+/// its offers told to the sessions here and to the other replicas.
+pub async fn announce_first(
+    state: &AppState,
+    rollout: &RolloutRecord,
+    policy: &uplift_proto::policy::RolloutPolicy,
+    step: &engine::Step,
+    now: OffsetDateTime,
+) {
+    let reboots = engine::reboots(
+        policy,
+        step.state
+            .as_ref()
+            .unwrap_or(&engine::RolloutState::start(now)),
+        window_of(policy, now, rollout.id),
+    );
+    publish_events(state, rollout.id, &step.events, &format_time(now));
+    announce(state, rollout, step, reboots, now).await;
+}
+
+/// `policy`'s window at `now`; a stored window that no longer parses (a
+/// time zone dropped from the database) must not open the fleet to
+/// downloads, or reboots, at any hour: closed.
+fn window_of(
+    policy: &uplift_proto::policy::RolloutPolicy,
+    now: OffsetDateTime,
+    id: i64,
+) -> WindowNow {
+    window_now(policy.window.as_ref(), now).unwrap_or_else(|e| {
+        tracing::warn!(rollout = id, "{e}; treating the window as closed");
+        WindowNow::Closed
+    })
 }
 
 /// Decides one step of `rollout` on `members` and applies it: the step, or
@@ -118,13 +154,7 @@ async fn step_once(
     now: OffsetDateTime,
 ) -> Result<Option<engine::Step>, StoreError> {
     let id = rollout.id;
-    let window = window_now(plan.policy.window.as_ref(), now).unwrap_or_else(|e| {
-        // Checked when the rollout was made; a stored one that no
-        // longer parses (a time zone dropped from the database) must
-        // not open the fleet to downloads, or reboots, at any hour.
-        tracing::warn!(rollout = id, "{e}; treating the window as closed");
-        WindowNow::Closed
-    });
+    let window = window_of(&plan.policy, now, id);
     let step = engine::step(
         Rollout {
             policy: &plan.policy,
@@ -142,6 +172,20 @@ async fn step_once(
     if step != engine::Step::default() && !apply(state, id, plan.revision, &step, now).await? {
         return Ok(None);
     }
+    announce(state, rollout, &step, reboots, now).await;
+    Ok(Some(step))
+}
+
+/// After the store holds `step`: its offers told to the sessions here and
+/// to the other replicas, and the reboot gate.
+async fn announce(
+    state: &AppState,
+    rollout: &RolloutRecord,
+    step: &engine::Step,
+    reboots: Reboots,
+    now: OffsetDateTime,
+) {
+    let id = rollout.id;
     if !step.offer.is_empty() {
         // Stored first: a server killed here finds the targets in the
         // database at its next start and offers them then.
@@ -199,7 +243,6 @@ async fn step_once(
             state.hub.notify_target_changed(device);
         }
     }
-    Ok(Some(step))
 }
 
 /// An engine event as integrators read it.
@@ -243,16 +286,7 @@ async fn apply(
     {
         return Ok(false);
     }
-    for event in &step.events {
-        tracing::info!(rollout = id, event = ?event, "rollout");
-        state.events.publish(
-            uplift_proto::events::EventAbout::Rollout {
-                rollout_id: id,
-                event: published(event),
-            },
-            &now_text,
-        );
-    }
+    publish_events(state, id, &step.events, &now_text);
     if !step.hold.is_empty() {
         tracing::info!(
             rollout = id,
@@ -262,6 +296,19 @@ async fn apply(
         take_back(state, &step.hold, id, &now_text).await;
     }
     Ok(true)
+}
+
+fn publish_events(state: &AppState, id: i64, events: &[engine::Event], now: &str) {
+    for event in events {
+        tracing::info!(rollout = id, event = ?event, "rollout");
+        state.events.publish(
+            uplift_proto::events::EventAbout::Rollout {
+                rollout_id: id,
+                event: published(event),
+            },
+            now,
+        );
+    }
 }
 
 /// A rollout's window at `now`; pure, the window's own parse and clock-free

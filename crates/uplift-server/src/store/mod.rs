@@ -274,14 +274,16 @@ pub struct FleetGroup {
     pub online: u64,
 }
 
-/// A new rollout's engine policy and first state, and how its devices
-/// were chosen.
+/// A new rollout's engine policy and state after its first step, how its
+/// devices were chosen, and the members its first step offers (stored
+/// offered, and pointed at the rollout, in the same transaction).
 #[derive(Debug, Clone, Copy)]
 pub struct NewPlan<'a> {
     pub policy: &'a RolloutPolicy,
     pub state: &'a RolloutState,
     pub tags: Option<&'a TagSelector>,
     pub from_versions: &'a [Version],
+    pub offer: &'a [DeviceId],
 }
 
 /// A phased rollout's policy and state, and the revision every change

@@ -1107,16 +1107,32 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(db("superseding older rollouts"))?;
+        let offer = ids(plan.offer);
+        let offered: Vec<bool> = {
+            let offer: std::collections::HashSet<&DeviceId> = plan.offer.iter().collect();
+            members.iter().map(|(d, _)| offer.contains(d)).collect()
+        };
         sqlx::query(
-            "INSERT INTO rollout_devices (rollout_id, device_id, phase, changed_at) \
-             SELECT $1, m.id, m.phase, clock_timestamp() FROM unnest($2::text[], $3::bigint[]) AS m(id, phase)",
+            "INSERT INTO rollout_devices (rollout_id, device_id, phase, offered_at, changed_at) \
+             SELECT $1, m.id, m.phase, CASE WHEN m.offered THEN $4 END, clock_timestamp() \
+             FROM unnest($2::text[], $3::bigint[], $5::bool[]) AS m(id, phase, offered)",
         )
         .bind(id)
         .bind(&devices)
         .bind(&phases)
+        .bind(created_at)
+        .bind(&offered)
         .execute(&mut *tx)
         .await
         .map_err(db("targeting a device"))?;
+        if !offer.is_empty() {
+            sqlx::query("UPDATE devices SET target_rollout = $1 WHERE id = ANY($2::text[])")
+                .bind(id)
+                .bind(&offer)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("offering a rollout's first devices"))?;
+        }
         tx.commit().await.map_err(db("committing a rollout"))?;
         Ok(RolloutRecord {
             id,

@@ -1117,12 +1117,18 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(db("starting a rollout"))?;
-        // Set-based, three statements whatever the rollout's size: one
+        // Set-based, four statements whatever the rollout's size: one
         // statement per member (check, supersede, insert) held the write
         // lock for 12 s at 100 000 devices, longer than other writers wait
         // for it (the busy timeout), so their writes failed meanwhile.
-        let members = serde_json::to_string(members)
-            .unwrap_or_else(|e| unreachable!("rollout members serialize: {e}"));
+        let offer: std::collections::HashSet<&DeviceId> = plan.offer.iter().collect();
+        let members = serde_json::to_string(
+            &members
+                .iter()
+                .map(|(d, phase)| (d, phase, offer.contains(d)))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_else(|e| unreachable!("rollout members serialize: {e}"));
         let unknown: Option<String> = sqlx::query_scalar(
             "SELECT json_extract(m.value, '$[0]') FROM json_each(?) m \
              WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = json_extract(m.value, '$[0]')) \
@@ -1148,15 +1154,31 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(db("superseding older rollouts"))?;
+        let offered_ids =
+            serde_json::to_string(&plan.offer.iter().map(DeviceId::as_str).collect::<Vec<_>>())
+                .unwrap_or_else(|e| unreachable!("device ids serialize: {e}"));
         sqlx::query(&format!(
-            "INSERT INTO rollout_devices (rollout_id, device_id, phase, changed_at) \
-             SELECT ?, json_extract(value, '$[0]'), json_extract(value, '$[1]'), {CLOCK} FROM json_each(?)"),
-        )
+            "INSERT INTO rollout_devices (rollout_id, device_id, phase, offered_at, changed_at) \
+             SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
+                    CASE WHEN json_extract(value, '$[2]') THEN ?3 END, {CLOCK} \
+             FROM json_each(?2)"
+        ))
         .bind(id)
         .bind(&members)
+        .bind(&created_at)
         .execute(&mut *tx)
         .await
         .map_err(db("targeting a device"))?;
+        if !plan.offer.is_empty() {
+            sqlx::query(
+                "UPDATE devices SET target_rollout = ? WHERE id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(id)
+            .bind(&offered_ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("offering a rollout's first devices"))?;
+        }
         tx.commit().await.map_err(db("committing a rollout"))?;
         Ok(RolloutRecord {
             id,
@@ -1801,6 +1823,7 @@ mod tests {
             state: &state,
             tags: None,
             from_versions: &[],
+            offer: &[],
         };
         let new = store
             .create_rollout(
@@ -1935,6 +1958,7 @@ mod tests {
             state: &state,
             tags: None,
             from_versions: &[],
+            offer: &[],
         };
         let id = |s: &str| -> DeviceId { s.parse().unwrap() };
         let start = |members: Vec<(DeviceId, u32)>| {
