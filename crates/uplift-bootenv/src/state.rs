@@ -9,7 +9,9 @@
 //! back to the committed slot by itself, which always still works because
 //! the update was written to the *other* slot.
 //!
-//! Stored in the GRUB environment as (every other key is left alone):
+//! Stored under the same keys in the GRUB environment block and in the
+//! U-Boot environment (every other key is left alone), through
+//! [`EnvVars`], which both formats implement:
 //!
 //! | key                  | meaning                                          |
 //! |----------------------|--------------------------------------------------|
@@ -25,15 +27,49 @@ use uplift_proto::names::SlotName;
 
 use crate::error::BootEnvError;
 use crate::grubenv::GrubEnv;
+use crate::ubootenv::UBootEnv;
 
 pub const KEY_DEFAULT: &str = "uplift_default";
 pub const KEY_TRIAL: &str = "uplift_trial";
 pub const KEY_TRIAL_TRIES: &str = "uplift_trial_tries";
 pub const KEY_FALLBACK: &str = "uplift_fallback";
 
-/// Most boot attempts a trial may get: the GRUB script (deploy/grub.cfg.snippet)
-/// counts down by string comparison and knows the values 3, 2 and 1 only.
+/// Most boot attempts a trial may get: the GRUB script
+/// (deploy/grub.cfg.snippet) and the U-Boot script (deploy/uboot/boot.cmd)
+/// count down by string comparison and know the values 3, 2 and 1 only.
 pub const MAX_TRIAL_TRIES: u32 = 3;
+
+/// The variables of a bootloader environment, as the trial-boot rules see
+/// them: the same four keys whatever the bootloader.
+pub trait EnvVars {
+    fn get(&self, name: &str) -> Option<&str>;
+    fn set(&mut self, name: &str, value: &str) -> Result<(), BootEnvError>;
+    fn remove(&mut self, name: &str) -> Option<String>;
+}
+
+impl EnvVars for GrubEnv {
+    fn get(&self, name: &str) -> Option<&str> {
+        GrubEnv::get(self, name)
+    }
+    fn set(&mut self, name: &str, value: &str) -> Result<(), BootEnvError> {
+        GrubEnv::set(self, name, value)
+    }
+    fn remove(&mut self, name: &str) -> Option<String> {
+        GrubEnv::remove(self, name)
+    }
+}
+
+impl EnvVars for UBootEnv {
+    fn get(&self, name: &str) -> Option<&str> {
+        UBootEnv::get(self, name)
+    }
+    fn set(&mut self, name: &str, value: &str) -> Result<(), BootEnvError> {
+        UBootEnv::set(self, name, value)
+    }
+    fn remove(&mut self, name: &str) -> Option<String> {
+        UBootEnv::remove(self, name)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootState {
@@ -65,7 +101,7 @@ impl BootState {
         }
     }
 
-    pub fn from_env(env: &GrubEnv) -> Result<Self, BootEnvError> {
+    pub fn from_env(env: &impl EnvVars) -> Result<Self, BootEnvError> {
         let default_slot = match env.get(KEY_DEFAULT) {
             None => return Err(BootEnvError::NotProvisioned),
             Some(v) => parse_key::<SlotName>(KEY_DEFAULT, v)?,
@@ -111,7 +147,7 @@ impl BootState {
 
     /// Writes exactly the `uplift_*` keys, removing those that are unset, and
     /// leaves every other key as it was.
-    pub fn apply_to(&self, env: &mut GrubEnv) {
+    pub fn apply_to(&self, env: &mut impl EnvVars) {
         put(env, KEY_DEFAULT, self.default_slot.as_str());
         match self.trial {
             Some(t) => {
@@ -255,7 +291,7 @@ fn invalid(key: &'static str, value: &str, reason: String) -> BootEnvError {
     }
 }
 
-fn put(env: &mut GrubEnv, key: &str, value: &str) {
+fn put(env: &mut impl EnvVars, key: &str, value: &str) {
     // Our keys and values are fixed ASCII words and digits, which `set`
     // always accepts.
     let result = env.set(key, value);
