@@ -4,8 +4,8 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use uplift_proto::{DeviceType, HardwareId, SlotName, Version};
 use uplift_bootenv::{BootEnv, BootEnvFile, UBootCopy, UBootEnvStore, UBootLayout};
+use uplift_proto::{DeviceType, HardwareId, SlotName, Version};
 use uplift_release::keys::ReleasePublicKey;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -594,5 +594,4 @@ copies = [
             assert!(err.contains(want) && err.contains("agent.toml"), "{boot}: {err}");
         }
     }
-
 }

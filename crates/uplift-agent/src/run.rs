@@ -63,9 +63,7 @@ pub async fn run(
     let key = local.device_key()?;
     let bootenv = config.boot.env.clone();
     let booted = read_booted_slot(&config.boot.cmdline)?;
-    let (_, boot) = bootenv
-        .load_state()
-        .with_context(|| bootenv.to_string())?;
+    let (_, boot) = bootenv.load_state().with_context(|| bootenv.to_string())?;
     let facts = BootFacts {
         booted,
         boot,

@@ -45,11 +45,10 @@ pub fn gather(config: &AgentConfig) -> anyhow::Result<Status> {
             })
             .unwrap_or_else(|| config.factory_version.to_string())
     });
-    let (boot_environment, boot_environment_error) =
-        match config.boot.env.load_state() {
-            Ok((_, state)) => (Some(state.to_string()), None),
-            Err(e) => (None, Some(e.to_string())),
-        };
+    let (boot_environment, boot_environment_error) = match config.boot.env.load_state() {
+        Ok((_, state)) => (Some(state.to_string()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     Ok(Status {
         device_id: local.device_id()?.map(|id| id.to_string()),
         booted_slot: booted.map(|s| s.to_string()),

@@ -528,4 +528,63 @@ mod tests {
             );
         }
     }
+
+    /// The same rules on a U-Boot environment: every step goes through the
+    /// bytes a redundant copy holds, as U-Boot and the agent hand it over.
+    #[test]
+    fn trial_rules_on_uboot_keys() {
+        use crate::ubootenv::{decode_copy, encode_copy, Layout};
+        let through_copy = |s: &BootState, env: &mut UBootEnv| {
+            s.apply_to(env);
+            let bytes = encode_copy(env, Layout::Redundant, 256, 1).unwrap();
+            *env = decode_copy(&bytes, Layout::Redundant, 1, 0).unwrap().env;
+            BootState::from_env(env).unwrap()
+        };
+        let mut env = UBootEnv::new();
+        env.set("bootcmd", "source ${scriptaddr}").unwrap();
+        let mut s = through_copy(&BootState::new(A), &mut env);
+        s = through_copy(&s.start_trial(B, 2).unwrap(), &mut env);
+        assert_eq!(
+            env.iter().collect::<Vec<_>>(),
+            [
+                ("bootcmd", "source ${scriptaddr}"),
+                ("uplift_default", "a"),
+                ("uplift_trial", "b"),
+                ("uplift_trial_tries", "2"),
+            ]
+        );
+        // Two boots of b, then the tries are spent and a boots.
+        for (want_slot, want_tries) in [(B, Some(1)), (B, Some(0)), (A, None)] {
+            let (slot, next) = s.boot();
+            assert_eq!(slot, want_slot);
+            s = through_copy(&next, &mut env);
+            assert_eq!(
+                env.get(KEY_TRIAL_TRIES),
+                want_tries.map(|t: u32| t.to_string()).as_deref()
+            );
+        }
+        assert_eq!(env.get(KEY_FALLBACK), Some("b"));
+        assert_eq!(env.get(KEY_TRIAL), None);
+        s = through_copy(&s.acknowledge_fallback(), &mut env);
+        // A new trial that passes its health check is committed.
+        s = through_copy(&s.start_trial(B, 3).unwrap(), &mut env);
+        let (slot, next) = s.boot();
+        assert_eq!(slot, B);
+        s = through_copy(&next.commit(B).unwrap(), &mut env);
+        assert_eq!(s, BootState::new(B));
+        assert_eq!(
+            env.iter().collect::<Vec<_>>(),
+            [("bootcmd", "source ${scriptaddr}"), ("uplift_default", "b")]
+        );
+        // A stored value U-Boot's script would not understand is refused.
+        env.set(KEY_TRIAL, "b").unwrap();
+        env.set(KEY_TRIAL_TRIES, "many").unwrap();
+        assert!(matches!(
+            BootState::from_env(&env),
+            Err(BootEnvError::InvalidState {
+                key: KEY_TRIAL_TRIES,
+                ..
+            })
+        ));
+    }
 }

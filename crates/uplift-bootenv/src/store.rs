@@ -86,8 +86,14 @@ mod tests {
         std::fs::write(&img, vec![0; 0x4000]).unwrap();
         let layout = UBootLayout::new(
             vec![
-                UBootCopy { device: img.clone(), offset: 0 },
-                UBootCopy { device: img.clone(), offset: 0x2000 },
+                UBootCopy {
+                    device: img.clone(),
+                    offset: 0,
+                },
+                UBootCopy {
+                    device: img.clone(),
+                    offset: 0x2000,
+                },
             ],
             0x2000,
         )
@@ -97,7 +103,10 @@ mod tests {
         BootState::new(A).apply_to(&mut env);
         uboot.write(&env).unwrap();
 
-        for store in [BootEnv::Grub(BootEnvFile::new(&grubenv)), BootEnv::UBoot(uboot)] {
+        for store in [
+            BootEnv::Grub(BootEnvFile::new(&grubenv)),
+            BootEnv::UBoot(uboot),
+        ] {
             store.update(|s| s.start_trial(B, 2)).unwrap();
             let (env, state) = store.load_state().unwrap();
             store.store_state(env, &state.withdraw_trial()).unwrap();

@@ -320,8 +320,8 @@ mod tests {
         // environment (libubootenv 0.3.2): the first 20 bytes of the file,
         // then zeros to the end.
         let mut want = vec![
-            0x8c, 0xc3, 0xc0, 0xe6, b'a', b'b', b'c', b'=', b'1', 0, b'f', b'o', b'o', b'=',
-            b'b', b'a', b'r', 0,
+            0x8c, 0xc3, 0xc0, 0xe6, b'a', b'b', b'c', b'=', b'1', 0, b'f', b'o', b'o', b'=', b'b',
+            b'a', b'r', 0,
         ];
         want.resize(4096, 0);
         let e = env(&[("foo", "bar"), ("abc", "1")]);

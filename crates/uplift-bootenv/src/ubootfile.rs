@@ -157,7 +157,9 @@ impl PlannedWrite {
         let file = OpenOptions::new()
             .write(true)
             .open(&self.device)
-            .map_err(|e| not_found_or(e, &self.device, "open the U-Boot environment for writing"))?;
+            .map_err(|e| {
+                not_found_or(e, &self.device, "open the U-Boot environment for writing")
+            })?;
         file.write_all_at(&self.image, self.offset)
             .map_err(|e| io_err("write the U-Boot environment to", e))?;
         file.sync_all()
@@ -193,9 +195,16 @@ impl UBootEnvStore {
     pub fn read(&self) -> Result<UBootEnv, BootEnvError> {
         let mut read = self.read_copies()?;
         match read.current {
-            Some(i) => Ok(read.decoded.swap_remove(i).expect("current copy is valid").env),
+            Some(i) => Ok(read
+                .decoded
+                .swap_remove(i)
+                .expect("current copy is valid")
+                .env),
             None => {
-                let mut errors = read.decoded.into_iter().map(|r| r.expect_err("no valid copy"));
+                let mut errors = read
+                    .decoded
+                    .into_iter()
+                    .map(|r| r.expect_err("no valid copy"));
                 let first = errors.next().expect("at least one copy");
                 match errors.next() {
                     None => Err(first),
@@ -271,7 +280,11 @@ impl UBootEnvStore {
         for (i, copy) in self.layout.copies.iter().enumerate() {
             let n = i as u8 + 1;
             let bytes = read_copy(copy, self.layout.size, n)?;
-            raw_flags.push(if layout == Layout::Redundant { bytes[4] } else { 0 });
+            raw_flags.push(if layout == Layout::Redundant {
+                bytes[4]
+            } else {
+                0
+            });
             decoded.push(decode_copy(&bytes, layout, n, copy.offset).map_err(|e| {
                 BootEnvError::InFile {
                     path: copy.device.clone(),
@@ -395,17 +408,26 @@ mod tests {
 
         provisioned(&store);
         for (n, (copy, flag)) in [(1, 0xa7), (2, 0xa8), (1, 0xa9)].into_iter().enumerate() {
-            let plan = store
-                .plan_write(&store.load_state().unwrap().0)
-                .unwrap();
+            let plan = store.plan_write(&store.load_state().unwrap().0).unwrap();
             assert_eq!((plan.copy, plan.image[4]), (copy, flag), "write {n}");
-            store.update(|s| Ok(s.start_trial(B, 3 - n as u32).unwrap())).unwrap();
+            store
+                .update(|s| Ok(s.start_trial(B, 3 - n as u32).unwrap()))
+                .unwrap();
         }
         let bytes = fs::read(&dev).unwrap();
         // The bytes outside the two copies are untouched.
         assert!(bytes[..0x1000].iter().all(|&b| b == 0xa5));
-        assert_eq!(store.load_state().unwrap().1.trial, Some(Trial { slot: B, tries_left: 1 }));
-        assert_eq!(store.read().unwrap().get("bootcmd"), Some("run uplift_boot"));
+        assert_eq!(
+            store.load_state().unwrap().1.trial,
+            Some(Trial {
+                slot: B,
+                tries_left: 1
+            })
+        );
+        assert_eq!(
+            store.read().unwrap().get("bootcmd"),
+            Some("run uplift_boot")
+        );
     }
 
     #[test]
@@ -425,7 +447,10 @@ mod tests {
         fs::write(&dev, &bytes).unwrap();
         let err = store.read().unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, BootEnvError::UBootNoValidCopy { .. }), "{msg}");
+        assert!(
+            matches!(err, BootEnvError::UBootNoValidCopy { .. }),
+            "{msg}"
+        );
         assert!(
             msg.contains("copy 1 (offset 0x1000)") && msg.contains("copy 2 (offset 0x2000)"),
             "{msg}"
@@ -446,7 +471,18 @@ mod tests {
         bytes[0x410] ^= 1;
         fs::write(&dev, &bytes).unwrap();
         let err = store.read().unwrap_err();
-        assert!(matches!(err.root(), BootEnvError::UBootBadCrc { copy: 1, offset: 0x400, redundant: false, .. }), "{err}");
+        assert!(
+            matches!(
+                err.root(),
+                BootEnvError::UBootBadCrc {
+                    copy: 1,
+                    offset: 0x400,
+                    redundant: false,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(err.to_string().contains("fw_setenv"), "{err}");
     }
 
@@ -459,11 +495,25 @@ mod tests {
             UBootLayout::new(vec![copy(&dev, 0), copy(&dev, 0x1000)], 0x1000).unwrap(),
         );
         let err = store.read().unwrap_err();
-        assert!(matches!(err, BootEnvError::UBootShortDevice { copy: 2, len: 0x1800, end: 0x2000, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                BootEnvError::UBootShortDevice {
+                    copy: 2,
+                    len: 0x1800,
+                    end: 0x2000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let missing = dir.path().join("nope");
         let store = UBootEnvStore::new(UBootLayout::new(vec![copy(&missing, 0)], 0x1000).unwrap());
         assert!(matches!(store.read(), Err(BootEnvError::NotFound { .. })));
-        assert!(matches!(store.write(&UBootEnv::new()), Err(BootEnvError::NotFound { .. })));
+        assert!(matches!(
+            store.write(&UBootEnv::new()),
+            Err(BootEnvError::NotFound { .. })
+        ));
         assert!(!missing.exists(), "a missing device is never created");
     }
 
