@@ -577,7 +577,7 @@ mod tests {
             [("bootcmd", "source ${scriptaddr}"), ("uplift_default", "b")]
         );
         // A stored value U-Boot's script would not understand is refused.
-        env.set(KEY_TRIAL, "b").unwrap();
+        env.set(KEY_TRIAL, "a").unwrap();
         env.set(KEY_TRIAL_TRIES, "many").unwrap();
         assert!(matches!(
             BootState::from_env(&env),
