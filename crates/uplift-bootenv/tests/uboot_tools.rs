@@ -4,9 +4,10 @@
 //! bytes, after which both read the old or the new environment, never a mix
 //! and never nothing.
 //!
-//! Needs `fw_printenv` / `fw_setenv` from Debian's `libubootenv-tool`
-//! (CI installs it); the loop-device test also needs root and `losetup`,
-//! and says so and passes when they are missing.
+//! Needs `fw_printenv` / `fw_setenv` from Debian's `libubootenv-tool`:
+//! without them the tests print a `NOTICE` and pass, unless `CI` is set
+//! (`.ci/run` installs the package). The loop-device test also needs root
+//! and `losetup`, and prints `SKIPPED` and passes without them.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -116,9 +117,24 @@ fn tool(name: &str) -> PathBuf {
             return path;
         }
     }
-    panic!(
-        "{name} not found: install Debian's libubootenv-tool (apt-get install libubootenv-tool)"
-    );
+    panic!("{name} not found: install Debian's libubootenv-tool");
+}
+
+/// Whether the real tools are there; without them (outside CI) the tests
+/// say so and pass, as the GRUB compatibility tests do.
+fn have_tools(test: &str) -> bool {
+    let found =
+        Path::new("/usr/bin/fw_printenv").exists() && Path::new("/usr/bin/fw_setenv").exists();
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI is set but fw_printenv/fw_setenv are missing: .ci/run installs libubootenv-tool");
+        }
+        eprintln!(
+            "NOTICE: fw_printenv/fw_setenv not found, skipping {test} \
+             (install Debian package libubootenv-tool to run it)"
+        );
+    }
+    found
 }
 
 fn vars(env: &UBootEnv) -> BTreeMap<String, String> {
@@ -144,6 +160,9 @@ fn bytes_outside_copies_untouched(e: &Env) {
 
 #[test]
 fn what_fw_setenv_writes_is_read_byte_for_byte() {
+    if !have_tools("what_fw_setenv_writes_is_read_byte_for_byte") {
+        return;
+    }
     for layout in [Layout::Single, Layout::Redundant] {
         let e = Env::new(layout);
         e.fw_setenv("uplift_default", "a");
@@ -196,6 +215,9 @@ const CRC_END: usize = 4;
 
 #[test]
 fn what_we_write_fw_printenv_reads_and_fw_setenv_continues() {
+    if !have_tools("what_we_write_fw_printenv_reads_and_fw_setenv_continues") {
+        return;
+    }
     for layout in [Layout::Single, Layout::Redundant] {
         let e = Env::new(layout);
         let mut env = UBootEnv::new();
@@ -236,6 +258,9 @@ fn what_we_write_fw_printenv_reads_and_fw_setenv_continues() {
 /// `fw_printenv` both read the complete old or the complete new state.
 #[test]
 fn a_write_cut_at_any_byte_leaves_the_old_or_the_new_environment() {
+    if !have_tools("a_write_cut_at_any_byte_leaves_the_old_or_the_new_environment") {
+        return;
+    }
     let e = Env::new(Layout::Redundant);
     let mut env = UBootEnv::new();
     env.set("bootcmd", "run uplift").unwrap();
@@ -328,6 +353,9 @@ fn a_write_cut_at_any_byte_leaves_the_old_or_the_new_environment() {
 /// crate and fw_printenv refuse the torn copy rather than misread it.
 #[test]
 fn a_cut_single_copy_is_detected_by_both() {
+    if !have_tools("a_cut_single_copy_is_detected_by_both") {
+        return;
+    }
     let e = Env::new(Layout::Single);
     let mut env = UBootEnv::new();
     BootState::new(A).apply_to(&mut env);
@@ -358,6 +386,9 @@ fn a_cut_single_copy_is_detected_by_both() {
 /// The environment on a real block device: a loop device over a file.
 #[test]
 fn on_a_loop_block_device() {
+    if !have_tools("on_a_loop_block_device") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("disk.img");
     fs::write(&backing, vec![0x5a; 0x8000]).unwrap();
