@@ -18,6 +18,10 @@
 //! keys, so it boots its default `bootcmd`). Use the redundant layout on
 //! devices that can lose power during an update.
 //!
+//! Every read and write holds the lock `fw_printenv` and `fw_setenv` take
+//! ([`FW_ENV_LOCK`]), so the agent and an operator's `fw_setenv` never
+//! interleave their read-modify-write cycles.
+//!
 //! Raw NOR/NAND flash (`/dev/mtd*`) and UBI volumes need erase-block
 //! handling and are refused; an environment on eMMC, SD, a disk partition
 //! or in a file is what this supports.
@@ -31,6 +35,24 @@ use std::path::{Path, PathBuf};
 use crate::error::BootEnvError;
 use crate::state::BootState;
 use crate::ubootenv::{current_copy, decode_copy, encode_copy, DecodedCopy, Layout, UBootEnv};
+
+/// The lock file libubootenv's tools hold (`flock`, exclusive) while they
+/// read or write the environment.
+pub const FW_ENV_LOCK: &str = "/var/lock/fw_printenv.lock";
+
+/// Takes the tools' lock, released when the file is dropped. Like
+/// libubootenv, goes on without it when the lock file cannot be opened
+/// (a read-only `/var/lock`): the lock only orders cooperating writers.
+fn lock_like_fw_setenv() -> Option<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(FW_ENV_LOCK)
+        .ok()?;
+    file.lock().ok()?;
+    Some(file)
+}
 
 /// Where one copy of the environment lives: a line of `fw_env.config`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +215,11 @@ impl UBootEnvStore {
 
     /// The current environment: the only copy, or the newest valid one.
     pub fn read(&self) -> Result<UBootEnv, BootEnvError> {
+        let _lock = lock_like_fw_setenv();
+        self.read_locked()
+    }
+
+    fn read_locked(&self) -> Result<UBootEnv, BootEnvError> {
         let mut read = self.read_copies()?;
         match read.current {
             Some(i) => Ok(read
@@ -222,6 +249,11 @@ impl UBootEnvStore {
     /// With no valid copy at all it writes as libubootenv does (the second
     /// copy, counting on from the first copy's flag byte).
     pub fn plan_write(&self, env: &UBootEnv) -> Result<PlannedWrite, BootEnvError> {
+        let _lock = lock_like_fw_setenv();
+        self.plan_write_locked(env)
+    }
+
+    fn plan_write_locked(&self, env: &UBootEnv) -> Result<PlannedWrite, BootEnvError> {
         let layout = self.layout.layout();
         let (target, flag) = match layout {
             Layout::Single => (0, 0),
@@ -243,27 +275,36 @@ impl UBootEnvStore {
 
     /// Stores `env` (see [`plan_write`](Self::plan_write)) and flushes it.
     pub fn write(&self, env: &UBootEnv) -> Result<(), BootEnvError> {
-        self.plan_write(env)?.apply()
+        let _lock = lock_like_fw_setenv();
+        self.plan_write_locked(env)?.apply()
     }
 
     /// Reads the environment and the Uplift state in it. The environment
     /// is returned too, so that [`store_state`](Self::store_state) keeps
     /// every other variable (U-Boot's `bootcmd` and the like).
     pub fn load_state(&self) -> Result<(UBootEnv, BootState), BootEnvError> {
-        let env = self.read()?;
+        let _lock = lock_like_fw_setenv();
+        self.load_state_locked()
+    }
+
+    fn load_state_locked(&self) -> Result<(UBootEnv, BootState), BootEnvError> {
+        let env = self.read_locked()?;
         let state = BootState::from_env(&env)?;
         Ok((env, state))
     }
 
     /// Reads the state, computes the next one with `change`, and stores
-    /// it. Nothing is written if `change` refuses.
+    /// it, under one hold of the tools' lock. Nothing is written if
+    /// `change` refuses.
     pub fn update(
         &self,
         change: impl FnOnce(&BootState) -> Result<BootState, BootEnvError>,
     ) -> Result<BootState, BootEnvError> {
-        let (env, state) = self.load_state()?;
+        let _lock = lock_like_fw_setenv();
+        let (mut env, state) = self.load_state_locked()?;
         let next = change(&state)?;
-        self.store_state(env, &next)?;
+        next.apply_to(&mut env);
+        self.plan_write_locked(&env)?.apply()?;
         Ok(next)
     }
 
@@ -525,5 +566,38 @@ mod tests {
         let before = fs::read(dir.path().join("env.img")).unwrap();
         assert!(store.update(|s| s.start_trial(A, 1)).is_err());
         assert_eq!(fs::read(dir.path().join("env.img")).unwrap(), before);
+    }
+
+    /// A write waits while `fw_setenv` (here: this test) holds the tools'
+    /// lock, so the two never interleave.
+    #[test]
+    fn writes_wait_for_the_fw_setenv_lock() {
+        let Ok(held) = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(FW_ENV_LOCK)
+        else {
+            eprintln!("SKIPPED writes_wait_for_the_fw_setenv_lock: cannot open {FW_ENV_LOCK}");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = redundant(dir.path());
+        provisioned(&store);
+        let before = fs::read(dir.path().join("env.img")).unwrap();
+        held.lock().unwrap();
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || store.update(|s| s.start_trial(B, 1)).unwrap())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(
+            fs::read(dir.path().join("env.img")).unwrap(),
+            before,
+            "wrote while locked"
+        );
+        held.unlock().unwrap();
+        writer.join().unwrap();
+        assert_eq!(store.load_state().unwrap().1.trial.map(|t| t.slot), Some(B));
     }
 }
