@@ -81,6 +81,10 @@ else
   uplift_part=2
 fi
 setenv bootargs "${bootargs} root=/dev/mmcblk0p${uplift_part} ro rootwait panic=10 uplift.slot=${uplift_boot}"
-load mmc 0:${uplift_part} ${kernel_addr_r} /boot/Image
-load mmc 0:${uplift_part} ${fdt_addr_r} /boot/${fdtfile}
+# A slot whose kernel cannot be loaded or started resets the board rather
+# than stopping at the U-Boot prompt: its attempt is already spent, so the
+# next boot tries it again with one fewer, and then falls back.
+load mmc 0:${uplift_part} ${kernel_addr_r} /boot/Image || reset
+load mmc 0:${uplift_part} ${fdt_addr_r} /boot/${fdtfile} || reset
 booti ${kernel_addr_r} - ${fdt_addr_r}
+reset
