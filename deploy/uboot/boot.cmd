@@ -70,6 +70,10 @@ if test -n "${uplift_trial}"; then
   saveenv
 fi
 
+# ---- end of the trial decision ----
+# (crates/uplift-bootenv/tests/uboot_script.rs runs everything above this
+# line in a real U-Boot and checks it makes BootState::boot()'s decision.)
+
 # The agent learns which slot booted from uplift.slot= on the kernel command
 # line. panic=10 makes a kernel that panics reboot after 10 s instead of
 # hanging, so a new slot that cannot boot spends its tries and this script
