@@ -4,7 +4,8 @@
 //! `env import -c` (which checks its CRC), the script's decision part runs,
 //! and the slot it picks and the variables it leaves must be exactly those
 //! of `BootState::boot()`; `saveenv` must be called exactly when a trial
-//! runs. The full script, whose kernel cannot be loaded here, must reset
+//! runs. What U-Boot itself writes (`env export -c`, the single-copy format
+//! of `saveenv`) this crate reads and encodes to the same bytes. The full script, whose kernel cannot be loaded here, must reset
 //! the board rather than stop at the prompt.
 //!
 //! That U-Boot build keeps its environment nowhere, so `saveenv` is not
@@ -23,7 +24,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use uplift_bootenv::state::Trial;
-use uplift_bootenv::ubootenv::{encode_copy, Layout};
+use uplift_bootenv::ubootenv::{decode_copy, encode_copy, Layout};
 use uplift_bootenv::{BootState, UBootEnv};
 use uplift_proto::names::SlotName::{self, A, B};
 
@@ -32,6 +33,7 @@ const ENV_SIZE: usize = 0x2000;
 const ENV_BASE: u64 = 0x0200_0000;
 const DECISION_ADDR: u64 = 0x0300_0000;
 const FULL_ADDR: u64 = 0x0310_0000;
+const EXPORT_ADDR: u64 = 0x0400_0000;
 const MARKER: &str = "# ---- end of the trial decision ----";
 
 fn prerequisites() -> bool {
@@ -171,6 +173,19 @@ fn mkimage(source: &Path, image: &Path) {
         .output()
         .unwrap();
     assert!(out.status.success(), "mkimage: {out:?}");
+}
+
+/// The bytes of `md.b` output: lines of `address: 16 hex bytes  ascii`.
+fn parse_md(dump: &str) -> Vec<u8> {
+    dump.lines()
+        .filter_map(|l| l.split_once(": "))
+        .flat_map(|(_, rest)| {
+            rest.split_whitespace()
+                .take(16)
+                .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|_| panic!("{b:?} in {rest:?}")))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 fn trial(slot: SlotName, tries_left: u32) -> Option<Trial> {
@@ -332,6 +347,26 @@ fn boot_cmd_makes_the_decision_of_boot_state_in_a_real_uboot() {
             ..BootState::new(A)
         },
         "{out}"
+    );
+
+    // U-Boot's own writer (`env export -c`, the format `saveenv` stores in
+    // a single copy): this crate reads it and writes the same bytes.
+    import(&mut console, 2);
+    let out = console.run(&format!("env export -c -s {ENV_SIZE:#x} {EXPORT_ADDR:#x}"));
+    assert!(!out.contains("rror"), "{out}");
+    let dump = console.run(&format!("md.b {EXPORT_ADDR:#x} {ENV_SIZE:#x}"));
+    let bytes = parse_md(&dump);
+    assert_eq!(bytes.len(), ENV_SIZE, "{dump}");
+    let copy = decode_copy(&bytes, Layout::Single, 1, 0).expect("U-Boot's export parses");
+    assert_eq!(BootState::from_env(&copy.env).unwrap(), states[2]);
+    assert!(
+        copy.env.get("bootcmd").is_some(),
+        "U-Boot's defaults too: {:?}",
+        copy.env
+    );
+    assert!(
+        encode_copy(&copy.env, Layout::Single, ENV_SIZE, 0).unwrap() == bytes,
+        "U-Boot's export and this crate's encoding differ:\n{dump}"
     );
 
     // The whole script, with a trial of b: it saves, tries to load b's
