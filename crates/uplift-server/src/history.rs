@@ -79,12 +79,27 @@ pub fn events_between(old: &Report, new: &Report) -> Vec<DeviceEventKind> {
             slot: new.booted_slot,
         });
     }
-    if new.state == RolledBack && old.state != RolledBack {
+    // An agent whose health check failed says so from the failed release,
+    // before it reboots back: the rollback is told once it is back on the
+    // release it left (the failure, at once, as an error).
+    let still_on_failed = target.as_ref() == Some(&new.running_version);
+    if new.state == RolledBack
+        && !still_on_failed
+        && (old.state != RolledBack || old.running_version != new.running_version)
+    {
         events.push(DeviceEventKind::RolledBack {
             version: target.clone(),
             running_version: new.running_version.clone(),
             error: new.error.clone(),
         });
+    }
+    if new.state == RolledBack && still_on_failed && old.state != RolledBack {
+        if let Some(error) = new.error.clone() {
+            events.push(DeviceEventKind::Error {
+                version: target.clone(),
+                error,
+            });
+        }
     }
     if new.state == Failed && (old.state != Failed || old.error != new.error) {
         if let Some(error) = new.error.clone() {
@@ -338,6 +353,26 @@ mod tests {
                 .map(DeviceEventKind::name)
                 .collect();
         assert_eq!(names, ["reboot", "rolled_back"]);
+        // Reported in two steps: the failure from the trial slot, before
+        // the reboot, then the rollback once back on the release it left
+        // (not "rolled back to 1.1" while it still ran 1.1).
+        let failing = with_error(
+            report(RolledBack, "1.1", B, Some("1.1")),
+            ErrorKind::HealthCheckFailed,
+        );
+        let events = events_between(&report(Testing, "1.1", B, Some("1.1")), &failing);
+        assert!(
+            matches!(&events[..], [DeviceEventKind::Error { version: Some(t), error }]
+                if t.as_str() == "1.1" && error.kind == ErrorKind::HealthCheckFailed),
+            "{events:?}"
+        );
+        let events = events_between(&failing, &rolled_back);
+        assert!(
+            matches!(&events[..], [DeviceEventKind::Reboot { .. }, DeviceEventKind::RolledBack { version: Some(t), running_version, .. }]
+                if t.as_str() == "1.1" && running_version.as_str() == "1.0"),
+            "{events:?}"
+        );
+        assert!(events_between(&rolled_back, &rolled_back.clone()).is_empty());
     }
 
     #[test]
