@@ -176,7 +176,6 @@ async fn authorized(
     })?;
     let claims = state
         .downloads
-        .keys
         .verify(token, crate::download_token::unix_now())?;
     if state.downloads.knows(&claims.device) {
         return Ok(claims);
@@ -1429,7 +1428,7 @@ mod tests {
             .store(&hash, uplift_release::encode_chunk(&data).unwrap().into())
             .await
             .unwrap();
-        let keys = &state.downloads.keys;
+        let keys = state.downloads.keys();
         let now = unix_now();
         // Signed by a replica that met the device: this one asks the database once.
         let valid = keys.sign(&enrolled, now, 600).text;

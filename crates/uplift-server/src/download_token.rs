@@ -12,9 +12,12 @@
 //! not marked `verify-only` signs; every listed key is accepted, so a key
 //! is rotated by listing a new one as `verify-only` on every replica,
 //! then making it the signer, then (a token lifetime later) dropping the
-//! old one. Replicas behind one balancer share the file.
+//! old one. Replicas behind one balancer share the file, and each reads it
+//! again when it changes ([`follow_key_file`]), so a rotation needs no
+//! restart.
 //!
-//! Everything here but [`load_or_create`] is pure: time is passed in.
+//! Everything here but [`load_or_create`] and [`follow_key_file`] is pure:
+//! time is passed in.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
@@ -23,7 +26,8 @@ use sha2::Sha256;
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use uplift_proto::{DeviceId, ErrorKind};
 
 /// Marks the token format; another format takes another prefix.
@@ -290,7 +294,8 @@ impl Keyring {
 /// the tokens' lifetime, and the devices it knows are enrolled.
 #[derive(Debug)]
 pub struct DownloadAuth {
-    pub keys: Keyring,
+    /// The keys as last read, with the text they were read from.
+    keys: RwLock<(Arc<Keyring>, Option<String>)>,
     pub lifetime_secs: u64,
     /// Devices known to be enrolled: each one this server authenticated
     /// on a channel or found in the database, so the hot path checks a
@@ -302,16 +307,55 @@ pub struct DownloadAuth {
 impl DownloadAuth {
     pub fn new(keys: Keyring, lifetime_secs: u64) -> Self {
         Self {
-            keys,
+            keys: RwLock::new((Arc::new(keys), None)),
             lifetime_secs,
             enrolled: RwLock::default(),
         }
     }
 
+    /// The keys in use now.
+    pub fn keys(&self) -> Arc<Keyring> {
+        self.keys
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Takes the key file's `text` (read from `path`) if it changed since
+    /// it was last taken: whether the keys changed. Text that does not
+    /// parse is refused and the keys in use stay.
+    pub fn take_key_file(&self, text: &str, path: &Path) -> Result<bool, KeysError> {
+        let unchanged = |held: &Option<String>| held.as_deref() == Some(text);
+        if unchanged(
+            &self
+                .keys
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .1,
+        ) {
+            return Ok(false);
+        }
+        let keys = Arc::new(Keyring::parse(text, path)?);
+        let mut held = self
+            .keys
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The first reading only records the text the keys came from.
+        let changed = held.1.is_some() || held.0.signing_key_id() != keys.signing_key_id();
+        *held = (keys, Some(text.to_owned()));
+        Ok(changed)
+    }
+
     /// A token for a device that just proved who it is on its channel.
     pub fn issue(&self, device: &DeviceId, now: u64) -> Token {
         self.remember(device);
-        self.keys.sign(device, now, self.lifetime_secs)
+        self.keys().sign(device, now, self.lifetime_secs)
+    }
+
+    /// Checks a token under the keys in use now.
+    pub fn verify(&self, text: &str, now: u64) -> Result<Claims, TokenError> {
+        self.keys().verify(text, now)
     }
 
     /// Whether a token expiring at `expires_at` is due for renewal at
@@ -356,6 +400,53 @@ fn mac_of(key: &Key, device: &str, expires_at: u64) -> HmacSha256 {
     mac.update(b"\0");
     mac.update(expires_at.to_string().as_bytes());
     mac
+}
+
+/// How often a replica looks at its key file for a rotation.
+pub const KEY_FILE_CHECK: Duration = Duration::from_secs(10);
+
+/// Reads the key file at `path` every [`KEY_FILE_CHECK`] until `stop`, and
+/// takes its keys when it changed: a key added, made the signer or dropped
+/// on every replica's file takes effect within seconds, without restarts.
+/// A file that cannot be read or parsed leaves the keys in use, loudly.
+pub async fn follow_key_file(
+    state: Arc<crate::state::AppState>,
+    path: PathBuf,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut checks = tokio::time::interval(KEY_FILE_CHECK);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = checks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let taken = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => state.downloads.take_key_file(&text, &path),
+            Err(source) => Err(KeysError::Read {
+                path: path.clone(),
+                source,
+            }),
+        };
+        match taken {
+            Ok(changed) => {
+                if changed {
+                    tracing::info!(
+                        path = %path.display(),
+                        signer = state.downloads.keys().signing_key_id(),
+                        "download token keys changed; new tokens are signed by the signer named"
+                    );
+                }
+                failing = false;
+            }
+            Err(e) if !failing => {
+                tracing::error!("{e}; the download token keys in use stay until the file is fixed");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Reads the key file at `path`, or creates it with one fresh key if there
@@ -407,6 +498,44 @@ mod tests {
 
     fn dev(id: &str) -> DeviceId {
         id.parse().unwrap()
+    }
+
+    #[test]
+    fn a_rotated_key_file_is_taken_without_a_restart_and_a_broken_one_is_not() {
+        let path = Path::new("/etc/uplift/download-token-keys");
+        let auth = DownloadAuth::new(ring(K1), 600);
+        assert!(
+            !auth.take_key_file(K1, path).unwrap(),
+            "the file it started with"
+        );
+        let before = auth.issue(&dev("dev-1"), 1_000);
+        // Step 1: k2 listed as verify-only everywhere; k1 still signs.
+        let step1 = format!("{K1}\n{K2} verify-only\n");
+        assert!(auth.take_key_file(&step1, path).unwrap());
+        assert!(
+            !auth.take_key_file(&step1, path).unwrap(),
+            "read again: no change"
+        );
+        assert_eq!(auth.keys().signing_key_id(), "k1");
+        // Step 2: k2 signs; tokens k1 signed still verify.
+        let step2 = format!("{K1} verify-only\n{K2}\n");
+        assert!(auth.take_key_file(&step2, path).unwrap());
+        let after = auth.issue(&dev("dev-1"), 1_000);
+        assert!(after.text.starts_with("ut1.k2."), "{}", after.text);
+        assert!(auth.verify(&before.text, 1_001).is_ok());
+        // A broken file is refused, naming it; the keys in use stay.
+        let broken = auth.take_key_file("k3 not-hex\n", path).unwrap_err();
+        assert!(
+            broken
+                .to_string()
+                .contains("/etc/uplift/download-token-keys"),
+            "{broken}"
+        );
+        assert!(auth.verify(&after.text, 1_001).is_ok());
+        // Step 3: k1 dropped; what it signed no longer verifies.
+        assert!(auth.take_key_file(K2, path).unwrap());
+        assert!(auth.verify(&before.text, 1_001).is_err());
+        assert!(auth.verify(&after.text, 1_001).is_ok());
     }
 
     #[test]

@@ -142,6 +142,7 @@ pub struct Server {
     tls: tls::TlsMaterial,
     admin_token_file: Option<PathBuf>,
     enrollment_token_file: Option<PathBuf>,
+    token_keys_file: PathBuf,
     options: serve::ServeOptions,
 }
 
@@ -157,7 +158,8 @@ impl Server {
             indexes: index_files,
         } = artifacts::Stores::open(&config.artifacts, data)?;
         let tls = tls::load_or_generate(&data.join("tls"), &config.tls)?;
-        let token_keys = download_token::load_or_create(&config.download_tokens.keys_file(data))?;
+        let token_keys_file = config.download_tokens.keys_file(data);
+        let token_keys = download_token::load_or_create(&token_keys_file)?;
 
         let (admin_token, admin_token_file) = match &config.admin_token {
             Some(t) => (t.clone(), None),
@@ -217,6 +219,7 @@ impl Server {
             tls,
             admin_token_file,
             enrollment_token_file,
+            token_keys_file,
             options,
         })
     }
@@ -267,6 +270,11 @@ impl Server {
         let scheduler = tokio::spawn(rollout::scheduler::run(self.state.clone(), stop_rx.clone()));
         let deliverer = tokio::spawn(webhooks::run(self.state.clone(), stop_rx.clone()));
         let follower = tokio::spawn(signals::follow(self.state.clone(), stop_rx.clone()));
+        let key_file = tokio::spawn(download_token::follow_key_file(
+            self.state.clone(),
+            self.token_keys_file.clone(),
+            stop_rx.clone(),
+        ));
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -300,6 +308,7 @@ impl Server {
         let _ = scheduler.await;
         let _ = deliverer.await;
         let _ = follower.await;
+        let _ = key_file.await;
         self.state
             .budgets
             .channels_closed(Duration::from_secs(5))
