@@ -118,10 +118,57 @@ pub struct Installer {
     pub direct: reqwest::Client,
     /// Where downloads go: the server, or a site cache (`[download] url`).
     pub server_url: reqwest::Url,
+    /// With a site cache: the server itself, for while the cache fails.
+    pub fallback: Option<Fallback>,
     pub local: LocalState,
     /// The newest download token from the channel (`None` while offline).
     pub token: watch::Receiver<Option<String>>,
     pub guard: InstallGuard,
+}
+
+/// How long downloads go to the server after the site cache failed to
+/// answer, before the cache is tried again.
+pub const CACHE_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// The server, for downloads while the site cache in front of it fails:
+/// a site whose cache is down still upgrades, through its uplink.
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    pub server_url: reqwest::Url,
+    /// Trusts the server's CA (the cache may have another).
+    pub http: reqwest::Client,
+    cache_failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl Fallback {
+    pub fn new(server_url: reqwest::Url, http: reqwest::Client) -> Self {
+        Self {
+            server_url,
+            http,
+            cache_failed_at: Arc::default(),
+        }
+    }
+
+    /// Whether downloads go through the cache at `now`.
+    fn cache_usable(&self, now: Instant) -> bool {
+        cache_usable(*self.lock(), now)
+    }
+
+    fn cache_failed(&self, now: Instant) {
+        *self.lock() = Some(now);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.cache_failed_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The cache is used unless it failed less than [`CACHE_RETRY_AFTER`] ago.
+/// Pure: the time is passed in.
+fn cache_usable(failed_at: Option<Instant>, now: Instant) -> bool {
+    failed_at.is_none_or(|at| now.saturating_duration_since(at) >= CACHE_RETRY_AFTER)
 }
 
 /// Serializes every slot and boot-environment change across install
@@ -276,7 +323,16 @@ impl Installer {
         limit: u64,
     ) -> Result<(reqwest::Response, Instant), Failed> {
         let token = self.current_token().await.map_err(Failed::Fatal)?;
-        let url = self.server_url.join(path).map_err(|e| {
+        let fallback = self
+            .fallback
+            .as_ref()
+            .filter(|f| !f.cache_usable(Instant::now()));
+        let (base, http) = match fallback {
+            Some(f) => (&f.server_url, &f.http),
+            None => (&self.server_url, &self.http),
+        };
+        let via_cache = self.fallback.is_some() && fallback.is_none();
+        let url = base.join(path).map_err(|e| {
             Failed::Fatal(InstallError::Download {
                 what: what.to_owned(),
                 detail: format!("bad path {path:?}: {e}"),
@@ -284,8 +340,36 @@ impl Installer {
         })?;
         let started = Instant::now();
         let stall = self.config.download.stall_timeout();
-        let request = self.http.get(url).bearer_auth(&token).send();
-        let mut response = self.answer(request).await?;
+        let request = http.get(url).bearer_auth(&token).send();
+        let answered = self.answer(request).await;
+        // The cache did not answer, or said it could not reach the server
+        // (a gateway error is its own word): the server itself, for a while.
+        let cache_failed = match &answered {
+            Err(Failed::Retry(_)) => true,
+            Ok(r) => matches!(
+                r.status(),
+                reqwest::StatusCode::BAD_GATEWAY | reqwest::StatusCode::GATEWAY_TIMEOUT
+            ),
+            Err(Failed::Fatal(_)) => false,
+        };
+        if let (true, true, Some(f)) = (via_cache, cache_failed, &self.fallback) {
+            f.cache_failed(Instant::now());
+            let said = match &answered {
+                Ok(r) => format!("answered {}", r.status()),
+                Err(Failed::Retry(r)) => r.detail.clone(),
+                Err(Failed::Fatal(e)) => format!("{e}"),
+            };
+            tracing::warn!(
+                cache = %self.server_url,
+                "{what}: the site cache failed ({said}); downloading from the server {} for the next {} s",
+                f.server_url,
+                CACHE_RETRY_AFTER.as_secs()
+            );
+            if answered.is_ok() {
+                return Err(Failed::Retry(Retry::lost(format!("the site cache {said}"))));
+            }
+        }
+        let mut response = answered?;
         if response.status().is_redirection() {
             response = self.follow_direct(response, what).await?;
         }
@@ -860,6 +944,19 @@ mod tests {
     use std::path::Path;
     use uplift_release::manifest::{ChunkEntry, Compression, ImageInfo};
 
+    #[test]
+    fn a_failed_site_cache_is_passed_by_for_a_while_then_tried_again() {
+        let start = Instant::now();
+        assert!(cache_usable(None, start), "never failed");
+        let failed = Some(start);
+        assert!(!cache_usable(failed, start));
+        assert!(!cache_usable(
+            failed,
+            start + CACHE_RETRY_AFTER - Duration::from_secs(1)
+        ));
+        assert!(cache_usable(failed, start + CACHE_RETRY_AFTER));
+    }
+
     fn manifest(version: &str, device_type: &str) -> Manifest {
         Manifest {
             format: 1,
@@ -977,6 +1074,7 @@ mod tests {
                 .unwrap(),
             direct: reqwest::Client::new(),
             server_url: url.parse().unwrap(),
+            fallback: None,
             local: LocalState::open(state).unwrap(),
             token,
             guard: InstallGuard::new(Arc::new(tokio::sync::Mutex::new(()))),

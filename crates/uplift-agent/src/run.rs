@@ -96,6 +96,14 @@ pub async fn run(
     // Downloads go to the server, or to a site cache in front of it.
     let download_url = config.download.base_url(&server_url)?;
     let http = net::http_client(config.download.ca(&config.server_ca), &config.download)?;
+    // Through a site cache: the server itself while the cache fails.
+    let fallback = match &config.download.url {
+        Some(_) => Some(crate::install::Fallback::new(
+            server_url.clone(),
+            net::http_client(&config.server_ca, &config.download)?,
+        )),
+        None => None,
+    };
     let direct = net::direct_client(&config.server_ca, &config.download)?;
     let (outbox, outbox_rx) = watch::channel((0u64, machine.report()));
     let (sent_tx, sent_rx) = watch::channel(0u64);
@@ -121,6 +129,7 @@ pub async fn run(
         http,
         direct,
         server_url: download_url,
+        fallback,
         local: local.clone(),
         token: token_rx,
         guard: InstallGuard::new(slot_lock.clone()),

@@ -625,6 +625,32 @@ async fn after_a_network_outage_mid_download_the_agent_carries_on_by_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_cache_that_is_down_is_passed_by_and_the_device_downloads_from_the_server() {
+    let fx = Fixture::start();
+    // The site's cache: configured, but nothing listens there.
+    let cache_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut spec = fx.spec("hw-cache-down");
+    spec.extra_config = format!("[download]\nurl = \"https://127.0.0.1:{cache_port}\"\n");
+    let device = fx.device("cache-down", spec);
+    fx.wait_enrolled(&device).await;
+    fresh_release(&fx, "2.0").await;
+    fx.rollout("2.0", None).await;
+    fx.wait_device(&device, "the upgrade to finish from the server", |d| {
+        d.running_version == Some(v("2.0")) && d.state == Some(AgentState::Idle)
+    })
+    .await;
+    let log = device.log();
+    assert!(
+        log.contains("the site cache failed") && log.contains("downloading from the server"),
+        "the agent says why it went around the cache:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_os_that_hangs_before_committing_is_reset_by_the_watchdog_and_falls_back() {
     let fx = Fixture::start();
     let mut spec = fx.spec("hw-hangs");
