@@ -159,6 +159,9 @@ struct Args {
     /// samples written), for checks from outside, before closing them.
     #[arg(long, default_value_t = 0)]
     linger: u64,
+    /// Stop lingering once FILE exists.
+    #[arg(long)]
+    linger_until_file: Option<PathBuf>,
     /// Write the raw samples (offer latencies, storm drops and returns,
     /// admin probes; times as UNIX milliseconds) as JSON to FILE, for
     /// figures over several generators.
@@ -527,7 +530,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec(&samples)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    sleep_within(deadline, Duration::from_secs(args.linger)).await;
+    let linger_end = (Instant::now() + Duration::from_secs(args.linger)).min(deadline);
+    wait_until(linger_end, || {
+        args.linger_until_file
+            .as_deref()
+            .is_some_and(|f| f.exists())
+    })
+    .await;
 
     let _ = stop_tx.send(true);
     for t in tasks {
