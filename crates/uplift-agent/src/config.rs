@@ -4,6 +4,7 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use uplift_bootenv::{BootEnv, BootEnvFile, UBootCopy, UBootEnvStore, UBootLayout};
 use uplift_proto::{DeviceType, HardwareId, SlotName, Version};
 use uplift_release::keys::ReleasePublicKey;
 
@@ -223,14 +224,96 @@ impl Slots {
     }
 }
 
+/// `[boot]`: the boot environment shared with the bootloader, checked when
+/// the configuration is read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "BootToml")]
+pub struct Boot {
+    /// Where the trial-boot state lives: a GRUB environment block or a
+    /// U-Boot environment.
+    pub env: BootEnv,
+    /// Kernel command line holding `uplift.slot=a|b`.
+    pub cmdline: PathBuf,
+}
+
+/// `[boot]` as written in the file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Boot {
-    /// GRUB environment block (e.g. /boot/grub/grubenv).
-    pub env_file: PathBuf,
-    /// Kernel command line holding `uplift.slot=a|b`.
+struct BootToml {
+    /// `grub` (the default) or `uboot`.
+    #[serde(default)]
+    bootloader: Bootloader,
+    /// GRUB environment block (e.g. /boot/grub/grubenv); GRUB only.
+    env_file: Option<PathBuf>,
+    /// Where the U-Boot environment is, as in `fw_env.config`; U-Boot only.
+    uboot: Option<UBootToml>,
     #[serde(default = "default_cmdline")]
-    pub cmdline: PathBuf,
+    cmdline: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Bootloader {
+    #[default]
+    Grub,
+    Uboot,
+}
+
+/// `[boot.uboot]`: the lines of `fw_env.config`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UBootToml {
+    /// Bytes of each copy: U-Boot's `CONFIG_ENV_SIZE`.
+    env_size: u64,
+    /// One copy, or two for the redundant layout (power-cut safe).
+    copies: Vec<UBootCopyToml>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UBootCopyToml {
+    device: PathBuf,
+    offset: u64,
+}
+
+impl TryFrom<BootToml> for Boot {
+    type Error = String;
+
+    fn try_from(raw: BootToml) -> Result<Self, String> {
+        let env = match (raw.bootloader, raw.env_file, raw.uboot) {
+            (Bootloader::Grub, Some(path), None) => BootEnv::Grub(BootEnvFile::new(path)),
+            (Bootloader::Grub, None, _) => {
+                return Err("[boot] env_file must name the GRUB environment block (or set bootloader = \"uboot\" and [boot.uboot])".into())
+            }
+            (Bootloader::Grub, Some(_), Some(_)) => {
+                return Err("[boot.uboot] is set but bootloader is \"grub\"; set bootloader = \"uboot\" or remove [boot.uboot]".into())
+            }
+            (Bootloader::Uboot, None, Some(u)) => {
+                let size = usize::try_from(u.env_size)
+                    .map_err(|_| format!("[boot.uboot] env_size {} is too large", u.env_size))?;
+                let copies = u
+                    .copies
+                    .into_iter()
+                    .map(|c| UBootCopy {
+                        device: c.device,
+                        offset: c.offset,
+                    })
+                    .collect();
+                let layout = UBootLayout::new(copies, size).map_err(|e| e.to_string())?;
+                BootEnv::UBoot(UBootEnvStore::new(layout))
+            }
+            (Bootloader::Uboot, _, None) => {
+                return Err("bootloader = \"uboot\" needs [boot.uboot] with env_size and copies (the lines of fw_env.config)".into())
+            }
+            (Bootloader::Uboot, Some(_), Some(_)) => {
+                return Err("[boot] env_file is for GRUB; with bootloader = \"uboot\" the environment is given by [boot.uboot]".into())
+            }
+        };
+        Ok(Boot {
+            env,
+            cmdline: raw.cmdline,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -324,7 +407,7 @@ impl AgentConfig {
         let max = uplift_bootenv::state::MAX_TRIAL_TRIES;
         if !(1..=max).contains(&config.trial_boot_attempts) {
             anyhow::bail!(
-                "{}: trial_boot_attempts must be 1 to {max} (what the GRUB script counts)",
+                "{}: trial_boot_attempts must be 1 to {max} (what the GRUB and U-Boot scripts count)",
                 path.display()
             );
         }
@@ -436,5 +519,79 @@ env_file = "/boot/grub/grubenv"
             err.contains("agent.toml") && err.contains("min_bytes_per_sec"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn boot_selects_grub_by_default_or_uboot_with_its_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let head = r#"
+server_url = "https://127.0.0.1:8443"
+server_ca = "/etc/uplift/ca.pem"
+enrollment_token = "t"
+device_type = "gw"
+state_dir = "/var/lib/uplift-agent"
+trusted_release_keys = ["ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="]
+factory_version = "1.0"
+[slots]
+a = "/dev/a"
+b = "/dev/b"
+"#;
+        let load = |boot: &str| {
+            std::fs::write(&path, format!("{head}{boot}")).unwrap();
+            AgentConfig::load(&path).map_err(|e| e.to_string())
+        };
+
+        let grub = load("[boot]\nenv_file = \"/boot/grub/grubenv\"\n").unwrap();
+        assert_eq!(
+            grub.boot.env,
+            BootEnv::Grub(BootEnvFile::new("/boot/grub/grubenv"))
+        );
+        assert_eq!(grub.boot.cmdline, Path::new("/proc/cmdline"));
+
+        let uboot = load(
+            r#"[boot]
+bootloader = "uboot"
+[boot.uboot]
+env_size = 0x2000
+copies = [
+  { device = "/dev/mmcblk0", offset = 0x3f8000 },
+  { device = "/dev/mmcblk0", offset = 0x3fa000 },
+]
+"#,
+        )
+        .unwrap();
+        let BootEnv::UBoot(store) = &uboot.boot.env else {
+            panic!("expected U-Boot, got {:?}", uboot.boot.env);
+        };
+        assert_eq!(
+            store.layout().fw_env_config(),
+            "/dev/mmcblk0 0x3f8000 0x2000\n/dev/mmcblk0 0x3fa000 0x2000\n"
+        );
+
+        for (boot, want) in [
+            ("[boot]\n", "env_file must name"),
+            ("[boot]\nbootloader = \"uboot\"\n", "needs [boot.uboot]"),
+            (
+                "[boot]\nbootloader = \"uboot\"\nenv_file = \"/x\"\n[boot.uboot]\nenv_size = 8192\ncopies = [{ device = \"/e\", offset = 0 }]\n",
+                "env_file is for GRUB",
+            ),
+            (
+                "[boot]\nenv_file = \"/x\"\n[boot.uboot]\nenv_size = 8192\ncopies = [{ device = \"/e\", offset = 0 }]\n",
+                "bootloader is \"grub\"",
+            ),
+            (
+                "[boot]\nbootloader = \"uboot\"\n[boot.uboot]\nenv_size = 8192\ncopies = [{ device = \"/e\", offset = 0 }, { device = \"/e\", offset = 4096 }]\n",
+                "overlap",
+            ),
+            (
+                "[boot]\nbootloader = \"uboot\"\n[boot.uboot]\nenv_size = 8192\ncopies = [{ device = \"/e\", offset = 0, size = 1 }]\n",
+                "unknown field `size`",
+            ),
+            ("[boot]\nbootloader = \"lilo\"\nenv_file = \"/x\"\n", "unknown variant `lilo`"),
+        ] {
+            let err = load(boot).unwrap_err();
+            assert!(err.contains(want) && err.contains("agent.toml"), "{boot}: {err}");
+        }
     }
 }

@@ -11,7 +11,6 @@ use crate::config::AgentConfig;
 use crate::run::{read_booted_slot, Exit};
 use anyhow::Context;
 use std::time::Duration;
-use uplift_bootenv::file::BootEnvFile;
 use uplift_bootenv::state::BootState;
 use uplift_proto::SlotName;
 
@@ -48,7 +47,7 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// `[reboot]` says).
 pub async fn run(config: &AgentConfig) -> anyhow::Result<Exit> {
     let booted = read_booted_slot(&config.boot.cmdline)?;
-    let bootenv = BootEnvFile::new(config.boot.env_file.clone());
+    let bootenv = config.boot.env.clone();
     let deadline = Duration::from_secs(config.trial_deadline_secs);
     if matches!(config.reboot, crate::config::Reboot::Exit) {
         tracing::warn!(

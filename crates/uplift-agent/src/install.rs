@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use uplift_bootenv::file::BootEnvFile;
+use uplift_bootenv::BootEnv;
 use uplift_proto::api::{device_index_path, device_manifest_path};
 use uplift_proto::channel::{Offer, Progress};
 use uplift_proto::pace;
@@ -454,7 +454,7 @@ impl Installer {
         let chunks: Arc<[ChunkEntry]> = std::mem::take(&mut manifest.chunks).into();
         let target = booted.other();
         let path = self.config.slots.path(target).to_owned();
-        let bootenv = BootEnvFile::new(self.config.boot.env_file.clone());
+        let bootenv = self.config.boot.env.clone();
         let hook_env = [
             ("UPLIFT_VERSION", manifest.version.to_string()),
             ("UPLIFT_SLOT", target.to_string()),
@@ -680,7 +680,7 @@ pub(crate) fn state_err(e: anyhow::Error) -> InstallError {
 /// bootloader would boot, and any stale record or trial of it is withdrawn.
 async fn prepare_slot_for_writing(
     guard: &InstallGuard,
-    bootenv: &BootEnvFile,
+    bootenv: &BootEnv,
     local: &LocalState,
     booted: SlotName,
     target: SlotName,
@@ -773,7 +773,7 @@ impl Installer {
 /// slot still awaiting the go; one after it reboots into the trial.
 pub async fn start_trial(
     guard: &InstallGuard,
-    bootenv: &BootEnvFile,
+    bootenv: &BootEnv,
     local: &LocalState,
     pending: PendingInstall,
     tries: u32,

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use uplift_bootenv::file::BootEnvFile;
+use uplift_bootenv::BootEnv;
 use uplift_proto::channel::{self, AgentMsg, Report, ServerMsg, FEATURES};
 use uplift_proto::pace;
 use uplift_proto::{ErrorKind, SlotName};
@@ -61,11 +61,9 @@ pub async fn run(
     let config = Arc::new(config);
     let local = LocalState::open(&config.state_dir)?;
     let key = local.device_key()?;
-    let bootenv = BootEnvFile::new(config.boot.env_file.clone());
+    let bootenv = config.boot.env.clone();
     let booted = read_booted_slot(&config.boot.cmdline)?;
-    let (_, boot) = bootenv
-        .load_state()
-        .with_context(|| format!("boot environment {}", config.boot.env_file.display()))?;
+    let (_, boot) = bootenv.load_state().with_context(|| bootenv.to_string())?;
     let facts = BootFacts {
         booted,
         boot,
@@ -299,7 +297,7 @@ enum TrialEnd {
 
 /// Records why the trial failed, then updates the boot environment.
 async fn record_trial_failure(
-    bootenv: &BootEnvFile,
+    bootenv: &BootEnv,
     local: &LocalState,
     failure: crate::local::Failure,
     end: TrialEnd,
@@ -334,7 +332,7 @@ async fn blocking<T: Send + 'static>(
 
 /// Trial passed: the booted slot becomes the default in one boot-env write;
 /// the journal is cleaned up after (a crash in between is harmless).
-fn commit_trial(bootenv: &BootEnvFile, local: &LocalState, booted: SlotName) -> anyhow::Result<()> {
+fn commit_trial(bootenv: &BootEnv, local: &LocalState, booted: SlotName) -> anyhow::Result<()> {
     bootenv.update(|state| state.commit(booted))?;
     let mut journal = local.journal()?;
     journal.pending = None;

@@ -7,7 +7,6 @@ use crate::config::AgentConfig;
 use crate::local::{InstallProgress, Journal, LocalState, SlotTable};
 use crate::run::read_booted_slot;
 use serde::Serialize;
-use uplift_bootenv::file::BootEnvFile;
 use uplift_proto::SlotName;
 
 #[derive(Debug, Serialize)]
@@ -46,11 +45,10 @@ pub fn gather(config: &AgentConfig) -> anyhow::Result<Status> {
             })
             .unwrap_or_else(|| config.factory_version.to_string())
     });
-    let (boot_environment, boot_environment_error) =
-        match BootEnvFile::new(config.boot.env_file.clone()).load_state() {
-            Ok((_, state)) => (Some(state.to_string()), None),
-            Err(e) => (None, Some(e.to_string())),
-        };
+    let (boot_environment, boot_environment_error) = match config.boot.env.load_state() {
+        Ok((_, state)) => (Some(state.to_string()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     Ok(Status {
         device_id: local.device_id()?.map(|id| id.to_string()),
         booted_slot: booted.map(|s| s.to_string()),

@@ -27,16 +27,16 @@ pub enum BootEnvError {
     #[error("GRUB environment variables need {needed} bytes but the block holds only {GRUBENV_SIZE}; remove or shorten variables")]
     TooLarge { needed: usize },
 
-    #[error("invalid GRUB environment variable name {name:?}: {reason}")]
+    #[error("invalid boot environment variable name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
 
-    #[error("invalid value for GRUB environment variable {name:?}: {reason}")]
+    #[error("invalid value for boot environment variable {name:?}: {reason}")]
     InvalidValue { name: String, reason: &'static str },
 
     #[error("the boot environment was never provisioned: it has no uplift_default variable; provision it with the slot the device currently runs")]
     NotProvisioned,
 
-    #[error("boot environment variable {key}={value:?} is invalid: {reason}; repair it with grub-editenv or re-provision the boot environment")]
+    #[error("boot environment variable {key}={value:?} is invalid: {reason}; repair it with grub-editenv (GRUB) or fw_setenv (U-Boot), or re-provision the boot environment")]
     InvalidState {
         key: &'static str,
         value: String,
@@ -78,6 +78,45 @@ pub enum BootEnvError {
         path: PathBuf,
         #[source]
         source: Box<BootEnvError>,
+    },
+
+    #[error("U-Boot environment copy {copy} (offset {offset:#x}): the stored CRC32 is {stored:#010x} but the data hashes to {computed:#010x}, so the copy is torn or was never written; {}", if *.redundant { "the other copy is used if it is valid" } else { "write it again with fw_setenv or re-provision the boot environment" })]
+    UBootBadCrc {
+        /// 1 for the first line of fw_env.config, 2 for the second.
+        copy: u8,
+        offset: u64,
+        stored: u32,
+        computed: u32,
+        redundant: bool,
+    },
+
+    #[error("U-Boot environment copy {copy} (offset {offset:#x}) is malformed at data byte {at}: {reason}; rewrite it with fw_setenv or re-provision the boot environment")]
+    UBootMalformed {
+        copy: u8,
+        offset: u64,
+        /// Offset into the copy's data area (after the CRC and flag byte).
+        at: usize,
+        reason: String,
+    },
+
+    #[error("neither copy of the redundant U-Boot environment is usable ({first}; {second}), so U-Boot boots with its built-in default environment; re-provision the boot environment")]
+    UBootNoValidCopy {
+        first: Box<BootEnvError>,
+        second: Box<BootEnvError>,
+    },
+
+    #[error("U-Boot environment variables need {needed} bytes but the environment's data area holds only {capacity}; remove or shorten variables, or configure a larger environment (it must match U-Boot's CONFIG_ENV_SIZE)")]
+    UBootTooLarge { needed: usize, capacity: usize },
+
+    #[error("U-Boot environment configuration: {reason}")]
+    UBootConfig { reason: String },
+
+    #[error("U-Boot environment copy {copy}: {path} holds {len} bytes but the copy ends at byte {end}; check the offset and size against U-Boot's CONFIG_ENV_OFFSET and CONFIG_ENV_SIZE")]
+    UBootShortDevice {
+        copy: u8,
+        path: PathBuf,
+        len: u64,
+        end: u64,
     },
 
     #[error("refusing to provision {path}: the file already exists and may hold the state of a pending update; move it away first if it really is stale")]

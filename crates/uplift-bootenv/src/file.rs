@@ -7,10 +7,49 @@
 //! over the old one; rename is atomic within a directory, so after a crash
 //! the path holds either the old or the new complete block.
 //!
-//! The guarantee is that of the file system: it holds on the journaling
-//! Linux file systems the simulator and tests use. On a real device the file
-//! often sits on the FAT EFI system partition, which has no journal; making
-//! that safe is the job of the device's partition layout, not of this code.
+//! The guarantee is that of the file system: it holds on ext4 (journaled
+//! metadata, and the data is flushed before the rename), which is where
+//! grubenv must live. The FAT EFI system partition has no journal, so a cut
+//! during a rename there can lose the file: keep grubenv in `/boot/grub` on
+//! ext4, not on the ESP.
+//!
+//! # Why one GRUB block and not two
+//!
+//! U-Boot keeps two copies of its environment because it has a CRC to tell
+//! a torn copy from a good one (see [`crate::ubootfile`]). GRUB has neither:
+//! `load_env` cannot tell a torn block from a good one, and `save_env`
+//! rewrites the file's 1024 bytes in place through the disk (it finds the
+//! sectors by reading the file, checks them, then writes them with
+//! `grub_disk_write`; no file-system metadata changes). A second block
+//! would need GRUB script logic to choose between them that GRUB cannot
+//! check, so it would add failure modes rather than remove them. The one
+//! block is safe as it is, for these reasons:
+//!
+//! - The agent never writes in place: its writes are the atomic renames
+//!   above, so an agent write cut by a power loss leaves the old or the new
+//!   block.
+//! - GRUB writes only when a trial is running, and only Uplift's keys
+//!   change. Spending an attempt turns `uplift_trial_tries` 3 into 2, 2 into
+//!   1 or 1 into 0: a value of the same length, so exactly one byte of the
+//!   block changes (`grub_envblk_set` only moves the rest of the block when
+//!   a value's length changes). Storage writes a 512-byte sector whole or
+//!   not at all (SATA and NVMe drives guarantee it; eMMC and SD cards do so
+//!   in practice through their flash translation layer, which writes a new
+//!   page rather than rewriting the old one), so a cut leaves the old count
+//!   or the new one. The old count costs nothing: the cut came before the
+//!   kernel was loaded, so that boot never happened either.
+//! - Ending a trial (0 attempts left) removes `uplift_trial` and
+//!   `uplift_trial_tries` and adds `uplift_fallback`, which moves bytes. All
+//!   Uplift's keys together take under 120 bytes after the 25-byte header, so
+//!   as long as the whole variable list stays within the first 512-byte
+//!   sector (check with `grub-editenv FILE list | wc -c`; other tools'
+//!   variables count too), the second sector is `#` padding before and after
+//!   and again only one sector changes. The test
+//!   `uplift_keys_fit_in_the_first_sector` keeps that margin.
+//!
+//! What is not covered: media that do tear a single sector (some cheap SD
+//! cards and USB sticks, which guarantee nothing), file systems where `save_env` refuses to write
+//! (btrfs, ZFS, LVM, RAID, encrypted volumes) and a grubenv on FAT.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -275,5 +314,31 @@ mod tests {
         let file = BootEnvFile::new(dir.path().join("nope/grubenv"));
         let err = file.write(&GrubEnv::new()).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    /// GRUB's in-place `save_env` stays within one sector (see the module
+    /// documentation) while the variables fit in the first 512 bytes; the
+    /// most Uplift ever stores must leave room for others' variables.
+    #[test]
+    fn uplift_keys_fit_in_the_first_sector() {
+        let mut env = GrubEnv::new();
+        let most = BootState {
+            default_slot: A,
+            trial: Some(crate::state::Trial {
+                slot: B,
+                tries_left: crate::state::MAX_TRIAL_TRIES,
+            }),
+            fallback_from: Some(B),
+        };
+        most.apply_to(&mut env);
+        assert!(env.encoded_len() <= 128, "{}", env.encoded_len());
+        // The decrement GRUB does is a change of one byte.
+        let before = env.to_bytes().unwrap();
+        most.boot().1.apply_to(&mut env);
+        let after = env.to_bytes().unwrap();
+        let changed: Vec<_> = (0..GRUBENV_SIZE)
+            .filter(|&i| before[i] != after[i])
+            .collect();
+        assert_eq!(changed.len(), 1, "{changed:?}");
     }
 }

@@ -9,7 +9,9 @@
 //! back to the committed slot by itself, which always still works because
 //! the update was written to the *other* slot.
 //!
-//! Stored in the GRUB environment as (every other key is left alone):
+//! Stored under the same keys in the GRUB environment block and in the
+//! U-Boot environment (every other key is left alone), through
+//! [`EnvVars`], which both formats implement:
 //!
 //! | key                  | meaning                                          |
 //! |----------------------|--------------------------------------------------|
@@ -25,15 +27,49 @@ use uplift_proto::names::SlotName;
 
 use crate::error::BootEnvError;
 use crate::grubenv::GrubEnv;
+use crate::ubootenv::UBootEnv;
 
 pub const KEY_DEFAULT: &str = "uplift_default";
 pub const KEY_TRIAL: &str = "uplift_trial";
 pub const KEY_TRIAL_TRIES: &str = "uplift_trial_tries";
 pub const KEY_FALLBACK: &str = "uplift_fallback";
 
-/// Most boot attempts a trial may get: the GRUB script (deploy/grub.cfg.snippet)
-/// counts down by string comparison and knows the values 3, 2 and 1 only.
+/// Most boot attempts a trial may get: the GRUB script
+/// (deploy/grub.cfg.snippet) and the U-Boot script (deploy/uboot/boot.cmd)
+/// count down by string comparison and know the values 3, 2 and 1 only.
 pub const MAX_TRIAL_TRIES: u32 = 3;
+
+/// The variables of a bootloader environment, as the trial-boot rules see
+/// them: the same four keys whatever the bootloader.
+pub trait EnvVars {
+    fn get(&self, name: &str) -> Option<&str>;
+    fn set(&mut self, name: &str, value: &str) -> Result<(), BootEnvError>;
+    fn remove(&mut self, name: &str) -> Option<String>;
+}
+
+impl EnvVars for GrubEnv {
+    fn get(&self, name: &str) -> Option<&str> {
+        GrubEnv::get(self, name)
+    }
+    fn set(&mut self, name: &str, value: &str) -> Result<(), BootEnvError> {
+        GrubEnv::set(self, name, value)
+    }
+    fn remove(&mut self, name: &str) -> Option<String> {
+        GrubEnv::remove(self, name)
+    }
+}
+
+impl EnvVars for UBootEnv {
+    fn get(&self, name: &str) -> Option<&str> {
+        UBootEnv::get(self, name)
+    }
+    fn set(&mut self, name: &str, value: &str) -> Result<(), BootEnvError> {
+        UBootEnv::set(self, name, value)
+    }
+    fn remove(&mut self, name: &str) -> Option<String> {
+        UBootEnv::remove(self, name)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootState {
@@ -65,7 +101,7 @@ impl BootState {
         }
     }
 
-    pub fn from_env(env: &GrubEnv) -> Result<Self, BootEnvError> {
+    pub fn from_env(env: &impl EnvVars) -> Result<Self, BootEnvError> {
         let default_slot = match env.get(KEY_DEFAULT) {
             None => return Err(BootEnvError::NotProvisioned),
             Some(v) => parse_key::<SlotName>(KEY_DEFAULT, v)?,
@@ -111,7 +147,7 @@ impl BootState {
 
     /// Writes exactly the `uplift_*` keys, removing those that are unset, and
     /// leaves every other key as it was.
-    pub fn apply_to(&self, env: &mut GrubEnv) {
+    pub fn apply_to(&self, env: &mut impl EnvVars) {
         put(env, KEY_DEFAULT, self.default_slot.as_str());
         match self.trial {
             Some(t) => {
@@ -255,7 +291,7 @@ fn invalid(key: &'static str, value: &str, reason: String) -> BootEnvError {
     }
 }
 
-fn put(env: &mut GrubEnv, key: &str, value: &str) {
+fn put(env: &mut impl EnvVars, key: &str, value: &str) {
     // Our keys and values are fixed ASCII words and digits, which `set`
     // always accepts.
     let result = env.set(key, value);
@@ -491,5 +527,64 @@ mod tests {
                 "{vars:?}: {err}"
             );
         }
+    }
+
+    /// The same rules on a U-Boot environment: every step goes through the
+    /// bytes a redundant copy holds, as U-Boot and the agent hand it over.
+    #[test]
+    fn trial_rules_on_uboot_keys() {
+        use crate::ubootenv::{decode_copy, encode_copy, Layout};
+        let through_copy = |s: &BootState, env: &mut UBootEnv| {
+            s.apply_to(env);
+            let bytes = encode_copy(env, Layout::Redundant, 256, 1).unwrap();
+            *env = decode_copy(&bytes, Layout::Redundant, 1, 0).unwrap().env;
+            BootState::from_env(env).unwrap()
+        };
+        let mut env = UBootEnv::new();
+        env.set("bootcmd", "source ${scriptaddr}").unwrap();
+        let mut s = through_copy(&BootState::new(A), &mut env);
+        s = through_copy(&s.start_trial(B, 2).unwrap(), &mut env);
+        assert_eq!(
+            env.iter().collect::<Vec<_>>(),
+            [
+                ("bootcmd", "source ${scriptaddr}"),
+                ("uplift_default", "a"),
+                ("uplift_trial", "b"),
+                ("uplift_trial_tries", "2"),
+            ]
+        );
+        // Two boots of b, then the tries are spent and a boots.
+        for (want_slot, want_tries) in [(B, Some(1)), (B, Some(0)), (A, None)] {
+            let (slot, next) = s.boot();
+            assert_eq!(slot, want_slot);
+            s = through_copy(&next, &mut env);
+            assert_eq!(
+                env.get(KEY_TRIAL_TRIES),
+                want_tries.map(|t: u32| t.to_string()).as_deref()
+            );
+        }
+        assert_eq!(env.get(KEY_FALLBACK), Some("b"));
+        assert_eq!(env.get(KEY_TRIAL), None);
+        s = through_copy(&s.acknowledge_fallback(), &mut env);
+        // A new trial that passes its health check is committed.
+        s = through_copy(&s.start_trial(B, 3).unwrap(), &mut env);
+        let (slot, next) = s.boot();
+        assert_eq!(slot, B);
+        s = through_copy(&next.commit(B).unwrap(), &mut env);
+        assert_eq!(s, BootState::new(B));
+        assert_eq!(
+            env.iter().collect::<Vec<_>>(),
+            [("bootcmd", "source ${scriptaddr}"), ("uplift_default", "b")]
+        );
+        // A stored value U-Boot's script would not understand is refused.
+        env.set(KEY_TRIAL, "a").unwrap();
+        env.set(KEY_TRIAL_TRIES, "many").unwrap();
+        assert!(matches!(
+            BootState::from_env(&env),
+            Err(BootEnvError::InvalidState {
+                key: KEY_TRIAL_TRIES,
+                ..
+            })
+        ));
     }
 }

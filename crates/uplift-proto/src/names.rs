@@ -76,6 +76,9 @@ macro_rules! name_schema {
 }
 
 /// The pattern of [`is_name_char`] names: no leading '.' or '-'.
+// Only the OpenAPI schemas use it, so a build without the feature (the
+// agent's) would warn.
+#[cfg_attr(not(feature = "openapi"), allow(unused_macros))]
 macro_rules! name_pattern {
     () => {
         "^[A-Za-z0-9_][A-Za-z0-9_.-]*$"

@@ -63,6 +63,8 @@ suite!(
     dynamic_rollouts_add_members_unless_a_newer_rollout_has_them,
     tokens_audit_and_webhooks_keep_what_they_are_given,
     a_lease_has_one_holder_until_it_expires_or_is_released,
+    a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other,
+    a_new_rollout_stores_its_first_offers_with_it,
 );
 
 #[tokio::test]
@@ -175,6 +177,7 @@ async fn start(store: &dyn Store, members: &[(&str, u32)]) -> Result<i64, StoreE
         state: &state,
         tags: None,
         from_versions: &[],
+        offer: &[],
     };
     let members: Vec<(DeviceId, u32)> = members.iter().map(|(d, p)| (id(d), *p)).collect();
     store
@@ -193,6 +196,14 @@ fn change<'a>(now: &'a str) -> RolloutChange<'a> {
         hold: &[],
         now,
     }
+}
+
+/// A mark strictly after every change made so far: SQLite's clock counts
+/// milliseconds, and a change in the mark's millisecond is read as changed
+/// at it (never missed; here, though, it would be read again).
+async fn mark_after_changes(store: &dyn Store) -> String {
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    store.change_mark().await.unwrap()
 }
 
 // ---- cases ----
@@ -1249,6 +1260,181 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
     assert_eq!(store.webhooks().await.unwrap().len(), 1);
 }
 
+async fn a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other(db: &Db) {
+    let store = db.open().await;
+    enroll(
+        &*store,
+        &[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+            ("dev-4", "gw", "hw-4"),
+        ],
+    )
+    .await;
+    let r = start(&*store, &[("dev-1", 0), ("dev-2", 0), ("dev-3", 1)])
+        .await
+        .unwrap();
+    let changed = |rows: Vec<(
+        uplift_server::store::MemberRecord,
+        uplift_server::store::DeviceStanding,
+    )>| {
+        let mut ids: Vec<String> = rows.into_iter().map(|(_, d)| d.id.to_string()).collect();
+        ids.sort();
+        ids
+    };
+    let before_start = "2000-01-01T00:00:00Z";
+    assert_eq!(
+        changed(store.rollout_member_changes(r, before_start).await.unwrap()),
+        ["dev-1", "dev-2", "dev-3"],
+        "a new rollout's members are all new"
+    );
+    let mark = mark_after_changes(&*store).await;
+    assert!(
+        time(&mark) > time(before_start),
+        "the mark is the store's clock: {mark}"
+    );
+    assert!(store
+        .rollout_member_changes(r, &mark)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A progress report alone changes nothing a rollout decides on.
+    let mut downloading = seen(
+        "dev-1",
+        AgentState::Downloading,
+        "1.0",
+        "2026-03-01T12:00:02Z",
+    );
+    downloading.report.as_mut().unwrap().target_version = Some(version("2.0"));
+    store.record_reports(&[downloading.clone()]).await.unwrap();
+    let mark = mark_after_changes(&*store).await;
+    let mut further = downloading.clone();
+    further.report.as_mut().unwrap().progress = Some(uplift_proto::channel::Progress {
+        done_bytes: 10,
+        total_bytes: 20,
+        fetched_bytes: 10,
+    });
+    store.record_reports(&[further]).await.unwrap();
+    assert!(
+        store
+            .rollout_member_changes(r, &mark)
+            .await
+            .unwrap()
+            .is_empty(),
+        "progress is not a change of standing"
+    );
+    // A new state (dev-2, reported by any replica's writer), an offer (dev-3,
+    // a step of the rollout): each is a change. dev-4 is no member.
+    store
+        .record_reports(&[
+            seen("dev-2", AgentState::Idle, "2.0", "2026-03-01T12:00:03Z"),
+            seen("dev-4", AgentState::Idle, "2.0", "2026-03-01T12:00:03Z"),
+        ])
+        .await
+        .unwrap();
+    let offer = [id("dev-3")];
+    assert!(store
+        .apply_rollout_change(
+            r,
+            0,
+            &RolloutChange {
+                offer: &offer,
+                ..change("2026-03-01T12:00:04Z")
+            }
+        )
+        .await
+        .unwrap());
+    let rows = store.rollout_member_changes(r, &mark).await.unwrap();
+    let offered = rows
+        .iter()
+        .find(|(_, d)| d.id == id("dev-3"))
+        .map(|(m, d)| (m.offered_at.clone(), d.target_rollout));
+    assert_eq!(changed(rows), ["dev-2", "dev-3"]);
+    assert_eq!(
+        offered,
+        Some((Some("2026-03-01T12:00:04Z".to_owned()), Some(r))),
+        "read with its new row"
+    );
+
+    // A newer rollout that takes dev-1 over changes the older one's row.
+    let mark = mark_after_changes(&*store).await;
+    let newer = start(&*store, &[("dev-1", 0)]).await.unwrap();
+    let rows = store.rollout_member_changes(r, &mark).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|(m, d)| (d.id.as_str(), m.outcome))
+            .collect::<Vec<_>>(),
+        [("dev-1", Some(Outcome::Superseded))]
+    );
+    assert_eq!(
+        changed(store.rollout_member_changes(newer, &mark).await.unwrap()),
+        ["dev-1"]
+    );
+}
+
+async fn a_new_rollout_stores_its_first_offers_with_it(db: &Db) {
+    let store = db.open().await;
+    enroll(
+        &*store,
+        &[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+        ],
+    )
+    .await;
+    let rel = release("2.0", "2026-02-01T00:00:00Z");
+    store.insert_release(&rel).await.unwrap();
+    let policy = RolloutPolicy::default();
+    let state = RolloutState::start(time(NOW));
+    let members = [(id("dev-1"), 0), (id("dev-2"), 0), (id("dev-3"), 1)];
+    let offer = [id("dev-2"), id("dev-1")];
+    let r = store
+        .create_rollout(
+            &rel,
+            &members,
+            false,
+            DownloadLimits::default(),
+            &NewPlan {
+                policy: &policy,
+                state: &state,
+                tags: None,
+                from_versions: &[],
+                offer: &offer,
+            },
+            NOW,
+        )
+        .await
+        .unwrap()
+        .id;
+    let stored = store.rollout_members(r).await.unwrap();
+    let view: Vec<_> = stored
+        .iter()
+        .map(|(m, d)| (d.id.as_str(), m.offered_at.as_deref(), d.target_rollout))
+        .collect();
+    assert_eq!(
+        view,
+        [
+            ("dev-1", Some(NOW), Some(r)),
+            ("dev-2", Some(NOW), Some(r)),
+            ("dev-3", None, None),
+        ]
+    );
+    let plan = store.rollout_plan(r).await.unwrap().unwrap();
+    assert_eq!(plan.revision, 0, "one write, the rollout's first");
+    let mut targeted: Vec<_> = store
+        .device_targets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(d, t)| (d.to_string(), t.rollout_id))
+        .collect();
+    targeted.sort();
+    assert_eq!(targeted, [("dev-1".to_owned(), r), ("dev-2".to_owned(), r)]);
+}
+
 async fn a_lease_has_one_holder_until_it_expires_or_is_released(db: &Db) {
     let stores = [db.open().await, db.open().await];
     let (a, b) = (&stores[0], &stores[1]);
@@ -1373,4 +1559,28 @@ async fn postgres_pages_and_counts_a_hundred_thousand_devices_in_the_database() 
         timed("rollout tallies", started.elapsed());
         assert_eq!(tallies[0].1.total, 33_334);
     }
+    // What the scheduler reads each tick: every member, or only those
+    // that changed (here 100 report success through a writer's batch).
+    let started = std::time::Instant::now();
+    let whole = store.rollout_members(1).await.unwrap();
+    timed("a rollout's members, whole (33 334)", started.elapsed());
+    assert_eq!(whole.len(), 33_334);
+    let mark = store.change_mark().await.unwrap();
+    let reports: Vec<ReportedState> = (0..300)
+        .step_by(3)
+        .map(|i| seen(&format!("dev-{i:06}"), AgentState::Idle, "1.2", NOW))
+        .collect();
+    let started = std::time::Instant::now();
+    assert_eq!(store.record_reports(&reports).await.unwrap(), 100);
+    timed("a writer's batch of 100 reports", started.elapsed());
+    let started = std::time::Instant::now();
+    let changed = store.rollout_member_changes(1, &mark).await.unwrap();
+    timed(
+        "a rollout's members changed since a mark (100)",
+        started.elapsed(),
+    );
+    assert_eq!(changed.len(), 100);
+    assert!(changed
+        .iter()
+        .all(|(_, d)| d.running_version == Some(version("1.2"))));
 }

@@ -274,14 +274,16 @@ pub struct FleetGroup {
     pub online: u64,
 }
 
-/// A new rollout's engine policy and first state, and how its devices
-/// were chosen.
+/// A new rollout's engine policy and state after its first step, how its
+/// devices were chosen, and the members its first step offers (stored
+/// offered, and pointed at the rollout, in the same transaction).
 #[derive(Debug, Clone, Copy)]
 pub struct NewPlan<'a> {
     pub policy: &'a RolloutPolicy,
     pub state: &'a RolloutState,
     pub tags: Option<&'a TagSelector>,
     pub from_versions: &'a [Version],
+    pub offer: &'a [DeviceId],
 }
 
 /// A phased rollout's policy and state, and the revision every change
@@ -292,6 +294,12 @@ pub struct RolloutPlan {
     pub state: RolloutState,
     pub revision: i64,
 }
+
+/// How far before a [`Store::change_mark`] the next read of changes
+/// starts. A change is stamped when its statement runs and seen once its
+/// transaction commits: a batch that commits within this long of its stamp
+/// is never missed, and reading a change twice does no harm.
+pub const CHANGE_OVERLAP: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One device's part in a rollout, as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -474,6 +482,19 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     /// by phase then device: what the scheduler decides on every tick, so
     /// only the columns it needs.
     async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>>;
+    /// The store's clock now, as RFC 3339: read before a read of members,
+    /// it is where the next [`Store::rollout_member_changes`] starts (less
+    /// [`CHANGE_OVERLAP`]). PostgreSQL's clock, so replicas agree.
+    async fn change_mark(&self) -> StoreResult<String>;
+    /// Rollout `id`'s members whose row, or whose device's standing (what
+    /// decides where it stands: version, state, target, error), changed at
+    /// or after `since` (a [`Store::change_mark`]): what the scheduler
+    /// reads each tick instead of every member.
+    async fn rollout_member_changes(
+        &self,
+        id: i64,
+        since: &str,
+    ) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>>;
     /// One page of a rollout's devices, in phase order, then by device ID.
     async fn rollout_members_page(
         &self,

@@ -179,6 +179,57 @@ fn enum_text<T: serde::Serialize>(value: &T) -> String {
     }
 }
 
+/// Reports as columns, for one set-based `UPDATE ... FROM unnest(...)`.
+#[derive(Default)]
+struct ReportColumns {
+    id: Vec<String>,
+    last_seen: Vec<Option<OffsetDateTime>>,
+    address: Vec<Option<String>>,
+    running_version: Vec<String>,
+    state: Vec<String>,
+    booted_slot: Vec<String>,
+    reported_target: Vec<Option<String>>,
+    done: Vec<Option<i64>>,
+    total: Vec<Option<i64>>,
+    fetched: Vec<Option<i64>>,
+    error_kind: Vec<Option<String>>,
+    error_message: Vec<Option<String>>,
+}
+
+impl ReportColumns {
+    fn push(&mut self, s: &ReportedState) -> StoreResult<()> {
+        let Some(report) = &s.report else {
+            return Ok(());
+        };
+        self.id.push(s.id.as_str().to_owned());
+        self.last_seen.push(stamp::parse_opt(
+            "a device's last-seen time",
+            s.last_seen.as_deref(),
+        )?);
+        self.address.push(s.address.clone());
+        self.running_version
+            .push(report.running_version.as_str().to_owned());
+        self.state.push(enum_text(&report.state));
+        self.booted_slot
+            .push(report.booted_slot.as_str().to_owned());
+        self.reported_target.push(
+            report
+                .target_version
+                .as_ref()
+                .map(|v| v.as_str().to_owned()),
+        );
+        let progress = report.progress;
+        self.done.push(progress.map(|p| p.done_bytes as i64));
+        self.total.push(progress.map(|p| p.total_bytes as i64));
+        self.fetched.push(progress.map(|p| p.fetched_bytes as i64));
+        self.error_kind
+            .push(report.error.as_ref().map(|e| enum_text(&e.kind)));
+        self.error_message
+            .push(report.error.as_ref().map(|e| e.message.clone()));
+        Ok(())
+    }
+}
+
 fn ids(devices: &[DeviceId]) -> Vec<String> {
     devices.iter().map(|d| d.as_str().to_owned()).collect()
 }
@@ -831,57 +882,90 @@ impl Store for PgStore {
 
     async fn record_reports(&self, states: &[ReportedState]) -> StoreResult<u64> {
         let action = "recording device reports";
-        // In device order: two batches that share devices lock them in the
-        // same order, so they wait for each other instead of deadlocking.
-        let mut states: Vec<&ReportedState> = states.iter().collect();
-        states.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
-        let mut tx = self.pool.begin().await.map_err(db(action))?;
-        let mut written = 0;
+        // One report per device, the newest (the last in the batch).
+        let mut newest: std::collections::BTreeMap<&str, &ReportedState> = Default::default();
         for s in states {
-            let last_seen = stamp::parse_opt("a device's last-seen time", s.last_seen.as_deref())?;
-            let result = match &s.report {
-                Some(report) => {
-                    let (done, total, fetched) = match report.progress {
-                        Some(p) => (
-                            Some(p.done_bytes as i64),
-                            Some(p.total_bytes as i64),
-                            Some(p.fetched_bytes as i64),
-                        ),
-                        None => (None, None, None),
-                    };
-                    sqlx::query(
-                        "UPDATE devices SET last_seen = COALESCE($1, last_seen), address = COALESCE($2, address), \
-                         running_version = $3, state = $4, booted_slot = $5, reported_target = $6, progress_done = $7, \
-                         progress_total = $8, progress_fetched = $9, error_kind = $10, error_message = $11 WHERE id = $12",
-                    )
-                    .bind(last_seen)
-                    .bind(s.address.as_deref())
-                    .bind(report.running_version.as_str())
-                    .bind(enum_text(&report.state))
-                    .bind(report.booted_slot.as_str())
-                    .bind(report.target_version.as_ref().map(|v| v.as_str()))
-                    .bind(done)
-                    .bind(total)
-                    .bind(fetched)
-                    .bind(report.error.as_ref().map(|e| enum_text(&e.kind)))
-                    .bind(report.error.as_ref().map(|e| e.message.as_str()))
-                    .bind(s.id.as_str())
-                    .execute(&mut *tx)
-                    .await
-                }
-                None => {
-                    sqlx::query(
-                        "UPDATE devices SET last_seen = COALESCE($1, last_seen), \
-                         address = COALESCE($2, address) WHERE id = $3",
-                    )
-                    .bind(last_seen)
-                    .bind(s.address.as_deref())
-                    .bind(s.id.as_str())
-                    .execute(&mut *tx)
-                    .await
-                }
-            };
-            written += result.map_err(db(action))?.rows_affected();
+            newest.insert(s.id.as_str(), s);
+        }
+        let (reported, seen_only): (Vec<&ReportedState>, Vec<&ReportedState>) =
+            newest.into_values().partition(|s| s.report.is_some());
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        // Rows locked in device order: two replicas' batches that share a
+        // device (one that moved between them) wait for each other instead
+        // of deadlocking, whatever order the set-based updates visit rows.
+        let locked: Vec<String> = states.iter().map(|s| s.id.as_str().to_owned()).collect();
+        sqlx::query("SELECT 1 FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE")
+            .bind(&locked)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        let mut written = 0;
+        if !reported.is_empty() {
+            let mut columns = ReportColumns::default();
+            for s in &reported {
+                columns.push(s)?;
+            }
+            // The standing's stamp moves only when what decides a rollout
+            // changed, not with every progress report: the scheduler's
+            // reads of what changed stay small during a download.
+            written += sqlx::query(
+                "UPDATE devices d SET last_seen = COALESCE(s.last_seen, d.last_seen), \
+                 address = COALESCE(s.address, d.address), running_version = s.running_version, \
+                 state = s.state, booted_slot = s.booted_slot, reported_target = s.reported_target, \
+                 progress_done = s.done, progress_total = s.total, progress_fetched = s.fetched, \
+                 error_kind = s.error_kind, error_message = s.error_message, \
+                 standing_changed_at = CASE WHEN (d.running_version, d.state, d.reported_target, \
+                     d.error_kind, d.error_message) IS DISTINCT FROM (s.running_version, s.state, \
+                     s.reported_target, s.error_kind, s.error_message) \
+                     THEN clock_timestamp() ELSE d.standing_changed_at END \
+                 FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], \
+                     $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], \
+                     $12::text[]) AS s(id, last_seen, address, running_version, state, booted_slot, \
+                     reported_target, done, total, fetched, error_kind, error_message) \
+                 WHERE d.id = s.id",
+            )
+            .bind(&columns.id)
+            .bind(&columns.last_seen)
+            .bind(&columns.address)
+            .bind(&columns.running_version)
+            .bind(&columns.state)
+            .bind(&columns.booted_slot)
+            .bind(&columns.reported_target)
+            .bind(&columns.done)
+            .bind(&columns.total)
+            .bind(&columns.fetched)
+            .bind(&columns.error_kind)
+            .bind(&columns.error_message)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?
+            .rows_affected();
+        }
+        if !seen_only.is_empty() {
+            let mut id = Vec::with_capacity(seen_only.len());
+            let mut last_seen = Vec::with_capacity(seen_only.len());
+            let mut address = Vec::with_capacity(seen_only.len());
+            for s in &seen_only {
+                id.push(s.id.as_str().to_owned());
+                last_seen.push(stamp::parse_opt(
+                    "a device's last-seen time",
+                    s.last_seen.as_deref(),
+                )?);
+                address.push(s.address.clone());
+            }
+            written += sqlx::query(
+                "UPDATE devices d SET last_seen = COALESCE(s.last_seen, d.last_seen), \
+                 address = COALESCE(s.address, d.address) \
+                 FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS s(id, last_seen, address) \
+                 WHERE d.id = s.id",
+            )
+            .bind(&id)
+            .bind(&last_seen)
+            .bind(&address)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?
+            .rows_affected();
         }
         tx.commit().await.map_err(db(action))?;
         Ok(written)
@@ -1015,7 +1099,7 @@ impl Store for PgStore {
             )));
         }
         sqlx::query(
-            "UPDATE rollout_devices SET outcome = 'superseded' \
+            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = clock_timestamp() \
              WHERE rollout_id <> $1 AND outcome IS NULL AND device_id = ANY($2::text[])",
         )
         .bind(id)
@@ -1023,16 +1107,32 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(db("superseding older rollouts"))?;
+        let offer = ids(plan.offer);
+        let offered: Vec<bool> = {
+            let offer: std::collections::HashSet<&DeviceId> = plan.offer.iter().collect();
+            members.iter().map(|(d, _)| offer.contains(d)).collect()
+        };
         sqlx::query(
-            "INSERT INTO rollout_devices (rollout_id, device_id, phase) \
-             SELECT $1, m.id, m.phase FROM unnest($2::text[], $3::bigint[]) AS m(id, phase)",
+            "INSERT INTO rollout_devices (rollout_id, device_id, phase, offered_at, changed_at) \
+             SELECT $1, m.id, m.phase, CASE WHEN m.offered THEN $4 END, clock_timestamp() \
+             FROM unnest($2::text[], $3::bigint[], $5::bool[]) AS m(id, phase, offered)",
         )
         .bind(id)
         .bind(&devices)
         .bind(&phases)
+        .bind(created_at)
+        .bind(&offered)
         .execute(&mut *tx)
         .await
         .map_err(db("targeting a device"))?;
+        if !offer.is_empty() {
+            sqlx::query("UPDATE devices SET target_rollout = $1 WHERE id = ANY($2::text[])")
+                .bind(id)
+                .bind(&offer)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("offering a rollout's first devices"))?;
+        }
         tx.commit().await.map_err(db("committing a rollout"))?;
         Ok(RolloutRecord {
             id,
@@ -1069,7 +1169,8 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await.map_err(db(action))?;
         lock_memberships(&mut tx, action).await?;
         let added = sqlx::query(
-            "INSERT INTO rollout_devices (rollout_id, device_id, phase) SELECT $1, $2, $3 \
+            "INSERT INTO rollout_devices (rollout_id, device_id, phase, changed_at) \
+             SELECT $1, $2, $3, clock_timestamp() \
              WHERE NOT EXISTS (SELECT 1 FROM rollout_devices WHERE device_id = $2 AND rollout_id > $1) \
              ON CONFLICT DO NOTHING",
         )
@@ -1083,7 +1184,7 @@ impl Store for PgStore {
             > 0;
         if added {
             sqlx::query(
-                "UPDATE rollout_devices SET outcome = 'superseded' \
+                "UPDATE rollout_devices SET outcome = 'superseded', changed_at = clock_timestamp() \
                  WHERE device_id = $1 AND rollout_id < $2 AND outcome IS NULL",
             )
             .bind(device.as_str())
@@ -1179,6 +1280,38 @@ impl Store for PgStore {
         .collect()
     }
 
+    async fn change_mark(&self) -> StoreResult<String> {
+        let now: OffsetDateTime = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("reading the database's clock"))?;
+        Ok(stamp::shown(stamp::truncate(now)))
+    }
+
+    async fn rollout_member_changes(
+        &self,
+        id: i64,
+        since: &str,
+    ) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>> {
+        let since = stamp::parse("the start of a read of changes", since)?;
+        let first = STANDING_COLUMNS.matches(", ").count() + 1;
+        sqlx::query(&format!(
+            "SELECT {STANDING_COLUMNS}, {MEMBER_COLUMNS} \
+             FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             WHERE rd.rollout_id = $1 AND rd.device_id IN ( \
+                 SELECT id FROM devices WHERE standing_changed_at >= $2 \
+                 UNION SELECT device_id FROM rollout_devices WHERE rollout_id = $1 AND changed_at >= $2)"
+        ))
+        .bind(id)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading a rollout's changed devices"))?
+        .iter()
+        .map(|row| Ok((member_at(row, first)?, standing_from_row(row)?)))
+        .collect()
+    }
+
     async fn rollout_members_page(
         &self,
         id: i64,
@@ -1249,7 +1382,8 @@ impl Store for PgStore {
         if !change.offer.is_empty() {
             let offered = ids(change.offer);
             sqlx::query(
-                "UPDATE rollout_devices SET offered_at = $1 WHERE rollout_id = $2 AND offered_at IS NULL \
+                "UPDATE rollout_devices SET offered_at = $1, changed_at = clock_timestamp() \
+                 WHERE rollout_id = $2 AND offered_at IS NULL \
                  AND device_id = ANY($3::text[])",
             )
             .bind(now)
@@ -1276,7 +1410,8 @@ impl Store for PgStore {
             let errors: Vec<Option<String>> =
                 change.settle.iter().map(|(_, _, e)| e.clone()).collect();
             sqlx::query(
-                "UPDATE rollout_devices rd SET outcome = s.outcome, error = s.error \
+                "UPDATE rollout_devices rd SET outcome = s.outcome, error = s.error, \
+                 changed_at = clock_timestamp() \
                  FROM unnest($1::text[], $2::text[], $3::text[]) AS s(device_id, outcome, error) \
                  WHERE rd.rollout_id = $4 AND rd.device_id = s.device_id AND rd.outcome IS NULL",
             )
@@ -1300,7 +1435,7 @@ impl Store for PgStore {
             }
             let devices = ids(devices);
             sqlx::query(&format!(
-                "UPDATE rollout_devices SET {member_change} \
+                "UPDATE rollout_devices SET {member_change}, changed_at = clock_timestamp() \
                  WHERE rollout_id = $1 AND device_id = ANY($2::text[]) AND outcome IS NULL"
             ))
             .bind(id)
@@ -1319,7 +1454,7 @@ impl Store for PgStore {
         }
         if !change.accept_failures.is_empty() {
             sqlx::query(
-                "UPDATE rollout_devices SET failure_accepted = TRUE \
+                "UPDATE rollout_devices SET failure_accepted = TRUE, changed_at = clock_timestamp() \
                  WHERE rollout_id = $1 AND device_id = ANY($2::text[])",
             )
             .bind(id)

@@ -63,6 +63,10 @@ fn member_from_row(row: SqliteRow) -> StoreResult<(MemberRecord, DeviceRecord)> 
 }
 
 /// [`DeviceStanding`]'s columns, in the order [`standing_from_row`] reads them.
+/// SQLite's clock as a stored time (fixed-width UTC text, see
+/// [`stamp`]): when a member row, or a device's standing, changed.
+const CLOCK: &str = "(strftime('%Y-%m-%dT%H:%M:%f', 'now') || '000Z')";
+
 const STANDING_COLUMNS: &str =
     "d.id, d.running_version, d.state, d.reported_target, d.error_kind, d.error_message, d.target_rollout";
 
@@ -951,11 +955,17 @@ impl Store for SqliteStore {
                         ),
                         None => (None, None, None),
                     };
-                    sqlx::query(
-                        "UPDATE devices SET last_seen = COALESCE(?, last_seen), address = COALESCE(?, address), \
-                         running_version = ?, state = ?, booted_slot = ?, reported_target = ?, progress_done = ?, \
-                         progress_total = ?, progress_fetched = ?, error_kind = ?, error_message = ? WHERE id = ?",
-                    )
+                    // The standing's stamp moves only when what decides a
+                    // rollout changed, not with every progress report.
+                    sqlx::query(&format!(
+                        "UPDATE devices SET last_seen = COALESCE(?1, last_seen), address = COALESCE(?2, address), \
+                         running_version = ?3, state = ?4, booted_slot = ?5, reported_target = ?6, progress_done = ?7, \
+                         progress_total = ?8, progress_fetched = ?9, error_kind = ?10, error_message = ?11, \
+                         standing_changed_at = CASE WHEN running_version IS NOT ?3 OR state IS NOT ?4 \
+                             OR reported_target IS NOT ?6 OR error_kind IS NOT ?10 OR error_message IS NOT ?11 \
+                             THEN {CLOCK} ELSE standing_changed_at END \
+                         WHERE id = ?12"
+                    ))
                     .bind(last_seen.as_deref())
                     .bind(s.address.as_deref())
                     .bind(report.running_version.as_str())
@@ -1107,12 +1117,18 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(db("starting a rollout"))?;
-        // Set-based, three statements whatever the rollout's size: one
+        // Set-based, four statements whatever the rollout's size: one
         // statement per member (check, supersede, insert) held the write
         // lock for 12 s at 100 000 devices, longer than other writers wait
         // for it (the busy timeout), so their writes failed meanwhile.
-        let members = serde_json::to_string(members)
-            .unwrap_or_else(|e| unreachable!("rollout members serialize: {e}"));
+        let offer: std::collections::HashSet<&DeviceId> = plan.offer.iter().collect();
+        let members = serde_json::to_string(
+            &members
+                .iter()
+                .map(|(d, phase)| (d, phase, offer.contains(d)))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_else(|e| unreachable!("rollout members serialize: {e}"));
         let unknown: Option<String> = sqlx::query_scalar(
             "SELECT json_extract(m.value, '$[0]') FROM json_each(?) m \
              WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = json_extract(m.value, '$[0]')) \
@@ -1128,25 +1144,41 @@ impl Store for SqliteStore {
             )));
         }
         // A newer rollout of a device takes over from older ones.
-        sqlx::query(
-            "UPDATE rollout_devices SET outcome = 'superseded' \
+        sqlx::query(&format!(
+            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = {CLOCK} \
              WHERE rollout_id <> ? AND outcome IS NULL \
-             AND device_id IN (SELECT json_extract(value, '$[0]') FROM json_each(?))",
-        )
+             AND device_id IN (SELECT json_extract(value, '$[0]') FROM json_each(?))"
+        ))
         .bind(id)
         .bind(&members)
         .execute(&mut *tx)
         .await
         .map_err(db("superseding older rollouts"))?;
-        sqlx::query(
-            "INSERT INTO rollout_devices (rollout_id, device_id, phase) \
-             SELECT ?, json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)",
-        )
+        let offered_ids =
+            serde_json::to_string(&plan.offer.iter().map(DeviceId::as_str).collect::<Vec<_>>())
+                .unwrap_or_else(|e| unreachable!("device ids serialize: {e}"));
+        sqlx::query(&format!(
+            "INSERT INTO rollout_devices (rollout_id, device_id, phase, offered_at, changed_at) \
+             SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
+                    CASE WHEN json_extract(value, '$[2]') THEN ?3 END, {CLOCK} \
+             FROM json_each(?2)"
+        ))
         .bind(id)
         .bind(&members)
+        .bind(&created_at)
         .execute(&mut *tx)
         .await
         .map_err(db("targeting a device"))?;
+        if !plan.offer.is_empty() {
+            sqlx::query(
+                "UPDATE devices SET target_rollout = ? WHERE id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(id)
+            .bind(&offered_ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("offering a rollout's first devices"))?;
+        }
         tx.commit().await.map_err(db("committing a rollout"))?;
         Ok(RolloutRecord {
             id,
@@ -1183,10 +1215,11 @@ impl Store for SqliteStore {
         let mut tx = self.begin_write(action).await?;
         // A newer rollout of the device (finished or not) is the operator's
         // newer decision for it: an older dynamic one does not take it back.
-        let added = sqlx::query(
-            "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, phase) SELECT ?, ?, ? \
-             WHERE NOT EXISTS (SELECT 1 FROM rollout_devices WHERE device_id = ? AND rollout_id > ?)",
-        )
+        let added = sqlx::query(&format!(
+            "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, phase, changed_at) \
+             SELECT ?, ?, ?, {CLOCK} \
+             WHERE NOT EXISTS (SELECT 1 FROM rollout_devices WHERE device_id = ? AND rollout_id > ?)"
+        ))
         .bind(id)
         .bind(device.as_str())
         .bind(i64::from(phase))
@@ -1198,10 +1231,10 @@ impl Store for SqliteStore {
         .rows_affected()
             > 0;
         if added {
-            sqlx::query(
-                "UPDATE rollout_devices SET outcome = 'superseded' \
-                 WHERE device_id = ? AND rollout_id < ? AND outcome IS NULL",
-            )
+            sqlx::query(&format!(
+                "UPDATE rollout_devices SET outcome = 'superseded', changed_at = {CLOCK} \
+                 WHERE device_id = ? AND rollout_id < ? AND outcome IS NULL"
+            ))
             .bind(device.as_str())
             .bind(id)
             .execute(&mut *tx)
@@ -1300,6 +1333,38 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn change_mark(&self) -> StoreResult<String> {
+        let now: String = sqlx::query_scalar(&format!("SELECT {CLOCK}"))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("reading the database's clock"))?;
+        Ok(stamp::shown_text(now))
+    }
+
+    async fn rollout_member_changes(
+        &self,
+        id: i64,
+        since: &str,
+    ) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>> {
+        let since = stamp::stored("the start of a read of changes", since)?;
+        let first = STANDING_COLUMNS.matches(", ").count() + 1;
+        sqlx::query(&format!(
+            "SELECT {STANDING_COLUMNS}, {MEMBER_COLUMNS} \
+             FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             WHERE rd.rollout_id = ?1 AND rd.device_id IN ( \
+                 SELECT id FROM devices WHERE standing_changed_at >= ?2 \
+                 UNION SELECT device_id FROM rollout_devices WHERE rollout_id = ?1 AND changed_at >= ?2)"
+        ))
+        .bind(id)
+        .bind(&since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading a rollout's changed devices"))?
+        .into_iter()
+        .map(|row| Ok((member_at(&row, first)?, standing_from_row(&row)?)))
+        .collect()
+    }
+
     async fn rollout_members_page(
         &self,
         id: i64,
@@ -1385,10 +1450,11 @@ impl Store for SqliteStore {
                     .collect::<Vec<_>>(),
             )
             .expect("device ids serialize");
-            sqlx::query(
-                "UPDATE rollout_devices SET offered_at = ? WHERE rollout_id = ? AND offered_at IS NULL \
-                 AND device_id IN (SELECT value FROM json_each(?))",
-            )
+            sqlx::query(&format!(
+                "UPDATE rollout_devices SET offered_at = ?, changed_at = {CLOCK} \
+                 WHERE rollout_id = ? AND offered_at IS NULL \
+                 AND device_id IN (SELECT value FROM json_each(?))"
+            ))
             .bind(&now)
             .bind(id)
             .bind(&offered)
@@ -1405,9 +1471,10 @@ impl Store for SqliteStore {
             .map_err(db(action))?;
         }
         for (device, outcome, error) in change.settle {
-            sqlx::query(
-                "UPDATE rollout_devices SET outcome = ?, error = ? WHERE rollout_id = ? AND device_id = ? AND outcome IS NULL",
-            )
+            sqlx::query(&format!(
+                "UPDATE rollout_devices SET outcome = ?, error = ?, changed_at = {CLOCK} \
+                 WHERE rollout_id = ? AND device_id = ? AND outcome IS NULL"
+            ))
             .bind(enum_text(outcome))
             .bind(error.as_deref())
             .bind(id)
@@ -1423,7 +1490,8 @@ impl Store for SqliteStore {
             .chain(change.hold.iter().map(|d| (d, "offered_at = NULL")));
         for (device, member_change) in taken_back {
             let sql = format!(
-                "UPDATE rollout_devices SET {member_change} WHERE rollout_id = ? AND device_id = ? AND outcome IS NULL"
+                "UPDATE rollout_devices SET {member_change}, changed_at = {CLOCK} \
+                 WHERE rollout_id = ? AND device_id = ? AND outcome IS NULL"
             );
             sqlx::query(&sql)
                 .bind(id)
@@ -1441,7 +1509,7 @@ impl Store for SqliteStore {
             .map_err(db(action))?;
         }
         for device in change.accept_failures {
-            sqlx::query("UPDATE rollout_devices SET failure_accepted = 1 WHERE rollout_id = ? AND device_id = ?")
+            sqlx::query(&format!("UPDATE rollout_devices SET failure_accepted = 1, changed_at = {CLOCK} WHERE rollout_id = ? AND device_id = ?"))
                 .bind(id)
                 .bind(device.as_str())
                 .execute(&mut *tx)
@@ -1644,7 +1712,7 @@ mod tests {
                 .fetch_all(&store.pool)
                 .await
                 .unwrap();
-        assert_eq!(applied, [1, 2]);
+        assert_eq!(applied, [1, 2, 3]);
         let devices = store.list_devices().await.unwrap();
         // In enrollment order: 10:00:00, .123456, .5 (as text it was .1, .5, Z).
         assert_eq!(ids(&devices), ["dev-b", "dev-c", "dev-a"]);
@@ -1755,6 +1823,7 @@ mod tests {
             state: &state,
             tags: None,
             from_versions: &[],
+            offer: &[],
         };
         let new = store
             .create_rollout(
@@ -1889,6 +1958,7 @@ mod tests {
             state: &state,
             tags: None,
             from_versions: &[],
+            offer: &[],
         };
         let id = |s: &str| -> DeviceId { s.parse().unwrap() };
         let start = |members: Vec<(DeviceId, u32)>| {
