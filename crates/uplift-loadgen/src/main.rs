@@ -149,6 +149,8 @@ struct Args {
     /// API's responsiveness, during a reconnect storm for instance).
     #[arg(long, default_value_t = 0)]
     probe_admin: u64,
+    /// Milliseconds between two admin API probes (one at a time: a slow
+    /// answer delays the next).
     #[arg(long, default_value_t = 100)]
     probe_interval_ms: u64,
     /// Stop probing the admin API once FILE exists (before --probe-admin
