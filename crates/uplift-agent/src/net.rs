@@ -188,6 +188,18 @@ async fn connect_tcp(host: &str, port: u16, bind: Option<IpAddr>) -> std::io::Re
     } else {
         TcpSocket::new_v6()?
     };
+    // The port is chosen at connect, unique for the four-tuple only: a
+    // port bound before connect is reserved for every destination, and a
+    // generator's 100 000 sessions would take every ephemeral port from
+    // the other processes on the host (a balancer's own connections to the
+    // replicas fail with "no free ports").
+    #[cfg(target_os = "linux")]
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .map_err(std::io::Error::from)?;
     socket.bind(SocketAddr::new(local, 0))?;
     socket.connect(remote).await
 }

@@ -19,7 +19,19 @@
 //!    outside);
 //! 5. with `--storm`: wait for the server to be killed and restarted (by
 //!    whoever runs this: `bench/sessions` does), then time how long until
-//!    every session is back and the peak rate of new sessions.
+//!    every session is back and the peak rate of new sessions; with
+//!    `--storm-kill-file`, one replica of several is killed instead (by
+//!    `bench/replicas`), and the storm runs from the kill until every
+//!    session that dropped is back on another.
+//!
+//! Several generators share one rollout (`bench/replicas` runs them, each
+//! under its own 20 000 open files): each writes `--connected-file` once
+//! its sessions are up, one more (`--sessions 0 --release V`) starts the
+//! rollout and writes its start (wall clock) to `--rollout-file`, where the
+//! others read it to time their offers; `--samples` writes each one's raw
+//! figures (offer latencies, drops and returns as UNIX milliseconds), so
+//! percentiles and rates are computed over all sessions. A generator with
+//! `--sessions 0 --probe-admin S` times the admin API's answers meanwhile.
 
 mod measure;
 
@@ -29,8 +41,8 @@ use base64::Engine;
 use clap::Parser;
 use ed25519_dalek::{Signer, SigningKey};
 use futures_util::{SinkExt, StreamExt};
-use measure::{Latencies, ProcSample};
-use serde::Serialize;
+use measure::{Latencies, ProcSample, WallClock};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -116,11 +128,59 @@ struct Args {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// Several generators, one rollout. With `--release`: once the rollout
+    /// is started, write its ID and start time (wall clock) to FILE. Without:
+    /// wait for FILE (written by the generator that starts the rollout) and
+    /// time this generator's offers from the start written in it.
+    #[arg(long)]
+    rollout_file: Option<PathBuf>,
+    /// Created once every session is up (or the connect phase gave up), so
+    /// whoever runs several generators knows when to start the rollout.
+    #[arg(long)]
+    connected_file: Option<PathBuf>,
+    /// With --storm: one replica of several is killed rather than the only
+    /// server restarted. FILE appears once it was killed and holds the kill's
+    /// wall-clock time (UNIX milliseconds); the storm is timed from then
+    /// until every session that dropped is back (wherever it lands).
+    #[arg(long)]
+    storm_kill_file: Option<PathBuf>,
+    /// After the rollout phase, ask the admin API for its stats every
+    /// --probe-interval-ms for this many seconds and time every answer (the
+    /// API's responsiveness, during a reconnect storm for instance).
+    #[arg(long, default_value_t = 0)]
+    probe_admin: u64,
+    /// Milliseconds between two admin API probes (one at a time: a slow
+    /// answer delays the next).
+    #[arg(long, default_value_t = 100)]
+    probe_interval_ms: u64,
+    /// Stop probing the admin API once FILE exists (before --probe-admin
+    /// seconds have passed).
+    #[arg(long)]
+    probe_until_file: Option<PathBuf>,
+    /// Seconds to keep the sessions up after the last phase (and the
+    /// samples written), for checks from outside, before closing them.
+    #[arg(long, default_value_t = 0)]
+    linger: u64,
+    /// Stop lingering once FILE exists.
+    #[arg(long)]
+    linger_until_file: Option<PathBuf>,
+    /// Write the raw samples (offer latencies, storm drops and returns,
+    /// admin probes; times as UNIX milliseconds) as JSON to FILE, for
+    /// figures over several generators.
+    #[arg(long)]
+    samples: Option<PathBuf>,
 }
 
 /// The agent's silence limit: the server pings every 20 s.
 const SILENCE_LIMIT: Duration = Duration::from_secs(75);
 const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+/// With a replica killed, how long its sessions may take to notice: the
+/// kernel closes the dead process's sockets at once, and the balancer
+/// passes the close on.
+const KILL_NOTICE: Duration = Duration::from_secs(10);
+/// With a replica killed, the storm is over once every session that
+/// dropped is back and none dropped for this long.
+const STORM_QUIET: Duration = Duration::from_secs(1);
 
 #[tokio::main]
 async fn main() {
@@ -249,6 +309,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("uplift-loadgen: no server pid (give --server-pid); server memory and CPU are not measured");
     }
 
+    // Several generators, one rollout started by another: this one times
+    // the offers of a rollout it did not start.
+    let follower = args.rollout_file.is_some() && args.release.is_none();
+    let clock = WallClock::now();
     let n = args.sessions;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
@@ -261,7 +325,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fatal: Mutex::new(Vec::new()),
         retries: AtomicUsize::new(0),
         last_error: Mutex::new(None),
-        timing_offers: AtomicBool::new(false),
+        // A follower's rollout may start before it reads the file.
+        timing_offers: AtomicBool::new(follower),
         storm_armed: AtomicBool::new(false),
         storm_dropped: AtomicUsize::new(0),
         storm_back: AtomicUsize::new(0),
@@ -305,52 +370,61 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         eprintln!("uplift-loadgen: {connected} sessions up in {connect_secs:.2} s");
     }
+    if let Some(path) = &args.connected_file {
+        std::fs::write(path, format!("{connected}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
 
     // Phase 2: idle memory.
     sleep_within(deadline, Duration::from_secs(args.settle)).await;
     let idle = server_pid.and_then(ProcSample::take);
+    // A follower's sessions are spread over replicas: one replica's count
+    // would say nothing about them.
     let online_by_server = match &admin {
-        Some(admin) => admin.devices_online().await.ok(),
-        None => None,
+        Some(admin) if !follower => admin.devices_online().await.ok(),
+        _ => None,
     };
 
     // Phase 3: a rollout and its offers.
     let mut rollout = None;
+    let mut samples = Samples::default();
     if let (Some(version), Some(admin)) = (&args.release, &admin) {
         shared.timing_offers.store(true, Relaxed);
         let t0 = Instant::now();
         let id = admin.start_rollout(version).await?;
         let start_answered = t0.elapsed();
-        wait_until(deadline, || {
-            shared
-                .offers
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|o| o.is_some())
-                .count()
-                >= connected
-        })
-        .await;
-        let lat: Vec<Duration> = shared
-            .offers
-            .lock()
-            .unwrap()
-            .iter()
-            .flatten()
-            .filter(|(_, r)| *r == id)
-            .map(|(at, _)| at.saturating_duration_since(t0))
-            .collect();
+        if let Some(path) = &args.rollout_file {
+            let start = RolloutStart {
+                rollout_id: id,
+                started_unix_ms: clock.unix_ms(t0),
+            };
+            std::fs::write(path, serde_json::to_vec(&start)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        let (result, offer_ms) =
+            time_offers(&shared, deadline, connected, id, clock, clock.unix_ms(t0)).await;
         rollout = Some(RolloutResult {
-            rollout_id: id,
-            start_request_ms: ms(start_answered),
-            offers: lat.len(),
-            latency: Latencies::of(lat),
+            start_request_ms: Some(ms(start_answered)),
+            ..result
         });
+        samples.offer_ms = offer_ms;
+    } else if let (true, Some(path)) = (follower, &args.rollout_file) {
+        let start: RolloutStart = wait_for_json(path, deadline).await?;
+        let (result, offer_ms) = time_offers(
+            &shared,
+            deadline,
+            connected,
+            start.rollout_id,
+            clock,
+            start.started_unix_ms,
+        )
+        .await;
+        rollout = Some(result);
+        samples.offer_ms = offer_ms;
     }
     let after_offers = server_pid.and_then(ProcSample::take);
 
-    // Phase 4: hold.
+    // Phase 4: hold, or probe the admin API.
     if args.hold > 0 {
         eprintln!(
             "uplift-loadgen: holding {} sessions for {} s",
@@ -358,6 +432,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
             args.hold
         );
         sleep_within(deadline, Duration::from_secs(args.hold)).await;
+    }
+    let mut probe = None;
+    if args.probe_admin > 0 {
+        let admin = admin
+            .as_ref()
+            .context("--probe-admin needs an admin token (--admin-token or a ready file)")?;
+        let until = (Instant::now() + Duration::from_secs(args.probe_admin)).min(deadline);
+        samples.probes = probe_admin(
+            admin,
+            until,
+            args.probe_until_file.as_deref(),
+            Duration::from_millis(args.probe_interval_ms.max(1)),
+            clock,
+        )
+        .await;
+        probe = Some(ProbeResult::of(&samples.probes));
     }
 
     // Phase 5: the reconnect storm.
@@ -369,14 +459,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
             std::fs::write(path, b"ready\n")
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        eprintln!("uplift-loadgen: waiting for the server to restart (reconnect storm)");
-        let dropped = wait_until(deadline, || shared.storm_dropped.load(Relaxed) > 0).await;
+        let killed_unix_ms = match &args.storm_kill_file {
+            Some(path) => {
+                eprintln!("uplift-loadgen: waiting for a replica to be killed (reconnect storm)");
+                let killed: Killed = wait_for_json(path, deadline).await?;
+                Some(killed.killed_unix_ms)
+            }
+            None => {
+                eprintln!("uplift-loadgen: waiting for the server to restart (reconnect storm)");
+                None
+            }
+        };
+        // The only server restarted: every session drops, whenever that is.
+        // One replica of several killed: its sessions drop at once, or
+        // none of this generator's did.
+        let drop_deadline = match killed_unix_ms {
+            Some(_) => (Instant::now() + KILL_NOTICE).min(deadline),
+            None => deadline,
+        };
+        let dropped = wait_until(drop_deadline, || shared.storm_dropped.load(Relaxed) > 0).await;
         if dropped {
             // Every session that dropped back again. Sessions notice the
             // kill at different moments (a restarted server may take some
             // back before the last has noticed), so each counts its own.
-            let back = wait_until(deadline, || shared.storm_back.load(Relaxed) >= connected).await;
+            let back = match killed_unix_ms {
+                None => wait_until(deadline, || shared.storm_back.load(Relaxed) >= connected).await,
+                Some(_) => every_dropped_back(&shared, deadline, connected).await,
+            };
             let first_drop = shared.drops.lock().unwrap()[drops_before];
+            let drops: Vec<Instant> = shared.drops.lock().unwrap()[drops_before..].to_vec();
             let welcomes: Vec<Instant> = shared
                 .welcomes
                 .lock()
@@ -385,13 +496,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .copied()
                 .filter(|w| *w > first_drop)
                 .collect();
+            let since_kill = |t: Instant| killed_unix_ms.map(|k| clock.unix_ms(t) - k);
             storm = Some(StormResult {
                 dropped: shared.storm_dropped.load(Relaxed),
                 all_back: back,
                 back: shared.storm_back.load(Relaxed),
+                first_drop_after_kill_ms: since_kill(first_drop),
                 first_back_after_drop_ms: welcomes.first().map(|w| ms(*w - first_drop)),
                 all_back_after_drop_ms: back
                     .then(|| welcomes.last().map(|w| ms(*w - first_drop)))
+                    .flatten(),
+                all_back_after_kill_ms: back
+                    .then(|| welcomes.last().and_then(|w| since_kill(*w)))
                     .flatten(),
                 all_back_after_first_back_ms: back
                     .then(|| Some(ms(*welcomes.last()? - *welcomes.first()?)))
@@ -402,8 +518,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     Duration::from_millis(100),
                 ),
             });
+            samples.drop_unix_ms = drops.iter().map(|d| clock.unix_ms(*d)).collect();
+            samples.back_unix_ms = welcomes.iter().map(|w| clock.unix_ms(*w)).collect();
+        } else {
+            storm = Some(StormResult {
+                all_back: true,
+                ..StormResult::default()
+            });
         }
+        samples.killed_unix_ms = killed_unix_ms;
     }
+    if let Some(path) = &args.samples {
+        std::fs::write(path, serde_json::to_vec(&samples)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let linger_end = (Instant::now() + Duration::from_secs(args.linger)).min(deadline);
+    wait_until(linger_end, || {
+        args.linger_until_file
+            .as_deref()
+            .is_some_and(|f| f.exists())
+    })
+    .await;
 
     let _ = stop_tx.send(true);
     for t in tasks {
@@ -442,6 +577,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ => None,
         },
         rollout,
+        probe,
         storm,
         last_error: shared.last_error.lock().unwrap().clone(),
     };
@@ -454,6 +590,185 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::process::exit(2);
     }
     Ok(())
+}
+
+/// Written by the generator that starts the rollout, read by the others.
+#[derive(Debug, Serialize, Deserialize)]
+struct RolloutStart {
+    rollout_id: i64,
+    /// Just before `POST /api/v1/rollouts`, as UNIX milliseconds.
+    started_unix_ms: f64,
+}
+
+/// Written by whoever killed a replica.
+#[derive(Debug, Deserialize)]
+struct Killed {
+    killed_unix_ms: f64,
+}
+
+/// Raw samples, so that figures over several generators are computed over
+/// all their sessions (percentiles of percentiles would not be).
+#[derive(Debug, Default, Serialize)]
+struct Samples {
+    /// Per session offered: from the rollout's start to its offer.
+    offer_ms: Vec<f64>,
+    killed_unix_ms: Option<f64>,
+    /// Storm: every session seen dropping, and every one back.
+    drop_unix_ms: Vec<f64>,
+    back_unix_ms: Vec<f64>,
+    probes: Vec<Probe>,
+}
+
+#[derive(Debug, Serialize)]
+struct Probe {
+    at_unix_ms: f64,
+    ms: f64,
+    /// What went wrong, for a probe that failed or timed out.
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ProbeResult {
+    count: usize,
+    errors: usize,
+    latency: Option<Latencies>,
+}
+
+impl ProbeResult {
+    fn of(probes: &[Probe]) -> Self {
+        Self {
+            count: probes.len(),
+            errors: probes.iter().filter(|p| p.error.is_some()).count(),
+            latency: Latencies::of(
+                probes
+                    .iter()
+                    .filter(|p| p.error.is_none())
+                    .map(|p| Duration::from_secs_f64(p.ms / 1e3))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Waits (to the deadline) until every session up has the offer of
+/// `rollout_id`, then measures each from `started_unix_ms`.
+async fn time_offers(
+    shared: &Shared,
+    deadline: Instant,
+    connected: usize,
+    rollout_id: i64,
+    clock: WallClock,
+    started_unix_ms: f64,
+) -> (RolloutResult, Vec<f64>) {
+    let offered = || {
+        shared
+            .offers
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .filter(|(_, r)| *r == rollout_id)
+            .count()
+    };
+    wait_until(deadline, || offered() >= connected).await;
+    let offer_ms: Vec<f64> = shared
+        .offers
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .filter(|(_, r)| *r == rollout_id)
+        .map(|(at, _)| (clock.unix_ms(*at) - started_unix_ms).max(0.0))
+        .collect();
+    let result = RolloutResult {
+        rollout_id,
+        start_request_ms: None,
+        offers: offer_ms.len(),
+        latency: Latencies::of(
+            offer_ms
+                .iter()
+                .map(|m| Duration::from_secs_f64(m / 1e3))
+                .collect(),
+        ),
+    };
+    (result, offer_ms)
+}
+
+/// With one replica of several killed: waits until every session that
+/// dropped is back and every session up, and stays so for `STORM_QUIET`
+/// (a session that noticed its drop late would have dropped meanwhile).
+async fn every_dropped_back(shared: &Shared, deadline: Instant, connected: usize) -> bool {
+    let settled = || {
+        shared.storm_back.load(Relaxed) >= shared.storm_dropped.load(Relaxed)
+            && shared.online.load(Relaxed) >= connected
+    };
+    loop {
+        if !wait_until(deadline, settled).await {
+            return false;
+        }
+        let dropped = shared.storm_dropped.load(Relaxed);
+        sleep_within(deadline, STORM_QUIET).await;
+        if settled() && shared.storm_dropped.load(Relaxed) == dropped {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+    }
+}
+
+/// Asks the admin API for its stats, one request at a time, every
+/// `interval` until `until` or `until_file` exists; each answer timed
+/// (10 s at most).
+async fn probe_admin(
+    admin: &Admin,
+    until: Instant,
+    until_file: Option<&std::path::Path>,
+    interval: Duration,
+    clock: WallClock,
+) -> Vec<Probe> {
+    let mut probes = Vec::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let at = Instant::now();
+        if at >= until || until_file.is_some_and(|f| f.exists()) {
+            return probes;
+        }
+        let error = match tokio::time::timeout(PROBE_TIMEOUT, admin.devices_online()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
+        };
+        probes.push(Probe {
+            at_unix_ms: clock.unix_ms(at),
+            ms: ms(at.elapsed()),
+            error,
+        });
+    }
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Polls for `path` (written by another process) until the deadline, and
+/// parses it.
+async fn wait_for_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    deadline: Instant,
+) -> anyhow::Result<T> {
+    loop {
+        if let Ok(bytes) = std::fs::read(path) {
+            // Written whole by a rename, or partly: a partial one is read again.
+            if let Ok(value) = serde_json::from_slice(&bytes) {
+                return Ok(value);
+            }
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("{} did not appear by the deadline", path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -758,7 +1073,9 @@ impl Admin {
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
-            .timeout(Duration::from_secs(30))
+            // Starting a rollout of 100 000 devices takes the server some
+            // seconds (tens, on a busy machine); probes have their own bound.
+            .timeout(Duration::from_secs(120))
             .build()?;
         Ok(Self { client, url, token })
     }
@@ -797,20 +1114,25 @@ impl Admin {
 #[derive(Debug, Serialize)]
 struct RolloutResult {
     rollout_id: i64,
-    /// How long `POST /api/v1/rollouts` took to answer.
-    start_request_ms: f64,
+    /// How long `POST /api/v1/rollouts` took to answer (when this
+    /// generator started the rollout).
+    start_request_ms: Option<f64>,
     /// Sessions that received this rollout's offer.
     offers: usize,
     /// From just before the start request to each session's offer.
     latency: Option<Latencies>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 struct StormResult {
     /// Sessions that dropped once the generator waited for the restart.
     dropped: usize,
     all_back: bool,
     back: usize,
+    /// With a replica killed (`--storm-kill-file`): from the kill to the
+    /// first session seen dropping, and to the last one back.
+    first_drop_after_kill_ms: Option<f64>,
+    all_back_after_kill_ms: Option<f64>,
     /// From the first session seen dropping (the kill) to the first back.
     first_back_after_drop_ms: Option<f64>,
     /// From the first drop to the last session back.
@@ -846,6 +1168,8 @@ struct Results {
     /// Server CPU time from before the first connect to after the offers.
     server_cpu_secs: Option<f64>,
     rollout: Option<RolloutResult>,
+    /// `--probe-admin`: the admin API's answers.
+    probe: Option<ProbeResult>,
     storm: Option<StormResult>,
     last_error: Option<String>,
 }
@@ -886,8 +1210,11 @@ impl Results {
         if let Some(r) = &self.rollout {
             let _ = writeln!(
                 s,
-                "rollout {}         start answered in {:.0} ms; {} offers",
-                r.rollout_id, r.start_request_ms, r.offers
+                "rollout {}         start answered in {}; {} offers",
+                r.rollout_id,
+                r.start_request_ms
+                    .map_or("-".to_owned(), |m| format!("{m:.0} ms")),
+                r.offers
             );
             if let Some(l) = &r.latency {
                 let _ = writeln!(
@@ -896,6 +1223,18 @@ impl Results {
                     l.p50_ms, l.p99_ms, l.max_ms
                 );
             }
+        }
+        if let Some(p) = &self.probe {
+            let _ = writeln!(
+                s,
+                "admin API         {} requests, {} failed{}",
+                p.count,
+                p.errors,
+                p.latency.as_ref().map_or(String::new(), |l| format!(
+                    "; p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                    l.p50_ms, l.p99_ms, l.max_ms
+                ))
+            );
         }
         if let Some(st) = &self.storm {
             let _ = writeln!(
@@ -908,6 +1247,13 @@ impl Results {
                 opt(st.all_back_after_first_back_ms.map(|m| m / 1e3), "s"),
                 st.peak_sessions_per_sec
             );
+            if let Some(k) = st.all_back_after_kill_ms {
+                let _ = writeln!(
+                    s,
+                    "                  all back {:.1} s after the replica's kill",
+                    k / 1e3
+                );
+            }
         }
         if let Some(e) = &self.last_error {
             let _ = writeln!(s, "last error        {e}");

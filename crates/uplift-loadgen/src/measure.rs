@@ -2,7 +2,7 @@
 //! sums up latencies and rates.
 
 use serde::Serialize;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 /// Clock ticks per second of /proc/<pid>/stat's times (USER_HZ, 100 on Linux).
@@ -62,6 +62,39 @@ pub fn find_server_pid() -> Option<u32> {
         }
     }
     found
+}
+
+/// Instants as wall-clock time (UNIX milliseconds): comparable across the
+/// processes of one host (several generators, the script that killed a
+/// replica), which monotonic instants are not.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    at: Instant,
+    unix_ms: f64,
+}
+
+impl WallClock {
+    pub fn now() -> Self {
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3;
+        Self {
+            at: Instant::now(),
+            unix_ms,
+        }
+    }
+
+    /// `t` on the wall clock, read once when this was made (so a clock step
+    /// during the run does not move the figures).
+    pub fn unix_ms(&self, t: Instant) -> f64 {
+        if t >= self.at {
+            self.unix_ms + (t - self.at).as_secs_f64() * 1e3
+        } else {
+            self.unix_ms - (self.at - t).as_secs_f64() * 1e3
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -138,6 +171,18 @@ mod tests {
         assert_eq!(peak_rate(&events, Duration::from_secs(1)), 4);
         assert_eq!(peak_rate(&events, Duration::from_millis(100)), 20);
         assert_eq!(peak_rate(&[], Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn the_wall_clock_places_instants_before_and_after_its_reading() {
+        let clock = WallClock::now();
+        let later = clock.at + Duration::from_millis(1500);
+        assert_eq!(clock.unix_ms(later) - clock.unix_ms, 1500.0);
+        if let Some(earlier) = clock.at.checked_sub(Duration::from_millis(250)) {
+            assert_eq!(clock.unix_ms - clock.unix_ms(earlier), 250.0);
+        }
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        assert!((wall.as_secs_f64() * 1e3 - clock.unix_ms).abs() < 5_000.0);
     }
 
     #[test]
