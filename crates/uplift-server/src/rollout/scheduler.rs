@@ -47,29 +47,8 @@ const ATTEMPTS: usize = 4;
 
 /// Takes rollout `id` one engine step forward at `now`, if anything is due.
 pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(), StoreError> {
-    for _ in 0..ATTEMPTS {
-        let Some(plan) = state.store.rollout_plan(id).await? else {
-            return Ok(());
-        };
-        if plan.state.is_terminal() {
-            return Ok(());
-        }
-        let Some(rollout) = state.store.rollout(id).await? else {
-            return Ok(());
-        };
-        let members = members(state, id, &rollout.release).await?;
-        if step_once(state, &rollout, &plan, &members, now)
-            .await?
-            .is_some()
-        {
-            return Ok(());
-        }
-    }
-    tracing::warn!(
-        rollout = id,
-        "another actor kept changing the rollout; trying again next tick"
-    );
-    Ok(())
+    // A cache of its own: nothing held, so the members are read whole.
+    MemberCache::default().advance(state, id, now).await
 }
 
 /// The first step of a rollout about to be created with `planned`
