@@ -83,7 +83,17 @@ impl Drop for Balancer {
     }
 }
 
-/// The devices a replica has a channel with now (`online` is each replica's own view).
+/// The devices a replica holds a channel with now (its own sessions: the
+/// server's stats are per process).
+async fn sessions_on(client: &AdminClient) -> usize {
+    client
+        .stats()
+        .await
+        .map(|stats| stats.devices_online as usize)
+        .unwrap_or(0)
+}
+
+/// The devices a replica shows online: those of every replica.
 async fn online_on(client: &AdminClient) -> usize {
     client
         .devices()
@@ -192,16 +202,21 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
         views.len() == DEVICES && views.iter().all(|d| d.running_version == Some(v("1.0")))
     })
     .await;
-    // Both replicas hold channels.
+    // Both replicas hold channels, and each shows the whole fleet online:
+    // its own sessions and the other's.
     let deadline = Instant::now() + WAIT;
     let (on_first, on_second) = loop {
-        let counts = (online_on(&fx.client).await, online_on(&second_client).await);
-        if counts.0 + counts.1 == DEVICES {
+        let counts = (
+            sessions_on(&fx.client).await,
+            sessions_on(&second_client).await,
+        );
+        let shown = (online_on(&fx.client).await, online_on(&second_client).await);
+        if counts.0 + counts.1 == DEVICES && shown == (DEVICES, DEVICES) {
             break counts;
         }
         assert!(
             Instant::now() < deadline,
-            "devices online per replica: {counts:?}"
+            "sessions per replica {counts:?}, shown online per replica {shown:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -209,6 +224,14 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
         on_first > 0 && on_second > 0,
         "spread: {on_first} + {on_second}"
     );
+    for client in [&fx.client, &second_client] {
+        let fleet = client.fleet().await.unwrap();
+        assert_eq!(
+            (fleet.devices_total, fleet.online),
+            (DEVICES as u64, DEVICES as u64),
+            "the fleet overview counts every replica's sessions: {fleet:#?}"
+        );
+    }
 
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;
@@ -253,13 +276,17 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
     .await;
     eprintln!("every device on 1.1 {:?} after the kill", killed.elapsed());
     let deadline = Instant::now() + WAIT;
-    while online_on(&second_client).await < DEVICES {
+    while sessions_on(&second_client).await < DEVICES {
         assert!(
             Instant::now() < deadline,
             "every device back through the balancer"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The killed replica's presence is dropped once it has gone quiet
+    // (10 s): what is online is what the survivor holds.
+    let fleet = second_client.fleet().await.unwrap();
+    assert_eq!(fleet.online, DEVICES as u64, "{fleet:#?}");
     let status = second_client.rollout(rollout).await.unwrap();
     assert_eq!(
         (

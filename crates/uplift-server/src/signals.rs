@@ -140,6 +140,11 @@ impl Signals {
         }
     }
 
+    /// This replica's name among the others (empty when alone).
+    pub fn replica(&self) -> &str {
+        &self.origin
+    }
+
     /// Tells the other replicas; a failure is logged, not returned: what
     /// was signalled is stored already, and a replica that missed it learns
     /// it from the database when it next reloads.
