@@ -3,7 +3,8 @@
 //! "Running at scale". Real processes throughout. Devices connect through
 //! the balancer and land on either replica; a rollout started on one
 //! replica reaches the devices connected to the other at once (PostgreSQL
-//! NOTIFY); then the replica that holds the scheduler's lease is killed
+//! NOTIFY), each replica shows every device online and its event stream
+//! shows every device's events; then the replica that holds the scheduler's lease is killed
 //! with SIGKILL mid-rollout, its devices reconnect through the balancer to
 //! the survivor and finish: every device upgraded exactly once, the
 //! rollout finished, nothing lost.
@@ -19,6 +20,8 @@ use uplift_cli::client::AdminClient;
 use uplift_cli::fleet::{ServerLaunch, ServerProcess};
 use uplift_proto::api::{DeviceView, DownloadLimits};
 use uplift_proto::channel::AgentState;
+use uplift_proto::events::{EventAbout, EventStreamQuery, FleetEvent};
+use uplift_proto::DeviceId;
 use uplift_proto::SlotName;
 use uplift_s3_test_server::S3Server;
 use uplift_sim::postgres::TestPostgres;
@@ -100,6 +103,41 @@ async fn online_on(client: &AdminClient) -> usize {
         .await
         .map(|views| views.iter().filter(|d| d.online).count())
         .unwrap_or(0)
+}
+
+/// Follows a replica's event stream in the background: the devices each
+/// kind of device event (`download_started`, ...) was seen for.
+fn follow_device_events(
+    client: &AdminClient,
+) -> std::sync::Arc<std::sync::Mutex<Vec<(String, DeviceId)>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (client, into) = (client.clone(), seen.clone());
+    tokio::spawn(async move {
+        let mut response = client
+            .event_stream(&EventStreamQuery::default(), None)
+            .await
+            .expect("the event stream opens");
+        let mut text = String::new();
+        while let Ok(Some(bytes)) = response.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&bytes));
+            while let Some(end) = text.find('\n') {
+                let line: String = text.drain(..=end).collect();
+                let Some(data) = line.trim_end().strip_prefix("data:") else {
+                    continue;
+                };
+                if let Ok(FleetEvent {
+                    about: EventAbout::Device { device_id, event },
+                    ..
+                }) = serde_json::from_str(data.trim())
+                {
+                    into.lock()
+                        .unwrap()
+                        .push((event.name().to_owned(), device_id));
+                }
+            }
+        }
+    });
+    seen
 }
 
 async fn wait_views(
@@ -235,6 +273,8 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
 
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;
+    // An operator follows the fleet's events on the second replica.
+    let events_on_second = follow_device_events(&second_client);
     // Started on the second replica; the first replica's devices are told too.
     fx.client = second_client.clone();
     let started = Instant::now();
@@ -258,6 +298,27 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
         "{on_first} devices on replica 1, {on_second} on replica 2; every device working on \
          the release {reached:?} after the rollout started on replica 2"
     );
+
+    // Every device's download start is in the second replica's stream,
+    // those of the first replica's devices relayed from it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let started: std::collections::HashSet<DeviceId> = events_on_second
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(kind, _)| kind == "download_started")
+            .map(|(_, device)| device.clone())
+            .collect();
+        if started.len() == DEVICES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "download starts in the second replica's event stream: {started:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The first replica dies mid-rollout.
     let working = second_client.devices().await.unwrap();

@@ -272,6 +272,7 @@ impl Server {
         let deliverer = tokio::spawn(webhooks::run(self.state.clone(), stop_rx.clone()));
         let follower = tokio::spawn(signals::follow(self.state.clone(), stop_rx.clone()));
         let presence = tokio::spawn(presence::run(self.state.clone(), stop_rx.clone()));
+        let relay = tokio::spawn(signals::relay_events(self.state.clone(), stop_rx.clone()));
         let key_file = tokio::spawn(download_token::follow_key_file(
             self.state.clone(),
             self.token_keys_file.clone(),
@@ -311,6 +312,7 @@ impl Server {
         let _ = deliverer.await;
         let _ = follower.await;
         let _ = presence.await;
+        let _ = relay.await;
         let _ = key_file.await;
         self.state
             .budgets
