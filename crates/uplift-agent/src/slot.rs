@@ -12,7 +12,9 @@
 //! - a block device is opened with `O_EXCL`, which Linux gives a meaning
 //!   for block devices: the open fails with `EBUSY` while the device is
 //!   mounted or claimed (a misconfigured `[slots]` naming a mounted file
-//!   system is refused rather than overwritten under it).
+//!   system is refused rather than overwritten under it). A busy device is
+//!   tried again for a few seconds first: the journal thread of an install
+//!   attempt just cancelled may hold it for its last sync.
 //!
 //! Durability: writes go through the page cache and the writer syncs
 //! (`fdatasync`, which on a block device writes its dirty pages and flushes
@@ -28,6 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use uplift_proto::{ErrorKind, SlotName};
 
 /// What a slot's path is.
@@ -223,13 +226,27 @@ pub async fn check_capacity_async(
         })
 }
 
+/// How long a block device found busy is tried again: the journal thread
+/// of an install attempt just cancelled may still hold it for its last
+/// sync, and it lets go within that.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
+
 /// Opens the slot at `path` to write an image of `image_size` bytes: a
 /// block device exclusively, at least that large, never resized; a file
-/// (created if missing outside `/dev`) set to exactly that size.
+/// (created if missing outside `/dev`) set to exactly that size. Blocking.
 pub fn open_for_writing(
     slot: SlotName,
     path: &Path,
     image_size: u64,
+) -> Result<OpenSlot, SlotError> {
+    open_waiting(slot, path, image_size, BUSY_WAIT)
+}
+
+fn open_waiting(
+    slot: SlotName,
+    path: &Path,
+    image_size: u64,
+    busy_wait: Duration,
 ) -> Result<OpenSlot, SlotError> {
     let io = |action| {
         move |source| SlotError::Io {
@@ -251,19 +268,30 @@ pub fn open_for_writing(
     };
     match kind {
         SlotKind::BlockDevice => {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_EXCL)
-                .open(path)
-                .map_err(|source| match source.raw_os_error() {
-                    Some(libc::EBUSY) => SlotError::Busy {
-                        slot,
-                        path: path.to_owned(),
-                        source,
-                    },
-                    _ => io("open")(source),
-                })?;
+            let since = Instant::now();
+            let file = loop {
+                let opened = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_EXCL)
+                    .open(path);
+                match opened {
+                    Ok(file) => break file,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && since.elapsed() < busy_wait =>
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(source) if source.raw_os_error() == Some(libc::EBUSY) => {
+                        return Err(SlotError::Busy {
+                            slot,
+                            path: path.to_owned(),
+                            source,
+                        })
+                    }
+                    Err(source) => return Err(io("open")(source)),
+                }
+            };
             // Replaced between the look and the open: judge what was opened.
             if !file
                 .metadata()
@@ -371,6 +399,94 @@ mod tests {
         let err = open_for_writing(SlotName::A, Path::new("/dev/null"), 4096).unwrap_err();
         assert!(err.to_string().contains("a character device"), "{err}");
         assert_eq!(err.kind(), ErrorKind::SlotIo);
+    }
+
+    /// A loop device over a file of `size` bytes of `fill`, detached on drop.
+    struct Loop {
+        device: PathBuf,
+        backing: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Loop {
+        /// `None` (and a message) where loop devices cannot be had, outside CI.
+        fn attach(size: usize, fill: u8) -> Option<Self> {
+            let dir = tempfile::tempdir().unwrap();
+            let backing = dir.path().join("backing.img");
+            std::fs::write(&backing, vec![fill; size]).unwrap();
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&backing)
+                .output();
+            match out {
+                Ok(out) if out.status.success() => Some(Self {
+                    device: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+                    backing,
+                    _dir: dir,
+                }),
+                _ if std::env::var_os("CI").is_some() => {
+                    panic!("loop devices are needed under CI (root, losetup): {out:?}")
+                }
+                _ => {
+                    eprintln!("SKIPPED: no loop device (needs root and losetup): {out:?}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("--detach")
+                .arg(&self.device)
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_block_device_is_measured_by_its_end_opened_exclusively_and_never_resized() {
+        let Some(slot) = Loop::attach(1 << 20, 0xa5) else {
+            return;
+        };
+        let path = slot.device.as_path();
+        assert_eq!(std::fs::metadata(path).unwrap().len(), 0, "metadata says 0");
+        let err = open_for_writing(SlotName::B, path, 2 << 20).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SlotError::TooSmall {
+                    capacity: 1048576,
+                    needed: 2097152,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(matches!(
+            check_capacity(SlotName::B, path, 2 << 20),
+            Err(SlotError::TooSmall { .. })
+        ));
+        check_capacity(SlotName::B, path, 1 << 20).unwrap();
+
+        let opened = open_for_writing(SlotName::B, path, 4096).unwrap();
+        assert_eq!(opened.kind, SlotKind::BlockDevice);
+        assert_eq!(capacity_of(&opened.file).unwrap(), 1 << 20);
+        // Held exclusively: a second writer is refused while it is open.
+        let waited = Instant::now();
+        let busy = open_waiting(SlotName::B, path, 4096, Duration::from_millis(200)).unwrap_err();
+        assert!(
+            waited.elapsed() >= Duration::from_millis(200),
+            "tried again a while"
+        );
+        assert!(matches!(busy, SlotError::Busy { .. }), "{busy}");
+        assert!(busy.to_string().contains("in use"), "{busy}");
+        drop(opened);
+        drop(open_for_writing(SlotName::B, path, 4096).unwrap());
+        // Neither the device nor its backing file shrank to the image size.
+        let file = File::open(path).unwrap();
+        assert_eq!(capacity_of(&file).unwrap(), 1 << 20);
+        assert_eq!(std::fs::metadata(&slot.backing).unwrap().len(), 1 << 20);
     }
 
     #[test]

@@ -9,10 +9,13 @@ mod common;
 
 use common::*;
 use std::num::NonZeroU64;
+use std::os::unix::fs::FileTypeExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use uplift_cli::fleet::Device;
 use uplift_proto::api::DownloadLimits;
+use uplift_proto::channel::AgentState;
+use uplift_proto::SlotName;
 
 /// systemd's WatchdogSec for this run: the agent must feed every second.
 const WATCHDOG: Duration = Duration::from_secs(2);
@@ -102,16 +105,30 @@ fn longest_gap(feeds: &[Duration], from: Duration, to: Duration) -> Duration {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_says_when_it_is_ready_and_what_it_does_and_feeds_the_watchdog() {
+async fn the_agent_says_when_it_is_ready_and_what_it_does_and_its_main_loop_feeds_the_watchdog() {
     let fx = Fixture::start();
     let dir = fx.path("devices/notified");
-    let device = Device::provision(
-        &dir,
-        &fx.spec("hw-notified"),
-        &fx.server.endpoint,
-        &fx.image_v1_0,
-    )
-    .expect("provision the device");
+    let mut spec = fx.spec("hw-notified");
+    // On the trial boot of slot b, the health check passes after turning
+    // the boot environment into a FIFO: the commit that follows, in the
+    // agent's main loop, then waits forever to open it, a main loop hung
+    // in an action (as on a disk that stopped answering).
+    let (cmdline, bootenv) = (dir.join("cmdline"), dir.join("grubenv"));
+    spec.health_check = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "if grep -q uplift.slot=b {c}; then rm -f {e} && mkfifo {e}; fi",
+            c = cmdline.display(),
+            e = bootenv.display()
+        ),
+    ];
+    let device = Device::provision(&dir, &spec, &fx.server.endpoint, &fx.image_v1_0)
+        .expect("provision the device");
+    assert_eq!(
+        (device.cmdline_path(), device.bootenv_path()),
+        (cmdline, bootenv.clone())
+    );
     // What GRUB puts on the kernel command line; no boot simulator here:
     // systemd starts the agent itself.
     std::fs::write(device.cmdline_path(), "quiet uplift.slot=a\n").unwrap();
@@ -121,20 +138,27 @@ async fn the_agent_says_when_it_is_ready_and_what_it_does_and_feeds_the_watchdog
         start: Instant::now(),
         lines: Vec::new(),
     };
-    let log = std::fs::File::create(device.log_path()).unwrap();
-    let mut agent = Agent(
-        Command::new(&fx.bins.agent)
-            .arg("--config")
-            .arg(device.config_path())
-            .env("NOTIFY_SOCKET", &socket_path)
-            .env("WATCHDOG_USEC", WATCHDOG.as_micros().to_string())
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start uplift-agent"),
-    );
+    let start_agent = || {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(device.log_path())
+            .unwrap();
+        Agent(
+            Command::new(&fx.bins.agent)
+                .arg("--config")
+                .arg(device.config_path())
+                .env("NOTIFY_SOCKET", &socket_path)
+                .env("WATCHDOG_USEC", WATCHDOG.as_micros().to_string())
+                .env_remove("WATCHDOG_PID")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start uplift-agent"),
+        )
+    };
+    let mut agent = start_agent();
 
     // Ready once configured, before (and whether or not) it reaches the server.
     assert!(
@@ -243,4 +267,58 @@ async fn the_agent_says_when_it_is_ready_and_what_it_does_and_feeds_the_watchdog
         (install_to - install_from).as_secs_f64(),
         statuses.join("\n")
     );
+
+    // The reboot, as GRUB does it (slot b on trial), and systemd starts the
+    // agent again.
+    let boot = uplift_sim::power_on(&device.bootenv_path(), &device.cmdline_path()).unwrap();
+    assert_eq!(boot.slot, SlotName::B);
+    manager.lines.clear();
+    let _agent = start_agent();
+    assert!(
+        manager
+            .until(Duration::from_secs(30), |l| l == "READY=1")
+            .await,
+        "no READY=1 on the trial boot:\n{}",
+        manager.dump()
+    );
+    assert!(
+        manager
+            .until(Duration::from_secs(30), |l| {
+                l == "STATUS=connected; testing 1.1 on slot b: running the health check"
+            })
+            .await,
+        "{}",
+        manager.dump()
+    );
+    // The health check has made the FIFO: the commit hangs from here on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::symlink_metadata(&bootenv).is_ok_and(|m| m.file_type().is_fifo()) {
+        assert!(Instant::now() < deadline, "the health check never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hung_at = manager.start.elapsed();
+    let _ = manager.until(2 * WATCHDOG, |_| false).await;
+    let watched_to = manager.start.elapsed();
+    // One feed may have been on its way as the commit began.
+    let late: Vec<Duration> = manager
+        .times_of("WATCHDOG=1", hung_at + WATCHDOG / 2)
+        .into_iter()
+        .collect();
+    let last = manager
+        .times_of("WATCHDOG=1", Duration::ZERO)
+        .last()
+        .copied();
+    assert!(
+        late.is_empty() && last.is_some_and(|t| watched_to - t > WATCHDOG),
+        "the hung main loop still fed the watchdog (hung at {hung_at:?}):\n{}",
+        manager.dump()
+    );
+    // Alive and connected all the while: only the main loop is stuck, and
+    // systemd (WatchdogSec) would now kill and restart the agent.
+    let view = fx
+        .wait_device(&device, "the device online, testing 1.1", |d| {
+            d.online && d.state == Some(AgentState::Testing)
+        })
+        .await;
+    assert_eq!(view.running_version, Some(v("1.1")));
 }

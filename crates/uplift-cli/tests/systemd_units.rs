@@ -35,7 +35,7 @@ fn programs(unit: &str) -> Vec<String> {
             key.trim().starts_with("Exec").then_some(value)
         })
         .filter_map(|value| {
-            let program = value.trim().split_whitespace().next()?;
+            let program = value.split_whitespace().next()?;
             Some(
                 program
                     .trim_start_matches(['-', '@', '+', '!', ':'])
