@@ -135,7 +135,7 @@ pub fn status_line(report: &Report, connected: bool) -> String {
     let link = if connected {
         "connected"
     } else {
-        "offline, reconnecting"
+        "not connected to the server"
     };
     let running = &report.running_version;
     let booted = report.booted_slot;
@@ -265,7 +265,7 @@ mod tests {
         });
         assert_eq!(
             status_line(&downloading, false),
-            "offline, reconnecting; downloading 1.1 into slot b: 25% (1.0 of 4.0 MiB)"
+            "not connected to the server; downloading 1.1 into slot b: 25% (1.0 of 4.0 MiB)"
         );
         assert!(status_line(&report(AgentState::Verifying), true).contains("installing 1.1"));
         assert!(status_line(&report(AgentState::RebootPending), true).contains("rebooting"));
