@@ -297,20 +297,19 @@ async fn the_agent_says_when_it_is_ready_and_what_it_does_and_its_main_loop_feed
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let hung_at = manager.start.elapsed();
-    let _ = manager.until(2 * WATCHDOG, |_| false).await;
+    let _ = manager.until(3 * WATCHDOG, |_| false).await;
     let watched_to = manager.start.elapsed();
-    // One feed may have been on its way as the commit began.
-    let late: Vec<Duration> = manager
-        .times_of("WATCHDOG=1", hung_at + WATCHDOG / 2)
-        .into_iter()
-        .collect();
+    // A tick may still come between the health check's end and the commit
+    // (the loop is free until then); after that, silence: at least twice
+    // WatchdogSec at the end of the window, where a loop that runs feeds
+    // every half of it.
     let last = manager
         .times_of("WATCHDOG=1", Duration::ZERO)
         .last()
         .copied();
     assert!(
-        late.is_empty() && last.is_some_and(|t| watched_to - t > WATCHDOG),
-        "the hung main loop still fed the watchdog (hung at {hung_at:?}):\n{}",
+        last.is_some_and(|t| watched_to - t >= 2 * WATCHDOG),
+        "the hung main loop still fed the watchdog (hung at {hung_at:?}, watched until {watched_to:?}):\n{}",
         manager.dump()
     );
     // Alive and connected all the while: only the main loop is stuck, and
