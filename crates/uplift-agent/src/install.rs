@@ -52,13 +52,9 @@ pub enum InstallError {
         seconds: f64,
         min_rate: u64,
     },
-    #[error("slot {slot} ({path}) holds {capacity} bytes but the image needs {needed}; repartition or use a smaller image")]
-    SlotTooSmall {
-        slot: SlotName,
-        path: PathBuf,
-        capacity: u64,
-        needed: u64,
-    },
+    /// The slot cannot take the image (too small, missing, in use).
+    #[error(transparent)]
+    Slot(#[from] crate::slot::SlotError),
     #[error("writing slot {slot} ({path}) failed: {source}")]
     SlotIo {
         slot: SlotName,
@@ -94,7 +90,7 @@ impl InstallError {
             InstallError::Download { .. }
             | InstallError::TooLong { .. }
             | InstallError::TooSlow { .. } => ErrorKind::DownloadFailed,
-            InstallError::SlotTooSmall { .. } => ErrorKind::SlotTooSmall,
+            InstallError::Slot(e) => e.kind(),
             InstallError::SlotIo { .. } | InstallError::State(_) => ErrorKind::SlotIo,
             InstallError::ImageHash { .. } => ErrorKind::ImageHashMismatch,
             InstallError::BootEnv(_) => ErrorKind::BootEnv,
@@ -539,6 +535,9 @@ impl Installer {
         let target = booted.other();
         let path = self.config.slots.path(target).to_owned();
         let bootenv = self.config.boot.env.clone();
+        // An image the slot cannot hold fails here, before the hook runs
+        // and before anything about the slot changes.
+        crate::slot::check_capacity_async(target, path.clone(), manifest.image.size).await?;
         let hook_env = [
             ("UPLIFT_VERSION", manifest.version.to_string()),
             ("UPLIFT_SLOT", target.to_string()),

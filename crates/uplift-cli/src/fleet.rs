@@ -343,6 +343,8 @@ pub struct DeviceSpec {
 #[derive(Debug)]
 pub struct Device {
     pub dir: PathBuf,
+    /// Slots a and b: files in `dir`, or what [`Device::provision_on`] was given.
+    slots: [PathBuf; 2],
     watchdog: Option<Duration>,
     child: Option<Child>,
     /// The network namespace its processes run in, if not the caller's.
@@ -451,16 +453,31 @@ impl Device {
         server: &ServerEndpoint,
         factory_image: &Path,
     ) -> anyhow::Result<Self> {
+        let slots = [dir.join("slot-a.img"), dir.join("slot-b.img")];
+        std::fs::create_dir_all(dir)?;
+        std::fs::copy(factory_image, &slots[0])
+            .with_context(|| format!("copying the factory image into {}", dir.display()))?;
+        File::create(&slots[1])?;
+        Self::provision_on(dir, spec, server, slots)
+    }
+
+    /// Lays out a device whose slots are `slots` (block devices, say),
+    /// prepared by the caller: slot a holds the factory image. Slot a is
+    /// booted and committed.
+    pub fn provision_on(
+        dir: &Path,
+        spec: &DeviceSpec,
+        server: &ServerEndpoint,
+        slots: [PathBuf; 2],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("state"))?;
         let device = Self {
             dir: dir.to_owned(),
+            slots,
             watchdog: spec.watchdog,
             netns: None,
             child: None,
         };
-        std::fs::copy(factory_image, device.slot_path(SlotName::A))
-            .with_context(|| format!("copying the factory image into {}", dir.display()))?;
-        File::create(device.slot_path(SlotName::B))?;
         BootEnvFile::provision(device.bootenv_path(), SlotName::A)?;
         let config = AgentConfigFile {
             server_url: &server.url,
@@ -489,7 +506,10 @@ impl Device {
     }
 
     pub fn slot_path(&self, slot: SlotName) -> PathBuf {
-        self.dir.join(format!("slot-{slot}.img"))
+        match slot {
+            SlotName::A => self.slots[0].clone(),
+            SlotName::B => self.slots[1].clone(),
+        }
     }
     pub fn bootenv_path(&self) -> PathBuf {
         self.dir.join("grubenv")
@@ -861,6 +881,10 @@ mod tests {
         let mut devices: Vec<Device> = (0..8)
             .map(|i| Device {
                 dir: PathBuf::from(format!("/nonexistent/{i}")),
+                slots: [
+                    PathBuf::from("/nonexistent/a"),
+                    PathBuf::from("/nonexistent/b"),
+                ],
                 watchdog: None,
                 netns: None,
                 child: Some(
