@@ -7,7 +7,6 @@
 //! Everything here is blocking (process waits, file copies) unless its name
 //! ends in `_async`; async callers run the rest on blocking threads.
 
-use crate::client::AdminClient;
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -20,6 +19,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use uplift_bootenv::file::BootEnvFile;
 use uplift_bootenv::state::BootState;
+use uplift_client::AdminClient;
 use uplift_proto::api::ServerEndpoint;
 use uplift_proto::SlotName;
 
