@@ -5,7 +5,7 @@
 //! its health check and commits. The summary is checked against the devices'
 //! own boot environments, not just against what the server believes.
 
-use crate::fleet::{
+use crate::{
     stop_all, write_changed_image, write_image, Binaries, Device, DeviceSpec, Proxy, ServerLaunch,
     ServerProcess,
 };

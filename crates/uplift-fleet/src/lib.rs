@@ -6,6 +6,12 @@
 //!
 //! Everything here is blocking (process waits, file copies) unless its name
 //! ends in `_async`; async callers run the rest on blocking threads.
+//!
+//! It lives beside the simulator, not in the operator's CLI: `uplift demo`
+//! is a thin call into [`demo::run`], and nothing an operator runs against a
+//! real server needs the harness.
+
+pub mod demo;
 
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
