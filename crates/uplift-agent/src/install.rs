@@ -7,7 +7,7 @@
 use crate::config::AgentConfig;
 use crate::download::{Counters, Download};
 use crate::local::{LocalState, PendingInstall, SlotContent};
-use crate::machine::Event;
+use crate::machine::{check_downgrade, DowngradeRefused, Event};
 use futures_util::StreamExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,8 +33,8 @@ pub enum InstallError {
     WrongDeviceType { got: String, expected: String },
     #[error("server offered version {offered} but its manifest says {manifest}; the release on the server is inconsistent")]
     VersionMismatch { offered: Version, manifest: Version },
-    #[error("refusing to downgrade from {running} to {target}; start the rollout with --allow-downgrade if intended")]
-    Downgrade { running: Version, target: Version },
+    #[error(transparent)]
+    Downgrade(#[from] DowngradeRefused),
     #[error("downloading {what} failed: {detail}")]
     Download { what: String, detail: String },
     /// The server found its own copy damaged; `message` is its words.
@@ -84,7 +84,7 @@ impl InstallError {
             InstallError::Release(e) => e.kind(),
             InstallError::WrongDeviceType { .. } => ErrorKind::WrongDeviceType,
             InstallError::VersionMismatch { .. } => ErrorKind::VersionMismatch,
-            InstallError::Downgrade { .. } => ErrorKind::DowngradeRefused,
+            InstallError::Downgrade(_) => ErrorKind::DowngradeRefused,
             InstallError::Unreachable { .. } => ErrorKind::ServerUnreachable,
             InstallError::StoredChunkDamaged { .. } => ErrorKind::StoredChunkDamaged,
             InstallError::Download { .. }
@@ -238,12 +238,7 @@ pub fn check_manifest(
             manifest: manifest.version.clone(),
         });
     }
-    if manifest.version < *running && !offer.allow_downgrade {
-        return Err(InstallError::Downgrade {
-            running: running.clone(),
-            target: manifest.version.clone(),
-        });
-    }
+    check_downgrade(running, &manifest.version, offer.allow_downgrade)?;
     Ok(())
 }
 
@@ -1031,6 +1026,28 @@ mod tests {
             check(&manifest("0.9", "gateway"), &offer("0.9", true), "1.0"),
             Ok(())
         );
+    }
+
+    #[test]
+    fn the_offer_and_the_manifest_refuse_a_downgrade_in_the_same_words() {
+        let (mut machine, _) = crate::machine::Machine::start(crate::machine::BootFacts {
+            booted: SlotName::A,
+            boot: uplift_bootenv::state::BootState::new(SlotName::A),
+            slots: Default::default(),
+            journal: Default::default(),
+            factory_version: "1.0".parse().unwrap(),
+        });
+        machine.handle(Event::Offer(offer("0.9", false)));
+        let device_type = "gateway".parse().unwrap();
+        let at_install = check_manifest(
+            &manifest("0.9", "gateway"),
+            &offer("0.9", false),
+            &device_type,
+            &"1.0".parse().unwrap(),
+        )
+        .unwrap_err()
+        .to_wire();
+        assert_eq!(machine.report().error, Some(at_install));
     }
 
     /// An installer whose server is `url`, with a session token at hand.

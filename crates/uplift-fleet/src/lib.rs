@@ -6,8 +6,13 @@
 //!
 //! Everything here is blocking (process waits, file copies) unless its name
 //! ends in `_async`; async callers run the rest on blocking threads.
+//!
+//! It lives beside the simulator, not in the operator's CLI: `uplift demo`
+//! is a thin call into [`demo::run`], and nothing an operator runs against a
+//! real server needs the harness.
 
-use crate::client::AdminClient;
+pub mod demo;
+
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -20,6 +25,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use uplift_bootenv::file::BootEnvFile;
 use uplift_bootenv::state::BootState;
+use uplift_client::AdminClient;
 use uplift_proto::api::ServerEndpoint;
 use uplift_proto::SlotName;
 
