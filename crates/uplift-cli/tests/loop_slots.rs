@@ -15,7 +15,7 @@ use common::*;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use uplift_cli::fleet::Device;
+use uplift_fleet::Device;
 use uplift_proto::api::ServerEndpoint;
 use uplift_proto::channel::AgentState;
 use uplift_proto::{ErrorKind, SlotName};

@@ -12,7 +12,7 @@ use std::num::NonZeroU64;
 use std::os::unix::fs::FileTypeExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use uplift_cli::fleet::Device;
+use uplift_fleet::Device;
 use uplift_proto::api::DownloadLimits;
 use uplift_proto::channel::AgentState;
 use uplift_proto::SlotName;

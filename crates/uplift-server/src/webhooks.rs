@@ -130,17 +130,23 @@ async fn send(client: &reqwest::Client, d: &DueDelivery) -> (Option<u16>, Option
     }
 }
 
-async fn queue(state: &AppState, queued: &mut Vec<Arc<FleetEvent>>) -> Result<(), StoreError> {
-    if queued.is_empty() {
+async fn queue(state: &AppState, seen: &Seen) -> Result<(), StoreError> {
+    let events = seen.take();
+    if events.is_empty() {
         return Ok(());
     }
-    let webhooks = state.store.webhooks().await?;
-    let now = OffsetDateTime::now_utc();
-    let at = crate::rollout::scheduler::format_time(now);
-    let deliveries = deliveries_for(queued, &webhooks, &at, unix_ms(now));
-    state.store.insert_deliveries(&deliveries).await?;
-    queued.clear();
-    Ok(())
+    let queued = async {
+        let webhooks = state.store.webhooks().await?;
+        let now = OffsetDateTime::now_utc();
+        let at = crate::rollout::scheduler::format_time(now);
+        let deliveries = deliveries_for(&events, &webhooks, &at, unix_ms(now));
+        state.store.insert_deliveries(&deliveries).await
+    }
+    .await;
+    if queued.is_err() {
+        seen.put_back(events);
+    }
+    queued
 }
 
 async fn send_due(state: &AppState, client: &reqwest::Client) -> Result<(), StoreError> {
@@ -201,53 +207,111 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
         }
     };
     let holder = format!("pid{}-{:016x}", std::process::id(), rand::random::<u64>());
-    let mut events = state.events.subscribe();
-    let mut queued: Vec<Arc<FleetEvent>> = Vec::new();
+    // Events are taken off the bus by a task that does nothing else: a
+    // tick below may wait seconds on the database or on a slow receiver,
+    // and the bus holds only CAPACITY events for a subscriber.
+    let seen = Arc::new(Seen::default());
+    let collector = tokio::spawn(collect(state.events.subscribe(), seen.clone()));
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut until_prune = 0u32;
     loop {
         tokio::select! {
-            received = events.recv() => match received {
-                Ok(event) => queued.push(event),
-                Err(broadcast::error::RecvError::Lagged(missed)) => tracing::warn!(
-                    missed,
-                    "webhooks: fell more than {CAPACITY} events behind; {missed} events were not queued"
-                ),
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
-            _ = ticks.tick() => {
-                if let Err(e) = queue(&state, &mut queued).await {
-                    tracing::warn!("webhooks: cannot queue deliveries: {e}");
-                }
-                let now_ms = unix_ms(OffsetDateTime::now_utc());
-                match state.store.try_lease(LEASE, &holder, now_ms, LEASE_TTL.as_millis() as i64).await {
-                    Ok(true) => {
-                        if let Err(e) = send_due(&state, &client).await {
-                            tracing::warn!("webhooks: {e}");
-                        }
-                        if until_prune == 0 {
-                            until_prune = PRUNE_EVERY;
-                            match state.store.prune_deliveries(KEEP_PER_WEBHOOK).await {
-                                Ok(0) => {}
-                                Ok(n) => tracing::info!(forgotten = n, "webhooks: delivery log pruned"),
-                                Err(e) => tracing::warn!("webhooks: {e}"),
-                            }
-                        }
-                        until_prune -= 1;
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!("webhooks: {e}"),
-                }
-            }
+            biased;
             _ = shutdown.changed() => break,
+            _ = ticks.tick() => {}
+        }
+        let work = async {
+            if let Err(e) = queue(&state, &seen).await {
+                tracing::warn!("webhooks: cannot queue deliveries: {e}");
+            }
+            let now_ms = unix_ms(OffsetDateTime::now_utc());
+            match state
+                .store
+                .try_lease(LEASE, &holder, now_ms, LEASE_TTL.as_millis() as i64)
+                .await
+            {
+                Ok(true) => {
+                    if let Err(e) = send_due(&state, &client).await {
+                        tracing::warn!("webhooks: {e}");
+                    }
+                    if until_prune == 0 {
+                        until_prune = PRUNE_EVERY;
+                        match state.store.prune_deliveries(KEEP_PER_WEBHOOK).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(forgotten = n, "webhooks: delivery log pruned"),
+                            Err(e) => tracing::warn!("webhooks: {e}"),
+                        }
+                    }
+                    until_prune -= 1;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!("webhooks: {e}"),
+            }
+        };
+        // A receiver that hangs holds a send for its whole timeout, a batch
+        // for several: shutdown does not wait for them. A send cut short
+        // is not recorded and goes again (deliveries are at least once).
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            _ = work => {}
         }
     }
+    collector.abort();
     // What was seen but not yet queued is queued, so a clean stop loses nothing.
-    if let Err(e) = queue(&state, &mut queued).await {
+    if let Err(e) = queue(&state, &seen).await {
         tracing::warn!("webhooks: cannot queue deliveries at shutdown: {e}");
     }
     let _ = state.store.release_lease(LEASE, &holder).await;
+}
+
+/// Events taken off the bus and not yet queued in the database.
+#[derive(Debug, Default)]
+struct Seen {
+    events: std::sync::Mutex<Vec<Arc<FleetEvent>>>,
+}
+
+impl Seen {
+    fn take(&self) -> Vec<Arc<FleetEvent>> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts back events a failed write took, before those seen since.
+    fn put_back(&self, mut events: Vec<Arc<FleetEvent>>) {
+        let mut held = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.append(&mut held);
+        *held = events;
+    }
+}
+
+/// Events held in memory at most while the database cannot take them; past
+/// that the newest are dropped, and said so, rather than the server's
+/// memory.
+const MAX_UNQUEUED: usize = 200_000;
+
+/// Takes every event made here off the bus into `seen` until the bus closes.
+async fn collect(mut events: broadcast::Receiver<Arc<FleetEvent>>, seen: Arc<Seen>) {
+    loop {
+        match events.recv().await {
+            Ok(event) => {
+                let mut held = seen.events.lock().unwrap_or_else(|e| e.into_inner());
+                if held.len() < MAX_UNQUEUED {
+                    held.push(event);
+                } else {
+                    tracing::warn!(
+                        "webhooks: {MAX_UNQUEUED} events wait for the database already; event {} is not queued",
+                        event.seq
+                    );
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => tracing::warn!(
+                missed,
+                "webhooks: fell more than {CAPACITY} events behind; {missed} events were not queued"
+            ),
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -270,6 +334,72 @@ mod tests {
             hex::encode(mac.finalize().into_bytes()),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_made_while_a_receiver_hangs_are_all_queued_none_lost_to_the_bus() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(crate::service::testing::state(dir.path()).await);
+        // A receiver that takes connections and never answers: each send
+        // waits its whole timeout.
+        let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", receiver.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = receiver.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        let hook = state
+            .store
+            .insert_webhook(&crate::store::control::NewWebhook {
+                url: &url,
+                secret: "whsec_test",
+                filter: &EventFilter::default(),
+                created_at: "2026-12-05T00:00:00Z",
+                created_by: "test",
+            })
+            .await
+            .unwrap();
+        let finished = |rollout_id| EventAbout::Rollout {
+            rollout_id,
+            event: RolloutEvent::Finished,
+        };
+        let (stop, stopped) = watch::channel(false);
+        let deliverer = tokio::spawn(run(state.clone(), stopped));
+        // Probes until the receiver holds a delivery (the first ones may
+        // come before the deliverer subscribes).
+        let probe = EventAbout::Device {
+            device_id: "dev-1".parse().unwrap(),
+            event: uplift_proto::api::DeviceEventKind::Withdrawn { rollout_id: 0 },
+        };
+        while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            state.events.publish(probe.clone(), "2026-12-05T00:00:00Z");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The deliverer waits on the receiver; the fleet meanwhile makes
+        // more events than the bus holds for a subscriber.
+        let burst = CAPACITY + 2_000;
+        for id in 1..=burst {
+            state
+                .events
+                .publish(finished(id as i64), "2026-12-05T00:00:01Z");
+        }
+        stop.send(true).unwrap();
+        deliverer.await.unwrap();
+        let queued = state
+            .store
+            .deliveries(hook.id, None, 2 * burst as u32)
+            .await
+            .unwrap();
+        let finished = queued
+            .iter()
+            .filter(|d| d.event == "rollout.finished")
+            .count();
+        assert_eq!(finished, burst, "every event queued once");
     }
 
     #[test]
