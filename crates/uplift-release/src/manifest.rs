@@ -320,18 +320,42 @@ pub struct ManifestSignature {
 }
 
 fn signing_message(signed: &str) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(SIGNATURE_CONTEXT.len() + signed.len());
-    msg.extend_from_slice(SIGNATURE_CONTEXT);
-    msg.extend_from_slice(signed.as_bytes());
-    msg
+    in_context(SIGNATURE_CONTEXT, signed)
 }
 
-fn signature_by(key: &ReleaseSigningKey, signed: &str) -> ManifestSignature {
-    let signature = key.signing_key().sign(&signing_message(signed));
+/// What is signed: a context (domain separation), then the text as stored.
+pub(crate) fn in_context(context: &[u8], signed: &str) -> Vec<u8> {
+    [context, signed.as_bytes()].concat()
+}
+
+/// `key`'s signature over `signed` in `context`.
+pub(crate) fn signature_in(
+    context: &[u8],
+    key: &ReleaseSigningKey,
+    signed: &str,
+) -> ManifestSignature {
+    let signature = key.signing_key().sign(&in_context(context, signed));
     ManifestSignature {
         key_id: key.public_key().key_id(),
         signature: B64.encode(signature.to_bytes()),
     }
+}
+
+/// Adds `signature`, replacing one by the same key.
+pub(crate) fn put_signature(signatures: &mut Vec<ManifestSignature>, signature: ManifestSignature) {
+    signatures.retain(|s| s.key_id != signature.key_id);
+    signatures.push(signature);
+}
+
+/// A signed envelope as written to a file: pretty JSON and a newline.
+pub(crate) fn envelope_json(envelope: &impl Serialize) -> Vec<u8> {
+    let mut out = serde_json::to_vec_pretty(envelope).expect("strings and lists always serialize");
+    out.push(b'\n');
+    out
+}
+
+fn signature_by(key: &ReleaseSigningKey, signed: &str) -> ManifestSignature {
+    signature_in(SIGNATURE_CONTEXT, key, signed)
 }
 
 /// Signs a manifest; refuses one that devices would reject anyway.
@@ -361,17 +385,13 @@ impl SignedManifest {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        let mut out = serde_json::to_vec_pretty(self).expect("strings and lists always serialize");
-        out.push(b'\n');
-        out
+        envelope_json(self)
     }
 
     /// Adds another signature over the same text, e.g. while rotating keys
     /// so devices trusting either key accept the release.
     pub fn add_signature(&mut self, key: &ReleaseSigningKey) {
-        let sig = signature_by(key, &self.signed);
-        self.signatures.retain(|s| s.key_id != sig.key_id);
-        self.signatures.push(sig);
+        put_signature(&mut self.signatures, signature_by(key, &self.signed));
     }
 
     /// Everything a device checks before using a manifest: a trusted

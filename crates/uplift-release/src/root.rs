@@ -15,10 +15,13 @@
 
 use crate::error::ReleaseError;
 use crate::keys::{ReleasePublicKey, ReleaseSigningKey};
-use crate::manifest::{Manifest, ManifestSignature, SignedManifest, MAX_SIGNATURES};
+use crate::manifest::{
+    envelope_json, in_context, put_signature, signature_in, Manifest, ManifestSignature,
+    SignedManifest, MAX_SIGNATURES,
+};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use ed25519_dalek::{Signature, Signer as _};
+use ed25519_dalek::Signature;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use time::format_description::well_known::Rfc3339;
@@ -82,7 +85,7 @@ impl std::fmt::Display for RoleName {
 }
 
 fn message(signed: &str) -> Vec<u8> {
-    [ROOT_SIGNATURE_CONTEXT, signed.as_bytes()].concat()
+    in_context(ROOT_SIGNATURE_CONTEXT, signed)
 }
 
 impl Root {
@@ -158,21 +161,16 @@ impl SignedRoot {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        let mut out = serde_json::to_vec_pretty(self).expect("strings and lists always serialize");
-        out.push(b'\n');
-        out
+        envelope_json(self)
     }
 
     /// Adds (or replaces) `key`'s signature: each holder of a root key
     /// signs on their own machine, one after the other.
     pub fn add_signature(&mut self, key: &ReleaseSigningKey) {
-        let signature = key.signing_key().sign(&message(&self.signed));
-        let key_id = key.public_key().key_id();
-        self.signatures.retain(|s| s.key_id != key_id);
-        self.signatures.push(ManifestSignature {
-            key_id,
-            signature: B64.encode(signature.to_bytes()),
-        });
+        put_signature(
+            &mut self.signatures,
+            signature_in(ROOT_SIGNATURE_CONTEXT, key, &self.signed),
+        );
     }
 
     /// The root it says, unchecked.
