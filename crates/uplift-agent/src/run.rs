@@ -544,7 +544,8 @@ impl Connection {
                 return match err.kind {
                     ErrorKind::EnrollmentRefused
                     | ErrorKind::UnknownDevice
-                    | ErrorKind::BadDeviceSignature => SessionEnd::Fatal(e),
+                    | ErrorKind::BadDeviceSignature
+                    | ErrorKind::DeviceRemoved => SessionEnd::Fatal(e),
                     _ => retry(e),
                 };
             }
@@ -579,6 +580,10 @@ impl Connection {
                         None | Some(Ok(Message::Close(_))) => return retry(anyhow::anyhow!("server closed the channel")),
                         Some(Err(e)) => return retry(e.into()),
                         Some(Ok(Message::Text(text))) => match channel::decode::<ServerMsg>(text.as_str()) {
+                            // Removed by an operator while connected: reconnecting cannot help.
+                            Ok(ServerMsg::Error(err)) if err.kind == ErrorKind::DeviceRemoved => {
+                                return SessionEnd::Fatal(anyhow::anyhow!("server refused this device: {err}"))
+                            }
                             Ok(ServerMsg::Error(err)) => return retry(anyhow::anyhow!("server error: {err}")),
                             // The next download request takes it; one under way keeps the old one, still valid.
                             Ok(ServerMsg::DownloadToken { token, expires_in_secs }) => {

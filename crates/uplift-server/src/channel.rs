@@ -371,6 +371,11 @@ async fn authenticate(
                     )
                 })?;
             let key = parse_public_key(&device.public_key)?;
+            // Its key is revoked: refused whether or not the signature holds
+            // (it says nothing more), so the agent learns why at once.
+            if let Some(at) = &device.removed_at {
+                return Err(removed(&device_id, Some(at)));
+            }
             verify(
                 &key,
                 &channel::auth_message(nonce, device_id.as_str()),
@@ -406,6 +411,9 @@ async fn enroll(
         .await
         .map_err(storage)?
     {
+        if let Some(at) = &existing.removed_at {
+            return Err(removed(&existing.id, Some(at)));
+        }
         return Ok((existing.id, true));
     }
     let id: DeviceId = format!("dev-{}", hex::encode(rand::random::<[u8; 8]>()))
@@ -426,6 +434,19 @@ async fn enroll(
     // A new device has no tags yet: it joins the rollouts of its whole type.
     crate::service::rollouts::join_dynamic(state, &id, &device_type, &[]).await;
     Ok((id, true))
+}
+
+/// The refusal of a removed device's key.
+fn removed(device: &DeviceId, at: Option<&str>) -> WireError {
+    let at = at.map(|at| format!(" at {at}")).unwrap_or_default();
+    WireError::new(
+        ErrorKind::DeviceRemoved,
+        format!(
+            "device {device} was removed from the fleet by an operator{at}; its key is revoked. \
+             To bring this board back, delete the agent's state directory (its key and device ID) \
+             and start the agent again: it enrolls with the fleet token as a new device"
+        ),
+    )
 }
 
 fn parse_public_key(text: &str) -> Result<VerifyingKey, WireError> {
@@ -532,7 +553,7 @@ fn turns_after_report(state: &AppState, device: &DeviceId, report: &Report) -> O
 
 /// Tells the devices a turn passed to; a device that went offline in the
 /// meantime passes it on at once.
-fn pass_turns(state: &AppState, passed: impl IntoIterator<Item = DeviceId>) {
+pub(crate) fn pass_turns(state: &AppState, passed: impl IntoIterator<Item = DeviceId>) {
     for first in passed {
         let mut next = Some(first);
         while let Some(device) = next {
@@ -565,8 +586,15 @@ async fn serve_device(
             biased;
             changed = target_changed.changed() => match changed {
                 // Pushes coalesce and none is lost: the newest target, from memory.
+                Ok(()) if crate::hub::removed(target_changed) => {
+                    return Err(refuse(socket, removed(device, None)).await)
+                }
                 Ok(()) => send(socket, &offer_now(state, device, peer)).await?,
-                // The device opened a newer channel, which replaced this one.
+                // Removed (an operator decommissioned it) ...
+                Err(_) if crate::hub::removed(target_changed) => {
+                    return Err(refuse(socket, removed(device, None)).await)
+                }
+                // ... or the device opened a newer channel, which replaced this one.
                 Err(_) => return Err(SessionError::Replaced),
             },
             _ = shutdown.changed() => {

@@ -172,6 +172,9 @@ pub struct DeviceRecord {
     /// `IP:port` its newest channel came from, if it connected since the
     /// server recorded addresses.
     pub address: Option<String>,
+    /// RFC 3339; when an operator removed the device (see
+    /// [`Store::remove_device`]). `None` for an enrolled device.
+    pub removed_at: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +243,22 @@ pub enum TagUpdate {
     /// allowed; nothing was changed.
     TooMany {
         count: usize,
+    },
+    UnknownDevice,
+}
+
+/// What became of a [`Store::remove_device`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// Removed now; its unfinished parts in these rollouts ended (as
+    /// superseded: no longer the rollout's, counted neither for nor
+    /// against it).
+    Removed {
+        rollouts: Vec<i64>,
+    },
+    /// Removed before, at this time (RFC 3339); nothing changed.
+    AlreadyRemoved {
+        at: String,
     },
     UnknownDevice,
 }
@@ -389,7 +408,15 @@ pub struct DeviceTarget {
 pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     async fn insert_device(&self, device: &NewDevice) -> StoreResult<()>;
     async fn device(&self, id: &DeviceId) -> StoreResult<Option<DeviceRecord>>;
+    /// The device holding this key, removed ones included (a removed
+    /// device's key stays on record, revoked).
     async fn device_by_public_key(&self, public_key: &str) -> StoreResult<Option<DeviceRecord>>;
+    /// Decommissions a device in one transaction: marked removed at `now`
+    /// (its row, history and key stay: the key revoked, never enrolled
+    /// again), no longer pointed at a rollout, its unfinished rollout
+    /// parts ended as superseded, its tags and private addresses dropped.
+    /// Every list and count leaves a removed device out.
+    async fn remove_device(&self, id: &DeviceId, now: &str) -> StoreResult<Removal>;
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>>;
     /// Up to `limit` devices that pass `filter`, by ID, after `after`:
     /// keyset paging, each page one indexed range scan.

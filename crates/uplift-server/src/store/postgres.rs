@@ -125,9 +125,13 @@ fn enrolled(
     }
 }
 
+/// What a removed device leaves behind nothing of: its tags (a removed
+/// device is no longer selected by them).
+const REMOVED_WITH_DEVICE: &[&str] = &["device_tags"];
+
 const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
      d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
-     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address";
+     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address, d.removed_at";
 
 /// The rollout a member of `rd` counts for (see the SQLite store's).
 const MEMBER_TARGET: &str = "CASE WHEN rd.outcome = 'superseded' THEN NULL \
@@ -277,6 +281,10 @@ fn device_from_row(row: &PgRow) -> StoreResult<DeviceRecord> {
         last_error,
         target_rollout: get_opt_i64(15)?,
         address: opt_text(16)?,
+        removed_at: row
+            .try_get::<Option<OffsetDateTime>, _>(17)
+            .map_err(db("reading a device"))?
+            .map(stamp::shown),
     })
 }
 
@@ -454,7 +462,7 @@ fn push_device_filter(
     filter: &DeviceFilter,
     after: Option<&DeviceId>,
 ) {
-    q.push(" WHERE TRUE");
+    q.push(" WHERE d.removed_at IS NULL");
     if let Some(device_type) = &filter.device_type {
         q.push(" AND d.device_type = ")
             .push_bind(device_type.as_str().to_owned());
@@ -583,9 +591,59 @@ impl Store for PgStore {
         .transpose()
     }
 
+    async fn remove_device(&self, id: &DeviceId, now: &str) -> StoreResult<Removal> {
+        let action = "removing a device";
+        let now = stamp::parse("a device's removal time", now)?;
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        // The row lock orders a removal after a concurrent change of the
+        // device's tags or rollouts, and two removals one after the other.
+        let found: Option<Option<OffsetDateTime>> =
+            sqlx::query_scalar("SELECT removed_at FROM devices WHERE id = $1 FOR UPDATE")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        match found {
+            None => return Ok(Removal::UnknownDevice),
+            Some(Some(at)) => {
+                return Ok(Removal::AlreadyRemoved {
+                    at: stamp::shown(at),
+                })
+            }
+            Some(None) => {}
+        }
+        sqlx::query(
+            "UPDATE devices SET removed_at = $1, target_rollout = NULL, \
+             standing_changed_at = clock_timestamp() WHERE id = $2",
+        )
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        let mut rollouts: Vec<i64> = sqlx::query_scalar(
+            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = clock_timestamp() \
+             WHERE device_id = $1 AND outcome IS NULL RETURNING rollout_id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        for table in REMOVED_WITH_DEVICE {
+            sqlx::query(&format!("DELETE FROM {table} WHERE device_id = $1"))
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        }
+        tx.commit().await.map_err(db(action))?;
+        rollouts.sort_unstable();
+        Ok(Removal::Removed { rollouts })
+    }
+
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>> {
         sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices d ORDER BY d.enrolled_at, d.id"
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.removed_at IS NULL ORDER BY d.enrolled_at, d.id"
         ))
         .fetch_all(&self.pool)
         .await
@@ -641,12 +699,13 @@ impl Store for PgStore {
         let action = "changing a device's tags";
         let mut tx = self.pool.begin().await.map_err(db(action))?;
         // The device's row lock orders concurrent changes of its tags.
-        let known: Option<String> =
-            sqlx::query_scalar("SELECT id FROM devices WHERE id = $1 FOR UPDATE")
-                .bind(device.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db(action))?;
+        let known: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM devices WHERE id = $1 AND removed_at IS NULL FOR UPDATE",
+        )
+        .bind(device.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(action))?;
         if known.is_none() {
             return Ok(TagUpdate::UnknownDevice);
         }
@@ -778,7 +837,7 @@ impl Store for PgStore {
     }
 
     async fn count_devices(&self) -> StoreResult<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices")
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE removed_at IS NULL")
             .fetch_one(&self.pool)
             .await
             .map_err(db("counting devices"))?;
@@ -787,7 +846,7 @@ impl Store for PgStore {
 
     async fn device_census(&self) -> StoreResult<Vec<DeviceCensus>> {
         let rows: Vec<(Option<String>, Option<String>, Option<String>, i64)> = sqlx::query_as(
-            "SELECT state, running_version, error_kind, COUNT(*) FROM devices \
+            "SELECT state, running_version, error_kind, COUNT(*) FROM devices WHERE removed_at IS NULL \
              GROUP BY state, running_version, error_kind",
         )
         .fetch_all(&self.pool)
@@ -811,6 +870,7 @@ impl Store for PgStore {
             "SELECT d.device_type, d.running_version, d.state, COUNT(*), COUNT(c.id) \
              FROM devices d LEFT JOIN (SELECT DISTINCT unnest($1::text[]) COLLATE \"C\" AS id) c \
                   ON c.id = d.id \
+             WHERE d.removed_at IS NULL \
              GROUP BY d.device_type, d.running_version, d.state",
         )
         .bind(ids(connected))
@@ -861,7 +921,7 @@ impl Store for PgStore {
         }
         let rows: Vec<String> = sqlx::query_scalar(
             "SELECT j.id FROM unnest($1::text[]) WITH ORDINALITY AS j(id, n) \
-             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = j.id) ORDER BY j.n",
+             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = j.id AND d.removed_at IS NULL) ORDER BY j.n",
         )
         .bind(ids(devices))
         .fetch_all(&self.pool)
@@ -871,12 +931,13 @@ impl Store for PgStore {
     }
 
     async fn devices_of_type(&self, device_type: &DeviceType) -> StoreResult<Vec<DeviceId>> {
-        let rows: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM devices WHERE device_type = $1 ORDER BY id")
-                .bind(device_type.as_str())
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db("listing devices of a type"))?;
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM devices WHERE device_type = $1 AND removed_at IS NULL ORDER BY id",
+        )
+        .bind(device_type.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing devices of a type"))?;
         rows.into_iter().map(|s| parse("device id", s)).collect()
     }
 
@@ -1087,7 +1148,7 @@ impl Store for PgStore {
         .map_err(db(action))?;
         let unknown: Option<String> = sqlx::query_scalar(
             "SELECT m.id FROM unnest($1::text[]) WITH ORDINALITY AS m(id, n) \
-             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = m.id) ORDER BY m.n LIMIT 1",
+             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = m.id AND d.removed_at IS NULL) ORDER BY m.n LIMIT 1",
         )
         .bind(&devices)
         .fetch_optional(&mut *tx)

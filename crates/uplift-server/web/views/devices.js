@@ -174,6 +174,24 @@ function TagEditor({ device, onChanged }) {
   </div>`;
 }
 
+// Decommissioning, for operators: the API says what it ends (key, channel,
+// rollout parts, addresses) and keeps (the device and its history).
+function RemoveDevice({ device, onRemoved }) {
+  const [error, setError] = useState(null);
+  const remove = async () => {
+    if (!confirm(`Remove device ${device.id}? Its key is revoked and its channel closed now; its history is kept. A replaced board enrolls again as a new device.`)) return;
+    setError(null);
+    try {
+      await api('DELETE', `/api/v1/devices/${encodeURIComponent(device.id)}`);
+      onRemoved();
+    } catch (e) {
+      setError(e);
+    }
+  };
+  return html`<button type="button" class="danger" id="device-remove" onClick=${remove}>Remove device</button>
+    <${ErrorNote} error=${error} />`;
+}
+
 function Timeline({ id }) {
   const [before, setBefore] = useState(null);
   const [older, setOlder] = useState([]);
@@ -232,8 +250,11 @@ export function DevicePage({ id, caller }) {
               : null}
             ${d.last_error ? html`<dt>Last error</dt><dd><${Badge} tone="bad">${d.last_error.kind}<//> ${d.last_error.message}</dd>` : null}
             <dt>Enrolled</dt><dd>${when(d.enrolled_at)}</dd>
-            <dt>Tags</dt><dd>${may(caller, 'operate') ? html`<${TagEditor} device=${d} onChanged=${device.reload} />` : d.tags.join(', ') || 'none'}</dd>
+            ${d.removed_at
+              ? html`<dt>Removed</dt><dd><${Badge} tone="off">removed<//> ${when(d.removed_at)}: key revoked, history kept</dd>`
+              : html`<dt>Tags</dt><dd>${may(caller, 'operate') ? html`<${TagEditor} device=${d} onChanged=${device.reload} />` : d.tags.join(', ') || 'none'}</dd>`}
           </dl>
+          ${!d.removed_at && may(caller, 'operate') ? html`<${RemoveDevice} device=${d} onRemoved=${device.reload} />` : null}
         </div>`
       : null}
     <${Timeline} id=${id} />
