@@ -6,6 +6,7 @@
 //! Decisions live in [`machine`] (pure, unit-tested); so is the chunk planner [`plan`];
 //! I/O lives in [`run`], [`install`], [`download`], [`net`] and [`local`].
 
+pub mod address;
 pub mod config;
 pub mod download;
 pub mod guard;

@@ -121,6 +121,7 @@ pub async fn run(
         sent: sent_tx,
         token: token_tx,
         inbound: inbound_tx,
+        address_hook: Default::default(),
     };
     let mut connection_task = tokio::spawn(connection.run());
     let slot_lock = Arc::new(tokio::sync::Mutex::new(()));
@@ -423,6 +424,8 @@ struct Connection {
     sent: watch::Sender<u64>,
     token: watch::Sender<Option<String>>,
     inbound: mpsc::Sender<ServerMsg>,
+    /// One address hook at a time: a quick reconnect waits for the last.
+    address_hook: Arc<tokio::sync::Mutex<()>>,
 }
 
 enum SessionEnd {
@@ -526,6 +529,7 @@ impl Connection {
                 session_token,
                 enrolled,
                 features,
+                private_addresses,
             }) => {
                 if known_id.as_ref() != Some(&device_id) {
                     if let Err(e) = self.local.save_device_id(&device_id) {
@@ -537,6 +541,18 @@ impl Connection {
                 } else {
                     tracing::info!(device = %device_id, "connected");
                 }
+                // Beside the channel, never in its way: a slow or failing
+                // hook does not hold up reports or offers.
+                let (config, local, lock) = (
+                    self.config.clone(),
+                    self.local.clone(),
+                    self.address_hook.clone(),
+                );
+                tokio::spawn(async move {
+                    let _one_at_a_time = lock.lock().await;
+                    crate::address::apply(&config.network, &local, &device_id, private_addresses)
+                        .await;
+                });
                 (session_token, features)
             }
             Ok(ServerMsg::Error(err)) => {

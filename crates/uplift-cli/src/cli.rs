@@ -917,6 +917,15 @@ fn device_text(d: &DeviceView) -> String {
             or_dash(d.address.clone()),
         ),
         (
+            // The private-network addresses the server assigned it.
+            "private addr",
+            if d.private_addresses.is_empty() {
+                "-".to_owned()
+            } else {
+                d.private_addresses.join(", ")
+            },
+        ),
+        (
             "version",
             or_dash(d.running_version.as_ref().map(ToString::to_string)),
         ),
@@ -1114,6 +1123,11 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
                 d.device_type.to_string(),
                 if d.online { "yes" } else { "no" }.to_owned(),
                 d.address.clone().unwrap_or_else(dash),
+                if d.private_addresses.is_empty() {
+                    dash()
+                } else {
+                    d.private_addresses.join(",")
+                },
                 d.running_version
                     .as_ref()
                     .map(ToString::to_string)
@@ -1138,8 +1152,8 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
         .collect::<Vec<_>>();
     table(
         &[
-            "ID", "TYPE", "ONLINE", "ADDRESS", "VERSION", "SLOT", "STATE", "TARGET", "PROGRESS",
-            "TAGS", "ERROR",
+            "ID", "TYPE", "ONLINE", "ADDRESS", "PRIVATE", "VERSION", "SLOT", "STATE", "TARGET",
+            "PROGRESS", "TAGS", "ERROR",
         ],
         &rows,
     )

@@ -348,6 +348,12 @@ pub struct DeviceView {
     /// and its key is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removed_at: Option<String>,
+    /// Its private-network addresses, one per pool the server assigns from
+    /// (`[addresses] pool`), in CIDR form (`10.77.0.5/16`), IPv4 first;
+    /// empty if the server has no pools or the device has not connected
+    /// since they were configured. Not where it connects from (`address`).
+    #[serde(default)]
+    pub private_addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -143,7 +143,7 @@ async fn session(
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
     let peer = Peer::of(&hello);
-    let (device_id, enrolled) = match authenticate(&state, &nonce, hello).await {
+    let (device_id, enrolled, held) = match authenticate(&state, &nonce, hello).await {
         Ok(ok) => ok,
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
@@ -153,6 +153,13 @@ async fn session(
     let token = state
         .downloads
         .issue(&device_id, crate::download_token::unix_now());
+    // Its private addresses: those it holds, any a pool still owes it
+    // assigned now (no database work when it has them all).
+    let private_addresses = if state.addresses.is_empty() && held.is_empty() {
+        Vec::new()
+    } else {
+        crate::addresses::ensure(&state, &device_id, &held).await
+    };
     let (tx, mut target_changed) = watch::channel(0u64);
     let serial = state.hub.register(device_id.clone(), tx);
     // From here on, whatever an older session of this device still has in
@@ -171,6 +178,7 @@ async fn session(
                 session_token: token.text,
                 enrolled,
                 features: FEATURES.to_vec(),
+                private_addresses,
             },
         )
         .await?;
@@ -322,7 +330,7 @@ async fn authenticate(
     state: &AppState,
     nonce: &[u8],
     hello: AgentMsg,
-) -> Result<(DeviceId, bool), WireError> {
+) -> Result<(DeviceId, bool, Vec<String>), WireError> {
     match hello {
         AgentMsg::Enroll {
             device_type,
@@ -387,7 +395,7 @@ async fn authenticate(
                     format!("signature does not match the key enrolled for device {device_id}"),
                 )
             })?;
-            Ok((device_id, false))
+            Ok((device_id, false, device.private_addresses))
         }
         AgentMsg::Report(_) => Err(WireError::new(
             ErrorKind::UnexpectedMessage,
@@ -401,7 +409,7 @@ async fn enroll(
     device_type: DeviceType,
     hardware_id: HardwareId,
     public_key: String,
-) -> Result<(DeviceId, bool), WireError> {
+) -> Result<(DeviceId, bool, Vec<String>), WireError> {
     let storage = |e: crate::store::StoreError| WireError::new(e.kind(), e.to_string());
     // The device proved it holds this key: if the key is already enrolled the
     // device lost its ID (crash before saving it) and gets the same ID back.
@@ -414,7 +422,7 @@ async fn enroll(
         if let Some(at) = &existing.removed_at {
             return Err(removed(&existing.id, Some(at)));
         }
-        return Ok((existing.id, true));
+        return Ok((existing.id, true, existing.private_addresses));
     }
     let id: DeviceId = format!("dev-{}", hex::encode(rand::random::<[u8; 8]>()))
         .parse()
@@ -433,7 +441,7 @@ async fn enroll(
     tracing::info!(device = %id, %device_type, %hardware_id, "device enrolled");
     // A new device has no tags yet: it joins the rollouts of its whole type.
     crate::service::rollouts::join_dynamic(state, &id, &device_type, &[]).await;
-    Ok((id, true))
+    Ok((id, true, Vec::new()))
 }
 
 /// The refusal of a removed device's key.

@@ -14,8 +14,8 @@ use uplift_proto::{DeviceId, ErrorKind, SlotName, Tag, TokenName, Version, WireE
 use uplift_server::rollout::engine::{Outcome, RolloutState};
 use uplift_server::store::control::{Attempt, NewApiToken, NewAuditEntry, NewDelivery, NewWebhook};
 use uplift_server::store::{
-    DeviceFilter, MemberPage, NewDevice, NewEvent, NewPlan, PgStore, ReleaseRecord, Removal,
-    ReportedState, RolloutChange, RolloutTally, SqliteStore, Store, StoreError, TagUpdate,
+    AddressClaim, DeviceFilter, MemberPage, NewDevice, NewEvent, NewPlan, PgStore, ReleaseRecord,
+    Removal, ReportedState, RolloutChange, RolloutTally, SqliteStore, Store, StoreError, TagUpdate,
 };
 
 /// Where a case's database is; it may open several stores on it (as
@@ -66,6 +66,7 @@ suite!(
     a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other,
     a_new_rollout_stores_its_first_offers_with_it,
     a_removed_device_is_kept_with_its_history_but_left_out_of_everything_else,
+    a_private_address_is_one_devices_across_stores_until_it_is_removed,
 );
 
 #[tokio::test]
@@ -1629,6 +1630,96 @@ async fn a_removed_device_is_kept_with_its_history_but_left_out_of_everything_el
         .unwrap();
     let listed = store.list_devices().await.unwrap();
     assert_eq!(ids(&listed), ["dev-3", "dev-5"]);
+}
+
+async fn a_private_address_is_one_devices_across_stores_until_it_is_removed(db: &Db) {
+    // Two stores on one database: two replicas.
+    let stores = [db.open().await, db.open().await];
+    let (a, b) = (&stores[0], &stores[1]);
+    enroll(
+        &**a,
+        &[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+        ],
+    )
+    .await;
+    let pool = "10.77.0.0/16";
+    let claim = |store: &Arc<dyn Store>, device: &str, address: &str| {
+        let store = store.clone();
+        let (device, address) = (id(device), address.to_owned());
+        async move {
+            store
+                .claim_address(&device, pool, &address, &format!("{address}/16"))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(claim(a, "dev-1", "10.77.0.5").await, AddressClaim::Claimed);
+    assert_eq!(
+        claim(b, "dev-2", "10.77.0.5").await,
+        AddressClaim::Taken,
+        "another replica cannot hand out the same address"
+    );
+    assert_eq!(
+        claim(b, "dev-1", "10.77.0.6").await,
+        AddressClaim::Held("10.77.0.5/16".into()),
+        "one address per pool per device"
+    );
+    assert_eq!(claim(b, "dev-9", "10.77.0.7").await, AddressClaim::NoDevice);
+    // Both at once, on the two stores, for one address: one wins.
+    let (x, y) = tokio::join!(
+        claim(a, "dev-2", "10.77.0.8"),
+        claim(b, "dev-3", "10.77.0.8")
+    );
+    let mut outcomes = [x, y];
+    outcomes.sort_by_key(|c| c == &AddressClaim::Taken);
+    assert_eq!(outcomes, [AddressClaim::Claimed, AddressClaim::Taken]);
+    let loser = if store_holds(&**a, "dev-2").await.is_empty() {
+        "dev-2"
+    } else {
+        "dev-3"
+    };
+    assert_eq!(claim(a, loser, "10.77.0.9").await, AddressClaim::Claimed);
+    // An IPv6 one beside it; the record lists IPv4 first.
+    a.claim_address(&id("dev-1"), "fd77::/64", "fd77::5", "fd77::5/64")
+        .await
+        .unwrap();
+    assert_eq!(
+        store_holds(&**b, "dev-1").await,
+        ["10.77.0.5/16", "fd77::5/64"]
+    );
+    let mut taken = a.pool_addresses(pool).await.unwrap();
+    taken.sort();
+    assert_eq!(taken, ["10.77.0.5", "10.77.0.8", "10.77.0.9"]);
+    // A pool no longer configured is released; the others stay.
+    a.release_addresses(&id("dev-1"), &[pool.to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(store_holds(&**b, "dev-1").await, ["10.77.0.5/16"]);
+    // Removed, the device's address goes back to the pool.
+    b.remove_device(&id("dev-1"), NOW).await.unwrap();
+    assert!(store_holds(&**a, "dev-1").await.is_empty());
+    assert_eq!(
+        claim(a, "dev-1", "10.77.0.10").await,
+        AddressClaim::NoDevice
+    );
+    assert_eq!(
+        claim(a, loser, "10.77.0.5").await,
+        AddressClaim::Held("10.77.0.9/16".to_owned())
+    );
+    enroll(&**a, &[("dev-4", "gw", "hw-1")]).await;
+    assert_eq!(claim(b, "dev-4", "10.77.0.5").await, AddressClaim::Claimed);
+}
+
+async fn store_holds(store: &dyn Store, device: &str) -> Vec<String> {
+    store
+        .device(&id(device))
+        .await
+        .unwrap()
+        .unwrap()
+        .private_addresses
 }
 
 async fn a_lease_has_one_holder_until_it_expires_or_is_released(db: &Db) {

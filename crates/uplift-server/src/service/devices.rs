@@ -395,6 +395,7 @@ fn view(
         slot: d.booted_slot,
         address: d.address,
         removed_at: d.removed_at,
+        private_addresses: d.private_addresses,
     }
 }
 

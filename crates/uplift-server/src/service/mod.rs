@@ -227,6 +227,7 @@ pub(crate) mod testing {
                 600,
             ),
             limits,
+            addresses: Default::default(),
             shutdown: tokio::sync::watch::channel(false).1,
         }
     }

@@ -852,6 +852,7 @@ pub(crate) mod tests {
             target_rollout,
             address: None,
             removed_at: None,
+            private_addresses: Vec::new(),
         }
     }
 

@@ -175,6 +175,9 @@ pub struct DeviceRecord {
     /// RFC 3339; when an operator removed the device (see
     /// [`Store::remove_device`]). `None` for an enrolled device.
     pub removed_at: Option<String>,
+    /// Its private addresses in CIDR form (see [`crate::addresses`]), IPv4
+    /// first.
+    pub private_addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -261,6 +264,32 @@ pub enum Removal {
         at: String,
     },
     UnknownDevice,
+}
+
+/// What became of a [`Store::claim_address`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressClaim {
+    /// The address is the device's now.
+    Claimed,
+    /// Another device holds it: pick another.
+    Taken,
+    /// The device holds an address of this pool already (another replica
+    /// gave it one meanwhile), in CIDR form.
+    Held(String),
+    /// The device is not enrolled (removed meanwhile).
+    NoDevice,
+}
+
+/// Private addresses of a device record, as stored (`cidr` forms separated
+/// by spaces), IPv4 first.
+pub(crate) fn private_addresses(text: Option<String>) -> Vec<String> {
+    let mut list: Vec<String> = text
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    list.sort_by_key(|cidr| cidr.contains(':'));
+    list
 }
 
 /// One history event to store.
@@ -417,6 +446,20 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     /// parts ended as superseded, its tags and private addresses dropped.
     /// Every list and count leaves a removed device out.
     async fn remove_device(&self, id: &DeviceId, now: &str) -> StoreResult<Removal>;
+    /// Gives `device` `address` (`cidr` with the pool's prefix) of `pool`,
+    /// unless another device holds it (UNIQUE), the device holds one of
+    /// the pool already, or it is not enrolled.
+    async fn claim_address(
+        &self,
+        device: &DeviceId,
+        pool: &str,
+        address: &str,
+        cidr: &str,
+    ) -> StoreResult<AddressClaim>;
+    /// Drops the device's addresses of pools other than `keep`.
+    async fn release_addresses(&self, device: &DeviceId, keep: &[String]) -> StoreResult<()>;
+    /// Every address of `pool` that some device holds.
+    async fn pool_addresses(&self, pool: &str) -> StoreResult<Vec<String>>;
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>>;
     /// Up to `limit` devices that pass `filter`, by ID, after `after`:
     /// keyset paging, each page one indexed range scan.

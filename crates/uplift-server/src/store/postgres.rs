@@ -126,12 +126,14 @@ fn enrolled(
 }
 
 /// What a removed device leaves behind nothing of: its tags (a removed
-/// device is no longer selected by them).
-const REMOVED_WITH_DEVICE: &[&str] = &["device_tags"];
+/// device is no longer selected by them) and its private addresses (back
+/// to the pool).
+const REMOVED_WITH_DEVICE: &[&str] = &["device_tags", "device_addresses"];
 
 const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
      d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
-     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address, d.removed_at";
+     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address, d.removed_at, \
+     (SELECT string_agg(a.cidr,' ') FROM device_addresses a WHERE a.device_id = d.id)";
 
 /// The rollout a member of `rd` counts for (see the SQLite store's).
 const MEMBER_TARGET: &str = "CASE WHEN rd.outcome = 'superseded' THEN NULL \
@@ -285,6 +287,7 @@ fn device_from_row(row: &PgRow) -> StoreResult<DeviceRecord> {
             .try_get::<Option<OffsetDateTime>, _>(17)
             .map_err(db("reading a device"))?
             .map(stamp::shown),
+        private_addresses: super::private_addresses(opt_text(18)?),
     })
 }
 
@@ -639,6 +642,79 @@ impl Store for PgStore {
         tx.commit().await.map_err(db(action))?;
         rollouts.sort_unstable();
         Ok(Removal::Removed { rollouts })
+    }
+
+    async fn claim_address(
+        &self,
+        device: &DeviceId,
+        pool: &str,
+        address: &str,
+        cidr: &str,
+    ) -> StoreResult<AddressClaim> {
+        let action = "assigning a private address";
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        // Only for an enrolled device; a taken address (UNIQUE: a replica
+        // inserting the same one waits for this commit, then inserts
+        // nothing) or a pool the device has an address of inserts nothing.
+        let inserted = sqlx::query(
+            "INSERT INTO device_addresses (device_id, pool, address, cidr, assigned_at) \
+             SELECT $1, $2, $3, $4, now() \
+             WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1 AND removed_at IS NULL) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(device.as_str())
+        .bind(pool)
+        .bind(address)
+        .bind(cidr)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?
+        .rows_affected();
+        let claim = if inserted == 1 {
+            AddressClaim::Claimed
+        } else {
+            let held: Option<String> = sqlx::query_scalar(
+                "SELECT cidr FROM device_addresses WHERE device_id = $1 AND pool = $2",
+            )
+            .bind(device.as_str())
+            .bind(pool)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db(action))?;
+            let enrolled: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM devices WHERE id = $1 AND removed_at IS NULL")
+                    .bind(device.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db(action))?;
+            match (held, enrolled) {
+                (Some(cidr), _) => AddressClaim::Held(cidr),
+                (None, Some(_)) => AddressClaim::Taken,
+                (None, None) => AddressClaim::NoDevice,
+            }
+        };
+        tx.commit().await.map_err(db(action))?;
+        Ok(claim)
+    }
+
+    async fn release_addresses(&self, device: &DeviceId, keep: &[String]) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM device_addresses WHERE device_id = $1 AND pool <> ALL($2::text[])",
+        )
+        .bind(device.as_str())
+        .bind(keep)
+        .execute(&self.pool)
+        .await
+        .map_err(db("releasing private addresses"))?;
+        Ok(())
+    }
+
+    async fn pool_addresses(&self, pool: &str) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar("SELECT address FROM device_addresses WHERE pool = $1")
+            .bind(pool)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading a pool's private addresses"))
     }
 
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>> {

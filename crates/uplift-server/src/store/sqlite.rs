@@ -63,8 +63,9 @@ fn member_from_row(row: SqliteRow) -> StoreResult<(MemberRecord, DeviceRecord)> 
 }
 
 /// What a removed device leaves behind nothing of: its tags (a removed
-/// device is no longer selected by them).
-const REMOVED_WITH_DEVICE: &[&str] = &["device_tags"];
+/// device is no longer selected by them) and its private addresses (back
+/// to the pool).
+const REMOVED_WITH_DEVICE: &[&str] = &["device_tags", "device_addresses"];
 
 /// [`DeviceStanding`]'s columns, in the order [`standing_from_row`] reads them.
 /// SQLite's clock as a stored time (fixed-width UTC text, see
@@ -225,6 +226,36 @@ async fn upgrade_from_before_migrations(pool: &SqlitePool) -> StoreResult<()> {
     Ok(())
 }
 
+/// Why a claim inserted nothing: the device has an address of the pool,
+/// is not enrolled, or the address is another device's.
+async fn address_claim_lost(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    device: &DeviceId,
+    pool: &str,
+    action: &'static str,
+) -> StoreResult<AddressClaim> {
+    let held: Option<String> =
+        sqlx::query_scalar("SELECT cidr FROM device_addresses WHERE device_id = ? AND pool = ?")
+            .bind(device.as_str())
+            .bind(pool)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db(action))?;
+    if let Some(cidr) = held {
+        return Ok(AddressClaim::Held(cidr));
+    }
+    let enrolled: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM devices WHERE id = ? AND removed_at IS NULL")
+            .bind(device.as_str())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db(action))?;
+    Ok(match enrolled {
+        Some(_) => AddressClaim::Taken,
+        None => AddressClaim::NoDevice,
+    })
+}
+
 fn insert_device_query(
     d: &NewDevice,
     enrolled_at: String,
@@ -259,7 +290,8 @@ fn enrolled(
 
 const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
      d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
-     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address, d.removed_at";
+     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address, d.removed_at, \
+     (SELECT group_concat(a.cidr,' ') FROM device_addresses a WHERE a.device_id = d.id)";
 
 /// The rollout a member of `rd` counts for, as [`MEMBER_DEVICE_COLUMNS`]
 /// says: a macro so that it can be spliced into `concat!`.
@@ -282,7 +314,7 @@ const MEMBER_DEVICE_COLUMNS: &str = concat!(
      d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
      d.progress_fetched, d.error_kind, d.error_message, ",
     member_target!(),
-    ", d.address, d.removed_at"
+    ", d.address, d.removed_at, (SELECT group_concat(a.cidr,' ') FROM device_addresses a WHERE a.device_id = d.id)"
 );
 
 fn parse<T: FromStr>(what: &'static str, s: String) -> StoreResult<T>
@@ -356,6 +388,7 @@ fn device_from_row(row: SqliteRow) -> StoreResult<DeviceRecord> {
         target_rollout: get_opt_i64(15)?,
         address: opt_text(16)?,
         removed_at: stamp::shown_text_opt(opt_text(17)?),
+        private_addresses: super::private_addresses(opt_text(18)?),
     })
 }
 
@@ -682,6 +715,63 @@ impl Store for SqliteStore {
         let mut rollouts = rollouts;
         rollouts.sort_unstable();
         Ok(Removal::Removed { rollouts })
+    }
+
+    async fn claim_address(
+        &self,
+        device: &DeviceId,
+        pool: &str,
+        address: &str,
+        cidr: &str,
+    ) -> StoreResult<AddressClaim> {
+        let action = "assigning a private address";
+        let mut tx = self.begin_write(action).await?;
+        // Only for an enrolled device; a taken address (UNIQUE) or a pool
+        // the device has an address of (the key) inserts nothing.
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO device_addresses (device_id, pool, address, cidr, assigned_at) \
+             SELECT ?1, ?2, ?3, ?4, {CLOCK} \
+             WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1 AND removed_at IS NULL) \
+             ON CONFLICT DO NOTHING"
+        ))
+        .bind(device.as_str())
+        .bind(pool)
+        .bind(address)
+        .bind(cidr)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?
+        .rows_affected();
+        let claim = if inserted == 1 {
+            AddressClaim::Claimed
+        } else {
+            address_claim_lost(&mut tx, device, pool, action).await?
+        };
+        tx.commit().await.map_err(db(action))?;
+        Ok(claim)
+    }
+
+    async fn release_addresses(&self, device: &DeviceId, keep: &[String]) -> StoreResult<()> {
+        let keep = serde_json::to_string(keep)
+            .unwrap_or_else(|e| unreachable!("pool names serialize: {e}"));
+        sqlx::query(
+            "DELETE FROM device_addresses WHERE device_id = ? \
+             AND pool NOT IN (SELECT value FROM json_each(?))",
+        )
+        .bind(device.as_str())
+        .bind(keep)
+        .execute(&self.pool)
+        .await
+        .map_err(db("releasing private addresses"))?;
+        Ok(())
+    }
+
+    async fn pool_addresses(&self, pool: &str) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar("SELECT address FROM device_addresses WHERE pool = ?")
+            .bind(pool)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading a pool's private addresses"))
     }
 
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>> {
@@ -1770,7 +1860,7 @@ mod tests {
                 .fetch_all(&store.pool)
                 .await
                 .unwrap();
-        assert_eq!(applied, [1, 2, 3, 4]);
+        assert_eq!(applied, [1, 2, 3, 4, 5]);
         let devices = store.list_devices().await.unwrap();
         // In enrollment order: 10:00:00, .123456, .5 (as text it was .1, .5, Z).
         assert_eq!(ids(&devices), ["dev-b", "dev-c", "dev-a"]);
