@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
@@ -85,39 +85,14 @@ impl SlotWriter {
         }
     }
 
+    /// Opens the slot as [`crate::slot::open_for_writing`] does: a block
+    /// device exclusively and only if the image fits, never resized.
     pub fn open(slot: SlotName, path: &Path, image_size: u64) -> Result<Self, InstallError> {
-        let io = |source| InstallError::SlotIo {
-            slot,
-            path: path.to_owned(),
-            source,
-        };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io)?;
-        let meta = file.metadata().map_err(io)?;
-        if meta.file_type().is_block_device() {
-            let mut f = &file;
-            let capacity = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(io)?;
-            if capacity < image_size {
-                return Err(InstallError::SlotTooSmall {
-                    slot,
-                    path: path.to_owned(),
-                    capacity,
-                    needed: image_size,
-                });
-            }
-        } else {
-            // A file slot holds exactly the image: no stale tail from an older one.
-            file.set_len(image_size).map_err(io)?;
-        }
+        let opened = crate::slot::open_for_writing(slot, path, image_size)?;
         Ok(Self {
             slot,
             path: path.to_owned(),
-            file: Arc::new(file),
+            file: Arc::new(opened.file),
         })
     }
 
@@ -172,9 +147,7 @@ impl Seed {
                 // The list must describe what the slot can hold.
                 let total: u64 = list.iter().map(|(_, size)| u64::from(*size)).sum();
                 image_size == Some(total)
-                    && file
-                        .metadata()
-                        .is_ok_and(|m| m.len() >= total || m.file_type().is_block_device())
+                    && crate::slot::capacity_of(&file).is_ok_and(|capacity| capacity >= total)
             });
             let (index, source) = match listed {
                 Some(list) => (

@@ -7,7 +7,7 @@
 use crate::config::AgentConfig;
 use crate::download::{Counters, Download};
 use crate::local::{LocalState, PendingInstall, SlotContent};
-use crate::machine::Event;
+use crate::machine::{check_downgrade, DowngradeRefused, Event};
 use futures_util::StreamExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,8 +33,8 @@ pub enum InstallError {
     WrongDeviceType { got: String, expected: String },
     #[error("server offered version {offered} but its manifest says {manifest}; the release on the server is inconsistent")]
     VersionMismatch { offered: Version, manifest: Version },
-    #[error("refusing to downgrade from {running} to {target}; start the rollout with --allow-downgrade if intended")]
-    Downgrade { running: Version, target: Version },
+    #[error(transparent)]
+    Downgrade(#[from] DowngradeRefused),
     #[error("downloading {what} failed: {detail}")]
     Download { what: String, detail: String },
     /// The server found its own copy damaged; `message` is its words.
@@ -52,13 +52,9 @@ pub enum InstallError {
         seconds: f64,
         min_rate: u64,
     },
-    #[error("slot {slot} ({path}) holds {capacity} bytes but the image needs {needed}; repartition or use a smaller image")]
-    SlotTooSmall {
-        slot: SlotName,
-        path: PathBuf,
-        capacity: u64,
-        needed: u64,
-    },
+    /// The slot cannot take the image (too small, missing, in use).
+    #[error(transparent)]
+    Slot(#[from] crate::slot::SlotError),
     #[error("writing slot {slot} ({path}) failed: {source}")]
     SlotIo {
         slot: SlotName,
@@ -88,13 +84,13 @@ impl InstallError {
             InstallError::Release(e) => e.kind(),
             InstallError::WrongDeviceType { .. } => ErrorKind::WrongDeviceType,
             InstallError::VersionMismatch { .. } => ErrorKind::VersionMismatch,
-            InstallError::Downgrade { .. } => ErrorKind::DowngradeRefused,
+            InstallError::Downgrade(_) => ErrorKind::DowngradeRefused,
             InstallError::Unreachable { .. } => ErrorKind::ServerUnreachable,
             InstallError::StoredChunkDamaged { .. } => ErrorKind::StoredChunkDamaged,
             InstallError::Download { .. }
             | InstallError::TooLong { .. }
             | InstallError::TooSlow { .. } => ErrorKind::DownloadFailed,
-            InstallError::SlotTooSmall { .. } => ErrorKind::SlotTooSmall,
+            InstallError::Slot(e) => e.kind(),
             InstallError::SlotIo { .. } | InstallError::State(_) => ErrorKind::SlotIo,
             InstallError::ImageHash { .. } => ErrorKind::ImageHashMismatch,
             InstallError::BootEnv(_) => ErrorKind::BootEnv,
@@ -242,12 +238,7 @@ pub fn check_manifest(
             manifest: manifest.version.clone(),
         });
     }
-    if manifest.version < *running && !offer.allow_downgrade {
-        return Err(InstallError::Downgrade {
-            running: running.clone(),
-            target: manifest.version.clone(),
-        });
-    }
+    check_downgrade(running, &manifest.version, offer.allow_downgrade)?;
     Ok(())
 }
 
@@ -539,6 +530,9 @@ impl Installer {
         let target = booted.other();
         let path = self.config.slots.path(target).to_owned();
         let bootenv = self.config.boot.env.clone();
+        // An image the slot cannot hold fails here, before the hook runs
+        // and before anything about the slot changes.
+        crate::slot::check_capacity_async(target, path.clone(), manifest.image.size).await?;
         let hook_env = [
             ("UPLIFT_VERSION", manifest.version.to_string()),
             ("UPLIFT_SLOT", target.to_string()),
@@ -1032,6 +1026,28 @@ mod tests {
             check(&manifest("0.9", "gateway"), &offer("0.9", true), "1.0"),
             Ok(())
         );
+    }
+
+    #[test]
+    fn the_offer_and_the_manifest_refuse_a_downgrade_in_the_same_words() {
+        let (mut machine, _) = crate::machine::Machine::start(crate::machine::BootFacts {
+            booted: SlotName::A,
+            boot: uplift_bootenv::state::BootState::new(SlotName::A),
+            slots: Default::default(),
+            journal: Default::default(),
+            factory_version: "1.0".parse().unwrap(),
+        });
+        machine.handle(Event::Offer(offer("0.9", false)));
+        let device_type = "gateway".parse().unwrap();
+        let at_install = check_manifest(
+            &manifest("0.9", "gateway"),
+            &offer("0.9", false),
+            &device_type,
+            &"1.0".parse().unwrap(),
+        )
+        .unwrap_err()
+        .to_wire();
+        assert_eq!(machine.report().error, Some(at_install));
     }
 
     /// An installer whose server is `url`, with a session token at hand.

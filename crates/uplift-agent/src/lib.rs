@@ -4,7 +4,8 @@
 //! environment to try it for a few boots, and after the reboot commits or rolls back.
 //!
 //! Decisions live in [`machine`] (pure, unit-tested); so is the chunk planner [`plan`];
-//! I/O lives in [`run`], [`install`], [`download`], [`net`] and [`local`].
+//! I/O lives in [`run`], [`install`], [`download`], [`slot`], [`net`], [`local`]
+//! and [`systemd`].
 
 pub mod address;
 pub mod config;
@@ -17,4 +18,6 @@ pub mod machine;
 pub mod net;
 pub mod plan;
 pub mod run;
+pub mod slot;
 pub mod status;
+pub mod systemd;

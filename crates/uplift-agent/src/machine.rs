@@ -2,6 +2,13 @@
 //! the facts read at boot and the events that happen after, and answers with
 //! the actions the runtime must perform. Every transition is unit-tested here
 //! (the approach of coreos/zincati).
+//!
+//! The data of one step of the work lives in that step's [`Phase`] variant
+//! (the offer deferred during a trial, a download's progress, the offer a
+//! scheduled retry installs again), so it ends with the step and no state
+//! that cannot exist can be written down. [`Machine`] keeps beside the phase
+//! only what every phase reads: facts of this boot and verdicts on past
+//! offers.
 
 use crate::local::{Failure, Journal, PendingInstall, SlotTable};
 use std::collections::BTreeSet;
@@ -24,10 +31,18 @@ pub struct BootFacts {
 pub enum Phase {
     Idle,
     /// Booted a slot on trial; waiting for the health check.
-    Testing,
+    Testing {
+        /// The newest offer that arrived during the trial: a trial is
+        /// committed (or rolled back) before anything else, so it is
+        /// considered once the commit is written, and dropped otherwise.
+        deferred: Option<Offer>,
+    },
     Installing {
         offer: Offer,
+        /// Written; the image is being checked.
         verifying: bool,
+        /// How far this attempt got; a new attempt starts from nothing.
+        progress: Option<Progress>,
     },
     RebootPending {
         version: Version,
@@ -42,6 +57,10 @@ pub enum Phase {
     Failed {
         target: Version,
         error: WireError,
+        /// The offer to install again when [`Event::RetryDue`] arrives;
+        /// `None` when no retry is scheduled. Anything that moves the
+        /// machine on replaces the phase, and the retry with it.
+        retry: Option<Offer>,
     },
     RolledBack {
         version: Version,
@@ -103,6 +122,39 @@ fn retryable(kind: ErrorKind) -> bool {
     )
 }
 
+/// An older release offered to a device whose rollout does not allow
+/// downgrades. One rule and one message for both places that apply it: the
+/// decision on an offer ([`Machine`]) and the check of the signed manifest
+/// ([`crate::install::check_manifest`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refusing to downgrade from {running} to {target}; start the rollout with --allow-downgrade if intended")]
+pub struct DowngradeRefused {
+    pub running: Version,
+    pub target: Version,
+}
+
+impl DowngradeRefused {
+    pub fn to_wire(&self) -> WireError {
+        WireError::new(ErrorKind::DowngradeRefused, self.to_string())
+    }
+}
+
+/// The downgrade rule: a release older than the running one is installed
+/// only when the rollout allows it; the same or a newer one always passes.
+pub fn check_downgrade(
+    running: &Version,
+    target: &Version,
+    allowed: bool,
+) -> Result<(), DowngradeRefused> {
+    if target < running && !allowed {
+        return Err(DowngradeRefused {
+            running: running.clone(),
+            target: target.clone(),
+        });
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     RunHealthCheck,
@@ -132,28 +184,44 @@ pub enum Action {
     },
 }
 
+/// The failed install attempts at the offer that failed last, keyed by
+/// rollout and version (a new rollout of the same version starts a fresh
+/// budget). The count and the verdict are one value, so a spent budget
+/// always has its reason.
+#[derive(Debug, Clone, PartialEq)]
+struct Failures {
+    rollout_id: i64,
+    version: Version,
+    budget: Budget,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Budget {
+    /// This many attempts failed (fewer than [`MAX_INSTALL_ATTEMPTS`]).
+    Left { failed: u32 },
+    /// No attempts left: a repeated offer is answered with this error
+    /// (the last one, or why the budget was spent at once), not a download.
+    Spent(WireError),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Machine {
+    // Beside the phase only what outlives every phase: this boot's facts
+    // and verdicts on past offers.
+    /// Changes only with a reboot, which ends this machine.
     running: Version,
     booted: SlotName,
-    phase: Phase,
-    progress: Option<Progress>,
     /// Releases installed here and rolled back: not retried.
     refused: BTreeSet<Version>,
-    /// The newest offer that arrived while a trial was being tested; it is
-    /// considered once the trial is committed.
-    deferred: Option<Offer>,
-    /// Failed attempts at the current offer, keyed by rollout and version
-    /// (a new rollout of the same version starts a fresh budget).
-    attempts: Option<(i64, Version, u32)>,
-    /// The error reported when that budget ran out, repeated on re-offers.
-    gave_up_with: Option<WireError>,
-    /// The offer to retry when a scheduled retry is due.
-    last_offer: Option<Offer>,
-    /// A retry is scheduled and nothing has happened since that replaces it.
-    retry_pending: bool,
-    /// Numbers install attempts, so late events of an old one are ignored.
+    /// Outlives the phases between attempts: a device that waits for a
+    /// download turn (the server answers its retry with "no update") is
+    /// idle in between, and its count must carry on when the offer comes
+    /// back, or a fleet kept waiting would never spend its budget.
+    failures: Option<Failures>,
+    /// Numbers install attempts, so late events of an old one are ignored;
+    /// beside the phase because a number must never be given out twice.
     install_id: u64,
+    phase: Phase,
 }
 
 impl Machine {
@@ -188,19 +256,14 @@ impl Machine {
         let mut machine = Machine {
             running: running.clone(),
             booted,
-            phase: Phase::Idle,
-            progress: None,
             refused,
-            deferred: None,
-            attempts: None,
-            gave_up_with: None,
-            retry_pending: false,
+            failures: None,
             install_id: 0,
-            last_offer: None,
+            phase: Phase::Idle,
         };
 
         if boot.trial.as_ref().is_some_and(|t| t.slot == booted) {
-            machine.phase = Phase::Testing;
+            machine.phase = Phase::Testing { deferred: None };
             return (machine, vec![Action::Report, Action::RunHealthCheck]);
         }
         if let Some(from) = boot.fallback_from {
@@ -283,18 +346,19 @@ impl Machine {
     }
 
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
-        match (&self.phase, event) {
+        match (&mut self.phase, event) {
             // Healthy: commit first; anything else waits for the outcome.
-            (Phase::Testing, Event::HealthCheck(Ok(()))) => vec![Action::CommitTrial],
-            (Phase::Testing, Event::Committed) => {
+            (Phase::Testing { .. }, Event::HealthCheck(Ok(()))) => vec![Action::CommitTrial],
+            (Phase::Testing { deferred }, Event::Committed) => {
+                let deferred = deferred.take();
                 self.phase = Phase::Idle;
-                match self.deferred.take() {
+                match deferred {
                     Some(offer) => self.consider(offer),
                     None => vec![Action::Report],
                 }
             }
             (_, Event::Committed) => vec![],
-            (Phase::Testing, Event::HealthCheck(Err(reason))) => {
+            (Phase::Testing { .. }, Event::HealthCheck(Err(reason))) => {
                 let version = self.running.clone();
                 let error = WireError::new(
                     ErrorKind::HealthCheckFailed,
@@ -306,7 +370,6 @@ impl Machine {
                     rolled_back: true,
                 };
                 self.refused.insert(version.clone());
-                self.deferred = None;
                 self.phase = Phase::RolledBack { version, error };
                 vec![
                     Action::AbandonTrial(failure),
@@ -315,30 +378,21 @@ impl Machine {
                 ]
             }
             // A trial is committed (or rolled back) before anything else.
-            (Phase::Testing, Event::Offer(offer)) => {
-                self.deferred = Some(offer);
+            (Phase::Testing { deferred }, Event::Offer(offer)) => {
+                *deferred = Some(offer);
                 vec![]
             }
-            (Phase::Testing, Event::NoUpdate) => {
-                self.deferred = None;
+            (Phase::Testing { deferred }, Event::NoUpdate) => {
+                *deferred = None;
                 vec![]
             }
             // The reboot is imminent; the server repeats its offer on reconnect.
             (Phase::RebootPending { .. }, Event::Offer(_) | Event::NoUpdate) => vec![],
-            (
-                Phase::Installing {
-                    offer: current,
-                    verifying,
-                },
-                Event::Offer(offer),
-            ) => {
+            (Phase::Installing { offer: current, .. }, Event::Offer(offer)) => {
                 if current.same_release(&offer) {
                     // Only the reboot's hold changed: the install goes on,
                     // and its end follows the newest word.
-                    self.phase = Phase::Installing {
-                        offer,
-                        verifying: *verifying,
-                    };
+                    *current = offer;
                     vec![]
                 } else {
                     let mut actions = vec![Action::CancelInstall];
@@ -373,19 +427,18 @@ impl Machine {
                 self.phase = Phase::Idle;
                 vec![Action::WithdrawVerified, Action::Report]
             }
-            (_, Event::Offer(offer)) => {
+            (phase, Event::Offer(offer)) => {
                 // Offers arrive only over a live channel: the server is
                 // reachable again, so an outage of any length does not keep
                 // the device from carrying on.
-                if matches!(&self.phase, Phase::Failed { error, .. } if error.kind == ErrorKind::ServerUnreachable)
+                if matches!(phase, Phase::Failed { error, .. } if error.kind == ErrorKind::ServerUnreachable)
                 {
-                    self.attempts = None;
+                    self.failures = None;
                 }
                 self.consider(offer)
             }
             (Phase::Installing { .. }, Event::NoUpdate) => {
                 self.phase = Phase::Idle;
-                self.progress = None;
                 vec![Action::CancelInstall, Action::Report]
             }
             (Phase::Failed { .. }, Event::NoUpdate) => {
@@ -393,19 +446,20 @@ impl Machine {
                 vec![Action::Report]
             }
             (_, Event::NoUpdate) => vec![],
-            (Phase::Installing { .. }, Event::Progress { install, progress })
-                if install == self.install_id =>
-            {
-                self.progress = Some(progress);
+            (
+                Phase::Installing { progress, .. },
+                Event::Progress {
+                    install,
+                    progress: now,
+                },
+            ) if install == self.install_id => {
+                *progress = Some(now);
                 vec![Action::Report]
             }
-            (Phase::Installing { offer, .. }, Event::Verifying { install })
+            (Phase::Installing { verifying, .. }, Event::Verifying { install })
                 if install == self.install_id =>
             {
-                self.phase = Phase::Installing {
-                    offer: offer.clone(),
-                    verifying: true,
-                };
+                *verifying = true;
                 vec![Action::Report]
             }
             (Phase::Installing { offer, .. }, Event::InstallDone { install })
@@ -418,7 +472,8 @@ impl Machine {
                     };
                     vec![Action::Report]
                 } else {
-                    vec![self.switch_to(offer.version.clone(), offer.rollout_id)]
+                    let (version, rollout_id) = (offer.version.clone(), offer.rollout_id);
+                    vec![self.switch_to(version, rollout_id)]
                 }
             }
             (
@@ -454,8 +509,11 @@ impl Machine {
                 // Not retried on a timer (the boot environment fails the same
                 // way); a new rollout tries again.
                 let version = version.clone();
-                self.attempts = Some((*rollout_id, version.clone(), MAX_INSTALL_ATTEMPTS));
-                self.gave_up_with = Some(error.clone());
+                self.failures = Some(Failures {
+                    rollout_id: *rollout_id,
+                    version: version.clone(),
+                    budget: Budget::Spent(error.clone()),
+                });
                 let record = Action::RecordFailure(Failure {
                     version: version.clone(),
                     error: error.clone(),
@@ -464,6 +522,7 @@ impl Machine {
                 self.phase = Phase::Failed {
                     target: version,
                     error,
+                    retry: None,
                 };
                 vec![Action::WithdrawVerified, Action::Report, record]
             }
@@ -472,60 +531,18 @@ impl Machine {
                 if install == self.install_id =>
             {
                 let offer = offer.clone();
-                let healable = retryable(error.kind);
-                // A failure that cannot heal spends the whole budget at once,
-                // so a repeated offer neither refetches nor reruns hooks.
-                let attempt = if healable {
-                    self.failed_attempts(&offer) + 1
-                } else {
-                    MAX_INSTALL_ATTEMPTS
-                };
-                self.attempts = Some((offer.rollout_id, offer.version.clone(), attempt));
-                let retry = healable && attempt < MAX_INSTALL_ATTEMPTS;
-                let error = if retry {
-                    WireError::new(
-                        error.kind,
-                        format!(
-                            "{} (attempt {attempt} of {MAX_INSTALL_ATTEMPTS}; retrying)",
-                            error.message
-                        ),
-                    )
-                } else if retryable(error.kind) {
-                    Self::gave_up(&offer, attempt, &error)
-                } else {
-                    error
-                };
-                if !retry {
-                    self.gave_up_with = Some(error.clone());
-                }
-                let record = Action::RecordFailure(Failure {
-                    version: offer.version.clone(),
-                    error: error.clone(),
-                    rolled_back: false,
-                });
-                self.phase = Phase::Failed {
-                    target: offer.version.clone(),
-                    error,
-                };
-                self.last_offer = Some(offer);
-                self.retry_pending = retry;
-                if retry {
-                    vec![Action::Report, record, Action::ScheduleRetry { attempt }]
-                } else {
-                    vec![Action::Report, record]
-                }
+                self.install_failed(offer, error)
             }
-            (Phase::Failed { .. }, Event::RetryDue) if self.retry_pending => {
-                match self.last_offer.clone() {
-                    Some(offer) => self.consider(offer),
-                    None => vec![],
-                }
-            }
+            (Phase::Failed { retry, .. }, Event::RetryDue) => match retry.take() {
+                Some(offer) => self.consider(offer),
+                None => vec![],
+            },
             (_, Event::RetryDue) => vec![],
             (_, Event::CommitFailed(error)) => {
                 self.phase = Phase::Failed {
                     target: self.running.clone(),
                     error,
+                    retry: None,
                 };
                 vec![Action::Report]
             }
@@ -534,10 +551,74 @@ impl Machine {
                 _,
                 Event::Progress { .. }
                 | Event::Verifying { .. }
-                | Event::InstallDone { .. }
-                | Event::InstallFailed { .. },
+                | Event::InstallFailed { .. }
+                | Event::InstallDone { .. },
             ) => vec![],
             (_, Event::HealthCheck(_)) => vec![],
+        }
+    }
+
+    /// Failed attempts at `offer`: none unless it is the offer that failed last.
+    fn failed_attempts(&self, offer: &Offer) -> u32 {
+        match &self.failures {
+            Some(f) if f.rollout_id == offer.rollout_id && f.version == offer.version => {
+                match f.budget {
+                    Budget::Left { failed } => failed,
+                    Budget::Spent(_) => MAX_INSTALL_ATTEMPTS,
+                }
+            }
+            _ => 0,
+        }
+    }
+
+    /// The install of `offer` failed: count it, and retry it after a
+    /// backoff while the budget lasts and the failure can heal.
+    fn install_failed(&mut self, offer: Offer, error: WireError) -> Vec<Action> {
+        let healable = retryable(error.kind);
+        // A failure that cannot heal spends the whole budget at once,
+        // so a repeated offer neither refetches nor reruns hooks.
+        let attempt = if healable {
+            self.failed_attempts(&offer) + 1
+        } else {
+            MAX_INSTALL_ATTEMPTS
+        };
+        let retry = healable && attempt < MAX_INSTALL_ATTEMPTS;
+        let error = if retry {
+            WireError::new(
+                error.kind,
+                format!(
+                    "{} (attempt {attempt} of {MAX_INSTALL_ATTEMPTS}; retrying)",
+                    error.message
+                ),
+            )
+        } else if healable {
+            Self::gave_up(&offer, attempt, &error)
+        } else {
+            error
+        };
+        self.failures = Some(Failures {
+            rollout_id: offer.rollout_id,
+            version: offer.version.clone(),
+            budget: if retry {
+                Budget::Left { failed: attempt }
+            } else {
+                Budget::Spent(error.clone())
+            },
+        });
+        let record = Action::RecordFailure(Failure {
+            version: offer.version.clone(),
+            error: error.clone(),
+            rolled_back: false,
+        });
+        self.phase = Phase::Failed {
+            target: offer.version.clone(),
+            error,
+            retry: retry.then_some(offer),
+        };
+        if retry {
+            vec![Action::Report, record, Action::ScheduleRetry { attempt }]
+        } else {
+            vec![Action::Report, record]
         }
     }
 
@@ -549,17 +630,6 @@ impl Machine {
             version,
             rollout_id,
         })
-    }
-
-    fn failed_attempts(&self, offer: &Offer) -> u32 {
-        match &self.attempts {
-            Some((rollout, version, n))
-                if *rollout == offer.rollout_id && *version == offer.version =>
-            {
-                *n
-            }
-            _ => 0,
-        }
     }
 
     fn gave_up(offer: &Offer, attempts: u32, last: &WireError) -> WireError {
@@ -574,32 +644,35 @@ impl Machine {
     }
 
     /// The patent's comparison: same version, nothing to do; different,
-    /// fetch it (unless refused, a downgrade, or out of attempts).
+    /// fetch it (unless refused, a downgrade, or out of attempts). Whatever
+    /// is decided replaces the phase, and a scheduled retry with it.
     fn consider(&mut self, offer: Offer) -> Vec<Action> {
-        self.progress = None;
-        // Whatever is decided now supersedes a scheduled retry.
-        self.retry_pending = false;
         if offer.version == self.running {
             self.phase = Phase::Idle;
             return vec![Action::Report];
         }
-        if self.failed_attempts(&offer) >= MAX_INSTALL_ATTEMPTS {
+        let spent = match &self.failures {
+            Some(Failures {
+                rollout_id,
+                version,
+                budget: Budget::Spent(error),
+            }) if *rollout_id == offer.rollout_id && *version == offer.version => {
+                Some(error.clone())
+            }
+            _ => None,
+        };
+        if let Some(error) = spent {
             // A repeated offer (e.g. on every reconnect) must not restart a
             // download that already failed its whole budget.
-            if !matches!(&self.phase, Phase::Failed { target, .. } if *target == offer.version) {
-                let error = self.gave_up_with.clone().unwrap_or_else(|| {
-                    WireError::new(
-                        ErrorKind::DownloadFailed,
-                        format!(
-                            "gave up on {}; start a new rollout to try again",
-                            offer.version
-                        ),
-                    )
-                });
-                self.phase = Phase::Failed {
-                    target: offer.version.clone(),
-                    error,
-                };
+            match &mut self.phase {
+                Phase::Failed { target, retry, .. } if *target == offer.version => *retry = None,
+                _ => {
+                    self.phase = Phase::Failed {
+                        target: offer.version,
+                        error,
+                        retry: None,
+                    }
+                }
             }
             return vec![Action::Report];
         }
@@ -627,60 +700,63 @@ impl Machine {
             };
             return vec![Action::Report];
         }
-        if offer.version < self.running && !offer.allow_downgrade {
+        if let Err(refused) = check_downgrade(&self.running, &offer.version, offer.allow_downgrade)
+        {
             self.phase = Phase::Failed {
-                target: offer.version.clone(),
-                error: WireError::new(
-                    ErrorKind::DowngradeRefused,
-                    format!(
-                        "refusing to downgrade from {} to {}; start the rollout with --allow-downgrade if intended",
-                        self.running, offer.version
-                    ),
-                ),
+                target: offer.version,
+                error: refused.to_wire(),
+                retry: None,
             };
             return vec![Action::Report];
         }
         self.phase = Phase::Installing {
             offer: offer.clone(),
             verifying: false,
+            progress: None,
         };
         self.install_id += 1;
         vec![Action::StartInstall(offer), Action::Report]
     }
 
     pub fn report(&self) -> Report {
-        let (state, target_version, error) = match &self.phase {
-            Phase::Idle => (AgentState::Idle, None, None),
-            Phase::Testing => (AgentState::Testing, Some(self.running.clone()), None),
-            Phase::Installing { offer, verifying } => (
+        let (state, target_version, progress, error) = match &self.phase {
+            Phase::Idle => (AgentState::Idle, None, None, None),
+            Phase::Testing { .. } => (AgentState::Testing, Some(self.running.clone()), None, None),
+            Phase::Installing {
+                offer,
+                verifying,
+                progress,
+            } => (
                 if *verifying {
                     AgentState::Verifying
                 } else {
                     AgentState::Downloading
                 },
                 Some(offer.version.clone()),
+                *progress,
                 None,
             ),
             Phase::RebootPending { version } => {
-                (AgentState::RebootPending, Some(version.clone()), None)
+                (AgentState::RebootPending, Some(version.clone()), None, None)
             }
-            Phase::AwaitingReboot { version, .. } => {
-                (AgentState::AwaitingReboot, Some(version.clone()), None)
-            }
-            Phase::Failed { target, error } => (
+            Phase::AwaitingReboot { version, .. } => (
+                AgentState::AwaitingReboot,
+                Some(version.clone()),
+                None,
+                None,
+            ),
+            Phase::Failed { target, error, .. } => (
                 AgentState::Failed,
                 Some(target.clone()),
+                None,
                 Some(error.clone()),
             ),
             Phase::RolledBack { version, error } => (
                 AgentState::RolledBack,
                 Some(version.clone()),
+                None,
                 Some(error.clone()),
             ),
-        };
-        let progress = match &self.phase {
-            Phase::Installing { .. } => self.progress,
-            _ => None,
         };
         Report {
             state,
@@ -1231,6 +1307,179 @@ mod tests {
         assert_eq!(
             m.handle(Event::Offer(allowed.clone())),
             vec![Action::StartInstall(allowed), Action::Report]
+        );
+    }
+
+    /// Fails the install under way with a failure that can heal.
+    fn fail(m: &mut Machine) -> Vec<Action> {
+        m.handle(Event::InstallFailed {
+            install: m.install_id(),
+            error: WireError::new(ErrorKind::DownloadFailed, "connection reset"),
+        })
+    }
+
+    fn retries(actions: &[Action]) -> Option<u32> {
+        actions.iter().find_map(|a| match a {
+            Action::ScheduleRetry { attempt } => Some(*attempt),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn an_attempt_count_does_not_carry_into_another_offer() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        assert_eq!(retries(&fail(&mut m)), Some(1));
+        let next_rollout = Offer {
+            rollout_id: 2,
+            ..offer("1.1")
+        };
+        m.handle(Event::Offer(next_rollout));
+        assert_eq!(
+            retries(&fail(&mut m)),
+            Some(1),
+            "a new rollout of the same version counts from the start"
+        );
+        m.handle(Event::Offer(offer("1.2")));
+        assert_eq!(retries(&fail(&mut m)), Some(1), "so does another version");
+    }
+
+    #[test]
+    fn a_repeated_offer_during_the_backoff_installs_at_once_and_keeps_counting() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        fail(&mut m);
+        assert_eq!(
+            m.handle(Event::Offer(offer("1.1"))),
+            vec![Action::StartInstall(offer("1.1")), Action::Report],
+            "a reconnect repeats the offer: no need to wait for the timer"
+        );
+        assert_eq!(retries(&fail(&mut m)), Some(2));
+    }
+
+    #[test]
+    fn a_scheduled_retry_ends_with_its_phase() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        fail(&mut m);
+        assert!(matches!(m.phase(), Phase::Failed { retry: Some(o), .. } if *o == offer("1.1")));
+        m.handle(Event::Offer(offer("1.2")));
+        assert_eq!(
+            m.handle(Event::RetryDue),
+            vec![],
+            "the timer of the replaced offer does not restart it"
+        );
+        assert_eq!(m.report().target_version, Some(v("1.2")));
+
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        fail(&mut m);
+        m.handle(Event::NoUpdate);
+        assert_eq!(m.handle(Event::RetryDue), vec![], "withdrawn: no retry");
+        assert_eq!(m.report().state, AgentState::Idle);
+    }
+
+    #[test]
+    fn a_device_kept_waiting_for_a_download_turn_carries_its_count_on() {
+        // Under a download limit the server answers a retry that has no
+        // turn with "no update", and offers again when one is free.
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        for attempt in 1..MAX_INSTALL_ATTEMPTS {
+            assert_eq!(retries(&fail(&mut m)), Some(attempt));
+            m.handle(Event::RetryDue);
+            assert_eq!(
+                m.handle(Event::NoUpdate),
+                vec![Action::CancelInstall, Action::Report]
+            );
+            assert_eq!(
+                m.handle(Event::Offer(offer("1.1"))),
+                vec![Action::StartInstall(offer("1.1")), Action::Report]
+            );
+        }
+        assert_eq!(retries(&fail(&mut m)), None, "the budget is spent");
+        m.handle(Event::NoUpdate);
+        assert_eq!(m.handle(Event::Offer(offer("1.1"))), vec![Action::Report]);
+    }
+
+    #[test]
+    fn after_an_outage_a_partial_count_starts_again() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        m.handle(Event::InstallFailed {
+            install: m.install_id(),
+            error: WireError::new(ErrorKind::ServerUnreachable, "no connection"),
+        });
+        m.handle(Event::Offer(offer("1.1")));
+        assert_eq!(retries(&fail(&mut m)), Some(1));
+    }
+
+    #[test]
+    fn progress_belongs_to_one_attempt() {
+        let (mut m, _) = Machine::start(factory_facts());
+        m.handle(Event::Offer(offer("1.1")));
+        m.handle(Event::Progress {
+            install: m.install_id(),
+            progress: Progress {
+                done_bytes: 5,
+                total_bytes: 10,
+                fetched_bytes: 5,
+            },
+        });
+        assert_eq!(
+            m.handle(Event::Offer(held("1.1"))),
+            vec![],
+            "the same release: the attempt and its progress go on"
+        );
+        assert_eq!(m.report().progress.map(|p| p.done_bytes), Some(5));
+        fail(&mut m);
+        assert_eq!(m.report().progress, None, "not shown for a failed attempt");
+        m.handle(Event::RetryDue);
+        assert_eq!(m.report().state, AgentState::Downloading);
+        assert_eq!(m.report().progress, None, "the next attempt starts afresh");
+    }
+
+    #[test]
+    fn the_deferred_offer_lives_in_the_trial_and_goes_with_it() {
+        let (mut m, _) = Machine::start(trial_boot_facts());
+        m.handle(Event::Offer(offer("1.2")));
+        assert_eq!(
+            m.phase(),
+            &Phase::Testing {
+                deferred: Some(offer("1.2"))
+            }
+        );
+        m.handle(Event::NoUpdate);
+        assert_eq!(m.phase(), &Phase::Testing { deferred: None });
+        m.handle(Event::HealthCheck(Ok(())));
+        assert_eq!(
+            m.handle(Event::Committed),
+            vec![Action::Report],
+            "withdrawn during the trial: nothing to install after the commit"
+        );
+
+        let (mut m, _) = Machine::start(trial_boot_facts());
+        m.handle(Event::Offer(offer("1.2")));
+        m.handle(Event::HealthCheck(Err("exit status 1".into())));
+        assert!(matches!(m.phase(), Phase::RolledBack { .. }));
+        assert_eq!(
+            m.handle(Event::Committed),
+            vec![],
+            "a rolled-back trial never takes up its deferred offer"
+        );
+    }
+
+    #[test]
+    fn the_downgrade_rule_passes_the_same_or_newer_and_an_allowed_older_release() {
+        assert_eq!(check_downgrade(&v("1.0"), &v("1.0"), false), Ok(()));
+        assert_eq!(check_downgrade(&v("1.0"), &v("1.1"), false), Ok(()));
+        assert_eq!(check_downgrade(&v("1.0"), &v("0.9"), true), Ok(()));
+        let refused = check_downgrade(&v("1.0"), &v("0.9"), false).unwrap_err();
+        let wire = refused.to_wire();
+        assert_eq!(wire.kind, ErrorKind::DowngradeRefused);
+        assert_eq!(
+            wire.message,
+            "refusing to downgrade from 1.0 to 0.9; start the rollout with --allow-downgrade if intended"
         );
     }
 

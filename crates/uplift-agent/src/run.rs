@@ -7,6 +7,7 @@ use crate::install::{InstallGuard, Installer};
 use crate::local::LocalState;
 use crate::machine::{Action, BootFacts, Event, Machine};
 use crate::net;
+use crate::systemd::{status_line, Notifier};
 use anyhow::Context;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -110,6 +111,10 @@ pub async fn run(
     let (token_tx, token_rx) = watch::channel(None::<String>);
     let (inbound_tx, mut inbound) = mpsc::channel::<ServerMsg>(16);
     let (event_tx, mut events) = mpsc::channel::<Event>(64);
+    // The channel task's sign of life, for the watchdog (crate::systemd).
+    let (beat_tx, beat) = watch::channel(tokio::time::Instant::now());
+    // A session token is held exactly while the channel is up.
+    let mut online = token_rx.clone();
 
     let connection = Connection {
         config: config.clone(),
@@ -121,6 +126,7 @@ pub async fn run(
         sent: sent_tx,
         token: token_tx,
         inbound: inbound_tx,
+        beat: beat_tx,
         address_hook: Default::default(),
     };
     let mut connection_task = tokio::spawn(connection.run());
@@ -138,6 +144,17 @@ pub async fn run(
     let mut install: Option<JoinHandle<()>> = None;
     let mut actions = first_actions;
     tokio::pin!(shutdown);
+    // Configured, the boot's outcome recorded, the channel task started:
+    // ready, whether or not the server is reachable yet.
+    let mut systemd = Notifier::from_env();
+    systemd.ready(status_line(&machine.report(), false));
+    // Fed from this loop's own select!, not from a task of its own: a loop
+    // stuck in an action stops feeding it (crate::systemd).
+    let mut watchdog = systemd.feed_every().map(|every| {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
 
     loop {
         while let Some(action) = actions.pop_front() {
@@ -265,11 +282,20 @@ pub async fn run(
                         sent.wait_for(|n| *n >= wanted),
                     )
                     .await;
+                    systemd.status(status_line(&machine.report(), online.borrow().is_some()));
                     connection_task.abort();
-                    return reboot(&config).await;
+                    // A reboot command that worked waits to be stopped.
+                    return tokio::select! {
+                        exit = reboot(&config) => exit,
+                        () = &mut shutdown => {
+                            systemd.stopping();
+                            Ok(Exit::Stopped)
+                        }
+                    };
                 }
             }
         }
+        systemd.status(status_line(&machine.report(), online.borrow().is_some()));
         tokio::select! {
             Some(msg) = inbound.recv() => match msg {
                 ServerMsg::Offer(offer) => {
@@ -282,6 +308,9 @@ pub async fn run(
                 other => tracing::debug!("ignoring {other:?}"),
             },
             Some(event) = events.recv() => actions.extend(machine.handle(event)),
+            // Connected or not: the status line says so.
+            Ok(()) = online.changed() => {}
+            _ = tick(&mut watchdog) => systemd.tick(*beat.borrow(), tokio::time::Instant::now()),
             ended = &mut connection_task => {
                 return match ended {
                     Ok(fatal) => Err(fatal),
@@ -289,10 +318,21 @@ pub async fn run(
                 };
             }
             () = &mut shutdown => {
+                systemd.stopping();
                 connection_task.abort();
                 return Ok(Exit::Stopped);
             }
         }
+    }
+}
+
+/// The next watchdog tick; never, when systemd set no watchdog.
+async fn tick(watchdog: &mut Option<tokio::time::Interval>) {
+    match watchdog {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -424,6 +464,9 @@ struct Connection {
     sent: watch::Sender<u64>,
     token: watch::Sender<Option<String>>,
     inbound: mpsc::Sender<ServerMsg>,
+    /// Refreshed at every step of the channel's loops: the sign of life
+    /// the main loop checks before it feeds the watchdog.
+    beat: watch::Sender<tokio::time::Instant>,
     /// One address hook at a time: a quick reconnect waits for the last.
     address_hook: Arc<tokio::sync::Mutex<()>>,
 }
@@ -449,6 +492,7 @@ impl Connection {
         let mut attempt = 0u32;
         loop {
             let end = self.session(&mut attempt).await;
+            self.alive();
             self.token.send_replace(None);
             match end {
                 SessionEnd::Fatal(e) => return e,
@@ -465,7 +509,12 @@ impl Connection {
         }
     }
 
+    fn alive(&self) {
+        self.beat.send_replace(tokio::time::Instant::now());
+    }
+
     async fn session(&mut self, attempt: &mut u32) -> SessionEnd {
+        self.alive();
         let retry = SessionEnd::Retry;
         let mut ws = match net::connect_channel(&self.server_url, self.tls.clone()).await {
             Ok(ws) => ws,
@@ -575,6 +624,7 @@ impl Connection {
         // it pings every 20 s, so this long a silence means a dead link.
         let mut last_heard = tokio::time::Instant::now();
         loop {
+            self.alive();
             tokio::select! {
                 changed = self.reports.changed() => {
                     if changed.is_err() {

@@ -1,7 +1,5 @@
 //! Command-line definitions and their implementations.
 
-use crate::client::AdminClient;
-use crate::demo::{self, DemoOptions};
 use crate::output::{mib, table};
 use crate::watch::awaiting_reboot;
 use anyhow::Context;
@@ -11,6 +9,8 @@ use std::io::IsTerminal;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
 use std::time::Duration;
+use uplift_client::AdminClient;
+use uplift_fleet::demo::{self, DemoOptions};
 use uplift_proto::api::{
     DeviceEvent, DeviceEventKind, DevicePage, DeviceQuery, DeviceView, DownloadLimits,
     FleetSummary, HistoryQuery, RolloutCommandName, RolloutCreate, RolloutPreview, RolloutStatus,

@@ -1,13 +1,11 @@
 //! The `uplift` command: release keys, building and uploading signed
 //! releases, listing devices, starting and following rollouts, and the fleet
-//! demo. Every server operation goes through the admin REST API
-//! ([`client::AdminClient`]), the same API a web page would use.
+//! demo (a thin call into [`uplift_fleet::demo`], where the harness lives).
+//! Every server operation goes through the admin REST API
+//! ([`uplift_client::AdminClient`]), the same API a web page would use.
 
 pub mod access;
 pub mod cli;
-pub mod client;
-pub mod demo;
 pub mod events;
-pub mod fleet;
 pub mod output;
 pub mod watch;

@@ -3,9 +3,9 @@
 //! until no device is pending or in progress, an operator must act, or all
 //! that is left waits for a reboot window.
 
-use crate::client::AdminClient;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::time::Duration;
+use uplift_client::AdminClient;
 use uplift_proto::api::{RolloutProgress, RolloutStatus, RolloutView};
 
 /// A busy or restarting server may fail a poll now and then; only a

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use uplift_cli::fleet::Device;
+use uplift_fleet::Device;
 use uplift_proto::channel::AgentState;
 use uplift_proto::SlotName;
 use uplift_release::build::{create_release, ReleaseOptions};
@@ -98,7 +98,7 @@ async fn a_device_running_the_old_release_downloads_patches_one_without_its_chun
     let holder = fx.device("holder", fx.spec("hw-holder"));
     // Same version label, but a factory image that shares nothing with 1.0.
     let stranger_image = fx.path("images/unrelated.img");
-    uplift_cli::fleet::write_image(&stranger_image, IMAGE_SIZE, 99).unwrap();
+    uplift_fleet::write_image(&stranger_image, IMAGE_SIZE, 99).unwrap();
     let mut stranger = Device::provision(
         &fx.path("devices/stranger"),
         &fx.spec("hw-stranger"),

@@ -5,7 +5,7 @@ mod common;
 use common::run_bounded;
 use std::process::Command;
 use std::time::Duration;
-use uplift_cli::demo::whole_run_limit;
+use uplift_fleet::demo::whole_run_limit;
 
 /// How long a test lets a demo with `--timeout seconds` run: the demo's own
 /// bound on its whole run, plus a margin for stopping its processes.

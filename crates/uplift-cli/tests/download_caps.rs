@@ -10,7 +10,7 @@ use common::*;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use uplift_cli::fleet::{write_image, Device, ServerLaunch, ServerProcess};
+use uplift_fleet::{write_image, Device, ServerLaunch, ServerProcess};
 use uplift_proto::api::DownloadLimits;
 
 const KIB: u64 = 1024;

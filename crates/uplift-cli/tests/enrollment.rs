@@ -66,7 +66,7 @@ async fn a_device_claiming_another_devices_id_is_refused_and_the_other_is_unaffe
     let honest_id = honest.device_id().unwrap();
 
     let spec = fx.spec("hw-impostor");
-    let mut impostor = uplift_cli::fleet::Device::provision(
+    let mut impostor = uplift_fleet::Device::provision(
         &fx.path("devices/impostor"),
         &spec,
         &fx.server.endpoint,

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
-use uplift_cli::fleet::{write_image, write_unbootable_image, Device, Proxy, ServerProcess};
+use uplift_fleet::{write_image, write_unbootable_image, Device, Proxy, ServerProcess};
 use uplift_proto::channel::AgentState;
 use uplift_proto::{ErrorKind, SlotName};
 
@@ -163,7 +163,7 @@ async fn assert_fell_back_to_1_0(fx: &Fixture, device: &Device, what: &str) {
 
 /// What `uplift-agent status` prints on the device.
 fn agent_status(device: &Device) -> String {
-    let bins = uplift_cli::fleet::Binaries::locate().unwrap();
+    let bins = uplift_fleet::Binaries::locate().unwrap();
     let out = run_bounded(
         std::process::Command::new(bins.agent)
             .arg("--config")
@@ -481,7 +481,7 @@ async fn a_full_disk_on_the_device_fails_the_install_cleanly() {
         return;
     };
     let spec = fx.spec("hw-full");
-    let mut device = uplift_cli::fleet::Device::provision(
+    let mut device = uplift_fleet::Device::provision(
         &fx.path("devices/full"),
         &spec,
         &fx.server.endpoint,

@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
-use uplift_cli::fleet::{stop_all, write_image, Device, Proxy, ServerProcess};
+use uplift_fleet::{stop_all, write_image, Device, Proxy, ServerProcess};
 use uplift_proto::api::{DevicePage, DeviceView, RolloutStatus, RolloutView};
 use uplift_proto::channel::AgentState;
 use uplift_proto::SlotName;

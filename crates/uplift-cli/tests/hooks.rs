@@ -7,10 +7,7 @@ use common::*;
 use uplift_proto::channel::AgentState;
 use uplift_proto::{ErrorKind, SlotName};
 
-async fn install_with_hooks(
-    hooks: &str,
-    name: &str,
-) -> (Fixture, uplift_cli::fleet::Device, Vec<u8>) {
+async fn install_with_hooks(hooks: &str, name: &str) -> (Fixture, uplift_fleet::Device, Vec<u8>) {
     let fx = Fixture::start();
     let mut spec = fx.spec(&format!("hw-{name}"));
     spec.extra_config = format!("\n[hooks]\n{hooks}\n");

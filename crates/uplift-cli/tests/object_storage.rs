@@ -12,7 +12,7 @@ mod common;
 use common::*;
 use std::num::NonZeroU64;
 use std::path::Path;
-use uplift_cli::fleet::{Device, ServerLaunch, ServerProcess};
+use uplift_fleet::{Device, ServerLaunch, ServerProcess};
 use uplift_proto::api::{DownloadLimits, RolloutCreate};
 use uplift_proto::channel::AgentState;
 use uplift_proto::policy::{ErrorThreshold, RolloutPolicy};

@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
-use uplift_cli::fleet::{stop_all, Device};
+use uplift_fleet::{stop_all, Device};
 use uplift_proto::api::{DevicePage, DeviceView, RolloutView};
 use uplift_proto::channel::AgentState;
 use uplift_proto::{DeviceId, ErrorKind, SlotName};

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::num::NonZeroU32;
 use std::time::Duration;
-use uplift_cli::fleet::Device;
+use uplift_fleet::Device;
 use uplift_proto::api::{DeviceView, PhaseTally, RolloutCreate, RolloutMember};
 use uplift_proto::channel::AgentState;
 use uplift_proto::policy::{PhaseReach, RolloutPolicy};
@@ -24,7 +24,7 @@ fn on(views: &[DeviceView], version: &str) -> usize {
 async fn enrolled_fleet(
     fx: &Fixture,
     names: &[&str],
-    spec: impl Fn(&str) -> uplift_cli::fleet::DeviceSpec,
+    spec: impl Fn(&str) -> uplift_fleet::DeviceSpec,
 ) -> Vec<Device> {
     let devices: Vec<Device> = names.iter().map(|n| fx.device(n, spec(n))).collect();
     for device in &devices {
@@ -235,13 +235,13 @@ async fn abort_stops_a_download_in_progress_and_the_device_stays_on_its_os() {
         .trim_start_matches("https://")
         .parse()
         .unwrap();
-    let proxy = uplift_cli::fleet::Proxy::start(addr).await.unwrap();
+    let proxy = uplift_fleet::Proxy::start(addr).await.unwrap();
     let device = fx.device_via("slow", fx.spec("hw-slow"), &proxy.url());
     fx.wait_enrolled(&device).await;
     // A release sharing nothing with the factory image, over a slow link:
     // the download takes seconds, time enough to abort it midway.
     let image = fx.path("images/fresh-2.0.img");
-    uplift_cli::fleet::write_image(&image, IMAGE_SIZE, 2000).unwrap();
+    uplift_fleet::write_image(&image, IMAGE_SIZE, 2000).unwrap();
     fx.release("2.0", DEVICE_TYPE, &image, &fx.key).await;
     proxy.set_rate(256 * 1024);
     let mut request = phased(vec![], false);

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use uplift_cli::fleet::{ServerLaunch, ServerProcess};
+use uplift_fleet::{ServerLaunch, ServerProcess};
 use uplift_proto::channel::AgentState;
 use uplift_sim::postgres::TestPostgres;
 

@@ -33,7 +33,7 @@ use std::os::fd::AsFd as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use uplift_cli::fleet::{write_image, Binaries, Device, ServerLaunch, ServerProcess};
+use uplift_fleet::{write_image, Binaries, Device, ServerLaunch, ServerProcess};
 use uplift_proto::channel::AgentState;
 use uplift_release::keys::ReleaseSigningKey;
 

@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use std::time::Duration;
 use time::OffsetDateTime;
-use uplift_cli::fleet::Device;
+use uplift_fleet::Device;
 use uplift_proto::api::{DevicePage, DeviceView, RolloutView};
 use uplift_proto::channel::AgentState;
 use uplift_proto::SlotName;

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::process::Command;
-use uplift_cli::fleet::Device;
+use uplift_fleet::Device;
 use uplift_proto::channel::AgentState;
 use uplift_proto::{ErrorKind, SlotName};
 use uplift_release::keys::ReleaseSigningKey;

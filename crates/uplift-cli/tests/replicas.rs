@@ -3,7 +3,8 @@
 //! "Running at scale". Real processes throughout. Devices connect through
 //! the balancer and land on either replica; a rollout started on one
 //! replica reaches the devices connected to the other at once (PostgreSQL
-//! NOTIFY); then the replica that holds the scheduler's lease is killed
+//! NOTIFY), each replica shows every device online and its event stream
+//! shows every device's events; then the replica that holds the scheduler's lease is killed
 //! with SIGKILL mid-rollout, its devices reconnect through the balancer to
 //! the survivor and finish: every device upgraded exactly once, the
 //! rollout finished, nothing lost.
@@ -15,10 +16,12 @@ use std::num::NonZeroU64;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use uplift_cli::client::AdminClient;
-use uplift_cli::fleet::{ServerLaunch, ServerProcess};
+use uplift_client::AdminClient;
+use uplift_fleet::{ServerLaunch, ServerProcess};
 use uplift_proto::api::{DeviceView, DownloadLimits};
 use uplift_proto::channel::AgentState;
+use uplift_proto::events::{EventAbout, EventStreamQuery, FleetEvent};
+use uplift_proto::DeviceId;
 use uplift_proto::SlotName;
 use uplift_s3_test_server::S3Server;
 use uplift_sim::postgres::TestPostgres;
@@ -83,13 +86,58 @@ impl Drop for Balancer {
     }
 }
 
-/// The devices a replica has a channel with now (`online` is each replica's own view).
+/// The devices a replica holds a channel with now (its own sessions: the
+/// server's stats are per process).
+async fn sessions_on(client: &AdminClient) -> usize {
+    client
+        .stats()
+        .await
+        .map(|stats| stats.devices_online as usize)
+        .unwrap_or(0)
+}
+
+/// The devices a replica shows online: those of every replica.
 async fn online_on(client: &AdminClient) -> usize {
     client
         .devices()
         .await
         .map(|views| views.iter().filter(|d| d.online).count())
         .unwrap_or(0)
+}
+
+/// Follows a replica's event stream in the background: the devices each
+/// kind of device event (`download_started`, ...) was seen for.
+fn follow_device_events(
+    client: &AdminClient,
+) -> std::sync::Arc<std::sync::Mutex<Vec<(String, DeviceId)>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (client, into) = (client.clone(), seen.clone());
+    tokio::spawn(async move {
+        let mut response = client
+            .event_stream(&EventStreamQuery::default(), None)
+            .await
+            .expect("the event stream opens");
+        let mut text = String::new();
+        while let Ok(Some(bytes)) = response.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&bytes));
+            while let Some(end) = text.find('\n') {
+                let line: String = text.drain(..=end).collect();
+                let Some(data) = line.trim_end().strip_prefix("data:") else {
+                    continue;
+                };
+                if let Ok(FleetEvent {
+                    about: EventAbout::Device { device_id, event },
+                    ..
+                }) = serde_json::from_str(data.trim())
+                {
+                    into.lock()
+                        .unwrap()
+                        .push((event.name().to_owned(), device_id));
+                }
+            }
+        }
+    });
+    seen
 }
 
 async fn wait_views(
@@ -192,16 +240,21 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
         views.len() == DEVICES && views.iter().all(|d| d.running_version == Some(v("1.0")))
     })
     .await;
-    // Both replicas hold channels.
+    // Both replicas hold channels, and each shows the whole fleet online:
+    // its own sessions and the other's.
     let deadline = Instant::now() + WAIT;
     let (on_first, on_second) = loop {
-        let counts = (online_on(&fx.client).await, online_on(&second_client).await);
-        if counts.0 + counts.1 == DEVICES {
+        let counts = (
+            sessions_on(&fx.client).await,
+            sessions_on(&second_client).await,
+        );
+        let shown = (online_on(&fx.client).await, online_on(&second_client).await);
+        if counts.0 + counts.1 == DEVICES && shown == (DEVICES, DEVICES) {
             break counts;
         }
         assert!(
             Instant::now() < deadline,
-            "devices online per replica: {counts:?}"
+            "sessions per replica {counts:?}, shown online per replica {shown:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -209,9 +262,19 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
         on_first > 0 && on_second > 0,
         "spread: {on_first} + {on_second}"
     );
+    for client in [&fx.client, &second_client] {
+        let fleet = client.fleet().await.unwrap();
+        assert_eq!(
+            (fleet.devices_total, fleet.online),
+            (DEVICES as u64, DEVICES as u64),
+            "the fleet overview counts every replica's sessions: {fleet:#?}"
+        );
+    }
 
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;
+    // An operator follows the fleet's events on the second replica.
+    let events_on_second = follow_device_events(&second_client);
     // Started on the second replica; the first replica's devices are told too.
     fx.client = second_client.clone();
     let started = Instant::now();
@@ -236,6 +299,27 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
          the release {reached:?} after the rollout started on replica 2"
     );
 
+    // Every device's download start is in the second replica's stream,
+    // those of the first replica's devices relayed from it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let started: std::collections::HashSet<DeviceId> = events_on_second
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(kind, _)| kind == "download_started")
+            .map(|(_, device)| device.clone())
+            .collect();
+        if started.len() == DEVICES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "download starts in the second replica's event stream: {started:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // The first replica dies mid-rollout.
     let working = second_client.devices().await.unwrap();
     assert!(
@@ -253,13 +337,17 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
     .await;
     eprintln!("every device on 1.1 {:?} after the kill", killed.elapsed());
     let deadline = Instant::now() + WAIT;
-    while online_on(&second_client).await < DEVICES {
+    while sessions_on(&second_client).await < DEVICES {
         assert!(
             Instant::now() < deadline,
             "every device back through the balancer"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The killed replica's presence is dropped once it has gone quiet
+    // (10 s): what is online is what the survivor holds.
+    let fleet = second_client.fleet().await.unwrap();
+    assert_eq!(fleet.online, DEVICES as u64, "{fleet:#?}");
     let status = second_client.rollout(rollout).await.unwrap();
     assert_eq!(
         (

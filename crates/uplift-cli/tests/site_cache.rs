@@ -16,7 +16,7 @@ use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use uplift_cli::fleet::{write_image, Binaries, Device, ServerLaunch, ServerProcess};
+use uplift_fleet::{write_image, Binaries, Device, ServerLaunch, ServerProcess};
 use uplift_proto::channel::AgentState;
 use uplift_release::keys::ReleaseSigningKey;
 
@@ -571,7 +571,7 @@ async fn site_cache(network: &Network) {
     );
 
     let stopped = tokio::task::spawn_blocking(move || {
-        uplift_cli::fleet::stop_all(&mut devices, Duration::from_secs(10))
+        uplift_fleet::stop_all(&mut devices, Duration::from_secs(10))
     });
     let _ = stopped.await;
     drop(cache);

@@ -26,9 +26,9 @@ const DEVICES: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_runs_a_phased_rollout_from_the_web_console() {
-    let mut fx = Fixture::start_with(uplift_cli::fleet::ServerLaunch {
+    let mut fx = Fixture::start_with(uplift_fleet::ServerLaunch {
         config_toml: Some("[addresses]\npool = [\"10.77.0.0/16\", \"fd77::/64\"]\n".into()),
-        ..uplift_cli::fleet::ServerLaunch::on("127.0.0.1:0")
+        ..uplift_fleet::ServerLaunch::on("127.0.0.1:0")
     });
     let breaks = fx.path("service-breaks-on-new-os");
     let names: Vec<String> = (0..DEVICES).map(|i| format!("dev{i}")).collect();

@@ -39,7 +39,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
-use uplift_cli::fleet::{write_image, Binaries, ServerProcess};
+use uplift_fleet::{write_image, Binaries, ServerProcess};
 use uplift_proto::api::RolloutCreate;
 use uplift_proto::channel::{AgentState, Report};
 use uplift_proto::policy::{PhaseReach, RolloutPolicy};

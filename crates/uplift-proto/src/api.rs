@@ -741,6 +741,8 @@ pub struct DeviceTypeCount {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServerStats {
     pub devices_total: u64,
+    /// Devices with a channel open to this server process. With replicas,
+    /// each holds its share; the fleet overview counts them all.
     pub devices_online: u64,
     /// Chunk and manifest bytes sent to devices since the server started.
     pub bytes_sent: u64,

@@ -52,6 +52,13 @@ pub enum ErrorKind {
     ManifestSignature,
     ManifestInvalid,
     ManifestExpired,
+    /// A root of trust that does not parse, makes no sense, or is not the
+    /// next version.
+    RootInvalid,
+    /// A root of trust not signed by the threshold of keys it needs.
+    RootSignature,
+    /// The device's newest root of trust has expired.
+    RootExpired,
     WrongDeviceType,
     VersionMismatch,
     DowngradeRefused,

@@ -37,6 +37,29 @@ pub enum ReleaseError {
         trusted: Vec<String>,
     },
 
+    #[error("manifest is signed by {valid} of the {threshold} release keys the device's root requires; have more release key holders sign it (`uplift release sign`)")]
+    ManifestThreshold { valid: usize, threshold: usize },
+
+    #[error("the root of trust file is not valid JSON of the expected shape: {reason}")]
+    RootFile { reason: String },
+
+    #[error("root of trust version {version} is invalid: {reason}; fix it and sign it again")]
+    RootInvalid { version: u64, reason: String },
+
+    #[error("root of trust version {offered} cannot follow the trusted version {trusted}: roots are applied one version at a time; send the chain from version {} on", .trusted + 1)]
+    RootVersion { trusted: u64, offered: u64 },
+
+    #[error("root of trust version {version} is signed by {valid} of the {threshold} {role} keys required; it was altered, or not enough key holders signed it")]
+    RootThreshold {
+        version: u64,
+        role: crate::root::RoleName,
+        valid: usize,
+        threshold: u32,
+    },
+
+    #[error("root of trust version {version} expired at {expires_at}; the device needs a newer root (`uplift root` on the offline key holders' machines, then upload it to the server)")]
+    RootExpired { version: u64, expires_at: String },
+
     #[error("manifest signature by trusted key {key_id} does not verify: the manifest was altered or corrupted after signing; fetch it again or re-sign the release")]
     BadManifestSignature { key_id: String },
 
@@ -121,6 +144,12 @@ impl ReleaseError {
             ReleaseError::ManifestFile { .. } => ErrorKind::ManifestInvalid,
             ReleaseError::UntrustedManifest { .. } => ErrorKind::ManifestSignature,
             ReleaseError::BadManifestSignature { .. } => ErrorKind::ManifestSignature,
+            ReleaseError::ManifestThreshold { .. } => ErrorKind::ManifestSignature,
+            ReleaseError::RootFile { .. } => ErrorKind::RootInvalid,
+            ReleaseError::RootInvalid { .. } => ErrorKind::RootInvalid,
+            ReleaseError::RootVersion { .. } => ErrorKind::RootInvalid,
+            ReleaseError::RootThreshold { .. } => ErrorKind::RootSignature,
+            ReleaseError::RootExpired { .. } => ErrorKind::RootExpired,
             ReleaseError::ManifestParse { .. } => ErrorKind::ManifestInvalid,
             ReleaseError::ManifestInvalid { .. } => ErrorKind::ManifestInvalid,
             ReleaseError::ManifestExpired { .. } => ErrorKind::ManifestExpired,

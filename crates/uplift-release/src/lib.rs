@@ -14,6 +14,7 @@ pub mod error;
 pub mod index;
 pub mod keys;
 pub mod manifest;
+pub mod root;
 pub mod seed;
 
 pub use build::{create_release, ReleaseDir, ReleaseOptions, ReleaseSummary};
@@ -24,3 +25,4 @@ pub use manifest::{
     sign_manifest, ChunkEntry, Compression, ImageInfo, Manifest, ManifestSignature, PatchEntry,
     SignedManifest, MANIFEST_FORMAT, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES,
 };
+pub use root::{Role, Root, SignedRoot, TrustedRoot};

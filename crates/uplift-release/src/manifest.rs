@@ -398,6 +398,38 @@ impl SignedManifest {
         Ok(manifest)
     }
 
+    /// Like [`verify`](Self::verify), requiring `threshold` distinct keys
+    /// among `keys` to have signed (the release role of a
+    /// [`crate::root::TrustedRoot`]).
+    pub fn verify_threshold(
+        &self,
+        keys: &[ReleasePublicKey],
+        threshold: usize,
+        now: OffsetDateTime,
+    ) -> Result<Manifest, ReleaseError> {
+        if self.signatures.len() > MAX_SIGNATURES {
+            return Err(ReleaseError::ManifestFile {
+                reason: format!(
+                    "it carries {} signatures, at most {MAX_SIGNATURES} are accepted",
+                    self.signatures.len()
+                ),
+            });
+        }
+        let valid =
+            crate::root::valid_signers(&self.signatures, keys, &signing_message(&self.signed));
+        if valid.is_empty() {
+            // Says whether no trusted key signed or a signature is bad.
+            self.verify_signature(keys)?;
+        }
+        if valid.len() < threshold.max(1) {
+            return Err(ReleaseError::ManifestThreshold {
+                valid: valid.len(),
+                threshold,
+            });
+        }
+        self.verify(keys, now)
+    }
+
     /// Parses and validates without checking signatures or expiry: for the
     /// server, which stores and serves releases but never holds their keys.
     pub fn parse_unverified(&self) -> Result<Manifest, ReleaseError> {

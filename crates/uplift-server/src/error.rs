@@ -189,11 +189,14 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         | ErrorKind::UnexpectedMessage
         | ErrorKind::ManifestInvalid
         | ErrorKind::ManifestExpired
+        | ErrorKind::RootInvalid
+        | ErrorKind::RootExpired
         | ErrorKind::VersionMismatch
         | ErrorKind::WrongDeviceType => StatusCode::BAD_REQUEST,
         ErrorKind::ChunkHashMismatch
         | ErrorKind::ImageHashMismatch
-        | ErrorKind::ManifestSignature => StatusCode::UNPROCESSABLE_ENTITY,
+        | ErrorKind::ManifestSignature
+        | ErrorKind::RootSignature => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorKind::FrameTooLarge | ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::UnsupportedProtocol => StatusCode::UPGRADE_REQUIRED,
         ErrorKind::NotFound | ErrorKind::UnknownDevice => StatusCode::NOT_FOUND,

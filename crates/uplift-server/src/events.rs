@@ -5,6 +5,11 @@
 //! missed instead of slowing the fleet down. The newest
 //! [`RECENT_EVENTS`] are kept too, so a console that opens (or reconnects)
 //! is first sent the recent past it asks for.
+//!
+//! With replicas, each relays the events it makes to the others
+//! ([`crate::signals::relay_events`]): a stream opened on any replica shows
+//! the whole fleet's events, while webhooks take only the events made here,
+//! so each is delivered once, by the replica that made it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -21,7 +26,10 @@ pub const MAX_STREAMS: usize = 64;
 
 #[derive(Debug)]
 pub struct EventBus {
+    /// Every event, made here or relayed: for streams.
     sender: broadcast::Sender<Arc<FleetEvent>>,
+    /// The events made here: for webhooks and the relay to other replicas.
+    made_here: broadcast::Sender<Arc<FleetEvent>>,
     /// The last sequence number given and the newest events. One lock for
     /// both, also held while sending, so a new stream's backlog and its
     /// subscription neither overlap nor leave a gap.
@@ -39,6 +47,7 @@ impl Default for EventBus {
     fn default() -> Self {
         Self {
             sender: broadcast::channel(CAPACITY).0,
+            made_here: broadcast::channel(CAPACITY).0,
             past: Mutex::new(Past::default()),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
         }
@@ -70,8 +79,22 @@ pub struct StreamSlot {
 }
 
 impl EventBus {
-    /// Numbers the event, stamps it `at`, and hands it to every subscriber.
+    /// Numbers an event made here, stamps it `at`, and hands it to every
+    /// subscriber.
     pub fn publish(&self, about: EventAbout, at: &str) {
+        let event = self.record(about, at);
+        let _ = self.made_here.send(event);
+    }
+
+    /// Like [`publish`](Self::publish), for an event another replica made
+    /// (and delivers to webhooks itself): for streams only.
+    pub fn publish_relayed(&self, about: EventAbout, at: &str) {
+        self.record(about, at);
+    }
+
+    /// Numbers the event, keeps it among the recent, and sends it to the
+    /// streams, all under the lock (see `past`).
+    fn record(&self, about: EventAbout, at: &str) -> Arc<FleetEvent> {
         let mut past = self.past.lock().unwrap_or_else(|e| e.into_inner());
         past.seq += 1;
         let event = Arc::new(FleetEvent {
@@ -84,11 +107,14 @@ impl EventBus {
         }
         past.recent.push_back(event.clone());
         // No subscriber is not an error: nobody is listening yet.
-        let _ = self.sender.send(event);
+        let _ = self.sender.send(event.clone());
+        event
     }
 
+    /// The events made here from now on (not those relayed from other
+    /// replicas).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<FleetEvent>> {
-        self.sender.subscribe()
+        self.made_here.subscribe()
     }
 
     /// A subscription for a client's stream, or `None` when
@@ -189,6 +215,23 @@ mod tests {
             other => panic!("expected a lag, got {other:?}"),
         }
         assert_eq!(slow.recv().await.unwrap().about, finished(6));
+    }
+
+    #[test]
+    fn a_relayed_event_reaches_streams_but_not_what_delivers_webhooks() {
+        let bus = EventBus::default();
+        let mut made_here = bus.subscribe();
+        let (mut stream, _) = bus.open_stream_with(None, &EventFilter::default()).unwrap();
+        bus.publish_relayed(finished(1), "t1");
+        bus.publish(finished(2), "t2");
+        assert_eq!(stream.receiver.try_recv().unwrap().about, finished(1));
+        assert_eq!(stream.receiver.try_recv().unwrap().about, finished(2));
+        let here = made_here.try_recv().unwrap();
+        assert_eq!((here.about.clone(), here.seq), (finished(2), 2));
+        assert!(
+            made_here.try_recv().is_err(),
+            "another replica's event is not ours to deliver"
+        );
     }
 
     #[test]

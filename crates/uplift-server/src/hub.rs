@@ -3,6 +3,9 @@
 //! what must be: a device that is not connected simply gets its target when
 //! it next connects. Download authorization is not here: download tokens
 //! are signed ([`crate::download_token`]), so any replica checks them.
+//! Replicas learn of each other's sessions from the database: the hub
+//! keeps which sessions began and ended since [`crate::presence`] last
+//! wrote them there.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,6 +30,17 @@ pub struct Hub {
 struct Inner {
     next_serial: u64,
     sessions: HashMap<DeviceId, Session>,
+    /// Per device, the newest session change the database has not heard of.
+    presence: HashMap<DeviceId, PresenceChange>,
+}
+
+/// A session change as the other replicas learn it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// Connected here at this time (the replica's clock): a later
+    /// connection elsewhere wins over it, an earlier one does not.
+    Connected(time::OffsetDateTime),
+    Disconnected,
 }
 
 #[derive(Debug)]
@@ -64,6 +78,10 @@ impl Hub {
         let mut inner = self.lock();
         inner.next_serial += 1;
         let serial = inner.next_serial;
+        inner.presence.insert(
+            device.clone(),
+            PresenceChange::Connected(time::OffsetDateTime::now_utc()),
+        );
         // The old session's sender is dropped here: its loop sees that and ends.
         inner.sessions.insert(
             device,
@@ -83,6 +101,35 @@ impl Hub {
             .is_some_and(|s| s.serial == serial.0)
         {
             inner.sessions.remove(device);
+            inner
+                .presence
+                .insert(device.clone(), PresenceChange::Disconnected);
+        }
+    }
+
+    /// The session changes since the last call, each device's newest.
+    pub fn take_presence(&self) -> Vec<(DeviceId, PresenceChange)> {
+        self.lock().presence.drain().collect()
+    }
+
+    /// Every session held now, as connected, and forgets the changes
+    /// pending: for a replica writing all its sessions afresh.
+    pub fn presence_snapshot(&self) -> Vec<(DeviceId, PresenceChange)> {
+        let mut inner = self.lock();
+        inner.presence.clear();
+        let now = time::OffsetDateTime::now_utc();
+        inner
+            .sessions
+            .keys()
+            .map(|id| (id.clone(), PresenceChange::Connected(now)))
+            .collect()
+    }
+
+    /// Changes a failed write took, handed back unless newer ones came.
+    pub fn requeue_presence(&self, changes: Vec<(DeviceId, PresenceChange)>) {
+        let mut inner = self.lock();
+        for (device, change) in changes {
+            inner.presence.entry(device).or_insert(change);
         }
     }
 
@@ -102,8 +149,14 @@ impl Hub {
     /// Ends a device's session here, if it has one, telling it why: the
     /// device was removed. Returns whether it was connected here.
     pub fn close_removed(&self, device: &DeviceId) -> bool {
-        match self.lock().sessions.remove(device) {
+        let mut inner = self.lock();
+        match inner.sessions.remove(device) {
             Some(session) => {
+                // Offline for the other replicas too (its session's own
+                // unregister finds the session gone and records nothing).
+                inner
+                    .presence
+                    .insert(device.clone(), PresenceChange::Disconnected);
                 // The session reads this value once its sender is gone (see
                 // `removed`); dropped here, the sender ends its loop.
                 session.target_changed.send_replace(REMOVED);
@@ -155,6 +208,39 @@ mod tests {
         assert!(rx2.has_changed().is_err(), "the session ends");
         assert!(removed(&rx2), "and learns why");
         assert!(!hub.close_removed(&dev));
+    }
+
+    #[test]
+    fn presence_keeps_each_devices_newest_change_and_a_failed_write_loses_none() {
+        let hub = Hub::default();
+        let a: DeviceId = "dev-a".parse().unwrap();
+        let b: DeviceId = "dev-b".parse().unwrap();
+        let (tx, _rx) = watch::channel(0);
+        let first = hub.register(a.clone(), tx);
+        hub.unregister(&a, first);
+        let (tx, _rx) = watch::channel(0);
+        hub.register(a.clone(), tx);
+        let (tx, _rx) = watch::channel(0);
+        let b_session = hub.register(b.clone(), tx);
+        let mut taken = hub.take_presence();
+        taken.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+        assert_eq!(taken.len(), 2, "{taken:?}");
+        assert!(matches!(taken[0], (ref d, PresenceChange::Connected(_)) if *d == a));
+        assert!(hub.take_presence().is_empty(), "taken once");
+
+        hub.unregister(&b, b_session);
+        // The write failed; meanwhile b came back: the newer change stays.
+        let (tx, _rx) = watch::channel(0);
+        hub.register(b.clone(), tx);
+        hub.requeue_presence(vec![(b.clone(), PresenceChange::Disconnected)]);
+        hub.requeue_presence(taken);
+        let mut again = hub.take_presence();
+        again.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+        assert_eq!(again.len(), 2);
+        assert!(again
+            .iter()
+            .all(|(_, c)| matches!(c, PresenceChange::Connected(_))));
+        assert_eq!(hub.presence_snapshot().len(), 2);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod events;
 pub mod history;
 pub mod hub;
 pub mod live;
+pub mod presence;
 pub mod rollout;
 pub mod s3;
 pub mod serve;
@@ -272,6 +273,8 @@ impl Server {
         let scheduler = tokio::spawn(rollout::scheduler::run(self.state.clone(), stop_rx.clone()));
         let deliverer = tokio::spawn(webhooks::run(self.state.clone(), stop_rx.clone()));
         let follower = tokio::spawn(signals::follow(self.state.clone(), stop_rx.clone()));
+        let presence = tokio::spawn(presence::run(self.state.clone(), stop_rx.clone()));
+        let relay = tokio::spawn(signals::relay_events(self.state.clone(), stop_rx.clone()));
         let key_file = tokio::spawn(download_token::follow_key_file(
             self.state.clone(),
             self.token_keys_file.clone(),
@@ -310,6 +313,8 @@ impl Server {
         let _ = scheduler.await;
         let _ = deliverer.await;
         let _ = follower.await;
+        let _ = presence.await;
+        let _ = relay.await;
         let _ = key_file.await;
         self.state
             .budgets

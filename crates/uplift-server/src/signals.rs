@@ -2,7 +2,8 @@
 //! taken back and reboot gates, each carrying what a device's session needs
 //! (the target itself, not a hint to go and read it: REVIEW S2), so a
 //! rollout started on any replica reaches devices connected to every other
-//! without a database read per device.
+//! without a database read per device. Each replica also relays the
+//! events it makes ([`relay_events`]), for the event streams of the others.
 //!
 //! With PostgreSQL the replicas share, signals travel as `NOTIFY` on one
 //! channel and every replica `LISTEN`s (sqlx's `PgListener`); a notification
@@ -12,13 +13,16 @@
 //! Signals are a fast path only: the database stays the truth. A replica
 //! loads every target at start, and again whenever its listening connection
 //! was lost (notifications sent meanwhile are gone), so a missed signal
-//! costs time, never correctness.
+//! costs time, never correctness. (A relayed event that is missed is
+//! missing from the other replicas' live streams only: device history is
+//! stored.)
 
 use crate::state::AppState;
 use crate::store::DeviceTarget;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
+use uplift_proto::events::EventAbout;
 use uplift_proto::DeviceId;
 
 /// The PostgreSQL channel every replica listens on.
@@ -45,6 +49,15 @@ pub enum Signal {
     /// These devices were removed (stored already): a replica holding one's
     /// channel closes it, and refuses its download tokens.
     Removed { devices: Vec<DeviceId> },
+    /// Events the sender made, for the event streams here.
+    Events { events: Vec<RelayedEvent> },
+}
+
+/// An event as another replica made it: what, and when (RFC 3339).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayedEvent {
+    pub about: EventAbout,
+    pub at: String,
 }
 
 /// A signal as sent: who sent it, so a replica skips its own.
@@ -100,6 +113,28 @@ impl Signal {
             }),
             Signal::Removed { devices } => split(devices, &|devices| Signal::Removed { devices }),
             Signal::RebootGate { .. } => vec![encode(self.clone())],
+            Signal::Events { events } => {
+                let overhead = encode(Signal::Events { events: Vec::new() }).len();
+                let mut out = Vec::new();
+                let mut part = Vec::new();
+                let mut size = overhead;
+                for event in events {
+                    // The event and a comma.
+                    let len = serde_json::to_string(event).map_or(0, |e| e.len()) + 1;
+                    if !part.is_empty() && size + len > MAX_PAYLOAD {
+                        out.push(encode(Signal::Events {
+                            events: std::mem::take(&mut part),
+                        }));
+                        size = overhead;
+                    }
+                    part.push(event.clone());
+                    size += len;
+                }
+                if !part.is_empty() {
+                    out.push(encode(Signal::Events { events: part }));
+                }
+                out
+            }
         }
     }
 }
@@ -142,6 +177,11 @@ impl Signals {
             route: Route::Postgres(pool),
             origin: format!("pid{}-{:016x}", std::process::id(), rand::random::<u64>()),
         }
+    }
+
+    /// This replica's name among the others (empty when alone).
+    pub fn replica(&self) -> &str {
+        &self.origin
     }
 
     /// Tells the other replicas; a failure is logged, not returned: what
@@ -194,6 +234,12 @@ pub fn apply(state: &AppState, signal: Signal) {
                 forget_removed(state, device, None, &now);
             }
             return;
+        }
+        Signal::Events { events } => {
+            for event in events {
+                state.events.publish_relayed(event.about, &event.at);
+            }
+            Vec::new()
         }
     };
     for device in &touched {
@@ -266,6 +312,51 @@ pub async fn follow(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
+    }
+}
+
+/// How long events made here are gathered before they are relayed: one
+/// notification statement per quarter second, however busy the fleet.
+const RELAY_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Relays the events made here to the other replicas until shutdown, so an
+/// event stream opened on any replica shows the whole fleet. Webhooks are
+/// not relayed: the replica that made an event delivers it.
+pub async fn relay_events(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    if matches!(state.signals.route, Route::Alone) {
+        return;
+    }
+    let mut made_here = state.events.subscribe();
+    let mut gathered: Vec<RelayedEvent> = Vec::new();
+    let mut tick = tokio::time::interval(RELAY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            received = made_here.recv() => match received {
+                Ok(event) => gathered.push(RelayedEvent {
+                    about: event.about.clone(),
+                    at: event.at.clone(),
+                }),
+                Err(broadcast::error::RecvError::Lagged(missed)) => tracing::warn!(
+                    missed,
+                    "relaying events to the other replicas fell behind; their event streams miss {missed} events"
+                ),
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {
+                if !gathered.is_empty() {
+                    let events = std::mem::take(&mut gathered);
+                    state.signals.send(Signal::Events { events }).await;
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    if !gathered.is_empty() {
+        state
+            .signals
+            .send(Signal::Events { events: gathered })
+            .await;
     }
 }
 
@@ -412,5 +503,52 @@ mod tests {
         }
         .payloads("x")
         .is_empty());
+    }
+
+    #[tokio::test]
+    async fn another_replicas_events_reach_the_streams_here_in_order_split_as_postgres_needs() {
+        use uplift_proto::api::DeviceEventKind;
+        let events: Vec<RelayedEvent> = (0..500)
+            .map(|i| RelayedEvent {
+                about: EventAbout::Device {
+                    device_id: format!("dev-{i:04}").parse().unwrap(),
+                    event: DeviceEventKind::Error {
+                        version: None,
+                        error: uplift_proto::WireError::new(
+                            uplift_proto::ErrorKind::SlotIo,
+                            "a message long enough to fill notifications: ".repeat(3),
+                        ),
+                    },
+                },
+                at: format!("2026-12-05T10:00:{:02}Z", i % 60),
+            })
+            .collect();
+        let payloads = Signal::Events {
+            events: events.clone(),
+        }
+        .payloads("pid1-00");
+        assert!(payloads.len() > 1);
+        assert!(payloads.iter().all(|p| p.len() < 8000));
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::service::testing::state(dir.path()).await;
+        let mut made_here = state.events.subscribe();
+        let (mut stream, _) = state
+            .events
+            .open_stream_with(None, &Default::default())
+            .unwrap();
+        for payload in &payloads {
+            let envelope: Envelope = serde_json::from_str(payload).unwrap();
+            apply(&state, envelope.signal);
+        }
+        for sent in &events {
+            let got = stream.receiver.try_recv().unwrap();
+            assert_eq!((&got.about, &got.at), (&sent.about, &sent.at));
+        }
+        assert!(
+            made_here.try_recv().is_err(),
+            "another replica's events are its own to deliver to webhooks"
+        );
+        assert_eq!(state.live.pending_events(), 0, "nor are they history here");
     }
 }

@@ -65,6 +65,7 @@ suite!(
     a_lease_has_one_holder_until_it_expires_or_is_released,
     a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other,
     a_new_rollout_stores_its_first_offers_with_it,
+    presence_one_replica_writes_is_online_on_another_and_its_newest_connection_wins,
     a_removed_device_is_kept_with_its_history_but_left_out_of_everything_else,
     a_private_address_is_one_devices_across_stores_until_it_is_removed,
 );
@@ -1870,4 +1871,174 @@ async fn postgres_pages_and_counts_a_hundred_thousand_devices_in_the_database() 
     assert!(changed
         .iter()
         .all(|(_, d)| d.running_version == Some(version("1.2"))));
+}
+
+async fn presence_one_replica_writes_is_online_on_another_and_its_newest_connection_wins(db: &Db) {
+    use uplift_server::hub::PresenceChange::{Connected, Disconnected};
+    let here = db.open().await;
+    let there = db.open().await;
+    enroll(
+        &*here,
+        &[
+            ("dev-a", "gw", "hw-a"),
+            ("dev-b", "gw", "hw-b"),
+            ("dev-c", "gw", "hw-c"),
+        ],
+    )
+    .await;
+    let all = [id("dev-a"), id("dev-b"), id("dev-c")];
+    let at = |s: &str| {
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    let online = |store: Arc<dyn Store>, connected: Vec<DeviceId>, wanted: bool| async move {
+        let page = store
+            .device_page(
+                &DeviceFilter {
+                    online: Some(wanted),
+                    connected,
+                    ..Default::default()
+                },
+                None,
+                10,
+            )
+            .await
+            .unwrap();
+        page.iter().map(|d| d.id.to_string()).collect::<Vec<_>>()
+    };
+    let first = here
+        .record_presence(
+            "replica-1",
+            &[
+                (id("dev-a"), Connected(at("2026-01-01T10:00:00Z"))),
+                (id("dev-b"), Connected(at("2026-01-01T10:00:00Z"))),
+            ],
+            true,
+        )
+        .await
+        .unwrap();
+    if let Db::Sqlite(_) = db {
+        // One process owns a SQLite database: its hub alone says who is
+        // connected, and nothing is written for anybody else.
+        assert!(!first);
+        assert!(there.present_devices(&all).await.unwrap().is_empty());
+        assert_eq!(
+            online(there.clone(), vec![id("dev-c")], true).await,
+            ["dev-c"]
+        );
+        return;
+    }
+    assert!(
+        first,
+        "a replica's first write is of one the database did not know"
+    );
+    assert_eq!(
+        there.present_devices(&all).await.unwrap(),
+        [id("dev-a"), id("dev-b")]
+    );
+    // Another replica lists them online, with its own sessions.
+    assert_eq!(
+        online(there.clone(), vec![], true).await,
+        ["dev-a", "dev-b"]
+    );
+    assert_eq!(online(there.clone(), vec![], false).await, ["dev-c"]);
+    assert_eq!(
+        online(there.clone(), vec![id("dev-c")], true).await,
+        ["dev-a", "dev-b", "dev-c"]
+    );
+    let census = there.fleet_census(&[id("dev-c")]).await.unwrap();
+    assert_eq!(census.iter().map(|g| g.online).sum::<u64>(), 3);
+    assert_eq!(census.iter().map(|g| g.devices).sum::<u64>(), 3);
+
+    // dev-b moves to replica 2; replica 1's writes about it arrive late,
+    // its connection from before the move among them.
+    assert!(there
+        .record_presence(
+            "replica-2",
+            &[(id("dev-b"), Connected(at("2026-01-01T10:00:05Z")))],
+            true
+        )
+        .await
+        .unwrap());
+    assert!(!here
+        .record_presence("replica-1", &[(id("dev-b"), Disconnected)], false)
+        .await
+        .unwrap());
+    assert!(!here
+        .record_presence(
+            "replica-1",
+            &[(id("dev-b"), Connected(at("2026-01-01T10:00:03Z")))],
+            false
+        )
+        .await
+        .unwrap());
+    assert_eq!(
+        here.present_devices(&all).await.unwrap(),
+        [id("dev-a"), id("dev-b")]
+    );
+    // ... so when it leaves replica 2, it is offline, not left behind on 1.
+    there
+        .record_presence("replica-2", &[(id("dev-b"), Disconnected)], false)
+        .await
+        .unwrap();
+    assert_eq!(here.present_devices(&all).await.unwrap(), [id("dev-a")]);
+
+    // A replica that shuts down takes its devices with it; one that
+    // writes afresh replaces what it wrote before.
+    here.retire_replica("replica-1").await.unwrap();
+    assert!(there.present_devices(&all).await.unwrap().is_empty());
+    assert!(there
+        .record_presence(
+            "replica-2",
+            &[(id("dev-c"), Connected(at("2026-01-01T10:00:06Z")))],
+            false
+        )
+        .await
+        .is_ok());
+    there
+        .record_presence(
+            "replica-2",
+            &[(id("dev-a"), Connected(at("2026-01-01T10:00:07Z")))],
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(there.present_devices(&all).await.unwrap(), [id("dev-a")]);
+
+    // A replica killed without a word: once it has been quiet for
+    // REPLICA_GONE_AFTER, the next replica to write drops it, and its
+    // devices show offline.
+    here.record_presence(
+        "replica-killed",
+        &[(id("dev-c"), Connected(at("2026-01-01T10:00:08Z")))],
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        there.present_devices(&all).await.unwrap(),
+        [id("dev-a"), id("dev-c")]
+    );
+    tokio::time::sleep(uplift_server::store::REPLICA_GONE_AFTER / 2).await;
+    there
+        .record_presence("replica-2", &[], false)
+        .await
+        .unwrap();
+    assert_eq!(
+        there.present_devices(&all).await.unwrap(),
+        [id("dev-a"), id("dev-c")],
+        "not yet gone"
+    );
+    tokio::time::sleep(
+        uplift_server::store::REPLICA_GONE_AFTER / 2 + std::time::Duration::from_secs(1),
+    )
+    .await;
+    there
+        .record_presence("replica-2", &[], false)
+        .await
+        .unwrap();
+    assert_eq!(
+        there.present_devices(&all).await.unwrap(),
+        [id("dev-a")],
+        "replica 2 kept writing and stays; the killed one is dropped"
+    );
 }

@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use uplift_cli::client::AdminClient;
-use uplift_cli::fleet::{
+use uplift_client::AdminClient;
+use uplift_fleet::{
     write_changed_image, write_image, Binaries, Device, DeviceSpec, ServerLaunch, ServerProcess,
 };
 use uplift_proto::api::{DeviceView, DownloadLimits, RolloutCreate, RolloutView};

@@ -148,7 +148,6 @@ async fn page(
     if filter.online.is_some() || filter.seen_after.is_some() || filter.seen_before.is_some() {
         filter.connected = state.hub.online_ids();
     }
-    let connected: HashSet<&DeviceId> = filter.connected.iter().collect();
     let mut found = Vec::new();
     let mut cursor = after;
     loop {
@@ -163,10 +162,13 @@ async fn page(
             cursor = Some(last.id.clone());
         }
         state.live.overlay(&mut rows);
-        found.extend(
-            rows.into_iter()
-                .filter(|d| holds_live(&filter, &connected, d)),
-        );
+        let online = if filter.seen_after.is_some() || filter.seen_before.is_some() {
+            let ids: Vec<DeviceId> = rows.iter().map(|d| d.id.clone()).collect();
+            online_among(state, &ids).await?
+        } else {
+            HashSet::new()
+        };
+        found.extend(rows.into_iter().filter(|d| holds_live(&filter, &online, d)));
         if !more {
             return Ok((found, None));
         }
@@ -180,13 +182,13 @@ async fn page(
 /// the filters on what changes live, by its newest state. (Its stored
 /// state lags the live one by a write batch; the other filters are on what
 /// only the database holds.)
-fn holds_live(filter: &DeviceFilter, connected: &HashSet<&DeviceId>, d: &DeviceRecord) -> bool {
+fn holds_live(filter: &DeviceFilter, online: &HashSet<DeviceId>, d: &DeviceRecord) -> bool {
     let version = filter.versions.is_empty()
         || d.running_version
             .as_ref()
             .is_some_and(|v| filter.versions.contains(v));
     let state = filter.state.is_none_or(|s| d.state == Some(s));
-    let online = || connected.contains(&d.id);
+    let online = || online.contains(&d.id);
     let last_seen = || d.last_seen.as_deref().and_then(parse_time);
     let seen_after = filter
         .seen_after
@@ -344,10 +346,23 @@ pub async fn history(
     })
 }
 
+/// Which of `devices` are online: connected here, or present on another
+/// replica (asked of the database only for those not connected here).
+async fn online_among(state: &AppState, devices: &[DeviceId]) -> ServiceResult<HashSet<DeviceId>> {
+    let (here, elsewhere): (Vec<DeviceId>, Vec<DeviceId>) = devices
+        .iter()
+        .cloned()
+        .partition(|d| state.hub.is_online(d));
+    let mut online: HashSet<DeviceId> = here.into_iter().collect();
+    online.extend(state.store.present_devices(&elsewhere).await?);
+    Ok(online)
+}
+
 /// Devices as shown: their tags and target versions looked up for all of
 /// them at once.
 async fn views(state: &AppState, records: Vec<DeviceRecord>) -> ServiceResult<Vec<DeviceView>> {
     let ids: Vec<DeviceId> = records.iter().map(|d| d.id.clone()).collect();
+    let online = online_among(state, &ids).await?;
     let mut tags: HashMap<DeviceId, Vec<Tag>> = HashMap::new();
     for (id, tag) in state.store.tags_of(&ids).await? {
         tags.entry(id).or_default().push(tag);
@@ -363,7 +378,8 @@ async fn views(state: &AppState, records: Vec<DeviceRecord>) -> ServiceResult<Ve
         .into_iter()
         .map(|d| {
             let tags = tags.remove(&d.id).unwrap_or_default();
-            view(state, &releases, d, tags)
+            let online = online.contains(&d.id);
+            view(&releases, d, tags, online)
         })
         .collect())
 }
@@ -371,13 +387,13 @@ async fn views(state: &AppState, records: Vec<DeviceRecord>) -> ServiceResult<Ve
 /// One device's record (live state laid over) as shown, its target version
 /// looked up in `rollout_releases` by rollout id.
 fn view(
-    state: &AppState,
     rollout_releases: &HashMap<i64, Version>,
     d: DeviceRecord,
     tags: Vec<Tag>,
+    online: bool,
 ) -> DeviceView {
     DeviceView {
-        online: state.hub.is_online(&d.id),
+        online,
         target_version: d
             .target_rollout
             .and_then(|r| rollout_releases.get(&r).cloned()),

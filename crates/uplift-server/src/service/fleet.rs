@@ -10,9 +10,10 @@
 //! batching writer ([`crate::writer::FLUSH_EVERY`], a quarter of a second,
 //! longer only while the database falls behind, which `GET /api/v1/stats`
 //! shows as `device_rows_pending`). That lag is fine for an overview; laying
-//! the live view over every device would mean reading them all. Being
-//! connected is known only in memory: the hub's sessions now, as for the
-//! device list's `online` filter and `GET /api/v1/stats`.
+//! the live view over every device would mean reading them all. Online
+//! means connected to this replica (the hub's sessions now) or to another
+//! (its presence in the database, [`crate::presence`]), as for the device
+//! list's `online` filter.
 
 use super::ServiceResult;
 use crate::state::AppState;

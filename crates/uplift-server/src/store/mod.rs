@@ -154,6 +154,11 @@ pub struct NewDevice {
     pub enrolled_at: String,
 }
 
+/// How long a replica may go without writing its presence before the
+/// others take it for dead and its devices for offline. Replicas write
+/// every [`crate::presence::HEARTBEAT`].
+pub const REPLICA_GONE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceRecord {
     pub id: DeviceId,
@@ -230,10 +235,11 @@ pub struct DeviceFilter {
     pub seen_before: Option<OffsetDateTime>,
     /// Last seen after this time.
     pub seen_after: Option<OffsetDateTime>,
-    /// The devices connected now, which the database does not know: for
-    /// `online`, and for the seen filters, where a connected device counts
-    /// as seen now (its stored last-seen time is written lazily). Needed
-    /// only when one of those is set.
+    /// The devices connected to this replica now, which the database does
+    /// not know (yet): for `online`, and for the seen filters, where a
+    /// connected device counts as seen now (its stored last-seen time is
+    /// written lazily). Needed only when one of those is set. Devices
+    /// present on other replicas count too (see [`Store::record_presence`]).
     pub connected: Vec<DeviceId>,
 }
 
@@ -498,9 +504,29 @@ pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     /// text as in the database, `None` where a device has not said.
     async fn device_census(&self) -> StoreResult<Vec<DeviceCensus>>;
     /// Devices by (type, running version, state) as stored, each group with
-    /// how many of its devices are among `connected`: one aggregate query,
-    /// whatever the fleet's size.
+    /// how many of its devices are online (among `connected`, this
+    /// replica's sessions, or present on another replica): one aggregate
+    /// query, whatever the fleet's size.
     async fn fleet_census(&self, connected: &[DeviceId]) -> StoreResult<Vec<FleetGroup>>;
+    /// Writes which sessions `replica` began and ended, and that it is
+    /// alive; with `afresh`, its earlier presence is dropped first (the
+    /// changes are then all its sessions). Returns true if the database
+    /// did not know the replica (first call, or it was taken for dead):
+    /// the caller then writes all its sessions afresh. Replicas not heard
+    /// from for [`REPLICA_GONE_AFTER`] are dropped with their presence.
+    /// A single server on SQLite keeps its sessions in memory only: there,
+    /// nothing is written and this returns false.
+    async fn record_presence(
+        &self,
+        replica: &str,
+        changes: &[(DeviceId, crate::hub::PresenceChange)],
+        afresh: bool,
+    ) -> StoreResult<bool>;
+    /// Which of `devices` hold a session on some replica, by the presence
+    /// replicas wrote (empty on SQLite: see [`Store::record_presence`]).
+    async fn present_devices(&self, devices: &[DeviceId]) -> StoreResult<Vec<DeviceId>>;
+    /// Drops a replica that is shutting down and its presence.
+    async fn retire_replica(&self, replica: &str) -> StoreResult<()>;
     /// Devices some rollout counts as pending or in progress, as stored:
     /// [`crate::service::rollouts::classify`] in SQL, each device once.
     async fn devices_in_rollouts(&self) -> StoreResult<u64>;

@@ -525,35 +525,30 @@ fn push_device_filter(
     }
     // A subquery, which PostgreSQL hashes once, not `= ANY(array)`, which
     // it would search for every row.
+    // Online: connected to this replica (the filter's list) or present on
+    // another (device_presence). Every replica writes its own presence
+    // too, a batch late; the list covers that lag.
     let connected = |q: &mut QueryBuilder<'_, Postgres>, joiner: &str, not: &str| {
         q.push(format!(" {joiner} d.id {not}IN (SELECT unnest("))
             .push_bind(ids(&filter.connected))
-            .push("::text[]))");
+            .push("::text[]) UNION SELECT device_id FROM device_presence)");
     };
-    let anyone_connected = !filter.connected.is_empty();
     match filter.online {
-        Some(true) if anyone_connected => connected(q, "AND", ""),
-        Some(true) => {
-            q.push(" AND FALSE");
-        }
-        Some(false) if anyone_connected => connected(q, "AND", "NOT "),
-        Some(false) | None => {}
+        Some(true) => connected(q, "AND", ""),
+        Some(false) => connected(q, "AND", "NOT "),
+        None => {}
     }
     if let Some(after) = filter.seen_after {
         q.push(" AND (d.last_seen >= ")
             .push_bind(stamp::truncate(after));
-        if anyone_connected {
-            connected(q, "OR", "");
-        }
+        connected(q, "OR", "");
         q.push(")");
     }
     if let Some(before) = filter.seen_before {
         q.push(" AND (d.last_seen IS NULL OR d.last_seen <= ")
             .push_bind(stamp::truncate(before))
             .push(")");
-        if anyone_connected {
-            connected(q, "AND", "NOT ");
-        }
+        connected(q, "AND", "NOT ");
     }
     if let Some(after) = after {
         q.push(" AND d.id > ").push_bind(after.as_str().to_owned());
@@ -940,11 +935,13 @@ impl Store for PgStore {
     }
 
     async fn fleet_census(&self, connected: &[DeviceId]) -> StoreResult<Vec<FleetGroup>> {
-        // One scan of the devices, grouped, joined to the connected devices
-        // made a (hashed) set once.
+        // One scan of the devices, grouped, joined to the online devices
+        // (this replica's and those present on others) made a (hashed) set
+        // once.
         let rows: Vec<(String, Option<String>, Option<String>, i64, i64)> = sqlx::query_as(
             "SELECT d.device_type, d.running_version, d.state, COUNT(*), COUNT(c.id) \
-             FROM devices d LEFT JOIN (SELECT DISTINCT unnest($1::text[]) COLLATE \"C\" AS id) c \
+             FROM devices d LEFT JOIN (SELECT unnest($1::text[]) COLLATE \"C\" AS id \
+                  UNION SELECT device_id FROM device_presence) c \
                   ON c.id = d.id \
              WHERE d.removed_at IS NULL \
              GROUP BY d.device_type, d.running_version, d.state",
@@ -964,6 +961,115 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    async fn record_presence(
+        &self,
+        replica: &str,
+        changes: &[(DeviceId, crate::hub::PresenceChange)],
+        afresh: bool,
+    ) -> StoreResult<bool> {
+        use crate::hub::PresenceChange;
+        let action = "recording which devices this replica holds";
+        let gone_after = REPLICA_GONE_AFTER.as_secs_f64();
+        // Replicas gone quiet are dropped first, on their own: a dead
+        // replica's rows are deleted by whichever replica gets there, and
+        // in a statement of its own that lock waits cannot entangle with
+        // this replica's writes below.
+        sqlx::query(
+            "DELETE FROM replicas WHERE seen_at < clock_timestamp() - make_interval(secs => $1)",
+        )
+        .bind(gone_after)
+        .execute(&self.pool)
+        .await
+        .map_err(db(action))?;
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        let unknown: bool = sqlx::query_scalar(
+            "INSERT INTO replicas (id, started_at, seen_at) VALUES ($1, clock_timestamp(), clock_timestamp()) \
+             ON CONFLICT (id) DO UPDATE SET seen_at = clock_timestamp() \
+             RETURNING (xmax = 0)",
+        )
+        .bind(replica)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        if afresh {
+            sqlx::query("DELETE FROM device_presence WHERE replica_id = $1")
+                .bind(replica)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        }
+        // In device order, as every replica writes them: two replicas
+        // writing the same devices (some moved between them) wait for each
+        // other rather than deadlock.
+        let mut sorted: Vec<&(DeviceId, PresenceChange)> = changes.iter().collect();
+        sorted.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let mut connected = Vec::new();
+        let mut connected_at = Vec::new();
+        let mut disconnected = Vec::new();
+        for (device, change) in sorted {
+            match change {
+                PresenceChange::Connected(at) => {
+                    connected.push(device.as_str().to_owned());
+                    connected_at.push(stamp::truncate(*at));
+                }
+                PresenceChange::Disconnected => disconnected.push(device.as_str().to_owned()),
+            }
+        }
+        if !disconnected.is_empty() {
+            sqlx::query(
+                "DELETE FROM device_presence WHERE replica_id = $1 AND device_id = ANY($2::text[])",
+            )
+            .bind(replica)
+            .bind(&disconnected)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
+        if !connected.is_empty() {
+            // Devices removed meanwhile are skipped (the join), and a newer
+            // connection on another replica is kept (the WHERE).
+            sqlx::query(
+                "INSERT INTO device_presence (device_id, replica_id, connected_at) \
+                 SELECT c.id, $1, c.at FROM unnest($2::text[], $3::timestamptz[]) \
+                     WITH ORDINALITY AS c(id, at, n) JOIN devices d ON d.id = c.id ORDER BY c.n \
+                 ON CONFLICT (device_id) DO UPDATE \
+                     SET replica_id = excluded.replica_id, connected_at = excluded.connected_at \
+                     WHERE device_presence.connected_at <= excluded.connected_at",
+            )
+            .bind(replica)
+            .bind(&connected)
+            .bind(&connected_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        }
+        tx.commit().await.map_err(db(action))?;
+        Ok(unknown)
+    }
+
+    async fn present_devices(&self, devices: &[DeviceId]) -> StoreResult<Vec<DeviceId>> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT device_id FROM device_presence WHERE device_id = ANY($1::text[]) ORDER BY device_id",
+        )
+        .bind(ids(devices))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading which devices other replicas hold"))?;
+        rows.into_iter().map(|s| parse("device id", s)).collect()
+    }
+
+    async fn retire_replica(&self, replica: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM replicas WHERE id = $1")
+            .bind(replica)
+            .execute(&self.pool)
+            .await
+            .map_err(db("dropping this replica's presence at shutdown"))?;
+        Ok(())
     }
 
     async fn devices_in_rollouts(&self) -> StoreResult<u64> {

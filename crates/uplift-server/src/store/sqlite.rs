@@ -1010,6 +1010,25 @@ impl Store for SqliteStore {
             .collect())
     }
 
+    async fn record_presence(
+        &self,
+        _replica: &str,
+        _changes: &[(DeviceId, crate::hub::PresenceChange)],
+        _afresh: bool,
+    ) -> StoreResult<bool> {
+        // One server process owns a SQLite database: its hub is the whole
+        // truth of who is connected, and nobody else would read this.
+        Ok(false)
+    }
+
+    async fn present_devices(&self, _devices: &[DeviceId]) -> StoreResult<Vec<DeviceId>> {
+        Ok(Vec::new())
+    }
+
+    async fn retire_replica(&self, _replica: &str) -> StoreResult<()> {
+        Ok(())
+    }
+
     async fn fleet_census(&self, connected: &[DeviceId]) -> StoreResult<Vec<FleetGroup>> {
         let connected = serde_json::to_string(connected)
             .unwrap_or_else(|e| unreachable!("device ids serialize: {e}"));

@@ -1,5 +1,7 @@
 //! Client for the server's admin REST API, used by every CLI command, the
-//! demo and the end-to-end tests, so all of them see what an operator sees.
+//! fleet harness and demo (`uplift-fleet`) and the end-to-end tests, so all
+//! of them see what an operator sees. A crate of its own so the CLI and the
+//! harness can both use it without one depending on the other.
 
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt, TryStreamExt};

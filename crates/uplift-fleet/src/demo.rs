@@ -5,8 +5,7 @@
 //! its health check and commits. The summary is checked against the devices'
 //! own boot environments, not just against what the server believes.
 
-use crate::client::AdminClient;
-use crate::fleet::{
+use crate::{
     stop_all, write_changed_image, write_image, Binaries, Device, DeviceSpec, Proxy, ServerLaunch,
     ServerProcess,
 };
@@ -18,6 +17,7 @@ use std::future::Future;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use uplift_client::AdminClient;
 use uplift_proto::api::{
     DownloadLimits, RolloutCreate, RolloutStatus, RolloutView, ServerEndpoint, ServerStats,
 };

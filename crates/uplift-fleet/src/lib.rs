@@ -6,8 +6,13 @@
 //!
 //! Everything here is blocking (process waits, file copies) unless its name
 //! ends in `_async`; async callers run the rest on blocking threads.
+//!
+//! It lives beside the simulator, not in the operator's CLI: `uplift demo`
+//! is a thin call into [`demo::run`], and nothing an operator runs against a
+//! real server needs the harness.
 
-use crate::client::AdminClient;
+pub mod demo;
+
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -20,6 +25,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use uplift_bootenv::file::BootEnvFile;
 use uplift_bootenv::state::BootState;
+use uplift_client::AdminClient;
 use uplift_proto::api::ServerEndpoint;
 use uplift_proto::SlotName;
 
@@ -343,6 +349,8 @@ pub struct DeviceSpec {
 #[derive(Debug)]
 pub struct Device {
     pub dir: PathBuf,
+    /// Slots a and b: files in `dir`, or what [`Device::provision_on`] was given.
+    slots: [PathBuf; 2],
     watchdog: Option<Duration>,
     child: Option<Child>,
     /// The network namespace its processes run in, if not the caller's.
@@ -451,16 +459,31 @@ impl Device {
         server: &ServerEndpoint,
         factory_image: &Path,
     ) -> anyhow::Result<Self> {
+        let slots = [dir.join("slot-a.img"), dir.join("slot-b.img")];
+        std::fs::create_dir_all(dir)?;
+        std::fs::copy(factory_image, &slots[0])
+            .with_context(|| format!("copying the factory image into {}", dir.display()))?;
+        File::create(&slots[1])?;
+        Self::provision_on(dir, spec, server, slots)
+    }
+
+    /// Lays out a device whose slots are `slots` (block devices, say),
+    /// prepared by the caller: slot a holds the factory image. Slot a is
+    /// booted and committed.
+    pub fn provision_on(
+        dir: &Path,
+        spec: &DeviceSpec,
+        server: &ServerEndpoint,
+        slots: [PathBuf; 2],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("state"))?;
         let device = Self {
             dir: dir.to_owned(),
+            slots,
             watchdog: spec.watchdog,
             netns: None,
             child: None,
         };
-        std::fs::copy(factory_image, device.slot_path(SlotName::A))
-            .with_context(|| format!("copying the factory image into {}", dir.display()))?;
-        File::create(device.slot_path(SlotName::B))?;
         BootEnvFile::provision(device.bootenv_path(), SlotName::A)?;
         let config = AgentConfigFile {
             server_url: &server.url,
@@ -489,7 +512,10 @@ impl Device {
     }
 
     pub fn slot_path(&self, slot: SlotName) -> PathBuf {
-        self.dir.join(format!("slot-{slot}.img"))
+        match slot {
+            SlotName::A => self.slots[0].clone(),
+            SlotName::B => self.slots[1].clone(),
+        }
     }
     pub fn bootenv_path(&self) -> PathBuf {
         self.dir.join("grubenv")
@@ -861,6 +887,10 @@ mod tests {
         let mut devices: Vec<Device> = (0..8)
             .map(|i| Device {
                 dir: PathBuf::from(format!("/nonexistent/{i}")),
+                slots: [
+                    PathBuf::from("/nonexistent/a"),
+                    PathBuf::from("/nonexistent/b"),
+                ],
                 watchdog: None,
                 netns: None,
                 child: Some(
