@@ -47,6 +47,38 @@ pub struct AgentConfig {
     pub hooks: Hooks,
     #[serde(default)]
     pub download: Download,
+    #[serde(default)]
+    pub network: Network,
+}
+
+/// The device's private-network address, as the server assigns it (see
+/// [`crate::address`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Run with the addresses in `UPLIFT_ADDRESS_V4`, `UPLIFT_ADDRESS_V6`
+    /// (CIDR form; unset when the server assigns none of that family),
+    /// `UPLIFT_ADDRESSES` (all, space-separated) and `UPLIFT_DEVICE_ID`,
+    /// when they are new or changed: it sets them up (a WireGuard peer, a
+    /// VLAN, a veth address). Unset: the addresses are logged, not applied.
+    #[serde(default)]
+    pub address_hook: Option<PathBuf>,
+    /// Seconds the hook may take before it is killed and counts as failed.
+    #[serde(default = "default_address_hook_timeout")]
+    pub address_hook_timeout_secs: u64,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self {
+            address_hook: None,
+            address_hook_timeout_secs: default_address_hook_timeout(),
+        }
+    }
+}
+
+fn default_address_hook_timeout() -> u64 {
+    30
 }
 
 /// Bounds on how slowly the server may send. A read timeout alone lets a

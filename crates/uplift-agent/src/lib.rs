@@ -7,6 +7,7 @@
 //! I/O lives in [`run`], [`install`], [`download`], [`slot`], [`net`], [`local`]
 //! and [`systemd`].
 
+pub mod address;
 pub mod config;
 pub mod download;
 pub mod guard;

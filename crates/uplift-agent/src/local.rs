@@ -190,6 +190,15 @@ impl LocalState {
         }
     }
 
+    /// The private addresses the address hook last applied, as
+    /// [`crate::address::Applied`] writes them; `None` if never.
+    pub fn applied_addresses(&self) -> anyhow::Result<Option<crate::address::Applied>> {
+        self.read_json("private-addresses.json")
+    }
+    pub fn save_applied_addresses(&self, applied: &crate::address::Applied) -> anyhow::Result<()> {
+        self.write_json("private-addresses.json", &Some(applied))
+    }
+
     pub fn save_device_id(&self, id: &DeviceId) -> anyhow::Result<()> {
         let path = self.dir.join("device-id");
         replace_file(&path, format!("{id}\n").as_bytes(), Access::Public)

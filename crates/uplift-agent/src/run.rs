@@ -127,6 +127,7 @@ pub async fn run(
         token: token_tx,
         inbound: inbound_tx,
         beat: beat_tx,
+        address_hook: Default::default(),
     };
     let mut connection_task = tokio::spawn(connection.run());
     let slot_lock = Arc::new(tokio::sync::Mutex::new(()));
@@ -466,6 +467,8 @@ struct Connection {
     /// Refreshed at every step of the channel's loops: the sign of life
     /// the main loop checks before it feeds the watchdog.
     beat: watch::Sender<tokio::time::Instant>,
+    /// One address hook at a time: a quick reconnect waits for the last.
+    address_hook: Arc<tokio::sync::Mutex<()>>,
 }
 
 enum SessionEnd {
@@ -575,6 +578,7 @@ impl Connection {
                 session_token,
                 enrolled,
                 features,
+                private_addresses,
             }) => {
                 if known_id.as_ref() != Some(&device_id) {
                     if let Err(e) = self.local.save_device_id(&device_id) {
@@ -586,6 +590,18 @@ impl Connection {
                 } else {
                     tracing::info!(device = %device_id, "connected");
                 }
+                // Beside the channel, never in its way: a slow or failing
+                // hook does not hold up reports or offers.
+                let (config, local, lock) = (
+                    self.config.clone(),
+                    self.local.clone(),
+                    self.address_hook.clone(),
+                );
+                tokio::spawn(async move {
+                    let _one_at_a_time = lock.lock().await;
+                    crate::address::apply(&config.network, &local, &device_id, private_addresses)
+                        .await;
+                });
                 (session_token, features)
             }
             Ok(ServerMsg::Error(err)) => {
@@ -593,7 +609,8 @@ impl Connection {
                 return match err.kind {
                     ErrorKind::EnrollmentRefused
                     | ErrorKind::UnknownDevice
-                    | ErrorKind::BadDeviceSignature => SessionEnd::Fatal(e),
+                    | ErrorKind::BadDeviceSignature
+                    | ErrorKind::DeviceRemoved => SessionEnd::Fatal(e),
                     _ => retry(e),
                 };
             }
@@ -629,6 +646,10 @@ impl Connection {
                         None | Some(Ok(Message::Close(_))) => return retry(anyhow::anyhow!("server closed the channel")),
                         Some(Err(e)) => return retry(e.into()),
                         Some(Ok(Message::Text(text))) => match channel::decode::<ServerMsg>(text.as_str()) {
+                            // Removed by an operator while connected: reconnecting cannot help.
+                            Ok(ServerMsg::Error(err)) if err.kind == ErrorKind::DeviceRemoved => {
+                                return SessionEnd::Fatal(anyhow::anyhow!("server refused this device: {err}"))
+                            }
                             Ok(ServerMsg::Error(err)) => return retry(anyhow::anyhow!("server error: {err}")),
                             // The next download request takes it; one under way keeps the old one, still valid.
                             Ok(ServerMsg::DownloadToken { token, expires_in_secs }) => {

@@ -246,6 +246,18 @@ pub enum DevicesCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Remove (decommission) a device: its key is revoked (its channel is
+    /// closed now and it cannot connect again), its unfinished rollout
+    /// parts end, its private addresses are freed; its history is kept. A
+    /// replaced board with the same hardware ID enrolls afresh with the
+    /// fleet token, as a new device.
+    Remove {
+        id: DeviceId,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// What happened to a device: offers, downloads (bytes fetched and
     /// reused), installs, reboots, commits, rollbacks and errors, oldest first.
     History {
@@ -846,6 +858,19 @@ async fn devices(cmd: DevicesCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        DevicesCommand::Remove { id, json, server } => {
+            let device = server.client()?.remove_device(&id).await?;
+            if json {
+                print_json(&device)?;
+            } else {
+                println!(
+                    "{} removed at {}: its key is revoked and its channel closed; its history is kept",
+                    device.id,
+                    device.removed_at.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(0)
+        }
         DevicesCommand::History {
             id,
             limit,
@@ -881,7 +906,7 @@ fn tags_text(tags: &[Tag]) -> String {
 /// One device, a field a line.
 fn device_text(d: &DeviceView) -> String {
     let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
-    let lines = [
+    let mut lines = vec![
         ("id", d.id.to_string()),
         ("type", d.device_type.to_string()),
         ("hardware id", d.hardware_id.to_string()),
@@ -890,6 +915,15 @@ fn device_text(d: &DeviceView) -> String {
             // Kept while offline: where it was last connected from.
             if d.online { "address" } else { "last address" },
             or_dash(d.address.clone()),
+        ),
+        (
+            // The private-network addresses the server assigned it.
+            "private addr",
+            if d.private_addresses.is_empty() {
+                "-".to_owned()
+            } else {
+                d.private_addresses.join(", ")
+            },
         ),
         (
             "version",
@@ -923,6 +957,9 @@ fn device_text(d: &DeviceView) -> String {
         ("enrolled", d.enrolled_at.clone()),
         ("last seen", or_dash(d.last_seen.clone())),
     ];
+    if let Some(at) = &d.removed_at {
+        lines.push(("removed", format!("{at} (key revoked; history kept)")));
+    }
     lines
         .iter()
         .map(|(name, value)| format!("{:<13} {value}", format!("{name}:")))
@@ -985,6 +1022,7 @@ fn event_text(event: &DeviceEventKind) -> String {
             Some(version) => format!("{version}: {error}"),
             None => error.to_string(),
         },
+        DeviceEventKind::Removed { by } => format!("removed from the fleet by {by}"),
     }
 }
 
@@ -1085,6 +1123,11 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
                 d.device_type.to_string(),
                 if d.online { "yes" } else { "no" }.to_owned(),
                 d.address.clone().unwrap_or_else(dash),
+                if d.private_addresses.is_empty() {
+                    dash()
+                } else {
+                    d.private_addresses.join(",")
+                },
                 d.running_version
                     .as_ref()
                     .map(ToString::to_string)
@@ -1109,8 +1152,8 @@ pub fn devices_table(devices: &[DeviceView]) -> String {
         .collect::<Vec<_>>();
     table(
         &[
-            "ID", "TYPE", "ONLINE", "ADDRESS", "VERSION", "SLOT", "STATE", "TARGET", "PROGRESS",
-            "TAGS", "ERROR",
+            "ID", "TYPE", "ONLINE", "ADDRESS", "PRIVATE", "VERSION", "SLOT", "STATE", "TARGET",
+            "PROGRESS", "TAGS", "ERROR",
         ],
         &rows,
     )

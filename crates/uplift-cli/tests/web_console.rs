@@ -26,7 +26,10 @@ const DEVICES: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_runs_a_phased_rollout_from_the_web_console() {
-    let mut fx = Fixture::start();
+    let mut fx = Fixture::start_with(uplift_fleet::ServerLaunch {
+        config_toml: Some("[addresses]\npool = [\"10.77.0.0/16\", \"fd77::/64\"]\n".into()),
+        ..uplift_fleet::ServerLaunch::on("127.0.0.1:0")
+    });
     let breaks = fx.path("service-breaks-on-new-os");
     let names: Vec<String> = (0..DEVICES).map(|i| format!("dev{i}")).collect();
     let specs = names
@@ -116,6 +119,13 @@ async fn an_operator_runs_a_phased_rollout_from_the_web_console() {
             t.matches("lab").count() == 3
         })
         .await;
+    browser
+        .wait_text(
+            "#device-table tbody",
+            "each device's private address",
+            |t| t.matches("10.77.").count() == 3,
+        )
+        .await;
     browser.shot("04-devices-tagged-lab").await;
 
     // A device's page: its identity, private address, slot and history.
@@ -128,6 +138,17 @@ async fn an_operator_runs_a_phased_rollout_from_the_web_console() {
         })
         .await;
     assert!(facts.contains("test-gateway"), "{facts}");
+    let private = browser
+        .wait_text(
+            "#device-private-address",
+            "the device's private addresses",
+            |t| t.contains("10.77.") && t.contains("fd77::"),
+        )
+        .await;
+    assert!(
+        private.contains("/16") && private.contains("/64"),
+        "{private}"
+    );
     browser.shot("05-device").await;
 
     // A release uploaded from the browser: the directory `uplift release

@@ -149,6 +149,12 @@ impl AdminClient {
         self.send(self.http.get(self.url(&device_path(id))?)).await
     }
 
+    /// Removes (decommissions) a device; the device as it is now.
+    pub async fn remove_device(&self, id: &DeviceId) -> anyhow::Result<DeviceView> {
+        self.send(self.http.delete(self.url(&device_path(id))?))
+            .await
+    }
+
     pub async fn tag_device(
         &self,
         id: &DeviceId,

@@ -950,7 +950,8 @@ async fn session(
             return match err.kind {
                 ErrorKind::EnrollmentRefused
                 | ErrorKind::UnknownDevice
-                | ErrorKind::BadDeviceSignature => End::Fatal(e),
+                | ErrorKind::BadDeviceSignature
+                | ErrorKind::DeviceRemoved => End::Fatal(e),
                 _ => retry(e),
             };
         }

@@ -265,6 +265,8 @@ pub enum DeviceEventKind {
         version: Option<Version>,
         error: WireError,
     },
+    /// An operator removed (decommissioned) the device; `by` names them.
+    Removed { by: String },
 }
 
 impl DeviceEventKind {
@@ -279,6 +281,7 @@ impl DeviceEventKind {
             DeviceEventKind::Committed { .. } => "committed",
             DeviceEventKind::RolledBack { .. } => "rolled_back",
             DeviceEventKind::Error { .. } => "error",
+            DeviceEventKind::Removed { .. } => "removed",
         }
     }
 }
@@ -340,6 +343,17 @@ pub struct DeviceView {
     /// proxy or NAT this is the proxy's or the NAT's address.
     #[serde(default)]
     pub address: Option<String>,
+    /// RFC 3339; when an operator removed (decommissioned) the device. A
+    /// removed device is kept, with its history, but is no longer listed,
+    /// and its key is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_at: Option<String>,
+    /// Its private-network addresses, one per pool the server assigns from
+    /// (`[addresses] pool`), in CIDR form (`10.77.0.5/16`), IPv4 first;
+    /// empty if the server has no pools or the device has not connected
+    /// since they were configured. Not where it connects from (`address`).
+    #[serde(default)]
+    pub private_addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

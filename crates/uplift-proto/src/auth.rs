@@ -191,6 +191,9 @@ pub enum AuditAction {
     #[serde(rename = "device.tags")]
     #[strum(serialize = "device.tags")]
     DeviceTags,
+    #[serde(rename = "device.remove")]
+    #[strum(serialize = "device.remove")]
+    DeviceRemove,
     #[serde(rename = "token.create")]
     #[strum(serialize = "token.create")]
     TokenCreate,

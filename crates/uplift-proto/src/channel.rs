@@ -64,6 +64,15 @@ pub enum ServerMsg {
         /// What this server understands beyond protocol version 1's start.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         features: Vec<Feature>,
+        /// The device's private-network addresses, one per pool the server
+        /// assigns from (`[addresses] pool`), in CIDR form with the pool's
+        /// prefix (`10.77.0.5/16`, `fd77::5/64`), IPv4 first: the device
+        /// and server communicate over them once the agent's
+        /// `address_hook` has set them up. Stable across reconnects and
+        /// restarts. Absent from an older server or one without pools; an
+        /// older agent ignores it.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        private_addresses: Vec<String>,
     },
     /// The version this device should run.
     Offer(Offer),
@@ -341,8 +350,36 @@ mod tests {
             r#"{"v":1,"type":"welcome","device_id":"dev-1","session_token":"t","enrolled":false}"#;
         assert!(matches!(
             decode::<ServerMsg>(welcome).unwrap(),
-            ServerMsg::Welcome { features, .. } if features.is_empty()
+            ServerMsg::Welcome { features, private_addresses, .. }
+                if features.is_empty() && private_addresses.is_empty()
         ));
+    }
+
+    #[test]
+    fn private_addresses_travel_in_the_welcome_and_are_left_out_when_there_are_none() {
+        let welcome = |private_addresses: Vec<String>| ServerMsg::Welcome {
+            device_id: "dev-1".parse().unwrap(),
+            session_token: "t".into(),
+            enrolled: true,
+            features: FEATURES.to_vec(),
+            private_addresses,
+        };
+        let none = encode(&welcome(vec![]));
+        assert!(!none.contains("private_addresses"), "{none}");
+        let both = vec!["10.77.0.5/16".to_owned(), "fd77::5/64".to_owned()];
+        let frame = encode(&welcome(both.clone()));
+        assert_eq!(decode::<ServerMsg>(&frame).unwrap(), welcome(both));
+        // An older agent's decoder (a struct without the field, like this
+        // build's without it) ignores it: serde skips unknown fields here.
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct OldWelcome {
+            device_id: String,
+            session_token: String,
+            enrolled: bool,
+        }
+        let old: OldWelcome = serde_json::from_str(&frame).unwrap();
+        assert!(old.enrolled);
     }
 
     #[test]

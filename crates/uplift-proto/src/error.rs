@@ -37,6 +37,9 @@ pub enum ErrorKind {
     EnrollmentRefused,
     UnknownDevice,
     BadDeviceSignature,
+    /// The device was removed (decommissioned) by an operator: its key is
+    /// revoked. A replaced board enrolls afresh with a new key.
+    DeviceRemoved,
     /// The caller is known, but its role does not allow this.
     Forbidden,
     /// A device download token that is not one the server signed: malformed,

@@ -62,7 +62,10 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
         // Devices: list (filters, pages), one device, its tags, its history.
         .route(DEVICES_PATH, get(list_devices))
-        .route("/api/v1/devices/{id}", get(show_device))
+        .route(
+            "/api/v1/devices/{id}",
+            get(show_device).delete(remove_device),
+        )
         .route("/api/v1/devices/{id}/tags", put(tag_device))
         .route("/api/v1/devices/{id}/history", get(device_history))
         .route(RELEASES_PATH, get(list_releases).post(upload_release))
@@ -183,6 +186,14 @@ async fn authorized(
     // Signed by a replica for a device this one has not met yet: once per
     // device, the database says whether it is enrolled.
     match state.store.device(&claims.device).await? {
+        Some(d) if d.removed_at.is_some() => Err(ApiError::new(
+            uplift_proto::ErrorKind::DeviceRemoved,
+            format!(
+                "device {} was removed from the fleet at {}; its download token is refused",
+                claims.device,
+                d.removed_at.as_deref().unwrap_or_default()
+            ),
+        )),
         Some(_) => {
             state.downloads.remember(&claims.device);
             Ok(claims)
@@ -304,6 +315,29 @@ async fn show_device(
 ) -> Result<Json<DeviceView>, ApiError> {
     let id = device_id(id)?;
     Ok(Json(service::devices::get(&state, &id).await?))
+}
+
+#[utoipa::path(
+    delete, path = "/api/v1/devices/{id}", tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device's ID")),
+    responses(
+        (status = 200, description = "The device, removed (decommissioned): its key is revoked, its channel \
+         closed on every replica, its unfinished rollout parts ended, its private addresses freed; its \
+         history is kept. A replaced board enrolls afresh as a new device", body = DeviceView),
+        (status = 404, description = "No device has this ID", body = WireError),
+        (status = 409, description = "The device was removed already", body = WireError),
+    ),
+    security(("bearer" = ["operate"]))
+)]
+async fn remove_device(
+    State(state): State<Arc<AppState>>,
+    caller: Allowed<Operate>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let id = device_id(id)?;
+    Ok(Json(
+        service::devices::remove(&state, caller.principal(), &id).await?,
+    ))
 }
 
 #[utoipa::path(

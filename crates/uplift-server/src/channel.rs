@@ -143,7 +143,7 @@ async fn session(
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
     let peer = Peer::of(&hello);
-    let (device_id, enrolled) = match authenticate(&state, &nonce, hello).await {
+    let (device_id, enrolled, held) = match authenticate(&state, &nonce, hello).await {
         Ok(ok) => ok,
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
@@ -153,6 +153,13 @@ async fn session(
     let token = state
         .downloads
         .issue(&device_id, crate::download_token::unix_now());
+    // Its private addresses: those it holds, any a pool still owes it
+    // assigned now (no database work when it has them all).
+    let private_addresses = if state.addresses.is_empty() && held.is_empty() {
+        Vec::new()
+    } else {
+        crate::addresses::ensure(&state, &device_id, &held).await
+    };
     let (tx, mut target_changed) = watch::channel(0u64);
     let serial = state.hub.register(device_id.clone(), tx);
     // From here on, whatever an older session of this device still has in
@@ -171,6 +178,7 @@ async fn session(
                 session_token: token.text,
                 enrolled,
                 features: FEATURES.to_vec(),
+                private_addresses,
             },
         )
         .await?;
@@ -322,7 +330,7 @@ async fn authenticate(
     state: &AppState,
     nonce: &[u8],
     hello: AgentMsg,
-) -> Result<(DeviceId, bool), WireError> {
+) -> Result<(DeviceId, bool, Vec<String>), WireError> {
     match hello {
         AgentMsg::Enroll {
             device_type,
@@ -371,6 +379,11 @@ async fn authenticate(
                     )
                 })?;
             let key = parse_public_key(&device.public_key)?;
+            // Its key is revoked: refused whether or not the signature holds
+            // (it says nothing more), so the agent learns why at once.
+            if let Some(at) = &device.removed_at {
+                return Err(removed(&device_id, Some(at)));
+            }
             verify(
                 &key,
                 &channel::auth_message(nonce, device_id.as_str()),
@@ -382,7 +395,7 @@ async fn authenticate(
                     format!("signature does not match the key enrolled for device {device_id}"),
                 )
             })?;
-            Ok((device_id, false))
+            Ok((device_id, false, device.private_addresses))
         }
         AgentMsg::Report(_) => Err(WireError::new(
             ErrorKind::UnexpectedMessage,
@@ -396,7 +409,7 @@ async fn enroll(
     device_type: DeviceType,
     hardware_id: HardwareId,
     public_key: String,
-) -> Result<(DeviceId, bool), WireError> {
+) -> Result<(DeviceId, bool, Vec<String>), WireError> {
     let storage = |e: crate::store::StoreError| WireError::new(e.kind(), e.to_string());
     // The device proved it holds this key: if the key is already enrolled the
     // device lost its ID (crash before saving it) and gets the same ID back.
@@ -406,7 +419,10 @@ async fn enroll(
         .await
         .map_err(storage)?
     {
-        return Ok((existing.id, true));
+        if let Some(at) = &existing.removed_at {
+            return Err(removed(&existing.id, Some(at)));
+        }
+        return Ok((existing.id, true, existing.private_addresses));
     }
     let id: DeviceId = format!("dev-{}", hex::encode(rand::random::<[u8; 8]>()))
         .parse()
@@ -425,7 +441,20 @@ async fn enroll(
     tracing::info!(device = %id, %device_type, %hardware_id, "device enrolled");
     // A new device has no tags yet: it joins the rollouts of its whole type.
     crate::service::rollouts::join_dynamic(state, &id, &device_type, &[]).await;
-    Ok((id, true))
+    Ok((id, true, Vec::new()))
+}
+
+/// The refusal of a removed device's key.
+fn removed(device: &DeviceId, at: Option<&str>) -> WireError {
+    let at = at.map(|at| format!(" at {at}")).unwrap_or_default();
+    WireError::new(
+        ErrorKind::DeviceRemoved,
+        format!(
+            "device {device} was removed from the fleet by an operator{at}; its key is revoked. \
+             To bring this board back, delete the agent's state directory (its key and device ID) \
+             and start the agent again: it enrolls with the fleet token as a new device"
+        ),
+    )
 }
 
 fn parse_public_key(text: &str) -> Result<VerifyingKey, WireError> {
@@ -532,7 +561,7 @@ fn turns_after_report(state: &AppState, device: &DeviceId, report: &Report) -> O
 
 /// Tells the devices a turn passed to; a device that went offline in the
 /// meantime passes it on at once.
-fn pass_turns(state: &AppState, passed: impl IntoIterator<Item = DeviceId>) {
+pub(crate) fn pass_turns(state: &AppState, passed: impl IntoIterator<Item = DeviceId>) {
     for first in passed {
         let mut next = Some(first);
         while let Some(device) = next {
@@ -565,8 +594,15 @@ async fn serve_device(
             biased;
             changed = target_changed.changed() => match changed {
                 // Pushes coalesce and none is lost: the newest target, from memory.
+                Ok(()) if crate::hub::removed(target_changed) => {
+                    return Err(refuse(socket, removed(device, None)).await)
+                }
                 Ok(()) => send(socket, &offer_now(state, device, peer)).await?,
-                // The device opened a newer channel, which replaced this one.
+                // Removed (an operator decommissioned it) ...
+                Err(_) if crate::hub::removed(target_changed) => {
+                    return Err(refuse(socket, removed(device, None)).await)
+                }
+                // ... or the device opened a newer channel, which replaced this one.
                 Err(_) => return Err(SessionError::Replaced),
             },
             _ = shutdown.changed() => {

@@ -36,6 +36,19 @@ pub struct ServerConfig {
     pub download_tokens: DownloadTokens,
     #[serde(default)]
     pub database: DatabaseConfig,
+    #[serde(default)]
+    pub addresses: AddressesConfig,
+}
+
+/// Each device's private-network address (see [`crate::addresses`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressesConfig {
+    /// CIDRs devices' addresses come from, at most one IPv4 and one IPv6
+    /// (`["10.77.0.0/16", "fd77::/64"]`); each device gets one address of
+    /// each. Empty (the default): devices get none.
+    #[serde(default)]
+    pub pool: Vec<String>,
 }
 
 /// Where the server keeps its state: SQLite in the data directory (the
@@ -432,6 +445,7 @@ impl ServerConfig {
             artifacts: ArtifactsConfig::default(),
             download_tokens: DownloadTokens::default(),
             database: DatabaseConfig::default(),
+            addresses: AddressesConfig::default(),
         }
     }
 
@@ -476,6 +490,7 @@ impl ServerConfig {
                 DownloadTokens::MIN_LIFETIME_SECS
             ));
         }
+        crate::addresses::Pools::parse(&self.addresses.pool).map_err(|e| e.to_string())?;
         if let Some(url) = &self.database.url {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err("[database] url must be a PostgreSQL URL (postgres://user:password@host:port/database); \
@@ -588,5 +603,20 @@ mod tests {
             toml::from_str("data_dir = \"/x\"\n[database]\nurl = \"mysql://db/uplift\"\n").unwrap();
         let err = config.check().unwrap_err();
         assert!(err.contains("PostgreSQL URL"), "{err}");
+    }
+
+    #[test]
+    fn address_pools_are_checked_at_start_with_an_error_naming_the_entry() {
+        let with = |pool: &str| -> ServerConfig {
+            toml::from_str(&format!("data_dir = \"/x\"\n[addresses]\npool = {pool}\n")).unwrap()
+        };
+        with(r#"["10.77.0.0/16", "fd77::/64"]"#).check().unwrap();
+        let err = with(r#"["10.77.0.0/16", "10.78.0.5/16"]"#)
+            .check()
+            .unwrap_err();
+        assert!(err.contains("\"10.78.0.5/16\" has host bits set"), "{err}");
+        assert!(err.contains("write its network, 10.78.0.0/16"), "{err}");
+        let err = with(r#"["10.77.0.0/33"]"#).check().unwrap_err();
+        assert!(err.contains("is not a CIDR"), "{err}");
     }
 }

@@ -373,6 +373,16 @@ impl DownloadAuth {
             .contains(device)
     }
 
+    /// Forgets that `device` is enrolled: it was removed, and its tokens,
+    /// signed and unexpired, are refused from now on (the database says
+    /// why).
+    pub fn forget(&self, device: &DeviceId) {
+        self.enrolled
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(device);
+    }
+
     /// Records that `device` is enrolled.
     pub fn remember(&self, device: &DeviceId) {
         if !self.knows(device) {

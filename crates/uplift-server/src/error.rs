@@ -203,6 +203,7 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         ErrorKind::Conflict | ErrorKind::DowngradeRefused => StatusCode::CONFLICT,
         ErrorKind::Unauthorized
         | ErrorKind::BadDeviceSignature
+        | ErrorKind::DeviceRemoved
         | ErrorKind::DownloadTokenInvalid
         | ErrorKind::DownloadTokenExpired => StatusCode::UNAUTHORIZED,
         ErrorKind::EnrollmentRefused | ErrorKind::Forbidden => StatusCode::FORBIDDEN,

@@ -12,6 +12,15 @@ use std::sync::Mutex;
 use tokio::sync::watch;
 use uplift_proto::DeviceId;
 
+/// The value a session's push channel is left at when its device was
+/// removed (never reached by counting changes).
+const REMOVED: u64 = u64::MAX;
+
+/// Whether a session's push channel says its device was removed.
+pub fn removed(target_changed: &watch::Receiver<u64>) -> bool {
+    *target_changed.borrow() == REMOVED
+}
+
 #[derive(Debug, Default)]
 pub struct Hub {
     inner: Mutex<Inner>,
@@ -137,6 +146,26 @@ impl Hub {
         self.lock().sessions.len()
     }
 
+    /// Ends a device's session here, if it has one, telling it why: the
+    /// device was removed. Returns whether it was connected here.
+    pub fn close_removed(&self, device: &DeviceId) -> bool {
+        let mut inner = self.lock();
+        match inner.sessions.remove(device) {
+            Some(session) => {
+                // Offline for the other replicas too (its session's own
+                // unregister finds the session gone and records nothing).
+                inner
+                    .presence
+                    .insert(device.clone(), PresenceChange::Disconnected);
+                // The session reads this value once its sender is gone (see
+                // `removed`); dropped here, the sender ends its loop.
+                session.target_changed.send_replace(REMOVED);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Tells a connected device's session that its target changed; the
     /// session then sends the current target. Never blocks and never loses a
     /// change. Returns false if the device is offline (it gets its target
@@ -173,6 +202,12 @@ mod tests {
         assert!(hub.notify_target_changed(&dev));
         assert!(rx2.has_changed().unwrap());
         rx2.mark_unchanged();
+        assert!(!removed(&rx2));
+        assert!(hub.close_removed(&dev));
+        assert!(!hub.is_online(&dev));
+        assert!(rx2.has_changed().is_err(), "the session ends");
+        assert!(removed(&rx2), "and learns why");
+        assert!(!hub.close_removed(&dev));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! device, releases and chunks in its own storage, rollouts pushed to devices
 //! the moment they start, and an admin REST API for the CLI and the web console ([`web`]).
 
+pub mod addresses;
 pub mod api;
 pub mod artifacts;
 pub mod auth;
@@ -208,6 +209,7 @@ impl Server {
                 config.download_tokens.lifetime_secs,
             ),
             limits: config.limits.clone(),
+            addresses: addresses::Pools::parse(&config.addresses.pool)?,
             shutdown,
         });
         let options = serve::ServeOptions {

@@ -395,6 +395,26 @@ impl LiveView {
         changed
     }
 
+    /// Forgets a removed device: nothing of it is laid over what the
+    /// database says, written back, or offered. `by` (an operator's name)
+    /// goes into its history when given (the replica that removed it
+    /// records it; the others only forget).
+    pub fn forget(&self, device: &DeviceId, by: Option<&str>, now: &str) {
+        let mut devices = self.lock();
+        devices.remove(device);
+        if let Some(by) = by {
+            let mut history = self.history();
+            self.record(
+                &mut history,
+                NewEvent {
+                    device: device.clone(),
+                    at: now.to_owned(),
+                    event: DeviceEventKind::Removed { by: by.to_owned() },
+                },
+            );
+        }
+    }
+
     pub fn target(&self, device: &DeviceId) -> Option<DeviceTarget> {
         self.lock().get(device).and_then(|d| d.target.clone())
     }

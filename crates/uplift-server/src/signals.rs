@@ -46,6 +46,9 @@ pub enum Signal {
     },
     /// Whether rollout `rollout_id`'s devices must hold their reboot now.
     RebootGate { rollout_id: i64, hold: bool },
+    /// These devices were removed (stored already): a replica holding one's
+    /// channel closes it, and refuses its download tokens.
+    Removed { devices: Vec<DeviceId> },
     /// Events the sender made, for the event streams here.
     Events { events: Vec<RelayedEvent> },
 }
@@ -108,6 +111,7 @@ impl Signal {
                 rollout_id: *rollout_id,
                 devices,
             }),
+            Signal::Removed { devices } => split(devices, &|devices| Signal::Removed { devices }),
             Signal::RebootGate { .. } => vec![encode(self.clone())],
             Signal::Events { events } => {
                 let overhead = encode(Signal::Events { events: Vec::new() }).len();
@@ -224,6 +228,13 @@ pub fn apply(state: &AppState, signal: Signal) {
             devices
         }
         Signal::RebootGate { rollout_id, hold } => state.live.hold_reboots(rollout_id, hold),
+        Signal::Removed { devices } => {
+            let now = crate::state::now_rfc3339();
+            for device in &devices {
+                forget_removed(state, device, None, &now);
+            }
+            return;
+        }
         Signal::Events { events } => {
             for event in events {
                 state.events.publish_relayed(event.about, &event.at);
@@ -234,6 +245,19 @@ pub fn apply(state: &AppState, signal: Signal) {
     for device in &touched {
         state.hub.notify_target_changed(device);
     }
+}
+
+/// What this replica lets go of a removed device: its channel here (closed,
+/// telling it why), its live state, its download tokens. `by` records the
+/// removal in its history (the replica that removed it passes it).
+pub fn forget_removed(state: &AppState, device: &DeviceId, by: Option<&str>, now: &str) {
+    state.downloads.forget(device);
+    state.live.forget(device, by, now);
+    if state.hub.close_removed(device) {
+        tracing::info!(device = %device, "closed the channel of a removed device");
+    }
+    // A download turn it held passes on.
+    crate::channel::pass_turns(state, state.turns.leave(device));
 }
 
 /// Listens for the other replicas' signals until shutdown. Each time the
@@ -410,6 +434,39 @@ mod tests {
         );
         assert_eq!(state.live.target(&devices[1]), None);
         assert_eq!(state.live.pending_events(), 0);
+    }
+
+    #[tokio::test]
+    async fn another_replicas_removal_closes_the_channel_here_and_forgets_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::service::testing::state(dir.path()).await;
+        let device: DeviceId = "dev-1".parse().unwrap();
+        let (tx, rx) = watch::channel(0);
+        state.hub.register(device.clone(), tx);
+        state.downloads.remember(&device);
+        apply(
+            &state,
+            Signal::Offered {
+                target: target(7),
+                devices: vec![device.clone()],
+            },
+        );
+        let envelope: Envelope = serde_json::from_str(
+            &Signal::Removed {
+                devices: vec![device.clone()],
+            }
+            .payloads("pid2-00")[0],
+        )
+        .unwrap();
+        apply(&state, envelope.signal);
+        assert!(!state.hub.is_online(&device), "its channel here is closed");
+        assert!(crate::hub::removed(&rx), "telling the session why");
+        assert!(
+            !state.downloads.knows(&device),
+            "its tokens are checked again"
+        );
+        assert_eq!(state.live.target(&device), None, "nothing is offered to it");
+        assert_eq!(state.live.pending_events(), 0, "the sender records history");
     }
 
     #[test]

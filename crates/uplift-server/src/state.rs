@@ -49,6 +49,8 @@ pub struct AppState {
     /// Signs and checks device download tokens (no per-session state).
     pub downloads: crate::download_token::DownloadAuth,
     pub limits: Limits,
+    /// The pools devices' private addresses come from (`[addresses] pool`).
+    pub addresses: crate::addresses::Pools,
     /// Flips to true when the server shuts down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
 }

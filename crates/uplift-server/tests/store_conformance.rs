@@ -14,8 +14,8 @@ use uplift_proto::{DeviceId, ErrorKind, SlotName, Tag, TokenName, Version, WireE
 use uplift_server::rollout::engine::{Outcome, RolloutState};
 use uplift_server::store::control::{Attempt, NewApiToken, NewAuditEntry, NewDelivery, NewWebhook};
 use uplift_server::store::{
-    DeviceFilter, MemberPage, NewDevice, NewEvent, NewPlan, PgStore, ReleaseRecord, ReportedState,
-    RolloutChange, RolloutTally, SqliteStore, Store, StoreError, TagUpdate,
+    AddressClaim, DeviceFilter, MemberPage, NewDevice, NewEvent, NewPlan, PgStore, ReleaseRecord,
+    Removal, ReportedState, RolloutChange, RolloutTally, SqliteStore, Store, StoreError, TagUpdate,
 };
 
 /// Where a case's database is; it may open several stores on it (as
@@ -66,6 +66,8 @@ suite!(
     a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other,
     a_new_rollout_stores_its_first_offers_with_it,
     presence_one_replica_writes_is_online_on_another_and_its_newest_connection_wins,
+    a_removed_device_is_kept_with_its_history_but_left_out_of_everything_else,
+    a_private_address_is_one_devices_across_stores_until_it_is_removed,
 );
 
 #[tokio::test]
@@ -1434,6 +1436,291 @@ async fn a_new_rollout_stores_its_first_offers_with_it(db: &Db) {
         .collect();
     targeted.sort();
     assert_eq!(targeted, [("dev-1".to_owned(), r), ("dev-2".to_owned(), r)]);
+}
+
+async fn a_removed_device_is_kept_with_its_history_but_left_out_of_everything_else(db: &Db) {
+    let store = db.open().await;
+    enroll(
+        &*store,
+        &[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+        ],
+    )
+    .await;
+    store
+        .change_tags(&id("dev-1"), None, &[], &tags(&["site-a"]), 8)
+        .await
+        .unwrap();
+    store
+        .record_events(
+            &[NewEvent {
+                device: id("dev-1"),
+                at: NOW.into(),
+                event: DeviceEventKind::Withdrawn { rollout_id: 9 },
+            }],
+            100,
+        )
+        .await
+        .unwrap();
+    let rel = release("2.0", "2026-02-01T00:00:00Z");
+    store.insert_release(&rel).await.unwrap();
+    let policy = RolloutPolicy::default();
+    let state = RolloutState::start(time(NOW));
+    let r = store
+        .create_rollout(
+            &rel,
+            &[(id("dev-1"), 0), (id("dev-2"), 0), (id("dev-3"), 1)],
+            false,
+            DownloadLimits::default(),
+            &NewPlan {
+                policy: &policy,
+                state: &state,
+                tags: None,
+                from_versions: &[],
+                offer: &[id("dev-1"), id("dev-2")],
+            },
+            NOW,
+        )
+        .await
+        .unwrap()
+        .id;
+    // dev-2 finished its part already: a removal leaves a settled part as it is.
+    let settle = [(id("dev-2"), Outcome::Succeeded, None)];
+    assert!(store
+        .apply_rollout_change(
+            r,
+            0,
+            &RolloutChange {
+                settle: &settle,
+                ..change(NOW)
+            }
+        )
+        .await
+        .unwrap());
+    let mark = mark_after_changes(&*store).await;
+
+    let removed_at = "2026-03-02T08:00:00.5Z";
+    assert_eq!(
+        store.remove_device(&id("dev-1"), removed_at).await.unwrap(),
+        Removal::Removed { rollouts: vec![r] }
+    );
+    assert_eq!(
+        store.remove_device(&id("dev-2"), removed_at).await.unwrap(),
+        Removal::Removed { rollouts: vec![] },
+        "its only part was settled"
+    );
+    assert_eq!(
+        store.remove_device(&id("dev-1"), NOW).await.unwrap(),
+        Removal::AlreadyRemoved {
+            at: removed_at.into()
+        }
+    );
+    assert_eq!(
+        store.remove_device(&id("dev-9"), NOW).await.unwrap(),
+        Removal::UnknownDevice
+    );
+
+    // Kept, marked removed, its key on record, its history there.
+    let kept = store.device(&id("dev-1")).await.unwrap().unwrap();
+    assert_eq!(kept.removed_at.as_deref(), Some(removed_at));
+    assert_eq!(
+        kept.target_rollout, None,
+        "no longer pointed at the rollout"
+    );
+    let by_key = store.device_by_public_key("key-dev-1").await.unwrap();
+    assert_eq!(by_key.map(|d| d.removed_at.is_some()), Some(true));
+    let history = store.device_history(&id("dev-1"), None, 10).await.unwrap();
+    assert_eq!(history.len(), 1, "the history is kept");
+    // Its unfinished part ended as superseded (counts nowhere), and the
+    // scheduler's read of changes sees it.
+    let members = store.rollout_members(r).await.unwrap();
+    let outcomes: Vec<_> = members
+        .iter()
+        .map(|(m, d)| (d.id.as_str(), m.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("dev-1", Some(Outcome::Superseded)),
+            ("dev-2", Some(Outcome::Succeeded)),
+            ("dev-3", None)
+        ]
+    );
+    let changed = store.rollout_member_changes(r, &mark).await.unwrap();
+    assert!(changed.iter().any(|(_, d)| d.id.as_str() == "dev-1"));
+    assert!(store
+        .device_targets()
+        .await
+        .unwrap()
+        .iter()
+        .all(|(d, _)| d.as_str() != "dev-1"));
+
+    // Left out of every list and count; its tags gone.
+    let listed = store.list_devices().await.unwrap();
+    assert_eq!(ids(&listed), ["dev-3"]);
+    let page = store
+        .device_page(&DeviceFilter::default(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&page), ["dev-3"]);
+    let tagged = DeviceFilter {
+        tags: Some(TagSelector::All(tags(&["site-a"]))),
+        ..DeviceFilter::default()
+    };
+    assert!(store
+        .device_page(&tagged, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.count_devices().await.unwrap(), 1);
+    let census: u64 = store
+        .fleet_census(&[id("dev-1")])
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.devices + g.online)
+        .sum();
+    assert_eq!(census, 1, "one device, not online");
+    let census: u64 = store
+        .device_census()
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.devices)
+        .sum();
+    assert_eq!(census, 1);
+    assert_eq!(
+        store.devices_of_type(&"gw".parse().unwrap()).await.unwrap(),
+        [id("dev-3")]
+    );
+    assert_eq!(
+        store
+            .unknown_devices(&[id("dev-1"), id("dev-3")])
+            .await
+            .unwrap(),
+        [id("dev-1")]
+    );
+    assert!(store.tags_of(&[id("dev-1")]).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .change_tags(&id("dev-1"), None, &[], &tags(&["x"]), 8)
+            .await
+            .unwrap(),
+        TagUpdate::UnknownDevice
+    );
+    assert!(matches!(
+        start(&*store, &[("dev-1", 0)]).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // The revoked key never enrolls again; a replaced board (same
+    // hardware ID, new key) enrolls as a new device.
+    let again = NewDevice {
+        id: id("dev-4"),
+        ..device("dev-1", "gw", "hw-1")
+    };
+    assert!(matches!(
+        store.insert_device(&again).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store
+        .insert_device(&device("dev-5", "gw", "hw-1"))
+        .await
+        .unwrap();
+    let listed = store.list_devices().await.unwrap();
+    assert_eq!(ids(&listed), ["dev-3", "dev-5"]);
+}
+
+async fn a_private_address_is_one_devices_across_stores_until_it_is_removed(db: &Db) {
+    // Two stores on one database: two replicas.
+    let stores = [db.open().await, db.open().await];
+    let (a, b) = (&stores[0], &stores[1]);
+    enroll(
+        &**a,
+        &[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+        ],
+    )
+    .await;
+    let pool = "10.77.0.0/16";
+    let claim = |store: &Arc<dyn Store>, device: &str, address: &str| {
+        let store = store.clone();
+        let (device, address) = (id(device), address.to_owned());
+        async move {
+            store
+                .claim_address(&device, pool, &address, &format!("{address}/16"))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(claim(a, "dev-1", "10.77.0.5").await, AddressClaim::Claimed);
+    assert_eq!(
+        claim(b, "dev-2", "10.77.0.5").await,
+        AddressClaim::Taken,
+        "another replica cannot hand out the same address"
+    );
+    assert_eq!(
+        claim(b, "dev-1", "10.77.0.6").await,
+        AddressClaim::Held("10.77.0.5/16".into()),
+        "one address per pool per device"
+    );
+    assert_eq!(claim(b, "dev-9", "10.77.0.7").await, AddressClaim::NoDevice);
+    // Both at once, on the two stores, for one address: one wins.
+    let (x, y) = tokio::join!(
+        claim(a, "dev-2", "10.77.0.8"),
+        claim(b, "dev-3", "10.77.0.8")
+    );
+    let mut outcomes = [x, y];
+    outcomes.sort_by_key(|c| c == &AddressClaim::Taken);
+    assert_eq!(outcomes, [AddressClaim::Claimed, AddressClaim::Taken]);
+    let loser = if store_holds(&**a, "dev-2").await.is_empty() {
+        "dev-2"
+    } else {
+        "dev-3"
+    };
+    assert_eq!(claim(a, loser, "10.77.0.9").await, AddressClaim::Claimed);
+    // An IPv6 one beside it; the record lists IPv4 first.
+    a.claim_address(&id("dev-1"), "fd77::/64", "fd77::5", "fd77::5/64")
+        .await
+        .unwrap();
+    assert_eq!(
+        store_holds(&**b, "dev-1").await,
+        ["10.77.0.5/16", "fd77::5/64"]
+    );
+    let mut taken = a.pool_addresses(pool).await.unwrap();
+    taken.sort();
+    assert_eq!(taken, ["10.77.0.5", "10.77.0.8", "10.77.0.9"]);
+    // A pool no longer configured is released; the others stay.
+    a.release_addresses(&id("dev-1"), &[pool.to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(store_holds(&**b, "dev-1").await, ["10.77.0.5/16"]);
+    // Removed, the device's address goes back to the pool.
+    b.remove_device(&id("dev-1"), NOW).await.unwrap();
+    assert!(store_holds(&**a, "dev-1").await.is_empty());
+    assert_eq!(
+        claim(a, "dev-1", "10.77.0.10").await,
+        AddressClaim::NoDevice
+    );
+    assert_eq!(
+        claim(a, loser, "10.77.0.5").await,
+        AddressClaim::Held("10.77.0.9/16".to_owned())
+    );
+    enroll(&**a, &[("dev-4", "gw", "hw-1")]).await;
+    assert_eq!(claim(b, "dev-4", "10.77.0.5").await, AddressClaim::Claimed);
+}
+
+async fn store_holds(store: &dyn Store, device: &str) -> Vec<String> {
+    store
+        .device(&id(device))
+        .await
+        .unwrap()
+        .unwrap()
+        .private_addresses
 }
 
 async fn a_lease_has_one_holder_until_it_expires_or_is_released(db: &Db) {

@@ -36,6 +36,7 @@ const BEARER: &str = "bearer";
     paths(
         list_devices,
         show_device,
+        remove_device,
         tag_device,
         device_history,
         fleet_summary,
@@ -248,6 +249,7 @@ mod tests {
     const ADMIN_ROUTES: &[(&str, &str)] = &[
         ("GET", "/api/v1/devices"),
         ("GET", "/api/v1/devices/{id}"),
+        ("DELETE", "/api/v1/devices/{id}"),
         ("PUT", "/api/v1/devices/{id}/tags"),
         ("GET", "/api/v1/devices/{id}/history"),
         ("GET", "/api/v1/fleet"),

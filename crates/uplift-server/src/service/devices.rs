@@ -16,7 +16,7 @@ use super::{audit, ServiceError, ServiceResult};
 use crate::auth::Principal;
 use crate::rollout::scheduler::parse_time;
 use crate::state::AppState;
-use crate::store::{DeviceFilter, DeviceRecord, TagUpdate};
+use crate::store::{DeviceFilter, DeviceRecord, Removal, TagUpdate};
 use std::collections::{HashMap, HashSet};
 use time::OffsetDateTime;
 use uplift_proto::api::{
@@ -263,6 +263,62 @@ async fn retag(state: &AppState, id: &DeviceId, change: TagChange) -> ServiceRes
     Ok(view)
 }
 
+/// Removes (decommissions) a device, recorded in the audit log as
+/// `actor`'s, and shows it as it is now.
+///
+/// What is kept and why: the device's row, its history and its part in
+/// past rollouts stay, marked removed. The history is the record of what
+/// ran on a board that may be returned, audited or investigated after it
+/// left the fleet, and rollouts' counts and the audit log name it; deleting
+/// it would leave them naming a device the server never knew. Its key
+/// stays on record too, revoked: the row keeps the key unique, so the old
+/// board (or a copy of its state) can never authenticate or enroll again.
+///
+/// What ends: the key's use (its next connection is refused with
+/// `device_removed`), its open channel on every replica (closed now, with
+/// that error), its download tokens, its unfinished rollout parts (ended
+/// as superseded, so no rollout waits for it), its tags and its private
+/// addresses (free for other devices).
+///
+/// A replaced board with the same hardware ID enrolls with a fleet token
+/// as any new board does: a new key is a new identity, so it gets a new
+/// device ID, and the old device's history stays the old board's.
+pub async fn remove(
+    state: &AppState,
+    actor: &Principal,
+    id: &DeviceId,
+) -> ServiceResult<DeviceView> {
+    let result = decommission(state, actor, id).await;
+    let target = format!("device {id}");
+    audit::record(state, actor, AuditAction::DeviceRemove, &target, &result).await;
+    result
+}
+
+async fn decommission(
+    state: &AppState,
+    actor: &Principal,
+    id: &DeviceId,
+) -> ServiceResult<DeviceView> {
+    let now = crate::state::now_rfc3339();
+    match state.store.remove_device(id, &now).await? {
+        Removal::UnknownDevice => return Err(ServiceError::DeviceNotFound { id: id.clone() }),
+        Removal::AlreadyRemoved { at } => {
+            return Err(ServiceError::AlreadyRemoved { id: id.clone(), at })
+        }
+        Removal::Removed { rollouts } => {
+            tracing::info!(device = %id, ?rollouts, by = %actor.name, "device removed");
+        }
+    }
+    crate::signals::forget_removed(state, id, Some(&actor.name), &now);
+    state
+        .signals
+        .send(crate::signals::Signal::Removed {
+            devices: vec![id.clone()],
+        })
+        .await;
+    get(state, id).await
+}
+
 /// A page of a device's history, newest first.
 pub async fn history(
     state: &AppState,
@@ -354,6 +410,8 @@ fn view(
         tags,
         slot: d.booted_slot,
         address: d.address,
+        removed_at: d.removed_at,
+        private_addresses: d.private_addresses,
     }
 }
 

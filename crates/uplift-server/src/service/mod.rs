@@ -73,6 +73,8 @@ pub enum ServiceError {
     DynamicVersions,
     #[error("device {id} is not enrolled on this server; see `uplift devices list`")]
     DeviceNotFound { id: DeviceId },
+    #[error("device {id} was already removed at {at}; a replaced board enrolls as a new device")]
+    AlreadyRemoved { id: DeviceId, at: String },
     #[error(
         "device {id} would have {count} tags, more than the {} allowed; remove some first",
         devices::MAX_TAGS_PER_DEVICE
@@ -134,7 +136,9 @@ impl ServiceError {
             ServiceError::Store(e) => e.kind(),
             ServiceError::Chunk(e) => e.kind(),
             ServiceError::Manifest(e) => e.kind(),
-            ServiceError::ReleaseIncomplete { .. } => ErrorKind::Conflict,
+            ServiceError::ReleaseIncomplete { .. } | ServiceError::AlreadyRemoved { .. } => {
+                ErrorKind::Conflict
+            }
             ServiceError::ReleaseNotFound { .. }
             | ServiceError::RolloutNotFound { .. }
             | ServiceError::TokenNotFound { .. }
@@ -223,6 +227,7 @@ pub(crate) mod testing {
                 600,
             ),
             limits,
+            addresses: Default::default(),
             shutdown: tokio::sync::watch::channel(false).1,
         }
     }

@@ -851,6 +851,8 @@ pub(crate) mod tests {
             last_error: None,
             target_rollout,
             address: None,
+            removed_at: None,
+            private_addresses: Vec::new(),
         }
     }
 

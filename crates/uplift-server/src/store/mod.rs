@@ -177,6 +177,12 @@ pub struct DeviceRecord {
     /// `IP:port` its newest channel came from, if it connected since the
     /// server recorded addresses.
     pub address: Option<String>,
+    /// RFC 3339; when an operator removed the device (see
+    /// [`Store::remove_device`]). `None` for an enrolled device.
+    pub removed_at: Option<String>,
+    /// Its private addresses in CIDR form (see [`crate::addresses`]), IPv4
+    /// first.
+    pub private_addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -248,6 +254,48 @@ pub enum TagUpdate {
         count: usize,
     },
     UnknownDevice,
+}
+
+/// What became of a [`Store::remove_device`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// Removed now; its unfinished parts in these rollouts ended (as
+    /// superseded: no longer the rollout's, counted neither for nor
+    /// against it).
+    Removed {
+        rollouts: Vec<i64>,
+    },
+    /// Removed before, at this time (RFC 3339); nothing changed.
+    AlreadyRemoved {
+        at: String,
+    },
+    UnknownDevice,
+}
+
+/// What became of a [`Store::claim_address`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressClaim {
+    /// The address is the device's now.
+    Claimed,
+    /// Another device holds it: pick another.
+    Taken,
+    /// The device holds an address of this pool already (another replica
+    /// gave it one meanwhile), in CIDR form.
+    Held(String),
+    /// The device is not enrolled (removed meanwhile).
+    NoDevice,
+}
+
+/// Private addresses of a device record, as stored (`cidr` forms separated
+/// by spaces), IPv4 first.
+pub(crate) fn private_addresses(text: Option<String>) -> Vec<String> {
+    let mut list: Vec<String> = text
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    list.sort_by_key(|cidr| cidr.contains(':'));
+    list
 }
 
 /// One history event to store.
@@ -395,7 +443,29 @@ pub struct DeviceTarget {
 pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
     async fn insert_device(&self, device: &NewDevice) -> StoreResult<()>;
     async fn device(&self, id: &DeviceId) -> StoreResult<Option<DeviceRecord>>;
+    /// The device holding this key, removed ones included (a removed
+    /// device's key stays on record, revoked).
     async fn device_by_public_key(&self, public_key: &str) -> StoreResult<Option<DeviceRecord>>;
+    /// Decommissions a device in one transaction: marked removed at `now`
+    /// (its row, history and key stay: the key revoked, never enrolled
+    /// again), no longer pointed at a rollout, its unfinished rollout
+    /// parts ended as superseded, its tags and private addresses dropped.
+    /// Every list and count leaves a removed device out.
+    async fn remove_device(&self, id: &DeviceId, now: &str) -> StoreResult<Removal>;
+    /// Gives `device` `address` (`cidr` with the pool's prefix) of `pool`,
+    /// unless another device holds it (UNIQUE), the device holds one of
+    /// the pool already, or it is not enrolled.
+    async fn claim_address(
+        &self,
+        device: &DeviceId,
+        pool: &str,
+        address: &str,
+        cidr: &str,
+    ) -> StoreResult<AddressClaim>;
+    /// Drops the device's addresses of pools other than `keep`.
+    async fn release_addresses(&self, device: &DeviceId, keep: &[String]) -> StoreResult<()>;
+    /// Every address of `pool` that some device holds.
+    async fn pool_addresses(&self, pool: &str) -> StoreResult<Vec<String>>;
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>>;
     /// Up to `limit` devices that pass `filter`, by ID, after `after`:
     /// keyset paging, each page one indexed range scan.

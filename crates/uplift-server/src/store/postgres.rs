@@ -125,9 +125,15 @@ fn enrolled(
     }
 }
 
+/// What a removed device leaves behind nothing of: its tags (a removed
+/// device is no longer selected by them) and its private addresses (back
+/// to the pool).
+const REMOVED_WITH_DEVICE: &[&str] = &["device_tags", "device_addresses"];
+
 const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
      d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
-     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address";
+     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address, d.removed_at, \
+     (SELECT string_agg(a.cidr,' ') FROM device_addresses a WHERE a.device_id = d.id)";
 
 /// The rollout a member of `rd` counts for (see the SQLite store's).
 const MEMBER_TARGET: &str = "CASE WHEN rd.outcome = 'superseded' THEN NULL \
@@ -277,6 +283,11 @@ fn device_from_row(row: &PgRow) -> StoreResult<DeviceRecord> {
         last_error,
         target_rollout: get_opt_i64(15)?,
         address: opt_text(16)?,
+        removed_at: row
+            .try_get::<Option<OffsetDateTime>, _>(17)
+            .map_err(db("reading a device"))?
+            .map(stamp::shown),
+        private_addresses: super::private_addresses(opt_text(18)?),
     })
 }
 
@@ -454,7 +465,7 @@ fn push_device_filter(
     filter: &DeviceFilter,
     after: Option<&DeviceId>,
 ) {
-    q.push(" WHERE TRUE");
+    q.push(" WHERE d.removed_at IS NULL");
     if let Some(device_type) = &filter.device_type {
         q.push(" AND d.device_type = ")
             .push_bind(device_type.as_str().to_owned());
@@ -578,9 +589,132 @@ impl Store for PgStore {
         .transpose()
     }
 
+    async fn remove_device(&self, id: &DeviceId, now: &str) -> StoreResult<Removal> {
+        let action = "removing a device";
+        let now = stamp::parse("a device's removal time", now)?;
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        // The row lock orders a removal after a concurrent change of the
+        // device's tags or rollouts, and two removals one after the other.
+        let found: Option<Option<OffsetDateTime>> =
+            sqlx::query_scalar("SELECT removed_at FROM devices WHERE id = $1 FOR UPDATE")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        match found {
+            None => return Ok(Removal::UnknownDevice),
+            Some(Some(at)) => {
+                return Ok(Removal::AlreadyRemoved {
+                    at: stamp::shown(at),
+                })
+            }
+            Some(None) => {}
+        }
+        sqlx::query(
+            "UPDATE devices SET removed_at = $1, target_rollout = NULL, \
+             standing_changed_at = clock_timestamp() WHERE id = $2",
+        )
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        let mut rollouts: Vec<i64> = sqlx::query_scalar(
+            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = clock_timestamp() \
+             WHERE device_id = $1 AND outcome IS NULL RETURNING rollout_id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        for table in REMOVED_WITH_DEVICE {
+            sqlx::query(&format!("DELETE FROM {table} WHERE device_id = $1"))
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        }
+        tx.commit().await.map_err(db(action))?;
+        rollouts.sort_unstable();
+        Ok(Removal::Removed { rollouts })
+    }
+
+    async fn claim_address(
+        &self,
+        device: &DeviceId,
+        pool: &str,
+        address: &str,
+        cidr: &str,
+    ) -> StoreResult<AddressClaim> {
+        let action = "assigning a private address";
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        // Only for an enrolled device; a taken address (UNIQUE: a replica
+        // inserting the same one waits for this commit, then inserts
+        // nothing) or a pool the device has an address of inserts nothing.
+        let inserted = sqlx::query(
+            "INSERT INTO device_addresses (device_id, pool, address, cidr, assigned_at) \
+             SELECT $1, $2, $3, $4, now() \
+             WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1 AND removed_at IS NULL) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(device.as_str())
+        .bind(pool)
+        .bind(address)
+        .bind(cidr)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?
+        .rows_affected();
+        let claim = if inserted == 1 {
+            AddressClaim::Claimed
+        } else {
+            let held: Option<String> = sqlx::query_scalar(
+                "SELECT cidr FROM device_addresses WHERE device_id = $1 AND pool = $2",
+            )
+            .bind(device.as_str())
+            .bind(pool)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db(action))?;
+            let enrolled: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM devices WHERE id = $1 AND removed_at IS NULL")
+                    .bind(device.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db(action))?;
+            match (held, enrolled) {
+                (Some(cidr), _) => AddressClaim::Held(cidr),
+                (None, Some(_)) => AddressClaim::Taken,
+                (None, None) => AddressClaim::NoDevice,
+            }
+        };
+        tx.commit().await.map_err(db(action))?;
+        Ok(claim)
+    }
+
+    async fn release_addresses(&self, device: &DeviceId, keep: &[String]) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM device_addresses WHERE device_id = $1 AND pool <> ALL($2::text[])",
+        )
+        .bind(device.as_str())
+        .bind(keep)
+        .execute(&self.pool)
+        .await
+        .map_err(db("releasing private addresses"))?;
+        Ok(())
+    }
+
+    async fn pool_addresses(&self, pool: &str) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar("SELECT address FROM device_addresses WHERE pool = $1")
+            .bind(pool)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading a pool's private addresses"))
+    }
+
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>> {
         sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices d ORDER BY d.enrolled_at, d.id"
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.removed_at IS NULL ORDER BY d.enrolled_at, d.id"
         ))
         .fetch_all(&self.pool)
         .await
@@ -636,12 +770,13 @@ impl Store for PgStore {
         let action = "changing a device's tags";
         let mut tx = self.pool.begin().await.map_err(db(action))?;
         // The device's row lock orders concurrent changes of its tags.
-        let known: Option<String> =
-            sqlx::query_scalar("SELECT id FROM devices WHERE id = $1 FOR UPDATE")
-                .bind(device.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db(action))?;
+        let known: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM devices WHERE id = $1 AND removed_at IS NULL FOR UPDATE",
+        )
+        .bind(device.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(action))?;
         if known.is_none() {
             return Ok(TagUpdate::UnknownDevice);
         }
@@ -773,7 +908,7 @@ impl Store for PgStore {
     }
 
     async fn count_devices(&self) -> StoreResult<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices")
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE removed_at IS NULL")
             .fetch_one(&self.pool)
             .await
             .map_err(db("counting devices"))?;
@@ -782,7 +917,7 @@ impl Store for PgStore {
 
     async fn device_census(&self) -> StoreResult<Vec<DeviceCensus>> {
         let rows: Vec<(Option<String>, Option<String>, Option<String>, i64)> = sqlx::query_as(
-            "SELECT state, running_version, error_kind, COUNT(*) FROM devices \
+            "SELECT state, running_version, error_kind, COUNT(*) FROM devices WHERE removed_at IS NULL \
              GROUP BY state, running_version, error_kind",
         )
         .fetch_all(&self.pool)
@@ -808,6 +943,7 @@ impl Store for PgStore {
              FROM devices d LEFT JOIN (SELECT unnest($1::text[]) COLLATE \"C\" AS id \
                   UNION SELECT device_id FROM device_presence) c \
                   ON c.id = d.id \
+             WHERE d.removed_at IS NULL \
              GROUP BY d.device_type, d.running_version, d.state",
         )
         .bind(ids(connected))
@@ -967,7 +1103,7 @@ impl Store for PgStore {
         }
         let rows: Vec<String> = sqlx::query_scalar(
             "SELECT j.id FROM unnest($1::text[]) WITH ORDINALITY AS j(id, n) \
-             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = j.id) ORDER BY j.n",
+             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = j.id AND d.removed_at IS NULL) ORDER BY j.n",
         )
         .bind(ids(devices))
         .fetch_all(&self.pool)
@@ -977,12 +1113,13 @@ impl Store for PgStore {
     }
 
     async fn devices_of_type(&self, device_type: &DeviceType) -> StoreResult<Vec<DeviceId>> {
-        let rows: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM devices WHERE device_type = $1 ORDER BY id")
-                .bind(device_type.as_str())
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db("listing devices of a type"))?;
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM devices WHERE device_type = $1 AND removed_at IS NULL ORDER BY id",
+        )
+        .bind(device_type.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing devices of a type"))?;
         rows.into_iter().map(|s| parse("device id", s)).collect()
     }
 
@@ -1193,7 +1330,7 @@ impl Store for PgStore {
         .map_err(db(action))?;
         let unknown: Option<String> = sqlx::query_scalar(
             "SELECT m.id FROM unnest($1::text[]) WITH ORDINALITY AS m(id, n) \
-             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = m.id) ORDER BY m.n LIMIT 1",
+             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = m.id AND d.removed_at IS NULL) ORDER BY m.n LIMIT 1",
         )
         .bind(&devices)
         .fetch_optional(&mut *tx)

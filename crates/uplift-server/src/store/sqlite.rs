@@ -62,6 +62,11 @@ fn member_from_row(row: SqliteRow) -> StoreResult<(MemberRecord, DeviceRecord)> 
     Ok((member_at(&row, first)?, device_from_row(row)?))
 }
 
+/// What a removed device leaves behind nothing of: its tags (a removed
+/// device is no longer selected by them) and its private addresses (back
+/// to the pool).
+const REMOVED_WITH_DEVICE: &[&str] = &["device_tags", "device_addresses"];
+
 /// [`DeviceStanding`]'s columns, in the order [`standing_from_row`] reads them.
 /// SQLite's clock as a stored time (fixed-width UTC text, see
 /// [`stamp`]): when a member row, or a device's standing, changed.
@@ -221,6 +226,36 @@ async fn upgrade_from_before_migrations(pool: &SqlitePool) -> StoreResult<()> {
     Ok(())
 }
 
+/// Why a claim inserted nothing: the device has an address of the pool,
+/// is not enrolled, or the address is another device's.
+async fn address_claim_lost(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    device: &DeviceId,
+    pool: &str,
+    action: &'static str,
+) -> StoreResult<AddressClaim> {
+    let held: Option<String> =
+        sqlx::query_scalar("SELECT cidr FROM device_addresses WHERE device_id = ? AND pool = ?")
+            .bind(device.as_str())
+            .bind(pool)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db(action))?;
+    if let Some(cidr) = held {
+        return Ok(AddressClaim::Held(cidr));
+    }
+    let enrolled: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM devices WHERE id = ? AND removed_at IS NULL")
+            .bind(device.as_str())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db(action))?;
+    Ok(match enrolled {
+        Some(_) => AddressClaim::Taken,
+        None => AddressClaim::NoDevice,
+    })
+}
+
 fn insert_device_query(
     d: &NewDevice,
     enrolled_at: String,
@@ -255,7 +290,8 @@ fn enrolled(
 
 const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
      d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
-     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address";
+     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address, d.removed_at, \
+     (SELECT group_concat(a.cidr,' ') FROM device_addresses a WHERE a.device_id = d.id)";
 
 /// The rollout a member of `rd` counts for, as [`MEMBER_DEVICE_COLUMNS`]
 /// says: a macro so that it can be spliced into `concat!`.
@@ -278,7 +314,7 @@ const MEMBER_DEVICE_COLUMNS: &str = concat!(
      d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
      d.progress_fetched, d.error_kind, d.error_message, ",
     member_target!(),
-    ", d.address"
+    ", d.address, d.removed_at, (SELECT group_concat(a.cidr,' ') FROM device_addresses a WHERE a.device_id = d.id)"
 );
 
 fn parse<T: FromStr>(what: &'static str, s: String) -> StoreResult<T>
@@ -351,6 +387,8 @@ fn device_from_row(row: SqliteRow) -> StoreResult<DeviceRecord> {
         last_error,
         target_rollout: get_opt_i64(15)?,
         address: opt_text(16)?,
+        removed_at: stamp::shown_text_opt(opt_text(17)?),
+        private_addresses: super::private_addresses(opt_text(18)?),
     })
 }
 
@@ -426,7 +464,7 @@ fn push_device_filter(
     filter: &DeviceFilter,
     after: Option<&DeviceId>,
 ) {
-    q.push(" WHERE 1");
+    q.push(" WHERE d.removed_at IS NULL");
     if let Some(device_type) = &filter.device_type {
         q.push(" AND d.device_type = ")
             .push_bind(device_type.as_str().to_owned());
@@ -629,9 +667,116 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    async fn remove_device(&self, id: &DeviceId, now: &str) -> StoreResult<Removal> {
+        let action = "removing a device";
+        let now = stamp::stored("a device's removal time", now)?;
+        let mut tx = self.begin_write(action).await?;
+        let found: Option<Option<String>> =
+            sqlx::query_scalar("SELECT removed_at FROM devices WHERE id = ?")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        match found {
+            None => return Ok(Removal::UnknownDevice),
+            Some(Some(at)) => {
+                return Ok(Removal::AlreadyRemoved {
+                    at: stamp::shown_text(at),
+                })
+            }
+            Some(None) => {}
+        }
+        // Its standing changed (no target now): the scheduler rereads it.
+        sqlx::query(&format!(
+            "UPDATE devices SET removed_at = ?, target_rollout = NULL, standing_changed_at = {CLOCK} \
+             WHERE id = ?"
+        ))
+        .bind(&now)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        let rollouts: Vec<i64> = sqlx::query_scalar(&format!(
+            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = {CLOCK} \
+             WHERE device_id = ? AND outcome IS NULL RETURNING rollout_id"
+        ))
+        .bind(id.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        for table in REMOVED_WITH_DEVICE {
+            sqlx::query(&format!("DELETE FROM {table} WHERE device_id = ?"))
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(action))?;
+        }
+        tx.commit().await.map_err(db(action))?;
+        let mut rollouts = rollouts;
+        rollouts.sort_unstable();
+        Ok(Removal::Removed { rollouts })
+    }
+
+    async fn claim_address(
+        &self,
+        device: &DeviceId,
+        pool: &str,
+        address: &str,
+        cidr: &str,
+    ) -> StoreResult<AddressClaim> {
+        let action = "assigning a private address";
+        let mut tx = self.begin_write(action).await?;
+        // Only for an enrolled device; a taken address (UNIQUE) or a pool
+        // the device has an address of (the key) inserts nothing.
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO device_addresses (device_id, pool, address, cidr, assigned_at) \
+             SELECT ?1, ?2, ?3, ?4, {CLOCK} \
+             WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1 AND removed_at IS NULL) \
+             ON CONFLICT DO NOTHING"
+        ))
+        .bind(device.as_str())
+        .bind(pool)
+        .bind(address)
+        .bind(cidr)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?
+        .rows_affected();
+        let claim = if inserted == 1 {
+            AddressClaim::Claimed
+        } else {
+            address_claim_lost(&mut tx, device, pool, action).await?
+        };
+        tx.commit().await.map_err(db(action))?;
+        Ok(claim)
+    }
+
+    async fn release_addresses(&self, device: &DeviceId, keep: &[String]) -> StoreResult<()> {
+        let keep = serde_json::to_string(keep)
+            .unwrap_or_else(|e| unreachable!("pool names serialize: {e}"));
+        sqlx::query(
+            "DELETE FROM device_addresses WHERE device_id = ? \
+             AND pool NOT IN (SELECT value FROM json_each(?))",
+        )
+        .bind(device.as_str())
+        .bind(keep)
+        .execute(&self.pool)
+        .await
+        .map_err(db("releasing private addresses"))?;
+        Ok(())
+    }
+
+    async fn pool_addresses(&self, pool: &str) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar("SELECT address FROM device_addresses WHERE pool = ?")
+            .bind(pool)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading a pool's private addresses"))
+    }
+
     async fn list_devices(&self) -> StoreResult<Vec<DeviceRecord>> {
         sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices d ORDER BY d.enrolled_at, d.id"
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.removed_at IS NULL ORDER BY d.enrolled_at, d.id"
         ))
         .fetch_all(&self.pool)
         .await
@@ -688,11 +833,12 @@ impl Store for SqliteStore {
     ) -> StoreResult<TagUpdate> {
         let action = "changing a device's tags";
         let mut tx = self.begin_write(action).await?;
-        let known: Option<String> = sqlx::query_scalar("SELECT id FROM devices WHERE id = ?")
-            .bind(device.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db(action))?;
+        let known: Option<String> =
+            sqlx::query_scalar("SELECT id FROM devices WHERE id = ? AND removed_at IS NULL")
+                .bind(device.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db(action))?;
         if known.is_none() {
             return Ok(TagUpdate::UnknownDevice);
         }
@@ -827,17 +973,18 @@ impl Store for SqliteStore {
     }
 
     async fn devices_of_type(&self, device_type: &DeviceType) -> StoreResult<Vec<DeviceId>> {
-        let rows: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM devices WHERE device_type = ? ORDER BY id")
-                .bind(device_type.as_str())
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db("listing devices of a type"))?;
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM devices WHERE device_type = ? AND removed_at IS NULL ORDER BY id",
+        )
+        .bind(device_type.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing devices of a type"))?;
         rows.into_iter().map(|s| parse("device id", s)).collect()
     }
 
     async fn count_devices(&self) -> StoreResult<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices")
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE removed_at IS NULL")
             .fetch_one(&self.pool)
             .await
             .map_err(db("counting devices"))?;
@@ -847,7 +994,7 @@ impl Store for SqliteStore {
     async fn device_census(&self) -> StoreResult<Vec<DeviceCensus>> {
         let rows: Vec<(Option<String>, Option<String>, Option<String>, i64)> = sqlx::query_as(
             "SELECT state, running_version, error_kind, COUNT(*) FROM devices \
-             GROUP BY state, running_version, error_kind",
+             WHERE removed_at IS NULL GROUP BY state, running_version, error_kind",
         )
         .fetch_all(&self.pool)
         .await
@@ -890,7 +1037,7 @@ impl Store for SqliteStore {
         let rows: Vec<(String, Option<String>, Option<String>, i64, i64)> = sqlx::query_as(
             "SELECT device_type, running_version, state, COUNT(*), \
                     SUM(id IN (SELECT value FROM json_each(?))) \
-             FROM devices GROUP BY device_type, running_version, state",
+             FROM devices WHERE removed_at IS NULL GROUP BY device_type, running_version, state",
         )
         .bind(connected)
         .fetch_all(&self.pool)
@@ -950,7 +1097,7 @@ impl Store for SqliteStore {
             .unwrap_or_else(|e| unreachable!("device ids serialize: {e}"));
         let rows: Vec<String> = sqlx::query_scalar(
             "SELECT j.value FROM json_each(?) j \
-             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = j.value) ORDER BY j.key",
+             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = j.value AND d.removed_at IS NULL) ORDER BY j.key",
         )
         .bind(ids)
         .fetch_all(&self.pool)
@@ -1150,7 +1297,8 @@ impl Store for SqliteStore {
         .unwrap_or_else(|e| unreachable!("rollout members serialize: {e}"));
         let unknown: Option<String> = sqlx::query_scalar(
             "SELECT json_extract(m.value, '$[0]') FROM json_each(?) m \
-             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = json_extract(m.value, '$[0]')) \
+             WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = json_extract(m.value, '$[0]') \
+                               AND d.removed_at IS NULL) \
              ORDER BY m.key LIMIT 1",
         )
         .bind(&members)
@@ -1731,7 +1879,7 @@ mod tests {
                 .fetch_all(&store.pool)
                 .await
                 .unwrap();
-        assert_eq!(applied, [1, 2, 3]);
+        assert_eq!(applied, [1, 2, 3, 4, 5]);
         let devices = store.list_devices().await.unwrap();
         // In enrollment order: 10:00:00, .123456, .5 (as text it was .1, .5, Z).
         assert_eq!(ids(&devices), ["dev-b", "dev-c", "dev-a"]);
@@ -2588,7 +2736,7 @@ mod tests {
         let plan: Vec<String> = sqlx::query(
             "EXPLAIN QUERY PLAN SELECT device_type, running_version, state, COUNT(*), \
              SUM(id IN (SELECT value FROM json_each('[]'))) FROM devices \
-             GROUP BY device_type, running_version, state",
+             WHERE removed_at IS NULL GROUP BY device_type, running_version, state",
         )
         .fetch_all(&store.pool)
         .await

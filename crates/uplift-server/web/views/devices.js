@@ -121,7 +121,7 @@ export function Devices({ caller }) {
       <table class="devices" id="device-table">
         <thead><tr>
           ${canTag ? html`<th class="pick"><input type="checkbox" aria-label="select every device on this page" checked=${allSelected} onChange=${() => setSelected(allSelected ? new Set() : new Set(devices.map((d) => d.id)))} /></th>` : null}
-          <th>Device</th><th>Hardware ID</th><th>Type</th><th>Version</th><th>State</th><th>Online</th><th>Tags</th><th>Last seen</th>
+          <th>Device</th><th>Hardware ID</th><th>Private address</th><th>Type</th><th>Version</th><th>State</th><th>Online</th><th>Tags</th><th>Last seen</th>
         </tr></thead>
         <tbody>
           ${devices.map(
@@ -129,6 +129,7 @@ export function Devices({ caller }) {
               ${canTag ? html`<td class="pick"><input type="checkbox" aria-label=${`select ${d.id}`} checked=${selected.has(d.id)} onChange=${() => toggle(d.id)} /></td>` : null}
               <td><a href=${devicePath(d.id)}><code>${d.id}</code></a></td>
               <td>${d.hardware_id}</td>
+              <td class="private-address">${d.private_addresses?.length ? d.private_addresses.join(' ') : '–'}</td>
               <td>${d.device_type}</td>
               <td>${d.running_version ?? '–'}${d.target_version && d.target_version !== d.running_version ? html` <span class="muted">→ ${d.target_version}</span>` : null}</td>
               <td><${StateBadge} state=${d.state} /></td>
@@ -172,6 +173,24 @@ function TagEditor({ device, onChanged }) {
     </form>
     <${ErrorNote} error=${error} />
   </div>`;
+}
+
+// Decommissioning, for operators: the API says what it ends (key, channel,
+// rollout parts, addresses) and keeps (the device and its history).
+function RemoveDevice({ device, onRemoved }) {
+  const [error, setError] = useState(null);
+  const remove = async () => {
+    if (!confirm(`Remove device ${device.id}? Its key is revoked and its channel closed now; its history is kept. A replaced board enrolls again as a new device.`)) return;
+    setError(null);
+    try {
+      await api('DELETE', `/api/v1/devices/${encodeURIComponent(device.id)}`);
+      onRemoved();
+    } catch (e) {
+      setError(e);
+    }
+  };
+  return html`<button type="button" class="danger" id="device-remove" onClick=${remove}>Remove device</button>
+    <${ErrorNote} error=${error} />`;
 }
 
 function Timeline({ id }) {
@@ -220,7 +239,8 @@ export function DevicePage({ id, caller }) {
           <dl class="facts" id="device-facts">
             <dt>Device ID</dt><dd><code>${d.id}</code></dd>
             <dt>Hardware ID</dt><dd>${d.hardware_id}</dd>
-            <dt>Private address</dt><dd>${d.address ?? '–'}</dd>
+            <dt>Private address</dt><dd id="device-private-address">${d.private_addresses?.length ? d.private_addresses.join(', ') : '–'}</dd>
+            <dt>Connected from</dt><dd>${d.address ?? '–'}</dd>
             <dt>Type</dt><dd>${d.device_type}</dd>
             <dt>Version</dt><dd>${d.running_version ?? 'not reported'}</dd>
             <dt>Slot</dt><dd>${d.slot ?? '–'}</dd>
@@ -232,8 +252,11 @@ export function DevicePage({ id, caller }) {
               : null}
             ${d.last_error ? html`<dt>Last error</dt><dd><${Badge} tone="bad">${d.last_error.kind}<//> ${d.last_error.message}</dd>` : null}
             <dt>Enrolled</dt><dd>${when(d.enrolled_at)}</dd>
-            <dt>Tags</dt><dd>${may(caller, 'operate') ? html`<${TagEditor} device=${d} onChanged=${device.reload} />` : d.tags.join(', ') || 'none'}</dd>
+            ${d.removed_at
+              ? html`<dt>Removed</dt><dd><${Badge} tone="off">removed<//> ${when(d.removed_at)}: key revoked, history kept</dd>`
+              : html`<dt>Tags</dt><dd>${may(caller, 'operate') ? html`<${TagEditor} device=${d} onChanged=${device.reload} />` : d.tags.join(', ') || 'none'}</dd>`}
           </dl>
+          ${!d.removed_at && may(caller, 'operate') ? html`<${RemoveDevice} device=${d} onRemoved=${device.reload} />` : null}
         </div>`
       : null}
     <${Timeline} id=${id} />

@@ -28,6 +28,8 @@ export function describeDeviceEvent(event) {
       return html`rolled back${event.version ? ` from ${event.version}` : ''} to ${event.running_version}${failure(event.error)}`;
     case 'error':
       return html`failed${event.version ? ` at ${event.version}` : ''}${failure(event.error)}`;
+    case 'removed':
+      return html`removed from the fleet by ${event.by}: its key is revoked`;
     default:
       return event.kind;
   }
@@ -43,6 +45,7 @@ export const DEVICE_EVENT_TONES = {
   committed: 'ok',
   rolled_back: 'warn',
   error: 'bad',
+  removed: 'off',
 };
 
 function describeRolloutEvent(id, event) {
