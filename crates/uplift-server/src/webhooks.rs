@@ -211,7 +211,11 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     // tick below may wait seconds on the database or on a slow receiver,
     // and the bus holds only CAPACITY events for a subscriber.
     let seen = Arc::new(Seen::default());
-    let collector = tokio::spawn(collect(state.events.subscribe(), seen.clone()));
+    let collector = tokio::spawn(collect(
+        state.events.subscribe(),
+        seen.clone(),
+        shutdown.clone(),
+    ));
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut until_prune = 0u32;
@@ -258,7 +262,8 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
             _ = work => {}
         }
     }
-    collector.abort();
+    // The collector takes what the bus still holds, then stops.
+    let _ = collector.await;
     // What was seen but not yet queued is queued, so a clean stop loses nothing.
     if let Err(e) = queue(&state, &seen).await {
         tracing::warn!("webhooks: cannot queue deliveries at shutdown: {e}");
@@ -277,6 +282,18 @@ impl Seen {
         std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    fn hold(&self, event: Arc<FleetEvent>) {
+        let mut held = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if held.len() < MAX_UNQUEUED {
+            held.push(event);
+        } else {
+            tracing::warn!(
+                "webhooks: {MAX_UNQUEUED} events wait for the database already; event {} is not queued",
+                event.seq
+            );
+        }
+    }
+
     /// Puts back events a failed write took, before those seen since.
     fn put_back(&self, mut events: Vec<Arc<FleetEvent>>) {
         let mut held = self.events.lock().unwrap_or_else(|e| e.into_inner());
@@ -290,27 +307,30 @@ impl Seen {
 /// memory.
 const MAX_UNQUEUED: usize = 200_000;
 
-/// Takes every event made here off the bus into `seen` until the bus closes.
-async fn collect(mut events: broadcast::Receiver<Arc<FleetEvent>>, seen: Arc<Seen>) {
+/// Takes every event made here off the bus into `seen` until shutdown,
+/// then what the bus still holds.
+async fn collect(
+    mut events: broadcast::Receiver<Arc<FleetEvent>>,
+    seen: Arc<Seen>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
-        match events.recv().await {
-            Ok(event) => {
-                let mut held = seen.events.lock().unwrap_or_else(|e| e.into_inner());
-                if held.len() < MAX_UNQUEUED {
-                    held.push(event);
-                } else {
-                    tracing::warn!(
-                        "webhooks: {MAX_UNQUEUED} events wait for the database already; event {} is not queued",
-                        event.seq
-                    );
-                }
-            }
+        let received = tokio::select! {
+            biased;
+            received = events.recv() => received,
+            _ = shutdown.changed() => break,
+        };
+        match received {
+            Ok(event) => seen.hold(event),
             Err(broadcast::error::RecvError::Lagged(missed)) => tracing::warn!(
                 missed,
                 "webhooks: fell more than {CAPACITY} events behind; {missed} events were not queued"
             ),
             Err(broadcast::error::RecvError::Closed) => return,
         }
+    }
+    while let Ok(event) = events.try_recv() {
+        seen.hold(event);
     }
 }
 
@@ -382,11 +402,16 @@ mod tests {
         }
         // The deliverer waits on the receiver; the fleet meanwhile makes
         // more events than the bus holds for a subscriber.
+        // (From many sessions in the fleet, so a few hundred at a time,
+        // not one tight loop that starves every other task.)
         let burst = CAPACITY + 2_000;
         for id in 1..=burst {
             state
                 .events
                 .publish(finished(id as i64), "2026-12-05T00:00:01Z");
+            if id % 250 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
         stop.send(true).unwrap();
         deliverer.await.unwrap();
