@@ -7,11 +7,15 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use uplift_bootenv::{BootState, GrubEnv, Trial};
-use uplift_proto::channel::{encode, AgentMsg, AgentState, Offer, Progress, Report, ServerMsg};
+use uplift_bootenv::ubootenv::{encode_copy, Layout};
+use uplift_bootenv::{BootState, GrubEnv, Trial, UBootEnv};
+use uplift_proto::channel::{
+    encode, AgentMsg, AgentState, Offer, Progress, Report, ServerMsg, FEATURES,
+};
 use uplift_proto::{ErrorKind, SlotName, WireError};
 use uplift_release::chunk::{encode_chunk, sha256};
 use uplift_release::keys::ReleaseSigningKey;
+use uplift_release::root::{Role, Root, TrustedRoot, ROOT_FORMAT};
 use uplift_release::manifest::{
     sign_manifest, ChunkEntry, Compression, ImageInfo, Manifest, MANIFEST_FORMAT, MAX_CHUNK_SIZE,
 };
@@ -46,6 +50,8 @@ fn channel() {
                 device_id: "dev-1".parse().unwrap(),
                 session_token: "tok".to_owned(),
                 enrolled: true,
+                features: FEATURES.to_vec(),
+                private_addresses: vec!["10.77.0.5/16".to_owned(), "fd77::5/64".to_owned()],
             },
         ),
         (
@@ -55,6 +61,8 @@ fn channel() {
                 version: "1.2.3".parse().unwrap(),
                 manifest_path: "/v1/device/releases/1.2.3/manifest".to_owned(),
                 allow_downgrade: false,
+                max_bytes_per_sec: Some(1 << 20),
+                hold_reboot: true,
             }),
         ),
         ("no_update", ServerMsg::NoUpdate),
@@ -72,6 +80,7 @@ fn channel() {
                 token: "enroll-token".to_owned(),
                 public_key: "AAAA".to_owned(),
                 signature: "BBBB".to_owned(),
+                features: FEATURES.to_vec(),
             },
         ),
         (
@@ -79,6 +88,7 @@ fn channel() {
             AgentMsg::Authenticate {
                 device_id: "dev-1".parse().unwrap(),
                 signature: "BBBB".to_owned(),
+                features: FEATURES.to_vec(),
             },
         ),
         (
@@ -126,6 +136,8 @@ fn manifest() {
         },
         compression: Compression::Zstd,
         chunks: vec![entry(&a), entry(&b)],
+        chunk_index: None,
+        patches: Vec::new(),
     };
     let signed = sign_manifest(&manifest, &key).unwrap();
     // The seed must take the fuzz target down the accepting path.
@@ -216,9 +228,54 @@ fn chunk() {
     );
 }
 
+fn ubootenv() {
+    let t = "ubootenv_parse";
+    let mut env = UBootEnv::new();
+    env.set("bootcmd", "run uplift_boot").unwrap();
+    env.set("uplift_default", "a").unwrap();
+    env.set("uplift_trial", "b").unwrap();
+    env.set("bootcount", "1").unwrap();
+    write(t, "data", &env.encode_data(256).unwrap());
+    write(t, "single", &encode_copy(&env, Layout::Single, 256, 0).unwrap());
+    write(t, "redundant", &encode_copy(&env, Layout::Redundant, 256, 7).unwrap());
+    write(t, "empty", &encode_copy(&UBootEnv::new(), Layout::Single, 64, 0).unwrap());
+}
+
+fn root() {
+    let t = "root_parse";
+    let key = |n: u8| ReleaseSigningKey::from_seed([n; 32]);
+    let role = |keys: &[u8], threshold| Role {
+        keys: keys.iter().map(|n| key(*n).public_key()).collect(),
+        threshold,
+    };
+    // The fuzz target's first root: root keys 1, 2, 3 (2 of 3), release 10.
+    let first = Root {
+        format: ROOT_FORMAT,
+        version: 1,
+        expires_at: "2030-01-01T00:00:00Z".to_owned(),
+        root: role(&[1, 2, 3], 2),
+        release: role(&[10], 1),
+    };
+    let v1 = first.sign(&[&key(1), &key(2)]).unwrap();
+    // Its successor rotates root key 1 out and the release key to 11.
+    let second = Root {
+        version: 2,
+        root: role(&[2, 3, 4], 2),
+        release: role(&[11], 1),
+        ..first
+    };
+    let v2 = second.sign(&[&key(2), &key(3), &key(4)]).unwrap();
+    // The seed must take the fuzz target down the accepting path.
+    TrustedRoot::initial(&v1).unwrap().update(&v2).unwrap();
+    write(t, "first", &v1.to_json());
+    write(t, "next", &v2.to_json());
+}
+
 fn main() {
     channel();
     manifest();
     grubenv();
     chunk();
+    ubootenv();
+    root();
 }
