@@ -79,64 +79,65 @@ impl Signal {
             })
             .unwrap_or_else(|e| unreachable!("signals serialize: {e}"))
         };
-        let split = |devices: &[DeviceId], make: &dyn Fn(Vec<DeviceId>) -> Signal| {
-            let overhead = encode(make(Vec::new())).len();
-            let mut out = Vec::new();
-            let mut part = Vec::new();
-            let mut size = overhead;
-            for device in devices {
-                // The ID, its quotes and a comma.
-                let len = device.as_str().len() + 3;
-                if !part.is_empty() && size + len > MAX_PAYLOAD {
-                    out.push(encode(make(std::mem::take(&mut part))));
-                    size = overhead;
-                }
-                part.push(device.clone());
-                size += len;
-            }
-            if !part.is_empty() {
-                out.push(encode(make(part)));
-            }
-            out
-        };
+        // An ID in a list: its quotes and a comma besides.
+        let id_len = |device: &DeviceId| device.as_str().len() + 3;
         match self {
-            Signal::Offered { target, devices } => split(devices, &|devices| Signal::Offered {
-                target: target.clone(),
-                devices,
-            }),
+            Signal::Offered { target, devices } => {
+                split_into_payloads(devices, id_len, &encode, |devices| Signal::Offered {
+                    target: target.clone(),
+                    devices,
+                })
+            }
             Signal::TakenBack {
                 rollout_id,
                 devices,
-            } => split(devices, &|devices| Signal::TakenBack {
+            } => split_into_payloads(devices, id_len, &encode, |devices| Signal::TakenBack {
                 rollout_id: *rollout_id,
                 devices,
             }),
-            Signal::Removed { devices } => split(devices, &|devices| Signal::Removed { devices }),
-            Signal::RebootGate { .. } => vec![encode(self.clone())],
-            Signal::Events { events } => {
-                let overhead = encode(Signal::Events { events: Vec::new() }).len();
-                let mut out = Vec::new();
-                let mut part = Vec::new();
-                let mut size = overhead;
-                for event in events {
-                    // The event and a comma.
-                    let len = serde_json::to_string(event).map_or(0, |e| e.len()) + 1;
-                    if !part.is_empty() && size + len > MAX_PAYLOAD {
-                        out.push(encode(Signal::Events {
-                            events: std::mem::take(&mut part),
-                        }));
-                        size = overhead;
-                    }
-                    part.push(event.clone());
-                    size += len;
-                }
-                if !part.is_empty() {
-                    out.push(encode(Signal::Events { events: part }));
-                }
-                out
+            Signal::Removed { devices } => {
+                split_into_payloads(devices, id_len, &encode, |devices| Signal::Removed {
+                    devices,
+                })
             }
+            Signal::RebootGate { .. } => vec![encode(self.clone())],
+            Signal::Events { events } => split_into_payloads(
+                events,
+                // The event and a comma.
+                |event| serde_json::to_string(event).map_or(0, |e| e.len()) + 1,
+                &encode,
+                |events| Signal::Events { events },
+            ),
         }
     }
+}
+
+/// `items` cut into as few signals as keep each encoded one within
+/// [`MAX_PAYLOAD`] (NOTIFY's limit), in order; an item too large alone still
+/// goes, alone.
+fn split_into_payloads<T: Clone>(
+    items: &[T],
+    item_len: impl Fn(&T) -> usize,
+    encode: &dyn Fn(Signal) -> String,
+    make: impl Fn(Vec<T>) -> Signal,
+) -> Vec<String> {
+    let overhead = encode(make(Vec::new())).len();
+    let mut out = Vec::new();
+    let mut part = Vec::new();
+    let mut size = overhead;
+    for item in items {
+        let len = item_len(item);
+        if !part.is_empty() && size + len > MAX_PAYLOAD {
+            out.push(encode(make(std::mem::take(&mut part))));
+            size = overhead;
+        }
+        part.push(item.clone());
+        size += len;
+    }
+    if !part.is_empty() {
+        out.push(encode(make(part)));
+    }
+    out
 }
 
 /// Where signals go.
