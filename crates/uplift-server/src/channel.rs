@@ -306,26 +306,39 @@ fn decode_agent_msg(frame: &str) -> Result<AgentMsg, WireError> {
 
 /// A socket error is the peer's fault only when it broke the protocol (an
 /// oversized or malformed frame); a dropped connection is just a device gone.
-/// axum hides tungstenite's error type, so its message is all there is.
+/// Read by its type: axum wraps the error tungstenite returned.
 fn classify_socket_error(e: &axum::Error) -> Option<WireError> {
-    let text = e.to_string();
-    let lower = text.to_ascii_lowercase();
-    if lower.contains("space limit exceeded") || lower.contains("too long") {
-        Some(WireError::new(
+    let ws = std::error::Error::source(e)?.downcast_ref::<tungstenite::Error>()?;
+    classify_ws_error(ws)
+}
+
+/// The rule, by tungstenite's error.
+fn classify_ws_error(e: &tungstenite::Error) -> Option<WireError> {
+    use tungstenite::error::ProtocolError;
+    use tungstenite::Error as Ws;
+    match e {
+        Ws::Capacity(_) => Some(WireError::new(
             ErrorKind::FrameTooLarge,
-            format!("frame exceeds the limit of {MAX_FRAME_BYTES} bytes: {text}"),
-        ))
-    } else if lower.contains("without closing handshake") {
-        // "WebSocket protocol error: Connection reset without closing
-        // handshake": the device went away, it broke nothing.
-        None
-    } else if lower.contains("protocol error") || lower.contains("utf-8") {
-        Some(WireError::new(
+            format!("frame exceeds the limit of {MAX_FRAME_BYTES} bytes: {e}"),
+        )),
+        // The device went away without a close frame: it broke nothing.
+        Ws::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        Ws::Protocol(_) | Ws::Utf8(_) => Some(WireError::new(
             ErrorKind::MalformedFrame,
-            format!("unreadable frame: {text}"),
-        ))
-    } else {
-        None
+            format!("unreadable frame: {e}"),
+        )),
+        // The connection itself failed or ended (or the server's own write
+        // queue overflowed behind a slow peer): the device is gone, or will
+        // reconnect; nothing to tell it.
+        Ws::ConnectionClosed
+        | Ws::AlreadyClosed
+        | Ws::Io(_)
+        | Ws::Tls(_)
+        | Ws::WriteBufferFull(_)
+        | Ws::AttackAttempt
+        | Ws::Url(_)
+        | Ws::Http(_)
+        | Ws::HttpFormat(_) => None,
     }
 }
 
@@ -867,6 +880,41 @@ mod tests {
         };
         let refused = check_key(&state, &nonce, again).await.err().unwrap();
         assert_eq!(refused.kind, ErrorKind::DeviceRemoved);
+    }
+
+    #[test]
+    fn socket_errors_are_told_apart_by_type() {
+        use tungstenite::error::{CapacityError, ProtocolError};
+        use tungstenite::Error as Ws;
+        let kind = |e: Ws| classify_socket_error(&axum::Error::new(e)).map(|w| w.kind);
+        assert_eq!(
+            kind(Ws::Capacity(CapacityError::MessageTooLong {
+                size: MAX_FRAME_BYTES + 1,
+                max_size: MAX_FRAME_BYTES,
+            })),
+            Some(ErrorKind::FrameTooLarge)
+        );
+        for malformed in [
+            Ws::Protocol(ProtocolError::UnmaskedFrameFromClient),
+            Ws::Protocol(ProtocolError::InvalidOpcode(13)),
+            Ws::Utf8("invalid utf-8 sequence".into()),
+        ] {
+            assert_eq!(kind(malformed), Some(ErrorKind::MalformedFrame));
+        }
+        for gone in [
+            Ws::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+            Ws::ConnectionClosed,
+            Ws::AlreadyClosed,
+            Ws::Io(std::io::ErrorKind::ConnectionReset.into()),
+            Ws::Io(std::io::ErrorKind::UnexpectedEof.into()),
+        ] {
+            assert_eq!(kind(gone), None);
+        }
+        // Whatever else axum might hand over is no frame of the peer's.
+        assert_eq!(
+            classify_socket_error(&axum::Error::new(std::io::Error::other("x"))),
+            None
+        );
     }
 
     #[test]
