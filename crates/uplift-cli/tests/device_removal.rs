@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use uplift_fleet::{ServerLaunch, ServerProcess};
+use uplift_fleet::ServerLaunch;
 use uplift_proto::auth::{AuditAction, AuditQuery};
 use uplift_proto::channel::AgentState;
 

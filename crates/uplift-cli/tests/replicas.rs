@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use uplift_client::AdminClient;
-use uplift_fleet::{ServerLaunch, ServerProcess};
+use uplift_fleet::ServerLaunch;
 use uplift_proto::api::{DeviceView, DownloadLimits};
 use uplift_proto::channel::AgentState;
 use uplift_proto::events::{EventAbout, EventStreamQuery, FleetEvent};
