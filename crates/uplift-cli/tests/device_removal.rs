@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use uplift_fleet::{ServerLaunch, ServerProcess};
+use uplift_fleet::ServerLaunch;
 use uplift_proto::auth::{AuditAction, AuditQuery};
 use uplift_proto::channel::AgentState;
 
@@ -121,40 +121,8 @@ async fn a_device_removed_on_one_replica_is_cut_off_by_the_replica_holding_its_c
         config_toml: Some(config.clone()),
         ..ServerLaunch::on("127.0.0.1:0")
     };
-    let fx = tokio::task::spawn_blocking(move || Fixture::start_with(launch))
-        .await
-        .unwrap();
-    // The second replica shares the first one's TLS identity and tokens.
-    let second_dir = fx.path("replica-2");
-    std::fs::create_dir_all(&second_dir).unwrap();
-    for name in [
-        "tls",
-        "admin-token",
-        "enrollment-token",
-        "download-token-keys",
-    ] {
-        let status = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(fx.server.dir.join(name))
-            .arg(&second_dir)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    let bins = fx.bins.clone();
-    let second = tokio::task::spawn_blocking(move || {
-        ServerProcess::launch(
-            &bins,
-            &second_dir,
-            &ServerLaunch {
-                config_toml: Some(config),
-                ..ServerLaunch::on("127.0.0.1:0")
-            },
-        )
-    })
-    .await
-    .unwrap()
-    .expect("the second replica starts on the same database");
+    let fx = Fixture::start_async(launch).await;
+    let second = fx.start_replica("replica-2", &config).await;
     let second_client = second.client().unwrap();
 
     // Connected to the first replica only.

@@ -24,9 +24,7 @@ async fn a_server_on_postgresql_upgrades_devices_and_keeps_the_fleet_in_the_data
         config_toml: Some(config.clone()),
         ..ServerLaunch::on("127.0.0.1:0")
     };
-    let mut fx = tokio::task::spawn_blocking(move || Fixture::start_with(launch))
-        .await
-        .unwrap();
+    let mut fx = Fixture::start_async(launch).await;
     let devices: Vec<_> = (0..DEVICES)
         .map(|i| fx.device(&format!("d{i}"), fx.spec(&format!("hw-{i}"))))
         .collect();

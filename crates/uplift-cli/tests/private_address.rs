@@ -7,55 +7,42 @@
 //! The server assigns each device an address of `10.77.0.0/16` and of
 //! `fd77::/64` at enrollment; the agent's `[network] address_hook` (the
 //! README's example, a few `ip` lines) puts them on the device's end of its
-//! link. The server side routes each device's private address to that
-//! device's link, made from what the admin API says each device's address
-//! is, as an operator's hub configuration would be (a WireGuard peer's
-//! AllowedIPs). Then, from the server's namespace, each device answers a
-//! TCP connection at its private address (a listener inside its
-//! namespace says which device it is); from inside device A's namespace,
-//! device B answers at neither its private address nor its link address.
+//! link. The server side routes each device's private addresses to that
+//! device's link, made from what the admin API says each device's
+//! addresses are, as an operator's hub configuration would be (a WireGuard
+//! peer's AllowedIPs). Then, from the server's namespace, each device
+//! answers a TCP connection at its private IPv4 address and at its private
+//! IPv6 address (a listener inside its namespace says which device it is);
+//! from inside device A's namespace, device B answers at none of its
+//! private addresses nor its link address, while the server side answers
+//! A at both of its own.
 //!
 //! What the isolation rests on, honestly: the server side does not forward
-//! between devices' links (`net.ipv4.ip_forward` is 0, as in any new
-//! namespace and on a hub that only terminates its devices' tunnels), and
-//! each device has no path but its own link. The test checks that setting
-//! rather than assuming it. The address is stable: a restart of the agent
+//! between devices' links (`net.ipv4.ip_forward` and
+//! `net.ipv6.conf.all.forwarding` are 0, as in any new namespace and on a
+//! hub that only terminates its devices' tunnels), it answers IPv6
+//! neighbour solicitations only for its own address, and each device has
+//! no path but its own link. The test checks the forwarding settings
+//! rather than assuming them. The address is stable: a restart of the agent
 //! keeps it and does not run the hook again; a restart of the server keeps
 //! it too. Needs root and iproute2: skipped outside CI when missing, a
 //! failure under CI (`CI` set).
 
 mod common;
 
+use common::netns::{self, run, End, Namespaces};
 use common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
-use uplift_fleet::{write_image, Binaries, Device, ServerLaunch, ServerProcess};
+use uplift_fleet::{Device, ServerLaunch, ServerProcess};
 use uplift_proto::channel::AgentState;
-use uplift_release::keys::ReleaseSigningKey;
 
 /// The server's own address in its namespace (on `lo`), where devices
 /// connect over their links.
 const SERVER_ADDR: &str = "10.213.79.1";
 const LISTEN_PORT: u16 = 7070;
-
-fn run(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.join(" ")))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// One device's namespace and its link to the server's.
 struct Link {
@@ -71,12 +58,11 @@ struct Link {
 struct Network {
     server: String,
     links: Vec<Link>,
-    home: std::fs::File,
+    _namespaces: Namespaces,
 }
 
 impl Network {
     fn build() -> anyhow::Result<Self> {
-        let home = std::fs::File::open("/proc/thread-self/ns/net")?;
         let id = std::process::id();
         let server = format!("upa-srv-{id}");
         let links: Vec<Link> = ["a", "b"]
@@ -90,17 +76,11 @@ impl Network {
                 device_addr: format!("10.213.{}.2", 80 + i),
             })
             .collect();
-        let net = Self {
-            server,
-            links,
-            home,
-        };
-        for ns in std::iter::once(&net.server).chain(net.links.iter().map(|l| &l.ns)) {
-            let _ = run(&["ip", "netns", "del", ns]);
-            run(&["ip", "netns", "add", ns])?;
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        }
-        let srv = net.server.as_str();
+        let names: Vec<&str> = std::iter::once(server.as_str())
+            .chain(links.iter().map(|l| l.ns.as_str()))
+            .collect();
+        let namespaces = Namespaces::create(&names)?;
+        let srv = server.as_str();
         run(&[
             "ip",
             "-n",
@@ -111,38 +91,19 @@ impl Network {
             "dev",
             "lo",
         ])?;
-        for l in &net.links {
-            run(&[
-                "ip",
-                "link",
-                "add",
-                &l.server_end,
-                "netns",
-                srv,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &l.device_end,
-                "netns",
-                &l.ns,
-            ])?;
-            for (ns, dev, addr) in [
-                (srv, &l.server_end, &l.server_addr),
-                (l.ns.as_str(), &l.device_end, &l.device_addr),
-            ] {
-                run(&[
-                    "ip",
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("{addr}/30"),
-                    "dev",
-                    dev,
-                ])?;
-                run(&["ip", "-n", ns, "link", "set", dev, "up"])?;
-            }
+        for l in &links {
+            namespaces.veth(
+                End {
+                    ns: srv,
+                    dev: &l.server_end,
+                    addr: &format!("{}/30", l.server_addr),
+                },
+                End {
+                    ns: &l.ns,
+                    dev: &l.device_end,
+                    addr: &format!("{}/30", l.device_addr),
+                },
+            )?;
             // The device's only way out is its link to the server.
             run(&[
                 "ip",
@@ -155,22 +116,11 @@ impl Network {
                 &l.server_addr,
             ])?;
         }
-        Ok(net)
-    }
-
-    fn enter(ns: &str) -> anyhow::Result<()> {
-        let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-        Ok(())
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        let _ = nix::sched::setns(self.home.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
-        for ns in std::iter::once(&self.server).chain(self.links.iter().map(|l| &l.ns)) {
-            let _ = run(&["ip", "netns", "del", ns]);
-        }
+        Ok(Self {
+            server,
+            links,
+            _namespaces: namespaces,
+        })
     }
 }
 
@@ -180,8 +130,10 @@ fn answer_in(ns: &str, name: &'static str) {
     let ns = ns.to_owned();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        Network::enter(&ns).expect("entering the device's namespace");
-        let listener = TcpListener::bind(("0.0.0.0", LISTEN_PORT)).expect("listener");
+        netns::enter(&ns).expect("entering the device's namespace");
+        // One dual-stack socket: IPv4 and IPv6 (a new namespace's
+        // `net.ipv6.bindv6only` is 0).
+        let listener = TcpListener::bind(("::", LISTEN_PORT)).expect("listener");
         ready_tx.send(()).unwrap();
         for stream in listener.incoming().flatten() {
             let mut stream = stream;
@@ -195,10 +147,11 @@ fn answer_in(ns: &str, name: &'static str) {
 /// `from` (the caller's own if `None`), within a second.
 fn who_answers(from: Option<&str>, addr: &str) -> Result<String, String> {
     let from = from.map(str::to_owned);
-    let target: SocketAddr = format!("{addr}:{LISTEN_PORT}").parse().unwrap();
+    let ip: std::net::IpAddr = addr.parse().unwrap();
+    let target = SocketAddr::new(ip, LISTEN_PORT);
     std::thread::spawn(move || {
         if let Some(ns) = &from {
-            Network::enter(ns).map_err(|e| e.to_string())?;
+            netns::enter(ns).map_err(|e| e.to_string())?;
         }
         let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(1))
             .map_err(|e| e.to_string())?;
@@ -237,59 +190,22 @@ fn hook(path: &Path, dev: &str, log: &Path) {
 
 #[test]
 fn each_device_answers_at_its_private_address_and_not_to_another_device() {
-    let network = match Network::build() {
-        Ok(network) => network,
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("CI is set but the namespaces cannot be built: {e:#}")
-        }
-        Err(e) => {
-            eprintln!("skipping the private address test (needs root and iproute2): {e:#}");
-            return;
-        }
+    let Some(network) = netns::or_skip(Network::build(), "private address", "root and iproute2")
+    else {
+        return;
     };
-    Network::enter(&network.server).expect("entering the server's namespace");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(private_addresses(&network));
+    netns::block_on_inside(&network.server, private_addresses(&network));
 }
 
 async fn private_addresses(network: &Network) {
-    let dir = tempfile::Builder::new()
-        .prefix("uplift-private-address-")
-        .tempdir()
-        .unwrap();
-    let bins = Binaries::locate().expect("binaries (run `cargo build --bins` first)");
-    let launch = ServerLaunch {
-        listen: format!("{SERVER_ADDR}:0"),
-        config_toml: Some(format!(
-            "[tls]\nhostnames = [\"{SERVER_ADDR}\"]\n\
-             [addresses]\npool = [\"10.77.0.0/16\", \"fd77::/64\"]\n"
-        )),
-        netns: None,
-    };
-    let server_dir = dir.path().join("server");
-    let server = ServerProcess::launch_async(&bins, &server_dir, launch.clone())
-        .await
-        .expect("server starts");
-    let images = dir.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let image = |version: &str, seed: u64| {
-        let path = images.join(format!("os-{version}.img"));
-        write_image(&path, 1 << 20, seed).unwrap();
-        path
-    };
-    let mut fx = Fixture {
-        client: server.client().expect("admin client"),
-        dir,
-        bins,
-        server,
-        key: ReleaseSigningKey::from_seed([7; 32]),
-        image_v1_0: image("1.0", 1),
-        image_v1_1: image("1.1", 2),
-    };
+    let (mut fx, launch) = Fixture::start_at(
+        SERVER_ADDR,
+        &[],
+        "[addresses]\npool = [\"10.77.0.0/16\", \"fd77::/64\"]\n",
+        1 << 20,
+    )
+    .await;
+    let server_dir = fx.server.dir.clone();
 
     let mut devices: Vec<Device> = Vec::new();
     for (i, link) in network.links.iter().enumerate() {
@@ -301,16 +217,7 @@ async fn private_addresses(network: &Network) {
             "[network]\naddress_hook = {}\n",
             toml::Value::String(hook_path.display().to_string())
         );
-        let mut device = Device::provision(
-            &fx.path(&format!("devices/d{i}")),
-            &spec,
-            &fx.server.endpoint,
-            &fx.image_v1_0,
-        )
-        .expect("provision device");
-        device.netns = Some(link.ns.clone());
-        device.start(&fx.bins).expect("start device");
-        devices.push(device);
+        devices.push(fx.device_in(&format!("d{i}"), spec, &link.ns));
     }
     let all: Vec<&Device> = devices.iter().collect();
     let views = fx
@@ -347,8 +254,9 @@ async fn private_addresses(network: &Network) {
         );
     }
     assert_ne!(addresses[0], addresses[1], "each device its own");
-    let ipv4 = |list: &[String]| list[0].split('/').next().unwrap().to_owned();
-    let (a_private, b_private) = (ipv4(&addresses[0]), ipv4(&addresses[1]));
+    let host = |cidr: &String| cidr.split('/').next().unwrap().to_owned();
+    let ipv4: Vec<String> = addresses.iter().map(|list| host(&list[0])).collect();
+    let ipv6: Vec<String> = addresses.iter().map(|list| host(&list[1])).collect();
 
     // The hook ran in each device's namespace: the addresses are on its
     // link. (The agent applies them beside the channel: wait a moment.)
@@ -375,63 +283,102 @@ async fn private_addresses(network: &Network) {
         }
     }
 
-    // The server side: its own private address (the pool's first host),
-    // and each device's address routed to that device's link, from the
-    // API's view (what an operator's hub configuration is made from).
+    // The server side: its own private addresses (each pool's first
+    // host), and each device's addresses routed to that device's link,
+    // from the API's view (what an operator's hub configuration is made
+    // from). IPv6 finds neighbours only on the link an address is on: the
+    // server side's IPv6 address is on each device's link (the device's
+    // /64 makes it on-link there).
     let srv = network.server.as_str();
+    let (server_v4, server_v6) = ("10.77.0.1", "fd77::1");
     run(&["ip", "-n", srv, "addr", "add", "10.77.0.1/32", "dev", "lo"]).unwrap();
-    for (link, private) in network.links.iter().zip([&a_private, &b_private]) {
+    for (i, link) in network.links.iter().enumerate() {
+        let end = link.server_end.as_str();
+        run(&[
+            "ip",
+            "-n",
+            srv,
+            "-6",
+            "addr",
+            "add",
+            "fd77::1/128",
+            "dev",
+            end,
+            "nodad",
+        ])
+        .unwrap();
         run(&[
             "ip",
             "-n",
             srv,
             "route",
             "add",
-            &format!("{private}/32"),
+            &format!("{}/32", ipv4[i]),
             "dev",
-            &link.server_end,
+            end,
             "src",
-            "10.77.0.1",
+            server_v4,
+        ])
+        .unwrap();
+        run(&[
+            "ip",
+            "-n",
+            srv,
+            "-6",
+            "route",
+            "add",
+            &format!("{}/128", ipv6[i]),
+            "dev",
+            end,
+            "src",
+            server_v6,
         ])
         .unwrap();
     }
-    assert_eq!(
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            srv,
-            "sysctl",
-            "-n",
-            "net.ipv4.ip_forward"
-        ])
-        .unwrap()
-        .trim(),
-        "0",
-        "the server side does not forward between devices' links"
-    );
+    for forwarding in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+        assert_eq!(
+            run(&["ip", "netns", "exec", srv, "sysctl", "-n", forwarding])
+                .unwrap()
+                .trim(),
+            "0",
+            "the server side does not forward between devices' links ({forwarding})"
+        );
+    }
 
     answer_in(&network.links[0].ns, "device a");
     answer_in(&network.links[1].ns, "device b");
-    // From the server's namespace (this thread's), each at its private address.
-    assert_eq!(who_answers(None, &a_private).as_deref(), Ok("device a"));
-    assert_eq!(who_answers(None, &b_private).as_deref(), Ok("device b"));
+    // From the server's namespace (this thread's), each at its private
+    // addresses, IPv4 and IPv6.
+    for (i, name) in ["device a", "device b"].into_iter().enumerate() {
+        for private in [&ipv4[i], &ipv6[i]] {
+            assert_eq!(
+                who_answers(None, private).as_deref(),
+                Ok(name),
+                "{name} at {private}"
+            );
+        }
+    }
     // From inside device A's namespace: the server, yes (its private
-    // address); device B, at neither its private nor its link address.
+    // addresses); device B, at none of its private addresses nor its link
+    // address.
     let a_ns = Some(network.links[0].ns.as_str());
     let b_link = &network.links[1].device_addr;
-    assert!(
-        who_answers(a_ns, &b_private).is_err(),
-        "device A reached device B's private address"
-    );
-    assert!(
-        who_answers(a_ns, b_link).is_err(),
-        "device A reached device B's link"
-    );
-    // Device A does reach the server side's private address: its link
+    for b_address in [&ipv4[1], &ipv6[1], b_link] {
+        assert!(
+            who_answers(a_ns, b_address).is_err(),
+            "device A reached device B at {b_address}"
+        );
+    }
+    // Device A does reach the server side's private addresses: its link
     // works, so the refusals above are isolation, not a broken network.
     answer_in(srv, "server");
-    assert_eq!(who_answers(a_ns, "10.77.0.1").as_deref(), Ok("server"));
+    for server in [server_v4, server_v6] {
+        assert_eq!(
+            who_answers(a_ns, server).as_deref(),
+            Ok("server"),
+            "the server side at {server}"
+        );
+    }
 
     // Stable: an agent restart keeps the address and does not run the
     // hook again; a server restart keeps it too.

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use uplift_client::AdminClient;
-use uplift_fleet::{ServerLaunch, ServerProcess};
+use uplift_fleet::ServerLaunch;
 use uplift_proto::api::{DeviceView, DownloadLimits};
 use uplift_proto::channel::AgentState;
 use uplift_proto::events::{EventAbout, EventStreamQuery, FleetEvent};
@@ -181,46 +181,8 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
         config_toml: Some(config.clone()),
         ..ServerLaunch::on("127.0.0.1:0")
     };
-    let mut fx = tokio::task::spawn_blocking(move || Fixture::start_with(launch))
-        .await
-        .unwrap();
-    // The second replica shares the first one's TLS identity, tokens and
-    // download-token keys: devices trust one CA, and either replica checks
-    // the other's download tokens.
-    let second_dir = fx.path("replica-2");
-    std::fs::create_dir_all(&second_dir).unwrap();
-    for name in [
-        "tls",
-        "admin-token",
-        "enrollment-token",
-        "download-token-keys",
-    ] {
-        let from = fx.server.dir.join(name);
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(&from)
-            .arg(&second_dir)
-            .status()
-            .unwrap();
-        assert!(status.success(), "copying {}", from.display());
-    }
-    let bins = fx.bins.clone();
-    let second = tokio::task::spawn_blocking({
-        let (dir, config) = (second_dir.clone(), config.clone());
-        move || {
-            ServerProcess::launch(
-                &bins,
-                &dir,
-                &ServerLaunch {
-                    config_toml: Some(config),
-                    ..ServerLaunch::on("127.0.0.1:0")
-                },
-            )
-        }
-    })
-    .await
-    .unwrap()
-    .expect("the second replica starts on the same database");
+    let mut fx = Fixture::start_async(launch).await;
+    let second = fx.start_replica("replica-2", &config).await;
     let first_addr = fx.server.listen_addr().to_owned();
     let second_addr = second.listen_addr().to_owned();
     let lb = {

@@ -11,14 +11,13 @@
 
 mod common;
 
+use common::netns::{self, run, End, Namespaces};
 use common::*;
-use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use uplift_fleet::{write_image, Binaries, Device, ServerLaunch, ServerProcess};
+use uplift_fleet::{write_image, Device};
 use uplift_proto::channel::AgentState;
-use uplift_release::keys::ReleaseSigningKey;
 
 const DEVICES: usize = 8;
 /// A private range inside the namespaces only; nothing in the root namespace.
@@ -37,22 +36,7 @@ const SERVER_NAME: &str = "uplift-server.site-cache.test";
 struct Network {
     server: String,
     site: String,
-    home: std::fs::File,
-}
-
-fn run(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.join(" ")))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+    _namespaces: Namespaces,
 }
 
 impl Network {
@@ -61,53 +45,28 @@ impl Network {
             Path::new("/usr/sbin/nginx").is_file(),
             "nginx is not installed (/usr/sbin/nginx)"
         );
-        let home = std::fs::File::open("/proc/thread-self/ns/net")?;
         let id = std::process::id();
-        let net = Self {
-            server: format!("upc-srv-{id}"),
-            site: format!("upc-site-{id}"),
-            home,
-        };
-        for ns in [&net.server, &net.site] {
-            let _ = run(&["ip", "netns", "del", ns]);
-            run(&["ip", "netns", "add", ns])?;
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        }
-        let (up, down) = ("uplink", "downlink");
-        run(&[
-            "ip",
-            "link",
-            "add",
-            up,
-            "netns",
-            &net.server,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            down,
-            "netns",
-            &net.site,
-        ])?;
-        for (ns, dev, addr) in [(&net.server, up, SERVER_ADDR), (&net.site, down, SITE_ADDR)] {
-            run(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{addr}/30"),
-                "dev",
-                dev,
-            ])?;
-            run(&["ip", "-n", ns, "link", "set", dev, "up"])?;
-        }
+        let (server, site) = (format!("upc-srv-{id}"), format!("upc-site-{id}"));
+        let namespaces = Namespaces::create(&[&server, &site])?;
+        let up = "uplink";
+        namespaces.veth(
+            End {
+                ns: &server,
+                dev: up,
+                addr: &format!("{SERVER_ADDR}/30"),
+            },
+            End {
+                ns: &site,
+                dev: "downlink",
+                addr: &format!("{SITE_ADDR}/30"),
+            },
+        )?;
         // Downloads flow server -> site: shape the server's side.
         run(&[
             "ip",
             "netns",
             "exec",
-            &net.server,
+            &server,
             "tc",
             "qdisc",
             "add",
@@ -122,25 +81,11 @@ impl Network {
             "latency",
             "200ms",
         ])?;
-        Ok(net)
-    }
-
-    /// Moves this thread (and every thread and process it starts) into the
-    /// server's namespace: the server, the admin client and the test's own
-    /// requests run there, so nothing binds outside loopback at home.
-    fn enter_server(&self) -> anyhow::Result<()> {
-        let ns = std::fs::File::open(format!("/run/netns/{}", self.server))?;
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-        Ok(())
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        let _ = nix::sched::setns(self.home.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
-        for ns in [&self.server, &self.site] {
-            let _ = run(&["ip", "netns", "del", ns]);
-        }
+        Ok(Self {
+            server,
+            site,
+            _namespaces: namespaces,
+        })
     }
 }
 
@@ -301,45 +246,20 @@ fn objects_of(release: &Path) -> u64 {
 
 #[test]
 fn devices_behind_a_site_cache_fetch_each_chunk_over_the_uplink_once() {
-    let network = match Network::build() {
-        Ok(network) => network,
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("CI is set but the site network cannot be built: {e:#}")
-        }
-        Err(e) => {
-            eprintln!("skipping the site cache test (needs root, iproute2, tc and nginx): {e:#}");
-            return;
-        }
+    let Some(network) = netns::or_skip(
+        Network::build(),
+        "site cache",
+        "root, iproute2, tc and nginx",
+    ) else {
+        return;
     };
-    network
-        .enter_server()
-        .expect("entering the server's namespace");
-    // Built after the move: its threads are in the server's namespace too.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(site_cache(&network));
+    netns::block_on_inside(&network.server, site_cache(&network));
 }
 
 async fn site_cache(network: &Network) {
-    let dir = tempfile::Builder::new()
-        .prefix("uplift-site-cache-")
-        .tempdir()
-        .unwrap();
-    let bins = Binaries::locate().expect("binaries (run `cargo build --bins` first)");
-    let launch = ServerLaunch {
-        listen: format!("{SERVER_ADDR}:0"),
-        config_toml: Some(format!(
-            "[tls]\nhostnames = [\"{SERVER_ADDR}\", \"{SERVER_NAME}\"]\n"
-        )),
-        netns: None,
-    };
-    let server = ServerProcess::launch_async(&bins, &dir.path().join("server"), launch)
-        .await
-        .expect("server starts");
-    let server_port: u16 = server
+    let (fx, _) = Fixture::start_at(SERVER_ADDR, &[SERVER_NAME], "", IMAGE_BYTES).await;
+    let server_port: u16 = fx
+        .server
         .listen_addr()
         .rsplit(':')
         .next()
@@ -347,29 +267,14 @@ async fn site_cache(network: &Network) {
         .parse()
         .unwrap();
     let cache = Cache::start(
-        &dir.path().join("cache"),
+        &fx.path("cache"),
         &network.site,
         server_port,
-        &server.endpoint.ca_file,
+        &fx.server.endpoint.ca_file,
     )
     .expect("nginx starts as the site cache");
-    let images = dir.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let image = |version: &str, seed: u64| {
-        let path = images.join(format!("os-{version}.img"));
-        write_image(&path, IMAGE_BYTES, seed).unwrap();
-        path
-    };
-    let (image_v1_0, image_v1_1, image_v1_2) = (image("1.0", 1), image("1.1", 2), image("1.2", 3));
-    let fx = Fixture {
-        client: server.client().expect("admin client"),
-        dir,
-        bins,
-        server,
-        key: ReleaseSigningKey::from_seed([7; 32]),
-        image_v1_0,
-        image_v1_1,
-    };
+    let image_v1_2 = fx.path("images/os-1.2.img");
+    write_image(&image_v1_2, IMAGE_BYTES, 3).unwrap();
 
     // One device alone, then a fleet of DEVICES, all at the site.
     let cache_url = format!("https://{SITE_ADDR}:{CACHE_PORT}");
@@ -381,16 +286,7 @@ async fn site_cache(network: &Network) {
                 toml::Value::String(cache_url.clone()),
                 toml::Value::String(cache.ca().display().to_string())
             );
-            let mut device = Device::provision(
-                &fx.path(&format!("devices/d{i}")),
-                &spec,
-                &fx.server.endpoint,
-                &fx.image_v1_0,
-            )
-            .expect("provision device");
-            device.netns = Some(network.site.clone());
-            device.start(&fx.bins).expect("start device");
-            device
+            fx.device_in(&format!("d{i}"), spec, &network.site)
         })
         .collect();
     let all: Vec<&Device> = devices.iter().collect();

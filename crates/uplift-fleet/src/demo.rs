@@ -120,6 +120,21 @@ struct Chaos {
 }
 
 impl Chaos {
+    /// Chaos for a fleet of `devices` on `server`: a proxy in front of it
+    /// whose slow links keep downloads in flight long enough to be
+    /// interrupted.
+    async fn start(server: &ServerProcess, devices: usize) -> anyhow::Result<Self> {
+        let proxy = Proxy::start(server.listen_addr().parse()?).await?;
+        proxy.set_rate(CHAOS_LINK_BYTES_PER_SECOND);
+        Ok(Chaos {
+            rng: rand::rngs::StdRng::from_entropy(),
+            proxy,
+            counts: FaultCounts::default(),
+            down: Vec::new(),
+            max_kills: (devices as u32 / 3).max(3),
+        })
+    }
+
     /// One tick: maybe inject one fault; power on devices whose time came.
     /// Takes the server and gives back the one now running (a new process
     /// after a restart).
@@ -433,12 +448,13 @@ async fn run_unbounded(opts: DemoOptions) -> anyhow::Result<DemoSummary> {
     result
 }
 
-/// The demo with its server started; the caller stops `devices` afterwards.
+/// The demo with its server started, step by step; the caller stops
+/// `devices` afterwards.
 async fn run_fleet(
     opts: &DemoOptions,
     bins: &Binaries,
     work: &Path,
-    mut server: ServerProcess,
+    server: ServerProcess,
     devices: &mut Vec<Device>,
 ) -> anyhow::Result<DemoSummary> {
     let from: Version = "1.0".parse().expect("valid");
@@ -452,49 +468,10 @@ async fn run_fleet(
             server.endpoint.ca_file.display()
         ),
     );
-
     let key = ReleaseSigningKey::generate();
-    let images = work.join("images");
-    let image_from = opts
-        .factory_image
-        .clone()
-        .unwrap_or_else(|| images.join("os-1.0.img"));
-    let image_to = opts
-        .image
-        .clone()
-        .unwrap_or_else(|| images.join("os-1.1.img"));
-    {
-        let (from, to, size) = (image_from.clone(), image_to.clone(), opts.image_size);
-        let (gen_from, gen_to) = (opts.factory_image.is_none(), opts.image.is_none());
-        blocking("writing the demo images", move || {
-            std::fs::create_dir_all(&images)?;
-            let size = if gen_to {
-                size
-            } else {
-                std::fs::metadata(&to)?.len()
-            };
-            if gen_from {
-                write_image(&from, size, 1)?;
-            }
-            if gen_to {
-                write_changed_image(&from, &to, 24, 2)?;
-            }
-            Ok(())
-        })
-        .await?;
-    }
-
+    let images = demo_images(opts, work).await?;
     let mut chaos = if opts.chaos {
-        let proxy = Proxy::start(server.listen_addr().parse()?).await?;
-        // Slow links keep downloads in flight long enough to be interrupted.
-        proxy.set_rate(CHAOS_LINK_BYTES_PER_SECOND);
-        Some(Chaos {
-            rng: rand::rngs::StdRng::from_entropy(),
-            proxy,
-            counts: FaultCounts::default(),
-            down: Vec::new(),
-            max_kills: (opts.devices as u32 / 3).max(3),
-        })
+        Some(Chaos::start(&server, opts.devices).await?)
     } else {
         None
     };
@@ -516,244 +493,396 @@ async fn run_fleet(
         extra_config: String::new(),
         watchdog: None,
     };
-    let deadline = Instant::now() + opts.timeout;
-    let started = Instant::now();
-    power_on(
+    let fleet = Fleet {
         opts,
-        &spec,
-        &device_endpoint,
-        &image_from,
-        &work.join("devices"),
         bins,
-        devices,
-    )
-    .await?;
-    let mut enrollment = Polls::new("while devices enrolled");
-    let enrolled = wait_for_enrollment(&client, &from, devices, deadline, &mut enrollment).await;
-    enrollment.report();
-    enrolled?;
-    say(
-        opts.json,
-        &format!(
-            "  {} devices enrolled in {:.1} s, each running {from} from slot a",
-            opts.devices,
-            started.elapsed().as_secs_f64()
-        ),
-    );
+        client: &client,
+    };
+    fleet
+        .enroll(&spec, &device_endpoint, &images.from, work, devices, &from)
+        .await?;
+    fleet.publish(&key, &images, work, &from, &to).await?;
+    let mut counters = ServerCounters::default();
+    let followed = fleet
+        .follow_rollout(server, &mut chaos, &mut counters, devices, &to)
+        .await?;
+    fleet
+        .verify(
+            followed,
+            counters,
+            devices,
+            &from,
+            &to,
+            chaos.map(|c| c.counts),
+        )
+        .await
+}
 
-    let release_dir = work.join("releases/1.1");
-    let summary = {
-        // Patched against the image the devices run, as an operator would.
+/// The demo's two images: the factory image the devices run (1.0) and the
+/// release's (1.1), each given or written here.
+struct Images {
+    from: PathBuf,
+    to: PathBuf,
+}
+
+/// Writes the images not given, off the async threads.
+async fn demo_images(opts: &DemoOptions, work: &Path) -> anyhow::Result<Images> {
+    let dir = work.join("images");
+    let images = Images {
+        from: opts
+            .factory_image
+            .clone()
+            .unwrap_or_else(|| dir.join("os-1.0.img")),
+        to: opts.image.clone().unwrap_or_else(|| dir.join("os-1.1.img")),
+    };
+    let (from, to, size) = (images.from.clone(), images.to.clone(), opts.image_size);
+    let (gen_from, gen_to) = (opts.factory_image.is_none(), opts.image.is_none());
+    blocking("writing the demo images", move || {
+        std::fs::create_dir_all(&dir)?;
+        let size = if gen_to {
+            size
+        } else {
+            std::fs::metadata(&to)?.len()
+        };
+        if gen_from {
+            write_image(&from, size, 1)?;
+        }
+        if gen_to {
+            write_changed_image(&from, &to, 24, 2)?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(images)
+}
+
+/// The rollout as [`Fleet::follow_rollout`] saw it.
+struct Followed {
+    /// The server now running (a new process if chaos restarted it).
+    server: ServerProcess,
+    /// From the rollout's start to its end (or the timeout, or the fleet
+    /// settling after chaos).
+    seconds: f64,
+    /// The rollout's last status read.
+    last: Option<RolloutView>,
+    /// Per device ID, seconds from the rollout's start to the first poll
+    /// that saw it run the new version.
+    done_at: std::collections::HashMap<String, f64>,
+    polls: Polls,
+}
+
+/// What every step of a demo run uses.
+struct Fleet<'a> {
+    opts: &'a DemoOptions,
+    bins: &'a Binaries,
+    client: &'a AdminClient,
+}
+
+impl Fleet<'_> {
+    /// Powers on the fleet and waits until every device runs `from`, idle.
+    async fn enroll(
+        &self,
+        spec: &DeviceSpec,
+        endpoint: &ServerEndpoint,
+        factory_image: &Path,
+        work: &Path,
+        devices: &mut Vec<Device>,
+        from: &Version,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + self.opts.timeout;
+        let started = Instant::now();
+        power_on(
+            self.opts,
+            spec,
+            endpoint,
+            factory_image,
+            &work.join("devices"),
+            self.bins,
+            devices,
+        )
+        .await?;
+        let mut enrollment = Polls::new("while devices enrolled");
+        let enrolled =
+            wait_for_enrollment(self.client, from, devices, deadline, &mut enrollment).await;
+        enrollment.report();
+        enrolled?;
+        say(
+            self.opts.json,
+            &format!(
+                "  {} devices enrolled in {:.1} s, each running {from} from slot a",
+                self.opts.devices,
+                started.elapsed().as_secs_f64()
+            ),
+        );
+        Ok(())
+    }
+
+    /// Builds release `to` (patched against the image the devices run, as
+    /// an operator would), signed by `key`, off the async threads, and
+    /// uploads it.
+    async fn publish(
+        &self,
+        key: &ReleaseSigningKey,
+        images: &Images,
+        work: &Path,
+        from: &Version,
+        to: &Version,
+    ) -> anyhow::Result<()> {
+        let release_dir = work.join(format!("releases/{to}"));
         let mut options = ReleaseOptions::new(to.clone(), DEVICE_TYPE.parse()?);
-        options.delta_from = Some(image_from.clone());
-        let (image, dir, key) = (
-            image_to.clone(),
+        options.delta_from = Some(images.from.clone());
+        let (image, dir, signing) = (
+            images.to.clone(),
             release_dir.clone(),
             ReleaseSigningKey::from_pkcs8_pem(&key.to_pkcs8_pem())?,
         );
-        blocking("building release 1.1", move || {
-            Ok(create_release(&image, &dir, &options, &key)?)
-        })
-        .await?
-    };
-    let (view, uploaded) = client.upload_release(&release_dir, |_| {}).await?;
-    say(
-        opts.json,
-        &format!(
-            "  release {to}: {:.1} MiB image in {} chunks ({:.1} MiB compressed, {} patched against {from} in {:.1} MiB), \
-             signed by key {}; uploaded {uploaded} chunks and patches",
-            summary.image_size as f64 / 1048576.0,
-            view.chunks,
-            view.stored_bytes as f64 / 1048576.0,
-            summary.manifest.patches.len(),
-            summary.manifest.patch_bytes() as f64 / 1048576.0,
-            key.public_key().key_id()
-        ),
-    );
-
-    let mut counters = ServerCounters::default();
-    let mut polls = Polls::new("during the rollout");
-    let deadline = Instant::now() + opts.timeout;
-    counters.rollout_started(&polls.ask(deadline, || client.stats()).await?);
-    let started = Instant::now();
-    let rollout = client
-        .start_rollout(&RolloutCreate {
-            release: to.clone(),
-            devices: None,
-            tags: None,
-            from_versions: Vec::new(),
-            allow_downgrade: false,
-            limits: opts.limits,
-            policy: Default::default(),
+        let summary = blocking("building release 1.1", move || {
+            Ok(create_release(&image, &dir, &options, &signing)?)
         })
         .await?;
-    say(
-        opts.json,
-        &format!(
-            "  rollout {} started: {} devices",
-            rollout.id, rollout.devices_total
-        ),
-    );
-    let bar = if opts.json || !std::io::stderr().is_terminal() {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(opts.devices as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("  {bar:40} {pos}/{len} upgraded {msg}")
-            .expect("valid template"),
-    );
-    let mut in_progress = 0u64;
-    let mut last: Option<RolloutView> = None;
-    let mut done_at: std::collections::HashMap<String, f64> = Default::default();
-    loop {
-        if let Ok(Ok(views)) = tokio::time::timeout(POLL_TIMEOUT, client.devices()).await {
-            let now = started.elapsed().as_secs_f64();
-            for v in views {
-                if v.running_version.as_ref() == Some(&to) {
-                    done_at.entry(v.id.as_str().to_owned()).or_insert(now);
+        let (view, uploaded) = self.client.upload_release(&release_dir, |_| {}).await?;
+        say(
+            self.opts.json,
+            &format!(
+                "  release {to}: {:.1} MiB image in {} chunks ({:.1} MiB compressed, {} patched against {from} in {:.1} MiB), \
+                 signed by key {}; uploaded {uploaded} chunks and patches",
+                summary.image_size as f64 / 1048576.0,
+                view.chunks,
+                view.stored_bytes as f64 / 1048576.0,
+                summary.manifest.patches.len(),
+                summary.manifest.patch_bytes() as f64 / 1048576.0,
+                key.public_key().key_id()
+            ),
+        );
+        Ok(())
+    }
+
+    /// Starts the rollout of `to` to every device and follows it to its
+    /// end (or the timeout), injecting faults if `chaos`; then, after
+    /// chaos, waits for the fleet to settle on `to`.
+    async fn follow_rollout(
+        &self,
+        mut server: ServerProcess,
+        chaos: &mut Option<Chaos>,
+        counters: &mut ServerCounters,
+        devices: &mut [Device],
+        to: &Version,
+    ) -> anyhow::Result<Followed> {
+        let (opts, client) = (self.opts, self.client);
+        let mut polls = Polls::new("during the rollout");
+        let deadline = Instant::now() + opts.timeout;
+        counters.rollout_started(&polls.ask(deadline, || client.stats()).await?);
+        let started = Instant::now();
+        let rollout = client
+            .start_rollout(&RolloutCreate {
+                release: to.clone(),
+                devices: None,
+                tags: None,
+                from_versions: Vec::new(),
+                allow_downgrade: false,
+                limits: opts.limits,
+                policy: Default::default(),
+            })
+            .await?;
+        say(
+            opts.json,
+            &format!(
+                "  rollout {} started: {} devices",
+                rollout.id, rollout.devices_total
+            ),
+        );
+        let bar = if opts.json || !std::io::stderr().is_terminal() {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(opts.devices as u64)
+        };
+        bar.set_style(
+            ProgressStyle::with_template("  {bar:40} {pos}/{len} upgraded {msg}")
+                .expect("valid template"),
+        );
+        let mut in_progress = 0u64;
+        let mut last: Option<RolloutView> = None;
+        let mut done_at: std::collections::HashMap<String, f64> = Default::default();
+        loop {
+            if let Ok(Ok(views)) = tokio::time::timeout(POLL_TIMEOUT, client.devices()).await {
+                let now = started.elapsed().as_secs_f64();
+                for v in views {
+                    if v.running_version.as_ref() == Some(to) {
+                        done_at.entry(v.id.as_str().to_owned()).or_insert(now);
+                    }
                 }
             }
-        }
-        if let Some(chaos) = chaos.as_mut() {
-            server = chaos
-                .tick(devices, server, &mut counters, bins, &client, in_progress)
-                .await?;
-        }
-        if let Some(status) = polls.try_once(client.rollout(rollout.id)).await {
-            in_progress = status.counts.in_progress;
-            bar.set_position(status.counts.succeeded);
-            bar.set_message(format!(
-                "({} in progress, {} pending, {} failed)",
-                status.counts.in_progress, status.counts.pending, status.counts.failed
-            ));
-            let running = status.status == RolloutStatus::Running;
-            last = Some(status);
-            if !running {
+            if let Some(chaos) = chaos.as_mut() {
+                server = chaos
+                    .tick(devices, server, counters, self.bins, client, in_progress)
+                    .await?;
+            }
+            if let Some(status) = polls.try_once(client.rollout(rollout.id)).await {
+                in_progress = status.counts.in_progress;
+                bar.set_position(status.counts.succeeded);
+                bar.set_message(format!(
+                    "({} in progress, {} pending, {} failed)",
+                    status.counts.in_progress, status.counts.pending, status.counts.failed
+                ));
+                let running = status.status == RolloutStatus::Running;
+                last = Some(status);
+                if !running {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
                 break;
             }
+            tokio::time::sleep(POLL_INTERVAL).await;
         }
-        if Instant::now() > deadline {
-            break;
+        if let Some(chaos) = chaos.as_mut() {
+            // Devices still powered off come back and must end up upgraded too.
+            chaos.revive_all(devices, self.bins)?;
+            self.settle(&mut polls, to).await;
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        bar.finish_and_clear();
+        Ok(Followed {
+            server,
+            seconds: started.elapsed().as_secs_f64(),
+            last,
+            done_at,
+            polls,
+        })
     }
-    if let Some(chaos) = chaos.as_mut() {
-        // Devices still powered off come back and must end up upgraded too.
-        chaos.revive_all(devices, bins)?;
-        let settle = Instant::now() + opts.timeout;
+
+    /// Waits (up to the timeout) until every device is online, idle, on `to`.
+    async fn settle(&self, polls: &mut Polls, to: &Version) {
+        let settle = Instant::now() + self.opts.timeout;
         while Instant::now() < settle {
-            if let Some(views) = polls.try_once(client.devices()).await {
+            if let Some(views) = polls.try_once(self.client.devices()).await {
                 let done = views.iter().filter(|v| {
                     v.online
-                        && v.running_version.as_ref() == Some(&to)
+                        && v.running_version.as_ref() == Some(to)
                         && v.state == Some(AgentState::Idle)
                 });
-                if done.count() == opts.devices {
-                    break;
+                if done.count() == self.opts.devices {
+                    return;
                 }
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    polls.report();
-    if last
-        .as_ref()
-        .is_none_or(|s| s.status == RolloutStatus::Running)
-    {
-        say(
-            opts.json,
-            &format!(
-                "  rollout did not finish within {}s",
-                opts.timeout.as_secs()
-            ),
-        );
-    }
 
-    // Trust but verify: each device's own boot environment must say slot b.
-    // The final reads get a deadline of their own: the rollout's may be spent.
-    let mut final_polls = Polls::new("for the final check");
-    let check_deadline = Instant::now() + Duration::from_secs(60);
-    let views = final_polls.ask(check_deadline, || client.devices()).await;
-    let stats = final_polls.ask(check_deadline, || client.stats()).await;
-    final_polls.report();
-    let (views, stats) = (views?, stats?);
-    let peak = server.peak_rss();
-    if let Err(e) = &peak {
-        eprintln!("  warning: cannot read the server's peak RSS: {e:#}");
-    }
-    counters.peak_rss(peak.ok());
-    let server_cpu_seconds = cpu_seconds(server.pid());
-    let own = std::mem::take(devices);
-    let (own, local) = blocking("reading the devices' boot environments", move || {
-        let local: Vec<_> = own
-            .iter()
-            .map(|d| {
-                (
-                    d.device_id().unwrap_or_default(),
-                    d.boot_state(),
-                    d.dir.clone(),
-                )
-            })
-            .collect();
-        Ok((own, local))
-    })
-    .await?;
-    *devices = own;
-    let mut failures = Vec::new();
-    let mut upgraded = 0;
-    let device_seconds = local
-        .iter()
-        .map(|(id, _, _)| done_at.get(id.as_str()).copied())
-        .collect();
-    for (id, env, dir) in local {
-        let view = views.iter().find(|v| v.id.as_str() == id);
-        let on_new = view.is_some_and(|v| {
-            v.running_version.as_ref() == Some(&to) && v.state == Some(AgentState::Idle)
-        });
-        let committed = env
+    /// Trust but verify: a device counts as upgraded only if the server
+    /// says it runs `to`, idle, and its own boot environment says slot b,
+    /// committed. Stops the server and sums up.
+    async fn verify(
+        &self,
+        followed: Followed,
+        mut counters: ServerCounters,
+        devices: &mut Vec<Device>,
+        from: &Version,
+        to: &Version,
+        faults: Option<FaultCounts>,
+    ) -> anyhow::Result<DemoSummary> {
+        let (opts, client) = (self.opts, self.client);
+        let Followed {
+            server,
+            seconds,
+            last,
+            done_at,
+            polls,
+        } = followed;
+        polls.report();
+        if last
             .as_ref()
-            .is_ok_and(|s| s.default_slot == SlotName::B && s.trial.is_none());
-        if on_new && committed {
-            upgraded += 1;
-        } else {
-            let why = match view.and_then(|v| v.last_error.as_ref()) {
-                Some(e) => e.to_string(),
-                None => format!(
-                    "state {:?}, boot env {:?}",
-                    view.and_then(|v| v.state).map(|s| s.as_str()),
-                    env.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+            .is_none_or(|s| s.status == RolloutStatus::Running)
+        {
+            say(
+                opts.json,
+                &format!(
+                    "  rollout did not finish within {}s",
+                    opts.timeout.as_secs()
                 ),
-            };
-            failures.push(format!("{id} ({}): {why}", dir.display()));
+            );
         }
+        // The final reads get a deadline of their own: the rollout's may be spent.
+        let mut final_polls = Polls::new("for the final check");
+        let check_deadline = Instant::now() + Duration::from_secs(60);
+        let views = final_polls.ask(check_deadline, || client.devices()).await;
+        let stats = final_polls.ask(check_deadline, || client.stats()).await;
+        final_polls.report();
+        let (views, stats) = (views?, stats?);
+        let peak = server.peak_rss();
+        if let Err(e) = &peak {
+            eprintln!("  warning: cannot read the server's peak RSS: {e:#}");
+        }
+        counters.peak_rss(peak.ok());
+        let server_cpu_seconds = cpu_seconds(server.pid());
+        let own = std::mem::take(devices);
+        let (own, local) = blocking("reading the devices' boot environments", move || {
+            let local: Vec<_> = own
+                .iter()
+                .map(|d| {
+                    (
+                        d.device_id().unwrap_or_default(),
+                        d.boot_state(),
+                        d.dir.clone(),
+                    )
+                })
+                .collect();
+            Ok((own, local))
+        })
+        .await?;
+        *devices = own;
+        let mut failures = Vec::new();
+        let mut upgraded = 0;
+        let device_seconds = local
+            .iter()
+            .map(|(id, _, _)| done_at.get(id.as_str()).copied())
+            .collect();
+        for (id, env, dir) in local {
+            let view = views.iter().find(|v| v.id.as_str() == id);
+            let on_new = view.is_some_and(|v| {
+                v.running_version.as_ref() == Some(to) && v.state == Some(AgentState::Idle)
+            });
+            let committed = env
+                .as_ref()
+                .is_ok_and(|s| s.default_slot == SlotName::B && s.trial.is_none());
+            if on_new && committed {
+                upgraded += 1;
+            } else {
+                let why = match view.and_then(|v| v.last_error.as_ref()) {
+                    Some(e) => e.to_string(),
+                    None => format!(
+                        "state {:?}, boot env {:?}",
+                        view.and_then(|v| v.state).map(|s| s.as_str()),
+                        env.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+                    ),
+                };
+                failures.push(format!("{id} ({}): {why}", dir.display()));
+            }
+        }
+        server.stop_async().await;
+        let (bytes_sent, rows, batches) = counters.totals(&stats);
+        Ok(DemoSummary {
+            devices: opts.devices,
+            upgraded,
+            failed: opts.devices - upgraded,
+            from_version: from.to_string(),
+            to_version: to.to_string(),
+            seconds,
+            bytes_sent,
+            image_size: opts.image_size,
+            failures,
+            faults,
+            server_peak_rss_bytes: counters.peak_rss,
+            db_rows_written: rows,
+            db_write_batches: batches,
+            db_rows_per_second: if seconds > 0.0 {
+                rows as f64 / seconds
+            } else {
+                0.0
+            },
+            server_cpu_seconds,
+            device_seconds,
+        })
     }
-    server.stop_async().await;
-    let (bytes_sent, rows, batches) = counters.totals(&stats);
-    Ok(DemoSummary {
-        devices: opts.devices,
-        upgraded,
-        failed: opts.devices - upgraded,
-        from_version: from.to_string(),
-        to_version: to.to_string(),
-        seconds,
-        bytes_sent,
-        image_size: opts.image_size,
-        failures,
-        faults: chaos.map(|c| c.counts),
-        server_peak_rss_bytes: counters.peak_rss,
-        db_rows_written: rows,
-        db_write_batches: batches,
-        db_rows_per_second: if seconds > 0.0 {
-            rows as f64 / seconds
-        } else {
-            0.0
-        },
-        server_cpu_seconds,
-        device_seconds,
-    })
 }
 
 /// How the demo's server starts: on loopback, or in the caller's namespace

@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{StreamExt, TryStreamExt};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use uplift_proto::api::*;
 use uplift_proto::auth::{
@@ -1321,17 +1322,20 @@ fn as_listed(
     Ok(stored)
 }
 
-/// Parses a single `bytes=start-[end]` range; multi-range is not needed by agents.
+/// The one byte range (inclusive) a `Range` header asks of `len` bytes, as
+/// RFC 9110 reads it (`bytes=START-`, `bytes=START-END` clamped to the end,
+/// `bytes=-SUFFIX`); `None`, answered 416, if it cannot be served: malformed,
+/// past the end, or several ranges (agents ask for one at most, and
+/// several would need a multipart body).
 fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
-    let spec = value.strip_prefix("bytes=")?;
-    let (start, end) = spec.split_once('-')?;
-    let start: u64 = start.parse().ok()?;
-    let end: u64 = if end.is_empty() {
-        len.checked_sub(1)?
-    } else {
-        end.parse::<u64>().ok()?.min(len.checked_sub(1)?)
-    };
-    (start <= end).then_some((start, end))
+    let ranges = http_range_header::parse_range_header_with_max_ranges(value, NonZeroUsize::MIN)
+        .ok()?
+        .validate(len)
+        .ok()?;
+    match ranges.as_slice() {
+        [range] => Some((*range.start(), *range.end())),
+        _ => None,
+    }
 }
 
 async fn device_chunk(
@@ -1586,5 +1590,12 @@ mod tests {
         assert_eq!(parse_range("bytes=1000-", 1000), None);
         assert_eq!(parse_range("bytes=5-2", 1000), None);
         assert_eq!(parse_range("items=0-1", 1000), None);
+        assert_eq!(parse_range("bytes=-100", 1000), Some((900, 999)));
+        assert_eq!(parse_range("bytes=-5000", 1000), Some((0, 999)));
+        assert_eq!(parse_range("bytes=18446744073709551615-", 1000), None);
+        assert_eq!(parse_range("bytes=0-0", 0), None, "nothing to serve");
+        // One range only: several are refused, satisfiable or not.
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
+        assert_eq!(parse_range("bytes=0-1, 2000-3000", 1000), None);
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::budget::Kind;
 use crate::error::ApiError;
-use crate::hub::SessionSerial;
+use crate::hub::{RemovalEpoch, SessionSerial};
 use crate::live::Applied;
 use crate::state::{now_rfc3339, AppState};
 use crate::store::{DeviceTarget, NewDevice};
@@ -143,10 +143,11 @@ async fn session(
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
     let peer = Peer::of(&hello);
-    let (device_id, enrolled, held) = match authenticate(&state, &nonce, hello).await {
-        Ok(ok) => ok,
+    let checked = match check_key(&state, &nonce, hello).await {
+        Ok(checked) => checked,
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
+    let device_id = checked.device_id.clone();
 
     // A signed token any replica accepts until it expires; renewed over
     // this channel (see `serve_device`).
@@ -155,13 +156,15 @@ async fn session(
         .issue(&device_id, crate::download_token::unix_now());
     // Its private addresses: those it holds, any a pool still owes it
     // assigned now (no database work when it has them all).
-    let private_addresses = if state.addresses.is_empty() && held.is_empty() {
+    let private_addresses = if state.addresses.is_empty() && checked.held.is_empty() {
         Vec::new()
     } else {
-        crate::addresses::ensure(&state, &device_id, &held).await
+        crate::addresses::ensure(&state, &device_id, &checked.held).await
     };
-    let (tx, mut target_changed) = watch::channel(0u64);
-    let serial = state.hub.register(device_id.clone(), tx);
+    let (serial, mut target_changed) = match admit(&state, &checked).await {
+        Ok(admitted) => admitted,
+        Err(err) => return Err(refuse(&mut socket, err).await),
+    };
     // From here on, whatever an older session of this device still has in
     // flight is not heard (see crate::live).
     state.live.claim_from(
@@ -176,7 +179,7 @@ async fn session(
             &ServerMsg::Welcome {
                 device_id: device_id.clone(),
                 session_token: token.text,
-                enrolled,
+                enrolled: checked.enrolled,
                 features: FEATURES.to_vec(),
                 private_addresses,
             },
@@ -303,27 +306,99 @@ fn decode_agent_msg(frame: &str) -> Result<AgentMsg, WireError> {
 
 /// A socket error is the peer's fault only when it broke the protocol (an
 /// oversized or malformed frame); a dropped connection is just a device gone.
-/// axum hides tungstenite's error type, so its message is all there is.
+/// Read by its type: axum wraps the error tungstenite returned.
 fn classify_socket_error(e: &axum::Error) -> Option<WireError> {
-    let text = e.to_string();
-    let lower = text.to_ascii_lowercase();
-    if lower.contains("space limit exceeded") || lower.contains("too long") {
-        Some(WireError::new(
+    let ws = std::error::Error::source(e)?.downcast_ref::<tungstenite::Error>()?;
+    classify_ws_error(ws)
+}
+
+/// The rule, by tungstenite's error.
+fn classify_ws_error(e: &tungstenite::Error) -> Option<WireError> {
+    use tungstenite::error::ProtocolError;
+    use tungstenite::Error as Ws;
+    match e {
+        Ws::Capacity(_) => Some(WireError::new(
             ErrorKind::FrameTooLarge,
-            format!("frame exceeds the limit of {MAX_FRAME_BYTES} bytes: {text}"),
-        ))
-    } else if lower.contains("without closing handshake") {
-        // "WebSocket protocol error: Connection reset without closing
-        // handshake": the device went away, it broke nothing.
-        None
-    } else if lower.contains("protocol error") || lower.contains("utf-8") {
-        Some(WireError::new(
+            format!("frame exceeds the limit of {MAX_FRAME_BYTES} bytes: {e}"),
+        )),
+        // The device went away without a close frame: it broke nothing.
+        Ws::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        Ws::Protocol(_) | Ws::Utf8(_) => Some(WireError::new(
             ErrorKind::MalformedFrame,
-            format!("unreadable frame: {text}"),
-        ))
-    } else {
-        None
+            format!("unreadable frame: {e}"),
+        )),
+        // The connection itself failed or ended (or the server's own write
+        // queue overflowed behind a slow peer): the device is gone, or will
+        // reconnect; nothing to tell it.
+        Ws::ConnectionClosed
+        | Ws::AlreadyClosed
+        | Ws::Io(_)
+        | Ws::Tls(_)
+        | Ws::WriteBufferFull(_)
+        | Ws::AttackAttempt
+        | Ws::Url(_)
+        | Ws::Http(_)
+        | Ws::HttpFormat(_) => None,
     }
+}
+
+/// A device whose key the server checked, not yet registered in the hub.
+struct Checked {
+    device_id: DeviceId,
+    /// It enrolled on this channel (or enrolled again with the same key).
+    enrolled: bool,
+    /// The private addresses its record holds.
+    held: Vec<String>,
+    /// The removals the hub knew of before the key was checked.
+    removals: RemovalEpoch,
+}
+
+/// Checks the key of a device's first frame (enrolling it if that is what
+/// it asks), noting first the removals known so far (see [`admit`]).
+async fn check_key(state: &AppState, nonce: &[u8], hello: AgentMsg) -> Result<Checked, WireError> {
+    let removals = state.hub.removal_epoch();
+    let (device_id, enrolled, held) = authenticate(state, nonce, hello).await?;
+    Ok(Checked {
+        device_id,
+        enrolled,
+        held,
+        removals,
+    })
+}
+
+/// Registers a checked device's session in the hub, unless the device was
+/// removed since its key was checked: the session's serial and its push
+/// channel, or the removed device's refusal.
+///
+/// Why the second look: a removal stored after the key check and told to
+/// the hub before the registration would close nothing and leave the
+/// session live with a revoked key. The hub says whether any removal was
+/// told in between (rarely: removals are an operator's act); only then is
+/// the database asked again, after registering, so a removal stored later
+/// than that read is told to the hub later too and finds the session.
+async fn admit(
+    state: &AppState,
+    checked: &Checked,
+) -> Result<(SessionSerial, watch::Receiver<u64>), WireError> {
+    let device = &checked.device_id;
+    let (tx, target_changed) = watch::channel(0u64);
+    let (serial, removed_since) = state
+        .hub
+        .register_since(device.clone(), tx, checked.removals);
+    if removed_since {
+        let stored = match state.store.device(device).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                state.hub.unregister(device, serial);
+                return Err(WireError::new(e.kind(), e.to_string()));
+            }
+        };
+        if let Some(at) = stored.as_ref().and_then(|d| d.removed_at.as_deref()) {
+            state.hub.unregister(device, serial);
+            return Err(removed(device, Some(at)));
+        }
+    }
+    Ok((serial, target_changed))
 }
 
 async fn authenticate(
@@ -726,6 +801,120 @@ mod tests {
                 })
             ));
         }
+    }
+
+    /// A device enrolled with a real key, and its answer to `nonce`.
+    async fn keyed_device(state: &AppState, id: &str, nonce: &[u8]) -> (DeviceId, AgentMsg) {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[id.len() as u8; 32]);
+        let device: DeviceId = id.parse().unwrap();
+        state
+            .store
+            .insert_device(&NewDevice {
+                id: device.clone(),
+                device_type: "gateway".parse().unwrap(),
+                hardware_id: format!("hw-{id}").parse().unwrap(),
+                public_key: B64.encode(key.verifying_key().as_bytes()),
+                enrolled_at: now_rfc3339(),
+            })
+            .await
+            .unwrap();
+        use ed25519_dalek::Signer;
+        let signature = key.sign(&channel::auth_message(nonce, id));
+        let hello = AgentMsg::Authenticate {
+            device_id: device.clone(),
+            signature: B64.encode(signature.to_bytes()),
+            features: FEATURES.to_vec(),
+        };
+        (device, hello)
+    }
+
+    async fn remove(state: &AppState, device: &DeviceId) {
+        crate::service::devices::remove(state, &crate::auth::Principal::bootstrap_admin(), device)
+            .await
+            .unwrap();
+    }
+
+    /// The race an operator's removal and a connecting device run, each
+    /// order of its steps played out one after the other.
+    #[tokio::test]
+    async fn a_device_removed_while_it_connects_never_keeps_a_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let nonce = [7u8; 32];
+
+        // The key is checked, the removal runs whole, then the session
+        // would register: it is refused, as the removed device it is.
+        let (a, hello) = keyed_device(&state, "dev-a", &nonce).await;
+        let checked = check_key(&state, &nonce, hello).await.unwrap();
+        remove(&state, &a).await;
+        let refused = admit(&state, &checked).await.unwrap_err();
+        assert_eq!(refused.kind, ErrorKind::DeviceRemoved, "{refused:?}");
+        assert!(!state.hub.is_online(&a), "no session is left behind");
+        assert!(state.hub.online_ids().is_empty());
+
+        // Registered first, removed after: the removal closes the session
+        // and the session learns why.
+        let (b, hello) = keyed_device(&state, "dev-bb", &nonce).await;
+        let checked = check_key(&state, &nonce, hello).await.unwrap();
+        let (_, target_changed) = admit(&state, &checked).await.unwrap();
+        assert!(state.hub.is_online(&b));
+        remove(&state, &b).await;
+        assert!(!state.hub.is_online(&b));
+        assert!(crate::hub::removed(&target_changed));
+
+        // Another device's removal in between: the second look finds this
+        // one still in the fleet, and its session stands.
+        let (c, hello) = keyed_device(&state, "dev-ccc", &nonce).await;
+        let (d, _) = keyed_device(&state, "dev-dddd", &nonce).await;
+        let checked = check_key(&state, &nonce, hello).await.unwrap();
+        remove(&state, &d).await;
+        let (_, target_changed) = admit(&state, &checked).await.unwrap();
+        assert!(state.hub.is_online(&c));
+        assert!(!crate::hub::removed(&target_changed));
+
+        // And a removed device's key is refused at the check itself.
+        let again = AgentMsg::Authenticate {
+            device_id: a.clone(),
+            signature: String::new(),
+            features: Vec::new(),
+        };
+        let refused = check_key(&state, &nonce, again).await.err().unwrap();
+        assert_eq!(refused.kind, ErrorKind::DeviceRemoved);
+    }
+
+    #[test]
+    fn socket_errors_are_told_apart_by_type() {
+        use tungstenite::error::{CapacityError, ProtocolError};
+        use tungstenite::Error as Ws;
+        let kind = |e: Ws| classify_socket_error(&axum::Error::new(e)).map(|w| w.kind);
+        assert_eq!(
+            kind(Ws::Capacity(CapacityError::MessageTooLong {
+                size: MAX_FRAME_BYTES + 1,
+                max_size: MAX_FRAME_BYTES,
+            })),
+            Some(ErrorKind::FrameTooLarge)
+        );
+        for malformed in [
+            Ws::Protocol(ProtocolError::UnmaskedFrameFromClient),
+            Ws::Protocol(ProtocolError::InvalidOpcode(13)),
+            Ws::Utf8("invalid utf-8 sequence".into()),
+        ] {
+            assert_eq!(kind(malformed), Some(ErrorKind::MalformedFrame));
+        }
+        for gone in [
+            Ws::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+            Ws::ConnectionClosed,
+            Ws::AlreadyClosed,
+            Ws::Io(std::io::ErrorKind::ConnectionReset.into()),
+            Ws::Io(std::io::ErrorKind::UnexpectedEof.into()),
+        ] {
+            assert_eq!(kind(gone), None);
+        }
+        // Whatever else axum might hand over is no frame of the peer's.
+        assert_eq!(
+            classify_socket_error(&axum::Error::new(std::io::Error::other("x"))),
+            None
+        );
     }
 
     #[test]

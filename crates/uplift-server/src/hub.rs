@@ -6,6 +6,16 @@
 //! Replicas learn of each other's sessions from the database: the hub
 //! keeps which sessions began and ended since [`crate::presence`] last
 //! wrote them there.
+//!
+//! A removal and a connecting session of the same device meet here: the
+//! session's key is checked against the database before it registers, so a
+//! removal stored in between would find no session to close, and the
+//! session would live on with a revoked key. The hub counts the removals it
+//! closed sessions for ([`RemovalEpoch`]); a session registers with the
+//! count it saw before its key check and learns whether any removal came
+//! since, and only then checks the database again (see
+//! `crate::channel::admit`). Both take the same lock, so either the removal
+//! finds the session or the session finds the removal.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -32,7 +42,14 @@ struct Inner {
     sessions: HashMap<DeviceId, Session>,
     /// Per device, the newest session change the database has not heard of.
     presence: HashMap<DeviceId, PresenceChange>,
+    /// How many removals this hub was told of ([`Hub::close_removed`]).
+    removals: u64,
 }
+
+/// How many removals a hub had been told of at some moment: taken before a
+/// device's key is checked, handed back when its session registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemovalEpoch(u64);
 
 /// A session change as the other replicas learn it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,10 +89,30 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Registers a session, replacing (and thereby closing) any older one of
-    /// the same device.
+    /// The removals told so far: take it before checking a device's key.
+    pub fn removal_epoch(&self) -> RemovalEpoch {
+        RemovalEpoch(self.lock().removals)
+    }
+
+    /// Registers a session of a device no removal is in question for (tests).
+    #[cfg(test)]
     pub fn register(&self, device: DeviceId, target_changed: watch::Sender<u64>) -> SessionSerial {
+        let seen = self.removal_epoch();
+        self.register_since(device, target_changed, seen).0
+    }
+
+    /// Registers a session, replacing (and thereby closing) any older one of
+    /// the same device, and says whether any device was removed since
+    /// `seen` (then the caller checks again that its own was not). A
+    /// removal told after this returns finds the session and closes it.
+    pub fn register_since(
+        &self,
+        device: DeviceId,
+        target_changed: watch::Sender<u64>,
+        seen: RemovalEpoch,
+    ) -> (SessionSerial, bool) {
         let mut inner = self.lock();
+        let removed_since = inner.removals != seen.0;
         inner.next_serial += 1;
         let serial = inner.next_serial;
         inner.presence.insert(
@@ -90,7 +127,7 @@ impl Hub {
                 target_changed,
             },
         );
-        SessionSerial(serial)
+        (SessionSerial(serial), removed_since)
     }
 
     pub fn unregister(&self, device: &DeviceId, serial: SessionSerial) {
@@ -147,9 +184,13 @@ impl Hub {
     }
 
     /// Ends a device's session here, if it has one, telling it why: the
-    /// device was removed. Returns whether it was connected here.
+    /// device was removed. Returns whether it was connected here. Call it
+    /// for every removal, connected here or not: a session whose key was
+    /// checked before the removal and that registers after it learns of it
+    /// by the count this keeps.
     pub fn close_removed(&self, device: &DeviceId) -> bool {
         let mut inner = self.lock();
+        inner.removals += 1;
         match inner.sessions.remove(device) {
             Some(session) => {
                 // Offline for the other replicas too (its session's own
@@ -208,6 +249,21 @@ mod tests {
         assert!(rx2.has_changed().is_err(), "the session ends");
         assert!(removed(&rx2), "and learns why");
         assert!(!hub.close_removed(&dev));
+    }
+
+    #[test]
+    fn a_session_learns_of_removals_told_since_its_key_was_checked() {
+        let hub = Hub::default();
+        let dev: DeviceId = "dev-1".parse().unwrap();
+        let seen = hub.removal_epoch();
+        let (tx, _rx) = watch::channel(0);
+        assert!(!hub.register_since(dev.clone(), tx, seen).1);
+        // A removal of a device with no session here still counts.
+        assert!(!hub.close_removed(&"dev-2".parse().unwrap()));
+        let (tx, _rx) = watch::channel(0);
+        assert!(hub.register_since(dev.clone(), tx, seen).1);
+        let (tx, _rx) = watch::channel(0);
+        assert!(!hub.register_since(dev, tx, hub.removal_epoch()).1);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use uplift_client::AdminClient;
@@ -68,6 +70,92 @@ impl Fixture {
         }
     }
 
+    /// A fixture for a test on a network of its own: its server listens on
+    /// `addr` (an address of the namespace the calling thread is in), its
+    /// certificate naming `addr` and `names`, `config` added to its
+    /// configuration; images 1.0 and 1.1 of `image_bytes`, unrelated to
+    /// each other. Also the launch, to start the server again.
+    pub async fn start_at(
+        addr: &str,
+        names: &[&str],
+        config: &str,
+        image_bytes: u64,
+    ) -> (Self, ServerLaunch) {
+        let dir = tempfile::Builder::new()
+            .prefix("uplift-net-")
+            .tempdir()
+            .expect("temp dir");
+        let bins = Binaries::locate().expect("binaries (run `cargo build --bins` first)");
+        let hostnames: Vec<&str> = std::iter::once(addr).chain(names.iter().copied()).collect();
+        let launch = ServerLaunch {
+            listen: format!("{addr}:0"),
+            config_toml: Some(format!("[tls]\nhostnames = {hostnames:?}\n{config}")),
+            netns: None,
+        };
+        let server = ServerProcess::launch_async(&bins, &dir.path().join("server"), launch.clone())
+            .await
+            .expect("server starts");
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let image = |version: &str, seed: u64| {
+            let path = images.join(format!("os-{version}.img"));
+            write_image(&path, image_bytes, seed).unwrap();
+            path
+        };
+        let fx = Self {
+            client: server.client().expect("admin client"),
+            image_v1_0: image("1.0", 1),
+            image_v1_1: image("1.1", 2),
+            dir,
+            bins,
+            server,
+            key: ReleaseSigningKey::from_seed([7; 32]),
+        };
+        (fx, launch)
+    }
+
+    /// [`Fixture::start_with`] off the async threads (it waits for the
+    /// server blocking).
+    pub async fn start_async(launch: ServerLaunch) -> Self {
+        tokio::task::spawn_blocking(move || Self::start_with(launch))
+            .await
+            .expect("the fixture starts")
+    }
+
+    /// Another replica of this fixture's server, in `self.path(name)`, with
+    /// `config` (the same database as the first). It shares the first
+    /// one's TLS identity, tokens and download-token keys: devices trust
+    /// one CA, the admin and enrollment tokens work on either, and either
+    /// replica checks the other's download tokens.
+    pub async fn start_replica(&self, name: &str, config: &str) -> ServerProcess {
+        let dir = self.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in [
+            "tls",
+            "admin-token",
+            "enrollment-token",
+            "download-token-keys",
+        ] {
+            let from = self.server.dir.join(file);
+            let status = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&from)
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "copying {}", from.display());
+        }
+        let bins = self.bins.clone();
+        let launch = ServerLaunch {
+            config_toml: Some(config.to_owned()),
+            ..ServerLaunch::on("127.0.0.1:0")
+        };
+        tokio::task::spawn_blocking(move || ServerProcess::launch(&bins, &dir, &launch))
+            .await
+            .unwrap()
+            .expect("another replica starts on the same database")
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
@@ -129,15 +217,32 @@ impl Fixture {
             url: url.to_owned(),
             ..self.server.endpoint.clone()
         };
-        let mut device = Device::provision(
-            &self.path(&format!("devices/{name}")),
-            &spec,
-            &endpoint,
-            &self.image_v1_0,
-        )
-        .expect("provision device");
+        let mut device = self.provisioned(name, &spec, &endpoint);
         device.start(&self.bins).expect("start device");
         device
+    }
+
+    /// Provisions and powers on a device inside network namespace `netns`.
+    pub fn device_in(&self, name: &str, spec: DeviceSpec, netns: &str) -> Device {
+        let mut device = self.provisioned(name, &spec, &self.server.endpoint);
+        device.netns = Some(netns.to_owned());
+        device.start(&self.bins).expect("start device");
+        device
+    }
+
+    fn provisioned(
+        &self,
+        name: &str,
+        spec: &DeviceSpec,
+        endpoint: &uplift_proto::api::ServerEndpoint,
+    ) -> Device {
+        Device::provision(
+            &self.path(&format!("devices/{name}")),
+            spec,
+            endpoint,
+            &self.image_v1_0,
+        )
+        .expect("provision device")
     }
 
     /// Provisions and powers on one device per `(name, spec)`, reaching the
