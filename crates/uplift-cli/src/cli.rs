@@ -183,6 +183,12 @@ pub enum ReleaseCommand {
         /// chunks it lacks; any other device fetches those chunks whole.
         #[arg(long, value_name = "OLD_RELEASE_DIR_OR_IMAGE")]
         delta_from: Option<PathBuf>,
+        /// Allow this release to replace versions newer than itself, up to
+        /// and including VERSION: the release key's permission to
+        /// downgrade devices running them (a rollout must still ask, with
+        /// `--allow-downgrade`). Without it no rollout can downgrade to it.
+        #[arg(long, value_name = "VERSION")]
+        may_replace_up_to: Option<Version>,
     },
     /// Upload a release directory to the server.
     Upload {
@@ -501,7 +507,9 @@ pub enum RolloutCommand {
         /// Only devices running this version; repeat for several.
         #[arg(long = "from-version", value_name = "VERSION", value_delimiter = ',')]
         from_versions: Vec<Version>,
-        /// Allow devices to install a version older than the one they run.
+        /// Allow devices to install a version older than the one they run;
+        /// only to a release signed as allowed to replace it (`release
+        /// create --may-replace-up-to`).
         #[arg(long)]
         allow_downgrade: bool,
         /// Cap each device's download rate (bytes/s); devices keep to the
@@ -675,11 +683,13 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
             out,
             valid_days,
             delta_from,
+            may_replace_up_to,
         } => {
             let key = ReleaseSigningKey::read_from_file(&key)?;
             let mut options = ReleaseOptions::new(version, device_type);
             options.valid_for = time::Duration::days(valid_days);
             options.delta_from = delta_from;
+            options.may_replace_up_to = may_replace_up_to;
             let summary =
                 tokio::task::spawn_blocking(move || create_release(&image, &out, &options, &key))
                     .await??;

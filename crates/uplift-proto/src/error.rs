@@ -62,6 +62,9 @@ pub enum ErrorKind {
     WrongDeviceType,
     VersionMismatch,
     DowngradeRefused,
+    /// A rollout asked to downgrade to a release whose signed manifest does
+    /// not allow it to replace newer versions (`may_replace_up_to`).
+    DowngradeNotSigned,
     ChunkHashMismatch,
     ImageHashMismatch,
     DownloadFailed,

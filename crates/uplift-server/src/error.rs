@@ -200,7 +200,9 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         ErrorKind::FrameTooLarge | ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::UnsupportedProtocol => StatusCode::UPGRADE_REQUIRED,
         ErrorKind::NotFound | ErrorKind::UnknownDevice => StatusCode::NOT_FOUND,
-        ErrorKind::Conflict | ErrorKind::DowngradeRefused => StatusCode::CONFLICT,
+        ErrorKind::Conflict | ErrorKind::DowngradeRefused | ErrorKind::DowngradeNotSigned => {
+            StatusCode::CONFLICT
+        }
         ErrorKind::Unauthorized
         | ErrorKind::BadDeviceSignature
         | ErrorKind::DeviceRemoved

@@ -34,6 +34,23 @@ pub enum ServiceError {
     ReleaseIncomplete { version: Version, missing: usize },
     #[error("release {version} is not on the server; upload it with `uplift release upload`")]
     ReleaseNotFound { version: Version },
+    /// A downgrade the release key did not allow: devices would refuse it
+    /// (they check the signed manifest themselves), so it is refused here
+    /// first, where the operator sees why.
+    #[error(
+        "release {version} is not signed as allowed to replace newer versions ({}), so devices \
+         would refuse this downgrade; make it with `uplift release create --may-replace-up-to \
+         <newest version it may replace>`, signed with a release key, and upload it, or roll out \
+         a newer release",
+        match may_replace_up_to {
+            Some(up_to) => format!("it may replace versions up to {up_to} only"),
+            None => "it allows no downgrade".to_owned(),
+        }
+    )]
+    DowngradeNotSigned {
+        version: Version,
+        may_replace_up_to: Option<Version>,
+    },
     /// An uploaded chunk that is not the chunk its name says.
     #[error("{source}")]
     ChunkRefused {
@@ -145,6 +162,7 @@ impl ServiceError {
             | ServiceError::DeviceNotFound { .. }
             | ServiceError::WebhookNotFound { .. } => ErrorKind::NotFound,
             ServiceError::Denied { .. } => ErrorKind::Forbidden,
+            ServiceError::DowngradeNotSigned { .. } => ErrorKind::DowngradeNotSigned,
             ServiceError::ChunkRefused { source, .. } => source.kind(),
             ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
             ServiceError::CheckPanicked { .. } | ServiceError::Metrics(_) => ErrorKind::Internal,
