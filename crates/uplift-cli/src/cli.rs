@@ -264,6 +264,39 @@ pub enum DevicesCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Enrollment requests waiting for an operator (the server's
+    /// `[enrollment] mode = "approval"`): each with its hardware ID, device
+    /// type, key fingerprint and when it asked.
+    Pending {
+        /// Decided requests too (accepted and rejected).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Accept enrollment request ID (pending, or rejected before): the
+    /// device gets its device ID at once, over the connection it waits on.
+    Accept {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Reject pending enrollment request ID: the device is told why and
+    /// stops; its key is refused from now on (accept it to undo this).
+    Reject {
+        id: i64,
+        /// Told to the device, kept with the request (at most 200 characters).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// What happened to a device: offers, downloads (bytes fetched and
     /// reused), installs, reboots, commits, rollbacks and errors, oldest first.
     History {
@@ -564,6 +597,34 @@ pub enum RolloutCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+}
+
+fn enrollments_table(requests: &[uplift_proto::enrollment::EnrollmentRequestView]) -> String {
+    let mut out = format!(
+        "{:<6} {:<10} {:<20} {:<16} {:<26} {:<24} {}",
+        "ID", "STATE", "HARDWARE ID", "TYPE", "ASKED AT", "KEY", "DEVICE / REASON"
+    );
+    for r in requests {
+        let what = match (&r.device_id, &r.reason) {
+            (Some(id), _) => id.to_string(),
+            (None, Some(reason)) => reason.clone(),
+            (None, None) => "-".to_owned(),
+        };
+        // The fingerprint's first 16 hex digits: enough to tell devices
+        // apart on a screen; `--json` has it whole.
+        let key: String = r.key_fingerprint.chars().take(7 + 16).collect();
+        out.push_str(&format!(
+            "\n{:<6} {:<10} {:<20} {:<16} {:<26} {:<24} {}",
+            r.id,
+            r.state.as_str(),
+            r.hardware_id,
+            r.device_type,
+            r.requested_at,
+            key,
+            what
+        ));
+    }
+    out
 }
 
 pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
@@ -877,6 +938,51 @@ async fn devices(cmd: DevicesCommand) -> anyhow::Result<i32> {
                     "{} removed at {}: its key is revoked and its channel closed; its history is kept",
                     device.id,
                     device.removed_at.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(0)
+        }
+        DevicesCommand::Pending { all, json, server } => {
+            let state = (!all).then_some(uplift_proto::enrollment::EnrollmentState::Pending);
+            let requests = server.client()?.enrollments(state).await?;
+            if json {
+                print_json(&requests)?;
+            } else if requests.is_empty() {
+                println!(
+                    "no enrollment requests{}",
+                    if all { "" } else { " waiting" }
+                );
+            } else {
+                println!("{}", enrollments_table(&requests));
+            }
+            Ok(0)
+        }
+        DevicesCommand::Accept { id, json, server } => {
+            let request = server.client()?.accept_enrollment(id).await?;
+            if json {
+                print_json(&request)?;
+            } else {
+                println!(
+                    "enrollment {id} ({}) accepted: device {}",
+                    request.hardware_id,
+                    request.device_id.as_ref().map_or("-", |d| d.as_str())
+                );
+            }
+            Ok(0)
+        }
+        DevicesCommand::Reject {
+            id,
+            reason,
+            json,
+            server,
+        } => {
+            let request = server.client()?.reject_enrollment(id, reason).await?;
+            if json {
+                print_json(&request)?;
+            } else {
+                println!(
+                    "enrollment {id} ({}) rejected: the device is told so and refused from now on",
+                    request.hardware_id
                 );
             }
             Ok(0)

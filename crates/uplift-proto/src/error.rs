@@ -35,6 +35,9 @@ pub enum ErrorKind {
     // --- authentication
     Unauthorized,
     EnrollmentRefused,
+    /// An operator rejected this device's enrollment request (approval
+    /// mode); its key is refused until an operator accepts it.
+    EnrollmentRejected,
     UnknownDevice,
     BadDeviceSignature,
     /// The device was removed (decommissioned) by an operator: its key is

@@ -6,8 +6,9 @@ use crate::budget::Kind;
 use crate::error::ApiError;
 use crate::hub::SessionSerial;
 use crate::live::Applied;
+use crate::service::enrollment::Admission;
 use crate::state::{now_rfc3339, AppState};
-use crate::store::{DeviceTarget, NewDevice};
+use crate::store::DeviceTarget;
 use crate::turns::{self, Turn};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -144,7 +145,23 @@ async fn session(
     };
     let peer = Peer::of(&hello);
     let (device_id, enrolled, held) = match authenticate(&state, &nonce, hello).await {
-        Ok(ok) => ok,
+        Ok(Hello::Known(id, enrolled, held)) => (id, enrolled, held),
+        // Approval mode: the connection is held until an operator decides.
+        Ok(Hello::Pending(p)) => {
+            let who = crate::pending::Waiting {
+                device_type: &p.device_type,
+                hardware_id: &p.hardware_id,
+                public_key: &p.public_key,
+                told: p.told,
+            };
+            match crate::pending::wait(&state, &mut socket, who, p.request).await {
+                Ok((id, held)) => (id, true, held),
+                Err(crate::pending::WaitEnd::Refused(err)) => {
+                    return Err(refuse(&mut socket, err).await)
+                }
+                Err(crate::pending::WaitEnd::Gone) => return Err(SessionError::Gone),
+            }
+        }
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
 
@@ -326,11 +343,24 @@ fn classify_socket_error(e: &axum::Error) -> Option<WireError> {
     }
 }
 
-async fn authenticate(
-    state: &AppState,
-    nonce: &[u8],
-    hello: AgentMsg,
-) -> Result<(DeviceId, bool, Vec<String>), WireError> {
+/// What a device's first frame comes to.
+enum Hello {
+    /// Its ID, whether it enrolled just now, and the private addresses it holds.
+    Known(DeviceId, bool, Vec<String>),
+    /// Its enrollment waits for an operator (approval mode).
+    Pending(PendingHello),
+}
+
+struct PendingHello {
+    device_type: DeviceType,
+    hardware_id: HardwareId,
+    public_key: String,
+    request: i64,
+    /// It takes `enrollment_pending` frames.
+    told: bool,
+}
+
+async fn authenticate(state: &AppState, nonce: &[u8], hello: AgentMsg) -> Result<Hello, WireError> {
     match hello {
         AgentMsg::Enroll {
             device_type,
@@ -338,27 +368,54 @@ async fn authenticate(
             token,
             public_key,
             signature,
-            ..
+            features,
         } => {
-            let accepted = state.secrets.is_enrollment_token(&token)
-                || crate::service::tokens::may_enroll(
+            // A configured token, or one made with `uplift token create`
+            // (whose uses are counted, for a new device, by admit()).
+            let configured = state.secrets.is_enrollment_token(&token);
+            let made = if configured {
+                None
+            } else {
+                crate::service::tokens::enrollment_token(
+                    state,
+                    &token,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .await
+                .map_err(|e| WireError::new(e.kind(), e.to_string()))?
+            };
+            if !configured && made.is_none() {
+                let why = crate::service::tokens::enrollment_refusal(
                     state,
                     &token,
                     time::OffsetDateTime::now_utc(),
                 )
                 .await
                 .map_err(|e| WireError::new(e.kind(), e.to_string()))?;
-            if !accepted {
-                return Err(WireError::new(
-                    ErrorKind::EnrollmentRefused,
-                    "enrollment token not accepted (wrong, expired or revoked); set enrollment_token in the agent \
-                     config to one of the server's enrollment tokens, or one made with \
-                     `uplift token create --role enrollment`",
-                ));
+                return Err(WireError::new(ErrorKind::EnrollmentRefused, why));
             }
             let key = parse_public_key(&public_key)?;
             verify(&key, &channel::auth_message(nonce, &public_key), &signature)?;
-            enroll(state, device_type, hardware_id, public_key).await
+            let admission = crate::service::enrollment::admit(
+                state,
+                &device_type,
+                &hardware_id,
+                &public_key,
+                made.as_ref(),
+            )
+            .await
+            .map_err(|e| WireError::new(e.kind(), e.to_string()))?;
+            match admission {
+                Admission::Device { id, addresses } => Ok(Hello::Known(id, true, addresses)),
+                Admission::Removed { id, at } => Err(removed(&id, Some(&at))),
+                Admission::Pending(record) => Ok(Hello::Pending(PendingHello {
+                    device_type,
+                    hardware_id,
+                    public_key,
+                    request: record.view.id,
+                    told: features.contains(&Feature::EnrollmentApproval),
+                })),
+            }
         }
         AgentMsg::Authenticate {
             device_id,
@@ -395,7 +452,7 @@ async fn authenticate(
                     format!("signature does not match the key enrolled for device {device_id}"),
                 )
             })?;
-            Ok((device_id, false, device.private_addresses))
+            Ok(Hello::Known(device_id, false, device.private_addresses))
         }
         AgentMsg::Report(_) => Err(WireError::new(
             ErrorKind::UnexpectedMessage,
@@ -404,48 +461,8 @@ async fn authenticate(
     }
 }
 
-async fn enroll(
-    state: &AppState,
-    device_type: DeviceType,
-    hardware_id: HardwareId,
-    public_key: String,
-) -> Result<(DeviceId, bool, Vec<String>), WireError> {
-    let storage = |e: crate::store::StoreError| WireError::new(e.kind(), e.to_string());
-    // The device proved it holds this key: if the key is already enrolled the
-    // device lost its ID (crash before saving it) and gets the same ID back.
-    if let Some(existing) = state
-        .store
-        .device_by_public_key(&public_key)
-        .await
-        .map_err(storage)?
-    {
-        if let Some(at) = &existing.removed_at {
-            return Err(removed(&existing.id, Some(at)));
-        }
-        return Ok((existing.id, true, existing.private_addresses));
-    }
-    let id: DeviceId = format!("dev-{}", hex::encode(rand::random::<[u8; 8]>()))
-        .parse()
-        .expect("generated device ids are valid");
-    state
-        .store
-        .insert_device(&NewDevice {
-            id: id.clone(),
-            device_type: device_type.clone(),
-            hardware_id: hardware_id.clone(),
-            public_key,
-            enrolled_at: now_rfc3339(),
-        })
-        .await
-        .map_err(storage)?;
-    tracing::info!(device = %id, %device_type, %hardware_id, "device enrolled");
-    // A new device has no tags yet: it joins the rollouts of its whole type.
-    crate::service::rollouts::join_dynamic(state, &id, &device_type, &[]).await;
-    Ok((id, true, Vec::new()))
-}
-
 /// The refusal of a removed device's key.
-fn removed(device: &DeviceId, at: Option<&str>) -> WireError {
+pub(crate) fn removed(device: &DeviceId, at: Option<&str>) -> WireError {
     let at = at.map(|at| format!(" at {at}")).unwrap_or_default();
     WireError::new(
         ErrorKind::DeviceRemoved,

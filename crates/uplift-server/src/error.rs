@@ -208,7 +208,9 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         | ErrorKind::DeviceRemoved
         | ErrorKind::DownloadTokenInvalid
         | ErrorKind::DownloadTokenExpired => StatusCode::UNAUTHORIZED,
-        ErrorKind::EnrollmentRefused | ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::EnrollmentRefused | ErrorKind::EnrollmentRejected | ErrorKind::Forbidden => {
+            StatusCode::FORBIDDEN
+        }
         ErrorKind::ServerBusy | ErrorKind::ObjectStoreUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }
