@@ -7,7 +7,7 @@
 use crate::config::AgentConfig;
 use crate::download::{Counters, Download};
 use crate::local::{LocalState, PendingInstall, SlotContent};
-use crate::machine::{check_downgrade, DowngradeRefused, Event};
+use crate::machine::{check_downgrade, DowngradeRefused, Event, SignedPermit};
 use futures_util::StreamExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -238,7 +238,12 @@ pub fn check_manifest(
             manifest: manifest.version.clone(),
         });
     }
-    check_downgrade(running, &manifest.version, offer.allow_downgrade)?;
+    check_downgrade(
+        running,
+        &manifest.version,
+        offer.allow_downgrade,
+        SignedPermit::MayReplaceUpTo(manifest.may_replace_up_to.as_ref()),
+    )?;
     Ok(())
 }
 
@@ -970,6 +975,7 @@ mod tests {
             }],
             chunk_index: None,
             patches: Vec::new(),
+            may_replace_up_to: None,
         }
     }
 
@@ -1017,14 +1023,23 @@ mod tests {
     }
 
     #[test]
-    fn an_older_release_needs_an_explicit_downgrade() {
+    fn an_older_release_needs_the_rollouts_and_the_release_keys_word() {
+        let mut signed = manifest("0.9", "gateway");
+        signed.may_replace_up_to = Some("1.0".parse().unwrap());
         assert_eq!(
-            check(&manifest("0.9", "gateway"), &offer("0.9", false), "1.0"),
+            check(&signed, &offer("0.9", false), "1.0"),
+            Err(ErrorKind::DowngradeRefused)
+        );
+        assert_eq!(check(&signed, &offer("0.9", true), "1.0"), Ok(()));
+        // The server allows it, the release key does not.
+        assert_eq!(
+            check(&manifest("0.9", "gateway"), &offer("0.9", true), "1.0"),
             Err(ErrorKind::DowngradeRefused)
         );
         assert_eq!(
-            check(&manifest("0.9", "gateway"), &offer("0.9", true), "1.0"),
-            Ok(())
+            check(&signed, &offer("0.9", true), "1.1"),
+            Err(ErrorKind::DowngradeRefused),
+            "signed to replace up to 1.0 only"
         );
     }
 

@@ -122,15 +122,38 @@ fn retryable(kind: ErrorKind) -> bool {
     )
 }
 
-/// An older release offered to a device whose rollout does not allow
-/// downgrades. One rule and one message for both places that apply it: the
-/// decision on an offer ([`Machine`]) and the check of the signed manifest
+/// An older release refused. A downgrade needs two words: the rollout's
+/// (the offer asks for it) and the release key's (the signed manifest may
+/// replace the running version, see [`Manifest::may_replace_up_to`]); the
+/// server alone can never downgrade a device. One rule and one message for
+/// both places that apply it: the decision on an offer ([`Machine`], before
+/// the manifest is fetched) and the check of the signed manifest
 /// ([`crate::install::check_manifest`]).
+///
+/// [`Manifest::may_replace_up_to`]: uplift_release::Manifest::may_replace_up_to
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("refusing to downgrade from {running} to {target}; start the rollout with --allow-downgrade if intended")]
-pub struct DowngradeRefused {
-    pub running: Version,
-    pub target: Version,
+pub enum DowngradeRefused {
+    #[error("refusing to downgrade from {running} to {target}; start the rollout with --allow-downgrade if intended")]
+    NotRequested { running: Version, target: Version },
+    #[error(
+        "refusing to downgrade from {running} to {target}: the release key did not sign {target} as \
+         allowed to replace {running} ({}); only a release made with `uplift release create \
+         --may-replace-up-to {running}` (or newer) may downgrade this device, whatever the server offers",
+        signed_word(up_to.as_ref())
+    )]
+    NotSigned {
+        running: Version,
+        target: Version,
+        /// What the manifest says it may replace.
+        up_to: Option<Version>,
+    },
+}
+
+fn signed_word(up_to: Option<&Version>) -> String {
+    match up_to {
+        Some(up_to) => format!("it may replace versions up to {up_to}"),
+        None => "it allows no downgrade".to_owned(),
+    }
 }
 
 impl DowngradeRefused {
@@ -139,20 +162,43 @@ impl DowngradeRefused {
     }
 }
 
+/// What the release key has said about a downgrade when the rule is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignedPermit<'a> {
+    /// Nothing yet: the offer's manifest has not been fetched and verified,
+    /// so only the rollout's word is checked (and the install checks again).
+    NotYetKnown,
+    /// The verified manifest's `may_replace_up_to`.
+    MayReplaceUpTo(Option<&'a Version>),
+}
+
 /// The downgrade rule: a release older than the running one is installed
-/// only when the rollout allows it; the same or a newer one always passes.
+/// only when the rollout asks for it and its signed manifest may replace
+/// the running version; the same or a newer one always passes.
 pub fn check_downgrade(
     running: &Version,
     target: &Version,
-    allowed: bool,
+    requested: bool,
+    signed: SignedPermit<'_>,
 ) -> Result<(), DowngradeRefused> {
-    if target < running && !allowed {
-        return Err(DowngradeRefused {
+    if target >= running {
+        return Ok(());
+    }
+    if !requested {
+        return Err(DowngradeRefused::NotRequested {
             running: running.clone(),
             target: target.clone(),
         });
     }
-    Ok(())
+    match signed {
+        SignedPermit::NotYetKnown => Ok(()),
+        SignedPermit::MayReplaceUpTo(Some(up_to)) if running <= up_to => Ok(()),
+        SignedPermit::MayReplaceUpTo(up_to) => Err(DowngradeRefused::NotSigned {
+            running: running.clone(),
+            target: target.clone(),
+            up_to: up_to.cloned(),
+        }),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -700,8 +746,12 @@ impl Machine {
             };
             return vec![Action::Report];
         }
-        if let Err(refused) = check_downgrade(&self.running, &offer.version, offer.allow_downgrade)
-        {
+        if let Err(refused) = check_downgrade(
+            &self.running,
+            &offer.version,
+            offer.allow_downgrade,
+            SignedPermit::NotYetKnown,
+        ) {
             self.phase = Phase::Failed {
                 target: offer.version,
                 error: refused.to_wire(),
@@ -1470,16 +1520,52 @@ mod tests {
     }
 
     #[test]
-    fn the_downgrade_rule_passes_the_same_or_newer_and_an_allowed_older_release() {
-        assert_eq!(check_downgrade(&v("1.0"), &v("1.0"), false), Ok(()));
-        assert_eq!(check_downgrade(&v("1.0"), &v("1.1"), false), Ok(()));
-        assert_eq!(check_downgrade(&v("1.0"), &v("0.9"), true), Ok(()));
-        let refused = check_downgrade(&v("1.0"), &v("0.9"), false).unwrap_err();
+    fn the_downgrade_rule_needs_the_rollouts_and_the_release_keys_word() {
+        let signed = |up_to: Option<&str>| -> Option<Version> { up_to.map(v) };
+        let check = |running: &str, target: &str, requested: bool, up_to: Option<&str>| {
+            let up_to = signed(up_to);
+            check_downgrade(
+                &v(running),
+                &v(target),
+                requested,
+                SignedPermit::MayReplaceUpTo(up_to.as_ref()),
+            )
+        };
+        // The same or newer always passes, whatever anyone signed.
+        assert_eq!(check("1.0", "1.0", false, None), Ok(()));
+        assert_eq!(check("1.0", "1.1", false, None), Ok(()));
+        // Both words: the rollout asks, the release may replace 1.0.
+        assert_eq!(check("1.0", "0.9", true, Some("1.0")), Ok(()));
+        assert_eq!(check("1.0", "0.9", true, Some("2.0")), Ok(()));
+        // Before the manifest is known, the rollout's word is checked alone.
+        assert_eq!(
+            check_downgrade(&v("1.0"), &v("0.9"), true, SignedPermit::NotYetKnown),
+            Ok(())
+        );
+
+        let refused = check("1.0", "0.9", false, Some("2.0")).unwrap_err();
         let wire = refused.to_wire();
         assert_eq!(wire.kind, ErrorKind::DowngradeRefused);
         assert_eq!(
             wire.message,
             "refusing to downgrade from 1.0 to 0.9; start the rollout with --allow-downgrade if intended"
+        );
+        // The server's word alone: the release key never allowed it.
+        let refused = check("1.0", "0.9", true, None).unwrap_err();
+        assert_eq!(refused.to_wire().kind, ErrorKind::DowngradeRefused);
+        assert_eq!(
+            refused.to_string(),
+            "refusing to downgrade from 1.0 to 0.9: the release key did not sign 0.9 as allowed to \
+             replace 1.0 (it allows no downgrade); only a release made with `uplift release create \
+             --may-replace-up-to 1.0` (or newer) may downgrade this device, whatever the server offers"
+        );
+        // Signed for older versions than the device runs.
+        let refused = check("1.5", "0.9", true, Some("1.2")).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("(it may replace versions up to 1.2)"),
+            "{refused}"
         );
     }
 

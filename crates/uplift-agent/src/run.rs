@@ -572,7 +572,27 @@ impl Connection {
             Ok(Err(e)) => return retry(e.into()),
             Err(_) => return retry(anyhow::anyhow!("the server did not take the hello")),
         }
-        let (token, server_features) = match recv(&mut ws, Duration::from_secs(15)).await {
+        // In the server's approval mode the welcome waits for an operator:
+        // meanwhile `enrollment_pending` frames come every few seconds.
+        let mut told_pending = false;
+        let welcome = loop {
+            match recv(
+                &mut ws,
+                Duration::from_secs(if told_pending { 60 } else { 15 }),
+            )
+            .await
+            {
+                Ok(ServerMsg::EnrollmentPending { message }) => {
+                    self.alive();
+                    if !told_pending {
+                        tracing::info!("{message}");
+                        told_pending = true;
+                    }
+                }
+                other => break other,
+            }
+        };
+        let (token, server_features) = match welcome {
             Ok(ServerMsg::Welcome {
                 device_id,
                 session_token,
@@ -608,6 +628,7 @@ impl Connection {
                 let e = anyhow::anyhow!("server refused this device: {err}");
                 return match err.kind {
                     ErrorKind::EnrollmentRefused
+                    | ErrorKind::EnrollmentRejected
                     | ErrorKind::UnknownDevice
                     | ErrorKind::BadDeviceSignature
                     | ErrorKind::DeviceRemoved => SessionEnd::Fatal(e),

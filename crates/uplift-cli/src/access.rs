@@ -22,6 +22,10 @@ pub enum TokenCommand {
         /// The token stops working after this long (e.g. 90d, 12h).
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<Duration>,
+        /// An enrollment token enrolls at most N new devices; the next is
+        /// refused, told the token is used up.
+        #[arg(long, value_name = "N")]
+        max_uses: Option<std::num::NonZeroU32>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -70,11 +74,14 @@ pub fn tokens_table(tokens: &[TokenView]) -> String {
     let rows: Vec<Vec<String>> = tokens
         .iter()
         .map(|t| {
-            let status = match (&t.revoked_at, &t.expires_at) {
+            let mut status = match (&t.revoked_at, &t.expires_at) {
                 (Some(at), _) => format!("revoked {at}"),
                 (None, Some(at)) => format!("expires {at}"),
                 (None, None) => "active".to_owned(),
             };
+            if let Some(max) = t.max_uses {
+                status.push_str(&format!(", used {} of {max}", t.uses));
+            }
             vec![
                 t.id.to_string(),
                 t.name.to_string(),
@@ -118,6 +125,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<i32> {
             name,
             role,
             expires_in,
+            max_uses,
             json,
             server,
         } => {
@@ -125,6 +133,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<i32> {
                 name,
                 role,
                 expires_in_secs: expires_in.and_then(|d| NonZeroU64::new(d.as_secs())),
+                max_uses,
             };
             if expires_in.is_some() && request.expires_in_secs.is_none() {
                 anyhow::bail!("--expires-in must be at least one second");

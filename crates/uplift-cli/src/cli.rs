@@ -183,6 +183,12 @@ pub enum ReleaseCommand {
         /// chunks it lacks; any other device fetches those chunks whole.
         #[arg(long, value_name = "OLD_RELEASE_DIR_OR_IMAGE")]
         delta_from: Option<PathBuf>,
+        /// Allow this release to replace versions newer than itself, up to
+        /// and including VERSION: the release key's permission to
+        /// downgrade devices running them (a rollout must still ask, with
+        /// `--allow-downgrade`). Without it no rollout can downgrade to it.
+        #[arg(long, value_name = "VERSION")]
+        may_replace_up_to: Option<Version>,
     },
     /// Upload a release directory to the server.
     Upload {
@@ -253,6 +259,39 @@ pub enum DevicesCommand {
     /// fleet token, as a new device.
     Remove {
         id: DeviceId,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Enrollment requests waiting for an operator (the server's
+    /// `[enrollment] mode = "approval"`): each with its hardware ID, device
+    /// type, key fingerprint and when it asked.
+    Pending {
+        /// Decided requests too (accepted and rejected).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Accept enrollment request ID (pending, or rejected before): the
+    /// device gets its device ID at once, over the connection it waits on.
+    Accept {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Reject pending enrollment request ID: the device is told why and
+    /// stops; its key is refused from now on (accept it to undo this).
+    Reject {
+        id: i64,
+        /// Told to the device, kept with the request (at most 200 characters).
+        #[arg(long)]
+        reason: Option<String>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -501,7 +540,9 @@ pub enum RolloutCommand {
         /// Only devices running this version; repeat for several.
         #[arg(long = "from-version", value_name = "VERSION", value_delimiter = ',')]
         from_versions: Vec<Version>,
-        /// Allow devices to install a version older than the one they run.
+        /// Allow devices to install a version older than the one they run;
+        /// only to a release signed as allowed to replace it (`release
+        /// create --may-replace-up-to`).
         #[arg(long)]
         allow_downgrade: bool,
         /// Cap each device's download rate (bytes/s); devices keep to the
@@ -556,6 +597,34 @@ pub enum RolloutCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+}
+
+fn enrollments_table(requests: &[uplift_proto::enrollment::EnrollmentRequestView]) -> String {
+    let mut out = format!(
+        "{:<6} {:<10} {:<20} {:<16} {:<26} {:<24} {}",
+        "ID", "STATE", "HARDWARE ID", "TYPE", "ASKED AT", "KEY", "DEVICE / REASON"
+    );
+    for r in requests {
+        let what = match (&r.device_id, &r.reason) {
+            (Some(id), _) => id.to_string(),
+            (None, Some(reason)) => reason.clone(),
+            (None, None) => "-".to_owned(),
+        };
+        // The fingerprint's first 16 hex digits: enough to tell devices
+        // apart on a screen; `--json` has it whole.
+        let key: String = r.key_fingerprint.chars().take(7 + 16).collect();
+        out.push_str(&format!(
+            "\n{:<6} {:<10} {:<20} {:<16} {:<26} {:<24} {}",
+            r.id,
+            r.state.as_str(),
+            r.hardware_id,
+            r.device_type,
+            r.requested_at,
+            key,
+            what
+        ));
+    }
+    out
 }
 
 pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
@@ -675,11 +744,13 @@ async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
             out,
             valid_days,
             delta_from,
+            may_replace_up_to,
         } => {
             let key = ReleaseSigningKey::read_from_file(&key)?;
             let mut options = ReleaseOptions::new(version, device_type);
             options.valid_for = time::Duration::days(valid_days);
             options.delta_from = delta_from;
+            options.may_replace_up_to = may_replace_up_to;
             let summary =
                 tokio::task::spawn_blocking(move || create_release(&image, &out, &options, &key))
                     .await??;
@@ -867,6 +938,51 @@ async fn devices(cmd: DevicesCommand) -> anyhow::Result<i32> {
                     "{} removed at {}: its key is revoked and its channel closed; its history is kept",
                     device.id,
                     device.removed_at.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(0)
+        }
+        DevicesCommand::Pending { all, json, server } => {
+            let state = (!all).then_some(uplift_proto::enrollment::EnrollmentState::Pending);
+            let requests = server.client()?.enrollments(state).await?;
+            if json {
+                print_json(&requests)?;
+            } else if requests.is_empty() {
+                println!(
+                    "no enrollment requests{}",
+                    if all { "" } else { " waiting" }
+                );
+            } else {
+                println!("{}", enrollments_table(&requests));
+            }
+            Ok(0)
+        }
+        DevicesCommand::Accept { id, json, server } => {
+            let request = server.client()?.accept_enrollment(id).await?;
+            if json {
+                print_json(&request)?;
+            } else {
+                println!(
+                    "enrollment {id} ({}) accepted: device {}",
+                    request.hardware_id,
+                    request.device_id.as_ref().map_or("-", |d| d.as_str())
+                );
+            }
+            Ok(0)
+        }
+        DevicesCommand::Reject {
+            id,
+            reason,
+            json,
+            server,
+        } => {
+            let request = server.client()?.reject_enrollment(id, reason).await?;
+            if json {
+                print_json(&request)?;
+            } else {
+                println!(
+                    "enrollment {id} ({}) rejected: the device is told so and refused from now on",
+                    request.hardware_id
                 );
             }
             Ok(0)

@@ -122,6 +122,14 @@ async fn an_enrollment_token_made_by_an_admin_enrolls_until_it_is_revoked() {
         .expect("a revoked token enrolls no more");
     assert_eq!(status.code(), Some(AUTH_ERROR_EXIT), "{}", late.log());
     assert!(late.log().contains("enrollment_refused"), "{}", late.log());
+    assert!(
+        late.log().contains(&format!(
+            "enrollment token {} (factory-line-2) was revoked at",
+            line.token.id
+        )),
+        "says which token and why: {}",
+        late.log()
+    );
     let devices = fx.client.devices().await.unwrap();
     assert_eq!(
         devices.len(),
@@ -129,4 +137,82 @@ async fn an_enrollment_token_made_by_an_admin_enrolls_until_it_is_revoked() {
         "only the device enrolled before the revocation"
     );
     assert_eq!(devices[0].hardware_id.as_str(), "hw-line2-a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_enrollment_token_is_refused_saying_it_expired() {
+    let fx = Fixture::start();
+    let batch: uplift_proto::auth::TokenCreated = uplift_json(
+        &fx,
+        &[
+            "token",
+            "create",
+            "--name",
+            "batch-7",
+            "--role",
+            "enrollment",
+            "--expires-in",
+            "1s",
+        ],
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut spec = fx.spec("hw-batch7");
+    spec.enrollment_token = batch.secret.clone();
+    let mut late = fx.device("batch7", spec);
+    let status = late
+        .wait_exit(WAIT)
+        .expect("an expired token enrolls nobody");
+    assert_eq!(status.code(), Some(AUTH_ERROR_EXIT), "{}", late.log());
+    assert!(
+        late.log().contains(&format!(
+            "enrollment token {} (batch-7) expired at",
+            batch.token.id
+        )),
+        "says it expired: {}",
+        late.log()
+    );
+    assert!(fx.client.devices().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrollment_token_limited_to_one_use_enrolls_one_device_then_says_it_is_used_up() {
+    let fx = Fixture::start();
+    let once: uplift_proto::auth::TokenCreated = uplift_json(
+        &fx,
+        &[
+            "token",
+            "create",
+            "--name",
+            "one-board",
+            "--role",
+            "enrollment",
+            "--max-uses",
+            "1",
+        ],
+    );
+    assert_eq!((once.token.max_uses, once.token.uses), (Some(1), 0));
+    let mut spec = fx.spec("hw-first");
+    spec.enrollment_token = once.secret.clone();
+    let first = fx.device("first", spec);
+    fx.wait_enrolled(&first).await;
+
+    let mut spec = fx.spec("hw-second");
+    spec.enrollment_token = once.secret.clone();
+    let mut second = fx.device("second", spec);
+    let status = second
+        .wait_exit(WAIT)
+        .expect("a used-up token enrolls no more");
+    assert_eq!(status.code(), Some(AUTH_ERROR_EXIT), "{}", second.log());
+    assert!(
+        second.log().contains(&format!(
+            "enrollment token {} (one-board) is used up (1 of 1 uses",
+            once.token.id
+        )),
+        "says it is used up: {}",
+        second.log()
+    );
+    assert_eq!(fx.client.devices().await.unwrap().len(), 1);
+    // The operator sees it in the token list.
+    let list = uplift(&fx, &["token", "list"]);
+    assert!(list.contains("used 1 of 1"), "{list}");
 }

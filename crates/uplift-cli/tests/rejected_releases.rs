@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::process::Command;
-use uplift_fleet::Device;
+use uplift_fleet::{Device, ServerProcess};
 use uplift_proto::channel::AgentState;
 use uplift_proto::{ErrorKind, SlotName};
 use uplift_release::keys::ReleaseSigningKey;
@@ -258,12 +258,51 @@ async fn the_same_version_offered_downloads_and_writes_nothing() {
     );
 }
 
+/// Makes release 0.9 of the 1.1 image with `uplift release create`, its
+/// key's permission to replace versions up to `up_to` given by the flag,
+/// and uploads it.
+async fn downgrade_release(fx: &Fixture, up_to: &str) {
+    let key_file = fx.path("release.key");
+    fx.key.write_to_file(&key_file).unwrap();
+    let dir = fx.path("releases/0.9-downgrade");
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_uplift"))
+            .args(["release", "create", "--image"])
+            .arg(&fx.image_v1_1)
+            .args(["--version", "0.9", "--device-type", DEVICE_TYPE, "--key"])
+            .arg(&key_file)
+            .arg("--out")
+            .arg(&dir)
+            .args(["--may-replace-up-to", up_to]),
+        WAIT,
+        fx.dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fx.client.upload_release(&dir, |_| {}).await.unwrap();
+}
+
+fn downgrade_to(version: &str) -> uplift_proto::api::RolloutCreate {
+    uplift_proto::api::RolloutCreate {
+        release: v(version),
+        devices: None,
+        tags: None,
+        from_versions: Vec::new(),
+        allow_downgrade: true,
+        limits: Default::default(),
+        policy: Default::default(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_downgrade_is_refused_unless_the_rollout_explicitly_allows_it() {
     let fx = Fixture::start();
     let (device, env) = enrolled_device(&fx, "downgrade").await;
-    fx.release("0.9", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
-        .await;
+    // The release key allows 0.9 to replace 1.0; the rollout does not ask.
+    downgrade_release(&fx, "1.0").await;
     fx.rollout("0.9", None).await;
     let message = assert_rejected(&fx, &device, &env, ErrorKind::DowngradeRefused).await;
     assert!(
@@ -276,23 +315,78 @@ async fn a_downgrade_is_refused_unless_the_rollout_explicitly_allows_it() {
         "nothing downloaded"
     );
 
-    fx.client
-        .start_rollout(&uplift_proto::api::RolloutCreate {
-            release: v("0.9"),
-            devices: None,
-            tags: None,
-            from_versions: Vec::new(),
-            allow_downgrade: true,
-            limits: Default::default(),
-            policy: Default::default(),
-        })
-        .await
-        .unwrap();
+    // Both words: the rollout asks, and the release key allowed it.
+    fx.client.start_rollout(&downgrade_to("0.9")).await.unwrap();
     fx.wait_device(&device, "the allowed downgrade", |d| {
         d.running_version == Some(v("0.9")) && d.state == Some(AgentState::Idle)
     })
     .await;
     assert_eq!(device.boot_state().unwrap().default_slot, SlotName::B);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_allowed_by_the_server_but_not_by_the_release_key_is_refused() {
+    let mut fx = Fixture::start();
+    let (mut device, env) = enrolled_device(&fx, "forced-downgrade").await;
+    // A validly signed older release whose key never allowed a downgrade.
+    fx.release("0.9", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+
+    // An honest server refuses the downgrade up front, and says why.
+    let err = fx
+        .client
+        .start_rollout(&downgrade_to("0.9"))
+        .await
+        .unwrap_err();
+    let wire = err
+        .downcast_ref::<uplift_proto::WireError>()
+        .unwrap_or_else(|| panic!("a typed refusal: {err:#}"));
+    assert_eq!(wire.kind, ErrorKind::DowngradeNotSigned, "{wire}");
+    assert!(
+        wire.message.contains("--may-replace-up-to"),
+        "says what to do: {wire}"
+    );
+    assert!(format!("{err:#}").contains("409"), "{err:#}");
+
+    // A compromised server skips its check: whoever holds its database
+    // makes a rollout that allows the downgrade, and the server sends
+    // that word to the device as its own.
+    device.stop();
+    let rollout = fx.rollout("0.9", None).await;
+    fx.server.stop();
+    let db = fx.server.dir.join("uplift.db");
+    {
+        use sqlx::ConnectOptions as _;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .connect()
+            .await
+            .unwrap();
+        let changed = sqlx::query("UPDATE rollouts SET allow_downgrade = 1 WHERE id = ?")
+            .bind(rollout)
+            .execute(&mut conn)
+            .await
+            .unwrap()
+            .rows_affected();
+        assert_eq!(changed, 1);
+    }
+    let listen = fx.server.listen_addr().to_owned();
+    fx.server = ServerProcess::start_on(&fx.bins, &fx.server.dir.clone(), &listen).unwrap();
+    fx.client = fx.server.client().unwrap();
+    device.start(&fx.bins).unwrap();
+
+    let message = assert_rejected(&fx, &device, &env, ErrorKind::DowngradeRefused).await;
+    assert!(
+        message.contains("the release key did not sign 0.9 as allowed to replace 1.0"),
+        "says whose word was missing: {message}"
+    );
+    assert_eq!(
+        std::fs::metadata(device.slot_path(SlotName::B))
+            .unwrap()
+            .len(),
+        0,
+        "no chunk written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -155,6 +155,39 @@ impl AdminClient {
             .await
     }
 
+    /// Enrollment requests (approval mode), only those in `state` if given.
+    pub async fn enrollments(
+        &self,
+        state: Option<uplift_proto::enrollment::EnrollmentState>,
+    ) -> anyhow::Result<Vec<uplift_proto::enrollment::EnrollmentRequestView>> {
+        let mut request = self
+            .http
+            .get(self.url(uplift_proto::enrollment::ENROLLMENTS_PATH)?);
+        if let Some(state) = state {
+            request = request.query(&[("state", state.as_str())]);
+        }
+        self.send(request).await
+    }
+
+    pub async fn accept_enrollment(
+        &self,
+        id: i64,
+    ) -> anyhow::Result<uplift_proto::enrollment::EnrollmentRequestView> {
+        let path = format!("{}/{id}/accept", uplift_proto::enrollment::ENROLLMENTS_PATH);
+        self.send(self.http.post(self.url(&path)?)).await
+    }
+
+    pub async fn reject_enrollment(
+        &self,
+        id: i64,
+        reason: Option<String>,
+    ) -> anyhow::Result<uplift_proto::enrollment::EnrollmentRequestView> {
+        let path = format!("{}/{id}/reject", uplift_proto::enrollment::ENROLLMENTS_PATH);
+        let body = uplift_proto::enrollment::EnrollmentRejection { reason };
+        self.send(self.http.post(self.url(&path)?).json(&body))
+            .await
+    }
+
     pub async fn tag_device(
         &self,
         id: &DeviceId,

@@ -115,6 +115,10 @@ pub struct TokenCreate {
         schema(value_type = Option<u64>, minimum = 1, maximum = 316_224_000)
     )]
     pub expires_in_secs: Option<NonZeroU64>,
+    /// An enrollment token enrolls at most this many new devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u32>, minimum = 1))]
+    pub max_uses: Option<std::num::NonZeroU32>,
 }
 
 /// A token as listed: everything but its secret, which is never stored.
@@ -130,6 +134,12 @@ pub struct TokenView {
     pub created_by: String,
     pub expires_at: Option<String>,
     pub revoked_at: Option<String>,
+    /// The most new devices it may enroll (`None`: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    /// New devices it has enrolled (or put in the pending list).
+    #[serde(default)]
+    pub uses: u32,
 }
 
 /// The answer to [`TokenCreate`]: the only time the secret is shown.
@@ -194,6 +204,12 @@ pub enum AuditAction {
     #[serde(rename = "device.remove")]
     #[strum(serialize = "device.remove")]
     DeviceRemove,
+    #[serde(rename = "enrollment.accept")]
+    #[strum(serialize = "enrollment.accept")]
+    EnrollmentAccept,
+    #[serde(rename = "enrollment.reject")]
+    #[strum(serialize = "enrollment.reject")]
+    EnrollmentReject,
     #[serde(rename = "token.create")]
     #[strum(serialize = "token.create")]
     TokenCreate,

@@ -90,6 +90,16 @@ pub enum ServerMsg {
     },
     /// The server refuses something; on authentication errors it then closes.
     Error(WireError),
+    /// The enrollment waits for an operator (the server's approval mode):
+    /// sent when the device's request enters or is found in the pending
+    /// list, then every few seconds while it waits, until a `welcome` (it
+    /// was accepted) or an `error` (`enrollment_rejected`). Sent only to
+    /// agents that list [`Feature::EnrollmentApproval`]; an older agent
+    /// waits for its welcome without it, and reconnects when it times out.
+    EnrollmentPending {
+        /// What the operator is asked to do, for the device's log.
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,12 +148,18 @@ pub enum Feature {
     HoldReboot,
     /// `download_token` frames renewing the download token on an open channel.
     TokenRenewal,
+    /// `enrollment_pending` frames while an enrollment waits for an operator.
+    EnrollmentApproval,
     #[serde(other)]
     Unknown,
 }
 
 /// What this build understands; both sides announce it.
-pub const FEATURES: &[Feature] = &[Feature::HoldReboot, Feature::TokenRenewal];
+pub const FEATURES: &[Feature] = &[
+    Feature::HoldReboot,
+    Feature::TokenRenewal,
+    Feature::EnrollmentApproval,
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

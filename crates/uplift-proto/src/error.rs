@@ -35,6 +35,9 @@ pub enum ErrorKind {
     // --- authentication
     Unauthorized,
     EnrollmentRefused,
+    /// An operator rejected this device's enrollment request (approval
+    /// mode); its key is refused until an operator accepts it.
+    EnrollmentRejected,
     UnknownDevice,
     BadDeviceSignature,
     /// The device was removed (decommissioned) by an operator: its key is
@@ -62,6 +65,9 @@ pub enum ErrorKind {
     WrongDeviceType,
     VersionMismatch,
     DowngradeRefused,
+    /// A rollout asked to downgrade to a release whose signed manifest does
+    /// not allow it to replace newer versions (`may_replace_up_to`).
+    DowngradeNotSigned,
     ChunkHashMismatch,
     ImageHashMismatch,
     DownloadFailed,

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod channel;
+pub mod enrollment;
 pub mod error;
 pub mod events;
 pub mod names;

@@ -46,6 +46,9 @@ pub struct ReleaseOptions {
     /// An older release (its directory or its image) to make patches
     /// against, for the chunks it lacks (see [`crate::delta`]).
     pub delta_from: Option<PathBuf>,
+    /// The newest version the release may replace, when it may downgrade
+    /// devices on newer versions (see [`Manifest::may_replace_up_to`]).
+    pub may_replace_up_to: Option<Version>,
 }
 
 impl ReleaseOptions {
@@ -57,6 +60,7 @@ impl ReleaseOptions {
             valid_for: DEFAULT_VALID_FOR,
             now: OffsetDateTime::now_utc(),
             delta_from: None,
+            may_replace_up_to: None,
         }
     }
 }
@@ -147,6 +151,7 @@ pub fn create_release(
         chunks: Vec::new(),
         chunk_index: Some(index_ref),
         patches,
+        may_replace_up_to: opts.may_replace_up_to.clone(),
     };
     // Signed without the list: the index's digest stands for it.
     let signed = sign_manifest(&manifest, key)?;
@@ -403,6 +408,7 @@ mod tests {
             valid_for: DEFAULT_VALID_FOR,
             now: datetime!(2025-03-01 12:00:00.123 UTC),
             delta_from: None,
+            may_replace_up_to: None,
         }
     }
 

@@ -57,6 +57,14 @@ pub struct Manifest {
     /// make; a device without the bases fetches the whole chunk instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patches: Vec<PatchEntry>,
+    /// The release key's permission to downgrade: this release may be
+    /// installed over any version up to and including this one, newer
+    /// versions included (`release create --may-replace-up-to`). Absent,
+    /// as in every manifest made before it existed, it may replace only
+    /// older versions (or its own), so a rollout can never downgrade to it,
+    /// whatever the server says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub may_replace_up_to: Option<Version>,
 }
 
 /// Where a manifest's chunk list is, when it is not inline.
@@ -118,6 +126,25 @@ pub struct ChunkEntry {
 }
 
 impl Manifest {
+    /// Whether the release key allows this release to replace `running`:
+    /// always for an older (or the same) version, and for a newer one only
+    /// up to [`may_replace_up_to`](Self::may_replace_up_to).
+    pub fn may_replace(&self, running: &Version) -> bool {
+        *running <= self.version
+            || self
+                .may_replace_up_to
+                .as_ref()
+                .is_some_and(|up_to| running <= up_to)
+    }
+
+    /// Whether the release key allows this release to replace any newer
+    /// version at all: what a rollout that may downgrade needs.
+    pub fn allows_downgrades(&self) -> bool {
+        self.may_replace_up_to
+            .as_ref()
+            .is_some_and(|up_to| *up_to > self.version)
+    }
+
     pub fn validate(&self) -> Result<(), ReleaseError> {
         let invalid = |reason: String| ReleaseError::ManifestInvalid {
             version: self.version.to_string(),
@@ -128,6 +155,17 @@ impl Manifest {
                 "it has format {}, this build reads format {MANIFEST_FORMAT}; upgrade this software to install it",
                 self.format
             )));
+        }
+        if let Some(up_to) = &self.may_replace_up_to {
+            // Refused rather than ignored: whoever set it meant to allow a
+            // downgrade, and a release that silently allows none would
+            // surprise them only when a device refuses it.
+            if *up_to <= self.version {
+                return Err(invalid(format!(
+                    "may_replace_up_to {up_to} is not newer than the release itself, so it allows no \
+                     downgrade; leave it out or name the newest version this release may replace"
+                )));
+            }
         }
         if let Some(index) = &self.chunk_index {
             if index.chunks == 0 || index.chunks > crate::index::MAX_CHUNKS {
@@ -557,6 +595,7 @@ pub(crate) mod tests {
             chunks: vec![entry(&a), entry(&b)],
             chunk_index: None,
             patches: Vec::new(),
+            may_replace_up_to: None,
         }
     }
 
@@ -593,6 +632,27 @@ pub(crate) mod tests {
         // A manifest without patches keeps the format older agents read.
         m.patches.clear();
         assert!(!serde_json::to_string(&m).unwrap().contains("patches"));
+    }
+
+    #[test]
+    fn a_release_replaces_newer_versions_only_up_to_what_its_key_signed() {
+        let v = |s: &str| s.parse::<Version>().unwrap();
+        let mut m = two_chunk_manifest(); // 1.2.3
+        assert!(m.may_replace(&v("1.0")) && m.may_replace(&v("1.2.3")));
+        assert!(!m.may_replace(&v("1.3")), "no downgrade without its word");
+        assert!(!m.allows_downgrades());
+        // Older manifests keep their signed text: the field is left out.
+        assert!(!serde_json::to_string(&m).unwrap().contains("may_replace"));
+
+        m.may_replace_up_to = Some(v("1.4"));
+        m.validate().expect("a newer ceiling");
+        assert!(m.allows_downgrades());
+        assert!(m.may_replace(&v("1.3")) && m.may_replace(&v("1.4")));
+        assert!(!m.may_replace(&v("1.4.1")) && !m.may_replace(&v("2.0")));
+
+        m.may_replace_up_to = Some(v("1.2.3"));
+        let err = m.validate().unwrap_err().to_string();
+        assert!(err.contains("allows no downgrade"), "{err}");
     }
 
     const MID_2025: OffsetDateTime = datetime!(2025-06-01 00:00 UTC);

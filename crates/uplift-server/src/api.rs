@@ -38,6 +38,7 @@ use uplift_proto::{ChunkHash, DeviceId, Version, WireError};
 use uplift_release::manifest::MAX_MANIFEST_BYTES;
 
 mod direct;
+mod enrollment;
 pub mod openapi;
 
 /// A chunk goes out in pieces of this size, each counted as it is sent.
@@ -69,6 +70,19 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         )
         .route("/api/v1/devices/{id}/tags", put(tag_device))
         .route("/api/v1/devices/{id}/history", get(device_history))
+        // Enrollment approval: the requests, and an operator's decisions.
+        .route(
+            uplift_proto::enrollment::ENROLLMENTS_PATH,
+            get(enrollment::list_enrollments),
+        )
+        .route(
+            "/api/v1/enrollments/{id}/accept",
+            post(enrollment::accept_enrollment),
+        )
+        .route(
+            "/api/v1/enrollments/{id}/reject",
+            post(enrollment::reject_enrollment),
+        )
         .route(RELEASES_PATH, get(list_releases).post(upload_release))
         .route(MISSING_CHUNKS_PATH, post(missing_chunks))
         .route("/api/v1/chunks/{hash}", put(upload_chunk))

@@ -6,8 +6,9 @@ use crate::budget::Kind;
 use crate::error::ApiError;
 use crate::hub::{RemovalEpoch, SessionSerial};
 use crate::live::Applied;
+use crate::service::enrollment::Admission;
 use crate::state::{now_rfc3339, AppState};
-use crate::store::{DeviceTarget, NewDevice};
+use crate::store::DeviceTarget;
 use crate::turns::{self, Turn};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -144,7 +145,28 @@ async fn session(
     };
     let peer = Peer::of(&hello);
     let checked = match check_key(&state, &nonce, hello).await {
-        Ok(checked) => checked,
+        Ok(KeyCheck::Known(checked)) => checked,
+        // Approval mode: the connection is held until an operator decides.
+        Ok(KeyCheck::Pending(p, removals)) => {
+            let who = crate::pending::Waiting {
+                device_type: &p.device_type,
+                hardware_id: &p.hardware_id,
+                public_key: &p.public_key,
+                told: p.told,
+            };
+            match crate::pending::wait(&state, &mut socket, who, p.request).await {
+                Ok((device_id, held)) => Checked {
+                    device_id,
+                    enrolled: true,
+                    held,
+                    removals,
+                },
+                Err(crate::pending::WaitEnd::Refused(err)) => {
+                    return Err(refuse(&mut socket, err).await)
+                }
+                Err(crate::pending::WaitEnd::Gone) => return Err(SessionError::Gone),
+            }
+        }
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
     let device_id = checked.device_id.clone();
@@ -353,16 +375,30 @@ struct Checked {
     removals: RemovalEpoch,
 }
 
+/// What the key check of a device's first frame comes to.
+enum KeyCheck {
+    Known(Checked),
+    /// Its enrollment waits for an operator (approval mode); the removals
+    /// known before the check go with it, as for a known device.
+    Pending(PendingHello, RemovalEpoch),
+}
+
 /// Checks the key of a device's first frame (enrolling it if that is what
 /// it asks), noting first the removals known so far (see [`admit`]).
-async fn check_key(state: &AppState, nonce: &[u8], hello: AgentMsg) -> Result<Checked, WireError> {
+async fn check_key(
+    state: &AppState,
+    nonce: &[u8],
+    hello: AgentMsg,
+) -> Result<KeyCheck, WireError> {
     let removals = state.hub.removal_epoch();
-    let (device_id, enrolled, held) = authenticate(state, nonce, hello).await?;
-    Ok(Checked {
-        device_id,
-        enrolled,
-        held,
-        removals,
+    Ok(match authenticate(state, nonce, hello).await? {
+        Hello::Known(device_id, enrolled, held) => KeyCheck::Known(Checked {
+            device_id,
+            enrolled,
+            held,
+            removals,
+        }),
+        Hello::Pending(pending) => KeyCheck::Pending(pending, removals),
     })
 }
 
@@ -401,11 +437,24 @@ async fn admit(
     Ok((serial, target_changed))
 }
 
-async fn authenticate(
-    state: &AppState,
-    nonce: &[u8],
-    hello: AgentMsg,
-) -> Result<(DeviceId, bool, Vec<String>), WireError> {
+/// What a device's first frame comes to.
+enum Hello {
+    /// Its ID, whether it enrolled just now, and the private addresses it holds.
+    Known(DeviceId, bool, Vec<String>),
+    /// Its enrollment waits for an operator (approval mode).
+    Pending(PendingHello),
+}
+
+struct PendingHello {
+    device_type: DeviceType,
+    hardware_id: HardwareId,
+    public_key: String,
+    request: i64,
+    /// It takes `enrollment_pending` frames.
+    told: bool,
+}
+
+async fn authenticate(state: &AppState, nonce: &[u8], hello: AgentMsg) -> Result<Hello, WireError> {
     match hello {
         AgentMsg::Enroll {
             device_type,
@@ -413,27 +462,54 @@ async fn authenticate(
             token,
             public_key,
             signature,
-            ..
+            features,
         } => {
-            let accepted = state.secrets.is_enrollment_token(&token)
-                || crate::service::tokens::may_enroll(
+            // A configured token, or one made with `uplift token create`
+            // (whose uses are counted, for a new device, by admit()).
+            let configured = state.secrets.is_enrollment_token(&token);
+            let made = if configured {
+                None
+            } else {
+                crate::service::tokens::enrollment_token(
+                    state,
+                    &token,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .await
+                .map_err(|e| WireError::new(e.kind(), e.to_string()))?
+            };
+            if !configured && made.is_none() {
+                let why = crate::service::tokens::enrollment_refusal(
                     state,
                     &token,
                     time::OffsetDateTime::now_utc(),
                 )
                 .await
                 .map_err(|e| WireError::new(e.kind(), e.to_string()))?;
-            if !accepted {
-                return Err(WireError::new(
-                    ErrorKind::EnrollmentRefused,
-                    "enrollment token not accepted (wrong, expired or revoked); set enrollment_token in the agent \
-                     config to one of the server's enrollment tokens, or one made with \
-                     `uplift token create --role enrollment`",
-                ));
+                return Err(WireError::new(ErrorKind::EnrollmentRefused, why));
             }
             let key = parse_public_key(&public_key)?;
             verify(&key, &channel::auth_message(nonce, &public_key), &signature)?;
-            enroll(state, device_type, hardware_id, public_key).await
+            let admission = crate::service::enrollment::admit(
+                state,
+                &device_type,
+                &hardware_id,
+                &public_key,
+                made.as_ref(),
+            )
+            .await
+            .map_err(|e| WireError::new(e.kind(), e.to_string()))?;
+            match admission {
+                Admission::Device { id, addresses } => Ok(Hello::Known(id, true, addresses)),
+                Admission::Removed { id, at } => Err(removed(&id, Some(&at))),
+                Admission::Pending(record) => Ok(Hello::Pending(PendingHello {
+                    device_type,
+                    hardware_id,
+                    public_key,
+                    request: record.view.id,
+                    told: features.contains(&Feature::EnrollmentApproval),
+                })),
+            }
         }
         AgentMsg::Authenticate {
             device_id,
@@ -470,7 +546,7 @@ async fn authenticate(
                     format!("signature does not match the key enrolled for device {device_id}"),
                 )
             })?;
-            Ok((device_id, false, device.private_addresses))
+            Ok(Hello::Known(device_id, false, device.private_addresses))
         }
         AgentMsg::Report(_) => Err(WireError::new(
             ErrorKind::UnexpectedMessage,
@@ -479,48 +555,8 @@ async fn authenticate(
     }
 }
 
-async fn enroll(
-    state: &AppState,
-    device_type: DeviceType,
-    hardware_id: HardwareId,
-    public_key: String,
-) -> Result<(DeviceId, bool, Vec<String>), WireError> {
-    let storage = |e: crate::store::StoreError| WireError::new(e.kind(), e.to_string());
-    // The device proved it holds this key: if the key is already enrolled the
-    // device lost its ID (crash before saving it) and gets the same ID back.
-    if let Some(existing) = state
-        .store
-        .device_by_public_key(&public_key)
-        .await
-        .map_err(storage)?
-    {
-        if let Some(at) = &existing.removed_at {
-            return Err(removed(&existing.id, Some(at)));
-        }
-        return Ok((existing.id, true, existing.private_addresses));
-    }
-    let id: DeviceId = format!("dev-{}", hex::encode(rand::random::<[u8; 8]>()))
-        .parse()
-        .expect("generated device ids are valid");
-    state
-        .store
-        .insert_device(&NewDevice {
-            id: id.clone(),
-            device_type: device_type.clone(),
-            hardware_id: hardware_id.clone(),
-            public_key,
-            enrolled_at: now_rfc3339(),
-        })
-        .await
-        .map_err(storage)?;
-    tracing::info!(device = %id, %device_type, %hardware_id, "device enrolled");
-    // A new device has no tags yet: it joins the rollouts of its whole type.
-    crate::service::rollouts::join_dynamic(state, &id, &device_type, &[]).await;
-    Ok((id, true, Vec::new()))
-}
-
 /// The refusal of a removed device's key.
-fn removed(device: &DeviceId, at: Option<&str>) -> WireError {
+pub(crate) fn removed(device: &DeviceId, at: Option<&str>) -> WireError {
     let at = at.map(|at| format!(" at {at}")).unwrap_or_default();
     WireError::new(
         ErrorKind::DeviceRemoved,
@@ -834,6 +870,13 @@ mod tests {
             .unwrap();
     }
 
+    fn known(check: KeyCheck) -> Checked {
+        match check {
+            KeyCheck::Known(checked) => checked,
+            KeyCheck::Pending(..) => panic!("an enrolled device's key check is not pending"),
+        }
+    }
+
     /// The race an operator's removal and a connecting device run, each
     /// order of its steps played out one after the other.
     #[tokio::test]
@@ -845,7 +888,7 @@ mod tests {
         // The key is checked, the removal runs whole, then the session
         // would register: it is refused, as the removed device it is.
         let (a, hello) = keyed_device(&state, "dev-a", &nonce).await;
-        let checked = check_key(&state, &nonce, hello).await.unwrap();
+        let checked = known(check_key(&state, &nonce, hello).await.unwrap());
         remove(&state, &a).await;
         let refused = admit(&state, &checked).await.unwrap_err();
         assert_eq!(refused.kind, ErrorKind::DeviceRemoved, "{refused:?}");
@@ -855,7 +898,7 @@ mod tests {
         // Registered first, removed after: the removal closes the session
         // and the session learns why.
         let (b, hello) = keyed_device(&state, "dev-bb", &nonce).await;
-        let checked = check_key(&state, &nonce, hello).await.unwrap();
+        let checked = known(check_key(&state, &nonce, hello).await.unwrap());
         let (_, target_changed) = admit(&state, &checked).await.unwrap();
         assert!(state.hub.is_online(&b));
         remove(&state, &b).await;
@@ -866,7 +909,7 @@ mod tests {
         // one still in the fleet, and its session stands.
         let (c, hello) = keyed_device(&state, "dev-ccc", &nonce).await;
         let (d, _) = keyed_device(&state, "dev-dddd", &nonce).await;
-        let checked = check_key(&state, &nonce, hello).await.unwrap();
+        let checked = known(check_key(&state, &nonce, hello).await.unwrap());
         remove(&state, &d).await;
         let (_, target_changed) = admit(&state, &checked).await.unwrap();
         assert!(state.hub.is_online(&c));

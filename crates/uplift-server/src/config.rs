@@ -38,6 +38,27 @@ pub struct ServerConfig {
     pub database: DatabaseConfig,
     #[serde(default)]
     pub addresses: AddressesConfig,
+    #[serde(default)]
+    pub enrollment: EnrollmentConfig,
+}
+
+/// How new devices join the fleet (see [`crate::service::enrollment`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentConfig {
+    #[serde(default)]
+    pub mode: EnrollmentMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollmentMode {
+    /// A device with a valid enrollment token is enrolled at once.
+    #[default]
+    Tokens,
+    /// A device with a valid enrollment token waits, connected, in a
+    /// pending list until an operator accepts or rejects it.
+    Approval,
 }
 
 /// Each device's private-network address (see [`crate::addresses`]).
@@ -440,6 +461,7 @@ impl ServerConfig {
             data_dir,
             tls: TlsConfig::default(),
             enrollment_tokens: Vec::new(),
+            enrollment: EnrollmentConfig::default(),
             admin_token: None,
             limits: Limits::default(),
             artifacts: ArtifactsConfig::default(),

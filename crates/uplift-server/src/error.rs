@@ -200,13 +200,17 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         ErrorKind::FrameTooLarge | ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::UnsupportedProtocol => StatusCode::UPGRADE_REQUIRED,
         ErrorKind::NotFound | ErrorKind::UnknownDevice => StatusCode::NOT_FOUND,
-        ErrorKind::Conflict | ErrorKind::DowngradeRefused => StatusCode::CONFLICT,
+        ErrorKind::Conflict | ErrorKind::DowngradeRefused | ErrorKind::DowngradeNotSigned => {
+            StatusCode::CONFLICT
+        }
         ErrorKind::Unauthorized
         | ErrorKind::BadDeviceSignature
         | ErrorKind::DeviceRemoved
         | ErrorKind::DownloadTokenInvalid
         | ErrorKind::DownloadTokenExpired => StatusCode::UNAUTHORIZED,
-        ErrorKind::EnrollmentRefused | ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::EnrollmentRefused | ErrorKind::EnrollmentRejected | ErrorKind::Forbidden => {
+            StatusCode::FORBIDDEN
+        }
         ErrorKind::ServerBusy | ErrorKind::ObjectStoreUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }

@@ -16,6 +16,7 @@ pub mod events;
 pub mod history;
 pub mod hub;
 pub mod live;
+pub mod pending;
 pub mod presence;
 pub mod rollout;
 pub mod s3;
@@ -209,6 +210,7 @@ impl Server {
                 config.download_tokens.lifetime_secs,
             ),
             limits: config.limits.clone(),
+            enrollment: service::enrollment::Enrollment::new(config.enrollment.mode),
             addresses: addresses::Pools::parse(&config.addresses.pool)?,
             shutdown,
         });

@@ -49,6 +49,8 @@ pub struct AppState {
     /// Signs and checks device download tokens (no per-session state).
     pub downloads: crate::download_token::DownloadAuth,
     pub limits: Limits,
+    /// The enrollment mode, and what wakes devices waiting for approval.
+    pub enrollment: crate::service::enrollment::Enrollment,
     /// The pools devices' private addresses come from (`[addresses] pool`).
     pub addresses: crate::addresses::Pools,
     /// Flips to true when the server shuts down; sessions close on it.

@@ -1957,6 +1957,7 @@ fn manifest_for(version: &str, chunks: &[&[u8]]) -> Manifest {
             .collect(),
         chunk_index: None,
         patches: Vec::new(),
+        may_replace_up_to: None,
     }
 }
 

@@ -68,6 +68,7 @@ suite!(
     presence_one_replica_writes_is_online_on_another_and_its_newest_connection_wins,
     a_removed_device_is_kept_with_its_history_but_left_out_of_everything_else,
     a_private_address_is_one_devices_across_stores_until_it_is_removed,
+    an_enrollment_request_is_one_per_key_and_decided_once,
 );
 
 #[tokio::test]
@@ -91,6 +92,113 @@ async fn postgres_passes_the_store_conformance_suite() {
         case(&Db::Postgres(url)).await;
     }
     eprintln!("postgres: every case in {:?}", started.elapsed());
+}
+
+async fn an_enrollment_request_is_one_per_key_and_decided_once(db: &Db) {
+    use uplift_proto::enrollment::EnrollmentState;
+    use uplift_server::store::control::{EnrollmentDecision, NewEnrollmentRequest};
+    let (store, replica) = (db.open().await, db.open().await);
+    let (gw, hw) = ("gw".parse().unwrap(), "hw-1".parse().unwrap());
+    let request = |key: &'static str, at: &'static str| NewEnrollmentRequest {
+        public_key: key,
+        key_fingerprint: "SHA256:00",
+        device_type: &gw,
+        hardware_id: &hw,
+        requested_at: at,
+    };
+    let first = store
+        .request_enrollment(&request("key-a", "2026-12-06T00:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(first.view.state, EnrollmentState::Pending);
+    assert_eq!(first.public_key, "key-a");
+    assert_eq!(first.view.hardware_id.as_str(), "hw-1");
+    assert_eq!(first.view.requested_at, "2026-12-06T00:00:00Z");
+    // Asked again (from another replica, later): the same request.
+    let again = replica
+        .request_enrollment(&request("key-a", "2026-12-06T00:05:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(again, first);
+    let second = store
+        .request_enrollment(&request("key-b", "2026-12-06T00:01:00Z"))
+        .await
+        .unwrap();
+    assert!(second.view.id > first.view.id);
+    let pending = store
+        .enrollment_requests(Some(EnrollmentState::Pending))
+        .await
+        .unwrap();
+    assert_eq!(
+        pending.iter().map(|r| r.view.id).collect::<Vec<_>>(),
+        vec![first.view.id, second.view.id],
+        "oldest first"
+    );
+
+    let device = id("dev-a");
+    let accept = EnrollmentDecision::Accept { device_id: &device };
+    let reject = EnrollmentDecision::Reject {
+        reason: Some("not ours"),
+    };
+    let (accepted, changed) = store
+        .decide_enrollment(first.view.id, &accept, "alice", "2026-12-06T00:02:00Z")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(changed);
+    assert_eq!(accepted.view.state, EnrollmentState::Accepted);
+    assert_eq!(accepted.view.device_id, Some(device.clone()));
+    assert_eq!(accepted.view.decided_by.as_deref(), Some("alice"));
+    assert_eq!(
+        accepted.view.decided_at.as_deref(),
+        Some("2026-12-06T00:02:00Z")
+    );
+    // Decided once: a second operator on another replica loses.
+    let (still, changed) = replica
+        .decide_enrollment(first.view.id, &reject, "bob", "2026-12-06T00:03:00Z")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!changed);
+    assert_eq!(still, accepted);
+
+    let (rejected, changed) = replica
+        .decide_enrollment(second.view.id, &reject, "bob", "2026-12-06T00:03:00Z")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(changed);
+    assert_eq!(rejected.view.reason.as_deref(), Some("not ours"));
+    assert_eq!(
+        store.enrollment_request_by_key("key-b").await.unwrap(),
+        Some(rejected.clone())
+    );
+    // A rejected request may still be accepted (an operator's undo).
+    let other = id("dev-b");
+    let (undone, changed) = store
+        .decide_enrollment(
+            second.view.id,
+            &EnrollmentDecision::Accept { device_id: &other },
+            "alice",
+            "2026-12-06T00:04:00Z",
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(changed);
+    assert_eq!(undone.view.state, EnrollmentState::Accepted);
+    assert!(store
+        .enrollment_requests(Some(EnrollmentState::Pending))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.enrollment_requests(None).await.unwrap().len(), 2);
+    assert!(store
+        .decide_enrollment(999, &reject, "bob", NOW)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store.enrollment_request(999).await.unwrap().is_none());
 }
 
 // ---- fixtures ----
@@ -1130,10 +1238,20 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
             created_at: "2026-12-05T10:00:00.5Z",
             created_by: "bootstrap-admin",
             expires_at: Some("2027-01-01T00:00:00Z"),
+            max_uses: Some(2),
         })
         .await
         .unwrap();
     assert_eq!(token.created_at, "2026-12-05T10:00:00.5Z");
+    assert_eq!((token.max_uses, token.uses), (Some(2), 0));
+    // Counted up to its limit, and no further, from any replica.
+    let replica = db.open().await;
+    assert!(store.use_api_token(token.id).await.unwrap());
+    assert!(replica.use_api_token(token.id).await.unwrap());
+    assert!(!store.use_api_token(token.id).await.unwrap(), "used up");
+    assert!(!store.use_api_token(999).await.unwrap());
+    let token = store.api_token_by_digest("abc").await.unwrap().unwrap();
+    assert_eq!(token.uses, 2);
     let found = store.api_token_by_digest("abc").await.unwrap().unwrap();
     assert_eq!(found, token);
     assert!(store.api_token_by_digest("abd").await.unwrap().is_none());

@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod devices;
+pub mod enrollment;
 pub mod fleet;
 pub mod metrics;
 pub mod releases;
@@ -34,6 +35,23 @@ pub enum ServiceError {
     ReleaseIncomplete { version: Version, missing: usize },
     #[error("release {version} is not on the server; upload it with `uplift release upload`")]
     ReleaseNotFound { version: Version },
+    /// A downgrade the release key did not allow: devices would refuse it
+    /// (they check the signed manifest themselves), so it is refused here
+    /// first, where the operator sees why.
+    #[error(
+        "release {version} is not signed as allowed to replace newer versions ({}), so devices \
+         would refuse this downgrade; make it with `uplift release create --may-replace-up-to \
+         <newest version it may replace>`, signed with a release key, and upload it, or roll out \
+         a newer release",
+        match may_replace_up_to {
+            Some(up_to) => format!("it may replace versions up to {up_to} only"),
+            None => "it allows no downgrade".to_owned(),
+        }
+    )]
+    DowngradeNotSigned {
+        version: Version,
+        may_replace_up_to: Option<Version>,
+    },
     /// An uploaded chunk that is not the chunk its name says.
     #[error("{source}")]
     ChunkRefused {
@@ -128,6 +146,39 @@ pub enum ServiceError {
     },
     #[error("a page holds 1 to {max} entries; {limit} is outside that, so give another limit")]
     PageSize { limit: u32, max: u32 },
+    #[error(
+        "enrollment of this device was rejected by an operator{}{}; it is not retried. If that \
+         was a mistake, an operator accepts it with `uplift devices accept {id}`",
+        if at.is_empty() { String::new() } else { format!(" at {at}") },
+        reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+    )]
+    EnrollmentRejected {
+        id: i64,
+        at: String,
+        reason: Option<String>,
+    },
+    #[error("enrollment request {id} does not exist; see `uplift devices pending`")]
+    EnrollmentNotFound { id: i64 },
+    #[error("enrollment request {id} is already {}; see `uplift devices pending --all`", .state.as_str())]
+    EnrollmentDecided {
+        id: i64,
+        state: uplift_proto::enrollment::EnrollmentState,
+    },
+    #[error(
+        "a rejection reason is at most {} characters on one line; this one has {chars}",
+        uplift_proto::enrollment::MAX_REASON_CHARS
+    )]
+    BadReason { chars: usize },
+    #[error(
+        "enrollment token {id} ({name}) is used up ({max_uses} of {max_uses} uses: each new \
+         device enrolled with it is one); set enrollment_token in the agent config to another one, or make one with \
+         `uplift token create --role enrollment --max-uses N`"
+    )]
+    TokenUsedUp {
+        id: i64,
+        name: String,
+        max_uses: u32,
+    },
 }
 
 impl ServiceError {
@@ -145,6 +196,12 @@ impl ServiceError {
             | ServiceError::DeviceNotFound { .. }
             | ServiceError::WebhookNotFound { .. } => ErrorKind::NotFound,
             ServiceError::Denied { .. } => ErrorKind::Forbidden,
+            ServiceError::DowngradeNotSigned { .. } => ErrorKind::DowngradeNotSigned,
+            ServiceError::EnrollmentRejected { .. } => ErrorKind::EnrollmentRejected,
+            ServiceError::EnrollmentNotFound { .. } => ErrorKind::NotFound,
+            ServiceError::EnrollmentDecided { .. } => ErrorKind::Conflict,
+            ServiceError::BadReason { .. } => ErrorKind::BadRequest,
+            ServiceError::TokenUsedUp { .. } => ErrorKind::EnrollmentRefused,
             ServiceError::ChunkRefused { source, .. } => source.kind(),
             ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
             ServiceError::CheckPanicked { .. } | ServiceError::Metrics(_) => ErrorKind::Internal,
@@ -227,6 +284,7 @@ pub(crate) mod testing {
                 600,
             ),
             limits,
+            enrollment: crate::service::enrollment::Enrollment::new(Default::default()),
             addresses: Default::default(),
             shutdown: tokio::sync::watch::channel(false).1,
         }

@@ -125,6 +125,9 @@ async fn plan(state: &AppState, request: &RolloutCreate) -> ServiceResult<Plan> 
             .ok_or(ServiceError::ReleaseNotFound {
                 version: request.release.clone(),
             })?;
+    if request.allow_downgrade {
+        check_downgrade_signed(&release)?;
+    }
     request.policy.check()?;
     if request.policy.dynamic && request.devices.is_some() {
         return Err(ServiceError::DynamicList);
@@ -194,6 +197,29 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
     );
     scheduler::announce_first(state, &rollout, &request.policy, &step, now).await;
     view(state, rollout).await
+}
+
+/// Refuses a downgrade rollout to a release its key did not sign as allowed
+/// to replace newer versions. The server reads the manifest without
+/// checking signatures (it holds no trust of its own): the devices check
+/// them, and this check only spares the operator a rollout every device
+/// refuses.
+fn check_downgrade_signed(release: &ReleaseRecord) -> ServiceResult<()> {
+    let manifest = uplift_release::SignedManifest::from_json(&release.manifest_json)
+        .and_then(|signed| signed.parse_unverified())
+        .map_err(|source| {
+            ServiceError::Manifest(crate::chunks::LoadError::Manifest {
+                version: release.version.to_string(),
+                source,
+            })
+        })?;
+    if manifest.allows_downgrades() {
+        return Ok(());
+    }
+    Err(ServiceError::DowngradeNotSigned {
+        version: release.version.clone(),
+        may_replace_up_to: manifest.may_replace_up_to,
+    })
 }
 
 /// The devices a new rollout is for, or why there are none.

@@ -53,16 +53,78 @@ async fn find(
     Ok(found.filter(|t| usable(t, now)))
 }
 
-/// Whether `secret` is a usable token with the enrollment role (beside
-/// the enrollment tokens of the server's configuration).
+/// The usable token with the enrollment role that `secret` is, if it is
+/// one (beside the enrollment tokens of the server's configuration).
+pub async fn enrollment_token(
+    state: &AppState,
+    secret: &str,
+    now: OffsetDateTime,
+) -> ServiceResult<Option<TokenView>> {
+    Ok(find(state, secret, now)
+        .await?
+        .filter(|t| t.role == Role::Enrollment))
+}
+
+/// Whether `secret` is a usable token with the enrollment role.
 pub async fn may_enroll(
     state: &AppState,
     secret: &str,
     now: OffsetDateTime,
 ) -> ServiceResult<bool> {
-    Ok(find(state, secret, now)
-        .await?
-        .is_some_and(|t| t.role == Role::Enrollment))
+    Ok(enrollment_token(state, secret, now).await?.is_some())
+}
+
+/// Counts one use of enrollment token `token` for a new device, or refuses
+/// it when it has enrolled as many as it may.
+pub async fn use_for_enrollment(state: &AppState, token: &TokenView) -> ServiceResult<()> {
+    if state.store.use_api_token(token.id).await? {
+        return Ok(());
+    }
+    Err(ServiceError::TokenUsedUp {
+        id: token.id,
+        name: token.name.to_string(),
+        max_uses: token.max_uses.unwrap_or(0),
+    })
+}
+
+/// Why `secret` does not enroll a device, in words that say what to do:
+/// expired, revoked, an API token of another role, or none of ours.
+pub async fn enrollment_refusal(
+    state: &AppState,
+    secret: &str,
+    now: OffsetDateTime,
+) -> ServiceResult<String> {
+    const FIX: &str = "set enrollment_token in the agent config to one of the server's \
+                       enrollment tokens, or one made with `uplift token create --role enrollment`";
+    let found = if secret.starts_with(TOKEN_PREFIX) && secret.len() <= 128 {
+        state
+            .store
+            .api_token_by_digest(&secret_digest(secret))
+            .await?
+    } else {
+        None
+    };
+    Ok(match found {
+        None => format!("enrollment token not accepted (it is none of this server's); {FIX}"),
+        Some(t) => {
+            let which = format!("enrollment token {} ({})", t.id, t.name);
+            if let Some(at) = &t.revoked_at {
+                format!("{which} was revoked at {at}; {FIX}")
+            } else if !usable(&t, now) {
+                let at = t.expires_at.as_deref().unwrap_or("-");
+                format!("{which} expired at {at}; {FIX}")
+            } else if t.role != Role::Enrollment {
+                format!(
+                    "token {} ({}) has role {}, not enrollment, so it enrolls no device; {FIX}",
+                    t.id, t.name, t.role
+                )
+            } else {
+                // Usable with the enrollment role: it was accepted a moment
+                // ago and changed since (revoked or expired in between).
+                format!("{which} is no longer accepted; {FIX}")
+            }
+        }
+    })
 }
 
 /// The principal `token` stands for, or `None` if it is no token, or one
@@ -120,6 +182,7 @@ async fn create_unaudited(
             created_at: &format_time(now),
             created_by: &actor.name,
             expires_at: expires_at.as_deref(),
+            max_uses: request.max_uses.map(|n| n.get()),
         })
         .await?;
     tracing::info!(token = token.id, name = %token.name, role = %token.role, by = %actor.name, "API token created");
@@ -164,6 +227,7 @@ mod tests {
             name: name.parse().unwrap(),
             role,
             expires_in_secs: expires_in_secs.and_then(NonZeroU64::new),
+            max_uses: None,
         }
     }
 
@@ -228,6 +292,26 @@ mod tests {
             authenticate(&state, &made.secret, later).await.unwrap(),
             None
         );
+        let refusal = enrollment_refusal(&state, &made.secret, later)
+            .await
+            .unwrap();
+        assert!(
+            refusal.contains(&format!(
+                "enrollment token {} (temp) expired at",
+                made.token.id
+            )),
+            "{refusal}"
+        );
+        let refusal = enrollment_refusal(&state, &made.secret, now).await.unwrap();
+        assert!(
+            refusal.contains("has role viewer, not enrollment"),
+            "{refusal}"
+        );
+        revoke(&state, &admin, made.token.id).await.unwrap();
+        let refusal = enrollment_refusal(&state, &made.secret, now).await.unwrap();
+        assert!(refusal.contains("was revoked at"), "{refusal}");
+        let refusal = enrollment_refusal(&state, "uplift_00", now).await.unwrap();
+        assert!(refusal.contains("none of this server's"), "{refusal}");
         for wrong in [
             "",
             "uplift_",
@@ -289,6 +373,8 @@ mod tests {
             created_by: "bootstrap-admin".into(),
             expires_at: Some("someday".into()),
             revoked_at: None,
+            max_uses: None,
+            uses: 0,
         };
         assert!(!usable(&token, OffsetDateTime::now_utc()));
     }

@@ -7,8 +7,9 @@
 use super::StoreResult;
 use async_trait::async_trait;
 use uplift_proto::auth::{AuditAction, AuditEntry, AuditQuery, Role, TokenView};
+use uplift_proto::enrollment::{EnrollmentRequestView, EnrollmentState};
 use uplift_proto::events::{DeliveryView, EventFilter, WebhookView};
-use uplift_proto::{TokenName, WireError};
+use uplift_proto::{DeviceId, DeviceType, HardwareId, TokenName, WireError};
 
 #[derive(Debug, Clone, Copy)]
 pub struct NewApiToken<'a> {
@@ -19,6 +20,8 @@ pub struct NewApiToken<'a> {
     pub created_at: &'a str,
     pub created_by: &'a str,
     pub expires_at: Option<&'a str>,
+    /// The most new devices an enrollment token may enroll.
+    pub max_uses: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +90,47 @@ pub struct Attempt<'a> {
     pub retry_at_ms: Option<i64>,
 }
 
+/// A device's first request to enroll, in approval mode.
+#[derive(Debug, Clone, Copy)]
+pub struct NewEnrollmentRequest<'a> {
+    /// The device's ed25519 public key, base64, as it enrolls with it.
+    pub public_key: &'a str,
+    pub key_fingerprint: &'a str,
+    pub device_type: &'a DeviceType,
+    pub hardware_id: &'a HardwareId,
+    pub requested_at: &'a str,
+}
+
+/// An enrollment request with the key it is for (the view shows only the
+/// key's fingerprint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentRecord {
+    pub view: EnrollmentRequestView,
+    pub public_key: String,
+}
+
+/// An operator's decision on an enrollment request.
+#[derive(Debug, Clone, Copy)]
+pub enum EnrollmentDecision<'a> {
+    /// Accepts a pending or rejected request: the device was stored with
+    /// this ID.
+    Accept { device_id: &'a DeviceId },
+    /// Rejects a pending request.
+    Reject { reason: Option<&'a str> },
+}
+
+impl EnrollmentDecision<'_> {
+    /// The states a request may be in for this decision to apply.
+    pub fn applies_to(&self) -> &'static [EnrollmentState] {
+        match self {
+            EnrollmentDecision::Accept { .. } => {
+                &[EnrollmentState::Pending, EnrollmentState::Rejected]
+            }
+            EnrollmentDecision::Reject { .. } => &[EnrollmentState::Pending],
+        }
+    }
+}
+
 #[async_trait]
 pub trait ControlStore: Send + Sync {
     async fn insert_api_token(&self, token: &NewApiToken<'_>) -> StoreResult<TokenView>;
@@ -139,4 +183,36 @@ pub trait ControlStore: Send + Sync {
     /// Gives the lease up if `holder` holds it, so another replica need not
     /// wait for it to expire.
     async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
+
+    /// Counts one use of token `id` unless it has reached its `max_uses`;
+    /// whether it was counted (false: used up, or no such token).
+    async fn use_api_token(&self, id: i64) -> StoreResult<bool>;
+    /// Stores `request` as pending unless its key already has a request;
+    /// the key's request as it now stands (new, or the one it had).
+    async fn request_enrollment(
+        &self,
+        request: &NewEnrollmentRequest<'_>,
+    ) -> StoreResult<EnrollmentRecord>;
+    async fn enrollment_request(&self, id: i64) -> StoreResult<Option<EnrollmentRecord>>;
+    async fn enrollment_request_by_key(
+        &self,
+        public_key: &str,
+    ) -> StoreResult<Option<EnrollmentRecord>>;
+    /// Requests in `state` (every one if `None`), oldest first.
+    async fn enrollment_requests(
+        &self,
+        state: Option<EnrollmentState>,
+    ) -> StoreResult<Vec<EnrollmentRecord>>;
+    /// Applies `decision` to request `id` if it is in a state the decision
+    /// applies to ([`EnrollmentDecision::applies_to`]), in one statement, so
+    /// two operators deciding at once cannot both win. The request as it
+    /// now stands, and whether this decision changed it; `None` if there is
+    /// no such request.
+    async fn decide_enrollment(
+        &self,
+        id: i64,
+        decision: &EnrollmentDecision<'_>,
+        by: &str,
+        now: &str,
+    ) -> StoreResult<Option<(EnrollmentRecord, bool)>>;
 }

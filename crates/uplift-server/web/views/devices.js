@@ -114,6 +114,7 @@ export function Devices({ caller }) {
   const allSelected = devices.length > 0 && devices.every((d) => selected.has(d.id));
   return html`<section>
     <h1>Devices</h1>
+    <${PendingEnrollments} caller=${caller} onDecided=${page.reload} />
     <${Filters} filters=${filters} />
     <${ErrorNote} error=${page.error} title="Could not list devices" />
     ${canTag && selected.size ? html`<${BulkTags} selected=${selected} onDone=${page.reload} />` : null}
@@ -177,6 +178,61 @@ function TagEditor({ device, onChanged }) {
 
 // Decommissioning, for operators: the API says what it ends (key, channel,
 // rollout parts, addresses) and keeps (the device and its history).
+// Enrollment requests waiting for an operator (the server's approval
+// mode); shown only when there are some. Polled: a device asking to enroll
+// is not a fleet event yet.
+function PendingEnrollments({ caller, onDecided }) {
+  const pending = useResource(() => api('GET', '/api/v1/enrollments', { query: { state: 'pending' } }), []);
+  const [error, setError] = useState(null);
+  useEffect(() => {
+    const timer = setInterval(pending.reload, 3000);
+    return () => clearInterval(timer);
+  }, [pending.reload]);
+  const decide = async (request, verdict) => {
+    let body;
+    if (verdict === 'reject') {
+      const reason = prompt(`Reject enrollment of ${request.hardware_id}? Its key is refused from now on. Reason (told to the device):`);
+      if (reason === null) return;
+      body = { reason };
+    }
+    setError(null);
+    try {
+      await api('POST', `/api/v1/enrollments/${request.id}/${verdict}`, body ? { body } : {});
+      pending.reload();
+      onDecided();
+    } catch (e) {
+      setError(e);
+    }
+  };
+  const requests = pending.data ?? [];
+  if (!requests.length && !error) return null;
+  const canDecide = may(caller, 'operate');
+  return html`<div class="card" id="pending-enrollments">
+    <h2>Waiting to enroll (${requests.length})</h2>
+    <${ErrorNote} error=${error} title="The server refused the decision" />
+    <div class="table-wrap"><table>
+      <thead><tr><th>Request</th><th>Hardware ID</th><th>Type</th><th>Key fingerprint</th><th>Asked</th>${canDecide ? html`<th></th>` : null}</tr></thead>
+      <tbody>
+        ${requests.map(
+          (r) => html`<tr key=${r.id} data-enrollment=${r.id}>
+            <td>${r.id}</td>
+            <td>${r.hardware_id}</td>
+            <td>${r.device_type}</td>
+            <td><code title=${r.key_fingerprint}>${r.key_fingerprint.slice(0, 23)}…</code></td>
+            <td><${Time} at=${r.requested_at} /></td>
+            ${canDecide
+              ? html`<td>
+                  <button type="button" class="primary" data-accept=${r.id} onClick=${() => decide(r, 'accept')}>Accept</button>
+                  <button type="button" class="danger" data-reject=${r.id} onClick=${() => decide(r, 'reject')}>Reject</button>
+                </td>`
+              : null}
+          </tr>`,
+        )}
+      </tbody>
+    </table></div>
+  </div>`;
+}
+
 function RemoveDevice({ device, onRemoved }) {
   const [error, setError] = useState(null);
   const remove = async () => {

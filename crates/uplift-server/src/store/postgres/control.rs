@@ -3,8 +3,8 @@
 
 use super::{db, parse, PgStore};
 use crate::store::control::{
-    Attempt, ControlStore, DueDelivery, NewApiToken, NewAuditEntry, NewDelivery, NewWebhook,
-    WebhookRecord,
+    Attempt, ControlStore, DueDelivery, EnrollmentDecision, EnrollmentRecord, NewApiToken,
+    NewAuditEntry, NewDelivery, NewEnrollmentRequest, NewWebhook, WebhookRecord,
 };
 use crate::store::{stamp, StoreResult};
 use async_trait::async_trait;
@@ -12,10 +12,12 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 use time::OffsetDateTime;
 use uplift_proto::auth::{AuditEntry, AuditQuery, TokenView};
+use uplift_proto::enrollment::{EnrollmentRequestView, EnrollmentState};
 use uplift_proto::events::{DeliveryStatus, DeliveryView, WebhookView};
 use uplift_proto::{ErrorKind, WireError};
 
-const TOKEN_COLUMNS: &str = "id, name, role, created_at, created_by, expires_at, revoked_at";
+const TOKEN_COLUMNS: &str =
+    "id, name, role, created_at, created_by, expires_at, revoked_at, max_uses, uses";
 
 fn time_at(row: &PgRow, i: usize, action: &'static str) -> StoreResult<String> {
     let t: OffsetDateTime = row.try_get(i).map_err(db(action))?;
@@ -38,6 +40,38 @@ fn token_from_row(row: PgRow) -> StoreResult<TokenView> {
         created_by: text(4)?,
         expires_at: time_opt(&row, 5, action)?,
         revoked_at: time_opt(&row, 6, action)?,
+        max_uses: row
+            .try_get::<Option<i64>, _>(7)
+            .map_err(db(action))?
+            .map(|n| n.clamp(0, u32::MAX.into()) as u32),
+        uses: row
+            .try_get::<i64, _>(8)
+            .map_err(db(action))?
+            .clamp(0, u32::MAX.into()) as u32,
+    })
+}
+
+const ENROLLMENT_COLUMNS: &str = "id, public_key, key_fingerprint, device_type, hardware_id, \
+     requested_at, state, decided_at, decided_by, reason, device_id";
+
+fn enrollment_from_row(row: PgRow) -> StoreResult<EnrollmentRecord> {
+    let action = "reading an enrollment request";
+    let text = |i: usize| row.try_get::<String, _>(i).map_err(db(action));
+    let opt_text = |i: usize| row.try_get::<Option<String>, _>(i).map_err(db(action));
+    Ok(EnrollmentRecord {
+        view: EnrollmentRequestView {
+            id: row.try_get(0).map_err(db(action))?,
+            key_fingerprint: text(2)?,
+            device_type: parse("device type", text(3)?)?,
+            hardware_id: parse("hardware id", text(4)?)?,
+            requested_at: time_at(&row, 5, action)?,
+            state: parse("enrollment state", text(6)?)?,
+            decided_at: time_opt(&row, 7, action)?,
+            decided_by: opt_text(8)?,
+            reason: opt_text(9)?,
+            device_id: opt_text(10)?.map(|id| parse("device id", id)).transpose()?,
+        },
+        public_key: text(1)?,
     })
 }
 
@@ -168,8 +202,8 @@ impl PgStore {
 impl ControlStore for PgStore {
     async fn insert_api_token(&self, t: &NewApiToken<'_>) -> StoreResult<TokenView> {
         let row = sqlx::query(&format!(
-            "INSERT INTO api_tokens (name, role, secret_sha256, created_at, created_by, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {TOKEN_COLUMNS}"
+            "INSERT INTO api_tokens (name, role, secret_sha256, created_at, created_by, expires_at, max_uses) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {TOKEN_COLUMNS}"
         ))
         .bind(t.name.as_str())
         .bind(t.role.as_str())
@@ -177,6 +211,7 @@ impl ControlStore for PgStore {
         .bind(stamp::parse("a token's creation time", t.created_at)?)
         .bind(t.created_by)
         .bind(stamp::parse_opt("a token's expiry", t.expires_at)?)
+        .bind(t.max_uses.map(i64::from))
         .fetch_one(&self.pool)
         .await
         .map_err(db("storing an API token"))?;
@@ -449,5 +484,130 @@ impl ControlStore for PgStore {
             .await
             .map_err(db("giving up the scheduler lease"))?;
         Ok(())
+    }
+
+    async fn use_api_token(&self, id: i64) -> StoreResult<bool> {
+        Ok(sqlx::query("UPDATE api_tokens SET uses = uses + 1 WHERE id = $1 AND (max_uses IS NULL OR uses < max_uses)")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db("counting a use of an enrollment token"))?
+            .rows_affected()
+            > 0)
+    }
+
+    async fn request_enrollment(
+        &self,
+        r: &NewEnrollmentRequest<'_>,
+    ) -> StoreResult<EnrollmentRecord> {
+        // One statement, so two connections of the same device (or two
+        // replicas) cannot make two requests for one key.
+        sqlx::query(
+            "INSERT INTO enrollment_requests \
+             (public_key, key_fingerprint, device_type, hardware_id, requested_at, state) \
+             VALUES ($1, $2, $3, $4, $5, 'pending') ON CONFLICT (public_key) DO NOTHING",
+        )
+        .bind(r.public_key)
+        .bind(r.key_fingerprint)
+        .bind(r.device_type.as_str())
+        .bind(r.hardware_id.as_str())
+        .bind(stamp::parse(
+            "an enrollment request's time",
+            r.requested_at,
+        )?)
+        .execute(&self.pool)
+        .await
+        .map_err(db("storing an enrollment request"))?;
+        self.enrollment_request_by_key(r.public_key).await?.ok_or(
+            crate::store::StoreError::Corrupt {
+                what: "enrollment request",
+                detail: "stored, then not found by its key".to_owned(),
+            },
+        )
+    }
+
+    async fn enrollment_request(&self, id: i64) -> StoreResult<Option<EnrollmentRecord>> {
+        sqlx::query(&format!(
+            "SELECT {ENROLLMENT_COLUMNS} FROM enrollment_requests WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up an enrollment request"))?
+        .map(enrollment_from_row)
+        .transpose()
+    }
+
+    async fn enrollment_request_by_key(
+        &self,
+        public_key: &str,
+    ) -> StoreResult<Option<EnrollmentRecord>> {
+        sqlx::query(&format!(
+            "SELECT {ENROLLMENT_COLUMNS} FROM enrollment_requests WHERE public_key = $1"
+        ))
+        .bind(public_key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up an enrollment request"))?
+        .map(enrollment_from_row)
+        .transpose()
+    }
+
+    async fn enrollment_requests(
+        &self,
+        state: Option<EnrollmentState>,
+    ) -> StoreResult<Vec<EnrollmentRecord>> {
+        sqlx::query(&format!(
+            "SELECT {ENROLLMENT_COLUMNS} FROM enrollment_requests \
+             WHERE ($1::text IS NULL OR state = $1) ORDER BY id"
+        ))
+        .bind(state.map(EnrollmentState::as_str))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing enrollment requests"))?
+        .into_iter()
+        .map(enrollment_from_row)
+        .collect()
+    }
+
+    async fn decide_enrollment(
+        &self,
+        id: i64,
+        decision: &EnrollmentDecision<'_>,
+        by: &str,
+        now: &str,
+    ) -> StoreResult<Option<(EnrollmentRecord, bool)>> {
+        let (state, reason, device_id) = match decision {
+            EnrollmentDecision::Accept { device_id } => {
+                (EnrollmentState::Accepted, None, Some(device_id.as_str()))
+            }
+            EnrollmentDecision::Reject { reason } => (EnrollmentState::Rejected, *reason, None),
+        };
+        // The states are the code's own names, not input.
+        let from: Vec<String> = decision
+            .applies_to()
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        let changed = sqlx::query(&format!(
+            "UPDATE enrollment_requests SET state = $1, decided_at = $2, decided_by = $3, \
+             reason = $4, device_id = $5 WHERE id = $6 AND state IN ({})",
+            from.join(", ")
+        ))
+        .bind(state.as_str())
+        .bind(stamp::parse("an enrollment decision's time", now)?)
+        .bind(by)
+        .bind(reason)
+        .bind(device_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db("deciding an enrollment request"))?
+        .rows_affected()
+            > 0;
+        Ok(self
+            .enrollment_request(id)
+            .await?
+            .map(|record| (record, changed)))
     }
 }

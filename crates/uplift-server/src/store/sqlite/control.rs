@@ -3,8 +3,8 @@
 
 use super::{db, parse, SqliteStore};
 use crate::store::control::{
-    Attempt, ControlStore, DueDelivery, NewApiToken, NewAuditEntry, NewDelivery, NewWebhook,
-    WebhookRecord,
+    Attempt, ControlStore, DueDelivery, EnrollmentDecision, EnrollmentRecord, NewApiToken,
+    NewAuditEntry, NewDelivery, NewEnrollmentRequest, NewWebhook, WebhookRecord,
 };
 use crate::store::stamp;
 use crate::store::StoreResult;
@@ -12,10 +12,12 @@ use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 use uplift_proto::auth::{AuditEntry, AuditQuery, TokenView};
+use uplift_proto::enrollment::{EnrollmentRequestView, EnrollmentState};
 use uplift_proto::events::{DeliveryStatus, DeliveryView, WebhookView};
 use uplift_proto::{ErrorKind, WireError};
 
-const TOKEN_COLUMNS: &str = "id, name, role, created_at, created_by, expires_at, revoked_at";
+const TOKEN_COLUMNS: &str =
+    "id, name, role, created_at, created_by, expires_at, revoked_at, max_uses, uses";
 
 fn token_from_row(row: SqliteRow) -> StoreResult<TokenView> {
     let text = |i: usize| {
@@ -34,6 +36,38 @@ fn token_from_row(row: SqliteRow) -> StoreResult<TokenView> {
         created_by: text(4)?,
         expires_at: stamp::shown_text_opt(opt_text(5)?),
         revoked_at: stamp::shown_text_opt(opt_text(6)?),
+        max_uses: row
+            .try_get::<Option<i64>, _>(7)
+            .map_err(db("reading an API token"))?
+            .map(|n| n.clamp(0, u32::MAX.into()) as u32),
+        uses: row
+            .try_get::<i64, _>(8)
+            .map_err(db("reading an API token"))?
+            .clamp(0, u32::MAX.into()) as u32,
+    })
+}
+
+const ENROLLMENT_COLUMNS: &str = "id, public_key, key_fingerprint, device_type, hardware_id, \
+     requested_at, state, decided_at, decided_by, reason, device_id";
+
+fn enrollment_from_row(row: SqliteRow) -> StoreResult<EnrollmentRecord> {
+    let action = "reading an enrollment request";
+    let text = |i: usize| row.try_get::<String, _>(i).map_err(db(action));
+    let opt_text = |i: usize| row.try_get::<Option<String>, _>(i).map_err(db(action));
+    Ok(EnrollmentRecord {
+        view: EnrollmentRequestView {
+            id: row.try_get(0).map_err(db(action))?,
+            key_fingerprint: text(2)?,
+            device_type: parse("device type", text(3)?)?,
+            hardware_id: parse("hardware id", text(4)?)?,
+            requested_at: stamp::shown_text(text(5)?),
+            state: parse("enrollment state", text(6)?)?,
+            decided_at: stamp::shown_text_opt(opt_text(7)?),
+            decided_by: opt_text(8)?,
+            reason: opt_text(9)?,
+            device_id: opt_text(10)?.map(|id| parse("device id", id)).transpose()?,
+        },
+        public_key: text(1)?,
     })
 }
 
@@ -178,8 +212,8 @@ impl SqliteStore {
 impl ControlStore for SqliteStore {
     async fn insert_api_token(&self, t: &NewApiToken<'_>) -> StoreResult<TokenView> {
         let row = sqlx::query(&format!(
-            "INSERT INTO api_tokens (name, role, secret_sha256, created_at, created_by, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?) RETURNING {TOKEN_COLUMNS}"
+            "INSERT INTO api_tokens (name, role, secret_sha256, created_at, created_by, expires_at, max_uses) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {TOKEN_COLUMNS}"
         ))
         .bind(t.name.as_str())
         .bind(t.role.as_str())
@@ -187,6 +221,7 @@ impl ControlStore for SqliteStore {
         .bind(stamp::stored("a token's creation time", t.created_at)?)
         .bind(t.created_by)
         .bind(stamp::stored_opt("a token's expiry", t.expires_at)?)
+        .bind(t.max_uses.map(i64::from))
         .fetch_one(&self.pool)
         .await
         .map_err(db("storing an API token"))?;
@@ -460,6 +495,132 @@ impl ControlStore for SqliteStore {
             .await
             .map_err(db("giving up the scheduler lease"))?;
         Ok(())
+    }
+
+    async fn use_api_token(&self, id: i64) -> StoreResult<bool> {
+        Ok(sqlx::query("UPDATE api_tokens SET uses = uses + 1 WHERE id = ? AND (max_uses IS NULL OR uses < max_uses)")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db("counting a use of an enrollment token"))?
+            .rows_affected()
+            > 0)
+    }
+
+    async fn request_enrollment(
+        &self,
+        r: &NewEnrollmentRequest<'_>,
+    ) -> StoreResult<EnrollmentRecord> {
+        // One statement, so two connections of the same device (or two
+        // replicas) cannot make two requests for one key.
+        sqlx::query(
+            "INSERT INTO enrollment_requests \
+             (public_key, key_fingerprint, device_type, hardware_id, requested_at, state) \
+             VALUES (?, ?, ?, ?, ?, 'pending') ON CONFLICT (public_key) DO NOTHING",
+        )
+        .bind(r.public_key)
+        .bind(r.key_fingerprint)
+        .bind(r.device_type.as_str())
+        .bind(r.hardware_id.as_str())
+        .bind(stamp::stored(
+            "an enrollment request's time",
+            r.requested_at,
+        )?)
+        .execute(&self.pool)
+        .await
+        .map_err(db("storing an enrollment request"))?;
+        self.enrollment_request_by_key(r.public_key).await?.ok_or(
+            crate::store::StoreError::Corrupt {
+                what: "enrollment request",
+                detail: "stored, then not found by its key".to_owned(),
+            },
+        )
+    }
+
+    async fn enrollment_request(&self, id: i64) -> StoreResult<Option<EnrollmentRecord>> {
+        sqlx::query(&format!(
+            "SELECT {ENROLLMENT_COLUMNS} FROM enrollment_requests WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up an enrollment request"))?
+        .map(enrollment_from_row)
+        .transpose()
+    }
+
+    async fn enrollment_request_by_key(
+        &self,
+        public_key: &str,
+    ) -> StoreResult<Option<EnrollmentRecord>> {
+        sqlx::query(&format!(
+            "SELECT {ENROLLMENT_COLUMNS} FROM enrollment_requests WHERE public_key = ?"
+        ))
+        .bind(public_key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("looking up an enrollment request"))?
+        .map(enrollment_from_row)
+        .transpose()
+    }
+
+    async fn enrollment_requests(
+        &self,
+        state: Option<EnrollmentState>,
+    ) -> StoreResult<Vec<EnrollmentRecord>> {
+        sqlx::query(&format!(
+            "SELECT {ENROLLMENT_COLUMNS} FROM enrollment_requests \
+             WHERE (? IS NULL OR state = ?) ORDER BY id"
+        ))
+        .bind(state.map(EnrollmentState::as_str))
+        .bind(state.map(EnrollmentState::as_str))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing enrollment requests"))?
+        .into_iter()
+        .map(enrollment_from_row)
+        .collect()
+    }
+
+    async fn decide_enrollment(
+        &self,
+        id: i64,
+        decision: &EnrollmentDecision<'_>,
+        by: &str,
+        now: &str,
+    ) -> StoreResult<Option<(EnrollmentRecord, bool)>> {
+        let (state, reason, device_id) = match decision {
+            EnrollmentDecision::Accept { device_id } => {
+                (EnrollmentState::Accepted, None, Some(device_id.as_str()))
+            }
+            EnrollmentDecision::Reject { reason } => (EnrollmentState::Rejected, *reason, None),
+        };
+        // The states are the code's own names, not input.
+        let from: Vec<String> = decision
+            .applies_to()
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        let changed = sqlx::query(&format!(
+            "UPDATE enrollment_requests SET state = ?, decided_at = ?, decided_by = ?, \
+             reason = ?, device_id = ? WHERE id = ? AND state IN ({})",
+            from.join(", ")
+        ))
+        .bind(state.as_str())
+        .bind(stamp::stored("an enrollment decision's time", now)?)
+        .bind(by)
+        .bind(reason)
+        .bind(device_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db("deciding an enrollment request"))?
+        .rows_affected()
+            > 0;
+        Ok(self
+            .enrollment_request(id)
+            .await?
+            .map(|record| (record, changed)))
     }
 }
 
