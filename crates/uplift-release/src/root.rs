@@ -191,6 +191,14 @@ impl SignedRoot {
         Ok(root)
     }
 
+    /// How many distinct keys of `role` have validly signed (for a key
+    /// ceremony's progress: `uplift root sign` says how many are still
+    /// needed).
+    pub fn valid_signatures(&self, role: &Role) -> usize {
+        let signatures = &self.signatures[..self.signatures.len().min(MAX_SIGNATURES)];
+        valid_signers(signatures, &role.keys, &message(&self.signed)).len()
+    }
+
     /// Requires `role`'s threshold of distinct keys to have signed.
     fn check_threshold(
         &self,

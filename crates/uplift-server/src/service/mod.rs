@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod releases;
 pub mod rollouts;
+pub mod roots;
 pub mod stats;
 pub mod tokens;
 pub mod webhooks;
@@ -128,6 +129,13 @@ pub enum ServiceError {
     },
     #[error("a page holds 1 to {max} entries; {limit} is outside that, so give another limit")]
     PageSize { limit: u32, max: u32 },
+    /// A root of trust refused at publication: malformed, not the next
+    /// version, or not signed by the keys it needs.
+    #[error("root refused: {source}")]
+    RootRefused {
+        #[source]
+        source: uplift_release::ReleaseError,
+    },
 }
 
 impl ServiceError {
@@ -146,6 +154,7 @@ impl ServiceError {
             | ServiceError::WebhookNotFound { .. } => ErrorKind::NotFound,
             ServiceError::Denied { .. } => ErrorKind::Forbidden,
             ServiceError::ChunkRefused { source, .. } => source.kind(),
+            ServiceError::RootRefused { source } => source.kind(),
             ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
             ServiceError::CheckPanicked { .. } | ServiceError::Metrics(_) => ErrorKind::Internal,
             ServiceError::NotPhased { .. }

@@ -1,6 +1,7 @@
 //! SQLite implementation of [`Store`]: embedded, zero set-up, WAL mode.
 
 mod control;
+mod roots;
 
 use super::*;
 use sqlx::sqlite::{
