@@ -591,6 +591,7 @@ env_file = "/boot/grub/grubenv"
             expires_at: "2030-01-01T00:00:00Z".into(),
             root: role.clone(),
             release: role,
+            freshness: None,
         };
         let root_path = dir.path().join("root.json");
         std::fs::write(&root_path, root.sign(&[&key]).unwrap().to_json()).unwrap();

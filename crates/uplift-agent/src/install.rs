@@ -632,7 +632,7 @@ impl Installer {
             )
             .await?;
         let signed = SignedManifest::from_json(&json)?;
-        let mut manifest = self.verify_manifest(&signed).await?;
+        let mut manifest = self.verify_manifest(&signed, offer).await?;
         check_manifest(&manifest, offer, &self.config.device_type, running)?;
         if let Some(reference) = manifest.chunk_index.filter(|_| manifest.needs_index()) {
             // Exactly as long as the signed manifest says, then its digest.
@@ -984,6 +984,7 @@ mod tests {
             allow_downgrade,
             max_bytes_per_sec: None,
             hold_reboot: false,
+            freshness: None,
         }
     }
 

@@ -787,6 +787,7 @@ mod tests {
             allow_downgrade: false,
             max_bytes_per_sec: None,
             hold_reboot: false,
+            freshness: None,
         }
     }
 

@@ -11,12 +11,17 @@
 
 use crate::config::AgentConfig;
 use crate::install::{InstallError, Installer};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
+use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uplift_files::{replace_file, Access};
+use uplift_proto::channel::Offer;
+use uplift_proto::trust::SignedFreshness;
 use uplift_proto::trust::{device_roots_path, MAX_ROOTS_PER_ANSWER};
+use uplift_release::freshness::{self, manifest_digest, Expected};
 use uplift_release::manifest::{Manifest, SignedManifest};
-use uplift_release::root::{SignedRoot, TrustedRoot, MAX_ROOT_BYTES};
+use uplift_release::root::{Role, SignedRoot, TrustedRoot, MAX_ROOT_BYTES};
 use uplift_release::ReleaseError;
 
 /// The newest verified root, in the state directory.
@@ -55,6 +60,41 @@ pub fn held_root(shipped: &Path, state_dir: &Path) -> Result<TrustedRoot, Releas
     }
 }
 
+/// The newest offer freshness accepted, in the state directory: one
+/// issued earlier is a replay.
+pub const ACCEPTED_FRESHNESS: &str = "freshness.json";
+
+/// What [`ACCEPTED_FRESHNESS`] holds: the issue time, and the signed
+/// record itself (for whoever investigates).
+#[derive(Debug, Serialize, Deserialize)]
+struct Accepted {
+    issued_at: String,
+    record: Option<SignedFreshness>,
+}
+
+fn read_accepted(path: &Path) -> Result<Option<OffsetDateTime>, InstallError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(InstallError::State(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    let corrupt = |e: String| {
+        InstallError::State(format!(
+            "{} is corrupt ({e}); delete it to accept the server's next offer",
+            path.display()
+        ))
+    };
+    let accepted: Accepted = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    OffsetDateTime::parse(&accepted.issued_at, &Rfc3339)
+        .map(Some)
+        .map_err(|e| corrupt(e.to_string()))
+}
+
 /// Parses one answer of the device roots endpoint.
 pub fn parse_chain(bytes: &[u8]) -> Result<Vec<SignedRoot>, ReleaseError> {
     let chain: Vec<SignedRoot> =
@@ -80,9 +120,12 @@ pub fn uses_root(config: &AgentConfig) -> bool {
 impl Installer {
     /// The manifest, checked against what the device trusts: with a root,
     /// after bringing the root up to date from the server.
+    /// With a root that names a freshness role, the offer must also carry
+    /// the server's current signed word for this device and this manifest.
     pub(crate) async fn verify_manifest(
         &self,
         signed: &SignedManifest,
+        offer: &Offer,
     ) -> Result<Manifest, InstallError> {
         match &self.config.trusted_root {
             None => {
@@ -90,9 +133,53 @@ impl Installer {
             }
             Some(shipped) => {
                 let root = self.current_root(shipped).await?;
-                Ok(root.verify_release(signed, OffsetDateTime::now_utc())?)
+                let manifest = root.verify_release(signed, OffsetDateTime::now_utc())?;
+                if let Some(role) = &root.root().freshness {
+                    self.check_freshness(role, signed, offer)?;
+                }
+                Ok(manifest)
             }
         }
+    }
+
+    /// Checks the offer's freshness and remembers it as the newest accepted.
+    fn check_freshness(
+        &self,
+        role: &Role,
+        signed: &SignedManifest,
+        offer: &Offer,
+    ) -> Result<(), InstallError> {
+        let device_id = self
+            .local
+            .device_id()
+            .map_err(|e| InstallError::State(format!("{e:#}")))?
+            .ok_or_else(|| InstallError::State("the device has no ID yet".to_owned()))?;
+        let path = self.config.state_dir.join(ACCEPTED_FRESHNESS);
+        let newest = read_accepted(&path)?;
+        let digest = manifest_digest(signed);
+        let version = offer.version.to_string();
+        let (record, issued_at) = freshness::check(
+            offer.freshness.as_ref(),
+            role,
+            Expected {
+                device_id: device_id.as_str(),
+                version: &version,
+                manifest_sha256: &digest,
+            },
+            newest,
+            OffsetDateTime::now_utc(),
+        )?;
+        if newest.is_none_or(|newest| issued_at > newest) {
+            let accepted = Accepted {
+                issued_at: record.issued_at.clone(),
+                record: offer.freshness.clone(),
+            };
+            let bytes = serde_json::to_vec_pretty(&accepted).expect("strings serialize");
+            replace_file(&path, &bytes, Access::Public).map_err(|e| {
+                InstallError::State(format!("cannot store {}: {e}", path.display()))
+            })?;
+        }
+        Ok(())
     }
 
     /// The held root, brought up to date with the chain the server has
@@ -151,7 +238,7 @@ impl Installer {
 mod tests {
     use super::*;
     use uplift_release::keys::ReleaseSigningKey;
-    use uplift_release::root::{Role, Root, ROOT_FORMAT};
+    use uplift_release::root::{Root, ROOT_FORMAT};
 
     fn root(version: u64) -> SignedRoot {
         let key = ReleaseSigningKey::from_seed([version as u8; 32]);
@@ -167,6 +254,7 @@ mod tests {
                 keys: vec![key.public_key()],
                 threshold: 1,
             },
+            freshness: None,
         };
         root.sign(&[&key]).unwrap()
     }

@@ -100,6 +100,28 @@ pub struct RoleArgs {
     /// How many release keys must sign a release.
     #[arg(long)]
     release_threshold: Option<u32>,
+    /// The server's online key that signs each offer's freshness
+    /// (`[trust] freshness_key`; repeat for several servers' keys). Named,
+    /// devices refuse offers without current signed freshness.
+    #[arg(long = "freshness-key", value_name = "KEY")]
+    freshness_keys: Vec<String>,
+    /// How many freshness keys must sign an offer's freshness.
+    #[arg(long)]
+    freshness_threshold: Option<u32>,
+    /// Drop the freshness role (devices then accept offers without it).
+    #[arg(long, conflicts_with = "freshness_keys")]
+    no_freshness: bool,
+}
+
+impl RoleArgs {
+    /// The freshness role: given keys, else the old role (with a new
+    /// threshold if given), else none.
+    fn freshness(&self, old: Option<&Role>) -> anyhow::Result<Option<Role>> {
+        if self.no_freshness || (self.freshness_keys.is_empty() && old.is_none()) {
+            return Ok(None);
+        }
+        role(old, &self.freshness_keys, self.freshness_threshold).map(Some)
+    }
 }
 
 fn public_key(text: &str) -> anyhow::Result<ReleasePublicKey> {
@@ -182,8 +204,16 @@ fn describe(root: &Root) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let freshness = match &root.freshness {
+        Some(role) => format!(
+            "freshness keys ({} of them must sign each offer): {}",
+            role.threshold,
+            ids(role)
+        ),
+        None => "no freshness role: offers need no signed freshness".to_owned(),
+    };
     format!(
-        "root keys ({} of them must sign the next root): {}\nrelease keys ({} of them must sign a release): {}",
+        "root keys ({} of them must sign the next root): {}\nrelease keys ({} of them must sign a release): {}\n{freshness}",
         root.root.threshold,
         ids(&root.root),
         root.release.threshold,
@@ -208,6 +238,7 @@ pub async fn root(cmd: RootCommand) -> anyhow::Result<i32> {
                 expires_at: expiry(valid_days)?,
                 root: role(None, &roles.root_keys, roles.root_threshold)?,
                 release: role(None, &roles.release_keys, roles.release_threshold)?,
+                freshness: roles.freshness(None)?,
             };
             let signed = root.sign(&[])?;
             write_new(&out, &signed)?;
@@ -236,6 +267,7 @@ pub async fn root(cmd: RootCommand) -> anyhow::Result<i32> {
                     &roles.release_keys,
                     roles.release_threshold,
                 )?,
+                freshness: roles.freshness(old.freshness.as_ref())?,
             };
             let signed = root.sign(&[])?;
             write_new(&out, &signed)?;

@@ -2,8 +2,9 @@
 //! list of release keys: the key ceremony run with the `uplift root`
 //! commands as key holders run it, roots published to a real server, and
 //! real agents that walk the chain and check releases against its newest
-//! root. Each attack is refused with an error kind the operator sees, and
-//! the device stays on its good slot.
+//! root. With a root that names a freshness role, every offer must carry
+//! the server's current signed freshness. Each attack is refused with an
+//! error kind the operator sees, and the device stays on its good slot.
 
 mod common;
 
@@ -276,6 +277,7 @@ async fn a_release_signed_by_a_revoked_release_key_is_refused() {
             expires_at: "2099-01-01T00:00:00Z".into(),
             root: role(&[&a], 1),
             release: role(&[&leaked], 1),
+            freshness: None,
         },
         &[&a.key],
     );
@@ -399,6 +401,7 @@ async fn a_device_whose_root_expired_refuses_releases_with_a_clear_error() {
             expires_at: "2021-01-01T00:00:00Z".into(),
             root: role(&[&a], 1),
             release: role(&[&holder(&fx, "release", 20)], 1),
+            freshness: None,
         },
         &[&a.key],
     );
@@ -413,4 +416,113 @@ async fn a_device_whose_root_expired_refuses_releases_with_a_clear_error() {
         message.contains("root of trust version 1 expired") && message.contains("newer root"),
         "{message}"
     );
+}
+
+/// A fixture whose server signs offers' freshness with `key` (unless
+/// `None`), valid `ttl_secs`; and root 1 naming that key's public half in
+/// its freshness role, with the fixture's release key.
+fn freshness_fixture(key: Option<&Path>, ttl_secs: u64) -> (Fixture, PathBuf) {
+    let config = match key {
+        Some(key) => format!(
+            "[trust]\nfreshness_key = {:?}\nfreshness_ttl_secs = {ttl_secs}\n",
+            p(key)
+        ),
+        None => String::new(),
+    };
+    let fx = Fixture::start_with(uplift_fleet::ServerLaunch {
+        config_toml: Some(config),
+        ..uplift_fleet::ServerLaunch::on("127.0.0.1:0")
+    });
+    let a = holder(&fx, "root-a", 1);
+    let online = ReleaseSigningKey::from_seed([50; 32]);
+    let v1 = fx.path("root-1.json");
+    write_root(
+        &v1,
+        &Root {
+            format: ROOT_FORMAT,
+            version: 1,
+            expires_at: "2099-01-01T00:00:00Z".into(),
+            root: role(&[&a], 1),
+            release: Role {
+                keys: vec![fx.key.public_key()],
+                threshold: 1,
+            },
+            freshness: Some(Role {
+                keys: vec![online.public_key()],
+                threshold: 1,
+            }),
+        },
+        &[&a.key],
+    );
+    (fx, v1)
+}
+
+/// The server's online key, outside the fixture's directory (the server
+/// must find it at start).
+fn online_key(dir: &tempfile::TempDir) -> PathBuf {
+    let path = dir.path().join("freshness.key");
+    ReleaseSigningKey::from_seed([50; 32])
+        .write_to_file(&path)
+        .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_with_current_freshness_installs_and_the_device_keeps_the_newest() {
+    let keys = tempfile::tempdir().unwrap();
+    let (fx, v1) = freshness_fixture(Some(&online_key(&keys)), 3600);
+    let device = fx.device("fresh", spec_with_root(&fx, "fresh", &v1));
+    fx.wait_enrolled(&device).await;
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    fx.rollout("1.1", Some(vec![id_of(&device)])).await;
+    installed(&fx, &device, "1.1").await;
+    let accepted: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(device.dir.join("state/freshness.json")).unwrap())
+            .unwrap();
+    let record: serde_json::Value =
+        serde_json::from_str(accepted["record"]["signed"].as_str().unwrap()).unwrap();
+    assert_eq!(record["device_id"], id_of(&device).to_string());
+    assert_eq!(record["version"], "1.1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_without_freshness_is_refused_when_the_root_requires_it() {
+    // A server without the online key (an old one, or an impostor that
+    // has the TLS key but not the freshness key).
+    let (fx, v1) = freshness_fixture(None, 3600);
+    let device = fx.device("unfresh", spec_with_root(&fx, "unfresh", &v1));
+    fx.wait_enrolled(&device).await;
+    let env = std::fs::read(device.bootenv_path()).unwrap();
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    fx.rollout("1.1", Some(vec![id_of(&device)])).await;
+    let message = assert_refused(&fx, &device, &env, ErrorKind::FreshnessInvalid).await;
+    assert!(message.contains("carries no signed freshness"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_with_expired_freshness_is_refused() {
+    // Freshness valid one second, and a network that holds the device's
+    // traffic back for several: the offer is stale by the time the device
+    // has fetched what it needs to check it.
+    let keys = tempfile::tempdir().unwrap();
+    let (fx, v1) = freshness_fixture(Some(&online_key(&keys)), 1);
+    let upstream = fx
+        .server
+        .endpoint
+        .url
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    let proxy = uplift_fleet::Proxy::start(upstream).await.unwrap();
+    let device = fx.device_via("delayed", spec_with_root(&fx, "delayed", &v1), &proxy.url());
+    fx.wait_enrolled(&device).await;
+    let env = std::fs::read(device.bootenv_path()).unwrap();
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    proxy.set_rate(1000);
+    fx.rollout("1.1", Some(vec![id_of(&device)])).await;
+    let message = assert_refused(&fx, &device, &env, ErrorKind::FreshnessExpired).await;
+    assert!(message.contains("freshness expired at"), "{message}");
 }

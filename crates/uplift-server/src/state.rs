@@ -51,6 +51,8 @@ pub struct AppState {
     pub limits: Limits,
     /// The pools devices' private addresses come from (`[addresses] pool`).
     pub addresses: crate::addresses::Pools,
+    /// Signs each offer's freshness (`[trust] freshness_key`), if configured.
+    pub freshness: Option<Arc<crate::freshness::FreshnessSigner>>,
     /// Flips to true when the server shuts down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
 }

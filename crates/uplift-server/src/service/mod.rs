@@ -237,6 +237,7 @@ pub(crate) mod testing {
             ),
             limits,
             addresses: Default::default(),
+            freshness: None,
             shutdown: tokio::sync::watch::channel(false).1,
         }
     }

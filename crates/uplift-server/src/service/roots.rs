@@ -116,7 +116,11 @@ fn view(record: &RootRecord) -> ServiceResult<RootView> {
         root_threshold: root.root.threshold,
         release_keys: ids(&root.release.keys),
         release_threshold: root.release.threshold,
-        freshness_keys: Vec::new(),
+        freshness_keys: root
+            .freshness
+            .as_ref()
+            .map(|r| ids(&r.keys))
+            .unwrap_or_default(),
         signed_by: signed.signatures.iter().map(|s| s.key_id.clone()).collect(),
         published_at: record.published_at.clone(),
         published_by: record.published_by.clone(),
@@ -146,6 +150,7 @@ mod tests {
                 keys: vec![key(9).public_key()],
                 threshold: 1,
             },
+            freshness: None,
         }
     }
 
