@@ -22,8 +22,16 @@ pub struct AgentConfig {
     pub hardware_id: Option<HardwareId>,
     /// Device key, device ID and install journal live here.
     pub state_dir: PathBuf,
-    /// Release signing keys (`ed25519:<base64>`); a manifest must be signed by one.
+    /// Release signing keys (`ed25519:<base64>`); a manifest must be signed
+    /// by one. The simple mode: keys cannot be rotated over the air. Set
+    /// this or `trusted_root`, not both.
+    #[serde(default)]
     pub trusted_release_keys: Vec<ReleasePublicKey>,
+    /// The signed root of trust shipped in the image (`uplift root init`):
+    /// which keys sign releases, rotated over the air by newer roots (see
+    /// [`crate::trust`]). The recommended mode.
+    #[serde(default)]
+    pub trusted_root: Option<PathBuf>,
     /// Version the device was imaged with, used until the agent has installed
     /// something itself.
     pub factory_version: Version,
@@ -391,11 +399,24 @@ impl AgentConfig {
             .map_err(|e| anyhow::anyhow!("cannot read agent config {}: {e}", path.display()))?;
         let config: Self = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("invalid agent config {}: {e}", path.display()))?;
-        if config.trusted_release_keys.is_empty() {
-            anyhow::bail!(
-                "{}: trusted_release_keys is empty; add the public key printed by `uplift keygen`",
+        match (&config.trusted_root, config.trusted_release_keys.is_empty()) {
+            (None, true) => anyhow::bail!(
+                "{}: nothing to trust releases with: set trusted_root to the signed root \
+                 shipped in the image (`uplift root init`), or trusted_release_keys to the \
+                 public keys printed by `uplift keygen`",
                 path.display()
-            );
+            ),
+            (Some(_), false) => anyhow::bail!(
+                "{}: both trusted_root and trusted_release_keys are set; keep one: with a \
+                 root, the root names the release keys",
+                path.display()
+            ),
+            (Some(root), true) => {
+                crate::trust::read_root(root).map_err(|e| {
+                    anyhow::anyhow!("{}: trusted_root {}: {e}", path.display(), root.display())
+                })?;
+            }
+            (None, false) => {}
         }
         if config.health_check.is_empty() {
             anyhow::bail!("{}: health_check must name a command", path.display());
@@ -549,6 +570,66 @@ env_file = "/boot/grub/grubenv"
         let err = AgentConfig::load(&path).unwrap_err().to_string();
         assert!(
             err.contains("agent.toml") && err.contains("min_bytes_per_sec"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn exactly_one_of_a_root_and_a_key_list_is_trusted() {
+        use uplift_release::keys::ReleaseSigningKey;
+        use uplift_release::root::{Role, Root, ROOT_FORMAT};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let key = ReleaseSigningKey::from_seed([3; 32]);
+        let role = Role {
+            keys: vec![key.public_key()],
+            threshold: 1,
+        };
+        let root = Root {
+            format: ROOT_FORMAT,
+            version: 1,
+            expires_at: "2030-01-01T00:00:00Z".into(),
+            root: role.clone(),
+            release: role,
+            freshness: None,
+        };
+        let root_path = dir.path().join("root.json");
+        std::fs::write(&root_path, root.sign(&[&key]).unwrap().to_json()).unwrap();
+        let unsigned_path = dir.path().join("unsigned.json");
+        std::fs::write(&unsigned_path, root.sign(&[]).unwrap().to_json()).unwrap();
+        let head = r#"
+server_url = "https://127.0.0.1:8443"
+server_ca = "/etc/uplift/ca.pem"
+enrollment_token = "t"
+device_type = "gw"
+state_dir = "/var/lib/uplift-agent"
+factory_version = "1.0"
+"#;
+        let tail = "[slots]\na = \"/dev/a\"\nb = \"/dev/b\"\n[boot]\nenv_file = \"/g\"\n";
+        let keys =
+            "trusted_release_keys = [\"ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\"]\n";
+        let load = |trust: String| {
+            std::fs::write(&path, format!("{head}{trust}{tail}")).unwrap();
+            AgentConfig::load(&path).map_err(|e| e.to_string())
+        };
+        let with_root = format!("trusted_root = {:?}\n", root_path.display().to_string());
+        assert!(load(with_root.clone()).unwrap().trusted_root.is_some());
+        assert_eq!(load(keys.into()).unwrap().trusted_release_keys.len(), 1);
+        let err = load(String::new()).unwrap_err();
+        assert!(err.contains("nothing to trust releases with"), "{err}");
+        let err = load(format!("{with_root}{keys}")).unwrap_err();
+        assert!(
+            err.contains("both trusted_root and trusted_release_keys"),
+            "{err}"
+        );
+        // A shipped root not signed by its own root keys is found at once.
+        let err = load(format!(
+            "trusted_root = {:?}\n",
+            unsigned_path.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("unsigned.json") && err.contains("signed by 0 of the 1 root keys"),
             "{err}"
         );
     }

@@ -474,7 +474,12 @@ impl Installer {
     }
 
     /// GETs `path` whole with the session token, refusing bodies over `limit`.
-    async fn fetch(&self, path: &str, what: &str, limit: u64) -> Result<Vec<u8>, InstallError> {
+    pub(crate) async fn fetch(
+        &self,
+        path: &str,
+        what: &str,
+        limit: u64,
+    ) -> Result<Vec<u8>, InstallError> {
         let mut last = Retry::default();
         for attempt in 0..CHUNK_ATTEMPTS {
             if attempt > 0 {
@@ -632,10 +637,7 @@ impl Installer {
             )
             .await?;
         let signed = SignedManifest::from_json(&json)?;
-        let mut manifest = signed.verify(
-            &self.config.trusted_release_keys,
-            time::OffsetDateTime::now_utc(),
-        )?;
+        let mut manifest = self.verify_manifest(&signed, offer).await?;
         check_manifest(&manifest, offer, &self.config.device_type, running)?;
         if let Some(reference) = manifest.chunk_index.filter(|_| manifest.needs_index()) {
             // Exactly as long as the signed manifest says, then its digest.
@@ -988,6 +990,7 @@ mod tests {
             allow_downgrade,
             max_bytes_per_sec: None,
             hold_reboot: false,
+            freshness: None,
         }
     }
 

@@ -21,3 +21,4 @@ pub mod run;
 pub mod slot;
 pub mod status;
 pub mod systemd;
+pub mod trust;

@@ -837,6 +837,7 @@ mod tests {
             allow_downgrade: false,
             max_bytes_per_sec: None,
             hold_reboot: false,
+            freshness: None,
         }
     }
 

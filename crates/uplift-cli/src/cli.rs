@@ -76,6 +76,10 @@ pub enum Command {
     /// Build, upload and list releases.
     #[command(subcommand)]
     Release(ReleaseCommand),
+    /// The root of trust: the key ceremony (init, next, sign) and
+    /// publishing roots to the server.
+    #[command(subcommand)]
+    Root(crate::root::RootCommand),
     /// List devices.
     #[command(subcommand)]
     Devices(DevicesCommand),
@@ -189,6 +193,15 @@ pub enum ReleaseCommand {
         /// `--allow-downgrade`). Without it no rollout can downgrade to it.
         #[arg(long, value_name = "VERSION")]
         may_replace_up_to: Option<Version>,
+    },
+    /// Add a signature to a release's manifest, in place: for a device
+    /// root whose release role needs several release keys.
+    Sign {
+        /// The release directory (`uplift release create --out`).
+        dir: PathBuf,
+        /// A release key (`uplift keygen`).
+        #[arg(long)]
+        key: PathBuf,
     },
     /// Upload a release directory to the server.
     Upload {
@@ -651,6 +664,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Keygen { out } => keygen(out),
         Command::Release(cmd) => release(cmd).await,
+        Command::Root(cmd) => crate::root::root(cmd).await,
         Command::Devices(cmd) => devices(cmd).await,
         Command::Fleet { json, server } => {
             let summary = server.client()?.fleet().await?;
@@ -736,6 +750,24 @@ fn keygen(out: PathBuf) -> anyhow::Result<i32> {
 
 async fn release(cmd: ReleaseCommand) -> anyhow::Result<i32> {
     match cmd {
+        ReleaseCommand::Sign { dir, key } => {
+            let release = uplift_release::build::ReleaseDir::open(&dir)?;
+            let mut signed = release.read_manifest()?;
+            let key = ReleaseSigningKey::read_from_file(&key)?;
+            signed.add_signature(&key);
+            uplift_files::replace_file(
+                &release.manifest_path(),
+                &signed.to_json(),
+                uplift_files::Access::Public,
+            )
+            .with_context(|| format!("writing {}", release.manifest_path().display()))?;
+            println!(
+                "signed with key {}; the manifest now carries {} signatures",
+                key.public_key().key_id(),
+                signed.signatures.len()
+            );
+            Ok(0)
+        }
         ReleaseCommand::Create {
             image,
             version,

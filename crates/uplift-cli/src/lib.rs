@@ -8,4 +8,5 @@ pub mod access;
 pub mod cli;
 pub mod events;
 pub mod output;
+pub mod root;
 pub mod watch;

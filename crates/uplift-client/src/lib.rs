@@ -354,6 +354,26 @@ impl AdminClient {
             .await
     }
 
+    /// Every published root of trust, oldest first.
+    pub async fn roots(&self) -> anyhow::Result<Vec<uplift_proto::trust::RootView>> {
+        self.send(self.http.get(self.url(uplift_proto::trust::ROOTS_PATH)?))
+            .await
+    }
+
+    /// Publishes a signed root (its JSON file, as `uplift root` writes it).
+    pub async fn publish_root(
+        &self,
+        signed_json: Vec<u8>,
+    ) -> anyhow::Result<uplift_proto::trust::RootView> {
+        self.send(
+            self.http
+                .post(self.url(uplift_proto::trust::ROOTS_PATH)?)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(signed_json),
+        )
+        .await
+    }
+
     pub async fn webhooks(&self) -> anyhow::Result<Vec<WebhookView>> {
         self.send(self.http.get(self.url(WEBHOOKS_PATH)?)).await
     }

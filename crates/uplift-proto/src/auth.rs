@@ -222,6 +222,11 @@ pub enum AuditAction {
     #[serde(rename = "webhook.remove")]
     #[strum(serialize = "webhook.remove")]
     WebhookRemove,
+    /// A root of trust published (`uplift root publish`); the target is
+    /// `root <version>`.
+    #[serde(rename = "root.publish")]
+    #[strum(serialize = "root.publish")]
+    RootPublish,
     /// A known caller asked for what its role does not allow; the target
     /// is the request (`POST /api/v1/rollouts`).
     #[serde(rename = "access.denied")]

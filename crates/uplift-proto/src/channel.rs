@@ -124,15 +124,21 @@ pub struct Offer {
     /// [`Feature::HoldReboot`] (an older agent would reboot at once).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold_reboot: bool,
+    /// The server's signed word that this offer is current, for this device
+    /// and this manifest (see `uplift_release::freshness`). Sent by a
+    /// server with an online freshness key; an older agent ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<crate::trust::SignedFreshness>,
 }
 
 impl Offer {
     /// Whether `other` offers the same thing, whatever it says about the
     /// reboot: a change of only `hold_reboot` is a go (or a hold), not a
-    /// new offer.
+    /// new offer; nor is a freshly signed freshness record for it.
     pub fn same_release(&self, other: &Offer) -> bool {
         Offer {
             hold_reboot: other.hold_reboot,
+            freshness: other.freshness.clone(),
             ..self.clone()
         } == *other
     }
@@ -331,7 +337,37 @@ mod tests {
             allow_downgrade: false,
             max_bytes_per_sec: None,
             hold_reboot: false,
+            freshness: None,
         }
+    }
+
+    #[test]
+    fn freshness_is_ignored_by_an_older_agent_and_does_not_make_a_new_offer() {
+        let fresh = Offer {
+            freshness: Some(crate::trust::SignedFreshness {
+                signed: "{}".into(),
+                signatures: Vec::new(),
+            }),
+            ..offer()
+        };
+        let frame = encode(&ServerMsg::Offer(fresh.clone()));
+        // An older agent's offer: the same fields but freshness.
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct OldOffer {
+            rollout_id: i64,
+            version: Version,
+            manifest_path: String,
+            allow_downgrade: bool,
+        }
+        #[derive(Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum OldMsg {
+            Offer(OldOffer),
+        }
+        let OldMsg::Offer(old) = serde_json::from_str(&frame).unwrap();
+        assert_eq!(old.rollout_id, 7);
+        assert!(fresh.same_release(&offer()) && offer().same_release(&fresh));
     }
 
     #[test]

@@ -62,6 +62,14 @@ pub enum ErrorKind {
     RootSignature,
     /// The device's newest root of trust has expired.
     RootExpired,
+    /// An offer whose signed freshness is missing (the device's root
+    /// requires it), badly signed, or for another device or manifest.
+    FreshnessInvalid,
+    /// An offer whose signed freshness has expired.
+    FreshnessExpired,
+    /// An offer whose freshness is older than one the device already
+    /// accepted: a replay.
+    FreshnessReplayed,
     WrongDeviceType,
     VersionMismatch,
     DowngradeRefused,

@@ -13,6 +13,7 @@ pub mod events;
 pub mod names;
 pub mod pace;
 pub mod policy;
+pub mod trust;
 
 pub use error::{ErrorKind, WireError};
 pub use names::{

@@ -60,6 +60,32 @@ pub enum ReleaseError {
     #[error("root of trust version {version} expired at {expires_at}; the device needs a newer root (`uplift root` on the offline key holders' machines, then upload it to the server)")]
     RootExpired { version: u64, expires_at: String },
 
+    #[error("the offer carries no signed freshness, and the device's root requires it; the server needs its online key ([trust] freshness_key, named in the root's freshness role)")]
+    FreshnessMissing,
+
+    #[error("the offer's freshness is invalid: {reason}")]
+    FreshnessInvalid { reason: String },
+
+    #[error("the offer's freshness is signed by {valid} of the {threshold} freshness keys the device's root requires (signed by key ids [{}]); the server's online key is not the one the root names, or the record was altered", .seen.join(", "))]
+    FreshnessSignature {
+        valid: usize,
+        threshold: u32,
+        seen: Vec<String>,
+    },
+
+    #[error("the offer's freshness is for {what} {said}, not {wanted}; refusing an offer meant for something else")]
+    FreshnessMismatch {
+        what: &'static str,
+        said: String,
+        wanted: String,
+    },
+
+    #[error("the offer's freshness expired at {expires_at} (now {now}): a stale or replayed offer; the server sends a fresh one when the device reconnects (check the device clock)")]
+    FreshnessExpired { expires_at: String, now: String },
+
+    #[error("the offer's freshness was issued at {issued_at}, before the newest one this device accepted ({newest}): an old offer replayed; refused")]
+    FreshnessReplayed { issued_at: String, newest: String },
+
     #[error("manifest signature by trusted key {key_id} does not verify: the manifest was altered or corrupted after signing; fetch it again or re-sign the release")]
     BadManifestSignature { key_id: String },
 
@@ -150,6 +176,12 @@ impl ReleaseError {
             ReleaseError::RootVersion { .. } => ErrorKind::RootInvalid,
             ReleaseError::RootThreshold { .. } => ErrorKind::RootSignature,
             ReleaseError::RootExpired { .. } => ErrorKind::RootExpired,
+            ReleaseError::FreshnessMissing
+            | ReleaseError::FreshnessInvalid { .. }
+            | ReleaseError::FreshnessSignature { .. }
+            | ReleaseError::FreshnessMismatch { .. } => ErrorKind::FreshnessInvalid,
+            ReleaseError::FreshnessExpired { .. } => ErrorKind::FreshnessExpired,
+            ReleaseError::FreshnessReplayed { .. } => ErrorKind::FreshnessReplayed,
             ReleaseError::ManifestParse { .. } => ErrorKind::ManifestInvalid,
             ReleaseError::ManifestInvalid { .. } => ErrorKind::ManifestInvalid,
             ReleaseError::ManifestExpired { .. } => ErrorKind::ManifestExpired,

@@ -11,6 +11,7 @@ pub mod build;
 pub mod chunk;
 pub mod delta;
 pub mod error;
+pub mod freshness;
 pub mod index;
 pub mod keys;
 pub mod manifest;

@@ -49,6 +49,12 @@ pub struct Root {
     pub root: Role,
     /// Who signs releases.
     pub release: Role,
+    /// The server's online key(s) that sign each offer's freshness (TUF's
+    /// timestamp role, Uptane's director). Absent: offers need none (and
+    /// roots made before this role still parse and verify, as the field is
+    /// left out of their signed text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<Role>,
 }
 
 /// Keys and how many of them must sign.
@@ -73,6 +79,7 @@ pub struct SignedRoot {
 pub enum RoleName {
     Root,
     Release,
+    Freshness,
 }
 
 impl std::fmt::Display for RoleName {
@@ -80,6 +87,7 @@ impl std::fmt::Display for RoleName {
         f.write_str(match self {
             RoleName::Root => "root",
             RoleName::Release => "release",
+            RoleName::Freshness => "freshness",
         })
     }
 }
@@ -105,10 +113,15 @@ impl Root {
         }
         parse_time(&self.expires_at)
             .map_err(|e| invalid(format!("expires_at is not RFC 3339: {e}")))?;
-        for (name, role) in [
-            (RoleName::Root, &self.root),
-            (RoleName::Release, &self.release),
-        ] {
+        let roles = [
+            (RoleName::Root, Some(&self.root)),
+            (RoleName::Release, Some(&self.release)),
+            (RoleName::Freshness, self.freshness.as_ref()),
+        ];
+        for (name, role) in roles
+            .into_iter()
+            .filter_map(|(name, role)| Some((name, role?)))
+        {
             let distinct: BTreeSet<String> =
                 role.keys.iter().map(ReleasePublicKey::key_id).collect();
             if role.keys.len() > MAX_ROLE_KEYS {
@@ -189,6 +202,14 @@ impl SignedRoot {
             })?;
         root.validate()?;
         Ok(root)
+    }
+
+    /// How many distinct keys of `role` have validly signed (for a key
+    /// ceremony's progress: `uplift root sign` says how many are still
+    /// needed).
+    pub fn valid_signatures(&self, role: &Role) -> usize {
+        let signatures = &self.signatures[..self.signatures.len().min(MAX_SIGNATURES)];
+        valid_signers(signatures, &role.keys, &message(&self.signed)).len()
     }
 
     /// Requires `role`'s threshold of distinct keys to have signed.
@@ -375,6 +396,7 @@ mod tests {
             expires_at: expires_at.to_owned(),
             root: role(root_keys, 2.min(root_keys.len() as u32)),
             release: role(release_keys, 1),
+            freshness: None,
         }
     }
 
@@ -555,6 +577,13 @@ mod tests {
                     ..root(1, &[1], &[10], LATER)
                 },
                 "twice",
+            ),
+            (
+                Root {
+                    freshness: Some(role(&[5], 0)),
+                    ..root(1, &[1], &[10], LATER)
+                },
+                "the freshness role's threshold 0",
             ),
             (
                 Root {

@@ -40,6 +40,7 @@ use uplift_release::manifest::MAX_MANIFEST_BYTES;
 mod direct;
 mod enrollment;
 pub mod openapi;
+mod roots;
 
 /// A chunk goes out in pieces of this size, each counted as it is sent.
 const SEND_PIECE: usize = 64 * 1024;
@@ -102,6 +103,10 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route(AUDIT_PATH, get(audit_log))
         .route(WHOAMI_PATH, get(whoami))
+        .route(
+            uplift_proto::trust::ROOTS_PATH,
+            get(roots::list_roots).post(roots::publish_root),
+        )
         // Events: the live stream, and webhooks with their delivery log.
         .route(EVENTS_PATH, get(event_stream))
         .route(WEBHOOKS_PATH, get(list_webhooks).post(create_webhook))
@@ -138,6 +143,7 @@ fn device_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             "/v1/device/releases/{version}/manifest",
             get(device_manifest),
         )
+        .route(roots::DEVICE_ROOTS_ROUTE, get(roots::device_roots))
         .route("/v1/device/chunks/{hash}", get(device_chunk))
         .route("/v1/device/releases/{version}/chunks", get(device_span))
         .route("/v1/device/releases/{version}/index", get(device_index))

@@ -4,6 +4,7 @@
 
 use crate::budget::Kind;
 use crate::error::ApiError;
+use crate::freshness;
 use crate::hub::{RemovalEpoch, SessionSerial};
 use crate::live::Applied;
 use crate::service::enrollment::Admission;
@@ -207,7 +208,12 @@ async fn session(
             },
         )
         .await?;
-        send(&mut socket, &offer_now(&state, &device_id, peer)).await?;
+        let offer = offer_now(&state, &device_id, peer);
+        send(
+            &mut socket,
+            &freshness::seal(&state, &device_id, offer).await,
+        )
+        .await?;
         serve_device(
             &state,
             &device_id,
@@ -609,6 +615,9 @@ fn offer_for(target: Option<DeviceTarget>) -> ServerMsg {
             allow_downgrade: target.allow_downgrade,
             max_bytes_per_sec: target.limits.max_bytes_per_sec.map(|n| n.get()),
             hold_reboot: target.hold_reboot,
+            // Signed on the way out ([`freshness::seal`]): it needs the
+            // manifest's digest, which is read from the store.
+            freshness: None,
         }),
         None => ServerMsg::NoUpdate,
     }
@@ -708,7 +717,10 @@ async fn serve_device(
                 Ok(()) if crate::hub::removed(target_changed) => {
                     return Err(refuse(socket, removed(device, None)).await)
                 }
-                Ok(()) => send(socket, &offer_now(state, device, peer)).await?,
+                Ok(()) => {
+                    let offer = offer_now(state, device, peer);
+                    send(socket, &freshness::seal(state, device, offer).await).await?
+                }
                 // Removed (an operator decommissioned it) ...
                 Err(_) if crate::hub::removed(target_changed) => {
                     return Err(refuse(socket, removed(device, None)).await)

@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub addresses: AddressesConfig,
     #[serde(default)]
     pub enrollment: EnrollmentConfig,
+    #[serde(default)]
+    pub trust: TrustConfig,
 }
 
 /// How new devices join the fleet (see [`crate::service::enrollment`]).
@@ -59,6 +61,35 @@ pub enum EnrollmentMode {
     /// A device with a valid enrollment token waits, connected, in a
     /// pending list until an operator accepts or rejects it.
     Approval,
+}
+
+/// The server's online key for signed freshness on offers (see
+/// [`crate::freshness`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// PKCS#8 PEM ed25519 key (`uplift keygen`), not a release key: its
+    /// public key goes in the root's freshness role (`uplift root next
+    /// --freshness-key`). Unset: offers carry no freshness, and devices
+    /// whose root requires it refuse them.
+    #[serde(default)]
+    pub freshness_key: Option<PathBuf>,
+    /// How long each offer's freshness is valid.
+    #[serde(default = "default_freshness_ttl")]
+    pub freshness_ttl_secs: u64,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        Self {
+            freshness_key: None,
+            freshness_ttl_secs: default_freshness_ttl(),
+        }
+    }
+}
+
+fn default_freshness_ttl() -> u64 {
+    3600
 }
 
 /// Each device's private-network address (see [`crate::addresses`]).
@@ -468,6 +499,7 @@ impl ServerConfig {
             download_tokens: DownloadTokens::default(),
             database: DatabaseConfig::default(),
             addresses: AddressesConfig::default(),
+            trust: TrustConfig::default(),
         }
     }
 

@@ -191,6 +191,9 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         | ErrorKind::ManifestExpired
         | ErrorKind::RootInvalid
         | ErrorKind::RootExpired
+        | ErrorKind::FreshnessInvalid
+        | ErrorKind::FreshnessExpired
+        | ErrorKind::FreshnessReplayed
         | ErrorKind::VersionMismatch
         | ErrorKind::WrongDeviceType => StatusCode::BAD_REQUEST,
         ErrorKind::ChunkHashMismatch

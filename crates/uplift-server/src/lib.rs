@@ -13,6 +13,7 @@ pub mod config;
 pub mod download_token;
 pub mod error;
 pub mod events;
+pub mod freshness;
 pub mod history;
 pub mod hub;
 pub mod live;
@@ -212,8 +213,20 @@ impl Server {
             limits: config.limits.clone(),
             enrollment: service::enrollment::Enrollment::new(config.enrollment.mode),
             addresses: addresses::Pools::parse(&config.addresses.pool)?,
+            freshness: config
+                .trust
+                .freshness_key
+                .as_deref()
+                .map(|path| {
+                    freshness::FreshnessSigner::open(path, config.trust.freshness_ttl_secs)
+                        .map(Arc::new)
+                })
+                .transpose()?,
             shutdown,
         });
+        if let Some(signer) = &state.freshness {
+            tracing::info!(key_id = %signer.key_id(), "offers carry freshness signed by the online key");
+        }
         let options = serve::ServeOptions {
             max_connections: config.limits.max_connections,
             handshake_timeout: config.limits.handshake_timeout(),

@@ -53,6 +53,8 @@ pub struct AppState {
     pub enrollment: crate::service::enrollment::Enrollment,
     /// The pools devices' private addresses come from (`[addresses] pool`).
     pub addresses: crate::addresses::Pools,
+    /// Signs each offer's freshness (`[trust] freshness_key`), if configured.
+    pub freshness: Option<Arc<crate::freshness::FreshnessSigner>>,
     /// Flips to true when the server shuts down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
 }

@@ -69,6 +69,7 @@ suite!(
     a_removed_device_is_kept_with_its_history_but_left_out_of_everything_else,
     a_private_address_is_one_devices_across_stores_until_it_is_removed,
     an_enrollment_request_is_one_per_key_and_decided_once,
+    roots_are_kept_in_version_order_and_each_version_is_published_once,
 );
 
 #[tokio::test]
@@ -2159,4 +2160,36 @@ async fn presence_one_replica_writes_is_online_on_another_and_its_newest_connect
         [id("dev-a")],
         "replica 2 kept writing and stays; the killed one is dropped"
     );
+}
+
+async fn roots_are_kept_in_version_order_and_each_version_is_published_once(db: &Db) {
+    use uplift_server::store::RootRecord;
+    let store = db.open().await;
+    let other = db.open().await;
+    assert_eq!(store.latest_root().await.unwrap(), None);
+    let root = |version: u64| RootRecord {
+        version,
+        signed_json: format!("{{\"signed\":\"v{version}\",\"signatures\":[]}}"),
+        published_at: "2026-01-01T00:00:00Z".into(),
+        published_by: "token 1 (keys)".into(),
+    };
+    for version in [1, 2, 3] {
+        store.insert_root(&root(version)).await.unwrap();
+    }
+    // Another replica publishing a version already there loses.
+    let err = other.insert_root(&root(2)).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains("already published")),
+        "{err}"
+    );
+    assert_eq!(other.latest_root().await.unwrap(), Some(root(3)));
+    let versions = |roots: Vec<RootRecord>| roots.iter().map(|r| r.version).collect::<Vec<_>>();
+    assert_eq!(versions(other.roots_after(0, 16).await.unwrap()), [1, 2, 3]);
+    assert_eq!(versions(other.roots_after(1, 16).await.unwrap()), [2, 3]);
+    assert_eq!(versions(other.roots_after(0, 2).await.unwrap()), [1, 2]);
+    assert_eq!(
+        versions(other.roots_after(3, 16).await.unwrap()),
+        Vec::<u64>::new()
+    );
+    assert_eq!(other.roots_after(1, 1).await.unwrap(), [root(2)]);
 }

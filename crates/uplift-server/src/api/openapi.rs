@@ -67,6 +67,8 @@ const BEARER: &str = "bearer";
         create_webhook,
         remove_webhook,
         webhook_deliveries,
+        roots::list_roots,
+        roots::publish_root,
     ),
     // Path and query parameters' types are not collected from the paths
     // by utoipa;
@@ -278,6 +280,8 @@ mod tests {
         ("DELETE", "/api/v1/tokens/{id}"),
         ("GET", "/api/v1/audit"),
         ("GET", "/api/v1/whoami"),
+        ("GET", "/api/v1/roots"),
+        ("POST", "/api/v1/roots"),
         ("GET", "/api/v1/events"),
         ("GET", "/api/v1/webhooks"),
         ("POST", "/api/v1/webhooks"),

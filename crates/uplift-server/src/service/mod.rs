@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod releases;
 pub mod rollouts;
+pub mod roots;
 pub mod stats;
 pub mod tokens;
 pub mod webhooks;
@@ -179,6 +180,13 @@ pub enum ServiceError {
         name: String,
         max_uses: u32,
     },
+    /// A root of trust refused at publication: malformed, not the next
+    /// version, or not signed by the keys it needs.
+    #[error("root refused: {source}")]
+    RootRefused {
+        #[source]
+        source: uplift_release::ReleaseError,
+    },
 }
 
 impl ServiceError {
@@ -203,6 +211,7 @@ impl ServiceError {
             ServiceError::BadReason { .. } => ErrorKind::BadRequest,
             ServiceError::TokenUsedUp { .. } => ErrorKind::EnrollmentRefused,
             ServiceError::ChunkRefused { source, .. } => source.kind(),
+            ServiceError::RootRefused { source } => source.kind(),
             ServiceError::ObjectRefused { .. } => ErrorKind::ChunkHashMismatch,
             ServiceError::CheckPanicked { .. } | ServiceError::Metrics(_) => ErrorKind::Internal,
             ServiceError::NotPhased { .. }
@@ -286,6 +295,7 @@ pub(crate) mod testing {
             limits,
             enrollment: crate::service::enrollment::Enrollment::new(Default::default()),
             addresses: Default::default(),
+            freshness: None,
             shutdown: tokio::sync::watch::channel(false).1,
         }
     }

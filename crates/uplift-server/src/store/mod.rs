@@ -3,10 +3,12 @@
 
 pub mod control;
 mod postgres;
+pub mod roots;
 mod sqlite;
 pub(crate) mod stamp;
 
 pub use control::ControlStore;
+pub use roots::{RootRecord, RootStore};
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -440,7 +442,7 @@ pub struct DeviceTarget {
 }
 
 #[async_trait]
-pub trait Store: ControlStore + Send + Sync + std::fmt::Debug {
+pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     async fn insert_device(&self, device: &NewDevice) -> StoreResult<()>;
     async fn device(&self, id: &DeviceId) -> StoreResult<Option<DeviceRecord>>;
     /// The device holding this key, removed ones included (a removed

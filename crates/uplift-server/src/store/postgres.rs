@@ -17,6 +17,7 @@
 //! binds JSON (`json_each`). Times are `timestamptz` ([`super::stamp`]).
 
 mod control;
+mod roots;
 
 use super::*;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};

@@ -1,0 +1,151 @@
+//! Signs every offer's freshness with the server's online key
+//! (`[trust] freshness_key`): the device, the release version, the digest
+//! of its manifest and a short validity, so a device whose root names this
+//! key refuses offers replayed from the past, meant for another device or
+//! for another manifest (see `uplift_release::freshness`). The key is
+//! separate from the release keys (which the server never holds): a leak
+//! lets a thief re-offer releases the release keys signed, nothing more.
+
+use crate::state::AppState;
+use crate::store::StoreError;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::RwLock;
+use std::time::Duration;
+use time::OffsetDateTime;
+use uplift_proto::channel::ServerMsg;
+use uplift_proto::{DeviceId, Version};
+use uplift_release::freshness::{format_time, manifest_digest, Freshness, FRESHNESS_FORMAT};
+use uplift_release::keys::ReleaseSigningKey;
+use uplift_release::manifest::SignedManifest;
+
+/// The online key, how long a record is valid, and the digests of the
+/// manifests offered so far (releases are immutable: computed once).
+#[derive(Debug)]
+pub struct FreshnessSigner {
+    key: ReleaseSigningKey,
+    ttl: Duration,
+    digests: RwLock<HashMap<Version, String>>,
+}
+
+impl FreshnessSigner {
+    pub fn open(path: &Path, ttl_secs: u64) -> anyhow::Result<Self> {
+        let key = ReleaseSigningKey::read_from_file(path).map_err(|e| {
+            anyhow::anyhow!("[trust] freshness_key: {e}; make one with `uplift keygen` and name its public key in the root's freshness role")
+        })?;
+        anyhow::ensure!(
+            ttl_secs > 0,
+            "[trust] freshness_ttl_secs must be at least 1"
+        );
+        Ok(Self {
+            key,
+            ttl: Duration::from_secs(ttl_secs),
+            digests: RwLock::default(),
+        })
+    }
+
+    pub fn key_id(&self) -> String {
+        self.key.public_key().key_id()
+    }
+
+    /// The record for `device` and release `version` whose manifest has
+    /// `digest`, issued at `now`. Pure but for the signature.
+    pub fn record(
+        &self,
+        device: &DeviceId,
+        version: &Version,
+        digest: String,
+        now: OffsetDateTime,
+    ) -> Freshness {
+        Freshness {
+            format: FRESHNESS_FORMAT,
+            device_id: device.to_string(),
+            version: version.to_string(),
+            manifest_sha256: digest,
+            issued_at: format_time(now),
+            expires_at: format_time(now + self.ttl),
+        }
+    }
+
+    async fn digest(&self, state: &AppState, version: &Version) -> Result<String, String> {
+        if let Some(digest) = self
+            .digests
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(version)
+        {
+            return Ok(digest.clone());
+        }
+        let record = state
+            .store
+            .release(version)
+            .await
+            .map_err(|e: StoreError| e.to_string())?
+            .ok_or_else(|| format!("release {version} is not stored"))?;
+        let signed = SignedManifest::from_json(&record.manifest_json).map_err(|e| e.to_string())?;
+        let digest = manifest_digest(&signed);
+        self.digests
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(version.clone(), digest.clone());
+        Ok(digest)
+    }
+}
+
+/// `msg` with the offer's freshness signed, when the server has a key.
+/// Without one, or if the manifest cannot be read now, the offer goes out
+/// without: a device whose root requires freshness refuses it, saying so,
+/// and takes the next one.
+pub async fn seal(state: &AppState, device: &DeviceId, msg: ServerMsg) -> ServerMsg {
+    let (Some(signer), ServerMsg::Offer(mut offer)) = (state.freshness.as_ref(), msg.clone())
+    else {
+        return msg;
+    };
+    match signer.digest(state, &offer.version).await {
+        Ok(digest) => {
+            let record = signer.record(device, &offer.version, digest, OffsetDateTime::now_utc());
+            offer.freshness = Some(record.sign(&signer.key));
+        }
+        Err(e) => tracing::error!(
+            %device,
+            version = %offer.version,
+            "offer sent without freshness: its manifest cannot be read: {e}"
+        ),
+    }
+    ServerMsg::Offer(offer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uplift_release::freshness::{check, Expected};
+    use uplift_release::root::Role;
+
+    #[test]
+    fn a_record_the_server_signs_is_accepted_by_the_devices_check_until_its_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("freshness.key");
+        let key = ReleaseSigningKey::from_seed([9; 32]);
+        key.write_to_file(&path).unwrap();
+        let signer = FreshnessSigner::open(&path, 600).unwrap();
+        let device: DeviceId = "dev-1".parse().unwrap();
+        let version: Version = "1.1".parse().unwrap();
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let signed = signer
+            .record(&device, &version, "ab".repeat(32), now)
+            .sign(&signer.key);
+        let role = Role {
+            keys: vec![key.public_key()],
+            threshold: 1,
+        };
+        let expected = Expected {
+            device_id: "dev-1",
+            version: "1.1",
+            manifest_sha256: &"ab".repeat(32),
+        };
+        assert!(check(Some(&signed), &role, expected, None, now).is_ok());
+        let later = now + Duration::from_secs(600);
+        assert!(check(Some(&signed), &role, expected, None, later).is_err());
+        assert!(FreshnessSigner::open(&path, 0).is_err());
+    }
+}
