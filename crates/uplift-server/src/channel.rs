@@ -391,11 +391,7 @@ enum KeyCheck {
 
 /// Checks the key of a device's first frame (enrolling it if that is what
 /// it asks), noting first the removals known so far (see [`admit`]).
-async fn check_key(
-    state: &AppState,
-    nonce: &[u8],
-    hello: AgentMsg,
-) -> Result<KeyCheck, WireError> {
+async fn check_key(state: &AppState, nonce: &[u8], hello: AgentMsg) -> Result<KeyCheck, WireError> {
     let removals = state.hub.removal_epoch();
     Ok(match authenticate(state, nonce, hello).await? {
         Hello::Known(device_id, enrolled, held) => KeyCheck::Known(Checked {
@@ -803,6 +799,7 @@ async fn serve_device(
 mod tests {
     use super::*;
     use crate::service::testing;
+    use crate::store::NewDevice;
 
     #[tokio::test]
     async fn a_held_reboot_is_offered_only_to_agents_that_can_hold_it() {
