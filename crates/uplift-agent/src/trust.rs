@@ -9,7 +9,6 @@
 //! server stores and serves roots but cannot make one: it never holds a
 //! root key.
 
-use crate::config::AgentConfig;
 use crate::install::{InstallError, Installer};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -110,11 +109,6 @@ pub fn parse_chain(bytes: &[u8]) -> Result<Vec<SignedRoot>, ReleaseError> {
         });
     }
     Ok(chain)
-}
-
-/// Whether the config names a root (else a flat list of keys).
-pub fn uses_root(config: &AgentConfig) -> bool {
-    config.trusted_root.is_some()
 }
 
 impl Installer {

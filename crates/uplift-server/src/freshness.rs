@@ -97,8 +97,10 @@ impl FreshnessSigner {
 /// without: a device whose root requires freshness refuses it, saying so,
 /// and takes the next one.
 pub async fn seal(state: &AppState, device: &DeviceId, msg: ServerMsg) -> ServerMsg {
-    let (Some(signer), ServerMsg::Offer(mut offer)) = (state.freshness.as_ref(), msg.clone())
-    else {
+    let Some(signer) = state.freshness.as_ref() else {
+        return msg;
+    };
+    let ServerMsg::Offer(mut offer) = msg else {
         return msg;
     };
     match signer.digest(state, &offer.version).await {
