@@ -1880,7 +1880,7 @@ mod tests {
                 .fetch_all(&store.pool)
                 .await
                 .unwrap();
-        assert_eq!(applied, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7]);
         let devices = store.list_devices().await.unwrap();
         // In enrollment order: 10:00:00, .123456, .5 (as text it was .1, .5, Z).
         assert_eq!(ids(&devices), ["dev-b", "dev-c", "dev-a"]);
