@@ -15,6 +15,7 @@ use uplift_proto::channel::{
 use uplift_proto::{ErrorKind, SlotName, WireError};
 use uplift_release::chunk::{encode_chunk, sha256};
 use uplift_release::keys::ReleaseSigningKey;
+use uplift_release::freshness::{Freshness, FRESHNESS_FORMAT};
 use uplift_release::root::{Role, Root, TrustedRoot, ROOT_FORMAT};
 use uplift_release::manifest::{
     sign_manifest, ChunkEntry, Compression, ImageInfo, Manifest, MANIFEST_FORMAT, MAX_CHUNK_SIZE,
@@ -63,6 +64,7 @@ fn channel() {
                 allow_downgrade: false,
                 max_bytes_per_sec: Some(1 << 20),
                 hold_reboot: true,
+                freshness: None,
             }),
         ),
         ("no_update", ServerMsg::NoUpdate),
@@ -138,6 +140,7 @@ fn manifest() {
         chunks: vec![entry(&a), entry(&b)],
         chunk_index: None,
         patches: Vec::new(),
+        may_replace_up_to: None,
     };
     let signed = sign_manifest(&manifest, &key).unwrap();
     // The seed must take the fuzz target down the accepting path.
@@ -255,6 +258,7 @@ fn root() {
         expires_at: "2030-01-01T00:00:00Z".to_owned(),
         root: role(&[1, 2, 3], 2),
         release: role(&[10], 1),
+        freshness: None,
     };
     let v1 = first.sign(&[&key(1), &key(2)]).unwrap();
     // Its successor rotates root key 1 out and the release key to 11.
@@ -271,6 +275,28 @@ fn root() {
     write(t, "next", &v2.to_json());
 }
 
+fn freshness() {
+    let t = "freshness_check";
+    // What the fuzz target expects, signed by its online key (seed 40).
+    let record = Freshness {
+        format: FRESHNESS_FORMAT,
+        device_id: "dev-1".to_owned(),
+        version: "1.2.3".to_owned(),
+        manifest_sha256: "5d41402abc4b2a76b9719d911017c592ae4f4e0b1f8c0a7c3b8d0e1f2a3b4c5d"
+            .to_owned(),
+        issued_at: "2027-01-01T00:20:00.250Z".to_owned(),
+        expires_at: "2027-01-01T01:20:00.250Z".to_owned(),
+    };
+    let signed = record.sign(&ReleaseSigningKey::from_seed([40; 32]));
+    write(t, "current", serde_json::to_string(&signed).unwrap().as_bytes());
+    let stale = Freshness {
+        issued_at: "2027-01-01T00:00:00Z".to_owned(),
+        ..record
+    };
+    let signed = stale.sign(&ReleaseSigningKey::from_seed([40; 32]));
+    write(t, "replayed", serde_json::to_string(&signed).unwrap().as_bytes());
+}
+
 fn main() {
     channel();
     manifest();
@@ -278,4 +304,5 @@ fn main() {
     chunk();
     ubootenv();
     root();
+    freshness();
 }

@@ -31,6 +31,7 @@ fn first() -> &'static TrustedRoot {
                 keys: vec![key(10).public_key()],
                 threshold: 1,
             },
+            freshness: None,
         };
         let signed = root.sign(&[&key(1), &key(2)]).unwrap();
         TrustedRoot::initial(&signed).unwrap()
