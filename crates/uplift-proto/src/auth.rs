@@ -115,9 +115,13 @@ pub struct TokenCreate {
         schema(value_type = Option<u64>, minimum = 1, maximum = 316_224_000)
     )]
     pub expires_in_secs: Option<NonZeroU64>,
-    /// An enrollment token enrolls at most this many new devices.
+    /// An enrollment token enrolls at most this many new devices (at most
+    /// a billion).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u32>, minimum = 1))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = Option<u32>, minimum = 1, maximum = 1_000_000_000)
+    )]
     pub max_uses: Option<std::num::NonZeroU32>,
 }
 

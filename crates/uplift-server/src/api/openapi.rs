@@ -353,6 +353,11 @@ mod tests {
             expiry["maximum"].as_u64(),
             Some(crate::service::tokens::MAX_EXPIRES_IN_SECS)
         );
+        let uses = &json["components"]["schemas"]["TokenCreate"]["properties"]["max_uses"];
+        assert_eq!(
+            uses["maximum"].as_u64(),
+            Some(u64::from(crate::service::tokens::MAX_TOKEN_USES))
+        );
         // Every operation says what it needs and how it refuses.
         for (method, path) in documented() {
             let op = &json["paths"][&path][method.to_lowercase()];

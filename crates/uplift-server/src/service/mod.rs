@@ -136,6 +136,12 @@ pub enum ServiceError {
     )]
     ExpiryTooFar { secs: u64 },
     #[error(
+        "a token may enroll at most {} devices; {max_uses} is more, so give a smaller --max-uses \
+         (or none, for no limit)",
+        tokens::MAX_TOKEN_USES
+    )]
+    TooManyUses { max_uses: u32 },
+    #[error(
         "{caller} has role {role} and may not {}; use a token with role {} or admin",
         .permission.describe(),
         uplift_proto::auth::Role::least_with(*.permission)
@@ -228,6 +234,7 @@ impl ServiceError {
             | ServiceError::Policy(_)
             | ServiceError::Window(_)
             | ServiceError::ExpiryTooFar { .. }
+            | ServiceError::TooManyUses { .. }
             | ServiceError::BadWebhookUrl { .. }
             | ServiceError::PageSize { .. } => ErrorKind::BadRequest,
         }

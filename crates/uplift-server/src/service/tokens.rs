@@ -17,6 +17,10 @@ pub const TOKEN_PREFIX: &str = "uplift_";
 
 /// Longest lifetime a token may be given: ten years.
 pub const MAX_EXPIRES_IN_SECS: u64 = 10 * 366 * 24 * 3600;
+/// The most devices one enrollment token may be limited to: a billion is
+/// past any fleet, and stays inside the 32-bit integer the API document
+/// states for it (clients in other languages read it as one).
+pub const MAX_TOKEN_USES: u32 = 1_000_000_000;
 
 /// The stored form of a secret. A token holds 192 random bits, so there is
 /// no dictionary to try and a fast digest serves as well as a slow
@@ -172,6 +176,11 @@ async fn create_unaudited(
         )),
         None => None,
     };
+    if let Some(max_uses) = request.max_uses.filter(|n| n.get() > MAX_TOKEN_USES) {
+        return Err(ServiceError::TooManyUses {
+            max_uses: max_uses.get(),
+        });
+    }
     let secret = format!("{TOKEN_PREFIX}{}", hex::encode(rand::random::<[u8; 24]>()));
     let token = state
         .store
@@ -337,6 +346,14 @@ mod tests {
         )
         .await;
         assert!(matches!(too_far, Err(ServiceError::ExpiryTooFar { .. })));
+        let mut too_many = request("fleet", Role::Enrollment, None);
+        too_many.max_uses = std::num::NonZeroU32::new(MAX_TOKEN_USES + 1);
+        let refused = create(&state, &admin, too_many).await.unwrap_err();
+        assert!(
+            matches!(refused, ServiceError::TooManyUses { max_uses } if max_uses == MAX_TOKEN_USES + 1),
+            "{refused:?}"
+        );
+        assert_eq!(refused.kind(), uplift_proto::ErrorKind::BadRequest);
     }
 
     #[tokio::test]
