@@ -123,6 +123,20 @@ impl InstallProgress {
     }
 }
 
+/// What the server said about this device's enrollment while it had no
+/// ID yet, for `uplift-agent status`: cleared once it gets its ID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Enrollment {
+    /// The server holds the request until an operator accepts it.
+    Pending { message: String },
+    /// An operator rejected it, or the server refused its token.
+    Refused { message: String },
+}
+
+/// Where [`Enrollment`] is kept in the state directory.
+const ENROLLMENT: &str = "enrollment.json";
+
 /// One record of a saved chunk list: sha256 and uncompressed size.
 const CHUNK_RECORD: usize = 36;
 
@@ -197,6 +211,26 @@ impl LocalState {
     }
     pub fn save_applied_addresses(&self, applied: &crate::address::Applied) -> anyhow::Result<()> {
         self.write_json("private-addresses.json", &Some(applied))
+    }
+
+    pub fn enrollment(&self) -> anyhow::Result<Option<Enrollment>> {
+        self.read_json(ENROLLMENT)
+    }
+
+    /// Records what the server said about the enrollment (`None`: nothing
+    /// left to say, the device has its ID).
+    pub fn save_enrollment(&self, enrollment: Option<&Enrollment>) -> anyhow::Result<()> {
+        match enrollment {
+            Some(enrollment) => self.write_json(ENROLLMENT, enrollment),
+            None => {
+                let path = self.dir.join(ENROLLMENT);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+                }
+            }
+        }
     }
 
     pub fn save_device_id(&self, id: &DeviceId) -> anyhow::Result<()> {

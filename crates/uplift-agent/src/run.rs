@@ -4,7 +4,7 @@
 
 use crate::config::{AgentConfig, Reboot};
 use crate::install::{InstallGuard, Installer};
-use crate::local::LocalState;
+use crate::local::{Enrollment, LocalState};
 use crate::machine::{Action, BootFacts, Event, Machine};
 use crate::net;
 use crate::systemd::{status_line, Notifier};
@@ -22,9 +22,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use uplift_bootenv::BootEnv;
-use uplift_proto::channel::{self, AgentMsg, Report, ServerMsg, FEATURES};
+use uplift_proto::channel::{self, AgentMsg, Feature, Report, ServerMsg, FEATURES};
 use uplift_proto::pace;
-use uplift_proto::{ErrorKind, SlotName};
+use uplift_proto::{DeviceId, ErrorKind, SlotName, WireError};
 
 /// Kernel command line parameter naming the booted slot.
 pub const CMDLINE_KEY: &str = "uplift.slot=";
@@ -62,6 +62,109 @@ pub async fn run(
     let config = Arc::new(config);
     let local = LocalState::open(&config.state_dir)?;
     let key = local.device_key()?;
+    let (machine, mut actions, booted) = settle_boot(&config, &local).await?;
+    let clients = Clients::new(&config)?;
+    let (outbox, outbox_rx) = watch::channel((0u64, machine.report()));
+    let (sent_tx, sent_rx) = watch::channel(0u64);
+    let (token_tx, token_rx) = watch::channel(None::<String>);
+    let (inbound_tx, mut inbound) = mpsc::channel::<ServerMsg>(16);
+    let (event_tx, mut events) = mpsc::channel::<Event>(64);
+    // The channel task's sign of life, for the watchdog (crate::systemd).
+    let (beat_tx, beat) = watch::channel(tokio::time::Instant::now());
+
+    let connection = Connection {
+        config: config.clone(),
+        local: local.clone(),
+        key,
+        server_url: clients.server_url,
+        tls: clients.tls,
+        reports: outbox_rx,
+        sent: sent_tx,
+        token: token_tx,
+        inbound: inbound_tx,
+        beat: beat_tx,
+        address_hook: Default::default(),
+    };
+    let mut connection_task = tokio::spawn(connection.run());
+    let slot_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let mut agent = Agent {
+        installer: Installer {
+            config: config.clone(),
+            http: clients.http,
+            direct: clients.direct,
+            server_url: clients.download_url,
+            fallback: clients.fallback,
+            local: local.clone(),
+            // A session token is held exactly while the channel is up.
+            token: token_rx.clone(),
+            guard: InstallGuard::new(slot_lock.clone()),
+        },
+        bootenv: config.boot.env.clone(),
+        config,
+        local,
+        booted,
+        machine,
+        install: None,
+        slot_lock,
+        outbox,
+        sent: sent_rx,
+        online: token_rx,
+        events: event_tx,
+        systemd: Notifier::from_env(),
+    };
+    tokio::pin!(shutdown);
+    // Configured, the boot's outcome recorded, the channel task started:
+    // ready, whether or not the server is reachable yet.
+    agent
+        .systemd
+        .ready(status_line(&agent.machine.report(), false));
+    // Fed from this loop's own select!, not from a task of its own: a loop
+    // stuck in an action stops feeding it (crate::systemd).
+    let mut watchdog = agent.systemd.feed_every().map(|every| {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
+
+    loop {
+        while let Some(action) = actions.pop_front() {
+            match agent.perform(action).await {
+                Next::Actions(more) => actions.extend(more),
+                Next::Reboot => return agent.reboot(&mut shutdown, connection_task).await,
+            }
+        }
+        agent.show_status();
+        tokio::select! {
+            Some(msg) = inbound.recv() => actions.extend(agent.take_message(msg)),
+            Some(event) = events.recv() => actions.extend(agent.machine.handle(event)),
+            // Connected or not: the status line says so.
+            Ok(()) = agent.online.changed() => {}
+            _ = tick(&mut watchdog) => agent.systemd.tick(*beat.borrow(), tokio::time::Instant::now()),
+            ended = &mut connection_task => {
+                return match ended {
+                    Ok(fatal) => Err(fatal),
+                    Err(e) => Err(anyhow::anyhow!("connection task failed: {e}")),
+                };
+            }
+            () = &mut shutdown => {
+                agent.systemd.stopping();
+                connection_task.abort();
+                return Ok(Exit::Stopped);
+            }
+        }
+    }
+}
+
+/// Reads what this boot shows (slot, boot environment, slot table,
+/// journal) and starts the state machine on it. A trial that failed or a
+/// fallback the bootloader made is recorded on disk before the server
+/// hears of it: an operator who sees "rolled back" finds the environment
+/// settled. Returns the machine, its remaining first actions, and the
+/// booted slot.
+async fn settle_boot(
+    config: &AgentConfig,
+    local: &LocalState,
+) -> anyhow::Result<(Machine, VecDeque<Action>, SlotName)> {
     let bootenv = config.boot.env.clone();
     let booted = read_booted_slot(&config.boot.cmdline)?;
     let (_, boot) = bootenv.load_state().with_context(|| bootenv.to_string())?;
@@ -72,255 +175,287 @@ pub async fn run(
         journal: local.journal()?,
         factory_version: config.factory_version.clone(),
     };
-    let (mut machine, first_actions) = Machine::start(facts);
+    let (machine, first_actions) = Machine::start(facts);
     tracing::info!(slot = %booted, version = %machine.running(), "agent started");
-    // What the boot showed is on disk before the server hears of it: an
-    // operator who sees "rolled back" finds the environment settled.
-    let mut first_actions: VecDeque<Action> = first_actions.into();
-    for action in std::mem::take(&mut first_actions) {
+    let mut rest = VecDeque::new();
+    for action in first_actions {
         match action {
             Action::AbandonTrial(failure) => {
-                record_trial_failure(&bootenv, &local, failure, TrialEnd::Abandon).await;
+                record_trial_failure(&bootenv, local, failure, TrialEnd::Abandon).await;
             }
             Action::AcknowledgeFallback(failure) => {
-                record_trial_failure(&bootenv, &local, failure, TrialEnd::FellBack).await;
+                record_trial_failure(&bootenv, local, failure, TrialEnd::FellBack).await;
             }
-            other => first_actions.push_back(other),
+            other => rest.push_back(other),
+        }
+    }
+    Ok((machine, rest, booted))
+}
+
+/// The agent's connections: the channel's TLS, and the HTTP clients for
+/// downloads.
+struct Clients {
+    server_url: reqwest::Url,
+    tls: Arc<rustls::ClientConfig>,
+    /// Downloads go to the server, or to a site cache in front of it.
+    download_url: reqwest::Url,
+    http: reqwest::Client,
+    /// Through a site cache: the server itself while the cache fails.
+    fallback: Option<crate::install::Fallback>,
+    /// For presigned object-store URLs the server redirects to.
+    direct: reqwest::Client,
+}
+
+impl Clients {
+    fn new(config: &AgentConfig) -> anyhow::Result<Self> {
+        let server_url: reqwest::Url = config
+            .server_url
+            .parse()
+            .context("server_url is not a URL")?;
+        let fallback = match &config.download.url {
+            Some(_) => Some(crate::install::Fallback::new(
+                server_url.clone(),
+                net::http_client(&config.server_ca, &config.download)?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            tls: net::tls_config(&config.server_ca)?,
+            download_url: config.download.base_url(&server_url)?,
+            http: net::http_client(config.download.ca(&config.server_ca), &config.download)?,
+            fallback,
+            direct: net::direct_client(&config.server_ca, &config.download)?,
+            server_url,
+        })
+    }
+}
+
+/// What the main loop does after an action.
+enum Next {
+    /// Carry on, with these actions first.
+    Actions(Vec<Action>),
+    /// Reboot: the last thing this process does.
+    Reboot,
+}
+
+/// The state machine and what carries out its actions on this boot.
+struct Agent {
+    config: Arc<AgentConfig>,
+    local: LocalState,
+    bootenv: BootEnv,
+    booted: SlotName,
+    machine: Machine,
+    installer: Installer,
+    /// The install under way, if any.
+    install: Option<JoinHandle<()>>,
+    /// Held by whatever writes the inactive slot or the boot environment.
+    slot_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The newest report for the channel task, numbered.
+    outbox: watch::Sender<(u64, Report)>,
+    /// The number of the last report the channel task sent.
+    sent: watch::Receiver<u64>,
+    /// The download token: `Some` exactly while the channel is up.
+    online: watch::Receiver<Option<String>>,
+    events: mpsc::Sender<Event>,
+    systemd: Notifier,
+}
+
+impl Agent {
+    /// Carries out one action but the reboot (the main loop's last);
+    /// returns what the machine wants done next.
+    async fn perform(&mut self, action: Action) -> Next {
+        let more = match action {
+            Action::Report => {
+                let report = self.machine.report();
+                self.outbox.send_modify(|(n, last)| {
+                    *n += 1;
+                    *last = report;
+                });
+                Vec::new()
+            }
+            Action::RunHealthCheck => {
+                self.run_health_check();
+                Vec::new()
+            }
+            Action::CommitTrial => self.commit_trial().await,
+            Action::AbandonTrial(failure) => {
+                record_trial_failure(&self.bootenv, &self.local, failure, TrialEnd::Abandon).await;
+                Vec::new()
+            }
+            Action::AcknowledgeFallback(failure) => {
+                record_trial_failure(&self.bootenv, &self.local, failure, TrialEnd::FellBack).await;
+                Vec::new()
+            }
+            Action::StartInstall(offer) => {
+                self.start_install(offer);
+                Vec::new()
+            }
+            Action::StartTrial(pending) => self.start_trial(pending).await,
+            Action::WithdrawVerified => {
+                self.withdraw_verified().await;
+                Vec::new()
+            }
+            Action::RecordFailure(failure) => {
+                let local = self.local.clone();
+                if let Err(e) = blocking(move || record_install_failure(&local, failure)).await {
+                    tracing::error!("cannot record the failed install in the journal: {e:#}");
+                }
+                Vec::new()
+            }
+            Action::ScheduleRetry { attempt } => {
+                self.schedule_retry(attempt);
+                Vec::new()
+            }
+            Action::CancelInstall => {
+                self.cancel_install();
+                Vec::new()
+            }
+            Action::Reboot => return Next::Reboot,
+        };
+        Next::Actions(more)
+    }
+
+    async fn withdraw_verified(&self) {
+        tracing::info!(
+            "withdrawing the verified slot that waited for its reboot; staying on {}",
+            self.machine.running()
+        );
+        let guard = InstallGuard::new(self.slot_lock.clone());
+        if let Err(e) = crate::install::withdraw_verified(&guard, &self.local).await {
+            tracing::error!(
+                "cannot withdraw the verified slot: {e}; the boot environment does not point at it"
+            );
         }
     }
 
-    let server_url: reqwest::Url = config
-        .server_url
-        .parse()
-        .context("server_url is not a URL")?;
-    let tls = net::tls_config(&config.server_ca)?;
-    // Downloads go to the server, or to a site cache in front of it.
-    let download_url = config.download.base_url(&server_url)?;
-    let http = net::http_client(config.download.ca(&config.server_ca), &config.download)?;
-    // Through a site cache: the server itself while the cache fails.
-    let fallback = match &config.download.url {
-        Some(_) => Some(crate::install::Fallback::new(
-            server_url.clone(),
-            net::http_client(&config.server_ca, &config.download)?,
-        )),
-        None => None,
-    };
-    let direct = net::direct_client(&config.server_ca, &config.download)?;
-    let (outbox, outbox_rx) = watch::channel((0u64, machine.report()));
-    let (sent_tx, sent_rx) = watch::channel(0u64);
-    let (token_tx, token_rx) = watch::channel(None::<String>);
-    let (inbound_tx, mut inbound) = mpsc::channel::<ServerMsg>(16);
-    let (event_tx, mut events) = mpsc::channel::<Event>(64);
-    // The channel task's sign of life, for the watchdog (crate::systemd).
-    let (beat_tx, beat) = watch::channel(tokio::time::Instant::now());
-    // A session token is held exactly while the channel is up.
-    let mut online = token_rx.clone();
-
-    let connection = Connection {
-        config: config.clone(),
-        local: local.clone(),
-        key,
-        server_url: server_url.clone(),
-        tls,
-        reports: outbox_rx,
-        sent: sent_tx,
-        token: token_tx,
-        inbound: inbound_tx,
-        beat: beat_tx,
-        address_hook: Default::default(),
-    };
-    let mut connection_task = tokio::spawn(connection.run());
-    let slot_lock = Arc::new(tokio::sync::Mutex::new(()));
-    let mut installer = Installer {
-        config: config.clone(),
-        http,
-        direct,
-        server_url: download_url,
-        fallback,
-        local: local.clone(),
-        token: token_rx,
-        guard: InstallGuard::new(slot_lock.clone()),
-    };
-    let mut install: Option<JoinHandle<()>> = None;
-    let mut actions = first_actions;
-    tokio::pin!(shutdown);
-    // Configured, the boot's outcome recorded, the channel task started:
-    // ready, whether or not the server is reachable yet.
-    let mut systemd = Notifier::from_env();
-    systemd.ready(status_line(&machine.report(), false));
-    // Fed from this loop's own select!, not from a task of its own: a loop
-    // stuck in an action stops feeding it (crate::systemd).
-    let mut watchdog = systemd.feed_every().map(|every| {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick
-    });
-
-    loop {
-        while let Some(action) = actions.pop_front() {
-            match action {
-                Action::Report => {
-                    outbox.send_modify(|(n, report)| {
-                        *n += 1;
-                        *report = machine.report();
-                    });
+    /// An offer or a withdrawal from the server, for the machine.
+    fn take_message(&mut self, msg: ServerMsg) -> Vec<Action> {
+        match msg {
+            ServerMsg::Offer(offer) => {
+                if offer.version == *self.machine.running() {
+                    tracing::info!(version = %offer.version, "offered {}: already running it; nothing to download", offer.version);
                 }
-                Action::RunHealthCheck => {
-                    let command = config.health_check.clone();
-                    let limit = Duration::from_secs(config.health_check_timeout_secs);
-                    let tx = event_tx.clone();
-                    tokio::spawn(async move {
-                        let _ = tx
-                            .send(Event::HealthCheck(
-                                crate::health::run(&command, limit).await,
-                            ))
-                            .await;
-                    });
-                }
-                Action::CommitTrial => {
-                    let (bootenv, local) = (bootenv.clone(), local.clone());
-                    match blocking(move || commit_trial(&bootenv, &local, booted)).await {
-                        Ok(()) => {
-                            tracing::info!(slot = %booted, version = %machine.running(), "committed");
-                            actions.extend(machine.handle(Event::Committed));
-                        }
-                        Err(e) => {
-                            tracing::error!("cannot commit slot {booted}: {e:#}");
-                            let error =
-                                uplift_proto::WireError::new(ErrorKind::BootEnv, format!("{e:#}"));
-                            actions.extend(machine.handle(Event::CommitFailed(error)));
-                        }
-                    }
-                }
-                Action::AbandonTrial(failure) => {
-                    record_trial_failure(&bootenv, &local, failure, TrialEnd::Abandon).await;
-                }
-                Action::AcknowledgeFallback(failure) => {
-                    record_trial_failure(&bootenv, &local, failure, TrialEnd::FellBack).await;
-                }
-                Action::StartInstall(offer) => {
-                    tracing::info!(version = %offer.version, "installing");
-                    if let Some(old) = install.take() {
-                        installer.guard.cancel();
-                        old.abort();
-                    }
-                    installer.guard = InstallGuard::new(slot_lock.clone());
-                    let job = installer.clone().run(
-                        machine.install_id(),
-                        offer,
-                        booted,
-                        machine.running().clone(),
-                        event_tx.clone(),
-                    );
-                    install = Some(tokio::spawn(job));
-                }
-                Action::StartTrial(pending) => {
-                    tracing::info!(version = %pending.version, slot = %pending.slot, "switching the boot environment to try the verified slot");
-                    // A guard of its own on the shared lock: a cancelled
-                    // attempt's step still running finishes first.
-                    let guard = InstallGuard::new(slot_lock.clone());
-                    let event = match crate::install::start_trial(
-                        &guard,
-                        &bootenv,
-                        &local,
-                        pending,
-                        config.trial_boot_attempts,
-                    )
-                    .await
-                    {
-                        Ok(()) => Event::TrialStarted,
-                        Err(e) => {
-                            tracing::error!("cannot switch to the verified slot: {e}");
-                            Event::TrialFailed(e.to_wire())
-                        }
-                    };
-                    actions.extend(machine.handle(event));
-                }
-                Action::WithdrawVerified => {
-                    tracing::info!(
-                        "withdrawing the verified slot that waited for its reboot; staying on {}",
-                        machine.running()
-                    );
-                    let guard = InstallGuard::new(slot_lock.clone());
-                    if let Err(e) = crate::install::withdraw_verified(&guard, &local).await {
-                        tracing::error!("cannot withdraw the verified slot: {e}; the boot environment does not point at it");
-                    }
-                }
-                Action::RecordFailure(failure) => {
-                    let local = local.clone();
-                    if let Err(e) = blocking(move || record_install_failure(&local, failure)).await
-                    {
-                        tracing::error!("cannot record the failed install in the journal: {e:#}");
-                    }
-                }
-                Action::ScheduleRetry { attempt } => {
-                    let wait = retry_delay(attempt, &mut rand::thread_rng());
-                    tracing::info!(
-                        "retrying the install in {:.0}s (attempt {} failed)",
-                        wait.as_secs_f32(),
-                        attempt
-                    );
-                    let tx = event_tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(wait).await;
-                        let _ = tx.send(Event::RetryDue).await;
-                    });
-                }
-                Action::CancelInstall => {
-                    if let Some(old) = install.take() {
-                        installer.guard.cancel();
-                        old.abort();
-                    }
-                }
-                Action::Reboot => {
-                    let wanted = outbox.borrow().0;
-                    let mut sent = sent_rx.clone();
-                    // Give the channel a moment to deliver the last report: the
-                    // operator should see "reboot pending" before the device goes.
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(3),
-                        sent.wait_for(|n| *n >= wanted),
-                    )
-                    .await;
-                    systemd.status(status_line(&machine.report(), online.borrow().is_some()));
-                    connection_task.abort();
-                    // A reboot command that worked waits to be stopped.
-                    return tokio::select! {
-                        exit = reboot(&config) => exit,
-                        () = &mut shutdown => {
-                            systemd.stopping();
-                            Ok(Exit::Stopped)
-                        }
-                    };
-                }
+                self.machine.handle(Event::Offer(offer))
+            }
+            ServerMsg::NoUpdate => self.machine.handle(Event::NoUpdate),
+            other => {
+                tracing::debug!("ignoring {other:?}");
+                Vec::new()
             }
         }
-        systemd.status(status_line(&machine.report(), online.borrow().is_some()));
-        tokio::select! {
-            Some(msg) = inbound.recv() => match msg {
-                ServerMsg::Offer(offer) => {
-                    if offer.version == *machine.running() {
-                        tracing::info!(version = %offer.version, "offered {}: already running {}; nothing to download", offer.version, machine.running());
-                    }
-                    actions.extend(machine.handle(Event::Offer(offer)));
-                }
-                ServerMsg::NoUpdate => actions.extend(machine.handle(Event::NoUpdate)),
-                other => tracing::debug!("ignoring {other:?}"),
-            },
-            Some(event) = events.recv() => actions.extend(machine.handle(event)),
-            // Connected or not: the status line says so.
-            Ok(()) = online.changed() => {}
-            _ = tick(&mut watchdog) => systemd.tick(*beat.borrow(), tokio::time::Instant::now()),
-            ended = &mut connection_task => {
-                return match ended {
-                    Ok(fatal) => Err(fatal),
-                    Err(e) => Err(anyhow::anyhow!("connection task failed: {e}")),
-                };
+    }
+
+    fn show_status(&mut self) {
+        let connected = self.online.borrow().is_some();
+        self.systemd
+            .status(status_line(&self.machine.report(), connected));
+    }
+
+    fn run_health_check(&self) {
+        let command = self.config.health_check.clone();
+        let limit = Duration::from_secs(self.config.health_check_timeout_secs);
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let outcome = crate::health::run(&command, limit).await;
+            let _ = events.send(Event::HealthCheck(outcome)).await;
+        });
+    }
+
+    /// The trial passed: the booted slot becomes the default.
+    async fn commit_trial(&mut self) -> Vec<Action> {
+        let (bootenv, local, booted) = (self.bootenv.clone(), self.local.clone(), self.booted);
+        match blocking(move || commit_trial(&bootenv, &local, booted)).await {
+            Ok(()) => {
+                tracing::info!(slot = %booted, version = %self.machine.running(), "committed");
+                self.machine.handle(Event::Committed)
             }
-            () = &mut shutdown => {
-                systemd.stopping();
-                connection_task.abort();
-                return Ok(Exit::Stopped);
+            Err(e) => {
+                tracing::error!("cannot commit slot {booted}: {e:#}");
+                let error = WireError::new(ErrorKind::BootEnv, format!("{e:#}"));
+                self.machine.handle(Event::CommitFailed(error))
+            }
+        }
+    }
+
+    /// Starts installing `offer`, cancelling an install still under way.
+    fn start_install(&mut self, offer: channel::Offer) {
+        tracing::info!(version = %offer.version, "installing");
+        self.cancel_install();
+        self.installer.guard = InstallGuard::new(self.slot_lock.clone());
+        let job = self.installer.clone().run(
+            self.machine.install_id(),
+            offer,
+            self.booted,
+            self.machine.running().clone(),
+            self.events.clone(),
+        );
+        self.install = Some(tokio::spawn(job));
+    }
+
+    fn cancel_install(&mut self) {
+        if let Some(old) = self.install.take() {
+            self.installer.guard.cancel();
+            old.abort();
+        }
+    }
+
+    /// Points the boot environment at the verified slot for one trial.
+    async fn start_trial(&mut self, pending: crate::local::PendingInstall) -> Vec<Action> {
+        tracing::info!(version = %pending.version, slot = %pending.slot, "switching the boot environment to try the verified slot");
+        // A guard of its own on the shared lock: a cancelled attempt's
+        // step still running finishes first.
+        let guard = InstallGuard::new(self.slot_lock.clone());
+        let event = match crate::install::start_trial(
+            &guard,
+            &self.bootenv,
+            &self.local,
+            pending,
+            self.config.trial_boot_attempts,
+        )
+        .await
+        {
+            Ok(()) => Event::TrialStarted,
+            Err(e) => {
+                tracing::error!("cannot switch to the verified slot: {e}");
+                Event::TrialFailed(e.to_wire())
+            }
+        };
+        self.machine.handle(event)
+    }
+
+    fn schedule_retry(&self, attempt: u32) {
+        let wait = retry_delay(attempt, &mut rand::thread_rng());
+        tracing::info!(
+            "retrying the install in {:.0}s (attempt {} failed)",
+            wait.as_secs_f32(),
+            attempt
+        );
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = events.send(Event::RetryDue).await;
+        });
+    }
+
+    /// Reboots into the slot the boot environment now names, once the
+    /// channel has had a moment to deliver the last report (the operator
+    /// should see "reboot pending" before the device goes).
+    async fn reboot(
+        &mut self,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+        connection: JoinHandle<anyhow::Error>,
+    ) -> anyhow::Result<Exit> {
+        let wanted = self.outbox.borrow().0;
+        let mut sent = self.sent.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(3), sent.wait_for(|n| *n >= wanted)).await;
+        self.show_status();
+        connection.abort();
+        // A reboot command that worked waits to be stopped.
+        tokio::select! {
+            exit = reboot(&self.config) => exit,
+            () = shutdown => {
+                self.systemd.stopping();
+                Ok(Exit::Stopped)
             }
         }
     }
@@ -513,189 +648,292 @@ impl Connection {
         self.beat.send_replace(tokio::time::Instant::now());
     }
 
+    /// One connection: the handshake, then frames both ways until it ends.
     async fn session(&mut self, attempt: &mut u32) -> SessionEnd {
         self.alive();
-        let retry = SessionEnd::Retry;
         let mut ws = match net::connect_channel(&self.server_url, self.tls.clone()).await {
             Ok(ws) => ws,
-            Err(e) => return retry(e),
+            Err(e) => return SessionEnd::Retry(e),
         };
-        let nonce = match recv(&mut ws, Duration::from_secs(15)).await {
-            Ok(ServerMsg::Challenge { nonce }) => match hex::decode(nonce) {
-                Ok(n) => n,
-                Err(_) => return retry(anyhow::anyhow!("server sent a malformed nonce")),
-            },
-            Ok(other) => return retry(anyhow::anyhow!("expected a challenge, got {other:?}")),
-            Err(e) => return retry(e),
+        let welcomed = match self.handshake(&mut ws).await {
+            Ok(welcomed) => welcomed,
+            Err(end) => return end,
         };
-        let known_id = match self.local.device_id() {
-            Ok(id) => id,
-            Err(e) => return SessionEnd::Fatal(e),
-        };
-        let hello = match &known_id {
-            Some(id) => AgentMsg::Authenticate {
-                device_id: id.clone(),
-                signature: B64.encode(
-                    self.key
-                        .sign(&channel::auth_message(&nonce, id.as_str()))
-                        .to_bytes(),
-                ),
-                features: FEATURES.to_vec(),
-            },
-            None => {
-                let public_key = B64.encode(self.key.verifying_key().to_bytes());
-                let hardware_id = match self.config.hardware_id() {
-                    Ok(h) => h,
-                    Err(e) => return SessionEnd::Fatal(e),
-                };
-                AgentMsg::Enroll {
-                    device_type: self.config.device_type.clone(),
-                    hardware_id,
-                    token: self.config.enrollment_token.clone(),
-                    signature: B64.encode(
-                        self.key
-                            .sign(&channel::auth_message(&nonce, &public_key))
-                            .to_bytes(),
-                    ),
-                    public_key,
-                    features: FEATURES.to_vec(),
-                }
+        *attempt = 0;
+        self.token.send_replace(Some(welcomed.session_token));
+        self.reports.mark_changed();
+        self.exchange(&mut ws, &welcomed.features).await
+    }
+
+    /// The server's challenge, this device's proof of its key (or its
+    /// enrollment), and the server's welcome.
+    async fn handshake(&mut self, ws: &mut net::Channel) -> Result<Welcomed, SessionEnd> {
+        let nonce = match recv(ws, HANDSHAKE_WAIT).await.map_err(SessionEnd::Retry)? {
+            ServerMsg::Challenge { nonce } => hex::decode(nonce)
+                .map_err(|_| SessionEnd::Retry(anyhow::anyhow!("server sent a malformed nonce")))?,
+            other => {
+                return Err(SessionEnd::Retry(anyhow::anyhow!(
+                    "expected a challenge, got {other:?}"
+                )))
             }
         };
-        match tokio::time::timeout(
-            SEND_TIMEOUT,
-            ws.send(Message::Text(channel::encode(&hello).into())),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return retry(e.into()),
-            Err(_) => return retry(anyhow::anyhow!("the server did not take the hello")),
-        }
-        // In the server's approval mode the welcome waits for an operator:
-        // meanwhile `enrollment_pending` frames come every few seconds.
-        let mut told_pending = false;
-        let welcome = loop {
-            match recv(
-                &mut ws,
-                Duration::from_secs(if told_pending { 60 } else { 15 }),
-            )
+        let local = self.local.clone();
+        let known_id = blocking(move || local.device_id())
             .await
-            {
-                Ok(ServerMsg::EnrollmentPending { message }) => {
-                    self.alive();
-                    if !told_pending {
-                        tracing::info!("{message}");
-                        told_pending = true;
-                    }
-                }
-                other => break other,
-            }
-        };
-        let (token, server_features) = match welcome {
-            Ok(ServerMsg::Welcome {
+            .map_err(SessionEnd::Fatal)?;
+        let hello = self
+            .hello(&nonce, known_id.as_ref())
+            .map_err(SessionEnd::Fatal)?;
+        send(ws, &hello, "the hello").await?;
+        match self.wait_for_welcome(ws).await.map_err(SessionEnd::Retry)? {
+            ServerMsg::Welcome {
                 device_id,
                 session_token,
                 enrolled,
                 features,
                 private_addresses,
-            }) => {
+            } => {
                 if known_id.as_ref() != Some(&device_id) {
-                    if let Err(e) = self.local.save_device_id(&device_id) {
-                        return SessionEnd::Fatal(e);
-                    }
+                    let (local, id) = (self.local.clone(), device_id.clone());
+                    blocking(move || {
+                        local.save_device_id(&id)?;
+                        local.save_enrollment(None)
+                    })
+                    .await
+                    .map_err(SessionEnd::Fatal)?;
                 }
                 if enrolled {
                     tracing::info!(device = %device_id, "enrolled");
                 } else {
                     tracing::info!(device = %device_id, "connected");
                 }
-                // Beside the channel, never in its way: a slow or failing
-                // hook does not hold up reports or offers.
-                let (config, local, lock) = (
-                    self.config.clone(),
-                    self.local.clone(),
-                    self.address_hook.clone(),
-                );
-                tokio::spawn(async move {
-                    let _one_at_a_time = lock.lock().await;
-                    crate::address::apply(&config.network, &local, &device_id, private_addresses)
-                        .await;
-                });
-                (session_token, features)
+                self.apply_addresses(device_id, private_addresses);
+                Ok(Welcomed {
+                    session_token,
+                    features,
+                })
             }
-            Ok(ServerMsg::Error(err)) => {
-                let e = anyhow::anyhow!("server refused this device: {err}");
-                return match err.kind {
-                    ErrorKind::EnrollmentRefused
-                    | ErrorKind::EnrollmentRejected
-                    | ErrorKind::UnknownDevice
-                    | ErrorKind::BadDeviceSignature
-                    | ErrorKind::DeviceRemoved => SessionEnd::Fatal(e),
-                    _ => retry(e),
-                };
+            ServerMsg::Error(err) => {
+                if known_id.is_none()
+                    && matches!(
+                        err.kind,
+                        ErrorKind::EnrollmentRefused | ErrorKind::EnrollmentRejected
+                    )
+                {
+                    self.note_enrollment(Enrollment::Refused {
+                        message: err.to_string(),
+                    })
+                    .await;
+                }
+                Err(refusal(err))
             }
-            Ok(other) => return retry(anyhow::anyhow!("expected welcome, got {other:?}")),
-            Err(e) => return retry(e),
+            other => Err(SessionEnd::Retry(anyhow::anyhow!(
+                "expected welcome, got {other:?}"
+            ))),
+        }
+    }
+
+    /// `authenticate` with the device's ID, or `enroll` before it has one:
+    /// either signs the server's nonce with the device's key.
+    fn hello(&self, nonce: &[u8], known_id: Option<&DeviceId>) -> anyhow::Result<AgentMsg> {
+        let sign = |identity: &str| {
+            B64.encode(
+                self.key
+                    .sign(&channel::auth_message(nonce, identity))
+                    .to_bytes(),
+            )
         };
-        *attempt = 0;
-        self.token.send_replace(Some(token));
-        self.reports.mark_changed();
+        Ok(match known_id {
+            Some(id) => AgentMsg::Authenticate {
+                device_id: id.clone(),
+                signature: sign(id.as_str()),
+                features: FEATURES.to_vec(),
+            },
+            None => {
+                let public_key = B64.encode(self.key.verifying_key().to_bytes());
+                AgentMsg::Enroll {
+                    device_type: self.config.device_type.clone(),
+                    hardware_id: self.config.hardware_id()?,
+                    token: self.config.enrollment_token.clone(),
+                    signature: sign(&public_key),
+                    public_key,
+                    features: FEATURES.to_vec(),
+                }
+            }
+        })
+    }
+
+    /// The server's answer to the hello. In its approval mode the welcome
+    /// waits for an operator: meanwhile `enrollment_pending` frames come
+    /// every few seconds, each a sign the link is alive.
+    async fn wait_for_welcome(&self, ws: &mut net::Channel) -> anyhow::Result<ServerMsg> {
+        let mut told_pending = false;
+        loop {
+            let wait = if told_pending {
+                PENDING_WAIT
+            } else {
+                HANDSHAKE_WAIT
+            };
+            match recv(ws, wait).await? {
+                ServerMsg::EnrollmentPending { message } => {
+                    self.alive();
+                    if !told_pending {
+                        tracing::info!("{message}");
+                        self.note_enrollment(Enrollment::Pending { message }).await;
+                        told_pending = true;
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Keeps what the server said about the enrollment for `uplift-agent
+    /// status`; a note that cannot be written is only logged.
+    async fn note_enrollment(&self, note: Enrollment) {
+        let local = self.local.clone();
+        if let Err(e) = blocking(move || local.save_enrollment(Some(&note))).await {
+            tracing::warn!("cannot record the enrollment's state for `uplift-agent status`: {e:#}");
+        }
+    }
+
+    /// Sets up the device's private addresses beside the channel, never in
+    /// its way: a slow or failing hook does not hold up reports or offers.
+    fn apply_addresses(&self, device_id: DeviceId, private_addresses: Vec<String>) {
+        let (config, local, lock) = (
+            self.config.clone(),
+            self.local.clone(),
+            self.address_hook.clone(),
+        );
+        tokio::spawn(async move {
+            let _one_at_a_time = lock.lock().await;
+            crate::address::apply(&config.network, &local, &device_id, private_addresses).await;
+        });
+    }
+
+    /// After the welcome: reports out as they change, the server's frames
+    /// in, until the link fails, falls silent or the server refuses.
+    async fn exchange(&mut self, ws: &mut net::Channel, server_features: &[Feature]) -> SessionEnd {
         // Anything from the server, pings included, proves the link alive;
         // it pings every 20 s, so this long a silence means a dead link.
         let mut last_heard = tokio::time::Instant::now();
         loop {
             self.alive();
-            tokio::select! {
-                changed = self.reports.changed() => {
-                    if changed.is_err() {
-                        return retry(anyhow::anyhow!("agent is stopping"));
-                    }
-                    let (n, report) = self.reports.borrow_and_update().clone();
-                    let report = report.for_server(&server_features);
-                    let frame = Message::Text(channel::encode(&AgentMsg::Report(report)).into());
-                    match tokio::time::timeout(SEND_TIMEOUT, ws.send(frame)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return retry(e.into()),
-                        Err(_) => return retry(anyhow::anyhow!("the server stopped taking reports")),
-                    }
-                    self.sent.send_replace(n);
-                }
+            let step = tokio::select! {
+                changed = self.reports.changed() => match changed {
+                    Ok(()) => self.send_report(ws, server_features).await,
+                    Err(_) => Err(SessionEnd::Retry(anyhow::anyhow!("agent is stopping"))),
+                },
                 frame = ws.next() => {
                     last_heard = tokio::time::Instant::now();
-                    match frame {
-                        None | Some(Ok(Message::Close(_))) => return retry(anyhow::anyhow!("server closed the channel")),
-                        Some(Err(e)) => return retry(e.into()),
-                        Some(Ok(Message::Text(text))) => match channel::decode::<ServerMsg>(text.as_str()) {
-                            // Removed by an operator while connected: reconnecting cannot help.
-                            Ok(ServerMsg::Error(err)) if err.kind == ErrorKind::DeviceRemoved => {
-                                return SessionEnd::Fatal(anyhow::anyhow!("server refused this device: {err}"))
-                            }
-                            Ok(ServerMsg::Error(err)) => return retry(anyhow::anyhow!("server error: {err}")),
-                            // The next download request takes it; one under way keeps the old one, still valid.
-                            Ok(ServerMsg::DownloadToken { token, expires_in_secs }) => {
-                                tracing::debug!(expires_in_secs, "download token renewed");
-                                self.token.send_replace(Some(token));
-                            }
-                            Ok(msg) => {
-                                if self.inbound.send(msg).await.is_err() {
-                                    return retry(anyhow::anyhow!("agent is stopping"));
-                                }
-                            }
-                            Err(e) => return retry(anyhow::anyhow!("bad frame from server: {e}")),
-                        },
-                        // Pings are answered by the library.
-                        Some(Ok(_)) => {}
-                    }
+                    self.take_frame(frame).await
                 }
-                () = tokio::time::sleep_until(last_heard + SILENCE_LIMIT) => {
-                    return retry(anyhow::anyhow!("no word from the server for {}s", SILENCE_LIMIT.as_secs()));
-                }
+                () = tokio::time::sleep_until(last_heard + SILENCE_LIMIT) => Err(SessionEnd::Retry(
+                    anyhow::anyhow!("no word from the server for {}s", SILENCE_LIMIT.as_secs()),
+                )),
+            };
+            if let Err(end) = step {
+                return end;
             }
+        }
+    }
+
+    /// Sends the newest report, in the form the server understands.
+    async fn send_report(
+        &mut self,
+        ws: &mut net::Channel,
+        server_features: &[Feature],
+    ) -> Result<(), SessionEnd> {
+        let (n, report) = self.reports.borrow_and_update().clone();
+        send(
+            ws,
+            &AgentMsg::Report(report.for_server(server_features)),
+            "a report",
+        )
+        .await?;
+        self.sent.send_replace(n);
+        Ok(())
+    }
+
+    /// One frame from the server: a new download token is kept here, a
+    /// refusal ends the session, anything else goes to the state machine.
+    async fn take_frame(
+        &mut self,
+        frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Result<(), SessionEnd> {
+        let retry = |e: anyhow::Error| Err(SessionEnd::Retry(e));
+        let text = match frame {
+            None | Some(Ok(Message::Close(_))) => {
+                return retry(anyhow::anyhow!("server closed the channel"))
+            }
+            Some(Err(e)) => return retry(e.into()),
+            Some(Ok(Message::Text(text))) => text,
+            // Pings are answered by the library.
+            Some(Ok(_)) => return Ok(()),
+        };
+        match channel::decode::<ServerMsg>(text.as_str()) {
+            Err(e) => retry(anyhow::anyhow!("bad frame from server: {e}")),
+            Ok(ServerMsg::Error(err)) => Err(refusal(err)),
+            // The next download request takes it; one under way keeps the
+            // old one, still valid.
+            Ok(ServerMsg::DownloadToken {
+                token,
+                expires_in_secs,
+            }) => {
+                tracing::debug!(expires_in_secs, "download token renewed");
+                self.token.send_replace(Some(token));
+                Ok(())
+            }
+            Ok(msg) => match self.inbound.send(msg).await {
+                Ok(()) => Ok(()),
+                Err(_) => retry(anyhow::anyhow!("agent is stopping")),
+            },
         }
     }
 }
 
+/// What the welcome gave this session.
+struct Welcomed {
+    session_token: String,
+    features: Vec<Feature>,
+}
+
+/// How the session ends on an error from the server: for good when the
+/// server refuses this device's credentials or removed it (reconnecting
+/// cannot help), else to be retried.
+fn refusal(err: WireError) -> SessionEnd {
+    let fatal = matches!(
+        err.kind,
+        ErrorKind::EnrollmentRefused
+            | ErrorKind::EnrollmentRejected
+            | ErrorKind::UnknownDevice
+            | ErrorKind::BadDeviceSignature
+            | ErrorKind::DeviceRemoved
+    );
+    if fatal {
+        SessionEnd::Fatal(anyhow::anyhow!("server refused this device: {err}"))
+    } else {
+        SessionEnd::Retry(anyhow::anyhow!("server error: {err}"))
+    }
+}
+
+/// Sends one frame, bounded: a server that stops taking frames is a dead link.
+async fn send(ws: &mut net::Channel, msg: &AgentMsg, what: &str) -> Result<(), SessionEnd> {
+    let frame = Message::Text(channel::encode(msg).into());
+    match tokio::time::timeout(SEND_TIMEOUT, ws.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(SessionEnd::Retry(e.into())),
+        Err(_) => Err(SessionEnd::Retry(anyhow::anyhow!(
+            "the server did not take {what} within {}s",
+            SEND_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// How long the server may take to challenge, then to answer the hello.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(15);
+/// How long between `enrollment_pending` frames before the link counts as dead.
+const PENDING_WAIT: Duration = Duration::from_secs(60);
 /// How long the server may stay silent (it pings every 20 s).
 const SILENCE_LIMIT: Duration = Duration::from_secs(75);
 /// How long one frame may take to send before the link counts as dead.
@@ -723,6 +961,29 @@ async fn recv(ws: &mut net::Channel, limit: Duration) -> anyhow::Result<ServerMs
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_refusal_of_the_devices_credentials_or_its_removal_stops_reconnecting() {
+        for kind in [
+            ErrorKind::EnrollmentRefused,
+            ErrorKind::EnrollmentRejected,
+            ErrorKind::UnknownDevice,
+            ErrorKind::BadDeviceSignature,
+            ErrorKind::DeviceRemoved,
+        ] {
+            let end = refusal(WireError::new(kind, "refused"));
+            assert!(matches!(end, SessionEnd::Fatal(_)), "{kind:?}");
+        }
+        for kind in [
+            ErrorKind::MalformedFrame,
+            ErrorKind::UnsupportedProtocol,
+            ErrorKind::UnexpectedMessage,
+            ErrorKind::Unauthorized,
+        ] {
+            let end = refusal(WireError::new(kind, "try again"));
+            assert!(matches!(end, SessionEnd::Retry(_)), "{kind:?}");
+        }
+    }
     use rand::SeedableRng;
 
     #[test]

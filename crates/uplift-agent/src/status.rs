@@ -4,7 +4,7 @@
 //! resume point, and the last failure with its reason.
 
 use crate::config::AgentConfig;
-use crate::local::{InstallProgress, Journal, LocalState, SlotTable};
+use crate::local::{Enrollment, InstallProgress, Journal, LocalState, SlotTable};
 use crate::run::read_booted_slot;
 use serde::Serialize;
 use uplift_proto::SlotName;
@@ -12,6 +12,9 @@ use uplift_proto::SlotName;
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub device_id: Option<String>,
+    /// Before the device has its ID: whether its enrollment waits for an
+    /// operator or was refused, in the server's words.
+    pub enrollment: Option<Enrollment>,
     pub booted_slot: Option<String>,
     pub running_version: Option<String>,
     /// The version flashed into slot a at the factory (`factory_version` in
@@ -51,6 +54,7 @@ pub fn gather(config: &AgentConfig) -> anyhow::Result<Status> {
     };
     Ok(Status {
         device_id: local.device_id()?.map(|id| id.to_string()),
+        enrollment: local.enrollment()?,
         booted_slot: booted.map(|s| s.to_string()),
         running_version,
         factory_version: config.factory_version.to_string(),
@@ -92,6 +96,15 @@ impl Status {
             slot(SlotName::A),
             slot(SlotName::B),
         );
+        match &self.enrollment {
+            Some(Enrollment::Pending { message }) => {
+                out += &format!("enrollment:       waiting for an operator: {message}\n");
+            }
+            Some(Enrollment::Refused { message }) => {
+                out += &format!("enrollment:       REFUSED: {message}\n");
+            }
+            None => {}
+        }
         if let Some(p) = &self.journal.pending {
             out += &format!(
                 "pending:          {} installed in slot {}, waiting for its trial boot\n",
@@ -149,6 +162,7 @@ mod tests {
     fn status(slots: SlotTable, install_progress: Option<InstallProgress>) -> Status {
         Status {
             device_id: Some("dev-1".into()),
+            enrollment: None,
             booted_slot: Some("a".into()),
             running_version: Some("1.0".into()),
             factory_version: "1.0".into(),
@@ -164,6 +178,29 @@ mod tests {
         text.lines()
             .find(|l| l.starts_with(label))
             .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
+    }
+
+    #[test]
+    fn an_enrollment_waiting_or_refused_is_shown_in_the_servers_words() {
+        let mut waiting = status(SlotTable::default(), None);
+        waiting.device_id = None;
+        waiting.enrollment = Some(Enrollment::Pending {
+            message: "enrollment request 4 waits for an operator".into(),
+        });
+        assert_eq!(
+            line(&waiting.render(), "enrollment:"),
+            "enrollment:       waiting for an operator: enrollment request 4 waits for an operator"
+        );
+        waiting.enrollment = Some(Enrollment::Refused {
+            message: "enrollment_rejected: not ours".into(),
+        });
+        assert_eq!(
+            line(&waiting.render(), "enrollment:"),
+            "enrollment:       REFUSED: enrollment_rejected: not ours"
+        );
+        assert!(!status(SlotTable::default(), None)
+            .render()
+            .contains("enrollment:"));
     }
 
     #[test]

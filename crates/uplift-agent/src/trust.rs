@@ -10,6 +10,7 @@
 //! root key.
 
 use crate::install::{InstallError, Installer};
+use crate::local::LocalState;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use time::format_description::well_known::Rfc3339;
@@ -94,6 +95,45 @@ fn read_accepted(path: &Path) -> Result<Option<OffsetDateTime>, InstallError> {
         .map_err(|e| corrupt(e.to_string()))
 }
 
+/// What an offer claims, for [`accept_freshness`].
+struct Offered {
+    role: Role,
+    manifest_sha256: String,
+    version: String,
+    freshness: Option<SignedFreshness>,
+}
+
+/// Checks an offer's freshness against this device and the newest record
+/// it accepted (kept at `path`), and keeps this one if it is newer.
+fn accept_freshness(local: &LocalState, path: &Path, offered: Offered) -> Result<(), InstallError> {
+    let device_id = local
+        .device_id()
+        .map_err(|e| InstallError::State(format!("{e:#}")))?
+        .ok_or_else(|| InstallError::State("the device has no ID yet".to_owned()))?;
+    let newest = read_accepted(path)?;
+    let (record, issued_at) = freshness::check(
+        offered.freshness.as_ref(),
+        &offered.role,
+        Expected {
+            device_id: device_id.as_str(),
+            version: &offered.version,
+            manifest_sha256: &offered.manifest_sha256,
+        },
+        newest,
+        OffsetDateTime::now_utc(),
+    )?;
+    if newest.is_none_or(|newest| issued_at > newest) {
+        let accepted = Accepted {
+            issued_at: record.issued_at.clone(),
+            record: offered.freshness,
+        };
+        let bytes = serde_json::to_vec_pretty(&accepted).expect("strings serialize");
+        replace_file(path, &bytes, Access::Public)
+            .map_err(|e| InstallError::State(format!("cannot store {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
 /// Parses one answer of the device roots endpoint.
 pub fn parse_chain(bytes: &[u8]) -> Result<Vec<SignedRoot>, ReleaseError> {
     let chain: Vec<SignedRoot> =
@@ -129,7 +169,7 @@ impl Installer {
                 let root = self.current_root(shipped).await?;
                 let manifest = root.verify_release(signed, OffsetDateTime::now_utc())?;
                 if let Some(role) = &root.root().freshness {
-                    self.check_freshness(role, signed, offer)?;
+                    self.check_freshness(role, signed, offer).await?;
                 }
                 Ok(manifest)
             }
@@ -137,43 +177,25 @@ impl Installer {
     }
 
     /// Checks the offer's freshness and remembers it as the newest accepted.
-    fn check_freshness(
+    async fn check_freshness(
         &self,
         role: &Role,
         signed: &SignedManifest,
         offer: &Offer,
     ) -> Result<(), InstallError> {
-        let device_id = self
-            .local
-            .device_id()
-            .map_err(|e| InstallError::State(format!("{e:#}")))?
-            .ok_or_else(|| InstallError::State("the device has no ID yet".to_owned()))?;
+        let offered = Offered {
+            role: role.clone(),
+            manifest_sha256: manifest_digest(signed),
+            version: offer.version.to_string(),
+            freshness: offer.freshness.clone(),
+        };
+        let local = self.local.clone();
         let path = self.config.state_dir.join(ACCEPTED_FRESHNESS);
-        let newest = read_accepted(&path)?;
-        let digest = manifest_digest(signed);
-        let version = offer.version.to_string();
-        let (record, issued_at) = freshness::check(
-            offer.freshness.as_ref(),
-            role,
-            Expected {
-                device_id: device_id.as_str(),
-                version: &version,
-                manifest_sha256: &digest,
-            },
-            newest,
-            OffsetDateTime::now_utc(),
-        )?;
-        if newest.is_none_or(|newest| issued_at > newest) {
-            let accepted = Accepted {
-                issued_at: record.issued_at.clone(),
-                record: offer.freshness.clone(),
-            };
-            let bytes = serde_json::to_vec_pretty(&accepted).expect("strings serialize");
-            replace_file(&path, &bytes, Access::Public).map_err(|e| {
-                InstallError::State(format!("cannot store {}: {e}", path.display()))
-            })?;
-        }
-        Ok(())
+        // It reads the device's ID and, for a newer record, fsyncs a file:
+        // off the runtime's threads.
+        tokio::task::spawn_blocking(move || accept_freshness(&local, &path, offered))
+            .await
+            .map_err(|e| InstallError::State(format!("the freshness check failed: {e}")))?
     }
 
     /// The held root, brought up to date with the chain the server has
