@@ -77,6 +77,13 @@ async fn an_enrollment_left_pending_then_rejected_never_gets_an_id() {
         log.contains("waits for an operator") && log.contains(&request.key_fingerprint),
         "{log}"
     );
+    // So does `uplift-agent status` on the device.
+    let status = agent_status(&device);
+    assert!(
+        status.contains("enrollment:       waiting for an operator")
+            && status.contains(&request.key_fingerprint),
+        "{status}"
+    );
 
     let id = request.id.to_string();
     let out = uplift(
@@ -106,6 +113,11 @@ async fn an_enrollment_left_pending_then_rejected_never_gets_an_id() {
         "told why: {log}"
     );
     assert_eq!(device.device_id(), None, "never got an ID");
+    let status = agent_status(&device);
+    assert!(
+        status.contains("enrollment:       REFUSED") && status.contains("not one of our boards"),
+        "{status}"
+    );
 
     // Started again, the same key is refused at once and does not come
     // back into the pending list.

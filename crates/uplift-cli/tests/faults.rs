@@ -161,25 +161,6 @@ async fn assert_fell_back_to_1_0(fx: &Fixture, device: &Device, what: &str) {
     assert!(error.message.contains("fell back to slot a"), "{error}");
 }
 
-/// What `uplift-agent status` prints on the device.
-fn agent_status(device: &Device) -> String {
-    let bins = uplift_fleet::Binaries::locate().unwrap();
-    let out = run_bounded(
-        std::process::Command::new(bins.agent)
-            .arg("--config")
-            .arg(device.config_path())
-            .arg("status"),
-        WAIT,
-        &device.dir,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connections_mid_download_resume_without_refetching() {
     let fx = Fixture::start();

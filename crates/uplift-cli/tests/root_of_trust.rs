@@ -8,11 +8,12 @@
 
 mod common;
 
+use common::tampering::TamperingRelay;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use uplift_fleet::{Device, DeviceSpec};
-use uplift_proto::channel::AgentState;
+use uplift_proto::channel::{AgentState, Offer, ServerMsg};
 use uplift_proto::trust::RootView;
 use uplift_proto::{ErrorKind, SlotName};
 use uplift_release::keys::{write_public_key_file, ReleaseSigningKey};
@@ -525,4 +526,125 @@ async fn an_offer_with_expired_freshness_is_refused() {
     fx.rollout("1.1", Some(vec![id_of(&device)])).await;
     let message = assert_refused(&fx, &device, &env, ErrorKind::FreshnessExpired).await;
     assert!(message.contains("freshness expired at"), "{message}");
+}
+
+/// An attacker between the devices and the server who holds the server's
+/// TLS key (not its online freshness key).
+async fn tampering_relay(fx: &Fixture) -> TamperingRelay {
+    let upstream = fx.server.listen_addr().parse().unwrap();
+    TamperingRelay::start(upstream, &fx.server.dir.join("tls"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_for_another_device_is_refused() {
+    // The operator offers 1.1 to a canary only. The attacker keeps the
+    // canary's offer and puts it on another device's channel, to install
+    // 1.1 there though no rollout targets it: the release is validly
+    // signed, the device may download it, only the freshness names the
+    // canary.
+    let keys = tempfile::tempdir().unwrap();
+    let (fx, v1) = freshness_fixture(Some(&online_key(&keys)), 3600);
+    let relay = tampering_relay(&fx).await;
+    let canary = fx.device_via("canary", spec_with_root(&fx, "canary", &v1), &relay.url());
+    let other = fx.device_via("other", spec_with_root(&fx, "other", &v1), &relay.url());
+    fx.wait_enrolled(&canary).await;
+    fx.wait_enrolled(&other).await;
+    let env = std::fs::read(other.bootenv_path()).unwrap();
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    fx.rollout("1.1", Some(vec![id_of(&canary)])).await;
+    let kept = relay.wait_offer(&id_of(&canary), "1.1").await;
+    installed(&fx, &canary, "1.1").await;
+
+    relay.inject(&id_of(&other), ServerMsg::Offer(kept));
+    let message = assert_refused(&fx, &other, &env, ErrorKind::FreshnessInvalid).await;
+    assert!(
+        message.contains(&format!(
+            "freshness is for device {}, not {}",
+            id_of(&canary),
+            id_of(&other)
+        )),
+        "{message}"
+    );
+    assert!(
+        relay.offers_to(&id_of(&other)).is_empty(),
+        "the server itself offered the other device nothing"
+    );
+}
+
+/// `uplift rollout start` of `version` to `device`, its reboots held for a
+/// window that opens in twelve hours: the device downloads and verifies
+/// the release (accepting the offer's freshness) and waits, booting
+/// nothing.
+fn held_rollout(fx: &Fixture, version: &str, device: &Device) -> i64 {
+    let opens = time::OffsetDateTime::now_utc() + time::Duration::hours(12);
+    let view: uplift_proto::api::RolloutView = uplift_json(
+        fx,
+        &[
+            "rollout",
+            "start",
+            "--release",
+            version,
+            "--devices",
+            id_of(device).as_str(),
+            "--window",
+            &format!("{} {} * * *", opens.minute(), opens.hour()),
+            "--window-minutes",
+            "60",
+            "--window-applies-to",
+            "reboot",
+        ],
+    );
+    view.id
+}
+
+async fn awaiting_reboot_into(fx: &Fixture, device: &Device, version: &str) {
+    fx.wait_device(
+        device,
+        &format!("the device to hold {version} verified"),
+        |d| d.state == Some(AgentState::AwaitingReboot) && d.target_version == Some(v(version)),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_old_offer_after_a_newer_release_is_refused() {
+    // Freeze: the attacker keeps the offer of 1.1 and, once the operator
+    // has moved the device on to 1.2, replays it (as the go to reboot) to
+    // hold the device on the older release. Its freshness is still within
+    // its hour, for this device and 1.1's manifest: only its age gives it
+    // away, against the newer one the device accepted with 1.2.
+    let keys = tempfile::tempdir().unwrap();
+    let (fx, v1) = freshness_fixture(Some(&online_key(&keys)), 3600);
+    let relay = tampering_relay(&fx).await;
+    let device = fx.device_via("frozen", spec_with_root(&fx, "frozen", &v1), &relay.url());
+    fx.wait_enrolled(&device).await;
+    let env = std::fs::read(device.bootenv_path()).unwrap();
+    let image_v1_2 = fx.path("images/os-1.2.img");
+    uplift_fleet::write_changed_image(&fx.image_v1_0, &image_v1_2, 8, 12).unwrap();
+    fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
+        .await;
+    fx.release("1.2", DEVICE_TYPE, &image_v1_2, &fx.key).await;
+
+    let first = held_rollout(&fx, "1.1", &device);
+    let old = relay.wait_offer(&id_of(&device), "1.1").await;
+    awaiting_reboot_into(&fx, &device, "1.1").await;
+    operator(&fx, "abort", first);
+    held_rollout(&fx, "1.2", &device);
+    awaiting_reboot_into(&fx, &device, "1.2").await;
+
+    relay.inject(
+        &id_of(&device),
+        ServerMsg::Offer(Offer {
+            hold_reboot: false,
+            ..old
+        }),
+    );
+    let message = assert_refused(&fx, &device, &env, ErrorKind::FreshnessReplayed).await;
+    assert!(
+        message.contains("before the newest one this device accepted"),
+        "{message}"
+    );
 }

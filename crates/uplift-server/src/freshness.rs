@@ -18,6 +18,7 @@ use uplift_proto::{DeviceId, Version};
 use uplift_release::freshness::{format_time, manifest_digest, Freshness, FRESHNESS_FORMAT};
 use uplift_release::keys::ReleaseSigningKey;
 use uplift_release::manifest::SignedManifest;
+use uplift_release::root::{Root, SignedRoot};
 
 /// The online key, how long a record is valid, and the digests of the
 /// manifests offered so far (releases are immutable: computed once).
@@ -26,6 +27,48 @@ pub struct FreshnessSigner {
     key: ReleaseSigningKey,
     ttl: Duration,
     digests: RwLock<HashMap<Version, String>>,
+}
+
+/// What an operator must hear when the server's online key (`key_id`,
+/// `None` without one) and the newest published root disagree: devices
+/// that hold that root would refuse every offer. `None` when they agree,
+/// or when no root names a freshness role. Pure.
+pub fn disagreement_with_root(key_id: Option<&str>, newest: Option<&Root>) -> Option<String> {
+    let root = newest?;
+    let role = root.freshness.as_ref()?;
+    match key_id {
+        Some(id) if role.keys.iter().any(|k| k.key_id() == id) => None,
+        Some(id) => Some(format!(
+            "the online freshness key {id} ([trust] freshness_key) is not in the freshness role of root version {}: devices that hold that root refuse every offer (freshness_invalid); publish a root naming this key, or configure a key the root names",
+            root.version
+        )),
+        None => Some(format!(
+            "root version {} names a freshness role, but this server has no [trust] freshness_key: devices that hold that root refuse every offer (freshness_invalid); configure the key the root names",
+            root.version
+        )),
+    }
+}
+
+/// Says in the log whether the server's online key and the newest
+/// published root agree (at start, and after each root is published).
+pub async fn check_against_newest_root(state: &AppState) {
+    let newest = match state.store.latest_root().await {
+        Ok(newest) => newest,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read the newest root of trust to check the freshness key against: {e}"
+            );
+            return;
+        }
+    };
+    let root = newest
+        .as_ref()
+        .and_then(|record| SignedRoot::from_json(record.signed_json.as_bytes()).ok())
+        .and_then(|signed| signed.parse_unverified().ok());
+    let key_id = state.freshness.as_ref().map(|signer| signer.key_id());
+    if let Some(warning) = disagreement_with_root(key_id.as_deref(), root.as_ref()) {
+        tracing::warn!("{warning}");
+    }
 }
 
 impl FreshnessSigner {
@@ -120,6 +163,44 @@ pub async fn seal(state: &AppState, device: &DeviceId, msg: ServerMsg) -> Server
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_online_key_the_newest_root_does_not_name_is_called_out() {
+        use uplift_release::root::{Role, ROOT_FORMAT};
+        let online = ReleaseSigningKey::from_seed([50; 32]);
+        let other = ReleaseSigningKey::from_seed([51; 32]);
+        let root = |freshness: Option<&ReleaseSigningKey>| Root {
+            format: ROOT_FORMAT,
+            version: 3,
+            expires_at: "2099-01-01T00:00:00Z".into(),
+            root: Role {
+                keys: vec![other.public_key()],
+                threshold: 1,
+            },
+            release: Role {
+                keys: vec![other.public_key()],
+                threshold: 1,
+            },
+            freshness: freshness.map(|key| Role {
+                keys: vec![key.public_key()],
+                threshold: 1,
+            }),
+        };
+        let id = online.public_key().key_id();
+        assert_eq!(
+            disagreement_with_root(Some(&id), Some(&root(Some(&online)))),
+            None
+        );
+        assert_eq!(disagreement_with_root(Some(&id), None), None);
+        assert_eq!(disagreement_with_root(Some(&id), Some(&root(None))), None);
+        let wrong = disagreement_with_root(Some(&id), Some(&root(Some(&other)))).unwrap();
+        assert!(
+            wrong.contains(&id) && wrong.contains("root version 3"),
+            "{wrong}"
+        );
+        let missing = disagreement_with_root(None, Some(&root(Some(&online)))).unwrap();
+        assert!(missing.contains("no [trust] freshness_key"), "{missing}");
+    }
     use uplift_release::freshness::{check, Expected};
     use uplift_release::root::Role;
 

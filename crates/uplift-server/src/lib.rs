@@ -227,6 +227,7 @@ impl Server {
         if let Some(signer) = &state.freshness {
             tracing::info!(key_id = %signer.key_id(), "offers carry freshness signed by the online key");
         }
+        freshness::check_against_newest_root(&state).await;
         let options = serve::ServeOptions {
             max_connections: config.limits.max_connections,
             handshake_timeout: config.limits.handshake_timeout(),

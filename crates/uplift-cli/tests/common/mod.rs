@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod tampering;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -593,4 +594,23 @@ fn log_tails(dir: &Path, lines: usize) -> String {
         }
     }
     out
+}
+
+/// What `uplift-agent status` prints on the device.
+pub fn agent_status(device: &Device) -> String {
+    let bins = Binaries::locate().unwrap();
+    let out = run_bounded(
+        std::process::Command::new(bins.agent)
+            .arg("--config")
+            .arg(device.config_path())
+            .arg("status"),
+        WAIT,
+        &device.dir,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }

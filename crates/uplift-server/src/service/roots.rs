@@ -10,6 +10,7 @@ use super::{audit, ServiceError, ServiceResult};
 use crate::auth::Principal;
 use crate::state::{now_rfc3339, AppState};
 use crate::store::RootRecord;
+use time::OffsetDateTime;
 use uplift_proto::auth::AuditAction;
 use uplift_proto::trust::{RootView, MAX_ROOTS_PER_ANSWER};
 use uplift_release::keys::ReleasePublicKey;
@@ -36,7 +37,7 @@ pub async fn publish(state: &AppState, actor: &Principal, body: &[u8]) -> Servic
 async fn take_in(state: &AppState, actor: &Principal, body: &[u8]) -> ServiceResult<RootView> {
     let signed = SignedRoot::from_json(body).map_err(refused)?;
     let previous = state.store.latest_root().await?;
-    let trusted = accept(previous.as_ref(), &signed).map_err(refused)?;
+    let trusted = accept(previous.as_ref(), &signed, OffsetDateTime::now_utc()).map_err(refused)?;
     let record = RootRecord {
         version: trusted.root().version,
         signed_json: String::from_utf8_lossy(&signed.to_json()).into_owned(),
@@ -45,24 +46,30 @@ async fn take_in(state: &AppState, actor: &Principal, body: &[u8]) -> ServiceRes
     };
     state.store.insert_root(&record).await?;
     tracing::info!(version = record.version, by = %actor.name, "root of trust published");
+    crate::freshness::check_against_newest_root(state).await;
     view(&record)
 }
 
 /// Whether `next` may follow `previous` (the newest published root, if
-/// any). The first root published is checked as a device checks the root
-/// it ships with: signed by a threshold of its own root keys. Pure.
+/// any) at `now`. The first root published is checked as a device checks
+/// the root it ships with: signed by a threshold of its own root keys. A
+/// root already expired is refused too: devices would take it as their
+/// newest and then refuse every release until a newer one came. Pure.
 pub fn accept(
     previous: Option<&RootRecord>,
     next: &SignedRoot,
+    now: OffsetDateTime,
 ) -> Result<TrustedRoot, ReleaseError> {
-    match previous {
-        None => TrustedRoot::initial(next),
+    let trusted = match previous {
+        None => TrustedRoot::initial(next)?,
         Some(previous) => {
             let previous =
                 TrustedRoot::initial(&SignedRoot::from_json(previous.signed_json.as_bytes())?)?;
-            previous.update(next)
+            previous.update(next)?
         }
-    }
+    };
+    trusted.check_current(now)?;
+    Ok(trusted)
 }
 
 fn refused(source: ReleaseError) -> ServiceError {
@@ -168,33 +175,54 @@ mod tests {
         }
     }
 
+    fn now() -> OffsetDateTime {
+        time::macros::datetime!(2027-01-01 00:00 UTC)
+    }
+
+    #[test]
+    fn a_root_already_expired_is_not_published() {
+        let v1 = signed(&root(1, &[1, 2, 3]), &[1, 2]);
+        let published = record(&v1);
+        let v2 = signed(&root(2, &[1, 2, 3]), &[1, 2]);
+        let after_expiry = time::macros::datetime!(2030-01-01 00:00 UTC);
+        assert!(matches!(
+            accept(Some(&published), &v2, after_expiry),
+            Err(ReleaseError::RootExpired { version: 2, .. })
+        ));
+        assert!(matches!(
+            accept(None, &v1, after_expiry),
+            Err(ReleaseError::RootExpired { version: 1, .. })
+        ));
+        assert!(accept(Some(&published), &v2, now()).is_ok());
+    }
+
     #[test]
     fn a_root_is_published_only_as_the_next_version_signed_by_old_and_new_root_keys() {
         let v1 = signed(&root(1, &[1, 2, 3]), &[1, 2]);
-        assert!(accept(None, &v1).is_ok());
+        assert!(accept(None, &v1, now()).is_ok());
         // Below its own threshold, the first root is refused.
         let lone = signed(&root(1, &[1, 2, 3]), &[1]);
         assert!(matches!(
-            accept(None, &lone),
+            accept(None, &lone, now()),
             Err(ReleaseError::RootThreshold { .. })
         ));
         let published = record(&v1);
         // Signed by two new keys only: not by the old root's threshold.
         let v2 = signed(&root(2, &[4, 5, 6]), &[4, 5]);
         assert!(matches!(
-            accept(Some(&published), &v2),
+            accept(Some(&published), &v2, now()),
             Err(ReleaseError::RootThreshold { .. })
         ));
         let v2 = signed(&root(2, &[2, 3, 4]), &[2, 3, 4]);
-        assert!(accept(Some(&published), &v2).is_ok());
+        assert!(accept(Some(&published), &v2, now()).is_ok());
         // Skipping a version, or repeating one, is refused.
         let v3 = signed(&root(3, &[2, 3, 4]), &[2, 3]);
         assert!(matches!(
-            accept(Some(&published), &v3),
+            accept(Some(&published), &v3, now()),
             Err(ReleaseError::RootVersion { .. })
         ));
         assert!(matches!(
-            accept(Some(&published), &v1),
+            accept(Some(&published), &v1, now()),
             Err(ReleaseError::RootVersion { .. })
         ));
     }
