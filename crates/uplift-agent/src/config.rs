@@ -581,10 +581,7 @@ env_file = "/boot/grub/grubenv"
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
         let key = ReleaseSigningKey::from_seed([3; 32]);
-        let role = Role {
-            keys: vec![key.public_key()],
-            threshold: 1,
-        };
+        let role = Role::one(key.public_key());
         let root = Root {
             format: ROOT_FORMAT,
             version: 1,

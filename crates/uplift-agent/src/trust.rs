@@ -262,14 +262,8 @@ mod tests {
             format: ROOT_FORMAT,
             version,
             expires_at: "2030-01-01T00:00:00Z".into(),
-            root: Role {
-                keys: vec![key.public_key()],
-                threshold: 1,
-            },
-            release: Role {
-                keys: vec![key.public_key()],
-                threshold: 1,
-            },
+            root: Role::one(key.public_key()),
+            release: Role::one(key.public_key()),
             freshness: None,
         };
         root.sign(&[&key]).unwrap()

@@ -444,14 +444,8 @@ fn freshness_fixture(key: Option<&Path>, ttl_secs: u64) -> (Fixture, PathBuf) {
             version: 1,
             expires_at: "2099-01-01T00:00:00Z".into(),
             root: role(&[&a], 1),
-            release: Role {
-                keys: vec![fx.key.public_key()],
-                threshold: 1,
-            },
-            freshness: Some(Role {
-                keys: vec![online.public_key()],
-                threshold: 1,
-            }),
+            release: Role::one(fx.key.public_key()),
+            freshness: Some(Role::one(online.public_key())),
         },
         &[&a.key],
     );

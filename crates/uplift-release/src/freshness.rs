@@ -190,10 +190,7 @@ mod tests {
     }
 
     fn role() -> Role {
-        Role {
-            keys: vec![key(40).public_key()],
-            threshold: 1,
-        }
+        Role::one(key(40).public_key())
     }
 
     fn at(minutes: i64) -> OffsetDateTime {

@@ -65,6 +65,16 @@ pub struct Role {
     pub threshold: u32,
 }
 
+impl Role {
+    /// One key, which alone suffices.
+    pub fn one(key: ReleasePublicKey) -> Self {
+        Self {
+            keys: vec![key],
+            threshold: 1,
+        }
+    }
+}
+
 /// A root and its signatures.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -173,18 +173,9 @@ mod tests {
             format: ROOT_FORMAT,
             version: 3,
             expires_at: "2099-01-01T00:00:00Z".into(),
-            root: Role {
-                keys: vec![other.public_key()],
-                threshold: 1,
-            },
-            release: Role {
-                keys: vec![other.public_key()],
-                threshold: 1,
-            },
-            freshness: freshness.map(|key| Role {
-                keys: vec![key.public_key()],
-                threshold: 1,
-            }),
+            root: Role::one(other.public_key()),
+            release: Role::one(other.public_key()),
+            freshness: freshness.map(|key| Role::one(key.public_key())),
         };
         let id = online.public_key().key_id();
         assert_eq!(
@@ -217,10 +208,7 @@ mod tests {
         let signed = signer
             .record(&device, &version, "ab".repeat(32), now)
             .sign(&signer.key);
-        let role = Role {
-            keys: vec![key.public_key()],
-            threshold: 1,
-        };
+        let role = Role::one(key.public_key());
         let expected = Expected {
             device_id: "dev-1",
             version: "1.1",

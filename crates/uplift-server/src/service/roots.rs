@@ -153,10 +153,7 @@ mod tests {
                 keys: root_keys.iter().map(|n| key(*n).public_key()).collect(),
                 threshold: 2,
             },
-            release: Role {
-                keys: vec![key(9).public_key()],
-                threshold: 1,
-            },
+            release: Role::one(key(9).public_key()),
             freshness: None,
         }
     }
