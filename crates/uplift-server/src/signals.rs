@@ -12,8 +12,9 @@
 //!
 //! Signals are a fast path only: the database stays the truth. A replica
 //! loads every target at start, and again whenever its listening connection
-//! was lost (notifications sent meanwhile are gone), so a missed signal
-//! costs time, never correctness. (A relayed event that is missed is
+//! was lost (notifications sent meanwhile are gone), and then closes the
+//! channels of devices removed meanwhile, so a missed signal costs time,
+//! never correctness. (A relayed event that is missed is
 //! missing from the other replicas' live streams only: device history is
 //! stored.)
 
@@ -277,6 +278,7 @@ pub async fn follow(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
             listener.ignore_pool_close_event(true);
             listener.listen(CHANNEL).await?;
             reload_targets(&state).await;
+            close_removed_meanwhile(&state).await;
             tracing::info!("listening for the other replicas' signals");
             loop {
                 let Some(notification) = listener.try_recv().await? else {
@@ -358,6 +360,24 @@ pub async fn relay_events(state: Arc<AppState>, mut shutdown: watch::Receiver<bo
             .signals
             .send(Signal::Events { events: gathered })
             .await;
+    }
+}
+
+/// Closes the channels here of devices removed while this replica was not
+/// listening (their `removed` signal is lost): every device connected here
+/// is looked up in the database, in one query.
+async fn close_removed_meanwhile(state: &AppState) {
+    let here = state.hub.online_ids();
+    match state.store.unknown_devices(&here).await {
+        Ok(removed) => {
+            let now = crate::state::now_rfc3339();
+            for device in &removed {
+                forget_removed(state, device, None, &now);
+            }
+        }
+        Err(e) => tracing::warn!(
+            "looking up the devices connected here after a lost signal connection: {e}; a device removed meanwhile keeps its channel until it reconnects"
+        ),
     }
 }
 
@@ -468,6 +488,50 @@ mod tests {
         );
         assert_eq!(state.live.target(&device), None, "nothing is offered to it");
         assert_eq!(state.live.pending_events(), 0, "the sender records history");
+    }
+
+    #[tokio::test]
+    async fn a_removal_missed_while_the_signal_connection_was_down_closes_the_channel_on_reconnect()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::service::testing::state(dir.path()).await;
+        let mut watches = Vec::new();
+        for id in ["dev-kept", "dev-removed"] {
+            let device: DeviceId = id.parse().unwrap();
+            state
+                .store
+                .insert_device(&crate::store::NewDevice {
+                    id: device.clone(),
+                    device_type: "gw".parse().unwrap(),
+                    hardware_id: format!("hw-{id}").parse().unwrap(),
+                    public_key: format!("key-{id}"),
+                    enrolled_at: "2026-01-01T00:00:00Z".into(),
+                })
+                .await
+                .unwrap();
+            let (tx, rx) = watch::channel(0);
+            state.hub.register(device.clone(), tx);
+            watches.push((device, rx));
+        }
+        // Removed on another replica; its signal never came.
+        state
+            .store
+            .remove_device(&watches[1].0, "2026-01-02T00:00:00Z")
+            .await
+            .unwrap();
+        assert!(state.hub.is_online(&watches[1].0));
+
+        close_removed_meanwhile(&state).await;
+        assert!(
+            !state.hub.is_online(&watches[1].0),
+            "its channel here is closed"
+        );
+        assert!(
+            crate::hub::removed(&watches[1].1),
+            "telling the session why"
+        );
+        assert!(state.hub.is_online(&watches[0].0), "the others keep theirs");
+        assert!(!crate::hub::removed(&watches[0].1));
     }
 
     #[test]
