@@ -681,9 +681,15 @@ impl Connection {
         let known_id = blocking(move || local.device_id())
             .await
             .map_err(SessionEnd::Fatal)?;
-        let hello = self
-            .hello(&nonce, known_id.as_ref())
-            .map_err(SessionEnd::Fatal)?;
+        let hello = match self.hello(&nonce, known_id.as_ref()) {
+            Ok(hello) => hello,
+            Err(e) => {
+                let message = format!("cannot enroll: {e:#}");
+                self.note_enrollment(Some(Enrollment::Refused { message }))
+                    .await;
+                return Err(SessionEnd::Fatal(e));
+            }
+        };
         send(ws, &hello, "the hello").await?;
         match self.wait_for_welcome(ws).await.map_err(SessionEnd::Retry)? {
             ServerMsg::Welcome {
@@ -695,13 +701,13 @@ impl Connection {
             } => {
                 if known_id.as_ref() != Some(&device_id) {
                     let (local, id) = (self.local.clone(), device_id.clone());
-                    blocking(move || {
-                        local.save_device_id(&id)?;
-                        local.save_enrollment(None)
-                    })
-                    .await
-                    .map_err(SessionEnd::Fatal)?;
+                    blocking(move || local.save_device_id(&id))
+                        .await
+                        .map_err(SessionEnd::Fatal)?;
                 }
+                // Also after a crash between the ID and this: a stale note
+                // would say the device still waits.
+                self.note_enrollment(None).await;
                 if enrolled {
                     tracing::info!(device = %device_id, "enrolled");
                 } else {
@@ -714,18 +720,13 @@ impl Connection {
                 })
             }
             ServerMsg::Error(err) => {
-                if known_id.is_none()
-                    && matches!(
-                        err.kind,
-                        ErrorKind::EnrollmentRefused | ErrorKind::EnrollmentRejected
-                    )
-                {
-                    self.note_enrollment(Enrollment::Refused {
-                        message: err.to_string(),
-                    })
-                    .await;
+                let message = err.to_string();
+                let end = refusal(err);
+                if known_id.is_none() && matches!(end, SessionEnd::Fatal(_)) {
+                    self.note_enrollment(Some(Enrollment::Refused { message }))
+                        .await;
                 }
-                Err(refusal(err))
+                Err(end)
             }
             other => Err(SessionEnd::Retry(anyhow::anyhow!(
                 "expected welcome, got {other:?}"
@@ -779,7 +780,8 @@ impl Connection {
                     self.alive();
                     if !told_pending {
                         tracing::info!("{message}");
-                        self.note_enrollment(Enrollment::Pending { message }).await;
+                        self.note_enrollment(Some(Enrollment::Pending { message }))
+                            .await;
                         told_pending = true;
                     }
                 }
@@ -789,10 +791,11 @@ impl Connection {
     }
 
     /// Keeps what the server said about the enrollment for `uplift-agent
-    /// status`; a note that cannot be written is only logged.
-    async fn note_enrollment(&self, note: Enrollment) {
+    /// status` (`None`: the device has its ID, nothing to say); a note
+    /// that cannot be written is only logged.
+    async fn note_enrollment(&self, note: Option<Enrollment>) {
         let local = self.local.clone();
-        if let Err(e) = blocking(move || local.save_enrollment(Some(&note))).await {
+        if let Err(e) = blocking(move || local.save_enrollment(note.as_ref())).await {
             tracing::warn!("cannot record the enrollment's state for `uplift-agent status`: {e:#}");
         }
     }
@@ -873,7 +876,10 @@ impl Connection {
         };
         match channel::decode::<ServerMsg>(text.as_str()) {
             Err(e) => retry(anyhow::anyhow!("bad frame from server: {e}")),
-            Ok(ServerMsg::Error(err)) => Err(refusal(err)),
+            // Removed by an operator while connected: reconnecting cannot
+            // help. Any other error ends only this connection.
+            Ok(ServerMsg::Error(err)) if err.kind == ErrorKind::DeviceRemoved => Err(refusal(err)),
+            Ok(ServerMsg::Error(err)) => retry(anyhow::anyhow!("server error: {err}")),
             // The next download request takes it; one under way keeps the
             // old one, still valid.
             Ok(ServerMsg::DownloadToken {

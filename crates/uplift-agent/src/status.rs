@@ -52,9 +52,15 @@ pub fn gather(config: &AgentConfig) -> anyhow::Result<Status> {
         Ok((_, state)) => (Some(state.to_string()), None),
         Err(e) => (None, Some(e.to_string())),
     };
+    let device_id = local.device_id()?;
     Ok(Status {
-        device_id: local.device_id()?.map(|id| id.to_string()),
-        enrollment: local.enrollment()?,
+        device_id: device_id.as_ref().map(|id| id.to_string()),
+        // Only while the device has no ID: a note left by a crash at the
+        // wrong moment says nothing once it has one.
+        enrollment: match device_id {
+            Some(_) => None,
+            None => local.enrollment()?,
+        },
         booted_slot: booted.map(|s| s.to_string()),
         running_version,
         factory_version: config.factory_version.to_string(),

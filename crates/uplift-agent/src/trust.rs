@@ -103,9 +103,18 @@ struct Offered {
     freshness: Option<SignedFreshness>,
 }
 
+/// One freshness check at a time: read, check and write must not
+/// interleave (an install cancelled while its check runs on a blocking
+/// thread, and the one replacing it), or an older record could be written
+/// last and a replay between the two be taken.
+static ACCEPTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Checks an offer's freshness against this device and the newest record
 /// it accepted (kept at `path`), and keeps this one if it is newer.
 fn accept_freshness(local: &LocalState, path: &Path, offered: Offered) -> Result<(), InstallError> {
+    let _one_at_a_time = ACCEPTING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let device_id = local
         .device_id()
         .map_err(|e| InstallError::State(format!("{e:#}")))?

@@ -641,4 +641,10 @@ async fn a_replayed_old_offer_after_a_newer_release_is_refused() {
         message.contains("before the newest one this device accepted"),
         "{message}"
     );
+    // Like an unsigned `no_update`, the replay did make the device drop the
+    // 1.2 it held verified: the freeze lasts only until the device hears
+    // the server again. Its next connection brings the current offer, with
+    // fresh freshness, and the device holds 1.2 again.
+    relay.cut_all();
+    awaiting_reboot_into(&fx, &device, "1.2").await;
 }

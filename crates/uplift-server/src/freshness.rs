@@ -37,6 +37,11 @@ pub fn disagreement_with_root(key_id: Option<&str>, newest: Option<&Root>) -> Op
     let root = newest?;
     let role = root.freshness.as_ref()?;
     match key_id {
+        // The server signs with one key.
+        Some(_) if role.threshold > 1 => Some(format!(
+            "the freshness role of root version {} needs {} signatures, and this server signs offers with one key: devices that hold that root refuse every offer (freshness_invalid); publish a root whose freshness role has threshold 1",
+            root.version, role.threshold
+        )),
         Some(id) if role.keys.iter().any(|k| k.key_id() == id) => None,
         Some(id) => Some(format!(
             "the online freshness key {id} ([trust] freshness_key) is not in the freshness role of root version {}: devices that hold that root refuse every offer (freshness_invalid); publish a root naming this key, or configure a key the root names",
@@ -189,6 +194,13 @@ mod tests {
             wrong.contains(&id) && wrong.contains("root version 3"),
             "{wrong}"
         );
+        let mut two_needed = root(Some(&online));
+        if let Some(role) = two_needed.freshness.as_mut() {
+            role.keys.push(other.public_key());
+            role.threshold = 2;
+        }
+        let unreachable = disagreement_with_root(Some(&id), Some(&two_needed)).unwrap();
+        assert!(unreachable.contains("needs 2 signatures"), "{unreachable}");
         let missing = disagreement_with_root(None, Some(&root(Some(&online)))).unwrap();
         assert!(missing.contains("no [trust] freshness_key"), "{missing}");
     }

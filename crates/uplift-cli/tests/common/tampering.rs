@@ -35,12 +35,13 @@ pub struct TamperingRelay {
     task: tokio::task::JoinHandle<()>,
 }
 
-#[derive(Default)]
 struct Seen {
     /// Every offer the server sent, to whom, in order.
     offers: Mutex<Vec<(DeviceId, Offer)>>,
     /// The open channel of each device, to put frames on.
     channels: Mutex<HashMap<DeviceId, mpsc::UnboundedSender<ServerMsg>>>,
+    /// Bumped to cut every open channel.
+    cut: tokio::sync::watch::Sender<u64>,
 }
 
 impl TamperingRelay {
@@ -71,7 +72,11 @@ impl TamperingRelay {
 
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let seen = Arc::new(Seen::default());
+        let seen = Arc::new(Seen {
+            offers: Mutex::default(),
+            channels: Mutex::default(),
+            cut: tokio::sync::watch::channel(0).0,
+        });
         let shared = seen.clone();
         let task = tokio::spawn(async move {
             while let Ok((device, _)) = listener.accept().await {
@@ -130,6 +135,14 @@ impl TamperingRelay {
         channel
             .send(msg)
             .unwrap_or_else(|_| panic!("{device}'s channel closed"));
+    }
+}
+
+impl TamperingRelay {
+    /// Stops tampering for now: cuts every open channel, so each device
+    /// reconnects and hears the server's own word again.
+    pub fn cut_all(&self) {
+        self.seen.cut.send_modify(|n| *n += 1);
     }
 }
 
@@ -193,9 +206,11 @@ where
     let (mut to_device, mut from_device) = device.split();
     let (mut to_server, mut from_server) = server.split();
     let (inject, mut injected) = mpsc::unbounded_channel::<ServerMsg>();
+    let mut cut = seen.cut.subscribe();
     let mut device_id: Option<DeviceId> = None;
     loop {
         tokio::select! {
+            _ = cut.changed() => break,
             frame = from_device.next() => {
                 let Some(Ok(frame)) = frame else { break };
                 if to_server.send(frame).await.is_err() {
