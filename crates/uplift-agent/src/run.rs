@@ -333,7 +333,7 @@ impl Agent {
         match msg {
             ServerMsg::Offer(offer) => {
                 if offer.version == *self.machine.running() {
-                    tracing::info!(version = %offer.version, "offered {}: already running it; nothing to download", offer.version);
+                    tracing::info!(version = %offer.version, "offered {}: already running {}; nothing to download", offer.version, self.machine.running());
                 }
                 self.machine.handle(Event::Offer(offer))
             }
