@@ -295,7 +295,7 @@ impl Journaler {
                 }
                 Ok(())
             })
-            .map_err(|e| InstallError::State(format!("start the journal thread: {e}")))?;
+            .map_err(InstallError::JournalThread)?;
         Ok(Self { progress, thread })
     }
 
@@ -304,7 +304,7 @@ impl Journaler {
         drop(self.progress);
         self.thread
             .join()
-            .map_err(|_| InstallError::State("the journal thread panicked".to_owned()))?
+            .map_err(|_| InstallError::JournalThread(std::io::Error::other("it panicked")))?
     }
 }
 
@@ -456,9 +456,9 @@ impl SlotFill {
             Err(TrySendError::Full(_)) => {}
             Err(TrySendError::Disconnected(_)) => {
                 journaler.finish()?;
-                return Err(InstallError::State(
-                    "the journal thread stopped without an error".to_owned(),
-                ));
+                return Err(InstallError::JournalThread(std::io::Error::other(
+                    "it stopped without an error",
+                )));
             }
         }
         self.journaler = Some(journaler);
@@ -602,12 +602,11 @@ impl Download<'_> {
             fill = self.round(fill, &seed, rest, pacer).await?;
         }
         if !fill.done.is_complete() {
-            return Err(InstallError::State(format!(
-                "{} of {} chunks are in slot {} after the download; retrying the install",
-                fill.done.len(),
-                chunks.len(),
-                self.target
-            )));
+            return Err(InstallError::IncompleteDownload {
+                done: fill.done.len(),
+                total: chunks.len(),
+                slot: self.target,
+            });
         }
         let slot = fill.slot.clone();
         self.installer

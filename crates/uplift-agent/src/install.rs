@@ -69,13 +69,51 @@ pub enum InstallError {
         actual: String,
     },
     #[error("boot environment: {0}")]
-    BootEnv(String),
+    BootEnv(#[from] uplift_bootenv::BootEnvError),
+    #[error("boot environment: slot {target} is the committed default but slot {booted} is running; refusing to overwrite the default slot. Commit or repair the boot environment first")]
+    DefaultSlotTargeted { target: SlotName, booted: SlotName },
     #[error("{0}; the boot choice is unchanged")]
     Hook(String),
     #[error("install cancelled (a newer offer or a withdrawn rollout replaced it)")]
     Cancelled,
-    #[error("agent state: {0}")]
-    State(String),
+    /// The agent's own records (journal, slots, device ID) failed.
+    #[error("agent state: {0:#}")]
+    LocalState(#[source] anyhow::Error),
+    #[error("agent state: cannot {action} {path}: {source}")]
+    StateFile {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "agent state: {path} is corrupt ({source}); delete it to accept the server's next offer"
+    )]
+    CorruptStateFile {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("agent state: the device has no ID yet")]
+    NoDeviceId,
+    /// A blocking step (slot I/O, state files, a check) panicked or was
+    /// aborted on its thread.
+    #[error("agent state: {step} stopped before it finished: {source}")]
+    StepStopped {
+        step: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("agent state: the journal thread failed: {0}")]
+    JournalThread(#[source] std::io::Error),
+    #[error("agent state: slot {slot} is not recorded as holding {version} any more; not switching to it")]
+    SlotRecordChanged { slot: SlotName, version: Version },
+    #[error("agent state: {done} of {total} chunks are in slot {slot} after the download; retrying the install")]
+    IncompleteDownload {
+        done: usize,
+        total: usize,
+        slot: SlotName,
+    },
 }
 
 impl InstallError {
@@ -91,9 +129,19 @@ impl InstallError {
             | InstallError::TooLong { .. }
             | InstallError::TooSlow { .. } => ErrorKind::DownloadFailed,
             InstallError::Slot(e) => e.kind(),
-            InstallError::SlotIo { .. } | InstallError::State(_) => ErrorKind::SlotIo,
+            InstallError::SlotIo { .. }
+            | InstallError::LocalState(_)
+            | InstallError::StateFile { .. }
+            | InstallError::CorruptStateFile { .. }
+            | InstallError::NoDeviceId
+            | InstallError::StepStopped { .. }
+            | InstallError::JournalThread(_)
+            | InstallError::SlotRecordChanged { .. }
+            | InstallError::IncompleteDownload { .. } => ErrorKind::SlotIo,
             InstallError::ImageHash { .. } => ErrorKind::ImageHashMismatch,
-            InstallError::BootEnv(_) => ErrorKind::BootEnv,
+            InstallError::BootEnv(_) | InstallError::DefaultSlotTargeted { .. } => {
+                ErrorKind::BootEnv
+            }
             InstallError::Hook(_) => ErrorKind::HookFailed,
             InstallError::Cancelled => ErrorKind::Internal,
         }
@@ -215,7 +263,10 @@ impl InstallGuard {
             step()
         })
         .await
-        .map_err(|e| InstallError::State(format!("install step failed: {e}")))?
+        .map_err(|source| InstallError::StepStopped {
+            step: "an install step",
+            source,
+        })?
     }
 }
 
@@ -758,7 +809,7 @@ pub(crate) fn retry_wait(retry: u32) -> Duration {
 }
 
 pub(crate) fn state_err(e: anyhow::Error) -> InstallError {
-    InstallError::State(format!("{e:#}"))
+    InstallError::LocalState(e)
 }
 
 /// Before the first byte goes into `target`: it must not be the slot the
@@ -772,35 +823,37 @@ async fn prepare_slot_for_writing(
 ) -> Result<(), InstallError> {
     let bootenv = bootenv.clone();
     let local = local.clone();
-    guard.blocking(move || {
-        let (env, state) = bootenv.load_state().map_err(|e| InstallError::BootEnv(e.to_string()))?;
-        if state.default_slot == target {
-            return Err(InstallError::BootEnv(format!(
-                "slot {target} is the committed default but slot {booted} is running; refusing to overwrite the \
-                 default slot. Commit or repair the boot environment first"
-            )));
-        }
-        // Boot environment first: once no trial points at the slot, a crash
-        // at any later point leaves nothing that could boot it.
-        if state.trial.as_ref().is_some_and(|t| t.slot == target) {
-            bootenv.store_state(env, &state.withdraw_trial()).map_err(|e| InstallError::BootEnv(e.to_string()))?;
+    guard
+        .blocking(move || {
+            let (env, state) = bootenv.load_state()?;
+            if state.default_slot == target {
+                return Err(InstallError::DefaultSlotTargeted { target, booted });
+            }
+            // Boot environment first: once no trial points at the slot, a crash
+            // at any later point leaves nothing that could boot it.
+            if state.trial.as_ref().is_some_and(|t| t.slot == target) {
+                bootenv.store_state(env, &state.withdraw_trial())?;
+                let mut journal = local.journal().map_err(state_err)?;
+                journal.pending = None;
+                local.save_journal(&journal).map_err(state_err)?;
+            }
+            // Nor may a verified slot awaiting its reboot stay recorded while
+            // it is overwritten.
             let mut journal = local.journal().map_err(state_err)?;
-            journal.pending = None;
-            local.save_journal(&journal).map_err(state_err)?;
-        }
-        // Nor may a verified slot awaiting its reboot stay recorded while
-        // it is overwritten.
-        let mut journal = local.journal().map_err(state_err)?;
-        if journal.awaiting_reboot.as_ref().is_some_and(|w| w.slot == target) {
-            journal.awaiting_reboot = None;
-            local.save_journal(&journal).map_err(state_err)?;
-        }
-        let mut slots = local.slots().map_err(state_err)?;
-        slots.set(target, None);
-        local.save_slots(&slots).map_err(state_err)?;
-        Ok(())
-    })
-    .await
+            if journal
+                .awaiting_reboot
+                .as_ref()
+                .is_some_and(|w| w.slot == target)
+            {
+                journal.awaiting_reboot = None;
+                local.save_journal(&journal).map_err(state_err)?;
+            }
+            let mut slots = local.slots().map_err(state_err)?;
+            slots.set(target, None);
+            local.save_slots(&slots).map_err(state_err)?;
+            Ok(())
+        })
+        .await
 }
 
 impl Installer {
@@ -873,18 +926,16 @@ pub async fn start_trial(
                 .get(pending.slot)
                 .is_none_or(|c| c.version != pending.version)
             {
-                return Err(InstallError::State(format!(
-                    "slot {} is not recorded as holding {} any more; not switching to it",
-                    pending.slot, pending.version
-                )));
+                return Err(InstallError::SlotRecordChanged {
+                    slot: pending.slot,
+                    version: pending.version,
+                });
             }
             let slot = pending.slot;
             let mut journal = local.journal().map_err(state_err)?;
             journal.pending = Some(pending);
             local.save_journal(&journal).map_err(state_err)?;
-            bootenv
-                .update(|state| state.start_trial(slot, tries))
-                .map_err(|e| InstallError::BootEnv(e.to_string()))?;
+            bootenv.update(|state| state.start_trial(slot, tries))?;
             // After the switch the install has succeeded; a stale record here
             // (a crash or write error) is harmless: at start a trial of the
             // slot wins over it, and the next install re-checks every
@@ -944,6 +995,23 @@ mod tests {
     use super::*;
     use std::path::Path;
     use uplift_release::manifest::{ChunkEntry, Compression, ImageInfo};
+
+    #[test]
+    fn a_state_error_keeps_its_cause_for_the_log_and_says_it_on_the_wire() {
+        let failed = state_err(
+            anyhow::Error::new(std::io::Error::other("no space left on device"))
+                .context("writing /var/lib/uplift/journal.json"),
+        );
+        let cause = std::error::Error::source(&failed).expect("the cause is kept");
+        assert!(cause.to_string().contains("journal.json"), "{cause}");
+        let wire = failed.to_wire();
+        assert_eq!(wire.kind, ErrorKind::SlotIo, "retried like slot I/O");
+        assert!(
+            wire.message.contains("journal.json") && wire.message.contains("no space left"),
+            "{}",
+            wire.message
+        );
+    }
 
     #[test]
     fn a_failed_site_cache_is_passed_by_for_a_while_then_tried_again() {

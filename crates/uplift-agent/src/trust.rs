@@ -76,23 +76,23 @@ fn read_accepted(path: &Path) -> Result<Option<OffsetDateTime>, InstallError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(InstallError::State(format!(
-                "cannot read {}: {e}",
-                path.display()
-            )))
+        Err(source) => {
+            return Err(InstallError::StateFile {
+                action: "read",
+                path: path.to_owned(),
+                source,
+            })
         }
     };
-    let corrupt = |e: String| {
-        InstallError::State(format!(
-            "{} is corrupt ({e}); delete it to accept the server's next offer",
-            path.display()
-        ))
-    };
-    let accepted: Accepted = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let corrupt =
+        |source: Box<dyn std::error::Error + Send + Sync>| InstallError::CorruptStateFile {
+            path: path.to_owned(),
+            source,
+        };
+    let accepted: Accepted = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.into()))?;
     OffsetDateTime::parse(&accepted.issued_at, &Rfc3339)
         .map(Some)
-        .map_err(|e| corrupt(e.to_string()))
+        .map_err(|e| corrupt(e.into()))
 }
 
 /// What an offer claims, for [`accept_freshness`].
@@ -117,8 +117,8 @@ fn accept_freshness(local: &LocalState, path: &Path, offered: Offered) -> Result
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let device_id = local
         .device_id()
-        .map_err(|e| InstallError::State(format!("{e:#}")))?
-        .ok_or_else(|| InstallError::State("the device has no ID yet".to_owned()))?;
+        .map_err(InstallError::LocalState)?
+        .ok_or(InstallError::NoDeviceId)?;
     let newest = read_accepted(path)?;
     let (record, issued_at) = freshness::check(
         offered.freshness.as_ref(),
@@ -137,8 +137,11 @@ fn accept_freshness(local: &LocalState, path: &Path, offered: Offered) -> Result
             record: offered.freshness,
         };
         let bytes = serde_json::to_vec_pretty(&accepted).expect("strings serialize");
-        replace_file(path, &bytes, Access::Public)
-            .map_err(|e| InstallError::State(format!("cannot store {}: {e}", path.display())))?;
+        replace_file(path, &bytes, Access::Public).map_err(|source| InstallError::StateFile {
+            action: "store",
+            path: path.to_owned(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -204,7 +207,10 @@ impl Installer {
         // off the runtime's threads.
         tokio::task::spawn_blocking(move || accept_freshness(&local, &path, offered))
             .await
-            .map_err(|e| InstallError::State(format!("the freshness check failed: {e}")))?
+            .map_err(|source| InstallError::StepStopped {
+                step: "the freshness check",
+                source,
+            })?
     }
 
     /// The held root, brought up to date with the chain the server has
@@ -243,11 +249,12 @@ impl Installer {
         let newest = held.update_chain(&chain, OffsetDateTime::now_utc())?;
         if newest.root().version > held.root().version {
             let path = state_dir.join(STORED_ROOT);
-            replace_file(&path, &newest.signed().to_json(), Access::Public).map_err(|e| {
-                InstallError::State(format!(
-                    "cannot store the new root in {}: {e}",
-                    path.display()
-                ))
+            replace_file(&path, &newest.signed().to_json(), Access::Public).map_err(|source| {
+                InstallError::StateFile {
+                    action: "store the new root in",
+                    path: path.clone(),
+                    source,
+                }
             })?;
             tracing::info!(
                 from = held.root().version,
