@@ -46,7 +46,7 @@ use uplift_proto::policy::{PhaseReach, RolloutPolicy};
 use uplift_proto::{DeviceId, ErrorKind, SlotName, Tag, WireError};
 use uplift_release::build::{create_release, ReleaseOptions};
 use uplift_release::keys::ReleaseSigningKey;
-use uplift_server::store::{NewDevice, ReportedState, SqliteStore, Store};
+use uplift_server::store::{NewDevice, ReportedState, SqliteStore, Store, Timestamp};
 
 /// The normal run's fleet; the 100 000 is the ignored test's.
 const DEFAULT_DEVICES: usize = 20_000;
@@ -119,11 +119,6 @@ fn seconds(since: Instant) -> String {
     format!("{:.2} s", since.elapsed().as_secs_f64())
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap()
-}
-
 /// Makes the fleet in the server's data directory `dir` through its own
 /// store; returns what each step took.
 async fn make_fleet(dir: &Path, n: usize) -> Vec<(String, String)> {
@@ -133,7 +128,7 @@ async fn make_fleet(dir: &Path, n: usize) -> Vec<(String, String)> {
     let now = OffsetDateTime::now_utc();
 
     let started = Instant::now();
-    let enrolled_at = rfc3339(now - time::Duration::days(30));
+    let enrolled_at = Timestamp::from(now - time::Duration::days(30));
     for chunk in (0..n).collect::<Vec<_>>().chunks(BATCH) {
         let devices: Vec<NewDevice> = chunk
             .iter()
@@ -143,7 +138,7 @@ async fn make_fleet(dir: &Path, n: usize) -> Vec<(String, String)> {
                 hardware_id: hardware_id(i).parse().unwrap(),
                 // Never checked: these devices never connect.
                 public_key: format!("scale-test-key-{i:06}"),
-                enrolled_at: enrolled_at.clone(),
+                enrolled_at,
             })
             .collect();
         store.insert_devices(&devices).await.unwrap();
@@ -167,7 +162,9 @@ async fn make_fleet(dir: &Path, n: usize) -> Vec<(String, String)> {
                     }),
                 }),
                 // Seen within the last five days, spread out.
-                last_seen: Some(rfc3339(now - time::Duration::minutes((i % 7_200) as i64))),
+                last_seen: Some(Timestamp::from(
+                    now - time::Duration::minutes((i % 7_200) as i64),
+                )),
                 address: None,
             })
             .collect();

@@ -212,7 +212,7 @@ async fn authorized(
             format!(
                 "device {} was removed from the fleet at {}; its download token is refused",
                 claims.device,
-                d.removed_at.as_deref().unwrap_or_default()
+                d.removed_at.map(|at| at.to_string()).unwrap_or_default()
             ),
         )),
         Some(_) => {

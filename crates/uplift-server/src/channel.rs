@@ -8,8 +8,8 @@ use crate::freshness;
 use crate::hub::{RemovalEpoch, SessionSerial};
 use crate::live::Applied;
 use crate::service::enrollment::Admission;
-use crate::state::{now_rfc3339, AppState};
-use crate::store::DeviceTarget;
+use crate::state::AppState;
+use crate::store::{DeviceTarget, Timestamp};
 use crate::turns::{self, Turn};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -193,7 +193,7 @@ async fn session(
     state.live.claim_from(
         &device_id,
         serial,
-        &now_rfc3339(),
+        Timestamp::now(),
         address.map(shown_address),
     );
     let result = async {
@@ -229,7 +229,7 @@ async fn session(
     }
     .await;
     state.hub.unregister(&device_id, serial);
-    if state.live.ended(&device_id, serial, &now_rfc3339()) {
+    if state.live.ended(&device_id, serial, Timestamp::now()) {
         // Offline devices hold no download turn; a newer session keeps its own.
         pass_turns(&state, state.turns.leave(&device_id));
     }
@@ -431,7 +431,7 @@ async fn admit(
                 return Err(WireError::new(e.kind(), e.to_string()));
             }
         };
-        if let Some(at) = stored.as_ref().and_then(|d| d.removed_at.as_deref()) {
+        if let Some(at) = stored.as_ref().and_then(|d| d.removed_at) {
             state.hub.unregister(device, serial);
             return Err(removed(device, Some(at)));
         }
@@ -503,7 +503,7 @@ async fn authenticate(state: &AppState, nonce: &[u8], hello: AgentMsg) -> Result
             .map_err(|e| WireError::new(e.kind(), e.to_string()))?;
             match admission {
                 Admission::Device { id, addresses } => Ok(Hello::Known(id, true, addresses)),
-                Admission::Removed { id, at } => Err(removed(&id, Some(&at))),
+                Admission::Removed { id, at } => Err(removed(&id, Some(at))),
                 Admission::Pending(record) => Ok(Hello::Pending(PendingHello {
                     device_type,
                     hardware_id,
@@ -534,7 +534,7 @@ async fn authenticate(state: &AppState, nonce: &[u8], hello: AgentMsg) -> Result
             let key = parse_public_key(&device.public_key)?;
             // Its key is revoked: refused whether or not the signature holds
             // (it says nothing more), so the agent learns why at once.
-            if let Some(at) = &device.removed_at {
+            if let Some(at) = device.removed_at {
                 return Err(removed(&device_id, Some(at)));
             }
             verify(
@@ -558,7 +558,7 @@ async fn authenticate(state: &AppState, nonce: &[u8], hello: AgentMsg) -> Result
 }
 
 /// The refusal of a removed device's key.
-pub(crate) fn removed(device: &DeviceId, at: Option<&str>) -> WireError {
+pub(crate) fn removed(device: &DeviceId, at: Option<Timestamp>) -> WireError {
     let at = at.map(|at| format!(" at {at}")).unwrap_or_default();
     WireError::new(
         ErrorKind::DeviceRemoved,
@@ -745,7 +745,7 @@ async fn serve_device(
                 match decode_agent_msg(text.as_str()) {
                     Ok(AgentMsg::Report(report)) => {
                         tracing::debug!(device = %device, state = report.state.as_str(), "report");
-                        match state.live.apply(device, serial, &report, &now_rfc3339()) {
+                        match state.live.apply(device, serial, &report, Timestamp::now()) {
                             Applied::Applied => {
                                 state.stats.reports_applied.fetch_add(1, Relaxed);
                                 if let Some(wait) = turns_after_report(state, device, &report) {
@@ -799,6 +799,7 @@ async fn serve_device(
 mod tests {
     use super::*;
     use crate::service::testing;
+    use crate::store::stamp::ts;
     use crate::store::NewDevice;
 
     #[tokio::test]
@@ -821,9 +822,11 @@ mod tests {
             holds_reboots: false,
             renews_tokens: false,
         };
-        state
-            .live
-            .set_targets(std::slice::from_ref(&device), &target(true), "now");
+        state.live.set_targets(
+            std::slice::from_ref(&device),
+            &target(true),
+            ts("2026-01-01T00:00:00Z"),
+        );
         assert!(matches!(
             offer_now(&state, &device, new),
             ServerMsg::Offer(Offer {
@@ -859,7 +862,7 @@ mod tests {
                 device_type: "gateway".parse().unwrap(),
                 hardware_id: format!("hw-{id}").parse().unwrap(),
                 public_key: B64.encode(key.verifying_key().as_bytes()),
-                enrolled_at: now_rfc3339(),
+                enrolled_at: Timestamp::now(),
             })
             .await
             .unwrap();

@@ -166,6 +166,7 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Timestamp;
     use uplift_proto::channel::Progress;
     use uplift_proto::{ErrorKind, SlotName, Version, WireError};
     use AgentState::*;
@@ -379,7 +380,7 @@ mod tests {
     fn pending_events_are_bounded_and_a_failed_batch_keeps_its_place() {
         let event = |n: i64| NewEvent {
             device: "dev-1".parse().unwrap(),
-            at: n.to_string(),
+            at: Timestamp::from(std::time::UNIX_EPOCH + std::time::Duration::from_secs(n as u64)),
             event: DeviceEventKind::Withdrawn { rollout_id: n },
         };
         let mut pending = Pending::default();
@@ -389,9 +390,12 @@ mod tests {
         assert_eq!(pending.len(), MAX_PENDING);
         let (batch, dropped) = pending.take(3);
         assert_eq!(dropped, 5, "the oldest went first");
-        assert_eq!(batch[0].at, "5");
+        assert_eq!(batch[0].event, DeviceEventKind::Withdrawn { rollout_id: 5 });
         pending.requeue(batch);
         let (batch, dropped) = pending.take(1);
-        assert_eq!((batch[0].at.as_str(), dropped), ("5", 0));
+        assert_eq!(
+            (&batch[0].event, dropped),
+            (&DeviceEventKind::Withdrawn { rollout_id: 5 }, 0)
+        );
     }
 }

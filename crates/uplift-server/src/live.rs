@@ -14,7 +14,9 @@
 use crate::events::EventBus;
 use crate::history::{self, Pending};
 use crate::hub::SessionSerial;
-use crate::store::{DeviceRecord, DeviceStanding, DeviceTarget, NewEvent, ReportedState};
+use crate::store::{
+    DeviceRecord, DeviceStanding, DeviceTarget, NewEvent, ReportedState, Timestamp,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,7 +53,7 @@ pub struct LiveDevice {
     /// Its newest report, if it sent one since the server started.
     pub report: Option<Report>,
     /// RFC 3339; when a session of the device last spoke or ended.
-    pub last_seen: Option<String>,
+    pub last_seen: Option<Timestamp>,
     /// What the device should run (its newest rollout), if any.
     pub target: Option<DeviceTarget>,
     /// `IP:port` its newest session's connection came from, if known.
@@ -132,7 +134,7 @@ impl LiveView {
                 device_id: event.device.clone(),
                 event: event.event.clone(),
             },
-            &event.at,
+            &event.at.to_string(),
         );
         history.push(event);
     }
@@ -152,7 +154,7 @@ impl LiveView {
     }
 
     /// A new session of `device` exists: from now on older sessions are not heard.
-    pub fn claim(&self, device: &DeviceId, session: SessionSerial, now: &str) {
+    pub fn claim(&self, device: &DeviceId, session: SessionSerial, now: Timestamp) {
         self.claim_from(device, session, now, None);
     }
 
@@ -163,7 +165,7 @@ impl LiveView {
         &self,
         device: &DeviceId,
         session: SessionSerial,
-        now: &str,
+        now: Timestamp,
         address: Option<String>,
     ) {
         let mut devices = self.lock();
@@ -171,7 +173,7 @@ impl LiveView {
         if admits(entry.session, session) {
             entry.session = Some(session);
             entry.here = true;
-            entry.last_seen = Some(now.to_owned());
+            entry.last_seen = Some(now);
             // A new address is worth writing soon: the device may go
             // offline (or the server stop) before it changes anything else.
             let moved = address.is_some() && address != entry.address;
@@ -192,7 +194,7 @@ impl LiveView {
         device: &DeviceId,
         session: SessionSerial,
         report: &Report,
-        now: &str,
+        now: Timestamp,
     ) -> Applied {
         let mut devices = self.lock();
         let entry = devices.entry(device.clone()).or_default();
@@ -214,7 +216,7 @@ impl LiveView {
                         &mut history,
                         NewEvent {
                             device: device.clone(),
-                            at: now.to_owned(),
+                            at: now,
                             event,
                         },
                     );
@@ -223,19 +225,19 @@ impl LiveView {
         }
         entry.session = Some(session);
         entry.report = Some(report.clone());
-        entry.last_seen = Some(now.to_owned());
+        entry.last_seen = Some(now);
         entry.dirty = entry.dirty.max(dirty);
         Applied::Applied
     }
 
     /// The session ended; its last-seen time is kept if it was the newest,
     /// which is returned (the device is offline now).
-    pub fn ended(&self, device: &DeviceId, session: SessionSerial, now: &str) -> bool {
+    pub fn ended(&self, device: &DeviceId, session: SessionSerial, now: Timestamp) -> bool {
         let mut devices = self.lock();
         match devices.get_mut(device) {
             Some(entry) if entry.session == Some(session) => {
                 entry.here = false;
-                entry.last_seen = Some(now.to_owned());
+                entry.last_seen = Some(now);
                 // Going offline is worth recording soon, not only at shutdown.
                 entry.dirty = Dirty::State.max(entry.dirty);
                 self.changes.fetch_add(1, Ordering::SeqCst);
@@ -248,7 +250,7 @@ impl LiveView {
     /// Offers a rollout's release to devices (their history says so at
     /// `now`), unless a newer rollout already targets them (rollout IDs
     /// grow, and a device's newest rollout decides).
-    pub fn set_targets(&self, devices: &[DeviceId], target: &DeviceTarget, now: &str) {
+    pub fn set_targets(&self, devices: &[DeviceId], target: &DeviceTarget, now: Timestamp) {
         self.offer_targets(devices, target, Some(now));
     }
 
@@ -260,7 +262,12 @@ impl LiveView {
 
     /// Offers `target` where no newer rollout's offer stands, recording
     /// each offer in history at `history_at` if given.
-    fn offer_targets(&self, devices: &[DeviceId], target: &DeviceTarget, history_at: Option<&str>) {
+    fn offer_targets(
+        &self,
+        devices: &[DeviceId],
+        target: &DeviceTarget,
+        history_at: Option<Timestamp>,
+    ) {
         let mut live = self.lock();
         let mut history = history_at.map(|at| (at, self.history()));
         for id in devices {
@@ -276,7 +283,7 @@ impl LiveView {
                         history,
                         NewEvent {
                             device: id.clone(),
-                            at: (*at).to_owned(),
+                            at: *at,
                             event: DeviceEventKind::Offer {
                                 rollout_id: target.rollout_id,
                                 version: target.version.clone(),
@@ -327,13 +334,18 @@ impl LiveView {
 
     /// Withdraws rollout `rollout_id`'s offer from `devices` (an abort);
     /// a device a newer rollout targets keeps that target.
-    pub fn withdraw_targets(&self, devices: &[DeviceId], rollout_id: i64, now: &str) {
+    pub fn withdraw_targets(&self, devices: &[DeviceId], rollout_id: i64, now: Timestamp) {
         self.take_back_targets(devices, rollout_id, Some(now));
     }
 
     /// Clears rollout `rollout_id`'s offer from `devices`, recording each
     /// withdrawal in history at `history_at` if given.
-    fn take_back_targets(&self, devices: &[DeviceId], rollout_id: i64, history_at: Option<&str>) {
+    fn take_back_targets(
+        &self,
+        devices: &[DeviceId],
+        rollout_id: i64,
+        history_at: Option<Timestamp>,
+    ) {
         let mut live = self.lock();
         let mut history = history_at.map(|at| (at, self.history()));
         for id in devices {
@@ -351,7 +363,7 @@ impl LiveView {
                         history,
                         NewEvent {
                             device: id.clone(),
-                            at: (*at).to_owned(),
+                            at: *at,
                             event: DeviceEventKind::Withdrawn { rollout_id },
                         },
                     );
@@ -399,7 +411,7 @@ impl LiveView {
     /// database says, written back, or offered. `by` (an operator's name)
     /// goes into its history when given (the replica that removed it
     /// records it; the others only forget).
-    pub fn forget(&self, device: &DeviceId, by: Option<&str>, now: &str) {
+    pub fn forget(&self, device: &DeviceId, by: Option<&str>, now: Timestamp) {
         let mut devices = self.lock();
         devices.remove(device);
         if let Some(by) = by {
@@ -408,7 +420,7 @@ impl LiveView {
                 &mut history,
                 NewEvent {
                     device: device.clone(),
-                    at: now.to_owned(),
+                    at: now,
                     event: DeviceEventKind::Removed { by: by.to_owned() },
                 },
             );
@@ -439,7 +451,7 @@ impl LiveView {
                 record.last_error = report.error.clone();
             }
             if live.last_seen.is_some() {
-                record.last_seen = live.last_seen.clone();
+                record.last_seen = live.last_seen;
             }
             if live.address.is_some() {
                 record.address = live.address.clone();
@@ -478,7 +490,7 @@ impl LiveView {
                 out.push(ReportedState {
                     id: id.clone(),
                     report: live.report.clone(),
-                    last_seen: live.last_seen.clone(),
+                    last_seen: live.last_seen,
                     address: live.address.clone(),
                 });
             }
@@ -551,6 +563,11 @@ impl LiveView {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The `n`th second of a test's clock.
+    fn t(n: u64) -> Timestamp {
+        Timestamp::from(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000 + n))
+    }
     use uplift_proto::channel::{AgentState, Progress};
 
     /// A report of `state` on `version` (slot a for 1.0, else b), `done` bytes in.
@@ -586,21 +603,21 @@ pub(crate) mod tests {
         let dev: DeviceId = "dev-1".parse().unwrap();
         let old = serial(1);
         let new = serial(2);
-        live.claim(&dev, old, "t0");
+        live.claim(&dev, old, t(0));
         assert_eq!(
-            live.apply(&dev, old, &report(AgentState::Downloading, "1.0", 10), "t1"),
+            live.apply(&dev, old, &report(AgentState::Downloading, "1.0", 10), t(1)),
             Applied::Applied
         );
-        live.claim(&dev, new, "t2");
+        live.claim(&dev, new, t(2));
         let idle = report(AgentState::Idle, "1.1", 0);
-        assert_eq!(live.apply(&dev, new, &idle, "t3"), Applied::Applied);
+        assert_eq!(live.apply(&dev, new, &idle, t(3)), Applied::Applied);
         for i in 0..20 {
             assert_eq!(
                 live.apply(
                     &dev,
                     old,
                     &report(AgentState::Downloading, "1.0", 20 + i),
-                    "t4"
+                    t(4)
                 ),
                 Applied::Stale
             );
@@ -608,7 +625,7 @@ pub(crate) mod tests {
         let held = live.get(&dev).unwrap();
         assert_eq!(held.report, Some(idle));
         assert_eq!(held.session, Some(new));
-        assert_eq!(held.last_seen.as_deref(), Some("t3"));
+        assert_eq!(held.last_seen, Some(t(3)));
     }
 
     /// With replicas, a device that left this one reports to another,
@@ -618,12 +635,12 @@ pub(crate) mod tests {
     fn a_device_gone_to_another_replica_is_shown_as_stored_once_written() {
         let live = LiveView::default();
         let dev: DeviceId = "dev-1".parse().unwrap();
-        live.claim(&dev, serial(1), "t0");
+        live.claim(&dev, serial(1), t(0));
         live.apply(
             &dev,
             serial(1),
             &report(AgentState::Downloading, "1.0", 5),
-            "t1",
+            t(1),
         );
         let stored = DeviceStanding {
             id: dev.clone(),
@@ -643,7 +660,7 @@ pub(crate) mod tests {
             Some(AgentState::Downloading),
             "connected here"
         );
-        assert!(live.ended(&dev, serial(1), "t2"));
+        assert!(live.ended(&dev, serial(1), t(2)));
         assert_eq!(
             overlaid(&live),
             Some(AgentState::Downloading),
@@ -661,21 +678,21 @@ pub(crate) mod tests {
     fn once_a_new_session_is_registered_the_old_one_is_not_heard() {
         let live = LiveView::default();
         let dev: DeviceId = "dev-1".parse().unwrap();
-        live.claim(&dev, serial(1), "t0");
-        live.claim(&dev, serial(2), "t1");
+        live.claim(&dev, serial(1), t(0));
+        live.claim(&dev, serial(2), t(1));
         // The new session has not reported yet; the old one still may not.
         assert_eq!(
             live.apply(
                 &dev,
                 serial(1),
                 &report(AgentState::Downloading, "1.0", 5),
-                "t2"
+                t(2)
             ),
             Applied::Stale
         );
         assert_eq!(live.get(&dev).unwrap().report, None);
         // A late claim by the old session changes nothing either.
-        live.claim(&dev, serial(1), "t3");
+        live.claim(&dev, serial(1), t(3));
         assert_eq!(live.get(&dev).unwrap().session, Some(serial(2)));
     }
 
@@ -683,7 +700,7 @@ pub(crate) mod tests {
     fn a_sessions_address_is_kept_written_soon_and_replaced_only_by_a_newer_session() {
         let live = LiveView::default();
         let dev: DeviceId = "dev-1".parse().unwrap();
-        live.claim_from(&dev, serial(1), "t0", Some("10.0.0.1:4000".into()));
+        live.claim_from(&dev, serial(1), t(0), Some("10.0.0.1:4000".into()));
         let batch = live.take_dirty(false);
         assert_eq!(
             batch.len(),
@@ -692,7 +709,7 @@ pub(crate) mod tests {
         );
         assert_eq!(batch[0].address.as_deref(), Some("10.0.0.1:4000"));
         // Offline, the address stays the last known one.
-        live.ended(&dev, serial(1), "t1");
+        live.ended(&dev, serial(1), t(1));
         assert_eq!(
             live.get(&dev).unwrap().address.as_deref(),
             Some("10.0.0.1:4000")
@@ -700,15 +717,15 @@ pub(crate) mod tests {
         live.take_dirty(true);
         // The same address again is no news; a session that says none
         // (no connection info) keeps it.
-        live.claim_from(&dev, serial(2), "t2", Some("10.0.0.1:4000".into()));
+        live.claim_from(&dev, serial(2), t(2), Some("10.0.0.1:4000".into()));
         assert!(live.take_dirty(false).is_empty());
-        live.claim(&dev, serial(3), "t3");
+        live.claim(&dev, serial(3), t(3));
         assert_eq!(
             live.get(&dev).unwrap().address.as_deref(),
             Some("10.0.0.1:4000")
         );
         // An older session's late claim does not move it.
-        live.claim_from(&dev, serial(1), "t4", Some("10.0.0.9:1".into()));
+        live.claim_from(&dev, serial(1), t(4), Some("10.0.0.9:1".into()));
         assert_eq!(
             live.get(&dev).unwrap().address.as_deref(),
             Some("10.0.0.1:4000")
@@ -725,11 +742,11 @@ pub(crate) mod tests {
     fn a_stale_sessions_end_does_not_touch_the_device() {
         let live = LiveView::default();
         let dev: DeviceId = "dev-1".parse().unwrap();
-        live.claim(&dev, serial(1), "t0");
-        live.claim(&dev, serial(2), "t1");
+        live.claim(&dev, serial(1), t(0));
+        live.claim(&dev, serial(2), t(1));
         live.take_dirty(true);
-        live.ended(&dev, serial(1), "t9");
-        assert_eq!(live.get(&dev).unwrap().last_seen.as_deref(), Some("t1"));
+        live.ended(&dev, serial(1), t(9));
+        assert_eq!(live.get(&dev).unwrap().last_seen, Some(t(1)));
         assert!(live.take_dirty(true).is_empty());
     }
 
@@ -737,12 +754,12 @@ pub(crate) mod tests {
     fn state_changes_are_batched_and_progress_waits_for_a_full_flush() {
         let live = LiveView::default();
         let dev: DeviceId = "dev-1".parse().unwrap();
-        live.claim(&dev, serial(1), "t0");
+        live.claim(&dev, serial(1), t(0));
         live.apply(
             &dev,
             serial(1),
             &report(AgentState::Downloading, "1.0", 1),
-            "t1",
+            t(1),
         );
         let batch = live.take_dirty(false);
         assert_eq!(batch.len(), 1, "the first report is a state change");
@@ -752,7 +769,7 @@ pub(crate) mod tests {
             &dev,
             serial(1),
             &report(AgentState::Downloading, "1.0", 50),
-            "t2",
+            t(2),
         );
         assert!(live.take_dirty(false).is_empty());
         // ...but it is at shutdown, with its newest value.
@@ -773,13 +790,13 @@ pub(crate) mod tests {
             &dev,
             serial(1),
             &report(AgentState::Verifying, "1.0", 0),
-            "t3",
+            t(3),
         );
         live.apply(
             &dev,
             serial(1),
             &report(AgentState::RebootPending, "1.0", 0),
-            "t4",
+            t(4),
         );
         let batch = live.take_dirty(false);
         assert_eq!(batch.len(), 1);
@@ -803,28 +820,28 @@ pub(crate) mod tests {
             limits: Default::default(),
             hold_reboot: false,
         };
-        live.set_targets(std::slice::from_ref(&dev), &target(2, "1.2"), "t1");
+        live.set_targets(std::slice::from_ref(&dev), &target(2, "1.2"), t(1));
         // A slower, older rollout finishing its write later changes nothing.
-        live.set_targets(std::slice::from_ref(&dev), &target(1, "1.1"), "t2");
+        live.set_targets(std::slice::from_ref(&dev), &target(1, "1.1"), t(2));
         assert_eq!(live.target(&dev), Some(target(2, "1.2")));
-        live.set_targets(std::slice::from_ref(&dev), &target(3, "1.3"), "t3");
+        live.set_targets(std::slice::from_ref(&dev), &target(3, "1.3"), t(3));
         assert_eq!(live.target(&dev), Some(target(3, "1.3")));
         // The history holds the offers that took effect, in order.
         let (events, _) = live.take_events(10);
-        let offered: Vec<(&str, &DeviceEventKind)> =
-            events.iter().map(|e| (e.at.as_str(), &e.event)).collect();
+        let offered: Vec<(Timestamp, &DeviceEventKind)> =
+            events.iter().map(|e| (e.at, &e.event)).collect();
         assert_eq!(
             offered,
             [
                 (
-                    "t1",
+                    t(1),
                     &DeviceEventKind::Offer {
                         rollout_id: 2,
                         version: "1.2".parse().unwrap()
                     }
                 ),
                 (
-                    "t3",
+                    t(3),
                     &DeviceEventKind::Offer {
                         rollout_id: 3,
                         version: "1.3".parse().unwrap()
@@ -847,8 +864,8 @@ pub(crate) mod tests {
             limits: Default::default(),
             hold_reboot: true,
         };
-        live.set_targets(&ids[..2], &target(1), "now");
-        live.set_targets(&ids[2..], &target(2), "now");
+        live.set_targets(&ids[..2], &target(1), t(0));
+        live.set_targets(&ids[2..], &target(2), t(0));
         let mut go = live.hold_reboots(1, false);
         go.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         assert_eq!(go, ids[..2].to_vec());

@@ -95,7 +95,7 @@ pub async fn wait(
             Ok(Admission::Pending(_)) => continue,
             Ok(Admission::Device { id, addresses }) => return Ok((id, addresses)),
             Ok(Admission::Removed { id, at }) => {
-                return Err(WaitEnd::Refused(crate::channel::removed(&id, Some(&at))))
+                return Err(WaitEnd::Refused(crate::channel::removed(&id, Some(at))))
             }
             Err(e) if e.kind() == ErrorKind::EnrollmentRejected => {
                 return Err(WaitEnd::Refused(WireError::new(e.kind(), e.to_string())))

@@ -19,7 +19,7 @@
 //! stored.)
 
 use crate::state::AppState;
-use crate::store::DeviceTarget;
+use crate::store::{DeviceTarget, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tokio::sync::{broadcast, watch};
@@ -231,9 +231,9 @@ pub fn apply(state: &AppState, signal: Signal) {
         }
         Signal::RebootGate { rollout_id, hold } => state.live.hold_reboots(rollout_id, hold),
         Signal::Removed { devices } => {
-            let now = crate::state::now_rfc3339();
+            let now = Timestamp::now();
             for device in &devices {
-                forget_removed(state, device, None, &now);
+                forget_removed(state, device, None, now);
             }
             return;
         }
@@ -252,7 +252,7 @@ pub fn apply(state: &AppState, signal: Signal) {
 /// What this replica lets go of a removed device: its channel here (closed,
 /// telling it why), its live state, its download tokens. `by` records the
 /// removal in its history (the replica that removed it passes it).
-pub fn forget_removed(state: &AppState, device: &DeviceId, by: Option<&str>, now: &str) {
+pub fn forget_removed(state: &AppState, device: &DeviceId, by: Option<&str>, now: Timestamp) {
     state.downloads.forget(device);
     state.live.forget(device, by, now);
     if state.hub.close_removed(device) {
@@ -370,9 +370,9 @@ async fn close_removed_meanwhile(state: &AppState) {
     let here = state.hub.online_ids();
     match state.store.unknown_devices(&here).await {
         Ok(removed) => {
-            let now = crate::state::now_rfc3339();
+            let now = Timestamp::now();
             for device in &removed {
-                forget_removed(state, device, None, &now);
+                forget_removed(state, device, None, now);
             }
         }
         Err(e) => tracing::warn!(
@@ -397,6 +397,7 @@ async fn reload_targets(state: &AppState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::stamp::ts;
 
     fn target(rollout_id: i64) -> DeviceTarget {
         DeviceTarget {
@@ -505,7 +506,7 @@ mod tests {
                     device_type: "gw".parse().unwrap(),
                     hardware_id: format!("hw-{id}").parse().unwrap(),
                     public_key: format!("key-{id}"),
-                    enrolled_at: "2026-01-01T00:00:00Z".into(),
+                    enrolled_at: ts("2026-01-01T00:00:00Z"),
                 })
                 .await
                 .unwrap();
@@ -516,7 +517,7 @@ mod tests {
         // Removed on another replica; its signal never came.
         state
             .store
-            .remove_device(&watches[1].0, "2026-01-02T00:00:00Z")
+            .remove_device(&watches[1].0, ts("2026-01-02T00:00:00Z"))
             .await
             .unwrap();
         assert!(state.hub.is_online(&watches[1].0));

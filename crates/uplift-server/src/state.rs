@@ -141,15 +141,3 @@ impl Secrets {
         self.enrollment_tokens.contains(&d)
     }
 }
-
-pub fn now_rfc3339() -> String {
-    // To the microsecond, as the stores keep times: a time read back from
-    // a view is then the very text it was made from (a rollout's phases are
-    // seeded with its creation time, and anyone may recompute them).
-    let now = time::OffsetDateTime::now_utc();
-    let now = now
-        .replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
-        .expect("fewer nanoseconds stay in range");
-    now.format(&time::format_description::well_known::Rfc3339)
-        .expect("the current UTC time always formats as RFC 3339")
-}

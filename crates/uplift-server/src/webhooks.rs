@@ -8,7 +8,7 @@
 use crate::events::CAPACITY;
 use crate::state::AppState;
 use crate::store::control::{Attempt, DueDelivery, NewDelivery, WebhookRecord};
-use crate::store::StoreError;
+use crate::store::{StoreError, Timestamp};
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -62,7 +62,7 @@ pub fn retry_at(attempts: u32, now_ms: i64, draw: f64) -> Option<i64> {
 pub fn deliveries_for(
     events: &[Arc<FleetEvent>],
     webhooks: &[WebhookRecord],
-    created_at: &str,
+    created_at: Timestamp,
     now_ms: i64,
 ) -> Vec<NewDelivery> {
     let mut out = Vec::new();
@@ -75,7 +75,7 @@ pub fn deliveries_for(
                     webhook_id: hook.view.id,
                     event: event.about.name(),
                     payload: payload.clone(),
-                    created_at: created_at.to_owned(),
+                    created_at,
                     due_ms: now_ms,
                 });
             }
@@ -138,8 +138,7 @@ async fn queue(state: &AppState, seen: &Seen) -> Result<(), StoreError> {
     let queued = async {
         let webhooks = state.store.webhooks().await?;
         let now = OffsetDateTime::now_utc();
-        let at = crate::rollout::scheduler::format_time(now);
-        let deliveries = deliveries_for(&events, &webhooks, &at, unix_ms(now));
+        let deliveries = deliveries_for(&events, &webhooks, Timestamp::from(now), unix_ms(now));
         state.store.insert_deliveries(&deliveries).await
     }
     .await;
@@ -178,7 +177,7 @@ async fn send_due(state: &AppState, client: &reqwest::Client) -> Result<(), Stor
             .record_attempt(
                 d.id,
                 &Attempt {
-                    at: &crate::rollout::scheduler::format_time(now),
+                    at: Timestamp::from(now),
                     status,
                     error: error.as_ref(),
                     retry_at_ms,
@@ -337,6 +336,7 @@ async fn collect(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::stamp::ts;
     use uplift_proto::events::{EventAbout, EventFilter, RolloutEvent, Subject, WebhookView};
 
     #[test]
@@ -379,7 +379,7 @@ mod tests {
                 url: &url,
                 secret: "whsec_test",
                 filter: &EventFilter::default(),
-                created_at: "2026-12-05T00:00:00Z",
+                created_at: ts("2026-12-05T00:00:00Z"),
                 created_by: "test",
             })
             .await
@@ -466,7 +466,12 @@ mod tests {
                 event: RolloutEvent::Finished,
             },
         });
-        let made = deliveries_for(std::slice::from_ref(&event), &hooks, "now", 42);
+        let made = deliveries_for(
+            std::slice::from_ref(&event),
+            &hooks,
+            ts("2026-01-01T00:00:00Z"),
+            42,
+        );
         let to: Vec<i64> = made.iter().map(|d| d.webhook_id).collect();
         assert_eq!(to, [1, 3]);
         assert_eq!(made[0].event, "rollout.finished");

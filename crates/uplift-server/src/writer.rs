@@ -8,7 +8,7 @@
 
 use crate::live::LiveView;
 use crate::state::Stats;
-use crate::store::Store;
+use crate::store::{Store, Timestamp};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,16 +84,8 @@ impl Writer {
         let Some(age) = self.retention.max_age else {
             return;
         };
-        // Stored times have as many fraction digits as they need, so their
-        // text sorts as their time only to the second (which keeps the
-        // time index usable): a cutoff in whole seconds, one second early,
-        // never drops an event younger than the limit.
-        let cutoff = now - age;
-        let cutoff = cutoff
-            - time::Duration::nanoseconds(i64::from(cutoff.nanosecond()))
-            - time::Duration::SECOND;
-        let cutoff = crate::rollout::scheduler::format_time(cutoff);
-        match self.store.prune_events(&cutoff).await {
+        let cutoff = Timestamp::from(now - age);
+        match self.store.prune_events(cutoff).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, before = %cutoff, "pruned device history"),
             Err(e) => tracing::warn!("cannot prune device history: {e}; trying again later"),
@@ -178,6 +170,7 @@ mod tests {
     use super::*;
     use crate::hub::SessionSerial;
     use crate::live::tests::report;
+    use crate::store::stamp::ts;
     use crate::store::{NewDevice, SqliteStore};
     use uplift_proto::channel::AgentState;
     use uplift_proto::DeviceId;
@@ -189,7 +182,7 @@ mod tests {
                 device_type: "gw".parse().unwrap(),
                 hardware_id: format!("hw-{n}").parse().unwrap(),
                 public_key: format!("key-{n}"),
-                enrolled_at: "2026-12-02T00:00:00Z".into(),
+                enrolled_at: ts("2026-12-02T00:00:00Z"),
             })
             .await
             .unwrap();
@@ -227,13 +220,13 @@ mod tests {
                 id,
                 session,
                 &report(AgentState::Downloading, "1.0", 1),
-                "2026-12-02T10:00:01Z",
+                ts("2026-12-02T10:00:01Z"),
             );
             live.apply(
                 id,
                 session,
                 &report(AgentState::Downloading, "1.0", 60),
-                "2026-12-02T10:00:02Z",
+                ts("2026-12-02T10:00:02Z"),
             );
         }
         assert!(writer.flush(false).await);
@@ -249,7 +242,7 @@ mod tests {
             &ids[0],
             session,
             &report(AgentState::Downloading, "1.0", 90),
-            "2026-12-02T10:00:03.5Z",
+            ts("2026-12-02T10:00:03.5Z"),
         );
         assert!(writer.flush(false).await);
         assert_eq!(
@@ -268,7 +261,7 @@ mod tests {
             .all(|d| d.state == Some(AgentState::Downloading)));
         let first = devices.iter().find(|d| d.id == ids[0]).unwrap();
         assert_eq!(first.progress.unwrap().done_bytes, 90);
-        assert_eq!(first.last_seen.as_deref(), Some("2026-12-02T10:00:03.5Z"));
+        assert_eq!(first.last_seen, Some(ts("2026-12-02T10:00:03.5Z")));
     }
 
     #[tokio::test]
@@ -300,7 +293,7 @@ mod tests {
                 limits: Default::default(),
                 hold_reboot: false,
             },
-            "2026-12-01T00:00:00Z",
+            ts("2026-12-01T00:00:00Z"),
         );
         for (state, at) in [
             (AgentState::Idle, "2026-12-01T00:00:01Z"),
@@ -308,7 +301,7 @@ mod tests {
             (AgentState::Verifying, "2026-12-02T00:00:03Z"),
             (AgentState::RebootPending, "2026-12-02T00:00:04Z"),
         ] {
-            live.apply(&dev, session, &report(state, "1.0", 100), at);
+            live.apply(&dev, session, &report(state, "1.0", 100), ts(at));
         }
         assert_eq!(live.pending_events(), 4);
         assert!(writer.flush(false).await);

@@ -16,6 +16,7 @@ use uplift_server::store::control::{Attempt, NewApiToken, NewAuditEntry, NewDeli
 use uplift_server::store::{
     AddressClaim, DeviceFilter, MemberPage, NewDevice, NewEvent, NewPlan, PgStore, ReleaseRecord,
     Removal, ReportedState, RolloutChange, RolloutTally, SqliteStore, Store, StoreError, TagUpdate,
+    Timestamp,
 };
 
 /// Where a case's database is; it may open several stores on it (as
@@ -105,7 +106,7 @@ async fn an_enrollment_request_is_one_per_key_and_decided_once(db: &Db) {
         key_fingerprint: "SHA256:00",
         device_type: &gw,
         hardware_id: &hw,
-        requested_at: at,
+        requested_at: ts(at),
     };
     let first = store
         .request_enrollment(&request("key-a", "2026-12-06T00:00:00Z"))
@@ -142,7 +143,7 @@ async fn an_enrollment_request_is_one_per_key_and_decided_once(db: &Db) {
         reason: Some("not ours"),
     };
     let (accepted, changed) = store
-        .decide_enrollment(first.view.id, &accept, "alice", "2026-12-06T00:02:00Z")
+        .decide_enrollment(first.view.id, &accept, "alice", ts("2026-12-06T00:02:00Z"))
         .await
         .unwrap()
         .unwrap();
@@ -156,7 +157,7 @@ async fn an_enrollment_request_is_one_per_key_and_decided_once(db: &Db) {
     );
     // Decided once: a second operator on another replica loses.
     let (still, changed) = replica
-        .decide_enrollment(first.view.id, &reject, "bob", "2026-12-06T00:03:00Z")
+        .decide_enrollment(first.view.id, &reject, "bob", ts("2026-12-06T00:03:00Z"))
         .await
         .unwrap()
         .unwrap();
@@ -164,7 +165,7 @@ async fn an_enrollment_request_is_one_per_key_and_decided_once(db: &Db) {
     assert_eq!(still, accepted);
 
     let (rejected, changed) = replica
-        .decide_enrollment(second.view.id, &reject, "bob", "2026-12-06T00:03:00Z")
+        .decide_enrollment(second.view.id, &reject, "bob", ts("2026-12-06T00:03:00Z"))
         .await
         .unwrap()
         .unwrap();
@@ -181,7 +182,7 @@ async fn an_enrollment_request_is_one_per_key_and_decided_once(db: &Db) {
             second.view.id,
             &EnrollmentDecision::Accept { device_id: &other },
             "alice",
-            "2026-12-06T00:04:00Z",
+            ts("2026-12-06T00:04:00Z"),
         )
         .await
         .unwrap()
@@ -195,7 +196,7 @@ async fn an_enrollment_request_is_one_per_key_and_decided_once(db: &Db) {
         .is_empty());
     assert_eq!(store.enrollment_requests(None).await.unwrap().len(), 2);
     assert!(store
-        .decide_enrollment(999, &reject, "bob", NOW)
+        .decide_enrollment(999, &reject, "bob", ts(NOW))
         .await
         .unwrap()
         .is_none());
@@ -226,7 +227,7 @@ fn device(name: &str, device_type: &str, hardware_id: &str) -> NewDevice {
         device_type: device_type.parse().unwrap(),
         hardware_id: hardware_id.parse().unwrap(),
         public_key: format!("key-{name}"),
-        enrolled_at: "2026-01-01T00:00:00Z".into(),
+        enrolled_at: ts("2026-01-01T00:00:00Z"),
     }
 }
 
@@ -248,9 +249,9 @@ fn release(v: &str, created_at: &str) -> ReleaseRecord {
         image_sha256: "00".repeat(32),
         chunks: 1,
         stored_bytes: 1,
-        created_at: created_at.into(),
+        created_at: ts(created_at),
         key_ids: vec!["key-a".into()],
-        expires_at: Some("2027-01-01T00:00:00.25Z".into()),
+        expires_at: Some(ts("2027-01-01T00:00:00.25Z")),
     }
 }
 
@@ -265,13 +266,17 @@ fn seen(name: &str, state: AgentState, running: &str, at: &str) -> ReportedState
             progress: None,
             error: None,
         }),
-        last_seen: Some(at.into()),
+        last_seen: Some(ts(at)),
         address: None,
     }
 }
 
 fn time(text: &str) -> time::OffsetDateTime {
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap()
+}
+
+fn ts(text: &str) -> Timestamp {
+    Timestamp::parse_rfc3339(text).unwrap()
 }
 
 const NOW: &str = "2026-03-01T12:00:00.123456Z";
@@ -293,12 +298,19 @@ async fn start(store: &dyn Store, members: &[(&str, u32)]) -> Result<i64, StoreE
     };
     let members: Vec<(DeviceId, u32)> = members.iter().map(|(d, p)| (id(d), *p)).collect();
     store
-        .create_rollout(&rel, &members, false, DownloadLimits::default(), &plan, NOW)
+        .create_rollout(
+            &rel,
+            &members,
+            false,
+            DownloadLimits::default(),
+            &plan,
+            ts(NOW),
+        )
         .await
         .map(|r| r.id)
 }
 
-fn change<'a>(now: &'a str) -> RolloutChange<'a> {
+fn change(now: &str) -> RolloutChange<'static> {
     RolloutChange {
         state: None,
         offer: &[],
@@ -306,14 +318,14 @@ fn change<'a>(now: &'a str) -> RolloutChange<'a> {
         accept_failures: &[],
         withdraw: &[],
         hold: &[],
-        now,
+        now: ts(now),
     }
 }
 
 /// A mark strictly after every change made so far: SQLite's clock counts
 /// milliseconds, and a change in the mark's millisecond is read as changed
 /// at it (never missed; here, though, it would be read again).
-async fn mark_after_changes(store: &dyn Store) -> String {
+async fn mark_after_changes(store: &dyn Store) -> Timestamp {
     tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     store.change_mark().await.unwrap()
 }
@@ -336,7 +348,7 @@ async fn devices_enroll_once_and_are_found_by_id_and_key(db: &Db) {
 
     let a = store.device(&id("dev-a")).await.unwrap().unwrap();
     assert_eq!(a.device_type.as_str(), "cam");
-    assert_eq!(a.enrolled_at, "2026-01-01T00:00:00Z");
+    assert_eq!(a.enrolled_at.to_string(), "2026-01-01T00:00:00Z");
     assert_eq!((a.last_seen, a.state, a.target_rollout), (None, None, None));
     let by_key = store.device_by_public_key("key-dev-b").await.unwrap();
     assert_eq!(by_key.map(|d| d.id), Some(id("dev-b")));
@@ -374,13 +386,13 @@ async fn devices_enroll_once_and_are_found_by_id_and_key(db: &Db) {
     let later = ReportedState {
         id: id("dev-a"),
         report: None,
-        last_seen: Some("2026-01-03T00:00:00Z".into()),
+        last_seen: Some(ts("2026-01-03T00:00:00Z")),
         address: None,
     };
     assert_eq!(store.record_reports(&[report]).await.unwrap(), 1);
     assert_eq!(store.record_reports(&[later]).await.unwrap(), 1);
     let a = store.device(&id("dev-a")).await.unwrap().unwrap();
-    assert_eq!(a.last_seen.as_deref(), Some("2026-01-03T00:00:00Z"));
+    assert_eq!(a.last_seen, Some(ts("2026-01-03T00:00:00Z")));
     assert_eq!(a.address.as_deref(), Some("192.0.2.7:50123"));
     assert_eq!(a.state, Some(AgentState::Failed));
     assert_eq!(a.reported_target, Some(version("2.0")));
@@ -490,15 +502,15 @@ async fn device_lists_filter_by_every_field_and_page_by_id(db: &Db) {
         (text("hwx"), vec!["dev-d"]),
         (text("A:B"), vec!["dev-e"]),
         (
-            by(&|f| f.seen_after = Some(time("2026-02-01T10:00:00.1Z"))),
+            by(&|f| f.seen_after = Some(ts("2026-02-01T10:00:00.1Z"))),
             vec!["dev-b", "dev-c", "dev-d"],
         ),
         (
-            by(&|f| f.seen_after = Some(time("2026-02-02T21:59:00Z"))),
+            by(&|f| f.seen_after = Some(ts("2026-02-02T21:59:00Z"))),
             vec!["dev-c", "dev-d"],
         ),
         (
-            by(&|f| f.seen_before = Some(time("2026-02-02T22:01:00Z"))),
+            by(&|f| f.seen_before = Some(ts("2026-02-02T22:01:00Z"))),
             vec!["dev-a", "dev-b", "dev-c", "dev-e"],
         ),
         (
@@ -519,7 +531,7 @@ async fn device_lists_filter_by_every_field_and_page_by_id(db: &Db) {
         // A connected device counts as seen now.
         (
             by(&|f| {
-                f.seen_after = Some(time("2026-02-04T00:00:00Z"));
+                f.seen_after = Some(ts("2026-02-04T00:00:00Z"));
                 f.connected = vec![id("dev-a")];
             }),
             vec!["dev-a", "dev-d"],
@@ -582,20 +594,20 @@ async fn times_within_one_second_keep_their_order(db: &Db) {
         .await
         .unwrap();
     let releases = store.list_releases().await.unwrap();
-    let order: Vec<(&str, &str)> = releases
+    let order: Vec<(&str, String)> = releases
         .iter()
-        .map(|r| (r.version.as_str(), r.created_at.as_str()))
+        .map(|r| (r.version.as_str(), r.created_at.to_string()))
         .collect();
     assert_eq!(
         order,
         [
-            ("1.0", "2026-01-01T10:00:00Z"),
-            ("1.1", "2026-01-01T10:00:00.5Z"),
-            ("1.2", "2026-01-01T10:00:00.75Z"),
+            ("1.0", "2026-01-01T10:00:00Z".to_owned()),
+            ("1.1", "2026-01-01T10:00:00.5Z".to_owned()),
+            ("1.2", "2026-01-01T10:00:00.75Z".to_owned()),
         ]
     );
     assert_eq!(
-        releases[0].expires_at.as_deref(),
+        releases[0].expires_at.map(|t| t.to_string()).as_deref(),
         Some("2027-01-01T00:00:00.25Z")
     );
     // Devices enrolled within one second list in enrollment order.
@@ -606,7 +618,7 @@ async fn times_within_one_second_keep_their_order(db: &Db) {
         ("dev-4", "2026-01-01T10:00:00.000001Z"),
     ] {
         let mut d = device(name, "gw", "hw-1");
-        d.enrolled_at = at.into();
+        d.enrolled_at = ts(at);
         store.insert_device(&d).await.unwrap();
     }
     assert_eq!(
@@ -616,7 +628,7 @@ async fn times_within_one_second_keep_their_order(db: &Db) {
     // The history's horizon cuts within the second.
     let event = |at: &str| NewEvent {
         device: id("dev-1"),
-        at: at.into(),
+        at: ts(at),
         event: DeviceEventKind::Offer {
             rollout_id: 1,
             version: version("2.0"),
@@ -634,19 +646,16 @@ async fn times_within_one_second_keep_their_order(db: &Db) {
         .await
         .unwrap();
     assert_eq!(
-        store.prune_events("2026-01-01T10:00:00.5Z").await.unwrap(),
+        store
+            .prune_events(ts("2026-01-01T10:00:00.5Z"))
+            .await
+            .unwrap(),
         2
     );
     let left = store.device_history(&id("dev-1"), None, 10).await.unwrap();
     assert_eq!(
         left.iter().map(|e| e.at.as_str()).collect::<Vec<_>>(),
         ["2026-01-01T10:00:00.75Z"]
-    );
-    // Not a time at all: refused, naming it.
-    let refused = store.prune_events("last tuesday").await;
-    assert!(
-        matches!(&refused, Err(StoreError::BadTime { text, .. }) if text == "last tuesday"),
-        "{refused:?}"
     );
 }
 
@@ -698,7 +707,7 @@ async fn history_keeps_the_newest_per_device_and_prunes_by_age(db: &Db) {
     enroll(&*store, &[("dev-a", "gw", "hw-1"), ("dev-b", "gw", "hw-2")]).await;
     let event = |device: &str, n: i64, at: &str| NewEvent {
         device: id(device),
-        at: at.into(),
+        at: ts(at),
         event: DeviceEventKind::Offer {
             rollout_id: n,
             version: version("2.0"),
@@ -731,7 +740,13 @@ async fn history_keeps_the_newest_per_device_and_prunes_by_age(db: &Db) {
         .record_events(&[event("dev-a", 6, "2026-03-01T00:00:00Z")], 3)
         .await
         .unwrap();
-    assert_eq!(store.prune_events("2026-02-01T00:00:00Z").await.unwrap(), 3);
+    assert_eq!(
+        store
+            .prune_events(ts("2026-02-01T00:00:00Z"))
+            .await
+            .unwrap(),
+        3
+    );
     assert_eq!(
         rollouts(&store.device_history(&a, None, 100).await.unwrap()),
         [6]
@@ -763,7 +778,7 @@ async fn rollouts_store_phases_supersede_older_parts_and_refuse_unknown_devices(
     .await;
     let first = start(&*store, &[("dev-1", 0), ("dev-2", 1)]).await.unwrap();
     let record = store.rollout(first).await.unwrap().unwrap();
-    assert_eq!(record.created_at, NOW);
+    assert_eq!(record.created_at, ts(NOW));
     assert_eq!(record.release, version("2.0"));
     let plan = store.rollout_plan(first).await.unwrap().unwrap();
     assert_eq!((plan.state.name(), plan.revision), ("running", 0));
@@ -912,7 +927,7 @@ async fn rollout_steps_check_the_revision_and_move_offers(db: &Db) {
     let members = store.rollout_members(r).await.unwrap();
     assert!(members
         .iter()
-        .all(|(m, _)| m.offered_at.as_deref() == Some("2026-03-01T12:00:01Z")));
+        .all(|(m, _)| m.offered_at == Some(ts("2026-03-01T12:00:01Z"))));
 
     // Settle one as failed and accept it, withdraw one, hold one.
     let settle = [(id("dev-1"), Outcome::Failed, Some("no space".to_owned()))];
@@ -1236,9 +1251,9 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
             name: &name,
             role: Role::Operator,
             secret_sha256: "abc",
-            created_at: "2026-12-05T10:00:00.5Z",
+            created_at: ts("2026-12-05T10:00:00.5Z"),
             created_by: "bootstrap-admin",
-            expires_at: Some("2027-01-01T00:00:00Z"),
+            expires_at: Some(ts("2027-01-01T00:00:00Z")),
             max_uses: Some(2),
         })
         .await
@@ -1257,19 +1272,23 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
     assert_eq!(found, token);
     assert!(store.api_token_by_digest("abd").await.unwrap().is_none());
     let revoked = store
-        .revoke_api_token(token.id, "2026-12-06T00:00:00Z")
+        .revoke_api_token(token.id, ts("2026-12-06T00:00:00Z"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(revoked.revoked_at.as_deref(), Some("2026-12-06T00:00:00Z"));
     // Revoking again keeps the first time.
     let again = store
-        .revoke_api_token(token.id, "2026-12-07T00:00:00Z")
+        .revoke_api_token(token.id, ts("2026-12-07T00:00:00Z"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(again.revoked_at, revoked.revoked_at);
-    assert!(store.revoke_api_token(999, NOW).await.unwrap().is_none());
+    assert!(store
+        .revoke_api_token(999, ts(NOW))
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(store.list_api_tokens().await.unwrap().len(), 1);
 
     let refused = WireError::new(ErrorKind::Conflict, "no");
@@ -1283,7 +1302,7 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
     {
         store
             .append_audit(&NewAuditEntry {
-                at: "2026-12-05T10:00:00Z",
+                at: ts("2026-12-05T10:00:00Z"),
                 actor: "bootstrap-admin",
                 token_id: (i == 1).then_some(token.id),
                 role: Role::Admin,
@@ -1316,7 +1335,7 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
             url: "http://127.0.0.1:9/a",
             secret: "s",
             filter: &Default::default(),
-            created_at: "2026-12-05T10:00:00Z",
+            created_at: ts("2026-12-05T10:00:00Z"),
             created_by: "bootstrap-admin",
         })
         .await
@@ -1325,7 +1344,7 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
         webhook_id: hook.id,
         event: "rollout.finished".into(),
         payload: "{}".into(),
-        created_at: "2026-12-05T10:00:00Z".into(),
+        created_at: ts("2026-12-05T10:00:00Z"),
         due_ms: 1_000,
     };
     store
@@ -1340,7 +1359,7 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
         .record_attempt(
             due[0].id,
             &Attempt {
-                at: "2026-12-05T10:00:01Z",
+                at: ts("2026-12-05T10:00:01Z"),
                 status: Some(204),
                 error: None,
                 retry_at_ms: None,
@@ -1352,7 +1371,7 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
         .record_attempt(
             due[1].id,
             &Attempt {
-                at: "2026-12-05T10:00:01Z",
+                at: ts("2026-12-05T10:00:01Z"),
                 status: None,
                 error: Some(&error),
                 retry_at_ms: Some(5_000),
@@ -1373,7 +1392,7 @@ async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {
     assert_eq!(store.due_deliveries(1_000, 10).await.unwrap().len(), 1);
     assert_eq!(store.prune_deliveries(0).await.unwrap(), 1);
     let removed = store
-        .remove_webhook(hook.id, "2026-12-06T00:00:00Z")
+        .remove_webhook(hook.id, ts("2026-12-06T00:00:00Z"))
         .await
         .unwrap()
         .unwrap();
@@ -1405,19 +1424,16 @@ async fn a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other
         ids.sort();
         ids
     };
-    let before_start = "2000-01-01T00:00:00Z";
+    let before_start = ts("2000-01-01T00:00:00Z");
     assert_eq!(
         changed(store.rollout_member_changes(r, before_start).await.unwrap()),
         ["dev-1", "dev-2", "dev-3"],
         "a new rollout's members are all new"
     );
     let mark = mark_after_changes(&*store).await;
-    assert!(
-        time(&mark) > time(before_start),
-        "the mark is the store's clock: {mark}"
-    );
+    assert!(mark > before_start, "the mark is the store's clock: {mark}");
     assert!(store
-        .rollout_member_changes(r, &mark)
+        .rollout_member_changes(r, mark)
         .await
         .unwrap()
         .is_empty());
@@ -1441,7 +1457,7 @@ async fn a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other
     store.record_reports(&[further]).await.unwrap();
     assert!(
         store
-            .rollout_member_changes(r, &mark)
+            .rollout_member_changes(r, mark)
             .await
             .unwrap()
             .is_empty(),
@@ -1468,22 +1484,22 @@ async fn a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other
         )
         .await
         .unwrap());
-    let rows = store.rollout_member_changes(r, &mark).await.unwrap();
+    let rows = store.rollout_member_changes(r, mark).await.unwrap();
     let offered = rows
         .iter()
         .find(|(_, d)| d.id == id("dev-3"))
-        .map(|(m, d)| (m.offered_at.clone(), d.target_rollout));
+        .map(|(m, d)| (m.offered_at, d.target_rollout));
     assert_eq!(changed(rows), ["dev-2", "dev-3"]);
     assert_eq!(
         offered,
-        Some((Some("2026-03-01T12:00:04Z".to_owned()), Some(r))),
+        Some((Some(ts("2026-03-01T12:00:04Z")), Some(r))),
         "read with its new row"
     );
 
     // A newer rollout that takes dev-1 over changes the older one's row.
     let mark = mark_after_changes(&*store).await;
     let newer = start(&*store, &[("dev-1", 0)]).await.unwrap();
-    let rows = store.rollout_member_changes(r, &mark).await.unwrap();
+    let rows = store.rollout_member_changes(r, mark).await.unwrap();
     assert_eq!(
         rows.iter()
             .map(|(m, d)| (d.id.as_str(), m.outcome))
@@ -1491,7 +1507,7 @@ async fn a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other
         [("dev-1", Some(Outcome::Superseded))]
     );
     assert_eq!(
-        changed(store.rollout_member_changes(newer, &mark).await.unwrap()),
+        changed(store.rollout_member_changes(newer, mark).await.unwrap()),
         ["dev-1"]
     );
 }
@@ -1526,7 +1542,7 @@ async fn a_new_rollout_stores_its_first_offers_with_it(db: &Db) {
                 from_versions: &[],
                 offer: &offer,
             },
-            NOW,
+            ts(NOW),
         )
         .await
         .unwrap()
@@ -1534,13 +1550,13 @@ async fn a_new_rollout_stores_its_first_offers_with_it(db: &Db) {
     let stored = store.rollout_members(r).await.unwrap();
     let view: Vec<_> = stored
         .iter()
-        .map(|(m, d)| (d.id.as_str(), m.offered_at.as_deref(), d.target_rollout))
+        .map(|(m, d)| (d.id.as_str(), m.offered_at, d.target_rollout))
         .collect();
     assert_eq!(
         view,
         [
-            ("dev-1", Some(NOW), Some(r)),
-            ("dev-2", Some(NOW), Some(r)),
+            ("dev-1", Some(ts(NOW)), Some(r)),
+            ("dev-2", Some(ts(NOW)), Some(r)),
             ("dev-3", None, None),
         ]
     );
@@ -1576,7 +1592,7 @@ async fn a_removed_device_is_kept_with_its_history_but_left_out_of_everything_el
         .record_events(
             &[NewEvent {
                 device: id("dev-1"),
-                at: NOW.into(),
+                at: ts(NOW),
                 event: DeviceEventKind::Withdrawn { rollout_id: 9 },
             }],
             100,
@@ -1600,7 +1616,7 @@ async fn a_removed_device_is_kept_with_its_history_but_left_out_of_everything_el
                 from_versions: &[],
                 offer: &[id("dev-1"), id("dev-2")],
             },
-            NOW,
+            ts(NOW),
         )
         .await
         .unwrap()
@@ -1622,28 +1638,32 @@ async fn a_removed_device_is_kept_with_its_history_but_left_out_of_everything_el
 
     let removed_at = "2026-03-02T08:00:00.5Z";
     assert_eq!(
-        store.remove_device(&id("dev-1"), removed_at).await.unwrap(),
+        store
+            .remove_device(&id("dev-1"), ts(removed_at))
+            .await
+            .unwrap(),
         Removal::Removed { rollouts: vec![r] }
     );
     assert_eq!(
-        store.remove_device(&id("dev-2"), removed_at).await.unwrap(),
+        store
+            .remove_device(&id("dev-2"), ts(removed_at))
+            .await
+            .unwrap(),
         Removal::Removed { rollouts: vec![] },
         "its only part was settled"
     );
     assert_eq!(
-        store.remove_device(&id("dev-1"), NOW).await.unwrap(),
-        Removal::AlreadyRemoved {
-            at: removed_at.into()
-        }
+        store.remove_device(&id("dev-1"), ts(NOW)).await.unwrap(),
+        Removal::AlreadyRemoved { at: ts(removed_at) }
     );
     assert_eq!(
-        store.remove_device(&id("dev-9"), NOW).await.unwrap(),
+        store.remove_device(&id("dev-9"), ts(NOW)).await.unwrap(),
         Removal::UnknownDevice
     );
 
     // Kept, marked removed, its key on record, its history there.
     let kept = store.device(&id("dev-1")).await.unwrap().unwrap();
-    assert_eq!(kept.removed_at.as_deref(), Some(removed_at));
+    assert_eq!(kept.removed_at, Some(ts(removed_at)));
     assert_eq!(
         kept.target_rollout, None,
         "no longer pointed at the rollout"
@@ -1667,7 +1687,7 @@ async fn a_removed_device_is_kept_with_its_history_but_left_out_of_everything_el
             ("dev-3", None)
         ]
     );
-    let changed = store.rollout_member_changes(r, &mark).await.unwrap();
+    let changed = store.rollout_member_changes(r, mark).await.unwrap();
     assert!(changed.iter().any(|(_, d)| d.id.as_str() == "dev-1"));
     assert!(store
         .device_targets()
@@ -1819,7 +1839,7 @@ async fn a_private_address_is_one_devices_across_stores_until_it_is_removed(db: 
         .unwrap();
     assert_eq!(store_holds(&**b, "dev-1").await, ["10.77.0.5/16"]);
     // Removed, the device's address goes back to the pool.
-    b.remove_device(&id("dev-1"), NOW).await.unwrap();
+    b.remove_device(&id("dev-1"), ts(NOW)).await.unwrap();
     assert!(store_holds(&**a, "dev-1").await.is_empty());
     assert_eq!(
         claim(a, "dev-1", "10.77.0.10").await,
@@ -1981,7 +2001,7 @@ async fn postgres_pages_and_counts_a_hundred_thousand_devices_in_the_database() 
     assert_eq!(store.record_reports(&reports).await.unwrap(), 100);
     timed("a writer's batch of 100 reports", started.elapsed());
     let started = std::time::Instant::now();
-    let changed = store.rollout_member_changes(1, &mark).await.unwrap();
+    let changed = store.rollout_member_changes(1, mark).await.unwrap();
     timed(
         "a rollout's members changed since a mark (100)",
         started.elapsed(),
@@ -2170,7 +2190,7 @@ async fn roots_are_kept_in_version_order_and_each_version_is_published_once(db: 
     let root = |version: u64| RootRecord {
         version,
         signed_json: format!("{{\"signed\":\"v{version}\",\"signatures\":[]}}"),
-        published_at: "2026-01-01T00:00:00Z".into(),
+        published_at: ts("2026-01-01T00:00:00Z"),
         published_by: "token 1 (keys)".into(),
     };
     for version in [1, 2, 3] {

@@ -28,7 +28,7 @@ use crate::signals::Signal;
 use crate::state::AppState;
 use crate::store::{
     DeviceStanding, DeviceTarget, MemberRecord, RolloutChange, RolloutPlan, RolloutRecord,
-    StoreError, CHANGE_OVERLAP,
+    StoreError, Timestamp, CHANGE_OVERLAP,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -177,7 +177,7 @@ async fn announce(
         };
         state
             .live
-            .set_targets(&step.offer, &target, &format_time(now));
+            .set_targets(&step.offer, &target, Timestamp::from(now));
         let pushed = step
             .offer
             .iter()
@@ -256,7 +256,7 @@ async fn apply(
         accept_failures: &[],
         withdraw: &[],
         hold: &step.hold,
-        now: &now_text,
+        now: Timestamp::from(now),
     };
     if !state
         .store
@@ -272,7 +272,7 @@ async fn apply(
             held = step.hold.len(),
             "offers not started taken back until the rollout resumes or its window opens"
         );
-        take_back(state, &step.hold, id, &now_text).await;
+        take_back(state, &step.hold, id, Timestamp::from(now)).await;
     }
     Ok(true)
 }
@@ -414,7 +414,7 @@ fn member_of(
     Member {
         device: device.id.clone(),
         phase: record.phase,
-        offered_at: record.offered_at.as_deref().and_then(parse_time),
+        offered_at: record.offered_at.map(Timestamp::instant),
         outcome: record.outcome,
         failure_accepted: record.failure_accepted,
         live: live_of(release, id, device),
@@ -451,7 +451,7 @@ struct Cached {
     index: HashMap<DeviceId, usize>,
     /// The store's clock before the last read: the next read of changes
     /// starts here, less [`CHANGE_OVERLAP`].
-    read_from: String,
+    read_from: Timestamp,
     read_whole_at: OffsetDateTime,
     /// Rows the last read brought: every member, or only those changed.
     rows_read: usize,
@@ -541,9 +541,8 @@ impl MemberCache {
         let Some(cached) = self.rollouts.get_mut(&id) else {
             return Ok(None);
         };
-        let since = parse_time(&cached.read_from)
-            .map_or(cached.read_from.clone(), |t| format_time(t - self.overlap));
-        let rows = state.store.rollout_member_changes(id, &since).await?;
+        let since = cached.read_from - self.overlap;
+        let rows = state.store.rollout_member_changes(id, since).await?;
         cached.rows_read = rows.len();
         cached.merge(state, rows);
         cached.read_from = mark;
@@ -620,7 +619,7 @@ impl Cached {
 /// sessions send `no_update`, so an agent downloading stops and one waiting
 /// for a download turn leaves the line, and each stays on the OS it runs;
 /// their histories record the withdrawal at `now`.
-pub(crate) async fn take_back(state: &AppState, devices: &[DeviceId], id: i64, now: &str) {
+pub(crate) async fn take_back(state: &AppState, devices: &[DeviceId], id: i64, now: Timestamp) {
     state.live.withdraw_targets(devices, id, now);
     for device in devices {
         state.hub.notify_target_changed(device);

@@ -5,9 +5,9 @@
 
 use super::{ServiceError, ServiceResult};
 use crate::auth::Principal;
-use crate::rollout::scheduler::format_time;
 use crate::state::AppState;
 use crate::store::control::NewAuditEntry;
+use crate::store::Timestamp;
 use uplift_proto::auth::{AuditAction, AuditPage, AuditQuery, MAX_AUDIT_PAGE};
 use uplift_proto::WireError;
 
@@ -29,7 +29,7 @@ pub async fn record<T>(
         .err()
         .map(|e| WireError::new(e.kind(), e.to_string()));
     let entry = NewAuditEntry {
-        at: &format_time(time::OffsetDateTime::now_utc()),
+        at: Timestamp::now(),
         actor: &actor.name,
         token_id: actor.token_id,
         role: actor.role,

@@ -14,9 +14,8 @@
 
 use super::{audit, ServiceError, ServiceResult};
 use crate::auth::Principal;
-use crate::rollout::scheduler::parse_time;
 use crate::state::AppState;
-use crate::store::{DeviceFilter, DeviceRecord, Removal, TagUpdate};
+use crate::store::{DeviceFilter, DeviceRecord, Removal, TagUpdate, Timestamp};
 use std::collections::{HashMap, HashSet};
 use time::OffsetDateTime;
 use uplift_proto::api::{
@@ -52,9 +51,9 @@ pub(super) fn page_limit(limit: Option<u32>) -> ServiceResult<u32> {
     }
 }
 
-fn time_of(field: &'static str, text: Option<String>) -> ServiceResult<Option<OffsetDateTime>> {
+fn time_of(field: &'static str, text: Option<String>) -> ServiceResult<Option<Timestamp>> {
     text.map(|text| {
-        parse_time(&text).ok_or_else(|| ServiceError::BadQuery {
+        Timestamp::parse_rfc3339(&text).map_err(|_| ServiceError::BadQuery {
             field,
             why: format!(
                 "{:?} is not an RFC 3339 time; write it like 2026-05-01T12:00:00Z",
@@ -139,10 +138,10 @@ async fn page(
     // answered as of now: nobody was seen after a time still to come, and
     // everybody before it.
     let now = OffsetDateTime::now_utc();
-    if filter.seen_after.is_some_and(|t| t >= now) {
+    if filter.seen_after.is_some_and(|t| t.instant() >= now) {
         return Ok((Vec::new(), None));
     }
-    if filter.seen_before.is_some_and(|t| t > now) {
+    if filter.seen_before.is_some_and(|t| t.instant() > now) {
         filter.seen_before = None;
     }
     if filter.online.is_some() || filter.seen_after.is_some() || filter.seen_before.is_some() {
@@ -189,7 +188,7 @@ fn holds_live(filter: &DeviceFilter, online: &HashSet<DeviceId>, d: &DeviceRecor
             .is_some_and(|v| filter.versions.contains(v));
     let state = filter.state.is_none_or(|s| d.state == Some(s));
     let online = || online.contains(&d.id);
-    let last_seen = || d.last_seen.as_deref().and_then(parse_time);
+    let last_seen = || d.last_seen;
     let seen_after = filter
         .seen_after
         .is_none_or(|t| online() || last_seen().is_some_and(|seen| seen > t));
@@ -299,17 +298,20 @@ async fn decommission(
     actor: &Principal,
     id: &DeviceId,
 ) -> ServiceResult<DeviceView> {
-    let now = crate::state::now_rfc3339();
-    match state.store.remove_device(id, &now).await? {
+    let now = Timestamp::now();
+    match state.store.remove_device(id, now).await? {
         Removal::UnknownDevice => return Err(ServiceError::DeviceNotFound { id: id.clone() }),
         Removal::AlreadyRemoved { at } => {
-            return Err(ServiceError::AlreadyRemoved { id: id.clone(), at })
+            return Err(ServiceError::AlreadyRemoved {
+                id: id.clone(),
+                at: at.to_string(),
+            })
         }
         Removal::Removed { rollouts } => {
             tracing::info!(device = %id, ?rollouts, by = %actor.name, "device removed");
         }
     }
-    crate::signals::forget_removed(state, id, Some(&actor.name), &now);
+    crate::signals::forget_removed(state, id, Some(&actor.name), now);
     state
         .signals
         .send(crate::signals::Signal::Removed {
@@ -405,12 +407,12 @@ fn view(
         state: d.state,
         progress: d.progress,
         last_error: d.last_error,
-        enrolled_at: d.enrolled_at,
-        last_seen: d.last_seen,
+        enrolled_at: d.enrolled_at.to_string(),
+        last_seen: d.last_seen.map(|t| t.to_string()),
         tags,
         slot: d.booted_slot,
         address: d.address,
-        removed_at: d.removed_at,
+        removed_at: d.removed_at.map(|t| t.to_string()),
         private_addresses: d.private_addresses,
     }
 }
@@ -420,6 +422,7 @@ mod tests {
     use super::*;
     use crate::hub::SessionSerial;
     use crate::service::testing;
+    use crate::store::stamp::ts;
     use uplift_proto::channel::{AgentState, Report};
     use uplift_proto::{ErrorKind, SlotName};
 
@@ -440,9 +443,11 @@ mod tests {
     /// `device` reports `state` on `version`, in memory only (the database
     /// has not caught up).
     fn reports(state: &AppState, device: &DeviceId, status: AgentState, version: &str) {
-        state
-            .live
-            .claim(device, SessionSerial::from_raw(1), "2026-01-01T00:00:00Z");
+        state.live.claim(
+            device,
+            SessionSerial::from_raw(1),
+            ts("2026-01-01T00:00:00Z"),
+        );
         state.live.apply(
             device,
             SessionSerial::from_raw(1),
@@ -454,7 +459,7 @@ mod tests {
                 progress: None,
                 error: None,
             },
-            "2026-01-01T00:00:01Z",
+            ts("2026-01-01T00:00:01Z"),
         );
     }
 
@@ -687,7 +692,7 @@ mod tests {
         let events: Vec<crate::store::NewEvent> = (1..=5)
             .map(|n| crate::store::NewEvent {
                 device: a.clone(),
-                at: format!("2026-01-01T00:00:0{n}Z"),
+                at: ts(&format!("2026-01-01T00:00:0{n}Z")),
                 event: uplift_proto::api::DeviceEventKind::Withdrawn { rollout_id: n },
             })
             .collect();

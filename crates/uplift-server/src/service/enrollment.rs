@@ -13,7 +13,7 @@ use crate::auth::Principal;
 use crate::config::EnrollmentMode;
 use crate::state::AppState;
 use crate::store::control::{EnrollmentDecision, EnrollmentRecord, NewEnrollmentRequest};
-use crate::store::NewDevice;
+use crate::store::{NewDevice, Timestamp};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
@@ -69,7 +69,7 @@ pub enum Admission {
         addresses: Vec<String>,
     },
     /// Its key belongs to a device an operator removed.
-    Removed { id: DeviceId, at: String },
+    Removed { id: DeviceId, at: Timestamp },
     /// It waits for an operator.
     Pending(EnrollmentRecord),
 }
@@ -131,9 +131,7 @@ pub async fn admit(
                     key_fingerprint: &key_fingerprint(public_key),
                     device_type,
                     hardware_id,
-                    requested_at: &crate::rollout::scheduler::format_time(
-                        time::OffsetDateTime::now_utc(),
-                    ),
+                    requested_at: Timestamp::now(),
                 })
                 .await?;
             match (record.view.state, &record.view.device_id) {
@@ -197,7 +195,7 @@ async fn store_device(
             device_type: device_type.clone(),
             hardware_id: hardware_id.clone(),
             public_key: public_key.to_owned(),
-            enrolled_at: crate::state::now_rfc3339(),
+            enrolled_at: Timestamp::now(),
         })
         .await?;
     tracing::info!(device = %id, %device_type, %hardware_id, "device enrolled");
@@ -306,10 +304,10 @@ async fn decide(
     id: i64,
     decision: &EnrollmentDecision<'_>,
 ) -> ServiceResult<EnrollmentRecord> {
-    let now = crate::rollout::scheduler::format_time(time::OffsetDateTime::now_utc());
+    let now = Timestamp::now();
     match state
         .store
-        .decide_enrollment(id, decision, &actor.name, &now)
+        .decide_enrollment(id, decision, &actor.name, now)
         .await?
     {
         None => Err(ServiceError::EnrollmentNotFound { id }),

@@ -102,6 +102,7 @@ mod tests {
     use crate::auth::Principal;
     use crate::hub::SessionSerial;
     use crate::service::testing;
+    use crate::store::stamp::ts;
     use uplift_proto::channel::Report;
     use uplift_proto::{DeviceId, SlotName};
 
@@ -170,7 +171,7 @@ mod tests {
         target: Option<&str>,
     ) {
         let serial = SessionSerial::from_raw(1);
-        state.live.claim(device, serial, "2026-01-01T00:00:00Z");
+        state.live.claim(device, serial, ts("2026-01-01T00:00:00Z"));
         state.live.apply(
             device,
             serial,
@@ -182,7 +183,7 @@ mod tests {
                 progress: None,
                 error: None,
             },
-            "2026-01-01T00:00:01Z",
+            ts("2026-01-01T00:00:01Z"),
         );
         assert!(testing::flush_writes(state).await);
     }

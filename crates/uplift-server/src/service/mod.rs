@@ -258,6 +258,7 @@ pub(crate) mod testing {
     use crate::artifacts::{ArtifactStore, LocalArtifacts};
     use crate::chunks::Chunks;
     use crate::state::{AppState, Secrets, Stats};
+    use crate::store::stamp::ts;
     use crate::store::{NewDevice, ReleaseRecord, SqliteStore, Store};
     use std::path::Path;
     use std::sync::Arc;
@@ -356,9 +357,9 @@ pub(crate) mod testing {
             image_sha256: "00".repeat(32),
             chunks: 1,
             stored_bytes: 1,
-            created_at: format!("2026-01-01T00:00:0{version}Z"),
+            created_at: ts(&format!("2026-01-01T00:00:0{version}Z")),
             key_ids: vec!["key-1".into()],
-            expires_at: Some("2027-01-01T00:00:00Z".into()),
+            expires_at: Some(ts("2027-01-01T00:00:00Z")),
         };
         state.store.insert_release(&record).await.unwrap();
         record
@@ -373,7 +374,7 @@ pub(crate) mod testing {
                 device_type: device_type.parse().unwrap(),
                 hardware_id: format!("hw-{id}").parse().unwrap(),
                 public_key: format!("key-{id}"),
-                enrolled_at: "2026-01-01T00:00:00Z".into(),
+                enrolled_at: ts("2026-01-01T00:00:00Z"),
             })
             .await
             .unwrap();

@@ -4,8 +4,8 @@
 use super::{audit, ServiceError, ServiceResult, Stored};
 use crate::auth::Principal;
 use crate::chunks::{Chunks, LoadError, StoredKind};
-use crate::state::{now_rfc3339, AppState};
-use crate::store::{ReleaseRecord, StoreError};
+use crate::state::AppState;
+use crate::store::{ReleaseRecord, StoreError, Timestamp};
 use bytes::Bytes;
 use uplift_proto::api::{MissingChunksRequest, MissingChunksResponse, ReleaseView};
 use uplift_proto::auth::AuditAction;
@@ -20,10 +20,10 @@ pub async fn view(state: &AppState, r: &ReleaseRecord) -> ReleaseView {
         image_sha256: r.image_sha256.clone(),
         chunks: r.chunks,
         stored_bytes: r.stored_bytes,
-        created_at: r.created_at.clone(),
+        created_at: r.created_at.to_string(),
         damaged_chunks: state.chunks.damaged_in(r).await,
         key_ids: r.key_ids.clone(),
-        expires_at: r.expires_at.clone(),
+        expires_at: r.expires_at.map(|t| t.to_string()),
     }
 }
 
@@ -167,9 +167,10 @@ async fn take_in(state: &AppState, manifest_json: &[u8]) -> ServiceResult<(Store
         image_sha256: manifest.image.sha256.to_hex(),
         chunks: manifest.chunks.len() as u64,
         stored_bytes: manifest.stored_bytes(),
-        created_at: now_rfc3339(),
+        created_at: Timestamp::now(),
         key_ids,
-        expires_at: Some(manifest.expires_at.clone()),
+        // Validated (RFC 3339) when the manifest was verified.
+        expires_at: Timestamp::parse_rfc3339(&manifest.expires_at).ok(),
     };
     publish(state, &manifest, manifest_json).await?;
     match state.store.insert_release(&record).await {

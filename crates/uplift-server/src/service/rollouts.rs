@@ -7,10 +7,10 @@ use crate::auth::Principal;
 use crate::rollout::engine::{Command, PauseReason, RolloutState};
 use crate::rollout::window::Window;
 use crate::rollout::{phases, scheduler};
-use crate::state::{now_rfc3339, AppState};
+use crate::state::AppState;
 use crate::store::{
     DeviceFilter, DeviceRecord, DeviceStanding, MemberPage, NewPlan, ReleaseRecord, RolloutChange,
-    RolloutPlan, RolloutRecord, RolloutTally,
+    RolloutPlan, RolloutRecord, RolloutTally, Timestamp,
 };
 use std::collections::{HashMap, HashSet};
 use time::OffsetDateTime;
@@ -110,7 +110,7 @@ struct Plan {
     release: ReleaseRecord,
     members: Vec<(DeviceId, u32)>,
     now: OffsetDateTime,
-    created_at: String,
+    created_at: Timestamp,
 }
 
 /// Checks `request` and plans the rollout it asks for, or says why not:
@@ -139,10 +139,12 @@ async fn plan(state: &AppState, request: &RolloutCreate) -> ServiceResult<Plan> 
     if let Some(window) = &request.policy.window {
         Window::parse(window)?;
     }
-    let now = OffsetDateTime::now_utc();
-    let created_at = now_rfc3339();
-    // Phases are decided here, once, and a start stores them with the devices.
-    let seed = phases::seed(&release.version, &created_at);
+    let created_at = Timestamp::now();
+    let now = created_at.instant();
+    // Phases are decided here, once, and a start stores them with the
+    // devices; the seed is the creation time as views show it, so anyone
+    // can recompute them.
+    let seed = phases::seed(&release.version, &created_at.to_string());
     let members = phases::assign(&devices, &request.policy.phases, &seed);
     Ok(Plan {
         release,
@@ -179,7 +181,7 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
                 from_versions: &request.from_versions,
                 offer: &step.offer,
             },
-            &created_at,
+            created_at,
         )
         .await?;
     tracing::info!(rollout = rollout.id, release = %rollout.release, devices = members.len(), phases = request.policy.phases.len() + 1, "rollout started");
@@ -193,7 +195,7 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
                 by: by.to_owned(),
             },
         },
-        &created_at,
+        &created_at.to_string(),
     );
     scheduler::announce_first(state, &rollout, &request.policy, &step, now).await;
     view(state, rollout).await
@@ -350,7 +352,7 @@ pub async fn members(
             device_id: d.id,
             hardware_id: d.hardware_id,
             phase: m.phase,
-            offered_at: m.offered_at,
+            offered_at: m.offered_at.map(|t| t.to_string()),
             outcome: m
                 .outcome
                 .and_then(|o| serde_json::to_value(o).ok())
@@ -700,7 +702,7 @@ async fn steer(
             accept_failures: &transition.accept_failures,
             withdraw: &transition.withdraw,
             hold: &transition.hold,
-            now: &now_text,
+            now: Timestamp::from(now),
         };
         if state
             .store
@@ -716,8 +718,8 @@ async fn steer(
                 held = transition.hold.len(),
                 "rollout command"
             );
-            scheduler::take_back(state, &transition.withdraw, id, &now_text).await;
-            scheduler::take_back(state, &transition.hold, id, &now_text).await;
+            scheduler::take_back(state, &transition.withdraw, id, Timestamp::from(now)).await;
+            scheduler::take_back(state, &transition.hold, id, Timestamp::from(now)).await;
             let by = by.to_owned();
             let event = match &command {
                 Command::Pause => RolloutEvent::Paused {
@@ -763,7 +765,7 @@ fn view_of(
         release: rollout.release,
         device_type: rollout.device_type,
         allow_downgrade: rollout.allow_downgrade,
-        created_at: rollout.created_at,
+        created_at: rollout.created_at.to_string(),
         devices_total: tally.total,
         counts: tally.counts,
         status: tally.status(),
@@ -851,6 +853,7 @@ impl Tally {
 pub(crate) mod tests {
     use super::*;
     use crate::service::testing;
+    use crate::store::stamp::ts;
     use crate::store::MemberRecord;
     use uplift_proto::channel::Report;
     use uplift_proto::{DeviceId, ErrorKind};
@@ -867,7 +870,7 @@ pub(crate) mod tests {
             device_type: "gw".parse().unwrap(),
             hardware_id: "hw-1".parse().unwrap(),
             public_key: "key".into(),
-            enrolled_at: "then".into(),
+            enrolled_at: Timestamp::now(),
             last_seen: None,
             running_version: Some(running.parse().unwrap()),
             state,
@@ -1318,10 +1321,10 @@ pub(crate) mod tests {
                 .id
         };
         let offered_before =
-            |members: &[(MemberRecord, DeviceStanding)]| -> Vec<(String, Option<String>)> {
+            |members: &[(MemberRecord, DeviceStanding)]| -> Vec<(String, Option<Timestamp>)> {
                 members
                     .iter()
-                    .map(|(m, d)| (d.id.to_string(), m.offered_at.clone()))
+                    .map(|(m, d)| (d.id.to_string(), m.offered_at))
                     .collect()
             };
 
@@ -1375,7 +1378,7 @@ pub(crate) mod tests {
         state.live.claim(
             &b,
             crate::hub::SessionSerial::from_raw(1),
-            "2026-12-02T10:00:00Z",
+            ts("2026-12-02T10:00:00Z"),
         );
         let report = Report {
             state: AgentState::Idle,
@@ -1389,7 +1392,7 @@ pub(crate) mod tests {
             &b,
             crate::hub::SessionSerial::from_raw(1),
             &report,
-            "2026-12-02T10:00:00Z",
+            ts("2026-12-02T10:00:00Z"),
         );
         // Rollout views count what is stored: the writer's next batch.
         assert_eq!(get(&state, second.id).await.unwrap().counts.succeeded, 0);
@@ -1476,7 +1479,7 @@ pub(crate) mod tests {
         tag(&state, &cam, &["canary"]).await;
         let running = |id: &DeviceId, version: &str| {
             let serial = crate::hub::SessionSerial::from_raw(1);
-            state.live.claim(id, serial, "2026-12-02T10:00:00Z");
+            state.live.claim(id, serial, ts("2026-12-02T10:00:00Z"));
             state.live.apply(
                 id,
                 serial,
@@ -1488,7 +1491,7 @@ pub(crate) mod tests {
                     progress: None,
                     error: None,
                 },
-                "2026-12-02T10:00:00Z",
+                ts("2026-12-02T10:00:00Z"),
             );
         };
         running(&a, "1.0");

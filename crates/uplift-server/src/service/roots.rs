@@ -8,8 +8,8 @@
 
 use super::{audit, ServiceError, ServiceResult};
 use crate::auth::Principal;
-use crate::state::{now_rfc3339, AppState};
-use crate::store::RootRecord;
+use crate::state::AppState;
+use crate::store::{RootRecord, Timestamp};
 use time::OffsetDateTime;
 use uplift_proto::auth::AuditAction;
 use uplift_proto::trust::{RootView, MAX_ROOTS_PER_ANSWER};
@@ -41,7 +41,7 @@ async fn take_in(state: &AppState, actor: &Principal, body: &[u8]) -> ServiceRes
     let record = RootRecord {
         version: trusted.root().version,
         signed_json: String::from_utf8_lossy(&signed.to_json()).into_owned(),
-        published_at: now_rfc3339(),
+        published_at: Timestamp::now(),
         published_by: actor.name.clone(),
     };
     state.store.insert_root(&record).await?;
@@ -129,7 +129,7 @@ fn view(record: &RootRecord) -> ServiceResult<RootView> {
             .map(|r| ids(&r.keys))
             .unwrap_or_default(),
         signed_by: signed.signatures.iter().map(|s| s.key_id.clone()).collect(),
-        published_at: record.published_at.clone(),
+        published_at: record.published_at.to_string(),
         published_by: record.published_by.clone(),
     })
 }
@@ -137,6 +137,7 @@ fn view(record: &RootRecord) -> ServiceResult<RootView> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::stamp::ts;
     use uplift_release::keys::ReleaseSigningKey;
     use uplift_release::root::{Role, Root, ROOT_FORMAT};
 
@@ -167,7 +168,7 @@ mod tests {
         RootRecord {
             version: root.parse_unverified().unwrap().version,
             signed_json: String::from_utf8(root.to_json()).unwrap(),
-            published_at: "2026-01-01T00:00:00Z".into(),
+            published_at: ts("2026-01-01T00:00:00Z"),
             published_by: "test".into(),
         }
     }

@@ -4,9 +4,10 @@
 
 use super::{audit, ServiceError, ServiceResult};
 use crate::auth::Principal;
-use crate::rollout::scheduler::{format_time, parse_time};
+use crate::rollout::scheduler::parse_time;
 use crate::state::AppState;
 use crate::store::control::NewApiToken;
+use crate::store::Timestamp;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uplift_proto::auth::{AuditAction, Role, TokenCreate, TokenCreated, TokenView};
@@ -171,7 +172,7 @@ async fn create_unaudited(
         Some(secs) if secs.get() > MAX_EXPIRES_IN_SECS => {
             return Err(ServiceError::ExpiryTooFar { secs: secs.get() })
         }
-        Some(secs) => Some(format_time(
+        Some(secs) => Some(Timestamp::from(
             now + time::Duration::seconds(secs.get() as i64),
         )),
         None => None,
@@ -188,9 +189,9 @@ async fn create_unaudited(
             name: &request.name,
             role: request.role,
             secret_sha256: &secret_digest(&secret),
-            created_at: &format_time(now),
+            created_at: Timestamp::from(now),
             created_by: &actor.name,
-            expires_at: expires_at.as_deref(),
+            expires_at,
             max_uses: request.max_uses.map(|n| n.get()),
         })
         .await?;
@@ -206,10 +207,9 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<TokenView>> {
 /// revoked token changes nothing and succeeds.
 pub async fn revoke(state: &AppState, actor: &Principal, id: i64) -> ServiceResult<TokenView> {
     let result = async {
-        let now = format_time(OffsetDateTime::now_utc());
         state
             .store
-            .revoke_api_token(id, &now)
+            .revoke_api_token(id, Timestamp::now())
             .await?
             .ok_or(ServiceError::TokenNotFound { id })
     }

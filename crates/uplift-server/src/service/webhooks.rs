@@ -4,10 +4,9 @@
 
 use super::{audit, ServiceError, ServiceResult};
 use crate::auth::Principal;
-use crate::rollout::scheduler::format_time;
 use crate::state::AppState;
 use crate::store::control::NewWebhook;
-use time::OffsetDateTime;
+use crate::store::Timestamp;
 use uplift_proto::auth::AuditAction;
 use uplift_proto::events::{DeliveryView, WebhookCreate, WebhookCreated, WebhookView};
 
@@ -54,7 +53,7 @@ pub async fn create(
                 url: &request.url,
                 secret: &secret,
                 filter: &request.filter,
-                created_at: &format_time(OffsetDateTime::now_utc()),
+                created_at: Timestamp::now(),
                 created_by: &actor.name,
             })
             .await?;
@@ -81,10 +80,9 @@ pub async fn list(state: &AppState) -> ServiceResult<Vec<WebhookView>> {
 
 /// Stops deliveries to webhook `id`; its log stays. Again is a no-op.
 pub async fn remove(state: &AppState, actor: &Principal, id: i64) -> ServiceResult<WebhookView> {
-    let now = format_time(OffsetDateTime::now_utc());
     let result = state
         .store
-        .remove_webhook(id, &now)
+        .remove_webhook(id, Timestamp::now())
         .await
         .map_err(ServiceError::from)
         .and_then(|w| w.ok_or(ServiceError::WebhookNotFound { id }));

@@ -4,7 +4,7 @@
 //! rollouts and send deliveries. A trait of its own so that the
 //! fleet's [`super::Store`] stays about devices, releases and rollouts.
 
-use super::StoreResult;
+use super::{StoreResult, Timestamp};
 use async_trait::async_trait;
 use uplift_proto::auth::{AuditAction, AuditEntry, AuditQuery, Role, TokenView};
 use uplift_proto::enrollment::{EnrollmentRequestView, EnrollmentState};
@@ -17,16 +17,16 @@ pub struct NewApiToken<'a> {
     pub role: Role,
     /// Hex SHA-256 of the secret; the secret itself is never stored.
     pub secret_sha256: &'a str,
-    pub created_at: &'a str,
+    pub created_at: Timestamp,
     pub created_by: &'a str,
-    pub expires_at: Option<&'a str>,
+    pub expires_at: Option<Timestamp>,
     /// The most new devices an enrollment token may enroll.
     pub max_uses: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct NewAuditEntry<'a> {
-    pub at: &'a str,
+    pub at: Timestamp,
     pub actor: &'a str,
     pub token_id: Option<i64>,
     pub role: Role,
@@ -43,7 +43,7 @@ pub struct NewWebhook<'a> {
     /// list never shows it).
     pub secret: &'a str,
     pub filter: &'a EventFilter,
-    pub created_at: &'a str,
+    pub created_at: Timestamp,
     pub created_by: &'a str,
 }
 
@@ -62,7 +62,7 @@ pub struct NewDelivery {
     pub event: String,
     /// The JSON body to POST.
     pub payload: String,
-    pub created_at: String,
+    pub created_at: Timestamp,
     /// Milliseconds since the epoch; due at once when made.
     pub due_ms: i64,
 }
@@ -82,7 +82,7 @@ pub struct DueDelivery {
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt<'a> {
-    pub at: &'a str,
+    pub at: Timestamp,
     pub status: Option<u16>,
     pub error: Option<&'a WireError>,
     /// `Some` (ms since the epoch) to try again then; `None` when this
@@ -98,7 +98,7 @@ pub struct NewEnrollmentRequest<'a> {
     pub key_fingerprint: &'a str,
     pub device_type: &'a DeviceType,
     pub hardware_id: &'a HardwareId,
-    pub requested_at: &'a str,
+    pub requested_at: Timestamp,
 }
 
 /// An enrollment request with the key it is for (the view shows only the
@@ -139,7 +139,7 @@ pub trait ControlStore: Send + Sync {
     async fn list_api_tokens(&self) -> StoreResult<Vec<TokenView>>;
     /// Marks the token revoked at `now` unless it already is; the token as
     /// it now stands, `None` if there is no such token.
-    async fn revoke_api_token(&self, id: i64, now: &str) -> StoreResult<Option<TokenView>>;
+    async fn revoke_api_token(&self, id: i64, now: Timestamp) -> StoreResult<Option<TokenView>>;
 
     /// Appends one entry; the log cannot be changed or shortened through
     /// the store (the table refuses updates and deletes).
@@ -152,7 +152,7 @@ pub trait ControlStore: Send + Sync {
     async fn webhooks(&self) -> StoreResult<Vec<WebhookRecord>>;
     /// Marks it removed at `now` (nothing more is delivered to it); the
     /// webhook as it now stands, `None` if there is no such webhook.
-    async fn remove_webhook(&self, id: i64, now: &str) -> StoreResult<Option<WebhookView>>;
+    async fn remove_webhook(&self, id: i64, now: Timestamp) -> StoreResult<Option<WebhookView>>;
     async fn insert_deliveries(&self, deliveries: &[NewDelivery]) -> StoreResult<()>;
     /// Pending deliveries due at `now_ms` to webhooks not removed, oldest
     /// first, at most `limit`.
@@ -213,6 +213,6 @@ pub trait ControlStore: Send + Sync {
         id: i64,
         decision: &EnrollmentDecision<'_>,
         by: &str,
-        now: &str,
+        now: Timestamp,
     ) -> StoreResult<Option<(EnrollmentRecord, bool)>>;
 }

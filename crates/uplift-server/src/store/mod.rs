@@ -7,6 +7,8 @@ pub mod roots;
 mod sqlite;
 pub(crate) mod stamp;
 
+pub use stamp::Timestamp;
+
 pub use control::ControlStore;
 pub use roots::{RootRecord, RootStore};
 
@@ -48,13 +50,6 @@ pub enum StoreError {
     },
     #[error("stored {what} is corrupt: {detail}")]
     Corrupt { what: &'static str, detail: String },
-    /// A time handed to the store that is not RFC 3339: the caller's bug.
-    #[error("{what} {text:?} is not an RFC 3339 time ({detail}); this is a bug in the server")]
-    BadTime {
-        what: &'static str,
-        text: String,
-        detail: String,
-    },
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -66,7 +61,6 @@ impl StoreError {
         match self {
             StoreError::Database { .. }
             | StoreError::Corrupt { .. }
-            | StoreError::BadTime { .. }
             | StoreError::Migration { .. } => ErrorKind::Storage,
             StoreError::Busy { .. } => ErrorKind::ServerBusy,
             StoreError::Conflict(_) => ErrorKind::Conflict,
@@ -142,7 +136,7 @@ pub struct ReportedState {
     pub id: DeviceId,
     /// `None` if the device has not reported since the server started.
     pub report: Option<Report>,
-    pub last_seen: Option<String>,
+    pub last_seen: Option<Timestamp>,
     /// `IP:port` its newest channel came from; `None` keeps the stored one.
     pub address: Option<String>,
 }
@@ -153,7 +147,7 @@ pub struct NewDevice {
     pub device_type: DeviceType,
     pub hardware_id: HardwareId,
     pub public_key: String,
-    pub enrolled_at: String,
+    pub enrolled_at: Timestamp,
 }
 
 /// How long a replica may go without writing its presence before the
@@ -167,8 +161,8 @@ pub struct DeviceRecord {
     pub device_type: DeviceType,
     pub hardware_id: HardwareId,
     pub public_key: String,
-    pub enrolled_at: String,
-    pub last_seen: Option<String>,
+    pub enrolled_at: Timestamp,
+    pub last_seen: Option<Timestamp>,
     pub running_version: Option<Version>,
     pub state: Option<AgentState>,
     pub booted_slot: Option<SlotName>,
@@ -179,9 +173,9 @@ pub struct DeviceRecord {
     /// `IP:port` its newest channel came from, if it connected since the
     /// server recorded addresses.
     pub address: Option<String>,
-    /// RFC 3339; when an operator removed the device (see
-    /// [`Store::remove_device`]). `None` for an enrolled device.
-    pub removed_at: Option<String>,
+    /// When an operator removed the device (see [`Store::remove_device`]).
+    /// `None` for an enrolled device.
+    pub removed_at: Option<Timestamp>,
     /// Its private addresses in CIDR form (see [`crate::addresses`]), IPv4
     /// first.
     pub private_addresses: Vec<String>,
@@ -196,13 +190,13 @@ pub struct ReleaseRecord {
     pub image_sha256: String,
     pub chunks: u64,
     pub stored_bytes: u64,
-    pub created_at: String,
+    pub created_at: Timestamp,
     /// The key IDs the manifest's signatures name (not checked here);
     /// empty for releases stored before they were kept.
     pub key_ids: Vec<String>,
     /// The manifest's `expires_at`; `None` for releases stored before it
     /// was kept.
-    pub expires_at: Option<String>,
+    pub expires_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone)]
@@ -212,7 +206,7 @@ pub struct RolloutRecord {
     pub device_type: DeviceType,
     pub allow_downgrade: bool,
     pub limits: DownloadLimits,
-    pub created_at: String,
+    pub created_at: Timestamp,
     /// The tags it was started on (a dynamic rollout admits devices that
     /// come to have them).
     pub tags: Option<TagSelector>,
@@ -234,9 +228,9 @@ pub struct DeviceFilter {
     /// Connected now (true) or not (false), by [`DeviceFilter::connected`].
     pub online: Option<bool>,
     /// Last seen before this time, or never.
-    pub seen_before: Option<OffsetDateTime>,
+    pub seen_before: Option<Timestamp>,
     /// Last seen after this time.
-    pub seen_after: Option<OffsetDateTime>,
+    pub seen_after: Option<Timestamp>,
     /// The devices connected to this replica now, which the database does
     /// not know (yet): for `online`, and for the seen filters, where a
     /// connected device counts as seen now (its stored last-seen time is
@@ -267,9 +261,9 @@ pub enum Removal {
     Removed {
         rollouts: Vec<i64>,
     },
-    /// Removed before, at this time (RFC 3339); nothing changed.
+    /// Removed before, at this time; nothing changed.
     AlreadyRemoved {
-        at: String,
+        at: Timestamp,
     },
     UnknownDevice,
 }
@@ -304,8 +298,7 @@ pub(crate) fn private_addresses(text: Option<String>) -> Vec<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
     pub device: DeviceId,
-    /// RFC 3339.
-    pub at: String,
+    pub at: Timestamp,
     pub event: DeviceEventKind,
 }
 
@@ -361,7 +354,7 @@ pub const CHANGE_OVERLAP: std::time::Duration = std::time::Duration::from_secs(1
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemberRecord {
     pub phase: u32,
-    pub offered_at: Option<String>,
+    pub offered_at: Option<Timestamp>,
     pub outcome: Option<Outcome>,
     pub error: Option<String>,
     pub failure_accepted: bool,
@@ -424,7 +417,7 @@ pub struct RolloutChange<'a> {
     /// Offers taken back until the rollout resumes (a pause): the device is
     /// no longer pointed at the rollout, and counts as not offered yet.
     pub hold: &'a [DeviceId],
-    pub now: &'a str,
+    pub now: Timestamp,
 }
 
 /// What a device should run, as decided by the newest rollout targeting it.
@@ -453,7 +446,7 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     /// again), no longer pointed at a rollout, its unfinished rollout
     /// parts ended as superseded, its tags and private addresses dropped.
     /// Every list and count leaves a removed device out.
-    async fn remove_device(&self, id: &DeviceId, now: &str) -> StoreResult<Removal>;
+    async fn remove_device(&self, id: &DeviceId, now: Timestamp) -> StoreResult<Removal>;
     /// Gives `device` `address` (`cidr` with the pool's prefix) of `pool`,
     /// unless another device holds it (UNIQUE), the device holds one of
     /// the pool already, or it is not enrolled.
@@ -492,8 +485,8 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     /// Stores history events in one transaction, then drops the oldest
     /// events of their devices beyond `keep_per_device`.
     async fn record_events(&self, events: &[NewEvent], keep_per_device: u32) -> StoreResult<u64>;
-    /// Drops events recorded before `before` (RFC 3339); returns how many.
-    async fn prune_events(&self, before: &str) -> StoreResult<u64>;
+    /// Drops events recorded before `before`; returns how many.
+    async fn prune_events(&self, before: Timestamp) -> StoreResult<u64>;
     /// A device's events older than event `before`, newest first, at most `limit`.
     async fn device_history(
         &self,
@@ -555,7 +548,7 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
         allow_downgrade: bool,
         limits: DownloadLimits,
         plan: &NewPlan<'_>,
-        now: &str,
+        now: Timestamp,
     ) -> StoreResult<RolloutRecord>;
     /// The engine's policy and state of a rollout; `None` for a rollout
     /// made before phased rollouts (or one that does not exist).
@@ -580,10 +573,10 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     /// by phase then device: what the scheduler decides on every tick, so
     /// only the columns it needs.
     async fn rollout_members(&self, id: i64) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>>;
-    /// The store's clock now, as RFC 3339: read before a read of members,
+    /// The store's clock now: read before a read of members,
     /// it is where the next [`Store::rollout_member_changes`] starts (less
     /// [`CHANGE_OVERLAP`]). PostgreSQL's clock, so replicas agree.
-    async fn change_mark(&self) -> StoreResult<String>;
+    async fn change_mark(&self) -> StoreResult<Timestamp>;
     /// Rollout `id`'s members whose row, or whose device's standing (what
     /// decides where it stands: version, state, target, error), changed at
     /// or after `since` (a [`Store::change_mark`]): what the scheduler
@@ -591,7 +584,7 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     async fn rollout_member_changes(
         &self,
         id: i64,
-        since: &str,
+        since: Timestamp,
     ) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>>;
     /// One page of a rollout's devices, in phase order, then by device ID.
     async fn rollout_members_page(

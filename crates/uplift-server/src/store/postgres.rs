@@ -87,8 +87,7 @@ impl PgStore {
         let action = "enrolling devices";
         let mut tx = self.pool.begin().await.map_err(db(action))?;
         for d in devices {
-            let enrolled_at = stamp::parse("a device's enrollment time", &d.enrolled_at)?;
-            let result = insert_device_query(d, enrolled_at).execute(&mut *tx).await;
+            let result = insert_device_query(d).execute(&mut *tx).await;
             enrolled(d, result, action)?;
         }
         tx.commit().await.map_err(db(action))
@@ -97,7 +96,6 @@ impl PgStore {
 
 fn insert_device_query(
     d: &NewDevice,
-    enrolled_at: OffsetDateTime,
 ) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
     sqlx::query(
         "INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at) VALUES ($1, $2, $3, $4, $5)",
@@ -106,7 +104,7 @@ fn insert_device_query(
     .bind(d.device_type.as_str())
     .bind(d.hardware_id.as_str())
     .bind(&d.public_key)
-    .bind(enrolled_at)
+    .bind(d.enrolled_at.instant())
 }
 
 fn enrolled(
@@ -209,10 +207,7 @@ impl ReportColumns {
             return Ok(());
         };
         self.id.push(s.id.as_str().to_owned());
-        self.last_seen.push(stamp::parse_opt(
-            "a device's last-seen time",
-            s.last_seen.as_deref(),
-        )?);
+        self.last_seen.push(s.last_seen.map(Timestamp::instant));
         self.address.push(s.address.clone());
         self.running_version
             .push(report.running_version.as_str().to_owned());
@@ -274,8 +269,8 @@ fn device_from_row(row: &PgRow) -> StoreResult<DeviceRecord> {
         device_type: parse("device type", text(1)?)?,
         hardware_id: parse("hardware id", text(2)?)?,
         public_key: text(3)?,
-        enrolled_at: stamp::shown(enrolled_at),
-        last_seen: last_seen.map(stamp::shown),
+        enrolled_at: Timestamp::from(enrolled_at),
+        last_seen: last_seen.map(Timestamp::from),
         running_version: parse_opt("version", opt_text(6)?)?,
         state: parse_json("agent state", opt_text(7)?)?,
         booted_slot: parse_opt("slot", opt_text(8)?)?,
@@ -287,7 +282,7 @@ fn device_from_row(row: &PgRow) -> StoreResult<DeviceRecord> {
         removed_at: row
             .try_get::<Option<OffsetDateTime>, _>(17)
             .map_err(db("reading a device"))?
-            .map(stamp::shown),
+            .map(Timestamp::from),
         private_addresses: super::private_addresses(opt_text(18)?),
     })
 }
@@ -331,7 +326,7 @@ fn member_at(row: &PgRow, first: usize) -> StoreResult<MemberRecord> {
     Ok(MemberRecord {
         phase: u32::try_from(row.try_get::<i64, _>(first).map_err(r)?)
             .map_err(|e| corrupt("rollout phase")(e.to_string()))?,
-        offered_at: offered_at.map(stamp::shown),
+        offered_at: offered_at.map(Timestamp::from),
         outcome: parse_json("rollout outcome", outcome)?,
         error: row.try_get(first + 3).map_err(r)?,
         failure_accepted: row.try_get::<bool, _>(first + 4).map_err(r)?,
@@ -353,7 +348,7 @@ fn release_from_row(row: PgRow) -> StoreResult<ReleaseRecord> {
         image_sha256: row.try_get(4).map_err(r)?,
         chunks: row.try_get::<i64, _>(5).map_err(r)? as u64,
         stored_bytes: row.try_get::<i64, _>(6).map_err(r)? as u64,
-        created_at: stamp::shown(created_at),
+        created_at: Timestamp::from(created_at),
         key_ids: row
             .try_get::<Option<String>, _>(8)
             .map_err(r)?
@@ -361,7 +356,7 @@ fn release_from_row(row: PgRow) -> StoreResult<ReleaseRecord> {
             .transpose()
             .map_err(|e| corrupt("release key ids")(e.to_string()))?
             .unwrap_or_default(),
-        expires_at: expires_at.map(stamp::shown),
+        expires_at: expires_at.map(Timestamp::from),
     })
 }
 
@@ -377,7 +372,7 @@ fn rollout_from_row(row: PgRow) -> StoreResult<RolloutRecord> {
         id: row.try_get(0).map_err(r)?,
         release: parse("version", row.try_get(1).map_err(r)?)?,
         allow_downgrade: row.try_get(2).map_err(r)?,
-        created_at: stamp::shown(created_at),
+        created_at: Timestamp::from(created_at),
         device_type: parse("device type", row.try_get(4).map_err(r)?)?,
         limits: limits_from(row.try_get(5).map_err(r)?, row.try_get(6).map_err(r)?),
         tags: tags
@@ -540,14 +535,13 @@ fn push_device_filter(
         None => {}
     }
     if let Some(after) = filter.seen_after {
-        q.push(" AND (d.last_seen >= ")
-            .push_bind(stamp::truncate(after));
+        q.push(" AND (d.last_seen >= ").push_bind(after.instant());
         connected(q, "OR", "");
         q.push(")");
     }
     if let Some(before) = filter.seen_before {
         q.push(" AND (d.last_seen IS NULL OR d.last_seen <= ")
-            .push_bind(stamp::truncate(before))
+            .push_bind(before.instant())
             .push(")");
         connected(q, "AND", "NOT ");
     }
@@ -559,10 +553,7 @@ fn push_device_filter(
 #[async_trait]
 impl Store for PgStore {
     async fn insert_device(&self, d: &NewDevice) -> StoreResult<()> {
-        let enrolled_at = stamp::parse("a device's enrollment time", &d.enrolled_at)?;
-        let result = insert_device_query(d, enrolled_at)
-            .execute(&self.pool)
-            .await;
+        let result = insert_device_query(d).execute(&self.pool).await;
         enrolled(d, result, "enrolling a device")
     }
 
@@ -590,9 +581,9 @@ impl Store for PgStore {
         .transpose()
     }
 
-    async fn remove_device(&self, id: &DeviceId, now: &str) -> StoreResult<Removal> {
+    async fn remove_device(&self, id: &DeviceId, now: Timestamp) -> StoreResult<Removal> {
         let action = "removing a device";
-        let now = stamp::parse("a device's removal time", now)?;
+        let now = now.instant();
         let mut tx = self.pool.begin().await.map_err(db(action))?;
         // The row lock orders a removal after a concurrent change of the
         // device's tags or rollouts, and two removals one after the other.
@@ -606,7 +597,7 @@ impl Store for PgStore {
             None => return Ok(Removal::UnknownDevice),
             Some(Some(at)) => {
                 return Ok(Removal::AlreadyRemoved {
-                    at: stamp::shown(at),
+                    at: Timestamp::from(at),
                 })
             }
             Some(None) => {}
@@ -823,7 +814,7 @@ impl Store for PgStore {
         let mut details = Vec::with_capacity(events.len());
         for e in events {
             devices.push(e.device.as_str().to_owned());
-            ats.push(stamp::parse("an event's time", &e.at)?);
+            ats.push(e.at.instant());
             kinds.push(e.event.name().to_owned());
             details.push(json_text(&e.event));
         }
@@ -858,9 +849,9 @@ impl Store for PgStore {
         Ok(events.len() as u64)
     }
 
-    async fn prune_events(&self, before: &str) -> StoreResult<u64> {
+    async fn prune_events(&self, before: Timestamp) -> StoreResult<u64> {
         const AT_ONCE: i64 = 5_000;
-        let before = stamp::parse("the history's horizon", before)?;
+        let before = before.instant();
         let mut pruned = 0;
         loop {
             let n = sqlx::query(
@@ -900,7 +891,7 @@ impl Store for PgStore {
             .map(|(id, at, detail)| {
                 Ok(DeviceEvent {
                     id,
-                    at: stamp::shown(at),
+                    at: Timestamp::from(at).to_string(),
                     event: serde_json::from_str(&detail)
                         .map_err(|e| corrupt("device event")(e.to_string()))?,
                 })
@@ -1013,7 +1004,7 @@ impl Store for PgStore {
             match change {
                 PresenceChange::Connected(at) => {
                     connected.push(device.as_str().to_owned());
-                    connected_at.push(stamp::truncate(*at));
+                    connected_at.push(Timestamp::from(*at).instant());
                 }
                 PresenceChange::Disconnected => disconnected.push(device.as_str().to_owned()),
             }
@@ -1191,10 +1182,7 @@ impl Store for PgStore {
             let mut address = Vec::with_capacity(seen_only.len());
             for s in &seen_only {
                 id.push(s.id.as_str().to_owned());
-                last_seen.push(stamp::parse_opt(
-                    "a device's last-seen time",
-                    s.last_seen.as_deref(),
-                )?);
+                last_seen.push(s.last_seen.map(Timestamp::instant));
                 address.push(s.address.clone());
             }
             written += sqlx::query(
@@ -1254,9 +1242,9 @@ impl Store for PgStore {
         .bind(&rel.image_sha256)
         .bind(rel.chunks as i64)
         .bind(rel.stored_bytes as i64)
-        .bind(stamp::parse("a release's time", &rel.created_at)?)
+        .bind(rel.created_at.instant())
         .bind(json_text(&rel.key_ids))
-        .bind(stamp::parse_opt("a release's expiry", rel.expires_at.as_deref())?)
+        .bind(rel.expires_at.map(Timestamp::instant))
         .execute(&self.pool)
         .await;
         match result {
@@ -1302,10 +1290,10 @@ impl Store for PgStore {
         allow_downgrade: bool,
         limits: DownloadLimits,
         plan: &NewPlan<'_>,
-        now: &str,
+        now: Timestamp,
     ) -> StoreResult<RolloutRecord> {
         let action = "starting a rollout";
-        let created_at = stamp::parse("a rollout's start", now)?;
+        let created_at = now.instant();
         let devices: Vec<String> = members.iter().map(|(d, _)| d.as_str().to_owned()).collect();
         let phases: Vec<i64> = members.iter().map(|(_, p)| i64::from(*p)).collect();
         let mut tx = self.pool.begin().await.map_err(db(action))?;
@@ -1384,7 +1372,7 @@ impl Store for PgStore {
             device_type: release.device_type.clone(),
             allow_downgrade,
             limits,
-            created_at: stamp::shown(created_at),
+            created_at: now,
             tags: plan.tags.cloned(),
             from_versions: plan.from_versions.to_vec(),
         })
@@ -1524,20 +1512,20 @@ impl Store for PgStore {
         .collect()
     }
 
-    async fn change_mark(&self) -> StoreResult<String> {
+    async fn change_mark(&self) -> StoreResult<Timestamp> {
         let now: OffsetDateTime = sqlx::query_scalar("SELECT clock_timestamp()")
             .fetch_one(&self.pool)
             .await
             .map_err(db("reading the database's clock"))?;
-        Ok(stamp::shown(stamp::truncate(now)))
+        Ok(Timestamp::from(now))
     }
 
     async fn rollout_member_changes(
         &self,
         id: i64,
-        since: &str,
+        since: Timestamp,
     ) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>> {
-        let since = stamp::parse("the start of a read of changes", since)?;
+        let since = since.instant();
         let first = STANDING_COLUMNS.matches(", ").count() + 1;
         sqlx::query(&format!(
             "SELECT {STANDING_COLUMNS}, {MEMBER_COLUMNS} \
@@ -1604,7 +1592,7 @@ impl Store for PgStore {
         change: &RolloutChange<'_>,
     ) -> StoreResult<bool> {
         let action = "storing a rollout step";
-        let now = stamp::parse("a rollout step's time", change.now)?;
+        let now = change.now.instant();
         let mut tx = self.pool.begin().await.map_err(db(action))?;
         // The compare-and-set: a concurrent writer of the same rollout (on
         // any replica) waits here for this row's lock, then finds the

@@ -2,7 +2,7 @@
 //! to devices. A trait of its own beside [`super::Store`], like
 //! [`super::ControlStore`]: roots are about trust, not about the fleet.
 
-use super::StoreResult;
+use super::{StoreResult, Timestamp};
 use async_trait::async_trait;
 
 /// One published root.
@@ -11,8 +11,7 @@ pub struct RootRecord {
     pub version: u64,
     /// The signed envelope, exactly as published.
     pub signed_json: String,
-    /// RFC 3339.
-    pub published_at: String,
+    pub published_at: Timestamp,
     /// Who published it, as the audit log names callers.
     pub published_by: String,
 }

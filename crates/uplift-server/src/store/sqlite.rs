@@ -109,7 +109,10 @@ fn member_at(row: &SqliteRow, first: usize) -> StoreResult<MemberRecord> {
     let member = MemberRecord {
         phase: u32::try_from(row.try_get::<i64, _>(first).map_err(r)?)
             .map_err(|e| corrupt("rollout phase")(e.to_string()))?,
-        offered_at: stamp::shown_text_opt(row.try_get(first + 1).map_err(r)?),
+        offered_at: Timestamp::from_stored_opt(
+            "an offer's time",
+            row.try_get(first + 1).map_err(r)?,
+        )?,
         outcome: outcome
             .map(|o| {
                 serde_json::from_value(serde_json::Value::String(o))
@@ -156,8 +159,7 @@ impl SqliteStore {
         let action = "enrolling devices";
         let mut tx = self.begin_write(action).await?;
         for d in devices {
-            let enrolled_at = stamp::stored("a device's enrollment time", &d.enrolled_at)?;
-            let result = insert_device_query(d, enrolled_at).execute(&mut *tx).await;
+            let result = insert_device_query(d).execute(&mut *tx).await;
             enrolled(d, result, action)?;
         }
         tx.commit().await.map_err(db(action))
@@ -259,7 +261,6 @@ async fn address_claim_lost(
 
 fn insert_device_query(
     d: &NewDevice,
-    enrolled_at: String,
 ) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments<'_>> {
     sqlx::query(
         "INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at) VALUES (?, ?, ?, ?, ?)",
@@ -268,7 +269,7 @@ fn insert_device_query(
     .bind(d.device_type.as_str())
     .bind(d.hardware_id.as_str())
     .bind(&d.public_key)
-    .bind(enrolled_at)
+    .bind(d.enrolled_at.sortable())
 }
 
 /// What an enrollment's insert came to: a taken ID or key is a conflict.
@@ -378,8 +379,8 @@ fn device_from_row(row: SqliteRow) -> StoreResult<DeviceRecord> {
         device_type: parse("device type", text(1)?)?,
         hardware_id: parse("hardware id", text(2)?)?,
         public_key: text(3)?,
-        enrolled_at: stamp::shown_text(text(4)?),
-        last_seen: stamp::shown_text_opt(opt_text(5)?),
+        enrolled_at: Timestamp::from_stored("a device's enrollment time", &text(4)?)?,
+        last_seen: Timestamp::from_stored_opt("a device's last-seen time", opt_text(5)?)?,
         running_version: parse_opt("version", opt_text(6)?)?,
         state: parse_json("agent state", opt_text(7)?)?,
         booted_slot: parse_opt("slot", opt_text(8)?)?,
@@ -388,7 +389,7 @@ fn device_from_row(row: SqliteRow) -> StoreResult<DeviceRecord> {
         last_error,
         target_rollout: get_opt_i64(15)?,
         address: opt_text(16)?,
-        removed_at: stamp::shown_text_opt(opt_text(17)?),
+        removed_at: Timestamp::from_stored_opt("a device's removal time", opt_text(17)?)?,
         private_addresses: super::private_addresses(opt_text(18)?),
     })
 }
@@ -406,7 +407,10 @@ fn release_from_row(row: SqliteRow) -> StoreResult<ReleaseRecord> {
         image_sha256: row.try_get(4).map_err(r)?,
         chunks: row.try_get::<i64, _>(5).map_err(r)? as u64,
         stored_bytes: row.try_get::<i64, _>(6).map_err(r)? as u64,
-        created_at: stamp::shown_text(row.try_get(7).map_err(r)?),
+        created_at: Timestamp::from_stored(
+            "a release's time",
+            &row.try_get::<String, _>(7).map_err(r)?,
+        )?,
         key_ids: row
             .try_get::<Option<String>, _>(8)
             .map_err(r)?
@@ -414,7 +418,7 @@ fn release_from_row(row: SqliteRow) -> StoreResult<ReleaseRecord> {
             .transpose()
             .map_err(|e| corrupt("release key ids")(e.to_string()))?
             .unwrap_or_default(),
-        expires_at: stamp::shown_text_opt(row.try_get(9).map_err(r)?),
+        expires_at: Timestamp::from_stored_opt("a release's expiry", row.try_get(9).map_err(r)?)?,
     })
 }
 
@@ -429,7 +433,10 @@ fn rollout_from_row(row: SqliteRow) -> StoreResult<RolloutRecord> {
         id: row.try_get(0).map_err(r)?,
         release: parse("version", row.try_get(1).map_err(r)?)?,
         allow_downgrade: row.try_get::<i64, _>(2).map_err(r)? != 0,
-        created_at: stamp::shown_text(row.try_get(3).map_err(r)?),
+        created_at: Timestamp::from_stored(
+            "a rollout's start",
+            &row.try_get::<String, _>(3).map_err(r)?,
+        )?,
         device_type: parse("device type", row.try_get(4).map_err(r)?)?,
         limits: limits_from(row.try_get(5).map_err(r)?, row.try_get(6).map_err(r)?),
         tags: tags
@@ -541,11 +548,10 @@ fn push_device_filter(
         Some(false) if anyone_connected => connected(q, "AND", "NOT "),
         Some(false) | None => {}
     }
-    // Stored times are fixed-width UTC text (stamp::sortable): their text
+    // Stored times are fixed-width UTC text (Timestamp::sortable): their text
     // order is their time order. Inclusive; the service decides the edge.
     if let Some(after) = filter.seen_after {
-        q.push(" AND (d.last_seen >= ")
-            .push_bind(stamp::sortable(after));
+        q.push(" AND (d.last_seen >= ").push_bind(after.sortable());
         if anyone_connected {
             connected(q, "OR", "");
         }
@@ -553,7 +559,7 @@ fn push_device_filter(
     }
     if let Some(before) = filter.seen_before {
         q.push(" AND (d.last_seen IS NULL OR d.last_seen <= ")
-            .push_bind(stamp::sortable(before))
+            .push_bind(before.sortable())
             .push(")");
         if anyone_connected {
             connected(q, "AND", "NOT ");
@@ -637,10 +643,7 @@ fn enum_text<T: serde::Serialize>(value: &T) -> String {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_device(&self, d: &NewDevice) -> StoreResult<()> {
-        let enrolled_at = stamp::stored("a device's enrollment time", &d.enrolled_at)?;
-        let result = insert_device_query(d, enrolled_at)
-            .execute(&self.pool)
-            .await;
+        let result = insert_device_query(d).execute(&self.pool).await;
         enrolled(d, result, "enrolling a device")
     }
 
@@ -668,9 +671,9 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    async fn remove_device(&self, id: &DeviceId, now: &str) -> StoreResult<Removal> {
+    async fn remove_device(&self, id: &DeviceId, now: Timestamp) -> StoreResult<Removal> {
         let action = "removing a device";
-        let now = stamp::stored("a device's removal time", now)?;
+        let now = now.sortable();
         let mut tx = self.begin_write(action).await?;
         let found: Option<Option<String>> =
             sqlx::query_scalar("SELECT removed_at FROM devices WHERE id = ?")
@@ -682,7 +685,7 @@ impl Store for SqliteStore {
             None => return Ok(Removal::UnknownDevice),
             Some(Some(at)) => {
                 return Ok(Removal::AlreadyRemoved {
-                    at: stamp::shown_text(at),
+                    at: Timestamp::from_stored("a device's removal time", &at)?,
                 })
             }
             Some(None) => {}
@@ -890,7 +893,7 @@ impl Store for SqliteStore {
         let action = "recording device history";
         let mut tx = self.begin_write(action).await?;
         for e in events {
-            let at = stamp::stored("an event's time", &e.at)?;
+            let at = e.at.sortable();
             sqlx::query(
                 "INSERT INTO device_events (device_id, at, kind, detail) VALUES (?, ?, ?, ?)",
             )
@@ -922,10 +925,10 @@ impl Store for SqliteStore {
         Ok(events.len() as u64)
     }
 
-    async fn prune_events(&self, before: &str) -> StoreResult<u64> {
+    async fn prune_events(&self, before: Timestamp) -> StoreResult<u64> {
         // In short transactions, so the writer's batches are not held up.
         const AT_ONCE: u64 = 5_000;
-        let before = stamp::stored("the history's horizon", before)?;
+        let before = before.sortable();
         let mut pruned = 0;
         loop {
             let n = sqlx::query(
@@ -965,7 +968,7 @@ impl Store for SqliteStore {
             .map(|(id, at, detail)| {
                 Ok(DeviceEvent {
                     id,
-                    at: stamp::shown_text(at),
+                    at: Timestamp::from_stored("an event's time", &at)?.to_string(),
                     event: serde_json::from_str(&detail)
                         .map_err(|e| corrupt("device event")(e.to_string()))?,
                 })
@@ -1111,7 +1114,7 @@ impl Store for SqliteStore {
         let mut tx = self.begin_write("recording device reports").await?;
         let mut written = 0;
         for s in states {
-            let last_seen = stamp::stored_opt("a device's last-seen time", s.last_seen.as_deref())?;
+            let last_seen = s.last_seen.map(Timestamp::sortable);
             let result = match &s.report {
                 Some(report) => {
                     let (done, total, fetched) = match report.progress {
@@ -1210,12 +1213,9 @@ impl Store for SqliteStore {
         .bind(&rel.image_sha256)
         .bind(rel.chunks as i64)
         .bind(rel.stored_bytes as i64)
-        .bind(stamp::stored("a release's time", &rel.created_at)?)
+        .bind(rel.created_at.sortable())
         .bind(json_text(&rel.key_ids))
-        .bind(stamp::stored_opt(
-            "a release's expiry",
-            rel.expires_at.as_deref(),
-        )?)
+        .bind(rel.expires_at.map(Timestamp::sortable))
         .execute(&self.pool)
         .await;
         match result {
@@ -1261,9 +1261,9 @@ impl Store for SqliteStore {
         allow_downgrade: bool,
         limits: DownloadLimits,
         plan: &NewPlan<'_>,
-        now: &str,
+        now: Timestamp,
     ) -> StoreResult<RolloutRecord> {
-        let created_at = stamp::stored("a rollout's start", now)?;
+        let created_at = now.sortable();
         let mut tx = self.begin_write("starting a rollout").await?;
         let (max_bytes_per_sec, max_downloading) = limits_columns(&limits);
         let id: i64 = sqlx::query_scalar(
@@ -1354,7 +1354,7 @@ impl Store for SqliteStore {
             device_type: release.device_type.clone(),
             allow_downgrade,
             limits,
-            created_at: stamp::shown_text(created_at),
+            created_at: now,
             tags: plan.tags.cloned(),
             from_versions: plan.from_versions.to_vec(),
         })
@@ -1501,20 +1501,20 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn change_mark(&self) -> StoreResult<String> {
+    async fn change_mark(&self) -> StoreResult<Timestamp> {
         let now: String = sqlx::query_scalar(&format!("SELECT {CLOCK}"))
             .fetch_one(&self.pool)
             .await
             .map_err(db("reading the database's clock"))?;
-        Ok(stamp::shown_text(now))
+        Timestamp::from_stored("the database's clock", &now)
     }
 
     async fn rollout_member_changes(
         &self,
         id: i64,
-        since: &str,
+        since: Timestamp,
     ) -> StoreResult<Vec<(MemberRecord, DeviceStanding)>> {
-        let since = stamp::stored("the start of a read of changes", since)?;
+        let since = since.sortable();
         let first = STANDING_COLUMNS.matches(", ").count() + 1;
         sqlx::query(&format!(
             "SELECT {STANDING_COLUMNS}, {MEMBER_COLUMNS} \
@@ -1584,7 +1584,7 @@ impl Store for SqliteStore {
         change: &RolloutChange<'_>,
     ) -> StoreResult<bool> {
         let action = "storing a rollout step";
-        let now = stamp::stored("a rollout step's time", change.now)?;
+        let now = change.now.sortable();
         let mut tx = self.begin_write(action).await?;
         let moved = match change.state {
             Some(state) => sqlx::query(
@@ -1794,6 +1794,7 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::stamp::ts;
     use std::num::{NonZeroU32, NonZeroU64};
     use uplift_proto::api::{DeviceEvent, DeviceEventKind, TagSelector};
 
@@ -1820,9 +1821,9 @@ mod tests {
             image_sha256: "00".repeat(32),
             chunks: 1,
             stored_bytes: 1,
-            created_at: "2026-01-01T00:00:00Z".into(),
+            created_at: ts("2026-01-01T00:00:00Z"),
             key_ids: vec!["key-a".into(), "key-b".into()],
-            expires_at: Some("2027-01-01T00:00:00Z".into()),
+            expires_at: Some(ts("2027-01-01T00:00:00Z")),
         }
     }
 
@@ -1885,13 +1886,11 @@ mod tests {
         // In enrollment order: 10:00:00, .123456, .5 (as text it was .1, .5, Z).
         assert_eq!(ids(&devices), ["dev-b", "dev-c", "dev-a"]);
         assert_eq!(
-            devices[1].enrolled_at, "2026-01-01T10:00:00.123Z",
+            devices[1].enrolled_at,
+            ts("2026-01-01T10:00:00.123Z"),
             "milliseconds kept"
         );
-        assert_eq!(
-            devices[2].last_seen.as_deref(),
-            Some("2026-02-01T10:00:00Z")
-        );
+        assert_eq!(devices[2].last_seen, Some(ts("2026-02-01T10:00:00Z")));
         assert_eq!(devices[2].running_version, Some("1.0".parse().unwrap()));
         let stored: Vec<String> =
             sqlx::query_scalar("SELECT enrolled_at FROM devices ORDER BY enrolled_at")
@@ -1908,7 +1907,7 @@ mod tests {
         );
         // dev-a was seen at 10:00:00 UTC, dev-c a quarter second later.
         let filter = DeviceFilter {
-            seen_after: Some(time("2026-02-01T10:00:00.1Z")),
+            seen_after: Some(ts("2026-02-01T10:00:00.1Z")),
             ..Default::default()
         };
         assert_eq!(
@@ -1916,12 +1915,9 @@ mod tests {
             ["dev-c"]
         );
         let rollout = store.rollout(1).await.unwrap().unwrap();
-        assert_eq!(rollout.created_at, "2026-01-06T00:00:00.1Z");
+        assert_eq!(rollout.created_at, ts("2026-01-06T00:00:00.1Z"));
         let members = store.rollout_members(1).await.unwrap();
-        assert_eq!(
-            members[0].0.offered_at.as_deref(),
-            Some("2026-01-06T00:00:01Z")
-        );
+        assert_eq!(members[0].0.offered_at, Some(ts("2026-01-06T00:00:01Z")));
         let audit = store
             .audit_entries(&uplift_proto::auth::AuditQuery::default(), 10)
             .await
@@ -2000,7 +1996,7 @@ mod tests {
                 false,
                 limits,
                 &plan,
-                "2026-03-01T00:00:00Z",
+                ts("2026-03-01T00:00:00Z"),
             )
             .await
             .unwrap();
@@ -2066,7 +2062,7 @@ mod tests {
         store.insert_release(&release()).await.unwrap();
         let new = store.release(&release().version).await.unwrap().unwrap();
         assert_eq!(new.key_ids, ["key-a", "key-b"]);
-        assert_eq!(new.expires_at.as_deref(), Some("2027-01-01T00:00:00Z"));
+        assert_eq!(new.expires_at, Some(ts("2027-01-01T00:00:00Z")));
         let mut at = seen("dev-a", AgentState::Idle, "1.0", "2026-01-01T00:00:00Z");
         at.address = Some("192.0.2.7:50123".into());
         store.record_reports(&[at]).await.unwrap();
@@ -2098,7 +2094,7 @@ mod tests {
                     device_type: device_type.parse().unwrap(),
                     hardware_id: hardware_id.parse().unwrap(),
                     public_key: format!("key-{id}"),
-                    enrolled_at: "2026-01-01T00:00:00Z".into(),
+                    enrolled_at: ts("2026-01-01T00:00:00Z"),
                 })
                 .await
                 .unwrap();
@@ -2139,7 +2135,7 @@ mod tests {
                         false,
                         Default::default(),
                         plan,
-                        "2026-03-01T00:00:00Z",
+                        ts("2026-03-01T00:00:00Z"),
                     )
                     .await
             }
@@ -2200,7 +2196,7 @@ mod tests {
             device_type: "gw".parse().unwrap(),
             hardware_id: format!("hw-{id}").parse().unwrap(),
             public_key: key.into(),
-            enrolled_at: "2026-01-01T00:00:00Z".into(),
+            enrolled_at: ts("2026-01-01T00:00:00Z"),
         };
         store
             .insert_devices(&[device("dev-2", "key-dev-2"), device("dev-3", "key-dev-3")])
@@ -2238,13 +2234,9 @@ mod tests {
                 progress: None,
                 error: None,
             }),
-            last_seen: Some(at.into()),
+            last_seen: Some(ts(at)),
             address: None,
         }
-    }
-
-    fn time(text: &str) -> OffsetDateTime {
-        crate::rollout::scheduler::parse_time(text).unwrap()
     }
 
     #[tokio::test]
@@ -2338,15 +2330,15 @@ mod tests {
             // Times compare as times: 10:00:00.5 is after 10:00:00, and
             // +02:00 is two hours before Z.
             (
-                by(&|f| f.seen_after = Some(time("2026-02-01T10:00:00Z"))),
+                by(&|f| f.seen_after = Some(ts("2026-02-01T10:00:00Z"))),
                 vec!["dev-a", "dev-b", "dev-c", "dev-d"],
             ),
             (
-                by(&|f| f.seen_after = Some(time("2026-02-02T21:59:00Z"))),
+                by(&|f| f.seen_after = Some(ts("2026-02-02T21:59:00Z"))),
                 vec!["dev-c", "dev-d"],
             ),
             (
-                by(&|f| f.seen_before = Some(time("2026-02-02T22:01:00Z"))),
+                by(&|f| f.seen_before = Some(ts("2026-02-02T22:01:00Z"))),
                 vec!["dev-a", "dev-b", "dev-c", "dev-e"],
             ),
             (
@@ -2367,8 +2359,8 @@ mod tests {
         let online =
             |online: Option<bool>, before: Option<&str>, after: Option<&str>| DeviceFilter {
                 online,
-                seen_before: before.map(time),
-                seen_after: after.map(time),
+                seen_before: before.map(ts),
+                seen_after: after.map(ts),
                 connected: connected.clone(),
                 ..Default::default()
             };
@@ -2504,7 +2496,7 @@ mod tests {
         let (_dir, store) = store_with(&[("dev-a", "gw", "hw-1"), ("dev-b", "gw", "hw-2")]).await;
         let event = |device: &str, n: i64, at: &str| NewEvent {
             device: device.parse().unwrap(),
-            at: at.into(),
+            at: ts(at),
             event: DeviceEventKind::Offer {
                 rollout_id: n,
                 version: "2.0".parse().unwrap(),
@@ -2550,7 +2542,13 @@ mod tests {
             rollouts(&store.device_history(&a, None, 100).await.unwrap()),
             [6, 5, 4]
         );
-        assert_eq!(store.prune_events("2026-02-01T00:00:00Z").await.unwrap(), 3);
+        assert_eq!(
+            store
+                .prune_events(ts("2026-02-01T00:00:00Z"))
+                .await
+                .unwrap(),
+            3
+        );
         assert_eq!(
             rollouts(&store.device_history(&a, None, 100).await.unwrap()),
             [6]
@@ -2650,7 +2648,7 @@ mod tests {
                 ..Default::default()
             },
             DeviceFilter {
-                seen_before: Some(time("2030-01-01T00:00:00Z")),
+                seen_before: Some(ts("2030-01-01T00:00:00Z")),
                 connected: connected.clone(),
                 ..Default::default()
             },

@@ -1,7 +1,7 @@
-//! Times as the stores keep them. Callers hand the store RFC 3339 text
-//! (views and wire formats stay RFC 3339); the store keeps instants, in
-//! UTC, to the microsecond (PostgreSQL's `timestamptz` precision, so both
-//! backends hold and return exactly the same time):
+//! Times as the stores take and give them: [`Timestamp`], an instant in
+//! UTC truncated to the microsecond (PostgreSQL's `timestamptz` precision,
+//! so both backends hold and return exactly the same time). How each
+//! backend keeps it:
 //!
 //! - PostgreSQL: `timestamptz` columns, bound as [`OffsetDateTime`];
 //! - SQLite: fixed-width UTC text, `2026-02-01T10:00:00.500000Z`, whose
@@ -9,75 +9,118 @@
 //!   digits as needed does not sort: as text `10:00:00Z` comes after
 //!   `10:00:00.5Z` (`Z` is after `.`), and `+02:00` is not UTC at all.
 //!
-//! Read back, both become RFC 3339 in UTC with as many fraction digits as
-//! the instant needs.
+//! Views and wire formats show it as RFC 3339 in UTC with as many fraction
+//! digits as the instant needs ([`Timestamp`]'s `Display`).
 
 use super::{StoreError, StoreResult};
+use std::fmt;
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
-/// An RFC 3339 time from a caller, as an instant in UTC truncated to the
-/// microsecond. Not a time at all is the caller's bug: refused, naming it.
-pub(crate) fn parse(what: &'static str, text: &str) -> StoreResult<OffsetDateTime> {
-    OffsetDateTime::parse(text, &Rfc3339)
-        .map(truncate)
-        .map_err(|e| StoreError::BadTime {
+/// An instant as the store keeps it: UTC, to the microsecond. Made from
+/// any [`OffsetDateTime`] (which it truncates), so callers cannot hand the
+/// store text that is not a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(OffsetDateTime);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self::from(OffsetDateTime::now_utc())
+    }
+
+    pub fn instant(self) -> OffsetDateTime {
+        self.0
+    }
+
+    /// RFC 3339 text from outside (an operator's filter, a test), in any
+    /// offset and with any number of fraction digits.
+    pub fn parse_rfc3339(text: &str) -> Result<Self, time::error::Parse> {
+        OffsetDateTime::parse(text, &Rfc3339).map(Self::from)
+    }
+
+    /// SQLite's form: fixed-width UTC text that sorts as its time.
+    pub(crate) fn sortable(self) -> String {
+        let t = self.0;
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.microsecond()
+        )
+    }
+
+    /// Text read back from SQLite: the sortable form, or RFC 3339 written
+    /// before it was. Anything else is a damaged row, named by `what`.
+    pub(crate) fn from_stored(what: &'static str, text: &str) -> StoreResult<Self> {
+        Self::parse_rfc3339(text).map_err(|e| StoreError::Corrupt {
             what,
-            text: text.to_owned(),
-            detail: e.to_string(),
+            detail: format!("{text:?} is not an RFC 3339 time ({e})"),
         })
+    }
+
+    pub(crate) fn from_stored_opt(
+        what: &'static str,
+        text: Option<String>,
+    ) -> StoreResult<Option<Self>> {
+        text.map(|t| Self::from_stored(what, &t)).transpose()
+    }
 }
 
-pub(crate) fn parse_opt(
-    what: &'static str,
-    text: Option<&str>,
-) -> StoreResult<Option<OffsetDateTime>> {
-    text.map(|t| parse(what, t)).transpose()
+impl From<OffsetDateTime> for Timestamp {
+    fn from(t: OffsetDateTime) -> Self {
+        let t = t.to_offset(UtcOffset::UTC);
+        Self(
+            t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+                .unwrap_or_else(|e| unreachable!("fewer nanoseconds stay in range: {e}")),
+        )
+    }
 }
 
-/// In UTC, to the microsecond.
-pub(crate) fn truncate(t: OffsetDateTime) -> OffsetDateTime {
-    let t = t.to_offset(UtcOffset::UTC);
-    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
-        .unwrap_or_else(|e| unreachable!("fewer nanoseconds stay in range: {e}"))
+impl From<std::time::SystemTime> for Timestamp {
+    fn from(t: std::time::SystemTime) -> Self {
+        Self::from(OffsetDateTime::from(t))
+    }
 }
 
 /// RFC 3339 in UTC, as views show it.
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self
+            .0
+            .format(&Rfc3339)
+            .unwrap_or_else(|e| unreachable!("a UTC time formats as RFC 3339: {e}"));
+        f.write_str(&text)
+    }
+}
+
+impl std::ops::Add<std::time::Duration> for Timestamp {
+    type Output = Timestamp;
+    fn add(self, d: std::time::Duration) -> Timestamp {
+        Timestamp::from(self.0 + d)
+    }
+}
+
+impl std::ops::Sub<std::time::Duration> for Timestamp {
+    type Output = Timestamp;
+    fn sub(self, d: std::time::Duration) -> Timestamp {
+        Timestamp::from(self.0 - d)
+    }
+}
+
+/// A stored instant as wire views show it (RFC 3339 in UTC).
 pub(crate) fn shown(t: OffsetDateTime) -> String {
-    t.to_offset(UtcOffset::UTC)
-        .format(&Rfc3339)
-        .unwrap_or_else(|e| unreachable!("a UTC time formats as RFC 3339: {e}"))
+    Timestamp::from(t).to_string()
 }
 
-/// SQLite's form: fixed-width UTC text that sorts as its time.
-pub(crate) fn sortable(t: OffsetDateTime) -> String {
-    let t = truncate(t);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    )
-}
-
-/// A caller's RFC 3339 text in SQLite's stored form.
-pub(crate) fn stored(what: &'static str, text: &str) -> StoreResult<String> {
-    parse(what, text).map(sortable)
-}
-
-pub(crate) fn stored_opt(what: &'static str, text: Option<&str>) -> StoreResult<Option<String>> {
-    text.map(|t| stored(what, t)).transpose()
-}
-
-/// Stored SQLite text as views show it. Text that is not a time (written
-/// by hand, or by a test fixture) is shown as it is rather than refused.
+/// Stored SQLite text as wire views show it. Text that is not a time
+/// (written by hand) is shown as it is rather than failing the whole view.
 pub(crate) fn shown_text(text: String) -> String {
-    match OffsetDateTime::parse(&text, &Rfc3339) {
-        Ok(t) => shown(t),
+    match Timestamp::parse_rfc3339(&text) {
+        Ok(t) => t.to_string(),
         Err(_) => text,
     }
 }
@@ -86,9 +129,19 @@ pub(crate) fn shown_text_opt(text: Option<String>) -> Option<String> {
     text.map(shown_text)
 }
 
+/// A time written in a test, as RFC 3339.
+#[cfg(test)]
+pub(crate) fn ts(text: &str) -> Timestamp {
+    Timestamp::parse_rfc3339(text).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(text: &str) -> Timestamp {
+        Timestamp::parse_rfc3339(text).unwrap()
+    }
 
     #[test]
     fn stored_text_sorts_as_time_whatever_the_digits_given() {
@@ -99,10 +152,13 @@ mod tests {
             "2026-02-01T10:00:00.5Z",
             "2026-02-01T10:00:00.123456789Z",
         ];
-        let mut stored: Vec<String> = given.iter().map(|t| stored("t", t).unwrap()).collect();
+        let mut stored: Vec<String> = given.iter().map(|t| at(t).sortable()).collect();
         assert!(stored.iter().all(|s| s.len() == 27), "{stored:?}");
         stored.sort();
-        let shown: Vec<String> = stored.into_iter().map(shown_text).collect();
+        let shown: Vec<String> = stored
+            .iter()
+            .map(|s| Timestamp::from_stored("t", s).unwrap().to_string())
+            .collect();
         assert_eq!(
             shown,
             [
@@ -116,12 +172,20 @@ mod tests {
     }
 
     #[test]
-    fn text_that_is_no_time_is_refused_naming_it() {
-        let refused = stored("a device's last-seen time", "yesterday").unwrap_err();
+    fn a_stored_row_that_is_no_time_is_corrupt_naming_it() {
+        let refused = Timestamp::from_stored("a device's last-seen time", "yesterday").unwrap_err();
+        assert!(matches!(refused, StoreError::Corrupt { .. }), "{refused:?}");
         let message = refused.to_string();
         assert!(
             message.contains("last-seen") && message.contains("yesterday"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn an_instant_is_kept_to_the_microsecond_in_utc() {
+        let t = at("2026-02-01T12:00:00.123456789+02:00");
+        assert_eq!(t.to_string(), "2026-02-01T10:00:00.123456Z");
+        assert_eq!(t, at("2026-02-01T10:00:00.123456Z"));
     }
 }

@@ -6,7 +6,7 @@ use crate::store::control::{
     Attempt, ControlStore, DueDelivery, EnrollmentDecision, EnrollmentRecord, NewApiToken,
     NewAuditEntry, NewDelivery, NewEnrollmentRequest, NewWebhook, WebhookRecord,
 };
-use crate::store::{stamp, StoreResult};
+use crate::store::{stamp, StoreResult, Timestamp};
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
@@ -179,13 +179,13 @@ impl PgStore {
         ended_column: &str,
         columns: &str,
         id: i64,
-        now: &str,
+        now: Timestamp,
         action: &'static str,
     ) -> StoreResult<Option<PgRow>> {
         sqlx::query(&format!(
             "UPDATE {table} SET {ended_column} = $1 WHERE id = $2 AND {ended_column} IS NULL"
         ))
-        .bind(stamp::parse("the time it ended", now)?)
+        .bind(now.instant())
         .bind(id)
         .execute(&self.pool)
         .await
@@ -208,9 +208,9 @@ impl ControlStore for PgStore {
         .bind(t.name.as_str())
         .bind(t.role.as_str())
         .bind(t.secret_sha256)
-        .bind(stamp::parse("a token's creation time", t.created_at)?)
+        .bind(t.created_at.instant())
         .bind(t.created_by)
-        .bind(stamp::parse_opt("a token's expiry", t.expires_at)?)
+        .bind(t.expires_at.map(Timestamp::instant))
         .bind(t.max_uses.map(i64::from))
         .fetch_one(&self.pool)
         .await
@@ -242,7 +242,7 @@ impl ControlStore for PgStore {
         .collect()
     }
 
-    async fn revoke_api_token(&self, id: i64, now: &str) -> StoreResult<Option<TokenView>> {
+    async fn revoke_api_token(&self, id: i64, now: Timestamp) -> StoreResult<Option<TokenView>> {
         self.end_row(
             "api_tokens",
             "revoked_at",
@@ -261,7 +261,7 @@ impl ControlStore for PgStore {
             "INSERT INTO audit_log (at, actor, token_id, role, action, target, error_kind, error_message) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
         )
-        .bind(stamp::parse("an audit entry's time", e.at)?)
+        .bind(e.at.instant())
         .bind(e.actor)
         .bind(e.token_id)
         .bind(e.role.as_str())
@@ -305,7 +305,7 @@ impl ControlStore for PgStore {
         .bind(w.url)
         .bind(w.secret)
         .bind(filter)
-        .bind(stamp::parse("a webhook's creation time", w.created_at)?)
+        .bind(w.created_at.instant())
         .bind(w.created_by)
         .fetch_one(&self.pool)
         .await
@@ -325,7 +325,7 @@ impl ControlStore for PgStore {
         .collect()
     }
 
-    async fn remove_webhook(&self, id: i64, now: &str) -> StoreResult<Option<WebhookView>> {
+    async fn remove_webhook(&self, id: i64, now: Timestamp) -> StoreResult<Option<WebhookView>> {
         self.end_row(
             "webhooks",
             "removed_at",
@@ -353,7 +353,7 @@ impl ControlStore for PgStore {
             .bind(d.webhook_id)
             .bind(&d.event)
             .bind(&d.payload)
-            .bind(stamp::parse("a delivery's creation time", &d.created_at)?)
+            .bind(d.created_at.instant())
             .bind(d.due_ms)
             .execute(&mut *tx)
             .await
@@ -403,7 +403,7 @@ impl ControlStore for PgStore {
         )
         .bind(status)
         .bind(a.retry_at_ms)
-        .bind(stamp::parse("a delivery attempt's time", a.at)?)
+        .bind(a.at.instant())
         .bind(a.status.map(i64::from))
         .bind(a.error.map(|e| e.kind.as_str()))
         .bind(a.error.map(|e| e.message.as_str()))
@@ -511,10 +511,7 @@ impl ControlStore for PgStore {
         .bind(r.key_fingerprint)
         .bind(r.device_type.as_str())
         .bind(r.hardware_id.as_str())
-        .bind(stamp::parse(
-            "an enrollment request's time",
-            r.requested_at,
-        )?)
+        .bind(r.requested_at.instant())
         .execute(&self.pool)
         .await
         .map_err(db("storing an enrollment request"))?;
@@ -575,7 +572,7 @@ impl ControlStore for PgStore {
         id: i64,
         decision: &EnrollmentDecision<'_>,
         by: &str,
-        now: &str,
+        now: Timestamp,
     ) -> StoreResult<Option<(EnrollmentRecord, bool)>> {
         let (state, reason, device_id) = match decision {
             EnrollmentDecision::Accept { device_id } => {
@@ -595,7 +592,7 @@ impl ControlStore for PgStore {
             from.join(", ")
         ))
         .bind(state.as_str())
-        .bind(stamp::parse("an enrollment decision's time", now)?)
+        .bind(now.instant())
         .bind(by)
         .bind(reason)
         .bind(device_id)

@@ -2,7 +2,7 @@
 
 use super::{db, PgStore};
 use crate::store::roots::{version_taken, RootRecord, RootStore};
-use crate::store::{stamp, StoreResult};
+use crate::store::{StoreResult, Timestamp};
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
@@ -14,7 +14,7 @@ fn root_from_row(row: PgRow) -> StoreResult<RootRecord> {
     Ok(RootRecord {
         version: version as u64,
         signed_json: row.try_get(1).map_err(db("reading a root"))?,
-        published_at: stamp::shown(published_at),
+        published_at: Timestamp::from(published_at),
         published_by: row.try_get(3).map_err(db("reading a root"))?,
     })
 }
@@ -28,10 +28,7 @@ impl RootStore for PgStore {
         )
         .bind(root.version as i64)
         .bind(&root.signed_json)
-        .bind(stamp::parse(
-            "a root's publication time",
-            &root.published_at,
-        )?)
+        .bind(root.published_at.instant())
         .bind(&root.published_by)
         .execute(&self.pool)
         .await;

@@ -6,8 +6,8 @@ use crate::store::control::{
     Attempt, ControlStore, DueDelivery, EnrollmentDecision, EnrollmentRecord, NewApiToken,
     NewAuditEntry, NewDelivery, NewEnrollmentRequest, NewWebhook, WebhookRecord,
 };
-use crate::store::stamp;
 use crate::store::StoreResult;
+use crate::store::{stamp, Timestamp};
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
@@ -189,13 +189,13 @@ impl SqliteStore {
         ended_column: &str,
         columns: &str,
         id: i64,
-        now: &str,
+        now: Timestamp,
         action: &'static str,
     ) -> StoreResult<Option<SqliteRow>> {
         sqlx::query(&format!(
             "UPDATE {table} SET {ended_column} = ? WHERE id = ? AND {ended_column} IS NULL"
         ))
-        .bind(stamp::stored("the time it ended", now)?)
+        .bind(now.sortable())
         .bind(id)
         .execute(&self.pool)
         .await
@@ -218,9 +218,9 @@ impl ControlStore for SqliteStore {
         .bind(t.name.as_str())
         .bind(t.role.as_str())
         .bind(t.secret_sha256)
-        .bind(stamp::stored("a token's creation time", t.created_at)?)
+        .bind(t.created_at.sortable())
         .bind(t.created_by)
-        .bind(stamp::stored_opt("a token's expiry", t.expires_at)?)
+        .bind(t.expires_at.map(Timestamp::sortable))
         .bind(t.max_uses.map(i64::from))
         .fetch_one(&self.pool)
         .await
@@ -252,7 +252,7 @@ impl ControlStore for SqliteStore {
         .collect()
     }
 
-    async fn revoke_api_token(&self, id: i64, now: &str) -> StoreResult<Option<TokenView>> {
+    async fn revoke_api_token(&self, id: i64, now: Timestamp) -> StoreResult<Option<TokenView>> {
         self.end_row(
             "api_tokens",
             "revoked_at",
@@ -271,7 +271,7 @@ impl ControlStore for SqliteStore {
             "INSERT INTO audit_log (at, actor, token_id, role, action, target, error_kind, error_message) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
-        .bind(stamp::stored("an audit entry's time", e.at)?)
+        .bind(e.at.sortable())
         .bind(e.actor)
         .bind(e.token_id)
         .bind(e.role.as_str())
@@ -317,7 +317,7 @@ impl ControlStore for SqliteStore {
         .bind(w.url)
         .bind(w.secret)
         .bind(filter)
-        .bind(stamp::stored("a webhook's creation time", w.created_at)?)
+        .bind(w.created_at.sortable())
         .bind(w.created_by)
         .fetch_one(&self.pool)
         .await
@@ -337,7 +337,7 @@ impl ControlStore for SqliteStore {
         .collect()
     }
 
-    async fn remove_webhook(&self, id: i64, now: &str) -> StoreResult<Option<WebhookView>> {
+    async fn remove_webhook(&self, id: i64, now: Timestamp) -> StoreResult<Option<WebhookView>> {
         self.end_row(
             "webhooks",
             "removed_at",
@@ -364,7 +364,7 @@ impl ControlStore for SqliteStore {
             .bind(d.webhook_id)
             .bind(&d.event)
             .bind(&d.payload)
-            .bind(stamp::stored("a delivery's creation time", &d.created_at)?)
+            .bind(d.created_at.sortable())
             .bind(d.due_ms)
             .execute(&mut *tx)
             .await
@@ -415,7 +415,7 @@ impl ControlStore for SqliteStore {
         .bind(status)
         .bind(a.retry_at_ms)
         .bind(status)
-        .bind(stamp::stored("a delivery attempt's time", a.at)?)
+        .bind(a.at.sortable())
         .bind(a.status.map(i64::from))
         .bind(a.error.map(|e| e.kind.as_str()))
         .bind(a.error.map(|e| e.message.as_str()))
@@ -522,10 +522,7 @@ impl ControlStore for SqliteStore {
         .bind(r.key_fingerprint)
         .bind(r.device_type.as_str())
         .bind(r.hardware_id.as_str())
-        .bind(stamp::stored(
-            "an enrollment request's time",
-            r.requested_at,
-        )?)
+        .bind(r.requested_at.sortable())
         .execute(&self.pool)
         .await
         .map_err(db("storing an enrollment request"))?;
@@ -587,7 +584,7 @@ impl ControlStore for SqliteStore {
         id: i64,
         decision: &EnrollmentDecision<'_>,
         by: &str,
-        now: &str,
+        now: Timestamp,
     ) -> StoreResult<Option<(EnrollmentRecord, bool)>> {
         let (state, reason, device_id) = match decision {
             EnrollmentDecision::Accept { device_id } => {
@@ -607,7 +604,7 @@ impl ControlStore for SqliteStore {
             from.join(", ")
         ))
         .bind(state.as_str())
-        .bind(stamp::stored("an enrollment decision's time", now)?)
+        .bind(now.sortable())
         .bind(by)
         .bind(reason)
         .bind(device_id)
@@ -627,6 +624,7 @@ impl ControlStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::stamp::ts;
     use uplift_proto::auth::{AuditAction, Role};
 
     async fn store(dir: &tempfile::TempDir) -> SqliteStore {
@@ -664,7 +662,7 @@ mod tests {
                     url,
                     secret: "s",
                     filter: &Default::default(),
-                    created_at: "2026-12-05T10:00:00Z",
+                    created_at: ts("2026-12-05T10:00:00Z"),
                     created_by: "bootstrap-admin",
                 })
                 .await
@@ -675,7 +673,7 @@ mod tests {
             webhook_id,
             event: "rollout.finished".into(),
             payload: "{}".into(),
-            created_at: "2026-12-05T10:00:00Z".into(),
+            created_at: ts("2026-12-05T10:00:00Z"),
             due_ms: 0,
         };
         let batch: Vec<NewDelivery> = (0..5)
@@ -693,7 +691,7 @@ mod tests {
             .collect();
         for id in &ids[1..] {
             let attempt = Attempt {
-                at: "2026-12-05T10:00:01Z",
+                at: ts("2026-12-05T10:00:01Z"),
                 status: Some(204),
                 error: None,
                 retry_at_ms: None,
@@ -717,7 +715,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let entry = NewAuditEntry {
-            at: "2026-12-05T10:00:00Z",
+            at: ts("2026-12-05T10:00:00Z"),
             actor: "bootstrap-admin",
             token_id: None,
             role: Role::Admin,
@@ -759,7 +757,7 @@ mod tests {
             let target = format!("rollout {}", i % 2);
             store
                 .append_audit(&NewAuditEntry {
-                    at: "2026-12-05T10:00:00Z",
+                    at: ts("2026-12-05T10:00:00Z"),
                     actor: if i == 3 {
                         "token 1 (ci)"
                     } else {

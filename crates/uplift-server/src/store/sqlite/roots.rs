@@ -2,7 +2,7 @@
 
 use super::{db, SqliteStore};
 use crate::store::roots::{version_taken, RootRecord, RootStore};
-use crate::store::{stamp, StoreResult};
+use crate::store::{StoreResult, Timestamp};
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
@@ -13,7 +13,10 @@ fn root_from_row(row: SqliteRow) -> StoreResult<RootRecord> {
     Ok(RootRecord {
         version: version as u64,
         signed_json: row.try_get(1).map_err(db("reading a root"))?,
-        published_at: stamp::shown_text(row.try_get(2).map_err(db("reading a root"))?),
+        published_at: Timestamp::from_stored(
+            "a root's publication time",
+            &row.try_get::<String, _>(2).map_err(db("reading a root"))?,
+        )?,
         published_by: row.try_get(3).map_err(db("reading a root"))?,
     })
 }
@@ -27,10 +30,7 @@ impl RootStore for SqliteStore {
         )
         .bind(root.version as i64)
         .bind(&root.signed_json)
-        .bind(stamp::stored(
-            "a root's publication time",
-            &root.published_at,
-        )?)
+        .bind(root.published_at.sortable())
         .bind(&root.published_by)
         .execute(&self.pool)
         .await;
