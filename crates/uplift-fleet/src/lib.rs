@@ -601,27 +601,35 @@ impl Device {
 
     /// SIGKILLs the agent process itself (a crash, or power lost while it
     /// worked); the boot simulator then powers the device off. Returns false
-    /// if no agent was running at that moment.
+    /// if no agent was running at that moment, or the one signalled was
+    /// already leaving for a reboot (the device stays up).
     pub fn kill_agent(&mut self) -> bool {
         let Some(sim) = self.child.as_mut() else {
             return false;
         };
         let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", sim.id()))
             .unwrap_or_default();
-        let mut killed = false;
+        let mut signalled = false;
         for pid in children
             .split_whitespace()
             .filter_map(|p| p.parse::<i32>().ok())
         {
-            killed |= kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok();
+            signalled |= kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok();
         }
-        if killed {
-            let _ = sim.wait();
+        // An agent already exiting to reboot takes the signal too, and the
+        // simulator then boots the next one instead of powering off: that
+        // was no kill, and waiting for the simulator would wait forever.
+        if signalled && self.wait_exit(KILLED_AGENT_POWER_OFF).is_some() {
             self.child = None;
+            return true;
         }
-        killed
+        false
     }
 }
+
+/// How long the boot simulator may take to power off once its agent is
+/// killed (milliseconds, on an idle machine).
+const KILLED_AGENT_POWER_OFF: Duration = Duration::from_secs(5);
 
 impl Drop for Device {
     fn drop(&mut self) {
