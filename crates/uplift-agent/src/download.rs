@@ -787,7 +787,7 @@ impl Download<'_> {
             let (response, started) = match self.installer.request(&path, &what, expected).await {
                 Ok(answer) => answer,
                 Err(retry) => {
-                    last = retry.or_fail()?;
+                    last = last.then(retry.or_fail()?);
                     continue;
                 }
             };
@@ -886,13 +886,14 @@ impl Download<'_> {
                         // Progress renews the budget: a link that breaks
                         // now and then still finishes.
                         failures = 0;
+                        last = Retry::default();
                         if next < end {
                             chunk.reserve(stored_size(next) as usize);
                         }
                     }
                 }
             };
-            last = Retry::lost(broken);
+            last = last.then(Retry::lost(broken));
         }
         Ok(())
     }

@@ -539,7 +539,7 @@ impl Installer {
             let (response, started) = match self.request(path, what, limit).await {
                 Ok(answer) => answer,
                 Err(failed) => {
-                    last = failed.or_fail()?;
+                    last = last.then(failed.or_fail()?);
                     continue;
                 }
             };
@@ -571,7 +571,7 @@ impl Installer {
                 }
                 body.extend_from_slice(&piece);
             };
-            last = Retry::lost(broken);
+            last = last.then(Retry::lost(broken));
         }
         Err(last.give_up(what))
     }
@@ -777,6 +777,18 @@ impl Retry {
         Self {
             detail,
             unreachable: false,
+        }
+    }
+
+    /// This failure followed by `next` of the same request: the server's
+    /// own answer (an error status, a missing chunk) says more than a
+    /// connection lost after it, and is what the operator must see.
+    pub(crate) fn then(self, next: Retry) -> Retry {
+        let answered = !self.unreachable && !self.detail.is_empty();
+        if answered && next.unreachable {
+            self
+        } else {
+            next
         }
     }
 
@@ -995,6 +1007,25 @@ mod tests {
     use super::*;
     use std::path::Path;
     use uplift_release::manifest::{ChunkEntry, Compression, ImageInfo};
+
+    #[test]
+    fn a_missing_chunk_is_reported_as_the_server_said_even_if_a_later_attempt_lost_the_link() {
+        let last = Retry::refused("server answered 404 Not Found: no chunk ab12".into())
+            .then(Retry::lost("no answer within 10 s".into()));
+        let failed = last.give_up("chunk 5");
+        assert_eq!(failed.kind(), ErrorKind::DownloadFailed);
+        assert!(failed.to_string().contains("404"), "{failed}");
+        // Only lost links: the server was not reachable.
+        let lost = Retry::lost("reset".into()).then(Retry::lost("no answer".into()));
+        assert_eq!(lost.give_up("chunk 5").kind(), ErrorKind::ServerUnreachable);
+        // An answer after a lost link is the newest word.
+        let answered =
+            Retry::lost("reset".into()).then(Retry::refused("server answered 503".into()));
+        assert_eq!(
+            answered.give_up("chunk 5").kind(),
+            ErrorKind::DownloadFailed
+        );
+    }
 
     #[test]
     fn a_state_error_keeps_its_cause_for_the_log_and_says_it_on_the_wire() {
