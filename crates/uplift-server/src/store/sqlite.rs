@@ -1961,12 +1961,12 @@ mod tests {
             assert_eq!(columns, 4, "the fixture is the old table");
             sqlx::query(
                 "INSERT INTO releases (version, device_type, manifest, image_size, image_sha256, chunks, \
-                 stored_bytes, created_at) VALUES ('2.0', 'gw', x'7b7d', 1, '', 1, 1, 'then')",
+                 stored_bytes, created_at) VALUES ('2.0', 'gw', x'7b7d', 1, '', 1, 1, '2026-01-01T00:00:00Z')",
             )
                 .execute(&old)
                 .await
                 .unwrap();
-            sqlx::query("INSERT INTO rollouts (release, allow_downgrade, created_at) VALUES ('2.0', 0, 'then')")
+            sqlx::query("INSERT INTO rollouts (release, allow_downgrade, created_at) VALUES ('2.0', 0, '2026-01-01T00:00:00Z')")
                 .execute(&old)
                 .await
                 .unwrap();
@@ -2035,13 +2035,13 @@ mod tests {
                 .unwrap();
                 assert_eq!(n, columns, "the fixture is the old {table} table");
             }
-            sqlx::query("INSERT INTO releases VALUES ('1.0', 'gw', x'7b7d', 1, '', 1, 1, 'then')")
+            sqlx::query("INSERT INTO releases VALUES ('1.0', 'gw', x'7b7d', 1, '', 1, 1, '2026-01-01T00:00:00Z')")
                 .execute(&old)
                 .await
                 .unwrap();
             sqlx::query(
                 "INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at) \
-                 VALUES ('dev-a', 'gw', 'hw-1', 'key-a', 'then')",
+                 VALUES ('dev-a', 'gw', 'hw-1', 'key-a', '2026-01-01T00:00:00Z')",
             )
             .execute(&old)
             .await
@@ -2703,10 +2703,10 @@ mod tests {
         // rollout stores them by phase), as on a real server.
         sqlx::raw_sql(
             "INSERT INTO releases (version, device_type, manifest, image_size, image_sha256, chunks, stored_bytes, \
-                                   created_at) VALUES ('1.1', 'gw', x'7b7d', 1, '', 1, 1, 'then'), \
-                                                      ('1.2', 'gw', x'7b7d', 1, '', 1, 1, 'now'); \
+                                   created_at) VALUES ('1.1', 'gw', x'7b7d', 1, '', 1, 1, '2026-01-01T00:00:00Z'), \
+                                                      ('1.2', 'gw', x'7b7d', 1, '', 1, 1, '2026-01-02T00:00:00Z'); \
              INSERT INTO rollouts (release, allow_downgrade, created_at, policy, state, state_name) \
-             VALUES ('1.1', 0, 'then', '{}', '{}', 'finished'), ('1.2', 0, 'now', '{}', '{}', 'running'); \
+             VALUES ('1.1', 0, '2026-01-01T00:00:00Z', '{}', '{}', 'finished'), ('1.2', 0, '2026-01-02T00:00:00Z', '{}', '{}', 'running'); \
              WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99999) \
              INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at, running_version, state, \
                                   reported_target, target_rollout) \
@@ -2717,11 +2717,11 @@ mod tests {
              CASE WHEN i % 3 = 0 AND i % 2 = 0 THEN '1.2' END, \
              CASE WHEN i % 3 <> 0 THEN 1 WHEN i % 2 = 0 THEN 2 END FROM n; \
              INSERT INTO rollout_devices (rollout_id, device_id, offered_at, outcome) \
-             SELECT 1, id, 'then', CASE WHEN running_version = '1.0' THEN 'superseded' \
+             SELECT 1, id, '2026-01-01T00:00:00Z', CASE WHEN running_version = '1.0' THEN 'superseded' \
                                         WHEN state = 'idle' THEN 'succeeded' END FROM devices \
              ORDER BY rowid * 7919 % 100003; \
              INSERT INTO rollout_devices (rollout_id, device_id, offered_at) \
-             SELECT 2, id, CASE WHEN target_rollout = 2 THEN 'now' END FROM devices \
+             SELECT 2, id, CASE WHEN target_rollout = 2 THEN '2026-01-02T00:00:00Z' END FROM devices \
              WHERE running_version = '1.0' ORDER BY rowid * 7919 % 100003;",
         )
         .execute(&store.pool)
