@@ -97,13 +97,6 @@ impl fmt::Display for Timestamp {
     }
 }
 
-impl std::ops::Add<std::time::Duration> for Timestamp {
-    type Output = Timestamp;
-    fn add(self, d: std::time::Duration) -> Timestamp {
-        Timestamp::from(self.0 + d)
-    }
-}
-
 impl std::ops::Sub<std::time::Duration> for Timestamp {
     type Output = Timestamp;
     fn sub(self, d: std::time::Duration) -> Timestamp {
