@@ -1910,16 +1910,17 @@ async fn postgres_pages_and_counts_a_hundred_thousand_devices_in_the_database() 
          INSERT INTO rollouts (release, allow_downgrade, created_at, policy, state, state_name) \
          VALUES ('1.2', false, now(), '{}', '{}', 'running'); \
          INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at, running_version, state, \
-                              reported_target, target_rollout) \
+                              reported_target) \
          SELECT format('dev-%s', lpad(i::text, 6, '0')), CASE WHEN i % 10 = 0 THEN 'cam' ELSE 'gw' END, \
                 format('hw-%s', i), format('key-%s', i), now(), \
                 CASE WHEN i % 3 = 0 THEN '1.0' ELSE '1.1' END, \
                 CASE WHEN i % 100 = 0 THEN 'failed' WHEN i % 3 = 0 AND i % 2 = 0 THEN 'downloading' ELSE 'idle' END, \
-                CASE WHEN i % 3 = 0 AND i % 2 = 0 THEN '1.2' END, \
-                CASE WHEN i % 3 = 0 AND i % 2 = 0 THEN 1 END \
+                CASE WHEN i % 3 = 0 AND i % 2 = 0 THEN '1.2' END \
          FROM generate_series(0, 99999) AS i; \
          INSERT INTO rollout_devices (rollout_id, device_id, offered_at) \
-         SELECT 1, id, CASE WHEN target_rollout = 1 THEN now() END FROM devices WHERE running_version = '1.0'; \
+         SELECT 1, id, CASE WHEN reported_target = '1.2' THEN now() END FROM devices WHERE running_version = '1.0'; \
+         INSERT INTO device_targets (device_id, rollout_id) \
+         SELECT id, 1 FROM devices WHERE reported_target = '1.2'; \
          INSERT INTO device_tags (device_id, tag) SELECT id, 'canary' FROM devices WHERE id LIKE '%7'; \
          ANALYZE;",
     )
@@ -2010,6 +2011,43 @@ async fn postgres_pages_and_counts_a_hundred_thousand_devices_in_the_database() 
     assert!(changed
         .iter()
         .all(|(_, d)| d.running_version == Some(version("1.2"))));
+
+    // A rollout to the whole type, every member offered at once: what a
+    // start stores before its first offer may go out.
+    let started = std::time::Instant::now();
+    let gateways = store.devices_of_type(&"gw".parse().unwrap()).await.unwrap();
+    timed("the devices of a type (90 000)", started.elapsed());
+    assert_eq!(gateways.len(), 90_000);
+    let rel = release("2.0", "2026-02-01T00:00:00Z");
+    store.insert_release(&rel).await.unwrap();
+    let policy = RolloutPolicy::default();
+    let state = RolloutState::start(time(NOW));
+    let members: Vec<(DeviceId, u32)> = gateways.iter().map(|d| (d.clone(), 0)).collect();
+    let started = std::time::Instant::now();
+    let second = store
+        .create_rollout(
+            &rel,
+            &members,
+            false,
+            DownloadLimits::default(),
+            &NewPlan {
+                policy: &policy,
+                state: &state,
+                tags: None,
+                from_versions: &[],
+                offer: &gateways,
+            },
+            ts(NOW),
+        )
+        .await
+        .unwrap();
+    timed(
+        "a rollout stored with its 90 000 members offered",
+        started.elapsed(),
+    );
+    let tallies = store.rollout_tallies(None).await.unwrap();
+    let tally = &tallies.iter().find(|(id, _)| *id == second.id).unwrap().1;
+    assert_eq!(tally.total, 90_000);
 }
 
 async fn presence_one_replica_writes_is_online_on_another_and_its_newest_connection_wins(db: &Db) {

@@ -125,23 +125,31 @@ fn enrolled(
 }
 
 /// What a removed device leaves behind nothing of: its tags (a removed
-/// device is no longer selected by them) and its private addresses (back
-/// to the pool).
-const REMOVED_WITH_DEVICE: &[&str] = &["device_tags", "device_addresses"];
+/// device is no longer selected by them), its private addresses (back to
+/// the pool) and its target.
+const REMOVED_WITH_DEVICE: &[&str] = &["device_tags", "device_addresses", "device_targets"];
 
 const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.hardware_id, d.public_key, d.enrolled_at, d.last_seen, \
      d.running_version, d.state, d.booted_slot, d.reported_target, d.progress_done, d.progress_total, \
-     d.progress_fetched, d.error_kind, d.error_message, d.target_rollout, d.address, d.removed_at, \
+     d.progress_fetched, d.error_kind, d.error_message, \
+     (SELECT t.rollout_id FROM device_targets t WHERE t.device_id = d.id), d.address, d.removed_at, \
      (SELECT string_agg(a.cidr,' ') FROM device_addresses a WHERE a.device_id = d.id)";
 
 /// The rollout a member of `rd` counts for (see the SQLite store's).
 const MEMBER_TARGET: &str = "CASE WHEN rd.outcome = 'superseded' THEN NULL \
      WHEN r.state IS NOT NULL AND rd.offered_at IS NULL AND rd.outcome IS NULL THEN rd.rollout_id \
-     ELSE d.target_rollout END";
+     ELSE (SELECT t.rollout_id FROM device_targets t WHERE t.device_id = d.id) END";
 
 /// [`DeviceStanding`]'s columns, in the order [`standing_from_row`] reads them.
 const STANDING_COLUMNS: &str =
-    "d.id, d.running_version, d.state, d.reported_target, d.error_kind, d.error_message, d.target_rollout";
+    "d.id, d.running_version, d.state, d.reported_target, d.error_kind, d.error_message, \
+     (SELECT t.rollout_id FROM device_targets t WHERE t.device_id = d.id)";
+
+/// Makes rollout `$1` the target of the devices `$2` (its members): an
+/// upsert into their own narrow table (see migration 0008).
+const SET_TARGETS: &str = "INSERT INTO device_targets (device_id, rollout_id) \
+     SELECT DISTINCT u.id, $1::bigint FROM unnest($2::text[]) AS u(id) \
+     ON CONFLICT (device_id) DO UPDATE SET rollout_id = excluded.rollout_id";
 
 const MEMBER_COLUMNS: &str = "rd.phase, rd.offered_at, rd.outcome, rd.error, rd.failure_accepted";
 
@@ -603,8 +611,7 @@ impl Store for PgStore {
             Some(None) => {}
         }
         sqlx::query(
-            "UPDATE devices SET removed_at = $1, target_rollout = NULL, \
-             standing_changed_at = clock_timestamp() WHERE id = $2",
+            "UPDATE devices SET removed_at = $1, standing_changed_at = clock_timestamp() WHERE id = $2",
         )
         .bind(now)
         .bind(id.as_str())
@@ -1074,7 +1081,8 @@ impl Store for PgStore {
         // (300 to 600 ms at 100 000 devices; this, tens of ms).
         let n: i64 = sqlx::query_scalar(&format!(
             "SELECT COUNT(*) FROM ( \
-               SELECT d.id FROM devices d JOIN rollouts r ON r.id = d.target_rollout \
+               SELECT d.id FROM devices d JOIN device_targets t ON t.device_id = d.id \
+               JOIN rollouts r ON r.id = t.rollout_id \
                WHERE {unsettled} AND NOT EXISTS (SELECT 1 FROM rollout_devices rd \
                    WHERE rd.rollout_id = r.id AND rd.device_id = d.id AND rd.outcome = 'superseded') \
                UNION \
@@ -1205,8 +1213,8 @@ impl Store for PgStore {
 
     async fn device_targets(&self) -> StoreResult<Vec<(DeviceId, DeviceTarget)>> {
         let rows = sqlx::query(
-            "SELECT d.id, r.id, r.release, r.allow_downgrade, r.max_bytes_per_sec, r.max_downloading, \
-             r.policy FROM devices d JOIN rollouts r ON r.id = d.target_rollout",
+            "SELECT t.device_id, r.id, r.release, r.allow_downgrade, r.max_bytes_per_sec, r.max_downloading, \
+             r.policy FROM device_targets t JOIN rollouts r ON r.id = t.rollout_id",
         )
         .fetch_all(&self.pool)
         .await
@@ -1358,7 +1366,7 @@ impl Store for PgStore {
         .await
         .map_err(db("targeting a device"))?;
         if !offer.is_empty() {
-            sqlx::query("UPDATE devices SET target_rollout = $1 WHERE id = ANY($2::text[])")
+            sqlx::query(SET_TARGETS)
                 .bind(id)
                 .bind(&offer)
                 .execute(&mut *tx)
@@ -1624,7 +1632,7 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db(action))?;
-            sqlx::query("UPDATE devices SET target_rollout = $1 WHERE id = ANY($2::text[])")
+            sqlx::query(SET_TARGETS)
                 .bind(id)
                 .bind(&offered)
                 .execute(&mut *tx)
@@ -1676,7 +1684,7 @@ impl Store for PgStore {
             .await
             .map_err(db(action))?;
             sqlx::query(
-                "UPDATE devices SET target_rollout = NULL WHERE id = ANY($1::text[]) AND target_rollout = $2",
+                "DELETE FROM device_targets WHERE device_id = ANY($1::text[]) AND rollout_id = $2",
             )
             .bind(&devices)
             .bind(id)
@@ -1809,4 +1817,69 @@ async fn insert_tags(
     .await
     .map_err(db(action))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    /// A database made before device targets had their own table keeps
+    /// every device's target: migration 0008 carries the column over.
+    #[tokio::test]
+    async fn targets_stored_in_the_devices_table_survive_the_move_to_their_own() {
+        let Some(pg) = uplift_sim::postgres::TestPostgres::start() else {
+            return;
+        };
+        let url = pg.create_database("targets_move").unwrap();
+        let pool = PgPoolOptions::new().connect(&url).await.unwrap();
+        let mut before = sqlx::migrate::Migrator::new(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/postgres"
+        )))
+        .await
+        .unwrap();
+        before.migrations = before
+            .migrations
+            .iter()
+            .filter(|m| m.version < 8)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        before.run(&pool).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO releases (version, device_type, manifest, image_size, image_sha256, chunks, \
+                                   stored_bytes, created_at) VALUES ('1.1', 'gw', '\\x7b7d', 1, '', 1, 1, now()); \
+             INSERT INTO rollouts (release, allow_downgrade, created_at, policy, state, state_name) \
+             VALUES ('1.1', false, now(), '{}', '{}', 'running'); \
+             INSERT INTO devices (id, device_type, hardware_id, public_key, enrolled_at, target_rollout) \
+             VALUES ('dev-offered', 'gw', 'hw-1', 'key-1', now(), 1), \
+                    ('dev-waiting', 'gw', 'hw-2', 'key-2', now(), NULL); \
+             INSERT INTO rollout_devices (rollout_id, device_id, offered_at) \
+             VALUES (1, 'dev-offered', now()), (1, 'dev-waiting', NULL);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = PgStore::connect(&url, 2).await.unwrap();
+        let target = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .device(&id.parse().unwrap())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .target_rollout
+            }
+        };
+        assert_eq!(target("dev-offered").await, Some(1));
+        assert_eq!(target("dev-waiting").await, None);
+        let targets = store.device_targets().await.unwrap();
+        assert_eq!(targets.len(), 1);
+        assert_eq!(targets[0].0.as_str(), "dev-offered");
+        assert_eq!(targets[0].1.rollout_id, 1);
+    }
 }
