@@ -11,6 +11,7 @@
 //! the whole fleet's events, while webhooks take only the events made here,
 //! so each is delivered once, by the replica that made it.
 
+use crate::store::Timestamp;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
@@ -79,10 +80,11 @@ pub struct StreamSlot {
 }
 
 impl EventBus {
-    /// Numbers an event made here, stamps it `at`, and hands it to every
+    /// Numbers an event made here, stamps it `at` (shown as the store
+    /// shows times: RFC 3339, to the microsecond), and hands it to every
     /// subscriber.
-    pub fn publish(&self, about: EventAbout, at: &str) {
-        let event = self.record(about, at);
+    pub fn publish(&self, about: EventAbout, at: Timestamp) {
+        let event = self.record(about, &at.to_string());
         let _ = self.made_here.send(event);
     }
 
@@ -201,11 +203,11 @@ mod tests {
     #[tokio::test]
     async fn subscribers_get_events_in_order_and_a_slow_one_hears_what_it_missed() {
         let bus = EventBus::default();
-        bus.publish(finished(0), "t0"); // before anyone listens: dropped
+        bus.publish(finished(0), Timestamp::now()); // before anyone listens: dropped
         let mut fast = bus.subscribe();
         let mut slow = bus.subscribe();
         for id in 1..=(CAPACITY as i64 + 5) {
-            bus.publish(finished(id), "t");
+            bus.publish(finished(id), Timestamp::now());
             let event = fast.recv().await.unwrap();
             assert_eq!(event.seq, id as u64 + 1);
             assert_eq!(event.about, finished(id));
@@ -223,7 +225,7 @@ mod tests {
         let mut made_here = bus.subscribe();
         let (mut stream, _) = bus.open_stream_with(None, &EventFilter::default()).unwrap();
         bus.publish_relayed(finished(1), "t1");
-        bus.publish(finished(2), "t2");
+        bus.publish(finished(2), Timestamp::now());
         assert_eq!(stream.receiver.try_recv().unwrap().about, finished(1));
         assert_eq!(stream.receiver.try_recv().unwrap().about, finished(2));
         let here = made_here.try_recv().unwrap();
@@ -238,7 +240,7 @@ mod tests {
     fn a_new_stream_gets_the_recent_past_then_only_new_events() {
         let bus = EventBus::default();
         for id in 1..=(RECENT_EVENTS as i64 + 10) {
-            bus.publish(finished(id), "t");
+            bus.publish(finished(id), Timestamp::now());
         }
         let all = EventFilter::default();
         let open = |replay| bus.open_stream_with(Some(replay), &all).unwrap();
@@ -255,7 +257,7 @@ mod tests {
         // Reconnecting after event `last - 1`: just the one it missed.
         let (mut slot, Backlog { events, missed }) = open(Replay::After(last - 1));
         assert_eq!((events.len(), events[0].seq, missed), (1, last, 0));
-        bus.publish(finished(-1), "t");
+        bus.publish(finished(-1), Timestamp::now());
         assert_eq!(slot.receiver.try_recv().unwrap().seq, last + 1);
         assert!(slot.receiver.try_recv().is_err(), "no event twice");
 
@@ -273,7 +275,7 @@ mod tests {
             rollout: Some(500),
             ..EventFilter::default()
         };
-        bus.publish(finished(6), "t");
+        bus.publish(finished(6), Timestamp::now());
         let events = bus
             .open_stream_with(Some(Replay::Newest(3)), &one)
             .unwrap()

@@ -134,7 +134,7 @@ impl LiveView {
                 device_id: event.device.clone(),
                 event: event.event.clone(),
             },
-            &event.at.to_string(),
+            event.at,
         );
         history.push(event);
     }

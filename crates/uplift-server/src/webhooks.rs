@@ -397,7 +397,9 @@ mod tests {
             event: uplift_proto::api::DeviceEventKind::Withdrawn { rollout_id: 0 },
         };
         while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            state.events.publish(probe.clone(), "2026-12-05T00:00:00Z");
+            state
+                .events
+                .publish(probe.clone(), ts("2026-12-05T00:00:00Z"));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // The deliverer waits on the receiver; the fleet meanwhile makes
@@ -408,7 +410,7 @@ mod tests {
         for id in 1..=burst {
             state
                 .events
-                .publish(finished(id as i64), "2026-12-05T00:00:01Z");
+                .publish(finished(id as i64), ts("2026-12-05T00:00:01Z"));
             if id % 250 == 0 {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }

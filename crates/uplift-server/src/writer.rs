@@ -314,7 +314,7 @@ mod tests {
             kinds(store.device_history(&dev, None, 10).await.unwrap()),
             ["installed", "download_finished", "download_started"]
         );
-        let now = crate::rollout::scheduler::parse_time("2026-12-03T00:00:02.9Z").unwrap();
+        let now = crate::store::stamp::ts("2026-12-03T00:00:02.9Z").instant();
         writer.prune(now).await;
         assert_eq!(
             kinds(store.device_history(&dev, None, 10).await.unwrap()),
@@ -322,7 +322,7 @@ mod tests {
             "a day is kept (02.9 and 03 compare as times, not as text)"
         );
         // 0.5 s more than a day old: dropped, to the microsecond.
-        let now = crate::rollout::scheduler::parse_time("2026-12-03T00:00:03.5Z").unwrap();
+        let now = crate::store::stamp::ts("2026-12-03T00:00:03.5Z").instant();
         writer.prune(now).await;
         assert_eq!(
             kinds(store.device_history(&dev, None, 10).await.unwrap()),

@@ -105,7 +105,7 @@ pub async fn announce_first(
             .unwrap_or(&engine::RolloutState::start(now)),
         window_of(policy, now, rollout.id),
     );
-    publish_events(state, rollout.id, &step.events, &format_time(now));
+    publish_events(state, rollout.id, &step.events, Timestamp::from(now));
     announce(state, rollout, step, reboots, now).await;
 }
 
@@ -248,7 +248,6 @@ async fn apply(
     step: &engine::Step,
     now: OffsetDateTime,
 ) -> Result<bool, StoreError> {
-    let now_text = format_time(now);
     let change = RolloutChange {
         state: step.state.as_ref(),
         offer: &step.offer,
@@ -265,7 +264,7 @@ async fn apply(
     {
         return Ok(false);
     }
-    publish_events(state, id, &step.events, &now_text);
+    publish_events(state, id, &step.events, Timestamp::from(now));
     if !step.hold.is_empty() {
         tracing::info!(
             rollout = id,
@@ -277,7 +276,7 @@ async fn apply(
     Ok(true)
 }
 
-fn publish_events(state: &AppState, id: i64, events: &[engine::Event], now: &str) {
+fn publish_events(state: &AppState, id: i64, events: &[engine::Event], now: Timestamp) {
     for event in events {
         tracing::info!(rollout = id, event = ?event, "rollout");
         state.events.publish(
@@ -652,15 +651,6 @@ fn live_of(release: &uplift_proto::Version, id: i64, device: &DeviceStanding) ->
             error: device.last_error.as_ref().map(|e| e.to_string()),
         },
     }
-}
-
-pub(crate) fn format_time(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-pub(crate) fn parse_time(text: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
 }
 
 #[cfg(test)]

@@ -195,7 +195,7 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
                 by: by.to_owned(),
             },
         },
-        &created_at.to_string(),
+        created_at,
     );
     scheduler::announce_first(state, &rollout, &request.policy, &step, now).await;
     view(state, rollout).await
@@ -694,7 +694,6 @@ async fn steer(
         let now = OffsetDateTime::now_utc();
         let transition = crate::rollout::engine::command(&plan.state, &members, &command, by, now)
             .map_err(|source| ServiceError::Refused { id, source })?;
-        let now_text = scheduler::format_time(now);
         let change = RolloutChange {
             state: Some(&transition.state),
             offer: &[],
@@ -740,7 +739,7 @@ async fn steer(
                     rollout_id: id,
                     event,
                 },
-                &now_text,
+                Timestamp::from(now),
             );
             // What the new state allows (the next phase's offers) goes out now.
             scheduler::advance(state, id, now).await?;

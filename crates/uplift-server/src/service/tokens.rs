@@ -4,7 +4,6 @@
 
 use super::{audit, ServiceError, ServiceResult};
 use crate::auth::Principal;
-use crate::rollout::scheduler::parse_time;
 use crate::state::AppState;
 use crate::store::control::NewApiToken;
 use crate::store::Timestamp;
@@ -38,7 +37,7 @@ pub fn usable(token: &TokenView, now: OffsetDateTime) -> bool {
     }
     match token.expires_at.as_deref() {
         None => true,
-        Some(text) => parse_time(text).is_some_and(|expires| now < expires),
+        Some(text) => Timestamp::parse_rfc3339(text).is_ok_and(|expires| now < expires.instant()),
     }
 }
 
