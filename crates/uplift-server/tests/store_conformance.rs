@@ -283,6 +283,17 @@ const NOW: &str = "2026-03-01T12:00:00.123456Z";
 
 /// Starts a phased rollout of release 2.0 (stored if need be).
 async fn start(store: &dyn Store, members: &[(&str, u32)]) -> Result<i64, StoreError> {
+    let members: Vec<(DeviceId, u32)> = members.iter().map(|(d, p)| (id(d), *p)).collect();
+    start_offering(store, &members, &[]).await
+}
+
+/// Starts a rollout of release 2.0 (stored if need be) to `members`,
+/// offered to `offer` at once, as a start stores its first step.
+async fn start_offering(
+    store: &dyn Store,
+    members: &[(DeviceId, u32)],
+    offer: &[DeviceId],
+) -> Result<i64, StoreError> {
     let rel = release("2.0", "2026-02-01T00:00:00Z");
     if store.release(&rel.version).await.unwrap().is_none() {
         store.insert_release(&rel).await.unwrap();
@@ -294,13 +305,12 @@ async fn start(store: &dyn Store, members: &[(&str, u32)]) -> Result<i64, StoreE
         state: &state,
         tags: None,
         from_versions: &[],
-        offer: &[],
+        offer,
     };
-    let members: Vec<(DeviceId, u32)> = members.iter().map(|(d, p)| (id(d), *p)).collect();
     store
         .create_rollout(
             &rel,
-            &members,
+            members,
             false,
             DownloadLimits::default(),
             &plan,
@@ -1523,30 +1533,9 @@ async fn a_new_rollout_stores_its_first_offers_with_it(db: &Db) {
         ],
     )
     .await;
-    let rel = release("2.0", "2026-02-01T00:00:00Z");
-    store.insert_release(&rel).await.unwrap();
-    let policy = RolloutPolicy::default();
-    let state = RolloutState::start(time(NOW));
     let members = [(id("dev-1"), 0), (id("dev-2"), 0), (id("dev-3"), 1)];
     let offer = [id("dev-2"), id("dev-1")];
-    let r = store
-        .create_rollout(
-            &rel,
-            &members,
-            false,
-            DownloadLimits::default(),
-            &NewPlan {
-                policy: &policy,
-                state: &state,
-                tags: None,
-                from_versions: &[],
-                offer: &offer,
-            },
-            ts(NOW),
-        )
-        .await
-        .unwrap()
-        .id;
+    let r = start_offering(&*store, &members, &offer).await.unwrap();
     let stored = store.rollout_members(r).await.unwrap();
     let view: Vec<_> = stored
         .iter()
@@ -2018,35 +2007,15 @@ async fn postgres_pages_and_counts_a_hundred_thousand_devices_in_the_database() 
     let gateways = store.devices_of_type(&"gw".parse().unwrap()).await.unwrap();
     timed("the devices of a type (90 000)", started.elapsed());
     assert_eq!(gateways.len(), 90_000);
-    let rel = release("2.0", "2026-02-01T00:00:00Z");
-    store.insert_release(&rel).await.unwrap();
-    let policy = RolloutPolicy::default();
-    let state = RolloutState::start(time(NOW));
     let members: Vec<(DeviceId, u32)> = gateways.iter().map(|d| (d.clone(), 0)).collect();
     let started = std::time::Instant::now();
-    let second = store
-        .create_rollout(
-            &rel,
-            &members,
-            false,
-            DownloadLimits::default(),
-            &NewPlan {
-                policy: &policy,
-                state: &state,
-                tags: None,
-                from_versions: &[],
-                offer: &gateways,
-            },
-            ts(NOW),
-        )
-        .await
-        .unwrap();
+    let second = start_offering(&store, &members, &gateways).await.unwrap();
     timed(
         "a rollout stored with its 90 000 members offered",
         started.elapsed(),
     );
     let tallies = store.rollout_tallies(None).await.unwrap();
-    let tally = &tallies.iter().find(|(id, _)| *id == second.id).unwrap().1;
+    let tally = &tallies.iter().find(|(id, _)| *id == second).unwrap().1;
     assert_eq!(tally.total, 90_000);
 }
 
