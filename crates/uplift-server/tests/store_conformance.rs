@@ -66,6 +66,7 @@ suite!(
     a_lease_has_one_holder_until_it_expires_or_is_released,
     a_read_of_changes_returns_the_members_changed_since_a_mark_and_no_other,
     a_new_rollout_stores_its_first_offers_with_it,
+    a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_newer_ones_devices,
     presence_one_replica_writes_is_online_on_another_and_its_newest_connection_wins,
     a_removed_device_is_kept_with_its_history_but_left_out_of_everything_else,
     a_private_address_is_one_devices_across_stores_until_it_is_removed,
@@ -288,8 +289,25 @@ async fn start(store: &dyn Store, members: &[(&str, u32)]) -> Result<i64, StoreE
 }
 
 /// Starts a rollout of release 2.0 (stored if need be) to `members`,
-/// offered to `offer` at once, as a start stores its first step.
+/// offered to `offer` at once, as a start stores its first step: the
+/// rollout, then its members.
 async fn start_offering(
+    store: &dyn Store,
+    members: &[(DeviceId, u32)],
+    offer: &[DeviceId],
+) -> Result<i64, StoreError> {
+    let id = create_offering(store, members, offer).await?;
+    let mut offered = store.store_rollout_members(id).await?.unwrap();
+    offered.sort_by_key(|d| d.to_string());
+    let mut expected = offer.to_vec();
+    expected.sort_by_key(|d| d.to_string());
+    assert_eq!(offered, expected, "the first offers, as stored");
+    Ok(id)
+}
+
+/// The first half of [`start_offering`]: the rollout stored, its members
+/// pending.
+async fn create_offering(
     store: &dyn Store,
     members: &[(DeviceId, u32)],
     offer: &[DeviceId],
@@ -1562,6 +1580,106 @@ async fn a_new_rollout_stores_its_first_offers_with_it(db: &Db) {
     assert_eq!(targeted, [("dev-1".to_owned(), r), ("dev-2".to_owned(), r)]);
 }
 
+async fn a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_newer_ones_devices(
+    db: &Db,
+) {
+    let store = db.open().await;
+    let other = db.open().await;
+    enroll(
+        &*store,
+        &[
+            ("dev-1", "gw", "hw-1"),
+            ("dev-2", "gw", "hw-2"),
+            ("dev-3", "gw", "hw-3"),
+            ("dev-4", "gw", "hw-4"),
+        ],
+    )
+    .await;
+    // The older start is cut short after its first transaction.
+    let older = create_offering(
+        &*store,
+        &[(id("dev-1"), 0), (id("dev-2"), 0), (id("dev-4"), 0)],
+        &[id("dev-1"), id("dev-2"), id("dev-4")],
+    )
+    .await
+    .unwrap();
+    assert!(store.rollout_members(older).await.unwrap().is_empty());
+    let plan = store.rollout_plan(older).await.unwrap().unwrap();
+    assert!(plan.members_pending);
+    assert_eq!(store.active_rollouts().await.unwrap(), Vec::<i64>::new());
+    assert_eq!(
+        store
+            .rollouts_with_pending_members(ts("2026-03-01T12:00:01Z"))
+            .await
+            .unwrap(),
+        [older]
+    );
+    assert_eq!(
+        store.rollouts_with_pending_members(ts(NOW)).await.unwrap(),
+        Vec::<i64>::new(),
+        "pending since NOW, not before"
+    );
+    // Meanwhile dev-4 is removed, and a newer rollout takes dev-2 and is
+    // written whole.
+    store
+        .remove_device(&id("dev-4"), ts("2026-03-01T12:00:00.5Z"))
+        .await
+        .unwrap();
+    let newer = start_offering(
+        &*store,
+        &[(id("dev-2"), 0), (id("dev-3"), 0)],
+        &[id("dev-2")],
+    )
+    .await
+    .unwrap();
+    // The older one's members written late, from another store (a
+    // replica's scheduler), once: the newer one keeps dev-2, and dev-4 is
+    // no one's.
+    let offered = other.store_rollout_members(older).await.unwrap();
+    assert_eq!(offered, Some(vec![id("dev-1")]), "the targets it set");
+    assert_eq!(store.store_rollout_members(older).await.unwrap(), None);
+    let parts = |rollout: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .rollout_members(rollout)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(m, d)| (d.id.to_string(), m.outcome, d.target_rollout))
+                .collect::<Vec<_>>()
+        }
+    };
+    let part = |d: &str, outcome, target| (d.to_owned(), outcome, target);
+    assert_eq!(
+        parts(older).await,
+        [
+            part("dev-1", None, Some(older)),
+            part("dev-2", Some(Outcome::Superseded), Some(newer)),
+        ]
+    );
+    assert_eq!(
+        parts(newer).await,
+        [part("dev-2", None, Some(newer)), part("dev-3", None, None)]
+    );
+    assert!(
+        !store
+            .rollout_plan(older)
+            .await
+            .unwrap()
+            .unwrap()
+            .members_pending
+    );
+    assert_eq!(store.active_rollouts().await.unwrap(), [older, newer]);
+    assert_eq!(
+        store
+            .rollouts_with_pending_members(ts("2026-03-01T12:00:01Z"))
+            .await
+            .unwrap(),
+        Vec::<i64>::new()
+    );
+}
+
 async fn a_removed_device_is_kept_with_its_history_but_left_out_of_everything_else(db: &Db) {
     let store = db.open().await;
     enroll(
@@ -1588,28 +1706,13 @@ async fn a_removed_device_is_kept_with_its_history_but_left_out_of_everything_el
         )
         .await
         .unwrap();
-    let rel = release("2.0", "2026-02-01T00:00:00Z");
-    store.insert_release(&rel).await.unwrap();
-    let policy = RolloutPolicy::default();
-    let state = RolloutState::start(time(NOW));
-    let r = store
-        .create_rollout(
-            &rel,
-            &[(id("dev-1"), 0), (id("dev-2"), 0), (id("dev-3"), 1)],
-            false,
-            DownloadLimits::default(),
-            &NewPlan {
-                policy: &policy,
-                state: &state,
-                tags: None,
-                from_versions: &[],
-                offer: &[id("dev-1"), id("dev-2")],
-            },
-            ts(NOW),
-        )
-        .await
-        .unwrap()
-        .id;
+    let r = start_offering(
+        &*store,
+        &[(id("dev-1"), 0), (id("dev-2"), 0), (id("dev-3"), 1)],
+        &[id("dev-1"), id("dev-2")],
+    )
+    .await
+    .unwrap();
     // dev-2 finished its part already: a removal leaves a settled part as it is.
     let settle = [(id("dev-2"), Outcome::Succeeded, None)];
     assert!(store
@@ -2009,11 +2112,15 @@ async fn postgres_pages_and_counts_a_hundred_thousand_devices_in_the_database() 
     assert_eq!(gateways.len(), 90_000);
     let members: Vec<(DeviceId, u32)> = gateways.iter().map(|d| (d.clone(), 0)).collect();
     let started = std::time::Instant::now();
-    let second = start_offering(&store, &members, &gateways).await.unwrap();
+    let second = create_offering(&store, &members, &gateways).await.unwrap();
     timed(
-        "a rollout stored with its 90 000 members offered",
+        "a rollout stored, its 90 000 members offered pending",
         started.elapsed(),
     );
+    let started = std::time::Instant::now();
+    let offered = store.store_rollout_members(second).await.unwrap().unwrap();
+    timed("its members written", started.elapsed());
+    assert_eq!(offered.len(), 90_000);
     let tallies = store.rollout_tallies(None).await.unwrap();
     let tally = &tallies.iter().find(|(id, _)| *id == second).unwrap().1;
     assert_eq!(tally.total, 90_000);

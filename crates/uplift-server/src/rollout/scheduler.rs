@@ -53,7 +53,7 @@ pub async fn advance(state: &AppState, id: i64, now: OffsetDateTime) -> Result<(
 
 /// The first step of a rollout about to be created with `planned`
 /// (device, phase) members, decided before it is stored so that the store
-/// writes the rollout, its members and its first offers in one
+/// holds the rollout, its members and its first offers after one short
 /// transaction: none is offered or settled yet, so what the devices
 /// report does not count. Pure.
 pub fn first_step(
@@ -334,6 +334,16 @@ pub async fn tick(
         cache.rollouts.clear();
         return Ok(false);
     }
+    let stale = Timestamp::from(now - PENDING_GRACE);
+    for id in state.store.rollouts_with_pending_members(stale).await? {
+        let written = match state.store.rollout(id).await? {
+            Some(rollout) => store_pending_members(state, &rollout, now).await,
+            None => Ok(()),
+        };
+        if let Err(e) = written {
+            tracing::warn!(rollout = id, "rollout scheduler: {e}");
+        }
+    }
     let active = state.store.active_rollouts().await?;
     cache.rollouts.retain(|id, _| active.contains(id));
     for id in active {
@@ -343,6 +353,44 @@ pub async fn tick(
         }
     }
     Ok(true)
+}
+
+/// How long a new rollout's members may stay pending before the driving
+/// replica writes them itself: its starter writes them at once, after its
+/// first offers (seconds at 100 000 devices), unless it was killed between.
+const PENDING_GRACE: Duration = Duration::from_secs(30);
+
+/// Writes `rollout`'s members if they are still pending (its starter did
+/// not, killed after storing it) and pushes the first offers they hold,
+/// which the starter may not have pushed: to a device it did tell, the
+/// same offer again, which changes nothing.
+pub async fn store_pending_members(
+    state: &AppState,
+    rollout: &RolloutRecord,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let Some(offer) = state.store.store_rollout_members(rollout.id).await? else {
+        return Ok(());
+    };
+    tracing::warn!(
+        rollout = rollout.id,
+        offered = offer.len(),
+        "a rollout's members were still pending (its start was cut short): written, first offers pushed"
+    );
+    let Some(plan) = state.store.rollout_plan(rollout.id).await? else {
+        return Ok(());
+    };
+    let step = engine::Step {
+        offer,
+        ..engine::Step::default()
+    };
+    let reboots = engine::reboots(
+        &plan.policy,
+        &plan.state,
+        window_of(&plan.policy, now, rollout.id),
+    );
+    announce(state, rollout, &step, reboots, now).await;
+    Ok(())
 }
 
 /// Advances every active rollout each [`TICK`] until shutdown, while this
@@ -480,6 +528,10 @@ impl MemberCache {
             };
             if plan.state.is_terminal() {
                 self.rollouts.remove(&id);
+                return Ok(());
+            }
+            if plan.members_pending {
+                // Nothing to decide on yet: its starter is writing them.
                 return Ok(());
             }
             let Some(cached) = self.refresh(state, id, &plan, now).await? else {
@@ -943,6 +995,76 @@ mod tests {
         .unwrap();
         cache.advance(&state, older, minute_later).await.unwrap();
         assert_eq!(cache.rollouts[&older].rows_read, 3);
+    }
+
+    #[tokio::test]
+    async fn a_start_cut_short_before_its_members_were_written_is_finished_by_the_driving_replica()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        testing::release(&state, "2", "gw").await;
+        let device = testing::device(&state, "dev-1", "gw").await;
+        let release = state
+            .store
+            .release(&"2".parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        // What a starter killed after its first transaction leaves: the
+        // rollout stored, its members pending, no offer pushed.
+        let created = OffsetDateTime::now_utc();
+        let policy = RolloutPolicy::default();
+        let start = RolloutState::start(created);
+        let members = [(device.clone(), 0)];
+        let step = first_step(&policy, &start, &members, created);
+        assert_eq!(step.offer, std::slice::from_ref(&device));
+        let plan = crate::store::NewPlan {
+            policy: &policy,
+            state: step.state.as_ref().unwrap_or(&start),
+            tags: None,
+            from_versions: &[],
+            offer: &step.offer,
+        };
+        let rollout = state
+            .store
+            .create_rollout(
+                &release,
+                &members,
+                false,
+                uplift_proto::api::DownloadLimits::default(),
+                &plan,
+                Timestamp::from(created),
+            )
+            .await
+            .unwrap();
+        let offered = |state: &AppState| state.live.target(&device).map(|t| t.rollout_id);
+        let mut cache = MemberCache::default();
+        // Within the grace its starter may still be at it: left alone.
+        assert!(
+            tick(&state, "one", &mut cache, created + Duration::from_secs(1))
+                .await
+                .unwrap()
+        );
+        assert_eq!(offered(&state), None);
+        assert!(state
+            .store
+            .rollout_members(rollout.id)
+            .await
+            .unwrap()
+            .is_empty());
+        // Past it, the driving replica writes them and pushes the offer.
+        let later = created + PENDING_GRACE + Duration::from_secs(1);
+        assert!(tick(&state, "one", &mut cache, later).await.unwrap());
+        assert_eq!(offered(&state), Some(rollout.id));
+        let stored = state.store.rollout_members(rollout.id).await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert!(stored[0].0.offered_at.is_some());
+        assert_eq!(stored[0].1.target_rollout, Some(rollout.id));
+        assert_eq!(
+            state.store.active_rollouts().await.unwrap(),
+            [rollout.id],
+            "stepped from now on"
+        );
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! Rollouts: starting one (the store, the live view and the sessions of
-//! its devices, in that order) or previewing it (the same plan, nothing
+//! Rollouts: starting one (the rollout stored with its members pending,
+//! its first offers told to the live view and the sessions, then its
+//! members written) or previewing it (the same plan, nothing
 //! done), and where each one stands, derived from the devices it targeted.
 
 use super::{audit, ServiceError, ServiceResult};
@@ -163,8 +164,9 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
         created_at,
     } = plan(state, &request).await?;
     // The first step is decided before the rollout is stored, and stored
-    // with it: its first offers go out after one transaction, not two (the
-    // second rewrote every offered member: 10 000 rows at 10 000 devices).
+    // with it: its first offers go out after one short transaction (the
+    // rollout, its members as one pending list), and the members are
+    // written as rows after (3 s at 90 000 devices on PostgreSQL).
     let first = RolloutState::start(now);
     let step = scheduler::first_step(&request.policy, &first, &members, now);
     let rollout = state
@@ -198,6 +200,9 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
         created_at,
     );
     scheduler::announce_first(state, &rollout, &request.policy, &step, now).await;
+    // None if another replica's scheduler found them pending for long and
+    // wrote them first.
+    state.store.store_rollout_members(rollout.id).await?;
     view(state, rollout).await
 }
 
@@ -604,6 +609,7 @@ async fn retry(state: &AppState, id: i64, by: &str) -> ServiceResult<RolloutView
         .rollout_plan(id)
         .await?
         .ok_or(ServiceError::NotPhased { id })?;
+    scheduler::store_pending_members(state, &rollout, OffsetDateTime::now_utc()).await?;
     let failed: Vec<_> = state
         .store
         .rollout_members(id)
@@ -679,6 +685,8 @@ async fn steer(
         .rollout(id)
         .await?
         .ok_or(ServiceError::RolloutNotFound { id })?;
+    // A command decides on the members: written first if still pending.
+    scheduler::store_pending_members(state, &rollout, OffsetDateTime::now_utc()).await?;
     // Outcomes reported since the last tick count before the command: an
     // abort must not withdraw a device that has just finished.
     scheduler::advance(state, id, OffsetDateTime::now_utc()).await?;

@@ -294,6 +294,27 @@ pub(crate) fn private_addresses(text: Option<String>) -> Vec<String> {
     list
 }
 
+/// A new rollout's members as its row holds them until they are written
+/// (see [`Store::create_rollout`]): `[[device, phase, offered], ...]`, each
+/// offered if its first step offers it.
+pub(crate) fn pending_members_text(members: &[(DeviceId, u32)], offer: &[DeviceId]) -> String {
+    let offer: std::collections::HashSet<&DeviceId> = offer.iter().collect();
+    let list: Vec<(&DeviceId, u32, bool)> = members
+        .iter()
+        .map(|(device, phase)| (device, *phase, offer.contains(device)))
+        .collect();
+    serde_json::to_string(&list).unwrap_or_else(|e| unreachable!("device ids serialize: {e}"))
+}
+
+/// [`pending_members_text`] read back: each device ID checked again, as
+/// everything read from the database is.
+pub(crate) fn pending_members(text: &str) -> StoreResult<Vec<(DeviceId, u32, bool)>> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        what: "a rollout's pending members",
+        detail: e.to_string(),
+    })
+}
+
 /// One history event to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
@@ -342,6 +363,9 @@ pub struct RolloutPlan {
     pub policy: RolloutPolicy,
     pub state: RolloutState,
     pub revision: i64,
+    /// Its members are not written yet ([`Store::create_rollout`]): no
+    /// step may be decided on them.
+    pub members_pending: bool,
 }
 
 /// How far before a [`Store::change_mark`] the next read of changes
@@ -538,9 +562,12 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     async fn release(&self, version: &Version) -> StoreResult<Option<ReleaseRecord>>;
     async fn list_releases(&self) -> StoreResult<Vec<ReleaseRecord>>;
 
-    /// Creates the rollout with its devices in their phases, none offered
-    /// yet, atomically; the devices' parts in older unfinished rollouts end
-    /// as superseded. `NotFound` if a device is not enrolled.
+    /// Creates the rollout with its state after `plan`'s first step, and
+    /// its devices in their phases (`plan.offer` offered) held as one
+    /// pending list in its row: one short transaction whatever the
+    /// rollout's size, so the first offers can go out before the members
+    /// are written ([`Store::store_rollout_members`]). `NotFound` if a
+    /// device is not enrolled.
     async fn create_rollout(
         &self,
         release: &ReleaseRecord,
@@ -550,6 +577,18 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
         plan: &NewPlan<'_>,
         now: Timestamp,
     ) -> StoreResult<RolloutRecord>;
+    /// Writes rollout `id`'s pending members as its rows, in one
+    /// transaction: their parts in older unfinished rollouts end as
+    /// superseded (a member a newer rollout already holds is stored as
+    /// superseded itself, a device removed meanwhile is left out), and
+    /// the first offers become the devices' targets where no newer
+    /// rollout's stand. The devices whose target it became, or `None` if
+    /// nothing was pending (written already, here or by another replica:
+    /// only one writes them).
+    async fn store_rollout_members(&self, id: i64) -> StoreResult<Option<Vec<DeviceId>>>;
+    /// Rollouts created before `before` whose members are still pending:
+    /// those a server killed between a start's two transactions left.
+    async fn rollouts_with_pending_members(&self, before: Timestamp) -> StoreResult<Vec<i64>>;
     /// The engine's policy and state of a rollout; `None` for a rollout
     /// made before phased rollouts (or one that does not exist).
     async fn rollout_plan(&self, id: i64) -> StoreResult<Option<RolloutPlan>>;
@@ -567,7 +606,8 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     /// Devices each rollout handed to the next newer rollout of them:
     /// (older, newer, devices); only pairs with rollout `only`, if given.
     async fn supersessions(&self, only: Option<i64>) -> StoreResult<Vec<(i64, i64, u64)>>;
-    /// Rollouts the scheduler must look at: phased, neither finished nor aborted.
+    /// Rollouts the scheduler must look at: phased, neither finished nor
+    /// aborted, their members written.
     async fn active_rollouts(&self) -> StoreResult<Vec<i64>>;
     /// A rollout's devices with their part in it and what each last said,
     /// by phase then device: what the scheduler decides on every tick, so

@@ -159,11 +159,13 @@ const STANDING_COLUMNS: &str =
 const MEMBERS_WITH_DEVICES: &str = "rollout_devices rd JOIN devices d ON d.id = rd.device_id \
      LEFT JOIN device_targets t ON t.device_id = d.id";
 
-/// Makes rollout `$1` the target of the devices `$2` (its members): an
-/// upsert into their own narrow table (see migration 0008).
+/// Makes rollout `$1` the target of the devices `$2` (its members) where
+/// no newer rollout's target stands, as in the live view: an upsert into
+/// their own narrow table (see migration 0008).
 const SET_TARGETS: &str = "INSERT INTO device_targets (device_id, rollout_id) \
      SELECT DISTINCT u.id, $1::bigint FROM unnest($2::text[]) AS u(id) \
-     ON CONFLICT (device_id) DO UPDATE SET rollout_id = excluded.rollout_id";
+     ON CONFLICT (device_id) DO UPDATE SET rollout_id = excluded.rollout_id \
+     WHERE device_targets.rollout_id < excluded.rollout_id";
 
 const MEMBER_COLUMNS: &str = "rd.phase, rd.offered_at, rd.outcome, rd.error, rd.failure_accepted";
 
@@ -437,7 +439,13 @@ const ROLLOUT_SELECT: &str =
      FROM rollouts r JOIN releases rel ON rel.version = r.release";
 
 fn plan_from_row(
-    (id, policy, state, revision): (i64, Option<String>, Option<String>, i64),
+    (id, policy, state, revision, members_pending): (
+        i64,
+        Option<String>,
+        Option<String>,
+        i64,
+        bool,
+    ),
 ) -> Option<StoreResult<(i64, RolloutPlan)>> {
     let (policy, state) = (policy?, state?);
     Some((|| {
@@ -449,6 +457,7 @@ fn plan_from_row(
                 state: serde_json::from_str(&state)
                     .map_err(|e| corrupt("rollout state")(e.to_string()))?,
                 revision,
+                members_pending,
             },
         ))
     })())
@@ -1156,12 +1165,18 @@ impl Store for PgStore {
         // Rows locked in device order: two replicas' batches that share a
         // device (one that moved between them) wait for each other instead
         // of deadlocking, whatever order the set-based updates visit rows.
+        // NO KEY UPDATE, the lock the updates themselves take: FOR UPDATE
+        // also waited on, and deadlocked with, the foreign-key checks of a
+        // rollout's members being written (KEY SHARE on their devices, in
+        // list order) while those devices reported their first offers.
         let locked: Vec<String> = states.iter().map(|s| s.id.as_str().to_owned()).collect();
-        sqlx::query("SELECT 1 FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE")
-            .bind(&locked)
-            .execute(&mut *tx)
-            .await
-            .map_err(db(action))?;
+        sqlx::query(
+            "SELECT 1 FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(&locked)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(action))?;
         let mut written = 0;
         if !reported.is_empty() {
             let mut columns = ReportColumns::default();
@@ -1321,20 +1336,17 @@ impl Store for PgStore {
         now: Timestamp,
     ) -> StoreResult<RolloutRecord> {
         let action = "starting a rollout";
-        let created_at = now.instant();
         let devices: Vec<String> = members.iter().map(|(d, _)| d.as_str().to_owned()).collect();
-        let phases: Vec<i64> = members.iter().map(|(_, p)| i64::from(*p)).collect();
         let mut tx = self.pool.begin().await.map_err(db(action))?;
-        lock_memberships(&mut tx, action).await?;
         let (max_bytes_per_sec, max_downloading) = limits_columns(&limits);
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO rollouts (release, allow_downgrade, created_at, max_bytes_per_sec, max_downloading, \
-             policy, state, state_name, revision, tags, from_versions) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10) RETURNING id",
+             policy, state, state_name, revision, tags, from_versions, pending_members) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10, $11) RETURNING id",
         )
         .bind(release.version.as_str())
         .bind(allow_downgrade)
-        .bind(created_at)
+        .bind(now.instant())
         .bind(max_bytes_per_sec)
         .bind(max_downloading)
         .bind(json_text(plan.policy))
@@ -1342,6 +1354,7 @@ impl Store for PgStore {
         .bind(plan.state.name())
         .bind(plan.tags.map(json_text))
         .bind((!plan.from_versions.is_empty()).then(|| json_text(&plan.from_versions)))
+        .bind(pending_members_text(members, plan.offer))
         .fetch_one(&mut *tx)
         .await
         .map_err(db(action))?;
@@ -1358,41 +1371,6 @@ impl Store for PgStore {
                 "device {device} is not enrolled; check `uplift devices list`"
             )));
         }
-        sqlx::query(
-            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = clock_timestamp() \
-             WHERE rollout_id <> $1 AND outcome IS NULL AND device_id = ANY($2::text[])",
-        )
-        .bind(id)
-        .bind(&devices)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("superseding older rollouts"))?;
-        let offer = ids(plan.offer);
-        let offered: Vec<bool> = {
-            let offer: std::collections::HashSet<&DeviceId> = plan.offer.iter().collect();
-            members.iter().map(|(d, _)| offer.contains(d)).collect()
-        };
-        sqlx::query(
-            "INSERT INTO rollout_devices (rollout_id, device_id, phase, offered_at, changed_at) \
-             SELECT $1, m.id, m.phase, CASE WHEN m.offered THEN $4 END, clock_timestamp() \
-             FROM unnest($2::text[], $3::bigint[], $5::bool[]) AS m(id, phase, offered)",
-        )
-        .bind(id)
-        .bind(&devices)
-        .bind(&phases)
-        .bind(created_at)
-        .bind(&offered)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("targeting a device"))?;
-        if !offer.is_empty() {
-            sqlx::query(SET_TARGETS)
-                .bind(id)
-                .bind(&offer)
-                .execute(&mut *tx)
-                .await
-                .map_err(db("offering a rollout's first devices"))?;
-        }
         tx.commit().await.map_err(db("committing a rollout"))?;
         Ok(RolloutRecord {
             id,
@@ -1406,13 +1384,115 @@ impl Store for PgStore {
         })
     }
 
+    async fn store_rollout_members(&self, id: i64) -> StoreResult<Option<Vec<DeviceId>>> {
+        let action = "writing a rollout's members";
+        let mut tx = self.pool.begin().await.map_err(db(action))?;
+        lock_memberships(&mut tx, action).await?;
+        // Taken in the transaction that writes them, under the membership
+        // lock: a second writer (another replica's scheduler) waits for it
+        // and finds none.
+        let taken: Option<(String, OffsetDateTime)> = sqlx::query_as(
+            "SELECT pending_members, created_at FROM rollouts \
+             WHERE id = $1 AND pending_members IS NOT NULL",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        let Some((text, created_at)) = taken else {
+            return Ok(None);
+        };
+        sqlx::query("UPDATE rollouts SET pending_members = NULL WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        let pending = pending_members(&text)?;
+        let devices: Vec<&str> = pending.iter().map(|(d, _, _)| d.as_str()).collect();
+        let phases: Vec<i64> = pending.iter().map(|(_, p, _)| i64::from(*p)).collect();
+        let offered: Vec<bool> = pending.iter().map(|(_, _, o)| *o).collect();
+        // Only older rollouts are superseded: a newer one may have been
+        // started, and its members written, while these were pending.
+        sqlx::query(
+            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = clock_timestamp() \
+             WHERE rollout_id < $1 AND outcome IS NULL AND device_id = ANY($2::text[])",
+        )
+        .bind(id)
+        .bind(&devices)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("superseding older rollouts"))?;
+        // A device removed meanwhile is left out; a dynamic rollout's
+        // newcomer may be a member already.
+        sqlx::query(
+            "INSERT INTO rollout_devices (rollout_id, device_id, phase, offered_at, changed_at) \
+             SELECT $1, m.id, m.phase, CASE WHEN m.offered THEN $4 END, clock_timestamp() \
+             FROM unnest($2::text[], $3::bigint[], $5::bool[]) AS m(id, phase, offered) \
+             JOIN devices d ON d.id = m.id AND d.removed_at IS NULL \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(&devices)
+        .bind(&phases)
+        .bind(created_at)
+        .bind(&offered)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("targeting a device"))?;
+        sqlx::query(
+            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = clock_timestamp() \
+             WHERE rollout_id = $1 AND outcome IS NULL \
+             AND device_id IN (SELECT device_id FROM rollout_devices WHERE rollout_id > $1)",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("superseding by newer rollouts"))?;
+        // The offered members as written: none removed, none a newer
+        // rollout holds.
+        let targeted: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO device_targets (device_id, rollout_id) \
+             SELECT device_id, rollout_id FROM rollout_devices \
+             WHERE rollout_id = $1 AND offered_at IS NOT NULL AND outcome IS NULL \
+             ON CONFLICT (device_id) DO UPDATE SET rollout_id = excluded.rollout_id \
+             WHERE device_targets.rollout_id < excluded.rollout_id \
+             RETURNING device_id",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("offering a rollout's first devices"))?;
+        tx.commit()
+            .await
+            .map_err(db("committing a rollout's members"))?;
+        let targeted: std::collections::HashSet<String> = targeted.into_iter().collect();
+        Ok(Some(
+            pending
+                .into_iter()
+                .filter_map(|(d, _, _)| targeted.contains(d.as_str()).then_some(d))
+                .collect(),
+        ))
+    }
+
+    async fn rollouts_with_pending_members(&self, before: Timestamp) -> StoreResult<Vec<i64>> {
+        sqlx::query_scalar(
+            "SELECT id FROM rollouts WHERE pending_members IS NOT NULL AND created_at < $1 ORDER BY id",
+        )
+        .bind(before.instant())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing rollouts whose members are pending"))
+    }
+
     async fn rollout_plan(&self, id: i64) -> StoreResult<Option<RolloutPlan>> {
-        let row: Option<(i64, Option<String>, Option<String>, i64)> =
-            sqlx::query_as("SELECT id, policy, state, revision FROM rollouts WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db("reading a rollout's state"))?;
+        let row: Option<(i64, Option<String>, Option<String>, i64, bool)> = sqlx::query_as(
+            "SELECT id, policy, state, revision, pending_members IS NOT NULL FROM rollouts \
+                 WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a rollout's state"))?;
         Ok(row
             .and_then(plan_from_row)
             .transpose()?
@@ -1458,8 +1538,9 @@ impl Store for PgStore {
     }
 
     async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>> {
-        let rows: Vec<(i64, Option<String>, Option<String>, i64)> = sqlx::query_as(
-            "SELECT id, policy, state, revision FROM rollouts WHERE state IS NOT NULL ORDER BY id",
+        let rows: Vec<(i64, Option<String>, Option<String>, i64, bool)> = sqlx::query_as(
+            "SELECT id, policy, state, revision, pending_members IS NOT NULL FROM rollouts \
+             WHERE state IS NOT NULL ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
@@ -1517,7 +1598,7 @@ impl Store for PgStore {
     async fn active_rollouts(&self) -> StoreResult<Vec<i64>> {
         sqlx::query_scalar(
             "SELECT id FROM rollouts WHERE state IS NOT NULL \
-             AND state_name NOT IN ('finished', 'aborted') ORDER BY id",
+             AND state_name NOT IN ('finished', 'aborted') AND pending_members IS NULL ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await

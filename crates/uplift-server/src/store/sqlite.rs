@@ -600,7 +600,13 @@ const ROLLOUT_SELECT: &str =
 
 /// A rollout's plan from its row; `None` for a rollout without one.
 fn plan_from_row(
-    (id, policy, state, revision): (i64, Option<String>, Option<String>, i64),
+    (id, policy, state, revision, members_pending): (
+        i64,
+        Option<String>,
+        Option<String>,
+        i64,
+        bool,
+    ),
 ) -> Option<StoreResult<(i64, RolloutPlan)>> {
     let (policy, state) = (policy?, state?);
     Some((|| {
@@ -612,6 +618,7 @@ fn plan_from_row(
                 state: serde_json::from_str(&state)
                     .map_err(|e| corrupt("rollout state")(e.to_string()))?,
                 revision,
+                members_pending,
             },
         ))
     })())
@@ -1263,17 +1270,17 @@ impl Store for SqliteStore {
         plan: &NewPlan<'_>,
         now: Timestamp,
     ) -> StoreResult<RolloutRecord> {
-        let created_at = now.sortable();
         let mut tx = self.begin_write("starting a rollout").await?;
         let (max_bytes_per_sec, max_downloading) = limits_columns(&limits);
+        let pending = pending_members_text(members, plan.offer);
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO rollouts (release, allow_downgrade, created_at, max_bytes_per_sec, max_downloading, \
-             policy, state, state_name, revision, tags, from_versions) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) RETURNING id",
+             policy, state, state_name, revision, tags, from_versions, pending_members) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) RETURNING id",
         )
         .bind(release.version.as_str())
         .bind(allow_downgrade as i64)
-        .bind(&created_at)
+        .bind(now.sortable())
         .bind(max_bytes_per_sec)
         .bind(max_downloading)
         .bind(json_text(plan.policy))
@@ -1281,28 +1288,17 @@ impl Store for SqliteStore {
         .bind(plan.state.name())
         .bind(plan.tags.map(json_text))
         .bind((!plan.from_versions.is_empty()).then(|| json_text(&plan.from_versions)))
+        .bind(&pending)
         .fetch_one(&mut *tx)
         .await
         .map_err(db("starting a rollout"))?;
-        // Set-based, four statements whatever the rollout's size: one
-        // statement per member (check, supersede, insert) held the write
-        // lock for 12 s at 100 000 devices, longer than other writers wait
-        // for it (the busy timeout), so their writes failed meanwhile.
-        let offer: std::collections::HashSet<&DeviceId> = plan.offer.iter().collect();
-        let members = serde_json::to_string(
-            &members
-                .iter()
-                .map(|(d, phase)| (d, phase, offer.contains(d)))
-                .collect::<Vec<_>>(),
-        )
-        .unwrap_or_else(|e| unreachable!("rollout members serialize: {e}"));
         let unknown: Option<String> = sqlx::query_scalar(
             "SELECT json_extract(m.value, '$[0]') FROM json_each(?) m \
              WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = json_extract(m.value, '$[0]') \
                                AND d.removed_at IS NULL) \
              ORDER BY m.key LIMIT 1",
         )
-        .bind(&members)
+        .bind(&pending)
         .fetch_optional(&mut *tx)
         .await
         .map_err(db("targeting a device"))?;
@@ -1310,42 +1306,6 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound(format!(
                 "device {device} is not enrolled; check `uplift devices list`"
             )));
-        }
-        // A newer rollout of a device takes over from older ones.
-        sqlx::query(&format!(
-            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = {CLOCK} \
-             WHERE rollout_id <> ? AND outcome IS NULL \
-             AND device_id IN (SELECT json_extract(value, '$[0]') FROM json_each(?))"
-        ))
-        .bind(id)
-        .bind(&members)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("superseding older rollouts"))?;
-        let offered_ids =
-            serde_json::to_string(&plan.offer.iter().map(DeviceId::as_str).collect::<Vec<_>>())
-                .unwrap_or_else(|e| unreachable!("device ids serialize: {e}"));
-        sqlx::query(&format!(
-            "INSERT INTO rollout_devices (rollout_id, device_id, phase, offered_at, changed_at) \
-             SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
-                    CASE WHEN json_extract(value, '$[2]') THEN ?3 END, {CLOCK} \
-             FROM json_each(?2)"
-        ))
-        .bind(id)
-        .bind(&members)
-        .bind(&created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("targeting a device"))?;
-        if !plan.offer.is_empty() {
-            sqlx::query(
-                "UPDATE devices SET target_rollout = ? WHERE id IN (SELECT value FROM json_each(?))",
-            )
-            .bind(id)
-            .bind(&offered_ids)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("offering a rollout's first devices"))?;
         }
         tx.commit().await.map_err(db("committing a rollout"))?;
         Ok(RolloutRecord {
@@ -1360,13 +1320,110 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn store_rollout_members(&self, id: i64) -> StoreResult<Option<Vec<DeviceId>>> {
+        let action = "writing a rollout's members";
+        let mut tx = self.begin_write(action).await?;
+        let taken: Option<(String, String)> = sqlx::query_as(
+            "SELECT pending_members, created_at FROM rollouts \
+             WHERE id = ? AND pending_members IS NOT NULL",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(action))?;
+        let Some((members, created_at)) = taken else {
+            return Ok(None);
+        };
+        sqlx::query("UPDATE rollouts SET pending_members = NULL WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(action))?;
+        // Set-based, a few statements whatever the rollout's size: one
+        // statement per member (check, supersede, insert) held the write
+        // lock for 12 s at 100 000 devices, longer than other writers wait
+        // for it (the busy timeout), so their writes failed meanwhile.
+        // Only older rollouts are superseded: a newer one may have been
+        // started, and its members written, while these were pending.
+        sqlx::query(&format!(
+            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = {CLOCK} \
+             WHERE rollout_id < ? AND outcome IS NULL \
+             AND device_id IN (SELECT json_extract(value, '$[0]') FROM json_each(?))"
+        ))
+        .bind(id)
+        .bind(&members)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("superseding older rollouts"))?;
+        // A device removed meanwhile is left out; a dynamic rollout's
+        // newcomer may be a member already.
+        sqlx::query(&format!(
+            "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, phase, offered_at, changed_at) \
+             SELECT ?1, json_extract(m.value, '$[0]'), json_extract(m.value, '$[1]'), \
+                    CASE WHEN json_extract(m.value, '$[2]') THEN ?3 END, {CLOCK} \
+             FROM json_each(?2) m \
+             JOIN devices d ON d.id = json_extract(m.value, '$[0]') AND d.removed_at IS NULL"
+        ))
+        .bind(id)
+        .bind(&members)
+        .bind(&created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("targeting a device"))?;
+        sqlx::query(&format!(
+            "UPDATE rollout_devices SET outcome = 'superseded', changed_at = {CLOCK} \
+             WHERE rollout_id = ?1 AND outcome IS NULL \
+             AND device_id IN (SELECT device_id FROM rollout_devices WHERE rollout_id > ?1)"
+        ))
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("superseding by newer rollouts"))?;
+        // The offered members as written (none removed, none a newer
+        // rollout holds), where no newer rollout's target stands, as in
+        // the live view.
+        let targeted: Vec<String> = sqlx::query_scalar(
+            "UPDATE devices SET target_rollout = ?1 \
+             WHERE id IN (SELECT device_id FROM rollout_devices \
+                          WHERE rollout_id = ?1 AND offered_at IS NOT NULL AND outcome IS NULL) \
+             AND (target_rollout IS NULL OR target_rollout < ?1) \
+             RETURNING id",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("offering a rollout's first devices"))?;
+        tx.commit()
+            .await
+            .map_err(db("committing a rollout's members"))?;
+        let targeted: std::collections::HashSet<String> = targeted.into_iter().collect();
+        Ok(Some(
+            pending_members(&members)?
+                .into_iter()
+                .filter_map(|(d, _, _)| targeted.contains(d.as_str()).then_some(d))
+                .collect(),
+        ))
+    }
+
+    async fn rollouts_with_pending_members(&self, before: Timestamp) -> StoreResult<Vec<i64>> {
+        sqlx::query_scalar(
+            "SELECT id FROM rollouts WHERE pending_members IS NOT NULL AND created_at < ? ORDER BY id",
+        )
+        .bind(before.sortable())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing rollouts whose members are pending"))
+    }
+
     async fn rollout_plan(&self, id: i64) -> StoreResult<Option<RolloutPlan>> {
-        let row: Option<(i64, Option<String>, Option<String>, i64)> =
-            sqlx::query_as("SELECT id, policy, state, revision FROM rollouts WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db("reading a rollout's state"))?;
+        let row: Option<(i64, Option<String>, Option<String>, i64, bool)> = sqlx::query_as(
+            "SELECT id, policy, state, revision, pending_members IS NOT NULL FROM rollouts \
+                 WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a rollout's state"))?;
         Ok(row
             .and_then(plan_from_row)
             .transpose()?
@@ -1414,8 +1471,9 @@ impl Store for SqliteStore {
     }
 
     async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>> {
-        let rows: Vec<(i64, Option<String>, Option<String>, i64)> = sqlx::query_as(
-            "SELECT id, policy, state, revision FROM rollouts WHERE state IS NOT NULL ORDER BY id",
+        let rows: Vec<(i64, Option<String>, Option<String>, i64, bool)> = sqlx::query_as(
+            "SELECT id, policy, state, revision, pending_members IS NOT NULL FROM rollouts \
+             WHERE state IS NOT NULL ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
@@ -1473,7 +1531,7 @@ impl Store for SqliteStore {
     async fn active_rollouts(&self) -> StoreResult<Vec<i64>> {
         sqlx::query_scalar(
             "SELECT id FROM rollouts WHERE state IS NOT NULL \
-             AND state_name NOT IN ('finished', 'aborted') ORDER BY id",
+             AND state_name NOT IN ('finished', 'aborted') AND pending_members IS NULL ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
@@ -1630,7 +1688,8 @@ impl Store for SqliteStore {
             .await
             .map_err(db(action))?;
             sqlx::query(
-                "UPDATE devices SET target_rollout = ? WHERE id IN (SELECT value FROM json_each(?))",
+                "UPDATE devices SET target_rollout = ?1 WHERE id IN (SELECT value FROM json_each(?2)) \
+                 AND (target_rollout IS NULL OR target_rollout < ?1)",
             )
             .bind(id)
             .bind(&offered)
@@ -1881,7 +1940,7 @@ mod tests {
                 .fetch_all(&store.pool)
                 .await
                 .unwrap();
-        assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7, 8]);
         let devices = store.list_devices().await.unwrap();
         // In enrollment order: 10:00:00, .123456, .5 (as text it was .1, .5, Z).
         assert_eq!(ids(&devices), ["dev-b", "dev-c", "dev-a"]);
@@ -2128,7 +2187,7 @@ mod tests {
         let start = |members: Vec<(DeviceId, u32)>| {
             let (store, plan) = (&store, &plan);
             async move {
-                store
+                let rollout = store
                     .create_rollout(
                         &release(),
                         &members,
@@ -2137,7 +2196,9 @@ mod tests {
                         plan,
                         ts("2026-03-01T00:00:00Z"),
                     )
-                    .await
+                    .await?;
+                store.store_rollout_members(rollout.id).await?;
+                Ok::<_, StoreError>(rollout)
             }
         };
         let first = start(vec![(id("dev-1"), 0), (id("dev-2"), 1)])
