@@ -338,6 +338,21 @@ async fn create_offering(
         .map(|r| r.id)
 }
 
+/// Each member of `rollout`: its device, phase and outcome, and the
+/// device's target.
+async fn parts(
+    store: &dyn Store,
+    rollout: i64,
+) -> Vec<(String, u32, Option<Outcome>, Option<i64>)> {
+    store
+        .rollout_members(rollout)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(m, d)| (d.id.to_string(), m.phase, m.outcome, d.target_rollout))
+        .collect()
+}
+
 fn change(now: &str) -> RolloutChange<'static> {
     RolloutChange {
         state: None,
@@ -835,28 +850,16 @@ async fn rollouts_store_phases_supersede_older_parts_and_refuse_unknown_devices(
         .await
         .unwrap();
     assert!(second > first);
-    let parts = |rollout: i64| {
-        let store = store.clone();
-        async move {
-            store
-                .rollout_members(rollout)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|(m, d)| (d.id.to_string(), m.phase, m.outcome))
-                .collect::<Vec<_>>()
-        }
-    };
-    let part = |d: &str, phase, outcome| (d.to_owned(), phase, outcome);
+    let part = |d: &str, phase, outcome| (d.to_owned(), phase, outcome, None);
     assert_eq!(
-        parts(first).await,
+        parts(&*store, first).await,
         [
             part("dev-1", 0, Some(Outcome::Superseded)),
             part("dev-2", 1, Some(Outcome::Succeeded)),
         ]
     );
     assert_eq!(
-        parts(second).await,
+        parts(&*store, second).await,
         [
             part("dev-1", 0, None),
             part("dev-2", 0, None),
@@ -1638,28 +1641,16 @@ async fn a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_
     let offered = other.store_rollout_members(older).await.unwrap();
     assert_eq!(offered, Some(vec![id("dev-1")]), "the targets it set");
     assert_eq!(store.store_rollout_members(older).await.unwrap(), None);
-    let parts = |rollout: i64| {
-        let store = store.clone();
-        async move {
-            store
-                .rollout_members(rollout)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|(m, d)| (d.id.to_string(), m.outcome, d.target_rollout))
-                .collect::<Vec<_>>()
-        }
-    };
-    let part = |d: &str, outcome, target| (d.to_owned(), outcome, target);
+    let part = |d: &str, outcome, target| (d.to_owned(), 0, outcome, target);
     assert_eq!(
-        parts(older).await,
+        parts(&*store, older).await,
         [
             part("dev-1", None, Some(older)),
             part("dev-2", Some(Outcome::Superseded), Some(newer)),
         ]
     );
     assert_eq!(
-        parts(newer).await,
+        parts(&*store, newer).await,
         [part("dev-2", None, Some(newer)), part("dev-3", None, None)]
     );
     assert!(

@@ -294,6 +294,27 @@ pub(crate) fn private_addresses(text: Option<String>) -> Vec<String> {
     list
 }
 
+/// The record of a rollout [`Store::create_rollout`] has just stored.
+pub(crate) fn started_rollout(
+    id: i64,
+    release: &ReleaseRecord,
+    allow_downgrade: bool,
+    limits: DownloadLimits,
+    plan: &NewPlan<'_>,
+    created_at: Timestamp,
+) -> RolloutRecord {
+    RolloutRecord {
+        id,
+        release: release.version.clone(),
+        device_type: release.device_type.clone(),
+        allow_downgrade,
+        limits,
+        created_at,
+        tags: plan.tags.cloned(),
+        from_versions: plan.from_versions.to_vec(),
+    }
+}
+
 /// A new rollout's members as its row holds them until they are written
 /// (see [`Store::create_rollout`]): `[[device, phase, offered], ...]`, each
 /// offered if its first step offers it.
@@ -313,6 +334,19 @@ pub(crate) fn pending_members(text: &str) -> StoreResult<Vec<(DeviceId, u32, boo
         what: "a rollout's pending members",
         detail: e.to_string(),
     })
+}
+
+/// Those of `pending`'s devices that are in `targeted` (IDs as a store
+/// returned them), in the list's order.
+pub(crate) fn targeted_in_order(
+    pending: Vec<(DeviceId, u32, bool)>,
+    targeted: Vec<String>,
+) -> Vec<DeviceId> {
+    let targeted: std::collections::HashSet<String> = targeted.into_iter().collect();
+    pending
+        .into_iter()
+        .filter_map(|(d, _, _)| targeted.contains(d.as_str()).then_some(d))
+        .collect()
 }
 
 /// One history event to store.

@@ -1372,16 +1372,14 @@ impl Store for PgStore {
             )));
         }
         tx.commit().await.map_err(db("committing a rollout"))?;
-        Ok(RolloutRecord {
+        Ok(started_rollout(
             id,
-            release: release.version.clone(),
-            device_type: release.device_type.clone(),
+            release,
             allow_downgrade,
             limits,
-            created_at: now,
-            tags: plan.tags.cloned(),
-            from_versions: plan.from_versions.to_vec(),
-        })
+            plan,
+            now,
+        ))
     }
 
     async fn store_rollout_members(&self, id: i64) -> StoreResult<Option<Vec<DeviceId>>> {
@@ -1465,13 +1463,7 @@ impl Store for PgStore {
         tx.commit()
             .await
             .map_err(db("committing a rollout's members"))?;
-        let targeted: std::collections::HashSet<String> = targeted.into_iter().collect();
-        Ok(Some(
-            pending
-                .into_iter()
-                .filter_map(|(d, _, _)| targeted.contains(d.as_str()).then_some(d))
-                .collect(),
-        ))
+        Ok(Some(targeted_in_order(pending, targeted)))
     }
 
     async fn rollouts_with_pending_members(&self, before: Timestamp) -> StoreResult<Vec<i64>> {
