@@ -201,8 +201,16 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
     );
     scheduler::announce_first(state, &rollout, &request.policy, &step, now).await;
     // None if another replica's scheduler found them pending for long and
-    // wrote them first.
-    state.store.store_rollout_members(rollout.id).await?;
+    // wrote them first. A failure does not undo the start (its offers are
+    // out, and an error would invite a second start): the driving
+    // replica writes them once they are PENDING_GRACE old.
+    if let Err(e) = state.store.store_rollout_members(rollout.id).await {
+        tracing::warn!(
+            rollout = rollout.id,
+            "rollout started, but writing its members failed: {e}; the replica driving rollouts \
+             writes them within 30 s, and the rollout shows no devices until then"
+        );
+    }
     view(state, rollout).await
 }
 
