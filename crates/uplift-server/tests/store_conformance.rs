@@ -1607,6 +1607,22 @@ async fn a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_
     .await
     .unwrap();
     assert!(store.rollout_members(older).await.unwrap().is_empty());
+    // A replica loading its targets now still offers them.
+    let loaded: Vec<_> = store
+        .device_targets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(d, t)| (d.to_string(), t.rollout_id))
+        .collect();
+    assert_eq!(
+        loaded,
+        [
+            ("dev-1".to_owned(), older),
+            ("dev-2".to_owned(), older),
+            ("dev-4".to_owned(), older)
+        ]
+    );
     let plan = store.rollout_plan(older).await.unwrap().unwrap();
     assert!(plan.members_pending);
     assert_eq!(store.active_rollouts().await.unwrap(), Vec::<i64>::new());
@@ -1640,6 +1656,18 @@ async fn a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_
     // no one's.
     let offered = other.store_rollout_members(older).await.unwrap();
     assert_eq!(offered, Some(vec![id("dev-1")]), "the targets it set");
+    let mut loaded: Vec<_> = store
+        .device_targets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(d, t)| (d.to_string(), t.rollout_id))
+        .collect();
+    loaded.sort();
+    assert_eq!(
+        loaded,
+        [("dev-1".to_owned(), older), ("dev-2".to_owned(), newer)]
+    );
     assert_eq!(store.store_rollout_members(older).await.unwrap(), None);
     let part = |d: &str, outcome, target| (d.to_owned(), 0, outcome, target);
     assert_eq!(

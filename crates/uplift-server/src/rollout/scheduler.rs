@@ -175,6 +175,16 @@ async fn announce(
             limits: rollout.limits,
             hold_reboot: reboots == Reboots::Held,
         };
+        // The other replicas first: one statement, while telling the
+        // sessions here takes longer at scale (0.65 s for 100 000 devices
+        // on a loaded machine), and most of a fleet is elsewhere.
+        state
+            .signals
+            .send(Signal::Offered {
+                target: target.clone(),
+                devices: step.offer.clone(),
+            })
+            .await;
         state
             .live
             .set_targets(&step.offer, &target, Timestamp::from(now));
@@ -189,13 +199,6 @@ async fn announce(
             pushed,
             "rollout offers"
         );
-        state
-            .signals
-            .send(Signal::Offered {
-                target,
-                devices: step.offer.clone(),
-            })
-            .await;
     }
     if reboots != Reboots::Free {
         let hold = reboots == Reboots::Held;

@@ -588,7 +588,9 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     async fn devices_of_type(&self, device_type: &DeviceType) -> StoreResult<Vec<DeviceId>>;
     /// Writes many devices' live state in one transaction; returns the rows written.
     async fn record_reports(&self, states: &[ReportedState]) -> StoreResult<u64>;
-    /// What every targeted device should run (read once at start).
+    /// What every targeted device should run (read once at start), by
+    /// rollout: a device listed twice (the first offer of a newer rollout
+    /// whose members are pending) runs the later.
     async fn device_targets(&self) -> StoreResult<Vec<(DeviceId, DeviceTarget)>>;
 
     /// Fails with `Conflict` if the version exists.

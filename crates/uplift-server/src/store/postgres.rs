@@ -1247,9 +1247,17 @@ impl Store for PgStore {
     }
 
     async fn device_targets(&self) -> StoreResult<Vec<(DeviceId, DeviceTarget)>> {
+        // With the first offers of rollouts whose members are pending (not
+        // targets yet), newest rollout last: it is the one that stands.
         let rows = sqlx::query(
             "SELECT t.device_id, r.id, r.release, r.allow_downgrade, r.max_bytes_per_sec, r.max_downloading, \
-             r.policy FROM device_targets t JOIN rollouts r ON r.id = t.rollout_id",
+             r.policy FROM device_targets t JOIN rollouts r ON r.id = t.rollout_id \
+             UNION ALL \
+             SELECT m.value->>0, r.id, r.release, r.allow_downgrade, r.max_bytes_per_sec, r.max_downloading, \
+             r.policy FROM rollouts r CROSS JOIN LATERAL json_array_elements(r.pending_members::json) m \
+             JOIN devices d ON d.id = m.value->>0 AND d.removed_at IS NULL \
+             WHERE r.pending_members IS NOT NULL AND (m.value->>2)::boolean \
+             ORDER BY 2",
         )
         .fetch_all(&self.pool)
         .await

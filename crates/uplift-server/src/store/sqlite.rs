@@ -1179,9 +1179,17 @@ impl Store for SqliteStore {
     }
 
     async fn device_targets(&self) -> StoreResult<Vec<(DeviceId, DeviceTarget)>> {
+        // With the first offers of rollouts whose members are pending (not
+        // targets yet), newest rollout last: it is the one that stands.
         let rows = sqlx::query(
             "SELECT d.id, r.id, r.release, r.allow_downgrade, r.max_bytes_per_sec, r.max_downloading, \
-             r.policy FROM devices d JOIN rollouts r ON r.id = d.target_rollout",
+             r.policy FROM devices d JOIN rollouts r ON r.id = d.target_rollout \
+             UNION ALL \
+             SELECT d.id, r.id, r.release, r.allow_downgrade, r.max_bytes_per_sec, r.max_downloading, \
+             r.policy FROM rollouts r, json_each(r.pending_members) m \
+             JOIN devices d ON d.id = json_extract(m.value, '$[0]') AND d.removed_at IS NULL \
+             WHERE r.pending_members IS NOT NULL AND json_extract(m.value, '$[2]') \
+             ORDER BY 2",
         )
         .fetch_all(&self.pool)
         .await
