@@ -353,6 +353,19 @@ async fn parts(
         .collect()
 }
 
+/// What a replica loading its targets reads: (device, rollout), by device.
+async fn targets_loaded(store: &dyn Store) -> Vec<(String, i64)> {
+    let mut loaded: Vec<_> = store
+        .device_targets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(d, t)| (d.to_string(), t.rollout_id))
+        .collect();
+    loaded.sort();
+    loaded
+}
+
 fn change(now: &str) -> RolloutChange<'static> {
     RolloutChange {
         state: None,
@@ -1572,15 +1585,10 @@ async fn a_new_rollout_stores_its_first_offers_with_it(db: &Db) {
     );
     let plan = store.rollout_plan(r).await.unwrap().unwrap();
     assert_eq!(plan.revision, 0, "one write, the rollout's first");
-    let mut targeted: Vec<_> = store
-        .device_targets()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(d, t)| (d.to_string(), t.rollout_id))
-        .collect();
-    targeted.sort();
-    assert_eq!(targeted, [("dev-1".to_owned(), r), ("dev-2".to_owned(), r)]);
+    assert_eq!(
+        targets_loaded(&*store).await,
+        [("dev-1".to_owned(), r), ("dev-2".to_owned(), r)]
+    );
 }
 
 async fn a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_newer_ones_devices(
@@ -1608,15 +1616,8 @@ async fn a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_
     .unwrap();
     assert!(store.rollout_members(older).await.unwrap().is_empty());
     // A replica loading its targets now still offers them.
-    let loaded: Vec<_> = store
-        .device_targets()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(d, t)| (d.to_string(), t.rollout_id))
-        .collect();
     assert_eq!(
-        loaded,
+        targets_loaded(&*store).await,
         [
             ("dev-1".to_owned(), older),
             ("dev-2".to_owned(), older),
@@ -1656,16 +1657,8 @@ async fn a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_
     // no one's.
     let offered = other.store_rollout_members(older).await.unwrap();
     assert_eq!(offered, Some(vec![id("dev-1")]), "the targets it set");
-    let mut loaded: Vec<_> = store
-        .device_targets()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(d, t)| (d.to_string(), t.rollout_id))
-        .collect();
-    loaded.sort();
     assert_eq!(
-        loaded,
+        targets_loaded(&*store).await,
         [("dev-1".to_owned(), older), ("dev-2".to_owned(), newer)]
     );
     assert_eq!(store.store_rollout_members(older).await.unwrap(), None);
