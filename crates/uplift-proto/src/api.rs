@@ -740,6 +740,9 @@ pub struct DeviceTypeCount {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServerStats {
+    /// Enrolled devices not removed: counted at most once a second by each
+    /// server process, and at once after an enrollment or removal on it
+    /// (with replicas, another's shows within a second).
     pub devices_total: u64,
     /// Devices with a channel open to this server process. With replicas,
     /// each holds its share; the fleet overview counts them all.

@@ -105,6 +105,8 @@ pub struct Stats {
     pub reports_stale: AtomicU64,
     pub device_rows_written: AtomicU64,
     pub write_batches: AtomicU64,
+    /// The fleet's size, counted at most once a second.
+    pub fleet_size: Arc<crate::service::stats::FleetSize>,
 }
 
 impl Stats {

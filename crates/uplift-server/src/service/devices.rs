@@ -308,6 +308,7 @@ async fn decommission(
             })
         }
         Removal::Removed { rollouts } => {
+            state.stats.fleet_size.changed();
             tracing::info!(device = %id, ?rollouts, by = %actor.name, "device removed");
         }
     }

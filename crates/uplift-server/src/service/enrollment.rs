@@ -198,6 +198,7 @@ async fn store_device(
             enrolled_at: Timestamp::now(),
         })
         .await?;
+    state.stats.fleet_size.changed();
     tracing::info!(device = %id, %device_type, %hardware_id, "device enrolled");
     // A new device has no tags yet: it joins the rollouts of its whole type.
     super::rollouts::join_dynamic(state, id, device_type, &[]).await;
