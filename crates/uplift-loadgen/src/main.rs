@@ -31,7 +31,10 @@
 //! others read it to time their offers; `--samples` writes each one's raw
 //! figures (offer latencies, drops and returns as UNIX milliseconds), so
 //! percentiles and rates are computed over all sessions. A generator with
-//! `--sessions 0 --probe-admin S` times the admin API's answers meanwhile.
+//! `--sessions 0 --probe-admin S` times the admin API's answers meanwhile,
+//! and with `--probe-downloads V` a download's too: a device of its own,
+//! enrolled through the device URL, fetches release V's manifest and first
+//! chunk with its download token.
 
 mod measure;
 
@@ -153,6 +156,12 @@ struct Args {
     /// answer delays the next).
     #[arg(long, default_value_t = 100)]
     probe_interval_ms: u64,
+    /// With --probe-admin: also download, through the device URL, this
+    /// release's manifest and first chunk at each probe, as a device of its
+    /// own (enrolled first, of type `<device type>-probe` so that it joins
+    /// no rollout of the fleet's) with its download token.
+    #[arg(long)]
+    probe_downloads: Option<Version>,
     /// Stop probing the admin API once FILE exists (before --probe-admin
     /// seconds have passed).
     #[arg(long)]
@@ -434,20 +443,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sleep_within(deadline, Duration::from_secs(args.hold)).await;
     }
     let mut probe = None;
+    let mut download_probe = None;
     if args.probe_admin > 0 {
         let admin = admin
             .as_ref()
             .context("--probe-admin needs an admin token (--admin-token or a ready file)")?;
+        let downloads = match &args.probe_downloads {
+            Some(version) => Some(DownloadProbe::enroll(&setup, &ca, version).await?),
+            None => None,
+        };
         let until = (Instant::now() + Duration::from_secs(args.probe_admin)).min(deadline);
-        samples.probes = probe_admin(
-            admin,
-            until,
-            args.probe_until_file.as_deref(),
-            Duration::from_millis(args.probe_interval_ms.max(1)),
-            clock,
-        )
-        .await;
+        let interval = Duration::from_millis(args.probe_interval_ms.max(1));
+        let until_file = args.probe_until_file.as_deref();
+        let admin_probes = probe_every(until, until_file, interval, clock, || async {
+            admin.devices_online().await.map(|_| ())
+        });
+        let download_probes = async {
+            match &downloads {
+                Some(d) => probe_every(until, until_file, interval, clock, || d.fetch()).await,
+                None => Vec::new(),
+            }
+        };
+        (samples.probes, samples.download_probes) = tokio::join!(admin_probes, download_probes);
         probe = Some(ProbeResult::of(&samples.probes));
+        download_probe = downloads
+            .is_some()
+            .then(|| ProbeResult::of(&samples.download_probes));
     }
 
     // Phase 5: the reconnect storm.
@@ -578,6 +599,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         rollout,
         probe,
+        download_probe,
         storm,
         last_error: shared.last_error.lock().unwrap().clone(),
     };
@@ -616,7 +638,9 @@ struct Samples {
     /// Storm: every session seen dropping, and every one back.
     drop_unix_ms: Vec<f64>,
     back_unix_ms: Vec<f64>,
+    /// The admin API's answers, and the downloads' (--probe-downloads).
     probes: Vec<Probe>,
+    download_probes: Vec<Probe>,
 }
 
 #[derive(Debug, Serialize)]
@@ -717,16 +741,19 @@ async fn every_dropped_back(shared: &Shared, deadline: Instant, connected: usize
     }
 }
 
-/// Asks the admin API for its stats, one request at a time, every
-/// `interval` until `until` or `until_file` exists; each answer timed
-/// (10 s at most).
-async fn probe_admin(
-    admin: &Admin,
+/// Asks `ask` one request at a time, every `interval` until `until` or
+/// `until_file` exists; each answer timed (10 s at most).
+async fn probe_every<F, Fut>(
     until: Instant,
     until_file: Option<&std::path::Path>,
     interval: Duration,
     clock: WallClock,
-) -> Vec<Probe> {
+    mut ask: F,
+) -> Vec<Probe>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let mut probes = Vec::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -736,8 +763,8 @@ async fn probe_admin(
         if at >= until || until_file.is_some_and(|f| f.exists()) {
             return probes;
         }
-        let error = match tokio::time::timeout(PROBE_TIMEOUT, admin.devices_online()).await {
-            Ok(Ok(_)) => None,
+        let error = match tokio::time::timeout(PROBE_TIMEOUT, ask()).await {
+            Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e:#}")),
             Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
         };
@@ -889,8 +916,58 @@ async fn session(
     attempt: &mut u32,
     owes_back: &mut bool,
 ) -> End {
-    let retry = |e: anyhow::Error| End::Retry(e);
     let permit = gate.acquire().await.expect("the gate is never closed");
+    let hardware_id = format!("{}-{i}", setup.name);
+    let (mut ws, welcomed) =
+        match hello(setup, options, key, &hardware_id, device_id.as_ref()).await {
+            Ok(up) => up,
+            Err(end) => return end,
+        };
+    if welcomed.enrolled {
+        shared.enrolled.fetch_add(1, Relaxed);
+    }
+    *device_id = Some(welcomed.device_id);
+    // The first report, as an agent's, right after welcome.
+    if let Err(e) = send(&mut ws, &AgentMsg::Report(idle_report(setup))).await {
+        return End::Retry(e);
+    }
+    drop(permit);
+    *attempt = 0;
+    shared.welcomes.lock().unwrap().push(Instant::now());
+    shared.online.fetch_add(1, Relaxed);
+    if std::mem::take(owes_back) {
+        shared.storm_back.fetch_add(1, Relaxed);
+    }
+    let end = serve(i, setup, &mut ws, shared).await;
+    shared.online.fetch_sub(1, Relaxed);
+    shared.drops.lock().unwrap().push(Instant::now());
+    if !matches!(end, End::Stopped) && shared.storm_armed.load(Relaxed) {
+        *owes_back = true;
+        shared.storm_dropped.fetch_add(1, Relaxed);
+    }
+    end
+}
+
+/// What the server's welcome gave a session.
+struct Welcomed {
+    device_id: DeviceId,
+    /// It enrolled on this channel.
+    enrolled: bool,
+    /// Its download token.
+    session_token: String,
+}
+
+/// Opens a channel and proves the device's key over the server's nonce,
+/// enrolling it as `hardware_id` while its ID is not known: the channel,
+/// welcomed, or how the session ends.
+async fn hello(
+    setup: &Setup,
+    options: &ChannelOptions,
+    key: &SigningKey,
+    hardware_id: &str,
+    device_id: Option<&DeviceId>,
+) -> Result<(net::Channel, Welcomed), End> {
+    let retry = |e: anyhow::Error| Err(End::Retry(e));
     let mut ws = match net::connect_channel_with(&setup.url, setup.tls.clone(), options).await {
         Ok(ws) => ws,
         Err(e) => return retry(e),
@@ -914,9 +991,9 @@ async fn session(
         },
         None => {
             let public_key = B64.encode(key.verifying_key().to_bytes());
-            let hardware_id: HardwareId = match format!("{}-{i}", setup.name).parse() {
+            let hardware_id: HardwareId = match hardware_id.parse() {
                 Ok(h) => h,
-                Err(e) => return End::Fatal(anyhow::anyhow!("hardware id: {e}")),
+                Err(e) => return Err(End::Fatal(anyhow::anyhow!("hardware id: {e}"))),
             };
             AgentMsg::Enroll {
                 device_type: setup.device_type.clone(),
@@ -936,47 +1013,31 @@ async fn session(
     }
     match recv(&mut ws).await {
         Ok(ServerMsg::Welcome {
-            device_id: id,
+            device_id,
             enrolled,
+            session_token,
             ..
-        }) => {
-            if enrolled {
-                shared.enrolled.fetch_add(1, Relaxed);
-            }
-            *device_id = Some(id);
-        }
+        }) => Ok((
+            ws,
+            Welcomed {
+                device_id,
+                enrolled,
+                session_token,
+            },
+        )),
         Ok(ServerMsg::Error(err)) => {
             let e = anyhow::anyhow!("server refused the device: {err}");
-            return match err.kind {
+            Err(match err.kind {
                 ErrorKind::EnrollmentRefused
                 | ErrorKind::UnknownDevice
                 | ErrorKind::BadDeviceSignature
                 | ErrorKind::DeviceRemoved => End::Fatal(e),
-                _ => retry(e),
-            };
+                _ => End::Retry(e),
+            })
         }
-        Ok(other) => return retry(anyhow::anyhow!("expected welcome, got {other:?}")),
-        Err(e) => return retry(e),
+        Ok(other) => retry(anyhow::anyhow!("expected welcome, got {other:?}")),
+        Err(e) => retry(e),
     }
-    // The first report, as an agent's, right after welcome.
-    if let Err(e) = send(&mut ws, &AgentMsg::Report(idle_report(setup))).await {
-        return retry(e);
-    }
-    drop(permit);
-    *attempt = 0;
-    shared.welcomes.lock().unwrap().push(Instant::now());
-    shared.online.fetch_add(1, Relaxed);
-    if std::mem::take(owes_back) {
-        shared.storm_back.fetch_add(1, Relaxed);
-    }
-    let end = serve(i, setup, &mut ws, shared).await;
-    shared.online.fetch_sub(1, Relaxed);
-    shared.drops.lock().unwrap().push(Instant::now());
-    if !matches!(end, End::Stopped) && shared.storm_armed.load(Relaxed) {
-        *owes_back = true;
-        shared.storm_dropped.fetch_add(1, Relaxed);
-    }
-    end
 }
 
 /// The up session: offers recorded and answered, pings answered by the
@@ -1056,6 +1117,104 @@ async fn recv(ws: &mut net::Channel) -> anyhow::Result<ServerMsg> {
             }
             Some(Ok(_)) => continue,
         }
+    }
+}
+
+/// A device of the probe's own: its download token fetches a release's
+/// manifest and first chunk through the device URL (the balancer, with
+/// replicas), as an agent's download does.
+struct DownloadProbe {
+    client: reqwest::Client,
+    manifest: reqwest::Url,
+    chunk: reqwest::Url,
+    token: String,
+}
+
+impl DownloadProbe {
+    /// Enrolls the probe's device (its channel is closed once welcomed: its
+    /// download token outlives it) and finds the release's first chunk.
+    async fn enroll(
+        setup: &Setup,
+        ca: &std::path::Path,
+        version: &Version,
+    ) -> anyhow::Result<Self> {
+        let name = format!("{}-probe", setup.name);
+        let probe_type: DeviceType = format!("{}-probe", setup.device_type)
+            .parse()
+            .context("the probe's device type")?;
+        let setup = Setup {
+            device_type: probe_type,
+            ..setup.clone()
+        };
+        let key = device_key(&name, 0);
+        let welcomed = match hello(&setup, &ChannelOptions::default(), &key, &name, None).await {
+            Ok((_channel, welcomed)) => welcomed,
+            Err(End::Fatal(e) | End::Retry(e)) => {
+                return Err(e.context("enrolling the download probe"))
+            }
+            Err(End::Stopped) => anyhow::bail!("enrolling the download probe: stopped"),
+        };
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .timeout(PROBE_TIMEOUT)
+            .build()?;
+        let manifest = setup
+            .url
+            .join(&format!("/v1/device/releases/{version}/manifest"))?;
+        let get = |url: reqwest::Url| client.get(url).bearer_auth(&welcomed.session_token).send();
+        let signed: uplift_release::manifest::SignedManifest = get(manifest.clone())
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .context("fetching the release's manifest for the download probe")?
+            .json()
+            .await
+            .context("reading the release's manifest")?;
+        let mut listed: uplift_release::manifest::Manifest =
+            serde_json::from_str(&signed.signed).context("parsing the release's manifest")?;
+        // Its chunks are listed in the manifest, or in its binary index.
+        if listed.chunk_index.is_some() {
+            let index = get(setup
+                .url
+                .join(&format!("/v1/device/releases/{version}/index"))?)
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .context("fetching the release's chunk index")?
+            .bytes()
+            .await?;
+            listed
+                .attach_index(&index)
+                .context("reading the release's chunk index")?;
+        }
+        let first = listed
+            .chunks
+            .first()
+            .context("the release lists no chunk")?;
+        Ok(Self {
+            client,
+            chunk: setup
+                .url
+                .join(&format!("/v1/device/chunks/{}", first.hash))?,
+            manifest,
+            token: welcomed.session_token,
+        })
+    }
+
+    /// The manifest, then the chunk, each read to its end.
+    async fn fetch(&self) -> anyhow::Result<()> {
+        for url in [&self.manifest, &self.chunk] {
+            let response = self
+                .client
+                .get(url.clone())
+                .bearer_auth(&self.token)
+                .send()
+                .await?
+                .error_for_status()?;
+            response.bytes().await?;
+        }
+        Ok(())
     }
 }
 
@@ -1171,6 +1330,8 @@ struct Results {
     rollout: Option<RolloutResult>,
     /// `--probe-admin`: the admin API's answers.
     probe: Option<ProbeResult>,
+    /// `--probe-downloads`: the downloads' (a manifest and a chunk each).
+    download_probe: Option<ProbeResult>,
     storm: Option<StormResult>,
     last_error: Option<String>,
 }
@@ -1225,17 +1386,22 @@ impl Results {
                 );
             }
         }
-        if let Some(p) = &self.probe {
-            let _ = writeln!(
-                s,
-                "admin API         {} requests, {} failed{}",
-                p.count,
-                p.errors,
-                p.latency.as_ref().map_or(String::new(), |l| format!(
-                    "; p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-                    l.p50_ms, l.p99_ms, l.max_ms
-                ))
-            );
+        for (what, probed) in [
+            ("admin API        ", &self.probe),
+            ("downloads        ", &self.download_probe),
+        ] {
+            if let Some(p) = probed {
+                let _ = writeln!(
+                    s,
+                    "{what} {} requests, {} failed{}",
+                    p.count,
+                    p.errors,
+                    p.latency.as_ref().map_or(String::new(), |l| format!(
+                        "; p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                        l.p50_ms, l.p99_ms, l.max_ms
+                    ))
+                );
+            }
         }
         if let Some(st) = &self.storm {
             let _ = writeln!(
