@@ -12,6 +12,7 @@ use crate::store::{StoreError, Timestamp};
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -137,6 +138,10 @@ async fn queue(state: &AppState, seen: &Seen) -> Result<(), StoreError> {
     }
     let queued = async {
         let webhooks = state.store.webhooks().await?;
+        seen.any_webhooks.store(
+            webhooks.iter().any(|w| w.view.removed_at.is_none()),
+            Relaxed,
+        );
         let now = OffsetDateTime::now_utc();
         let deliveries = deliveries_for(&events, &webhooks, Timestamp::from(now), unix_ms(now));
         state.store.insert_deliveries(&deliveries).await
@@ -274,6 +279,9 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
 #[derive(Debug, Default)]
 struct Seen {
     events: std::sync::Mutex<Vec<Arc<FleetEvent>>>,
+    /// Some webhook existed when events were last queued: events missed
+    /// while none does would have gone nowhere, and are not worth a warning.
+    any_webhooks: AtomicBool,
 }
 
 impl Seen {
@@ -321,10 +329,19 @@ async fn collect(
         };
         match received {
             Ok(event) => seen.hold(event),
-            Err(broadcast::error::RecvError::Lagged(missed)) => tracing::warn!(
-                missed,
-                "webhooks: fell more than {CAPACITY} events behind; {missed} events were not queued"
-            ),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                if seen.any_webhooks.load(Relaxed) {
+                    tracing::warn!(
+                        missed,
+                        "webhooks: fell more than {CAPACITY} events behind; {missed} events were not queued"
+                    );
+                } else {
+                    tracing::debug!(
+                        missed,
+                        "webhooks: none configured; {missed} events passed by"
+                    );
+                }
+            }
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
