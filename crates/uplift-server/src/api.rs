@@ -1050,8 +1050,9 @@ async fn served_release(
                 e.kind(),
                 format!("the chunk index of release {version} cannot be read now: {e}"),
             ),
+            // What to do is in `e` (upload again, or repair a damaged chunk).
             _ => ApiError::internal(format!(
-                "the stored manifest of release {version} is unreadable: {e}; upload the release again"
+                "the stored manifest of release {version} is unreadable: {e}"
             )),
         })?;
     let release = Arc::new(ServedRelease {

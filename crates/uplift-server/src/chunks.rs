@@ -123,7 +123,7 @@ fn check_digest(hash: &ChunkHash, stored: &[u8]) -> Result<(), String> {
 /// Why a stored release's manifest cannot be read whole.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("the manifest of {version} is unreadable: {source}")]
+    #[error("the manifest of {version} is unreadable: {source}; upload the release again")]
     Manifest {
         version: String,
         #[source]
