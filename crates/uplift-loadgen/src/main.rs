@@ -1120,6 +1120,18 @@ async fn recv(ws: &mut net::Channel) -> anyhow::Result<ServerMsg> {
     }
 }
 
+/// An HTTPS client that trusts only the server's CA, each request bounded
+/// by `timeout`.
+fn https_client(ca: &std::path::Path, timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+    Ok(reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+        .timeout(timeout)
+        .build()?)
+}
+
 /// A device of the probe's own: its download token fetches a release's
 /// manifest and first chunk through the device URL (the balancer, with
 /// replicas), as an agent's download does.
@@ -1154,13 +1166,7 @@ impl DownloadProbe {
             }
             Err(End::Stopped) => anyhow::bail!("enrolling the download probe: stopped"),
         };
-        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        let client = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
-            .timeout(PROBE_TIMEOUT)
-            .build()?;
+        let client = https_client(ca, PROBE_TIMEOUT)?;
         let manifest = setup
             .url
             .join(&format!("/v1/device/releases/{version}/manifest"))?;
@@ -1228,15 +1234,9 @@ struct Admin {
 
 impl Admin {
     fn new(ca: &std::path::Path, url: reqwest::Url, token: String) -> anyhow::Result<Self> {
-        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        let client = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
-            // Starting a rollout of 100 000 devices takes the server some
-            // seconds (tens, on a busy machine); probes have their own bound.
-            .timeout(Duration::from_secs(120))
-            .build()?;
+        // Starting a rollout of 100 000 devices takes the server some
+        // seconds (tens, on a busy machine); probes have their own bound.
+        let client = https_client(ca, Duration::from_secs(120))?;
         Ok(Self { client, url, token })
     }
 
