@@ -1285,6 +1285,23 @@ async fn dynamic_rollouts_add_members_unless_a_newer_rollout_has_them(db: &Db) {
     );
     let old = store.rollout_members(older).await.unwrap();
     assert_eq!(old[0].0.outcome, Some(Outcome::Superseded));
+    // A device that is not enrolled, or was removed, joins nothing (no
+    // foreign key says so on PostgreSQL: the statement does).
+    enroll(&*store, &[("dev-3", "gw", "hw-3")]).await;
+    store
+        .remove_device(&id("dev-3"), ts("2026-12-05T10:00:00Z"))
+        .await
+        .unwrap();
+    for device in ["dev-3", "dev-unknown"] {
+        assert!(
+            !store
+                .add_rollout_member(newer, &id(device), 1)
+                .await
+                .unwrap(),
+            "{device}"
+        );
+    }
+    assert_eq!(store.rollout_members(newer).await.unwrap().len(), 2);
 }
 
 async fn tokens_audit_and_webhooks_keep_what_they_are_given(db: &Db) {

@@ -630,8 +630,8 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     async fn rollout_plan(&self, id: i64) -> StoreResult<Option<RolloutPlan>>;
     /// Adds a device to a running rollout in `phase` (a dynamic rollout's
     /// newcomer), ending its unfinished parts in older rollouts as
-    /// superseded; false if it is already a member, or a member of a newer
-    /// rollout (which decides for it).
+    /// superseded; false if it is already a member, a member of a newer
+    /// rollout (which decides for it), removed, or not enrolled.
     async fn add_rollout_member(&self, id: i64, device: &DeviceId, phase: u32)
         -> StoreResult<bool>;
     /// Every phased rollout's plan, by rollout.

@@ -161,9 +161,11 @@ const MEMBERS_WITH_DEVICES: &str = "rollout_devices rd JOIN devices d ON d.id = 
 
 /// Makes rollout `$1` the target of the devices `$2` (its members) where
 /// no newer rollout's target stands, as in the live view: an upsert into
-/// their own narrow table (see migration 0008).
+/// their own narrow table (see migration 0008). Joined to the memberships,
+/// so a target is always one (migration 0010: no foreign key says so).
 const SET_TARGETS: &str = "INSERT INTO device_targets (device_id, rollout_id) \
      SELECT DISTINCT u.id, $1::bigint FROM unnest($2::text[]) AS u(id) \
+     JOIN rollout_devices rd ON rd.rollout_id = $1::bigint AND rd.device_id = u.id \
      ON CONFLICT (device_id) DO UPDATE SET rollout_id = excluded.rollout_id \
      WHERE device_targets.rollout_id < excluded.rollout_id";
 
@@ -1166,9 +1168,11 @@ impl Store for PgStore {
         // device (one that moved between them) wait for each other instead
         // of deadlocking, whatever order the set-based updates visit rows.
         // NO KEY UPDATE, the lock the updates themselves take: FOR UPDATE
-        // also waited on, and deadlocked with, the foreign-key checks of a
-        // rollout's members being written (KEY SHARE on their devices, in
-        // list order) while those devices reported their first offers.
+        // also waits on foreign-key checks of rows that refer to a device
+        // (KEY SHARE), and deadlocked with those of a rollout's members
+        // being written, in list order, while their devices reported their
+        // first offers (that key is gone since migration 0010; the
+        // presence rows' remains).
         let locked: Vec<String> = states.iter().map(|s| s.id.as_str().to_owned()).collect();
         sqlx::query(
             "SELECT 1 FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE",
@@ -1512,6 +1516,7 @@ impl Store for PgStore {
             "INSERT INTO rollout_devices (rollout_id, device_id, phase, changed_at) \
              SELECT $1, $2, $3, clock_timestamp() \
              WHERE NOT EXISTS (SELECT 1 FROM rollout_devices WHERE device_id = $2 AND rollout_id > $1) \
+             AND EXISTS (SELECT 1 FROM devices WHERE id = $2 AND removed_at IS NULL) \
              ON CONFLICT DO NOTHING",
         )
         .bind(id)

@@ -1446,13 +1446,15 @@ impl Store for SqliteStore {
         let added = sqlx::query(&format!(
             "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, phase, changed_at) \
              SELECT ?, ?, ?, {CLOCK} \
-             WHERE NOT EXISTS (SELECT 1 FROM rollout_devices WHERE device_id = ? AND rollout_id > ?)"
+             WHERE NOT EXISTS (SELECT 1 FROM rollout_devices WHERE device_id = ? AND rollout_id > ?) \
+             AND EXISTS (SELECT 1 FROM devices WHERE id = ? AND removed_at IS NULL)"
         ))
         .bind(id)
         .bind(device.as_str())
         .bind(i64::from(phase))
         .bind(device.as_str())
         .bind(id)
+        .bind(device.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db(action))?
