@@ -271,7 +271,13 @@ impl LiveView {
         let mut live = self.lock();
         let mut history = history_at.map(|at| (at, self.history()));
         for id in devices {
-            let entry = live.entry(id.clone()).or_default();
+            // Looked up first: once a rollout has reached them, every
+            // replica knows every device, and an insert takes an owned ID
+            // (an allocation per device per offer).
+            let entry = match live.get_mut(id) {
+                Some(entry) => entry,
+                None => live.entry(id.clone()).or_default(),
+            };
             if entry
                 .target
                 .as_ref()
