@@ -27,6 +27,9 @@ use tower::ServiceExt as _;
 
 /// How long open connections get to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closed connection keeps reading what its client still sends
+/// (see [`Counted::poll_shutdown`]).
+const LINGER: Duration = Duration::from_secs(2);
 /// HTTP/2: parallel downloads of one agent share a connection. Streams per
 /// connection are bounded (each request still takes its kind's budget).
 const H2_MAX_STREAMS: u32 = 64;
@@ -104,6 +107,7 @@ pub async fn serve(
             let io = TokioIo::new(Counted {
                 inner: tls,
                 received: received.clone(),
+                linger: None,
             });
             // What a client must send within the deadline before the
             // protocol's own timers take over: HTTP/1.1's header deadline
@@ -203,10 +207,13 @@ async fn drive<C, E>(
     }
 }
 
-/// A connection's stream that counts the bytes the client sent.
+/// A connection's stream that counts the bytes the client sent and closes
+/// lingering.
 struct Counted<S> {
     inner: S,
     received: Arc<AtomicU64>,
+    /// Set once our side is closed: when to stop waiting for the client's.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
@@ -225,7 +232,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -250,7 +257,33 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
+    /// Closes our side, then reads and discards what the client still sends
+    /// until it closes too or [`LINGER`] passes. The server may answer
+    /// before it reads a body it refuses (a 403 on the headers alone);
+    /// closing at once with the rest of that body still arriving makes the
+    /// kernel reset the connection, and a client still writing its body
+    /// then loses the answer (Apache's and nginx's lingering close).
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        let deadline = match &mut this.linger {
+            Some(deadline) => deadline,
+            None => {
+                std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+                this.linger.insert(Box::pin(tokio::time::sleep(LINGER)))
+            }
+        };
+        let mut discard = [0u8; 4096];
+        loop {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut discard);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                // The client closed, or the connection broke: nothing to wait for.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }

@@ -1425,6 +1425,54 @@ async fn every_admin_endpoint_refuses_a_role_too_low_for_it() {
     srv.assert_unaffected().await;
 }
 
+/// A client that sends its headers, then its body, then reads the answer
+/// (Python's `requests`, curl) must get the refusal, not a reset: the
+/// server answers before it reads a body it refuses, and closing the
+/// connection then with the body still arriving would make the client's
+/// kernel throw the answer away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_answered_while_its_body_is_still_arriving() {
+    let mut srv = Server::start().await;
+    let viewer = srv.token("slow-sender", Role::Viewer, None).await;
+    let body = format!(
+        r#"{{"url":"https://example.com/hook","note":"{}"}}"#,
+        "x".repeat(16 * 1024)
+    );
+    let mut tls = srv.tls().await;
+    let head = format!(
+        "POST /api/v1/webhooks HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        viewer.secret,
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    // The refusal is decided on the headers; give the server time to send it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for piece in body.as_bytes().chunks(1024) {
+        tls.write_all(piece)
+            .await
+            .expect("the server still takes the body it refused");
+        tls.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut raw = Vec::new();
+    timeout(WAIT, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("the answer was lost: {e} after {} bytes", raw.len()),
+            }
+        }
+    })
+    .await
+    .expect("the server closes the connection after its answer");
+    RawResponse::parse(&raw).json_error(403, ErrorKind::Forbidden);
+    srv.assert_unaffected().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_list_tag_and_history_requests_refuse_bad_input_clearly() {
     use reqwest::Method;
