@@ -15,6 +15,7 @@ use crate::manifest::{
     sign_manifest, ChunkEntry, Compression, ImageInfo, Manifest, PatchEntry, SignedManifest,
     MANIFEST_FORMAT, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES,
 };
+use crate::sparse::SparseReader;
 use fastcdc::v2020::StreamCDC;
 use std::collections::HashMap;
 use std::io::Read;
@@ -103,7 +104,9 @@ pub fn create_release(
     // is neither compressed nor written twice.
     let mut stored: HashMap<ChunkHash, u32> = HashMap::new();
     let mut chunks = Vec::new();
-    for item in StreamCDC::new(file, CDC_MIN_SIZE, CDC_AVG_SIZE, CDC_MAX_SIZE) {
+    let reader =
+        SparseReader::new(&file).map_err(|e| ReleaseError::io("read the image", image, e))?;
+    for item in StreamCDC::new(reader, CDC_MIN_SIZE, CDC_AVG_SIZE, CDC_MAX_SIZE) {
         let chunk = item.map_err(|e| ReleaseError::io("read the image", image, e.into()))?;
         image_hasher.update(&chunk.data);
         let hash = sha256(&chunk.data);

@@ -21,6 +21,7 @@ use crate::build::{CDC_AVG_SIZE, CDC_MAX_SIZE, CDC_MIN_SIZE};
 use crate::chunk::{decode_chunk, encode_patch, sha256};
 use crate::error::ReleaseError;
 use crate::manifest::{ChunkEntry, MAX_PATCH_BASES};
+use crate::sparse::SparseReader;
 use crate::ReleaseDir;
 use fastcdc::v2020::StreamCDC;
 use std::collections::HashMap;
@@ -175,7 +176,8 @@ impl DeltaBase {
         let mut chunks = Vec::new();
         let mut similar = SimilarityIndex::default();
         let mut seen = std::collections::HashSet::new();
-        for item in StreamCDC::new(&file, CDC_MIN_SIZE, CDC_AVG_SIZE, CDC_MAX_SIZE) {
+        let reader = SparseReader::new(&file).map_err(io)?;
+        for item in StreamCDC::new(reader, CDC_MIN_SIZE, CDC_AVG_SIZE, CDC_MAX_SIZE) {
             let chunk = item.map_err(|e| io(e.into()))?;
             let hash = sha256(&chunk.data);
             if !seen.insert(hash) {

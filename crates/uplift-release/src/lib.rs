@@ -17,6 +17,7 @@ pub mod keys;
 pub mod manifest;
 pub mod root;
 pub mod seed;
+pub mod sparse;
 
 pub use build::{create_release, ReleaseDir, ReleaseOptions, ReleaseSummary};
 pub use chunk::{decode_chunk, decode_named_chunk, encode_chunk, sha256, ImageHasher};
