@@ -107,16 +107,18 @@ async fn online_on(client: &AdminClient) -> usize {
 
 /// Follows a replica's event stream in the background: the devices each
 /// kind of device event (`download_started`, ...) was seen for.
-fn follow_device_events(
+/// Opens the fleet's event stream and collects its device events; returns
+/// once the server has opened it.
+async fn follow_device_events(
     client: &AdminClient,
 ) -> std::sync::Arc<std::sync::Mutex<Vec<(String, DeviceId)>>> {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (client, into) = (client.clone(), seen.clone());
+    let into = seen.clone();
+    let mut response = client
+        .event_stream(&EventStreamQuery::default(), None)
+        .await
+        .expect("the event stream opens");
     tokio::spawn(async move {
-        let mut response = client
-            .event_stream(&EventStreamQuery::default(), None)
-            .await
-            .expect("the event stream opens");
         let mut text = String::new();
         while let Ok(Some(bytes)) = response.chunk().await {
             text.push_str(&String::from_utf8_lossy(&bytes));
@@ -236,7 +238,7 @@ async fn two_replicas_behind_a_balancer_share_a_rollout_and_survive_one_killed()
     fx.release("1.1", DEVICE_TYPE, &fx.image_v1_1, &fx.key)
         .await;
     // An operator follows the fleet's events on the second replica.
-    let events_on_second = follow_device_events(&second_client);
+    let events_on_second = follow_device_events(&second_client).await;
     // Started on the second replica; the first replica's devices are told too.
     fx.client = second_client.clone();
     let started = Instant::now();

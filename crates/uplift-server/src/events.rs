@@ -7,14 +7,15 @@
 //! is first sent the recent past it asks for.
 //!
 //! With replicas, each relays the events it makes to the others
-//! ([`crate::signals::relay_events`]): a stream opened on any replica shows
-//! the whole fleet's events, while webhooks take only the events made here,
-//! so each is delivered once, by the replica that made it.
+//! ([`crate::signals::relay_events`]) while one of them has a stream open:
+//! a stream opened on any replica shows the whole fleet's events, while
+//! webhooks take only the events made here, so each is delivered once, by
+//! the replica that made it.
 
 use crate::store::Timestamp;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, Notify, OwnedSemaphorePermit, Semaphore};
 use uplift_proto::events::{EventAbout, EventFilter, FleetEvent, RECENT_EVENTS};
 
 /// Events a subscriber may fall behind by before it misses some.
@@ -36,6 +37,9 @@ pub struct EventBus {
     /// subscription neither overlap nor leave a gap.
     past: Mutex<Past>,
     streams: Arc<Semaphore>,
+    /// Woken whenever a stream opens: with replicas, the others are asked
+    /// at once to relay their events here.
+    stream_opened: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +55,7 @@ impl Default for EventBus {
             made_here: broadcast::channel(CAPACITY).0,
             past: Mutex::new(Past::default()),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            stream_opened: Notify::new(),
         }
     }
 }
@@ -146,7 +151,18 @@ impl EventBus {
             _permit: permit,
         };
         drop(past);
+        self.stream_opened.notify_waiters();
         Some((slot, backlog))
+    }
+
+    /// Event streams open here now.
+    pub fn streams_open(&self) -> usize {
+        MAX_STREAMS - self.streams.available_permits()
+    }
+
+    /// Resolves when a stream opens after this is called.
+    pub async fn stream_opens(&self) {
+        self.stream_opened.notified().await;
     }
 }
 

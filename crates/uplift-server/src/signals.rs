@@ -21,7 +21,8 @@
 use crate::state::AppState;
 use crate::store::{DeviceTarget, Timestamp};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 use uplift_proto::events::EventAbout;
 use uplift_proto::DeviceId;
@@ -52,6 +53,9 @@ pub enum Signal {
     Removed { devices: Vec<DeviceId> },
     /// Events the sender made, for the event streams here.
     Events { events: Vec<RelayedEvent> },
+    /// The sender has an event stream open: relay your events for
+    /// [`WATCH_LEASE`] more.
+    Watching,
 }
 
 /// An event as another replica made it: what, and when (RFC 3339).
@@ -101,7 +105,7 @@ impl Signal {
                     devices,
                 })
             }
-            Signal::RebootGate { .. } => vec![encode(self.clone())],
+            Signal::RebootGate { .. } | Signal::Watching => vec![encode(self.clone())],
             Signal::Events { events } => split_into_payloads(
                 events,
                 // The event and a comma.
@@ -156,6 +160,9 @@ pub struct Signals {
     route: Route,
     /// Names this replica in what it sends.
     origin: String,
+    /// Until when another replica has asked for this one's events (it has
+    /// an event stream open).
+    watched_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Default for Signals {
@@ -170,6 +177,7 @@ impl Signals {
         Self {
             route: Route::Alone,
             origin: String::new(),
+            watched_until: Arc::default(),
         }
     }
 
@@ -178,12 +186,29 @@ impl Signals {
         Self {
             route: Route::Postgres(pool),
             origin: format!("pid{}-{:016x}", std::process::id(), rand::random::<u64>()),
+            watched_until: Arc::default(),
         }
     }
 
     /// This replica's name among the others (empty when alone).
     pub fn replica(&self) -> &str {
         &self.origin
+    }
+
+    fn watched_until(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.watched_until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Another replica asked for events at `now`.
+    fn watched_at(&self, now: Instant) {
+        *self.watched_until() = Some(now + WATCH_LEASE);
+    }
+
+    /// Whether another replica wants this one's events at `now`.
+    fn watched(&self, now: Instant) -> bool {
+        relay_wanted(*self.watched_until(), now)
     }
 
     /// Tells the other replicas; a failure is logged, not returned: what
@@ -243,6 +268,10 @@ pub fn apply(state: &AppState, signal: Signal) {
             }
             Vec::new()
         }
+        Signal::Watching => {
+            state.signals.watched_at(Instant::now());
+            return;
+        }
     };
     for device in &touched {
         state.hub.notify_target_changed(device);
@@ -289,6 +318,9 @@ pub async fn follow(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
                 if payload.contains(&own) {
                     continue;
                 }
+                if !worth_reading(payload, state.events.streams_open()) {
+                    continue;
+                }
                 match serde_json::from_str::<Envelope>(payload) {
                     Ok(envelope) => apply(&state, envelope.signal),
                     Err(e) => tracing::warn!(
@@ -320,42 +352,91 @@ pub async fn follow(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
 
 /// How long events made here are gathered before they are relayed: one
 /// notification statement per quarter second, however busy the fleet.
-const RELAY_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+const RELAY_EVERY: Duration = Duration::from_millis(250);
 
-/// Relays the events made here to the other replicas until shutdown, so an
-/// event stream opened on any replica shows the whole fleet. Webhooks are
-/// not relayed: the replica that made an event delivers it.
+/// How long a replica relays its events after another asked for them.
+pub const WATCH_LEASE: Duration = Duration::from_secs(15);
+
+/// How often a replica with an event stream open asks again (and at once
+/// when a stream opens).
+const WATCH_RENEW: Duration = Duration::from_secs(5);
+
+/// How a relay of events starts in a signal's payload (see [`Envelope`]).
+const EVENTS_TAG: &str = "\"signal\":\"events\"";
+
+/// The pure rule: whether another replica's signal needs reading here.
+/// Relayed events are for the event streams open here; with none, they are
+/// not even parsed (a rollout to 100 000 devices makes 200 000 of them).
+fn worth_reading(payload: &str, streams_open: usize) -> bool {
+    streams_open > 0 || !payload.contains(EVENTS_TAG)
+}
+
+/// The pure rule: relay while a lease asked for by another replica runs.
+fn relay_wanted(watched_until: Option<Instant>, now: Instant) -> bool {
+    watched_until.is_some_and(|until| now < until)
+}
+
+/// The pure rule: ask the others for their events when a stream is open
+/// here and they were not asked within [`WATCH_RENEW`] (or a stream has
+/// just opened, `opened`).
+fn watch_due(streams_open: usize, opened: bool, asked: Option<Instant>, now: Instant) -> bool {
+    streams_open > 0 && (opened || asked.is_none_or(|at| now >= at + WATCH_RENEW))
+}
+
+/// Relays the events made here to the other replicas until shutdown, while
+/// one of them has an event stream open, so a stream opened on any replica
+/// shows the whole fleet; and asks the others for theirs while a stream is
+/// open here. With no stream open anywhere, events stay where they were
+/// made: a rollout to 100 000 devices makes 200 000 device events, each
+/// otherwise serialized, sent through PostgreSQL and parsed by every other
+/// replica for nobody. Webhooks are not relayed: the replica that made an
+/// event delivers it.
 pub async fn relay_events(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     if matches!(state.signals.route, Route::Alone) {
         return;
     }
     let mut made_here = state.events.subscribe();
+    // Gathered whether or not anybody listens, and dropped at the tick if
+    // nobody does: a stream that has just opened elsewhere gets the
+    // quarter second before its request arrived.
     let mut gathered: Vec<RelayedEvent> = Vec::new();
     let mut tick = tokio::time::interval(RELAY_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut asked: Option<Instant> = None;
     loop {
+        let mut opened = false;
         tokio::select! {
             received = made_here.recv() => match received {
                 Ok(event) => gathered.push(RelayedEvent {
                     about: event.about.clone(),
                     at: event.at.clone(),
                 }),
-                Err(broadcast::error::RecvError::Lagged(missed)) => tracing::warn!(
-                    missed,
-                    "relaying events to the other replicas fell behind; their event streams miss {missed} events"
-                ),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    if state.signals.watched(Instant::now()) {
+                        tracing::warn!(
+                            missed,
+                            "relaying events to the other replicas fell behind; their event streams miss {missed} events"
+                        );
+                    }
+                }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
+            () = state.events.stream_opens() => opened = true,
             _ = tick.tick() => {
-                if !gathered.is_empty() {
-                    let events = std::mem::take(&mut gathered);
+                let events = std::mem::take(&mut gathered);
+                if !events.is_empty() && state.signals.watched(Instant::now()) {
                     state.signals.send(Signal::Events { events }).await;
                 }
             }
             _ = shutdown.changed() => break,
         }
+        let now = Instant::now();
+        if watch_due(state.events.streams_open(), opened, asked, now) {
+            asked = Some(now);
+            state.signals.send(Signal::Watching).await;
+        }
     }
-    if !gathered.is_empty() {
+    if !gathered.is_empty() && state.signals.watched(Instant::now()) {
         state
             .signals
             .send(Signal::Events { events: gathered })
@@ -616,5 +697,75 @@ mod tests {
             "another replica's events are its own to deliver to webhooks"
         );
         assert_eq!(state.live.pending_events(), 0, "nor are they history here");
+    }
+
+    #[test]
+    fn relayed_events_are_read_only_where_a_stream_is_open_and_other_signals_always() {
+        let events = Signal::Events {
+            events: vec![RelayedEvent {
+                about: EventAbout::Rollout {
+                    rollout_id: 1,
+                    event: uplift_proto::events::RolloutEvent::Finished,
+                },
+                at: "2026-12-05T10:00:00Z".into(),
+            }],
+        };
+        for payload in events.payloads("pid1-00") {
+            assert!(!worth_reading(&payload, 0), "{payload}");
+            assert!(worth_reading(&payload, 1), "{payload}");
+        }
+        let devices: Vec<DeviceId> = vec!["events".parse().unwrap()];
+        let others = [
+            Signal::Offered {
+                target: target(1),
+                devices: devices.clone(),
+            },
+            Signal::TakenBack {
+                rollout_id: 1,
+                devices: devices.clone(),
+            },
+            Signal::RebootGate {
+                rollout_id: 1,
+                hold: true,
+            },
+            Signal::Removed { devices },
+            Signal::Watching,
+        ];
+        for signal in others {
+            for payload in signal.payloads("pid1-00") {
+                assert!(worth_reading(&payload, 0), "{payload}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_replica_relays_while_another_watches_and_asks_while_it_watches() {
+        let t0 = Instant::now();
+        assert!(!relay_wanted(None, t0), "nobody asked");
+        assert!(relay_wanted(Some(t0 + WATCH_LEASE), t0 + WATCH_LEASE / 2));
+        assert!(!relay_wanted(Some(t0 + WATCH_LEASE), t0 + WATCH_LEASE));
+
+        assert!(!watch_due(0, true, None, t0), "no stream here");
+        assert!(watch_due(1, false, None, t0), "never asked");
+        assert!(!watch_due(1, false, Some(t0), t0 + WATCH_RENEW / 2));
+        assert!(
+            watch_due(1, true, Some(t0), t0 + WATCH_RENEW / 2),
+            "a stream opened"
+        );
+        assert!(watch_due(1, false, Some(t0), t0 + WATCH_RENEW));
+        assert!(
+            WATCH_RENEW * 2 < WATCH_LEASE,
+            "a lease outlives a missed renewal"
+        );
+    }
+
+    #[tokio::test]
+    async fn another_replicas_request_for_events_starts_the_lease_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::service::testing::state(dir.path()).await;
+        assert!(!state.signals.watched(Instant::now()));
+        apply(&state, Signal::Watching);
+        assert!(state.signals.watched(Instant::now()));
+        assert!(!state.signals.watched(Instant::now() + WATCH_LEASE));
     }
 }
