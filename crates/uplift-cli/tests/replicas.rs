@@ -105,10 +105,10 @@ async fn online_on(client: &AdminClient) -> usize {
         .unwrap_or(0)
 }
 
-/// Follows a replica's event stream in the background: the devices each
-/// kind of device event (`download_started`, ...) was seen for.
-/// Opens the fleet's event stream and collects its device events; returns
-/// once the server has opened it.
+/// Opens a replica's event stream and follows it in the background: the
+/// devices each kind of device event (`download_started`, ...) was seen
+/// for. Returns once the server has opened the stream, so the events that
+/// follow are relayed to it.
 async fn follow_device_events(
     client: &AdminClient,
 ) -> std::sync::Arc<std::sync::Mutex<Vec<(String, DeviceId)>>> {
