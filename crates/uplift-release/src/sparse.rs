@@ -70,9 +70,7 @@ impl<'a> SparseReader<'a> {
         };
         Ok(extent)
     }
-}
 
-impl SparseReader<'_> {
     /// Goes on reading sequentially from the position.
     fn read_through(&mut self) -> io::Result<Extent> {
         io::Seek::seek(&mut &*self.file, io::SeekFrom::Start(self.position))?;

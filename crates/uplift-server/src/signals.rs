@@ -404,6 +404,9 @@ pub async fn relay_events(state: Arc<AppState>, mut shutdown: watch::Receiver<bo
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut asked: Option<Instant> = None;
     loop {
+        // Whether to ask the others for their events is decided at the
+        // tick and when a stream opens, not after every event made here.
+        let mut may_ask = false;
         let mut opened = false;
         tokio::select! {
             received = made_here.recv() => match received {
@@ -421,8 +424,9 @@ pub async fn relay_events(state: Arc<AppState>, mut shutdown: watch::Receiver<bo
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-            () = state.events.stream_opens() => opened = true,
+            () = state.events.stream_opens() => (may_ask, opened) = (true, true),
             _ = tick.tick() => {
+                may_ask = true;
                 let events = std::mem::take(&mut gathered);
                 if !events.is_empty() && state.signals.watched(Instant::now()) {
                     state.signals.send(Signal::Events { events }).await;
@@ -431,7 +435,7 @@ pub async fn relay_events(state: Arc<AppState>, mut shutdown: watch::Receiver<bo
             _ = shutdown.changed() => break,
         }
         let now = Instant::now();
-        if watch_due(state.events.streams_open(), opened, asked, now) {
+        if may_ask && watch_due(state.events.streams_open(), opened, asked, now) {
             asked = Some(now);
             state.signals.send(Signal::Watching).await;
         }
