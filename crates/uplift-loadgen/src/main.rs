@@ -36,15 +36,12 @@
 //! enrolled through the device URL, fetches release V's manifest and first
 //! chunk with its download token.
 
-mod measure;
-
 use anyhow::Context;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use clap::Parser;
 use ed25519_dalek::{Signer, SigningKey};
 use futures_util::{SinkExt, StreamExt};
-use measure::{Latencies, ProcSample, WallClock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::{IpAddr, Ipv4Addr};
@@ -57,6 +54,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use uplift_agent::net::{self, ChannelOptions};
+use uplift_loadgen::measure::{self, Latencies, ProcSample, WallClock};
+use uplift_loadgen::raise_open_files;
 use uplift_proto::api::ServerEndpoint;
 use uplift_proto::channel::{
     self, AgentMsg, AgentState, Report, ServerMsg, FEATURES, MAX_FRAME_BYTES,
@@ -817,17 +816,6 @@ async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
 
 async fn sleep_within(deadline: Instant, d: Duration) {
     tokio::time::sleep_until((Instant::now() + d).min(deadline)).await;
-}
-
-/// A generator of 19 000 sessions needs as many descriptors: the soft limit
-/// goes up to the hard one (which nothing here raises).
-fn raise_open_files() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
-    }
 }
 
 /// The device key of session `i`: derived from the generator's name, so a
