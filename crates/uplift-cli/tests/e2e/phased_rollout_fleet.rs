@@ -9,7 +9,7 @@
 //! device at rest on a good slot: the first phase on 1.1 in slot b, every
 //! other device on 1.0 in slot a, the failed ones rolled back to it.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::collections::{BTreeMap, HashMap};

@@ -3,7 +3,7 @@
 //! when asked), and failures in a phase pause the rollout by itself before
 //! the rest of the fleet is offered anything.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::num::NonZeroU32;

@@ -5,7 +5,7 @@
 //! installed and committed the release exactly once, and the server's
 //! device list must agree with each device's own boot environment.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::collections::{BTreeMap, HashMap};

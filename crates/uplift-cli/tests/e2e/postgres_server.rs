@@ -4,7 +4,7 @@
 //! directory on the same database sees every device on the new release
 //! and the rollout finished.
 
-mod common;
+use crate::common;
 
 use common::*;
 use uplift_fleet::{ServerLaunch, ServerProcess};

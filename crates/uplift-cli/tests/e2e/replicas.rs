@@ -9,7 +9,7 @@
 //! the survivor and finish: every device upgraded exactly once, the
 //! rollout finished, nothing lost.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::num::NonZeroU64;

@@ -3,7 +3,7 @@
 //! release whose kernel never boots. After each, every device boots a good
 //! slot, finishes on the expected version, and fetched no chunk twice.
 
-mod common;
+use crate::common;
 
 use common::*;
 use rand::{Rng, SeedableRng};

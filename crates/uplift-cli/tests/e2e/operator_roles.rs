@@ -3,7 +3,7 @@
 //! is refused both, a revoked token stops working at once, and the audit
 //! log then tells the whole story: who did what to what, and how it ended.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::time::Duration;

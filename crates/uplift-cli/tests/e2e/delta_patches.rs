@@ -4,7 +4,7 @@
 //! on the server, falls back to whole chunks; every device ends with exactly
 //! the new image.
 
-mod common;
+use crate::common;
 
 use common::*;
 use uplift_fleet::Device;

@@ -2,7 +2,7 @@
 //! server, and must prove on every connection that it holds the key it
 //! enrolled with. Refusals store nothing and tell the device why.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::time::Duration;

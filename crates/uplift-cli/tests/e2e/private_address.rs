@@ -28,7 +28,7 @@
 //! it too. Needs root and iproute2: skipped outside CI when missing, a
 //! failure under CI (`CI` set).
 
-mod common;
+use crate::common;
 
 use common::netns::{self, run, End, Namespaces};
 use common::*;

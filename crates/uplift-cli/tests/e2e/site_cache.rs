@@ -9,7 +9,7 @@
 //! Needs root (network namespaces, tc) and nginx: skipped outside CI when
 //! they are missing, a failure under CI (`CI` set).
 
-mod common;
+use crate::common;
 
 use common::netns::{self, run, End, Namespaces};
 use common::*;
@@ -101,7 +101,7 @@ impl Cache {
         // nginx makes a cache's own directory, not its parents.
         std::fs::create_dir_all(dir.join("cache"))?;
         let (cert, key) = site_certificate(dir)?;
-        let example = include_str!("../../../deploy/site-cache.nginx.conf");
+        let example = include_str!("../../../../deploy/site-cache.nginx.conf");
         let path = |p: &Path| p.display().to_string();
         let mut conf = example.to_owned();
         for (from, to) in [

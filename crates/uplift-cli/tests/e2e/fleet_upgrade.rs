@@ -1,7 +1,7 @@
 //! The patent's method at fleet scale: one server upgrades many devices at
 //! once, each over its own channel, each into its own inactive slot.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::collections::HashSet;

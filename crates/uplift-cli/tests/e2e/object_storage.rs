@@ -7,7 +7,7 @@
 //! server's metrics (no chunk bytes from the server with direct downloads),
 //! the objects in the bucket, and the server's words while the store is down.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::num::NonZeroU64;

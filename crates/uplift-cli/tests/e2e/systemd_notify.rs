@@ -5,7 +5,7 @@
 //! `STATUS=` lines an operator sees in `systemctl status`, and `WATCHDOG=1`
 //! at half the timeout, through an idle spell and a whole install.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::num::NonZeroU64;

@@ -5,7 +5,7 @@
 //! signed with its secret, retried after the receiver first fails, and
 //! listed in the delivery log.
 
-mod common;
+use crate::common;
 
 use axum::http::{HeaderMap, StatusCode};
 use common::*;

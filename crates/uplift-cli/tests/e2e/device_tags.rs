@@ -3,7 +3,7 @@
 //! rollout of the tag, and only those two upgrade; the history of one of
 //! them then tells the upgrade step by step, with the bytes it fetched.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::time::Instant;

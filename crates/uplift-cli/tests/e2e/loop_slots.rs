@@ -9,7 +9,7 @@
 //! device nodes first. Without them it skips with a message, except under
 //! CI, where it fails.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::io::{Read, Seek, SeekFrom};

@@ -4,7 +4,7 @@
 //! who removed it; and the replacement board (same hardware ID, a fresh key)
 //! enrolls with the fleet token as a new device.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::time::{Duration, Instant};

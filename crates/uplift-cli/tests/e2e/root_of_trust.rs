@@ -6,7 +6,7 @@
 //! the server's current signed freshness. Each attack is refused with an
 //! error kind the operator sees, and the device stays on its good slot.
 
-mod common;
+use crate::common;
 
 use common::tampering::TamperingRelay;
 use common::*;

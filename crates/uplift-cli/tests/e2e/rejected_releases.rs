@@ -2,7 +2,7 @@
 //! the operator sees in `uplift devices list`, the new slot is never marked
 //! bootable, and the boot environment is left exactly as it was.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::process::Command;

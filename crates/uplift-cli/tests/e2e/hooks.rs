@@ -1,7 +1,7 @@
 //! Install hooks: a failing pre- or post-install step aborts the install
 //! before the boot choice changes, and the device keeps running its OS.
 
-mod common;
+use crate::common;
 
 use common::*;
 use uplift_proto::channel::AgentState;

@@ -9,7 +9,7 @@
 //! resumes it; a reload of the console. The normal run takes 20 000 devices
 //! (`UPLIFT_CONSOLE_DEVICES` for another count); the 100 000 run is
 //! ignored there, as it takes over a minute: run it on demand with
-//! `cargo test -p uplift-cli --test web_console_scale -- --ignored`.
+//! `cargo test -p uplift-cli --test e2e web_console_scale:: -- --ignored`.
 //!
 //! The fleet is made the fastest honest way: through the server's own
 //! store, in the data directory, before the server starts (enrolled as the
@@ -29,8 +29,8 @@
 //!
 //! Needs `chromium` and `chromium-driver` (`.ci/run` installs them).
 
-mod browser;
-mod common;
+use crate::browser;
+use crate::common;
 
 use browser::Browser;
 use common::*;

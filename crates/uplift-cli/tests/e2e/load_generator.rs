@@ -4,7 +4,7 @@
 //! the server's stats, and every one offered the rollout the generator
 //! started. Needs the binaries (`cargo build --bins`).
 
-mod common;
+use crate::common;
 
 use common::{Fixture, WAIT};
 use std::time::{Duration, Instant};

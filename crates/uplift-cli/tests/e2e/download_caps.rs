@@ -4,7 +4,7 @@
 //! measured from what the agents log (bytes fetched, and the time from
 //! "installing" to "all chunks in slot"), not from the server's own books.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::num::{NonZeroU32, NonZeroU64};

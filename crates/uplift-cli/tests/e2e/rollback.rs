@@ -1,7 +1,7 @@
 //! After the trial boot the agent runs its health check; a failure puts the
 //! device back on its old slot and version, and the operator sees why.
 
-mod common;
+use crate::common;
 
 use common::*;
 use uplift_proto::channel::AgentState;

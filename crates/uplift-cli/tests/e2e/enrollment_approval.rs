@@ -5,8 +5,8 @@
 //! why, stops, and never gets an ID); and the web console's pending list,
 //! in Debian's headless chromium, where an operator accepts one.
 
-mod browser;
-mod common;
+use crate::browser;
+use crate::common;
 
 use common::*;
 use std::time::{Duration, Instant};

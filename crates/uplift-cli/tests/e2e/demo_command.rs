@@ -1,6 +1,6 @@
 //! The README's demo command, run as a user would run it.
 
-mod common;
+use crate::common;
 
 use common::run_bounded;
 use std::process::Command;
@@ -126,7 +126,7 @@ fn uplift_demo_with_chaos_survives_every_kind_of_fault() {
 
 /// The soak: the chaos demo over many devices, bounded by its timeout. Not
 /// part of the normal run; start it on demand with
-/// `UPLIFT_SOAK_DEVICES=200 cargo test -p uplift-cli --test demo_command -- --ignored`.
+/// `UPLIFT_SOAK_DEVICES=200 cargo test -p uplift-cli --test e2e demo_command:: -- --ignored`.
 #[test]
 #[ignore = "soak test, run on demand"]
 fn soak_chaos_over_many_devices() {

@@ -13,8 +13,8 @@
 //!
 //! Needs `chromium` and `chromium-driver` (`.ci/run` installs them).
 
-mod browser;
-mod common;
+use crate::browser;
+use crate::common;
 
 use browser::{Browser, DESKTOP, PHONE};
 use common::*;

@@ -4,7 +4,7 @@
 //! and the address its channel came from; a release shows who signed it and
 //! when it expires; a dry run previews a rollout without starting it.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::time::{Duration, Instant};

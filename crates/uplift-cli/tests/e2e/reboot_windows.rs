@@ -5,7 +5,7 @@
 //! opens; an abort while they hold withdraws the verified slot and every
 //! device stays on the OS it runs.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::time::Duration;
