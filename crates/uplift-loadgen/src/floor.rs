@@ -298,7 +298,7 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let tls_dir = dir.path().to_owned();
         let serving = tokio::spawn(async move {
-            serve(listener, &tls_dir, 130, pushes, async {
+            serve(listener, &tls_dir, 128, pushes, async {
                 let _ = stopped.await;
             })
             .await
@@ -308,7 +308,7 @@ mod tests {
             ca: dir.path().join("ca.pem"),
             sessions: 20,
             index: 0,
-            answer_bytes: 190,
+            answer_bytes: 139,
             duration: Duration::from_secs(20),
         };
         let mut pushed_at = None;

@@ -33,8 +33,8 @@ enum Command {
         /// The directory `identity` wrote.
         #[arg(long)]
         tls_dir: PathBuf,
-        /// The frame's size: an offer's (130 bytes of JSON in the bench).
-        #[arg(long, default_value_t = 130)]
+        /// The frame's size: an offer's (128 bytes of JSON in the bench).
+        #[arg(long, default_value_t = 128)]
         frame_bytes: usize,
     },
     /// Opens the sessions, writes FILE once all are up, and writes the
@@ -51,7 +51,7 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         index: usize,
         /// Answer each frame with one this long (a device's `downloading`
-        /// report is 190 bytes); 0 answers nothing.
+        /// report is 139 bytes of JSON); 0 answers nothing.
         #[arg(long, default_value_t = 0)]
         answer_bytes: usize,
         #[arg(long)]
