@@ -242,8 +242,12 @@ pub async fn connect(
             if connected.fetch_add(1, Relaxed) + 1 == sessions {
                 all_in.notify_one();
             }
-            if let Some(Ok(Message::Text(_))) = ws.next().await {
-                arrivals.lock().unwrap().push(Instant::now());
+            // The first text frame is the push (a ping or pong is not).
+            while let Some(Ok(frame)) = ws.next().await {
+                if frame.is_text() {
+                    arrivals.lock().unwrap().push(Instant::now());
+                    break;
+                }
             }
             if !answer.is_empty() {
                 let _ = ws.send(Message::Text((*answer).into())).await;
