@@ -18,7 +18,6 @@ use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -196,96 +195,118 @@ pub async fn connect(
     let clock = WallClock::now();
     let started = Instant::now();
     let deadline = started + plan.duration;
-    let gate = Arc::new(Semaphore::new(CONNECTING));
-    let connected = Arc::new(AtomicUsize::new(0));
-    let arrivals = Arc::new(Mutex::new(Vec::with_capacity(plan.sessions)));
-    let last_error = Arc::new(Mutex::new(None::<String>));
-    let all_in = Arc::new(Notify::new());
-    let answer: Arc<str> = "a".repeat(plan.answer_bytes).into();
+    let shared = Arc::new(Shared {
+        tls,
+        url: plan.server.clone(),
+        gate: Semaphore::new(CONNECTING),
+        connected: AtomicUsize::new(0),
+        arrivals: Mutex::new(Vec::with_capacity(plan.sessions)),
+        last_error: Mutex::new(None),
+        all_in: Notify::new(),
+        answer: "a".repeat(plan.answer_bytes),
+        sessions: plan.sessions,
+        deadline,
+    });
     for i in 0..plan.sessions {
-        let k = (plan.index * plan.sessions + i) / PER_ADDRESS;
         let options = ChannelOptions {
-            bind: Some(IpAddr::V4(Ipv4Addr::new(
-                127,
+            bind: Some(crate::loopback_source(
                 6,
-                ((k / 250) % 256) as u8,
-                (k % 250 + 1) as u8,
-            ))),
+                (plan.index * plan.sessions + i) / PER_ADDRESS,
+            )),
             websocket: websocket_config(),
         };
-        let (tls, url, gate, connected, arrivals, last_error, all_in, answer) = (
-            tls.clone(),
-            plan.server.clone(),
-            gate.clone(),
-            connected.clone(),
-            arrivals.clone(),
-            last_error.clone(),
-            all_in.clone(),
-            answer.clone(),
-        );
-        let sessions = plan.sessions;
-        tokio::spawn(async move {
-            let mut ws = loop {
-                let permit = gate.acquire().await.expect("the gate is never closed");
-                match net::connect_channel_with(&url, tls.clone(), &options).await {
-                    Ok(ws) => break ws,
-                    Err(e) => {
-                        *last_error.lock().unwrap() = Some(format!("{e:#}"));
-                        drop(permit);
-                        if Instant::now() >= deadline {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                }
-            };
-            if connected.fetch_add(1, Relaxed) + 1 == sessions {
-                all_in.notify_one();
-            }
-            // The first text frame is the push (a ping or pong is not).
-            while let Some(Ok(frame)) = ws.next().await {
-                if frame.is_text() {
-                    arrivals.lock().unwrap().push(Instant::now());
-                    break;
-                }
-            }
-            if !answer.is_empty() {
-                let _ = ws.send(Message::Text((*answer).into())).await;
-            }
-            // Held until the process ends: the servers' load stays what it
-            // was until every session has its frame.
-            std::future::pending::<()>().await;
-        });
+        tokio::spawn(session(Arc::clone(&shared), options));
     }
-    let everyone = tokio::time::timeout_at(deadline, all_in.notified()).await;
-    let up = connected.load(Relaxed);
+    let everyone = tokio::time::timeout_at(deadline, shared.all_in.notified()).await;
+    let up = shared.connected.load(Relaxed);
     let connect_secs = started.elapsed().as_secs_f64();
     if everyone.is_err() {
         anyhow::bail!(
             "{up} of {} sessions up within {:?}; last error: {}",
             plan.sessions,
             plan.duration,
-            last_error.lock().unwrap().as_deref().unwrap_or("none")
+            shared
+                .last_error
+                .lock()
+                .unwrap()
+                .as_deref()
+                .unwrap_or("none")
         );
     }
     on_connected(up)?;
     // Each arrival is stamped by its session; this only looks for the end.
-    while arrivals.lock().unwrap().len() < plan.sessions && Instant::now() < deadline {
+    while shared.arrivals.lock().unwrap().len() < plan.sessions && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let received_unix_ms = arrivals
+    let received_unix_ms = shared
+        .arrivals
         .lock()
         .unwrap()
         .iter()
         .map(|t| clock.unix_ms(*t))
         .collect();
-    let last_error = last_error.lock().unwrap().clone();
+    let last_error = shared.last_error.lock().unwrap().clone();
     Ok(Received {
         connected: up,
         connect_secs,
         received_unix_ms,
         last_error,
     })
+}
+
+/// What every session of one [`connect`] call shares.
+struct Shared {
+    tls: Arc<rustls::ClientConfig>,
+    url: reqwest::Url,
+    /// Bounds the handshakes in flight.
+    gate: Semaphore,
+    connected: AtomicUsize,
+    arrivals: Mutex<Vec<Instant>>,
+    last_error: Mutex<Option<String>>,
+    /// Woken once the last session is up.
+    all_in: Notify,
+    answer: String,
+    sessions: usize,
+    deadline: Instant,
+}
+
+/// One session: connects (retrying until the deadline), stamps its first
+/// text frame, answers, and holds its connection.
+async fn session(shared: Arc<Shared>, options: ChannelOptions) {
+    let mut ws = loop {
+        let permit = shared
+            .gate
+            .acquire()
+            .await
+            .expect("the gate is never closed");
+        match net::connect_channel_with(&shared.url, shared.tls.clone(), &options).await {
+            Ok(ws) => break ws,
+            Err(e) => {
+                *shared.last_error.lock().unwrap() = Some(format!("{e:#}"));
+                drop(permit);
+                if Instant::now() >= shared.deadline {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    if shared.connected.fetch_add(1, Relaxed) + 1 == shared.sessions {
+        shared.all_in.notify_one();
+    }
+    // The first text frame is the push (a ping or pong is not).
+    while let Some(Ok(frame)) = ws.next().await {
+        if frame.is_text() {
+            shared.arrivals.lock().unwrap().push(Instant::now());
+            break;
+        }
+    }
+    if !shared.answer.is_empty() {
+        let _ = ws.send(Message::Text(shared.answer.as_str().into())).await;
+    }
+    // Held until the process ends: the servers' load stays what it was
+    // until every session has its frame.
+    std::future::pending::<()>().await;
 }
 
 #[cfg(test)]

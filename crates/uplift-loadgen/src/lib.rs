@@ -15,3 +15,26 @@ pub fn raise_open_files() {
         }
     }
 }
+
+/// The `k`th loopback source address of a generator's range
+/// `127.<range>.0.0/16`. The last octet stays within 1..=250, so no address
+/// ends in 0 or 255, and each address gives a session its own ports.
+pub fn loopback_source(range: u8, k: usize) -> std::net::IpAddr {
+    let (hi, lo) = ((k / 250) % 256, k % 250 + 1);
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, range, hi as u8, lo as u8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_walk_250_per_octet_and_never_end_in_0_or_255() {
+        assert_eq!(loopback_source(1, 0).to_string(), "127.1.0.1");
+        assert_eq!(loopback_source(1, 249).to_string(), "127.1.0.250");
+        assert_eq!(loopback_source(6, 250).to_string(), "127.6.1.1");
+        let distinct: std::collections::HashSet<_> =
+            (0..64_000).map(|k| loopback_source(6, k)).collect();
+        assert_eq!(distinct.len(), 64_000);
+    }
+}

@@ -44,7 +44,7 @@ use ed25519_dalek::{Signer, SigningKey};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -835,9 +835,7 @@ fn source_address(setup: &Setup, i: usize) -> Option<IpAddr> {
     if !setup.bind {
         return None;
     }
-    let k = i / setup.per_address;
-    let (hi, lo) = ((k / 250) % 256, k % 250 + 1);
-    Some(IpAddr::V4(Ipv4Addr::new(127, 1, hi as u8, lo as u8)))
+    Some(uplift_loadgen::loopback_source(1, i / setup.per_address))
 }
 
 enum End {
