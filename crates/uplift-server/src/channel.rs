@@ -638,7 +638,7 @@ pub fn offer_now(state: &AppState, device: &DeviceId, peer: Peer) -> ServerMsg {
         .as_ref()
         .and_then(|t| Some((t, t.limits.max_downloading?)));
     match limited {
-        Some((target, limit)) if turns::needs_turn(report.as_ref(), &target.version) => {
+        Some((target, limit)) if turns::needs_turn(report.as_deref(), &target.version) => {
             let (turn, passed) = state
                 .turns
                 .ask(device, target.rollout_id, limit.get() as usize);

@@ -22,6 +22,9 @@ const BATCH_ROWS: usize = 500;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How often history events past their age limit are dropped.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// How often the live view is sized for the fleet the database holds
+/// ([`LiveView::reserve_for_fleet`]): devices enroll on any replica.
+pub const SIZE_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct Writer {
@@ -48,12 +51,25 @@ impl From<&crate::config::Limits> for Retention {
 }
 
 impl Writer {
+    /// Keeps the live view's table sized for every enrolled device, so a
+    /// rollout to the whole fleet finds room in it (the table grows here,
+    /// between rollouts, not while offers go out). A failed count waits
+    /// for the next tick: the table then grows as it fills, as before.
+    async fn size_for_fleet(&self) {
+        match self.store.count_devices().await {
+            Ok(fleet) => self.live.reserve_for_fleet(fleet as usize),
+            Err(e) => tracing::debug!("cannot count the fleet to size the live view: {e}"),
+        }
+    }
+
     /// Runs until `stop` flips to true, then writes everything left.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut size = tokio::time::interval(SIZE_EVERY);
+        size.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -67,6 +83,7 @@ impl Writer {
                     }
                 }
                 _ = prune.tick() => self.prune(time::OffsetDateTime::now_utc()).await,
+                _ = size.tick() => self.size_for_fleet().await,
                 _ = stop.changed() => break,
             }
         }
