@@ -133,6 +133,13 @@ impl Pending {
         self.events.push_back(event);
     }
 
+    /// Room for `more` events (within [`MAX_PENDING`]) in one growth: an
+    /// offer to a whole fleet queues an event per device at once.
+    pub fn reserve(&mut self, more: usize) {
+        let room = MAX_PENDING.saturating_sub(self.events.len());
+        self.events.reserve(more.min(room));
+    }
+
     /// Up to `max` of the oldest events, and how many were dropped since
     /// the last call.
     pub fn take(&mut self, max: usize) -> (Vec<NewEvent>, u64) {

@@ -291,6 +291,9 @@ impl LiveView {
         let mut live = self.lock();
         make_room(&mut live, devices);
         let mut history = history_at.map(|at| (at, self.history()));
+        if let Some((_, history)) = history.as_mut() {
+            history.reserve(devices.len());
+        }
         for id in devices {
             // Looked up first: once a rollout has reached them, every
             // replica knows every device, and an insert takes an owned ID
