@@ -742,6 +742,26 @@ mod tests {
         assert_eq!(state.live.pending_events(), 0, "nor are they history here");
     }
 
+    /// One signal of each kind but relayed events, naming `devices`.
+    fn every_kind_but_events(devices: Vec<DeviceId>) -> Vec<Signal> {
+        vec![
+            Signal::Offered {
+                target: target(1),
+                devices: devices.clone(),
+            },
+            Signal::TakenBack {
+                rollout_id: 1,
+                devices: devices.clone(),
+            },
+            Signal::RebootGate {
+                rollout_id: 1,
+                hold: true,
+            },
+            Signal::Removed { devices },
+            Signal::Watching,
+        ]
+    }
+
     #[test]
     fn every_signal_reads_back_as_sent_offers_by_their_own_path_too() {
         let devices: Vec<DeviceId> = vec!["offered".parse().unwrap(), "dev-2".parse().unwrap()];
@@ -761,23 +781,8 @@ mod tests {
                 at: "2026-12-05T10:00:00Z".into(),
             }],
         };
-        let signals = [
-            Signal::Offered {
-                target: target(1),
-                devices: devices.clone(),
-            },
-            Signal::TakenBack {
-                rollout_id: 1,
-                devices: devices.clone(),
-            },
-            Signal::RebootGate {
-                rollout_id: 1,
-                hold: true,
-            },
-            Signal::Removed { devices },
-            Signal::Watching,
-            quoting_an_offer,
-        ];
+        let mut signals = every_kind_but_events(devices);
+        signals.push(quoting_an_offer);
         for signal in signals {
             for payload in signal.payloads("pid1-00") {
                 assert_eq!(read_payload(&payload).unwrap(), signal, "{payload}");
@@ -801,24 +806,7 @@ mod tests {
             assert!(!worth_reading(&payload, 0), "{payload}");
             assert!(worth_reading(&payload, 1), "{payload}");
         }
-        let devices: Vec<DeviceId> = vec!["events".parse().unwrap()];
-        let others = [
-            Signal::Offered {
-                target: target(1),
-                devices: devices.clone(),
-            },
-            Signal::TakenBack {
-                rollout_id: 1,
-                devices: devices.clone(),
-            },
-            Signal::RebootGate {
-                rollout_id: 1,
-                hold: true,
-            },
-            Signal::Removed { devices },
-            Signal::Watching,
-        ];
-        for signal in others {
+        for signal in every_kind_but_events(vec!["events".parse().unwrap()]) {
             for payload in signal.payloads("pid1-00") {
                 assert!(worth_reading(&payload, 0), "{payload}");
             }
