@@ -52,8 +52,8 @@ pub struct LiveDevice {
     pub session: Option<SessionSerial>,
     /// Its newest report, if it sent one since the server started. Boxed:
     /// every replica keeps an entry for every device a rollout reached,
-    /// most of them without a report, and the table of entries stays half
-    /// the size.
+    /// most of them without a report, and an entry of the table takes 152
+    /// bytes instead of 264.
     pub report: Option<Box<Report>>,
     /// RFC 3339; when a session of the device last spoke or ended.
     pub last_seen: Option<Timestamp>,
@@ -375,7 +375,8 @@ impl LiveView {
     }
 
     /// How many devices the table holds room for.
-    pub fn capacity(&self) -> usize {
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
         self.lock().capacity()
     }
 
