@@ -612,6 +612,17 @@ impl LiveView {
 pub(crate) mod tests {
     use super::*;
 
+    /// Rollout `rollout_id`'s offer of `version`, reboots free.
+    fn target(rollout_id: i64, version: &str) -> DeviceTarget {
+        DeviceTarget {
+            rollout_id,
+            version: version.parse().unwrap(),
+            allow_downgrade: false,
+            limits: Default::default(),
+            hold_reboot: false,
+        }
+    }
+
     /// The `n`th second of a test's clock.
     fn t(n: u64) -> Timestamp {
         Timestamp::from(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000 + n))
@@ -861,13 +872,6 @@ pub(crate) mod tests {
     fn the_newest_rollout_decides_a_devices_target() {
         let live = LiveView::default();
         let dev: DeviceId = "dev-1".parse().unwrap();
-        let target = |id: i64, v: &str| DeviceTarget {
-            rollout_id: id,
-            version: v.parse().unwrap(),
-            allow_downgrade: false,
-            limits: Default::default(),
-            hold_reboot: false,
-        };
         live.set_targets(std::slice::from_ref(&dev), &target(2, "1.2"), t(1));
         // A slower, older rollout finishing its write later changes nothing.
         live.set_targets(std::slice::from_ref(&dev), &target(1, "1.1"), t(2));
@@ -906,11 +910,8 @@ pub(crate) mod tests {
             .map(|i| format!("dev-{i}").parse().unwrap())
             .collect();
         let target = |rollout_id: i64| DeviceTarget {
-            rollout_id,
-            version: "1.1".parse().unwrap(),
-            allow_downgrade: false,
-            limits: Default::default(),
             hold_reboot: true,
+            ..target(rollout_id, "1.1")
         };
         live.set_targets(&ids[..2], &target(1), t(0));
         live.set_targets(&ids[2..], &target(2), t(0));
@@ -935,16 +936,6 @@ pub(crate) mod tests {
             .collect()
     }
 
-    fn version_1_1(rollout_id: i64) -> DeviceTarget {
-        DeviceTarget {
-            rollout_id,
-            version: "1.1".parse().unwrap(),
-            allow_downgrade: false,
-            limits: Default::default(),
-            hold_reboot: false,
-        }
-    }
-
     #[test]
     fn an_offer_to_a_fleet_the_view_was_sized_for_does_not_grow_its_table() {
         let live = LiveView::default();
@@ -952,7 +943,7 @@ pub(crate) mod tests {
         live.reserve_for_fleet(devices.len());
         let sized = live.capacity();
         assert!(sized >= 5_000);
-        live.follow_targets(&devices, &version_1_1(1));
+        live.follow_targets(&devices, &target(1, "1.1"));
         assert_eq!(live.capacity(), sized, "the table grew during the offers");
         // Sizing again for the same fleet, or a smaller one, changes nothing.
         live.reserve_for_fleet(5_000);
@@ -964,11 +955,11 @@ pub(crate) mod tests {
     fn a_second_rollout_to_known_devices_does_not_grow_the_table() {
         let live = LiveView::default();
         let devices = fleet(3_000);
-        live.follow_targets(&devices, &version_1_1(1));
+        live.follow_targets(&devices, &target(1, "1.1"));
         let after_first = live.capacity();
         assert!(after_first >= 3_000);
-        live.follow_targets(&devices, &version_1_1(2));
+        live.follow_targets(&devices, &target(2, "1.1"));
         assert_eq!(live.capacity(), after_first);
-        assert_eq!(live.target(&devices[2_999]), Some(version_1_1(2)));
+        assert_eq!(live.target(&devices[2_999]), Some(target(2, "1.1")));
     }
 }
