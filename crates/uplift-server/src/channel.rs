@@ -5,7 +5,7 @@
 use crate::budget::Kind;
 use crate::error::ApiError;
 use crate::freshness;
-use crate::hub::{RemovalEpoch, SessionSerial};
+use crate::hub::{OfferDue, Registered, RemovalEpoch, SessionSerial};
 use crate::live::Applied;
 use crate::service::enrollment::Admission;
 use crate::state::AppState;
@@ -189,10 +189,13 @@ async fn session(
     } else {
         crate::addresses::ensure(&state, &device_id, &checked.held).await
     };
-    let (serial, mut target_changed) = match admit(&state, &checked).await {
+    let (registered, mut target_changed) = match admit(&state, &checked).await {
         Ok(admitted) => admitted,
         Err(err) => return Err(refuse(&mut socket, err).await),
     };
+    let Registered {
+        serial, offer_due, ..
+    } = registered;
     // From here on, whatever an older session of this device still has in
     // flight is not heard (see crate::live).
     state.live.claim_from(
@@ -229,6 +232,7 @@ async fn session(
             },
             &mut socket,
             &mut target_changed,
+            &offer_due,
         )
         .await
     }
@@ -422,13 +426,14 @@ async fn check_key(state: &AppState, nonce: &[u8], hello: AgentMsg) -> Result<Ke
 async fn admit(
     state: &AppState,
     checked: &Checked,
-) -> Result<(SessionSerial, watch::Receiver<u64>), WireError> {
+) -> Result<(Registered, watch::Receiver<u64>), WireError> {
     let device = &checked.device_id;
     let (tx, target_changed) = watch::channel(0u64);
-    let (serial, removed_since) = state
+    let registered = state
         .hub
         .register_since(device.clone(), tx, checked.removals);
-    if removed_since {
+    let serial = registered.serial;
+    if registered.removed_since {
         let stored = match state.store.device(device).await {
             Ok(stored) => stored,
             Err(e) => {
@@ -441,7 +446,7 @@ async fn admit(
             return Err(removed(device, Some(at)));
         }
     }
-    Ok((serial, target_changed))
+    Ok((registered, target_changed))
 }
 
 /// What a device's first frame comes to.
@@ -700,6 +705,7 @@ async fn serve_device(
     mut session: Session,
     socket: &mut WebSocket,
     target_changed: &mut watch::Receiver<u64>,
+    offer_due: &OfferDue,
 ) -> Result<(), SessionError> {
     use std::sync::atomic::Ordering::Relaxed;
     let Session { serial, peer, .. } = session;
@@ -720,7 +726,8 @@ async fn serve_device(
                 }
                 Ok(()) => {
                     let offer = offer_now(state, device, peer);
-                    send(socket, &freshness::seal(state, device, offer).await).await?
+                    send(socket, &freshness::seal(state, device, offer).await).await?;
+                    offer_due.paid();
                 }
                 // Removed (an operator decommissioned it) ...
                 Err(_) if crate::hub::removed(target_changed) => {

@@ -18,8 +18,10 @@
 //! finds the session or the session finds the removal.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use tokio::sync::watch;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
 use uplift_proto::DeviceId;
 
 /// The value a session's push channel is left at when its device was
@@ -34,6 +36,82 @@ pub fn removed(target_changed: &watch::Receiver<u64>) -> bool {
 #[derive(Debug, Default)]
 pub struct Hub {
     inner: Mutex<Inner>,
+    /// The sessions told of a change that have not yet sent what it
+    /// means: while any are, offers are still going out from here.
+    owed: Arc<Owed>,
+}
+
+/// How many sessions owe their device a frame, and a wake-up for those
+/// waiting until none does ([`Hub::offers_sent`]).
+#[derive(Debug, Default)]
+struct Owed {
+    sessions: AtomicUsize,
+    settled: Notify,
+}
+
+impl Owed {
+    /// A session told of a change owes it, unless it owed one already (or
+    /// ended). Counted before the session is marked: it pays only once
+    /// marked, so the count never drops below what is owed.
+    fn owe(&self, due: &AtomicU8) {
+        self.sessions.fetch_add(1, Ordering::AcqRel);
+        if due
+            .compare_exchange(SETTLED, DUE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            self.paid();
+        }
+    }
+
+    fn paid(&self) {
+        if self.sessions.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.settled.notify_waiters();
+        }
+    }
+}
+
+/// What one session owes its device: told its target changed, it has not
+/// yet sent the offer. [`OfferDue::paid`] once sent; dropped with the
+/// session, whatever it owed is forgiven (a closed session sends nothing).
+#[derive(Debug)]
+pub struct OfferDue {
+    state: Arc<AtomicU8>,
+    owed: Arc<Owed>,
+}
+
+/// A session's [`OfferDue`] states: nothing owed, a change to send, gone.
+const SETTLED: u8 = 0;
+const DUE: u8 = 1;
+const CLOSED: u8 = 2;
+
+impl OfferDue {
+    /// The session sent its device what the last change means.
+    pub fn paid(&self) {
+        if self
+            .state
+            .compare_exchange(DUE, SETTLED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.owed.paid();
+        }
+    }
+}
+
+impl Drop for OfferDue {
+    fn drop(&mut self) {
+        if self.state.swap(CLOSED, Ordering::AcqRel) == DUE {
+            self.owed.paid();
+        }
+    }
+}
+
+/// A session as registered: its serial, what it owes its device, and
+/// whether any device was removed since its key was checked.
+#[derive(Debug)]
+pub struct Registered {
+    pub serial: SessionSerial,
+    pub offer_due: OfferDue,
+    pub removed_since: bool,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +143,8 @@ struct Session {
     serial: u64,
     /// Bumped when the device's target changes; dropped to end the session.
     target_changed: watch::Sender<u64>,
+    /// The session's [`OfferDue`] state, set when it is told of a change.
+    due: Arc<AtomicU8>,
 }
 
 /// Identifies one session so a stale session's cleanup cannot remove its
@@ -98,7 +178,7 @@ impl Hub {
     #[cfg(test)]
     pub fn register(&self, device: DeviceId, target_changed: watch::Sender<u64>) -> SessionSerial {
         let seen = self.removal_epoch();
-        self.register_since(device, target_changed, seen).0
+        self.register_since(device, target_changed, seen).serial
     }
 
     /// Registers a session, replacing (and thereby closing) any older one of
@@ -110,7 +190,8 @@ impl Hub {
         device: DeviceId,
         target_changed: watch::Sender<u64>,
         seen: RemovalEpoch,
-    ) -> (SessionSerial, bool) {
+    ) -> Registered {
+        let due = Arc::new(AtomicU8::new(SETTLED));
         let mut inner = self.lock();
         let removed_since = inner.removals != seen.0;
         inner.next_serial += 1;
@@ -125,9 +206,38 @@ impl Hub {
             Session {
                 serial,
                 target_changed,
+                due: due.clone(),
             },
         );
-        (SessionSerial(serial), removed_since)
+        Registered {
+            serial: SessionSerial(serial),
+            offer_due: OfferDue {
+                state: due,
+                owed: self.owed.clone(),
+            },
+            removed_since,
+        }
+    }
+
+    /// Waits until every session told of a change has sent it (at most
+    /// `limit`: a device that does not read holds its session's frame
+    /// back); whether they all had. A rollout's start writes its members
+    /// after this, so the bulk write does not hold up the offers.
+    pub async fn offers_sent(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let settled = self.owed.settled.notified();
+            tokio::pin!(settled);
+            // Registered before the count is read, so a last payment in
+            // between still wakes this.
+            settled.as_mut().enable();
+            if self.owed.sessions.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return false;
+            }
+        }
     }
 
     pub fn unregister(&self, device: &DeviceId, serial: SessionSerial) {
@@ -214,6 +324,7 @@ impl Hub {
     pub fn notify_target_changed(&self, device: &DeviceId) -> bool {
         match self.lock().sessions.get(device) {
             Some(session) => {
+                self.owed.owe(&session.due);
                 session.target_changed.send_modify(|n| *n += 1);
                 true
             }
@@ -257,13 +368,16 @@ mod tests {
         let dev: DeviceId = "dev-1".parse().unwrap();
         let seen = hub.removal_epoch();
         let (tx, _rx) = watch::channel(0);
-        assert!(!hub.register_since(dev.clone(), tx, seen).1);
+        assert!(!hub.register_since(dev.clone(), tx, seen).removed_since);
         // A removal of a device with no session here still counts.
         assert!(!hub.close_removed(&"dev-2".parse().unwrap()));
         let (tx, _rx) = watch::channel(0);
-        assert!(hub.register_since(dev.clone(), tx, seen).1);
+        assert!(hub.register_since(dev.clone(), tx, seen).removed_since);
         let (tx, _rx) = watch::channel(0);
-        assert!(!hub.register_since(dev, tx, hub.removal_epoch()).1);
+        assert!(
+            !hub.register_since(dev, tx, hub.removal_epoch())
+                .removed_since
+        );
     }
 
     #[test]
@@ -311,5 +425,65 @@ mod tests {
         assert!(rx.has_changed().unwrap());
         assert_eq!(*rx.borrow_and_update(), 1000);
         assert!(!hub.notify_target_changed(&"dev-offline".parse().unwrap()));
+    }
+
+    /// Two sessions registered on `hub`, as the channel registers them.
+    fn two_sessions(hub: &Hub) -> [(DeviceId, Registered, watch::Receiver<u64>); 2] {
+        ["dev-a", "dev-b"].map(|name| {
+            let device: DeviceId = name.parse().unwrap();
+            let (tx, rx) = watch::channel(0);
+            let registered = hub.register_since(device.clone(), tx, hub.removal_epoch());
+            (device, registered, rx)
+        })
+    }
+
+    #[tokio::test]
+    async fn offers_are_sent_once_every_told_session_sent_its_frame_or_ended() {
+        let hub = Hub::default();
+        let [(a, a_session, _a_rx), (b, b_session, _b_rx)] = two_sessions(&hub);
+        let briefly = Duration::from_millis(10);
+        assert!(
+            hub.offers_sent(Duration::ZERO).await,
+            "nothing told, nothing owed"
+        );
+        // Told twice before it sends: the session owes one frame, the newest.
+        assert!(hub.notify_target_changed(&a));
+        assert!(hub.notify_target_changed(&a));
+        assert!(hub.notify_target_changed(&b));
+        assert!(!hub.offers_sent(briefly).await);
+        a_session.offer_due.paid();
+        // The second wake-up's frame owes nothing more.
+        a_session.offer_due.paid();
+        assert!(!hub.offers_sent(briefly).await, "b has not sent");
+        // A session that ends owing is let off; once ended it owes nothing.
+        drop(b_session);
+        assert!(hub.offers_sent(Duration::ZERO).await);
+        assert!(hub.notify_target_changed(&b));
+        assert!(hub.offers_sent(Duration::ZERO).await);
+        // A session that sent is owed a frame again by the next change.
+        assert!(hub.notify_target_changed(&a));
+        assert!(!hub.offers_sent(briefly).await);
+        drop(a_session);
+        assert!(hub.offers_sent(Duration::ZERO).await);
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_the_offers_ends_when_the_last_is_sent_not_at_its_limit() {
+        let hub = Arc::new(Hub::default());
+        let [(a, a_session, _a_rx), (b, b_session, _b_rx)] = two_sessions(&hub);
+        assert!(hub.notify_target_changed(&a));
+        assert!(hub.notify_target_changed(&b));
+        let started = std::time::Instant::now();
+        let waiting = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.offers_sent(Duration::from_secs(60)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a_session.offer_due.paid();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "b has not sent yet");
+        b_session.offer_due.paid();
+        assert!(waiting.await.unwrap());
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 }

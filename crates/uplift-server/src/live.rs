@@ -17,6 +17,7 @@ use crate::hub::SessionSerial;
 use crate::store::{
     DeviceRecord, DeviceStanding, DeviceTarget, NewEvent, ReportedState, Timestamp,
 };
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,11 +109,14 @@ fn admits(current: Option<SessionSerial>, session: SessionSerial) -> bool {
 /// held 14 000) copied every entry into fresh memory each time, under the
 /// lock, while the offers went out: in a profile of 100 000 devices on 7
 /// replicas, 71 % of the replicas' page faults during the offers.
-fn make_room(live: &mut HashMap<DeviceId, LiveDevice>, devices: &[DeviceId]) {
+fn make_room<D: Borrow<DeviceId>>(live: &mut HashMap<DeviceId, LiveDevice>, devices: &[D]) {
     if devices.len() <= live.capacity() - live.len() {
         return;
     }
-    let missing = devices.iter().filter(|d| !live.contains_key(*d)).count();
+    let missing = devices
+        .iter()
+        .filter(|d| !live.contains_key((*d).borrow()))
+        .count();
     live.reserve(missing);
 }
 
@@ -270,7 +274,12 @@ impl LiveView {
     /// Offers a rollout's release to devices (their history says so at
     /// `now`), unless a newer rollout already targets them (rollout IDs
     /// grow, and a device's newest rollout decides).
-    pub fn set_targets(&self, devices: &[DeviceId], target: &DeviceTarget, now: Timestamp) {
+    pub fn set_targets<D: Borrow<DeviceId>>(
+        &self,
+        devices: &[D],
+        target: &DeviceTarget,
+        now: Timestamp,
+    ) {
         self.offer_targets(devices, target, Some(now));
     }
 
@@ -282,9 +291,9 @@ impl LiveView {
 
     /// Offers `target` where no newer rollout's offer stands, recording
     /// each offer in history at `history_at` if given.
-    fn offer_targets(
+    fn offer_targets<D: Borrow<DeviceId>>(
         &self,
-        devices: &[DeviceId],
+        devices: &[D],
         target: &DeviceTarget,
         history_at: Option<Timestamp>,
     ) {
@@ -295,6 +304,7 @@ impl LiveView {
             history.reserve(devices.len());
         }
         for id in devices {
+            let id = id.borrow();
             // Looked up first: once a rollout has reached them, every
             // replica knows every device, and an insert takes an owned ID
             // (an allocation per device per offer).

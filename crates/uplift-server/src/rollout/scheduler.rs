@@ -185,14 +185,24 @@ async fn announce(
                 devices: step.offer.clone(),
             })
             .await;
-        state
-            .live
-            .set_targets(&step.offer, &target, Timestamp::from(now));
-        let pushed = step
-            .offer
-            .iter()
-            .filter(|d| state.hub.notify_target_changed(d))
-            .count();
+        // Those with a session here first, told at once: the rest of the
+        // fleet's targets and their history take seconds at 100 000
+        // devices on a busy machine, and these sessions' offers need not
+        // wait for them. The rest are told too, in case they connected
+        // meanwhile.
+        let (here, elsewhere): (Vec<&DeviceId>, Vec<&DeviceId>) =
+            step.offer.iter().partition(|d| state.hub.is_online(d));
+        let at = Timestamp::from(now);
+        let tell = |devices: &[&DeviceId]| {
+            devices
+                .iter()
+                .filter(|d| state.hub.notify_target_changed(d))
+                .count()
+        };
+        state.live.set_targets(&here, &target, at);
+        let mut pushed = tell(&here);
+        state.live.set_targets(&elsewhere, &target, at);
+        pushed += tell(&elsewhere);
         tracing::info!(
             rollout = id,
             offered = step.offer.len(),

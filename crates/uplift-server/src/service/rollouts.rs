@@ -155,6 +155,11 @@ async fn plan(state: &AppState, request: &RolloutCreate) -> ServiceResult<Plan> 
     })
 }
 
+/// How long a start waits for its first offers to be sent before it
+/// writes the members anyway (a device that does not read holds back its
+/// session's frame).
+const OFFERS_BEFORE_MEMBERS: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Starts the rollout `request` asks for, as `by`.
 async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceResult<RolloutView> {
     let Plan {
@@ -200,6 +205,11 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
         created_at,
     );
     scheduler::announce_first(state, &rollout, &request.policy, &step, now).await;
+    // The members are written once this replica's sessions have sent
+    // their offers: at 100 000 devices the write is seconds of the
+    // database's work, which held up the offers when it ran beside them.
+    // The other replicas push theirs meanwhile, from the notification.
+    state.hub.offers_sent(OFFERS_BEFORE_MEMBERS).await;
     // None if another replica's scheduler found them pending for long and
     // wrote them first. A failure does not undo the start (its offers are
     // out, and an error would invite a second start): the driving
