@@ -112,14 +112,20 @@ async fn the_agent_says_when_it_is_ready_and_what_it_does_and_its_main_loop_feed
     // On the trial boot of slot b, the health check passes after turning
     // the boot environment into a FIFO: the commit that follows, in the
     // agent's main loop, then waits forever to open it, a main loop hung
-    // in an action (as on a disk that stopped answering).
+    // in an action (as on a disk that stopped answering). It waits for the
+    // test's word first: the agent connects beside the check, and a check
+    // done before the channel is up would hang the loop before it could
+    // say "connected".
     let (cmdline, bootenv) = (dir.join("cmdline"), dir.join("grubenv"));
+    let checked_once_connected = dir.join("check-now");
     spec.health_check = vec![
         "sh".into(),
         "-c".into(),
         format!(
-            "if grep -q uplift.slot=b {c}; then rm -f {e} && mkfifo {e}; fi",
+            "if grep -q uplift.slot=b {c}; then \
+               while [ ! -e {g} ]; do sleep 0.05; done; rm -f {e} && mkfifo {e}; fi",
             c = cmdline.display(),
+            g = checked_once_connected.display(),
             e = bootenv.display()
         ),
     ];
@@ -290,6 +296,7 @@ async fn the_agent_says_when_it_is_ready_and_what_it_does_and_its_main_loop_feed
         "{}",
         manager.dump()
     );
+    std::fs::write(&checked_once_connected, b"").unwrap();
     // The health check has made the FIFO: the commit hangs from here on.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::symlink_metadata(&bootenv).is_ok_and(|m| m.file_type().is_fifo()) {
