@@ -17,12 +17,19 @@
 //! `crate::channel::admit`). Both take the same lock, so either the removal
 //! finds the session or the session finds the removal.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use uplift_proto::DeviceId;
+
+/// Devices looked up per hold of the hub's lock by the calls that take a
+/// whole fleet ([`Hub::split_online`], [`Hub::notify_targets_changed`]):
+/// one hold for 100 000 devices would keep sessions from registering for
+/// milliseconds, one per device takes the lock 100 000 times.
+const DEVICES_PER_LOCK: usize = 1024;
 
 /// The value a session's push channel is left at when its device was
 /// removed (never reached by counting changes).
@@ -284,6 +291,26 @@ impl Hub {
         self.lock().sessions.contains_key(device)
     }
 
+    /// `devices` split into those with a session here and the rest, each
+    /// in the order given.
+    pub fn split_online<'a, D: Borrow<DeviceId>>(
+        &self,
+        devices: &'a [D],
+    ) -> (Vec<&'a D>, Vec<&'a D>) {
+        let (mut here, mut elsewhere) = (Vec::new(), Vec::new());
+        for chunk in devices.chunks(DEVICES_PER_LOCK) {
+            let inner = self.lock();
+            for device in chunk {
+                if inner.sessions.contains_key(device.borrow()) {
+                    here.push(device);
+                } else {
+                    elsewhere.push(device);
+                }
+            }
+        }
+        (here, elsewhere)
+    }
+
     /// The devices connected now, in no particular order.
     pub fn online_ids(&self) -> Vec<DeviceId> {
         self.lock().sessions.keys().cloned().collect()
@@ -322,7 +349,26 @@ impl Hub {
     /// change. Returns false if the device is offline (it gets its target
     /// when it connects).
     pub fn notify_target_changed(&self, device: &DeviceId) -> bool {
-        match self.lock().sessions.get(device) {
+        self.tell(&self.lock(), device)
+    }
+
+    /// [`Hub::notify_target_changed`] for each of `devices`; returns how
+    /// many had a session here.
+    pub fn notify_targets_changed<D: Borrow<DeviceId>>(&self, devices: &[D]) -> usize {
+        devices
+            .chunks(DEVICES_PER_LOCK)
+            .map(|chunk| {
+                let inner = self.lock();
+                chunk
+                    .iter()
+                    .filter(|device| self.tell(&inner, (*device).borrow()))
+                    .count()
+            })
+            .sum()
+    }
+
+    fn tell(&self, inner: &Inner, device: &DeviceId) -> bool {
+        match inner.sessions.get(device) {
             Some(session) => {
                 self.owed.owe(&session.due);
                 session.target_changed.send_modify(|n| *n += 1);
@@ -485,5 +531,29 @@ mod tests {
         b_session.offer_due.paid();
         assert!(waiting.await.unwrap());
         assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn a_fleet_larger_than_one_lock_hold_is_split_and_told_in_order() {
+        let hub = Hub::default();
+        let [(a, _a_session, mut a_rx), (b, _b_session, mut b_rx)] = two_sessions(&hub);
+        // a first, b past the first hold of the lock, offline devices around.
+        let mut fleet: Vec<DeviceId> = (0..2 * DEVICES_PER_LOCK + 10)
+            .map(|n| format!("offline-{n}").parse().unwrap())
+            .collect();
+        fleet[3] = a.clone();
+        fleet[DEVICES_PER_LOCK + 5] = b.clone();
+        let (here, elsewhere) = hub.split_online(&fleet);
+        assert_eq!(here, [&a, &b]);
+        let offline: Vec<&DeviceId> = fleet.iter().filter(|d| **d != a && **d != b).collect();
+        assert_eq!(elsewhere, offline);
+        assert_eq!(hub.notify_targets_changed(&fleet), 2);
+        assert!(a_rx.has_changed().unwrap() && b_rx.has_changed().unwrap());
+        assert_eq!(*a_rx.borrow_and_update(), 1);
+        assert_eq!(*b_rx.borrow_and_update(), 1);
+        assert!(
+            !hub.offers_sent(Duration::ZERO).await,
+            "both told sessions owe their offer"
+        );
     }
 }

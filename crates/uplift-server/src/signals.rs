@@ -309,9 +309,7 @@ pub fn apply(state: &AppState, signal: Signal) {
             return;
         }
     };
-    for device in &touched {
-        state.hub.notify_target_changed(device);
-    }
+    state.hub.notify_targets_changed(&touched);
 }
 
 /// What this replica lets go of a removed device: its channel here (closed,
@@ -510,9 +508,8 @@ async fn close_removed_meanwhile(state: &AppState) {
 async fn reload_targets(state: &AppState) {
     match state.store.device_targets().await {
         Ok(targets) => {
-            for device in state.live.replace_targets(targets) {
-                state.hub.notify_target_changed(&device);
-            }
+            let changed = state.live.replace_targets(targets);
+            state.hub.notify_targets_changed(&changed);
         }
         Err(e) => tracing::warn!("reloading device targets after a lost signal connection: {e}"),
     }

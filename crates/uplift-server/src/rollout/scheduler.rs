@@ -190,19 +190,12 @@ async fn announce(
         // devices on a busy machine, and these sessions' offers need not
         // wait for them. The rest are told too, in case they connected
         // meanwhile.
-        let (here, elsewhere): (Vec<&DeviceId>, Vec<&DeviceId>) =
-            step.offer.iter().partition(|d| state.hub.is_online(d));
+        let (here, elsewhere) = state.hub.split_online(&step.offer);
         let at = Timestamp::from(now);
-        let tell = |devices: &[&DeviceId]| {
-            devices
-                .iter()
-                .filter(|d| state.hub.notify_target_changed(d))
-                .count()
-        };
         state.live.set_targets(&here, &target, at);
-        let mut pushed = tell(&here);
+        let mut pushed = state.hub.notify_targets_changed(&here);
         state.live.set_targets(&elsewhere, &target, at);
-        pushed += tell(&elsewhere);
+        pushed += state.hub.notify_targets_changed(&elsewhere);
         tracing::info!(
             rollout = id,
             offered = step.offer.len(),
@@ -231,9 +224,7 @@ async fn announce(
                 if hold { "held" } else { "go" }
             );
         }
-        for device in &changed {
-            state.hub.notify_target_changed(device);
-        }
+        state.hub.notify_targets_changed(&changed);
     }
 }
 
@@ -685,9 +676,7 @@ impl Cached {
 /// their histories record the withdrawal at `now`.
 pub(crate) async fn take_back(state: &AppState, devices: &[DeviceId], id: i64, now: Timestamp) {
     state.live.withdraw_targets(devices, id, now);
-    for device in devices {
-        state.hub.notify_target_changed(device);
-    }
+    state.hub.notify_targets_changed(devices);
     state
         .signals
         .send(Signal::TakenBack {

@@ -352,11 +352,9 @@ pub async fn history(
 /// Which of `devices` are online: connected here, or present on another
 /// replica (asked of the database only for those not connected here).
 async fn online_among(state: &AppState, devices: &[DeviceId]) -> ServiceResult<HashSet<DeviceId>> {
-    let (here, elsewhere): (Vec<DeviceId>, Vec<DeviceId>) = devices
-        .iter()
-        .cloned()
-        .partition(|d| state.hub.is_online(d));
-    let mut online: HashSet<DeviceId> = here.into_iter().collect();
+    let (here, elsewhere) = state.hub.split_online(devices);
+    let mut online: HashSet<DeviceId> = here.into_iter().cloned().collect();
+    let elsewhere: Vec<DeviceId> = elsewhere.into_iter().cloned().collect();
     online.extend(state.store.present_devices(&elsewhere).await?);
     Ok(online)
 }

@@ -209,7 +209,14 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
     // their offers: at 100 000 devices the write is seconds of the
     // database's work, which held up the offers when it ran beside them.
     // The other replicas push theirs meanwhile, from the notification.
-    state.hub.offers_sent(OFFERS_BEFORE_MEMBERS).await;
+    if !state.hub.offers_sent(OFFERS_BEFORE_MEMBERS).await {
+        tracing::info!(
+            rollout = rollout.id,
+            "some sessions here had not sent their offers {} s after the start (devices not \
+             reading their channel); writing the members now",
+            OFFERS_BEFORE_MEMBERS.as_secs()
+        );
+    }
     // None if another replica's scheduler found them pending for long and
     // wrote them first. A failure does not undo the start (its offers are
     // out, and an error would invite a second start): the driving
