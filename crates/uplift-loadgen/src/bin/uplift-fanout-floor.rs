@@ -38,7 +38,8 @@ enum Command {
         frame_bytes: usize,
     },
     /// Opens the sessions, writes FILE once all are up, and writes the
-    /// frames' arrival times (JSON) to stdout once each has had one.
+    /// frames' arrival times (JSON) to stdout once each has had one; then
+    /// holds the sessions until --hold-until-file exists.
     Connect {
         #[arg(long)]
         server: reqwest::Url,
@@ -56,6 +57,11 @@ enum Command {
         answer_bytes: usize,
         #[arg(long)]
         connected_file: PathBuf,
+        /// Keep the sessions up, once the arrivals are written, until FILE
+        /// exists (at most --duration seconds from the start): the other
+        /// clients' frames are still on their way.
+        #[arg(long)]
+        hold_until_file: Option<PathBuf>,
         #[arg(long, default_value_t = 600)]
         duration: u64,
     },
@@ -102,8 +108,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             index,
             answer_bytes,
             connected_file,
+            hold_until_file,
             duration,
         } => {
+            let until = std::time::Instant::now() + Duration::from_secs(duration);
             let plan = ConnectPlan {
                 server,
                 ca,
@@ -118,6 +126,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
             .await?;
             println!("{}", serde_json::to_string(&received)?);
+            if let Some(file) = hold_until_file {
+                while !file.exists() && std::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             Ok(())
         }
     }
