@@ -24,6 +24,19 @@ pub fn loopback_source(range: u8, k: usize) -> std::net::IpAddr {
     std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, range, hi as u8, lo as u8))
 }
 
+/// Polls `done` every 20 ms until it holds (true) or the deadline (false).
+pub async fn wait_until(deadline: tokio::time::Instant, mut done: impl FnMut() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

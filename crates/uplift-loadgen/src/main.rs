@@ -55,7 +55,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use uplift_agent::net::{self, ChannelOptions};
 use uplift_loadgen::measure::{self, Latencies, ProcSample, WallClock};
-use uplift_loadgen::raise_open_files;
+use uplift_loadgen::{raise_open_files, wait_until};
 use uplift_proto::api::ServerEndpoint;
 use uplift_proto::channel::{
     self, AgentMsg, AgentState, Report, ServerMsg, FEATURES, MAX_FRAME_BYTES,
@@ -799,19 +799,6 @@ async fn wait_for_json<T: serde::de::DeserializeOwned>(
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
-/// Polls `done` every 20 ms until it holds (true) or the deadline (false).
-async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn sleep_within(deadline: Instant, d: Duration) {

@@ -111,7 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             hold_until_file,
             duration,
         } => {
-            let until = std::time::Instant::now() + Duration::from_secs(duration);
+            let until = tokio::time::Instant::now() + Duration::from_secs(duration);
             let plan = ConnectPlan {
                 server,
                 ca,
@@ -127,9 +127,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await?;
             println!("{}", serde_json::to_string(&received)?);
             if let Some(file) = hold_until_file {
-                while !file.exists() && std::time::Instant::now() < until {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                uplift_loadgen::wait_until(until, || file.exists()).await;
             }
             Ok(())
         }

@@ -212,8 +212,8 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
     if !state.hub.offers_sent(OFFERS_BEFORE_MEMBERS).await {
         tracing::info!(
             rollout = rollout.id,
-            "some sessions here had not sent their offers {} s after the start (devices not \
-             reading their channel); writing the members now",
+            "some sessions here had not sent their offers {} s after they were told (devices \
+             not reading their channel); writing the members now",
             OFFERS_BEFORE_MEMBERS.as_secs()
         );
     }
