@@ -542,7 +542,7 @@ async fn upload_release(
     post, path = "/api/v1/rollouts", tag = "rollouts",
     request_body = RolloutCreate,
     responses(
-        (status = 201, description = "Started", body = RolloutView),
+        (status = 201, description = "Started, its first offers told: the rollout as planned, every device counted pending (later views count what each reports)", body = RolloutView),
         (status = 404, description = "No such release", body = WireError),
         (status = 409, description = "The state of the fleet does not allow it", body = WireError),
     ),

@@ -48,6 +48,30 @@ pub struct Hub {
     owed: Arc<Owed>,
 }
 
+/// The sessions of one hub that owe their device a frame.
+#[derive(Debug, Clone)]
+pub struct OffersOwed(Arc<Owed>);
+
+impl OffersOwed {
+    /// [`Hub::offers_sent`].
+    pub async fn sent(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let settled = self.0.settled.notified();
+            tokio::pin!(settled);
+            // Registered before the count is read, so a last payment in
+            // between still wakes this.
+            settled.as_mut().enable();
+            if self.0.sessions.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
 /// How many sessions owe their device a frame, and a wake-up for those
 /// waiting until none does ([`Hub::offers_sent`]).
 #[derive(Debug, Default)]
@@ -231,20 +255,13 @@ impl Hub {
     /// back); whether they all had. A rollout's start writes its members
     /// after this, so the bulk write does not hold up the offers.
     pub async fn offers_sent(&self, limit: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let settled = self.owed.settled.notified();
-            tokio::pin!(settled);
-            // Registered before the count is read, so a last payment in
-            // between still wakes this.
-            settled.as_mut().enable();
-            if self.owed.sessions.load(Ordering::Acquire) == 0 {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, settled).await.is_err() {
-                return false;
-            }
-        }
+        self.offers_owed().sent(limit).await
+    }
+
+    /// What [`Hub::offers_sent`] waits on, for a task that outlives the
+    /// request that started it.
+    pub fn offers_owed(&self) -> OffersOwed {
+        OffersOwed(self.owed.clone())
     }
 
     pub fn unregister(&self, device: &DeviceId, serial: SessionSerial) {

@@ -1643,6 +1643,17 @@ async fn a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_
     );
     let plan = store.rollout_plan(older).await.unwrap().unwrap();
     assert!(plan.members_pending);
+    // Counted meanwhile from its pending list, every member pending, so a
+    // view of it shows its devices from its start on.
+    assert_eq!(
+        pending_tally(&*store, older).await,
+        Some((3, 3)),
+        "total and pending"
+    );
+    assert_eq!(
+        store.phase_tallies(Some(older)).await.unwrap(),
+        [(older, 0, offered_phase(3, 3))]
+    );
     assert_eq!(store.active_rollouts().await.unwrap(), Vec::<i64>::new());
     assert_eq!(
         store
@@ -1669,6 +1680,21 @@ async fn a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_
     )
     .await
     .unwrap();
+    // Still pending, the older one counts neither the removed device nor
+    // the newer one's rows, and the newer one is counted from its rows.
+    assert_eq!(pending_tally(&*store, older).await, Some((2, 2)));
+    let all = store.rollout_tallies(None).await.unwrap();
+    assert_eq!(
+        all.iter().map(|(r, t)| (*r, t.total)).collect::<Vec<_>>(),
+        [(older, 2), (newer, 2)]
+    );
+    assert_eq!(
+        store.phase_tallies(None).await.unwrap(),
+        [
+            (older, 0, offered_phase(2, 2)),
+            (newer, 0, offered_phase(2, 1))
+        ]
+    );
     // The older one's members written late, from another store (a
     // replica's scheduler), once: the newer one keeps dev-2, and dev-4 is
     // no one's.
@@ -1707,6 +1733,26 @@ async fn a_new_rollouts_members_are_pending_until_written_once_and_never_take_a_
             .unwrap(),
         Vec::<i64>::new()
     );
+}
+
+/// Rollout `id`'s (total, pending) as the store counts them, if it counts it.
+async fn pending_tally(store: &dyn Store, id: i64) -> Option<(u64, u64)> {
+    let tallies = store.rollout_tallies(Some(id)).await.unwrap();
+    assert!(tallies.len() <= 1, "{tallies:?}");
+    tallies.first().map(|(rollout, tally)| {
+        assert_eq!(*rollout, id);
+        assert_eq!(tally.superseded, 0);
+        (tally.total, tally.counts.pending)
+    })
+}
+
+/// A phase of `devices`, `offered` of them offered, none finished.
+fn offered_phase(devices: u64, offered: u64) -> uplift_proto::api::PhaseTally {
+    uplift_proto::api::PhaseTally {
+        devices,
+        offered,
+        ..Default::default()
+    }
 }
 
 async fn a_removed_device_is_kept_with_its_history_but_left_out_of_everything_else(db: &Db) {

@@ -360,12 +360,14 @@ pub async fn tick(
 }
 
 /// How long a new rollout's members may stay pending before the driving
-/// replica writes them itself: its starter writes them at once, after its
-/// first offers (seconds at 100 000 devices), unless it was killed between.
-const PENDING_GRACE: Duration = Duration::from_secs(30);
+/// replica writes them itself: its starter writes them once its first
+/// offers are sent (seconds at 100 000 devices), unless it was killed
+/// between.
+pub const PENDING_GRACE: Duration = Duration::from_secs(30);
 
-/// Writes `rollout`'s members if they are still pending (its starter did
-/// not, killed after storing it) and pushes the first offers they hold,
+/// Writes `rollout`'s members if they are still pending
+/// [`PENDING_GRACE`] after its start (its starter did not, killed after
+/// storing it) and pushes the first offers they hold,
 /// which the starter may not have pushed: to a device it did tell, the
 /// same offer again, which changes nothing.
 pub async fn store_pending_members(

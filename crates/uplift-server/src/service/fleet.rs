@@ -269,17 +269,15 @@ mod tests {
 
         // A newer rollout takes dev-4 over: still one device in a rollout,
         // counted once; an abort of it leaves it in none.
-        let newer = crate::service::rollouts::start(
+        let newer = testing::start_rollout(
             &state,
-            &Principal::bootstrap_admin(),
             testing::rollout_request("2", Some(vec![ids[4].clone()]), Default::default()),
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!(summary_in_rollout(&state).await, 3);
         crate::service::rollouts::command(
             &state,
-            newer.id,
+            newer,
             uplift_proto::api::RolloutCommandName::Abort,
             &Principal::bootstrap_admin(),
         )

@@ -339,12 +339,28 @@ pub(crate) mod testing {
         }
     }
 
-    /// Starts `request` as the bootstrap admin; the new rollout's id.
+    /// Starts `request` as the bootstrap admin; the new rollout's id, once
+    /// its members are written.
     pub async fn start_rollout(state: &AppState, request: uplift_proto::api::RolloutCreate) -> i64 {
-        crate::service::rollouts::start(state, &crate::auth::Principal::bootstrap_admin(), request)
+        let id = crate::service::rollouts::start(
+            state,
+            &crate::auth::Principal::bootstrap_admin(),
+            request,
+        )
+        .await
+        .unwrap()
+        .id;
+        members_written(state, id).await;
+        id
+    }
+
+    /// Returns once rollout `id`'s members are written as rows (its start
+    /// writes them in a task once its offers are sent).
+    pub async fn members_written(state: &AppState, id: i64) {
+        let rollout = state.store.rollout(id).await.unwrap().unwrap();
+        crate::service::rollouts::members_written(state, &rollout)
             .await
-            .unwrap()
-            .id
+            .unwrap();
     }
 
     /// A release record as if uploaded; its manifest is never read here.

@@ -205,30 +205,116 @@ async fn launch(state: &AppState, request: RolloutCreate, by: &str) -> ServiceRe
         created_at,
     );
     scheduler::announce_first(state, &rollout, &request.policy, &step, now).await;
-    // The members are written once this replica's sessions have sent
-    // their offers: at 100 000 devices the write is seconds of the
-    // database's work, which held up the offers when it ran beside them.
-    // The other replicas push theirs meanwhile, from the notification.
-    if !state.hub.offers_sent(OFFERS_BEFORE_MEMBERS).await {
-        tracing::info!(
-            rollout = rollout.id,
-            "some sessions here had not sent their offers {} s after they were told (devices \
-             not reading their channel); writing the members now",
-            OFFERS_BEFORE_MEMBERS.as_secs()
-        );
+    write_members_once_offered(state, rollout.id);
+    let plan = RolloutPlan {
+        policy: request.policy,
+        state: step.state.unwrap_or(first),
+        revision: 0,
+        members_pending: true,
+    };
+    Ok(planned_view(state, rollout, &members, &step.offer, plan))
+}
+
+/// A rollout as just started, from what the start decided rather than
+/// from the database (at 100 000 devices, counting them there took
+/// seconds beside the offers): every member pending, as the store counts
+/// a rollout whose members are not written yet.
+fn planned_view(
+    state: &AppState,
+    rollout: RolloutRecord,
+    members: &[(DeviceId, u32)],
+    offered: &[DeviceId],
+    plan: RolloutPlan,
+) -> RolloutView {
+    let offered: HashSet<&DeviceId> = offered.iter().collect();
+    let mut phases = vec![PhaseTally::default(); plan.policy.phases.len() + 1];
+    for (device, phase) in members {
+        let tally = &mut phases[*phase as usize];
+        tally.devices += 1;
+        tally.offered += u64::from(offered.contains(device));
     }
-    // None if another replica's scheduler found them pending for long and
-    // wrote them first. A failure does not undo the start (its offers are
-    // out, and an error would invite a second start): the driving
-    // replica writes them once they are PENDING_GRACE old.
-    if let Err(e) = state.store.store_rollout_members(rollout.id).await {
-        tracing::warn!(
-            rollout = rollout.id,
-            "rollout started, but writing its members failed: {e}; the replica driving rollouts \
-             writes them within 30 s, and the rollout shows no devices until then"
-        );
+    let total = members.len() as u64;
+    let tally = Tally {
+        counts: uplift_proto::api::RolloutCounts {
+            pending: total,
+            ..Default::default()
+        },
+        superseded: 0,
+        total,
+    };
+    view_of(state, rollout, tally, Some(progress_of(plan, phases)))
+}
+
+/// Writes rollout `id`'s members as rows once this replica's sessions
+/// have sent their offers, in a task of its own: at 100 000 devices the
+/// write is seconds of the database's work, which held up the offers when
+/// it ran beside them, and the start's answer waited 9 s for it (20 s in
+/// all). The other replicas push their offers meanwhile, from the
+/// notification. Until the rows are there, the rollout is counted from
+/// its pending list, and a request that needs the rows waits for them
+/// ([`members_written`]).
+fn write_members_once_offered(state: &AppState, id: i64) {
+    let (owed, store) = (state.hub.offers_owed(), state.store.clone());
+    tokio::spawn(async move {
+        let told = std::time::Instant::now();
+        if !owed.sent(OFFERS_BEFORE_MEMBERS).await {
+            tracing::info!(
+                rollout = id,
+                "some sessions here had not sent their offers {} s after they were told \
+                 (devices not reading their channel); writing the members now",
+                OFFERS_BEFORE_MEMBERS.as_secs()
+            );
+        }
+        match store.store_rollout_members(id).await {
+            Ok(Some(_)) => tracing::info!(
+                rollout = id,
+                "rollout's members written, {:.1} s after its offers were told",
+                told.elapsed().as_secs_f64()
+            ),
+            // Written already: a request that could not wait any longer,
+            // or another replica's scheduler, wrote them.
+            Ok(None) => {}
+            // The start stands (its offers are out): the driving replica
+            // writes them once they are PENDING_GRACE old.
+            Err(e) => tracing::warn!(
+                rollout = id,
+                "rollout started, but writing its members failed: {e}; the replica driving \
+                 rollouts writes them within {} s of its start",
+                scheduler::PENDING_GRACE.as_secs()
+            ),
+        }
+    });
+}
+
+/// How often a request that needs a rollout's member rows looks whether
+/// they are written.
+const MEMBERS_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Returns once `rollout`'s members are rows, for a request that decides
+/// on them or lists them. Its starter writes them once its offers are sent
+/// (seconds at 100 000 devices); this waits for that rather than writing
+/// them beside it (which would push the first offers a second time), and
+/// writes them itself once they are [`scheduler::PENDING_GRACE`] old (the
+/// start was cut short), as the driving replica would.
+pub(crate) async fn members_written(
+    state: &AppState,
+    rollout: &RolloutRecord,
+) -> ServiceResult<()> {
+    let grace_ends = rollout.created_at.instant() + scheduler::PENDING_GRACE;
+    while state
+        .store
+        .rollout_plan(rollout.id)
+        .await?
+        .is_some_and(|plan| plan.members_pending)
+    {
+        let now = OffsetDateTime::now_utc();
+        if now >= grace_ends {
+            scheduler::store_pending_members(state, rollout, now).await?;
+            break;
+        }
+        tokio::time::sleep(MEMBERS_POLL).await;
     }
-    view(state, rollout).await
+    Ok(())
 }
 
 /// Refuses a downgrade rollout to a release its key did not sign as allowed
@@ -359,9 +445,12 @@ pub async fn members(
         .as_deref()
         .map(parse_member_cursor)
         .transpose()?;
-    if state.store.rollout(id).await?.is_none() {
-        return Err(ServiceError::RolloutNotFound { id });
-    }
+    let rollout = state
+        .store
+        .rollout(id)
+        .await?
+        .ok_or(ServiceError::RolloutNotFound { id })?;
+    members_written(state, &rollout).await?;
     let page = MemberPage {
         phase: query.phase,
         outcome: query.outcome,
@@ -634,7 +723,7 @@ async fn retry(state: &AppState, id: i64, by: &str) -> ServiceResult<RolloutView
         .rollout_plan(id)
         .await?
         .ok_or(ServiceError::NotPhased { id })?;
-    scheduler::store_pending_members(state, &rollout, OffsetDateTime::now_utc()).await?;
+    members_written(state, &rollout).await?;
     let failed: Vec<_> = state
         .store
         .rollout_members(id)
@@ -711,7 +800,7 @@ async fn steer(
         .await?
         .ok_or(ServiceError::RolloutNotFound { id })?;
     // A command decides on the members: written first if still pending.
-    scheduler::store_pending_members(state, &rollout, OffsetDateTime::now_utc()).await?;
+    members_written(state, &rollout).await?;
     // Outcomes reported since the last tick count before the command: an
     // abort must not withdraw a device that has just finished.
     scheduler::advance(state, id, OffsetDateTime::now_utc()).await?;
@@ -1053,6 +1142,92 @@ pub(crate) mod tests {
 
     fn create(release: &str, devices: Option<Vec<DeviceId>>) -> RolloutCreate {
         testing::rollout_request(release, devices, Default::default())
+    }
+
+    /// [`super::start`] as its answer, once its members are written too:
+    /// these tests read the rows, which a request that needs them waits
+    /// for as [`members_written`] does (the pending window has its own test).
+    async fn start(
+        state: &AppState,
+        actor: &Principal,
+        request: RolloutCreate,
+    ) -> ServiceResult<RolloutView> {
+        let view = super::start(state, actor, request).await?;
+        testing::members_written(state, view.id).await;
+        Ok(view)
+    }
+
+    #[tokio::test]
+    async fn a_start_answers_before_its_members_are_written_counting_them_as_planned() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        testing::release(&state, "2", "gw").await;
+        let a = testing::device(&state, "dev-a", "gw").await;
+        testing::device(&state, "dev-b", "gw").await;
+        // dev-a's session is told its offer and has not sent it yet: the
+        // members wait for it (at most OFFERS_BEFORE_MEMBERS).
+        let (tx, _rx) = tokio::sync::watch::channel(0);
+        let session = state
+            .hub
+            .register_since(a.clone(), tx, state.hub.removal_epoch());
+
+        let started = super::start(&state, &Principal::bootstrap_admin(), create("2", None))
+            .await
+            .unwrap();
+        let id = started.id;
+        let pending = |view: &RolloutView| {
+            (
+                view.devices_total,
+                view.counts.pending,
+                view.status,
+                view.progress.as_ref().map(|p| p.phase_tallies.clone()),
+            )
+        };
+        let planned = (
+            2,
+            2,
+            RolloutStatus::Running,
+            Some(vec![PhaseTally {
+                devices: 2,
+                offered: 2,
+                succeeded: 0,
+                failed: 0,
+            }]),
+        );
+        assert_eq!(pending(&started), planned, "answered from the plan");
+        assert!(
+            state
+                .store
+                .rollout_plan(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .members_pending,
+            "the members are not written while an offer is owed"
+        );
+        let listed = list(&state).await.unwrap();
+        assert_eq!(pending(&listed[0]), planned, "a view counts the plan too");
+
+        // The member list needs the rows: it waits for them, and they are
+        // written once the offer is sent.
+        let state = std::sync::Arc::new(state);
+        let page = tokio::spawn({
+            let state = state.clone();
+            async move { super::members(&state, id, RolloutMemberQuery::default()).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!page.is_finished(), "the member list waits for the rows");
+        session.offer_due.paid();
+        let page = tokio::time::timeout(std::time::Duration::from_secs(5), page)
+            .await
+            .expect("the rows are written once the offer is sent")
+            .unwrap()
+            .unwrap();
+        assert_eq!(page.devices.len(), 2);
+        let written = view(&state, state.store.rollout(id).await.unwrap().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(pending(&written), planned, "the same counts from the rows");
     }
 
     #[tokio::test]

@@ -637,7 +637,9 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     /// Every phased rollout's plan, by rollout.
     async fn rollout_plans(&self) -> StoreResult<Vec<(i64, RolloutPlan)>>;
     /// Where each phase of each rollout stands: (rollout, phase, tally);
-    /// of rollout `only` alone if given.
+    /// of rollout `only` alone if given. A rollout whose members are still
+    /// pending counts them from its pending list (offered as its first
+    /// step decided, none finished).
     async fn phase_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, PhaseTally)>>;
     /// Devices each rollout handed to the next newer rollout of them:
     /// (older, newer, devices); only pairs with rollout `only`, if given.
@@ -683,6 +685,8 @@ pub trait Store: ControlStore + RootStore + Send + Sync + std::fmt::Debug {
     /// Each rollout's devices counted by where they stand, as stored:
     /// [`crate::service::rollouts::Tally::of`] over the devices it was
     /// started on, in one aggregate query; of rollout
-    /// `only` alone if given. By rollout id.
+    /// `only` alone if given. By rollout id. A rollout whose members are
+    /// still pending counts them from its pending list, every one pending
+    /// (no answer is stored against a member yet).
     async fn rollout_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, RolloutTally)>>;
 }

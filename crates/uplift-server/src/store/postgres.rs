@@ -169,6 +169,16 @@ const SET_TARGETS: &str = "INSERT INTO device_targets (device_id, rollout_id) \
      ON CONFLICT (device_id) DO UPDATE SET rollout_id = excluded.rollout_id \
      WHERE device_targets.rollout_id < excluded.rollout_id";
 
+/// The members of rollouts whose members are still pending (`r`, each
+/// member `m`: `[device, phase, offered]`), as [`Store::store_rollout_members`]
+/// would write them: devices removed meanwhile left out. The tallies count
+/// them from here until they are rows, so a rollout counts its devices
+/// from its start on; the condition goes on with `AND`.
+const PENDING_MEMBERS: &str =
+    "rollouts r CROSS JOIN LATERAL json_array_elements(r.pending_members::json) m \
+     JOIN devices d ON d.id = m.value->>0 AND d.removed_at IS NULL \
+     WHERE r.pending_members IS NOT NULL";
+
 const MEMBER_COLUMNS: &str = "rd.phase, rd.offered_at, rd.outcome, rd.error, rd.failure_accepted";
 
 fn parse<T: FromStr>(what: &'static str, s: String) -> StoreResult<T>
@@ -1554,13 +1564,18 @@ impl Store for PgStore {
     }
 
     async fn phase_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, PhaseTally)>> {
-        let rows: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(&format!(
             "SELECT rollout_id, phase, COUNT(*), COUNT(offered_at), \
-                    COUNT(*) FILTER (WHERE outcome = 'succeeded'), \
-                    COUNT(*) FILTER (WHERE outcome IN ('failed', 'timed_out')) \
-             FROM rollout_devices WHERE $1::bigint IS NULL OR rollout_id = $1 \
-             GROUP BY rollout_id, phase ORDER BY rollout_id, phase",
-        )
+                        COUNT(*) FILTER (WHERE outcome = 'succeeded'), \
+                        COUNT(*) FILTER (WHERE outcome IN ('failed', 'timed_out')) \
+                 FROM rollout_devices WHERE $1::bigint IS NULL OR rollout_id = $1 \
+                 GROUP BY rollout_id, phase \
+                 UNION ALL \
+                 SELECT r.id, (m.value->>1)::bigint, COUNT(*), \
+                        COUNT(*) FILTER (WHERE (m.value->>2)::boolean), 0, 0 \
+                 FROM {PENDING_MEMBERS} AND ($1::bigint IS NULL OR r.id = $1) \
+                 GROUP BY 1, 2 ORDER BY 1, 2"
+        ))
         .bind(only)
         .fetch_all(&self.pool)
         .await
@@ -1854,12 +1869,16 @@ impl Store for PgStore {
                    FROM {MEMBERS_WITH_DEVICES} \
                    JOIN rollouts r ON r.id = rd.rollout_id \
                    {only_one}) s \
-             GROUP BY rollout_id ORDER BY rollout_id",
+             GROUP BY rollout_id \
+             UNION ALL \
+             SELECT r.id, COUNT(*), 0, COUNT(*), 0, 0, 0, 0 FROM {PENDING_MEMBERS} {only_pending} \
+             GROUP BY r.id ORDER BY 1",
             only_one = if only.is_some() {
                 "WHERE rd.rollout_id = $1"
             } else {
                 ""
             },
+            only_pending = if only.is_some() { "AND r.id = $1" } else { "" },
         ))
         .bind(only)
         .fetch_all(&self.pool)

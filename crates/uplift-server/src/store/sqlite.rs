@@ -56,6 +56,15 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 
 /// A rollout member's columns, read after [`DEVICE_COLUMNS`] by
 /// [`member_from_row`].
+/// The members of rollouts whose members are still pending (`r`, each
+/// member `m`: `[device, phase, offered]`), as [`Store::store_rollout_members`]
+/// would write them: devices removed meanwhile left out. The tallies count
+/// them from here until they are rows, so a rollout counts its devices
+/// from its start on; the condition goes on with `AND`.
+const PENDING_MEMBERS: &str = "rollouts r, json_each(r.pending_members) m \
+     JOIN devices d ON d.id = json_extract(m.value, '$[0]') AND d.removed_at IS NULL \
+     WHERE r.pending_members IS NOT NULL";
+
 const MEMBER_COLUMNS: &str = "rd.phase, rd.offered_at, rd.outcome, rd.error, rd.failure_accepted";
 
 fn member_from_row(row: SqliteRow) -> StoreResult<(MemberRecord, DeviceRecord)> {
@@ -1487,12 +1496,17 @@ impl Store for SqliteStore {
     }
 
     async fn phase_tallies(&self, only: Option<i64>) -> StoreResult<Vec<(i64, u32, PhaseTally)>> {
-        let rows: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(&format!(
             "SELECT rollout_id, phase, COUNT(*), COUNT(offered_at), \
                     SUM(outcome = 'succeeded'), SUM(outcome IN ('failed', 'timed_out')) \
              FROM rollout_devices WHERE ?1 IS NULL OR rollout_id = ?1 \
-             GROUP BY rollout_id, phase ORDER BY rollout_id, phase",
-        )
+             GROUP BY rollout_id, phase \
+             UNION ALL \
+             SELECT r.id, json_extract(m.value, '$[1]'), COUNT(*), \
+                    SUM(json_extract(m.value, '$[2]')), 0, 0 \
+             FROM {PENDING_MEMBERS} AND (?1 IS NULL OR r.id = ?1) \
+             GROUP BY 1, 2 ORDER BY 1, 2"
+        ))
         .bind(only)
         .fetch_all(&self.pool)
         .await
@@ -1794,13 +1808,17 @@ impl Store for SqliteStore {
                    FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
                    JOIN rollouts r ON r.id = rd.rollout_id \
                    {only_one}) \
-             GROUP BY rollout_id ORDER BY rollout_id",
+             GROUP BY rollout_id \
+             UNION ALL \
+             SELECT r.id, COUNT(*), 0, COUNT(*), 0, 0, 0, 0 FROM {PENDING_MEMBERS} {only_pending} \
+             GROUP BY r.id ORDER BY 1",
             // An `OR` on a bound NULL would hide the index from the planner.
             only_one = if only.is_some() {
-                "WHERE rd.rollout_id = ?"
+                "WHERE rd.rollout_id = ?1"
             } else {
                 ""
             },
+            only_pending = if only.is_some() { "AND r.id = ?1" } else { "" },
         ))
         .bind(only)
         .fetch_all(&self.pool)
