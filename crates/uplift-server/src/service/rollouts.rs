@@ -422,13 +422,18 @@ async fn targets(
     Err(ServiceError::NoMatch { target })
 }
 
-/// One rollout as it stands now.
-pub async fn get(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
-    let rollout = state
+/// Rollout `id`'s record, or why not.
+async fn stored(state: &AppState, id: i64) -> ServiceResult<RolloutRecord> {
+    state
         .store
         .rollout(id)
         .await?
-        .ok_or(ServiceError::RolloutNotFound { id })?;
+        .ok_or(ServiceError::RolloutNotFound { id })
+}
+
+/// One rollout as it stands now.
+pub async fn get(state: &AppState, id: i64) -> ServiceResult<RolloutView> {
+    let rollout = stored(state, id).await?;
     view(state, rollout).await
 }
 
@@ -445,11 +450,7 @@ pub async fn members(
         .as_deref()
         .map(parse_member_cursor)
         .transpose()?;
-    let rollout = state
-        .store
-        .rollout(id)
-        .await?
-        .ok_or(ServiceError::RolloutNotFound { id })?;
+    let rollout = stored(state, id).await?;
     members_written(state, &rollout).await?;
     let page = MemberPage {
         phase: query.phase,
@@ -713,11 +714,7 @@ pub async fn join_dynamic(
 /// A new rollout of rollout `id`'s release, with its policy and limits, to
 /// the devices that failed or timed out in it.
 async fn retry(state: &AppState, id: i64, by: &str) -> ServiceResult<RolloutView> {
-    let rollout = state
-        .store
-        .rollout(id)
-        .await?
-        .ok_or(ServiceError::RolloutNotFound { id })?;
+    let rollout = stored(state, id).await?;
     let plan = state
         .store
         .rollout_plan(id)
@@ -794,11 +791,7 @@ async fn steer(
     command: Command,
     by: &str,
 ) -> ServiceResult<RolloutView> {
-    let rollout = state
-        .store
-        .rollout(id)
-        .await?
-        .ok_or(ServiceError::RolloutNotFound { id })?;
+    let rollout = stored(state, id).await?;
     // A command decides on the members: written first if still pending.
     members_written(state, &rollout).await?;
     // Outcomes reported since the last tick count before the command: an
